@@ -1,0 +1,71 @@
+# dwcp — build, test, demo and benchmarks.
+#
+#   make demo   install what is missing, build, run the main job on its embedded default
+#   make test   install what is missing, build, run fmt/clippy checks and every test
+#
+# Other targets: deps, build, lint, bench, criterion, loom, fuzz, clean.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+
+# Every system package the build, the tests and the benchmarks need.
+#  cmake clang libclang-dev  C/C++ builds and bindgen (zstd-sys, verbs bindings)
+#  pkg-config libhwloc-dev libudev-dev  hwlocality (hwloc links udev)
+#  libibverbs-dev            RDMA verbs
+#  iperf3 zstd lz4           baselines the benchmarks run side by side
+#  iproute2 iputils-ping     namespaces and links for network tests
+APT_PACKAGES := cmake clang libclang-dev pkg-config libhwloc-dev libudev-dev \
+	libibverbs-dev iperf3 zstd lz4 iproute2 iputils-ping
+
+.PHONY: all deps build demo test lint bench criterion loom fuzz clean
+
+all: build
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup)"; exit 1; }
+
+build: deps
+	$(CARGO) build --workspace --all-targets --release
+
+# Until the migration engine exists, the main job is the kernel comparison.
+demo: deps
+	$(CARGO) run --release -p dwcp-bench -- kernels
+
+lint: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: lint
+	$(CARGO) test --workspace
+	$(MAKE) loom
+
+bench: deps
+	$(CARGO) run --release -p dwcp-bench -- kernels --json
+
+criterion: deps
+	$(CARGO) bench -p dwcp-bench
+
+# Model-check the SPSC ring's interleavings (a build of its own: loom swaps the atomics).
+loom: deps
+	RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+		$(CARGO) test -p dwcp-dataplane --lib --release loom_tests
+
+# Fuzz the XBZRLE decoder for FUZZ_SECONDS (cargo-fuzz; stable toolchain via
+# RUSTC_BOOTSTRAP for the sanitizer flags). Not part of `make test`.
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd simd/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run xbzrle_decode -- -max_total_time=$(FUZZ_SECONDS)
+
+clean:
+	$(CARGO) clean
+	rm -rf simd/fuzz/target
