@@ -1,0 +1,212 @@
+//! Guest memory backed by a file: /dev/shm (tmpfs, 4 KiB pages) or hugetlbfs (2 MiB or
+//! 1 GiB pages), mapped shared so another process (a hypervisor) can use the same memory.
+
+use crate::{MemoryError, SMALL_PAGE};
+use memmap2::{MmapMut, MmapOptions};
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+
+/// `f_type` of a hugetlbfs mount (linux/magic.h).
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// The file system under a guest memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileBacking {
+    /// tmpfs or another file system with 4 KiB pages.
+    Regular,
+    /// hugetlbfs with this page size.
+    Hugetlbfs {
+        /// Bytes per page.
+        page_size: usize,
+    },
+}
+
+impl FileBacking {
+    /// The page size the file's length must be a multiple of.
+    pub fn page_size(self) -> usize {
+        match self {
+            FileBacking::Regular => SMALL_PAGE,
+            FileBacking::Hugetlbfs { page_size } => page_size,
+        }
+    }
+}
+
+/// A shared mapping of a guest memory file.
+#[derive(Debug)]
+pub struct FileMemory {
+    map: MmapMut,
+    path: PathBuf,
+    backing: FileBacking,
+}
+
+fn file_err(path: &Path, source: std::io::Error) -> MemoryError {
+    MemoryError::File {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What file system `dir` is on.
+fn backing_of(dir: &Path) -> Result<FileBacking, MemoryError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| file_err(dir, std::io::Error::other("path contains a NUL byte")))?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `c_path` is NUL-terminated and `st` is a writable statfs.
+    if unsafe { libc::statfs(c_path.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(file_err(dir, std::io::Error::last_os_error()));
+    }
+    // SAFETY: statfs succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between libcs
+    if st.f_type as i64 == HUGETLBFS_MAGIC {
+        Ok(FileBacking::Hugetlbfs {
+            page_size: st.f_bsize as usize,
+        })
+    } else {
+        Ok(FileBacking::Regular)
+    }
+}
+
+/// The directory holding `path` and what file system it is on.
+fn backing_of_file(path: &Path) -> Result<FileBacking, MemoryError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    backing_of(dir)
+}
+
+fn check_len(len: usize, backing: FileBacking) -> Result<(), MemoryError> {
+    if len == 0 || !len.is_multiple_of(backing.page_size()) {
+        return Err(MemoryError::InvalidLength {
+            len,
+            why: "guest memory must be a non-zero multiple of the file system's page size",
+        });
+    }
+    Ok(())
+}
+
+impl FileMemory {
+    /// Create (or truncate) `path` to `len` bytes and map it. `len` must be a non-zero
+    /// multiple of the file system's page size.
+    pub fn create(path: impl AsRef<Path>, len: usize) -> Result<Self, MemoryError> {
+        let path = path.as_ref();
+        let backing = backing_of_file(path)?;
+        check_len(len, backing)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| file_err(path, e))?;
+        file.set_len(len as u64).map_err(|e| file_err(path, e))?;
+        Self::map(file, path, len, backing)
+    }
+
+    /// Map an existing file at its current length.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, MemoryError> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| file_err(path, e))?;
+        let len = file.metadata().map_err(|e| file_err(path, e))?.len();
+        let len = usize::try_from(len).map_err(|_| MemoryError::InvalidLength {
+            len: usize::MAX,
+            why: "file larger than the address space",
+        })?;
+        let backing = backing_of_file(path)?;
+        check_len(len, backing)?;
+        Self::map(file, path, len, backing)
+    }
+
+    fn map(
+        file: std::fs::File,
+        path: &Path,
+        len: usize,
+        backing: FileBacking,
+    ) -> Result<Self, MemoryError> {
+        // SAFETY: the mapping is shared with whoever else maps the file; that is the
+        // point of file-backed guest memory. Concurrent writers are expected (a guest),
+        // and readers of this memory treat it as bytes that may change under them.
+        let map =
+            unsafe { MmapOptions::new().len(len).map_mut(&file) }.map_err(|e| file_err(path, e))?;
+        Ok(FileMemory {
+            map,
+            path: path.to_owned(),
+            backing,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What file system backs it.
+    pub fn backing(&self) -> FileBacking {
+        self.backing
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Always false: empty files are refused.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Start of the mapping; stable while `self` lives.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.map.as_ptr().cast_mut()
+    }
+
+    /// The memory.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The memory, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shm_file_round_trips_through_two_mappings() {
+        let path = std::env::temp_dir().join(format!("dwcp-filemem-{}", std::process::id()));
+        let shm = Path::new("/dev/shm").join(path.file_name().unwrap());
+        let target = if Path::new("/dev/shm").is_dir() {
+            shm
+        } else {
+            path
+        };
+        let mut a = FileMemory::create(&target, 64 * 1024).unwrap();
+        assert_eq!(a.backing(), FileBacking::Regular);
+        a.as_mut_slice()[4096..4100].copy_from_slice(b"dwcp");
+        let b = FileMemory::open(&target).unwrap();
+        assert_eq!(&b.as_slice()[4096..4100], b"dwcp");
+        assert_eq!(b.len(), 64 * 1024);
+        std::fs::remove_file(&target).unwrap();
+    }
+
+    #[test]
+    fn lengths_that_are_not_page_multiples_are_refused() {
+        let target = std::env::temp_dir().join(format!("dwcp-filemem-bad-{}", std::process::id()));
+        let err = FileMemory::create(&target, 5000).unwrap_err();
+        assert!(
+            matches!(err, MemoryError::InvalidLength { len: 5000, .. }),
+            "{err}"
+        );
+        let _ = std::fs::remove_file(&target);
+    }
+}
