@@ -1,0 +1,19 @@
+//! dwcp's benchmarks.
+//!
+//! The comparison runner (`dwcp-bench <suite> --json`) measures our component and a
+//! baseline side by side in the same process, interleaving their runs so drift on a
+//! shared machine hits both alike, and prints one JSON line per comparison (the format
+//! is in DESIGN.md). The criterion benches in `benches/` give per-kernel detail.
+//!
+//! - [`measure`]: timing, medians, interleaving.
+//! - [`report`]: the JSON lines and the human table.
+//! - [`reference`]: the baselines we write ourselves (the shape of QEMU's XBZRLE loop,
+//!   a read-bandwidth probe).
+//! - [`kernels`]: the `kernels` suite (CRC32C, zero test, XBZRLE) and [`ring`] (the
+//!   SPSC ring against rtrb and crossbeam).
+
+pub mod kernels;
+pub mod measure;
+pub mod reference;
+pub mod report;
+pub mod ring;

@@ -1,0 +1,38 @@
+//! `dwcp-bench <suite> [--json]`: side-by-side comparisons against baselines, one JSON
+//! line each on stdout with `--json`, and a table.
+
+use clap::{Parser, Subcommand};
+use dwcp_bench::measure::Plan;
+use dwcp_bench::report::Reporter;
+
+#[derive(Parser)]
+#[command(about = "dwcp comparison benchmarks (ours vs a baseline, same run)")]
+struct Cli {
+    #[command(subcommand)]
+    suite: Suite,
+}
+
+#[derive(Subcommand)]
+enum Suite {
+    /// Page kernels (CRC32C, zero test, XBZRLE) and the SPSC ring.
+    Kernels {
+        /// Print one JSON object per comparison on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Run only the comparisons whose name contains this text (e.g. `ring/`).
+        #[arg(long)]
+        filter: Option<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let plan = Plan::from_env();
+    match cli.suite {
+        Suite::Kernels { json, filter } => {
+            let mut out = Reporter::new(json).with_filter(filter);
+            dwcp_bench::kernels::run(plan, &mut out);
+            out.finish();
+        }
+    }
+}
