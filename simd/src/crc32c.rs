@@ -70,6 +70,30 @@ pub fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
     shift_reflected(crc_a, len_b.saturating_mul(8)) ^ crc_b
 }
 
+/// Many combines with the same second length (one page, say): the shift by
+/// `x^(8·len)` is computed once instead of per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Crc32cCombiner {
+    /// `x^(8·len_b) mod P`, normal bit order.
+    shift: u32,
+}
+
+impl Crc32cCombiner {
+    /// A combiner for second parts of `len_b` bytes.
+    pub fn new(len_b: u64) -> Self {
+        Crc32cCombiner {
+            shift: x_pow_mod(len_b.saturating_mul(8)),
+        }
+    }
+
+    /// CRC of `A ‖ B` from `crc32c(A)` and `crc32c(B)`, where B has the length given
+    /// to [`Crc32cCombiner::new`].
+    #[inline]
+    pub fn combine(&self, crc_a: u32, crc_b: u32) -> u32 {
+        mul_mod(crc_a.reverse_bits(), self.shift).reverse_bits() ^ crc_b
+    }
+}
+
 /// Bit-by-bit CRC32C, the definition itself; used to test the table and SIMD paths.
 pub fn crc32c_reference(data: &[u8]) -> u32 {
     let reflected_poly = POLY.reverse_bits();

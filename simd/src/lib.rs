@@ -13,7 +13,7 @@ pub mod xbzrle;
 mod xor;
 mod zero;
 
-pub use crc32c::{crc32c_combine, crc32c_reference};
+pub use crc32c::{Crc32cCombiner, crc32c_combine, crc32c_reference};
 pub use level::{Selection, SimdLevel, selection};
 pub use xbzrle::{XbzrleDecodeError, XbzrleOverflow, xbzrle_decode, xbzrle_encode_reference};
 
@@ -256,6 +256,10 @@ mod tests {
                 crc32c_combine(crc32c(a), crc32c(b), b.len() as u64),
                 crc32c(&data),
                 "split at {split}"
+            );
+            assert_eq!(
+                Crc32cCombiner::new(b.len() as u64).combine(crc32c(a), crc32c(b)),
+                crc32c(&data)
             );
         }
     }
