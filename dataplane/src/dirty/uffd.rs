@@ -1,0 +1,264 @@
+//! userfaultfd write-protect in asynchronous mode, read with `PAGEMAP_SCAN`.
+//!
+//! Setup (Documentation/admin-guide/mm/userfaultfd.rst, "Write Protect Notifications"
+//! and "Asynchronous WP"; ioctl_pagemap_scan(2)):
+//! 1. `userfaultfd(UFFD_USER_MODE_ONLY)` and `UFFDIO_API` with `UFFD_FEATURE_WP_ASYNC`
+//!    (plus `WP_UNPOPULATED`, so never-touched pages are protected too, and
+//!    `WP_HUGETLBFS_SHMEM` for file-backed memory).
+//! 2. `UFFDIO_REGISTER` the guest memory in `MODE_WP`, then `UFFDIO_WRITEPROTECT` it.
+//! 3. A write to a protected page is resolved by the kernel without waking anyone: it
+//!    unprotects the page, which is what "written" means below.
+//! 4. `PAGEMAP_SCAN` on `/proc/self/pagemap` with `PM_SCAN_WP_MATCHING` returns the
+//!    ranges whose `PAGE_IS_WRITTEN` is set and write-protects them again in the same
+//!    walk, so no write between "report" and "re-protect" is lost.
+
+use super::{DirtyBitmap, DirtyLog, DirtyLogError, DirtyLogKind};
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+// include/uapi/linux/userfaultfd.h (features up to Linux 6.7).
+const UFFD_API: u64 = 0xAA;
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+// _IOWR(0xAA, nr, size)
+const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
+const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
+
+// include/uapi/linux/fs.h (Linux 6.7).
+const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610; // _IOWR('f', 16, struct pm_scan_arg)
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+fn os_err(what: &'static str) -> DirtyLogError {
+    DirtyLogError::Os {
+        what,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+/// `ioctl` with a pointer argument.
+///
+/// # Safety
+/// `arg` must point to a value of the type the request expects, valid for reads and
+/// writes for the duration of the call.
+unsafe fn ioctl_ptr<T>(fd: libc::c_int, request: libc::c_ulong, arg: *mut T) -> libc::c_int {
+    // SAFETY: forwarded from the caller.
+    unsafe { libc::ioctl(fd, request, arg) }
+}
+
+/// Open a userfaultfd and enable `features`; the kernel refuses features it lacks.
+fn open_uffd(features: u64) -> Result<OwnedFd, DirtyLogError> {
+    // SAFETY: a plain syscall with integer flags; the result is checked.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_userfaultfd,
+            libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY,
+        )
+    };
+    if fd < 0 {
+        return Err(DirtyLogError::UffdUnavailable(format!(
+            "userfaultfd(): {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `fd` is a descriptor we just opened and own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API takes a struct uffdio_api, which `api` is.
+    if unsafe { ioctl_ptr(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+        return Err(DirtyLogError::UffdUnavailable(format!(
+            "UFFDIO_API with WP_ASYNC: {} (needs Linux 6.7+)",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(fd)
+}
+
+/// Whether asynchronous userfaultfd write-protect works here; `Err` says why not.
+pub fn probe_uffd_wp_async() -> Result<(), String> {
+    open_uffd(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)
+        .map(drop)
+        .map_err(|e| e.to_string())?;
+    File::open("/proc/self/pagemap").map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+    Ok(())
+}
+
+/// Kernel-tracked dirty pages of one guest memory.
+pub struct UffdDirtyLog {
+    memory: Arc<GuestMemory>,
+    uffd: OwnedFd,
+    pagemap: File,
+    regions: Vec<PageRegion>,
+}
+
+impl UffdDirtyLog {
+    /// Register `memory` and write-protect all of it: tracking starts now.
+    pub fn new(memory: Arc<GuestMemory>) -> Result<Self, DirtyLogError> {
+        let mut features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+        if !memory.is_anonymous() {
+            features |= UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+        }
+        let uffd = open_uffd(features)?;
+        let pagemap = File::open("/proc/self/pagemap").map_err(|source| DirtyLogError::Os {
+            what: "opening /proc/self/pagemap",
+            source,
+        })?;
+        let range = || UffdioRange {
+            start: memory.as_ptr() as u64,
+            len: memory.len() as u64,
+        };
+        let mut register = UffdioRegister {
+            range: range(),
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER takes a struct uffdio_register; the range is our own
+        // mapping, which outlives the registration (we hold the Arc).
+        if unsafe { ioctl_ptr(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut register) } != 0 {
+            return Err(DirtyLogError::UffdUnavailable(format!(
+                "UFFDIO_REGISTER (write-protect) of {}: {}",
+                memory.describe(),
+                std::io::Error::last_os_error()
+            )));
+        }
+        let mut protect = UffdioWriteprotect {
+            range: range(),
+            mode: UFFDIO_WRITEPROTECT_MODE_WP,
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT takes a struct uffdio_writeprotect over the
+        // registered range.
+        if unsafe { ioctl_ptr(uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut protect) } != 0 {
+            return Err(os_err("UFFDIO_WRITEPROTECT"));
+        }
+        Ok(UffdDirtyLog {
+            memory,
+            uffd,
+            pagemap,
+            regions: vec![PageRegion::default(); 4096],
+        })
+    }
+}
+
+impl DirtyLog for UffdDirtyLog {
+    fn kind(&self) -> DirtyLogKind {
+        DirtyLogKind::Uffd
+    }
+
+    fn collect(&mut self, out: &mut DirtyBitmap) -> Result<(), DirtyLogError> {
+        let base = self.memory.as_ptr() as u64;
+        let end = base + self.memory.len() as u64;
+        let mut start = base;
+        // One call returns at most `regions.len()` ranges; continue from where the
+        // kernel stopped until the whole memory is walked.
+        while start < end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                start,
+                end,
+                walk_end: 0,
+                vec: self.regions.as_mut_ptr() as u64,
+                vec_len: self.regions.len() as u64,
+                max_pages: 0,
+                category_inverted: 0,
+                category_mask: PAGE_IS_WRITTEN,
+                category_anyof_mask: 0,
+                return_mask: PAGE_IS_WRITTEN,
+            };
+            // SAFETY: PAGEMAP_SCAN takes a struct pm_scan_arg; `vec` points at
+            // `vec_len` writable page_region entries that outlive the call.
+            let n = unsafe { ioctl_ptr(self.pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
+            if n < 0 {
+                return Err(os_err("PAGEMAP_SCAN"));
+            }
+            for region in &self.regions[..n as usize] {
+                let first = (region.start.max(base) - base) / PAGE_SIZE as u64;
+                let last = (region.end.min(end) - base).div_ceil(PAGE_SIZE as u64);
+                out.set_range(first, last);
+            }
+            if arg.walk_end <= start {
+                return Err(DirtyLogError::Os {
+                    what: "PAGEMAP_SCAN made no progress",
+                    source: std::io::Error::other(format!("walk_end {:#x}", arg.walk_end)),
+                });
+            }
+            start = arg.walk_end;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UffdDirtyLog {
+    fn drop(&mut self) {
+        let mut range = UffdioRange {
+            start: self.memory.as_ptr() as u64,
+            len: self.memory.len() as u64,
+        };
+        // SAFETY: UFFDIO_UNREGISTER takes a struct uffdio_range; unregistering drops the
+        // write protection so the memory behaves normally after tracking ends.
+        unsafe { ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range) };
+    }
+}

@@ -1,0 +1,357 @@
+//! Guest memory: the bytes a migration moves.
+//!
+//! Guest memory is shared with agents outside Rust's aliasing rules: vCPUs (threads of
+//! a simulated guest, or a hypervisor's) write it while the engine reads it, and on the
+//! destination several receivers write disjoint pages of it at once. So, like a
+//! hypervisor's guest-memory layer, this type never hands out references to bytes that
+//! may be shared: every access is a raw-pointer copy of whole pages or byte ranges
+//! ([`GuestMemory::read_page`], [`GuestMemory::write_page`], ...). A reader racing a
+//! writer may see a torn page; the migration handles that by design (the writer's dirty
+//! bit sends the page again, and the final round runs with the vCPUs paused). Slices
+//! are available only through `unsafe` calls whose callers promise quiescence.
+
+use dwcp_hugepages::{FileMemory, PagePreference};
+use std::fmt;
+use std::path::Path;
+use std::ptr::NonNull;
+
+/// The page size migrations work in.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestMemoryError {
+    /// The size is not a positive multiple of the page size.
+    #[error("guest memory size {bytes} is not a positive multiple of {PAGE_SIZE}")]
+    BadSize {
+        /// The size asked for.
+        bytes: usize,
+    },
+    /// The memory could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] dwcp_hugepages::MemoryError),
+}
+
+/// Size of the inaccessible regions around anonymous guest memory: a stray access just
+/// past either end faults instead of touching another allocation. 2 MiB, so the memory
+/// itself can start on a huge-page boundary.
+const GUARD: usize = 2 << 20;
+
+/// An anonymous mapping with `PROT_NONE` guards on both sides.
+struct GuardedMapping {
+    base: NonNull<u8>,
+    total: usize,
+    thp: bool,
+}
+
+impl GuardedMapping {
+    fn new(bytes: usize, thp: bool) -> Result<Self, GuestMemoryError> {
+        let total = bytes + 2 * GUARD;
+        let os = |what: &'static str| dwcp_hugepages::MemoryError::Map {
+            len: bytes,
+            source: std::io::Error::other(format!("{what}: {}", std::io::Error::last_os_error())),
+        };
+        // SAFETY: a fresh private anonymous reservation; nothing else is affected.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(os("mmap").into());
+        }
+        let mapping = GuardedMapping {
+            base: NonNull::new(base.cast()).ok_or_else(|| os("mmap returned null"))?,
+            total,
+            thp,
+        };
+        let inner = mapping.inner();
+        // SAFETY: `inner..inner+bytes` lies within the reservation (GUARD from its
+        // start, GUARD before its end).
+        if unsafe { libc::mprotect(inner.cast(), bytes, libc::PROT_READ | libc::PROT_WRITE) } != 0 {
+            return Err(os("mprotect").into());
+        }
+        if thp {
+            // Advice only: THP may be disabled, which costs speed, not correctness.
+            // SAFETY: advising a range of our own mapping.
+            unsafe { libc::madvise(inner.cast(), bytes, libc::MADV_HUGEPAGE) };
+        }
+        Ok(mapping)
+    }
+
+    fn inner(&self) -> *mut u8 {
+        // SAFETY: GUARD < total, so the result stays inside the reservation.
+        unsafe { self.base.as_ptr().add(GUARD) }
+    }
+}
+
+impl Drop for GuardedMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the reservation this value created and alone owns.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.total) };
+    }
+}
+
+enum Backing {
+    Anonymous(GuardedMapping),
+    File(FileMemory),
+}
+
+/// Page-aligned memory the engine migrates.
+pub struct GuestMemory {
+    backing: Backing,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the memory is owned by `backing` for the life of `self`; all access is by
+// raw-pointer copies, whose concurrent use is the shared-memory contract described in
+// the module docs.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Anonymous memory of `bytes` (a multiple of 4 KiB), zero-filled, with
+    /// inaccessible guard regions on both sides. `prefer` at least
+    /// [`PagePreference::TransparentHuge`] asks for transparent huge pages; hugetlb pages
+    /// come through a hugetlbfs file ([`GuestMemory::file`]).
+    pub fn anonymous(bytes: usize, prefer: PagePreference) -> Result<Self, GuestMemoryError> {
+        check_size(bytes)?;
+        let mapping = GuardedMapping::new(bytes, prefer >= PagePreference::TransparentHuge)?;
+        Ok(Self::from_backing(Backing::Anonymous(mapping), bytes))
+    }
+
+    /// Memory in a file (on /dev/shm or hugetlbfs), created or truncated to `bytes`.
+    pub fn file(path: impl AsRef<Path>, bytes: usize) -> Result<Self, GuestMemoryError> {
+        check_size(bytes)?;
+        let file = FileMemory::create(path, bytes)?;
+        Ok(Self::from_backing(Backing::File(file), bytes))
+    }
+
+    /// An existing guest memory file, at its current size.
+    pub fn open_file(path: impl AsRef<Path>) -> Result<Self, GuestMemoryError> {
+        let file = FileMemory::open(path)?;
+        let bytes = file.len();
+        check_size(bytes)?;
+        Ok(Self::from_backing(Backing::File(file), bytes))
+    }
+
+    fn from_backing(backing: Backing, len: usize) -> Self {
+        let ptr = match &backing {
+            Backing::Anonymous(m) => m.inner(),
+            Backing::File(f) => f.as_ptr(),
+        };
+        GuestMemory { backing, ptr, len }
+    }
+
+    /// Bytes of memory.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: empty memory is refused.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Number of 4 KiB pages.
+    pub fn pages(&self) -> u64 {
+        (self.len / PAGE_SIZE) as u64
+    }
+
+    /// Start address (for dirty tracking and registration with transports).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// What backs the memory, for reports.
+    pub fn describe(&self) -> String {
+        match &self.backing {
+            Backing::Anonymous(m) => format!("anonymous{}", if m.thp { ", THP" } else { ", 4k" }),
+            Backing::File(f) => format!("file {} ({:?})", f.path().display(), f.backing()),
+        }
+    }
+
+    /// Whether the memory is a private anonymous mapping (userfaultfd write-protect
+    /// tracks those without extra features).
+    pub fn is_anonymous(&self) -> bool {
+        matches!(self.backing, Backing::Anonymous(_))
+    }
+
+    /// Whether huge pages back it (THP or hugetlb).
+    pub fn is_huge(&self) -> bool {
+        match &self.backing {
+            Backing::Anonymous(m) => m.thp,
+            Backing::File(f) => f.backing().page_size() > PAGE_SIZE,
+        }
+    }
+
+    #[inline]
+    fn page_offset(&self, page: u64) -> usize {
+        let offset = page as usize * PAGE_SIZE;
+        assert!(
+            page < self.pages(),
+            "page {page} outside guest memory of {} pages",
+            self.pages()
+        );
+        offset
+    }
+
+    /// Fault every page in now (`MADV_POPULATE_WRITE`, or touching each page where the
+    /// kernel lacks it), so that receiving pages later does not pay for page faults.
+    /// The content stays as it is (zero for fresh memory).
+    pub fn populate(&self) {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        // SAFETY: advising our own mapping; populating writes nothing visible.
+        let rc = unsafe { libc::madvise(self.ptr.cast(), self.len, MADV_POPULATE_WRITE) };
+        if rc != 0 {
+            for page in 0..self.pages() {
+                let offset = page as usize * PAGE_SIZE;
+                // SAFETY: offset < len. An atomic add of zero faults the page in for
+                // writing without changing it, even if another thread writes it too.
+                unsafe {
+                    let word = &*self.ptr.add(offset).cast::<std::sync::atomic::AtomicU64>();
+                    word.fetch_add(0, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Copy page `page` into `out` (4 KiB).
+    ///
+    /// # Panics
+    /// If `page` is out of range or `out` is not one page long (callers validate
+    /// network input before it reaches here).
+    #[inline]
+    pub fn read_page(&self, page: u64, out: &mut [u8]) {
+        assert_eq!(out.len(), PAGE_SIZE);
+        let offset = self.page_offset(page);
+        // SAFETY: offset + PAGE_SIZE <= len (checked), `out` is PAGE_SIZE bytes and does
+        // not overlap guest memory (it is a Rust slice we hold exclusively).
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), out.as_mut_ptr(), PAGE_SIZE) };
+    }
+
+    /// Copy `data` (4 KiB) into page `page`.
+    #[inline]
+    pub fn write_page(&self, page: u64, data: &[u8]) {
+        self.write_at(page, 0, data);
+    }
+
+    /// Copy `data` into page `page` at byte `offset` within it.
+    ///
+    /// # Panics
+    /// If the write would leave the page.
+    #[inline]
+    pub fn write_at(&self, page: u64, offset: usize, data: &[u8]) {
+        assert!(offset + data.len() <= PAGE_SIZE, "write leaves the page");
+        let base = self.page_offset(page);
+        // SAFETY: the range lies inside page `page` (checked above and in page_offset);
+        // `data` is a Rust slice that cannot overlap guest memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(base + offset), data.len())
+        };
+    }
+
+    /// Fill page `page` with zeros.
+    #[inline]
+    pub fn zero_page(&self, page: u64) {
+        let base = self.page_offset(page);
+        // SAFETY: the page lies inside the mapping (checked in page_offset).
+        unsafe { std::ptr::write_bytes(self.ptr.add(base), 0, PAGE_SIZE) };
+    }
+
+    /// The whole memory as a slice.
+    ///
+    /// # Safety
+    /// Nothing may write to the memory while the slice lives (the guest is paused, or
+    /// the destination's receivers have finished).
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` bytes for the life of `self`; the caller rules
+        // out concurrent writers.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// Whether two memories hold the same bytes, compared page by page without
+    /// allocating. The first differing page, if any.
+    pub fn first_difference(&self, other: &GuestMemory) -> Option<u64> {
+        if self.len != other.len {
+            return Some(0);
+        }
+        let mut a = vec![0u8; PAGE_SIZE];
+        let mut b = vec![0u8; PAGE_SIZE];
+        (0..self.pages()).find(|&p| {
+            self.read_page(p, &mut a);
+            other.read_page(p, &mut b);
+            a != b
+        })
+    }
+
+    /// Copy the whole memory out (tests compare source and destination with this).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.len];
+        // SAFETY: `out` is `len` bytes; copying from shared memory as everywhere here.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr, out.as_mut_ptr(), self.len) };
+        out
+    }
+}
+
+fn check_size(bytes: usize) -> Result<(), GuestMemoryError> {
+    if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) {
+        return Err(GuestMemoryError::BadSize { bytes });
+    }
+    Ok(())
+}
+
+impl fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuestMemory")
+            .field("bytes", &self.len)
+            .field("backing", &self.describe())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_regions_surround_anonymous_memory() {
+        let mem = GuestMemory::anonymous(4 * PAGE_SIZE, PagePreference::TransparentHuge).unwrap();
+        let Backing::Anonymous(m) = &mem.backing else {
+            panic!("anonymous")
+        };
+        assert_eq!(mem.as_ptr() as usize - m.base.as_ptr() as usize, GUARD);
+        // mincore-free check: the byte before the memory is PROT_NONE, so /proc/self/maps
+        // shows a ---p region ending exactly where the memory starts.
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let start = format!("{:x}-", mem.as_ptr() as usize);
+        let guard_end = format!("-{:x} ---p", mem.as_ptr() as usize);
+        assert!(maps.contains(&start) && maps.contains(&guard_end), "{maps}");
+    }
+
+    #[test]
+    fn pages_round_trip_and_bounds_are_enforced() {
+        let mem = GuestMemory::anonymous(16 * PAGE_SIZE, PagePreference::Small).unwrap();
+        assert_eq!(mem.pages(), 16);
+        let page: Vec<u8> = (0..PAGE_SIZE).map(|i| i as u8).collect();
+        mem.write_page(3, &page);
+        let mut out = vec![0u8; PAGE_SIZE];
+        mem.read_page(3, &mut out);
+        assert_eq!(out, page);
+        mem.zero_page(3);
+        mem.read_page(3, &mut out);
+        assert!(out.iter().all(|&b| b == 0));
+        assert!(std::panic::catch_unwind(|| mem.zero_page(16)).is_err());
+        assert!(matches!(
+            GuestMemory::anonymous(5000, PagePreference::Small),
+            Err(GuestMemoryError::BadSize { bytes: 5000 })
+        ));
+    }
+}
