@@ -1,0 +1,849 @@
+//! Wire protocol v1 (the full description, with diagrams, is `docs/protocol.md`).
+//!
+//! A session is one *control stream* and N *data streams*, all TCP.
+//! - Control stream: length-prefixed rkyv messages ([`ControlMessage`]): the handshake
+//!   (magic, version, session id, memory size, page size, stream count, capabilities),
+//!   per-round acknowledgements, the switchover, the final whole-memory digest with its
+//!   per-page CRCs, the verdict, pings and aborts. Every message is validated
+//!   (`bytecheck`) before use and capped at [`MAX_CONTROL_MESSAGE`] bytes.
+//! - Data streams: a fixed [`StreamHello`], then page frames, each a fixed 24-byte
+//!   little-endian [`FrameHeader`] decoded without allocation and checked against the
+//!   session's limits before a byte of payload is touched.
+//!
+//! Every page travels with the CRC32C of its content; zero pages travel as a count.
+
+use rkyv::{Archive, Deserialize, Serialize};
+use std::io::{Read, Write};
+
+/// Protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// First bytes of the handshake.
+pub const CONTROL_MAGIC: [u8; 4] = *b"DWCP";
+/// First bytes of every data stream.
+pub const STREAM_MAGIC: [u8; 4] = *b"DWCS";
+/// Bytes of a page-frame header.
+pub const FRAME_HEADER_LEN: usize = 24;
+/// Bytes of a data stream's hello.
+pub const STREAM_HELLO_LEN: usize = 32;
+/// Pages per chunk: the unit in which pages are dealt to streams.
+pub const CHUNK_PAGES: u64 = 16;
+/// Most pages one frame may carry (a frame never leaves its chunk).
+pub const MAX_RUN_PAGES: u32 = CHUNK_PAGES as u32;
+/// Largest control message accepted.
+pub const MAX_CONTROL_MESSAGE: usize = 1 << 20;
+/// Most data streams a session may have.
+pub const MAX_STREAMS: u16 = 256;
+/// Bytes in front of each page in a raw-pages payload (its CRC32C).
+pub const PAGE_CRC_LEN: usize = 4;
+
+/// The data stream that carries `page` in a session of `streams` streams.
+///
+/// Chunks of [`CHUNK_PAGES`] consecutive pages are dealt round-robin to the streams.
+/// Any region larger than `streams` chunks (64 KiB each) spreads over every stream, so
+/// all of them stay busy whether the guest dirties memory uniformly or in a hot spot;
+/// and because a page always travels on the same stream, its successive versions
+/// arrive in order with no coordination between streams, and each destination page
+/// has exactly one writer.
+#[inline]
+pub fn stream_of(page: u64, streams: u16) -> u16 {
+    ((page / CHUNK_PAGES) % u64::from(streams.max(1))) as u16
+}
+
+/// Capability bits exchanged in the handshake.
+pub mod caps {
+    /// Zero pages sent as a count, without payload.
+    pub const ZERO_PAGES: u64 = 1 << 0;
+    /// Frames may carry runs of consecutive pages.
+    pub const PAGE_RUNS: u64 = 1 << 1;
+    /// Everything this build understands.
+    pub const ALL: u64 = ZERO_PAGES | PAGE_RUNS;
+}
+
+/// Malformed or unexpected input from the peer. Each variant names what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// A stream did not start with the expected magic bytes.
+    #[error("bad magic {found:02x?} (expected {expected:02x?})")]
+    BadMagic {
+        /// Bytes received.
+        found: [u8; 4],
+        /// Bytes expected.
+        expected: [u8; 4],
+    },
+    /// The peer speaks another protocol version.
+    #[error("protocol version {found} not supported (this appliance speaks {VERSION})")]
+    Version {
+        /// The peer's version.
+        found: u16,
+    },
+    /// A header's CRC does not match its bytes.
+    #[error("{what} checksum mismatch (corrupt or misaligned stream)")]
+    HeaderChecksum {
+        /// Which header.
+        what: &'static str,
+    },
+    /// A frame kind this version does not know.
+    #[error("unknown frame kind {0}")]
+    UnknownFrameKind(u8),
+    /// Reserved bits were set.
+    #[error("frame has reserved bits set (flags {flags:#x}, reserved {reserved:#x})")]
+    ReservedBits {
+        /// The flags byte.
+        flags: u8,
+        /// The reserved field.
+        reserved: u16,
+    },
+    /// A run of pages that is empty or longer than allowed.
+    #[error("frame page count {count} outside 1..={max}")]
+    BadCount {
+        /// The count received.
+        count: u32,
+        /// The largest allowed.
+        max: u32,
+    },
+    /// Pages outside guest memory.
+    #[error("pages {first}..{end} are outside guest memory of {pages} pages")]
+    PageOutOfRange {
+        /// First page of the run.
+        first: u64,
+        /// One past the last page.
+        end: u64,
+        /// Pages in memory.
+        pages: u64,
+    },
+    /// A payload length that does not match the frame.
+    #[error("frame payload length {found} (expected {expected})")]
+    BadPayloadLength {
+        /// Length received.
+        found: u32,
+        /// Length the header implies.
+        expected: u64,
+    },
+    /// A stream id that is out of range or used twice.
+    #[error("data stream id {id} invalid ({reason})")]
+    BadStreamId {
+        /// The id received.
+        id: u16,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// A data stream for another session.
+    #[error("data stream belongs to session {found:032x}, not {expected:032x}")]
+    WrongSession {
+        /// Session id received.
+        found: u128,
+        /// This session's id.
+        expected: u128,
+    },
+    /// A control message larger than allowed.
+    #[error("control message of {0} bytes exceeds the {MAX_CONTROL_MESSAGE}-byte limit")]
+    ControlTooLarge(usize),
+    /// A control message that failed validation.
+    #[error("malformed control message: {0}")]
+    MalformedControl(String),
+    /// A control message that makes no sense at this point.
+    #[error("unexpected control message: {0}")]
+    Unexpected(String),
+    /// A handshake field out of range.
+    #[error("handshake field {field} invalid: {reason}")]
+    BadHandshake {
+        /// Which field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A page whose content does not match its CRC.
+    #[error("page {page} failed its CRC32C check (sent {expected:#010x}, received {found:#010x})")]
+    PageChecksum {
+        /// The page index.
+        page: u64,
+        /// CRC the sender computed.
+        expected: u32,
+        /// CRC of what arrived.
+        found: u32,
+    },
+    /// Pages sent on a stream that does not carry them.
+    #[error("pages {first}..{end} arrived on stream {stream}; they belong to stream {owner}")]
+    WrongStream {
+        /// First page of the frame.
+        first: u64,
+        /// One past the last.
+        end: u64,
+        /// The stream they arrived on.
+        stream: u16,
+        /// The stream that carries them.
+        owner: u16,
+    },
+    /// A frame that is not allowed after what came before it.
+    #[error("frame out of order on stream {stream}: {what}")]
+    OutOfOrder {
+        /// The stream.
+        stream: u16,
+        /// What was wrong.
+        what: &'static str,
+    },
+    /// A round marker whose page count disagrees with what the stream carried.
+    #[error("round {round} on stream {stream}: marker says {marked} pages, {received} arrived")]
+    RoundMismatch {
+        /// The round.
+        round: u64,
+        /// The stream.
+        stream: u16,
+        /// Pages the marker announces.
+        marked: u32,
+        /// Pages that arrived.
+        received: u32,
+    },
+    /// The peer closed a stream before it was finished.
+    #[error("{0} closed by the peer before the session ended")]
+    UnexpectedEof(&'static str),
+}
+
+/// What a data frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// `count` zero pages from `page`; no payload.
+    ZeroRun = 1,
+    /// `count` pages from `page`, each as its CRC32C (LE u32) then its bytes.
+    RawPages = 2,
+    /// End of round `page` on this stream, which carried `count` pages in it.
+    RoundEnd = 3,
+    /// The sender will send nothing more on this stream.
+    StreamEnd = 4,
+}
+
+/// A decoded, validated page-frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// What the frame carries.
+    pub kind: FrameKind,
+    /// Pages (or, for `RoundEnd`, pages in the round).
+    pub count: u32,
+    /// First page (or, for `RoundEnd`, the round number).
+    pub page: u64,
+    /// Bytes following the header.
+    pub payload_len: u32,
+}
+
+/// The session's limits every header is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// Pages in guest memory.
+    pub pages: u64,
+    /// Bytes per page.
+    pub page_size: u32,
+}
+
+impl FrameHeader {
+    /// A zero-page run.
+    pub fn zero_run(page: u64, count: u32) -> Self {
+        FrameHeader {
+            kind: FrameKind::ZeroRun,
+            count,
+            page,
+            payload_len: 0,
+        }
+    }
+
+    /// A run of raw pages.
+    pub fn raw_pages(page: u64, count: u32, page_size: u32) -> Self {
+        FrameHeader {
+            kind: FrameKind::RawPages,
+            count,
+            page,
+            payload_len: count * (PAGE_CRC_LEN as u32 + page_size),
+        }
+    }
+
+    /// End of `round` on a stream that carried `pages` pages in it.
+    pub fn round_end(round: u64, pages: u32) -> Self {
+        FrameHeader {
+            kind: FrameKind::RoundEnd,
+            count: pages,
+            page: round,
+            payload_len: 0,
+        }
+    }
+
+    /// End of the stream.
+    pub fn stream_end() -> Self {
+        FrameHeader {
+            kind: FrameKind::StreamEnd,
+            count: 0,
+            page: 0,
+            payload_len: 0,
+        }
+    }
+
+    /// Write the 24 bytes: kind, flags, reserved, count, page, payload length, then the
+    /// CRC32C of those 20 bytes.
+    pub fn encode(&self, out: &mut [u8; FRAME_HEADER_LEN]) {
+        out[0] = self.kind as u8;
+        out[1] = 0;
+        out[2..4].copy_from_slice(&0u16.to_le_bytes());
+        out[4..8].copy_from_slice(&self.count.to_le_bytes());
+        out[8..16].copy_from_slice(&self.page.to_le_bytes());
+        out[16..20].copy_from_slice(&self.payload_len.to_le_bytes());
+        let crc = dwcp_simd::crc32c(&out[..20]);
+        out[20..24].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Decode and validate 24 bytes against `limits`.
+    pub fn decode(bytes: &[u8; FRAME_HEADER_LEN], limits: &FrameLimits) -> Result<Self, WireError> {
+        let u32_at =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        if dwcp_simd::crc32c(&bytes[..20]) != u32_at(20) {
+            return Err(WireError::HeaderChecksum {
+                what: "frame header",
+            });
+        }
+        let kind = match bytes[0] {
+            1 => FrameKind::ZeroRun,
+            2 => FrameKind::RawPages,
+            3 => FrameKind::RoundEnd,
+            4 => FrameKind::StreamEnd,
+            other => return Err(WireError::UnknownFrameKind(other)),
+        };
+        let flags = bytes[1];
+        let reserved = u16::from_le_bytes([bytes[2], bytes[3]]);
+        if flags != 0 || reserved != 0 {
+            return Err(WireError::ReservedBits { flags, reserved });
+        }
+        let count = u32_at(4);
+        let mut page_bytes = [0u8; 8];
+        page_bytes.copy_from_slice(&bytes[8..16]);
+        let page = u64::from_le_bytes(page_bytes);
+        let payload_len = u32_at(16);
+        let expected_payload = match kind {
+            FrameKind::ZeroRun | FrameKind::RawPages => {
+                if count == 0 || count > MAX_RUN_PAGES {
+                    return Err(WireError::BadCount {
+                        count,
+                        max: MAX_RUN_PAGES,
+                    });
+                }
+                let end = page.saturating_add(u64::from(count));
+                if end > limits.pages {
+                    return Err(WireError::PageOutOfRange {
+                        first: page,
+                        end,
+                        pages: limits.pages,
+                    });
+                }
+                if kind == FrameKind::RawPages {
+                    u64::from(count) * (PAGE_CRC_LEN as u64 + u64::from(limits.page_size))
+                } else {
+                    0
+                }
+            }
+            FrameKind::RoundEnd | FrameKind::StreamEnd => 0,
+        };
+        if u64::from(payload_len) != expected_payload {
+            return Err(WireError::BadPayloadLength {
+                found: payload_len,
+                expected: expected_payload,
+            });
+        }
+        Ok(FrameHeader {
+            kind,
+            count,
+            page,
+            payload_len,
+        })
+    }
+}
+
+/// The first 32 bytes of a data stream: which session and which stream it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamHello {
+    /// The session (from the handshake).
+    pub session_id: u128,
+    /// This stream's index, below the session's stream count.
+    pub stream_id: u16,
+}
+
+impl StreamHello {
+    /// magic(4) version(2) stream_id(2) session_id(16) reserved(4) crc32c(4).
+    pub fn encode(&self) -> [u8; STREAM_HELLO_LEN] {
+        let mut out = [0u8; STREAM_HELLO_LEN];
+        out[..4].copy_from_slice(&STREAM_MAGIC);
+        out[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        out[6..8].copy_from_slice(&self.stream_id.to_le_bytes());
+        out[8..24].copy_from_slice(&self.session_id.to_le_bytes());
+        let crc = dwcp_simd::crc32c(&out[..28]);
+        out[28..32].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decode and validate against the session.
+    pub fn decode(
+        bytes: &[u8; STREAM_HELLO_LEN],
+        session_id: u128,
+        streams: u16,
+    ) -> Result<Self, WireError> {
+        let mut magic = [0u8; 4];
+        magic.copy_from_slice(&bytes[..4]);
+        if magic != STREAM_MAGIC {
+            return Err(WireError::BadMagic {
+                found: magic,
+                expected: STREAM_MAGIC,
+            });
+        }
+        let crc = u32::from_le_bytes([bytes[28], bytes[29], bytes[30], bytes[31]]);
+        if dwcp_simd::crc32c(&bytes[..28]) != crc {
+            return Err(WireError::HeaderChecksum {
+                what: "stream hello",
+            });
+        }
+        let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+        if version != VERSION {
+            return Err(WireError::Version { found: version });
+        }
+        let stream_id = u16::from_le_bytes([bytes[6], bytes[7]]);
+        let mut sid = [0u8; 16];
+        sid.copy_from_slice(&bytes[8..24]);
+        let found = u128::from_le_bytes(sid);
+        if found != session_id {
+            return Err(WireError::WrongSession {
+                found,
+                expected: session_id,
+            });
+        }
+        if stream_id >= streams {
+            return Err(WireError::BadStreamId {
+                id: stream_id,
+                reason: "not below the session's stream count",
+            });
+        }
+        Ok(StreamHello {
+            session_id: found,
+            stream_id,
+        })
+    }
+}
+
+/// The source's opening message.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Handshake {
+    /// [`CONTROL_MAGIC`].
+    pub magic: [u8; 4],
+    /// [`VERSION`].
+    pub version: u16,
+    /// Random id tying the data streams to this session.
+    pub session_id: u128,
+    /// Bytes of guest memory.
+    pub memory_bytes: u64,
+    /// Bytes per page (4096 in v1).
+    pub page_size: u32,
+    /// Data streams that will follow.
+    pub streams: u16,
+    /// [`caps`] bits the source wants.
+    pub capabilities: u64,
+}
+
+/// Why a session ended early.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortReason {
+    /// The migration did not converge within its limits.
+    NotConverging,
+    /// An operator cancelled it.
+    Cancelled,
+    /// Input from the peer was malformed.
+    ProtocolError,
+    /// A local failure (I/O, memory).
+    LocalError,
+    /// Verification found differences.
+    VerificationFailed,
+}
+
+/// Messages on the control stream.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ControlMessage {
+    /// Source → destination: open a session.
+    Hello(Handshake),
+    /// Destination → source: the session is accepted with these capabilities.
+    Welcome {
+        /// Capabilities both sides have.
+        capabilities: u64,
+    },
+    /// Destination → source: the session is refused.
+    Refused {
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// Destination → source: every stream delivered round `round`'s pages.
+    RoundApplied {
+        /// The round.
+        round: u64,
+        /// Pages the round carried, all streams together.
+        pages: u64,
+    },
+    /// Source → destination: the guest is paused; round `final_round` is the last.
+    Switchover {
+        /// The last round.
+        final_round: u64,
+    },
+    /// Source → destination: CRC32C of pages `first_page..` of the paused memory.
+    PageCrcs {
+        /// First page described.
+        first_page: u64,
+        /// One CRC per page.
+        crcs: Vec<u32>,
+    },
+    /// Source → destination: all page CRCs sent; this is the whole-memory digest.
+    Digest {
+        /// Pages covered.
+        pages: u64,
+        /// CRC32C of the whole memory (the page CRCs combined in order).
+        digest: u32,
+    },
+    /// Destination → source: the verdict on every page.
+    Verified {
+        /// Pages compared.
+        pages: u64,
+        /// Pages whose content differs.
+        mismatches: u64,
+        /// The first differing page, if any.
+        first_mismatch: Option<u64>,
+        /// The destination's whole-memory digest.
+        digest: u32,
+    },
+    /// Either side: the session is over.
+    Abort {
+        /// Category.
+        reason: AbortReason,
+        /// For the operator.
+        message: String,
+    },
+    /// Either side: measure the control stream's round trip.
+    Ping {
+        /// Sender's clock, echoed back.
+        nanos: u64,
+    },
+    /// Reply to [`ControlMessage::Ping`].
+    Pong {
+        /// The ping's value.
+        nanos: u64,
+    },
+}
+
+/// Write one control message: its length (LE u32) then its rkyv bytes.
+pub fn write_control(out: &mut impl Write, message: &ControlMessage) -> std::io::Result<()> {
+    let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(message).map_err(std::io::Error::other)?;
+    if bytes.len() > MAX_CONTROL_MESSAGE {
+        return Err(std::io::Error::other(WireError::ControlTooLarge(
+            bytes.len(),
+        )));
+    }
+    let mut frame = Vec::with_capacity(4 + bytes.len());
+    frame.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&bytes);
+    out.write_all(&frame)?;
+    out.flush()
+}
+
+/// Errors reading a control message.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlReadError {
+    /// The stream failed or closed.
+    #[error("control stream: {0}")]
+    Io(#[from] std::io::Error),
+    /// The bytes were not a valid message.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// Read and validate one control message.
+pub fn read_control(input: &mut impl Read) -> Result<ControlMessage, ControlReadError> {
+    let mut len = [0u8; 4];
+    input.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    decode_control(len, input)
+}
+
+/// Read a `len`-byte control message body from `input` and validate it.
+pub fn decode_control(
+    len: usize,
+    input: &mut impl Read,
+) -> Result<ControlMessage, ControlReadError> {
+    if len > MAX_CONTROL_MESSAGE {
+        return Err(WireError::ControlTooLarge(len).into());
+    }
+    // rkyv validates in place and needs the archive aligned.
+    let mut body = rkyv::util::AlignedVec::<16>::with_capacity(len);
+    body.resize(len, 0);
+    input.read_exact(&mut body)?;
+    rkyv::from_bytes::<ControlMessage, rkyv::rancor::Error>(&body)
+        .map_err(|e| WireError::MalformedControl(e.to_string()).into())
+}
+
+impl Handshake {
+    /// Check a received handshake against what this destination can do.
+    pub fn validate(&self, memory_bytes: Option<u64>) -> Result<(), WireError> {
+        if self.magic != CONTROL_MAGIC {
+            return Err(WireError::BadMagic {
+                found: self.magic,
+                expected: CONTROL_MAGIC,
+            });
+        }
+        if self.version != VERSION {
+            return Err(WireError::Version {
+                found: self.version,
+            });
+        }
+        if self.page_size != crate::memory::PAGE_SIZE as u32 {
+            return Err(WireError::BadHandshake {
+                field: "page_size",
+                reason: format!(
+                    "{} (v1 pages are {} bytes)",
+                    self.page_size,
+                    crate::memory::PAGE_SIZE
+                ),
+            });
+        }
+        if self.memory_bytes == 0 || !self.memory_bytes.is_multiple_of(u64::from(self.page_size)) {
+            return Err(WireError::BadHandshake {
+                field: "memory_bytes",
+                reason: format!(
+                    "{} is not a positive multiple of the page size",
+                    self.memory_bytes
+                ),
+            });
+        }
+        if let Some(local) = memory_bytes
+            && local != self.memory_bytes
+        {
+            return Err(WireError::BadHandshake {
+                field: "memory_bytes",
+                reason: format!("{} but this destination has {local}", self.memory_bytes),
+            });
+        }
+        if self.streams == 0 || self.streams > MAX_STREAMS {
+            return Err(WireError::BadHandshake {
+                field: "streams",
+                reason: format!("{} outside 1..={MAX_STREAMS}", self.streams),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: FrameLimits = FrameLimits {
+        pages: 1000,
+        page_size: 4096,
+    };
+
+    fn encoded(h: FrameHeader) -> [u8; FRAME_HEADER_LEN] {
+        let mut b = [0u8; FRAME_HEADER_LEN];
+        h.encode(&mut b);
+        b
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        for h in [
+            FrameHeader::zero_run(5, 16),
+            FrameHeader::raw_pages(984, 16, 4096),
+            FrameHeader::round_end(17, 123_456),
+            FrameHeader::stream_end(),
+        ] {
+            assert_eq!(FrameHeader::decode(&encoded(h), &LIMITS), Ok(h));
+        }
+    }
+
+    /// Re-checksum a header after tampering, so validation past the CRC is exercised.
+    fn resealed(mut b: [u8; FRAME_HEADER_LEN]) -> [u8; FRAME_HEADER_LEN] {
+        let crc = dwcp_simd::crc32c(&b[..20]);
+        b[20..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let good = encoded(FrameHeader::raw_pages(10, 2, 4096));
+        let mut flipped = good;
+        flipped[9] ^= 1;
+        assert_eq!(
+            FrameHeader::decode(&flipped, &LIMITS),
+            Err(WireError::HeaderChecksum {
+                what: "frame header"
+            })
+        );
+        let mut b = good;
+        b[0] = 9;
+        assert_eq!(
+            FrameHeader::decode(&resealed(b), &LIMITS),
+            Err(WireError::UnknownFrameKind(9))
+        );
+        let mut b = good;
+        b[1] = 1;
+        assert!(matches!(
+            FrameHeader::decode(&resealed(b), &LIMITS),
+            Err(WireError::ReservedBits { flags: 1, .. })
+        ));
+        assert!(matches!(
+            FrameHeader::decode(&encoded(FrameHeader::raw_pages(999, 2, 4096)), &LIMITS),
+            Err(WireError::PageOutOfRange {
+                first: 999,
+                end: 1001,
+                pages: 1000
+            })
+        ));
+        assert!(matches!(
+            FrameHeader::decode(&encoded(FrameHeader::zero_run(u64::MAX, 1)), &LIMITS),
+            Err(WireError::PageOutOfRange { .. })
+        ));
+        assert!(matches!(
+            FrameHeader::decode(&encoded(FrameHeader::zero_run(0, 0)), &LIMITS),
+            Err(WireError::BadCount { count: 0, .. })
+        ));
+        assert!(matches!(
+            FrameHeader::decode(&encoded(FrameHeader::zero_run(0, 17)), &LIMITS),
+            Err(WireError::BadCount { count: 17, .. })
+        ));
+        let mut wrong_len = FrameHeader::raw_pages(10, 2, 4096);
+        wrong_len.payload_len -= 1;
+        assert!(matches!(
+            FrameHeader::decode(&encoded(wrong_len), &LIMITS),
+            Err(WireError::BadPayloadLength { .. })
+        ));
+    }
+
+    #[test]
+    fn chunks_are_dealt_round_robin() {
+        assert_eq!(stream_of(0, 4), 0);
+        assert_eq!(stream_of(15, 4), 0);
+        assert_eq!(stream_of(16, 4), 1);
+        assert_eq!(stream_of(64, 4), 0);
+        assert_eq!(stream_of(1000, 1), 0);
+        // A 1 MiB hot spot (256 pages) touches every one of 4 streams equally.
+        let mut per = [0; 4];
+        for p in 5000..5256 {
+            per[stream_of(p, 4) as usize] += 1;
+        }
+        assert!(per.iter().all(|&n| n == 64), "{per:?}");
+    }
+
+    #[test]
+    fn stream_hello_checks_session_and_id() {
+        let hello = StreamHello {
+            session_id: 42,
+            stream_id: 3,
+        }
+        .encode();
+        assert!(StreamHello::decode(&hello, 42, 4).is_ok());
+        assert!(matches!(
+            StreamHello::decode(&hello, 43, 4),
+            Err(WireError::WrongSession { .. })
+        ));
+        assert!(matches!(
+            StreamHello::decode(&hello, 42, 3),
+            Err(WireError::BadStreamId { id: 3, .. })
+        ));
+        let mut bad = hello;
+        bad[0] = b'X';
+        assert!(matches!(
+            StreamHello::decode(&bad, 42, 4),
+            Err(WireError::BadMagic { .. })
+        ));
+    }
+
+    #[test]
+    fn control_messages_round_trip_and_garbage_is_refused() {
+        let msgs = [
+            ControlMessage::Hello(Handshake {
+                magic: CONTROL_MAGIC,
+                version: VERSION,
+                session_id: 7,
+                memory_bytes: 1 << 30,
+                page_size: 4096,
+                streams: 4,
+                capabilities: caps::ALL,
+            }),
+            ControlMessage::PageCrcs {
+                first_page: 10,
+                crcs: vec![1, 2, 3],
+            },
+            ControlMessage::Abort {
+                reason: AbortReason::Cancelled,
+                message: "operator".into(),
+            },
+        ];
+        let mut buf = Vec::new();
+        for m in &msgs {
+            write_control(&mut buf, m).unwrap();
+        }
+        let mut r = &buf[..];
+        for m in &msgs {
+            assert_eq!(&read_control(&mut r).unwrap(), m);
+        }
+        // Garbage of a plausible length: validation refuses it.
+        let mut garbage = vec![64, 0, 0, 0];
+        garbage.extend((0..64).map(|i| (i * 37) as u8));
+        assert!(matches!(
+            read_control(&mut &garbage[..]),
+            Err(ControlReadError::Wire(WireError::MalformedControl(_)))
+        ));
+        let huge = ((MAX_CONTROL_MESSAGE + 1) as u32).to_le_bytes();
+        assert!(matches!(
+            read_control(&mut &huge[..]),
+            Err(ControlReadError::Wire(WireError::ControlTooLarge(_)))
+        ));
+    }
+
+    #[test]
+    fn handshake_validation_names_the_field() {
+        let good = Handshake {
+            magic: CONTROL_MAGIC,
+            version: VERSION,
+            session_id: 1,
+            memory_bytes: 1 << 20,
+            page_size: 4096,
+            streams: 2,
+            capabilities: caps::ALL,
+        };
+        assert!(good.validate(Some(1 << 20)).is_ok());
+        assert!(matches!(
+            Handshake {
+                version: 2,
+                ..good.clone()
+            }
+            .validate(None),
+            Err(WireError::Version { found: 2 })
+        ));
+        assert!(matches!(
+            good.validate(Some(2 << 20)),
+            Err(WireError::BadHandshake {
+                field: "memory_bytes",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Handshake {
+                streams: 0,
+                ..good.clone()
+            }
+            .validate(None),
+            Err(WireError::BadHandshake {
+                field: "streams",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Handshake {
+                page_size: 8192,
+                ..good
+            }
+            .validate(None),
+            Err(WireError::BadHandshake {
+                field: "page_size",
+                ..
+            })
+        ));
+    }
+}
