@@ -1,0 +1,531 @@
+//! Page frames in and out of byte buffers, independent of how the bytes move.
+//!
+//! [`stage_run`] turns a run of guest pages into frames in a send buffer: each page is
+//! copied once, from guest memory to where it will be sent, and the zero test and the
+//! CRC32C run on that copy (so the CRC always matches the bytes sent, even when a vCPU
+//! writes the page meanwhile). [`FrameParser`] does the reverse on the destination for
+//! bytes arriving in arbitrary pieces: it validates every header before acting on it,
+//! copies page bytes straight into guest memory, and checks each page's CRC as its
+//! last byte lands.
+
+use crate::dirty::{DirtyBitmap, SentCrcs};
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::wire::{
+    CHUNK_PAGES, FRAME_HEADER_LEN, FrameHeader, FrameKind, FrameLimits, PAGE_CRC_LEN, WireError,
+    stream_of,
+};
+use std::sync::Arc;
+
+/// CRC32C of an all-zero page.
+fn zero_page_crc() -> u32 {
+    static CRC: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CRC.get_or_init(|| dwcp_simd::crc32c(&[0u8; PAGE_SIZE]))
+}
+
+/// Bytes one raw page takes in a frame.
+const RAW_PAGE_BYTES: usize = PAGE_CRC_LEN + PAGE_SIZE;
+
+/// Space [`stage_run`] may need for a run of `count` pages: the worst case is every page
+/// in a frame of its own.
+pub const fn stage_space(count: u32) -> usize {
+    count as usize * (FRAME_HEADER_LEN + RAW_PAGE_BYTES) + FRAME_HEADER_LEN
+}
+
+/// What [`stage_run`] put in the buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Staged {
+    /// Bytes written.
+    pub bytes: usize,
+    /// Pages sent as zero markers.
+    pub zero_pages: u32,
+    /// Pages sent with their content.
+    pub raw_pages: u32,
+}
+
+#[derive(Clone, Copy)]
+enum Open {
+    None,
+    Zero { at: usize, first: u64, count: u32 },
+    Raw { at: usize, first: u64, count: u32 },
+}
+
+/// Stage pages `first..first + count` of `memory` as frames at the start of `buf`.
+///
+/// Each page is copied to the slot it would take if the current raw frame continued;
+/// a zero page ends the raw frame there (its speculative copy is simply not sent), and
+/// a non-zero page after zeros lands exactly where a new raw frame starts. So every
+/// page is copied exactly once.
+///
+/// When `sent` is given, the CRC of every staged page is recorded there.
+///
+/// # Panics
+/// If `buf` is shorter than [`stage_space`]`(count)`.
+pub fn stage_run(
+    memory: &GuestMemory,
+    first: u64,
+    count: u32,
+    buf: &mut [u8],
+    sent: Option<&SentCrcs>,
+) -> Staged {
+    assert!(buf.len() >= stage_space(count), "stage buffer too small");
+    let kernels = dwcp_simd::Kernels::active();
+    let mut pos = 0usize;
+    let mut open = Open::None;
+    let mut staged = Staged::default();
+    let close = |open: Open, buf: &mut [u8], pos: &mut usize| {
+        let (at, header, end) = match open {
+            Open::None => return,
+            Open::Zero { at, first, count } => (
+                at,
+                FrameHeader::zero_run(first, count),
+                at + FRAME_HEADER_LEN,
+            ),
+            Open::Raw { at, first, count } => (
+                at,
+                FrameHeader::raw_pages(first, count, PAGE_SIZE as u32),
+                at + FRAME_HEADER_LEN + count as usize * RAW_PAGE_BYTES,
+            ),
+        };
+        let mut bytes = [0u8; FRAME_HEADER_LEN];
+        header.encode(&mut bytes);
+        buf[at..at + FRAME_HEADER_LEN].copy_from_slice(&bytes);
+        *pos = end;
+    };
+    for page in first..first + u64::from(count) {
+        let slot = match open {
+            Open::Raw { at, count, .. } => {
+                at + FRAME_HEADER_LEN + count as usize * RAW_PAGE_BYTES + PAGE_CRC_LEN
+            }
+            Open::Zero { at, .. } => at + 2 * FRAME_HEADER_LEN + PAGE_CRC_LEN,
+            Open::None => pos + FRAME_HEADER_LEN + PAGE_CRC_LEN,
+        };
+        let content = &mut buf[slot..slot + PAGE_SIZE];
+        memory.read_page(page, content);
+        let zero = kernels.is_zero(content);
+        let crc = if zero { 0 } else { kernels.crc32c(content) };
+        if let Some(sent) = sent {
+            sent.record(page, if zero { zero_page_crc() } else { crc });
+        }
+        open = match (open, zero) {
+            (Open::Zero { at, first, count }, true) => Open::Zero {
+                at,
+                first,
+                count: count + 1,
+            },
+            (Open::Raw { at, first, count }, false) => Open::Raw {
+                at,
+                first,
+                count: count + 1,
+            },
+            (previous, true) => {
+                close(previous, buf, &mut pos);
+                Open::Zero {
+                    at: pos,
+                    first: page,
+                    count: 1,
+                }
+            }
+            (previous, false) => {
+                close(previous, buf, &mut pos);
+                Open::Raw {
+                    at: pos,
+                    first: page,
+                    count: 1,
+                }
+            }
+        };
+        if zero {
+            staged.zero_pages += 1;
+        } else {
+            buf[slot - PAGE_CRC_LEN..slot].copy_from_slice(&crc.to_le_bytes());
+            staged.raw_pages += 1;
+        }
+    }
+    close(open, buf, &mut pos);
+    staged.bytes = pos;
+    staged
+}
+
+/// Write a frame with no payload (round end, stream end) at the start of `buf`.
+pub fn stage_marker(header: FrameHeader, buf: &mut [u8]) -> usize {
+    let mut bytes = [0u8; FRAME_HEADER_LEN];
+    header.encode(&mut bytes);
+    buf[..FRAME_HEADER_LEN].copy_from_slice(&bytes);
+    FRAME_HEADER_LEN
+}
+
+/// Something a data stream announced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// Round `round` is complete on this stream, which carried `pages` pages in it.
+    RoundEnd {
+        /// The round.
+        round: u64,
+        /// Pages in it on this stream.
+        pages: u32,
+    },
+    /// The stream is finished.
+    StreamEnd,
+}
+
+/// Counters of one received stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RxCounters {
+    /// Bytes fed to the parser.
+    pub bytes: u64,
+    /// Pages received with content.
+    pub raw_pages: u64,
+    /// Pages received as zero markers.
+    pub zero_pages: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    Header,
+    Crc {
+        page: u64,
+        left: u32,
+    },
+    Body {
+        page: u64,
+        left: u32,
+        expected: u32,
+        offset: usize,
+        crc: u32,
+    },
+    Ended,
+}
+
+/// The destination side of one data stream.
+pub struct FrameParser {
+    memory: Arc<GuestMemory>,
+    limits: FrameLimits,
+    stream: u16,
+    streams: u16,
+    state: State,
+    header: [u8; FRAME_HEADER_LEN],
+    header_fill: usize,
+    crc: [u8; PAGE_CRC_LEN],
+    crc_fill: usize,
+    /// Pages never written since the memory was created zeroed: a zero marker for them
+    /// needs no write. `None` when the memory may hold old content.
+    untouched: Option<DirtyBitmap>,
+    round_pages: u32,
+    next_round: u64,
+    counters: RxCounters,
+}
+
+impl FrameParser {
+    /// A parser for stream `stream` of `streams`, writing into `memory`. Set
+    /// `memory_is_fresh` when the memory is known to be all zeros.
+    pub fn new(memory: Arc<GuestMemory>, stream: u16, streams: u16, memory_is_fresh: bool) -> Self {
+        let pages = memory.pages();
+        FrameParser {
+            limits: FrameLimits {
+                pages,
+                page_size: PAGE_SIZE as u32,
+            },
+            memory,
+            stream,
+            streams,
+            state: State::Header,
+            header: [0; FRAME_HEADER_LEN],
+            header_fill: 0,
+            crc: [0; PAGE_CRC_LEN],
+            crc_fill: 0,
+            untouched: memory_is_fresh.then(|| DirtyBitmap::full(pages)),
+            round_pages: 0,
+            next_round: 0,
+            counters: RxCounters::default(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> RxCounters {
+        self.counters
+    }
+
+    /// Whether the stream has ended.
+    pub fn is_ended(&self) -> bool {
+        matches!(self.state, State::Ended)
+    }
+
+    fn check_owner(&self, first: u64, count: u32) -> Result<(), WireError> {
+        let end = first + u64::from(count);
+        let owner = stream_of(first, self.streams);
+        if owner != self.stream || (end - 1) / CHUNK_PAGES != first / CHUNK_PAGES {
+            return Err(WireError::WrongStream {
+                first,
+                end,
+                stream: self.stream,
+                owner,
+            });
+        }
+        Ok(())
+    }
+
+    /// Consume the next bytes of the stream. Events are reported through `on_event` as
+    /// their frames complete.
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        on_event: &mut impl FnMut(StreamEvent),
+    ) -> Result<(), WireError> {
+        self.counters.bytes += data.len() as u64;
+        while !data.is_empty() {
+            match self.state {
+                State::Ended => {
+                    return Err(WireError::OutOfOrder {
+                        stream: self.stream,
+                        what: "bytes after the end of the stream",
+                    });
+                }
+                State::Header => {
+                    let take = (FRAME_HEADER_LEN - self.header_fill).min(data.len());
+                    self.header[self.header_fill..self.header_fill + take]
+                        .copy_from_slice(&data[..take]);
+                    self.header_fill += take;
+                    data = &data[take..];
+                    if self.header_fill == FRAME_HEADER_LEN {
+                        self.header_fill = 0;
+                        let header = FrameHeader::decode(&self.header, &self.limits)?;
+                        self.start_frame(header, on_event)?;
+                    }
+                }
+                State::Crc { page, left } => {
+                    let take = (PAGE_CRC_LEN - self.crc_fill).min(data.len());
+                    self.crc[self.crc_fill..self.crc_fill + take].copy_from_slice(&data[..take]);
+                    self.crc_fill += take;
+                    data = &data[take..];
+                    if self.crc_fill == PAGE_CRC_LEN {
+                        self.crc_fill = 0;
+                        self.state = State::Body {
+                            page,
+                            left,
+                            expected: u32::from_le_bytes(self.crc),
+                            offset: 0,
+                            crc: 0,
+                        };
+                    }
+                }
+                State::Body {
+                    page,
+                    left,
+                    expected,
+                    offset,
+                    crc,
+                } => {
+                    let take = (PAGE_SIZE - offset).min(data.len());
+                    let chunk = &data[..take];
+                    self.memory.write_at(page, offset, chunk);
+                    let crc = dwcp_simd::crc32c_update(crc, chunk);
+                    data = &data[take..];
+                    let offset = offset + take;
+                    if offset < PAGE_SIZE {
+                        self.state = State::Body {
+                            page,
+                            left,
+                            expected,
+                            offset,
+                            crc,
+                        };
+                        continue;
+                    }
+                    if crc != expected {
+                        return Err(WireError::PageChecksum {
+                            page,
+                            expected,
+                            found: crc,
+                        });
+                    }
+                    if let Some(u) = &mut self.untouched
+                        && u.get(page)
+                    {
+                        u.clear_page(page);
+                    }
+                    self.counters.raw_pages += 1;
+                    self.round_pages += 1;
+                    self.state = if left > 1 {
+                        State::Crc {
+                            page: page + 1,
+                            left: left - 1,
+                        }
+                    } else {
+                        State::Header
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_frame(
+        &mut self,
+        header: FrameHeader,
+        on_event: &mut impl FnMut(StreamEvent),
+    ) -> Result<(), WireError> {
+        match header.kind {
+            FrameKind::ZeroRun => {
+                self.check_owner(header.page, header.count)?;
+                for page in header.page..header.page + u64::from(header.count) {
+                    let fresh = self.untouched.as_ref().is_some_and(|u| u.get(page));
+                    if !fresh {
+                        self.memory.zero_page(page);
+                    }
+                }
+                self.counters.zero_pages += u64::from(header.count);
+                self.round_pages += header.count;
+            }
+            FrameKind::RawPages => {
+                self.check_owner(header.page, header.count)?;
+                self.state = State::Crc {
+                    page: header.page,
+                    left: header.count,
+                };
+            }
+            FrameKind::RoundEnd => {
+                let round = header.page;
+                if round != self.next_round {
+                    return Err(WireError::OutOfOrder {
+                        stream: self.stream,
+                        what: "round markers not in sequence",
+                    });
+                }
+                if header.count != self.round_pages {
+                    return Err(WireError::RoundMismatch {
+                        round,
+                        stream: self.stream,
+                        marked: header.count,
+                        received: self.round_pages,
+                    });
+                }
+                self.next_round += 1;
+                self.round_pages = 0;
+                on_event(StreamEvent::RoundEnd {
+                    round,
+                    pages: header.count,
+                });
+            }
+            FrameKind::StreamEnd => {
+                if self.round_pages != 0 {
+                    return Err(WireError::OutOfOrder {
+                        stream: self.stream,
+                        what: "stream ended inside a round",
+                    });
+                }
+                self.state = State::Ended;
+                on_event(StreamEvent::StreamEnd);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dwcp_hugepages::PagePreference;
+
+    fn memory(pages: usize) -> Arc<GuestMemory> {
+        Arc::new(GuestMemory::anonymous(pages * PAGE_SIZE, PagePreference::Small).unwrap())
+    }
+
+    /// Source memory with a mix of zero and non-zero pages.
+    fn source(pages: usize) -> Arc<GuestMemory> {
+        let m = memory(pages);
+        for p in 0..pages as u64 {
+            if p % 3 != 0 {
+                let fill: Vec<u8> = (0..PAGE_SIZE)
+                    .map(|i| (i as u64 * 31 + p) as u8 | 1)
+                    .collect();
+                m.write_page(p, &fill);
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn staged_runs_parse_back_in_any_piece_sizes() {
+        let src = source(64);
+        let mut wire = Vec::new();
+        let mut buf = vec![0u8; stage_space(16)];
+        for chunk in 0..4u64 {
+            let staged = stage_run(&src, chunk * 16, 16, &mut buf, None);
+            assert_eq!(staged.zero_pages + staged.raw_pages, 16);
+            wire.extend_from_slice(&buf[..staged.bytes]);
+        }
+        let mut marker = [0u8; FRAME_HEADER_LEN];
+        stage_marker(FrameHeader::round_end(0, 64), &mut marker);
+        wire.extend_from_slice(&marker);
+        stage_marker(FrameHeader::stream_end(), &mut marker);
+        wire.extend_from_slice(&marker);
+        for piece in [1usize, 7, 4096, 100_000] {
+            let dst = memory(64);
+            let mut parser = FrameParser::new(dst.clone(), 0, 1, true);
+            let mut events = Vec::new();
+            for part in wire.chunks(piece) {
+                parser.feed(part, &mut |e| events.push(e)).unwrap();
+            }
+            assert_eq!(
+                events,
+                [
+                    StreamEvent::RoundEnd {
+                        round: 0,
+                        pages: 64
+                    },
+                    StreamEvent::StreamEnd
+                ]
+            );
+            assert_eq!(dst.to_vec(), src.to_vec(), "piece size {piece}");
+            assert!(parser.is_ended());
+        }
+    }
+
+    #[test]
+    fn corrupt_pages_and_misrouted_frames_are_refused() {
+        let src = source(32);
+        let mut buf = vec![0u8; stage_space(16)];
+        let staged = stage_run(&src, 16, 16, &mut buf, None);
+        // Stream 1 of 2 owns chunk 1; stream 0 must refuse it.
+        let dst = memory(32);
+        let mut wrong = FrameParser::new(dst.clone(), 0, 2, true);
+        assert!(matches!(
+            wrong.feed(&buf[..staged.bytes], &mut |_| {}),
+            Err(WireError::WrongStream {
+                stream: 0,
+                owner: 1,
+                ..
+            })
+        ));
+        // Flip one payload byte of a raw page: the CRC check names the page.
+        let mut right = FrameParser::new(dst, 1, 2, true);
+        let last = staged.bytes - 1;
+        buf[last] ^= 0xFF;
+        assert!(matches!(
+            right.feed(&buf[..staged.bytes], &mut |_| {}),
+            Err(WireError::PageChecksum { page: 31, .. })
+        ));
+    }
+
+    #[test]
+    fn round_markers_are_checked() {
+        let dst = memory(16);
+        let mut parser = FrameParser::new(dst, 0, 1, true);
+        let mut marker = [0u8; FRAME_HEADER_LEN];
+        stage_marker(FrameHeader::round_end(0, 5), &mut marker);
+        assert!(matches!(
+            parser.feed(&marker, &mut |_| {}),
+            Err(WireError::RoundMismatch {
+                marked: 5,
+                received: 0,
+                ..
+            })
+        ));
+        let mut parser = FrameParser::new(memory(16), 0, 1, true);
+        stage_marker(FrameHeader::round_end(1, 0), &mut marker);
+        assert!(matches!(
+            parser.feed(&marker, &mut |_| {}),
+            Err(WireError::OutOfOrder { .. })
+        ));
+    }
+}

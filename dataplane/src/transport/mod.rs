@@ -1,0 +1,358 @@
+//! Moving pages between appliances.
+//!
+//! The engine talks to *workers*, each owning a group of data streams, through SPSC
+//! rings: [`TxCommand`]s in, [`TxEvent`]s back (source side); [`RxEvent`]s back
+//! (destination side). How a worker moves bytes is its transport:
+//! - [`uring`]: io_uring, one ring per worker: sends from registered hugepage buffers
+//!   (`SEND_ZC` above a size threshold, buffers reused only after the notification),
+//!   receives with multishot `RECV` into a provided-buffer ring per stream, batched
+//!   submissions;
+//! - [`plain`]: blocking sockets, one thread per stream; the fallback when io_uring or
+//!   an opcode is missing, and a baseline.
+//!
+//! The shape leaves room for RDMA: a source worker turns page runs into whatever its
+//! transport needs (frames in buffers for TCP; one-sided writes into the destination's
+//! registered memory plus a small completion message for RDMA), and a destination
+//! worker reports the same round and stream events whichever way pages arrived.
+//!
+//! Also here: [`frames`] (pages to frames and back) and [`socket`] (TCP options,
+//! `TCP_INFO`).
+
+pub mod frames;
+pub mod plain;
+pub mod socket;
+pub mod uring;
+
+use crate::ring::{Consumer, Producer};
+use socket::{SocketOptions, TcpInfoSample};
+use std::fmt;
+use std::str::FromStr;
+use std::thread::{JoinHandle, Thread};
+use std::time::Duration;
+
+/// Which transport a session uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    /// io_uring.
+    IoUring,
+    /// Blocking sockets.
+    Plain,
+}
+
+impl TransportKind {
+    /// The name in configuration and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::IoUring => "io_uring",
+            TransportKind::Plain => "plain",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the configuration asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportChoice {
+    /// io_uring when the kernel has what it needs, else plain sockets.
+    Auto,
+    /// io_uring (still falls back, with a note, when unavailable).
+    IoUring,
+    /// Plain sockets.
+    Plain,
+}
+
+impl FromStr for TransportChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(TransportChoice::Auto),
+            "io_uring" | "io-uring" | "uring" => Ok(TransportChoice::IoUring),
+            "plain" => Ok(TransportChoice::Plain),
+            other => Err(format!(
+                "unknown transport {other:?} (expected auto, io_uring or plain)"
+            )),
+        }
+    }
+}
+
+/// How an idle worker waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleStrategy {
+    /// Empty polls before sleeping.
+    pub spin: u32,
+    /// Longest sleep before polling again (a new command also wakes the worker).
+    pub park: Duration,
+}
+
+impl Default for IdleStrategy {
+    fn default() -> Self {
+        // A short spin: source, destination and tests share two cores here, and a
+        // worker that spins long starves the others.
+        IdleStrategy {
+            spin: 64,
+            park: Duration::from_millis(1),
+        }
+    }
+}
+
+/// Transport settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransportConfig {
+    /// Which transport.
+    pub choice: TransportChoice,
+    /// Use `SEND_ZC` when the kernel has it.
+    pub zero_copy: bool,
+    /// Use `SEND_ZC` even to a loopback peer, where the kernel always copies
+    /// (Documentation/networking/msg_zerocopy.rst); for measuring that cost.
+    pub zero_copy_on_loopback: bool,
+    /// Sends smaller than this use plain `SEND` (zero-copy costs a notification).
+    pub zero_copy_threshold: usize,
+    /// Bytes per send buffer.
+    pub send_buffer: usize,
+    /// Send buffers per stream.
+    pub send_buffers_per_stream: u32,
+    /// Bytes per receive buffer.
+    pub recv_buffer: usize,
+    /// Receive buffers per stream (a power of two).
+    pub recv_buffers_per_stream: u16,
+    /// Socket options for data streams.
+    pub socket: SocketOptions,
+    /// Pin workers to CPUs.
+    pub pin_workers: bool,
+    /// CPUs this appliance's workers may use (empty: all). Two appliances sharing a
+    /// machine, as in the demo, each get their own.
+    pub cpus: Vec<usize>,
+    /// How idle workers wait.
+    pub idle: IdleStrategy,
+    /// How often workers sample `TCP_INFO` and report counters.
+    pub telemetry_interval: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            choice: TransportChoice::Auto,
+            zero_copy: true,
+            zero_copy_on_loopback: false,
+            zero_copy_threshold: 64 << 10,
+            send_buffer: 1 << 20,
+            send_buffers_per_stream: 4,
+            recv_buffer: 64 << 10,
+            recv_buffers_per_stream: 64,
+            socket: SocketOptions::default(),
+            pin_workers: true,
+            cpus: Vec::new(),
+            idle: IdleStrategy::default(),
+            telemetry_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// What the kernel offers and what the session will use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportProbe {
+    /// The transport chosen.
+    pub kind: TransportKind,
+    /// Whether sends will use `SEND_ZC`.
+    pub zero_copy: bool,
+    /// io_uring operations found (names), empty when io_uring is unavailable.
+    pub uring_ops: Vec<&'static str>,
+    /// Why the choice differs from the request, or what is missing.
+    pub notes: Vec<String>,
+}
+
+/// Decide the transport for `config` on this kernel. Never fails: whatever is missing
+/// degrades to plain sockets or to copying sends, and the notes say so.
+pub fn probe(config: &TransportConfig) -> TransportProbe {
+    let uring = uring::probe();
+    let mut notes = Vec::new();
+    let (kind, zero_copy) = match (config.choice, &uring) {
+        (TransportChoice::Plain, _) => (TransportKind::Plain, false),
+        (_, Ok(caps)) => {
+            let zc = config.zero_copy && caps.send_zc;
+            if config.zero_copy && !caps.send_zc {
+                notes.push("SEND_ZC not supported by this kernel: sending with copies".into());
+            }
+            (TransportKind::IoUring, zc)
+        }
+        (choice, Err(why)) => {
+            if choice == TransportChoice::IoUring {
+                notes.push(format!(
+                    "io_uring requested but unavailable ({why}): using plain sockets"
+                ));
+            } else {
+                notes.push(format!("io_uring unavailable ({why}): using plain sockets"));
+            }
+            (TransportKind::Plain, false)
+        }
+    };
+    TransportProbe {
+        kind,
+        zero_copy,
+        uring_ops: uring.map(|c| c.ops).unwrap_or_default(),
+        notes,
+    }
+}
+
+/// Engine → source worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxCommand {
+    /// Send pages `first..first + count` (within one chunk) on global stream `stream`.
+    Pages {
+        /// Global stream id.
+        stream: u16,
+        /// First page.
+        first: u64,
+        /// Pages (at most a chunk).
+        count: u32,
+    },
+    /// Every stream of the worker closes round `round` and reports when it is sent.
+    EndRound {
+        /// The round.
+        round: u64,
+    },
+    /// End every stream, wait for the last sends, exit.
+    Finish,
+}
+
+/// Counters of one stream, reported periodically.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StreamTelemetry {
+    /// Global stream id.
+    pub stream: u16,
+    /// Bytes handed to the kernel so far.
+    pub bytes: u64,
+    /// Pages sent so far (zero and raw).
+    pub pages: u64,
+    /// Latest `TCP_INFO`, if readable.
+    pub tcp: Option<TcpInfoSample>,
+}
+
+/// Source worker → engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TxEvent {
+    /// All of round `round`'s frames on this worker's streams are in the kernel.
+    RoundSent {
+        /// Worker index.
+        worker: usize,
+        /// The round.
+        round: u64,
+        /// Pages sent as zero markers.
+        zero_pages: u64,
+        /// Pages sent with content.
+        raw_pages: u64,
+        /// Bytes of frames.
+        bytes: u64,
+    },
+    /// Periodic counters.
+    Telemetry(StreamTelemetry),
+    /// Every stream ended and every buffer is back.
+    Finished {
+        /// Worker index.
+        worker: usize,
+        /// Sends whose zero-copy fell back to a kernel copy (loopback does).
+        zc_copied: u64,
+        /// Sends that went zero-copy.
+        zc_sends: u64,
+        /// The kernel copied every zero-copy send it was probed with, so the worker
+        /// switched to copying sends.
+        zc_fell_back: bool,
+    },
+    /// The worker stopped on an error.
+    Failed {
+        /// Worker index.
+        worker: usize,
+        /// What happened.
+        error: String,
+    },
+}
+
+/// Destination worker → engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RxEvent {
+    /// Stream `stream` delivered all of round `round` (`pages` pages).
+    RoundEnd {
+        /// Global stream id.
+        stream: u16,
+        /// The round.
+        round: u64,
+        /// Pages it carried.
+        pages: u32,
+    },
+    /// Stream `stream` ended cleanly.
+    StreamEnd {
+        /// Global stream id.
+        stream: u16,
+        /// Bytes received on it.
+        bytes: u64,
+    },
+    /// Bytes received so far on a stream.
+    Telemetry {
+        /// Global stream id.
+        stream: u16,
+        /// Bytes.
+        bytes: u64,
+    },
+    /// A stream failed; the session must end.
+    Failed {
+        /// Global stream id.
+        stream: u16,
+        /// What happened.
+        error: String,
+    },
+}
+
+/// The engine's handle on a source worker.
+pub struct TxWorker {
+    /// Commands to the worker.
+    pub commands: Producer<TxCommand>,
+    /// Events from it.
+    pub events: Consumer<TxEvent>,
+    /// The worker's thread, to wake it after pushing commands.
+    pub thread: Thread,
+    /// Joined on shutdown.
+    pub handle: Option<JoinHandle<()>>,
+}
+
+/// The engine's handle on a destination worker.
+pub struct RxWorker {
+    /// Events from the worker.
+    pub events: Consumer<RxEvent>,
+    /// Joined on shutdown.
+    pub handle: Option<JoinHandle<()>>,
+    /// Set to make the worker stop early.
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Ring capacity between the engine and a worker.
+pub(crate) const WORKER_RING: usize = 4096;
+
+/// Pin the calling worker thread to `cpu` if asked; a failure is only a lost
+/// optimisation.
+pub(crate) fn pin(cpu: Option<usize>) {
+    if let Some(cpu) = cpu {
+        let _ = dwcp_hugepages::numa::pin_current_thread(cpu);
+    }
+}
+
+/// Push an event, waiting while the engine catches up (events are few and small).
+pub(crate) fn push_event<T>(events: &mut Producer<T>, mut event: T) {
+    loop {
+        match events.push(event) {
+            Ok(()) => return,
+            Err(full) => {
+                if events.is_abandoned() {
+                    return;
+                }
+                event = full.0;
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+    }
+}
