@@ -1,0 +1,901 @@
+//! The source side: connect, run pre-copy rounds, switch over, verify.
+
+use super::report::{MigrationReport, RoundStats, TransportReport};
+use super::{MigrationError, page_crcs, worker_cpus};
+use crate::dirty::{DirtyBitmap, DirtyLog};
+use crate::guest::GuestControl;
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::transport::{
+    self, StreamTelemetry, TransportConfig, TransportKind, TxCommand, TxEvent, TxWorker, plain,
+    socket, uring,
+};
+use crate::wire::{
+    self, AbortReason, CHUNK_PAGES, ControlMessage, Handshake, StreamHello, caps, stream_of,
+    write_control,
+};
+use crossbeam::channel::{Receiver, RecvTimeoutError, TryRecvError};
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How the source runs a migration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceConfig {
+    /// Data streams.
+    pub streams: u16,
+    /// io_uring worker threads (0: one per CPU, at most one per stream). Plain sockets
+    /// always use one thread per stream.
+    pub workers: usize,
+    /// Transport settings.
+    pub transport: TransportConfig,
+    /// Switch over when the estimated downtime is below this.
+    pub downtime_limit: Duration,
+    /// Abort after this many rounds without converging.
+    pub max_rounds: u32,
+    /// Abort after this long without converging.
+    pub max_duration: Duration,
+    /// Throttle the guest when rounds stop shrinking.
+    pub auto_converge: bool,
+    /// Connecting to the destination.
+    pub connect_timeout: Duration,
+    /// Waiting for any reply or progress from the destination.
+    pub reply_timeout: Duration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            streams: 4,
+            workers: 0,
+            transport: TransportConfig::default(),
+            downtime_limit: Duration::from_millis(300),
+            max_rounds: 30,
+            max_duration: Duration::from_secs(600),
+            auto_converge: true,
+            connect_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A snapshot of a running migration, for live progress displays.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// Current round.
+    pub round: u64,
+    /// `precopy`, `switchover` or `verify`.
+    pub phase: &'static str,
+    /// Bytes of frames sent so far.
+    pub bytes_sent: u64,
+    /// Pages sent so far (all rounds).
+    pub pages_sent: u64,
+    /// Pages in the current round's dirty set.
+    pub round_pages: u64,
+    /// Pages of the current round already handed to workers.
+    pub round_pages_queued: u64,
+    /// Last measured dirty rate, bytes per second.
+    pub dirty_rate: f64,
+    /// Measured bandwidth, bytes per second.
+    pub bandwidth: f64,
+    /// Current throttle, percent.
+    pub throttle: u32,
+    /// Time since the start.
+    pub elapsed: Duration,
+    /// Latest counters per stream.
+    pub streams: Vec<StreamTelemetry>,
+}
+
+struct Session<'a> {
+    config: &'a SourceConfig,
+    memory: Arc<GuestMemory>,
+    workers: Vec<TxWorker>,
+    /// For each stream, the worker that owns it.
+    worker_of: Vec<usize>,
+    /// Clones of the data sockets, to unblock everything on abort.
+    data_sockets: Vec<TcpStream>,
+    control: TcpStream,
+    control_rx: Receiver<Result<ControlMessage, String>>,
+    telemetry: Vec<StreamTelemetry>,
+    round_sent: Vec<Option<(u64, u64, u64, u64)>>,
+    finished: usize,
+    zc_copied: u64,
+    zc_sends: u64,
+    zc_fell_back: bool,
+    applied_round: Option<u64>,
+    last_activity: Instant,
+    setup_notes: Vec<String>,
+}
+
+fn connect(peer: SocketAddr, timeout: Duration) -> Result<TcpStream, MigrationError> {
+    TcpStream::connect_timeout(&peer, timeout).map_err(|source| MigrationError::Connect {
+        peer: peer.to_string(),
+        source,
+    })
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
+    let what = what.into();
+    move |source| MigrationError::Io { what, source }
+}
+
+/// Bytes of frames per page sent raw.
+const RAW_PAGE_WIRE: f64 = (PAGE_SIZE + wire::PAGE_CRC_LEN) as f64;
+
+/// Migrate `memory` to the destination at `peer` while `guest` runs, tracking writes
+/// with `dirty_log` (created before the call, so tracking covers round 0).
+pub fn migrate(
+    peer: SocketAddr,
+    memory: Arc<GuestMemory>,
+    guest: &dyn GuestControl,
+    mut dirty_log: Box<dyn DirtyLog>,
+    config: &SourceConfig,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationError> {
+    if config.streams == 0 || config.streams > wire::MAX_STREAMS {
+        return Err(MigrationError::Config(format!(
+            "streams = {} (allowed 1..={})",
+            config.streams,
+            wire::MAX_STREAMS
+        )));
+    }
+    let start = Instant::now();
+    let mut probe = transport::probe(&config.transport);
+    if probe.zero_copy && peer.ip().is_loopback() && !config.transport.zero_copy_on_loopback {
+        probe.zero_copy = false;
+        probe.notes.push(
+            "zero-copy off: the peer is on loopback, where the kernel copies every zero-copy send"
+                .into(),
+        );
+    }
+    let mut session = Session::open(peer, &memory, dirty_log.sent_crcs(), config, &probe)?;
+    let result = session.run(guest, dirty_log.as_mut(), start, &probe, progress);
+    if let Err(e) = &result {
+        session.abort(e);
+    }
+    session.close();
+    result
+}
+
+impl<'a> Session<'a> {
+    fn open(
+        peer: SocketAddr,
+        memory: &Arc<GuestMemory>,
+        sent: Option<Arc<crate::dirty::SentCrcs>>,
+        config: &'a SourceConfig,
+        probe: &transport::TransportProbe,
+    ) -> Result<Self, MigrationError> {
+        let mut control = connect(peer, config.connect_timeout)?;
+        control
+            .set_read_timeout(Some(config.reply_timeout))
+            .map_err(io("control stream timeout"))?;
+        let _ = control.set_nodelay(true);
+        let session_id = random_session_id();
+        let hello = Handshake {
+            magic: wire::CONTROL_MAGIC,
+            version: wire::VERSION,
+            session_id,
+            memory_bytes: memory.len() as u64,
+            page_size: PAGE_SIZE as u32,
+            streams: config.streams,
+            capabilities: caps::ALL,
+        };
+        write_control(&mut control, &ControlMessage::Hello(hello))
+            .map_err(io("sending the handshake"))?;
+        match wire::read_control(&mut control) {
+            Ok(ControlMessage::Welcome { .. }) => {}
+            Ok(ControlMessage::Refused { reason }) => return Err(MigrationError::Refused(reason)),
+            Ok(other) => {
+                return Err(
+                    wire::WireError::Unexpected(format!("{other:?} instead of a welcome")).into(),
+                );
+            }
+            Err(wire::ControlReadError::Wire(e)) => return Err(e.into()),
+            Err(wire::ControlReadError::Io(e)) => {
+                return Err(io("waiting for the destination's welcome")(e));
+            }
+        }
+        let mut streams = Vec::with_capacity(usize::from(config.streams));
+        let mut data_sockets = Vec::new();
+        let mut notes = Vec::new();
+        for id in 0..config.streams {
+            let mut s = connect(peer, config.connect_timeout)?;
+            notes.extend(socket::configure(&s, &config.transport.socket));
+            s.write_all(
+                &StreamHello {
+                    session_id,
+                    stream_id: id,
+                }
+                .encode(),
+            )
+            .map_err(io(format!("opening data stream {id}")))?;
+            data_sockets.push(s.try_clone().map_err(io("cloning a data socket"))?);
+            streams.push((id, s));
+        }
+        let cpus = if config.transport.pin_workers {
+            worker_cpus(&config.transport)
+        } else {
+            Vec::new()
+        };
+        let cpu = |w: usize| (!cpus.is_empty()).then(|| cpus[w % cpus.len()]);
+        let mut workers = Vec::new();
+        let mut worker_of = vec![0usize; usize::from(config.streams)];
+        match probe.kind {
+            TransportKind::IoUring => {
+                let count = match config.workers {
+                    0 => cpus.len().max(1),
+                    n => n,
+                }
+                .min(usize::from(config.streams));
+                let mut groups: Vec<Vec<(u16, TcpStream)>> =
+                    (0..count).map(|_| Vec::new()).collect();
+                for (id, s) in streams {
+                    let w = usize::from(id) % count;
+                    worker_of[usize::from(id)] = w;
+                    groups[w].push((id, s));
+                }
+                for (w, group) in groups.into_iter().enumerate() {
+                    workers.push(
+                        uring::spawn_tx(
+                            w,
+                            group,
+                            memory.clone(),
+                            sent.clone(),
+                            &config.transport,
+                            probe.zero_copy,
+                            cpu(w),
+                        )
+                        .map_err(io("starting an io_uring worker"))?,
+                    );
+                }
+            }
+            TransportKind::Plain => {
+                for (w, s) in streams.into_iter().enumerate() {
+                    worker_of[w] = w;
+                    workers.push(
+                        plain::spawn_tx(
+                            w,
+                            s,
+                            memory.clone(),
+                            sent.clone(),
+                            &config.transport,
+                            cpu(w),
+                        )
+                        .map_err(io("starting a worker"))?,
+                    );
+                }
+            }
+        }
+        let reader = control
+            .try_clone()
+            .map_err(io("cloning the control stream"))?;
+        let control_rx = spawn_control_reader(reader);
+        let n = workers.len();
+        Ok(Session {
+            config,
+            memory: memory.clone(),
+            workers,
+            worker_of,
+            data_sockets,
+            control,
+            control_rx,
+            telemetry: (0..config.streams)
+                .map(|stream| StreamTelemetry {
+                    stream,
+                    ..StreamTelemetry::default()
+                })
+                .collect(),
+            round_sent: vec![None; n],
+            finished: 0,
+            zc_copied: 0,
+            zc_sends: 0,
+            zc_fell_back: false,
+            applied_round: None,
+            last_activity: Instant::now(),
+            setup_notes: notes,
+        })
+    }
+}
+
+fn random_session_id() -> u128 {
+    let mut bytes = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        bytes = (t ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
+    }
+    u128::from_le_bytes(bytes)
+}
+
+/// Read control messages on a thread of their own (blocking reads), handing them over.
+fn spawn_control_reader(mut stream: TcpStream) -> Receiver<Result<ControlMessage, String>> {
+    let (tx, rx) = crossbeam::channel::bounded(1024);
+    let _ = stream.set_read_timeout(None);
+    std::thread::Builder::new()
+        .name("dwcp-ctl-rx".into())
+        .spawn(move || {
+            loop {
+                let msg = wire::read_control(&mut stream).map_err(|e| e.to_string());
+                let stop = msg.is_err();
+                if tx.send(msg).is_err() || stop {
+                    return;
+                }
+            }
+        })
+        .expect("spawning the control reader");
+    rx
+}
+
+/// Pages per command-batch before waking a worker.
+const WAKE_EVERY: u32 = 64;
+
+impl Session<'_> {
+    fn send_control(&mut self, msg: &ControlMessage) -> Result<(), MigrationError> {
+        write_control(&mut self.control, msg).map_err(io("writing to the control stream"))
+    }
+
+    /// Handle whatever workers and the destination have reported.
+    fn pump(&mut self) -> Result<(), MigrationError> {
+        for (w, worker) in self.workers.iter_mut().enumerate() {
+            while let Some(event) = worker.events.pop() {
+                self.last_activity = Instant::now();
+                match event {
+                    TxEvent::RoundSent {
+                        round,
+                        zero_pages,
+                        raw_pages,
+                        bytes,
+                        ..
+                    } => self.round_sent[w] = Some((round, zero_pages, raw_pages, bytes)),
+                    TxEvent::Telemetry(t) => {
+                        if let Some(slot) = self.telemetry.get_mut(usize::from(t.stream)) {
+                            *slot = t;
+                        }
+                    }
+                    TxEvent::Finished {
+                        zc_copied,
+                        zc_sends,
+                        zc_fell_back,
+                        ..
+                    } => {
+                        self.finished += 1;
+                        self.zc_copied += zc_copied;
+                        self.zc_sends += zc_sends;
+                        self.zc_fell_back |= zc_fell_back;
+                    }
+                    TxEvent::Failed { error, .. } => return Err(MigrationError::Transport(error)),
+                }
+            }
+        }
+        loop {
+            match self.control_rx.try_recv() {
+                Ok(Ok(msg)) => {
+                    self.last_activity = Instant::now();
+                    match msg {
+                        ControlMessage::RoundApplied { round, .. } => {
+                            self.applied_round = Some(round)
+                        }
+                        ControlMessage::Abort { message, .. } => {
+                            return Err(MigrationError::Transport(format!(
+                                "destination aborted: {message}"
+                            )));
+                        }
+                        ControlMessage::Ping { nanos } => {
+                            self.send_control(&ControlMessage::Pong { nanos })?
+                        }
+                        ControlMessage::Pong { .. } => {}
+                        other => {
+                            return Err(wire::WireError::Unexpected(format!(
+                                "{other:?} from the destination"
+                            ))
+                            .into());
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    return Err(MigrationError::Transport(format!("control stream: {e}")));
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    return Err(MigrationError::Transport("control stream closed".into()));
+                }
+            }
+        }
+        if self.last_activity.elapsed() > self.config.reply_timeout {
+            return Err(MigrationError::Transport(format!(
+                "no progress from workers or destination for {:?}",
+                self.config.reply_timeout
+            )));
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, worker: usize, mut cmd: TxCommand) -> Result<(), MigrationError> {
+        loop {
+            match self.workers[worker].commands.push(cmd) {
+                Ok(()) => return Ok(()),
+                Err(full) => {
+                    cmd = full.0;
+                    self.workers[worker].thread.unpark();
+                    self.pump()?;
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
+    fn wake_all(&self) {
+        for w in &self.workers {
+            w.thread.unpark();
+        }
+    }
+
+    /// Queue every page of `pages` as runs within chunks; returns how many.
+    fn push_pages(
+        &mut self,
+        pages: &DirtyBitmap,
+        on_batch: &mut dyn FnMut(&mut Self, u64),
+    ) -> Result<u64, MigrationError> {
+        let streams = self.config.streams;
+        let mut queued = 0u64;
+        let mut run: Option<(u64, u32)> = None;
+        let mut since_wake = 0u32;
+        let flush =
+            |s: &mut Self, run: (u64, u32), since_wake: &mut u32| -> Result<(), MigrationError> {
+                let stream = stream_of(run.0, streams);
+                let worker = s.worker_of[usize::from(stream)];
+                s.push(
+                    worker,
+                    TxCommand::Pages {
+                        stream,
+                        first: run.0,
+                        count: run.1,
+                    },
+                )?;
+                *since_wake += 1;
+                if *since_wake >= WAKE_EVERY {
+                    *since_wake = 0;
+                    s.wake_all();
+                    s.pump()?;
+                }
+                Ok(())
+            };
+        for page in pages.iter() {
+            queued += 1;
+            run = match run {
+                Some((first, count))
+                    if first + u64::from(count) == page
+                        && page / CHUNK_PAGES == first / CHUNK_PAGES =>
+                {
+                    Some((first, count + 1))
+                }
+                Some(done) => {
+                    flush(self, done, &mut since_wake)?;
+                    if queued.is_multiple_of(4096) {
+                        on_batch(self, queued);
+                    }
+                    Some((page, 1))
+                }
+                None => Some((page, 1)),
+            };
+        }
+        if let Some(done) = run {
+            flush(self, done, &mut since_wake)?;
+        }
+        self.wake_all();
+        Ok(queued)
+    }
+
+    /// Close round `round` on every worker and wait until all of it is in the kernel.
+    /// Returns (zero pages, raw pages, bytes).
+    fn end_round(&mut self, round: u64) -> Result<(u64, u64, u64), MigrationError> {
+        for w in 0..self.workers.len() {
+            self.push(w, TxCommand::EndRound { round })?;
+        }
+        self.wake_all();
+        self.last_activity = Instant::now();
+        loop {
+            self.pump()?;
+            if self
+                .round_sent
+                .iter()
+                .all(|r| r.is_some_and(|r| r.0 == round))
+            {
+                let mut totals = (0, 0, 0);
+                for r in self.round_sent.iter_mut() {
+                    let (_, z, raw, b) = r.take().expect("checked above");
+                    totals.0 += z;
+                    totals.1 += raw;
+                    totals.2 += b;
+                }
+                return Ok(totals);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn progress_snapshot(
+        &self,
+        round: u64,
+        phase: &'static str,
+        totals: &Totals,
+        start: Instant,
+    ) -> Progress {
+        Progress {
+            round,
+            phase,
+            bytes_sent: totals.bytes,
+            pages_sent: totals.pages,
+            round_pages: totals.round_pages,
+            round_pages_queued: totals.round_queued,
+            dirty_rate: totals.dirty_rate,
+            bandwidth: totals.bandwidth(),
+            throttle: totals.throttle,
+            elapsed: start.elapsed(),
+            streams: self.telemetry.clone(),
+        }
+    }
+
+    fn run(
+        &mut self,
+        guest: &dyn GuestControl,
+        dirty_log: &mut dyn DirtyLog,
+        start: Instant,
+        probe: &transport::TransportProbe,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<MigrationReport, MigrationError> {
+        let pages = self.memory.pages();
+        let verify_estimate = estimate_verify_seconds(self.memory.len());
+        let mut rounds: Vec<RoundStats> = Vec::new();
+        let mut totals = Totals::default();
+        let mut dirty = DirtyBitmap::full(pages);
+        // Round 0 sends everything: writes made before it (during setup) are covered,
+        // so start the first interval now.
+        dirty_log.collect(&mut DirtyBitmap::new(pages))?;
+        let copy_start = Instant::now();
+        let setup_seconds = start.elapsed().as_secs_f64();
+        let start = copy_start;
+        let mut last_collect = Instant::now();
+        let mut stuck = 0u32;
+        let mut previous_dirty = u64::MAX;
+        let mut round = 0u64;
+        let (estimated, final_set) = loop {
+            let round_start = Instant::now();
+            totals.round_pages = dirty.count();
+            totals.round_queued = 0;
+            let snapshot_round = round;
+            let sent = self.push_pages(&dirty, &mut |s, queued| {
+                totals.round_queued = queued;
+                progress(&s.progress_snapshot(snapshot_round, "precopy", &totals, start));
+            })?;
+            totals.round_queued = sent;
+            let (zero, raw, bytes) = self.end_round(round)?;
+            let seconds = round_start.elapsed().as_secs_f64();
+            totals.add_round(sent, bytes, seconds);
+            // What the guest wrote while this round went out.
+            let mut next = DirtyBitmap::new(pages);
+            dirty_log.collect(&mut next)?;
+            let interval = last_collect.elapsed().as_secs_f64();
+            last_collect = Instant::now();
+            let dirtied = next.count();
+            totals.dirty_rate = dirtied as f64 * PAGE_SIZE as f64 / interval.max(1e-6);
+            let bytes_per_page = if sent > 0 {
+                (bytes as f64 / sent as f64).max(RAW_PAGE_WIRE * 0.1)
+            } else {
+                RAW_PAGE_WIRE
+            };
+            let estimated = dirtied as f64 * bytes_per_page / totals.bandwidth() + verify_estimate;
+            rounds.push(RoundStats {
+                round,
+                pages: sent,
+                zero_pages: zero,
+                bytes,
+                seconds,
+                throughput: bytes as f64 / seconds.max(1e-9),
+                dirtied_pages: dirtied,
+                dirty_rate: totals.dirty_rate,
+                estimated_downtime: estimated,
+                throttle: totals.throttle,
+            });
+            totals.zero += zero;
+            let _ = raw;
+            progress(&self.progress_snapshot(round, "precopy", &totals, start));
+            if estimated <= self.config.downtime_limit.as_secs_f64() {
+                break (estimated, next);
+            }
+            if round + 1 >= u64::from(self.config.max_rounds)
+                || start.elapsed() >= self.config.max_duration
+            {
+                return Err(MigrationError::Aborted {
+                    reason: format!(
+                        "not converging: {dirtied} pages dirtied in the last round, estimated downtime {:.0} ms over the {:.0} ms limit{}",
+                        estimated * 1e3,
+                        self.config.downtime_limit.as_secs_f64() * 1e3,
+                        if self.config.auto_converge {
+                            format!(" (throttle at {}%)", totals.throttle)
+                        } else {
+                            " (auto-converge off)".to_string()
+                        }
+                    ),
+                    rounds: round + 1,
+                });
+            }
+            // Auto-converge: two rounds in a row that shrink by less than 10% step the
+            // throttle up (QEMU's cpu-throttle-initial 20, increment 10, tailslow off).
+            if dirtied.saturating_mul(10) >= previous_dirty.saturating_mul(9) {
+                stuck += 1;
+            } else {
+                stuck = 0;
+            }
+            previous_dirty = dirtied;
+            if self.config.auto_converge && stuck >= 2 {
+                totals.throttle = if totals.throttle == 0 {
+                    20
+                } else {
+                    (totals.throttle + 10).min(99)
+                };
+                guest.set_throttle(totals.throttle);
+                totals.max_throttle = totals.max_throttle.max(totals.throttle);
+                stuck = 0;
+            }
+            dirty = next;
+            round += 1;
+        };
+
+        // Switchover: pause, send what is left, verify.
+        let paused_at = Instant::now();
+        guest.pause();
+        let outcome = self.switchover(
+            dirty_log,
+            final_set,
+            round + 1,
+            &mut totals,
+            &mut rounds,
+            start,
+            progress,
+        );
+        let (verified_pages, digest, final_round_seconds) = match outcome {
+            Ok(v) => v,
+            Err(e) => {
+                guest.resume();
+                return Err(e);
+            }
+        };
+        let measured = paused_at.elapsed().as_secs_f64();
+        guest.set_throttle(0);
+        let total_seconds = start.elapsed().as_secs_f64();
+        Ok(MigrationReport {
+            memory_bytes: self.memory.len() as u64,
+            pages,
+            zero_pages_skipped: rounds.iter().map(|r| r.zero_pages).sum(),
+            bytes_sent: totals.bytes,
+            total_seconds,
+            throughput: totals.bytes as f64 / total_seconds,
+            estimated_downtime: estimated,
+            measured_downtime: measured,
+            final_round_seconds,
+            verify_seconds: measured - final_round_seconds,
+            downtime_limit: self.config.downtime_limit.as_secs_f64(),
+            verified_pages,
+            digest: format!("{digest:08x}"),
+            dirty_log: dirty_log.kind().to_string(),
+            transport: TransportReport {
+                kind: probe.kind.to_string(),
+                zero_copy: probe.zero_copy,
+                zero_copy_copied: self.zc_copied,
+                zero_copy_sends: self.zc_sends,
+                streams: self.config.streams,
+                workers: self.workers.len(),
+                congestion: self.config.transport.socket.congestion.to_string(),
+                uring_ops: probe.uring_ops.iter().map(|s| s.to_string()).collect(),
+                notes: probe
+                    .notes
+                    .iter()
+                    .chain(&self.setup_notes)
+                    .cloned()
+                    .chain(self.zc_fell_back.then(|| {
+                        "zero-copy: the kernel copied every probed send (loopback or veth), so sends fell back to copies"
+                            .to_string()
+                    }))
+                    .collect(),
+            },
+            max_throttle: totals.max_throttle,
+            setup_seconds,
+            simd: dwcp_simd::Kernels::active().level().to_string(),
+            notes: Vec::new(),
+            rounds,
+        })
+    }
+
+    /// The guest is paused: send the last dirty pages, end the streams, exchange the
+    /// page CRCs and wait for the destination's verdict.
+    #[allow(clippy::too_many_arguments)]
+    fn switchover(
+        &mut self,
+        dirty_log: &mut dyn DirtyLog,
+        mut final_set: DirtyBitmap,
+        round: u64,
+        totals: &mut Totals,
+        rounds: &mut Vec<RoundStats>,
+        start: Instant,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(u64, u32, f64), MigrationError> {
+        let t0 = Instant::now();
+        dirty_log.collect(&mut final_set)?;
+        totals.round_pages = final_set.count();
+        progress(&self.progress_snapshot(round, "switchover", totals, start));
+        let sent = self.push_pages(&final_set, &mut |_, _| {})?;
+        let (zero, _raw, bytes) = self.end_round(round)?;
+        self.send_control(&ControlMessage::Switchover { final_round: round })?;
+        for w in 0..self.workers.len() {
+            self.push(w, TxCommand::Finish)?;
+        }
+        self.wake_all();
+        while self.finished < self.workers.len() {
+            self.pump()?;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let final_seconds = t0.elapsed().as_secs_f64();
+        totals.add_round(sent, bytes, final_seconds);
+        totals.zero += zero;
+        rounds.push(RoundStats {
+            round,
+            pages: sent,
+            zero_pages: zero,
+            bytes,
+            seconds: final_seconds,
+            throughput: bytes as f64 / final_seconds.max(1e-9),
+            dirtied_pages: 0,
+            dirty_rate: 0.0,
+            estimated_downtime: 0.0,
+            throttle: totals.throttle,
+        });
+        progress(&self.progress_snapshot(round, "verify", totals, start));
+        // SAFETY: the guest is paused (the caller paused it and waits for us), so
+        // nothing writes the memory while it is checksummed.
+        let (crcs, digest) = unsafe { page_crcs(&self.memory) };
+        for (i, chunk) in crcs.chunks(1 << 16).enumerate() {
+            self.send_control(&ControlMessage::PageCrcs {
+                first_page: (i << 16) as u64,
+                crcs: chunk.to_vec(),
+            })?;
+        }
+        self.send_control(&ControlMessage::Digest {
+            pages: crcs.len() as u64,
+            digest,
+        })?;
+        self.last_activity = Instant::now();
+        loop {
+            match self.control_rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ok(ControlMessage::Verified {
+                    pages,
+                    mismatches,
+                    first_mismatch,
+                    digest: theirs,
+                })) => {
+                    if mismatches > 0 || theirs != digest || pages != crcs.len() as u64 {
+                        return Err(MigrationError::Verification {
+                            mismatches: mismatches.max(1),
+                            first: first_mismatch,
+                        });
+                    }
+                    return Ok((pages, digest, final_seconds));
+                }
+                Ok(Ok(ControlMessage::RoundApplied { round, .. })) => {
+                    self.applied_round = Some(round)
+                }
+                Ok(Ok(ControlMessage::Abort { message, .. })) => {
+                    return Err(MigrationError::Transport(format!(
+                        "destination aborted: {message}"
+                    )));
+                }
+                Ok(Ok(other)) => {
+                    return Err(wire::WireError::Unexpected(format!(
+                        "{other:?} while waiting for the verdict"
+                    ))
+                    .into());
+                }
+                Ok(Err(e)) => {
+                    return Err(MigrationError::Transport(format!("control stream: {e}")));
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.last_activity.elapsed() > self.config.reply_timeout {
+                        return Err(MigrationError::Transport(
+                            "no verdict from the destination".into(),
+                        ));
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrationError::Transport(
+                        "control stream closed before the verdict".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Tell the destination and stop every stream (best effort: the session is over).
+    fn abort(&mut self, error: &MigrationError) {
+        let reason = match error {
+            MigrationError::Aborted { .. } => AbortReason::NotConverging,
+            MigrationError::Protocol(_) => AbortReason::ProtocolError,
+            MigrationError::Verification { .. } => AbortReason::VerificationFailed,
+            _ => AbortReason::LocalError,
+        };
+        let _ = write_control(
+            &mut self.control,
+            &ControlMessage::Abort {
+                reason,
+                message: error.to_string(),
+            },
+        );
+        for s in &self.data_sockets {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn close(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.commands.push(TxCommand::Finish);
+            w.thread.unpark();
+        }
+        let _ = self.control.shutdown(std::net::Shutdown::Both);
+        for w in &mut self.workers {
+            if let Some(h) = w.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// Running totals of a migration.
+#[derive(Default)]
+struct Totals {
+    bytes: u64,
+    pages: u64,
+    zero: u64,
+    send_seconds: f64,
+    dirty_rate: f64,
+    throttle: u32,
+    max_throttle: u32,
+    round_pages: u64,
+    round_queued: u64,
+}
+
+impl Totals {
+    fn add_round(&mut self, pages: u64, bytes: u64, seconds: f64) {
+        self.pages += pages;
+        self.bytes += bytes;
+        self.send_seconds += seconds;
+    }
+
+    /// Bytes per second over all rounds so far (time spent sending only).
+    fn bandwidth(&self) -> f64 {
+        if self.send_seconds > 0.0 && self.bytes > 0 {
+            self.bytes as f64 / self.send_seconds
+        } else {
+            1e9
+        }
+    }
+}
+
+/// Time to checksum all memory at the switchover, measured on a private buffer of up
+/// to 64 MiB (the guest's memory cannot be read as a slice while it runs).
+fn estimate_verify_seconds(memory_bytes: usize) -> f64 {
+    let sample = memory_bytes.min(64 << 20);
+    let buf = vec![0x5Au8; sample];
+    let t = Instant::now();
+    let mut acc = 0u32;
+    for page in buf.chunks_exact(PAGE_SIZE) {
+        acc ^= dwcp_simd::crc32c(page);
+    }
+    std::hint::black_box(acc);
+    let rate = sample as f64 / t.elapsed().as_secs_f64().max(1e-9);
+    // Both sides checksum their memory; they overlap, so one pass plus a margin.
+    1.5 * memory_bytes as f64 / rate
+}
