@@ -1,7 +1,10 @@
-//! The dwcp slow path: the control thread that watches telemetry from the workers,
-//! detects the link mode, decides codec and transport policy, keeps cluster state in
-//! consensus, and serves operators on the control socket; and `dwcpd`, the daemon that
-//! composes it with the fast path.
+//! The dwcp slow path and the `dwcpd` daemon.
 //!
-//! It depends on the dataplane's public API only; the dataplane never depends on it.
-//! The crate is empty until the migration engine it drives exists.
+//! - [`config`]: the daemon's TOML configuration and its validation;
+//! - [`appliance`]: running as a source, a destination, or both (the demo).
+//!
+//! The control thread, mode detection, policy and the operator socket build on these.
+//! This crate uses the dataplane's public API only; the dataplane never depends on it.
+
+pub mod appliance;
+pub mod config;

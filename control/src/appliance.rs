@@ -1,0 +1,190 @@
+//! Running `dwcpd` as a source, a destination, or both at once (the demo).
+
+use crate::config::Config;
+use dwcp_dataplane::dirty::open_dirty_log;
+use dwcp_dataplane::engine::{self, DestMemory, DestReport, MigrationReport, Progress};
+use dwcp_dataplane::guest::{ContentMix, SimulatedGuest, fill_memory};
+use dwcp_dataplane::memory::GuestMemory;
+use dwcp_hugepages::PagePreference;
+use serde::Serialize;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Guest memory as configured: a file, or anonymous memory with transparent huge pages.
+pub fn guest_memory(config: &Config) -> Result<Arc<GuestMemory>, String> {
+    let bytes = config.guest.memory.0 as usize;
+    let memory = match &config.guest.memory_file {
+        Some(path) => GuestMemory::file(path, bytes),
+        None => GuestMemory::anonymous(bytes, PagePreference::TransparentHuge),
+    }
+    .map_err(|e| format!("guest memory: {e}"))?;
+    Ok(Arc::new(memory))
+}
+
+/// One progress line, rewritten in place on a terminal.
+pub fn progress_line(p: &Progress) -> String {
+    let round_done = if p.round_pages > 0 {
+        100.0 * p.round_pages_queued.min(p.round_pages) as f64 / p.round_pages as f64
+    } else {
+        100.0
+    };
+    format!(
+        "round {:>2} {:<10} {:>5.1}% of {:>7} pages | sent {:>8.1} MB at {:>7.1} MB/s | dirty {:>6.1} MB/s | throttle {:>2}% | {:>5.1} s",
+        p.round,
+        p.phase,
+        round_done,
+        p.round_pages,
+        p.bytes_sent as f64 / 1e6,
+        p.bandwidth / 1e6,
+        p.dirty_rate / 1e6,
+        p.throttle,
+        p.elapsed.as_secs_f64()
+    )
+}
+
+/// Migrate the configured simulated guest to `peer`.
+pub fn run_source(
+    config: &Config,
+    peer: SocketAddr,
+    quiet: bool,
+) -> Result<MigrationReport, String> {
+    let memory = guest_memory(config)?;
+    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, config.guest.seed);
+    let opened = open_dirty_log(&memory, config.dirty_log()).map_err(|e| e.to_string())?;
+    if let Some(note) = &opened.note {
+        eprintln!("dwcpd: dirty log: {note}");
+    }
+    let guest = SimulatedGuest::start(memory.clone(), &config.workload(), opened.marker.clone());
+    let mut last = Instant::now();
+    let result = engine::migrate(
+        peer,
+        memory,
+        &guest,
+        opened.log,
+        &config.source_config(),
+        &mut |p| {
+            if !quiet && last.elapsed().as_millis() >= 200 {
+                last = Instant::now();
+                eprint!("\r{}", progress_line(p));
+            }
+        },
+    );
+    if !quiet {
+        eprintln!();
+    }
+    let mut report = result.map_err(|e| e.to_string())?;
+    if let Some(note) = opened.note {
+        report.notes.push(format!("dirty log: {note}"));
+    }
+    guest.stop();
+    Ok(report)
+}
+
+/// Receive one migration on the configured address.
+pub fn run_dest(config: &Config) -> Result<DestReport, String> {
+    let listener = TcpListener::bind(&config.dest.listen)
+        .map_err(|e| format!("listening on {}: {e}", config.dest.listen))?;
+    engine::receive(
+        &listener,
+        DestMemory::Allocate(PagePreference::TransparentHuge),
+        &config.dest_config(),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// What the demo prints with `--json`.
+#[derive(Debug, Serialize)]
+pub struct DemoReport {
+    /// The source's report.
+    #[serde(flatten)]
+    pub source: MigrationReport,
+    /// What the destination says.
+    pub destination: DestSummary,
+    /// Source and destination memory compared byte for byte after the switchover.
+    pub byte_identical: bool,
+    /// Seconds spent creating and filling the 1 GiB guest before migrating.
+    pub setup_seconds: f64,
+}
+
+/// The destination's side of the demo.
+#[derive(Debug, Serialize)]
+pub struct DestSummary {
+    /// Pages verified identical.
+    pub verified_pages: u64,
+    /// Whole-memory CRC32C.
+    pub digest: String,
+    /// Rounds received.
+    pub rounds: u64,
+    /// Bytes received on data streams.
+    pub bytes: u64,
+    /// Transport used.
+    pub transport: String,
+}
+
+/// Both appliances in one process over loopback: a live migration of the configured
+/// simulated guest, verified.
+pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
+    let setup = Instant::now();
+    let memory = guest_memory(config)?;
+    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, config.guest.seed);
+    let opened = open_dirty_log(&memory, config.dirty_log()).map_err(|e| e.to_string())?;
+    let guest = SimulatedGuest::start(memory.clone(), &config.workload(), opened.marker.clone());
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("loopback listener: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let dest_config = config.dest_config();
+    let receiver = std::thread::Builder::new()
+        .name("dwcp-dest".into())
+        .spawn(move || {
+            engine::receive(
+                &listener,
+                DestMemory::Allocate(PagePreference::TransparentHuge),
+                &dest_config,
+            )
+        })
+        .map_err(|e| e.to_string())?;
+    let setup_seconds = setup.elapsed().as_secs_f64();
+    let mut last = Instant::now();
+    let result = engine::migrate(
+        addr,
+        memory.clone(),
+        &guest,
+        opened.log,
+        &config.source_config(),
+        &mut |p| {
+            if !quiet && last.elapsed().as_millis() >= 100 {
+                last = Instant::now();
+                eprint!("\r{}", progress_line(p));
+                let _ = std::io::stderr().flush();
+            }
+        },
+    );
+    if !quiet {
+        eprintln!();
+    }
+    let dest = receiver
+        .join()
+        .map_err(|_| "destination thread panicked".to_string())?;
+    let mut source = result.map_err(|e| e.to_string())?;
+    let dest = dest.map_err(|e| e.to_string())?;
+    if let Some(note) = opened.note {
+        source.notes.push(format!("dirty log: {note}"));
+    }
+    // The guest is paused (migrated away): its memory is final.
+    let byte_identical = memory.first_difference(&dest.memory).is_none();
+    guest.stop();
+    Ok(DemoReport {
+        source,
+        destination: DestSummary {
+            verified_pages: dest.verified_pages,
+            digest: format!("{:08x}", dest.digest),
+            rounds: dest.rounds,
+            bytes: dest.bytes,
+            transport: dest.transport.to_string(),
+        },
+        byte_identical,
+        setup_seconds,
+    })
+}

@@ -1,0 +1,536 @@
+//! `dwcpd` configuration: a TOML file, overridden by command-line flags, validated as a
+//! whole. Every invalid or contradictory field is reported by name with what is allowed,
+//! all at once, and nothing starts until the whole configuration is valid.
+
+use dwcp_dataplane::dirty::DirtyLogKind;
+use dwcp_dataplane::engine::{DestConfig, SourceConfig};
+use dwcp_dataplane::guest::{AccessPattern, ContentMix, GuestWorkload};
+use dwcp_dataplane::transport::socket::{Congestion, SocketOptions};
+use dwcp_dataplane::transport::{IdleStrategy, TransportChoice, TransportConfig};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A size with an optional binary suffix: `4096`, `64K`, `512M`, `1G`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "SizeRepr", into = "String")]
+pub struct Size(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    Number(u64),
+    Text(String),
+}
+
+impl TryFrom<SizeRepr> for Size {
+    type Error = String;
+
+    fn try_from(value: SizeRepr) -> Result<Self, Self::Error> {
+        match value {
+            SizeRepr::Number(n) => Ok(Size(n)),
+            SizeRepr::Text(t) => t.parse(),
+        }
+    }
+}
+
+impl std::str::FromStr for Size {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let (digits, shift) = match s.chars().last() {
+            Some('K' | 'k') => (&s[..s.len() - 1], 10),
+            Some('M' | 'm') => (&s[..s.len() - 1], 20),
+            Some('G' | 'g') => (&s[..s.len() - 1], 30),
+            Some('T' | 't') => (&s[..s.len() - 1], 40),
+            _ => (s, 0),
+        };
+        let n: u64 = digits
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 512M, 1G)"))?;
+        n.checked_mul(1 << shift)
+            .map(Size)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl From<Size> for String {
+    fn from(s: Size) -> String {
+        s.to_string()
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+            if n >= 1 << shift && n.is_multiple_of(1 << shift) {
+                return write!(f, "{}{suffix}", n >> shift);
+            }
+        }
+        write!(f, "{n}")
+    }
+}
+
+/// `[migration]`: how the source runs pre-copy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationSection {
+    /// Data streams (1..=256).
+    pub streams: u16,
+    /// Switch over when the estimated downtime is below this, milliseconds.
+    pub downtime_limit_ms: u64,
+    /// Abort after this many rounds.
+    pub max_rounds: u32,
+    /// Abort after this many seconds.
+    pub max_seconds: u64,
+    /// Throttle the guest when rounds stop shrinking.
+    pub auto_converge: bool,
+    /// `uffd-wp`, `rescan` or `explicit`.
+    pub dirty_log: String,
+}
+
+impl Default for MigrationSection {
+    fn default() -> Self {
+        MigrationSection {
+            streams: 4,
+            downtime_limit_ms: 300,
+            max_rounds: 30,
+            max_seconds: 600,
+            auto_converge: true,
+            dirty_log: "uffd-wp".into(),
+        }
+    }
+}
+
+/// `[transport]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportSection {
+    /// `auto`, `io_uring` or `plain`.
+    pub kind: String,
+    /// Use `SEND_ZC`.
+    pub zero_copy: bool,
+    /// Sends below this size are not zero-copy.
+    pub zero_copy_threshold: Size,
+    /// Bytes per send buffer.
+    pub send_buffer: Size,
+    /// TCP send/receive buffer.
+    pub socket_buffer: Size,
+    /// `cubic` or `bbr`.
+    pub congestion: String,
+    /// Send rate cap per stream, bytes per second (0 = none).
+    pub pacing_rate: Size,
+    /// io_uring worker threads (0 = one per CPU).
+    pub workers: usize,
+    /// Pin workers to CPUs.
+    pub pin_workers: bool,
+    /// Empty polls before an idle worker sleeps.
+    pub idle_spin: u32,
+    /// Longest sleep of an idle worker, microseconds.
+    pub idle_park_us: u64,
+}
+
+impl Default for TransportSection {
+    fn default() -> Self {
+        let t = TransportConfig::default();
+        TransportSection {
+            kind: "auto".into(),
+            zero_copy: t.zero_copy,
+            zero_copy_threshold: Size(t.zero_copy_threshold as u64),
+            send_buffer: Size(t.send_buffer as u64),
+            socket_buffer: Size(t.socket.buffer_bytes as u64),
+            congestion: "cubic".into(),
+            pacing_rate: Size(0),
+            workers: 0,
+            pin_workers: t.pin_workers,
+            idle_spin: t.idle.spin,
+            idle_park_us: t.idle.park.as_micros() as u64,
+        }
+    }
+}
+
+/// `[guest]`: the simulated guest (source side and demo).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestSection {
+    /// Guest memory size.
+    pub memory: Size,
+    /// Back the memory with this file (on /dev/shm or hugetlbfs) instead of anonymous
+    /// memory.
+    pub memory_file: Option<PathBuf>,
+    /// Dirty rate, MB/s (10^6 bytes of pages per second).
+    pub dirty_rate_mbps: f64,
+    /// Fraction of memory written.
+    pub working_set: f64,
+    /// `uniform`, `hot-cold` or `sequential`.
+    pub pattern: String,
+    /// Writer threads.
+    pub vcpus: usize,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
+impl Default for GuestSection {
+    fn default() -> Self {
+        GuestSection {
+            memory: Size(1 << 30),
+            memory_file: None,
+            dirty_rate_mbps: 50.0,
+            working_set: 0.25,
+            pattern: "hot-cold".into(),
+            vcpus: 2,
+            seed: 0x5EED_D1C9,
+        }
+    }
+}
+
+/// `[dest]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DestSection {
+    /// Address to listen on.
+    pub listen: String,
+    /// Longest wait for the source, and longest silence mid-session, seconds.
+    pub timeout_seconds: u64,
+}
+
+impl Default for DestSection {
+    fn default() -> Self {
+        DestSection {
+            listen: "0.0.0.0:7410".into(),
+            timeout_seconds: 60,
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[migration]`
+    pub migration: MigrationSection,
+    /// `[transport]`
+    pub transport: TransportSection,
+    /// `[guest]`
+    pub guest: GuestSection,
+    /// `[dest]`
+    pub dest: DestSection,
+}
+
+/// Everything wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problems):", self.0.len())?;
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Read a TOML file (unknown keys and wrong types are errors).
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
+        Self::parse(&text).map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))
+    }
+
+    /// Parse TOML text.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Check every field; report all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        let check = |errors: &mut Vec<String>, ok: bool, msg: String| {
+            if !ok {
+                errors.push(msg);
+            }
+        };
+        let m = &self.migration;
+        check(
+            &mut errors,
+            (1..=dwcp_dataplane::wire::MAX_STREAMS).contains(&m.streams),
+            format!("migration.streams = {} (allowed 1..=256)", m.streams),
+        );
+        check(
+            &mut errors,
+            (1..=60_000).contains(&m.downtime_limit_ms),
+            format!(
+                "migration.downtime_limit_ms = {} (allowed 1..=60000)",
+                m.downtime_limit_ms
+            ),
+        );
+        check(
+            &mut errors,
+            (1..=10_000).contains(&m.max_rounds),
+            format!(
+                "migration.max_rounds = {} (allowed 1..=10000)",
+                m.max_rounds
+            ),
+        );
+        check(
+            &mut errors,
+            (1..=86_400).contains(&m.max_seconds),
+            format!(
+                "migration.max_seconds = {} (allowed 1..=86400)",
+                m.max_seconds
+            ),
+        );
+        if let Err(e) = m.dirty_log.parse::<DirtyLogKind>() {
+            errors.push(format!("migration.dirty_log: {e}"));
+        }
+        let t = &self.transport;
+        if let Err(e) = t.kind.parse::<TransportChoice>() {
+            errors.push(format!("transport.kind: {e}"));
+        }
+        if let Err(e) = t.congestion.parse::<Congestion>() {
+            errors.push(format!("transport.congestion: {e}"));
+        }
+        check(
+            &mut errors,
+            (64 << 10..=64 << 20).contains(&t.send_buffer.0),
+            format!(
+                "transport.send_buffer = {} (allowed 64K..=64M)",
+                t.send_buffer
+            ),
+        );
+        check(
+            &mut errors,
+            (64 << 10..=1 << 30).contains(&t.socket_buffer.0),
+            format!(
+                "transport.socket_buffer = {} (allowed 64K..=1G)",
+                t.socket_buffer
+            ),
+        );
+        check(
+            &mut errors,
+            t.zero_copy_threshold.0 <= t.send_buffer.0,
+            format!(
+                "transport.zero_copy_threshold = {} is larger than transport.send_buffer = {}: zero-copy would never be used",
+                t.zero_copy_threshold, t.send_buffer
+            ),
+        );
+        check(
+            &mut errors,
+            t.workers <= 1024,
+            format!("transport.workers = {} (allowed 0..=1024)", t.workers),
+        );
+        check(
+            &mut errors,
+            t.idle_park_us <= 1_000_000,
+            format!(
+                "transport.idle_park_us = {} (allowed 0..=1000000)",
+                t.idle_park_us
+            ),
+        );
+        let g = &self.guest;
+        check(
+            &mut errors,
+            g.memory.0 >= 1 << 20 && g.memory.0.is_multiple_of(4096),
+            format!(
+                "guest.memory = {} (at least 1M, a multiple of 4K)",
+                g.memory
+            ),
+        );
+        check(
+            &mut errors,
+            g.dirty_rate_mbps.is_finite() && g.dirty_rate_mbps >= 0.0,
+            format!("guest.dirty_rate_mbps = {} (a rate ≥ 0)", g.dirty_rate_mbps),
+        );
+        check(
+            &mut errors,
+            g.working_set > 0.0 && g.working_set <= 1.0,
+            format!("guest.working_set = {} (allowed (0, 1])", g.working_set),
+        );
+        check(
+            &mut errors,
+            matches!(g.pattern.as_str(), "uniform" | "hot-cold" | "sequential"),
+            format!(
+                "guest.pattern = {:?} (expected uniform, hot-cold or sequential)",
+                g.pattern
+            ),
+        );
+        check(
+            &mut errors,
+            (1..=256).contains(&g.vcpus),
+            format!("guest.vcpus = {} (allowed 1..=256)", g.vcpus),
+        );
+        if let Some(f) = &g.memory_file
+            && f.parent()
+                .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        {
+            errors.push(format!(
+                "guest.memory_file = {}: its directory does not exist",
+                f.display()
+            ));
+        }
+        if self.dest.listen.parse::<std::net::SocketAddr>().is_err() {
+            errors.push(format!(
+                "dest.listen = {:?} (expected an address such as 0.0.0.0:7410)",
+                self.dest.listen
+            ));
+        }
+        check(
+            &mut errors,
+            (1..=3600).contains(&self.dest.timeout_seconds),
+            format!(
+                "dest.timeout_seconds = {} (allowed 1..=3600)",
+                self.dest.timeout_seconds
+            ),
+        );
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Transport settings (the configuration must be valid).
+    pub fn transport_config(&self) -> TransportConfig {
+        let t = &self.transport;
+        TransportConfig {
+            choice: t.kind.parse().unwrap_or(TransportChoice::Auto),
+            zero_copy: t.zero_copy,
+            zero_copy_threshold: t.zero_copy_threshold.0 as usize,
+            send_buffer: t.send_buffer.0 as usize,
+            socket: SocketOptions {
+                buffer_bytes: t.socket_buffer.0 as usize,
+                congestion: t.congestion.parse().unwrap_or(Congestion::Cubic),
+                pacing_rate: (t.pacing_rate.0 > 0).then_some(t.pacing_rate.0),
+            },
+            pin_workers: t.pin_workers,
+            idle: IdleStrategy {
+                spin: t.idle_spin,
+                park: Duration::from_micros(t.idle_park_us),
+            },
+            ..TransportConfig::default()
+        }
+    }
+
+    /// Source settings.
+    pub fn source_config(&self) -> SourceConfig {
+        let m = &self.migration;
+        SourceConfig {
+            streams: m.streams,
+            workers: self.transport.workers,
+            transport: self.transport_config(),
+            downtime_limit: Duration::from_millis(m.downtime_limit_ms),
+            max_rounds: m.max_rounds,
+            max_duration: Duration::from_secs(m.max_seconds),
+            auto_converge: m.auto_converge,
+            ..SourceConfig::default()
+        }
+    }
+
+    /// Destination settings.
+    pub fn dest_config(&self) -> DestConfig {
+        DestConfig {
+            transport: self.transport_config(),
+            workers: self.transport.workers,
+            timeout: Duration::from_secs(self.dest.timeout_seconds),
+        }
+    }
+
+    /// The simulated guest's workload.
+    pub fn workload(&self) -> GuestWorkload {
+        let g = &self.guest;
+        GuestWorkload {
+            dirty_rate: g.dirty_rate_mbps * 1e6,
+            working_set: g.working_set,
+            pattern: match g.pattern.as_str() {
+                "uniform" => AccessPattern::Uniform,
+                "sequential" => AccessPattern::Sequential,
+                _ => AccessPattern::HotCold {
+                    hot_fraction: 0.1,
+                    hot_share: 0.8,
+                },
+            },
+            writes: ContentMix::WRITES,
+            vcpus: g.vcpus,
+            seed: g.seed,
+        }
+    }
+
+    /// The dirty tracker to use.
+    pub fn dirty_log(&self) -> DirtyLogKind {
+        self.migration
+            .dirty_log
+            .parse()
+            .unwrap_or(DirtyLogKind::Uffd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!("1G".parse::<Size>(), Ok(Size(1 << 30)));
+        assert_eq!("64k".parse::<Size>(), Ok(Size(64 << 10)));
+        assert_eq!("4096".parse::<Size>(), Ok(Size(4096)));
+        assert!("12Q".parse::<Size>().is_err());
+        assert_eq!(Size(512 << 20).to_string(), "512M");
+    }
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_by_name() {
+        let text = r#"
+            [migration]
+            streams = 0
+            dirty_log = "magic"
+            [transport]
+            kind = "carrier-pigeon"
+            send_buffer = "1M"
+            zero_copy_threshold = "2M"
+            [guest]
+            working_set = 1.5
+            [dest]
+            listen = "nowhere"
+        "#;
+        let errors = Config::parse(text).unwrap().validate().unwrap_err().0;
+        let joined = errors.join("\n");
+        for field in [
+            "migration.streams",
+            "migration.dirty_log",
+            "transport.kind",
+            "transport.zero_copy_threshold",
+            "guest.working_set",
+            "dest.listen",
+        ] {
+            assert!(joined.contains(field), "{field} missing from:\n{joined}");
+        }
+        assert_eq!(errors.len(), 6, "{joined}");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused() {
+        assert!(
+            Config::parse("[migration]\nstreems = 4")
+                .unwrap_err()
+                .contains("streems")
+        );
+        assert!(Config::parse("[migration]\nstreams = \"four\"").is_err());
+    }
+}
