@@ -36,9 +36,10 @@ deps:
 build: deps
 	$(CARGO) build --workspace --all-targets --release
 
-# Until the migration engine exists, the main job is the kernel comparison.
+# The main job: a live migration of a 1 GiB simulated guest (writing ~50 MB/s) between
+# two appliances on loopback, 4 streams, with its report.
 demo: deps
-	$(CARGO) run --release -p dwcp-bench -- kernels
+	$(CARGO) run --release -p dwcp-control --bin dwcpd -- demo
 
 lint: deps
 	$(CARGO) fmt --all --check
@@ -50,6 +51,7 @@ test: lint
 
 bench: deps
 	$(CARGO) run --release -p dwcp-bench -- kernels --json
+	$(CARGO) run --release -p dwcp-bench -- transport --json
 
 criterion: deps
 	$(CARGO) bench -p dwcp-bench
@@ -59,13 +61,15 @@ loom: deps
 	RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
 		$(CARGO) test -p dwcp-dataplane --lib --release loom_tests
 
-# Fuzz the XBZRLE decoder for FUZZ_SECONDS (cargo-fuzz; stable toolchain via
-# RUSTC_BOOTSTRAP for the sanitizer flags). Not part of `make test`.
+# Fuzz every decoder that reads network bytes, FUZZ_SECONDS each (cargo-fuzz; stable
+# toolchain via RUSTC_BOOTSTRAP for the sanitizer flags). Not part of `make test`.
 FUZZ_SECONDS ?= 60
 fuzz: deps
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd simd/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run xbzrle_decode -- -max_total_time=$(FUZZ_SECONDS)
+	cd dataplane/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frames -- -max_total_time=$(FUZZ_SECONDS)
+	cd dataplane/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run control -- -max_total_time=$(FUZZ_SECONDS)
 
 clean:
 	$(CARGO) clean
-	rm -rf simd/fuzz/target
+	rm -rf simd/fuzz/target dataplane/fuzz/target

@@ -9,6 +9,8 @@
 //! - [`report`]: the JSON lines and the human table.
 //! - [`reference`]: the baselines we write ourselves (the shape of QEMU's XBZRLE loop,
 //!   a read-bandwidth probe).
+//! - [`transport`]: the `transport` suite (page stream against iperf3, a live
+//!   migration of 1 GiB);
 //! - [`kernels`]: the `kernels` suite (CRC32C, zero test, XBZRLE) and [`ring`] (the
 //!   SPSC ring against rtrb and crossbeam).
 
@@ -17,3 +19,4 @@ pub mod measure;
 pub mod reference;
 pub mod report;
 pub mod ring;
+pub mod transport;

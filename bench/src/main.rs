@@ -14,6 +14,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Suite {
+    /// Our page stream against iperf3 (goodput, CPU per GB) and a 1 GiB live migration.
+    Transport {
+        /// Print one JSON object per comparison on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Run only the comparisons whose name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+    },
     /// Page kernels (CRC32C, zero test, XBZRLE) and the SPSC ring.
     Kernels {
         /// Print one JSON object per comparison on stdout (the table goes to stderr).
@@ -29,6 +38,11 @@ fn main() {
     let cli = Cli::parse();
     let plan = Plan::from_env();
     match cli.suite {
+        Suite::Transport { json, filter } => {
+            let mut out = Reporter::new(json).with_filter(filter);
+            dwcp_bench::transport::run(plan, &mut out);
+            out.finish();
+        }
         Suite::Kernels { json, filter } => {
             let mut out = Reporter::new(json).with_filter(filter);
             dwcp_bench::kernels::run(plan, &mut out);

@@ -1,3 +1,81 @@
-//! Shared helpers for the end-to-end tests in `tests/tests/`: whole migrations between
-//! two appliances, fault injection and WAN scenarios. Empty until the migration engine
-//! exists; the component tests live beside each crate.
+//! Helpers for the end-to-end tests in `tests/tests/`: a source and a destination
+//! appliance in one process, joined over loopback.
+
+use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
+use dwcp_dataplane::engine::{
+    self, DestConfig, DestMemory, DestReport, MigrationError, MigrationReport, SourceConfig,
+};
+use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
+use dwcp_dataplane::memory::GuestMemory;
+use dwcp_hugepages::PagePreference;
+use std::io::Write;
+use std::net::TcpListener;
+use std::sync::Arc;
+
+/// Say why a test did not run, past the harness's output capture.
+pub fn skip(reason: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIP: {reason}");
+}
+
+/// Everything a finished migration left behind.
+pub struct Outcome {
+    /// The source's result.
+    pub source: Result<MigrationReport, MigrationError>,
+    /// The destination's result.
+    pub dest: Result<DestReport, MigrationError>,
+    /// The source's memory.
+    pub memory: Arc<GuestMemory>,
+    /// The guest (paused after a successful migration, running otherwise).
+    pub guest: SimulatedGuest,
+}
+
+/// Migrate `bytes` of guest memory, filled like a real guest and written by `workload`
+/// throughout, from a source to a destination in this process.
+pub fn migrate_live(
+    bytes: usize,
+    workload: &GuestWorkload,
+    dirty: DirtyLogKind,
+    source: &SourceConfig,
+    dest: &DestConfig,
+) -> Outcome {
+    let memory = Arc::new(
+        GuestMemory::anonymous(bytes, PagePreference::TransparentHuge).expect("guest memory"),
+    );
+    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, workload.seed);
+    let opened = open_dirty_log(&memory, dirty).expect("dirty log");
+    let guest = SimulatedGuest::start(memory.clone(), workload, opened.marker.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let addr = listener.local_addr().expect("address");
+    // Both appliances share this machine: give each its own CPUs.
+    let (source_cpus, dest_cpus) = engine::split_cpus();
+    let mut source = source.clone();
+    if source.transport.cpus.is_empty() {
+        source.transport.cpus = source_cpus;
+    }
+    let mut dest_config = dest.clone();
+    if dest_config.transport.cpus.is_empty() {
+        dest_config.transport.cpus = dest_cpus;
+    }
+    let receiver = std::thread::spawn(move || {
+        engine::receive(
+            &listener,
+            DestMemory::Allocate(PagePreference::TransparentHuge),
+            &dest_config,
+        )
+    });
+    let source = engine::migrate(
+        addr,
+        memory.clone(),
+        &guest,
+        opened.log,
+        &source,
+        &mut |_| {},
+    );
+    let dest = receiver.join().expect("destination thread");
+    Outcome {
+        source,
+        dest,
+        memory,
+        guest,
+    }
+}

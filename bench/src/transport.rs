@@ -1,0 +1,423 @@
+//! The `transport` suite: our page stream against iperf3 on loopback, and a live
+//! migration of 1 GiB beside iperf3's goodput.
+//!
+//! The page stream is the transport with nothing else: source workers stage
+//! incompressible pages (copy, zero test, CRC32C, framing) and send them; destination
+//! workers parse, place them in pre-faulted guest memory and check every CRC. iperf3
+//! moves the same number of bytes with the same number of streams. CPU time is
+//! getrusage: our process for ours (the suite runs nothing else meanwhile), the two
+//! iperf3 processes (RUSAGE_CHILDREN) for theirs.
+
+use crate::measure::{Plan, Samples};
+use crate::report::{Better, Comparison, Reporter};
+use dwcp_dataplane::dirty::DirtyLogKind;
+use dwcp_dataplane::engine::{DestConfig, SourceConfig};
+use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
+use dwcp_dataplane::memory::GuestMemory;
+use dwcp_dataplane::ring::Consumer;
+use dwcp_dataplane::transport::{
+    self, RxEvent, TransportConfig, TransportKind, TxCommand, TxWorker, plain, socket, uring,
+};
+use dwcp_dataplane::wire::{CHUNK_PAGES, stream_of};
+use dwcp_hugepages::PagePreference;
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// CPU seconds (user + system) of this process or of its waited-for children.
+fn cpu_seconds(who: libc::c_int) -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is a writable rusage.
+    unsafe { libc::getrusage(who, usage.as_mut_ptr()) };
+    // SAFETY: getrusage filled it (or left it zeroed).
+    let u = unsafe { usage.assume_init() };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// One measured transfer.
+#[derive(Debug, Clone, Copy)]
+struct Transfer {
+    bits_per_second: f64,
+    cpu_per_gb: f64,
+}
+
+/// Memory for one direction of the page stream, made once and reused.
+struct StreamSetup {
+    source: Arc<GuestMemory>,
+    dest: Arc<GuestMemory>,
+}
+
+impl StreamSetup {
+    fn new(bytes: usize) -> Self {
+        let source = Arc::new(
+            GuestMemory::anonymous(bytes, PagePreference::TransparentHuge).expect("source memory"),
+        );
+        fill_memory(&source, &ContentMix::RANDOM, 1);
+        let dest = Arc::new(
+            GuestMemory::anonymous(bytes, PagePreference::TransparentHuge)
+                .expect("destination memory"),
+        );
+        dest.populate();
+        StreamSetup { source, dest }
+    }
+}
+
+fn loopback_pairs(streams: u16, options: &socket::SocketOptions) -> Vec<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let addr = listener.local_addr().expect("address");
+    (0..streams)
+        .map(|_| {
+            let client = TcpStream::connect(addr).expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            socket::configure(&client, options);
+            socket::configure(&server, options);
+            (client, server)
+        })
+        .collect()
+}
+
+/// Our page stream: every page of `setup.source` once, over `streams` streams.
+fn page_stream(setup: &StreamSetup, streams: u16, config: &TransportConfig) -> Transfer {
+    let probe = transport::probe(config);
+    let pairs = loopback_pairs(streams, &config.socket);
+    let cpus = dwcp_hugepages::numa::topology()
+        .map(|t| t.nodes.into_iter().flat_map(|n| n.cpus).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let (senders, receivers): (Vec<_>, Vec<_>) = pairs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (c, s))| ((i as u16, c), (i as u16, s)))
+        .unzip();
+    // Source and destination share this machine: each side gets half the CPUs.
+    let half = (cpus.len() / 2).max(1);
+    let workers_n = match probe.kind {
+        TransportKind::IoUring => half.min(usize::from(streams)),
+        TransportKind::Plain => usize::from(streams),
+    };
+    let tx_cpu = |w: usize| (!cpus.is_empty()).then(|| cpus[w % half]);
+    let rx_cpu = |w: usize| (!cpus.is_empty()).then(|| cpus[(half + w % half) % cpus.len()]);
+    let mut tx: Vec<TxWorker> = Vec::new();
+    let mut rx: Vec<Consumer<RxEvent>> = Vec::new();
+    let mut rx_handles = Vec::new();
+    let mut tx_groups: Vec<Vec<(u16, TcpStream)>> = (0..workers_n).map(|_| Vec::new()).collect();
+    let mut rx_groups: Vec<Vec<(u16, TcpStream)>> = (0..workers_n).map(|_| Vec::new()).collect();
+    for s in senders {
+        tx_groups[usize::from(s.0) % workers_n].push(s);
+    }
+    for s in receivers {
+        rx_groups[usize::from(s.0) % workers_n].push(s);
+    }
+    for (w, (tg, rg)) in tx_groups.into_iter().zip(rx_groups).enumerate() {
+        match probe.kind {
+            TransportKind::IoUring => {
+                let worker =
+                    uring::spawn_rx(w, rg, streams, setup.dest.clone(), true, config, rx_cpu(w))
+                        .expect("rx");
+                rx.push(worker.events);
+                rx_handles.push(worker.handle);
+                tx.push(
+                    uring::spawn_tx(
+                        w,
+                        tg,
+                        setup.source.clone(),
+                        None,
+                        config,
+                        probe.zero_copy,
+                        tx_cpu(w),
+                    )
+                    .expect("tx"),
+                );
+            }
+            TransportKind::Plain => {
+                for (s, r) in tg.into_iter().zip(rg) {
+                    let worker =
+                        plain::spawn_rx(r, streams, setup.dest.clone(), true, config, rx_cpu(w))
+                            .expect("rx");
+                    rx.push(worker.events);
+                    rx_handles.push(worker.handle);
+                    tx.push(
+                        plain::spawn_tx(tx.len(), s, setup.source.clone(), None, config, tx_cpu(w))
+                            .expect("tx"),
+                    );
+                }
+            }
+        }
+    }
+    let worker_of = |stream: u16| -> usize {
+        match probe.kind {
+            TransportKind::IoUring => usize::from(stream) % workers_n,
+            TransportKind::Plain => usize::from(stream),
+        }
+    };
+    let pages = setup.source.pages();
+    let cpu_before = cpu_seconds(libc::RUSAGE_SELF);
+    let started = Instant::now();
+    let push = |tx: &mut Vec<TxWorker>, w: usize, mut cmd: TxCommand| loop {
+        match tx[w].commands.push(cmd) {
+            Ok(()) => return,
+            Err(full) => {
+                cmd = full.0;
+                tx[w].thread.unpark();
+                std::thread::yield_now();
+            }
+        }
+    };
+    let mut first = 0;
+    while first < pages {
+        let stream = stream_of(first, streams);
+        push(
+            &mut tx,
+            worker_of(stream),
+            TxCommand::Pages {
+                stream,
+                first,
+                count: CHUNK_PAGES as u32,
+            },
+        );
+        first += CHUNK_PAGES;
+        if first % (64 * CHUNK_PAGES) == 0 {
+            tx.iter().for_each(|w| w.thread.unpark());
+        }
+    }
+    for w in 0..tx.len() {
+        push(&mut tx, w, TxCommand::EndRound { round: 0 });
+        push(&mut tx, w, TxCommand::Finish);
+        tx[w].thread.unpark();
+    }
+    let mut ended = 0;
+    let mut bytes = 0u64;
+    while ended < streams {
+        for events in &mut rx {
+            while let Some(e) = events.pop() {
+                match e {
+                    RxEvent::StreamEnd { bytes: b, .. } => {
+                        ended += 1;
+                        bytes += b;
+                    }
+                    RxEvent::Failed { stream, error } => panic!("stream {stream}: {error}"),
+                    _ => {}
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(libc::RUSAGE_SELF) - cpu_before;
+    for mut w in tx {
+        if let Some(h) = w.handle.take() {
+            let _ = h.join();
+        }
+    }
+    for h in rx_handles.into_iter().flatten() {
+        let _ = h.join();
+    }
+    Transfer {
+        bits_per_second: bytes as f64 * 8.0 / seconds,
+        cpu_per_gb: cpu / (bytes as f64 / 1e9),
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(5299)
+}
+
+/// iperf3 moving `bytes` over `streams` streams on loopback; `None` when iperf3 is
+/// missing or fails.
+fn iperf3(bytes: u64, streams: u16) -> Option<Transfer> {
+    let port = free_port().to_string();
+    let before = cpu_seconds(libc::RUSAGE_CHILDREN);
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-p", &port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    // The server takes a moment to listen; a probing connect would count as its one
+    // client, so retry the real client instead.
+    let mut output = None;
+    for _ in 0..50 {
+        let o = Command::new("iperf3")
+            .args([
+                "-c",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-J",
+                "-P",
+                &streams.to_string(),
+                "-n",
+                &bytes.to_string(),
+            ])
+            .output()
+            .ok()?;
+        if o.status.success() {
+            output = Some(o);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let Some(output) = output else {
+        let _ = server.kill();
+        let _ = server.wait();
+        return None;
+    };
+    // The server exits after its one client; never wait on it forever.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while server.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = server.kill();
+            let _ = server.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let cpu = cpu_seconds(libc::RUSAGE_CHILDREN) - before;
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    let received = &json["end"]["sum_received"];
+    let got = received["bytes"].as_f64()?;
+    let seconds = received["seconds"].as_f64()?;
+    Some(Transfer {
+        bits_per_second: got * 8.0 / seconds,
+        cpu_per_gb: cpu / (got / 1e9),
+    })
+}
+
+/// Run the suite.
+pub fn run(plan: Plan, out: &mut Reporter) {
+    const BYTES: usize = 1 << 30;
+    let runs = Plan {
+        runs: plan.runs.min(5),
+        ..plan
+    };
+    if iperf3(1 << 20, 1).is_none() {
+        eprintln!("transport: SKIP: iperf3 not found or not working (make deps installs it)");
+        return;
+    }
+    let setup = StreamSetup::new(BYTES);
+    let config = TransportConfig::default();
+    let probe = transport::probe(&config);
+    eprintln!(
+        "transport: {} ({}), {} MiB of incompressible pages per run",
+        probe.kind,
+        if probe.uring_ops.is_empty() {
+            "no io_uring".to_string()
+        } else {
+            probe.uring_ops.join(" ")
+        },
+        BYTES >> 20
+    );
+    let mut iperf_4s = Samples::default();
+    for streams in [1u16, 4] {
+        let name = |what: &str| format!("transport/{what}-{streams}s");
+        if !out.wants(&name("goodput")) && !out.wants(&name("cpu-per-gb")) {
+            continue;
+        }
+        let (mut ours_bps, mut ours_cpu, mut their_bps, mut their_cpu) = (
+            Samples::default(),
+            Samples::default(),
+            Samples::default(),
+            Samples::default(),
+        );
+        for i in 0..runs.runs {
+            let mut one = |ours: bool| {
+                if ours {
+                    let t = page_stream(&setup, streams, &config);
+                    ours_bps.push(t.bits_per_second / 1e9);
+                    ours_cpu.push(t.cpu_per_gb);
+                } else if let Some(t) = iperf3(BYTES as u64 + (BYTES as u64 >> 10), streams) {
+                    their_bps.push(t.bits_per_second / 1e9);
+                    their_cpu.push(t.cpu_per_gb);
+                }
+            };
+            // Alternate who goes first.
+            one(i % 2 == 0);
+            one(i % 2 != 0);
+        }
+        if streams == 4 {
+            iperf_4s = their_bps.clone();
+        }
+        out.emit(
+            Comparison::new(
+                name("goodput"),
+                "Gbit/s",
+                Better::Higher,
+                &ours_bps,
+                format!("iperf3 -P {streams}"),
+                &their_bps,
+            )
+            .with_target(0.8),
+        );
+        out.emit(
+            Comparison::new(
+                name("cpu-per-gb"),
+                "CPU s/GB",
+                Better::Lower,
+                &ours_cpu,
+                format!("iperf3 -P {streams}"),
+                &their_cpu,
+            )
+            // ours ≤ 1.5× theirs ⇔ theirs/ours ≥ 1/1.5
+            .with_target(1.0 / 1.5),
+        );
+    }
+    // Zero-copy forced onto loopback, against copying sends: what zero-copy would cost
+    // here (the engine turns it off for loopback peers).
+    if out.wants("transport/zc-forced-vs-copy-4s") && probe.zero_copy {
+        let forced = TransportConfig {
+            zero_copy_on_loopback: true,
+            ..config.clone()
+        };
+        let copy = TransportConfig {
+            zero_copy: false,
+            ..config.clone()
+        };
+        let (mut zc, mut cp) = (Samples::default(), Samples::default());
+        for _ in 0..runs.runs {
+            zc.push(page_stream(&setup, 4, &forced).bits_per_second / 1e9);
+            cp.push(page_stream(&setup, 4, &copy).bits_per_second / 1e9);
+        }
+        out.emit(Comparison::new(
+            "transport/zc-forced-vs-copy-4s",
+            "Gbit/s",
+            Better::Higher,
+            &zc,
+            "copying sends",
+            &cp,
+        ));
+    }
+    drop(setup);
+    if out.wants("migrate/1g-effective") {
+        let mut ours = Samples::default();
+        let mut theirs = iperf_4s;
+        for _ in 0..runs.runs.min(3) {
+            let out = dwcp_tests::migrate_live(
+                BYTES,
+                &GuestWorkload::default(),
+                DirtyLogKind::Uffd,
+                &SourceConfig::default(),
+                &DestConfig::default(),
+            );
+            let report = out.source.expect("migration");
+            out.dest.expect("destination");
+            ours.push(report.memory_bytes as f64 * 8.0 / report.total_seconds / 1e9);
+            if theirs.len() < 3
+                && let Some(t) = iperf3(BYTES as u64, 4)
+            {
+                theirs.push(t.bits_per_second / 1e9);
+            }
+        }
+        out.emit(Comparison::new(
+            "migrate/1g-effective",
+            "Gbit/s",
+            Better::Higher,
+            &ours,
+            "iperf3 -P 4 raw goodput",
+            &theirs,
+        ));
+    }
+}

@@ -1,0 +1,182 @@
+//! End-to-end live migrations over loopback while the simulated guest writes; each
+//! ends with a byte-for-byte comparison of source and destination memory.
+
+use dwcp_dataplane::dirty::DirtyLogKind;
+use dwcp_dataplane::engine::{DestConfig, MigrationError, SourceConfig};
+use dwcp_dataplane::guest::{AccessPattern, ContentMix, GuestControl, GuestWorkload};
+use dwcp_dataplane::transport::{TransportChoice, TransportConfig};
+use dwcp_tests::{migrate_live, skip};
+use std::io::Write;
+use std::time::Duration;
+
+const MIB_256: usize = 256 << 20;
+
+fn configs(streams: u16, choice: TransportChoice) -> (SourceConfig, DestConfig) {
+    let transport = TransportConfig {
+        choice,
+        ..TransportConfig::default()
+    };
+    (
+        SourceConfig {
+            streams,
+            transport: transport.clone(),
+            ..SourceConfig::default()
+        },
+        DestConfig {
+            transport,
+            ..DestConfig::default()
+        },
+    )
+}
+
+fn migrate_and_compare(streams: u16, choice: TransportChoice) {
+    if choice == TransportChoice::IoUring
+        && let Err(why) = dwcp_dataplane::transport::uring::probe()
+    {
+        skip(&format!(
+            "io_uring unavailable ({why}); this run would test plain sockets twice"
+        ));
+        return;
+    }
+    let (source, dest) = configs(streams, choice);
+    let out = migrate_live(
+        MIB_256,
+        &GuestWorkload::default(),
+        DirtyLogKind::Uffd,
+        &source,
+        &dest,
+    );
+    let report = out.source.expect("source side");
+    let received = out.dest.expect("destination side");
+    assert_eq!(report.transport.streams, streams);
+    let expected_kind = match choice {
+        TransportChoice::Plain => "plain",
+        _ => "io_uring",
+    };
+    assert_eq!(report.transport.kind, expected_kind);
+    assert_eq!(report.verified_pages, (MIB_256 / 4096) as u64);
+    assert_eq!(received.verified_pages, report.verified_pages);
+    assert_eq!(format!("{:08x}", received.digest), report.digest);
+    assert_eq!(
+        out.memory.first_difference(&received.memory),
+        None,
+        "source and destination differ"
+    );
+    assert!(
+        report.rounds.len() >= 2,
+        "round 0 and the final round at least"
+    );
+    out.guest.stop();
+}
+
+#[test]
+fn one_stream_io_uring() {
+    migrate_and_compare(1, TransportChoice::IoUring);
+}
+
+#[test]
+fn two_streams_io_uring() {
+    migrate_and_compare(2, TransportChoice::IoUring);
+}
+
+#[test]
+fn four_streams_io_uring() {
+    migrate_and_compare(4, TransportChoice::IoUring);
+}
+
+#[test]
+fn one_stream_plain() {
+    migrate_and_compare(1, TransportChoice::Plain);
+}
+
+#[test]
+fn two_streams_plain() {
+    migrate_and_compare(2, TransportChoice::Plain);
+}
+
+#[test]
+fn four_streams_plain() {
+    migrate_and_compare(4, TransportChoice::Plain);
+}
+
+/// All of memory written as fast as the vCPUs can: several rounds, auto-converge
+/// throttling the guest, and still an identical destination. Each dirty tracker in turn.
+#[test]
+fn heavy_writer_converges_with_every_dirty_log() {
+    for dirty in [
+        DirtyLogKind::Uffd,
+        DirtyLogKind::Rescan,
+        DirtyLogKind::Explicit,
+    ] {
+        let workload = GuestWorkload {
+            dirty_rate: f64::INFINITY,
+            working_set: 1.0,
+            pattern: AccessPattern::Uniform,
+            writes: ContentMix::WRITES,
+            vcpus: 2,
+            seed: 99,
+        };
+        let (mut source, dest) = configs(2, TransportChoice::Auto);
+        source.downtime_limit = Duration::from_millis(40);
+        let out = migrate_live(64 << 20, &workload, dirty, &source, &dest);
+        let report = out.source.unwrap_or_else(|e| panic!("{dirty}: {e}"));
+        let received = out.dest.unwrap_or_else(|e| panic!("{dirty}: {e}"));
+        assert_eq!(report.dirty_log, dirty.to_string());
+        assert_eq!(
+            out.memory.first_difference(&received.memory),
+            None,
+            "{dirty}"
+        );
+        // Visible in the test log: how hard the run was.
+        let _ = writeln!(
+            std::io::stderr(),
+            "{dirty}: {} rounds, throttle up to {}%, downtime {:.1} ms",
+            report.rounds.len(),
+            report.max_throttle,
+            report.measured_downtime * 1e3
+        );
+        out.guest.stop();
+    }
+}
+
+/// A workload that cannot converge, with auto-converge off: the migration aborts after
+/// its round limit, the destination is told, and the guest keeps running untouched.
+#[test]
+fn unconvergeable_workload_aborts_and_the_guest_keeps_running() {
+    let workload = GuestWorkload {
+        dirty_rate: f64::INFINITY,
+        working_set: 1.0,
+        pattern: AccessPattern::Uniform,
+        writes: ContentMix::WRITES,
+        vcpus: 2,
+        seed: 7,
+    };
+    let (mut source, dest) = configs(2, TransportChoice::Auto);
+    // Below what verification alone takes: no round can ever qualify.
+    source.downtime_limit = Duration::from_micros(10);
+    source.max_rounds = 4;
+    source.auto_converge = false;
+    let out = migrate_live(64 << 20, &workload, DirtyLogKind::Uffd, &source, &dest);
+    match out.source {
+        Err(MigrationError::Aborted { rounds, reason }) => {
+            assert_eq!(rounds, 4);
+            assert!(reason.contains("auto-converge off"), "{reason}");
+        }
+        other => panic!("expected an abort, got {other:?}"),
+    }
+    let dest_err = out.dest.expect_err("the destination learns of the abort");
+    assert!(
+        dest_err.to_string().contains("source aborted"),
+        "{dest_err}"
+    );
+    assert!(!out.guest.is_paused(), "the source guest must keep running");
+    assert_eq!(out.guest.throttle(), 0, "and unthrottled");
+    let before = out.guest.pages_written();
+    while out.guest.pages_written() == before {
+        std::thread::yield_now();
+    }
+    // And it can still be paused and resumed normally.
+    out.guest.pause();
+    out.guest.resume();
+    out.guest.stop();
+}
