@@ -52,7 +52,8 @@ impl FromStr for Congestion {
 /// Options applied to every data stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketOptions {
-    /// Send and receive buffer size in bytes (forced past `wmem_max` when root).
+    /// Send and receive buffer size in bytes (forced past `wmem_max` when root); 0
+    /// leaves them to the kernel's autotuning (`tcp_wmem`/`tcp_rmem`).
     pub buffer_bytes: usize,
     /// Congestion control.
     pub congestion: Congestion,
@@ -102,10 +103,15 @@ pub fn configure(stream: &TcpStream, options: &SocketOptions) -> Vec<String> {
         notes.push(format!("TCP_NODELAY: {e}"));
     }
     let size = options.buffer_bytes.min(i32::MAX as usize) as libc::c_int;
-    for (force, plain, name) in [
-        (SO_SNDBUFFORCE, libc::SO_SNDBUF, "send"),
-        (SO_RCVBUFFORCE, libc::SO_RCVBUF, "receive"),
-    ] {
+    let sizes: &[(libc::c_int, libc::c_int, &str)] = if size == 0 {
+        &[]
+    } else {
+        &[
+            (SO_SNDBUFFORCE, libc::SO_SNDBUF, "send"),
+            (SO_RCVBUFFORCE, libc::SO_RCVBUF, "receive"),
+        ]
+    };
+    for &(force, plain, name) in sizes {
         if setsockopt(fd, libc::SOL_SOCKET, force, &size).is_err()
             && let Err(e) = setsockopt(fd, libc::SOL_SOCKET, plain, &size)
         {
