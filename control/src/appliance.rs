@@ -44,6 +44,18 @@ pub fn progress_line(p: &Progress) -> String {
     )
 }
 
+/// A progress callback that rewrites one line on stderr at most every `every`.
+fn progress_printer(quiet: bool, every: std::time::Duration) -> impl FnMut(&Progress) {
+    let mut last = Instant::now();
+    move |p| {
+        if !quiet && last.elapsed() >= every {
+            last = Instant::now();
+            eprint!("\r{}", progress_line(p));
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
 /// Migrate the configured simulated guest to `peer`.
 pub fn run_source(
     config: &Config,
@@ -57,19 +69,14 @@ pub fn run_source(
         eprintln!("dwcpd: dirty log: {note}");
     }
     let guest = SimulatedGuest::start(memory.clone(), &config.workload(), opened.marker.clone());
-    let mut last = Instant::now();
+    let mut printer = progress_printer(quiet, std::time::Duration::from_millis(200));
     let result = engine::migrate(
         peer,
         memory,
         &guest,
         opened.log,
         &config.source_config(),
-        &mut |p| {
-            if !quiet && last.elapsed().as_millis() >= 200 {
-                last = Instant::now();
-                eprint!("\r{}", progress_line(p));
-            }
-        },
+        &mut printer,
     );
     if !quiet {
         eprintln!();
@@ -134,7 +141,12 @@ pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|e| format!("loopback listener: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let dest_config = config.dest_config();
+    // Both appliances share this machine: give each its own CPUs.
+    let (source_cpus, dest_cpus) = engine::split_cpus();
+    let mut source_config = config.source_config();
+    source_config.transport.cpus = source_cpus;
+    let mut dest_config = config.dest_config();
+    dest_config.transport.cpus = dest_cpus;
     let receiver = std::thread::Builder::new()
         .name("dwcp-dest".into())
         .spawn(move || {
@@ -146,20 +158,14 @@ pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
         })
         .map_err(|e| e.to_string())?;
     let setup_seconds = setup.elapsed().as_secs_f64();
-    let mut last = Instant::now();
+    let mut printer = progress_printer(quiet, std::time::Duration::from_millis(100));
     let result = engine::migrate(
         addr,
         memory.clone(),
         &guest,
         opened.log,
-        &config.source_config(),
-        &mut |p| {
-            if !quiet && last.elapsed().as_millis() >= 100 {
-                last = Instant::now();
-                eprint!("\r{}", progress_line(p));
-                let _ = std::io::stderr().flush();
-            }
-        },
+        &source_config,
+        &mut printer,
     );
     if !quiet {
         eprintln!();

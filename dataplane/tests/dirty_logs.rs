@@ -124,3 +124,25 @@ fn explicit_bitmap_reports_exactly_the_marked_pages() {
     marker.mark_words(&[1 << 5, 0, 1]);
     assert_eq!(collect_and_send(&mut log, &mem), vec![5, 128]);
 }
+
+#[test]
+fn uffd_tracks_shared_memory_files() {
+    if let Err(why) = probe_uffd_wp_async() {
+        skip(&format!(
+            "userfaultfd write-protect tracking unavailable: {why}"
+        ));
+        return;
+    }
+    let dir = std::path::Path::new("/dev/shm");
+    if !dir.is_dir() {
+        skip("no /dev/shm");
+        return;
+    }
+    let path = dir.join(format!("dwcp-uffd-shm-{}", std::process::id()));
+    let mem = Arc::new(GuestMemory::file(&path, 256 * PAGE_SIZE).unwrap());
+    let _ = std::fs::remove_file(&path);
+    match UffdDirtyLog::new(mem.clone()) {
+        Ok(mut log) => exercise(&mut log, &mem, 256),
+        Err(e) => skip(&format!("uffd on shmem unavailable here: {e}")),
+    }
+}

@@ -29,8 +29,8 @@ pub struct Outcome {
     pub guest: SimulatedGuest,
 }
 
-/// Migrate `bytes` of guest memory, filled like a real guest and written by `workload`
-/// throughout, from a source to a destination in this process.
+/// Migrate `bytes` of anonymous guest memory, filled like a real guest and written by
+/// `workload` throughout, from a source to a destination in this process.
 pub fn migrate_live(
     bytes: usize,
     workload: &GuestWorkload,
@@ -41,6 +41,17 @@ pub fn migrate_live(
     let memory = Arc::new(
         GuestMemory::anonymous(bytes, PagePreference::TransparentHuge).expect("guest memory"),
     );
+    migrate_memory(memory, workload, dirty, source, dest)
+}
+
+/// [`migrate_live`] for guest memory the caller made (file-backed, say).
+pub fn migrate_memory(
+    memory: Arc<GuestMemory>,
+    workload: &GuestWorkload,
+    dirty: DirtyLogKind,
+    source: &SourceConfig,
+    dest: &DestConfig,
+) -> Outcome {
     fill_memory(&memory, &ContentMix::MEMORY_IMAGE, workload.seed);
     let opened = open_dirty_log(&memory, dirty).expect("dirty log");
     let guest = SimulatedGuest::start(memory.clone(), workload, opened.marker.clone());

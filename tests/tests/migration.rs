@@ -99,6 +99,38 @@ fn four_streams_plain() {
     migrate_and_compare(4, TransportChoice::Plain);
 }
 
+/// Guest memory in a file on /dev/shm (as a hypervisor sharing it would have it),
+/// tracked by userfaultfd on shared memory.
+#[test]
+fn file_backed_guest_memory_on_shm() {
+    let dir = std::path::Path::new("/dev/shm");
+    if !dir.is_dir() {
+        skip("no /dev/shm");
+        return;
+    }
+    let path = dir.join(format!("dwcp-guest-{}", std::process::id()));
+    let memory =
+        std::sync::Arc::new(dwcp_dataplane::memory::GuestMemory::file(&path, 64 << 20).unwrap());
+    let _ = std::fs::remove_file(&path);
+    let (source, dest) = configs(2, TransportChoice::Auto);
+    let out = dwcp_tests::migrate_memory(
+        memory,
+        &GuestWorkload::default(),
+        DirtyLogKind::Uffd,
+        &source,
+        &dest,
+    );
+    let report = out.source.expect("source side");
+    let received = out.dest.expect("destination side");
+    assert_eq!(out.memory.first_difference(&received.memory), None);
+    let _ = writeln!(
+        std::io::stderr(),
+        "shm guest: dirty log {}",
+        report.dirty_log
+    );
+    out.guest.stop();
+}
+
 /// All of memory written as fast as the vCPUs can: several rounds, auto-converge
 /// throttling the guest, and still an identical destination. Each dirty tracker in turn.
 #[test]

@@ -88,11 +88,25 @@ enum Mode {
     },
 }
 
-fn load(path: Option<&PathBuf>) -> Result<Config, ConfigErrors> {
-    match path {
-        Some(p) => Config::load(p),
-        None => Ok(Config::default()),
+/// The configuration file (or the defaults), with the flags applied, validated.
+fn configured(
+    common: &Common,
+    guest: Option<&GuestArgs>,
+    listen: Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let mut config = match &common.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    apply_common(&mut config, common);
+    if let Some(g) = guest {
+        apply_guest(&mut config, g);
     }
+    if let Some(l) = listen {
+        config.dest.listen = l;
+    }
+    config.validate()?;
+    Ok(config)
 }
 
 fn apply_common(c: &mut Config, common: &Common) {
@@ -152,15 +166,10 @@ fn main() -> ExitCode {
             guest,
             json,
         } => {
-            let mut config = match load(common.config.as_ref()) {
+            let config = match configured(&common, Some(&guest), None) {
                 Ok(c) => c,
                 Err(e) => return fail(e),
             };
-            apply_common(&mut config, &common);
-            apply_guest(&mut config, &guest);
-            if let Err(e) = config.validate() {
-                return fail(e);
-            }
             match appliance::run_demo(&config, json) {
                 Ok(report) => {
                     if json {
@@ -194,15 +203,10 @@ fn main() -> ExitCode {
             guest,
             json,
         } => {
-            let mut config = match load(common.config.as_ref()) {
+            let config = match configured(&common, Some(&guest), None) {
                 Ok(c) => c,
                 Err(e) => return fail(e),
             };
-            apply_common(&mut config, &common);
-            apply_guest(&mut config, &guest);
-            if let Err(e) = config.validate() {
-                return fail(e);
-            }
             match appliance::run_source(&config, peer, json) {
                 Ok(report) => {
                     if json {
@@ -216,17 +220,10 @@ fn main() -> ExitCode {
             }
         }
         Mode::Dest { listen, common } => {
-            let mut config = match load(common.config.as_ref()) {
+            let config = match configured(&common, None, listen) {
                 Ok(c) => c,
                 Err(e) => return fail(e),
             };
-            apply_common(&mut config, &common);
-            if let Some(l) = listen {
-                config.dest.listen = l;
-            }
-            if let Err(e) = config.validate() {
-                return fail(e);
-            }
             match appliance::run_dest(&config) {
                 Ok(report) => {
                     println!(

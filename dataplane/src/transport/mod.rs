@@ -173,7 +173,11 @@ pub struct TransportProbe {
 /// Decide the transport for `config` on this kernel. Never fails: whatever is missing
 /// degrades to plain sockets or to copying sends, and the notes say so.
 pub fn probe(config: &TransportConfig) -> TransportProbe {
-    let uring = uring::probe();
+    decide(config, uring::probe())
+}
+
+/// The decision, given what probing io_uring found.
+pub fn decide(config: &TransportConfig, uring: Result<uring::UringCaps, String>) -> TransportProbe {
     let mut notes = Vec::new();
     let (kind, zero_copy) = match (config.choice, &uring) {
         (TransportChoice::Plain, _) => (TransportKind::Plain, false),
@@ -311,6 +315,20 @@ pub enum RxEvent {
     },
 }
 
+impl RxEvent {
+    /// What a parser announced on stream `stream`, which has received `bytes` so far.
+    pub fn from_stream(stream: u16, event: frames::StreamEvent, bytes: u64) -> Self {
+        match event {
+            frames::StreamEvent::RoundEnd { round, pages } => RxEvent::RoundEnd {
+                stream,
+                round,
+                pages,
+            },
+            frames::StreamEvent::StreamEnd => RxEvent::StreamEnd { stream, bytes },
+        }
+    }
+}
+
 /// The engine's handle on a source worker.
 pub struct TxWorker {
     /// Commands to the worker.
@@ -357,5 +375,50 @@ pub(crate) fn push_event<T>(events: &mut Producer<T>, mut event: T) {
                 std::thread::sleep(Duration::from_micros(100));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_io_uring_or_zero_copy_degrades_with_a_note() {
+        let config = TransportConfig::default();
+        let gone = decide(
+            &config,
+            Err("io_uring_setup: Operation not permitted".into()),
+        );
+        assert_eq!(gone.kind, TransportKind::Plain);
+        assert!(!gone.zero_copy);
+        assert!(
+            gone.notes[0].contains("using plain sockets"),
+            "{:?}",
+            gone.notes
+        );
+
+        let no_zc = decide(
+            &config,
+            Ok(uring::UringCaps {
+                ops: vec!["SEND", "RECV"],
+                send_zc: false,
+            }),
+        );
+        assert_eq!(no_zc.kind, TransportKind::IoUring);
+        assert!(!no_zc.zero_copy);
+        assert!(no_zc.notes[0].contains("SEND_ZC"));
+
+        let plain = decide(
+            &TransportConfig {
+                choice: TransportChoice::Plain,
+                ..config
+            },
+            Ok(uring::UringCaps {
+                ops: vec![],
+                send_zc: true,
+            }),
+        );
+        assert_eq!(plain.kind, TransportKind::Plain);
+        assert!(plain.notes.is_empty());
     }
 }

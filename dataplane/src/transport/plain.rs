@@ -2,7 +2,7 @@
 //! One thread per stream (a blocking write on one stream must not stall another);
 //! the same frames, parser and events as the io_uring transport.
 
-use super::frames::{FrameParser, StreamEvent, stage_marker, stage_run, stage_space};
+use super::frames::{FrameParser, stage_marker, stage_run, stage_space};
 use super::{
     RxEvent, RxWorker, StreamTelemetry, TransportConfig, TxCommand, TxEvent, TxWorker, WORKER_RING,
     pin, push_event,
@@ -229,18 +229,10 @@ fn rx_main(
             break Err(e.to_string());
         }
         for e in announced {
-            let event = match e {
-                StreamEvent::RoundEnd { round, pages } => RxEvent::RoundEnd {
-                    stream: id,
-                    round,
-                    pages,
-                },
-                StreamEvent::StreamEnd => RxEvent::StreamEnd {
-                    stream: id,
-                    bytes: parser.counters().bytes,
-                },
-            };
-            push_event(&mut events, event);
+            push_event(
+                &mut events,
+                RxEvent::from_stream(id, e, parser.counters().bytes),
+            );
         }
         if Instant::now() >= next_telemetry {
             next_telemetry = Instant::now() + config.telemetry_interval;
