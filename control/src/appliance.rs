@@ -141,12 +141,11 @@ pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|e| format!("loopback listener: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    // Both appliances share this machine: give each its own CPUs.
-    let (source_cpus, dest_cpus) = engine::split_cpus();
-    let mut source_config = config.source_config();
-    source_config.transport.cpus = source_cpus;
-    let mut dest_config = config.dest_config();
-    dest_config.transport.cpus = dest_cpus;
+    // Both appliances share this machine. Splitting its CPUs between them measured
+    // slower here (2.1-2.6 GB/s against 2.9-3.3) than letting both use all of them:
+    // the source side also runs the guest's vCPUs and the engine.
+    let source_config = config.source_config();
+    let dest_config = config.dest_config();
     let receiver = std::thread::Builder::new()
         .name("dwcp-dest".into())
         .spawn(move || {

@@ -57,16 +57,7 @@ pub fn migrate_memory(
     let guest = SimulatedGuest::start(memory.clone(), workload, opened.marker.clone());
     let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
     let addr = listener.local_addr().expect("address");
-    // Both appliances share this machine: give each its own CPUs.
-    let (source_cpus, dest_cpus) = engine::split_cpus();
-    let mut source = source.clone();
-    if source.transport.cpus.is_empty() {
-        source.transport.cpus = source_cpus;
-    }
-    let mut dest_config = dest.clone();
-    if dest_config.transport.cpus.is_empty() {
-        dest_config.transport.cpus = dest_cpus;
-    }
+    let dest_config = dest.clone();
     let receiver = std::thread::spawn(move || {
         engine::receive(
             &listener,
@@ -79,7 +70,7 @@ pub fn migrate_memory(
         memory.clone(),
         &guest,
         opened.log,
-        &source,
+        source,
         &mut |_| {},
     );
     let dest = receiver.join().expect("destination thread");
