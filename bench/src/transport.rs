@@ -16,9 +16,10 @@ use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_dataplane::ring::Consumer;
 use dwcp_dataplane::transport::{
-    self, RxEvent, TransportConfig, TransportKind, TxCommand, TxWorker, plain, socket, uring,
+    self, RxEvent, RxSetup, TransportConfig, TransportKind, TxCommand, TxSetup, TxWorker, plain,
+    socket, uring,
 };
-use dwcp_dataplane::wire::{CHUNK_PAGES, stream_of};
+use dwcp_dataplane::wire::{CHUNK_PAGES, caps, stream_of};
 use dwcp_hugepages::PagePreference;
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -109,36 +110,37 @@ fn page_stream(setup: &StreamSetup, streams: u16, config: &TransportConfig) -> T
     for s in receivers {
         rx_groups[usize::from(s.0) % workers_n].push(s);
     }
+    let rx_setup = RxSetup {
+        total_streams: streams,
+        memory: setup.dest.clone(),
+        memory_is_fresh: true,
+        capabilities: caps::ALL,
+    };
+    let tx_setup = TxSetup {
+        memory: setup.source.clone(),
+        sent: None,
+        codec: None,
+    };
     for (w, (tg, rg)) in tx_groups.into_iter().zip(rx_groups).enumerate() {
         match probe.kind {
             TransportKind::IoUring => {
                 let worker =
-                    uring::spawn_rx(w, rg, streams, setup.dest.clone(), true, config, rx_cpu(w))
-                        .expect("rx");
+                    uring::spawn_rx(w, rg, rx_setup.clone(), config, rx_cpu(w)).expect("rx");
                 rx.push(worker.events);
                 rx_handles.push(worker.handle);
                 tx.push(
-                    uring::spawn_tx(
-                        w,
-                        tg,
-                        setup.source.clone(),
-                        None,
-                        config,
-                        probe.zero_copy,
-                        tx_cpu(w),
-                    )
-                    .expect("tx"),
+                    uring::spawn_tx(w, tg, tx_setup.clone(), config, probe.zero_copy, tx_cpu(w))
+                        .expect("tx"),
                 );
             }
             TransportKind::Plain => {
                 for (s, r) in tg.into_iter().zip(rg) {
                     let worker =
-                        plain::spawn_rx(r, streams, setup.dest.clone(), true, config, rx_cpu(w))
-                            .expect("rx");
+                        plain::spawn_rx(r, rx_setup.clone(), config, rx_cpu(w)).expect("rx");
                     rx.push(worker.events);
                     rx_handles.push(worker.handle);
                     tx.push(
-                        plain::spawn_tx(tx.len(), s, setup.source.clone(), None, config, tx_cpu(w))
+                        plain::spawn_tx(tx.len(), s, tx_setup.clone(), config, tx_cpu(w))
                             .expect("tx"),
                     );
                 }

@@ -70,12 +70,15 @@ pub fn run_source(
     }
     let guest = SimulatedGuest::start(memory.clone(), &config.workload(), opened.marker.clone());
     let mut printer = progress_printer(quiet, std::time::Duration::from_millis(200));
-    let result = engine::migrate(
+    let source_config = config.source_config();
+    let mut policy = config.codec_policy();
+    let result = engine::migrate_with_policy(
         peer,
         memory,
         &guest,
         opened.log,
-        &config.source_config(),
+        &source_config,
+        Some(&mut policy),
         &mut printer,
     );
     if !quiet {
@@ -85,8 +88,32 @@ pub fn run_source(
     if let Some(note) = opened.note {
         report.notes.push(format!("dirty log: {note}"));
     }
+    write_decision_log(config, &mut report);
     guest.stop();
     Ok(report)
+}
+
+/// Append the codec policy's decisions to the configured log file (a failure to write
+/// it is a note on the report, not a failed migration).
+fn write_decision_log(config: &Config, report: &mut MigrationReport) {
+    let (Some(path), Some(codec)) = (&config.codec.decision_log, &report.codec) else {
+        return;
+    };
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| {
+            for line in &codec.decisions {
+                writeln!(f, "{line}")?;
+            }
+            Ok(())
+        });
+    if let Err(e) = written {
+        report
+            .notes
+            .push(format!("codec decision log {}: {e}", path.display()));
+    }
 }
 
 /// Receive one migration on the configured address.
@@ -158,12 +185,14 @@ pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
         .map_err(|e| e.to_string())?;
     let setup_seconds = setup.elapsed().as_secs_f64();
     let mut printer = progress_printer(quiet, std::time::Duration::from_millis(100));
-    let result = engine::migrate(
+    let mut policy = config.codec_policy();
+    let result = engine::migrate_with_policy(
         addr,
         memory.clone(),
         &guest,
         opened.log,
         &source_config,
+        Some(&mut policy),
         &mut printer,
     );
     if !quiet {
@@ -177,6 +206,7 @@ pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
     if let Some(note) = opened.note {
         source.notes.push(format!("dirty log: {note}"));
     }
+    write_decision_log(config, &mut source);
     // The guest is paused (migrated away): its memory is final.
     let byte_identical = memory.first_difference(&dest.memory).is_none();
     guest.stop();

@@ -2,6 +2,9 @@
 //! whole. Every invalid or contradictory field is reported by name with what is allowed,
 //! all at once, and nothing starts until the whole configuration is valid.
 
+use crate::codec_policy::{ModelPolicy, PolicyConfig};
+use dwcp_dataplane::codec::CodecSettings;
+use dwcp_dataplane::codec::policy::{CodecConfig, CodecMode};
 use dwcp_dataplane::dirty::DirtyLogKind;
 use dwcp_dataplane::engine::{DestConfig, SourceConfig};
 use dwcp_dataplane::guest::{AccessPattern, ContentMix, GuestWorkload};
@@ -124,6 +127,8 @@ pub struct TransportSection {
     pub congestion: String,
     /// Send rate cap per stream, bytes per second (0 = none).
     pub pacing_rate: Size,
+    /// Unsent bytes a stream may hold in the kernel (`TCP_NOTSENT_LOWAT`; 0 = no bound).
+    pub notsent_lowat: Size,
     /// io_uring worker threads (0 = one per CPU).
     pub workers: usize,
     /// Pin workers to CPUs.
@@ -145,6 +150,7 @@ impl Default for TransportSection {
             socket_buffer: Size(t.socket.buffer_bytes as u64),
             congestion: "cubic".into(),
             pacing_rate: Size(0),
+            notsent_lowat: Size(u64::from(t.socket.notsent_lowat.unwrap_or(0))),
             workers: 0,
             pin_workers: t.pin_workers,
             idle_spin: t.idle.spin,
@@ -207,6 +213,113 @@ impl Default for DestSection {
     }
 }
 
+/// `[codec]`: the page codec pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodecSection {
+    /// `auto` (the codec policy decides from link and CPU measurements), `off`, or a
+    /// fixed setting: `zstd:<level>` (dedup, delta and zstd) or `delta` (dedup and
+    /// delta only), each optionally followed by `,nodedup`, `,nodelta`, `,nodict`.
+    pub mode: String,
+    /// Page cache for deltas and dedup, shared out over the streams.
+    pub cache: Size,
+    /// Bytes of frames per compressed batch (64K..=1M).
+    pub batch: Size,
+    /// Largest delta sent instead of a page (at most 4K).
+    pub delta_limit: Size,
+    /// Train a dictionary when compressing (the policy uses it where it measures a gain).
+    pub dictionary: bool,
+    /// Largest dictionary (1K..=1M).
+    pub dictionary_size: Size,
+    /// zstd levels the policy may choose from.
+    pub levels: Vec<i32>,
+    /// The policy switches only for a predicted gain above this fraction.
+    pub hysteresis: f64,
+    /// Append the policy's decisions (one JSON object each) to this file.
+    pub decision_log: Option<PathBuf>,
+    /// Destination: accept codec frames (off keeps them off this host).
+    pub accept: bool,
+}
+
+impl Default for CodecSection {
+    fn default() -> Self {
+        let c = CodecConfig::default();
+        CodecSection {
+            mode: "auto".into(),
+            cache: Size(c.cache_bytes as u64),
+            batch: Size(c.batch_bytes as u64),
+            delta_limit: Size(c.delta_limit as u64),
+            dictionary: c.dictionary,
+            dictionary_size: Size(c.dictionary_bytes as u64),
+            levels: c.levels,
+            hysteresis: PolicyConfig::default().hysteresis,
+            decision_log: None,
+            accept: true,
+        }
+    }
+}
+
+impl CodecSection {
+    /// The mode, parsed.
+    pub fn codec_mode(&self) -> Result<CodecMode, String> {
+        let base = CodecSettings {
+            batch_bytes: self.batch.0 as usize,
+            delta_limit: self.delta_limit.0 as usize,
+            ..CodecSettings::OFF
+        };
+        parse_codec_mode(&self.mode, base)
+    }
+}
+
+/// Parse a codec mode (see [`CodecSection::mode`]) on top of `base` (batch size and
+/// delta limit).
+pub fn parse_codec_mode(text: &str, base: CodecSettings) -> Result<CodecMode, String> {
+    let (head, rest) = text.split_once(',').unwrap_or((text, ""));
+    let mut settings = match head.trim() {
+        "auto" if rest.is_empty() => return Ok(CodecMode::Auto),
+        "off" if rest.is_empty() => return Ok(CodecMode::Off),
+        "delta" => CodecSettings {
+            dedup: true,
+            delta: true,
+            ..base
+        },
+        h if h.starts_with("zstd:") => {
+            let level: i32 = h["zstd:".len()..]
+                .parse()
+                .map_err(|_| format!("{h:?}: the level is not a number"))?;
+            let (min, max) = dwcp_dataplane::codec::zstd::level_range();
+            if !(min..=max).contains(&level) {
+                return Err(format!("zstd level {level} (allowed {min}..={max})"));
+            }
+            CodecSettings {
+                dedup: true,
+                delta: true,
+                level: Some(level),
+                dictionary: true,
+                ..base
+            }
+        }
+        other => {
+            return Err(format!(
+                "{other:?} (expected auto, off, delta or zstd:<level>, options ,nodedup ,nodelta ,nodict)"
+            ));
+        }
+    };
+    for option in rest.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        match option {
+            "nodedup" => settings.dedup = false,
+            "nodelta" => settings.delta = false,
+            "nodict" => settings.dictionary = false,
+            other => {
+                return Err(format!(
+                    "unknown codec option {other:?} (nodedup, nodelta, nodict)"
+                ));
+            }
+        }
+    }
+    Ok(CodecMode::Fixed(settings))
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -219,6 +332,8 @@ pub struct Config {
     pub guest: GuestSection,
     /// `[dest]`
     pub dest: DestSection,
+    /// `[codec]`
+    pub codec: CodecSection,
 }
 
 /// Everything wrong with a configuration.
@@ -377,6 +492,56 @@ impl Config {
                 f.display()
             ));
         }
+        let c = &self.codec;
+        if let Err(e) = c.codec_mode() {
+            errors.push(format!("codec.mode: {e}"));
+        }
+        check(
+            &mut errors,
+            c.cache.0 <= 1 << 40,
+            format!("codec.cache = {} (allowed 0..=1T)", c.cache),
+        );
+        check(
+            &mut errors,
+            (64 << 10..=1 << 20).contains(&c.batch.0),
+            format!("codec.batch = {} (allowed 64K..=1M)", c.batch),
+        );
+        check(
+            &mut errors,
+            (1..=4096).contains(&c.delta_limit.0),
+            format!("codec.delta_limit = {} (allowed 1..=4K)", c.delta_limit),
+        );
+        check(
+            &mut errors,
+            (1 << 10..=1 << 20).contains(&c.dictionary_size.0),
+            format!(
+                "codec.dictionary_size = {} (allowed 1K..=1M)",
+                c.dictionary_size
+            ),
+        );
+        let (min, max) = dwcp_dataplane::codec::zstd::level_range();
+        check(
+            &mut errors,
+            !c.levels.is_empty() && c.levels.iter().all(|l| (min..=max).contains(l)),
+            format!(
+                "codec.levels = {:?} (at least one, each in {min}..={max})",
+                c.levels
+            ),
+        );
+        check(
+            &mut errors,
+            (0.0..1.0).contains(&c.hysteresis),
+            format!("codec.hysteresis = {} (allowed [0, 1))", c.hysteresis),
+        );
+        if let Some(f) = &c.decision_log
+            && f.parent()
+                .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        {
+            errors.push(format!(
+                "codec.decision_log = {}: its directory does not exist",
+                f.display()
+            ));
+        }
         if self.dest.listen.parse::<std::net::SocketAddr>().is_err() {
             errors.push(format!(
                 "dest.listen = {:?} (expected an address such as 0.0.0.0:7410)",
@@ -410,6 +575,8 @@ impl Config {
                 buffer_bytes: t.socket_buffer.0 as usize,
                 congestion: t.congestion.parse().unwrap_or(Congestion::Cubic),
                 pacing_rate: (t.pacing_rate.0 > 0).then_some(t.pacing_rate.0),
+                notsent_lowat: (t.notsent_lowat.0 > 0)
+                    .then_some(t.notsent_lowat.0.min(u64::from(u32::MAX)) as u32),
             },
             pin_workers: t.pin_workers,
             idle: IdleStrategy {
@@ -431,16 +598,57 @@ impl Config {
             max_rounds: m.max_rounds,
             max_duration: Duration::from_secs(m.max_seconds),
             auto_converge: m.auto_converge,
+            codec: self.codec_config(),
             ..SourceConfig::default()
         }
     }
 
+    /// Codec settings of the source (the configuration must be valid).
+    pub fn codec_config(&self) -> CodecConfig {
+        let c = &self.codec;
+        let mut levels = c.levels.clone();
+        levels.sort_unstable();
+        levels.dedup();
+        CodecConfig {
+            mode: c.codec_mode().unwrap_or(CodecMode::Off),
+            cache_bytes: c.cache.0 as usize,
+            batch_bytes: c.batch.0 as usize,
+            delta_limit: c.delta_limit.0 as usize,
+            dictionary: c.dictionary,
+            dictionary_bytes: c.dictionary_size.0 as usize,
+            levels,
+            ..CodecConfig::default()
+        }
+    }
+
+    /// The codec policy for automatic mode.
+    pub fn codec_policy(&self) -> ModelPolicy {
+        let codec = self.codec_config();
+        ModelPolicy::new(PolicyConfig {
+            levels: codec.levels,
+            hysteresis: self.codec.hysteresis,
+            dictionary: codec.dictionary,
+            base: CodecSettings {
+                batch_bytes: codec.batch_bytes,
+                delta_limit: codec.delta_limit,
+                ..PolicyConfig::default().base
+            },
+            ..PolicyConfig::default()
+        })
+    }
+
     /// Destination settings.
     pub fn dest_config(&self) -> DestConfig {
+        use dwcp_dataplane::wire::caps;
         DestConfig {
             transport: self.transport_config(),
             workers: self.transport.workers,
             timeout: Duration::from_secs(self.dest.timeout_seconds),
+            capabilities: if self.codec.accept {
+                caps::ALL
+            } else {
+                caps::ZERO_PAGES | caps::PAGE_RUNS
+            },
         }
     }
 
@@ -522,6 +730,37 @@ mod tests {
             assert!(joined.contains(field), "{field} missing from:\n{joined}");
         }
         assert_eq!(errors.len(), 6, "{joined}");
+    }
+
+    #[test]
+    fn codec_modes_parse_with_options() {
+        let base = CodecSettings::OFF;
+        assert_eq!(parse_codec_mode("auto", base), Ok(CodecMode::Auto));
+        assert_eq!(parse_codec_mode("off", base), Ok(CodecMode::Off));
+        let Ok(CodecMode::Fixed(s)) = parse_codec_mode("zstd:-3,nodict,nodedup", base) else {
+            panic!("fixed mode expected");
+        };
+        assert_eq!(
+            (s.level, s.dictionary, s.dedup, s.delta),
+            (Some(-3), false, false, true)
+        );
+        let Ok(CodecMode::Fixed(d)) = parse_codec_mode("delta", base) else {
+            panic!("fixed mode expected");
+        };
+        assert!(d.delta && d.dedup && d.level.is_none());
+        for bad in ["zstd:fast", "zstd:99", "lz4", "delta,nofun", "off,nodict"] {
+            assert!(parse_codec_mode(bad, base).is_err(), "{bad}");
+        }
+        let text = "[codec]\nmode = \"zstd:1000\"\nbatch = \"2M\"\nlevels = []";
+        let errors = Config::parse(text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .0
+            .join("\n");
+        for field in ["codec.mode", "codec.batch", "codec.levels"] {
+            assert!(errors.contains(field), "{field} missing from:\n{errors}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! It depends only on the page kernels (`dwcp-simd`) and memory (`dwcp-hugepages`);
 //! nothing here links the control plane.
 
+pub mod codec;
 pub mod dirty;
 pub mod engine;
 pub mod guest;

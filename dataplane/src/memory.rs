@@ -18,6 +18,12 @@ use std::ptr::NonNull;
 /// The page size migrations work in.
 pub const PAGE_SIZE: usize = 4096;
 
+/// CRC32C of an all-zero page.
+pub fn zero_page_crc() -> u32 {
+    static CRC: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CRC.get_or_init(|| dwcp_simd::crc32c(&[0u8; PAGE_SIZE]))
+}
+
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestMemoryError {

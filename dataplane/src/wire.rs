@@ -55,9 +55,26 @@ pub mod caps {
     pub const ZERO_PAGES: u64 = 1 << 0;
     /// Frames may carry runs of consecutive pages.
     pub const PAGE_RUNS: u64 = 1 << 1;
+    /// XBZRLE deltas against the copy last sent ([`super::FrameKind::DeltaPage`]).
+    pub const DELTA: u64 = 1 << 2;
+    /// References to a page already at the destination ([`super::FrameKind::PageRef`]).
+    pub const DEDUP: u64 = 1 << 3;
+    /// zstd batches and dictionaries ([`super::FrameKind::Compressed`],
+    /// [`super::FrameKind::Dictionary`]).
+    pub const ZSTD: u64 = 1 << 4;
     /// Everything this build understands.
-    pub const ALL: u64 = ZERO_PAGES | PAGE_RUNS;
+    pub const ALL: u64 = ZERO_PAGES | PAGE_RUNS | DELTA | DEDUP | ZSTD;
 }
+
+/// Largest batch of frames a [`FrameKind::Compressed`] frame may expand to.
+pub const MAX_BATCH: usize = 1 << 20;
+/// Largest [`FrameKind::Compressed`] payload: zstd's worst case for [`MAX_BATCH`]
+/// (`ZSTD_COMPRESSBOUND`) plus the 8-byte prefix, rounded up.
+pub const MAX_COMPRESSED_PAYLOAD: usize = MAX_BATCH + MAX_BATCH / 256 + 64 + 8;
+/// Largest dictionary a [`FrameKind::Dictionary`] frame may carry.
+pub const MAX_DICTIONARY: usize = 1 << 20;
+/// Bytes of a [`FrameKind::PageRef`] payload: the source page (u64) and the CRC32C.
+pub const PAGE_REF_PAYLOAD: usize = 12;
 
 /// Malformed or unexpected input from the peer. Each variant names what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -194,6 +211,16 @@ pub enum WireError {
         /// Pages that arrived.
         received: u32,
     },
+    /// A delta, reference or compressed batch that does not decode.
+    #[error("{what} for page {page} is malformed: {reason}")]
+    BadEncoding {
+        /// Which kind of frame.
+        what: &'static str,
+        /// The page it was for (0 for batches).
+        page: u64,
+        /// What was wrong.
+        reason: String,
+    },
     /// The peer closed a stream before it was finished.
     #[error("{0} closed by the peer before the session ended")]
     UnexpectedEof(&'static str),
@@ -211,6 +238,19 @@ pub enum FrameKind {
     RoundEnd = 3,
     /// The sender will send nothing more on this stream.
     StreamEnd = 4,
+    /// Page `page` as an XBZRLE delta against the copy last sent for it: the CRC32C of
+    /// the resulting page (LE u32), then the delta (empty when nothing changed).
+    DeltaPage = 5,
+    /// Page `page` is a copy of another page the same stream carries: that page's index
+    /// (LE u64), then the CRC32C of the content.
+    PageRef = 6,
+    /// zstd-compressed frames: the length they expand to (LE u32), the dictionary id
+    /// (LE u32, 0 for none), then one zstd frame. Inside may only be zero runs, raw
+    /// pages, deltas and references.
+    Compressed = 7,
+    /// Dictionary `page` (a non-zero id) for later [`FrameKind::Compressed`] frames on
+    /// this stream: its bytes.
+    Dictionary = 8,
 }
 
 /// A decoded, validated page-frame header.
@@ -266,6 +306,46 @@ impl FrameHeader {
         }
     }
 
+    /// A delta for `page` of `delta_len` bytes.
+    pub fn delta_page(page: u64, delta_len: usize) -> Self {
+        FrameHeader {
+            kind: FrameKind::DeltaPage,
+            count: 1,
+            page,
+            payload_len: (PAGE_CRC_LEN + delta_len) as u32,
+        }
+    }
+
+    /// `page` as a copy of another page.
+    pub fn page_ref(page: u64) -> Self {
+        FrameHeader {
+            kind: FrameKind::PageRef,
+            count: 1,
+            page,
+            payload_len: PAGE_REF_PAYLOAD as u32,
+        }
+    }
+
+    /// A compressed batch of `compressed_len` zstd bytes.
+    pub fn compressed(compressed_len: usize) -> Self {
+        FrameHeader {
+            kind: FrameKind::Compressed,
+            count: 0,
+            page: 0,
+            payload_len: (8 + compressed_len) as u32,
+        }
+    }
+
+    /// Dictionary `id` of `len` bytes.
+    pub fn dictionary(id: u32, len: usize) -> Self {
+        FrameHeader {
+            kind: FrameKind::Dictionary,
+            count: 0,
+            page: u64::from(id),
+            payload_len: len as u32,
+        }
+    }
+
     /// End of the stream.
     pub fn stream_end() -> Self {
         FrameHeader {
@@ -303,6 +383,10 @@ impl FrameHeader {
             2 => FrameKind::RawPages,
             3 => FrameKind::RoundEnd,
             4 => FrameKind::StreamEnd,
+            5 => FrameKind::DeltaPage,
+            6 => FrameKind::PageRef,
+            7 => FrameKind::Compressed,
+            8 => FrameKind::Dictionary,
             other => return Err(WireError::UnknownFrameKind(other)),
         };
         let flags = bytes[1];
@@ -338,6 +422,43 @@ impl FrameHeader {
                 }
             }
             FrameKind::RoundEnd | FrameKind::StreamEnd => 0,
+            FrameKind::DeltaPage | FrameKind::PageRef => {
+                if count != 1 {
+                    return Err(WireError::BadCount { count, max: 1 });
+                }
+                if page >= limits.pages {
+                    return Err(WireError::PageOutOfRange {
+                        first: page,
+                        end: page.saturating_add(1),
+                        pages: limits.pages,
+                    });
+                }
+                let range = if kind == FrameKind::PageRef {
+                    PAGE_REF_PAYLOAD..=PAGE_REF_PAYLOAD
+                } else {
+                    PAGE_CRC_LEN..=PAGE_CRC_LEN + limits.page_size as usize
+                };
+                check_payload(payload_len, range)?;
+                u64::from(payload_len)
+            }
+            FrameKind::Compressed | FrameKind::Dictionary => {
+                if count != 0 {
+                    return Err(WireError::BadCount { count, max: 0 });
+                }
+                let (range, id_ok) = if kind == FrameKind::Compressed {
+                    (9..=MAX_COMPRESSED_PAYLOAD, page == 0)
+                } else {
+                    (8..=MAX_DICTIONARY, page != 0 && page <= u64::from(u32::MAX))
+                };
+                if !id_ok {
+                    return Err(WireError::BadHandshake {
+                        field: "frame page field",
+                        reason: format!("{page} is not valid for a {kind:?} frame"),
+                    });
+                }
+                check_payload(payload_len, range)?;
+                u64::from(payload_len)
+            }
         };
         if u64::from(payload_len) != expected_payload {
             return Err(WireError::BadPayloadLength {
@@ -350,6 +471,17 @@ impl FrameHeader {
             count,
             page,
             payload_len,
+        })
+    }
+}
+
+fn check_payload(len: u32, allowed: std::ops::RangeInclusive<usize>) -> Result<(), WireError> {
+    if allowed.contains(&(len as usize)) {
+        Ok(())
+    } else {
+        Err(WireError::BadPayloadLength {
+            found: len,
+            expected: *allowed.end() as u64,
         })
     }
 }

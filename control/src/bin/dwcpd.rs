@@ -34,6 +34,13 @@ struct Common {
     /// Zero-copy sends on or off.
     #[arg(long)]
     zero_copy: Option<bool>,
+    /// Codecs: auto (the policy decides), off, delta, or zstd:<level>, with options
+    /// ,nodedup ,nodelta ,nodict (e.g. zstd:3,nodict).
+    #[arg(long, value_name = "MODE")]
+    codec: Option<String>,
+    /// Append the codec policy's decisions (JSON lines) to this file.
+    #[arg(long, value_name = "FILE")]
+    codec_log: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -121,6 +128,12 @@ fn apply_common(c: &mut Config, common: &Common) {
     }
     if let Some(z) = common.zero_copy {
         c.transport.zero_copy = z;
+    }
+    if let Some(m) = &common.codec {
+        c.codec.mode = m.clone();
+    }
+    if let Some(f) = &common.codec_log {
+        c.codec.decision_log = Some(f.clone());
     }
 }
 

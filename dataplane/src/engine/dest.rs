@@ -3,7 +3,7 @@
 use super::{MigrationError, page_crcs, worker_cpus};
 use crate::memory::GuestMemory;
 use crate::transport::{
-    self, RxEvent, RxWorker, TransportConfig, TransportKind, plain, socket, uring,
+    self, RxEvent, RxSetup, RxWorker, TransportConfig, TransportKind, plain, socket, uring,
 };
 use crate::wire::{
     self, AbortReason, ControlMessage, ControlReadError, STREAM_HELLO_LEN, StreamHello, WireError,
@@ -26,6 +26,9 @@ pub struct DestConfig {
     /// Longest wait for the source to connect and finish the handshake, and the
     /// longest silence tolerated mid-session.
     pub timeout: Duration,
+    /// Capabilities this destination grants ([`caps`]; those the source lacks are
+    /// dropped too). Leaving out the codec ones keeps codec frames off this host.
+    pub capabilities: u64,
 }
 
 impl Default for DestConfig {
@@ -34,6 +37,7 @@ impl Default for DestConfig {
             transport: TransportConfig::default(),
             workers: 0,
             timeout: Duration::from_secs(60),
+            capabilities: caps::ALL,
         }
     }
 }
@@ -175,10 +179,11 @@ pub fn receive(
             }
         }
     };
+    let granted = hello.capabilities & caps::ALL & config.capabilities;
     write_control(
         &mut control,
         &ControlMessage::Welcome {
-            capabilities: hello.capabilities & caps::ALL,
+            capabilities: granted,
         },
     )
     .map_err(io("sending the welcome"))?;
@@ -220,6 +225,12 @@ pub fn receive(
     };
     let cpu = |w: usize| (!cpus.is_empty()).then(|| cpus[w % cpus.len()]);
     let mut workers: Vec<RxWorker> = Vec::new();
+    let rx_setup = RxSetup {
+        total_streams: streams,
+        memory: memory.clone(),
+        memory_is_fresh: fresh,
+        capabilities: granted,
+    };
     match probe.kind {
         TransportKind::IoUring => {
             let count = match config.workers {
@@ -233,23 +244,15 @@ pub fn receive(
             }
             for (w, group) in groups.into_iter().enumerate() {
                 workers.push(
-                    uring::spawn_rx(
-                        w,
-                        group,
-                        streams,
-                        memory.clone(),
-                        fresh,
-                        &config.transport,
-                        cpu(w),
-                    )
-                    .map_err(io("starting an io_uring receiver"))?,
+                    uring::spawn_rx(w, group, rx_setup.clone(), &config.transport, cpu(w))
+                        .map_err(io("starting an io_uring receiver"))?,
                 );
             }
         }
         TransportKind::Plain => {
             for (w, s) in data.into_iter().enumerate() {
                 workers.push(
-                    plain::spawn_rx(s, streams, memory.clone(), fresh, &config.transport, cpu(w))
+                    plain::spawn_rx(s, rx_setup.clone(), &config.transport, cpu(w))
                         .map_err(io("starting a receiver"))?,
                 );
             }

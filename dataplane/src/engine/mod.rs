@@ -16,10 +16,12 @@
 mod dest;
 mod report;
 mod source;
+mod steer;
 
 pub use dest::{DestConfig, DestMemory, DestReport, receive};
 pub use report::{MigrationReport, RoundStats, TransportReport};
-pub use source::{Progress, SourceConfig, migrate};
+pub use source::{Progress, SourceConfig, migrate, migrate_with_policy};
+pub use steer::{CodecReport, SettingsChange};
 
 use crate::dirty::DirtyLogError;
 use crate::wire::WireError;

@@ -95,6 +95,30 @@ pub struct MigrationReport {
     pub simd: String,
     /// Notes (fallbacks) from setup.
     pub notes: Vec<String>,
+    /// What the codec pipeline did, when the session could use it.
+    pub codec: Option<super::CodecReport>,
+}
+
+/// Codec settings in a few words.
+pub fn describe_settings(s: &crate::codec::CodecSettings) -> String {
+    if s.is_off() {
+        return "codecs off".into();
+    }
+    let mut parts = Vec::new();
+    if s.dedup {
+        parts.push("dedup".to_string());
+    }
+    if s.delta {
+        parts.push("delta".to_string());
+    }
+    if let Some(level) = s.level {
+        parts.push(format!(
+            "zstd {level}{} on {} KiB batches",
+            if s.dictionary { " + dictionary" } else { "" },
+            s.batch_bytes >> 10
+        ));
+    }
+    parts.join(", ")
 }
 
 fn mb(bytes: f64) -> f64 {
@@ -176,6 +200,36 @@ impl fmt::Display for MigrationReport {
             mb(self.memory_bytes as f64 / self.total_seconds),
             self.setup_seconds
         )?;
+        if let Some(c) = &self.codec {
+            let n = &c.counters;
+            writeln!(
+                f,
+                "codecs ({}): {} raw, {} delta, {} dedup pages; {} batches compressed {:.1} -> {:.1} MB ({} stored), {} setting changes{}",
+                c.mode,
+                n.raw_pages,
+                n.delta_pages,
+                n.dedup_pages,
+                n.batches,
+                mb(n.compress_in as f64),
+                mb(n.compress_out as f64),
+                n.batches_stored,
+                c.changes.len(),
+                match c.dictionary_bytes {
+                    Some(b) => format!(", dictionary {b} bytes"),
+                    None => String::new(),
+                }
+            )?;
+            for change in &c.changes {
+                let s = &change.settings;
+                writeln!(
+                    f,
+                    "  at {:.2} s worker {}: {}",
+                    change.at,
+                    change.worker,
+                    describe_settings(s)
+                )?;
+            }
+        }
         writeln!(
             f,
             "downtime: estimated {:.1} ms, measured {:.1} ms (final round {:.1} ms, verification {:.1} ms; limit {:.0} ms)",

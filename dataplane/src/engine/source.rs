@@ -1,13 +1,16 @@
 //! The source side: connect, run pre-copy rounds, switch over, verify.
 
 use super::report::{MigrationReport, RoundStats, TransportReport};
+use super::steer::Steering;
 use super::{MigrationError, page_crcs, worker_cpus};
+use crate::codec::policy::{CodecConfig, CodecMode, CodecPolicy};
+use crate::codec::{CodecSettings, CodecSetup};
 use crate::dirty::{DirtyBitmap, DirtyLog};
 use crate::guest::GuestControl;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::transport::{
-    self, StreamTelemetry, TransportConfig, TransportKind, TxCommand, TxEvent, TxWorker, plain,
-    socket, uring,
+    self, StreamTelemetry, TransportConfig, TransportKind, TxCommand, TxControl, TxEvent, TxSetup,
+    TxWorker, plain, socket, uring,
 };
 use crate::wire::{
     self, AbortReason, CHUNK_PAGES, ControlMessage, Handshake, StreamHello, caps, stream_of,
@@ -29,6 +32,8 @@ pub struct SourceConfig {
     pub workers: usize,
     /// Transport settings.
     pub transport: TransportConfig,
+    /// Codec pipeline settings.
+    pub codec: CodecConfig,
     /// Switch over when the estimated downtime is below this.
     pub downtime_limit: Duration,
     /// Abort after this many rounds without converging.
@@ -49,6 +54,7 @@ impl Default for SourceConfig {
             streams: 4,
             workers: 0,
             transport: TransportConfig::default(),
+            codec: CodecConfig::default(),
             downtime_limit: Duration::from_millis(300),
             max_rounds: 30,
             max_duration: Duration::from_secs(600),
@@ -70,6 +76,8 @@ pub struct Progress {
     pub bytes_sent: u64,
     /// Pages sent so far (all rounds).
     pub pages_sent: u64,
+    /// Rounds completely sent (and their dirty pages collected).
+    pub rounds_done: u64,
     /// Pages in the current round's dirty set.
     pub round_pages: u64,
     /// Pages of the current round already handed to workers.
@@ -88,6 +96,13 @@ pub struct Progress {
 
 struct Session<'a> {
     config: &'a SourceConfig,
+    /// Codec steering, when the session may use codecs.
+    steering: Option<Steering<'a>>,
+    /// Configuration changes that found a worker's control ring full.
+    deferred_control: Vec<(usize, TxControl)>,
+    /// The round being sent and its pages left, for steering.
+    current_round: u64,
+    round_left: u64,
     memory: Arc<GuestMemory>,
     workers: Vec<TxWorker>,
     /// For each stream, the worker that owns it.
@@ -123,13 +138,29 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError 
 const RAW_PAGE_WIRE: f64 = (PAGE_SIZE + wire::PAGE_CRC_LEN) as f64;
 
 /// Migrate `memory` to the destination at `peer` while `guest` runs, tracking writes
-/// with `dirty_log` (created before the call, so tracking covers round 0).
+/// with `dirty_log` (created before the call, so tracking covers round 0). With codecs
+/// in [`CodecMode::Auto`] and no policy, codecs stay off (a note says so); see
+/// [`migrate_with_policy`].
 pub fn migrate(
     peer: SocketAddr,
     memory: Arc<GuestMemory>,
     guest: &dyn GuestControl,
-    mut dirty_log: Box<dyn DirtyLog>,
+    dirty_log: Box<dyn DirtyLog>,
     config: &SourceConfig,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationError> {
+    migrate_with_policy(peer, memory, guest, dirty_log, config, None, progress)
+}
+
+/// [`migrate`], with `policy` choosing codec settings live when the codec mode is
+/// [`CodecMode::Auto`].
+pub fn migrate_with_policy<'a>(
+    peer: SocketAddr,
+    memory: Arc<GuestMemory>,
+    guest: &dyn GuestControl,
+    mut dirty_log: Box<dyn DirtyLog>,
+    config: &'a SourceConfig,
+    policy: Option<&'a mut dyn CodecPolicy>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, MigrationError> {
     if config.streams == 0 || config.streams > wire::MAX_STREAMS {
@@ -148,7 +179,7 @@ pub fn migrate(
                 .into(),
         );
     }
-    let mut session = Session::open(peer, &memory, dirty_log.sent_crcs(), config, &probe)?;
+    let mut session = Session::open(peer, &memory, dirty_log.sent_crcs(), config, policy, &probe)?;
     let result = session.run(guest, dirty_log.as_mut(), start, &probe, progress);
     if let Err(e) = &result {
         session.abort(e);
@@ -163,6 +194,7 @@ impl<'a> Session<'a> {
         memory: &Arc<GuestMemory>,
         sent: Option<Arc<crate::dirty::SentCrcs>>,
         config: &'a SourceConfig,
+        policy: Option<&'a mut dyn CodecPolicy>,
         probe: &transport::TransportProbe,
     ) -> Result<Self, MigrationError> {
         let mut control = connect(peer, config.connect_timeout)?;
@@ -182,8 +214,8 @@ impl<'a> Session<'a> {
         };
         write_control(&mut control, &ControlMessage::Hello(hello))
             .map_err(io("sending the handshake"))?;
-        match wire::read_control(&mut control) {
-            Ok(ControlMessage::Welcome { .. }) => {}
+        let accepted = match wire::read_control(&mut control) {
+            Ok(ControlMessage::Welcome { capabilities }) => capabilities,
             Ok(ControlMessage::Refused { reason }) => return Err(MigrationError::Refused(reason)),
             Ok(other) => {
                 return Err(
@@ -194,10 +226,11 @@ impl<'a> Session<'a> {
             Err(wire::ControlReadError::Io(e)) => {
                 return Err(io("waiting for the destination's welcome")(e));
             }
-        }
+        };
+        let mut notes = Vec::new();
+        let codec = codec_setup(config, policy.is_some(), accepted, &mut notes);
         let mut streams = Vec::with_capacity(usize::from(config.streams));
         let mut data_sockets = Vec::new();
-        let mut notes = Vec::new();
         for id in 0..config.streams {
             let mut s = connect(peer, config.connect_timeout)?;
             notes.extend(socket::configure(&s, &config.transport.socket));
@@ -220,6 +253,11 @@ impl<'a> Session<'a> {
         let cpu = |w: usize| (!cpus.is_empty()).then(|| cpus[w % cpus.len()]);
         let mut workers = Vec::new();
         let mut worker_of = vec![0usize; usize::from(config.streams)];
+        let tx_setup = TxSetup {
+            memory: memory.clone(),
+            sent,
+            codec: codec.clone(),
+        };
         match probe.kind {
             TransportKind::IoUring => {
                 let count = match config.workers {
@@ -239,8 +277,7 @@ impl<'a> Session<'a> {
                         uring::spawn_tx(
                             w,
                             group,
-                            memory.clone(),
-                            sent.clone(),
+                            tx_setup.clone(),
                             &config.transport,
                             probe.zero_copy,
                             cpu(w),
@@ -253,15 +290,8 @@ impl<'a> Session<'a> {
                 for (w, s) in streams.into_iter().enumerate() {
                     worker_of[w] = w;
                     workers.push(
-                        plain::spawn_tx(
-                            w,
-                            s,
-                            memory.clone(),
-                            sent.clone(),
-                            &config.transport,
-                            cpu(w),
-                        )
-                        .map_err(io("starting a worker"))?,
+                        plain::spawn_tx(w, s, tx_setup.clone(), &config.transport, cpu(w))
+                            .map_err(io("starting a worker"))?,
                     );
                 }
             }
@@ -271,8 +301,26 @@ impl<'a> Session<'a> {
             .map_err(io("cloning the control stream"))?;
         let control_rx = spawn_control_reader(reader);
         let n = workers.len();
+        let mut streams_of = vec![0u16; n];
+        for &w in &worker_of {
+            streams_of[w] += 1;
+        }
+        let steering = codec.as_ref().map(|setup| {
+            Steering::new(
+                &config.codec,
+                policy,
+                memory.clone(),
+                streams_of,
+                config.streams,
+                setup.initial,
+            )
+        });
         Ok(Session {
             config,
+            steering,
+            deferred_control: Vec::new(),
+            current_round: 0,
+            round_left: 0,
             memory: memory.clone(),
             workers,
             worker_of,
@@ -295,6 +343,50 @@ impl<'a> Session<'a> {
             setup_notes: notes,
         })
     }
+}
+
+/// What the workers need for codecs, or `None` when the session runs without them
+/// (the reason, if it is not the configuration's, goes to `notes`).
+fn codec_setup(
+    config: &SourceConfig,
+    have_policy: bool,
+    accepted: u64,
+    notes: &mut Vec<String>,
+) -> Option<CodecSetup> {
+    let codec = &config.codec;
+    if !codec.enabled() {
+        return None;
+    }
+    if codec.mode == CodecMode::Auto && !have_policy {
+        notes.push("codecs: automatic mode without a policy; codecs off".into());
+        return None;
+    }
+    let wanted = caps::DELTA | caps::DEDUP | caps::ZSTD;
+    if accepted & wanted == 0 {
+        notes.push("codecs: the destination accepts none; codecs off".into());
+        return None;
+    }
+    if accepted & wanted != wanted {
+        notes.push(format!(
+            "codecs: the destination lacks some (capabilities {accepted:#x}); those stay off"
+        ));
+    }
+    let initial = match codec.mode {
+        CodecMode::Fixed(settings) => settings,
+        // The policy measures the link with codecs off first.
+        _ => CodecSettings {
+            batch_bytes: codec.batch_bytes,
+            delta_limit: codec.delta_limit,
+            ..CodecSettings::OFF
+        },
+    };
+    Some(CodecSetup {
+        cache_bytes_per_stream: codec.cache_bytes / usize::from(config.streams),
+        max_batch_bytes: codec.batch_bytes,
+        max_dictionary_bytes: codec.dictionary_bytes,
+        initial,
+        capabilities: accepted,
+    })
 }
 
 fn random_session_id() -> u128 {
@@ -355,6 +447,11 @@ impl Session<'_> {
                     TxEvent::Telemetry(t) => {
                         if let Some(slot) = self.telemetry.get_mut(usize::from(t.stream)) {
                             *slot = t;
+                        }
+                    }
+                    TxEvent::Worker(t) => {
+                        if let Some(steering) = &mut self.steering {
+                            steering.worker_telemetry(t);
                         }
                     }
                     TxEvent::Finished {
@@ -423,6 +520,7 @@ impl Session<'_> {
                     cmd = full.0;
                     self.workers[worker].thread.unpark();
                     self.pump()?;
+                    self.steer();
                     std::thread::yield_now();
                 }
             }
@@ -435,6 +533,21 @@ impl Session<'_> {
         }
     }
 
+    /// Let codec steering act, and pass its changes to the workers. Never blocks: a
+    /// change that finds a control ring full waits for the next call.
+    fn steer(&mut self) {
+        let mut changes = std::mem::take(&mut self.deferred_control);
+        if let Some(steering) = &mut self.steering {
+            changes.extend(steering.tick(&self.telemetry, self.current_round, self.round_left));
+        }
+        for (w, change) in changes {
+            match self.workers[w].control.push(change) {
+                Ok(()) => self.workers[w].thread.unpark(),
+                Err(full) => self.deferred_control.push((w, full.0)),
+            }
+        }
+    }
+
     /// Queue every page of `pages` as runs within chunks; returns how many.
     fn push_pages(
         &mut self,
@@ -442,6 +555,7 @@ impl Session<'_> {
         on_batch: &mut dyn FnMut(&mut Self, u64),
     ) -> Result<u64, MigrationError> {
         let streams = self.config.streams;
+        self.round_left = pages.count();
         let mut queued = 0u64;
         let mut run: Option<(u64, u32)> = None;
         let mut since_wake = 0u32;
@@ -458,10 +572,12 @@ impl Session<'_> {
                     },
                 )?;
                 *since_wake += 1;
+                s.round_left = s.round_left.saturating_sub(u64::from(run.1));
                 if *since_wake >= WAKE_EVERY {
                     *since_wake = 0;
                     s.wake_all();
                     s.pump()?;
+                    s.steer();
                 }
                 Ok(())
             };
@@ -501,6 +617,7 @@ impl Session<'_> {
         self.last_activity = Instant::now();
         loop {
             self.pump()?;
+            self.steer();
             if self
                 .round_sent
                 .iter()
@@ -531,6 +648,7 @@ impl Session<'_> {
             phase,
             bytes_sent: totals.bytes,
             pages_sent: totals.pages,
+            rounds_done: totals.rounds_done,
             round_pages: totals.round_pages,
             round_pages_queued: totals.round_queued,
             dirty_rate: totals.dirty_rate,
@@ -550,7 +668,7 @@ impl Session<'_> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<MigrationReport, MigrationError> {
         let pages = self.memory.pages();
-        let verify_estimate = estimate_verify_seconds(self.memory.len());
+        let verify_estimate = estimate_verify_seconds(&self.memory);
         let mut rounds: Vec<RoundStats> = Vec::new();
         let mut totals = Totals::default();
         let mut dirty = DirtyBitmap::full(pages);
@@ -558,6 +676,9 @@ impl Session<'_> {
         // so start the first interval now.
         dirty_log.collect(&mut DirtyBitmap::new(pages))?;
         let copy_start = Instant::now();
+        if let Some(steering) = &mut self.steering {
+            steering.start();
+        }
         let setup_seconds = start.elapsed().as_secs_f64();
         let start = copy_start;
         let mut last_collect = Instant::now();
@@ -566,6 +687,7 @@ impl Session<'_> {
         let mut round = 0u64;
         let (estimated, final_set) = loop {
             let round_start = Instant::now();
+            self.current_round = round;
             totals.round_pages = dirty.count();
             totals.round_queued = 0;
             let snapshot_round = round;
@@ -708,6 +830,7 @@ impl Session<'_> {
             setup_seconds,
             simd: dwcp_simd::Kernels::active().level().to_string(),
             notes: Vec::new(),
+            codec: self.steering.take().map(Steering::finish),
             rounds,
         })
     }
@@ -738,6 +861,7 @@ impl Session<'_> {
         self.wake_all();
         while self.finished < self.workers.len() {
             self.pump()?;
+            self.steer();
             std::thread::sleep(Duration::from_micros(200));
         }
         let final_seconds = t0.elapsed().as_secs_f64();
@@ -865,10 +989,12 @@ struct Totals {
     max_throttle: u32,
     round_pages: u64,
     round_queued: u64,
+    rounds_done: u64,
 }
 
 impl Totals {
     fn add_round(&mut self, pages: u64, bytes: u64, seconds: f64) {
+        self.rounds_done += 1;
         self.pages += pages;
         self.bytes += bytes;
         self.send_seconds += seconds;
@@ -884,18 +1010,31 @@ impl Totals {
     }
 }
 
-/// Time to checksum all memory at the switchover, measured on a private buffer of up
-/// to 64 MiB (the guest's memory cannot be read as a slice while it runs).
-fn estimate_verify_seconds(memory_bytes: usize) -> f64 {
-    let sample = memory_bytes.min(64 << 20);
-    let buf = vec![0x5Au8; sample];
-    let t = Instant::now();
+/// Time to checksum all memory at the switchover, from the fastest of 16 passes over
+/// 1 MiB of the guest's own pages each, spread over its memory (copied out page by
+/// page, as the guest runs). The fastest pass is what the machine can do; a pass the
+/// scheduler interrupted says nothing about it.
+fn estimate_verify_seconds(memory: &GuestMemory) -> f64 {
+    const PASSES: u64 = 16;
+    const PASS_PAGES: u64 = 256;
+    let pages = memory.pages();
+    let stride = (pages / (PASSES * PASS_PAGES)).max(1);
+    let mut page = vec![0u8; PAGE_SIZE];
+    let kernels = dwcp_simd::Kernels::active();
+    let mut best = f64::MAX;
     let mut acc = 0u32;
-    for page in buf.chunks_exact(PAGE_SIZE) {
-        acc ^= dwcp_simd::crc32c(page);
+    for pass in 0..PASSES {
+        let t = Instant::now();
+        for i in 0..PASS_PAGES {
+            let p = ((pass * PASS_PAGES + i) * stride).min(pages - 1);
+            memory.read_page(p, &mut page);
+            acc ^= kernels.crc32c(&page);
+        }
+        best = best.min(t.elapsed().as_secs_f64());
     }
     std::hint::black_box(acc);
-    let rate = sample as f64 / t.elapsed().as_secs_f64().max(1e-9);
-    // Both sides checksum their memory; they overlap, so one pass plus a margin.
-    1.5 * memory_bytes as f64 / rate
+    let rate = (PASS_PAGES as usize * PAGE_SIZE) as f64 / best.max(1e-9);
+    // Both sides checksum their memory, overlapping; the copy each page takes here
+    // (verification reads memory in place) stands in for the margin.
+    memory.len() as f64 / rate
 }

@@ -8,19 +8,14 @@
 //! copies page bytes straight into guest memory, and checks each page's CRC as its
 //! last byte lands.
 
+use crate::codec::zstd::Decompressor;
 use crate::dirty::{DirtyBitmap, SentCrcs};
-use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::memory::{GuestMemory, PAGE_SIZE, zero_page_crc};
 use crate::wire::{
-    CHUNK_PAGES, FRAME_HEADER_LEN, FrameHeader, FrameKind, FrameLimits, PAGE_CRC_LEN, WireError,
-    stream_of,
+    CHUNK_PAGES, FRAME_HEADER_LEN, FrameHeader, FrameKind, FrameLimits, MAX_BATCH, PAGE_CRC_LEN,
+    WireError, stream_of,
 };
 use std::sync::Arc;
-
-/// CRC32C of an all-zero page.
-fn zero_page_crc() -> u32 {
-    static CRC: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *CRC.get_or_init(|| dwcp_simd::crc32c(&[0u8; PAGE_SIZE]))
-}
 
 /// Bytes one raw page takes in a frame.
 const RAW_PAGE_BYTES: usize = PAGE_CRC_LEN + PAGE_SIZE;
@@ -177,6 +172,12 @@ pub struct RxCounters {
     pub raw_pages: u64,
     /// Pages received as zero markers.
     pub zero_pages: u64,
+    /// Pages received as deltas.
+    pub delta_pages: u64,
+    /// Pages received as references to another page.
+    pub ref_pages: u64,
+    /// Compressed batches received.
+    pub batches: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -193,6 +194,10 @@ enum State {
         offset: usize,
         crc: u32,
     },
+    /// Collecting the whole payload of a frame handled at once.
+    Payload {
+        header: FrameHeader,
+    },
     Ended,
 }
 
@@ -207,9 +212,18 @@ pub struct FrameParser {
     header_fill: usize,
     crc: [u8; PAGE_CRC_LEN],
     crc_fill: usize,
+    /// The payload of a frame handled whole (delta, reference, batch, dictionary).
+    payload: Vec<u8>,
+    /// A decompressed batch.
+    inner: Vec<u8>,
+    /// One page, for deltas and references.
+    scratch: Box<[u8; PAGE_SIZE]>,
+    decompressor: Option<Decompressor>,
     /// Pages never written since the memory was created zeroed: a zero marker for them
     /// needs no write. `None` when the memory may hold old content.
     untouched: Option<DirtyBitmap>,
+    /// The frame kinds the session negotiated ([`crate::wire::caps`]).
+    capabilities: u64,
     round_pages: u32,
     next_round: u64,
     counters: RxCounters,
@@ -233,11 +247,41 @@ impl FrameParser {
             header_fill: 0,
             crc: [0; PAGE_CRC_LEN],
             crc_fill: 0,
+            payload: Vec::new(),
+            inner: Vec::new(),
+            scratch: Box::new([0; PAGE_SIZE]),
+            decompressor: None,
             untouched: memory_is_fresh.then(|| DirtyBitmap::full(pages)),
+            capabilities: crate::wire::caps::ALL,
             round_pages: 0,
             next_round: 0,
             counters: RxCounters::default(),
         }
+    }
+
+    /// Accept only the codec frames of `capabilities` (what the session negotiated).
+    pub fn with_capabilities(mut self, capabilities: u64) -> Self {
+        self.capabilities = capabilities;
+        self
+    }
+
+    /// Refuse a frame kind the session did not negotiate.
+    fn check_negotiated(&self, kind: FrameKind) -> Result<(), WireError> {
+        use crate::wire::caps;
+        let needed = match kind {
+            FrameKind::DeltaPage => caps::DELTA,
+            FrameKind::PageRef => caps::DEDUP,
+            FrameKind::Compressed | FrameKind::Dictionary => caps::ZSTD,
+            _ => return Ok(()),
+        };
+        if self.capabilities & needed == 0 {
+            return Err(WireError::BadEncoding {
+                what: "frame",
+                page: 0,
+                reason: format!("{kind:?} frames were not negotiated for this session"),
+            });
+        }
+        Ok(())
     }
 
     /// Counters so far.
@@ -262,6 +306,15 @@ impl FrameParser {
             });
         }
         Ok(())
+    }
+
+    /// A page now holds content sent for it (not the zeros it started with).
+    fn written(&mut self, page: u64) {
+        if let Some(u) = &mut self.untouched
+            && u.get(page)
+        {
+            u.clear_page(page);
+        }
     }
 
     /// Consume the next bytes of the stream. Events are reported through `on_event` as
@@ -338,11 +391,7 @@ impl FrameParser {
                             found: crc,
                         });
                     }
-                    if let Some(u) = &mut self.untouched
-                        && u.get(page)
-                    {
-                        u.clear_page(page);
-                    }
+                    self.written(page);
                     self.counters.raw_pages += 1;
                     self.round_pages += 1;
                     self.state = if left > 1 {
@@ -353,6 +402,20 @@ impl FrameParser {
                     } else {
                         State::Header
                     };
+                }
+                State::Payload { header } => {
+                    let want = header.payload_len as usize - self.payload.len();
+                    let take = want.min(data.len());
+                    self.payload.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if self.payload.len() == header.payload_len as usize {
+                        self.state = State::Header;
+                        let payload = std::mem::take(&mut self.payload);
+                        let result = self.whole_frame(header, &payload);
+                        self.payload = payload;
+                        self.payload.clear();
+                        result?;
+                    }
                 }
             }
         }
@@ -367,14 +430,7 @@ impl FrameParser {
         match header.kind {
             FrameKind::ZeroRun => {
                 self.check_owner(header.page, header.count)?;
-                for page in header.page..header.page + u64::from(header.count) {
-                    let fresh = self.untouched.as_ref().is_some_and(|u| u.get(page));
-                    if !fresh {
-                        self.memory.zero_page(page);
-                    }
-                }
-                self.counters.zero_pages += u64::from(header.count);
-                self.round_pages += header.count;
+                self.zero_run(header.page, header.count);
             }
             FrameKind::RawPages => {
                 self.check_owner(header.page, header.count)?;
@@ -382,6 +438,17 @@ impl FrameParser {
                     page: header.page,
                     left: header.count,
                 };
+            }
+            FrameKind::DeltaPage
+            | FrameKind::PageRef
+            | FrameKind::Compressed
+            | FrameKind::Dictionary => {
+                self.check_negotiated(header.kind)?;
+                if header.kind != FrameKind::Compressed && header.kind != FrameKind::Dictionary {
+                    self.check_owner(header.page, 1)?;
+                }
+                self.payload.reserve(header.payload_len as usize);
+                self.state = State::Payload { header };
             }
             FrameKind::RoundEnd => {
                 let round = header.page;
@@ -415,6 +482,176 @@ impl FrameParser {
                 }
                 self.state = State::Ended;
                 on_event(StreamEvent::StreamEnd);
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_run(&mut self, first: u64, count: u32) {
+        for page in first..first + u64::from(count) {
+            let fresh = self.untouched.as_ref().is_some_and(|u| u.get(page));
+            if !fresh {
+                self.memory.zero_page(page);
+            }
+        }
+        self.counters.zero_pages += u64::from(count);
+        self.round_pages += count;
+    }
+
+    /// Check a page assembled in `scratch` against `expected` and store it.
+    fn store_scratch(&mut self, page: u64, expected: u32) -> Result<(), WireError> {
+        let found = dwcp_simd::crc32c(&self.scratch[..]);
+        if found != expected {
+            return Err(WireError::PageChecksum {
+                page,
+                expected,
+                found,
+            });
+        }
+        self.memory.write_page(page, &self.scratch[..]);
+        self.written(page);
+        self.round_pages += 1;
+        Ok(())
+    }
+
+    fn delta(&mut self, page: u64, payload: &[u8]) -> Result<(), WireError> {
+        let (crc, delta) = payload.split_at(PAGE_CRC_LEN);
+        let expected = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+        // Decode on a copy: a malformed delta then leaves the page as it was.
+        self.memory.read_page(page, &mut self.scratch[..]);
+        dwcp_simd::xbzrle_decode(delta, &mut self.scratch[..]).map_err(|e| {
+            WireError::BadEncoding {
+                what: "XBZRLE delta",
+                page,
+                reason: e.to_string(),
+            }
+        })?;
+        self.store_scratch(page, expected)?;
+        self.counters.delta_pages += 1;
+        Ok(())
+    }
+
+    fn reference(&mut self, page: u64, payload: &[u8]) -> Result<(), WireError> {
+        let mut source = [0u8; 8];
+        source.copy_from_slice(&payload[..8]);
+        let source = u64::from_le_bytes(source);
+        let expected = u32::from_le_bytes([payload[8], payload[9], payload[10], payload[11]]);
+        if source >= self.limits.pages {
+            return Err(WireError::BadEncoding {
+                what: "page reference",
+                page,
+                reason: format!("source page {source} is outside guest memory"),
+            });
+        }
+        // Only pages this stream carries are in a known state, in stream order.
+        if stream_of(source, self.streams) != self.stream {
+            return Err(WireError::BadEncoding {
+                what: "page reference",
+                page,
+                reason: format!("source page {source} belongs to another stream"),
+            });
+        }
+        self.memory.read_page(source, &mut self.scratch[..]);
+        self.store_scratch(page, expected)?;
+        self.counters.ref_pages += 1;
+        Ok(())
+    }
+
+    fn whole_frame(&mut self, header: FrameHeader, payload: &[u8]) -> Result<(), WireError> {
+        match header.kind {
+            FrameKind::DeltaPage => self.delta(header.page, payload),
+            FrameKind::PageRef => self.reference(header.page, payload),
+            FrameKind::Dictionary => self
+                .decompressor
+                .get_or_insert_with(Decompressor::new)
+                .add_dictionary(header.page as u32, payload)
+                .map_err(|e| WireError::BadEncoding {
+                    what: "dictionary",
+                    page: 0,
+                    reason: e.to_string(),
+                }),
+            FrameKind::Compressed => {
+                let bad = |reason: String| WireError::BadEncoding {
+                    what: "compressed batch",
+                    page: 0,
+                    reason,
+                };
+                let expanded =
+                    u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
+                let dict = u32::from_le_bytes([payload[4], payload[5], payload[6], payload[7]]);
+                if expanded == 0 || expanded > MAX_BATCH {
+                    return Err(bad(format!(
+                        "expands to {expanded} bytes (allowed 1..={MAX_BATCH})"
+                    )));
+                }
+                let mut inner = std::mem::take(&mut self.inner);
+                inner.resize(expanded, 0);
+                let result = self
+                    .decompressor
+                    .get_or_insert_with(Decompressor::new)
+                    .decompress(dict, &payload[8..], &mut inner)
+                    .map_err(|e| bad(e.to_string()))
+                    .and_then(|n| {
+                        if n == expanded {
+                            Ok(())
+                        } else {
+                            Err(bad(format!("expanded to {n} bytes, announced {expanded}")))
+                        }
+                    })
+                    .and_then(|()| self.inner_frames(&inner));
+                self.inner = inner;
+                self.counters.batches += 1;
+                result
+            }
+            _ => unreachable!("only whole-payload kinds are collected"),
+        }
+    }
+
+    /// The frames of a decompressed batch: complete frames, of the page-carrying kinds
+    /// only.
+    fn inner_frames(&mut self, mut data: &[u8]) -> Result<(), WireError> {
+        let bad = |reason: String| WireError::BadEncoding {
+            what: "compressed batch",
+            page: 0,
+            reason,
+        };
+        while !data.is_empty() {
+            let Some(bytes) = data.get(..FRAME_HEADER_LEN) else {
+                return Err(bad("ends inside a frame header".into()));
+            };
+            let mut raw = [0u8; FRAME_HEADER_LEN];
+            raw.copy_from_slice(bytes);
+            let header = FrameHeader::decode(&raw, &self.limits)?;
+            let Some(payload) =
+                data.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + header.payload_len as usize)
+            else {
+                return Err(bad("ends inside a frame".into()));
+            };
+            data = &data[FRAME_HEADER_LEN + header.payload_len as usize..];
+            self.check_negotiated(header.kind)?;
+            match header.kind {
+                FrameKind::ZeroRun => {
+                    self.check_owner(header.page, header.count)?;
+                    self.zero_run(header.page, header.count);
+                }
+                FrameKind::RawPages => {
+                    self.check_owner(header.page, header.count)?;
+                    for (i, page) in payload.chunks_exact(PAGE_CRC_LEN + PAGE_SIZE).enumerate() {
+                        let expected = u32::from_le_bytes([page[0], page[1], page[2], page[3]]);
+                        self.scratch.copy_from_slice(&page[PAGE_CRC_LEN..]);
+                        self.store_scratch(header.page + i as u64, expected)?;
+                        self.counters.raw_pages += 1;
+                    }
+                }
+                FrameKind::DeltaPage => {
+                    self.check_owner(header.page, 1)?;
+                    self.delta(header.page, payload)?;
+                }
+                FrameKind::PageRef => {
+                    self.check_owner(header.page, 1)?;
+                    self.reference(header.page, payload)?;
+                }
+                other => return Err(bad(format!("{other:?} frame inside a batch"))),
             }
         }
         Ok(())

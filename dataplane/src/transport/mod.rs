@@ -23,10 +23,15 @@ pub mod plain;
 pub mod socket;
 pub mod uring;
 
+use crate::codec::zstd::Dictionary;
+use crate::codec::{CodecCounters, CodecSettings, CodecSetup};
+use crate::dirty::SentCrcs;
+use crate::memory::GuestMemory;
 use crate::ring::{Consumer, Producer};
 use socket::{SocketOptions, TcpInfoSample};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::thread::{JoinHandle, Thread};
 use std::time::Duration;
 
@@ -152,7 +157,7 @@ impl Default for TransportConfig {
             pin_workers: true,
             cpus: Vec::new(),
             idle: IdleStrategy::default(),
-            telemetry_interval: Duration::from_millis(100),
+            telemetry_interval: Duration::from_millis(25),
         }
     }
 }
@@ -207,7 +212,7 @@ pub fn decide(config: &TransportConfig, uring: Result<uring::UringCaps, String>)
     }
 }
 
-/// Engine → source worker.
+/// Engine → source worker: the work, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxCommand {
     /// Send pages `first..first + count` (within one chunk) on global stream `stream`.
@@ -226,6 +231,37 @@ pub enum TxCommand {
     },
     /// End every stream, wait for the last sends, exit.
     Finish,
+}
+
+/// Engine → source worker: new configuration, on a ring of its own so that it
+/// overtakes the runs already queued (on a slow link, seconds of them). A worker takes
+/// it before its next run.
+#[derive(Debug, Clone)]
+pub enum TxControl {
+    /// Use these codec settings from the next run on (ignored by a worker started
+    /// without codecs).
+    SetCodec(CodecSettings),
+    /// Compress with this dictionary from now on, when the settings ask for one.
+    SetDictionary(Arc<Dictionary>),
+}
+
+/// Counters of one source worker, reported periodically. Cumulative since the worker
+/// started.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WorkerTelemetry {
+    /// Worker index.
+    pub worker: usize,
+    /// The codec pipeline's counters.
+    pub codec: CodecCounters,
+    /// The codec settings in force.
+    pub settings: CodecSettings,
+    /// Bytes staged without codecs.
+    pub staged_bytes: u64,
+    /// Time spent staging them, nanoseconds.
+    pub stage_nanos: u64,
+    /// Time the worker had runs to stage but every buffer was waiting on the network,
+    /// nanoseconds: a worker that stalls is link-bound.
+    pub stalled_nanos: u64,
 }
 
 /// Counters of one stream, reported periodically.
@@ -257,8 +293,10 @@ pub enum TxEvent {
         /// Bytes of frames.
         bytes: u64,
     },
-    /// Periodic counters.
+    /// Periodic counters of a stream.
     Telemetry(StreamTelemetry),
+    /// Periodic counters of the worker.
+    Worker(WorkerTelemetry),
     /// Every stream ended and every buffer is back.
     Finished {
         /// Worker index.
@@ -329,10 +367,49 @@ impl RxEvent {
     }
 }
 
+/// What a source worker sends from, beside its sockets.
+#[derive(Clone)]
+pub struct TxSetup {
+    /// Guest memory.
+    pub memory: Arc<GuestMemory>,
+    /// Where to record the CRC of each page sent, when the dirty log wants it.
+    pub sent: Option<Arc<SentCrcs>>,
+    /// Codec limits, when the session may use codecs.
+    pub codec: Option<CodecSetup>,
+}
+
+/// Where a destination worker puts what arrives, beside its sockets.
+#[derive(Clone)]
+pub struct RxSetup {
+    /// Streams in the session.
+    pub total_streams: u16,
+    /// Guest memory.
+    pub memory: Arc<GuestMemory>,
+    /// The memory is known to be all zeros.
+    pub memory_is_fresh: bool,
+    /// Frame kinds the session negotiated ([`crate::wire::caps`]).
+    pub capabilities: u64,
+}
+
+impl RxSetup {
+    /// The parser of stream `stream`.
+    pub fn parser(&self, stream: u16) -> frames::FrameParser {
+        frames::FrameParser::new(
+            self.memory.clone(),
+            stream,
+            self.total_streams,
+            self.memory_is_fresh,
+        )
+        .with_capabilities(self.capabilities)
+    }
+}
+
 /// The engine's handle on a source worker.
 pub struct TxWorker {
     /// Commands to the worker.
     pub commands: Producer<TxCommand>,
+    /// Configuration changes for the worker.
+    pub control: Producer<TxControl>,
     /// Events from it.
     pub events: Consumer<TxEvent>,
     /// The worker's thread, to wake it after pushing commands.
@@ -353,6 +430,8 @@ pub struct RxWorker {
 
 /// Ring capacity between the engine and a worker.
 pub(crate) const WORKER_RING: usize = 4096;
+/// Ring capacity for configuration changes.
+pub(crate) const CONTROL_RING: usize = 64;
 
 /// Pin the calling worker thread to `cpu` if asked; a failure is only a lost
 /// optimisation.

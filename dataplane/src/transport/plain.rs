@@ -4,9 +4,10 @@
 
 use super::frames::{FrameParser, stage_marker, stage_run, stage_space};
 use super::{
-    RxEvent, RxWorker, StreamTelemetry, TransportConfig, TxCommand, TxEvent, TxWorker, WORKER_RING,
-    pin, push_event,
+    CONTROL_RING, RxEvent, RxSetup, RxWorker, StreamTelemetry, TransportConfig, TxCommand,
+    TxControl, TxEvent, TxSetup, TxWorker, WORKER_RING, WorkerTelemetry, pin, push_event,
 };
+use crate::codec::{CodecSetup, StreamCodec, WorkerCodec};
 use crate::dirty::SentCrcs;
 use crate::memory::GuestMemory;
 use crate::ring::{self, Consumer, Producer};
@@ -22,144 +23,305 @@ use std::time::{Duration, Instant};
 pub fn spawn_tx(
     worker: usize,
     stream: (u16, TcpStream),
-    memory: Arc<GuestMemory>,
-    sent: Option<Arc<SentCrcs>>,
+    setup: TxSetup,
     config: &TransportConfig,
     cpu: Option<usize>,
 ) -> std::io::Result<TxWorker> {
     let (cmd_tx, cmd_rx) = ring::channel(WORKER_RING);
+    let (ctl_tx, ctl_rx) = ring::channel(CONTROL_RING);
     let (evt_tx, evt_rx) = ring::channel(WORKER_RING);
     let config = config.clone();
     let handle = std::thread::Builder::new()
         .name(format!("dwcp-ptx{worker}"))
         .spawn(move || {
             pin(cpu);
-            tx_main(worker, stream, &memory, sent, cmd_rx, evt_tx, &config);
+            PlainTx::new(worker, stream, setup, &config).run(cmd_rx, ctl_rx, evt_tx, &config);
         })?;
     Ok(TxWorker {
         commands: cmd_tx,
+        control: ctl_tx,
         events: evt_rx,
         thread: handle.thread().clone(),
         handle: Some(handle),
     })
 }
 
-fn tx_main(
+/// A source worker's state: one stream, one buffer written with blocking sends.
+struct PlainTx {
     worker: usize,
-    (id, mut socket): (u16, TcpStream),
-    memory: &GuestMemory,
+    id: u16,
+    socket: TcpStream,
+    memory: Arc<GuestMemory>,
     sent: Option<Arc<SentCrcs>>,
-    mut commands: Consumer<TxCommand>,
-    mut events: Producer<TxEvent>,
-    config: &TransportConfig,
-) {
-    let mut buf = vec![
-        0u8;
-        config
+    buf: Vec<u8>,
+    /// Bytes waiting in `buf`.
+    len: usize,
+    /// Send once this much is buffered.
+    send_size: usize,
+    codec: Option<(WorkerCodec, StreamCodec, CodecSetup)>,
+    round_zero: u64,
+    round_content: u64,
+    round_bytes: u64,
+    round_pages: u32,
+    bytes: u64,
+    pages: u64,
+    staged_bytes: u64,
+    stage_nanos: u64,
+    /// Time spent in blocking sends.
+    send_nanos: u64,
+}
+
+impl PlainTx {
+    fn new(
+        worker: usize,
+        (id, socket): (u16, TcpStream),
+        setup: TxSetup,
+        config: &TransportConfig,
+    ) -> Self {
+        let TxSetup {
+            memory,
+            sent,
+            codec,
+        } = setup;
+        let send_size = config
             .send_buffer
-            .max(stage_space(crate::wire::MAX_RUN_PAGES) * 2)
-    ];
-    let mut len = 0usize;
-    let (mut zero, mut raw, mut bytes_in_round) = (0u64, 0u64, 0u64);
-    let (mut bytes, mut pages, mut round_pages) = (0u64, 0u64, 0u32);
-    let mut idle = 0u32;
-    let mut next_telemetry = Instant::now() + config.telemetry_interval;
-    let flush = |socket: &mut TcpStream, buf: &[u8], bytes: &mut u64| -> Result<(), String> {
-        socket
-            .write_all(buf)
-            .map_err(|e| format!("stream {id}: send failed: {e}"))?;
-        *bytes += buf.len() as u64;
+            .max(stage_space(crate::wire::MAX_RUN_PAGES) * 2);
+        let capacity =
+            send_size + codec.as_ref().map_or(0, |c| c.max_flush_len()) + FRAME_HEADER_LEN;
+        PlainTx {
+            worker,
+            id,
+            socket,
+            memory,
+            sent,
+            buf: vec![0u8; capacity],
+            len: 0,
+            send_size,
+            codec: codec.map(|setup| {
+                let mut worker_codec = WorkerCodec::new();
+                worker_codec.set_settings(setup.permit(setup.initial), std::iter::empty());
+                (worker_codec, StreamCodec::for_setup(&setup), setup)
+            }),
+            round_zero: 0,
+            round_content: 0,
+            round_bytes: 0,
+            round_pages: 0,
+            bytes: 0,
+            pages: 0,
+            staged_bytes: 0,
+            stage_nanos: 0,
+            send_nanos: 0,
+        }
+    }
+
+    /// Send what is buffered.
+    fn send(&mut self) -> Result<(), String> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.socket
+            .write_all(&self.buf[..self.len])
+            .map_err(|e| format!("stream {}: send failed: {e}", self.id))?;
+        self.send_nanos += started.elapsed().as_nanos() as u64;
+        self.bytes += self.len as u64;
+        self.len = 0;
         Ok(())
-    };
-    let result: Result<(), String> = (|| loop {
-        let Some(cmd) = commands.pop() else {
-            if len > 0 {
-                flush(&mut socket, &buf[..len], &mut bytes)?;
-                len = 0;
+    }
+
+    /// Make room for `need` more bytes, sending first if the buffer is full enough.
+    fn room(&mut self, need: usize) -> Result<(), String> {
+        if self.len > 0 && (self.len + need > self.buf.len() || self.len + need > self.send_size) {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    fn flush_batch(&mut self) -> Result<(), String> {
+        let need = match &self.codec {
+            Some((codec, batch, _)) if batch.pending() > 0 => codec.flush_bound(batch),
+            _ => return Ok(()),
+        };
+        self.room(need)?;
+        let (codec, batch, _) = self.codec.as_mut().expect("checked above");
+        let n = codec.flush(batch, &mut self.buf[self.len..]);
+        self.len += n;
+        self.round_bytes += n as u64;
+        Ok(())
+    }
+
+    fn coding(&self) -> bool {
+        self.codec
+            .as_ref()
+            .is_some_and(|(c, _, _)| !c.settings().is_off())
+    }
+
+    fn pages(&mut self, first: u64, count: u32) -> Result<(), String> {
+        if self.coding() {
+            let full = self
+                .codec
+                .as_ref()
+                .is_some_and(|(codec, batch, _)| codec.batch_full(batch, count));
+            if full {
+                self.flush_batch()?;
             }
-            if commands.is_abandoned() {
-                return Err("engine went away".into());
+            let (codec, batch, _) = self.codec.as_mut().expect("coding");
+            let run = codec.encode_run(batch, &self.memory, first, count, self.sent.as_deref());
+            self.round_zero += u64::from(run.zero_pages);
+            self.round_content += u64::from(run.content_pages);
+        } else {
+            self.room(stage_space(count))?;
+            let started = Instant::now();
+            let staged = stage_run(
+                &self.memory,
+                first,
+                count,
+                &mut self.buf[self.len..],
+                self.sent.as_deref(),
+            );
+            self.len += staged.bytes;
+            self.round_zero += u64::from(staged.zero_pages);
+            self.round_content += u64::from(staged.raw_pages);
+            self.round_bytes += staged.bytes as u64;
+            self.staged_bytes += staged.bytes as u64;
+            self.stage_nanos += started.elapsed().as_nanos() as u64;
+        }
+        self.round_pages += count;
+        self.pages += u64::from(count);
+        Ok(())
+    }
+
+    fn marker(&mut self, header: FrameHeader) -> Result<(), String> {
+        self.flush_batch()?;
+        self.room(FRAME_HEADER_LEN)?;
+        self.len += stage_marker(header, &mut self.buf[self.len..]);
+        self.round_bytes += FRAME_HEADER_LEN as u64;
+        self.send()
+    }
+
+    fn telemetry(&self) -> WorkerTelemetry {
+        WorkerTelemetry {
+            worker: self.worker,
+            codec: self
+                .codec
+                .as_ref()
+                .map(|(c, _, _)| c.counters())
+                .unwrap_or_default(),
+            settings: self
+                .codec
+                .as_ref()
+                .map(|(c, _, _)| c.settings())
+                .unwrap_or_default(),
+            staged_bytes: self.staged_bytes,
+            stage_nanos: self.stage_nanos,
+            stalled_nanos: self.send_nanos,
+        }
+    }
+
+    fn apply(&mut self, change: TxControl) -> Result<(), String> {
+        match change {
+            TxControl::SetCodec(settings) => {
+                // Batches made under the old settings go out first.
+                self.flush_batch()?;
+                if let Some((codec, batch, setup)) = &mut self.codec {
+                    codec.set_settings(setup.permit(settings), std::iter::once(batch));
+                }
             }
-            idle += 1;
-            if idle < config.idle.spin {
-                std::hint::spin_loop();
-            } else {
-                std::thread::park_timeout(config.idle.park);
+            TxControl::SetDictionary(dictionary) => {
+                if let Some((codec, _, _)) = &mut self.codec {
+                    codec.set_dictionary(Some(dictionary));
+                }
             }
+        }
+        Ok(())
+    }
+
+    fn run(
+        mut self,
+        mut commands: Consumer<TxCommand>,
+        mut control: Consumer<TxControl>,
+        mut events: Producer<TxEvent>,
+        config: &TransportConfig,
+    ) {
+        let mut idle = 0u32;
+        let mut next_telemetry = Instant::now() + config.telemetry_interval;
+        let result: Result<(), String> = (|| loop {
             if Instant::now() >= next_telemetry {
                 next_telemetry = Instant::now() + config.telemetry_interval;
+                push_event(&mut events, TxEvent::Worker(self.telemetry()));
                 push_event(
                     &mut events,
                     TxEvent::Telemetry(StreamTelemetry {
-                        stream: id,
-                        bytes,
-                        pages,
-                        tcp: socket::tcp_info(&socket),
+                        stream: self.id,
+                        bytes: self.bytes,
+                        pages: self.pages,
+                        tcp: socket::tcp_info(&self.socket),
                     }),
                 );
             }
-            continue;
-        };
-        idle = 0;
-        match cmd {
-            TxCommand::Pages { first, count, .. } => {
-                if buf.len() - len < stage_space(count) {
-                    flush(&mut socket, &buf[..len], &mut bytes)?;
-                    len = 0;
-                }
-                let staged = stage_run(memory, first, count, &mut buf[len..], sent.as_deref());
-                len += staged.bytes;
-                zero += u64::from(staged.zero_pages);
-                raw += u64::from(staged.raw_pages);
-                bytes_in_round += staged.bytes as u64;
-                round_pages += count;
-                pages += u64::from(count);
+            while let Some(change) = control.pop() {
+                self.apply(change)?;
             }
-            TxCommand::EndRound { round } => {
-                if buf.len() - len < FRAME_HEADER_LEN {
-                    flush(&mut socket, &buf[..len], &mut bytes)?;
-                    len = 0;
+            let Some(cmd) = commands.pop() else {
+                // Nothing more to add right now: send what there is.
+                self.flush_batch()?;
+                self.send()?;
+                if commands.is_abandoned() {
+                    return Err("engine went away".into());
                 }
-                len += stage_marker(FrameHeader::round_end(round, round_pages), &mut buf[len..]);
-                round_pages = 0;
-                flush(&mut socket, &buf[..len], &mut bytes)?;
-                len = 0;
+                idle += 1;
+                if idle < config.idle.spin {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::park_timeout(config.idle.park);
+                }
+                continue;
+            };
+            idle = 0;
+            match cmd {
+                TxCommand::Pages { first, count, .. } => self.pages(first, count)?,
+                TxCommand::EndRound { round } => {
+                    self.marker(FrameHeader::round_end(round, self.round_pages))?;
+                    self.round_pages = 0;
+                    push_event(
+                        &mut events,
+                        TxEvent::RoundSent {
+                            worker: self.worker,
+                            round,
+                            zero_pages: std::mem::take(&mut self.round_zero),
+                            raw_pages: std::mem::take(&mut self.round_content),
+                            bytes: std::mem::take(&mut self.round_bytes),
+                        },
+                    );
+                }
+                TxCommand::Finish => {
+                    self.marker(FrameHeader::stream_end())?;
+                    let _ = self.socket.shutdown(std::net::Shutdown::Write);
+                    return Ok(());
+                }
+            }
+        })();
+        push_event(&mut events, TxEvent::Worker(self.telemetry()));
+        match result {
+            Ok(()) => push_event(
+                &mut events,
+                TxEvent::Finished {
+                    worker: self.worker,
+                    zc_copied: 0,
+                    zc_sends: 0,
+                    zc_fell_back: false,
+                },
+            ),
+            Err(error) => {
+                let _ = self.socket.shutdown(std::net::Shutdown::Both);
                 push_event(
                     &mut events,
-                    TxEvent::RoundSent {
-                        worker,
-                        round,
-                        zero_pages: std::mem::take(&mut zero),
-                        raw_pages: std::mem::take(&mut raw),
-                        bytes: std::mem::take(&mut bytes_in_round) + FRAME_HEADER_LEN as u64,
+                    TxEvent::Failed {
+                        worker: self.worker,
+                        error,
                     },
                 );
             }
-            TxCommand::Finish => {
-                if buf.len() - len < FRAME_HEADER_LEN {
-                    flush(&mut socket, &buf[..len], &mut bytes)?;
-                    len = 0;
-                }
-                len += stage_marker(FrameHeader::stream_end(), &mut buf[len..]);
-                flush(&mut socket, &buf[..len], &mut bytes)?;
-                let _ = socket.shutdown(std::net::Shutdown::Write);
-                return Ok(());
-            }
-        }
-    })();
-    match result {
-        Ok(()) => push_event(
-            &mut events,
-            TxEvent::Finished {
-                worker,
-                zc_copied: 0,
-                zc_sends: 0,
-                zc_fell_back: false,
-            },
-        ),
-        Err(error) => {
-            let _ = socket.shutdown(std::net::Shutdown::Both);
-            push_event(&mut events, TxEvent::Failed { worker, error });
         }
     }
 }
@@ -167,9 +329,7 @@ fn tx_main(
 /// Start a destination worker for one stream.
 pub fn spawn_rx(
     stream: (u16, TcpStream),
-    total_streams: u16,
-    memory: Arc<GuestMemory>,
-    memory_is_fresh: bool,
+    setup: RxSetup,
     config: &TransportConfig,
     cpu: Option<usize>,
 ) -> std::io::Result<RxWorker> {
@@ -180,7 +340,7 @@ pub fn spawn_rx(
     let (id, socket) = stream;
     // Wake up now and then to notice a stop request.
     socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-    let parser = FrameParser::new(memory, id, total_streams, memory_is_fresh);
+    let parser = setup.parser(id);
     let handle = std::thread::Builder::new()
         .name(format!("dwcp-prx{id}"))
         .spawn(move || {

@@ -59,6 +59,11 @@ pub struct SocketOptions {
     pub congestion: Congestion,
     /// `SO_MAX_PACING_RATE` in bytes per second (an operator's bandwidth cap), if any.
     pub pacing_rate: Option<u64>,
+    /// `TCP_NOTSENT_LOWAT`: bytes a stream may hold not yet sent. Bounds how much data
+    /// waits in the kernel, so what the engine hands over is close to what is on the
+    /// wire (its bandwidth estimates hold) and a codec change reaches the wire within
+    /// this many bytes, not a whole socket buffer later. `None`: no bound.
+    pub notsent_lowat: Option<u32>,
 }
 
 impl Default for SocketOptions {
@@ -67,6 +72,7 @@ impl Default for SocketOptions {
             buffer_bytes: 4 << 20,
             congestion: Congestion::Cubic,
             pacing_rate: None,
+            notsent_lowat: Some(64 << 10),
         }
     }
 }
@@ -125,6 +131,11 @@ pub fn configure(stream: &TcpStream, options: &SocketOptions) -> Vec<String> {
         && let Err(e) = set_pacing_rate(stream, Some(rate))
     {
         notes.push(e);
+    }
+    if let Some(bytes) = options.notsent_lowat
+        && let Err(e) = setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, &bytes)
+    {
+        notes.push(format!("TCP_NOTSENT_LOWAT {bytes}: {e}"));
     }
     notes
 }

@@ -22,9 +22,10 @@
 
 use super::frames::{stage_marker, stage_run, stage_space};
 use super::{
-    RxEvent, RxWorker, StreamTelemetry, TransportConfig, TxCommand, TxEvent, TxWorker, WORKER_RING,
-    pin, push_event,
+    CONTROL_RING, RxEvent, RxSetup, RxWorker, StreamTelemetry, TransportConfig, TxCommand,
+    TxControl, TxEvent, TxSetup, TxWorker, WORKER_RING, WorkerTelemetry, pin, push_event,
 };
+use crate::codec::{CodecSetup, StreamCodec, WorkerCodec};
 use crate::dirty::SentCrcs;
 use crate::memory::GuestMemory;
 use crate::ring::{self, Consumer, Producer};
@@ -285,6 +286,8 @@ struct TxStream {
     ended: bool,
     bytes: u64,
     pages: u64,
+    /// Codec state, when the session may use codecs.
+    codec: Option<StreamCodec>,
 }
 
 struct TxWorkerState {
@@ -313,6 +316,21 @@ struct TxWorkerState {
     zc_notifications: u64,
     zc_fell_back: bool,
     ops_in_flight: usize,
+    /// A buffer stops taking runs once it holds this much (the send size); it is
+    /// larger only to take a whole codec batch.
+    fill_limit: usize,
+    /// The codec pipeline, when the session may use codecs.
+    codec: Option<WorkerCodec>,
+    codec_setup: Option<CodecSetup>,
+    /// Configuration changes from the engine, and one waiting to be applied.
+    control: Consumer<TxControl>,
+    pending_control: Option<TxControl>,
+    /// Counters of the uncoded staging path.
+    staged_bytes: u64,
+    stage_nanos: u64,
+    /// Time spent unable to stage because every buffer was waiting on the socket.
+    stalled_nanos: u64,
+    stalled_since: Option<Instant>,
 }
 
 /// Start a source worker on io_uring for `streams`. The ring is created on the
@@ -321,24 +339,25 @@ struct TxWorkerState {
 pub fn spawn_tx(
     worker: usize,
     streams: Vec<(u16, TcpStream)>,
-    memory: Arc<GuestMemory>,
-    sent: Option<Arc<SentCrcs>>,
+    setup: TxSetup,
     config: &TransportConfig,
     zero_copy: bool,
     cpu: Option<usize>,
 ) -> std::io::Result<TxWorker> {
     let (cmd_tx, cmd_rx) = ring::channel(WORKER_RING);
+    let (ctl_tx, ctl_rx) = ring::channel(CONTROL_RING);
     let (evt_tx, evt_rx) = ring::channel(WORKER_RING);
     let config = config.clone();
     let setup_config = config.clone();
     let handle = spawn_worker(
         format!("dwcp-tx{worker}"),
         cpu,
-        move || TxWorkerState::new(worker, streams, memory, sent, &setup_config, zero_copy),
+        move || TxWorkerState::new(worker, streams, setup, &setup_config, zero_copy, ctl_rx),
         move |state| tx_main(state, cmd_rx, evt_tx, &config),
     )?;
     Ok(TxWorker {
         commands: cmd_tx,
+        control: ctl_tx,
         events: evt_rx,
         thread: handle.thread().clone(),
         handle: Some(handle),
@@ -388,11 +407,16 @@ impl TxWorkerState {
     fn new(
         worker: usize,
         streams: Vec<(u16, TcpStream)>,
-        memory: Arc<GuestMemory>,
-        sent: Option<Arc<SentCrcs>>,
+        setup: TxSetup,
         config: &TransportConfig,
         zero_copy: bool,
+        control: Consumer<TxControl>,
     ) -> std::io::Result<Self> {
+        let TxSetup {
+            memory,
+            sent,
+            codec,
+        } = setup;
         // A zero-copy buffer is pinned until the receiver has consumed its bytes, a
         // socket buffer's worth later: keep enough buffers to cover that, or the sender
         // stalls waiting for notifications.
@@ -403,10 +427,17 @@ impl TxWorkerState {
             config.send_buffers_per_stream
         };
         let buffers = (streams.len() as u32 * per_stream).max(2);
+        // With codecs, a buffer must take a whole flushed batch.
+        let buf_size = match &codec {
+            Some(setup) => config
+                .send_buffer
+                .max(setup.max_flush_len() + FRAME_HEADER_LEN),
+            None => config.send_buffer,
+        };
         let ring = new_ring()?;
         let pool = BufferPool::new(
             buffers,
-            config.send_buffer,
+            buf_size,
             &ArenaOptions {
                 prefer: PagePreference::Huge2M,
                 numa_node: None,
@@ -436,6 +467,7 @@ impl TxWorkerState {
                     ended: false,
                     bytes: 0,
                     pages: 0,
+                    codec: codec.as_ref().map(StreamCodec::for_setup),
                 })
                 .collect(),
             memory,
@@ -456,7 +488,89 @@ impl TxWorkerState {
             zc_notifications: 0,
             zc_fell_back: false,
             ops_in_flight: 0,
+            fill_limit: config.send_buffer,
+            codec: codec.as_ref().map(|setup| {
+                let mut c = WorkerCodec::new();
+                c.set_settings(setup.permit(setup.initial), std::iter::empty());
+                c
+            }),
+            codec_setup: codec,
+            control,
+            pending_control: None,
+            staged_bytes: 0,
+            stage_nanos: 0,
+            stalled_nanos: 0,
+            stalled_since: None,
         })
+    }
+
+    /// Whether runs go through the codec pipeline now.
+    fn coding(&self) -> bool {
+        self.codec.as_ref().is_some_and(|c| !c.settings().is_off())
+    }
+
+    /// Move stream `i`'s codec batch into its send buffer; false when no buffer has
+    /// room for it yet.
+    fn flush_batch(&mut self, i: usize) -> bool {
+        let need = match (&self.codec, &self.streams[i].codec) {
+            (Some(codec), Some(batch)) if batch.pending() > 0 => codec.flush_bound(batch),
+            _ => return true,
+        };
+        if !self.room(i, need) {
+            return false;
+        }
+        let st = &mut self.streams[i];
+        let (token, len) = st.filling.as_mut().expect("room() provided a buffer");
+        let buf = self.pool.buf_mut(token);
+        let codec = self.codec.as_mut().expect("checked above");
+        let n = codec.flush(st.codec.as_mut().expect("checked above"), &mut buf[*len..]);
+        *len += n;
+        self.round_bytes += n as u64;
+        true
+    }
+
+    /// Flush every batch; false when some could not be flushed yet.
+    fn flush_all_batches(&mut self) -> bool {
+        // Every stream is tried, even after one found no room.
+        let mut all = true;
+        for i in 0..self.streams.len() {
+            all &= self.flush_batch(i);
+        }
+        all
+    }
+
+    fn telemetry(&self) -> WorkerTelemetry {
+        WorkerTelemetry {
+            worker: self.worker,
+            codec: self
+                .codec
+                .as_ref()
+                .map(|c| c.counters())
+                .unwrap_or_default(),
+            settings: self
+                .codec
+                .as_ref()
+                .map(|c| c.settings())
+                .unwrap_or_default(),
+            staged_bytes: self.staged_bytes,
+            stage_nanos: self.stage_nanos,
+            stalled_nanos: self.stalled_nanos
+                + self
+                    .stalled_since
+                    .map_or(0, |t| t.elapsed().as_nanos() as u64),
+        }
+    }
+
+    /// Note whether the worker is now waiting for buffers.
+    fn set_stalled(&mut self, stalled: bool) {
+        match (stalled, self.stalled_since) {
+            (true, None) => self.stalled_since = Some(Instant::now()),
+            (false, Some(t)) => {
+                self.stalled_nanos += t.elapsed().as_nanos() as u64;
+                self.stalled_since = None;
+            }
+            _ => {}
+        }
     }
 }
 
@@ -477,6 +591,7 @@ fn tx_main(
         );
     }
     s.drain();
+    push_event(&mut events, TxEvent::Worker(s.telemetry()));
     if result.is_ok() {
         push_event(
             &mut events,
@@ -504,8 +619,15 @@ impl TxWorkerState {
             progress |= self.take_commands(commands)?;
             progress |= self.place_markers();
             if self.pending.is_none() && commands.is_empty() {
-                // Nothing more to add right now: send partial buffers instead of
-                // waiting for them to fill.
+                // Nothing more to add right now: a stream whose socket would go idle
+                // sends its partial batch (else it keeps filling, compressing better).
+                for i in 0..self.streams.len() {
+                    let st = &self.streams[i];
+                    if st.inflight.is_none() && st.queue.is_empty() {
+                        progress |= self.flush_batch(i);
+                    }
+                }
+                // Send partial buffers instead of waiting for them to fill.
                 for st in &mut self.streams {
                     if let Some((token, len)) = st.filling.take() {
                         if len > 0 {
@@ -519,6 +641,7 @@ impl TxWorkerState {
             progress |= self.submit_sends()?;
             if Instant::now() >= next_telemetry {
                 next_telemetry = Instant::now() + config.telemetry_interval;
+                push_event(events, TxEvent::Worker(self.telemetry()));
                 for st in &self.streams {
                     push_event(
                         events,
@@ -567,6 +690,7 @@ impl TxWorkerState {
         let st = &mut self.streams[i];
         if let Some((_, len)) = st.filling
             && len + need <= self.pool.buf_size()
+            && (len == 0 || len + need <= self.fill_limit)
         {
             return true;
         }
@@ -596,7 +720,11 @@ impl TxWorkerState {
             {
                 return Ok(progress);
             }
+            if !self.apply_control() {
+                return Ok(progress);
+            }
             let Some(cmd) = self.pending.take().or_else(|| commands.pop()) else {
+                self.set_stalled(false);
                 return Ok(progress);
             };
             match cmd {
@@ -606,26 +734,21 @@ impl TxWorkerState {
                     count,
                 } => {
                     let i = self.local(stream)?;
-                    if !self.room(i, stage_space(count)) {
+                    if self.coding() {
+                        if !self.stage_coded(i, first, count) {
+                            self.pending = Some(cmd);
+                            self.set_stalled(true);
+                            return Ok(progress);
+                        }
+                    } else if !self.stage_raw(i, first, count) {
                         self.pending = Some(cmd);
+                        self.set_stalled(true);
                         return Ok(progress);
                     }
+                    self.set_stalled(false);
                     let st = &mut self.streams[i];
-                    let (token, len) = st.filling.as_mut().expect("room() provided a buffer");
-                    let buf = self.pool.buf_mut(token);
-                    let staged = stage_run(
-                        &self.memory,
-                        first,
-                        count,
-                        &mut buf[*len..],
-                        self.sent.as_deref(),
-                    );
-                    *len += staged.bytes;
                     st.round_pages += count;
                     st.pages += u64::from(count);
-                    self.round_zero += u64::from(staged.zero_pages);
-                    self.round_raw += u64::from(staged.raw_pages);
-                    self.round_bytes += staged.bytes as u64;
                 }
                 TxCommand::EndRound { round } => {
                     self.round = Some(round);
@@ -645,6 +768,78 @@ impl TxWorkerState {
         }
     }
 
+    /// Apply configuration changes; false while one waits for its batches to be
+    /// flushed (nothing may be staged until then).
+    fn apply_control(&mut self) -> bool {
+        loop {
+            let Some(change) = self.pending_control.take().or_else(|| self.control.pop()) else {
+                return true;
+            };
+            match change {
+                TxControl::SetCodec(settings) => {
+                    // Batches made under the old settings go out first.
+                    if !self.flush_all_batches() {
+                        self.pending_control = Some(TxControl::SetCodec(settings));
+                        return false;
+                    }
+                    if let (Some(codec), Some(setup)) = (&mut self.codec, &self.codec_setup) {
+                        let streams = self.streams.iter_mut().filter_map(|st| st.codec.as_mut());
+                        codec.set_settings(setup.permit(settings), streams);
+                    }
+                }
+                TxControl::SetDictionary(dictionary) => {
+                    if let Some(codec) = &mut self.codec {
+                        codec.set_dictionary(Some(dictionary));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stage a run on stream `i` as it is; false when no buffer has room.
+    fn stage_raw(&mut self, i: usize, first: u64, count: u32) -> bool {
+        if !self.room(i, stage_space(count)) {
+            return false;
+        }
+        let started = Instant::now();
+        let st = &mut self.streams[i];
+        let (token, len) = st.filling.as_mut().expect("room() provided a buffer");
+        let buf = self.pool.buf_mut(token);
+        let staged = stage_run(
+            &self.memory,
+            first,
+            count,
+            &mut buf[*len..],
+            self.sent.as_deref(),
+        );
+        *len += staged.bytes;
+        self.round_zero += u64::from(staged.zero_pages);
+        self.round_raw += u64::from(staged.raw_pages);
+        self.round_bytes += staged.bytes as u64;
+        self.staged_bytes += staged.bytes as u64;
+        self.stage_nanos += started.elapsed().as_nanos() as u64;
+        true
+    }
+
+    /// Encode a run on stream `i` into its batch, flushing a full batch first; false
+    /// when that flush found no room.
+    fn stage_coded(&mut self, i: usize, first: u64, count: u32) -> bool {
+        let full = match (&self.codec, &self.streams[i].codec) {
+            (Some(codec), Some(batch)) => codec.batch_full(batch, count),
+            _ => false,
+        };
+        if full && !self.flush_batch(i) {
+            return false;
+        }
+        let (Some(codec), Some(batch)) = (&mut self.codec, &mut self.streams[i].codec) else {
+            return self.stage_raw(i, first, count);
+        };
+        let run = codec.encode_run(batch, &self.memory, first, count, self.sent.as_deref());
+        self.round_zero += u64::from(run.zero_pages);
+        self.round_raw += u64::from(run.content_pages);
+        true
+    }
+
     /// Append pending round/stream-end markers and queue those buffers.
     fn place_markers(&mut self) -> bool {
         let mut progress = false;
@@ -657,7 +852,7 @@ impl TxWorkerState {
             } else {
                 continue;
             };
-            if !self.room(i, FRAME_HEADER_LEN) {
+            if !self.flush_batch(i) || !self.room(i, FRAME_HEADER_LEN) {
                 continue;
             }
             let st = &mut self.streams[i];
@@ -926,14 +1121,12 @@ struct RxStream {
     reported_bytes: u64,
 }
 
-/// Start a destination worker on io_uring for `streams` (of `total_streams`). As on
+/// Start a destination worker on io_uring for `streams`. As on
 /// the send side, the ring and its buffer rings are set up on the worker's thread.
 pub fn spawn_rx(
     worker: usize,
     streams: Vec<(u16, TcpStream)>,
-    total_streams: u16,
-    memory: Arc<GuestMemory>,
-    memory_is_fresh: bool,
+    rx_setup: RxSetup,
     config: &TransportConfig,
     cpu: Option<usize>,
 ) -> std::io::Result<RxWorker> {
@@ -956,7 +1149,7 @@ pub fn spawn_rx(
             rx.push(RxStream {
                 id,
                 socket,
-                parser: FrameParser::new(memory.clone(), id, total_streams, memory_is_fresh),
+                parser: rx_setup.parser(id),
                 buffers,
                 armed: false,
                 eof: false,

@@ -1,0 +1,706 @@
+//! The codec policy: which codecs each worker runs, from a model of where the time goes.
+//!
+//! # The model
+//!
+//! A worker turns input bytes (pages with content; zero pages cost nothing either way)
+//! into wire bytes on one core, and its streams share the link. For a candidate `k` with
+//! CPU throughput `c_k` (input bytes per second on the worker's core) and ratio `r_k`
+//! (input bytes per wire byte), the time per input byte is
+//!
+//! ```text
+//!     T_k = max( m / c_k ,  1 / (r_k · B_w) )        B_w = B · streams_w / streams
+//! ```
+//!
+//! the slower of the CPU and the worker's share of the link bandwidth `B`: the pipeline
+//! overlaps them, so the slower one sets the pace. `m` (1.5 by default) counts CPU time
+//! with a margin: the worker's core is shared and batches vary, so a setting that needs
+//! the whole core to keep up with the link falls behind in practice. The candidates are
+//!
+//! - **off**: `c` = the measured staging rate, `r` = 1;
+//! - **zstd L** (with dedup and delta): `1/c = 1/c_enc + 1/(r_cache · c_L)` and
+//!   `r = r_cache · r_L`, where `c_enc` and `r_cache` are the cache stage's measured
+//!   speed and gain (dedup references and XBZRLE deltas), and `c_L`, `r_L` the level's
+//!   speed and ratio from calibration on sampled guest pages, corrected by what the
+//!   worker measures at the level it runs;
+//! - **delta only** (dedup and delta, no zstd), once the cache gain has been measured.
+//!
+//! `r_cache` is kept per batch kind: round 0 carries pages sent for the first time
+//! (dedup can hit, deltas cannot), later rounds carry re-dirtied pages (deltas hit).
+//!
+//! The worker switches to the candidate with the least `T` only if it beats the current
+//! one's by the hysteresis margin (default 10%) and the current one has run for a
+//! minimum number of decisions, so noise in the measurements does not flap the setting.
+//!
+//! # Measuring the link
+//!
+//! `B` is the rate the peer acknowledges bytes at, measured while a worker is
+//! link-bound (it had pages to stage but every buffer was waiting on the socket for a
+//! good part of the interval). When no worker is link-bound, the acknowledged rate is
+//! only a lower bound and `B` is raised to it if higher. Until `B` is known, codecs stay
+//! off: the first decision comes after a short interval of raw sending.
+//!
+//! Calibration (compressing sampled pages at each level, on a thread of its own) is
+//! asked for only when a worker's link share is below what the fastest level could
+//! process: on a fast link compression cannot win and is never measured. Levels slower
+//! than the link share are not measured either (they cannot beat sending raw).
+//!
+//! Every decision is logged as one JSON object with its inputs, the predicted time of
+//! every candidate and the choice: training data for a learned selector.
+
+use dwcp_dataplane::codec::CodecSettings;
+use dwcp_dataplane::codec::calibrate::Calibration;
+use dwcp_dataplane::codec::policy::{CodecPolicy, Decision, Observation, WorkerObservation};
+use serde::Serialize;
+
+/// Tunables of the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyConfig {
+    /// zstd levels to consider, fastest first.
+    pub levels: Vec<i32>,
+    /// Switch only to a candidate predicted faster by this fraction.
+    pub hysteresis: f64,
+    /// Decisions a setting runs for before it may change.
+    pub min_dwell: u32,
+    /// A worker spending this fraction of an interval waiting on its sockets is
+    /// link-bound.
+    pub link_bound_stall: f64,
+    /// Ask for calibration only when a worker's link share is below this many bytes
+    /// per second (a generous bound on the fastest level's speed).
+    pub calibrate_below: f64,
+    /// Use the dictionary when it improves the ratio by at least this fraction.
+    pub dictionary_min_gain: f64,
+    /// Batch size, delta limit and whether a dictionary may be used.
+    pub base: CodecSettings,
+    /// Train a dictionary when compressing.
+    pub dictionary: bool,
+    /// Smoothing of measured rates and ratios (weight of the newest sample).
+    pub smoothing: f64,
+    /// CPU time is counted this many times over: a worker's core is shared and its
+    /// speed varies from batch to batch, so a setting that needs all of it to keep up
+    /// with the link falls behind in practice.
+    pub cpu_margin: f64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            levels: vec![-5, -1, 1, 3, 6, 9, 12, 15, 19],
+            hysteresis: 0.10,
+            min_dwell: 2,
+            link_bound_stall: 0.3,
+            calibrate_below: 1.5e9,
+            dictionary_min_gain: 0.01,
+            base: CodecSettings::full(1),
+            dictionary: true,
+            smoothing: 0.25,
+            cpu_margin: 1.5,
+        }
+    }
+}
+
+/// What a worker may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Candidate {
+    /// No codecs.
+    Off,
+    /// Dedup and delta, no compression.
+    DeltaOnly,
+    /// Dedup, delta and zstd at a level.
+    Zstd(i32),
+}
+
+impl Candidate {
+    fn name(self) -> String {
+        match self {
+            Candidate::Off => "off".into(),
+            Candidate::DeltaOnly => "delta".into(),
+            Candidate::Zstd(l) => format!("zstd{l}"),
+        }
+    }
+}
+
+/// Predictions smoothed from a worker's telemetry.
+#[derive(Debug, Clone, Default)]
+struct WorkerState {
+    current: Option<Candidate>,
+    dwell: u32,
+    /// Staging throughput with codecs off, bytes per second.
+    raw_rate: Option<f64>,
+    /// Cache stage throughput, input bytes per second.
+    encode_rate: Option<f64>,
+    /// Cache stage gain for round 0 and for later rounds.
+    cache_gain: [Option<f64>; 2],
+    /// Measured over calibrated zstd speed and ratio, at the level running.
+    zstd_speed_correction: Option<f64>,
+    zstd_ratio_correction: Option<f64>,
+}
+
+/// The model policy.
+pub struct ModelPolicy {
+    config: PolicyConfig,
+    bandwidth: Option<f64>,
+    workers: Vec<WorkerState>,
+    calibration_asked: bool,
+    dictionary_asked: bool,
+}
+
+/// How much the bandwidth estimate grows per decision while compression, not the
+/// link, limits the transfer.
+const PROBE_GROWTH: f64 = 1.5;
+
+/// Priors used until measured (bytes per second): staging and the cache stage are
+/// memory copies plus a CRC, well above a core's zstd speed.
+const RAW_RATE_PRIOR: f64 = 3e9;
+const ENCODE_RATE_PRIOR: f64 = 1.5e9;
+
+#[derive(Serialize)]
+struct CandidateLog {
+    candidate: String,
+    /// Predicted seconds per MB of input.
+    seconds_per_mb: f64,
+}
+
+#[derive(Serialize)]
+struct WorkerLog<'a> {
+    worker: usize,
+    input: &'a WorkerObservation,
+    link_share: f64,
+    raw_rate: Option<f64>,
+    encode_rate: Option<f64>,
+    cache_gain: Option<f64>,
+    candidates: Vec<CandidateLog>,
+    choice: String,
+    changed: bool,
+    reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct DecisionLog<'a> {
+    t: f64,
+    round: u64,
+    kind: &'static str,
+    link: &'a dwcp_dataplane::codec::policy::LinkObservation,
+    link_bound: bool,
+    bandwidth: Option<f64>,
+    calibration: Option<&'a Calibration>,
+    dictionary_bytes: Option<usize>,
+    workers: Vec<WorkerLog<'a>>,
+}
+
+impl ModelPolicy {
+    /// A policy with these tunables.
+    pub fn new(config: PolicyConfig) -> Self {
+        ModelPolicy {
+            config,
+            bandwidth: None,
+            workers: Vec::new(),
+            calibration_asked: false,
+            dictionary_asked: false,
+        }
+    }
+
+    /// The link bandwidth estimate, bytes per second.
+    pub fn bandwidth(&self) -> Option<f64> {
+        self.bandwidth
+    }
+
+    fn smooth(old: Option<f64>, sample: f64, weight: f64) -> Option<f64> {
+        if !sample.is_finite() || sample <= 0.0 {
+            return old;
+        }
+        Some(match old {
+            Some(o) => o + weight * (sample - o),
+            None => sample,
+        })
+    }
+
+    fn update_bandwidth(&mut self, o: &Observation) -> bool {
+        let link_bound = o
+            .workers
+            .iter()
+            .any(|w| w.stalled >= self.config.link_bound_stall);
+        let compressing = o.workers.iter().any(|w| w.settings.level.is_some());
+        let rate = o.link.acked_bytes_per_second;
+        if rate > 0.0 {
+            self.bandwidth = if link_bound {
+                Self::smooth(self.bandwidth, rate, self.config.smoothing)
+            } else if compressing {
+                // Compression is the bottleneck, so the link may be much faster than
+                // what it carries now: probe upwards (a faster setting follows, and if
+                // the link turns out slower, the workers stall and it is measured).
+                Some(self.bandwidth.map_or(rate, |b| b.max(rate)) * PROBE_GROWTH)
+            } else {
+                Some(self.bandwidth.map_or(rate, |b| b.max(rate)))
+            };
+        }
+        link_bound
+    }
+
+    fn learn(
+        &mut self,
+        w: &WorkerObservation,
+        kind: usize,
+        calibration: Option<&Calibration>,
+        dictionary: bool,
+    ) {
+        let a = self.config.smoothing;
+        let state = &mut self.workers[w.worker];
+        let c = &w.codec;
+        if w.staged_bytes > (1 << 20) && w.stage_nanos > 0 {
+            state.raw_rate = Self::smooth(
+                state.raw_rate,
+                w.staged_bytes as f64 * 1e9 / w.stage_nanos as f64,
+                a,
+            );
+        }
+        if c.input_bytes > (1 << 20) && c.encode_nanos > 0 {
+            state.encode_rate = Self::smooth(
+                state.encode_rate,
+                c.input_bytes as f64 * 1e9 / c.encode_nanos as f64,
+                a,
+            );
+            let cached_output = if w.settings.level.is_some() {
+                c.compress_in
+            } else {
+                c.output_bytes
+            };
+            if w.settings.uses_cache() && cached_output > 0 {
+                state.cache_gain[kind] = Self::smooth(
+                    state.cache_gain[kind],
+                    c.input_bytes as f64 / cached_output as f64,
+                    a,
+                );
+            }
+        }
+        if let (Some(level), Some(cal)) = (w.settings.level, calibration)
+            && c.compress_in > (1 << 20)
+            && c.compress_nanos > 0
+            && c.compress_out > 0
+            && let Some(m) = cal.level(level)
+        {
+            let speed = c.compress_in as f64 * 1e9 / c.compress_nanos as f64;
+            let ratio = c.compress_in as f64 / c.compress_out as f64;
+            let calibrated_ratio = if dictionary {
+                m.ratio_with_dictionary.unwrap_or(m.ratio)
+            } else {
+                m.ratio
+            };
+            state.zstd_speed_correction = Self::smooth(
+                state.zstd_speed_correction,
+                (speed / m.bytes_per_second).clamp(0.1, 10.0),
+                a,
+            );
+            state.zstd_ratio_correction = Self::smooth(
+                state.zstd_ratio_correction,
+                (ratio / calibrated_ratio).clamp(0.2, 5.0),
+                a,
+            );
+        }
+    }
+
+    /// Predicted seconds per input byte of `candidate` on worker `w` with link share
+    /// `share` (bytes per second).
+    fn predict(
+        &self,
+        w: usize,
+        kind: usize,
+        candidate: Candidate,
+        share: f64,
+        cal: Option<&Calibration>,
+        dictionary: bool,
+    ) -> Option<f64> {
+        let s = &self.workers[w];
+        let link = |ratio: f64| 1.0 / (ratio * share);
+        let margin = self.config.cpu_margin;
+        match candidate {
+            Candidate::Off => Some((1.0 / s.raw_rate.unwrap_or(RAW_RATE_PRIOR)).max(link(1.0))),
+            Candidate::DeltaOnly => {
+                let gain = s.cache_gain[kind]?;
+                Some((margin / s.encode_rate.unwrap_or(ENCODE_RATE_PRIOR)).max(link(gain)))
+            }
+            Candidate::Zstd(level) => {
+                let m = cal?.level(level)?;
+                let gain = s.cache_gain[kind].unwrap_or(1.0);
+                let ratio = if dictionary {
+                    m.ratio_with_dictionary.unwrap_or(m.ratio)
+                } else {
+                    m.ratio
+                } * s.zstd_ratio_correction.unwrap_or(1.0);
+                let speed = m.bytes_per_second * s.zstd_speed_correction.unwrap_or(1.0);
+                let cpu = 1.0 / s.encode_rate.unwrap_or(ENCODE_RATE_PRIOR) + 1.0 / (gain * speed);
+                Some((margin * cpu).max(link(gain * ratio)))
+            }
+        }
+    }
+
+    fn settings_for(&self, candidate: Candidate, dictionary: bool) -> CodecSettings {
+        let base = self.config.base;
+        match candidate {
+            Candidate::Off => CodecSettings {
+                batch_bytes: base.batch_bytes,
+                delta_limit: base.delta_limit,
+                ..CodecSettings::OFF
+            },
+            Candidate::DeltaOnly => CodecSettings {
+                dedup: true,
+                delta: true,
+                level: None,
+                dictionary: false,
+                ..base
+            },
+            Candidate::Zstd(level) => CodecSettings {
+                dedup: true,
+                delta: true,
+                level: Some(level),
+                dictionary,
+                ..base
+            },
+        }
+    }
+}
+
+impl CodecPolicy for ModelPolicy {
+    fn decide(&mut self, o: &Observation) -> Decision {
+        if self.workers.len() < o.workers.len() {
+            // A first change need not wait: nothing was chosen to dwell on.
+            let fresh = WorkerState {
+                dwell: self.config.min_dwell,
+                ..WorkerState::default()
+            };
+            self.workers.resize(o.workers.len(), fresh);
+        }
+        let kind = usize::from(o.round > 0);
+        let link_bound = self.update_bandwidth(o);
+        let cal = o.calibration.as_ref();
+        // The dictionary is worth using where calibration shows it gains enough.
+        let dictionary_gain = |level: i32| {
+            cal.and_then(|c| c.level(level))
+                .and_then(|m| m.ratio_with_dictionary.map(|d| d / m.ratio - 1.0))
+        };
+        for w in &o.workers {
+            let dictionary = w.settings.dictionary;
+            self.learn(w, kind, cal, dictionary);
+        }
+        let total_streams: u32 = o
+            .workers
+            .iter()
+            .map(|w| u32::from(w.streams))
+            .sum::<u32>()
+            .max(1);
+        let mut decision = Decision::default();
+        let mut logs = Vec::with_capacity(o.workers.len());
+        let mut want_calibration = None::<f64>;
+        let mut any_zstd = false;
+        for w in &o.workers {
+            let state_current = self.workers[w.worker].current.unwrap_or(Candidate::Off);
+            let Some(bandwidth) = self.bandwidth else {
+                decision.settings.push(w.settings);
+                logs.push(WorkerLog {
+                    worker: w.worker,
+                    input: w,
+                    link_share: 0.0,
+                    raw_rate: None,
+                    encode_rate: None,
+                    cache_gain: None,
+                    candidates: Vec::new(),
+                    choice: state_current.name(),
+                    changed: false,
+                    reason: "link not measured yet",
+                });
+                continue;
+            };
+            let share = bandwidth * f64::from(w.streams) / f64::from(total_streams);
+            if share < self.config.calibrate_below && cal.is_none() && !self.calibration_asked {
+                want_calibration = Some(want_calibration.map_or(share, |s: f64| s.min(share)));
+            }
+            let mut candidates = vec![Candidate::Off, Candidate::DeltaOnly];
+            candidates.extend(self.config.levels.iter().map(|&l| Candidate::Zstd(l)));
+            let use_dictionary = |c: Candidate| match c {
+                Candidate::Zstd(l) => {
+                    dictionary_gain(l).is_some_and(|g| g >= self.config.dictionary_min_gain)
+                }
+                _ => false,
+            };
+            let mut predicted: Vec<(Candidate, f64)> = candidates
+                .iter()
+                .filter_map(|&c| {
+                    Some((
+                        c,
+                        self.predict(w.worker, kind, c, share, cal, use_dictionary(c))?,
+                    ))
+                })
+                .collect();
+            predicted.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let current_time = predicted
+                .iter()
+                .find(|(c, _)| *c == state_current)
+                .map(|p| p.1);
+            let (best, best_time) = predicted[0];
+            let state = &mut self.workers[w.worker];
+            state.dwell += 1;
+            let (choice, reason) = if best == state_current {
+                (state_current, "current is best")
+            } else if state.dwell < self.config.min_dwell {
+                (state_current, "dwell time not reached")
+            } else if current_time.is_none_or(|t| best_time < t * (1.0 - self.config.hysteresis)) {
+                (best, "predicted faster beyond hysteresis")
+            } else {
+                (state_current, "within hysteresis")
+            };
+            let changed = choice != state_current;
+            if changed {
+                state.dwell = 0;
+            }
+            state.current = Some(choice);
+            any_zstd |= matches!(choice, Candidate::Zstd(_));
+            decision
+                .settings
+                .push(self.settings_for(choice, use_dictionary(choice)));
+            let s = &self.workers[w.worker];
+            logs.push(WorkerLog {
+                worker: w.worker,
+                input: w,
+                link_share: share,
+                raw_rate: s.raw_rate,
+                encode_rate: s.encode_rate,
+                cache_gain: s.cache_gain[kind],
+                candidates: predicted
+                    .iter()
+                    .map(|&(c, t)| CandidateLog {
+                        candidate: c.name(),
+                        seconds_per_mb: t * 1e6,
+                    })
+                    .collect(),
+                choice: choice.name(),
+                changed,
+                reason,
+            });
+        }
+        if let Some(share) = want_calibration {
+            self.calibration_asked = true;
+            decision.calibrate = Some(share);
+        }
+        if any_zstd && self.config.dictionary && !self.dictionary_asked {
+            self.dictionary_asked = true;
+            decision.train_dictionary = true;
+        }
+        decision.log = serde_json::to_string(&DecisionLog {
+            t: o.elapsed,
+            round: o.round,
+            kind: if kind == 0 { "fresh" } else { "dirty" },
+            link: &o.link,
+            link_bound,
+            bandwidth: self.bandwidth,
+            calibration: cal,
+            dictionary_bytes: o.dictionary_bytes,
+            workers: logs,
+        })
+        .ok();
+        decision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dwcp_dataplane::codec::CodecCounters;
+    use dwcp_dataplane::codec::calibrate::LevelMeasurement;
+    use dwcp_dataplane::codec::policy::LinkObservation;
+
+    /// Calibration shaped like the reference guest images on one core of this class
+    /// of machine: speed falls and ratio rises with the level.
+    fn calibration() -> Calibration {
+        let levels = [
+            (-5, 1.9, 900e6),
+            (-1, 2.2, 700e6),
+            (1, 2.55, 480e6),
+            (3, 2.65, 300e6),
+            (9, 2.8, 80e6),
+            (15, 2.83, 18e6),
+        ];
+        Calibration {
+            pages: 256,
+            zero_fraction: 0.34,
+            levels: levels
+                .iter()
+                .map(|&(level, ratio, speed)| LevelMeasurement {
+                    level,
+                    ratio,
+                    bytes_per_second: speed,
+                    ratio_with_dictionary: None,
+                })
+                .collect(),
+            seconds: 0.05,
+        }
+    }
+
+    fn observation(
+        acked: f64,
+        stalled: f64,
+        settings: CodecSettings,
+        cal: Option<Calibration>,
+    ) -> Observation {
+        Observation {
+            elapsed: 1.0,
+            interval: 0.2,
+            round: 0,
+            round_pages_left: 100_000,
+            link: LinkObservation {
+                acked_bytes_per_second: acked,
+                ..LinkObservation::default()
+            },
+            workers: (0..2)
+                .map(|worker| WorkerObservation {
+                    worker,
+                    streams: 2,
+                    settings,
+                    codec: CodecCounters::default(),
+                    staged_bytes: 0,
+                    stage_nanos: 0,
+                    stalled,
+                })
+                .collect(),
+            calibration: cal,
+            dictionary_bytes: None,
+        }
+    }
+
+    fn policy() -> ModelPolicy {
+        ModelPolicy::new(PolicyConfig::default())
+    }
+
+    #[test]
+    fn a_fast_link_keeps_codecs_off_and_is_never_calibrated() {
+        let mut p = policy();
+        for _ in 0..5 {
+            let d = p.decide(&observation(3e9, 0.8, CodecSettings::OFF, None));
+            assert!(d.settings.iter().all(|s| s.is_off()));
+            assert_eq!(d.calibrate, None);
+            assert!(!d.train_dictionary);
+        }
+        // Even with a calibration at hand, 1.5 GB/s per worker beats every level.
+        let d = p.decide(&observation(
+            3e9,
+            0.8,
+            CodecSettings::OFF,
+            Some(calibration()),
+        ));
+        assert!(d.settings.iter().all(|s| s.is_off()));
+    }
+
+    #[test]
+    fn a_slow_link_asks_for_calibration_then_compresses_hard() {
+        let mut p = policy();
+        // 100 Mbit/s, workers waiting on the sockets.
+        let d = p.decide(&observation(12.5e6, 0.9, CodecSettings::OFF, None));
+        assert!(
+            d.settings.iter().all(|s| s.is_off()),
+            "nothing to go on yet"
+        );
+        let share = d.calibrate.expect("calibration requested");
+        assert!((share - 6.25e6).abs() < 1.0);
+        let d = p.decide(&observation(
+            12.5e6,
+            0.9,
+            CodecSettings::OFF,
+            Some(calibration()),
+        ));
+        // 6.25 MB/s per worker: the best ratio whose speed (with the CPU margin) still
+        // covers ratio × link; level 15 would need 18 MB/s of a core that has 12.
+        assert_eq!(d.settings[0].level, Some(9), "{:?}", d.log);
+        assert!(d.settings[0].delta && d.settings[0].dedup);
+        assert!(d.train_dictionary);
+        let log: serde_json::Value = serde_json::from_str(d.log.as_deref().unwrap()).unwrap();
+        assert_eq!(log["workers"][0]["choice"], "zstd9");
+        assert!(log["workers"][0]["candidates"].as_array().unwrap().len() >= 7);
+    }
+
+    #[test]
+    fn a_gigabit_link_picks_a_fast_level() {
+        let mut p = policy();
+        let d = p.decide(&observation(
+            125e6,
+            0.9,
+            CodecSettings::OFF,
+            Some(calibration()),
+        ));
+        // 62.5 MB/s per worker: level 9 (80 MB/s) would be CPU-bound below 3 and 1
+        // move 62.5 × 2.65 and 2.55 of input; level 3 keeps up and gains most.
+        assert_eq!(d.settings[0].level, Some(3), "{:?}", d.log);
+    }
+
+    #[test]
+    fn hysteresis_and_dwell_hold_a_setting_against_small_changes() {
+        let mut p = policy();
+        let zstd3 = p.settings_for(Candidate::Zstd(3), false);
+        p.decide(&observation(
+            125e6,
+            0.9,
+            CodecSettings::OFF,
+            Some(calibration()),
+        ));
+        // The link got a bit faster: level 1 is predicted only slightly better.
+        for _ in 0..4 {
+            let d = p.decide(&observation(140e6, 0.9, zstd3, Some(calibration())));
+            assert_eq!(d.settings[0].level, Some(3), "{:?}", d.log);
+        }
+        // Much faster: it moves, after the dwell time.
+        let d = p.decide(&observation(600e6, 0.9, zstd3, Some(calibration())));
+        assert_ne!(d.settings[0].level, Some(3), "{:?}", d.log);
+    }
+
+    #[test]
+    fn a_link_measured_while_cpu_bound_only_raises_the_estimate() {
+        let mut p = policy();
+        p.decide(&observation(12.5e6, 0.9, CodecSettings::OFF, None));
+        assert_eq!(p.bandwidth(), Some(12.5e6));
+        // Not waiting on the link, fewer bytes acknowledged: not a slower link.
+        p.decide(&observation(5e6, 0.0, CodecSettings::OFF, None));
+        assert_eq!(p.bandwidth(), Some(12.5e6));
+        p.decide(&observation(40e6, 0.0, CodecSettings::OFF, None));
+        assert_eq!(p.bandwidth(), Some(40e6));
+        // Compressing and not waiting on the link: the estimate is probed upwards.
+        p.decide(&observation(5e6, 0.0, CodecSettings::full(15), None));
+        assert_eq!(p.bandwidth(), Some(60e6));
+    }
+
+    #[test]
+    fn measured_codec_speed_corrects_the_calibration() {
+        let mut p = policy();
+        let cal = calibration();
+        p.decide(&observation(
+            125e6,
+            0.9,
+            CodecSettings::OFF,
+            Some(cal.clone()),
+        ));
+        // Level 3 runs at a third of its calibrated speed on this worker (contention).
+        let mut o = observation(
+            125e6,
+            0.9,
+            p.settings_for(Candidate::Zstd(3), false),
+            Some(cal),
+        );
+        for w in &mut o.workers {
+            w.codec = CodecCounters {
+                compress_in: 100 << 20,
+                compress_out: (100 << 20) * 10 / 26,
+                compress_nanos: ((100u64 << 20) as f64 / 100e6 * 1e9) as u64,
+                input_bytes: 100 << 20,
+                encode_nanos: ((100u64 << 20) as f64 / 1.5e9 * 1e9) as u64,
+                ..CodecCounters::default()
+            };
+        }
+        let mut d = p.decide(&o);
+        for _ in 0..3 {
+            d = p.decide(&o);
+        }
+        let level = d.settings[0].level.unwrap();
+        assert!(
+            level < 3,
+            "a slower core moves to a faster level: {:?}",
+            d.log
+        );
+    }
+}

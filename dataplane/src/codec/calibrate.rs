@@ -1,0 +1,216 @@
+//! Measuring what compression would do on this CPU and this memory, off the fast path.
+//!
+//! The codec policy needs, for each zstd level, the ratio on the guest's pages and the
+//! speed per core. [`sample_pages`] copies runs of pages spread over guest memory (the
+//! same 16-page runs the workers batch), and [`calibrate`] compresses them in batches of
+//! the session's size at each level, timing it. It runs on a thread of its own while the
+//! migration goes on, so it measures under the same contention the workers see.
+
+use super::zstd::{Compressor, Dictionary, compress_bound, train_dictionary};
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::wire::CHUNK_PAGES;
+use std::time::{Duration, Instant};
+
+/// Time each level may spend on the sample (at least one batch).
+const LEVEL_TIME: Duration = Duration::from_millis(40);
+
+/// Pages copied out of guest memory for calibration or dictionary training.
+#[derive(Debug, Clone, Default)]
+pub struct PageSample {
+    /// The non-zero pages, back to back, in runs of up to a chunk.
+    pub bytes: Vec<u8>,
+    /// Pages examined.
+    pub examined: usize,
+    /// Of those, zero pages (left out of `bytes`).
+    pub zero: usize,
+}
+
+impl PageSample {
+    /// Non-zero pages held.
+    pub fn pages(&self) -> usize {
+        self.bytes.len() / PAGE_SIZE
+    }
+
+    /// The pages as slices (dictionary training wants one sample per page).
+    pub fn page_slices(&self) -> Vec<&[u8]> {
+        self.bytes.chunks_exact(PAGE_SIZE).collect()
+    }
+}
+
+/// Copy about `pages` pages of `memory`: whole chunks at evenly spread positions
+/// (offset by `seed`, so repeated samples see different chunks), zero pages skipped.
+pub fn sample_pages(memory: &GuestMemory, pages: usize, seed: u64) -> PageSample {
+    let chunks = memory.pages().div_ceil(CHUNK_PAGES);
+    let wanted = pages
+        .div_ceil(CHUNK_PAGES as usize)
+        .clamp(1, chunks as usize) as u64;
+    let stride = (chunks / wanted).max(1);
+    let kernels = dwcp_simd::Kernels::active();
+    let mut sample = PageSample::default();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for k in 0..wanted {
+        let chunk = (k * stride + seed.wrapping_mul(0x9E37_79B9) % stride) % chunks;
+        let first = chunk * CHUNK_PAGES;
+        for p in first..(first + CHUNK_PAGES).min(memory.pages()) {
+            memory.read_page(p, &mut page);
+            sample.examined += 1;
+            if kernels.is_zero(&page) {
+                sample.zero += 1;
+            } else {
+                sample.bytes.extend_from_slice(&page);
+            }
+        }
+    }
+    sample
+}
+
+/// What one zstd level did on a sample.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct LevelMeasurement {
+    /// The level.
+    pub level: i32,
+    /// Input bytes over output bytes.
+    pub ratio: f64,
+    /// Input bytes per second on one core.
+    pub bytes_per_second: f64,
+    /// The ratio with the session's dictionary, when one was measured.
+    pub ratio_with_dictionary: Option<f64>,
+}
+
+/// Calibration results.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Calibration {
+    /// Non-zero pages compressed.
+    pub pages: usize,
+    /// Fraction of the examined pages that were zero.
+    pub zero_fraction: f64,
+    /// One entry per level measured, in the order asked.
+    pub levels: Vec<LevelMeasurement>,
+    /// Wall time spent.
+    pub seconds: f64,
+}
+
+impl Calibration {
+    /// The measurement of `level`, if taken.
+    pub fn level(&self, level: i32) -> Option<&LevelMeasurement> {
+        self.levels.iter().find(|l| l.level == level)
+    }
+}
+
+/// Compress `sample` in batches of `batch_bytes` at each of `levels` (fastest first),
+/// with `dictionary` too when given. Levels stop being measured once one is slower than
+/// `useful_bytes_per_second`: slower levels only get slower, so none of them could keep
+/// up with the link.
+pub fn calibrate(
+    sample: &PageSample,
+    levels: &[i32],
+    batch_bytes: usize,
+    dictionary: Option<&Dictionary>,
+    useful_bytes_per_second: f64,
+) -> Calibration {
+    calibrate_with_progress(
+        sample,
+        levels,
+        batch_bytes,
+        dictionary,
+        useful_bytes_per_second,
+        &mut |_| {},
+    )
+}
+
+/// [`calibrate`], handing over the results so far after each level (the fast levels
+/// are useful long before the slow ones are measured).
+pub fn calibrate_with_progress(
+    sample: &PageSample,
+    levels: &[i32],
+    batch_bytes: usize,
+    dictionary: Option<&Dictionary>,
+    useful_bytes_per_second: f64,
+    progress: &mut dyn FnMut(&Calibration),
+) -> Calibration {
+    let started = Instant::now();
+    let mut out = Calibration {
+        pages: sample.pages(),
+        zero_fraction: sample.zero as f64 / sample.examined.max(1) as f64,
+        ..Calibration::default()
+    };
+    if sample.bytes.is_empty() {
+        return out;
+    }
+    let batch = batch_bytes.max(PAGE_SIZE);
+    let mut compressor = Compressor::new();
+    let mut packed = vec![0u8; compress_bound(batch)];
+    // Each level compresses batches until the sample is done or its time is up, so
+    // the slow levels cost about as much as the fast ones.
+    let mut run = |level: i32, dict: Option<&Dictionary>| -> Option<(f64, f64)> {
+        let t = Instant::now();
+        let (mut taken, mut packed_total) = (0usize, 0usize);
+        for input in sample.bytes.chunks(batch) {
+            packed_total += compressor.compress(level, dict, input, &mut packed).ok()?;
+            taken += input.len();
+            if t.elapsed() >= LEVEL_TIME {
+                break;
+            }
+        }
+        let speed = taken as f64 / t.elapsed().as_secs_f64().max(1e-9);
+        Some((taken as f64 / packed_total.max(1) as f64, speed))
+    };
+    for &level in levels {
+        // The first use of a dictionary at a level prepares it; time a second pass.
+        let Some((ratio, bytes_per_second)) = run(level, None) else {
+            continue;
+        };
+        let ratio_with_dictionary = dictionary.and_then(|d| {
+            run(level, Some(d))?;
+            run(level, Some(d)).map(|(r, _)| r)
+        });
+        out.levels.push(LevelMeasurement {
+            level,
+            ratio,
+            bytes_per_second,
+            ratio_with_dictionary,
+        });
+        out.seconds = started.elapsed().as_secs_f64();
+        progress(&out);
+        if bytes_per_second < useful_bytes_per_second {
+            break;
+        }
+    }
+    out.seconds = started.elapsed().as_secs_f64();
+    out
+}
+
+/// Train a dictionary of up to `capacity` bytes on the pages of `sample`.
+pub fn train(sample: &PageSample, capacity: usize) -> Result<Vec<u8>, super::zstd::ZstdError> {
+    train_dictionary(&sample.page_slices(), capacity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::{ContentMix, fill_memory};
+    use dwcp_hugepages::PagePreference;
+
+    #[test]
+    fn samples_skip_zero_pages_and_levels_are_measured_fastest_first() {
+        let memory = GuestMemory::anonymous(16 << 20, PagePreference::Small).unwrap();
+        fill_memory(&memory, &ContentMix::MEMORY_IMAGE, 7);
+        let sample = sample_pages(&memory, 512, 1);
+        assert_eq!(sample.examined, 512);
+        assert!(sample.zero > 0 && sample.pages() > 0);
+        assert_eq!(sample.pages() + sample.zero, sample.examined);
+        let cal = calibrate(&sample, &[-5, 1, 3], 256 << 10, None, 0.0);
+        assert_eq!(cal.levels.len(), 3);
+        assert!(
+            cal.levels
+                .iter()
+                .all(|l| l.ratio > 1.0 && l.bytes_per_second > 0.0)
+        );
+        // Asking for more speed than any level has stops after the first.
+        let fast_only = calibrate(&sample, &[-5, 1, 3], 256 << 10, None, f64::MAX);
+        assert_eq!(fast_only.levels.len(), 1);
+        let dict = Dictionary::new(1, train(&sample, 16 << 10).unwrap());
+        let with = calibrate(&sample, &[1], 64 << 10, Some(&dict), 0.0);
+        assert!(with.levels[0].ratio_with_dictionary.unwrap() > 1.0);
+    }
+}

@@ -1,0 +1,408 @@
+//! Codec steering on the source: the engine's side of the codec policy.
+//!
+//! Every decision interval it turns what the workers and sockets reported into an
+//! [`Observation`], asks the policy, and returns the commands that carry its decision
+//! to the workers. Calibrations and dictionary training run on threads of their own
+//! (they take milliseconds to a second; the engine must keep feeding workers), and their
+//! results join the next observation. In a fixed mode there is no policy; steering then
+//! only trains the dictionary the settings ask for.
+
+use crate::codec::calibrate::{self, Calibration};
+use crate::codec::policy::{
+    CodecConfig, CodecMode, CodecPolicy, Decision, LinkObservation, Observation, WorkerObservation,
+};
+use crate::codec::zstd::Dictionary;
+use crate::codec::{CodecCounters, CodecSettings};
+use crate::memory::GuestMemory;
+use crate::transport::{StreamTelemetry, TxControl, WorkerTelemetry};
+use crossbeam::channel::{Receiver, TryRecvError};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Shortest time between decisions.
+const MIN_DECISION_GAP: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The id of the session's dictionary (one per session).
+const DICTIONARY_ID: u32 = 1;
+
+/// A dictionary training's result and the seconds it took.
+type Trained = (Result<Vec<u8>, String>, f64);
+
+/// A change of settings, for the report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SettingsChange {
+    /// Seconds since round 0 started.
+    pub at: f64,
+    /// Worker.
+    pub worker: usize,
+    /// The new settings.
+    pub settings: CodecSettings,
+}
+
+/// What the codecs did in a migration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CodecReport {
+    /// `off`, `fixed` or `auto`.
+    pub mode: String,
+    /// Counters summed over the workers.
+    pub counters: CodecCounters,
+    /// Every change of settings.
+    pub changes: Vec<SettingsChange>,
+    /// The policy's decision log: one JSON object per decision.
+    pub decisions: Vec<String>,
+    /// The latest calibration.
+    pub calibration: Option<Calibration>,
+    /// Size of the trained dictionary, bytes.
+    pub dictionary_bytes: Option<usize>,
+    /// Seconds the dictionary took to train.
+    pub dictionary_seconds: Option<f64>,
+    /// Why training failed, if it did.
+    pub dictionary_error: Option<String>,
+}
+
+/// The engine's codec steering for one session.
+pub struct Steering<'p> {
+    config: CodecConfig,
+    policy: Option<&'p mut dyn CodecPolicy>,
+    memory: Arc<GuestMemory>,
+    /// Streams per worker.
+    streams_of: Vec<u16>,
+    started: Instant,
+    next_decision: Instant,
+    last_decision: Instant,
+    /// Latest cumulative telemetry per worker, and as of the previous decision.
+    latest: Vec<WorkerTelemetry>,
+    previous: Vec<WorkerTelemetry>,
+    /// Per stream: bytes acknowledged and retransmits as of the previous decision.
+    acked: Vec<(u64, u32)>,
+    settings: Vec<CodecSettings>,
+    calibration: Option<Calibration>,
+    /// Results of the calibration running, level by level.
+    calibrating: Option<Receiver<Calibration>>,
+    /// A calibration to run when the current one ends.
+    recalibrate: Option<f64>,
+    training: Option<Receiver<Trained>>,
+    dictionary: Option<Arc<Dictionary>>,
+    report: CodecReport,
+}
+
+impl<'p> Steering<'p> {
+    /// Steering for workers owning `streams_of[w]` streams each, starting with
+    /// `initial` on every worker.
+    pub fn new(
+        config: &CodecConfig,
+        policy: Option<&'p mut dyn CodecPolicy>,
+        memory: Arc<GuestMemory>,
+        streams_of: Vec<u16>,
+        total_streams: u16,
+        initial: CodecSettings,
+    ) -> Self {
+        let now = Instant::now();
+        let workers = streams_of.len();
+        let mode = match (&config.mode, policy.is_some()) {
+            (CodecMode::Off, _) => "off",
+            (CodecMode::Fixed(_), _) | (CodecMode::Auto, false) => "fixed",
+            (CodecMode::Auto, true) => "auto",
+        };
+        Steering {
+            config: config.clone(),
+            policy: if config.mode == CodecMode::Auto {
+                policy
+            } else {
+                None
+            },
+            memory,
+            streams_of,
+            started: now,
+            next_decision: now + config.first_decision,
+            last_decision: now,
+            latest: (0..workers)
+                .map(|worker| WorkerTelemetry {
+                    worker,
+                    ..WorkerTelemetry::default()
+                })
+                .collect(),
+            previous: vec![WorkerTelemetry::default(); workers],
+            acked: vec![(0, 0); usize::from(total_streams)],
+            settings: vec![initial; workers],
+            calibration: None,
+            calibrating: None,
+            recalibrate: None,
+            training: None,
+            dictionary: None,
+            report: CodecReport {
+                mode: mode.into(),
+                ..CodecReport::default()
+            },
+        }
+    }
+
+    /// Restart the clocks (round 0 starts now).
+    pub fn start(&mut self) {
+        let now = Instant::now();
+        self.started = now;
+        self.last_decision = now;
+        self.next_decision = now + self.config.first_decision;
+        if self.policy.is_none() && self.settings.iter().any(|s| s.dictionary) {
+            self.train_dictionary();
+        }
+    }
+
+    /// A worker's periodic counters.
+    pub fn worker_telemetry(&mut self, t: WorkerTelemetry) {
+        if let Some(slot) = self.latest.get_mut(t.worker) {
+            *slot = t;
+        }
+    }
+
+    /// Anything due: finished background work and, when the interval is up, a
+    /// decision. Returns commands for the workers (worker index, command).
+    pub fn tick(
+        &mut self,
+        streams: &[StreamTelemetry],
+        round: u64,
+        round_pages_left: u64,
+    ) -> Vec<(usize, TxControl)> {
+        let mut commands = Vec::new();
+        let news = self.collect_background(&mut commands);
+        let now = Instant::now();
+        // New calibration results are worth acting on at once (the first ones end the
+        // raw sending a slow link starts with), once the figures cover a little time.
+        let early = news && now.duration_since(self.last_decision) >= MIN_DECISION_GAP;
+        if self.policy.is_none() || (now < self.next_decision && !early) {
+            return commands;
+        }
+        let observation = self.observe(streams, round, round_pages_left, now);
+        self.last_decision = now;
+        self.next_decision = now + self.config.decision_interval;
+        let decision = match self.policy.as_mut() {
+            Some(policy) => policy.decide(&observation),
+            None => Decision::default(),
+        };
+        self.apply(decision, now, &mut commands);
+        commands
+    }
+
+    /// The report, with the workers' final counters (and whatever background work
+    /// finished meanwhile).
+    pub fn finish(mut self) -> CodecReport {
+        self.collect_background(&mut Vec::new());
+        let mut total = CodecCounters::default();
+        for t in &self.latest {
+            total.add(&t.codec);
+        }
+        self.report.counters = total;
+        self.report.calibration = self.calibration.take();
+        self.report
+    }
+
+    fn observe(
+        &mut self,
+        streams: &[StreamTelemetry],
+        round: u64,
+        round_pages_left: u64,
+        now: Instant,
+    ) -> Observation {
+        let interval = now
+            .duration_since(self.last_decision)
+            .as_secs_f64()
+            .max(1e-6);
+        let mut link = LinkObservation::default();
+        let mut acked = 0u64;
+        let mut rtt = u32::MAX;
+        for t in streams {
+            let Some(tcp) = t.tcp else { continue };
+            let slot = &mut self.acked[usize::from(t.stream)];
+            acked += tcp.bytes_acked.saturating_sub(slot.0);
+            link.retransmits += tcp.total_retrans.saturating_sub(slot.1);
+            *slot = (tcp.bytes_acked, tcp.total_retrans);
+            link.delivery_rate += tcp.delivery_rate as f64;
+            rtt = rtt.min(tcp.rtt_us);
+        }
+        link.acked_bytes_per_second = acked as f64 / interval;
+        link.rtt_us = if rtt == u32::MAX { 0 } else { rtt };
+        let workers = self
+            .latest
+            .iter()
+            .zip(&self.previous)
+            .enumerate()
+            .map(|(w, (now_t, before))| WorkerObservation {
+                worker: w,
+                streams: self.streams_of[w],
+                settings: self.settings[w],
+                codec: now_t.codec.since(&before.codec),
+                staged_bytes: now_t.staged_bytes - before.staged_bytes,
+                stage_nanos: now_t.stage_nanos - before.stage_nanos,
+                stalled: ((now_t.stalled_nanos - before.stalled_nanos) as f64 / 1e9 / interval)
+                    .min(1.0),
+            })
+            .collect();
+        self.previous.clone_from(&self.latest);
+        Observation {
+            elapsed: now.duration_since(self.started).as_secs_f64(),
+            interval,
+            round,
+            round_pages_left,
+            link,
+            workers,
+            calibration: self.calibration.clone(),
+            dictionary_bytes: self.dictionary.as_ref().map(|d| d.bytes().len()),
+        }
+    }
+
+    fn apply(&mut self, decision: Decision, now: Instant, commands: &mut Vec<(usize, TxControl)>) {
+        if let Some(line) = decision.log {
+            self.report.decisions.push(line);
+        }
+        for (w, settings) in decision.settings.into_iter().enumerate() {
+            if w < self.settings.len() && self.settings[w] != settings {
+                self.settings[w] = settings;
+                self.report.changes.push(SettingsChange {
+                    at: now.duration_since(self.started).as_secs_f64(),
+                    worker: w,
+                    settings,
+                });
+                commands.push((w, TxControl::SetCodec(settings)));
+            }
+        }
+        if let Some(useful) = decision.calibrate {
+            self.calibrate(useful);
+        }
+        if decision.train_dictionary && self.config.dictionary {
+            self.train_dictionary();
+        }
+    }
+
+    fn calibrate(&mut self, useful_bytes_per_second: f64) {
+        if self.calibrating.is_some() {
+            return;
+        }
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let memory = self.memory.clone();
+        let pages = self.config.calibration_pages;
+        let levels = self.config.levels.clone();
+        let batch = self.config.batch_bytes;
+        let dictionary = self.dictionary.clone();
+        // The same pages every time: measurements taken at different moments (with and
+        // without the dictionary) then compare like with like.
+        let seed = 0xCA11;
+        let spawned = std::thread::Builder::new()
+            .name("dwcp-calibrate".into())
+            .spawn(move || {
+                let sample = calibrate::sample_pages(&memory, pages, seed);
+                calibrate::calibrate_with_progress(
+                    &sample,
+                    &levels,
+                    batch,
+                    dictionary.as_deref(),
+                    useful_bytes_per_second,
+                    &mut |so_far| {
+                        let _ = tx.send(so_far.clone());
+                    },
+                );
+            });
+        if spawned.is_ok() {
+            self.calibrating = Some(rx);
+        }
+    }
+
+    fn train_dictionary(&mut self) {
+        if self.training.is_some() || self.dictionary.is_some() {
+            return;
+        }
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        let memory = self.memory.clone();
+        let pages = self.config.dictionary_sample_pages;
+        let capacity = self.config.dictionary_bytes;
+        let spawned = std::thread::Builder::new()
+            .name("dwcp-dictionary".into())
+            .spawn(move || {
+                let t = Instant::now();
+                let sample = calibrate::sample_pages(&memory, pages, 0x0D1C7);
+                let trained = calibrate::train(&sample, capacity).map_err(|e| e.to_string());
+                let _ = tx.send((trained, t.elapsed().as_secs_f64()));
+            });
+        if spawned.is_ok() {
+            self.training = Some(rx);
+        }
+    }
+
+    /// Take in finished background work; true when calibration results arrived.
+    fn collect_background(&mut self, commands: &mut Vec<(usize, TxControl)>) -> bool {
+        let mut news = false;
+        // Calibration results arrive level by level; the thread hangs up when done.
+        while let Some(rx) = &self.calibrating {
+            match rx.try_recv() {
+                Ok(fresh) => {
+                    news = true;
+                    self.merge_calibration(fresh);
+                }
+                Err(TryRecvError::Disconnected) => {
+                    self.calibrating = None;
+                    if let Some(useful) = self.recalibrate.take() {
+                        self.calibrate(useful);
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        if let Some(rx) = &self.training {
+            match rx.try_recv() {
+                Ok((trained, seconds)) => {
+                    self.training = None;
+                    self.report.dictionary_seconds = Some(seconds);
+                    match trained {
+                        Ok(bytes) if !bytes.is_empty() => {
+                            let d = Arc::new(Dictionary::new(DICTIONARY_ID, bytes));
+                            self.report.dictionary_bytes = Some(d.bytes().len());
+                            for w in 0..self.settings.len() {
+                                commands.push((w, TxControl::SetDictionary(d.clone())));
+                            }
+                            self.dictionary = Some(d);
+                            // Measure what it gains at the levels measured before (after
+                            // the calibration running, if one is).
+                            if self.policy.is_some() {
+                                let slowest = self
+                                    .calibration
+                                    .as_ref()
+                                    .and_then(|c| {
+                                        c.levels.iter().map(|l| l.bytes_per_second).reduce(f64::min)
+                                    })
+                                    .unwrap_or(0.0);
+                                if self.calibrating.is_some() {
+                                    self.recalibrate = Some(slowest * 0.99);
+                                } else {
+                                    self.calibrate(slowest * 0.99);
+                                }
+                            }
+                        }
+                        Ok(_) => self.report.dictionary_error = Some("empty dictionary".into()),
+                        Err(e) => self.report.dictionary_error = Some(e),
+                    }
+                }
+                Err(TryRecvError::Disconnected) => self.training = None,
+                Err(TryRecvError::Empty) => {}
+            }
+        }
+        news
+    }
+
+    /// A new measurement of a level replaces the old one; other levels stay.
+    fn merge_calibration(&mut self, fresh: Calibration) {
+        match &mut self.calibration {
+            Some(known) => {
+                for m in &fresh.levels {
+                    match known.levels.iter_mut().find(|k| k.level == m.level) {
+                        Some(k) => *k = *m,
+                        None => known.levels.push(*m),
+                    }
+                }
+                known.pages = fresh.pages;
+                known.zero_fraction = fresh.zero_fraction;
+                known.seconds = fresh.seconds;
+            }
+            None => self.calibration = Some(fresh),
+        }
+    }
+}
