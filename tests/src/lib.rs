@@ -1,5 +1,8 @@
 //! Helpers for the end-to-end tests in `tests/tests/`: a source and a destination
-//! appliance in one process, joined over loopback.
+//! appliance in one process, joined over loopback; the reference guest images
+//! ([`images`]).
+
+pub mod images;
 
 use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
 use dwcp_dataplane::engine::{
@@ -52,6 +55,18 @@ pub fn migrate_memory(
     source: &SourceConfig,
     dest: &DestConfig,
 ) -> Outcome {
+    migrate_memory_with_policy(memory, workload, dirty, source, dest, None)
+}
+
+/// [`migrate_memory`] with a codec policy choosing codecs live.
+pub fn migrate_memory_with_policy<'a>(
+    memory: Arc<GuestMemory>,
+    workload: &GuestWorkload,
+    dirty: DirtyLogKind,
+    source: &'a SourceConfig,
+    dest: &DestConfig,
+    policy: Option<&'a mut dyn dwcp_dataplane::codec::policy::CodecPolicy>,
+) -> Outcome {
     fill_memory(&memory, &ContentMix::MEMORY_IMAGE, workload.seed);
     let opened = open_dirty_log(&memory, dirty).expect("dirty log");
     let guest = SimulatedGuest::start(memory.clone(), workload, opened.marker.clone());
@@ -65,12 +80,13 @@ pub fn migrate_memory(
             &dest_config,
         )
     });
-    let source = engine::migrate(
+    let source = engine::migrate_with_policy(
         addr,
         memory.clone(),
         &guest,
         opened.log,
         source,
+        policy,
         &mut |_| {},
     );
     let dest = receiver.join().expect("destination thread");
