@@ -52,6 +52,7 @@ test: lint
 bench: deps
 	$(CARGO) run --release -p dwcp-bench -- kernels --json
 	$(CARGO) run --release -p dwcp-bench -- transport --json
+	$(CARGO) run --release -p dwcp-bench -- codec --json
 
 criterion: deps
 	$(CARGO) bench -p dwcp-bench
@@ -69,6 +70,7 @@ fuzz: deps
 	cd simd/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run xbzrle_decode -- -max_total_time=$(FUZZ_SECONDS)
 	cd dataplane/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frames -- -max_total_time=$(FUZZ_SECONDS)
 	cd dataplane/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run control -- -max_total_time=$(FUZZ_SECONDS)
+	cd dataplane/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run codec -- -max_total_time=$(FUZZ_SECONDS)
 
 clean:
 	$(CARGO) clean

@@ -12,8 +12,11 @@
 //! - [`transport`]: the `transport` suite (page stream against iperf3, a live
 //!   migration of 1 GiB);
 //! - [`kernels`]: the `kernels` suite (CRC32C, zero test, XBZRLE) and [`ring`] (the
-//!   SPSC ring against rtrb and crossbeam).
+//!   SPSC ring against rtrb and crossbeam);
+//! - [`codec`]: the `codec` suite (zstd against the zstd command, bytes on the wire
+//!   against QEMU's codecs, migration time through rate-limited links).
 
+pub mod codec;
 pub mod kernels;
 pub mod measure;
 pub mod reference;

@@ -23,6 +23,17 @@ enum Suite {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// The codec pipeline on the reference guest images: zstd against the zstd
+    /// command, bytes on the wire against QEMU's codecs, migration time through
+    /// rate-limited links against codecs off (needs root for a network namespace).
+    Codec {
+        /// Print one JSON object per comparison on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Run only the comparisons whose name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+    },
     /// Page kernels (CRC32C, zero test, XBZRLE) and the SPSC ring.
     Kernels {
         /// Print one JSON object per comparison on stdout (the table goes to stderr).
@@ -41,6 +52,11 @@ fn main() {
         Suite::Transport { json, filter } => {
             let mut out = Reporter::new(json).with_filter(filter);
             dwcp_bench::transport::run(plan, &mut out);
+            out.finish();
+        }
+        Suite::Codec { json, filter } => {
+            let mut out = Reporter::new(json).with_filter(filter);
+            dwcp_bench::codec::run(plan, &mut out);
             out.finish();
         }
         Suite::Kernels { json, filter } => {

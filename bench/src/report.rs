@@ -28,6 +28,10 @@ pub struct Comparison {
     /// The target ratio the issue sets, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<f64>,
+    /// Anything else a reader needs to judge the figures (a ratio both sides reached,
+    /// the setting measured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Comparison {
@@ -56,7 +60,14 @@ impl Comparison {
             min: round(ours.min()),
             max: round(ours.max()),
             target: None,
+            note: None,
         }
+    }
+
+    /// Attach a note.
+    pub fn with_note(mut self, note: impl Into<String>) -> Self {
+        self.note = Some(note.into());
+        self
     }
 
     /// Record the ratio the issue asks for.
