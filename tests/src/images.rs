@@ -6,12 +6,11 @@
 
 use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
 use dwcp_dataplane::engine::{
-    self, DestConfig, DestMemory, DestReport, MigrationError, MigrationReport, SourceConfig,
+    self, DestConfig, DestReport, MigrationError, MigrationReport, SourceConfig,
 };
 use dwcp_dataplane::guest::GuestControl;
 use dwcp_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use dwcp_hugepages::PagePreference;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -192,16 +191,7 @@ pub fn migrate_images<'a>(
     }
     let changed = images.changed_pages();
     let opened = open_dirty_log(&memory, DirtyLogKind::Uffd)?;
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
-    let addr = listener.local_addr().expect("address");
-    let dest_config = dest.clone();
-    let receiver = std::thread::spawn(move || {
-        engine::receive(
-            &listener,
-            DestMemory::Allocate(PagePreference::TransparentHuge),
-            &dest_config,
-        )
-    });
+    let (addr, receiver) = crate::spawn_destination(dest);
     let marker = opened.marker.clone();
     let writer = memory.clone();
     let mut replayed = false;

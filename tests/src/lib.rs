@@ -12,12 +12,31 @@ use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memo
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_hugepages::PagePreference;
 use std::io::Write;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 /// Say why a test did not run, past the harness's output capture.
 pub fn skip(reason: &str) {
     let _ = writeln!(std::io::stderr(), "SKIP: {reason}");
+}
+
+/// A destination appliance on a thread of its own, listening on a loopback port:
+/// its address, and the thread that returns its report.
+pub fn spawn_destination(
+    dest: &DestConfig,
+) -> (SocketAddr, JoinHandle<Result<DestReport, MigrationError>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let addr = listener.local_addr().expect("address");
+    let dest_config = dest.clone();
+    let receiver = std::thread::spawn(move || {
+        engine::receive(
+            &listener,
+            DestMemory::Allocate(PagePreference::TransparentHuge),
+            &dest_config,
+        )
+    });
+    (addr, receiver)
 }
 
 /// Everything a finished migration left behind.
@@ -70,16 +89,7 @@ pub fn migrate_memory_with_policy<'a>(
     fill_memory(&memory, &ContentMix::MEMORY_IMAGE, workload.seed);
     let opened = open_dirty_log(&memory, dirty).expect("dirty log");
     let guest = SimulatedGuest::start(memory.clone(), workload, opened.marker.clone());
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
-    let addr = listener.local_addr().expect("address");
-    let dest_config = dest.clone();
-    let receiver = std::thread::spawn(move || {
-        engine::receive(
-            &listener,
-            DestMemory::Allocate(PagePreference::TransparentHuge),
-            &dest_config,
-        )
-    });
+    let (addr, receiver) = spawn_destination(dest);
     let source = engine::migrate_with_policy(
         addr,
         memory.clone(),

@@ -6,23 +6,14 @@
 #![no_main]
 
 use dwcp_dataplane::codec::zstd::{Compressor, compress_bound};
-use dwcp_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use dwcp_dataplane::memory::PAGE_SIZE;
 use dwcp_dataplane::transport::frames::FrameParser;
 use dwcp_dataplane::wire::{FRAME_HEADER_LEN, FrameHeader};
-use dwcp_hugepages::PagePreference;
 use libfuzzer_sys::fuzz_target;
-use std::sync::{Arc, OnceLock};
 
-const PAGES: u64 = 64;
-
-fn memory() -> Arc<GuestMemory> {
-    static MEMORY: OnceLock<Arc<GuestMemory>> = OnceLock::new();
-    MEMORY
-        .get_or_init(|| {
-            Arc::new(GuestMemory::anonymous(PAGES as usize * PAGE_SIZE, PagePreference::Small).expect("memory"))
-        })
-        .clone()
-}
+#[path = "common.rs"]
+mod common;
+use common::{PAGES, memory};
 
 /// Reads the fuzz input as a little program of frames.
 struct Input<'a>(&'a [u8]);

@@ -3,22 +3,12 @@
 //! between inaccessible guard regions, so a stray write crashes the fuzzer).
 #![no_main]
 
-use dwcp_dataplane::memory::{GuestMemory, PAGE_SIZE};
 use dwcp_dataplane::transport::frames::FrameParser;
-use dwcp_hugepages::PagePreference;
 use libfuzzer_sys::fuzz_target;
-use std::sync::{Arc, OnceLock};
 
-const PAGES: u64 = 64;
-
-fn memory() -> Arc<GuestMemory> {
-    static MEMORY: OnceLock<Arc<GuestMemory>> = OnceLock::new();
-    MEMORY
-        .get_or_init(|| {
-            Arc::new(GuestMemory::anonymous(PAGES as usize * PAGE_SIZE, PagePreference::Small).expect("memory"))
-        })
-        .clone()
-}
+#[path = "common.rs"]
+mod common;
+use common::memory;
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks the stream layout and how the bytes are split into pieces.

@@ -85,90 +85,70 @@ impl Default for CodecSettings {
     }
 }
 
-/// What a worker's codecs did; reported periodically as telemetry.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
-pub struct CodecCounters {
-    /// Pages sent with their content.
-    pub raw_pages: u64,
-    /// Pages sent as zero markers.
-    pub zero_pages: u64,
-    /// Pages sent as references to another page.
-    pub dedup_pages: u64,
-    /// Pages sent as deltas.
-    pub delta_pages: u64,
-    /// Dirty pages that were not in the cache.
-    pub delta_misses: u64,
-    /// Deltas larger than the limit, sent raw instead.
-    pub delta_overflows: u64,
-    /// CRC matches whose bytes differed.
-    pub dedup_collisions: u64,
-    /// Batches compressed.
-    pub batches: u64,
-    /// Batches sent uncompressed because compression did not shrink them.
-    pub batches_stored: u64,
-    /// Batches compressed with the session dictionary.
-    pub dictionary_batches: u64,
-    /// Bytes that entered the compressor.
-    pub compress_in: u64,
-    /// Bytes that left it.
-    pub compress_out: u64,
-    /// Time spent compressing, nanoseconds.
-    pub compress_nanos: u64,
-    /// Level of the last compressed batch.
-    pub level: i32,
-    /// Bytes of pages with content that entered the pipeline (not zero pages).
-    pub input_bytes: u64,
-    /// Bytes of frames the pipeline put out (what goes on the wire).
-    pub output_bytes: u64,
-    /// Time spent in the pipeline before compression (zero test, CRC, cache, deltas),
-    /// nanoseconds.
-    pub encode_nanos: u64,
+/// Defines [`CodecCounters`]: cumulative `u64` counters (subtracted and added field
+/// by field) plus the level of the last batch.
+macro_rules! codec_counters {
+    ($($(#[$doc:meta])* $field:ident,)*) => {
+        /// What a worker's codecs did; reported periodically as telemetry.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+        pub struct CodecCounters {
+            $($(#[$doc])* pub $field: u64,)*
+            /// Level of the last compressed batch.
+            pub level: i32,
+        }
+
+        impl CodecCounters {
+            /// Counters accumulated since `earlier`.
+            pub fn since(&self, earlier: &CodecCounters) -> CodecCounters {
+                CodecCounters {
+                    $($field: self.$field - earlier.$field,)*
+                    level: self.level,
+                }
+            }
+
+            /// Add `other` to these counters.
+            pub fn add(&mut self, other: &CodecCounters) {
+                $(self.$field += other.$field;)*
+                self.level = other.level;
+            }
+        }
+    };
 }
 
-impl CodecCounters {
-    /// Counters accumulated since `earlier`.
-    pub fn since(&self, earlier: &CodecCounters) -> CodecCounters {
-        CodecCounters {
-            raw_pages: self.raw_pages - earlier.raw_pages,
-            zero_pages: self.zero_pages - earlier.zero_pages,
-            dedup_pages: self.dedup_pages - earlier.dedup_pages,
-            delta_pages: self.delta_pages - earlier.delta_pages,
-            delta_misses: self.delta_misses - earlier.delta_misses,
-            delta_overflows: self.delta_overflows - earlier.delta_overflows,
-            dedup_collisions: self.dedup_collisions - earlier.dedup_collisions,
-            batches: self.batches - earlier.batches,
-            batches_stored: self.batches_stored - earlier.batches_stored,
-            dictionary_batches: self.dictionary_batches - earlier.dictionary_batches,
-            compress_in: self.compress_in - earlier.compress_in,
-            compress_out: self.compress_out - earlier.compress_out,
-            compress_nanos: self.compress_nanos - earlier.compress_nanos,
-            level: self.level,
-            input_bytes: self.input_bytes - earlier.input_bytes,
-            output_bytes: self.output_bytes - earlier.output_bytes,
-            encode_nanos: self.encode_nanos - earlier.encode_nanos,
-        }
-    }
-
-    /// Add `other` to these counters.
-    pub fn add(&mut self, other: &CodecCounters) {
-        self.raw_pages += other.raw_pages;
-        self.zero_pages += other.zero_pages;
-        self.dedup_pages += other.dedup_pages;
-        self.delta_pages += other.delta_pages;
-        self.delta_misses += other.delta_misses;
-        self.delta_overflows += other.delta_overflows;
-        self.dedup_collisions += other.dedup_collisions;
-        self.batches += other.batches;
-        self.batches_stored += other.batches_stored;
-        self.dictionary_batches += other.dictionary_batches;
-        self.compress_in += other.compress_in;
-        self.compress_out += other.compress_out;
-        self.compress_nanos += other.compress_nanos;
-        self.level = other.level;
-        self.input_bytes += other.input_bytes;
-        self.output_bytes += other.output_bytes;
-        self.encode_nanos += other.encode_nanos;
-    }
+codec_counters! {
+    /// Pages sent with their content.
+    raw_pages,
+    /// Pages sent as zero markers.
+    zero_pages,
+    /// Pages sent as references to another page.
+    dedup_pages,
+    /// Pages sent as deltas.
+    delta_pages,
+    /// Dirty pages that were not in the cache.
+    delta_misses,
+    /// Deltas larger than the limit, sent raw instead.
+    delta_overflows,
+    /// CRC matches whose bytes differed.
+    dedup_collisions,
+    /// Batches compressed.
+    batches,
+    /// Batches sent uncompressed because compression did not shrink them.
+    batches_stored,
+    /// Batches compressed with the session dictionary.
+    dictionary_batches,
+    /// Bytes that entered the compressor.
+    compress_in,
+    /// Bytes that left it.
+    compress_out,
+    /// Time spent compressing, nanoseconds.
+    compress_nanos,
+    /// Bytes of pages with content that entered the pipeline (not zero pages).
+    input_bytes,
+    /// Bytes of frames the pipeline put out (what goes on the wire).
+    output_bytes,
+    /// Time spent in the pipeline before compression (zero test, CRC, cache, deltas),
+    /// nanoseconds.
+    encode_nanos,
 }
 
 /// What [`WorkerCodec::encode_run`] did with a run.

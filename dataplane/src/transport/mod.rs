@@ -264,6 +264,26 @@ pub struct WorkerTelemetry {
     pub stalled_nanos: u64,
 }
 
+impl WorkerTelemetry {
+    /// Worker `worker`'s counters, with its codec's when it has one.
+    pub fn new(
+        worker: usize,
+        codec: Option<&crate::codec::WorkerCodec>,
+        staged_bytes: u64,
+        stage_nanos: u64,
+        stalled_nanos: u64,
+    ) -> Self {
+        WorkerTelemetry {
+            worker,
+            codec: codec.map(|c| c.counters()).unwrap_or_default(),
+            settings: codec.map(|c| c.settings()).unwrap_or_default(),
+            staged_bytes,
+            stage_nanos,
+            stalled_nanos,
+        }
+    }
+}
+
 /// Counters of one stream, reported periodically.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StreamTelemetry {

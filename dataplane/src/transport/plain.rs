@@ -200,22 +200,13 @@ impl PlainTx {
     }
 
     fn telemetry(&self) -> WorkerTelemetry {
-        WorkerTelemetry {
-            worker: self.worker,
-            codec: self
-                .codec
-                .as_ref()
-                .map(|(c, _, _)| c.counters())
-                .unwrap_or_default(),
-            settings: self
-                .codec
-                .as_ref()
-                .map(|(c, _, _)| c.settings())
-                .unwrap_or_default(),
-            staged_bytes: self.staged_bytes,
-            stage_nanos: self.stage_nanos,
-            stalled_nanos: self.send_nanos,
-        }
+        WorkerTelemetry::new(
+            self.worker,
+            self.codec.as_ref().map(|(c, _, _)| c),
+            self.staged_bytes,
+            self.stage_nanos,
+            self.send_nanos,
+        )
     }
 
     fn apply(&mut self, change: TxControl) -> Result<(), String> {

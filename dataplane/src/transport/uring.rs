@@ -540,25 +540,16 @@ impl TxWorkerState {
     }
 
     fn telemetry(&self) -> WorkerTelemetry {
-        WorkerTelemetry {
-            worker: self.worker,
-            codec: self
-                .codec
-                .as_ref()
-                .map(|c| c.counters())
-                .unwrap_or_default(),
-            settings: self
-                .codec
-                .as_ref()
-                .map(|c| c.settings())
-                .unwrap_or_default(),
-            staged_bytes: self.staged_bytes,
-            stage_nanos: self.stage_nanos,
-            stalled_nanos: self.stalled_nanos
-                + self
-                    .stalled_since
-                    .map_or(0, |t| t.elapsed().as_nanos() as u64),
-        }
+        let stalling = self
+            .stalled_since
+            .map_or(0, |t| t.elapsed().as_nanos() as u64);
+        WorkerTelemetry::new(
+            self.worker,
+            self.codec.as_ref(),
+            self.staged_bytes,
+            self.stage_nanos,
+            self.stalled_nanos + stalling,
+        )
     }
 
     /// Note whether the worker is now waiting for buffers.
