@@ -49,7 +49,9 @@
 
 use dwcp_dataplane::codec::CodecSettings;
 use dwcp_dataplane::codec::calibrate::Calibration;
-use dwcp_dataplane::codec::policy::{CodecPolicy, Decision, Observation, WorkerObservation};
+use dwcp_dataplane::codec::policy::{
+    CodecConfig, CodecPolicy, Decision, Observation, WorkerObservation,
+};
 use serde::Serialize;
 
 /// Tunables of the model.
@@ -69,8 +71,14 @@ pub struct PolicyConfig {
     pub calibrate_below: f64,
     /// Use the dictionary when it improves the ratio by at least this fraction.
     pub dictionary_min_gain: f64,
-    /// Batch size, delta limit and whether a dictionary may be used.
+    /// Batch size (of the fast levels), delta limit and whether a dictionary may be
+    /// used.
     pub base: CodecSettings,
+    /// Batch size from level `large_batch_level` up (see
+    /// [`dwcp_dataplane::codec::policy::CodecConfig::large_batch_bytes`]).
+    pub large_batch_bytes: usize,
+    /// The first level that uses `large_batch_bytes`.
+    pub large_batch_level: i32,
     /// Train a dictionary when compressing.
     pub dictionary: bool,
     /// Smoothing of measured rates and ratios (weight of the newest sample).
@@ -84,13 +92,15 @@ pub struct PolicyConfig {
 impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
-            levels: vec![-5, -1, 1, 3, 6, 9, 12, 15, 19],
+            levels: CodecConfig::default().levels,
             hysteresis: 0.10,
             min_dwell: 2,
             link_bound_stall: 0.3,
             calibrate_below: 1.5e9,
-            dictionary_min_gain: 0.01,
+            dictionary_min_gain: 0.03,
             base: CodecSettings::full(1),
+            large_batch_bytes: CodecConfig::default().large_batch_bytes,
+            large_batch_level: CodecConfig::default().large_batch_level,
             dictionary: true,
             smoothing: 0.25,
             cpu_margin: 1.5,
@@ -354,6 +364,11 @@ impl ModelPolicy {
                 delta: true,
                 level: Some(level),
                 dictionary,
+                batch_bytes: if level >= self.config.large_batch_level {
+                    self.config.large_batch_bytes
+                } else {
+                    base.batch_bytes
+                },
                 ..base
             },
         }
@@ -517,7 +532,7 @@ mod tests {
             (1, 2.55, 480e6),
             (3, 2.65, 300e6),
             (9, 2.8, 80e6),
-            (15, 2.83, 18e6),
+            (16, 2.83, 18e6),
         ];
         Calibration {
             pages: 256,
@@ -607,7 +622,7 @@ mod tests {
             Some(calibration()),
         ));
         // 6.25 MB/s per worker: the best ratio whose speed (with the CPU margin) still
-        // covers ratio × link; level 15 would need 18 MB/s of a core that has 12.
+        // covers ratio × link; level 16 would need 18 MB/s of a core that has 12.
         assert_eq!(d.settings[0].level, Some(9), "{:?}", d.log);
         assert!(d.settings[0].delta && d.settings[0].dedup);
         assert!(d.train_dictionary);

@@ -223,8 +223,13 @@ pub struct CodecSection {
     pub mode: String,
     /// Page cache for deltas and dedup, shared out over the streams.
     pub cache: Size,
-    /// Bytes of frames per compressed batch (64K..=1M).
+    /// Bytes of frames per compressed batch at the fast levels (64K..=1M).
     pub batch: Size,
+    /// Batch size from level `large_batch_level` up (64K..=1M): slow levels run on
+    /// slow links, where larger batches pack tighter and cost nothing in latency.
+    pub large_batch: Size,
+    /// The first level that uses `large_batch`.
+    pub large_batch_level: i32,
     /// Largest delta sent instead of a page (at most 4K).
     pub delta_limit: Size,
     /// Train a dictionary when compressing (the policy uses it where it measures a gain).
@@ -248,6 +253,8 @@ impl Default for CodecSection {
             mode: "auto".into(),
             cache: Size(c.cache_bytes as u64),
             batch: Size(c.batch_bytes as u64),
+            large_batch: Size(c.large_batch_bytes as u64),
+            large_batch_level: c.large_batch_level,
             delta_limit: Size(c.delta_limit as u64),
             dictionary: c.dictionary,
             dictionary_size: Size(c.dictionary_bytes as u64),
@@ -508,6 +515,11 @@ impl Config {
         );
         check(
             &mut errors,
+            (64 << 10..=1 << 20).contains(&c.large_batch.0),
+            format!("codec.large_batch = {} (allowed 64K..=1M)", c.large_batch),
+        );
+        check(
+            &mut errors,
             (1..=4096).contains(&c.delta_limit.0),
             format!("codec.delta_limit = {} (allowed 1..=4K)", c.delta_limit),
         );
@@ -613,6 +625,8 @@ impl Config {
             mode: c.codec_mode().unwrap_or(CodecMode::Off),
             cache_bytes: c.cache.0 as usize,
             batch_bytes: c.batch.0 as usize,
+            large_batch_bytes: c.large_batch.0 as usize,
+            large_batch_level: c.large_batch_level,
             delta_limit: c.delta_limit.0 as usize,
             dictionary: c.dictionary,
             dictionary_bytes: c.dictionary_size.0 as usize,
@@ -633,6 +647,8 @@ impl Config {
                 delta_limit: codec.delta_limit,
                 ..PolicyConfig::default().base
             },
+            large_batch_bytes: codec.large_batch_bytes,
+            large_batch_level: codec.large_batch_level,
             ..PolicyConfig::default()
         })
     }

@@ -97,14 +97,14 @@ impl Calibration {
     }
 }
 
-/// Compress `sample` in batches of `batch_bytes` at each of `levels` (fastest first),
-/// with `dictionary` too when given. Levels stop being measured once one is slower than
+/// Compress `sample` in batches of `batch_bytes(level)` at each of `levels` (fastest
+/// first), with `dictionary` too when given. Levels stop being measured once one is slower than
 /// `useful_bytes_per_second`: slower levels only get slower, so none of them could keep
 /// up with the link.
 pub fn calibrate(
     sample: &PageSample,
     levels: &[i32],
-    batch_bytes: usize,
+    batch_bytes: &dyn Fn(i32) -> usize,
     dictionary: Option<&Dictionary>,
     useful_bytes_per_second: f64,
 ) -> Calibration {
@@ -123,7 +123,7 @@ pub fn calibrate(
 pub fn calibrate_with_progress(
     sample: &PageSample,
     levels: &[i32],
-    batch_bytes: usize,
+    batch_bytes: &dyn Fn(i32) -> usize,
     dictionary: Option<&Dictionary>,
     useful_bytes_per_second: f64,
     progress: &mut dyn FnMut(&Calibration),
@@ -137,12 +137,13 @@ pub fn calibrate_with_progress(
     if sample.bytes.is_empty() {
         return out;
     }
-    let batch = batch_bytes.max(PAGE_SIZE);
     let mut compressor = Compressor::new();
-    let mut packed = vec![0u8; compress_bound(batch)];
+    let mut packed = Vec::new();
     // Each level compresses batches until the sample is done or its time is up, so
     // the slow levels cost about as much as the fast ones.
     let mut run = |level: i32, dict: Option<&Dictionary>| -> Option<(f64, f64)> {
+        let batch = batch_bytes(level).max(PAGE_SIZE);
+        packed.resize(compress_bound(batch), 0);
         let t = Instant::now();
         let (mut taken, mut packed_total) = (0usize, 0usize);
         for input in sample.bytes.chunks(batch) {
@@ -199,7 +200,8 @@ mod tests {
         assert_eq!(sample.examined, 512);
         assert!(sample.zero > 0 && sample.pages() > 0);
         assert_eq!(sample.pages() + sample.zero, sample.examined);
-        let cal = calibrate(&sample, &[-5, 1, 3], 256 << 10, None, 0.0);
+        let batch = |_| 256 << 10;
+        let cal = calibrate(&sample, &[-5, 1, 3], &batch, None, 0.0);
         assert_eq!(cal.levels.len(), 3);
         assert!(
             cal.levels
@@ -207,10 +209,10 @@ mod tests {
                 .all(|l| l.ratio > 1.0 && l.bytes_per_second > 0.0)
         );
         // Asking for more speed than any level has stops after the first.
-        let fast_only = calibrate(&sample, &[-5, 1, 3], 256 << 10, None, f64::MAX);
+        let fast_only = calibrate(&sample, &[-5, 1, 3], &batch, None, f64::MAX);
         assert_eq!(fast_only.levels.len(), 1);
         let dict = Dictionary::new(1, train(&sample, 16 << 10).unwrap());
-        let with = calibrate(&sample, &[1], 64 << 10, Some(&dict), 0.0);
+        let with = calibrate(&sample, &[1], &|_| 64 << 10, Some(&dict), 0.0);
         assert!(with.levels[0].ratio_with_dictionary.unwrap() > 1.0);
     }
 }

@@ -382,7 +382,7 @@ fn codec_setup(
     };
     Some(CodecSetup {
         cache_bytes_per_stream: codec.cache_bytes / usize::from(config.streams),
-        max_batch_bytes: codec.batch_bytes,
+        max_batch_bytes: codec.max_batch_bytes(),
         max_dictionary_bytes: codec.dictionary_bytes,
         initial,
         capabilities: accepted,

@@ -282,7 +282,7 @@ impl<'p> Steering<'p> {
         let memory = self.memory.clone();
         let pages = self.config.calibration_pages;
         let levels = self.config.levels.clone();
-        let batch = self.config.batch_bytes;
+        let config = self.config.clone();
         let dictionary = self.dictionary.clone();
         // The same pages every time: measurements taken at different moments (with and
         // without the dictionary) then compare like with like.
@@ -294,7 +294,7 @@ impl<'p> Steering<'p> {
                 calibrate::calibrate_with_progress(
                     &sample,
                     &levels,
-                    batch,
+                    &|level| config.batch_for(level),
                     dictionary.as_deref(),
                     useful_bytes_per_second,
                     &mut |so_far| {
