@@ -250,16 +250,24 @@ impl Arena {
     }
 
     /// Fault every page in by writing a zero into each (the memory is zero, so the
-    /// content does not change). hugetlb pages fault whole; THP may fall back to 4 KiB
-    /// pages, so those are touched every 4 KiB.
+    /// content does not change).
     fn populate(&mut self) {
+        self.populate_range(0, self.len);
+    }
+
+    /// Fault in the pages of `offset..offset + len` (clipped to the arena) by writing
+    /// a zero into each; only call before the range holds data. hugetlb pages fault
+    /// whole; THP may fall back to 4 KiB pages, so those are touched every 4 KiB.
+    pub fn populate_range(&mut self, offset: usize, len: usize) {
         let step = match self.backing {
             PageBacking::Hugetlb1G | PageBacking::Hugetlb2M => self.backing.page_size(),
             PageBacking::TransparentHuge | PageBacking::Small => SMALL_PAGE,
         };
-        for offset in (0..self.len).step_by(step) {
-            // SAFETY: offset < len; volatile so the write is not elided.
-            unsafe { self.ptr.as_ptr().add(offset).write_volatile(0) };
+        let end = offset.saturating_add(len).min(self.len);
+        let start = offset - offset % step;
+        for at in (start..end).step_by(step) {
+            // SAFETY: at < end <= len; volatile so the write is not elided.
+            unsafe { self.ptr.as_ptr().add(at).write_volatile(0) };
         }
     }
 

@@ -63,6 +63,15 @@ impl BufferPool {
         })
     }
 
+    /// Fault in the first `bytes` of every buffer (for a pool made without populating,
+    /// whose buffers are mostly used only that far).
+    pub fn populate_prefix(&mut self, bytes: usize) {
+        for i in 0..self.count as usize {
+            self.arena
+                .populate_range(i * self.buf_size, bytes.min(self.buf_size));
+        }
+    }
+
     /// Size of each buffer.
     pub fn buf_size(&self) -> usize {
         self.buf_size

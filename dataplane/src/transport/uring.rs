@@ -435,16 +435,19 @@ impl TxWorkerState {
             None => config.send_buffer,
         };
         let ring = new_ring()?;
-        let pool = BufferPool::new(
+        let mut pool = BufferPool::new(
             buffers,
             buf_size,
             &ArenaOptions {
                 prefer: PagePreference::Huge2M,
                 numa_node: None,
-                populate: true,
+                populate: false,
             },
         )
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+        // Fault in what uncoded sends use now; the rest of a buffer sized for codec
+        // batches faults in only if a batch ever needs it.
+        pool.populate_prefix(config.send_buffer);
         // SAFETY: the iovecs describe the pool's buffers, which outlive the
         // registration: `ring` is declared before `pool` in TxWorkerState, so it is
         // dropped (and the registration released) first.
@@ -614,7 +617,8 @@ impl TxWorkerState {
                 // sends its partial batch (else it keeps filling, compressing better).
                 for i in 0..self.streams.len() {
                     let st = &self.streams[i];
-                    if st.inflight.is_none() && st.queue.is_empty() {
+                    let pending = st.codec.as_ref().is_some_and(|c| c.pending() > 0);
+                    if pending && st.inflight.is_none() && st.queue.is_empty() {
                         progress |= self.flush_batch(i);
                     }
                 }
