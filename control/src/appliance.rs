@@ -1,7 +1,7 @@
 //! Running `dwcpd` as a source, a destination, or both at once (the demo).
 
 use crate::config::Config;
-use dwcp_dataplane::dirty::open_dirty_log;
+use dwcp_dataplane::dirty::{OpenedDirtyLog, open_dirty_log};
 use dwcp_dataplane::engine::{self, DestMemory, DestReport, MigrationReport, Progress};
 use dwcp_dataplane::guest::{ContentMix, SimulatedGuest, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
@@ -69,13 +69,30 @@ pub fn run_source(
         eprintln!("dwcpd: dirty log: {note}");
     }
     let guest = SimulatedGuest::start(memory.clone(), &config.workload(), opened.marker.clone());
-    let mut printer = progress_printer(quiet, std::time::Duration::from_millis(200));
+    let result = migrate_guest(config, peer, memory, &guest, opened, quiet, 200);
+    guest.stop();
+    result
+}
+
+/// Migrate `memory` (written by `guest`, tracked by `opened`) to `peer` as configured,
+/// with the codec policy, a progress line every `progress_ms` unless `quiet`, and the
+/// dirty log's note and the decision log attached to the report.
+fn migrate_guest(
+    config: &Config,
+    peer: SocketAddr,
+    memory: Arc<GuestMemory>,
+    guest: &SimulatedGuest,
+    opened: OpenedDirtyLog,
+    quiet: bool,
+    progress_ms: u64,
+) -> Result<MigrationReport, String> {
+    let mut printer = progress_printer(quiet, std::time::Duration::from_millis(progress_ms));
     let source_config = config.source_config();
     let mut policy = config.codec_policy();
     let result = engine::migrate_with_policy(
         peer,
         memory,
-        &guest,
+        guest,
         opened.log,
         &source_config,
         Some(&mut policy),
@@ -89,7 +106,6 @@ pub fn run_source(
         report.notes.push(format!("dirty log: {note}"));
     }
     write_decision_log(config, &mut report);
-    guest.stop();
     Ok(report)
 }
 
@@ -171,7 +187,6 @@ pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
     // Both appliances share this machine. Splitting its CPUs between them measured
     // slower here (2.1-2.6 GB/s against 2.9-3.3) than letting both use all of them:
     // the source side also runs the guest's vCPUs and the engine.
-    let source_config = config.source_config();
     let dest_config = config.dest_config();
     let receiver = std::thread::Builder::new()
         .name("dwcp-dest".into())
@@ -184,29 +199,12 @@ pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
         })
         .map_err(|e| e.to_string())?;
     let setup_seconds = setup.elapsed().as_secs_f64();
-    let mut printer = progress_printer(quiet, std::time::Duration::from_millis(100));
-    let mut policy = config.codec_policy();
-    let result = engine::migrate_with_policy(
-        addr,
-        memory.clone(),
-        &guest,
-        opened.log,
-        &source_config,
-        Some(&mut policy),
-        &mut printer,
-    );
-    if !quiet {
-        eprintln!();
-    }
+    let result = migrate_guest(config, addr, memory.clone(), &guest, opened, quiet, 100);
     let dest = receiver
         .join()
         .map_err(|_| "destination thread panicked".to_string())?;
-    let mut source = result.map_err(|e| e.to_string())?;
+    let source = result?;
     let dest = dest.map_err(|e| e.to_string())?;
-    if let Some(note) = opened.note {
-        source.notes.push(format!("dirty log: {note}"));
-    }
-    write_decision_log(config, &mut source);
     // The guest is paused (migrated away): its memory is final.
     let byte_identical = memory.first_difference(&dest.memory).is_none();
     guest.stop();

@@ -199,7 +199,6 @@ pub struct WorkerCodec {
     compressor: Compressor,
     page: Box<[u8; PAGE_SIZE]>,
     delta: Vec<u8>,
-    packed: Vec<u8>,
     settings: CodecSettings,
     dictionary: Option<Arc<Dictionary>>,
     counters: CodecCounters,
@@ -219,7 +218,6 @@ impl WorkerCodec {
             compressor: Compressor::new(),
             page: Box::new([0; PAGE_SIZE]),
             delta: vec![0; PAGE_SIZE],
-            packed: Vec::with_capacity(compress_bound(MAX_BATCH)),
             settings: CodecSettings::OFF,
             dictionary: None,
             counters: CodecCounters::default(),
@@ -374,13 +372,20 @@ impl WorkerCodec {
         }
     }
 
+    /// The dictionary batches are compressed with now, if any.
+    fn active_dictionary(&self) -> Option<&Dictionary> {
+        self.dictionary
+            .as_deref()
+            .filter(|_| self.settings.dictionary && self.settings.level.is_some())
+    }
+
     /// Space [`WorkerCodec::flush`] may need for the stream's batch.
     pub fn flush_bound(&self, stream: &StreamCodec) -> usize {
-        let dictionary = self
-            .dictionary
-            .as_ref()
+        let announcement = self
+            .active_dictionary()
+            .filter(|d| stream.dictionary_sent != d.id())
             .map_or(0, |d| FRAME_HEADER_LEN + d.bytes().len());
-        dictionary
+        announcement
             + FRAME_HEADER_LEN
             + 8
             + compress_bound(stream.batch.len()).max(stream.batch.len())
@@ -389,15 +394,18 @@ impl WorkerCodec {
     /// Move the stream's batch into `out` (at least [`WorkerCodec::flush_bound`]
     /// bytes): a dictionary frame first if this stream has not announced it, then one
     /// compressed frame, or the frames themselves when compression is off or does not
-    /// shrink them. Returns the bytes written.
+    /// shrink them. Compression writes straight into `out`. Returns the bytes written.
     pub fn flush(&mut self, stream: &mut StreamCodec, out: &mut [u8]) -> usize {
         if stream.batch.is_empty() {
             return 0;
         }
         let mut written = 0;
         if let Some(level) = self.settings.level {
-            let dictionary = self.dictionary.clone().filter(|_| self.settings.dictionary);
-            if let Some(d) = &dictionary
+            let dictionary = self
+                .dictionary
+                .as_deref()
+                .filter(|_| self.settings.dictionary);
+            if let Some(d) = dictionary
                 && stream.dictionary_sent != d.id()
             {
                 let mut header = [0u8; FRAME_HEADER_LEN];
@@ -408,13 +416,14 @@ impl WorkerCodec {
                 written += FRAME_HEADER_LEN + d.bytes().len();
                 stream.dictionary_sent = d.id();
             }
+            let frame = &mut out[written..];
+            let bound = FRAME_HEADER_LEN + 8 + compress_bound(stream.batch.len());
             let started = Instant::now();
-            self.packed.resize(compress_bound(stream.batch.len()), 0);
             let packed = self.compressor.compress(
                 level,
-                dictionary.as_deref(),
+                dictionary,
                 &stream.batch,
-                &mut self.packed,
+                &mut frame[FRAME_HEADER_LEN + 8..bound],
             );
             self.counters.compress_nanos += started.elapsed().as_nanos() as u64;
             self.counters.compress_in += stream.batch.len() as u64;
@@ -427,20 +436,18 @@ impl WorkerCodec {
                 self.counters.dictionary_batches += u64::from(dictionary.is_some());
                 let mut header = [0u8; FRAME_HEADER_LEN];
                 FrameHeader::compressed(n).encode(&mut header);
-                let o = &mut out[written..];
-                o[..FRAME_HEADER_LEN].copy_from_slice(&header);
-                o[FRAME_HEADER_LEN..FRAME_HEADER_LEN + 4]
+                frame[..FRAME_HEADER_LEN].copy_from_slice(&header);
+                frame[FRAME_HEADER_LEN..FRAME_HEADER_LEN + 4]
                     .copy_from_slice(&(stream.batch.len() as u32).to_le_bytes());
-                let dict_id = dictionary.as_ref().map_or(0, |d| d.id());
-                o[FRAME_HEADER_LEN + 4..FRAME_HEADER_LEN + 8]
+                let dict_id = dictionary.map_or(0, |d| d.id());
+                frame[FRAME_HEADER_LEN + 4..FRAME_HEADER_LEN + 8]
                     .copy_from_slice(&dict_id.to_le_bytes());
-                o[FRAME_HEADER_LEN + 8..FRAME_HEADER_LEN + 8 + n]
-                    .copy_from_slice(&self.packed[..n]);
                 written += FRAME_HEADER_LEN + 8 + n;
                 stream.batch.clear();
                 self.counters.output_bytes += written as u64;
                 return written;
             }
+            // Stored instead: the frames overwrite what the compressor left.
             self.counters.compress_out += stream.batch.len() as u64;
             self.counters.batches_stored += 1;
         }

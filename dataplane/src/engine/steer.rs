@@ -100,10 +100,12 @@ impl<'p> Steering<'p> {
     ) -> Self {
         let now = Instant::now();
         let workers = streams_of.len();
-        let mode = match (&config.mode, policy.is_some()) {
-            (CodecMode::Off, _) => "off",
-            (CodecMode::Fixed(_), _) | (CodecMode::Auto, false) => "fixed",
-            (CodecMode::Auto, true) => "auto",
+        // A session without a policy never gets here in automatic mode (its codecs
+        // stay off), so the mode names who decides.
+        let mode = match &config.mode {
+            CodecMode::Off => "off",
+            CodecMode::Fixed(_) => "fixed",
+            CodecMode::Auto => "auto",
         };
         Steering {
             config: config.clone(),
@@ -230,7 +232,9 @@ impl<'p> Steering<'p> {
             .map(|(w, (now_t, before))| WorkerObservation {
                 worker: w,
                 streams: self.streams_of[w],
-                settings: self.settings[w],
+                // What the worker ran with (a change it has not applied yet does
+                // not count for these counters).
+                settings: now_t.settings,
                 codec: now_t.codec.since(&before.codec),
                 staged_bytes: now_t.staged_bytes - before.staged_bytes,
                 stage_nanos: now_t.stage_nanos - before.stage_nanos,

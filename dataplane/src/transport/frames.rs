@@ -584,12 +584,16 @@ impl FrameParser {
                         "expands to {expanded} bytes (allowed 1..={MAX_BATCH})"
                     )));
                 }
+                // The buffer only grows (zero-filled once), so a batch is not
+                // zero-filled before every decompression.
                 let mut inner = std::mem::take(&mut self.inner);
-                inner.resize(expanded, 0);
+                if inner.len() < expanded {
+                    inner.resize(expanded, 0);
+                }
                 let result = self
                     .decompressor
                     .get_or_insert_with(Decompressor::new)
-                    .decompress(dict, &payload[8..], &mut inner)
+                    .decompress(dict, &payload[8..], &mut inner[..expanded])
                     .map_err(|e| bad(e.to_string()))
                     .and_then(|n| {
                         if n == expanded {
@@ -598,7 +602,7 @@ impl FrameParser {
                             Err(bad(format!("expanded to {n} bytes, announced {expanded}")))
                         }
                     })
-                    .and_then(|()| self.inner_frames(&inner));
+                    .and_then(|()| self.inner_frames(&inner[..expanded]));
                 self.inner = inner;
                 self.counters.batches += 1;
                 result
