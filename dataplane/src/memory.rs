@@ -214,8 +214,19 @@ impl GuestMemory {
     /// The content stays as it is (zero for fresh memory).
     pub fn populate(&self) {
         const MADV_POPULATE_WRITE: libc::c_int = 23;
-        // SAFETY: advising our own mapping; populating writes nothing visible.
-        let rc = unsafe { libc::madvise(self.ptr.cast(), self.len, MADV_POPULATE_WRITE) };
+        // In pieces: one call over a large guest holds the process's mmap lock for
+        // seconds, and every thread that maps memory meanwhile (a new thread's stack,
+        // a large allocation) waits behind it.
+        const PIECE: usize = 32 << 20;
+        let mut rc = 0;
+        let mut offset = 0;
+        while offset < self.len && rc == 0 {
+            let len = PIECE.min(self.len - offset);
+            // SAFETY: advising a range inside our own mapping; populating writes
+            // nothing visible.
+            rc = unsafe { libc::madvise(self.ptr.add(offset).cast(), len, MADV_POPULATE_WRITE) };
+            offset += len;
+        }
         if rc != 0 {
             for page in 0..self.pages() {
                 let offset = page as usize * PAGE_SIZE;

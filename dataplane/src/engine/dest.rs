@@ -170,10 +170,17 @@ pub fn receive(
             }
             match GuestMemory::anonymous(hello.memory_bytes as usize, prefer) {
                 Ok(m) => {
-                    // Fault it in before the first page arrives: zeroing fresh memory
-                    // on first touch would otherwise run inside the page stream.
-                    m.populate();
-                    (Arc::new(m), true)
+                    // Fault it in ahead of the page stream (zeroing fresh memory on first
+                    // touch would otherwise run inside it), on a thread of its own so the
+                    // seconds a large guest takes overlap the session's setup rather than
+                    // delay it. Populating never changes content, so pages that arrive
+                    // first are safe.
+                    let m = Arc::new(m);
+                    let populating = m.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("dwcp-populate".into())
+                        .spawn(move || populating.populate());
+                    (m, true)
                 }
                 Err(e) => return Err(refuse(&mut control, MigrationError::Refused(e.to_string()))),
             }

@@ -229,19 +229,43 @@ impl<'a> Session<'a> {
         };
         let mut notes = Vec::new();
         let codec = codec_setup(config, policy.is_some(), accepted, &mut notes);
+        // Data streams connect concurrently: one after another would cost a round trip
+        // each, seconds of setup across a long path with many streams.
+        let opened: Vec<Result<(TcpStream, Vec<String>), MigrationError>> =
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..config.streams)
+                    .map(|id| {
+                        scope.spawn(move || {
+                            let mut s = connect(peer, config.connect_timeout)?;
+                            let notes = socket::configure(&s, &config.transport.socket);
+                            s.write_all(
+                                &StreamHello {
+                                    session_id,
+                                    stream_id: id,
+                                }
+                                .encode(),
+                            )
+                            .map_err(io(format!("opening data stream {id}")))?;
+                            Ok((s, notes))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(io("opening a data stream")(std::io::Error::other(
+                                "connecting thread panicked",
+                            )))
+                        })
+                    })
+                    .collect()
+            });
         let mut streams = Vec::with_capacity(usize::from(config.streams));
         let mut data_sockets = Vec::new();
-        for id in 0..config.streams {
-            let mut s = connect(peer, config.connect_timeout)?;
-            notes.extend(socket::configure(&s, &config.transport.socket));
-            s.write_all(
-                &StreamHello {
-                    session_id,
-                    stream_id: id,
-                }
-                .encode(),
-            )
-            .map_err(io(format!("opening data stream {id}")))?;
+        for (id, result) in (0..config.streams).zip(opened) {
+            let (s, stream_notes) = result?;
+            notes.extend(stream_notes);
             data_sockets.push(s.try_clone().map_err(io("cloning a data socket"))?);
             streams.push((id, s));
         }
@@ -668,7 +692,7 @@ impl Session<'_> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<MigrationReport, MigrationError> {
         let pages = self.memory.pages();
-        let verify_estimate = estimate_verify_seconds(&self.memory);
+        let mut verify_estimate = estimate_verify_seconds(&self.memory);
         let mut rounds: Vec<RoundStats> = Vec::new();
         let mut totals = Totals::default();
         let mut dirty = DirtyBitmap::full(pages);
@@ -711,6 +735,10 @@ impl Session<'_> {
             } else {
                 RAW_PAGE_WIRE
             };
+            // The checksum rate measured at the start may have met a busy machine (the
+            // destination faulting its memory in, say); keep the best rate seen, so one
+            // bad sample cannot hold the estimate over the limit for good.
+            verify_estimate = verify_estimate.min(estimate_verify_seconds(&self.memory));
             let estimated = dirtied as f64 * bytes_per_page / totals.bandwidth() + verify_estimate;
             rounds.push(RoundStats {
                 round,

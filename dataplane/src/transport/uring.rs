@@ -42,6 +42,9 @@ use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 /// Full buffers a stream may stage beyond the one being sent.
+/// Most a worker's send pool may hold when sized for zero-copy cover.
+const ZERO_COPY_POOL_BUDGET: usize = 64 << 20;
+
 const STAGED_AHEAD: usize = 1;
 
 /// Zero-copy notifications to see before deciding whether the kernel really avoids
@@ -420,13 +423,6 @@ impl TxWorkerState {
         // A zero-copy buffer is pinned until the receiver has consumed its bytes, a
         // socket buffer's worth later: keep enough buffers to cover that, or the sender
         // stalls waiting for notifications.
-        let per_stream = if zero_copy {
-            let covering = config.socket.buffer_bytes.div_ceil(config.send_buffer) as u32 * 2 + 4;
-            config.send_buffers_per_stream.max(covering)
-        } else {
-            config.send_buffers_per_stream
-        };
-        let buffers = (streams.len() as u32 * per_stream).max(2);
         // With codecs, a buffer must take a whole flushed batch.
         let buf_size = match &codec {
             Some(setup) => config
@@ -434,6 +430,18 @@ impl TxWorkerState {
                 .max(setup.max_flush_len() + FRAME_HEADER_LEN),
             None => config.send_buffer,
         };
+        let per_stream = if zero_copy {
+            let covering = config.socket.buffer_bytes.div_ceil(config.send_buffer) as u32 * 2 + 4;
+            // Registration pins (faults in) the whole pool: with many streams and
+            // buffers sized for codec batches, full cover would pin hundreds of MiB and
+            // take seconds to set up. Past the budget a stream waits for notifications
+            // a little more often instead.
+            let affordable = (ZERO_COPY_POOL_BUDGET / (streams.len().max(1) * buf_size)) as u32;
+            config.send_buffers_per_stream.max(covering.min(affordable))
+        } else {
+            config.send_buffers_per_stream
+        };
+        let buffers = (streams.len() as u32 * per_stream).max(2);
         let ring = new_ring()?;
         let mut pool = BufferPool::new(
             buffers,
