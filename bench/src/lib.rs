@@ -15,6 +15,8 @@
 //!   SPSC ring against rtrb and crossbeam);
 //! - [`codec`]: the `codec` suite (zstd against the zstd command, bytes on the wire
 //!   against QEMU's codecs, migration time through rate-limited links).
+//! - [`wan`]: the `wan` suite (live migration across each WAN emulator scenario
+//!   against one plain TCP stream).
 
 pub mod codec;
 pub mod kernels;
@@ -23,3 +25,4 @@ pub mod reference;
 pub mod report;
 pub mod ring;
 pub mod transport;
+pub mod wan;

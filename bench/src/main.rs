@@ -34,6 +34,22 @@ enum Suite {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// Live migration across each WAN emulator scenario against one plain TCP stream
+    /// copying the same memory (needs root for the emulator's namespaces).
+    Wan {
+        /// Print one JSON object per comparison on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Run only the comparisons whose name contains this text (e.g. `wan/cross`).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Guest memory to migrate, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        guest_mib: usize,
+        /// Longest the plain stream may run; beyond it its time is projected.
+        #[arg(long, default_value_t = 60)]
+        baseline_limit_s: u64,
+    },
     /// Page kernels (CRC32C, zero test, XBZRLE) and the SPSC ring.
     Kernels {
         /// Print one JSON object per comparison on stdout (the table goes to stderr).
@@ -57,6 +73,20 @@ fn main() {
         Suite::Codec { json, filter } => {
             let mut out = Reporter::new(json).with_filter(filter);
             dwcp_bench::codec::run(plan, &mut out);
+            out.finish();
+        }
+        Suite::Wan {
+            json,
+            filter,
+            guest_mib,
+            baseline_limit_s,
+        } => {
+            let mut out = Reporter::new(json).with_filter(filter);
+            let plan = dwcp_bench::wan::WanPlan {
+                guest_bytes: guest_mib << 20,
+                baseline_limit: std::time::Duration::from_secs(baseline_limit_s),
+            };
+            dwcp_bench::wan::run(plan, &mut out);
             out.finish();
         }
         Suite::Kernels { json, filter } => {

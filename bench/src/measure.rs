@@ -7,6 +7,12 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Default)]
 pub struct Samples(Vec<f64>);
 
+impl From<Vec<f64>> for Samples {
+    fn from(values: Vec<f64>) -> Self {
+        Samples(values)
+    }
+}
+
 impl Samples {
     pub fn push(&mut self, x: f64) {
         self.0.push(x);

@@ -32,6 +32,9 @@ pub struct Comparison {
     /// the setting measured).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Further figures of this comparison, as extra JSON fields.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Comparison {
@@ -61,6 +64,7 @@ impl Comparison {
             max: round(ours.max()),
             target: None,
             note: None,
+            extra: serde_json::Map::new(),
         }
     }
 
@@ -71,6 +75,12 @@ impl Comparison {
     }
 
     /// Record the ratio the issue asks for.
+    /// Adds a figure as an extra JSON field.
+    pub fn with_field(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.extra.insert(key.to_string(), value.into());
+        self
+    }
+
     pub fn with_target(mut self, target: f64) -> Self {
         self.target = Some(target);
         self

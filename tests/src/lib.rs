@@ -1,8 +1,9 @@
 //! Helpers for the end-to-end tests in `tests/tests/`: a source and a destination
 //! appliance in one process, joined over loopback; the reference guest images
-//! ([`images`]).
+//! ([`images`]); migrations across the WAN emulator ([`wan`]).
 
 pub mod images;
+pub mod wan;
 
 use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
 use dwcp_dataplane::engine::{

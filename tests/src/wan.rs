@@ -1,0 +1,282 @@
+//! Migrations across an emulated wide-area path (`wanem`): the source runs inside the
+//! emulator's source namespace, the destination inside its destination namespace, so
+//! every byte crosses the emulated link. Also the baseline the WAN benchmark compares
+//! against: one plain TCP stream copying the same memory.
+
+use crate::Outcome;
+use dwcp_dataplane::codec::policy::CodecPolicy;
+use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
+use dwcp_dataplane::engine::{self, DestConfig, DestMemory, SourceConfig};
+use dwcp_dataplane::guest::{GuestWorkload, SimulatedGuest};
+use dwcp_dataplane::memory::GuestMemory;
+use dwcp_dataplane::transport::TransportConfig;
+use dwcp_dataplane::transport::socket::{Congestion, SocketOptions};
+use dwcp_hugepages::PagePreference;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wanem::{Emulator, netns};
+
+/// Settings for a long or lossy path (what internet mode means): many streams so one
+/// loss stalls a small share of the data, BBR so random loss is not read as congestion,
+/// and the codec policy free to compress.
+pub fn internet_profile() -> (SourceConfig, DestConfig) {
+    let transport = TransportConfig {
+        socket: SocketOptions {
+            congestion: Congestion::Bbr,
+            ..SocketOptions::default()
+        },
+        ..TransportConfig::default()
+    };
+    let source = SourceConfig {
+        streams: 16,
+        transport: transport.clone(),
+        // Every round trip of the final exchange is part of the downtime; on a
+        // 600 ms path the default limit could never be met.
+        downtime_limit: Duration::from_secs(2),
+        ..SourceConfig::default()
+    };
+    let dest = DestConfig {
+        transport,
+        ..DestConfig::default()
+    };
+    (source, dest)
+}
+
+/// Migrates `memory` (already filled) while `workload` writes to it, from the source
+/// side of `emulator` to its destination side. Returns the outcome and the time from
+/// the start of the migration to its end.
+pub fn migrate_across<'a>(
+    emulator: &Emulator,
+    memory: Arc<GuestMemory>,
+    workload: &GuestWorkload,
+    dirty: DirtyLogKind,
+    source: &'a SourceConfig,
+    dest: &DestConfig,
+    policy: Option<&'a mut dyn CodecPolicy>,
+) -> (Outcome, f64) {
+    let opened = open_dirty_log(&memory, dirty).expect("dirty log");
+    let guest = SimulatedGuest::start(memory.clone(), workload, opened.marker.clone());
+    let destination_namespace = emulator.destination_namespace();
+    let destination_address = emulator.destination_address();
+    let dest_config = dest.clone();
+    let (address_tx, address_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        netns::enter(&destination_namespace).expect("enter the destination namespace");
+        let listener =
+            TcpListener::bind(SocketAddr::from((destination_address, 0))).expect("listener");
+        address_tx
+            .send(listener.local_addr().expect("address"))
+            .expect("hand over the address");
+        engine::receive(
+            &listener,
+            DestMemory::Allocate(PagePreference::TransparentHuge),
+            &dest_config,
+        )
+    });
+    let address = address_rx.recv().expect("destination address");
+    let source_namespace = emulator.source_namespace();
+    let started = Instant::now();
+    let source_result = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                netns::enter(&source_namespace).expect("enter the source namespace");
+                engine::migrate_with_policy(
+                    address,
+                    memory.clone(),
+                    &guest,
+                    opened.log,
+                    source,
+                    policy,
+                    &mut |_| {},
+                )
+            })
+            .join()
+            .expect("source thread")
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let dest_result = receiver.join().expect("destination thread");
+    (
+        Outcome {
+            source: source_result,
+            dest: dest_result,
+            memory,
+            guest,
+        },
+        seconds,
+    )
+}
+
+/// What one plain TCP stream managed.
+#[derive(Clone, Copy, Debug)]
+pub struct PlainCopy {
+    /// Bytes the receiver got.
+    pub bytes: u64,
+    /// From connecting to the receiver's last byte (or to the time limit).
+    pub seconds: f64,
+    /// All of the memory arrived before the time limit.
+    pub complete: bool,
+}
+
+impl PlainCopy {
+    pub fn bytes_per_second(&self) -> f64 {
+        self.bytes as f64 / self.seconds
+    }
+}
+
+/// Copies `memory` over one TCP stream with the kernel's default settings (its default
+/// congestion control and buffer autotuning), source side to destination side, for at
+/// most `time_limit`: memory to memory, as a plain copy would — the receiver reads
+/// straight into fresh guest-sized memory, faulting it in as the bytes arrive.
+pub fn plain_copy(emulator: &Emulator, memory: &GuestMemory, time_limit: Duration) -> PlainCopy {
+    let destination_namespace = emulator.destination_namespace();
+    let destination_address = emulator.destination_address();
+    let total = memory.len() as u64;
+    let (address_tx, address_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        netns::enter(&destination_namespace).expect("enter the destination namespace");
+        let listener =
+            TcpListener::bind(SocketAddr::from((destination_address, 0))).expect("listener");
+        address_tx
+            .send(listener.local_addr().expect("address"))
+            .expect("hand over the address");
+        let destination = GuestMemory::anonymous(total as usize, PagePreference::TransparentHuge)
+            .expect("destination memory");
+        // SAFETY: this thread is the only user of `destination`, which outlives the
+        // slice; the mapping is `total` bytes long.
+        let target =
+            unsafe { std::slice::from_raw_parts_mut(destination.as_ptr(), total as usize) };
+        let (mut stream, _) = listener.accept().expect("accept");
+        let started = Instant::now();
+        let mut received = 0usize;
+        while received < target.len() {
+            let end = (received + (1 << 20)).min(target.len());
+            match stream.read(&mut target[received..end]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+        (received as u64, started.elapsed().as_secs_f64())
+    });
+    let address = address_rx.recv().expect("destination address");
+    netns::run_in(&emulator.source_namespace(), || {
+        let mut stream = TcpStream::connect(address)?;
+        let started = Instant::now();
+        let mut chunk = vec![0u8; 1 << 20];
+        let pages_per_chunk = chunk.len() as u64 / 4096;
+        let mut page = 0;
+        while page < memory.pages() && started.elapsed() < time_limit {
+            let count = pages_per_chunk.min(memory.pages() - page);
+            for i in 0..count {
+                let at = (i as usize) * 4096;
+                memory.read_page(page + i, &mut chunk[at..at + 4096]);
+            }
+            stream.write_all(&chunk[..count as usize * 4096])?;
+            page += count;
+        }
+        // Cut short: stop now rather than drain what the socket still holds.
+        stream.shutdown(std::net::Shutdown::Both)
+    })
+    .expect("plain copy");
+    let (bytes, seconds) = receiver.join().expect("receiver");
+    PlainCopy {
+        bytes,
+        seconds,
+        complete: bytes == total,
+    }
+}
+
+/// `iperf3` with one stream from the source side for `seconds`: the path's own figure
+/// for a single TCP connection, in bits per second (`None` when iperf3 is missing).
+pub fn iperf3_one_stream(emulator: &Emulator, seconds: u32) -> Option<f64> {
+    iperf3_between(
+        &emulator.source_namespace(),
+        &emulator.destination_namespace(),
+        emulator.destination_address(),
+        seconds,
+    )
+}
+
+/// `iperf3` with one stream from namespace `client` to a server in namespace `server`
+/// at `address`, in bits per second.
+pub fn iperf3_between(
+    client: &str,
+    server: &str,
+    address: std::net::Ipv4Addr,
+    seconds: u32,
+) -> Option<f64> {
+    use std::process::{Command, Stdio};
+    let address = address.to_string();
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", server])
+        .args(["iperf3", "-s", "-1", "-B", &address])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let output = Command::new("ip")
+        .args(["netns", "exec", client])
+        .args(["iperf3", "-J", "-c", &address, "-t", &seconds.to_string()])
+        .output();
+    let _ = server.kill();
+    let _ = server.wait();
+    let report: serde_json::Value = serde_json::from_slice(&output.ok()?.stdout).ok()?;
+    report["end"]["sum_received"]["bits_per_second"].as_f64()
+}
+
+/// Two namespaces joined by a plain veth pair (the kernel forwarding, nothing in
+/// userspace) at `mtu`: the baseline for the emulator's own cost. Removed on drop.
+pub struct VethPair {
+    pub names: [String; 2],
+    pub addresses: [std::net::Ipv4Addr; 2],
+}
+
+impl VethPair {
+    pub fn create(prefix: &str, mtu: u32) -> Result<VethPair, String> {
+        let names = [format!("{prefix}-a"), format!("{prefix}-b")];
+        let addresses = [
+            std::net::Ipv4Addr::new(10, 78, 0, 1),
+            std::net::Ipv4Addr::new(10, 78, 0, 2),
+        ];
+        for name in &names {
+            if netns::exists(name) {
+                return Err(format!("namespace {name} already exists"));
+            }
+        }
+        let pair = VethPair { names, addresses };
+        let [a, b] = &pair.names;
+        netns::create(a)?;
+        netns::create(b)?;
+        netns::ip(&[
+            "-n", a, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", b,
+        ])?;
+        let mtu = mtu.to_string();
+        for (name, device, address) in [
+            (a, "veth0", pair.addresses[0]),
+            (b, "veth1", pair.addresses[1]),
+        ] {
+            netns::ip(&["-n", name, "link", "set", "lo", "up"])?;
+            netns::ip(&["-n", name, "link", "set", device, "mtu", &mtu, "up"])?;
+            netns::ip(&[
+                "-n",
+                name,
+                "addr",
+                "add",
+                &format!("{address}/24"),
+                "dev",
+                device,
+            ])?;
+        }
+        Ok(pair)
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        for name in &self.names {
+            netns::delete(name);
+        }
+    }
+}
