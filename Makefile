@@ -53,6 +53,7 @@ bench: deps
 	$(CARGO) run --release -p dwcp-bench -- kernels --json
 	$(CARGO) run --release -p dwcp-bench -- transport --json
 	$(CARGO) run --release -p dwcp-bench -- codec --json
+	$(CARGO) run --release -p dwcp-bench -- wan --json
 
 criterion: deps
 	$(CARGO) bench -p dwcp-bench

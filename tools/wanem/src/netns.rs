@@ -205,6 +205,12 @@ unsafe fn janitor_child(
     // fork (the child shares nothing that another thread could be mutating).
     unsafe {
         libc::setsid();
+        // A forked child shares its parent's command line, so `pkill -f <parent>`
+        // signals it too: ignore the polite signals, leave only the pipe (and SIGKILL)
+        // to end it.
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            libc::signal(signal, libc::SIG_IGN);
+        }
         // Keep only the pipe: no stray copies of the parent's sockets or devices.
         if pipe > 3 {
             libc::syscall(libc::SYS_close_range, 0, pipe - 1, 0);
