@@ -44,6 +44,26 @@ pub fn internet_profile() -> (SourceConfig, DestConfig) {
     (source, dest)
 }
 
+/// Runs `serve` on a thread inside the emulator's destination namespace, on a listener
+/// bound there; returns the listener's address and the thread.
+fn serve_in_destination<T: Send + 'static>(
+    emulator: &Emulator,
+    serve: impl FnOnce(TcpListener) -> T + Send + 'static,
+) -> (SocketAddr, std::thread::JoinHandle<T>) {
+    let namespace = emulator.destination_namespace();
+    let address = emulator.destination_address();
+    let (address_tx, address_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        netns::enter(&namespace).expect("enter the destination namespace");
+        let listener = TcpListener::bind(SocketAddr::from((address, 0))).expect("listener");
+        address_tx
+            .send(listener.local_addr().expect("address"))
+            .expect("hand over the address");
+        serve(listener)
+    });
+    (address_rx.recv().expect("destination address"), thread)
+}
+
 /// Migrates `memory` (already filled) while `workload` writes to it, from the source
 /// side of `emulator` to its destination side. Returns the outcome and the time from
 /// the start of the migration to its end.
@@ -58,24 +78,14 @@ pub fn migrate_across<'a>(
 ) -> (Outcome, f64) {
     let opened = open_dirty_log(&memory, dirty).expect("dirty log");
     let guest = SimulatedGuest::start(memory.clone(), workload, opened.marker.clone());
-    let destination_namespace = emulator.destination_namespace();
-    let destination_address = emulator.destination_address();
     let dest_config = dest.clone();
-    let (address_tx, address_rx) = std::sync::mpsc::channel();
-    let receiver = std::thread::spawn(move || {
-        netns::enter(&destination_namespace).expect("enter the destination namespace");
-        let listener =
-            TcpListener::bind(SocketAddr::from((destination_address, 0))).expect("listener");
-        address_tx
-            .send(listener.local_addr().expect("address"))
-            .expect("hand over the address");
+    let (address, receiver) = serve_in_destination(emulator, move |listener| {
         engine::receive(
             &listener,
             DestMemory::Allocate(PagePreference::TransparentHuge),
             &dest_config,
         )
     });
-    let address = address_rx.recv().expect("destination address");
     let source_namespace = emulator.source_namespace();
     let started = Instant::now();
     let source_result = std::thread::scope(|scope| {
@@ -130,17 +140,8 @@ impl PlainCopy {
 /// most `time_limit`: memory to memory, as a plain copy would — the receiver reads
 /// straight into fresh guest-sized memory, faulting it in as the bytes arrive.
 pub fn plain_copy(emulator: &Emulator, memory: &GuestMemory, time_limit: Duration) -> PlainCopy {
-    let destination_namespace = emulator.destination_namespace();
-    let destination_address = emulator.destination_address();
     let total = memory.len() as u64;
-    let (address_tx, address_rx) = std::sync::mpsc::channel();
-    let receiver = std::thread::spawn(move || {
-        netns::enter(&destination_namespace).expect("enter the destination namespace");
-        let listener =
-            TcpListener::bind(SocketAddr::from((destination_address, 0))).expect("listener");
-        address_tx
-            .send(listener.local_addr().expect("address"))
-            .expect("hand over the address");
+    let (address, receiver) = serve_in_destination(emulator, move |listener| {
         let destination = GuestMemory::anonymous(total as usize, PagePreference::TransparentHuge)
             .expect("destination memory");
         // SAFETY: this thread is the only user of `destination`, which outlives the
@@ -159,7 +160,6 @@ pub fn plain_copy(emulator: &Emulator, memory: &GuestMemory, time_limit: Duratio
         }
         (received as u64, started.elapsed().as_secs_f64())
     });
-    let address = address_rx.recv().expect("destination address");
     netns::run_in(&emulator.source_namespace(), || {
         let mut stream = TcpStream::connect(address)?;
         let started = Instant::now();

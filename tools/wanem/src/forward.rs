@@ -376,26 +376,16 @@ impl DirectionLoop {
     fn publish(&mut self) {
         let counters = &self.control.counters[self.direction as usize];
         let pass = std::mem::take(&mut self.pass);
-        if pass.packets_in > 0 {
-            counters
-                .packets_in
-                .fetch_add(pass.packets_in, Ordering::Relaxed);
-            counters
-                .bytes_in
-                .fetch_add(pass.bytes_in, Ordering::Relaxed);
-        }
-        if pass.packets_out > 0 {
-            counters
-                .packets_out
-                .fetch_add(pass.packets_out, Ordering::Relaxed);
-            counters
-                .bytes_out
-                .fetch_add(pass.bytes_out, Ordering::Relaxed);
-        }
-        if pass.write_errors > 0 {
-            counters
-                .write_errors
-                .fetch_add(pass.write_errors, Ordering::Relaxed);
+        for (counter, value) in [
+            (&counters.packets_in, pass.packets_in),
+            (&counters.bytes_in, pass.bytes_in),
+            (&counters.packets_out, pass.packets_out),
+            (&counters.bytes_out, pass.bytes_out),
+            (&counters.write_errors, pass.write_errors),
+        ] {
+            if value > 0 {
+                counter.fetch_add(value, Ordering::Relaxed);
+            }
         }
         let d = self.impairer.decisions;
         counters.lost.store(d.lost, Ordering::Relaxed);

@@ -21,25 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create the namespaces and forward between them until SIGINT/SIGTERM or `down`.
-    Up {
-        #[command(flatten)]
-        target: Target,
-        /// A shipped scenario (see `wanem scenarios`) or a scenario file; flags refine it.
-        #[arg(long)]
-        scenario: Option<String>,
-        #[command(flatten)]
-        link: LinkFlags,
-        /// MTU of both devices.
-        #[arg(long)]
-        mtu: Option<u32>,
-        /// Seed of the impairments' random decisions.
-        #[arg(long)]
-        seed: Option<u64>,
-        #[arg(long, default_value_t = wanem::DEFAULT_SOURCE_ADDRESS)]
-        source_address: Ipv4Addr,
-        #[arg(long, default_value_t = wanem::DEFAULT_DESTINATION_ADDRESS)]
-        destination_address: Ipv4Addr,
-    },
+    Up(UpArgs),
     /// Change a running emulator's links (both directions unless --direction).
     Set {
         #[command(flatten)]
@@ -70,6 +52,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+struct UpArgs {
+    #[command(flatten)]
+    target: Target,
+    /// A shipped scenario (see `wanem scenarios`) or a scenario file; flags refine it.
+    #[arg(long)]
+    scenario: Option<String>,
+    #[command(flatten)]
+    link: LinkFlags,
+    /// MTU of both devices.
+    #[arg(long)]
+    mtu: Option<u32>,
+    /// Seed of the impairments' random decisions.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = wanem::DEFAULT_SOURCE_ADDRESS)]
+    source_address: Ipv4Addr,
+    #[arg(long, default_value_t = wanem::DEFAULT_DESTINATION_ADDRESS)]
+    destination_address: Ipv4Addr,
 }
 
 #[derive(Args)]
@@ -150,23 +153,7 @@ impl LinkFlags {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Up {
-            target,
-            scenario,
-            link,
-            mtu,
-            seed,
-            source_address,
-            destination_address,
-        } => up(
-            target,
-            scenario,
-            link,
-            mtu,
-            seed,
-            source_address,
-            destination_address,
-        ),
+        Command::Up(args) => up(args),
         Command::Set {
             target,
             direction,
@@ -214,15 +201,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn up(
-    target: Target,
-    scenario: Option<String>,
-    link: LinkFlags,
-    mtu: Option<u32>,
-    seed: Option<u64>,
-    source_address: Ipv4Addr,
-    destination_address: Ipv4Addr,
-) -> Result<(), String> {
+fn up(args: UpArgs) -> Result<(), String> {
+    let UpArgs {
+        target,
+        scenario,
+        link,
+        mtu,
+        seed,
+        source_address,
+        destination_address,
+    } = args;
     let mut scenario = match &scenario {
         Some(name) => Scenario::load(name).map_err(|e| e.to_string())?,
         None => Scenario::clean("custom"),
