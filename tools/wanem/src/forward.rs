@@ -187,7 +187,9 @@ impl Drop for Forwarder {
 struct Held {
     at: u64,
     sequence: u64,
+    /// Always `buffer_size` long; the packet is its first `len` bytes.
     buffer: Vec<u8>,
+    len: usize,
 }
 
 impl PartialEq for Held {
@@ -286,15 +288,19 @@ impl DirectionLoop {
         }
     }
 
+    /// A full-size buffer: recycled ones keep their length, so no byte is cleared
+    /// per packet.
+    fn spare_buffer(&mut self) -> Vec<u8> {
+        self.spare
+            .pop()
+            .unwrap_or_else(|| vec![0; self.buffer_size])
+    }
+
     /// Reads up to a batch of packets and decides each one's fate.
     fn read_batch(&mut self) -> usize {
         let mut read = 0;
         while read < READ_BATCH {
-            let mut buffer = self
-                .spare
-                .pop()
-                .unwrap_or_else(|| vec![0; self.buffer_size]);
-            buffer.resize(self.buffer_size, 0);
+            let mut buffer = self.spare_buffer();
             // SAFETY: reading into a buffer of `buffer.len()` writable bytes.
             let n = unsafe { libc::read(self.ingress, buffer.as_mut_ptr().cast(), buffer.len()) };
             if n <= 0 {
@@ -302,17 +308,17 @@ impl DirectionLoop {
                 break;
             }
             read += 1;
-            buffer.truncate(n as usize);
+            let len = n as usize;
             self.pass.packets_in += 1;
-            self.pass.bytes_in += n as u64;
+            self.pass.bytes_in += len as u64;
             // Nothing held and nothing to do: straight through.
             if self.held.is_empty() && self.impairer.is_transparent() {
-                self.write(&buffer);
+                self.write(&buffer[..len]);
                 self.spare.push(buffer);
                 continue;
             }
             let now = self.now();
-            match self.impairer.admit(now, buffer.len()) {
+            match self.impairer.admit(now, len) {
                 Fate::Dropped(_) => self.spare.push(buffer),
                 Fate::Delivered {
                     at,
@@ -324,24 +330,24 @@ impl DirectionLoop {
                         buffer[bit / 8] ^= 1 << (bit % 8);
                     }
                     if duplicate {
-                        let mut copy = self.spare.pop().unwrap_or_default();
-                        copy.clear();
-                        copy.extend_from_slice(&buffer);
-                        self.hold(at, copy);
+                        let mut copy = self.spare_buffer();
+                        copy[..len].copy_from_slice(&buffer[..len]);
+                        self.hold(at, copy, len);
                     }
-                    self.hold(at, buffer);
+                    self.hold(at, buffer, len);
                 }
             }
         }
         read
     }
 
-    fn hold(&mut self, at: u64, buffer: Vec<u8>) {
+    fn hold(&mut self, at: u64, buffer: Vec<u8>, len: usize) {
         self.sequence += 1;
         self.held.push(Reverse(Held {
             at,
             sequence: self.sequence,
             buffer,
+            len,
         }));
     }
 
@@ -357,7 +363,7 @@ impl DirectionLoop {
             let Some(Reverse(packet)) = self.held.pop() else {
                 break;
             };
-            self.write(&packet.buffer);
+            self.write(&packet.buffer[..packet.len]);
             self.spare.push(packet.buffer);
         }
     }

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use wanem::control::{self, Request};
-use wanem::scenario::{BUILT_IN, JitterDistribution, LinkChanges, Scenario};
+use wanem::scenario::{BUILT_IN, JitterDistribution, LinkChanges, Scenario, apply_both};
 use wanem::units::{BitsPerSecond, Bytes, Nanos, Probability};
 use wanem::{Emulator, EmulatorConfig};
 
@@ -216,16 +216,9 @@ fn up(args: UpArgs) -> Result<(), String> {
         None => Scenario::clean("custom"),
     };
     let changes = link.changes();
-    let forward = changes.apply_to(&scenario.forward, "forward");
-    let reverse = changes.apply_to(&scenario.reverse, "reverse");
-    match (forward, reverse) {
-        (Ok(f), Ok(r)) => (scenario.forward, scenario.reverse) = (f, r),
-        (f, r) => {
-            let mut problems = f.err().unwrap_or_default();
-            problems.extend(r.err().unwrap_or_default());
-            return Err(problems.join("\n  "));
-        }
-    }
+    (scenario.forward, scenario.reverse) =
+        apply_both((&changes, &scenario.forward), (&changes, &scenario.reverse))
+            .map_err(|problems| problems.join("\n  "))?;
     if let Some(mtu) = mtu {
         if !(576..=65_535).contains(&mtu) {
             return Err(format!("--mtu {mtu} is outside 576–65535"));

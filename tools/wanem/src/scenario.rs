@@ -339,6 +339,24 @@ impl LinkChanges {
     }
 }
 
+/// Applies each direction's changes to its base; every problem of both at once.
+pub fn apply_both(
+    forward: (&LinkChanges, &LinkSpec),
+    reverse: (&LinkChanges, &LinkSpec),
+) -> Result<(LinkSpec, LinkSpec), Vec<String>> {
+    match (
+        forward.0.apply_to(forward.1, "forward"),
+        reverse.0.apply_to(reverse.1, "reverse"),
+    ) {
+        (Ok(f), Ok(r)) => Ok((f, r)),
+        (f, r) => {
+            let mut problems = f.err().unwrap_or_default();
+            problems.extend(r.err().unwrap_or_default());
+            Err(problems)
+        }
+    }
+}
+
 /// The on-disk form of a scenario (`scenarios/*.toml`).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -436,22 +454,17 @@ impl Scenario {
         if !(576..=65_535).contains(&mtu) {
             problems.push(format!("mtu: {mtu} is outside 576–65535"));
         }
-        let forward = file
-            .link
-            .then(&file.forward)
-            .apply_to(&LinkSpec::default(), "forward");
-        let reverse = file
-            .link
-            .then(&file.reverse)
-            .apply_to(&LinkSpec::default(), "reverse");
-        let (forward, reverse) = match (forward, reverse) {
-            (Ok(f), Ok(r)) => (f, r),
-            (f, r) => {
-                problems.extend(f.err().unwrap_or_default());
-                problems.extend(r.err().unwrap_or_default());
-                return Err(error(problems));
-            }
-        };
+        let clean = LinkSpec::default();
+        let (forward_changes, reverse_changes) =
+            (file.link.then(&file.forward), file.link.then(&file.reverse));
+        let (forward, reverse) =
+            match apply_both((&forward_changes, &clean), (&reverse_changes, &clean)) {
+                Ok(links) => links,
+                Err(link_problems) => {
+                    problems.extend(link_problems);
+                    return Err(error(problems));
+                }
+            };
         if !problems.is_empty() {
             return Err(error(problems));
         }

@@ -51,24 +51,20 @@ fn start(tag: &str, scenario: Scenario) -> Emulator {
 
 /// Mean ping RTT in milliseconds from source to destination.
 fn ping_rtt_ms(emulator: &Emulator, count: u32) -> f64 {
+    ping_from(
+        &emulator.source_namespace(),
+        &emulator.destination_address().to_string(),
+        count,
+    )
+}
+
+/// Mean RTT in milliseconds of `count` pings from a namespace to an address.
+fn ping_from(namespace: &str, address: &str, count: u32) -> f64 {
     let output = Command::new("ip")
         .args([
-            "netns",
-            "exec",
-            &emulator.source_namespace(),
-            "ping",
-            "-q",
-            "-n",
-            "-i",
-            "0.2",
-            "-W",
-            "5",
+            "netns", "exec", namespace, "ping", "-q", "-n", "-i", "0.2", "-W", "5",
         ])
-        .args([
-            "-c",
-            &count.to_string(),
-            &emulator.destination_address().to_string(),
-        ])
+        .args(["-c", &count.to_string(), address])
         .output()
         .expect("ping runs");
     let text = String::from_utf8_lossy(&output.stdout);
@@ -594,30 +590,7 @@ struct EmulatorView {
 
 impl EmulatorView {
     fn ping(&self) -> f64 {
-        let output = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &format!("{}-src", self.name),
-                "ping",
-                "-q",
-                "-n",
-                "-i",
-                "0.2",
-            ])
-            .args(["-c", "5", "10.77.0.2"])
-            .output()
-            .expect("ping");
-        let text = String::from_utf8_lossy(&output.stdout);
-        let line = text
-            .lines()
-            .find(|l| l.contains("min/avg/max"))
-            .unwrap_or_else(|| panic!("{text}"));
-        line.split('=')
-            .nth(1)
-            .and_then(|v| v.trim().split('/').nth(1))
-            .and_then(|v| v.parse().ok())
-            .expect("avg")
+        ping_from(&format!("{}-src", self.name), "10.77.0.2", 5)
     }
 }
 
