@@ -62,8 +62,11 @@ pub mod caps {
     /// zstd batches and dictionaries ([`super::FrameKind::Compressed`],
     /// [`super::FrameKind::Dictionary`]).
     pub const ZSTD: u64 = 1 << 4;
+    /// The source may change how many streams carry pages, at a round boundary
+    /// ([`super::FrameKind::StreamMap`]).
+    pub const STREAM_MAP: u64 = 1 << 5;
     /// Everything this build understands.
-    pub const ALL: u64 = ZERO_PAGES | PAGE_RUNS | DELTA | DEDUP | ZSTD;
+    pub const ALL: u64 = ZERO_PAGES | PAGE_RUNS | DELTA | DEDUP | ZSTD | STREAM_MAP;
 }
 
 /// Largest batch of frames a [`FrameKind::Compressed`] frame may expand to.
@@ -251,6 +254,11 @@ pub enum FrameKind {
     /// Dictionary `page` (a non-zero id) for later [`FrameKind::Compressed`] frames on
     /// this stream: its bytes.
     Dictionary = 8,
+    /// From here on, pages are spread over the first `page` streams of the session
+    /// (1..=the session's streams) instead of all of them. Sent on every stream, right
+    /// after a round marker, so each stream switches at the same point of its own
+    /// sequence; no payload.
+    StreamMap = 9,
 }
 
 /// A decoded, validated page-frame header.
@@ -302,6 +310,16 @@ impl FrameHeader {
             kind: FrameKind::RoundEnd,
             count: pages,
             page: round,
+            payload_len: 0,
+        }
+    }
+
+    /// Pages go over the first `active` streams from here on.
+    pub fn stream_map(active: u16) -> Self {
+        FrameHeader {
+            kind: FrameKind::StreamMap,
+            count: 0,
+            page: u64::from(active),
             payload_len: 0,
         }
     }
@@ -387,6 +405,7 @@ impl FrameHeader {
             6 => FrameKind::PageRef,
             7 => FrameKind::Compressed,
             8 => FrameKind::Dictionary,
+            9 => FrameKind::StreamMap,
             other => return Err(WireError::UnknownFrameKind(other)),
         };
         let flags = bytes[1];
@@ -422,6 +441,18 @@ impl FrameHeader {
                 }
             }
             FrameKind::RoundEnd | FrameKind::StreamEnd => 0,
+            FrameKind::StreamMap => {
+                if count != 0 {
+                    return Err(WireError::BadCount { count, max: 0 });
+                }
+                if page == 0 || page > u64::from(MAX_STREAMS) {
+                    return Err(WireError::BadHandshake {
+                        field: "stream map",
+                        reason: format!("{page} streams (allowed 1..={MAX_STREAMS})"),
+                    });
+                }
+                0
+            }
             FrameKind::DeltaPage | FrameKind::PageRef => {
                 if count != 1 {
                     return Err(WireError::BadCount { count, max: 1 });
@@ -807,11 +838,21 @@ mod tests {
             })
         );
         let mut b = good;
-        b[0] = 9;
+        b[0] = 10;
         assert_eq!(
             FrameHeader::decode(&resealed(b), &LIMITS),
-            Err(WireError::UnknownFrameKind(9))
+            Err(WireError::UnknownFrameKind(10))
         );
+        // A stream map names 1..=MAX_STREAMS streams and carries nothing.
+        let map = encoded(FrameHeader::stream_map(3));
+        assert_eq!(
+            FrameHeader::decode(&map, &LIMITS),
+            Ok(FrameHeader::stream_map(3))
+        );
+        let zero = encoded(FrameHeader::stream_map(0));
+        assert!(FrameHeader::decode(&zero, &LIMITS).is_err());
+        let too_many = encoded(FrameHeader::stream_map(MAX_STREAMS + 1));
+        assert!(FrameHeader::decode(&too_many, &LIMITS).is_err());
         let mut b = good;
         b[1] = 1;
         assert!(matches!(

@@ -108,3 +108,48 @@ pub fn migrate_memory_with_policy<'a>(
         guest,
     }
 }
+
+/// A migration driven live: `drive` runs on this thread while the migration runs on
+/// another, with the migration's live control (epoch 1 is `settings`) and its reports;
+/// when `drive` returns, the migration is waited for.
+pub fn migrate_driven(
+    bytes: usize,
+    workload: &GuestWorkload,
+    source: &SourceConfig,
+    dest: &DestConfig,
+    settings: engine::LiveSettings,
+    drive: impl FnOnce(&engine::LiveControl, &crossbeam::channel::Receiver<engine::LiveReport>),
+) -> Outcome {
+    let memory = Arc::new(
+        GuestMemory::anonymous(bytes, PagePreference::TransparentHuge).expect("guest memory"),
+    );
+    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, workload.seed);
+    let opened = open_dirty_log(&memory, DirtyLogKind::Uffd).expect("dirty log");
+    let guest = SimulatedGuest::start(memory.clone(), workload, opened.marker.clone());
+    let (addr, receiver) = spawn_destination(dest);
+    let (reports_tx, reports) = engine::LiveControl::report_channel(1024);
+    let live = engine::LiveControl::new(1, settings, Some(reports_tx));
+    let source = std::thread::scope(|scope| {
+        let running = scope.spawn(|| {
+            engine::migrate_live(
+                addr,
+                memory.clone(),
+                &guest,
+                opened.log,
+                source,
+                None,
+                Some(&live),
+                &mut |_| {},
+            )
+        });
+        drive(&live, &reports);
+        running.join().expect("migration thread")
+    });
+    let dest = receiver.join().expect("destination thread");
+    Outcome {
+        source,
+        dest,
+        memory,
+        guest,
+    }
+}

@@ -192,6 +192,13 @@ impl StreamCodec {
     pub fn cached(&self) -> usize {
         self.cache.len()
     }
+
+    /// Forget every page sent (the batch must have been flushed): from now on this
+    /// stream neither deltas against nor refers to anything it sent before.
+    pub fn forget(&mut self) {
+        debug_assert!(self.batch.is_empty(), "forget() with a batch pending");
+        self.cache.clear();
+    }
 }
 
 /// A worker's codec context, shared by its streams.

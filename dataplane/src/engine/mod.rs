@@ -14,13 +14,17 @@
 //! checked against its CRC on arrival), acknowledges rounds, and verifies.
 
 mod dest;
+pub mod live;
 mod report;
 mod source;
 mod steer;
 
 pub use dest::{DestConfig, DestMemory, DestReport, receive};
+pub use live::{Epoch, LiveControl, LiveReport, LiveSettings};
 pub use report::{MigrationReport, RoundStats, TransportReport};
-pub use source::{Progress, SourceConfig, migrate, migrate_with_policy};
+pub use source::{
+    Progress, SourceConfig, WorkerStatus, migrate, migrate_live, migrate_with_policy,
+};
 pub use steer::{CodecReport, SettingsChange};
 
 use crate::dirty::DirtyLogError;

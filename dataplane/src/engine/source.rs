@@ -1,5 +1,6 @@
 //! The source side: connect, run pre-copy rounds, switch over, verify.
 
+use super::live::{LiveControl, LiveSettings, REPORT_INTERVAL};
 use super::report::{MigrationReport, RoundStats, TransportReport};
 use super::steer::Steering;
 use super::{MigrationError, page_crcs, worker_cpus};
@@ -10,7 +11,7 @@ use crate::guest::GuestControl;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::transport::{
     self, StreamTelemetry, TransportConfig, TransportKind, TxCommand, TxControl, TxEvent, TxSetup,
-    TxWorker, plain, socket, uring,
+    TxWorker, WorkerTelemetry, plain, socket, uring,
 };
 use crate::wire::{
     self, AbortReason, CHUNK_PAGES, ControlMessage, Handshake, StreamHello, caps, stream_of,
@@ -92,7 +93,29 @@ pub struct Progress {
     pub elapsed: Duration,
     /// Latest counters per stream.
     pub streams: Vec<StreamTelemetry>,
+    /// Latest counters per worker, with the commands queued to it.
+    pub workers: Vec<WorkerStatus>,
+    /// Streams the session opened.
+    pub connected_streams: u16,
+    /// Streams carrying pages now.
+    pub active_streams: u16,
+    /// The live-settings epoch in force (0 without live control).
+    pub epoch: u64,
+    /// Latest round trip of a ping on the control stream.
+    pub ping_rtt: Option<Duration>,
 }
+
+/// A worker's latest counters and the fill of its command ring.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WorkerStatus {
+    /// The worker's own counters (codec, staging, CPU time).
+    pub telemetry: WorkerTelemetry,
+    /// Commands queued to it and not yet taken.
+    pub queued_commands: usize,
+}
+
+/// How often the source pings the destination on the control stream.
+const PING_INTERVAL: Duration = Duration::from_millis(250);
 
 struct Session<'a> {
     config: &'a SourceConfig,
@@ -120,6 +143,90 @@ struct Session<'a> {
     applied_round: Option<u64>,
     last_activity: Instant,
     setup_notes: Vec<String>,
+    /// Latest counters of each worker.
+    worker_telemetry: Vec<WorkerTelemetry>,
+    /// Live reconfiguration, when the slow path drives this migration.
+    live: Option<&'a LiveControl>,
+    /// The settings of the epoch adopted last.
+    live_settings: Option<LiveSettings>,
+    adopted_epoch: u64,
+    /// Streams carrying pages now, and a change waiting for the round boundary.
+    active_streams: u16,
+    pending_streams: Option<u16>,
+    /// Whether the destination understands stream map markers.
+    stream_map_ok: bool,
+    /// The switchover condition (live settings may change it).
+    downtime_limit: Duration,
+    /// Pings on the control stream: when the session opened (ping payloads are
+    /// nanoseconds since then), when the next is due, the latest round trip.
+    opened: Instant,
+    next_ping: Instant,
+    pinging: bool,
+    ping_rtt: Option<Duration>,
+    /// The latest progress snapshot and when it was last offered to the slow path.
+    latest_progress: Option<Progress>,
+    last_report: Instant,
+    /// What live changes could not do as asked, for the report.
+    live_notes: Vec<String>,
+    /// Pages queued to each worker and not yet taken (bounded in live sessions).
+    backlog: Vec<Backlog>,
+}
+
+/// How much work a live session queues to a worker ahead of it: about this long at the
+/// rate the worker takes pages. Queued runs cannot be taken back, and a new stream
+/// count waits for them to go out; a short queue makes it take effect promptly on a
+/// slow link, and costs nothing on a fast one (the bound scales with the rate).
+const BACKLOG_SECONDS: f64 = 0.25;
+/// The bound never goes below this (4 MiB of pages).
+const MIN_BACKLOG_PAGES: f64 = 1024.0;
+
+/// The pages queued to one worker and the rate it takes them at.
+struct Backlog {
+    pushed: u64,
+    taken: u64,
+    /// Pages per second, rising at once with a faster measurement and decaying slowly
+    /// (a measurement across an idle pause between rounds understates the worker).
+    rate: f64,
+    mark: Instant,
+    mark_taken: u64,
+}
+
+impl Backlog {
+    fn new() -> Self {
+        Backlog {
+            pushed: 0,
+            taken: 0,
+            rate: 0.0,
+            mark: Instant::now(),
+            mark_taken: 0,
+        }
+    }
+
+    fn pushed(&mut self, pages: u32) {
+        self.pushed += u64::from(pages);
+    }
+
+    fn taken(&mut self, pages: u64) {
+        self.taken += pages;
+        let elapsed = self.mark.elapsed().as_secs_f64();
+        if elapsed >= 0.1 {
+            let measured = (self.taken - self.mark_taken) as f64 / elapsed;
+            self.rate = measured.max(self.rate * 0.7);
+            self.mark = Instant::now();
+            self.mark_taken = self.taken;
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        let queued = self.pushed.saturating_sub(self.taken) as f64;
+        // Until a first measurement, a bound that starts a fast link at full speed.
+        let bound = if self.rate == 0.0 {
+            4.0 * MIN_BACKLOG_PAGES
+        } else {
+            (self.rate * BACKLOG_SECONDS).max(MIN_BACKLOG_PAGES)
+        };
+        queued >= bound
+    }
 }
 
 fn connect(peer: SocketAddr, timeout: Duration) -> Result<TcpStream, MigrationError> {
@@ -158,9 +265,30 @@ pub fn migrate_with_policy<'a>(
     peer: SocketAddr,
     memory: Arc<GuestMemory>,
     guest: &dyn GuestControl,
+    dirty_log: Box<dyn DirtyLog>,
+    config: &'a SourceConfig,
+    policy: Option<&'a mut dyn CodecPolicy>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationError> {
+    migrate_live(
+        peer, memory, guest, dirty_log, config, policy, None, progress,
+    )
+}
+
+/// [`migrate_with_policy`], reconfigured live through `live` when given: the session
+/// adopts every epoch published there (see [`super::live`]), reports its progress
+/// there, and stops when it is cancelled there. With live control the session sets up
+/// codecs whenever the destination accepts them, even if they start off, so that a
+/// later epoch can turn them on.
+#[allow(clippy::too_many_arguments)]
+pub fn migrate_live<'a>(
+    peer: SocketAddr,
+    memory: Arc<GuestMemory>,
+    guest: &dyn GuestControl,
     mut dirty_log: Box<dyn DirtyLog>,
     config: &'a SourceConfig,
     policy: Option<&'a mut dyn CodecPolicy>,
+    live: Option<&'a LiveControl>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, MigrationError> {
     if config.streams == 0 || config.streams > wire::MAX_STREAMS {
@@ -179,7 +307,15 @@ pub fn migrate_with_policy<'a>(
                 .into(),
         );
     }
-    let mut session = Session::open(peer, &memory, dirty_log.sent_crcs(), config, policy, &probe)?;
+    let mut session = Session::open(
+        peer,
+        &memory,
+        dirty_log.sent_crcs(),
+        config,
+        policy,
+        live,
+        &probe,
+    )?;
     let result = session.run(guest, dirty_log.as_mut(), start, &probe, progress);
     if let Err(e) = &result {
         session.abort(e);
@@ -195,6 +331,7 @@ impl<'a> Session<'a> {
         sent: Option<Arc<crate::dirty::SentCrcs>>,
         config: &'a SourceConfig,
         policy: Option<&'a mut dyn CodecPolicy>,
+        live: Option<&'a LiveControl>,
         probe: &transport::TransportProbe,
     ) -> Result<Self, MigrationError> {
         let mut control = connect(peer, config.connect_timeout)?;
@@ -228,7 +365,13 @@ impl<'a> Session<'a> {
             }
         };
         let mut notes = Vec::new();
-        let codec = codec_setup(config, policy.is_some(), accepted, &mut notes);
+        let codec = codec_setup(
+            config,
+            policy.is_some(),
+            live.is_some(),
+            accepted,
+            &mut notes,
+        );
         // Data streams connect concurrently: one after another would cost a round trip
         // each, seconds of setup across a long path with many streams.
         let opened: Vec<Result<(TcpStream, Vec<String>), MigrationError>> =
@@ -339,7 +482,45 @@ impl<'a> Session<'a> {
                 setup.initial,
             )
         });
+        let now = Instant::now();
+        if let Some(live) = live {
+            live.set_active_streams(config.streams);
+        }
         Ok(Session {
+            worker_telemetry: (0..workers.len())
+                .map(|worker| WorkerTelemetry {
+                    worker,
+                    ..WorkerTelemetry::default()
+                })
+                .collect(),
+            live,
+            // What the session opened with: the first epoch changes only what differs.
+            live_settings: live.map(|_| LiveSettings {
+                active_streams: None,
+                congestion: config.transport.socket.congestion,
+                pacing_rate: config
+                    .transport
+                    .socket
+                    .pacing_rate
+                    .map(|r| r.saturating_mul(u64::from(config.streams))),
+                codec: config.codec.mode.clone(),
+                zero_copy: config.transport.zero_copy,
+                idle: config.transport.idle,
+                downtime_limit: config.downtime_limit,
+            }),
+            adopted_epoch: 0,
+            active_streams: config.streams,
+            pending_streams: None,
+            stream_map_ok: accepted & caps::STREAM_MAP != 0,
+            downtime_limit: config.downtime_limit,
+            opened: now,
+            next_ping: now,
+            pinging: live.is_some(),
+            ping_rtt: None,
+            latest_progress: None,
+            last_report: now,
+            live_notes: Vec::new(),
+            backlog: (0..workers.len()).map(|_| Backlog::new()).collect(),
             config,
             steering,
             deferred_control: Vec::new(),
@@ -374,14 +555,15 @@ impl<'a> Session<'a> {
 fn codec_setup(
     config: &SourceConfig,
     have_policy: bool,
+    live: bool,
     accepted: u64,
     notes: &mut Vec<String>,
 ) -> Option<CodecSetup> {
     let codec = &config.codec;
-    if !codec.enabled() {
+    if !codec.enabled() && !live {
         return None;
     }
-    if codec.mode == CodecMode::Auto && !have_policy {
+    if codec.mode == CodecMode::Auto && !have_policy && !live {
         notes.push("codecs: automatic mode without a policy; codecs off".into());
         return None;
     }
@@ -470,10 +652,17 @@ impl Session<'_> {
                     } => self.round_sent[w] = Some((round, zero_pages, raw_pages, bytes)),
                     TxEvent::Telemetry(t) => {
                         if let Some(slot) = self.telemetry.get_mut(usize::from(t.stream)) {
+                            let taken = t.pages.saturating_sub(slot.pages);
+                            if let Some(b) = self.backlog.get_mut(w) {
+                                b.taken(taken);
+                            }
                             *slot = t;
                         }
                     }
                     TxEvent::Worker(t) => {
+                        if let Some(slot) = self.worker_telemetry.get_mut(t.worker) {
+                            *slot = t;
+                        }
                         if let Some(steering) = &mut self.steering {
                             steering.worker_telemetry(t);
                         }
@@ -509,7 +698,7 @@ impl Session<'_> {
                         ControlMessage::Ping { nanos } => {
                             self.send_control(&ControlMessage::Pong { nanos })?
                         }
-                        ControlMessage::Pong { .. } => {}
+                        ControlMessage::Pong { nanos } => self.pong(nanos),
                         other => {
                             return Err(wire::WireError::Unexpected(format!(
                                 "{other:?} from the destination"
@@ -533,7 +722,200 @@ impl Session<'_> {
                 self.config.reply_timeout
             )));
         }
+        if self.live.is_some() {
+            self.live_tick()?;
+        }
         Ok(())
+    }
+
+    /// The slow path's side, at a loop boundary: cancellation, a newer epoch, a ping
+    /// due, a report due.
+    fn live_tick(&mut self) -> Result<(), MigrationError> {
+        let Some(live) = self.live else {
+            return Ok(());
+        };
+        if let Some(reason) = live.cancelled() {
+            return Err(MigrationError::Aborted {
+                reason: format!("cancelled: {reason}"),
+                rounds: self.current_round,
+            });
+        }
+        if let Some(epoch) = live.newer_than(self.adopted_epoch) {
+            self.adopt(&epoch.settings);
+            self.adopted_epoch = epoch.number;
+            live.mark_adopted(epoch.number);
+        }
+        let now = Instant::now();
+        if self.pinging && now >= self.next_ping {
+            self.next_ping = now + PING_INTERVAL;
+            let nanos = now.duration_since(self.opened).as_nanos() as u64;
+            self.send_control(&ControlMessage::Ping { nanos })?;
+        }
+        if now.duration_since(self.last_report) >= REPORT_INTERVAL
+            && let Some(mut p) = self.latest_progress.clone()
+        {
+            self.last_report = now;
+            self.refresh(&mut p);
+            live.offer(p);
+        }
+        Ok(())
+    }
+
+    fn pong(&mut self, nanos: u64) {
+        let now = Instant::now().duration_since(self.opened).as_nanos() as u64;
+        if let Some(rtt) = now.checked_sub(nanos) {
+            self.ping_rtt = Some(Duration::from_nanos(rtt));
+        }
+    }
+
+    /// Adopt live settings: socket options at once, worker settings through their
+    /// control rings, the codec mode through steering, a stream count at the next round
+    /// boundary.
+    fn adopt(&mut self, new: &LiveSettings) {
+        let old = self.live_settings.clone();
+        let changed = |f: &dyn Fn(&LiveSettings) -> bool| old.as_ref().is_none_or(f);
+        let connected = self.config.streams;
+        if changed(&|o| o.active_streams != new.active_streams) {
+            let wanted = new.active_streams.unwrap_or(connected);
+            if wanted == 0 || wanted > connected {
+                self.live_note(format!(
+                    "streams {wanted}: this session opened {connected} (allowed 1..={connected}); unchanged"
+                ));
+            } else if wanted != self.active_streams && !self.stream_map_ok {
+                self.live_note(format!(
+                    "streams {wanted}: the destination cannot change streams mid-session; unchanged"
+                ));
+            } else if wanted != self.active_streams || self.pending_streams.is_some() {
+                self.pending_streams = Some(wanted);
+            }
+        }
+        if changed(&|o| o.congestion != new.congestion) {
+            let mut failed = None;
+            for s in &self.data_sockets {
+                if let Err(e) = socket::set_congestion(s, new.congestion) {
+                    failed = Some(e);
+                }
+            }
+            if let Some(e) = failed {
+                self.live_note(e);
+            }
+        }
+        if changed(&|o| o.pacing_rate != new.pacing_rate) {
+            self.apply_pacing(new.pacing_rate);
+        }
+        if changed(&|o| o.codec != new.codec) {
+            match &mut self.steering {
+                Some(steering) => match steering.set_mode(new.codec.clone()) {
+                    Ok(commands) => self.deferred_control.extend(commands),
+                    Err(e) => self.live_note(e),
+                },
+                None if new.codec != CodecMode::Off => self.live_note(
+                    "codecs: this session runs without them (the destination refused them); unchanged"
+                        .into(),
+                ),
+                None => {}
+            }
+        }
+        if changed(&|o| o.zero_copy != new.zero_copy) {
+            for w in 0..self.workers.len() {
+                self.deferred_control
+                    .push((w, TxControl::SetZeroCopy(new.zero_copy)));
+            }
+        }
+        if changed(&|o| o.idle != new.idle) {
+            for w in 0..self.workers.len() {
+                self.deferred_control
+                    .push((w, TxControl::SetIdle(new.idle)));
+            }
+        }
+        self.downtime_limit = new.downtime_limit;
+        self.live_settings = Some(new.clone());
+    }
+
+    /// Cap every stream at its share of `total` (bytes per second) over the streams
+    /// carrying pages.
+    fn apply_pacing(&mut self, total: Option<u64>) {
+        let per_stream = total.map(|t| (t / u64::from(self.active_streams.max(1))).max(1));
+        let mut failed = None;
+        for s in &self.data_sockets {
+            if let Err(e) = socket::set_pacing_rate(s, per_stream) {
+                failed = Some(e);
+            }
+        }
+        if let Some(e) = failed {
+            self.live_note(e);
+        }
+    }
+
+    fn live_note(&mut self, note: String) {
+        if let Some(live) = self.live {
+            live.note(note.clone());
+        }
+        self.live_notes.push(note);
+    }
+
+    /// Spread pages over `active` streams from the next round on. Round `round` has
+    /// been sent; once the destination has applied it, no copy of any page is in
+    /// flight on any stream, so pages may change streams: every codec forgets what it
+    /// sent (a stream may only refer to what it carried itself), and every stream
+    /// carries a stream map marker before its next pages.
+    fn switch_streams(&mut self, active: u16, round: u64) -> Result<(), MigrationError> {
+        self.last_activity = Instant::now();
+        while self.applied_round.is_none_or(|r| r < round) {
+            self.pump()?;
+            self.steer();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        for w in 0..self.workers.len() {
+            // Straight onto the ring, ahead of the next runs: a change deferred past
+            // them would let a codec use a stale cache.
+            let mut change = TxControl::ForgetSentPages;
+            loop {
+                match self.workers[w].control.push(change) {
+                    Ok(()) => break,
+                    Err(full) => {
+                        change = full.0;
+                        self.workers[w].thread.unpark();
+                        self.pump()?;
+                        std::thread::yield_now();
+                    }
+                }
+            }
+            self.push(w, TxCommand::StreamMap { active })?;
+        }
+        self.wake_all();
+        self.active_streams = active;
+        if let Some(live) = self.live {
+            live.set_active_streams(active);
+        }
+        let pacing = self.live_settings.as_ref().and_then(|s| s.pacing_rate);
+        if pacing.is_some() {
+            self.apply_pacing(pacing);
+        }
+        Ok(())
+    }
+
+    /// Bring a progress snapshot's live parts up to date.
+    fn refresh(&mut self, p: &mut Progress) {
+        p.streams.clone_from(&self.telemetry);
+        p.workers = self.worker_status();
+        p.active_streams = self.active_streams;
+        p.epoch = self.adopted_epoch;
+        p.ping_rtt = self.ping_rtt;
+        if let Some(elapsed) = self.latest_progress.as_ref().map(|l| l.elapsed) {
+            p.elapsed = elapsed.max(p.elapsed);
+        }
+    }
+
+    fn worker_status(&mut self) -> Vec<WorkerStatus> {
+        self.workers
+            .iter_mut()
+            .zip(&self.worker_telemetry)
+            .map(|(w, t)| WorkerStatus {
+                telemetry: *t,
+                queued_commands: w.commands.capacity() - w.commands.slots(),
+            })
+            .collect()
     }
 
     fn push(&mut self, worker: usize, mut cmd: TxCommand) -> Result<(), MigrationError> {
@@ -572,13 +954,16 @@ impl Session<'_> {
         }
     }
 
-    /// Queue every page of `pages` as runs within chunks; returns how many.
+    /// Queue every page of `pages` as runs within chunks; returns how many, and, when
+    /// `may_stop` and a change of streams came in meanwhile, the pages left unqueued
+    /// (the round then ends early, so that the change can take effect).
     fn push_pages(
         &mut self,
         pages: &DirtyBitmap,
+        may_stop: bool,
         on_batch: &mut dyn FnMut(&mut Self, u64),
-    ) -> Result<u64, MigrationError> {
-        let streams = self.config.streams;
+    ) -> Result<(u64, Option<DirtyBitmap>), MigrationError> {
+        let streams = self.active_streams;
         self.round_left = pages.count();
         let mut queued = 0u64;
         let mut run: Option<(u64, u32)> = None;
@@ -587,6 +972,15 @@ impl Session<'_> {
             |s: &mut Self, run: (u64, u32), since_wake: &mut u32| -> Result<(), MigrationError> {
                 let stream = stream_of(run.0, streams);
                 let worker = s.worker_of[usize::from(stream)];
+                if s.live.is_some() {
+                    while s.backlog[worker].is_full() {
+                        s.workers[worker].thread.unpark();
+                        s.pump()?;
+                        s.steer();
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                    s.backlog[worker].pushed(run.1);
+                }
                 s.push(
                     worker,
                     TxCommand::Pages {
@@ -605,7 +999,18 @@ impl Session<'_> {
                 }
                 Ok(())
             };
-        for page in pages.iter() {
+        let mut reported = 0u64;
+        let mut pages_left = pages.iter();
+        for page in pages_left.by_ref() {
+            if may_stop && self.pending_streams.is_some() && run.is_none() {
+                let mut rest = DirtyBitmap::new(pages.pages());
+                rest.set(page);
+                for p in pages_left.by_ref() {
+                    rest.set(p);
+                }
+                self.wake_all();
+                return Ok((queued, Some(rest)));
+            }
             queued += 1;
             run = match run {
                 Some((first, count))
@@ -616,8 +1021,19 @@ impl Session<'_> {
                 }
                 Some(done) => {
                     flush(self, done, &mut since_wake)?;
-                    if queued.is_multiple_of(4096) {
+                    if queued - reported >= 4096 {
+                        reported = queued;
                         on_batch(self, queued);
+                    }
+                    if may_stop && self.pending_streams.is_some() {
+                        // Stop here: this page is the first left for the next round.
+                        let mut rest = DirtyBitmap::new(pages.pages());
+                        rest.set(page);
+                        for p in pages_left.by_ref() {
+                            rest.set(p);
+                        }
+                        self.wake_all();
+                        return Ok((queued - 1, Some(rest)));
                     }
                     Some((page, 1))
                 }
@@ -628,7 +1044,7 @@ impl Session<'_> {
             flush(self, done, &mut since_wake)?;
         }
         self.wake_all();
-        Ok(queued)
+        Ok((queued, None))
     }
 
     /// Close round `round` on every worker and wait until all of it is in the kernel.
@@ -661,13 +1077,13 @@ impl Session<'_> {
     }
 
     fn progress_snapshot(
-        &self,
+        &mut self,
         round: u64,
         phase: &'static str,
         totals: &Totals,
         start: Instant,
     ) -> Progress {
-        Progress {
+        let p = Progress {
             round,
             phase,
             bytes_sent: totals.bytes,
@@ -680,7 +1096,16 @@ impl Session<'_> {
             throttle: totals.throttle,
             elapsed: start.elapsed(),
             streams: self.telemetry.clone(),
+            workers: self.worker_status(),
+            connected_streams: self.config.streams,
+            active_streams: self.active_streams,
+            epoch: self.adopted_epoch,
+            ping_rtt: self.ping_rtt,
+        };
+        if self.live.is_some() {
+            self.latest_progress = Some(p.clone());
         }
+        p
     }
 
     fn run(
@@ -715,7 +1140,7 @@ impl Session<'_> {
             totals.round_pages = dirty.count();
             totals.round_queued = 0;
             let snapshot_round = round;
-            let sent = self.push_pages(&dirty, &mut |s, queued| {
+            let (sent, unsent) = self.push_pages(&dirty, true, &mut |s, queued| {
                 totals.round_queued = queued;
                 progress(&s.progress_snapshot(snapshot_round, "precopy", &totals, start));
             })?;
@@ -723,13 +1148,22 @@ impl Session<'_> {
             let (zero, raw, bytes) = self.end_round(round)?;
             let seconds = round_start.elapsed().as_secs_f64();
             totals.add_round(sent, bytes, seconds);
-            // What the guest wrote while this round went out.
+            if let Some(active) = self.pending_streams.take() {
+                self.switch_streams(active, round)?;
+            }
+            // What the guest wrote while this round went out, and what a round ended
+            // early for a change of streams left unsent.
             let mut next = DirtyBitmap::new(pages);
             dirty_log.collect(&mut next)?;
             let interval = last_collect.elapsed().as_secs_f64();
             last_collect = Instant::now();
+            totals.dirty_rate = next.count() as f64 * PAGE_SIZE as f64 / interval.max(1e-6);
+            let ended_early = unsent.is_some();
+            if let Some(unsent) = unsent {
+                next.union_with(&unsent);
+            }
+            // Pages due in the next round.
             let dirtied = next.count();
-            totals.dirty_rate = dirtied as f64 * PAGE_SIZE as f64 / interval.max(1e-6);
             let bytes_per_page = if sent > 0 {
                 (bytes as f64 / sent as f64).max(RAW_PAGE_WIRE * 0.1)
             } else {
@@ -755,7 +1189,7 @@ impl Session<'_> {
             totals.zero += zero;
             let _ = raw;
             progress(&self.progress_snapshot(round, "precopy", &totals, start));
-            if estimated <= self.config.downtime_limit.as_secs_f64() {
+            if estimated <= self.downtime_limit.as_secs_f64() {
                 break (estimated, next);
             }
             if round + 1 >= u64::from(self.config.max_rounds)
@@ -765,7 +1199,7 @@ impl Session<'_> {
                     reason: format!(
                         "not converging: {dirtied} pages dirtied in the last round, estimated downtime {:.0} ms over the {:.0} ms limit{}",
                         estimated * 1e3,
-                        self.config.downtime_limit.as_secs_f64() * 1e3,
+                        self.downtime_limit.as_secs_f64() * 1e3,
                         if self.config.auto_converge {
                             format!(" (throttle at {}%)", totals.throttle)
                         } else {
@@ -777,7 +1211,9 @@ impl Session<'_> {
             }
             // Auto-converge: two rounds in a row that shrink by less than 10% step the
             // throttle up (QEMU's cpu-throttle-initial 20, increment 10, tailslow off).
-            if dirtied.saturating_mul(10) >= previous_dirty.saturating_mul(9) {
+            if ended_early {
+                // Not a measure of convergence: the round was cut short.
+            } else if dirtied.saturating_mul(10) >= previous_dirty.saturating_mul(9) {
                 stuck += 1;
             } else {
                 stuck = 0;
@@ -830,7 +1266,7 @@ impl Session<'_> {
             measured_downtime: measured,
             final_round_seconds,
             verify_seconds: measured - final_round_seconds,
-            downtime_limit: self.config.downtime_limit.as_secs_f64(),
+            downtime_limit: self.downtime_limit.as_secs_f64(),
             verified_pages,
             digest: format!("{digest:08x}"),
             dirty_log: dirty_log.kind().to_string(),
@@ -857,7 +1293,7 @@ impl Session<'_> {
             max_throttle: totals.max_throttle,
             setup_seconds,
             simd: dwcp_simd::Kernels::active().level().to_string(),
-            notes: Vec::new(),
+            notes: std::mem::take(&mut self.live_notes),
             codec: self.steering.take().map(Steering::finish),
             rounds,
         })
@@ -880,7 +1316,8 @@ impl Session<'_> {
         dirty_log.collect(&mut final_set)?;
         totals.round_pages = final_set.count();
         progress(&self.progress_snapshot(round, "switchover", totals, start));
-        let sent = self.push_pages(&final_set, &mut |_, _| {})?;
+        self.pinging = false;
+        let (sent, _) = self.push_pages(&final_set, false, &mut |_, _| {})?;
         let (zero, _raw, bytes) = self.end_round(round)?;
         self.send_control(&ControlMessage::Switchover { final_round: round })?;
         for w in 0..self.workers.len() {
@@ -941,6 +1378,8 @@ impl Session<'_> {
                 Ok(Ok(ControlMessage::RoundApplied { round, .. })) => {
                     self.applied_round = Some(round)
                 }
+                // A reply to a ping sent before the switchover.
+                Ok(Ok(ControlMessage::Pong { .. })) => {}
                 Ok(Ok(ControlMessage::Abort { message, .. })) => {
                     return Err(MigrationError::Transport(format!(
                         "destination aborted: {message}"

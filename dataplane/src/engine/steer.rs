@@ -64,6 +64,9 @@ pub struct CodecReport {
 /// The engine's codec steering for one session.
 pub struct Steering<'p> {
     config: CodecConfig,
+    /// Who decides now (live control may change it).
+    mode: CodecMode,
+    /// The policy, kept even while the mode is fixed, for a switch back to automatic.
     policy: Option<&'p mut dyn CodecPolicy>,
     memory: Arc<GuestMemory>,
     /// Streams per worker.
@@ -109,11 +112,8 @@ impl<'p> Steering<'p> {
         };
         Steering {
             config: config.clone(),
-            policy: if config.mode == CodecMode::Auto {
-                policy
-            } else {
-                None
-            },
+            mode: config.mode.clone(),
+            policy,
             memory,
             streams_of,
             started: now,
@@ -146,9 +146,50 @@ impl<'p> Steering<'p> {
         self.started = now;
         self.last_decision = now;
         self.next_decision = now + self.config.first_decision;
-        if self.policy.is_none() && self.settings.iter().any(|s| s.dictionary) {
+        if self.mode != CodecMode::Auto && self.settings.iter().any(|s| s.dictionary) {
             self.train_dictionary();
         }
+    }
+
+    /// Change who decides: codecs off, fixed settings on every worker, or the policy.
+    /// Returns the commands for the workers, or why the change cannot be made.
+    pub fn set_mode(&mut self, mode: CodecMode) -> Result<Vec<(usize, TxControl)>, String> {
+        let now = Instant::now();
+        let mut commands = Vec::new();
+        let fixed = match mode {
+            CodecMode::Auto => {
+                if self.policy.is_none() {
+                    return Err("codecs auto: no policy in this session; unchanged".into());
+                }
+                // Decide soon, from fresh counters.
+                self.next_decision = now + MIN_DECISION_GAP;
+                None
+            }
+            CodecMode::Off => Some(CodecSettings {
+                batch_bytes: self.config.batch_bytes,
+                delta_limit: self.config.delta_limit,
+                ..CodecSettings::OFF
+            }),
+            CodecMode::Fixed(settings) => Some(settings),
+        };
+        self.mode = mode;
+        self.report.mode = match &self.mode {
+            CodecMode::Off => "off",
+            CodecMode::Fixed(_) => "fixed",
+            CodecMode::Auto => "auto",
+        }
+        .into();
+        if let Some(settings) = fixed {
+            let decision = Decision {
+                settings: vec![settings; self.settings.len()],
+                ..Decision::default()
+            };
+            self.apply(decision, now, &mut commands);
+            if settings.dictionary {
+                self.train_dictionary();
+            }
+        }
+        Ok(commands)
     }
 
     /// A worker's periodic counters.
@@ -172,7 +213,10 @@ impl<'p> Steering<'p> {
         // New calibration results are worth acting on at once (the first ones end the
         // raw sending a slow link starts with), once the figures cover a little time.
         let early = news && now.duration_since(self.last_decision) >= MIN_DECISION_GAP;
-        if self.policy.is_none() || (now < self.next_decision && !early) {
+        if self.mode != CodecMode::Auto
+            || self.policy.is_none()
+            || (now < self.next_decision && !early)
+        {
             return commands;
         }
         let observation = self.observe(streams, round, round_pages_left, now);

@@ -207,6 +207,8 @@ pub struct FrameParser {
     limits: FrameLimits,
     stream: u16,
     streams: u16,
+    /// Streams that carry pages now (all of them unless a stream map said otherwise).
+    active_streams: u16,
     state: State,
     header: [u8; FRAME_HEADER_LEN],
     header_fill: usize,
@@ -242,6 +244,7 @@ impl FrameParser {
             memory,
             stream,
             streams,
+            active_streams: streams,
             state: State::Header,
             header: [0; FRAME_HEADER_LEN],
             header_fill: 0,
@@ -272,6 +275,7 @@ impl FrameParser {
             FrameKind::DeltaPage => caps::DELTA,
             FrameKind::PageRef => caps::DEDUP,
             FrameKind::Compressed | FrameKind::Dictionary => caps::ZSTD,
+            FrameKind::StreamMap => caps::STREAM_MAP,
             _ => return Ok(()),
         };
         if self.capabilities & needed == 0 {
@@ -296,7 +300,7 @@ impl FrameParser {
 
     fn check_owner(&self, first: u64, count: u32) -> Result<(), WireError> {
         let end = first + u64::from(count);
-        let owner = stream_of(first, self.streams);
+        let owner = stream_of(first, self.active_streams);
         if owner != self.stream || (end - 1) / CHUNK_PAGES != first / CHUNK_PAGES {
             return Err(WireError::WrongStream {
                 first,
@@ -450,6 +454,26 @@ impl FrameParser {
                 self.payload.reserve(header.payload_len as usize);
                 self.state = State::Payload { header };
             }
+            FrameKind::StreamMap => {
+                self.check_negotiated(header.kind)?;
+                let active = header.page;
+                if self.round_pages != 0 {
+                    return Err(WireError::OutOfOrder {
+                        stream: self.stream,
+                        what: "stream map inside a round",
+                    });
+                }
+                if active > u64::from(self.streams) {
+                    return Err(WireError::BadHandshake {
+                        field: "stream map",
+                        reason: format!("{active} streams, but the session has {}", self.streams),
+                    });
+                }
+                self.active_streams = active as u16;
+                // Pages now arrive on streams that did not carry them before; this
+                // stream no longer knows which pages it never wrote.
+                self.untouched = None;
+            }
             FrameKind::RoundEnd => {
                 let round = header.page;
                 if round != self.next_round {
@@ -544,7 +568,7 @@ impl FrameParser {
             });
         }
         // Only pages this stream carries are in a known state, in stream order.
-        if stream_of(source, self.streams) != self.stream {
+        if stream_of(source, self.active_streams) != self.stream {
             return Err(WireError::BadEncoding {
                 what: "page reference",
                 page,

@@ -229,6 +229,13 @@ pub enum TxCommand {
         /// The round.
         round: u64,
     },
+    /// From here on pages go over the first `active` streams of the session: every
+    /// stream of the worker sends a [`crate::wire::FrameKind::StreamMap`] marker. Only
+    /// between rounds.
+    StreamMap {
+        /// Streams that carry pages.
+        active: u16,
+    },
     /// End every stream, wait for the last sends, exit.
     Finish,
 }
@@ -243,6 +250,15 @@ pub enum TxControl {
     SetCodec(CodecSettings),
     /// Compress with this dictionary from now on, when the settings ask for one.
     SetDictionary(Arc<Dictionary>),
+    /// Wait for work this way from now on.
+    SetIdle(IdleStrategy),
+    /// Zero-copy sends on or off. Off always takes; on only for a worker started with
+    /// zero-copy (its buffers were sized and registered for it).
+    SetZeroCopy(bool),
+    /// Flush every batch, then forget every page a stream's codec remembers: the engine
+    /// is about to move pages to other streams, and a stream's cache may only hold what
+    /// the destination last received for pages that stream carries.
+    ForgetSentPages,
 }
 
 /// Counters of one source worker, reported periodically. Cumulative since the worker
@@ -262,6 +278,8 @@ pub struct WorkerTelemetry {
     /// Time the worker had runs to stage but every buffer was waiting on the network,
     /// nanoseconds: a worker that stalls is link-bound.
     pub stalled_nanos: u64,
+    /// CPU time of the worker's thread (user + system), nanoseconds.
+    pub cpu_nanos: u64,
 }
 
 impl WorkerTelemetry {
@@ -280,8 +298,22 @@ impl WorkerTelemetry {
             staged_bytes,
             stage_nanos,
             stalled_nanos,
+            cpu_nanos: thread_cpu_nanos(),
         }
     }
+}
+
+/// CPU time (user + system) of the calling thread, from `getrusage(RUSAGE_THREAD)`;
+/// 0 if the kernel refuses.
+pub fn thread_cpu_nanos() -> u64 {
+    // SAFETY: an all-zero `rusage` is a valid value of the plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable `rusage`.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return 0;
+    }
+    let nanos = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
+    nanos(usage.ru_utime) + nanos(usage.ru_stime)
 }
 
 /// Counters of one stream, reported periodically.

@@ -4,8 +4,9 @@
 
 use super::frames::{FrameParser, stage_marker, stage_run, stage_space};
 use super::{
-    CONTROL_RING, RxEvent, RxSetup, RxWorker, StreamTelemetry, TransportConfig, TxCommand,
-    TxControl, TxEvent, TxSetup, TxWorker, WORKER_RING, WorkerTelemetry, pin, push_event,
+    CONTROL_RING, IdleStrategy, RxEvent, RxSetup, RxWorker, StreamTelemetry, TransportConfig,
+    TxCommand, TxControl, TxEvent, TxSetup, TxWorker, WORKER_RING, WorkerTelemetry, pin,
+    push_event,
 };
 use crate::codec::{CodecSetup, StreamCodec, WorkerCodec};
 use crate::dirty::SentCrcs;
@@ -69,6 +70,8 @@ struct PlainTx {
     stage_nanos: u64,
     /// Time spent in blocking sends.
     send_nanos: u64,
+    /// How the worker waits when idle (the engine may change it).
+    idle: IdleStrategy,
 }
 
 impl PlainTx {
@@ -111,6 +114,7 @@ impl PlainTx {
             staged_bytes: 0,
             stage_nanos: 0,
             send_nanos: 0,
+            idle: config.idle,
         }
     }
 
@@ -223,6 +227,15 @@ impl PlainTx {
                     codec.set_dictionary(Some(dictionary));
                 }
             }
+            TxControl::SetIdle(idle) => self.idle = idle,
+            // Plain sockets always copy.
+            TxControl::SetZeroCopy(_) => {}
+            TxControl::ForgetSentPages => {
+                self.flush_batch()?;
+                if let Some((_, batch, _)) = &mut self.codec {
+                    batch.forget();
+                }
+            }
         }
         Ok(())
     }
@@ -261,10 +274,10 @@ impl PlainTx {
                     return Err("engine went away".into());
                 }
                 idle += 1;
-                if idle < config.idle.spin {
+                if idle < self.idle.spin {
                     std::hint::spin_loop();
                 } else {
-                    std::thread::park_timeout(config.idle.park);
+                    std::thread::park_timeout(self.idle.park);
                 }
                 continue;
             };
@@ -284,6 +297,9 @@ impl PlainTx {
                             bytes: std::mem::take(&mut self.round_bytes),
                         },
                     );
+                }
+                TxCommand::StreamMap { active } => {
+                    self.marker(FrameHeader::stream_map(active))?;
                 }
                 TxCommand::Finish => {
                     self.marker(FrameHeader::stream_end())?;

@@ -244,6 +244,10 @@ pub struct TcpInfoSample {
     pub bytes_acked: u64,
     /// Congestion window, segments.
     pub snd_cwnd: u32,
+    /// The send rate cap (`SO_MAX_PACING_RATE`), bytes per second; `u64::MAX` for none.
+    pub max_pacing_rate: u64,
+    /// The congestion control in force, when it is one of ours.
+    pub congestion: Option<Congestion>,
 }
 
 /// Read `TCP_INFO` from a stream.
@@ -272,7 +276,35 @@ pub fn tcp_info(stream: &impl AsRawFd) -> Option<TcpInfoSample> {
         delivery_rate: raw.delivery_rate,
         bytes_acked: raw.bytes_acked,
         snd_cwnd: raw.snd_cwnd,
+        max_pacing_rate: raw.max_pacing_rate,
+        congestion: congestion(stream),
     })
+}
+
+/// The congestion control a stream uses now, when it is cubic or bbr.
+pub fn congestion(stream: &impl AsRawFd) -> Option<Congestion> {
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: `name` is writable for `len` bytes; the kernel writes at most `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let name = &name[..(len as usize).min(name.len())];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    match &name[..end] {
+        b"cubic" => Some(Congestion::Cubic),
+        b"bbr" => Some(Congestion::Bbr),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -22,8 +22,9 @@
 
 use super::frames::{stage_marker, stage_run, stage_space};
 use super::{
-    CONTROL_RING, RxEvent, RxSetup, RxWorker, StreamTelemetry, TransportConfig, TxCommand,
-    TxControl, TxEvent, TxSetup, TxWorker, WORKER_RING, WorkerTelemetry, pin, push_event,
+    CONTROL_RING, IdleStrategy, RxEvent, RxSetup, RxWorker, StreamTelemetry, TransportConfig,
+    TxCommand, TxControl, TxEvent, TxSetup, TxWorker, WORKER_RING, WorkerTelemetry, pin,
+    push_event,
 };
 use crate::codec::{CodecSetup, StreamCodec, WorkerCodec};
 use crate::dirty::SentCrcs;
@@ -285,6 +286,8 @@ struct TxStream {
     inflight: Option<InFlight>,
     round_pages: u32,
     needs_round_marker: bool,
+    /// A stream map marker to send (after the round marker, if one is due).
+    needs_stream_map: Option<u16>,
     needs_stream_end: bool,
     ended: bool,
     bytes: u64,
@@ -305,8 +308,12 @@ struct TxWorkerState {
     sent: Option<Arc<SentCrcs>>,
     worker: usize,
     zero_copy: bool,
+    /// Whether the worker started with zero-copy (only then may it be turned back on).
+    zero_copy_capable: bool,
     zc_threshold: usize,
     registered: bool,
+    /// How the worker waits when idle (the engine may change it).
+    idle: IdleStrategy,
     pending: Option<TxCommand>,
     round: Option<u64>,
     round_zero: u64,
@@ -474,6 +481,7 @@ impl TxWorkerState {
                     inflight: None,
                     round_pages: 0,
                     needs_round_marker: false,
+                    needs_stream_map: None,
                     needs_stream_end: false,
                     ended: false,
                     bytes: 0,
@@ -485,8 +493,10 @@ impl TxWorkerState {
             sent,
             worker,
             zero_copy,
+            zero_copy_capable: zero_copy,
             zc_threshold: config.zero_copy_threshold,
             registered,
+            idle: config.idle,
             pending: None,
             round: None,
             round_zero: 0,
@@ -665,13 +675,12 @@ impl TxWorkerState {
                 continue;
             }
             idle += 1;
-            if idle < config.idle.spin {
+            if idle < self.idle.spin {
                 std::hint::spin_loop();
             } else if self.ops_in_flight > 0 {
-                wait_cqe(&self.ring, config.idle.park)
-                    .map_err(|e| format!("io_uring wait: {e}"))?;
+                wait_cqe(&self.ring, self.idle.park).map_err(|e| format!("io_uring wait: {e}"))?;
             } else {
-                std::thread::park_timeout(config.idle.park);
+                std::thread::park_timeout(self.idle.park);
             }
         }
     }
@@ -716,11 +725,9 @@ impl TxWorkerState {
         let mut progress = false;
         loop {
             // A round or stream end waits until every stream has its marker queued.
-            if self
-                .streams
-                .iter()
-                .any(|st| st.needs_round_marker || st.needs_stream_end)
-            {
+            if self.streams.iter().any(|st| {
+                st.needs_round_marker || st.needs_stream_map.is_some() || st.needs_stream_end
+            }) {
                 return Ok(progress);
             }
             if !self.apply_control() {
@@ -760,6 +767,11 @@ impl TxWorkerState {
                         st.needs_round_marker = true;
                     }
                 }
+                TxCommand::StreamMap { active } => {
+                    for st in &mut self.streams {
+                        st.needs_stream_map = Some(active);
+                    }
+                }
                 TxCommand::Finish => {
                     self.finishing = true;
                     for st in &mut self.streams {
@@ -793,6 +805,22 @@ impl TxWorkerState {
                 TxControl::SetDictionary(dictionary) => {
                     if let Some(codec) = &mut self.codec {
                         codec.set_dictionary(Some(dictionary));
+                    }
+                }
+                TxControl::SetIdle(idle) => self.idle = idle,
+                TxControl::SetZeroCopy(on) => {
+                    self.zero_copy = on && self.zero_copy_capable && !self.zc_fell_back;
+                }
+                TxControl::ForgetSentPages => {
+                    // Batches encoded against the caches go out first.
+                    if !self.flush_all_batches() {
+                        self.pending_control = Some(TxControl::ForgetSentPages);
+                        return false;
+                    }
+                    for st in &mut self.streams {
+                        if let Some(codec) = &mut st.codec {
+                            codec.forget();
+                        }
                     }
                 }
             }
@@ -850,6 +878,8 @@ impl TxWorkerState {
             let st = &self.streams[i];
             let header = if st.needs_round_marker {
                 FrameHeader::round_end(self.round.unwrap_or(0), st.round_pages)
+            } else if let Some(active) = st.needs_stream_map {
+                FrameHeader::stream_map(active)
             } else if st.needs_stream_end {
                 FrameHeader::stream_end()
             } else {
@@ -866,6 +896,8 @@ impl TxWorkerState {
                 st.needs_round_marker = false;
                 st.round_pages = 0;
                 Marker::RoundEnd
+            } else if st.needs_stream_map.take().is_some() {
+                Marker::None
             } else {
                 st.needs_stream_end = false;
                 Marker::StreamEnd

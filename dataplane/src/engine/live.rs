@@ -1,0 +1,220 @@
+//! Live reconfiguration of a running migration.
+//!
+//! The slow path publishes **epochs**: immutable snapshots of the settings that may
+//! change while pages move ([`LiveSettings`]). The engine checks for a newer epoch at
+//! every loop boundary (one atomic load) and adopts it there: socket options at once on
+//! every stream, worker settings through each worker's control ring (which overtakes
+//! queued runs), the codec mode through codec steering, and a new stream count at the
+//! next round boundary, after the destination has applied the round (pages then move
+//! between streams, so no stream may still hold older copies of them in flight).
+//!
+//! Back the other way the engine offers [`LiveReport`]s on a bounded channel, at most
+//! every [`REPORT_INTERVAL`], dropping them when the reader lags: it never waits for
+//! the slow path.
+
+use super::source::Progress;
+use crate::codec::policy::CodecMode;
+use crate::transport::IdleStrategy;
+use crate::transport::socket::Congestion;
+use crossbeam::channel::{Receiver, Sender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Shortest time between two reports of one migration.
+pub const REPORT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The settings a running migration may change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveSettings {
+    /// Streams carrying pages (`None`: every stream the session opened). At most the
+    /// streams the session opened.
+    pub active_streams: Option<u16>,
+    /// Congestion control of every data stream.
+    pub congestion: Congestion,
+    /// Cap on the migration's total send rate, bytes per second, shared evenly by the
+    /// streams carrying pages (`SO_MAX_PACING_RATE`); `None` for no cap.
+    pub pacing_rate: Option<u64>,
+    /// Codecs: off, fixed settings, or the policy's choice.
+    pub codec: CodecMode,
+    /// Zero-copy sends (turning them on only takes on workers started with them).
+    pub zero_copy: bool,
+    /// How idle workers wait.
+    pub idle: IdleStrategy,
+    /// Switch over when the estimated downtime is below this.
+    pub downtime_limit: Duration,
+}
+
+/// One published configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Epoch {
+    /// Increases by one with every publication; the first is 1.
+    pub number: u64,
+    /// The settings.
+    pub settings: LiveSettings,
+    /// Why it was published (operator command, mode change, safe mode...).
+    pub reason: String,
+}
+
+/// What the engine reports while a migration runs.
+#[derive(Debug, Clone)]
+pub struct LiveReport {
+    /// The migration (the id given to [`LiveControl::new`]).
+    pub migration: u64,
+    /// When the report was made.
+    pub at: Instant,
+    /// Progress, with per-stream and per-worker telemetry.
+    pub progress: Progress,
+}
+
+/// The handle shared by the slow path and one migration's engine.
+pub struct LiveControl {
+    migration: u64,
+    /// The latest epoch. Written under the lock, then `published` is stored (Release);
+    /// the engine loads `published` (Acquire, pairs with that store) and takes the lock
+    /// only when it moved.
+    latest: Mutex<Arc<Epoch>>,
+    published: AtomicU64,
+    adopted: AtomicU64,
+    active_streams: AtomicU16,
+    cancel: AtomicBool,
+    cancel_reason: Mutex<String>,
+    notes: Mutex<Vec<String>>,
+    reports: Option<Sender<LiveReport>>,
+    dropped_reports: AtomicU64,
+}
+
+impl LiveControl {
+    /// A handle for migration `migration`, starting from `settings` (epoch 1), offering
+    /// reports on `reports` when given.
+    pub fn new(
+        migration: u64,
+        settings: LiveSettings,
+        reports: Option<Sender<LiveReport>>,
+    ) -> Arc<Self> {
+        Arc::new(LiveControl {
+            migration,
+            latest: Mutex::new(Arc::new(Epoch {
+                number: 1,
+                settings,
+                reason: "initial".into(),
+            })),
+            published: AtomicU64::new(1),
+            adopted: AtomicU64::new(0),
+            active_streams: AtomicU16::new(0),
+            cancel: AtomicBool::new(false),
+            cancel_reason: Mutex::new(String::new()),
+            notes: Mutex::new(Vec::new()),
+            reports,
+            dropped_reports: AtomicU64::new(0),
+        })
+    }
+
+    /// A bounded channel for reports: the engine drops reports rather than wait.
+    pub fn report_channel(capacity: usize) -> (Sender<LiveReport>, Receiver<LiveReport>) {
+        crossbeam::channel::bounded(capacity)
+    }
+
+    /// The migration id.
+    pub fn migration(&self) -> u64 {
+        self.migration
+    }
+
+    /// Publish new settings; returns the epoch's number.
+    pub fn publish(&self, settings: LiveSettings, reason: impl Into<String>) -> u64 {
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        let number = latest.number + 1;
+        *latest = Arc::new(Epoch {
+            number,
+            settings,
+            reason: reason.into(),
+        });
+        // Release: pairs with the Acquire in `newer_than`.
+        self.published.store(number, Ordering::Release);
+        number
+    }
+
+    /// The latest epoch.
+    pub fn latest(&self) -> Arc<Epoch> {
+        self.latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The latest epoch if it is newer than `adopted`.
+    pub fn newer_than(&self, adopted: u64) -> Option<Arc<Epoch>> {
+        // Acquire: pairs with the Release in `publish`.
+        if self.published.load(Ordering::Acquire) <= adopted {
+            return None;
+        }
+        Some(self.latest())
+    }
+
+    /// The engine adopted epoch `number`.
+    pub(crate) fn mark_adopted(&self, number: u64) {
+        self.adopted.store(number, Ordering::Release);
+    }
+
+    /// The last epoch the engine adopted (0 before it started).
+    pub fn adopted(&self) -> u64 {
+        self.adopted.load(Ordering::Acquire)
+    }
+
+    /// The engine now spreads pages over `n` streams.
+    pub(crate) fn set_active_streams(&self, n: u16) {
+        self.active_streams.store(n, Ordering::Release);
+    }
+
+    /// Streams carrying pages now (0 before the session opened).
+    pub fn active_streams(&self) -> u16 {
+        self.active_streams.load(Ordering::Acquire)
+    }
+
+    /// Ask the engine to stop the migration (the source stays intact).
+    pub fn cancel(&self, reason: impl Into<String>) {
+        *self.cancel_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason.into();
+        self.cancel.store(true, Ordering::Release);
+    }
+
+    /// Why the migration was cancelled, if it was.
+    pub fn cancelled(&self) -> Option<String> {
+        self.cancel.load(Ordering::Acquire).then(|| {
+            self.cancel_reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
+    }
+
+    /// Something the engine could not do as asked, or did differently.
+    pub(crate) fn note(&self, note: String) {
+        self.notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(note);
+    }
+
+    /// Notes so far.
+    pub fn notes(&self) -> Vec<String> {
+        self.notes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Offer a report; dropped (and counted) when the reader lags.
+    pub(crate) fn offer(&self, progress: Progress) {
+        let Some(tx) = &self.reports else { return };
+        let report = LiveReport {
+            migration: self.migration,
+            at: Instant::now(),
+            progress,
+        };
+        if let Err(TrySendError::Full(_)) = tx.try_send(report) {
+            self.dropped_reports.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Reports dropped because the reader lagged.
+    pub fn dropped_reports(&self) -> u64 {
+        self.dropped_reports.load(Ordering::Relaxed)
+    }
+}
