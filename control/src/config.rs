@@ -327,6 +327,37 @@ pub fn parse_codec_mode(text: &str, base: CodecSettings) -> Result<CodecMode, St
     Ok(CodecMode::Fixed(settings))
 }
 
+/// `[control]`: the daemon's slow path and its operator interfaces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSection {
+    /// The control socket.
+    pub socket: PathBuf,
+    /// Serve Prometheus metrics over HTTP here (`host:port`), when set.
+    pub metrics_addr: Option<String>,
+    /// Feature flags persist here (in memory only when unset).
+    pub flags_file: Option<PathBuf>,
+    /// `auto` (detected) or a fixed mode: `datacenter`, `internet`, `hybrid`.
+    pub mode: String,
+    /// Seconds running migrations get to finish at shutdown before they are cancelled.
+    pub drain_seconds: u64,
+    /// Control socket clients served at once (1..=4096).
+    pub max_clients: usize,
+}
+
+impl Default for ControlSection {
+    fn default() -> Self {
+        ControlSection {
+            socket: PathBuf::from(dwcp_api::DEFAULT_SOCKET),
+            metrics_addr: None,
+            flags_file: None,
+            mode: "auto".into(),
+            drain_seconds: 10,
+            max_clients: 512,
+        }
+    }
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -341,6 +372,8 @@ pub struct Config {
     pub dest: DestSection,
     /// `[codec]`
     pub codec: CodecSection,
+    /// `[control]`
+    pub control: ControlSection,
 }
 
 /// Everything wrong with a configuration.
@@ -568,6 +601,40 @@ impl Config {
                 self.dest.timeout_seconds
             ),
         );
+        let c = &self.control;
+        check(
+            &mut errors,
+            c.mode == "auto" || c.mode.parse::<crate::mode::Mode>().is_ok(),
+            format!(
+                "control.mode = {:?} (allowed auto, datacenter, internet, hybrid)",
+                c.mode
+            ),
+        );
+        check(
+            &mut errors,
+            (1..=3600).contains(&c.drain_seconds),
+            format!(
+                "control.drain_seconds = {} (allowed 1..=3600)",
+                c.drain_seconds
+            ),
+        );
+        check(
+            &mut errors,
+            (1..=4096).contains(&c.max_clients),
+            format!("control.max_clients = {} (allowed 1..=4096)", c.max_clients),
+        );
+        check(
+            &mut errors,
+            c.socket.is_absolute(),
+            format!("control.socket = {:?} (an absolute path)", c.socket),
+        );
+        if let Some(a) = &c.metrics_addr {
+            check(
+                &mut errors,
+                a.parse::<std::net::SocketAddr>().is_ok(),
+                format!("control.metrics_addr = {a:?} (an address like 127.0.0.1:9410)"),
+            );
+        }
         if errors.is_empty() {
             Ok(())
         } else {

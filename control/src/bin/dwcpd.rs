@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use dwcp_control::appliance;
 use dwcp_control::config::{Config, ConfigErrors, Size};
+use dwcp_control::daemon::{Daemon, DaemonOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -84,6 +85,26 @@ enum Mode {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
+    },
+    /// Run as an appliance: the control thread, the operator socket (`dwcpctl`),
+    /// incoming migrations, optional metrics; until SIGTERM/SIGINT or `shutdown`.
+    Serve {
+        /// Address to accept migrations on.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Control socket path.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Serve Prometheus metrics over HTTP here.
+        #[arg(long)]
+        metrics_addr: Option<String>,
+        /// Feature flags file.
+        #[arg(long)]
+        flags_file: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        guest: GuestArgs,
     },
     /// Receive one migration.
     Dest {
@@ -232,6 +253,37 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Mode::Serve {
+            listen,
+            socket,
+            metrics_addr,
+            flags_file,
+            common,
+            guest,
+        } => {
+            let mut config = match common.config.as_deref().map(Config::load).transpose() {
+                Ok(c) => c.unwrap_or_default(),
+                Err(e) => return fail(e),
+            };
+            apply_common(&mut config, &common);
+            apply_guest(&mut config, &guest);
+            if let Some(l) = listen {
+                config.dest.listen = l;
+            }
+            if let Some(s) = socket {
+                config.control.socket = s;
+            }
+            if metrics_addr.is_some() {
+                config.control.metrics_addr = metrics_addr;
+            }
+            if flags_file.is_some() {
+                config.control.flags_file = flags_file;
+            }
+            if let Err(e) = config.validate() {
+                return fail(e);
+            }
+            serve(config)
+        }
         Mode::Dest { listen, common } => {
             let config = match configured(&common, None, listen) {
                 Ok(c) => c,
@@ -253,4 +305,34 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Run the daemon until a signal or `shutdown`, then stop it in order.
+fn serve(config: Config) -> ExitCode {
+    let term = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register(signal, term.clone()) {
+            return fail(format!("installing the signal handler: {e}"));
+        }
+    }
+    let daemon = match Daemon::start(DaemonOptions { config }) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    eprintln!(
+        "dwcpd: serving: control socket {}, migrations on {}{}",
+        daemon.socket.display(),
+        daemon.listen_addr,
+        daemon
+            .metrics_addr
+            .map(|a| format!(", metrics on http://{a}/metrics"))
+            .unwrap_or_default()
+    );
+    while !daemon.shutting_down() && !term.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!("dwcpd: stopping (draining migrations)");
+    daemon.stop();
+    eprintln!("dwcpd: stopped");
+    ExitCode::SUCCESS
 }

@@ -1,0 +1,357 @@
+//! The operator protocol of `dwcpd`'s control socket, shared by the daemon and
+//! `dwcpctl` (which links nothing else of the daemon).
+//!
+//! One request per line, one response per line, both JSON objects. Every request names
+//! the protocol version (`"v"`) and a command (`"cmd"`); every response carries the
+//! version, `"ok"`, and either `"result"` or `"error"`. A request longer than
+//! [`MAX_REQUEST_BYTES`], malformed, of another version, or naming an unknown command
+//! gets an error response and changes nothing.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest request line, bytes (newline included).
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// Where the daemon listens unless configured otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/dwcp/dwcpd.sock";
+
+/// A request line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Protocol version ([`PROTOCOL_VERSION`]).
+    pub v: u32,
+    /// What to do.
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+impl Request {
+    /// `command` at this build's protocol version.
+    pub fn new(command: Command) -> Self {
+        Request {
+            v: PROTOCOL_VERSION,
+            command,
+        }
+    }
+}
+
+/// The commands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Command {
+    /// The daemon: role, mode and why, transport, capabilities, uptime.
+    Status,
+    /// Start migrating this appliance's guest to a peer.
+    Migrate(MigrateOptions),
+    /// Every migration, with its progress.
+    Migrations,
+    /// Stop a running migration (the source stays intact).
+    Cancel {
+        /// Migration id.
+        id: u64,
+    },
+    /// Fix the mode, or let the detector choose (`auto`).
+    SetMode {
+        /// `auto`, `datacenter`, `internet` or `hybrid`.
+        mode: String,
+    },
+    /// Change settings of running migrations (and of later ones).
+    Set(SetOptions),
+    /// Show the feature flags.
+    Flags,
+    /// Change one flag (and persist the flags).
+    FlagSet {
+        /// Flag name (see [`FlagsInfo`]), `rollout` or `safe-mode`.
+        name: String,
+        /// `on`/`off`, or a percentage for `rollout`.
+        value: String,
+    },
+    /// Read the flags file again.
+    FlagsReload,
+    /// Prometheus text exposition.
+    Metrics,
+    /// The effective configuration.
+    Config,
+    /// Stop gracefully: drain migrations, then exit.
+    Shutdown,
+}
+
+/// Options of `migrate`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateOptions {
+    /// Destination appliance, `host:port`.
+    pub peer: String,
+    /// Guest memory to migrate (e.g. `1G`); the configured size when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// Simulated guest dirty rate, MB/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_rate_mbps: Option<f64>,
+    /// Data streams to open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u16>,
+    /// Downtime limit, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Codec mode (`auto`, `off`, `delta`, `zstd:<level>`...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec: Option<String>,
+}
+
+/// Options of `set`; absent fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetOptions {
+    /// Only this migration (all running ones and later ones when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// Streams carrying pages (at most those the migration opened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u16>,
+    /// Total send-rate cap, bytes per second (0 removes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pacing_rate: Option<u64>,
+    /// Codec mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec: Option<String>,
+    /// Congestion control: `cubic` or `bbr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub congestion: Option<String>,
+    /// Downtime limit, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+}
+
+/// A response line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Protocol version.
+    pub v: u32,
+    /// Whether the command succeeded.
+    pub ok: bool,
+    /// What went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The command's result (see the `*Info` types).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+}
+
+impl Response {
+    /// Success with `result`.
+    pub fn ok(result: impl Serialize) -> Self {
+        Response {
+            v: PROTOCOL_VERSION,
+            ok: true,
+            error: None,
+            result: Some(serde_json::to_value(result).unwrap_or(serde_json::Value::Null)),
+        }
+    }
+
+    /// Failure.
+    pub fn error(message: impl Into<String>) -> Self {
+        Response {
+            v: PROTOCOL_VERSION,
+            ok: false,
+            error: Some(message.into()),
+            result: None,
+        }
+    }
+
+    /// The result as `T`, or the error.
+    pub fn into_result<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
+        if !self.ok {
+            return Err(self.error.unwrap_or_else(|| "failed".into()));
+        }
+        serde_json::from_value(self.result.unwrap_or(serde_json::Value::Null))
+            .map_err(|e| format!("unexpected result: {e}"))
+    }
+}
+
+/// `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// Daemon version.
+    pub version: String,
+    /// Protocol version.
+    pub protocol: u32,
+    /// `source+destination`: every appliance can do both.
+    pub role: String,
+    /// Seconds since start.
+    pub uptime_seconds: f64,
+    /// Mode and why.
+    pub mode: ModeInfo,
+    /// Transport settings in force for new migrations.
+    pub transport: TransportInfo,
+    /// What this host can do.
+    pub capabilities: Capabilities,
+    /// Where incoming migrations are accepted.
+    pub listen: String,
+    /// Migrations running now.
+    pub running: usize,
+    /// The kill switch.
+    pub safe_mode: bool,
+    /// Migrations received since start (as destination).
+    pub received: u64,
+}
+
+/// The mode and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModeInfo {
+    /// `datacenter`, `internet`, `hybrid`, or `unknown` before any measurement.
+    pub current: String,
+    /// `auto` or the fixed mode.
+    pub setting: String,
+    /// Why: the measurements behind the mode.
+    pub why: String,
+    /// The policy the mode maps to.
+    pub policy: String,
+}
+
+/// Transport settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransportInfo {
+    /// `io_uring` or `plain`.
+    pub kind: String,
+    /// Zero-copy sends.
+    pub zero_copy: bool,
+    /// Congestion control.
+    pub congestion: String,
+    /// Streams a migration opens.
+    pub streams: u16,
+    /// Codec mode.
+    pub codec: String,
+}
+
+/// Capabilities probed at start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// io_uring operations found (empty: none, plain sockets).
+    pub io_uring_ops: Vec<String>,
+    /// Why io_uring is not used, if it is not.
+    pub io_uring_note: Option<String>,
+    /// `SEND_ZC` available.
+    pub zero_copy: bool,
+    /// Huge pages: what is reserved and available.
+    pub hugepages: String,
+    /// RDMA devices found.
+    pub rdma_devices: Vec<String>,
+    /// SIMD level in use and the CPU features behind it.
+    pub cpu_features: Vec<String>,
+}
+
+/// One migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    /// Id (unique in this daemon's life).
+    pub id: u64,
+    /// Destination.
+    pub peer: String,
+    /// `running`, `completed`, `failed` or `cancelled`.
+    pub state: String,
+    /// `setup`, `precopy`, `switchover`, `verify`, or `done`.
+    pub phase: String,
+    /// Current round.
+    pub round: u64,
+    /// Guest memory, bytes.
+    pub memory_bytes: u64,
+    /// Pages of the current round and those queued of it.
+    pub round_pages: u64,
+    /// Pages of the current round handed to workers.
+    pub round_pages_queued: u64,
+    /// Bytes on the wire so far.
+    pub bytes_sent: u64,
+    /// Pages sent so far.
+    pub pages_sent: u64,
+    /// Send rate, bytes per second (recent).
+    pub rate: f64,
+    /// Guest dirty rate, bytes per second.
+    pub dirty_rate: f64,
+    /// Seconds to the end of round 0 (or of the current round), if known.
+    pub eta_seconds: Option<f64>,
+    /// Guest throttle, percent.
+    pub throttle: u32,
+    /// Seconds since the migration started.
+    pub elapsed_seconds: f64,
+    /// Mode in force.
+    pub mode: String,
+    /// Streams carrying pages / opened.
+    pub active_streams: u16,
+    /// Streams opened.
+    pub streams: u16,
+    /// Settings epoch adopted.
+    pub epoch: u64,
+    /// Latest control-stream round trip, ms.
+    pub ping_ms: Option<f64>,
+    /// Components this migration uses (after flags and rollout).
+    pub components: Vec<String>,
+    /// Why it failed or was cancelled.
+    pub error: Option<String>,
+    /// When completed: measured downtime, ms.
+    pub downtime_ms: Option<f64>,
+    /// When completed: pages the destination verified.
+    pub verified_pages: Option<u64>,
+    /// Things the engine could not do as asked.
+    pub notes: Vec<String>,
+}
+
+/// A feature flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlagState {
+    /// On for migrations in the rollout.
+    pub enabled: bool,
+}
+
+/// `flags`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlagsInfo {
+    /// Per component.
+    pub flags: BTreeMap<String, FlagState>,
+    /// Share of migrations (by a hash of their id) that get the enabled components;
+    /// the rest run the plain path.
+    pub rollout_percent: u8,
+    /// The kill switch: plain TCP, no codecs, for every migration, now.
+    pub safe_mode: bool,
+    /// Where flags persist.
+    pub file: Option<String>,
+}
+
+/// `metrics`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsText {
+    /// Prometheus text exposition format 0.0.4.
+    pub text: String,
+}
+
+/// The result of `migrate`, `cancel`, `set`, `set-mode`, `shutdown`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Done {
+    /// What happened.
+    pub message: String,
+    /// The migration concerned, if any.
+    pub id: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_reject_unknowns() {
+        let r = Request::new(Command::Set(SetOptions {
+            streams: Some(8),
+            ..SetOptions::default()
+        }));
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(line, r#"{"v":1,"cmd":"set","streams":8}"#);
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
+        assert!(serde_json::from_str::<Request>(r#"{"v":1,"cmd":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"v":1,"cmd":"cancel"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"v":1,"cmd":"set","bogus":1}"#).is_err());
+        let status = serde_json::to_string(&Request::new(Command::Status)).unwrap();
+        assert_eq!(status, r#"{"v":1,"cmd":"status"}"#);
+    }
+}

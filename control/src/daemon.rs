@@ -1,0 +1,986 @@
+//! The daemon: its control thread and the components around it.
+//!
+//! Start order (each depends on the ones before it): flags → control thread →
+//! destination listener → control socket → metrics listener. Stop order is the reverse;
+//! running migrations are drained first (given `drain_seconds` to finish, then
+//! cancelled, which leaves each source intact).
+//!
+//! The **control thread** is the slow path: it owns all daemon state (migrations,
+//! flags, the mode detector, counters) and is the only thread that changes it. Clients
+//! reach it through a request channel, engines through their live-report channel; it
+//! never waits on either (a slow client waits on its own thread, a lagging report is
+//! dropped by the engine). Every 100 ms it also checks the flags file.
+
+use crate::config::{Config, parse_codec_mode};
+use crate::flags::{Components, FlagStore};
+use crate::mode::{DetectorConfig, LinkSample, Mode, ModeDetector, policy_for};
+use crossbeam::channel::{Receiver, Sender, bounded, select, tick};
+use dwcp_api::{
+    Capabilities, Command, Done, MetricsText, MigrateOptions, MigrationInfo, ModeInfo, Request,
+    Response, SetOptions, StatusInfo, TransportInfo,
+};
+use dwcp_dataplane::codec::policy::CodecMode;
+use dwcp_dataplane::dirty::open_dirty_log;
+use dwcp_dataplane::engine::{
+    self, DestMemory, LiveControl, LiveReport, LiveSettings, MigrationReport, Progress,
+};
+use dwcp_dataplane::guest::{ContentMix, SimulatedGuest, fill_memory};
+use dwcp_dataplane::transport::socket::Congestion;
+use dwcp_dataplane::transport::{TransportChoice, TransportKind};
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A request and where its response goes.
+pub type Call = (Request, Sender<Response>);
+
+/// What the daemon needs beyond its configuration file.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// The validated configuration.
+    pub config: Config,
+}
+
+/// A migration the daemon started.
+struct Migration {
+    id: u64,
+    peer: String,
+    memory_bytes: u64,
+    live: Arc<LiveControl>,
+    components: Components,
+    started: Instant,
+    latest: Option<Progress>,
+    /// Bytes and time of the previous report, for the recent rate.
+    rate_mark: Option<(Instant, u64)>,
+    rate: f64,
+    /// Per-stream TCP counters at the previous sample (segments, retransmits).
+    tcp_mark: Vec<(u32, u32)>,
+    state: &'static str,
+    error: Option<String>,
+    report: Option<MigrationReport>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// Counters for metrics.
+#[derive(Default)]
+struct Counters {
+    requests_ok: u64,
+    requests_failed: u64,
+    completed: u64,
+    failed: u64,
+    cancelled: u64,
+    bytes_completed: u64,
+}
+
+/// Shared with the socket server (read-only there).
+#[derive(Default)]
+pub struct ServerCounters {
+    /// Connections turned away (too many clients, wrong peer).
+    pub refused: AtomicU64,
+    /// Requests answered with an error before reaching the control thread.
+    pub bad_requests: AtomicU64,
+    /// Clients that sent nothing before the timeout.
+    pub timeouts: AtomicU64,
+}
+
+/// The daemon's state, owned by the control thread.
+struct ControlState {
+    config: Config,
+    started: Instant,
+    flags: FlagStore,
+    detector: ModeDetector,
+    migrations: BTreeMap<u64, Migration>,
+    next_id: u64,
+    reports_tx: Sender<LiveReport>,
+    done_tx: Sender<(u64, Result<MigrationReport, String>)>,
+    capabilities: Capabilities,
+    counters: Counters,
+    server: Arc<ServerCounters>,
+    received: Arc<AtomicU64>,
+    shutdown: Arc<AtomicBool>,
+    /// Overrides for later migrations set with `set` (no id).
+    defaults: SetOptions,
+    mode_changes: u64,
+}
+
+/// Everything probed about this host, for `status`.
+pub fn probe_capabilities(config: &Config) -> Capabilities {
+    let transport = config.source_config().transport;
+    let probe = dwcp_dataplane::transport::probe(&transport);
+    let rdma_devices = std::fs::read_dir("/sys/class/infiniband")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("?")
+            .to_string()
+    };
+    let hugepages = format!(
+        "{} reserved, {} free, {} kB each; transparent: {}",
+        field("HugePages_Total:"),
+        field("HugePages_Free:"),
+        field("Hugepagesize:"),
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unavailable".into())
+    );
+    let mut cpu_features = vec![format!(
+        "simd level {}",
+        dwcp_simd::Kernels::active().level()
+    )];
+    #[cfg(target_arch = "x86_64")]
+    {
+        for (on, name) in [
+            (std::arch::is_x86_feature_detected!("sse4.2"), "sse4.2"),
+            (
+                std::arch::is_x86_feature_detected!("pclmulqdq"),
+                "pclmulqdq",
+            ),
+            (std::arch::is_x86_feature_detected!("avx2"), "avx2"),
+            (std::arch::is_x86_feature_detected!("avx512f"), "avx512f"),
+            (std::arch::is_x86_feature_detected!("avx512bw"), "avx512bw"),
+            (
+                std::arch::is_x86_feature_detected!("vpclmulqdq"),
+                "vpclmulqdq",
+            ),
+        ] {
+            if on {
+                cpu_features.push(name.into());
+            }
+        }
+    }
+    Capabilities {
+        io_uring_ops: probe.uring_ops.iter().map(|s| s.to_string()).collect(),
+        io_uring_note: (probe.kind != TransportKind::IoUring).then(|| probe.notes.join("; ")),
+        zero_copy: probe.zero_copy,
+        hugepages,
+        rdma_devices,
+        cpu_features,
+    }
+}
+
+impl ControlState {
+    fn mode_name(&self) -> String {
+        self.detector
+            .mode()
+            .map_or("unknown".into(), |m| m.name().into())
+    }
+
+    fn status(&self) -> StatusInfo {
+        let mode = self.detector.mode();
+        let c = &self.config;
+        StatusInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol: dwcp_api::PROTOCOL_VERSION,
+            role: "source+destination".into(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            mode: ModeInfo {
+                current: self.mode_name(),
+                setting: self
+                    .detector
+                    .fixed()
+                    .map_or("auto".into(), |m| m.name().into()),
+                why: self.detector.why(),
+                policy: mode.map_or("configured settings (no mode yet)".into(), |m| {
+                    policy_for(m, &self.capabilities.rdma_devices).to_string()
+                }),
+            },
+            transport: TransportInfo {
+                kind: if self.flags.flags.safe_mode {
+                    "plain (safe mode)".into()
+                } else if self.capabilities.io_uring_ops.is_empty() || c.transport.kind == "plain" {
+                    "plain".into()
+                } else {
+                    "io_uring".into()
+                },
+                zero_copy: self.capabilities.zero_copy
+                    && c.transport.zero_copy
+                    && !self.flags.flags.safe_mode,
+                congestion: c.transport.congestion.clone(),
+                streams: c.migration.streams,
+                codec: c.codec.mode.clone(),
+            },
+            capabilities: self.capabilities.clone(),
+            listen: c.dest.listen.clone(),
+            running: self
+                .migrations
+                .values()
+                .filter(|m| m.state == "running")
+                .count(),
+            safe_mode: self.flags.flags.safe_mode,
+            received: self.received.load(Ordering::Relaxed),
+        }
+    }
+
+    fn info(&self, m: &Migration) -> MigrationInfo {
+        let p = m.latest.as_ref();
+        let phase = match (m.state, p) {
+            ("running", Some(p)) => p.phase.to_string(),
+            ("running", None) => "setup".into(),
+            _ => "done".into(),
+        };
+        let eta = p.and_then(|p| {
+            let left = p.round_pages.saturating_sub(p.round_pages_queued) as f64 * 4096.0;
+            (m.rate > 0.0 && m.state == "running").then(|| left / m.rate)
+        });
+        MigrationInfo {
+            id: m.id,
+            peer: m.peer.clone(),
+            state: m.state.into(),
+            phase,
+            round: m.report.as_ref().map_or(p.map_or(0, |p| p.round), |r| {
+                r.rounds.len().saturating_sub(1) as u64
+            }),
+            memory_bytes: m.memory_bytes,
+            round_pages: p.map_or(0, |p| p.round_pages),
+            round_pages_queued: p.map_or(0, |p| p.round_pages_queued),
+            bytes_sent: p
+                .map_or(0, |p| p.streams.iter().map(|s| s.bytes).sum::<u64>())
+                .max(m.report.as_ref().map_or(0, |r| r.bytes_sent)),
+            pages_sent: m
+                .report
+                .as_ref()
+                .map_or(p.map_or(0, |p| p.pages_sent), |r| {
+                    r.rounds.iter().map(|r| r.pages).sum()
+                }),
+            rate: m.rate,
+            dirty_rate: p.map_or(0.0, |p| p.dirty_rate),
+            eta_seconds: eta,
+            throttle: p.map_or(0, |p| p.throttle),
+            elapsed_seconds: m.started.elapsed().as_secs_f64(),
+            mode: self.mode_name(),
+            active_streams: p.map_or(0, |p| p.active_streams),
+            streams: p.map_or(0, |p| p.connected_streams),
+            epoch: m.live.adopted(),
+            ping_ms: p.and_then(|p| p.ping_rtt).map(|d| d.as_secs_f64() * 1e3),
+            components: m.components.names(),
+            error: m.error.clone(),
+            downtime_ms: m.report.as_ref().map(|r| r.measured_downtime * 1e3),
+            verified_pages: m.report.as_ref().map(|r| r.verified_pages),
+            notes: m.live.notes(),
+        }
+    }
+
+    fn handle(&mut self, request: Request) -> Response {
+        if request.v != dwcp_api::PROTOCOL_VERSION {
+            return Response::error(format!(
+                "protocol version {} not supported (this daemon speaks {})",
+                request.v,
+                dwcp_api::PROTOCOL_VERSION
+            ));
+        }
+        let result = self.dispatch(request.command);
+        match result {
+            Ok(r) => {
+                self.counters.requests_ok += 1;
+                r
+            }
+            Err(e) => {
+                self.counters.requests_failed += 1;
+                Response::error(e)
+            }
+        }
+    }
+
+    fn dispatch(&mut self, command: Command) -> Result<Response, String> {
+        match command {
+            Command::Status => Ok(Response::ok(self.status())),
+            Command::Migrations => Ok(Response::ok(
+                self.migrations
+                    .values()
+                    .map(|m| self.info(m))
+                    .collect::<Vec<_>>(),
+            )),
+            Command::Migrate(options) => self.migrate(options),
+            Command::Cancel { id } => match self.migrations.get(&id) {
+                Some(m) if m.state == "running" => {
+                    m.live.cancel("by the operator");
+                    Ok(Response::ok(Done {
+                        message: format!("migration {id}: cancelling"),
+                        id: Some(id),
+                    }))
+                }
+                Some(m) => Err(format!("migration {id} is {}, not running", m.state)),
+                None => Err(format!("no migration {id}")),
+            },
+            Command::SetMode { mode } => {
+                let fixed = match mode.as_str() {
+                    "auto" => None,
+                    other => Some(other.parse::<Mode>()?),
+                };
+                self.detector.set_override(fixed);
+                self.apply_mode("set-mode");
+                Ok(Response::ok(Done {
+                    message: format!("mode {mode}; now {}", self.mode_name()),
+                    id: None,
+                }))
+            }
+            Command::Set(options) => self.set(options),
+            Command::Flags => Ok(Response::ok(self.flags.flags.info(self.flags.path()))),
+            Command::FlagSet { name, value } => {
+                let was_safe = self.flags.flags.safe_mode;
+                self.flags.set(&name, &value)?;
+                if was_safe != self.flags.flags.safe_mode {
+                    self.apply_safe_mode();
+                }
+                Ok(Response::ok(self.flags.flags.info(self.flags.path())))
+            }
+            Command::FlagsReload => {
+                let was_safe = self.flags.flags.safe_mode;
+                self.flags.reload()?;
+                if was_safe != self.flags.flags.safe_mode {
+                    self.apply_safe_mode();
+                }
+                Ok(Response::ok(self.flags.flags.info(self.flags.path())))
+            }
+            Command::Metrics => Ok(Response::ok(MetricsText {
+                text: self.metrics(),
+            })),
+            Command::Config => Ok(Response::ok(&self.config)),
+            Command::Shutdown => {
+                self.shutdown.store(true, Ordering::Release);
+                Ok(Response::ok(Done {
+                    message: "shutting down: draining migrations".into(),
+                    id: None,
+                }))
+            }
+        }
+    }
+
+    /// The live settings a migration starts with: configuration, then the mode's
+    /// policy, then operator overrides, then flags (safe mode last, winning).
+    fn live_settings(&self, base: &engine::SourceConfig, components: &Components) -> LiveSettings {
+        let mut s = LiveSettings {
+            active_streams: None,
+            congestion: base.transport.socket.congestion,
+            pacing_rate: None,
+            codec: base.codec.mode.clone(),
+            zero_copy: base.transport.zero_copy,
+            idle: base.transport.idle,
+            downtime_limit: base.downtime_limit,
+        };
+        if let Some(mode) = self.detector.mode() {
+            let policy = policy_for(mode, &self.capabilities.rdma_devices);
+            s.active_streams = Some(policy.streams.min(base.streams));
+            s.congestion = policy.congestion;
+            s.codec = policy.codec;
+        }
+        let d = &self.defaults;
+        if let Some(n) = d.streams {
+            s.active_streams = Some(n.min(base.streams));
+        }
+        if let Some(r) = d.pacing_rate {
+            s.pacing_rate = (r > 0).then_some(r);
+        }
+        if let Some(c) = &d.codec
+            && let Ok(mode) = parse_codec_mode(c, Default::default())
+        {
+            s.codec = mode;
+        }
+        if let Some(c) = &d.congestion {
+            s.congestion = if c == "bbr" {
+                Congestion::Bbr
+            } else {
+                Congestion::Cubic
+            };
+        }
+        if let Some(ms) = d.downtime_ms {
+            s.downtime_limit = Duration::from_millis(ms);
+        }
+        restrict(&mut s, components);
+        s
+    }
+
+    fn migrate(&mut self, o: MigrateOptions) -> Result<Response, String> {
+        if self.shutdown.load(Ordering::Acquire) {
+            return Err("shutting down: no new migrations".into());
+        }
+        let peer: SocketAddr = o
+            .peer
+            .parse()
+            .map_err(|_| format!("peer {:?} is not host:port (an IP address)", o.peer))?;
+        let mut config = self.config.clone();
+        if let Some(m) = &o.memory {
+            config.guest.memory = m.parse()?;
+        }
+        if let Some(r) = o.dirty_rate_mbps {
+            config.guest.dirty_rate_mbps = r;
+        }
+        if let Some(s) = o.streams {
+            config.migration.streams = s;
+        }
+        if let Some(d) = o.downtime_ms {
+            config.migration.downtime_limit_ms = d;
+        }
+        if let Some(c) = &o.codec {
+            config.codec.mode = c.clone();
+        }
+        config.validate().map_err(|e| e.to_string())?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let components = self.flags.flags.components_for(id);
+        let mut source = config.source_config();
+        if !components.io_uring {
+            source.transport.choice = TransportChoice::Plain;
+        }
+        source.transport.zero_copy &= components.zero_copy;
+        let settings = self.live_settings(&source, &components);
+        let live = LiveControl::new(id, settings, Some(self.reports_tx.clone()));
+        let done = self.done_tx.clone();
+        let thread_live = live.clone();
+        let use_model = components.ml_predictor;
+        let handle = std::thread::Builder::new()
+            .name(format!("dwcp-mig{id}"))
+            .spawn(move || {
+                let result = run_migration(&config, peer, &source, &thread_live, use_model);
+                let _ = done.send((id, result));
+            })
+            .map_err(|e| format!("starting the migration thread: {e}"))?;
+        self.migrations.insert(
+            id,
+            Migration {
+                id,
+                peer: peer.to_string(),
+                memory_bytes: self.config.guest.memory.0,
+                live,
+                components,
+                started: Instant::now(),
+                latest: None,
+                rate_mark: None,
+                rate: 0.0,
+                tcp_mark: Vec::new(),
+                state: "running",
+                error: None,
+                report: None,
+                handle: Some(handle),
+            },
+        );
+        if let Some(m) = self.migrations.get_mut(&id)
+            && let Some(size) = o
+                .memory
+                .as_ref()
+                .and_then(|s| s.parse::<crate::config::Size>().ok())
+        {
+            m.memory_bytes = size.0;
+        }
+        Ok(Response::ok(Done {
+            message: format!("migration {id} to {peer} started"),
+            id: Some(id),
+        }))
+    }
+
+    fn set(&mut self, o: SetOptions) -> Result<Response, String> {
+        // Check everything before changing anything.
+        if let Some(n) = o.streams
+            && !(1..=dwcp_dataplane::wire::MAX_STREAMS).contains(&n)
+        {
+            return Err(format!("streams {n} (allowed 1..=256)"));
+        }
+        let codec = match &o.codec {
+            Some(c) => Some(parse_codec_mode(c, Default::default())?),
+            None => None,
+        };
+        let congestion = match o.congestion.as_deref() {
+            Some("cubic") => Some(Congestion::Cubic),
+            Some("bbr") => Some(Congestion::Bbr),
+            Some(other) => return Err(format!("congestion {other:?} (cubic or bbr)")),
+            None => None,
+        };
+        if let Some(ms) = o.downtime_ms
+            && !(1..=60_000).contains(&ms)
+        {
+            return Err(format!("downtime {ms} ms (allowed 1..=60000)"));
+        }
+        let targets: Vec<u64> = match o.id {
+            Some(id) => match self.migrations.get(&id) {
+                Some(m) if m.state == "running" => vec![id],
+                Some(m) => return Err(format!("migration {id} is {}, not running", m.state)),
+                None => return Err(format!("no migration {id}")),
+            },
+            None => {
+                // Later migrations too.
+                let d = &mut self.defaults;
+                d.streams = o.streams.or(d.streams);
+                d.pacing_rate = o.pacing_rate.or(d.pacing_rate);
+                d.codec = o.codec.clone().or(d.codec.take());
+                d.congestion = o.congestion.clone().or(d.congestion.take());
+                d.downtime_ms = o.downtime_ms.or(d.downtime_ms);
+                self.running_ids()
+            }
+        };
+        for id in &targets {
+            let m = &self.migrations[id];
+            let mut s = m.live.latest().settings.clone();
+            if let Some(n) = o.streams {
+                s.active_streams = Some(n);
+            }
+            if let Some(r) = o.pacing_rate {
+                s.pacing_rate = (r > 0).then_some(r);
+            }
+            if let Some(c) = &codec {
+                s.codec = c.clone();
+            }
+            if let Some(c) = congestion {
+                s.congestion = c;
+            }
+            if let Some(ms) = o.downtime_ms {
+                s.downtime_limit = Duration::from_millis(ms);
+            }
+            restrict(&mut s, &m.components);
+            m.live.publish(s, "operator: set");
+        }
+        Ok(Response::ok(Done {
+            message: format!("applied to {} running migration(s)", targets.len()),
+            id: o.id,
+        }))
+    }
+
+    fn running_ids(&self) -> Vec<u64> {
+        self.migrations
+            .values()
+            .filter(|m| m.state == "running")
+            .map(|m| m.id)
+            .collect()
+    }
+
+    /// Publish the mode's policy to every running migration.
+    fn apply_mode(&mut self, why: &str) {
+        let Some(mode) = self.detector.mode() else {
+            return;
+        };
+        let policy = policy_for(mode, &self.capabilities.rdma_devices);
+        for id in self.running_ids() {
+            let m = &self.migrations[&id];
+            let mut s = m.live.latest().settings.clone();
+            let opened = m.latest.as_ref().map_or(u16::MAX, |p| p.connected_streams);
+            s.active_streams = Some(policy.streams.min(opened));
+            s.congestion = policy.congestion;
+            s.codec = policy.codec.clone();
+            restrict(&mut s, &m.components);
+            m.live.publish(s, format!("mode {mode} ({why})"));
+        }
+    }
+
+    /// Safe mode changed: every running migration gets (or loses) the simplest path.
+    fn apply_safe_mode(&mut self) {
+        let safe = self.flags.flags.safe_mode;
+        for id in self.running_ids() {
+            let components = self.flags.flags.components_for(id);
+            let m = self.migrations.get_mut(&id).expect("running id");
+            m.components = components;
+            let mut s = m.live.latest().settings.clone();
+            if !safe {
+                s.zero_copy = self.config.transport.zero_copy;
+                s.codec = self.config.codec.codec_mode().unwrap_or(CodecMode::Off);
+            }
+            restrict(&mut s, &components);
+            m.live.publish(
+                s,
+                if safe {
+                    "safe mode on"
+                } else {
+                    "safe mode off"
+                },
+            );
+        }
+    }
+
+    fn take_report(&mut self, r: LiveReport) {
+        let Some(m) = self.migrations.get_mut(&r.migration) else {
+            return;
+        };
+        let bytes: u64 = r.progress.streams.iter().map(|s| s.bytes).sum();
+        if let Some((at, before)) = m.rate_mark {
+            let dt = r.at.duration_since(at).as_secs_f64();
+            if dt >= 0.2 {
+                m.rate = bytes.saturating_sub(before) as f64 / dt;
+                m.rate_mark = Some((r.at, bytes));
+            }
+        } else {
+            m.rate_mark = Some((r.at, bytes));
+        }
+        // A link sample: the data streams' RTT (the lowest smoothed RTT among streams
+        // that carry data, or the control stream's ping), what they delivered, what
+        // they retransmitted.
+        let mut rtts: Vec<u32> = Vec::new();
+        let mut delivery = 0u64;
+        let mut segments = 0u64;
+        let mut retransmits = 0u64;
+        if m.tcp_mark.len() != r.progress.streams.len() {
+            m.tcp_mark = vec![(0, 0); r.progress.streams.len()];
+        }
+        for (s, mark) in r.progress.streams.iter().zip(m.tcp_mark.iter_mut()) {
+            let Some(t) = s.tcp else { continue };
+            if t.rtt_us > 0 {
+                rtts.push(t.rtt_us);
+            }
+            delivery += t.delivery_rate;
+            segments += u64::from(t.segs_out.saturating_sub(mark.0));
+            retransmits += u64::from(t.total_retrans.saturating_sub(mark.1));
+            *mark = (t.segs_out, t.total_retrans);
+        }
+        let rtt = rtts
+            .iter()
+            .min()
+            .map(|&us| Duration::from_micros(u64::from(us)))
+            .or(r.progress.ping_rtt);
+        let bandwidth = (delivery as f64 * 8.0).max(m.rate * 8.0);
+        m.latest = Some(r.progress);
+        if let Some(rtt) = rtt
+            && segments > 0
+        {
+            let sample = LinkSample {
+                at: r.at.duration_since(self.started),
+                rtt,
+                bandwidth,
+                segments,
+                retransmits,
+            };
+            if self.detector.push(sample).is_some() {
+                self.mode_changes += 1;
+                self.apply_mode("detected");
+            }
+        }
+    }
+
+    fn finish(&mut self, id: u64, result: Result<MigrationReport, String>) {
+        let Some(m) = self.migrations.get_mut(&id) else {
+            return;
+        };
+        if let Some(h) = m.handle.take() {
+            let _ = h.join();
+        }
+        match result {
+            Ok(report) => {
+                m.state = "completed";
+                self.counters.completed += 1;
+                self.counters.bytes_completed += report.bytes_sent;
+                m.report = Some(report);
+            }
+            Err(e) => {
+                if m.live.cancelled().is_some() {
+                    m.state = "cancelled";
+                    self.counters.cancelled += 1;
+                } else {
+                    m.state = "failed";
+                    self.counters.failed += 1;
+                }
+                m.error = Some(e);
+            }
+        }
+    }
+
+    fn metrics(&self) -> String {
+        crate::metrics::render(&crate::metrics::Snapshot {
+            uptime: self.started.elapsed().as_secs_f64(),
+            mode: self.detector.mode(),
+            mode_changes: self.mode_changes,
+            safe_mode: self.flags.flags.safe_mode,
+            requests_ok: self.counters.requests_ok,
+            requests_failed: self.counters.requests_failed,
+            clients_refused: self.server.refused.load(Ordering::Relaxed),
+            bad_requests: self.server.bad_requests.load(Ordering::Relaxed),
+            client_timeouts: self.server.timeouts.load(Ordering::Relaxed),
+            completed: self.counters.completed,
+            failed: self.counters.failed,
+            cancelled: self.counters.cancelled,
+            received: self.received.load(Ordering::Relaxed),
+            migrations: self
+                .migrations
+                .values()
+                .map(|m| crate::metrics::MigrationMetrics {
+                    info: self.info(m),
+                    progress: m.latest.clone(),
+                    dropped_reports: m.live.dropped_reports(),
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Narrow live settings to what a migration's components allow.
+fn restrict(s: &mut LiveSettings, c: &Components) {
+    if !c.zero_copy {
+        s.zero_copy = false;
+    }
+    let codecs_allowed = c.delta || c.dedup || c.compression;
+    match &mut s.codec {
+        CodecMode::Fixed(settings) => {
+            settings.delta &= c.delta;
+            settings.dedup &= c.dedup;
+            if !c.compression {
+                settings.level = None;
+                settings.dictionary = false;
+            }
+            if settings.is_off() {
+                s.codec = CodecMode::Off;
+            }
+        }
+        CodecMode::Auto if !codecs_allowed || !c.ml_predictor => s.codec = CodecMode::Off,
+        _ => {}
+    }
+    if c.safe {
+        s.codec = CodecMode::Off;
+        s.zero_copy = false;
+    }
+}
+
+/// One migration of the simulated guest, on its own thread.
+fn run_migration(
+    config: &Config,
+    peer: SocketAddr,
+    source: &engine::SourceConfig,
+    live: &LiveControl,
+    use_model: bool,
+) -> Result<MigrationReport, String> {
+    let memory = crate::appliance::guest_memory(config)?;
+    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, config.guest.seed);
+    let opened = open_dirty_log(&memory, config.dirty_log()).map_err(|e| e.to_string())?;
+    let guest = SimulatedGuest::start(memory.clone(), &config.workload(), opened.marker.clone());
+    let mut policy = config.codec_policy();
+    let policy: Option<&mut dyn dwcp_dataplane::codec::policy::CodecPolicy> =
+        if use_model { Some(&mut policy) } else { None };
+    let result = engine::migrate_live(
+        peer,
+        memory,
+        &guest,
+        opened.log,
+        source,
+        policy,
+        Some(live),
+        &mut |_| {},
+    );
+    guest.stop();
+    result.map_err(|e| e.to_string())
+}
+
+/// The daemon, running.
+pub struct Daemon {
+    calls: Sender<Call>,
+    shutdown: Arc<AtomicBool>,
+    control: Option<JoinHandle<()>>,
+    dest: Option<JoinHandle<()>>,
+    server: Option<crate::server::Server>,
+    metrics: Option<crate::metrics::HttpServer>,
+    /// Where incoming migrations are accepted.
+    pub listen_addr: SocketAddr,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// The metrics listener, if any.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl Daemon {
+    /// Start every component, in dependency order.
+    pub fn start(options: DaemonOptions) -> Result<Daemon, String> {
+        let config = options.config;
+        let flags = FlagStore::open(config.control.flags_file.clone())?;
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let server_counters = Arc::new(ServerCounters::default());
+        let received = Arc::new(AtomicU64::new(0));
+        // The destination listener binds first: a taken port fails the start cleanly.
+        let listener = TcpListener::bind(&config.dest.listen)
+            .map_err(|e| format!("listening on {}: {e}", config.dest.listen))?;
+        let listen_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (calls_tx, calls_rx) = bounded::<Call>(1024);
+        let (reports_tx, reports_rx) = LiveControl::report_channel(4096);
+        let (done_tx, done_rx) = bounded(256);
+        let mut detector = ModeDetector::new(DetectorConfig::default());
+        if config.control.mode != "auto" {
+            detector.set_override(Some(config.control.mode.parse()?));
+        }
+        let mut state = ControlState {
+            capabilities: probe_capabilities(&config),
+            config: config.clone(),
+            started: Instant::now(),
+            flags,
+            detector,
+            migrations: BTreeMap::new(),
+            next_id: 1,
+            reports_tx,
+            done_tx,
+            counters: Counters::default(),
+            server: server_counters.clone(),
+            received: received.clone(),
+            shutdown: shutdown.clone(),
+            defaults: SetOptions::default(),
+            mode_changes: 0,
+        };
+        let control_shutdown = shutdown.clone();
+        let drain = Duration::from_secs(config.control.drain_seconds);
+        let control = std::thread::Builder::new()
+            .name("dwcp-control".into())
+            .spawn(move || {
+                control_loop(
+                    &mut state,
+                    calls_rx,
+                    reports_rx,
+                    done_rx,
+                    &control_shutdown,
+                    drain,
+                )
+            })
+            .map_err(|e| e.to_string())?;
+        let dest_config = config.dest_config();
+        let dest_shutdown = shutdown.clone();
+        let dest = std::thread::Builder::new()
+            .name("dwcp-dest".into())
+            .spawn(move || dest_loop(listener, dest_config, &dest_shutdown, &received))
+            .map_err(|e| e.to_string())?;
+        let server = crate::server::Server::start(
+            &config.control.socket,
+            config.control.max_clients,
+            calls_tx.clone(),
+            server_counters,
+        )?;
+        let metrics = match &config.control.metrics_addr {
+            Some(addr) => Some(crate::metrics::HttpServer::start(addr, calls_tx.clone())?),
+            None => None,
+        };
+        Ok(Daemon {
+            calls: calls_tx,
+            shutdown,
+            control: Some(control),
+            dest: Some(dest),
+            socket: config.control.socket.clone(),
+            metrics_addr: metrics.as_ref().map(|m| m.addr),
+            server: Some(server),
+            metrics,
+            listen_addr,
+        })
+    }
+
+    /// Whether a shutdown was asked for (by `shutdown` or [`Daemon::request_shutdown`]).
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+
+    /// Ask for a graceful stop (SIGTERM does this).
+    pub fn request_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+    }
+
+    /// A request to the control thread from inside the process.
+    pub fn call(&self, command: Command) -> Response {
+        call(&self.calls, Request::new(command), Duration::from_secs(10))
+    }
+
+    /// Stop in reverse order: metrics, socket, then the control thread drains
+    /// migrations, then the destination listener.
+    pub fn stop(mut self) {
+        self.request_shutdown();
+        if let Some(m) = self.metrics.take() {
+            m.stop();
+        }
+        if let Some(s) = self.server.take() {
+            s.stop();
+        }
+        if let Some(c) = self.control.take() {
+            let _ = c.join();
+        }
+        if let Some(d) = self.dest.take() {
+            let _ = d.join();
+        }
+    }
+}
+
+/// Send a call to the control thread and wait for the answer.
+pub fn call(calls: &Sender<Call>, request: Request, timeout: Duration) -> Response {
+    let (tx, rx) = bounded(1);
+    if calls.send_timeout((request, tx), timeout).is_err() {
+        return Response::error("the control thread is not answering");
+    }
+    rx.recv_timeout(timeout)
+        .unwrap_or_else(|_| Response::error("the control thread did not answer in time"))
+}
+
+fn control_loop(
+    state: &mut ControlState,
+    calls: Receiver<Call>,
+    reports: Receiver<LiveReport>,
+    done: Receiver<(u64, Result<MigrationReport, String>)>,
+    shutdown: &AtomicBool,
+    drain: Duration,
+) {
+    let ticker = tick(Duration::from_millis(100));
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        select! {
+            recv(calls) -> c => if let Ok((request, reply)) = c {
+                let _ = reply.try_send(state.handle(request));
+            },
+            recv(reports) -> r => if let Ok(r) = r { state.take_report(r) },
+            recv(done) -> d => if let Ok((id, result)) = d { state.finish(id, result) },
+            recv(ticker) -> _ => {
+                match state.flags.reload_if_changed() {
+                    Ok(true) => state.apply_safe_mode(),
+                    Ok(false) => {}
+                    Err(e) => eprintln!("dwcpd: flags file: {e} (flags unchanged)"),
+                }
+            },
+        }
+        if shutdown.load(Ordering::Acquire) {
+            let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + drain);
+            let running = state.running_ids();
+            if running.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                for id in running {
+                    let m = &state.migrations[&id];
+                    if m.live.cancelled().is_none() {
+                        m.live.cancel("the daemon is shutting down");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Accept incoming migrations one after another until shutdown.
+fn dest_loop(
+    listener: TcpListener,
+    config: engine::DestConfig,
+    shutdown: &AtomicBool,
+    received: &AtomicU64,
+) {
+    while !shutdown.load(Ordering::Acquire) {
+        let mut fds = [libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: `fds` is a valid array of one pollfd for the call's duration.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 200) };
+        if ready <= 0 {
+            continue;
+        }
+        match engine::receive(
+            &listener,
+            DestMemory::Allocate(dwcp_hugepages::PagePreference::TransparentHuge),
+            &config,
+        ) {
+            Ok(report) => {
+                received.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "dwcpd: received a migration: {} pages verified, {} rounds",
+                    report.verified_pages, report.rounds
+                );
+            }
+            Err(e) => eprintln!("dwcpd: incoming migration failed: {e}"),
+        }
+    }
+}

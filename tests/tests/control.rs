@@ -1,0 +1,247 @@
+//! The daemon end to end: its control socket under bad and many clients, metrics
+//! scraped and parsed, safe mode switched on mid-migration without losing a byte.
+//! The daemon migrates to itself over loopback (it is source and destination).
+
+use dwcp_api::{Command, Done, MigrationInfo, Request, Response, SetOptions, StatusInfo};
+use dwcp_control::config::{Config, Size};
+use dwcp_control::daemon::{Daemon, DaemonOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+fn start(name: &str) -> Daemon {
+    let dir = std::env::temp_dir().join(format!("dwcp-control-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut config = Config::default();
+    config.dest.listen = "127.0.0.1:0".into();
+    config.control.socket = dir.join("dwcpd.sock");
+    config.control.metrics_addr = Some("127.0.0.1:0".into());
+    config.control.flags_file = Some(dir.join("flags.toml"));
+    config.guest.memory = Size(128 << 20);
+    config.guest.dirty_rate_mbps = 10.0;
+    config.validate().expect("valid test configuration");
+    Daemon::start(DaemonOptions { config }).expect("daemon starts")
+}
+
+fn ask(stream: &mut UnixStream, line: &[u8]) -> Response {
+    stream.write_all(line).unwrap();
+    let mut answer = String::new();
+    BufReader::new(stream.try_clone().unwrap())
+        .read_line(&mut answer)
+        .unwrap();
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+}
+
+fn connect(d: &Daemon) -> UnixStream {
+    let s = UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+#[test]
+fn bad_clients_get_clear_errors_and_change_nothing() {
+    let d = start("bad");
+    let mode = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    let mut s = connect(&d);
+    for (line, expect) in [
+        (&b"{not json\n"[..], "malformed JSON"),
+        (b"[1,2]\n", "JSON object"),
+        (b"{\"cmd\":\"status\"}\n", "missing protocol version"),
+        (b"{\"v\":99,\"cmd\":\"status\"}\n", "protocol version 99"),
+        (b"{\"v\":1}\n", "missing command"),
+        (
+            b"{\"v\":1,\"cmd\":\"explode\"}\n",
+            "unknown command \"explode\"",
+        ),
+        (b"{\"v\":1,\"cmd\":\"cancel\"}\n", "bad \"cancel\" request"),
+        (
+            b"{\"v\":1,\"cmd\":\"cancel\",\"id\":42}\n",
+            "no migration 42",
+        ),
+        (b"{\"v\":1,\"cmd\":\"set\",\"streams\":0}\n", "streams 0"),
+        (
+            b"{\"v\":1,\"cmd\":\"set-mode\",\"mode\":\"warp\"}\n",
+            "unknown mode",
+        ),
+        (
+            b"{\"v\":1,\"cmd\":\"flag-set\",\"name\":\"warp\",\"value\":\"on\"}\n",
+            "unknown flag",
+        ),
+        (
+            b"{\"v\":1,\"cmd\":\"migrate\",\"peer\":\"nowhere\"}\n",
+            "not host:port",
+        ),
+    ] {
+        let r = ask(&mut s, line);
+        assert!(!r.ok, "{line:?} accepted");
+        let e = r.error.unwrap_or_default();
+        assert!(e.contains(expect), "{line:?}: {e}");
+    }
+    // The connection still works after all that, and nothing changed.
+    let status: StatusInfo = ask(&mut s, b"{\"v\":1,\"cmd\":\"status\"}\n")
+        .into_result()
+        .unwrap();
+    assert_eq!(status.mode.setting, "auto");
+    assert!(!status.safe_mode);
+    // An oversized request is refused without being read whole.
+    let mut big = connect(&d);
+    let mut line = b"{\"v\":1,\"cmd\":\"status\",\"pad\":\"".to_vec();
+    line.resize(200_000, b'x');
+    let _ = big.write_all(&line);
+    let mut answer = String::new();
+    BufReader::new(big).read_line(&mut answer).unwrap();
+    assert!(answer.contains("request too long"), "{answer}");
+    // A silent client is closed with a timeout; meanwhile others are served.
+    let mut silent = connect(&d);
+    let t = Instant::now();
+    let mut s2 = connect(&d);
+    assert!(ask(&mut s2, b"{\"v\":1,\"cmd\":\"status\"}\n").ok);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "a silent client held others up"
+    );
+    let mut answer = String::new();
+    silent.read_to_string(&mut answer).unwrap();
+    assert!(answer.contains("timeout"), "{answer}");
+    d.stop();
+}
+
+#[test]
+fn hundreds_of_concurrent_clients_are_all_answered() {
+    let d = start("many");
+    let clients: Vec<UnixStream> = (0..300).map(|_| connect(&d)).collect();
+    let answers: Vec<Response> = std::thread::scope(|scope| {
+        let handles: Vec<_> = clients
+            .into_iter()
+            .map(|mut c| scope.spawn(move || ask(&mut c, b"{\"v\":1,\"cmd\":\"status\"}\n")))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        answers.iter().all(|r| r.ok),
+        "{:?}",
+        answers.iter().find(|r| !r.ok)
+    );
+    d.stop();
+}
+
+fn migrations(d: &Daemon) -> Vec<MigrationInfo> {
+    d.call(Command::Migrations).into_result().unwrap()
+}
+
+#[test]
+fn metrics_scrape_parses_and_safe_mode_mid_migration_loses_nothing() {
+    let d = start("safe");
+    let peer = d.listen_addr.to_string();
+    // A cap keeps the migration going while safe mode is switched on.
+    let r = d.call(Command::Set(SetOptions {
+        pacing_rate: Some(40_000_000),
+        codec: Some("zstd:1,nodict".into()),
+        ..SetOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    let done: Done = d
+        .call(Command::Migrate(dwcp_api::MigrateOptions {
+            peer,
+            downtime_ms: Some(1),
+            ..Default::default()
+        }))
+        .into_result()
+        .unwrap();
+    let id = done.id.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while migrations(&d)[0].phase != "precopy" {
+        assert!(Instant::now() < deadline, "{:?}", migrations(&d));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = migrations(&d)[0].epoch;
+    let flags = d.call(Command::FlagSet {
+        name: "safe-mode".into(),
+        value: "on".into(),
+    });
+    assert!(flags.ok, "{flags:?}");
+    let t = Instant::now();
+    while migrations(&d)[0].epoch <= before {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "safe mode not adopted"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "safe mode adopted in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(migrations(&d)[0].components, vec!["safe-mode"]);
+    // Scrape while it runs.
+    let addr = d.metrics_addr.unwrap();
+    let mut http = std::net::TcpStream::connect(addr).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
+    let body = text.split("\r\n\r\n").nth(1).unwrap();
+    let mut names = std::collections::HashSet::new();
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        value
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("value of {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.starts_with("dwcp_")
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{name}"
+        );
+        if let Some(labels) = series.split_once('{').map(|(_, l)| l) {
+            assert!(labels.ends_with('}'), "{series}");
+            for pair in labels.trim_end_matches('}').split(',') {
+                let (k, v) = pair.split_once('=').unwrap();
+                assert!(
+                    !k.is_empty() && v.starts_with('"') && v.ends_with('"'),
+                    "{series}"
+                );
+            }
+        }
+        names.insert(name.to_string());
+    }
+    for wanted in [
+        "dwcp_migration_sent_bytes_total",
+        "dwcp_stream_sent_bytes_total",
+        "dwcp_stream_rtt_seconds",
+        "dwcp_worker_cpu_seconds_total",
+        "dwcp_safe_mode",
+    ] {
+        assert!(names.contains(wanted), "{wanted} missing");
+    }
+    assert!(body.contains("dwcp_safe_mode 1"));
+    // Let it finish: no cap, a reachable limit.
+    let r = d.call(Command::Set(SetOptions {
+        pacing_rate: Some(0),
+        downtime_ms: Some(300),
+        ..SetOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    let t = Instant::now();
+    loop {
+        let m = migrations(&d).into_iter().find(|m| m.id == id).unwrap();
+        if m.state != "running" {
+            assert_eq!(m.state, "completed", "{m:?}");
+            assert_eq!(m.verified_pages, Some((128u64 << 20) / 4096));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{m:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
+    assert!(status.safe_mode && status.received == 1);
+    let _ = Request::new(Command::Status);
+    d.stop();
+}

@@ -1,0 +1,426 @@
+//! `dwcpctl`: the operator's command line for `dwcpd`'s control socket.
+//!
+//! Each subcommand sends one request (see `dwcp-api`) and prints the answer for a
+//! person, or as JSON with `--json`. `migrate --follow` and `watch` poll `migrations`
+//! and redraw a progress line: bar, rate, ETA, round, dirty rate, mode.
+
+use clap::{Parser, Subcommand};
+use dwcp_api::{
+    Command, Done, FlagsInfo, MetricsText, MigrateOptions, MigrationInfo, Request, Response,
+    SetOptions, StatusInfo,
+};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "dwcpctl", about = "Control a dwcpd appliance", version)]
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, short, default_value = dwcp_api::DEFAULT_SOCKET, global = true)]
+    socket: PathBuf,
+    /// Print the daemon's JSON answer instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Sub,
+}
+
+#[derive(Subcommand)]
+enum Sub {
+    /// Role, mode and why, transport, capabilities, uptime.
+    Status,
+    /// Migrate this appliance's guest to a peer.
+    Migrate {
+        /// Destination appliance, ip:port.
+        peer: String,
+        /// Guest memory (e.g. 1G).
+        #[arg(long)]
+        memory: Option<String>,
+        /// Simulated guest dirty rate, MB/s.
+        #[arg(long)]
+        dirty_rate: Option<f64>,
+        /// Data streams to open.
+        #[arg(long)]
+        streams: Option<u16>,
+        /// Downtime limit, ms.
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+        /// Codec mode (auto, off, delta, zstd:<level>...).
+        #[arg(long)]
+        codec: Option<String>,
+        /// Show live progress until it ends.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Every migration, with progress.
+    Migrations,
+    /// Live progress of running migrations (Ctrl-C to stop watching).
+    Watch {
+        /// Only this migration.
+        id: Option<u64>,
+    },
+    /// Stop a running migration (the source stays intact).
+    Cancel {
+        /// Migration id.
+        id: u64,
+    },
+    /// Fix the mode or return to detection.
+    SetMode {
+        /// auto, datacenter, internet or hybrid.
+        mode: String,
+    },
+    /// Change running migrations (and later ones unless --id).
+    Set {
+        /// Only this migration.
+        #[arg(long)]
+        id: Option<u64>,
+        /// Streams carrying pages.
+        #[arg(long)]
+        streams: Option<u16>,
+        /// Total send-rate cap, bytes/s (0 removes it).
+        #[arg(long)]
+        pacing_rate: Option<u64>,
+        /// Codec mode.
+        #[arg(long)]
+        codec: Option<String>,
+        /// cubic or bbr.
+        #[arg(long)]
+        congestion: Option<String>,
+        /// Downtime limit, ms.
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+    },
+    /// Show flags, or set one (`flags safe-mode on`, `flags rollout 25`), or reload
+    /// the flags file (`flags reload`).
+    Flags {
+        /// Flag name, or `reload`.
+        name: Option<String>,
+        /// on/off, or a percentage for rollout.
+        value: Option<String>,
+    },
+    /// Prometheus metrics.
+    Metrics,
+    /// The effective configuration.
+    Config,
+    /// Stop the daemon gracefully.
+    Shutdown,
+}
+
+struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    fn connect(path: &PathBuf) -> Result<Client, String> {
+        let s = UnixStream::connect(path)
+            .map_err(|e| format!("{}: {e} (is dwcpd serving? see --socket)", path.display()))?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
+        let writer = s.try_clone().map_err(|e| e.to_string())?;
+        Ok(Client {
+            reader: BufReader::new(s),
+            writer,
+        })
+    }
+
+    fn call(&mut self, command: Command) -> Result<Response, String> {
+        let mut line = serde_json::to_vec(&Request::new(command)).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        self.writer
+            .write_all(&line)
+            .map_err(|e| format!("sending: {e}"))?;
+        let mut answer = String::new();
+        self.reader
+            .read_line(&mut answer)
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        if answer.is_empty() {
+            return Err("the daemon closed the connection".into());
+        }
+        serde_json::from_str(&answer).map_err(|e| format!("bad answer: {e}"))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dwcpctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), String> {
+    let mut client = Client::connect(&cli.socket)?;
+    let (command, follow) = match &cli.command {
+        Sub::Status => (Command::Status, None),
+        Sub::Migrate {
+            peer,
+            memory,
+            dirty_rate,
+            streams,
+            downtime_ms,
+            codec,
+            follow,
+        } => (
+            Command::Migrate(MigrateOptions {
+                peer: peer.clone(),
+                memory: memory.clone(),
+                dirty_rate_mbps: *dirty_rate,
+                streams: *streams,
+                downtime_ms: *downtime_ms,
+                codec: codec.clone(),
+            }),
+            Some(*follow),
+        ),
+        Sub::Migrations => (Command::Migrations, None),
+        Sub::Watch { id } => return watch(&mut client, *id, cli.json),
+        Sub::Cancel { id } => (Command::Cancel { id: *id }, None),
+        Sub::SetMode { mode } => (Command::SetMode { mode: mode.clone() }, None),
+        Sub::Set {
+            id,
+            streams,
+            pacing_rate,
+            codec,
+            congestion,
+            downtime_ms,
+        } => (
+            Command::Set(SetOptions {
+                id: *id,
+                streams: *streams,
+                pacing_rate: *pacing_rate,
+                codec: codec.clone(),
+                congestion: congestion.clone(),
+                downtime_ms: *downtime_ms,
+            }),
+            None,
+        ),
+        Sub::Flags { name, value } => match (name.as_deref(), value) {
+            (None, _) => (Command::Flags, None),
+            (Some("reload"), None) => (Command::FlagsReload, None),
+            (Some(n), Some(v)) => (
+                Command::FlagSet {
+                    name: n.into(),
+                    value: v.clone(),
+                },
+                None,
+            ),
+            (Some(n), None) => {
+                return Err(format!(
+                    "flags {n}: give a value (on, off, or a percentage)"
+                ));
+            }
+        },
+        Sub::Metrics => (Command::Metrics, None),
+        Sub::Config => (Command::Config, None),
+        Sub::Shutdown => (Command::Shutdown, None),
+    };
+    let response = client.call(command.clone())?;
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::to_string(&response).map_err(|e| e.to_string())?
+        );
+        if !response.ok {
+            return Err(response.error.unwrap_or_default());
+        }
+    } else {
+        print_human(&command, response.clone())?;
+    }
+    if follow == Some(true) {
+        let done: Done = response.into_result()?;
+        let id = done.id.ok_or("the daemon named no migration")?;
+        return watch(&mut client, Some(id), cli.json);
+    }
+    Ok(())
+}
+
+fn print_human(command: &Command, response: Response) -> Result<(), String> {
+    match command {
+        Command::Status => {
+            let s: StatusInfo = response.into_result()?;
+            println!(
+                "dwcpd {} (protocol {}), {}, up {:.0} s",
+                s.version, s.protocol, s.role, s.uptime_seconds
+            );
+            println!(
+                "mode:         {} (setting: {})",
+                s.mode.current, s.mode.setting
+            );
+            println!("  why:        {}", s.mode.why);
+            println!("  policy:     {}", s.mode.policy);
+            println!(
+                "transport:    {}, zero-copy {}, {} streams, congestion {}, codecs {}",
+                s.transport.kind,
+                on_off(s.transport.zero_copy),
+                s.transport.streams,
+                s.transport.congestion,
+                s.transport.codec
+            );
+            println!(
+                "listening:    {} ({} running, {} received)",
+                s.listen, s.running, s.received
+            );
+            println!("safe mode:    {}", on_off(s.safe_mode));
+            let c = &s.capabilities;
+            println!(
+                "io_uring:     {}",
+                if c.io_uring_ops.is_empty() {
+                    format!(
+                        "unavailable ({})",
+                        c.io_uring_note.clone().unwrap_or_default()
+                    )
+                } else {
+                    c.io_uring_ops.join(" ")
+                }
+            );
+            println!(
+                "zero-copy:    {}",
+                if c.zero_copy {
+                    "SEND_ZC available"
+                } else {
+                    "unavailable"
+                }
+            );
+            println!("hugepages:    {}", c.hugepages);
+            println!(
+                "rdma:         {}",
+                if c.rdma_devices.is_empty() {
+                    "no devices".to_string()
+                } else {
+                    c.rdma_devices.join(", ")
+                }
+            );
+            println!("cpu:          {}", c.cpu_features.join(" "));
+        }
+        Command::Migrations => {
+            let list: Vec<MigrationInfo> = response.into_result()?;
+            if list.is_empty() {
+                println!("no migrations");
+            }
+            for m in &list {
+                println!("{}", migration_line(m));
+                for n in &m.notes {
+                    println!("    note: {n}");
+                }
+            }
+        }
+        Command::Flags | Command::FlagSet { .. } | Command::FlagsReload => {
+            let f: FlagsInfo = response.into_result()?;
+            for (name, state) in &f.flags {
+                println!("{name:<14}{}", on_off(state.enabled));
+            }
+            println!("{:<14}{}%", "rollout", f.rollout_percent);
+            println!("{:<14}{}", "safe-mode", on_off(f.safe_mode));
+            println!(
+                "{:<14}{}",
+                "file",
+                f.file.as_deref().unwrap_or("(in memory only)")
+            );
+        }
+        Command::Metrics => {
+            let m: MetricsText = response.into_result()?;
+            print!("{}", m.text);
+        }
+        Command::Config => {
+            let v: serde_json::Value = response.into_result()?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+            );
+        }
+        _ => {
+            let d: Done = response.into_result()?;
+            println!("{}", d.message);
+        }
+    }
+    Ok(())
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+fn migration_line(m: &MigrationInfo) -> String {
+    let done = if m.round_pages > 0 {
+        m.round_pages_queued.min(m.round_pages) as f64 / m.round_pages as f64
+    } else {
+        1.0
+    };
+    let width = 24;
+    let filled = (done * width as f64).round() as usize;
+    let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
+    let eta = m
+        .eta_seconds
+        .map_or("--".to_string(), |s| format!("{s:.1}s"));
+    let mut line = format!(
+        "#{} {:<9} [{bar}] {:>3.0}% round {:>3} {:<10} {:>8.1} MB/s  ETA {eta:>6}  dirty {:>6.1} MB/s  sent {:>8.1} MB  mode {}  streams {}/{}  {:.1}s",
+        m.id,
+        m.state,
+        done * 100.0,
+        m.round,
+        m.phase,
+        m.rate / 1e6,
+        m.dirty_rate / 1e6,
+        m.bytes_sent as f64 / 1e6,
+        m.mode,
+        m.active_streams,
+        m.streams,
+        m.elapsed_seconds
+    );
+    if let Some(d) = m.downtime_ms {
+        line += &format!(
+            "  downtime {d:.1} ms, {} pages verified",
+            m.verified_pages.unwrap_or(0)
+        );
+    }
+    if let Some(e) = &m.error {
+        line += &format!("  ({e})");
+    }
+    line
+}
+
+/// Redraw progress until the watched migrations end.
+fn watch(client: &mut Client, id: Option<u64>, json: bool) -> Result<(), String> {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        let list: Vec<MigrationInfo> = client.call(Command::Migrations)?.into_result()?;
+        let watched: Vec<&MigrationInfo> = list
+            .iter()
+            .filter(|m| id.is_none_or(|i| m.id == i))
+            .collect();
+        if let Some(i) = id
+            && watched.is_empty()
+        {
+            return Err(format!("no migration {i}"));
+        }
+        let running = watched.iter().any(|m| m.state == "running");
+        for m in &watched {
+            if json {
+                println!("{}", serde_json::to_string(m).map_err(|e| e.to_string())?);
+            } else if tty && running {
+                print!("\r\x1b[2K{}", migration_line(m));
+            } else {
+                println!("{}", migration_line(m));
+            }
+        }
+        let _ = std::io::stdout().flush();
+        if !running {
+            if tty && !json {
+                println!();
+            }
+            if let Some(m) = watched
+                .iter()
+                .find(|m| m.state == "failed" || m.state == "cancelled")
+            {
+                return Err(format!("migration {} {}", m.id, m.state));
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(if tty { 250 } else { 1000 }));
+    }
+}
