@@ -104,7 +104,7 @@ struct ControlState {
     received: Arc<AtomicU64>,
     shutdown: Arc<AtomicBool>,
     /// Overrides for later migrations set with `set` (no id).
-    defaults: SetOptions,
+    defaults: Overrides,
     mode_changes: u64,
 }
 
@@ -378,28 +378,7 @@ impl ControlState {
             s.congestion = policy.congestion;
             s.codec = policy.codec;
         }
-        let d = &self.defaults;
-        if let Some(n) = d.streams {
-            s.active_streams = Some(n.min(base.streams));
-        }
-        if let Some(r) = d.pacing_rate {
-            s.pacing_rate = (r > 0).then_some(r);
-        }
-        if let Some(c) = &d.codec
-            && let Ok(mode) = parse_codec_mode(c, Default::default())
-        {
-            s.codec = mode;
-        }
-        if let Some(c) = &d.congestion {
-            s.congestion = if c == "bbr" {
-                Congestion::Bbr
-            } else {
-                Congestion::Cubic
-            };
-        }
-        if let Some(ms) = d.downtime_ms {
-            s.downtime_limit = Duration::from_millis(ms);
-        }
+        self.defaults.apply(&mut s, Some(base.streams));
         restrict(&mut s, components);
         s
     }
@@ -429,6 +408,7 @@ impl ControlState {
             config.codec.mode = c.clone();
         }
         config.validate().map_err(|e| e.to_string())?;
+        let memory_bytes = config.guest.memory.0;
         let id = self.next_id;
         self.next_id += 1;
         let components = self.flags.flags.components_for(id);
@@ -454,7 +434,7 @@ impl ControlState {
             Migration {
                 id,
                 peer: peer.to_string(),
-                memory_bytes: self.config.guest.memory.0,
+                memory_bytes,
                 live,
                 components,
                 started: Instant::now(),
@@ -468,14 +448,6 @@ impl ControlState {
                 handle: Some(handle),
             },
         );
-        if let Some(m) = self.migrations.get_mut(&id)
-            && let Some(size) = o
-                .memory
-                .as_ref()
-                .and_then(|s| s.parse::<crate::config::Size>().ok())
-        {
-            m.memory_bytes = size.0;
-        }
         Ok(Response::ok(Done {
             message: format!("migration {id} to {peer} started"),
             id: Some(id),
@@ -484,26 +456,7 @@ impl ControlState {
 
     fn set(&mut self, o: SetOptions) -> Result<Response, String> {
         // Check everything before changing anything.
-        if let Some(n) = o.streams
-            && !(1..=dwcp_dataplane::wire::MAX_STREAMS).contains(&n)
-        {
-            return Err(format!("streams {n} (allowed 1..=256)"));
-        }
-        let codec = match &o.codec {
-            Some(c) => Some(parse_codec_mode(c, Default::default())?),
-            None => None,
-        };
-        let congestion = match o.congestion.as_deref() {
-            Some("cubic") => Some(Congestion::Cubic),
-            Some("bbr") => Some(Congestion::Bbr),
-            Some(other) => return Err(format!("congestion {other:?} (cubic or bbr)")),
-            None => None,
-        };
-        if let Some(ms) = o.downtime_ms
-            && !(1..=60_000).contains(&ms)
-        {
-            return Err(format!("downtime {ms} ms (allowed 1..=60000)"));
-        }
+        let changes = Overrides::parse(&o)?;
         let targets: Vec<u64> = match o.id {
             Some(id) => match self.migrations.get(&id) {
                 Some(m) if m.state == "running" => vec![id],
@@ -512,33 +465,15 @@ impl ControlState {
             },
             None => {
                 // Later migrations too.
-                let d = &mut self.defaults;
-                d.streams = o.streams.or(d.streams);
-                d.pacing_rate = o.pacing_rate.or(d.pacing_rate);
-                d.codec = o.codec.clone().or(d.codec.take());
-                d.congestion = o.congestion.clone().or(d.congestion.take());
-                d.downtime_ms = o.downtime_ms.or(d.downtime_ms);
+                self.defaults.merge(&changes);
                 self.running_ids()
             }
         };
         for id in &targets {
             let m = &self.migrations[id];
             let mut s = m.live.latest().settings.clone();
-            if let Some(n) = o.streams {
-                s.active_streams = Some(n);
-            }
-            if let Some(r) = o.pacing_rate {
-                s.pacing_rate = (r > 0).then_some(r);
-            }
-            if let Some(c) = &codec {
-                s.codec = c.clone();
-            }
-            if let Some(c) = congestion {
-                s.congestion = c;
-            }
-            if let Some(ms) = o.downtime_ms {
-                s.downtime_limit = Duration::from_millis(ms);
-            }
+            // Past the streams it opened, the engine refuses with a note.
+            changes.apply(&mut s, None);
             restrict(&mut s, &m.components);
             m.live.publish(s, "operator: set");
         }
@@ -711,6 +646,71 @@ impl ControlState {
     }
 }
 
+/// An operator's `set`, checked and parsed; absent fields change nothing.
+#[derive(Default)]
+struct Overrides {
+    streams: Option<u16>,
+    /// `Some(None)` removes the cap.
+    pacing_rate: Option<Option<u64>>,
+    codec: Option<CodecMode>,
+    congestion: Option<Congestion>,
+    downtime_limit: Option<Duration>,
+}
+
+impl Overrides {
+    fn parse(o: &SetOptions) -> Result<Overrides, String> {
+        if let Some(n) = o.streams
+            && !(1..=dwcp_dataplane::wire::MAX_STREAMS).contains(&n)
+        {
+            return Err(format!("streams {n} (allowed 1..=256)"));
+        }
+        if let Some(ms) = o.downtime_ms
+            && !(1..=60_000).contains(&ms)
+        {
+            return Err(format!("downtime {ms} ms (allowed 1..=60000)"));
+        }
+        Ok(Overrides {
+            streams: o.streams,
+            pacing_rate: o.pacing_rate.map(|r| (r > 0).then_some(r)),
+            codec: o
+                .codec
+                .as_deref()
+                .map(|c| parse_codec_mode(c, Default::default()))
+                .transpose()?,
+            congestion: o.congestion.as_deref().map(str::parse).transpose()?,
+            downtime_limit: o.downtime_ms.map(Duration::from_millis),
+        })
+    }
+
+    /// Newer overrides win field by field.
+    fn merge(&mut self, newer: &Overrides) {
+        self.streams = newer.streams.or(self.streams);
+        self.pacing_rate = newer.pacing_rate.or(self.pacing_rate);
+        self.codec = newer.codec.clone().or(self.codec.take());
+        self.congestion = newer.congestion.or(self.congestion);
+        self.downtime_limit = newer.downtime_limit.or(self.downtime_limit);
+    }
+
+    /// Apply to `s`, the stream count capped at `max_streams` when given.
+    fn apply(&self, s: &mut LiveSettings, max_streams: Option<u16>) {
+        if let Some(n) = self.streams {
+            s.active_streams = Some(max_streams.map_or(n, |m| n.min(m)));
+        }
+        if let Some(r) = self.pacing_rate {
+            s.pacing_rate = r;
+        }
+        if let Some(c) = &self.codec {
+            s.codec = c.clone();
+        }
+        if let Some(c) = self.congestion {
+            s.congestion = c;
+        }
+        if let Some(d) = self.downtime_limit {
+            s.downtime_limit = d;
+        }
+    }
+}
+
 /// Narrow live settings to what a migration's components allow.
 fn restrict(s: &mut LiveSettings, c: &Components) {
     if !c.zero_copy {
@@ -816,7 +816,7 @@ impl Daemon {
             server: server_counters.clone(),
             received: received.clone(),
             shutdown: shutdown.clone(),
-            defaults: SetOptions::default(),
+            defaults: Overrides::default(),
             mode_changes: 0,
         };
         let control_shutdown = shutdown.clone();

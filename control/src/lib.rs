@@ -9,6 +9,7 @@
 //!   reconfigures running migrations through settings epochs;
 //! - [`server`]: the operator control socket (`dwcpctl`; protocol in `dwcp-api`);
 //! - [`metrics`]: Prometheus exposition and its HTTP listener.
+//!
 //! This crate uses the dataplane's public API only; the dataplane never depends on it.
 
 pub mod appliance;

@@ -64,41 +64,24 @@ fn say(line: String) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-/// Wait for a report satisfying `done`; returns it and the time it took.
+/// Wait for a report satisfying `done` (printing how long it took); returns it.
 fn wait_for(
     reports: &Receiver<LiveReport>,
     what: &str,
     done: impl Fn(&LiveReport) -> bool,
-) -> (LiveReport, Duration) {
+) -> LiveReport {
     let start = Instant::now();
     let mut last = None;
     loop {
         let left = PATIENCE.saturating_sub(start.elapsed());
-        let next = reports.recv_timeout(left);
-        if let Ok(r) = &next
-            && std::env::var_os("DWCP_TEST_TRACE").is_some()
-        {
-            say(format!(
-                "  {:?} round {} {} queued {}/{} sent {} active {} epoch {} pacing {:?}",
-                r.at,
-                r.progress.round,
-                r.progress.phase,
-                r.progress.round_pages_queued,
-                r.progress.round_pages,
-                r.progress.bytes_sent,
-                r.progress.active_streams,
-                r.progress.epoch,
-                r.progress.streams[0].tcp.map(|t| t.max_pacing_rate)
-            ))
-        }
-        match next {
+        match reports.recv_timeout(left) {
             Ok(r) if done(&r) => {
                 let took = start.elapsed();
                 say(format!(
                     "{what}: took effect in {:.0} ms",
                     took.as_secs_f64() * 1e3
                 ));
-                return (r, took);
+                return r;
             }
             Ok(r) => last = Some(r),
             Err(_) => panic!(
@@ -136,12 +119,6 @@ fn finish(live: &LiveControl) {
 
 fn assert_identical(out: Outcome) {
     let report = out.source.expect("source side");
-    if std::env::var_os("DWCP_TEST_TRACE").is_some() {
-        for r in &report.rounds {
-            say(format!("  {r:?}"));
-        }
-        say(format!("  limit {}", report.downtime_limit));
-    }
     let received = out.dest.expect("destination side");
     assert_eq!(report.verified_pages, (MEMORY / 4096) as u64);
     assert_eq!(received.verified_pages, report.verified_pages);
@@ -166,7 +143,7 @@ fn stream_count_changes_mid_migration_lose_nothing() {
         |live, reports| {
             wait_for_pages(reports);
             publish(live, |s| s.active_streams = Some(2), "test: 2 streams");
-            let (at_switch, _) = wait_for(reports, "4 -> 2 streams", |r| {
+            let at_switch = wait_for(reports, "4 -> 2 streams", |r| {
                 r.progress.active_streams == 2
             });
             // Streams 2 and 3 carry nothing more.
@@ -181,7 +158,7 @@ fn stream_count_changes_mid_migration_lose_nothing() {
                 "stream 0 idle after the switch"
             );
             publish(live, |s| s.active_streams = Some(3), "test: 3 streams");
-            let (at_three, _) = wait_for(reports, "2 -> 3 streams", |r| {
+            let at_three = wait_for(reports, "2 -> 3 streams", |r| {
                 r.progress.active_streams == 3
             });
             wait_for(reports, "stream 2 carries pages again", |r| {
@@ -254,7 +231,7 @@ fn pacing_cap_changes_mid_migration_lose_nothing() {
             });
             let tighter = 20_000_000;
             publish(live, |s| s.pacing_rate = Some(tighter), "test: tighter cap");
-            let (at, _) = wait_for(reports, "cap 48 -> 20 MB/s", |r| {
+            let at = wait_for(reports, "cap 48 -> 20 MB/s", |r| {
                 capped(r, tighter / u64::from(STREAMS))
             });
             // The cap holds: bytes over the next second stay near it.
@@ -293,7 +270,7 @@ fn codec_policy_changes_mid_migration_lose_nothing() {
                 ..CodecSettings::full(3)
             };
             publish(live, |s| s.codec = CodecMode::Fixed(zstd), "test: zstd:3");
-            let (on, _) = wait_for(reports, "codecs off -> zstd:3", |r| {
+            let on = wait_for(reports, "codecs off -> zstd:3", |r| {
                 r.progress
                     .workers
                     .iter()

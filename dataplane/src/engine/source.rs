@@ -1003,13 +1003,8 @@ impl Session<'_> {
         let mut pages_left = pages.iter();
         for page in pages_left.by_ref() {
             if may_stop && self.pending_streams.is_some() && run.is_none() {
-                let mut rest = DirtyBitmap::new(pages.pages());
-                rest.set(page);
-                for p in pages_left.by_ref() {
-                    rest.set(p);
-                }
                 self.wake_all();
-                return Ok((queued, Some(rest)));
+                return Ok((queued, Some(unqueued(pages.pages(), page, pages_left))));
             }
             queued += 1;
             run = match run {
@@ -1027,13 +1022,8 @@ impl Session<'_> {
                     }
                     if may_stop && self.pending_streams.is_some() {
                         // Stop here: this page is the first left for the next round.
-                        let mut rest = DirtyBitmap::new(pages.pages());
-                        rest.set(page);
-                        for p in pages_left.by_ref() {
-                            rest.set(p);
-                        }
                         self.wake_all();
-                        return Ok((queued - 1, Some(rest)));
+                        return Ok((queued - 1, Some(unqueued(pages.pages(), page, pages_left))));
                     }
                     Some((page, 1))
                 }
@@ -1442,6 +1432,16 @@ impl Session<'_> {
             }
         }
     }
+}
+
+/// The pages a round leaves unqueued: `first` and the rest of the round's iterator.
+fn unqueued(pages: u64, first: u64, rest: impl Iterator<Item = u64>) -> DirtyBitmap {
+    let mut left = DirtyBitmap::new(pages);
+    left.set(first);
+    for p in rest {
+        left.set(p);
+    }
+    left
 }
 
 /// Running totals of a migration.
