@@ -264,6 +264,7 @@ impl ControlState {
             mode: self.mode_name(),
             active_streams: p.map_or(0, |p| p.active_streams),
             streams: p.map_or(0, |p| p.connected_streams),
+            transport: p.map_or(String::new(), |p| p.transport.to_string()),
             epoch: m.live.adopted(),
             ping_ms: p.and_then(|p| p.ping_rtt).map(|d| d.as_secs_f64() * 1e3),
             components: m.components.names(),
@@ -365,6 +366,7 @@ impl ControlState {
     fn live_settings(&self, base: &engine::SourceConfig, components: &Components) -> LiveSettings {
         let mut s = LiveSettings {
             active_streams: None,
+            transport: None,
             congestion: base.transport.socket.congestion,
             pacing_rate: None,
             codec: base.codec.mode.clone(),
@@ -518,6 +520,8 @@ impl ControlState {
             m.components = components;
             let mut s = m.live.latest().settings.clone();
             if !safe {
+                // Back to what the migration opened with, within its components.
+                s.transport = None;
                 s.zero_copy = self.config.transport.zero_copy;
                 s.codec = self.config.codec.codec_mode().unwrap_or(CodecMode::Off);
             }
@@ -716,6 +720,9 @@ fn restrict(s: &mut LiveSettings, c: &Components) {
     if !c.zero_copy {
         s.zero_copy = false;
     }
+    if !c.io_uring {
+        s.transport = Some(TransportKind::Plain);
+    }
     let codecs_allowed = c.delta || c.dedup || c.compression;
     match &mut s.codec {
         CodecMode::Fixed(settings) => {
@@ -733,6 +740,7 @@ fn restrict(s: &mut LiveSettings, c: &Components) {
         _ => {}
     }
     if c.safe {
+        s.transport = Some(TransportKind::Plain);
         s.codec = CodecMode::Off;
         s.zero_copy = false;
     }

@@ -162,6 +162,7 @@ fn metrics_scrape_parses_and_safe_mode_mid_migration_loses_nothing() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let before = migrations(&d)[0].epoch;
+    let opened_on = migrations(&d)[0].transport.clone();
     let flags = d.call(Command::FlagSet {
         name: "safe-mode".into(),
         value: "on".into(),
@@ -180,6 +181,20 @@ fn metrics_scrape_parses_and_safe_mode_mid_migration_loses_nothing() {
         t.elapsed().as_secs_f64() * 1e3
     );
     assert_eq!(migrations(&d)[0].components, vec!["safe-mode"]);
+    // The streams move to plain sockets at the next round boundary (the round in
+    // progress is cut short for it).
+    while migrations(&d)[0].transport != "plain" {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "still on {:?}",
+            migrations(&d)[0].transport
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "safe mode: {opened_on} -> plain sockets in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     // Scrape while it runs.
     let addr = d.metrics_addr.unwrap();
     let mut http = std::net::TcpStream::connect(addr).unwrap();

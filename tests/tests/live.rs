@@ -1,5 +1,6 @@
 //! Live reconfiguration of running migrations: each test changes one setting while
-//! pages move (stream count, congestion control, pacing cap, codec policy), watches it
+//! pages move (stream count, congestion control, pacing cap, codec policy, transport),
+//! watches it
 //! take effect on the live connections, and checks that the destination ends up
 //! byte-identical. The latency of each change (publication to effect) is printed.
 
@@ -8,8 +9,8 @@ use dwcp_dataplane::codec::CodecSettings;
 use dwcp_dataplane::codec::policy::CodecMode;
 use dwcp_dataplane::engine::{DestConfig, LiveControl, LiveReport, LiveSettings, SourceConfig};
 use dwcp_dataplane::guest::GuestWorkload;
-use dwcp_dataplane::transport::TransportConfig;
 use dwcp_dataplane::transport::socket::Congestion;
+use dwcp_dataplane::transport::{TransportConfig, TransportKind};
 use dwcp_tests::{Outcome, migrate_driven};
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -44,6 +45,7 @@ fn configs() -> (SourceConfig, DestConfig) {
 fn settings(source: &SourceConfig) -> LiveSettings {
     LiveSettings {
         active_streams: None,
+        transport: None,
         congestion: source.transport.socket.congestion,
         pacing_rate: Some(SLOW),
         codec: CodecMode::Off,
@@ -296,5 +298,68 @@ fn codec_policy_changes_mid_migration_lose_nothing() {
             finish(live);
         },
     );
+    assert_identical(out);
+}
+
+#[test]
+fn transport_switches_mid_migration_lose_nothing() {
+    let (source, dest) = configs();
+    if dwcp_dataplane::transport::probe(&source.transport).kind != TransportKind::IoUring {
+        eprintln!("skipped: io_uring is unavailable here, so there is nothing to switch from");
+        return;
+    }
+    // With codecs on, so that the switch also carries codec settings over and the new
+    // workers start with empty caches while the destination keeps its memory.
+    let zstd = CodecSettings {
+        dictionary: false,
+        ..CodecSettings::full(3)
+    };
+    let mut start = settings(&source);
+    start.codec = CodecMode::Fixed(zstd);
+    let out = migrate_driven(
+        MEMORY,
+        &workload(),
+        &source,
+        &dest,
+        start,
+        |live, reports| {
+            wait_for_pages(reports);
+            let pages = |r: &LiveReport| r.progress.streams.iter().map(|s| s.pages).sum::<u64>();
+            let coded = |r: &LiveReport| {
+                r.progress.workers.len() == usize::from(STREAMS)
+                    && r.progress
+                        .workers
+                        .iter()
+                        .all(|w| w.telemetry.settings.level == Some(3))
+            };
+            publish(
+                live,
+                |s| s.transport = Some(TransportKind::Plain),
+                "test: plain sockets",
+            );
+            // Plain sockets run one worker per stream.
+            let plain = wait_for(reports, "io_uring -> plain", |r| {
+                r.progress.transport == TransportKind::Plain && coded(r)
+            });
+            wait_for(reports, "pages move on plain sockets", |r| {
+                pages(r) > pages(&plain)
+            });
+            publish(live, |s| s.transport = None, "test: back to io_uring");
+            let uring = wait_for(reports, "plain -> io_uring", |r| {
+                r.progress.transport == TransportKind::IoUring
+            });
+            wait_for(reports, "pages move on io_uring again", |r| {
+                pages(r) > pages(&uring)
+            });
+            finish(live);
+        },
+    );
+    let notes = &out.source.as_ref().expect("source side").transport.notes;
+    for change in ["io_uring → plain", "plain → io_uring"] {
+        assert!(
+            notes.iter().any(|n| n.contains(change)),
+            "no note of {change}: {notes:?}"
+        );
+    }
     assert_identical(out);
 }

@@ -282,6 +282,10 @@ pub struct MigrationInfo {
     pub active_streams: u16,
     /// Streams opened.
     pub streams: u16,
+    /// The workers' transport now (`io_uring` or `plain`; empty before the first
+    /// report).
+    #[serde(default)]
+    pub transport: String,
     /// Settings epoch adopted.
     pub epoch: u64,
     /// Latest control-stream round trip, ms.

@@ -4,9 +4,12 @@
 //! change while pages move ([`LiveSettings`]). The engine checks for a newer epoch at
 //! every loop boundary (one atomic load) and adopts it there: socket options at once on
 //! every stream, worker settings through each worker's control ring (which overtakes
-//! queued runs), the codec mode through codec steering, and a new stream count at the
-//! next round boundary, after the destination has applied the round (pages then move
-//! between streams, so no stream may still hold older copies of them in flight).
+//! queued runs), the codec mode through codec steering, and a new stream count or
+//! transport at the next round boundary (the round in progress is cut short; its unsent
+//! pages lead the next). A stream count waits until the destination has applied the
+//! round (pages then move between streams, so no stream may still hold older copies of
+//! them in flight); a transport change waits until the old workers have sent all they
+//! hold, then new workers take over the same open streams.
 //!
 //! Back the other way the engine offers [`LiveReport`]s on a bounded channel, at most
 //! every [`REPORT_INTERVAL`], dropping them when the reader lags: it never waits for
@@ -14,8 +17,8 @@
 
 use super::source::Progress;
 use crate::codec::policy::CodecMode;
-use crate::transport::IdleStrategy;
 use crate::transport::socket::Congestion;
+use crate::transport::{IdleStrategy, TransportKind};
 use crossbeam::channel::{Receiver, Sender, TrySendError};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +33,10 @@ pub struct LiveSettings {
     /// Streams carrying pages (`None`: every stream the session opened). At most the
     /// streams the session opened.
     pub active_streams: Option<u16>,
+    /// The transport of the workers (`None`: the one the session opened with). A
+    /// change takes effect at the next round boundary: the workers send what they
+    /// hold, hand the open streams over, and workers of the other transport carry on.
+    pub transport: Option<TransportKind>,
     /// Congestion control of every data stream.
     pub congestion: Congestion,
     /// Cap on the migration's total send rate, bytes per second, shared evenly by the

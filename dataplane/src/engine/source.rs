@@ -101,6 +101,8 @@ pub struct Progress {
     pub active_streams: u16,
     /// The live-settings epoch in force (0 without live control).
     pub epoch: u64,
+    /// The workers' transport now (live control may switch it).
+    pub transport: TransportKind,
     /// Latest round trip of a ping on the control stream.
     pub ping_rtt: Option<Duration>,
 }
@@ -142,7 +144,8 @@ struct Session<'a> {
     zc_fell_back: bool,
     applied_round: Option<u64>,
     last_activity: Instant,
-    setup_notes: Vec<String>,
+    /// What setup found and how the transport changed since, for the report.
+    transport_notes: Vec<String>,
     /// Latest counters of each worker.
     worker_telemetry: Vec<WorkerTelemetry>,
     /// Live reconfiguration, when the slow path drives this migration.
@@ -155,6 +158,16 @@ struct Session<'a> {
     pending_streams: Option<u16>,
     /// Whether the destination understands stream map markers.
     stream_map_ok: bool,
+    /// The workers' transport now, the one the session opened with, what io_uring
+    /// workers may use here, and a change waiting for the round boundary.
+    transport: TransportKind,
+    opened_transport: TransportKind,
+    uring_available: bool,
+    uring_zero_copy: bool,
+    pending_transport: Option<TransportKind>,
+    /// What new workers send from, and the CPUs they may be pinned to.
+    tx_setup: TxSetup,
+    cpus: Vec<usize>,
     /// The switchover condition (live settings may change it).
     downtime_limit: Duration,
     /// Pings on the control stream: when the session opened (ping payloads are
@@ -417,67 +430,30 @@ impl<'a> Session<'a> {
         } else {
             Vec::new()
         };
-        let cpu = |w: usize| (!cpus.is_empty()).then(|| cpus[w % cpus.len()]);
-        let mut workers = Vec::new();
-        let mut worker_of = vec![0usize; usize::from(config.streams)];
         let tx_setup = TxSetup {
             memory: memory.clone(),
             sent,
             codec: codec.clone(),
         };
-        match probe.kind {
-            TransportKind::IoUring => {
-                let count = match config.workers {
-                    0 => cpus.len().max(1),
-                    n => n,
-                }
-                .min(usize::from(config.streams));
-                let mut groups: Vec<Vec<(u16, TcpStream)>> =
-                    (0..count).map(|_| Vec::new()).collect();
-                for (id, s) in streams {
-                    let w = usize::from(id) % count;
-                    worker_of[usize::from(id)] = w;
-                    groups[w].push((id, s));
-                }
-                for (w, group) in groups.into_iter().enumerate() {
-                    workers.push(
-                        uring::spawn_tx(
-                            w,
-                            group,
-                            tx_setup.clone(),
-                            &config.transport,
-                            probe.zero_copy,
-                            cpu(w),
-                        )
-                        .map_err(io("starting an io_uring worker"))?,
-                    );
-                }
-            }
-            TransportKind::Plain => {
-                for (w, s) in streams.into_iter().enumerate() {
-                    worker_of[w] = w;
-                    workers.push(
-                        plain::spawn_tx(w, s, tx_setup.clone(), &config.transport, cpu(w))
-                            .map_err(io("starting a worker"))?,
-                    );
-                }
-            }
-        }
+        let (workers, worker_of) = spawn_workers(
+            probe.kind,
+            probe.zero_copy,
+            streams,
+            &tx_setup,
+            config,
+            &cpus,
+        )?;
         let reader = control
             .try_clone()
             .map_err(io("cloning the control stream"))?;
         let control_rx = spawn_control_reader(reader);
         let n = workers.len();
-        let mut streams_of = vec![0u16; n];
-        for &w in &worker_of {
-            streams_of[w] += 1;
-        }
         let steering = codec.as_ref().map(|setup| {
             Steering::new(
                 &config.codec,
                 policy,
                 memory.clone(),
-                streams_of,
+                streams_per_worker(&worker_of, n),
                 config.streams,
                 setup.initial,
             )
@@ -497,6 +473,7 @@ impl<'a> Session<'a> {
             // What the session opened with: the first epoch changes only what differs.
             live_settings: live.map(|_| LiveSettings {
                 active_streams: None,
+                transport: None,
                 congestion: config.transport.socket.congestion,
                 pacing_rate: config
                     .transport
@@ -511,6 +488,13 @@ impl<'a> Session<'a> {
             adopted_epoch: 0,
             active_streams: config.streams,
             pending_streams: None,
+            transport: probe.kind,
+            opened_transport: probe.kind,
+            uring_available: !probe.uring_ops.is_empty(),
+            uring_zero_copy: probe.zero_copy,
+            pending_transport: None,
+            tx_setup,
+            cpus,
             stream_map_ok: accepted & caps::STREAM_MAP != 0,
             downtime_limit: config.downtime_limit,
             opened: now,
@@ -545,9 +529,72 @@ impl<'a> Session<'a> {
             zc_fell_back: false,
             applied_round: None,
             last_activity: Instant::now(),
-            setup_notes: notes,
+            transport_notes: notes,
         })
     }
+}
+
+/// Start the source workers of `kind` for `streams`; returns them and, for each
+/// stream, the index of the worker that owns it. io_uring workers take groups of
+/// streams (`config.workers`, by default one per CPU); plain workers one stream each.
+fn spawn_workers(
+    kind: TransportKind,
+    zero_copy: bool,
+    streams: Vec<(u16, TcpStream)>,
+    tx_setup: &TxSetup,
+    config: &SourceConfig,
+    cpus: &[usize],
+) -> Result<(Vec<TxWorker>, Vec<usize>), MigrationError> {
+    let cpu = |w: usize| (!cpus.is_empty()).then(|| cpus[w % cpus.len()]);
+    let mut workers = Vec::new();
+    let mut worker_of = vec![0usize; streams.len()];
+    match kind {
+        TransportKind::IoUring => {
+            let count = match config.workers {
+                0 => cpus.len().max(1),
+                n => n,
+            }
+            .min(streams.len());
+            let mut groups: Vec<Vec<(u16, TcpStream)>> = (0..count).map(|_| Vec::new()).collect();
+            for (id, s) in streams {
+                let w = usize::from(id) % count;
+                worker_of[usize::from(id)] = w;
+                groups[w].push((id, s));
+            }
+            for (w, group) in groups.into_iter().enumerate() {
+                workers.push(
+                    uring::spawn_tx(
+                        w,
+                        group,
+                        tx_setup.clone(),
+                        &config.transport,
+                        zero_copy,
+                        cpu(w),
+                    )
+                    .map_err(io("starting an io_uring worker"))?,
+                );
+            }
+        }
+        TransportKind::Plain => {
+            for (w, s) in streams.into_iter().enumerate() {
+                worker_of[usize::from(s.0)] = w;
+                workers.push(
+                    plain::spawn_tx(w, s, tx_setup.clone(), &config.transport, cpu(w))
+                        .map_err(io("starting a worker"))?,
+                );
+            }
+        }
+    }
+    Ok((workers, worker_of))
+}
+
+/// How many streams each of `workers` workers owns.
+fn streams_per_worker(worker_of: &[usize], workers: usize) -> Vec<u16> {
+    let mut streams_of = vec![0u16; workers];
+    for &w in worker_of {
+        streams_of[w] += 1;
+    }
+    streams_of
 }
 
 /// What the workers need for codecs, or `None` when the session runs without them
@@ -789,6 +836,14 @@ impl Session<'_> {
                 self.pending_streams = Some(wanted);
             }
         }
+        if changed(&|o| o.transport != new.transport) {
+            let wanted = new.transport.unwrap_or(self.opened_transport);
+            if wanted == TransportKind::IoUring && !self.uring_available {
+                self.live_note("transport io_uring: unavailable on this kernel; unchanged".into());
+            } else if wanted != self.transport || self.pending_transport.is_some() {
+                self.pending_transport = Some(wanted);
+            }
+        }
         if changed(&|o| o.congestion != new.congestion) {
             let mut failed = None;
             for s in &self.data_sockets {
@@ -869,18 +924,7 @@ impl Session<'_> {
         for w in 0..self.workers.len() {
             // Straight onto the ring, ahead of the next runs: a change deferred past
             // them would let a codec use a stale cache.
-            let mut change = TxControl::ForgetSentPages;
-            loop {
-                match self.workers[w].control.push(change) {
-                    Ok(()) => break,
-                    Err(full) => {
-                        change = full.0;
-                        self.workers[w].thread.unpark();
-                        self.pump()?;
-                        std::thread::yield_now();
-                    }
-                }
-            }
+            self.push_control(w, TxControl::ForgetSentPages)?;
             self.push(w, TxCommand::StreamMap { active })?;
         }
         self.wake_all();
@@ -895,12 +939,109 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Move the open streams to workers of `kind`. Round `round` has been sent: each
+    /// worker sends whatever else it holds, waits until the kernel has given back every
+    /// buffer, and exits leaving its streams open; new workers then carry the same
+    /// sockets on from the next byte, so the destination sees one unbroken frame
+    /// sequence per stream. Codec settings and the dictionary carry over through
+    /// steering; codec caches start empty (the new workers then send whole pages where
+    /// the old ones would have sent deltas, which is always correct).
+    fn switch_transport(&mut self, kind: TransportKind, round: u64) -> Result<(), MigrationError> {
+        let from = self.transport;
+        for w in 0..self.workers.len() {
+            self.push(w, TxCommand::Release)?;
+        }
+        self.wake_all();
+        self.last_activity = Instant::now();
+        while self.finished < self.workers.len() {
+            self.pump()?;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        for w in &mut self.workers {
+            if let Some(h) = w.handle.take() {
+                let _ = h.join();
+            }
+        }
+        let streams = self
+            .data_sockets
+            .iter()
+            .enumerate()
+            .map(|(id, s)| {
+                s.try_clone()
+                    .map(|s| (id as u16, s))
+                    .map_err(io("cloning a data socket"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let settings = self.live_settings.clone();
+        // Started able to send zero-copy when the kernel can; the live setting then
+        // says whether they do.
+        let zero_copy = kind == TransportKind::IoUring && self.uring_zero_copy;
+        let (workers, worker_of) = spawn_workers(
+            kind,
+            zero_copy,
+            streams,
+            &self.tx_setup,
+            self.config,
+            &self.cpus,
+        )?;
+        let n = workers.len();
+        self.workers = workers;
+        self.worker_of = worker_of;
+        self.finished = 0;
+        self.round_sent = vec![None; n];
+        self.backlog = (0..n).map(|_| Backlog::new()).collect();
+        self.worker_telemetry = (0..n)
+            .map(|worker| WorkerTelemetry {
+                worker,
+                ..WorkerTelemetry::default()
+            })
+            .collect();
+        // Everything queued for the old workers is void; the new ones get the whole
+        // state, ahead of any run.
+        self.deferred_control.clear();
+        let mut changes = Vec::new();
+        if let Some(steering) = &mut self.steering {
+            changes.extend(steering.set_workers(streams_per_worker(&self.worker_of, n)));
+        }
+        if let Some(settings) = &settings {
+            for w in 0..n {
+                changes.push((w, TxControl::SetIdle(settings.idle)));
+                changes.push((w, TxControl::SetZeroCopy(settings.zero_copy)));
+            }
+        }
+        for (w, change) in changes {
+            self.push_control(w, change)?;
+        }
+        self.transport = kind;
+        self.transport_notes.push(format!(
+            "transport: {from} → {kind} after round {round} (live)"
+        ));
+        Ok(())
+    }
+
+    /// Put a configuration change straight onto worker `w`'s control ring, waiting
+    /// while it is full.
+    fn push_control(&mut self, w: usize, mut change: TxControl) -> Result<(), MigrationError> {
+        loop {
+            match self.workers[w].control.push(change) {
+                Ok(()) => return Ok(()),
+                Err(full) => {
+                    change = full.0;
+                    self.workers[w].thread.unpark();
+                    self.pump()?;
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
     /// Bring a progress snapshot's live parts up to date.
     fn refresh(&mut self, p: &mut Progress) {
         p.streams.clone_from(&self.telemetry);
         p.workers = self.worker_status();
         p.active_streams = self.active_streams;
         p.epoch = self.adopted_epoch;
+        p.transport = self.transport;
         p.ping_rtt = self.ping_rtt;
         if let Some(elapsed) = self.latest_progress.as_ref().map(|l| l.elapsed) {
             p.elapsed = elapsed.max(p.elapsed);
@@ -947,6 +1088,10 @@ impl Session<'_> {
             changes.extend(steering.tick(&self.telemetry, self.current_round, self.round_left));
         }
         for (w, change) in changes {
+            // A change for a worker that a transport switch has since retired.
+            if w >= self.workers.len() {
+                continue;
+            }
             match self.workers[w].control.push(change) {
                 Ok(()) => self.workers[w].thread.unpark(),
                 Err(full) => self.deferred_control.push((w, full.0)),
@@ -954,8 +1099,13 @@ impl Session<'_> {
         }
     }
 
+    /// Whether a change waits for the round boundary (and the round should end early).
+    fn change_pending(&self) -> bool {
+        self.pending_streams.is_some() || self.pending_transport.is_some()
+    }
+
     /// Queue every page of `pages` as runs within chunks; returns how many, and, when
-    /// `may_stop` and a change of streams came in meanwhile, the pages left unqueued
+    /// `may_stop` and a change of streams or transport came in meanwhile, the pages left unqueued
     /// (the round then ends early, so that the change can take effect).
     fn push_pages(
         &mut self,
@@ -1002,7 +1152,7 @@ impl Session<'_> {
         let mut reported = 0u64;
         let mut pages_left = pages.iter();
         for page in pages_left.by_ref() {
-            if may_stop && self.pending_streams.is_some() && run.is_none() {
+            if may_stop && self.change_pending() && run.is_none() {
                 self.wake_all();
                 return Ok((queued, Some(unqueued(pages.pages(), page, pages_left))));
             }
@@ -1020,7 +1170,7 @@ impl Session<'_> {
                         reported = queued;
                         on_batch(self, queued);
                     }
-                    if may_stop && self.pending_streams.is_some() {
+                    if may_stop && self.change_pending() {
                         // Stop here: this page is the first left for the next round.
                         self.wake_all();
                         return Ok((queued - 1, Some(unqueued(pages.pages(), page, pages_left))));
@@ -1090,6 +1240,7 @@ impl Session<'_> {
             connected_streams: self.config.streams,
             active_streams: self.active_streams,
             epoch: self.adopted_epoch,
+            transport: self.transport,
             ping_rtt: self.ping_rtt,
         };
         if self.live.is_some() {
@@ -1138,6 +1289,9 @@ impl Session<'_> {
             let (zero, raw, bytes) = self.end_round(round)?;
             let seconds = round_start.elapsed().as_secs_f64();
             totals.add_round(sent, bytes, seconds);
+            if let Some(kind) = self.pending_transport.take() {
+                self.switch_transport(kind, round)?;
+            }
             if let Some(active) = self.pending_streams.take() {
                 self.switch_streams(active, round)?;
             }
@@ -1272,7 +1426,7 @@ impl Session<'_> {
                 notes: probe
                     .notes
                     .iter()
-                    .chain(&self.setup_notes)
+                    .chain(&self.transport_notes)
                     .cloned()
                     .chain(self.zc_fell_back.then(|| {
                         "zero-copy: the kernel copied every probed send (loopback or veth), so sends fell back to copies"

@@ -77,6 +77,8 @@ pub struct Steering<'p> {
     /// Latest cumulative telemetry per worker, and as of the previous decision.
     latest: Vec<WorkerTelemetry>,
     previous: Vec<WorkerTelemetry>,
+    /// Counters of workers replaced by a transport switch.
+    retired: CodecCounters,
     /// Per stream: bytes acknowledged and retransmits as of the previous decision.
     acked: Vec<(u64, u32)>,
     settings: Vec<CodecSettings>,
@@ -126,6 +128,7 @@ impl<'p> Steering<'p> {
                 })
                 .collect(),
             previous: vec![WorkerTelemetry::default(); workers],
+            retired: CodecCounters::default(),
             acked: vec![(0, 0); usize::from(total_streams)],
             settings: vec![initial; workers],
             calibration: None,
@@ -192,6 +195,35 @@ impl<'p> Steering<'p> {
         Ok(commands)
     }
 
+    /// The workers were replaced (a transport switch): `streams_of[w]` streams each
+    /// now. The old workers' counters stay in the totals; every new worker gets the
+    /// settings in force (the first old worker's, where they differed) and the
+    /// dictionary. Returns the commands for the new workers.
+    pub fn set_workers(&mut self, streams_of: Vec<u16>) -> Vec<(usize, TxControl)> {
+        for t in &self.latest {
+            self.retired.add(&t.codec);
+        }
+        let workers = streams_of.len();
+        let settings = self.settings.first().copied().unwrap_or_default();
+        self.streams_of = streams_of;
+        self.latest = (0..workers)
+            .map(|worker| WorkerTelemetry {
+                worker,
+                ..WorkerTelemetry::default()
+            })
+            .collect();
+        self.previous = vec![WorkerTelemetry::default(); workers];
+        self.settings = vec![settings; workers];
+        let mut commands = Vec::new();
+        for w in 0..workers {
+            if let Some(d) = &self.dictionary {
+                commands.push((w, TxControl::SetDictionary(d.clone())));
+            }
+            commands.push((w, TxControl::SetCodec(settings)));
+        }
+        commands
+    }
+
     /// A worker's periodic counters.
     pub fn worker_telemetry(&mut self, t: WorkerTelemetry) {
         if let Some(slot) = self.latest.get_mut(t.worker) {
@@ -234,7 +266,7 @@ impl<'p> Steering<'p> {
     /// finished meanwhile).
     pub fn finish(mut self) -> CodecReport {
         self.collect_background(&mut Vec::new());
-        let mut total = CodecCounters::default();
+        let mut total = self.retired;
         for t in &self.latest {
             total.add(&t.codec);
         }

@@ -238,6 +238,11 @@ pub enum TxCommand {
     },
     /// End every stream, wait for the last sends, exit.
     Finish,
+    /// Send everything taken so far, wait until the kernel is done with every buffer,
+    /// and exit (reporting [`TxEvent::Finished`]) leaving the streams open and without
+    /// an end marker: other workers, perhaps of another transport, carry them on from
+    /// the next byte. Only between rounds.
+    Release,
 }
 
 /// Engine → source worker: new configuration, on a ring of its own so that it

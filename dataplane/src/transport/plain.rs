@@ -306,6 +306,12 @@ impl PlainTx {
                     let _ = self.socket.shutdown(std::net::Shutdown::Write);
                     return Ok(());
                 }
+                TxCommand::Release => {
+                    // Blocking sends: once written, the kernel owns the bytes.
+                    self.flush_batch()?;
+                    self.send()?;
+                    return Ok(());
+                }
             }
         })();
         push_event(&mut events, TxEvent::Worker(self.telemetry()));

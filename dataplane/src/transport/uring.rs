@@ -321,6 +321,8 @@ struct TxWorkerState {
     round_bytes: u64,
     round_markers_unsent: usize,
     finishing: bool,
+    /// Told to hand its streams over: exit once everything taken has been sent.
+    releasing: bool,
     zc_copied: u64,
     zc_sends: u64,
     zc_notifications: u64,
@@ -504,6 +506,7 @@ impl TxWorkerState {
             round_bytes: 0,
             round_markers_unsent: 0,
             finishing: false,
+            releasing: false,
             zc_copied: 0,
             zc_sends: 0,
             zc_notifications: 0,
@@ -523,6 +526,22 @@ impl TxWorkerState {
             stalled_nanos: 0,
             stalled_since: None,
         })
+    }
+
+    /// Whether everything taken has been sent and the kernel has given back every
+    /// buffer (zero-copy notifications included).
+    fn all_sent(&self) -> bool {
+        self.pending.is_none()
+            && self.pending_control.is_none()
+            && self.ops_in_flight == 0
+            && self.streams.iter().all(|st| {
+                st.filling.as_ref().is_none_or(|(_, len)| *len == 0)
+                    && st.queue.is_empty()
+                    && st.inflight.is_none()
+                    && !st.needs_round_marker
+                    && st.needs_stream_map.is_none()
+                    && st.codec.as_ref().is_none_or(|c| c.pending() == 0)
+            })
     }
 
     /// Whether runs go through the codec pipeline now.
@@ -670,6 +689,9 @@ impl TxWorkerState {
             if self.finishing && self.streams.iter().all(|st| st.ended) && self.ops_in_flight == 0 {
                 return Ok(());
             }
+            if self.releasing && self.all_sent() {
+                return Ok(());
+            }
             if progress {
                 idle = 0;
                 continue;
@@ -778,6 +800,7 @@ impl TxWorkerState {
                         st.needs_stream_end = true;
                     }
                 }
+                TxCommand::Release => self.releasing = true,
             }
             progress = true;
         }

@@ -358,7 +358,7 @@ fn migration_line(m: &MigrationInfo) -> String {
         .eta_seconds
         .map_or("--".to_string(), |s| format!("{s:.1}s"));
     let mut line = format!(
-        "#{} {:<9} [{bar}] {:>3.0}% round {:>3} {:<10} {:>8.1} MB/s  ETA {eta:>6}  dirty {:>6.1} MB/s  sent {:>8.1} MB  mode {}  streams {}/{}  {:.1}s",
+        "#{} {:<9} [{bar}] {:>3.0}% round {:>3} {:<10} {:>8.1} MB/s  ETA {eta:>6}  dirty {:>6.1} MB/s  sent {:>8.1} MB  mode {}  {} streams {}/{}  {:.1}s",
         m.id,
         m.state,
         done * 100.0,
@@ -368,6 +368,11 @@ fn migration_line(m: &MigrationInfo) -> String {
         m.dirty_rate / 1e6,
         m.bytes_sent as f64 / 1e6,
         m.mode,
+        if m.transport.is_empty() {
+            "--"
+        } else {
+            &m.transport
+        },
         m.active_streams,
         m.streams,
         m.elapsed_seconds
