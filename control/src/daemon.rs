@@ -54,6 +54,8 @@ struct Migration {
     live: Arc<LiveControl>,
     components: Components,
     started: Instant,
+    /// When it completed, failed or was cancelled.
+    ended: Option<Instant>,
     latest: Option<Progress>,
     /// Bytes and time of the previous report, for the recent rate.
     rate_mark: Option<(Instant, u64)>,
@@ -260,7 +262,11 @@ impl ControlState {
             dirty_rate: p.map_or(0.0, |p| p.dirty_rate),
             eta_seconds: eta,
             throttle: p.map_or(0, |p| p.throttle),
-            elapsed_seconds: m.started.elapsed().as_secs_f64(),
+            elapsed_seconds: m
+                .ended
+                .unwrap_or_else(Instant::now)
+                .duration_since(m.started)
+                .as_secs_f64(),
             mode: self.mode_name(),
             active_streams: p.map_or(0, |p| p.active_streams),
             streams: p.map_or(0, |p| p.connected_streams),
@@ -440,6 +446,7 @@ impl ControlState {
                 live,
                 components,
                 started: Instant::now(),
+                ended: None,
                 latest: None,
                 rate_mark: None,
                 rate: 0.0,
@@ -601,6 +608,24 @@ impl ControlState {
         };
         if let Some(h) = m.handle.take() {
             let _ = h.join();
+        }
+        m.ended = Some(Instant::now());
+        match &result {
+            Ok(report) => eprintln!(
+                "dwcpd: migration {id} to {} completed: {} pages verified, downtime {:.1} ms",
+                m.peer,
+                report.verified_pages,
+                report.measured_downtime * 1e3
+            ),
+            Err(e) => eprintln!(
+                "dwcpd: migration {id} to {} {}: {e} (the guest runs on here)",
+                m.peer,
+                if m.live.cancelled().is_some() {
+                    "cancelled"
+                } else {
+                    "failed"
+                }
+            ),
         }
         match result {
             Ok(report) => {
@@ -781,6 +806,10 @@ pub struct Daemon {
     shutdown: Arc<AtomicBool>,
     control: Option<JoinHandle<()>>,
     dest: Option<JoinHandle<()>>,
+    /// Set when an incoming migration must give up (the drain time is over).
+    dest_cancel: Arc<AtomicBool>,
+    /// How long shutdown lets migrations run before cancelling them.
+    drain: Duration,
     server: Option<crate::server::Server>,
     metrics: Option<crate::metrics::HttpServer>,
     /// Where incoming migrations are accepted.
@@ -844,9 +873,19 @@ impl Daemon {
             .map_err(|e| e.to_string())?;
         let dest_config = config.dest_config();
         let dest_shutdown = shutdown.clone();
+        let dest_cancel = Arc::new(AtomicBool::new(false));
+        let dest_cancelled = dest_cancel.clone();
         let dest = std::thread::Builder::new()
             .name("dwcp-dest".into())
-            .spawn(move || dest_loop(listener, dest_config, &dest_shutdown, &received))
+            .spawn(move || {
+                dest_loop(
+                    listener,
+                    dest_config,
+                    &dest_shutdown,
+                    &dest_cancelled,
+                    &received,
+                )
+            })
             .map_err(|e| e.to_string())?;
         let server = crate::server::Server::start(
             &config.control.socket,
@@ -863,6 +902,8 @@ impl Daemon {
             shutdown,
             control: Some(control),
             dest: Some(dest),
+            dest_cancel,
+            drain,
             socket: config.control.socket.clone(),
             metrics_addr: metrics.as_ref().map(|m| m.addr),
             server: Some(server),
@@ -887,8 +928,11 @@ impl Daemon {
     }
 
     /// Stop in reverse order: metrics, socket, then the control thread drains
-    /// migrations, then the destination listener.
+    /// outgoing migrations, then the destination listener drains an incoming one. Each
+    /// drain gets `drain_seconds` from now, then cancels (a cancelled source resumes its
+    /// guest intact), so the whole stop is bounded by about that long.
     pub fn stop(mut self) {
+        let deadline = Instant::now() + self.drain;
         self.request_shutdown();
         if let Some(m) = self.metrics.take() {
             m.stop();
@@ -900,6 +944,11 @@ impl Daemon {
             let _ = c.join();
         }
         if let Some(d) = self.dest.take() {
+            while !d.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Release: pairs with the Acquire in the receiving coordinator's loop.
+            self.dest_cancel.store(true, Ordering::Release);
             let _ = d.join();
         }
     }
@@ -963,6 +1012,7 @@ fn dest_loop(
     listener: TcpListener,
     config: engine::DestConfig,
     shutdown: &AtomicBool,
+    cancel: &AtomicBool,
     received: &AtomicU64,
 ) {
     while !shutdown.load(Ordering::Acquire) {
@@ -976,10 +1026,11 @@ fn dest_loop(
         if ready <= 0 {
             continue;
         }
-        match engine::receive(
+        match engine::receive_cancellable(
             &listener,
             DestMemory::Allocate(dwcp_hugepages::PagePreference::TransparentHuge),
             &config,
+            cancel,
         ) {
             Ok(report) => {
                 received.fetch_add(1, Ordering::Relaxed);

@@ -7,7 +7,9 @@
 use crossbeam::channel::Receiver;
 use dwcp_dataplane::codec::CodecSettings;
 use dwcp_dataplane::codec::policy::CodecMode;
-use dwcp_dataplane::engine::{DestConfig, LiveControl, LiveReport, LiveSettings, SourceConfig};
+use dwcp_dataplane::engine::{
+    DestConfig, LiveControl, LiveReport, LiveSettings, MigrationError, SourceConfig,
+};
 use dwcp_dataplane::guest::GuestWorkload;
 use dwcp_dataplane::transport::socket::Congestion;
 use dwcp_dataplane::transport::{TransportConfig, TransportKind};
@@ -362,4 +364,40 @@ fn transport_switches_mid_migration_lose_nothing() {
         );
     }
     assert_identical(out);
+}
+
+#[test]
+fn cancelled_migration_leaves_the_source_running() {
+    let (source, dest) = configs();
+    let out = migrate_driven(
+        MEMORY,
+        &workload(),
+        &source,
+        &dest,
+        settings(&source),
+        |live, reports| {
+            wait_for_pages(reports);
+            live.cancel("test: operator cancelled");
+        },
+    );
+    match &out.source {
+        Err(MigrationError::Aborted { reason, .. }) => {
+            assert!(reason.contains("test: operator cancelled"), "{reason}")
+        }
+        other => panic!("source: {other:?}"),
+    }
+    match &out.dest {
+        Err(e) => assert!(e.to_string().contains("source aborted"), "{e}"),
+        Ok(_) => panic!("the destination completed a cancelled migration"),
+    }
+    // The guest was never paused and still runs, unthrottled, on the source.
+    assert!(!out.guest.is_paused());
+    assert_eq!(out.guest.throttle(), 0);
+    let written = out.guest.pages_written();
+    let deadline = Instant::now() + PATIENCE;
+    while out.guest.pages_written() == written {
+        assert!(Instant::now() < deadline, "the guest stopped writing");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    out.guest.stop();
 }

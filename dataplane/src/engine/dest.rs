@@ -13,7 +13,7 @@ use dwcp_hugepages::PagePreference;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// How the destination runs a session.
@@ -120,6 +120,18 @@ pub fn receive(
     listener: &TcpListener,
     memory: DestMemory,
     config: &DestConfig,
+) -> Result<DestReport, MigrationError> {
+    receive_cancellable(listener, memory, config, &AtomicBool::new(false))
+}
+
+/// [`receive`], giving up once `cancel` is set: the source is told (it resumes its
+/// guest, intact) and the call returns [`MigrationError::Aborted`]. Checked between
+/// batches of events while pages move, so it takes effect within milliseconds.
+pub fn receive_cancellable(
+    listener: &TcpListener,
+    memory: DestMemory,
+    config: &DestConfig,
+    cancel: &AtomicBool,
 ) -> Result<DestReport, MigrationError> {
     let deadline = Instant::now() + config.timeout;
     let mut control = accept_by(listener, deadline)?;
@@ -281,7 +293,7 @@ pub fn receive(
         timeout: config.timeout,
         last_activity: Instant::now(),
     };
-    let result = coordinator.run();
+    let result = coordinator.run(cancel);
     if let Err(e) = &result {
         let reason = match e {
             MigrationError::Protocol(_) => AbortReason::ProtocolError,
@@ -328,7 +340,7 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    fn run(&mut self) -> Result<(u64, u32, u64), MigrationError> {
+    fn run(&mut self, cancel: &AtomicBool) -> Result<(u64, u32, u64), MigrationError> {
         let control_rx = {
             let mut reader = self
                 .control
@@ -351,6 +363,14 @@ impl Coordinator {
             rx
         };
         loop {
+            // Set by whoever owns this appliance (a daemon shutting down); the Acquire
+            // pairs with their Release store.
+            if cancel.load(Ordering::Acquire) {
+                return Err(MigrationError::Aborted {
+                    reason: "cancelled at the destination".into(),
+                    rounds: self.round_counts.len() as u64,
+                });
+            }
             let mut progress = false;
             for w in &mut self.workers {
                 while let Some(event) = w.events.pop() {

@@ -19,7 +19,7 @@ mod report;
 mod source;
 mod steer;
 
-pub use dest::{DestConfig, DestMemory, DestReport, receive};
+pub use dest::{DestConfig, DestMemory, DestReport, receive, receive_cancellable};
 pub use live::{Epoch, LiveControl, LiveReport, LiveSettings};
 pub use report::{MigrationReport, RoundStats, TransportReport};
 pub use source::{

@@ -332,6 +332,9 @@ pub fn migrate_live<'a>(
     let result = session.run(guest, dirty_log.as_mut(), start, &probe, progress);
     if let Err(e) = &result {
         session.abort(e);
+        // The guest stays here and runs at full speed again (it is resumed already
+        // if the switchover had paused it).
+        guest.set_throttle(0);
     }
     session.close();
     result

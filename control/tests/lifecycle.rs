@@ -1,0 +1,255 @@
+//! `dwcpd serve` as operators run it: the real binary, driven over its control socket,
+//! stopped with SIGTERM while it migrates (to itself, over loopback). A migration that
+//! finishes within the drain time completes and is verified; one that would outlast it
+//! is cancelled with the source intact; either way the daemon exits cleanly.
+
+use dwcp_api::{Command, MigrateOptions, MigrationInfo, Request, Response, SetOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+/// Longest wait for anything here; the daemon is expected well within it.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+struct Served {
+    child: Child,
+    socket: PathBuf,
+    listen: String,
+    /// The daemon's stderr, line by line.
+    log: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Served {
+    /// Start `dwcpd serve` with a drain of `drain_seconds` and a 128 MiB guest.
+    fn start(name: &str, drain_seconds: u64) -> Served {
+        let dir = std::env::temp_dir().join(format!("dwcp-life-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("dwcpd.sock");
+        let config = dir.join("dwcpd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[dest]\nlisten = \"127.0.0.1:0\"\n\n[control]\nsocket = {socket:?}\ndrain_seconds = {drain_seconds}\n"
+            ),
+        )
+        .unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dwcpd"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args(["--memory", "128M", "--dirty-rate", "10"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("dwcpd starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("  | {line}");
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut served = Served {
+            child,
+            socket,
+            listen: String::new(),
+            log,
+            seen: Vec::new(),
+        };
+        let serving = served.wait_for_line("dwcpd: serving");
+        served.listen = serving
+            .split("migrations on ")
+            .nth(1)
+            .and_then(|rest| rest.split([',', ' ']).next())
+            .expect("the listen address in the serving line")
+            .to_string();
+        served
+    }
+
+    fn wait_for_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no {needle:?} from dwcpd; it said: {:#?}", self.seen),
+            }
+        }
+    }
+
+    fn call(&self, command: Command) -> Response {
+        call(&self.socket, command)
+    }
+
+    fn migrations(&self) -> Vec<MigrationInfo> {
+        self.call(Command::Migrations).into_result().unwrap()
+    }
+
+    /// Start a migration to itself and wait until pages move.
+    fn migrate_to_self(&self) {
+        let r = self.call(Command::Migrate(MigrateOptions {
+            peer: self.listen.clone(),
+            ..MigrateOptions::default()
+        }));
+        assert!(r.ok, "{r:?}");
+        let deadline = Instant::now() + PATIENCE;
+        while !self
+            .migrations()
+            .first()
+            .is_some_and(|m| m.phase == "precopy" && m.bytes_sent > 0)
+        {
+            assert!(Instant::now() < deadline, "{:?}", self.migrations());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM; returns how long the daemon took to exit, and checks it exited 0.
+    fn terminate(&mut self) -> Duration {
+        let t = Instant::now();
+        // SAFETY: kill(2) with a valid signal; the pid is our own child's, not reaped.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "dwcpd exited with {status}");
+                return t.elapsed();
+            }
+            assert!(t.elapsed() < PATIENCE, "dwcpd did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn call(socket: &Path, command: Command) -> Response {
+    let mut s = UnixStream::connect(socket).expect("control socket");
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut line = serde_json::to_vec(&Request::new(command)).unwrap();
+    line.push(b'\n');
+    s.write_all(&line).unwrap();
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+}
+
+#[test]
+fn sigterm_lets_a_migration_finish_within_the_drain() {
+    let mut d = Served::start("finish", 60);
+    // A cap that makes it last a few seconds, so that SIGTERM lands mid-migration.
+    let r = d.call(Command::Set(SetOptions {
+        pacing_rate: Some(40_000_000),
+        ..SetOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    d.migrate_to_self();
+    let took = d.terminate();
+    eprintln!(
+        "SIGTERM mid-migration, drain 60 s: exited after {:.0} ms",
+        took.as_secs_f64() * 1e3
+    );
+    let done = d.wait_for_line("dwcpd: migration 1 to");
+    assert!(done.contains("completed: 32768 pages verified"), "{done}");
+    let received = d.wait_for_line("dwcpd: received a migration");
+    assert!(received.contains("32768 pages verified"), "{received}");
+    d.wait_for_line("dwcpd: stopped");
+    assert!(!d.socket.exists(), "the control socket outlived the daemon");
+}
+
+#[test]
+fn sigterm_cancels_a_migration_that_outlasts_the_drain() {
+    let mut d = Served::start("cancel", 1);
+    // 128 MiB at 4 MB/s would take half a minute.
+    let r = d.call(Command::Set(SetOptions {
+        pacing_rate: Some(4_000_000),
+        ..SetOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    d.migrate_to_self();
+    let took = d.terminate();
+    eprintln!(
+        "SIGTERM mid-migration, drain 1 s: exited after {:.0} ms",
+        took.as_secs_f64() * 1e3
+    );
+    let done = d.wait_for_line("dwcpd: migration 1 to");
+    assert!(
+        done.contains("cancelled: ") && done.contains("the daemon is shutting down"),
+        "{done}"
+    );
+    let incoming = d.wait_for_line("dwcpd: incoming migration failed");
+    assert!(incoming.contains("source aborted"), "{incoming}");
+    d.wait_for_line("dwcpd: stopped");
+    // New work was refused while draining: the socket was closed first.
+    assert!(!d.socket.exists(), "the control socket outlived the daemon");
+}
+
+#[test]
+fn sigterm_on_the_destination_aborts_an_incoming_migration_and_the_source_carries_on() {
+    let source = Served::start("src", 60);
+    let mut dest = Served::start("dst", 1);
+    let r = source.call(Command::Set(SetOptions {
+        pacing_rate: Some(4_000_000),
+        ..SetOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    let r = source.call(Command::Migrate(MigrateOptions {
+        peer: dest.listen.clone(),
+        ..MigrateOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    let deadline = Instant::now() + PATIENCE;
+    while !source
+        .migrations()
+        .first()
+        .is_some_and(|m| m.phase == "precopy" && m.bytes_sent > 0)
+    {
+        assert!(Instant::now() < deadline, "{:?}", source.migrations());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = dest.terminate();
+    eprintln!(
+        "SIGTERM on the destination, drain 1 s: exited after {:.0} ms",
+        took.as_secs_f64() * 1e3
+    );
+    let incoming = dest.wait_for_line("dwcpd: incoming migration failed");
+    assert!(
+        incoming.contains("cancelled at the destination"),
+        "{incoming}"
+    );
+    // The source learns why, keeps its guest, and keeps serving.
+    let deadline = Instant::now() + PATIENCE;
+    let failed = loop {
+        let m = source.migrations().remove(0);
+        if m.state != "running" {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "{m:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(failed.state, "failed", "{failed:?}");
+    let error = failed.error.unwrap_or_default();
+    assert!(
+        error.contains("destination aborted: ") && error.contains("cancelled at the destination"),
+        "{error}"
+    );
+    assert!(source.call(Command::Status).ok);
+}
