@@ -1,24 +1,27 @@
 //! The operator control socket: a Unix socket (created 0600), newline-delimited JSON.
 //!
-//! One thread accepts; each client gets a thread of its own, up to `max_clients` at
-//! once (more are told so and closed). A client must be root or the daemon's own user
+//! One thread serves every client from a `poll(2)` loop, up to `max_clients` at once
+//! (more are told so and closed). A client must be root or the daemon's own user
 //! (`SO_PEERCRED`). Each request line is capped at [`MAX_REQUEST_BYTES`]; a client that
-//! sends nothing for [`CLIENT_TIMEOUT`] is closed. None of this touches the control
-//! thread until a well-formed request arrives, and the control thread answers from its
-//! own state without waiting on anyone, so a slow or hostile client costs only its own
-//! thread.
+//! sends no request for [`CLIENT_TIMEOUT`], or does not read its answer for as long, is
+//! closed. None of this touches the control thread until a well-formed request arrives,
+//! the socket hands it one request at a time, and the control thread answers from its
+//! own state without waiting on anyone: a slow, silent, flooding or churning client
+//! costs a descriptor and a buffer, not a thread, and cannot crowd out the migrations'
+//! reports.
 
 use crate::daemon::{Call, ServerCounters, call};
 use crossbeam::channel::Sender;
 use dwcp_api::{MAX_REQUEST_BYTES, Request, Response};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A client silent this long is closed.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,7 +74,7 @@ impl Server {
         let accept_stop = stop.clone();
         let accept = std::thread::Builder::new()
             .name("dwcp-socket".into())
-            .spawn(move || accept_loop(listener, max_clients, calls, counters, &accept_stop))
+            .spawn(move || serve(listener, max_clients, calls, counters, &accept_stop))
             .map_err(|e| e.to_string())?;
         Ok(Server {
             path: path.to_path_buf(),
@@ -80,8 +83,7 @@ impl Server {
         })
     }
 
-    /// Stop accepting and remove the socket file (clients in progress finish on their
-    /// own threads).
+    /// Stop serving (connected clients are closed) and remove the socket file.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(h) = self.accept.take() {
@@ -91,33 +93,239 @@ impl Server {
     }
 }
 
-fn accept_loop(
+/// One connected operator.
+struct Client {
+    stream: UnixStream,
+    /// Bytes received and not yet taken as a request.
+    input: Vec<u8>,
+    /// The response being written, and how much of it is out.
+    output: Vec<u8>,
+    written: usize,
+    /// Since when the client owes us a request (or we wait to write to it).
+    since: Instant,
+    /// Close once the output is written.
+    closing: bool,
+}
+
+impl Client {
+    fn new(stream: UnixStream) -> Self {
+        Client {
+            stream,
+            input: Vec::new(),
+            output: Vec::new(),
+            written: 0,
+            since: Instant::now(),
+            closing: false,
+        }
+    }
+
+    fn respond(&mut self, response: &Response) {
+        self.output = serde_json::to_vec(response).unwrap_or_else(|_| b"{}".to_vec());
+        self.output.push(b'\n');
+        self.written = 0;
+        self.since = Instant::now();
+    }
+
+    fn answering(&self) -> bool {
+        self.written < self.output.len()
+    }
+
+    /// Take the next complete request line, if one is in, answering it (through the
+    /// control thread when well formed). A line past the cap, or one that can no longer
+    /// end within it, is refused and the client closed.
+    fn serve_one(&mut self, calls: &Sender<Call>, counters: &ServerCounters) {
+        let Some(end) = self.input.iter().position(|&b| b == b'\n') else {
+            if self.input.len() > MAX_REQUEST_BYTES {
+                counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                self.respond(&Response::error(format!(
+                    "request too long (limit {MAX_REQUEST_BYTES} bytes)"
+                )));
+                self.closing = true;
+            }
+            return;
+        };
+        let line: Vec<u8> = self.input.drain(..=end).collect();
+        let response = if line.len() > MAX_REQUEST_BYTES + 1 {
+            counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            self.closing = true;
+            Response::error(format!(
+                "request too long (limit {MAX_REQUEST_BYTES} bytes)"
+            ))
+        } else {
+            match parse(&line) {
+                Ok(request) => call(calls, request, CALL_TIMEOUT),
+                Err(why) => {
+                    counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                    Response::error(why)
+                }
+            }
+        };
+        self.respond(&response);
+    }
+
+    /// Read what is there; false when the client hung up or failed.
+    fn read_some(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.input.extend_from_slice(&chunk[..n]);
+                    // Never hold more than one over-long line's worth.
+                    if self.input.len() > MAX_REQUEST_BYTES + 1 {
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Write what the socket takes; false when the client is gone.
+    fn write_some(&mut self) -> bool {
+        while self.answering() {
+            match self.stream.write(&self.output[self.written..]) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.written += n;
+                    self.since = Instant::now();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
+
+/// Longest wait for the control thread's answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server's one thread: accept, read, answer, time out, all from one `poll(2)`
+/// loop. A client costs a descriptor and its buffers, never a thread, so connecting
+/// and hanging up in a loop costs the daemon a few system calls each; and the control
+/// thread sees at most one request from the socket at a time, so no number of clients
+/// can queue work ahead of the migrations' reports.
+fn serve(
     listener: UnixListener,
     max_clients: usize,
     calls: Sender<Call>,
     counters: Arc<ServerCounters>,
     stop: &AtomicBool,
 ) {
-    let active = Arc::new(AtomicUsize::new(0));
     // SAFETY: getuid cannot fail.
     let own_uid = unsafe { libc::getuid() };
+    let mut clients: Vec<Client> = Vec::new();
+    let mut fds: Vec<libc::pollfd> = Vec::new();
     while !stop.load(Ordering::Acquire) {
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
+        fds.clear();
+        fds.push(libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for c in &clients {
+            // One request at a time per client: while its answer is going out, its
+            // further requests wait in the socket (and, when it never reads, its own
+            // writes block, not ours).
+            let events = if c.answering() {
+                libc::POLLOUT
+            } else {
+                libc::POLLIN
+            };
+            fds.push(libc::pollfd {
+                fd: c.stream.as_raw_fd(),
+                events,
+                revents: 0,
+            });
+        }
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        if ready < 0 {
+            continue;
+        }
+        let now = Instant::now();
+        let mut gone = vec![false; clients.len()];
+        for (i, c) in clients.iter_mut().enumerate() {
+            let revents = fds[i + 1].revents;
+            let alive = if revents & libc::POLLOUT != 0 {
+                c.write_some()
+            } else if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                c.read_some()
+            } else {
+                true
+            };
+            if !alive {
+                gone[i] = true;
                 continue;
             }
-            Err(_) => continue,
+            if !c.answering() {
+                if c.closing {
+                    gone[i] = true;
+                    continue;
+                }
+                c.serve_one(&calls, &counters);
+                if c.answering() {
+                    // Most answers fit the socket buffer at once.
+                    if !c.write_some() {
+                        gone[i] = true;
+                    }
+                } else if now.duration_since(c.since) >= CLIENT_TIMEOUT {
+                    counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                    c.respond(&Response::error(format!(
+                        "timeout: no request within {} s",
+                        CLIENT_TIMEOUT.as_secs()
+                    )));
+                    c.closing = true;
+                    let _ = c.write_some();
+                }
+            } else if now.duration_since(c.since) >= CLIENT_TIMEOUT {
+                // It does not read its answer.
+                gone[i] = true;
+            }
+        }
+        let mut i = 0;
+        clients.retain(|_| {
+            i += 1;
+            !gone[i - 1]
+        });
+        if fds[0].revents & libc::POLLIN != 0 {
+            accept_some(&listener, &mut clients, max_clients, own_uid, &counters);
+        }
+    }
+}
+
+/// Connections taken per turn of the loop: a client connecting and hanging up
+/// without pause must not keep the loop accepting while others wait for answers.
+const ACCEPTS_PER_TURN: usize = 32;
+
+/// Take pending connections (up to [`ACCEPTS_PER_TURN`]): checked, refused when over
+/// the cap, else served.
+fn accept_some(
+    listener: &UnixListener,
+    clients: &mut Vec<Client>,
+    max_clients: usize,
+    own_uid: u32,
+    counters: &ServerCounters,
+) {
+    for _ in 0..ACCEPTS_PER_TURN {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
         };
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+        if stream.set_nonblocking(true).is_err() {
+            continue;
+        }
         if let Err(why) = check_peer(&stream, own_uid) {
             counters.refused.fetch_add(1, Ordering::Relaxed);
             refuse(stream, &why);
             continue;
         }
-        if active.load(Ordering::Acquire) >= max_clients {
+        if clients.len() >= max_clients {
             counters.refused.fetch_add(1, Ordering::Relaxed);
             refuse(
                 stream,
@@ -125,25 +333,15 @@ fn accept_loop(
             );
             continue;
         }
-        active.fetch_add(1, Ordering::AcqRel);
-        let calls = calls.clone();
-        let counters = counters.clone();
-        let active_here = active.clone();
-        let spawned = std::thread::Builder::new()
-            .name("dwcp-client".into())
-            .stack_size(128 << 10)
-            .spawn(move || {
-                serve_client(stream, &calls, &counters);
-                active_here.fetch_sub(1, Ordering::AcqRel);
-            });
-        if spawned.is_err() {
-            active.fetch_sub(1, Ordering::AcqRel);
-        }
+        clients.push(Client::new(stream));
     }
 }
 
+/// Tell a client why it is turned away (best effort: it is not waited for).
 fn refuse(mut stream: UnixStream, why: &str) {
-    let _ = write_response(&mut stream, &Response::error(why));
+    let mut line = serde_json::to_vec(&Response::error(why)).unwrap_or_else(|_| b"{}".to_vec());
+    line.push(b'\n');
+    let _ = stream.write(&line);
 }
 
 /// Root or the daemon's own user; anyone else is refused, by uid.
@@ -157,7 +355,7 @@ fn check_peer(stream: &UnixStream, own_uid: u32) -> Result<(), String> {
     // SAFETY: `cred` is writable for `len` bytes.
     let rc = unsafe {
         libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(stream),
+            stream.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_PEERCRED,
             (&mut cred as *mut libc::ucred).cast(),
@@ -174,68 +372,6 @@ fn check_peer(stream: &UnixStream, own_uid: u32) -> Result<(), String> {
             "permission denied: uid {} may not control this daemon (root or uid {own_uid} only)",
             cred.uid
         ))
-    }
-}
-
-fn write_response(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(response).unwrap_or_else(|_| b"{}".to_vec());
-    line.push(b'\n');
-    stream.write_all(&line)
-}
-
-/// Requests until the client hangs up, sends garbage past the cap, or goes silent.
-fn serve_client(stream: UnixStream, calls: &Sender<Call>, counters: &ServerCounters) {
-    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = Vec::new();
-        // At most the cap plus one byte: a longer line is refused without reading it
-        // all.
-        let read = (&mut reader)
-            .take(MAX_REQUEST_BYTES as u64 + 1)
-            .read_until(b'\n', &mut line);
-        match read {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                let _ = write_response(
-                    &mut writer,
-                    &Response::error(format!(
-                        "timeout: no request within {} s",
-                        CLIENT_TIMEOUT.as_secs()
-                    )),
-                );
-                return;
-            }
-            Err(_) => return,
-        }
-        if line.last() != Some(&b'\n') {
-            counters.bad_requests.fetch_add(1, Ordering::Relaxed);
-            let why = if line.len() > MAX_REQUEST_BYTES {
-                format!("request too long (limit {MAX_REQUEST_BYTES} bytes)")
-            } else {
-                "request not terminated by a newline".into()
-            };
-            let _ = write_response(&mut writer, &Response::error(why));
-            return;
-        }
-        let response = match parse(&line) {
-            Ok(request) => call(calls, request, Duration::from_secs(10)),
-            Err(why) => {
-                counters.bad_requests.fetch_add(1, Ordering::Relaxed);
-                Response::error(why)
-            }
-        };
-        if write_response(&mut writer, &response).is_err() {
-            return;
-        }
     }
 }
 

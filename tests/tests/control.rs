@@ -19,6 +19,8 @@ fn start(name: &str) -> Daemon {
     config.control.flags_file = Some(dir.join("flags.toml"));
     config.guest.memory = Size(128 << 20);
     config.guest.dirty_rate_mbps = 10.0;
+    // Tests hold migrations open with an unreachable downtime limit until they let go.
+    config.migration.max_rounds = 10_000;
     config.validate().expect("valid test configuration");
     Daemon::start(DaemonOptions { config }).expect("daemon starts")
 }
@@ -261,5 +263,105 @@ fn metrics_scrape_parses_and_safe_mode_mid_migration_loses_nothing() {
     let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
     assert!(status.safe_mode && status.received == 1);
     let _ = Request::new(Command::Status);
+    d.stop();
+}
+
+#[test]
+fn flooding_and_silent_clients_stall_neither_the_migration_nor_the_control_thread() {
+    let d = start("flood");
+    let r = d.call(Command::Set(SetOptions {
+        pacing_rate: Some(40_000_000),
+        ..SetOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    let done: Done = d
+        .call(Command::Migrate(dwcp_api::MigrateOptions {
+            peer: d.listen_addr.to_string(),
+            downtime_ms: Some(1),
+            ..Default::default()
+        }))
+        .into_result()
+        .unwrap();
+    let id = done.id.unwrap();
+    let sent = |d: &Daemon| migrations(d)[0].bytes_sent;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sent(&d) == 0 {
+        assert!(Instant::now() < deadline, "{:?}", migrations(&d));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let served = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        // Clients that connect and say nothing, holding their connections.
+        let silent: Vec<UnixStream> = (0..32).map(|_| connect(&d)).collect();
+        // Clients that send as fast as they are answered: garbage, unknown commands,
+        // and valid requests, each reading every answer.
+        for _ in 0..4 {
+            scope.spawn(|| {
+                let mut s = connect(&d);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for line in [
+                        &b"{garbage\n"[..],
+                        b"{\"v\":1,\"cmd\":\"explode\"}\n",
+                        b"{\"v\":1,\"cmd\":\"status\"}\n",
+                        b"{\"v\":1,\"cmd\":\"metrics\"}\n",
+                    ] {
+                        ask(&mut s, line);
+                        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        // A client that connects and hangs up, over and over.
+        scope.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                drop(connect(&d));
+            }
+        });
+        // Meanwhile the control thread keeps taking the migration's reports (what it
+        // shows moves on) and answers an operator promptly enough to show it.
+        let flood_start = Instant::now();
+        let before = sent(&d);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sent(&d) == before {
+            assert!(Instant::now() < deadline, "progress froze under the flood");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(sent(&d) > before);
+        let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
+        assert_eq!(status.running, 1);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rate = served.load(std::sync::atomic::Ordering::Relaxed) as f64
+            / flood_start.elapsed().as_secs_f64();
+        eprintln!("flood: {rate:.0} requests/s answered beside the migration, 32 silent clients");
+        drop(silent);
+    });
+    assert!(served.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    let r = d.call(Command::Set(SetOptions {
+        pacing_rate: Some(0),
+        downtime_ms: Some(300),
+        ..SetOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    let t = Instant::now();
+    loop {
+        let m = migrations(&d).into_iter().find(|m| m.id == id).unwrap();
+        if m.state != "running" {
+            assert_eq!(m.state, "completed", "{m:?}");
+            assert_eq!(m.verified_pages, Some((128u64 << 20) / 4096));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{m:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Nothing the control thread was sent went unread.
+    let metrics: dwcp_api::MetricsText = d.call(Command::Metrics).into_result().unwrap();
+    let dropped = metrics
+        .text
+        .lines()
+        .find(|l| l.starts_with("dwcp_migration_dropped_reports_total"))
+        .expect("the dropped-reports series");
+    assert!(dropped.ends_with(" 0"), "{dropped}");
     d.stop();
 }
