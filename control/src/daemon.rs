@@ -13,7 +13,7 @@
 
 use crate::config::{Config, parse_codec_mode};
 use crate::flags::{Components, FlagStore};
-use crate::mode::{DetectorConfig, LinkSample, Mode, ModeDetector, policy_for};
+use crate::mode::{DetectorConfig, LinkMeter, Mode, ModeDetector, policy_for};
 use crossbeam::channel::{Receiver, Sender, bounded, select, tick};
 use dwcp_api::{
     Capabilities, Command, Done, MetricsText, MigrateOptions, MigrationInfo, ModeInfo, Request,
@@ -57,11 +57,8 @@ struct Migration {
     /// When it completed, failed or was cancelled.
     ended: Option<Instant>,
     latest: Option<Progress>,
-    /// Bytes and time of the previous report, for the recent rate.
-    rate_mark: Option<(Instant, u64)>,
-    rate: f64,
-    /// Per-stream TCP counters at the previous sample (segments, retransmits).
-    tcp_mark: Vec<(u32, u32)>,
+    /// Link samples (and the recent send rate) from its reports.
+    link: LinkMeter,
     state: &'static str,
     error: Option<String>,
     report: Option<MigrationReport>,
@@ -236,7 +233,7 @@ impl ControlState {
         };
         let eta = p.and_then(|p| {
             let left = p.round_pages.saturating_sub(p.round_pages_queued) as f64 * 4096.0;
-            (m.rate > 0.0 && m.state == "running").then(|| left / m.rate)
+            (m.link.rate() > 0.0 && m.state == "running").then(|| left / m.link.rate())
         });
         MigrationInfo {
             id: m.id,
@@ -258,7 +255,7 @@ impl ControlState {
                 .map_or(p.map_or(0, |p| p.pages_sent), |r| {
                     r.rounds.iter().map(|r| r.pages).sum()
                 }),
-            rate: m.rate,
+            rate: m.link.rate(),
             dirty_rate: p.map_or(0.0, |p| p.dirty_rate),
             eta_seconds: eta,
             throttle: p.map_or(0, |p| p.throttle),
@@ -448,9 +445,7 @@ impl ControlState {
                 started: Instant::now(),
                 ended: None,
                 latest: None,
-                rate_mark: None,
-                rate: 0.0,
-                tcp_mark: Vec::new(),
+                link: LinkMeter::default(),
                 state: "running",
                 error: None,
                 report: None,
@@ -548,57 +543,13 @@ impl ControlState {
         let Some(m) = self.migrations.get_mut(&r.migration) else {
             return;
         };
-        let bytes: u64 = r.progress.streams.iter().map(|s| s.bytes).sum();
-        if let Some((at, before)) = m.rate_mark {
-            let dt = r.at.duration_since(at).as_secs_f64();
-            if dt >= 0.2 {
-                m.rate = bytes.saturating_sub(before) as f64 / dt;
-                m.rate_mark = Some((r.at, bytes));
-            }
-        } else {
-            m.rate_mark = Some((r.at, bytes));
-        }
-        // A link sample: the data streams' RTT (the lowest smoothed RTT among streams
-        // that carry data, or the control stream's ping), what they delivered, what
-        // they retransmitted.
-        let mut rtts: Vec<u32> = Vec::new();
-        let mut delivery = 0u64;
-        let mut segments = 0u64;
-        let mut retransmits = 0u64;
-        if m.tcp_mark.len() != r.progress.streams.len() {
-            m.tcp_mark = vec![(0, 0); r.progress.streams.len()];
-        }
-        for (s, mark) in r.progress.streams.iter().zip(m.tcp_mark.iter_mut()) {
-            let Some(t) = s.tcp else { continue };
-            if t.rtt_us > 0 {
-                rtts.push(t.rtt_us);
-            }
-            delivery += t.delivery_rate;
-            segments += u64::from(t.segs_out.saturating_sub(mark.0));
-            retransmits += u64::from(t.total_retrans.saturating_sub(mark.1));
-            *mark = (t.segs_out, t.total_retrans);
-        }
-        let rtt = rtts
-            .iter()
-            .min()
-            .map(|&us| Duration::from_micros(u64::from(us)))
-            .or(r.progress.ping_rtt);
-        let bandwidth = (delivery as f64 * 8.0).max(m.rate * 8.0);
+        let sample = m.link.sample(&r.progress, r.at, self.started);
         m.latest = Some(r.progress);
-        if let Some(rtt) = rtt
-            && segments > 0
+        if let Some(sample) = sample
+            && self.detector.push(sample).is_some()
         {
-            let sample = LinkSample {
-                at: r.at.duration_since(self.started),
-                rtt,
-                bandwidth,
-                segments,
-                retransmits,
-            };
-            if self.detector.push(sample).is_some() {
-                self.mode_changes += 1;
-                self.apply_mode("detected");
-            }
+            self.mode_changes += 1;
+            self.apply_mode("detected");
         }
     }
 

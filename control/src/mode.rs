@@ -14,9 +14,10 @@
 //! sent segments), so one outlier moves nothing; a new mode must then be what the
 //! window says for [`DetectorConfig::hold`] before the detector switches to it.
 
+use dwcp_dataplane::engine::Progress;
 use std::collections::VecDeque;
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Where the appliances are relative to each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -74,6 +75,80 @@ pub struct LinkSample {
     pub segments: u64,
     /// Segments retransmitted since the previous sample.
     pub retransmits: u64,
+}
+
+/// Turns one migration's progress reports into [`LinkSample`]s: per-stream counters
+/// are cumulative, so the meter keeps the previous report's to take differences.
+#[derive(Debug, Clone, Default)]
+pub struct LinkMeter {
+    /// Per stream: segments sent and retransmitted, as of the previous report.
+    tcp_mark: Vec<(u32, u32)>,
+    /// Bytes sent and when, as of the previous rate measurement.
+    rate_mark: Option<(Instant, u64)>,
+    /// Recent send rate, bytes per second.
+    rate: f64,
+}
+
+impl LinkMeter {
+    /// Shortest span a send rate is measured over.
+    const RATE_SPAN: Duration = Duration::from_millis(200);
+
+    /// Take a report made at `at`; `origin` is the fixed point sample times count
+    /// from. Returns a sample once the streams have sent something since the previous
+    /// report and some round trip is known. RTT: the lowest smoothed RTT among the data
+    /// streams (the one least inflated by their own queues), else the control stream's
+    /// ping. Bandwidth: what the streams' delivery-rate estimates add up to, or the
+    /// measured send rate if higher. Loss: segments retransmitted over segments sent.
+    pub fn sample(
+        &mut self,
+        progress: &Progress,
+        at: Instant,
+        origin: Instant,
+    ) -> Option<LinkSample> {
+        let bytes: u64 = progress.streams.iter().map(|s| s.bytes).sum();
+        match self.rate_mark {
+            Some((mark, before)) => {
+                let dt = at.saturating_duration_since(mark);
+                if dt >= Self::RATE_SPAN {
+                    self.rate = bytes.saturating_sub(before) as f64 / dt.as_secs_f64();
+                    self.rate_mark = Some((at, bytes));
+                }
+            }
+            None => self.rate_mark = Some((at, bytes)),
+        }
+        if self.tcp_mark.len() != progress.streams.len() {
+            self.tcp_mark = vec![(0, 0); progress.streams.len()];
+        }
+        let mut lowest_rtt: Option<u32> = None;
+        let mut delivery = 0u64;
+        let mut segments = 0u64;
+        let mut retransmits = 0u64;
+        for (s, mark) in progress.streams.iter().zip(self.tcp_mark.iter_mut()) {
+            let Some(t) = s.tcp else { continue };
+            if t.rtt_us > 0 {
+                lowest_rtt = Some(lowest_rtt.map_or(t.rtt_us, |r| r.min(t.rtt_us)));
+            }
+            delivery += t.delivery_rate;
+            segments += u64::from(t.segs_out.saturating_sub(mark.0));
+            retransmits += u64::from(t.total_retrans.saturating_sub(mark.1));
+            *mark = (t.segs_out, t.total_retrans);
+        }
+        let rtt = lowest_rtt
+            .map(|us| Duration::from_micros(u64::from(us)))
+            .or(progress.ping_rtt)?;
+        (segments > 0).then(|| LinkSample {
+            at: at.saturating_duration_since(origin),
+            rtt,
+            bandwidth: (delivery as f64 * 8.0).max(self.rate * 8.0),
+            segments,
+            retransmits,
+        })
+    }
+
+    /// The recent send rate, bytes per second.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
 }
 
 /// The rules' thresholds.

@@ -76,6 +76,55 @@ pub fn migrate_across<'a>(
     dest: &DestConfig,
     policy: Option<&'a mut dyn CodecPolicy>,
 ) -> (Outcome, f64) {
+    migrate_across_live(
+        emulator, memory, workload, dirty, source, dest, policy, None,
+    )
+}
+
+/// [`migrate_across`] driven live: `drive` runs on a thread of its own while the
+/// migration runs, with the migration's live control (epoch 1 is `settings`) and its
+/// reports.
+pub fn migrate_across_driven(
+    emulator: &Emulator,
+    memory: Arc<GuestMemory>,
+    workload: &GuestWorkload,
+    source: &SourceConfig,
+    dest: &DestConfig,
+    settings: engine::LiveSettings,
+    drive: impl FnOnce(&engine::LiveControl, &crossbeam::channel::Receiver<engine::LiveReport>) + Send,
+) -> (Outcome, f64) {
+    let (reports_tx, reports) = engine::LiveControl::report_channel(1024);
+    let live = engine::LiveControl::new(1, settings, Some(reports_tx));
+    std::thread::scope(|scope| {
+        let driver = scope.spawn(|| drive(&live, &reports));
+        let result = migrate_across_live(
+            emulator,
+            memory,
+            workload,
+            DirtyLogKind::Uffd,
+            source,
+            dest,
+            None,
+            Some(&live),
+        );
+        if let Err(panic) = driver.join() {
+            std::panic::resume_unwind(panic);
+        }
+        result
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn migrate_across_live<'a>(
+    emulator: &Emulator,
+    memory: Arc<GuestMemory>,
+    workload: &GuestWorkload,
+    dirty: DirtyLogKind,
+    source: &'a SourceConfig,
+    dest: &DestConfig,
+    policy: Option<&'a mut dyn CodecPolicy>,
+    live: Option<&'a engine::LiveControl>,
+) -> (Outcome, f64) {
     let opened = open_dirty_log(&memory, dirty).expect("dirty log");
     let guest = SimulatedGuest::start(memory.clone(), workload, opened.marker.clone());
     let dest_config = dest.clone();
@@ -92,13 +141,14 @@ pub fn migrate_across<'a>(
         scope
             .spawn(|| {
                 netns::enter(&source_namespace).expect("enter the source namespace");
-                engine::migrate_with_policy(
+                engine::migrate_live(
                     address,
                     memory.clone(),
                     &guest,
                     opened.log,
                     source,
                     policy,
+                    live,
                     &mut |_| {},
                 )
             })

@@ -1,32 +1,43 @@
 //! Live migrations across emulated wide-area paths (`wanem` scenarios): each must
-//! finish with the destination byte-identical to the source. Needs root for the
-//! emulator's namespaces; skips with the reason otherwise.
+//! finish with the destination byte-identical to the source, and the mode detector
+//! must classify every shipped scenario as expected from the live connections. Needs
+//! root for the emulator's namespaces; skips with the reason otherwise.
 
 use dwcp_control::codec_policy::{ModelPolicy, PolicyConfig};
+use dwcp_control::mode::{DetectorConfig, LinkMeter, Mode, ModeDetector};
 use dwcp_dataplane::dirty::DirtyLogKind;
+use dwcp_dataplane::engine::{LiveSettings, SourceConfig};
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_hugepages::PagePreference;
 use dwcp_tests::skip;
-use dwcp_tests::wan::{internet_profile, migrate_across};
+use dwcp_tests::wan::{internet_profile, migrate_across, migrate_across_driven};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use wanem::scenario::Scenario;
 use wanem::{Emulator, EmulatorConfig};
 
 /// One emulator at a time: both tests want the machine's two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn migrate_through(scenario_name: &str, bytes: usize) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+/// The emulator for a shipped scenario, or `None` (said why) without root.
+fn emulate(scenario_name: &str) -> Option<Emulator> {
     let scenario = Scenario::built_in(scenario_name).expect("shipped scenario");
     let name = format!("dw{}-{}", std::process::id() % 100_000, &scenario_name[..3]);
-    let emulator = match Emulator::start(EmulatorConfig::new(&name, scenario)) {
-        Ok(emulator) => emulator,
+    match Emulator::start(EmulatorConfig::new(&name, scenario)) {
+        Ok(emulator) => Some(emulator),
         Err(wanem::Error::NotRoot) => {
             skip("the WAN emulator needs root (network namespaces, TUN devices)");
-            return;
+            None
         }
         Err(e) => panic!("emulator: {e}"),
+    }
+}
+
+fn migrate_through(scenario_name: &str, bytes: usize) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(emulator) = emulate(scenario_name) else {
+        return;
     };
     let memory =
         Arc::new(GuestMemory::anonymous(bytes, PagePreference::TransparentHuge).expect("memory"));
@@ -84,4 +95,115 @@ fn live_migration_across_cross_region_is_byte_identical() {
 #[test]
 fn live_migration_across_a_lossy_path_is_byte_identical() {
     migrate_through("lossy", 64 << 20);
+}
+
+/// Reports (one per 100 ms of the engine's clock) within which the detector must
+/// settle: 5 s of them.
+const CLASSIFY_WITHIN_REPORTS: usize = 50;
+
+/// Run a migration across `scenario_name`, feed its reports to the daemon's link meter
+/// and mode detector, and return the mode it settled on, the reports it took, the time
+/// from the first report, and every mode it reported on the way.
+fn classify_scenario(scenario_name: &str) -> Option<(Option<Mode>, usize, Duration, Vec<Mode>)> {
+    let emulator = emulate(scenario_name)?;
+    let bytes = 256 << 20;
+    let memory =
+        Arc::new(GuestMemory::anonymous(bytes, PagePreference::TransparentHuge).expect("memory"));
+    let workload = GuestWorkload {
+        dirty_rate: 8e6,
+        working_set: 0.1,
+        vcpus: 1,
+        ..GuestWorkload::default()
+    };
+    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, workload.seed);
+    // Rounds never converge: the migration runs until the detector has spoken.
+    let (mut source, dest) = internet_profile();
+    source.streams = 8;
+    source.downtime_limit = Duration::from_micros(1);
+    source.max_rounds = 10_000;
+    source.auto_converge = false;
+    let settings = live_settings(&source);
+    let mut outcome = None;
+    let (out, _) = migrate_across_driven(
+        &emulator,
+        memory,
+        &workload,
+        &source,
+        &dest,
+        settings,
+        |live, reports| {
+            let mut meter = LinkMeter::default();
+            let mut detector = ModeDetector::new(DetectorConfig::default());
+            let origin = Instant::now();
+            let mut first: Option<Instant> = None;
+            let mut seen = Vec::new();
+            let mut settled = None;
+            let mut count = 0usize;
+            // Past the settling point, another second of reports for any flapping.
+            let mut until = None;
+            while let Ok(r) = reports.recv_timeout(Duration::from_secs(30)) {
+                let at = *first.get_or_insert(r.at);
+                count += 1;
+                if let Some(sample) = meter.sample(&r.progress, r.at, origin)
+                    && let Some(mode) = detector.push(sample)
+                {
+                    seen.push(mode);
+                    if settled.is_none() {
+                        settled = Some((count, r.at.duration_since(at)));
+                        until = Some(count + 10);
+                    }
+                }
+                if until.is_some_and(|u| count >= u) || count >= CLASSIFY_WITHIN_REPORTS + 10 {
+                    break;
+                }
+            }
+            eprintln!("{scenario_name}: {}", detector.why());
+            live.cancel("test: classified");
+            let (reports_taken, after) = settled.unwrap_or((count, Duration::ZERO));
+            outcome = Some((detector.mode(), reports_taken, after, seen));
+        },
+    );
+    out.guest.stop();
+    outcome
+}
+
+fn live_settings(source: &SourceConfig) -> LiveSettings {
+    LiveSettings {
+        active_streams: None,
+        transport: None,
+        congestion: source.transport.socket.congestion,
+        pacing_rate: None,
+        codec: dwcp_dataplane::codec::policy::CodecMode::Off,
+        zero_copy: source.transport.zero_copy,
+        idle: source.transport.idle,
+        downtime_limit: source.downtime_limit,
+    }
+}
+
+#[test]
+fn every_scenario_is_classified_as_expected_within_5_s() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for (scenario_name, expected) in [
+        ("datacenter", Mode::Datacenter),
+        ("metro", Mode::Datacenter),
+        ("cross-region", Mode::Internet),
+        ("intercontinental", Mode::Internet),
+        ("satellite", Mode::Internet),
+        ("lossy", Mode::Internet),
+        ("constrained", Mode::Internet),
+    ] {
+        let Some((mode, reports, after, seen)) = classify_scenario(scenario_name) else {
+            return;
+        };
+        eprintln!(
+            "{scenario_name}: {mode:?} after {reports} reports ({:.1} s from the first), modes on the way {seen:?}",
+            after.as_secs_f64()
+        );
+        assert_eq!(mode, Some(expected), "{scenario_name}: modes {seen:?}");
+        assert!(
+            reports <= CLASSIFY_WITHIN_REPORTS,
+            "{scenario_name}: settled only after {reports} reports"
+        );
+        assert_eq!(seen, vec![expected], "{scenario_name}: the mode flapped");
+    }
 }
