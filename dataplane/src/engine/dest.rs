@@ -102,7 +102,11 @@ fn read_control_msg(stream: &mut TcpStream) -> Result<ControlMessage, MigrationE
     wire::read_control(stream).map_err(|e| match e {
         ControlReadError::Wire(w) => MigrationError::Protocol(w),
         ControlReadError::Io(e) => MigrationError::Io {
-            what: "reading the control stream".into(),
+            what: if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "the control stream closed by the peer before the session ended".into()
+            } else {
+                "reading the control stream".into()
+            },
             source: e,
         },
     })
