@@ -137,6 +137,8 @@ struct Session<'a> {
     control: TcpStream,
     control_rx: Receiver<Result<ControlMessage, String>>,
     telemetry: Vec<StreamTelemetry>,
+    /// Per stream: bytes and pages sent by workers a transport switch retired.
+    carried: Vec<(u64, u64)>,
     round_sent: Vec<Option<(u64, u64, u64, u64)>>,
     finished: usize,
     zc_copied: u64,
@@ -525,6 +527,7 @@ impl<'a> Session<'a> {
                     ..StreamTelemetry::default()
                 })
                 .collect(),
+            carried: vec![(0, 0); usize::from(config.streams)],
             round_sent: vec![None; n],
             finished: 0,
             zc_copied: 0,
@@ -700,7 +703,13 @@ impl Session<'_> {
                         bytes,
                         ..
                     } => self.round_sent[w] = Some((round, zero_pages, raw_pages, bytes)),
-                    TxEvent::Telemetry(t) => {
+                    TxEvent::Telemetry(mut t) => {
+                        // Workers count from their start; a stream outlives the workers
+                        // a transport switch retired.
+                        if let Some(&(bytes, pages)) = self.carried.get(usize::from(t.stream)) {
+                            t.bytes += bytes;
+                            t.pages += pages;
+                        }
                         if let Some(slot) = self.telemetry.get_mut(usize::from(t.stream)) {
                             let taken = t.pages.saturating_sub(slot.pages);
                             if let Some(b) = self.backlog.get_mut(w) {
@@ -964,6 +973,10 @@ impl Session<'_> {
             if let Some(h) = w.handle.take() {
                 let _ = h.join();
             }
+        }
+        // The retired workers' final counters (taken in by the last pump) carry over.
+        for (carried, t) in self.carried.iter_mut().zip(&self.telemetry) {
+            *carried = (t.bytes, t.pages);
         }
         let streams = self
             .data_sockets

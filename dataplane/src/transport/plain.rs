@@ -314,6 +314,16 @@ impl PlainTx {
                 }
             }
         })();
+        // Final counters, so that whoever carries the stream on counts from them.
+        push_event(
+            &mut events,
+            TxEvent::Telemetry(StreamTelemetry {
+                stream: self.id,
+                bytes: self.bytes,
+                pages: self.pages,
+                tcp: socket::tcp_info(&self.socket),
+            }),
+        );
         push_event(&mut events, TxEvent::Worker(self.telemetry()));
         match result {
             Ok(()) => push_event(

@@ -622,6 +622,18 @@ fn tx_main(
         );
     }
     s.drain();
+    // Final counters, so that whoever carries the streams on counts from them.
+    for st in &s.streams {
+        push_event(
+            &mut events,
+            TxEvent::Telemetry(StreamTelemetry {
+                stream: st.id,
+                bytes: st.bytes,
+                pages: st.pages,
+                tcp: socket::tcp_info(&st.socket),
+            }),
+        );
+    }
     push_event(&mut events, TxEvent::Worker(s.telemetry()));
     if result.is_ok() {
         push_event(

@@ -348,6 +348,9 @@ fn on_off(b: bool) -> &'static str {
 fn migration_line(m: &MigrationInfo) -> String {
     let done = if m.round_pages > 0 {
         m.round_pages_queued.min(m.round_pages) as f64 / m.round_pages as f64
+    } else if m.state == "running" {
+        // Setting up: nothing queued yet.
+        0.0
     } else {
         1.0
     };
