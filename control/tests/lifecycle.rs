@@ -101,8 +101,13 @@ impl Served {
 
     /// Start a migration to itself and wait until pages move.
     fn migrate_to_self(&self) {
+        self.migrate_to(&self.listen);
+    }
+
+    /// Start a migration to `peer` and wait until pages move.
+    fn migrate_to(&self, peer: &str) {
         let r = self.call(Command::Migrate(MigrateOptions {
-            peer: self.listen.clone(),
+            peer: peer.to_string(),
             ..MigrateOptions::default()
         }));
         assert!(r.ok, "{r:?}");
@@ -207,20 +212,7 @@ fn sigterm_on_the_destination_aborts_an_incoming_migration_and_the_source_carrie
         ..SetOptions::default()
     }));
     assert!(r.ok, "{r:?}");
-    let r = source.call(Command::Migrate(MigrateOptions {
-        peer: dest.listen.clone(),
-        ..MigrateOptions::default()
-    }));
-    assert!(r.ok, "{r:?}");
-    let deadline = Instant::now() + PATIENCE;
-    while !source
-        .migrations()
-        .first()
-        .is_some_and(|m| m.phase == "precopy" && m.bytes_sent > 0)
-    {
-        assert!(Instant::now() < deadline, "{:?}", source.migrations());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    source.migrate_to(&dest.listen);
     let took = dest.terminate();
     eprintln!(
         "SIGTERM on the destination, drain 1 s: exited after {:.0} ms",

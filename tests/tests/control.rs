@@ -138,6 +138,28 @@ fn migrations(d: &Daemon) -> Vec<MigrationInfo> {
     d.call(Command::Migrations).into_result().unwrap()
 }
 
+/// Let migration `id` finish (no cap, a reachable limit) and check that the destination
+/// verified every page.
+fn finish_verified(d: &Daemon, id: u64) {
+    let r = d.call(Command::Set(SetOptions {
+        pacing_rate: Some(0),
+        downtime_ms: Some(300),
+        ..SetOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    let t = Instant::now();
+    loop {
+        let m = migrations(d).into_iter().find(|m| m.id == id).unwrap();
+        if m.state != "running" {
+            assert_eq!(m.state, "completed", "{m:?}");
+            assert_eq!(m.verified_pages, Some((128u64 << 20) / 4096));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{m:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn metrics_scrape_parses_and_safe_mode_mid_migration_loses_nothing() {
     let d = start("safe");
@@ -251,24 +273,7 @@ fn metrics_scrape_parses_and_safe_mode_mid_migration_loses_nothing() {
         assert!(names.contains(wanted), "{wanted} missing");
     }
     assert!(body.contains("dwcp_safe_mode 1"));
-    // Let it finish: no cap, a reachable limit.
-    let r = d.call(Command::Set(SetOptions {
-        pacing_rate: Some(0),
-        downtime_ms: Some(300),
-        ..SetOptions::default()
-    }));
-    assert!(r.ok, "{r:?}");
-    let t = Instant::now();
-    loop {
-        let m = migrations(&d).into_iter().find(|m| m.id == id).unwrap();
-        if m.state != "running" {
-            assert_eq!(m.state, "completed", "{m:?}");
-            assert_eq!(m.verified_pages, Some((128u64 << 20) / 4096));
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "{m:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    finish_verified(&d, id);
     let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
     assert!(status.safe_mode && status.received == 1);
     let _ = Request::new(Command::Status);
@@ -347,23 +352,7 @@ fn flooding_and_silent_clients_stall_neither_the_migration_nor_the_control_threa
         drop(silent);
     });
     assert!(served.load(std::sync::atomic::Ordering::Relaxed) > 0);
-    let r = d.call(Command::Set(SetOptions {
-        pacing_rate: Some(0),
-        downtime_ms: Some(300),
-        ..SetOptions::default()
-    }));
-    assert!(r.ok, "{r:?}");
-    let t = Instant::now();
-    loop {
-        let m = migrations(&d).into_iter().find(|m| m.id == id).unwrap();
-        if m.state != "running" {
-            assert_eq!(m.state, "completed", "{m:?}");
-            assert_eq!(m.verified_pages, Some((128u64 << 20) / 4096));
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "{m:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    finish_verified(&d, id);
     // Nothing the control thread was sent went unread.
     let metrics: dwcp_api::MetricsText = d.call(Command::Metrics).into_result().unwrap();
     let dropped = metrics

@@ -203,6 +203,16 @@ impl PlainTx {
         self.send()
     }
 
+    /// The stream's counters, as an event.
+    fn stream_telemetry(&self) -> TxEvent {
+        TxEvent::Telemetry(StreamTelemetry {
+            stream: self.id,
+            bytes: self.bytes,
+            pages: self.pages,
+            tcp: socket::tcp_info(&self.socket),
+        })
+    }
+
     fn telemetry(&self) -> WorkerTelemetry {
         WorkerTelemetry::new(
             self.worker,
@@ -253,15 +263,7 @@ impl PlainTx {
             if Instant::now() >= next_telemetry {
                 next_telemetry = Instant::now() + config.telemetry_interval;
                 push_event(&mut events, TxEvent::Worker(self.telemetry()));
-                push_event(
-                    &mut events,
-                    TxEvent::Telemetry(StreamTelemetry {
-                        stream: self.id,
-                        bytes: self.bytes,
-                        pages: self.pages,
-                        tcp: socket::tcp_info(&self.socket),
-                    }),
-                );
+                push_event(&mut events, self.stream_telemetry());
             }
             while let Some(change) = control.pop() {
                 self.apply(change)?;
@@ -315,15 +317,7 @@ impl PlainTx {
             }
         })();
         // Final counters, so that whoever carries the stream on counts from them.
-        push_event(
-            &mut events,
-            TxEvent::Telemetry(StreamTelemetry {
-                stream: self.id,
-                bytes: self.bytes,
-                pages: self.pages,
-                tcp: socket::tcp_info(&self.socket),
-            }),
-        );
+        push_event(&mut events, self.stream_telemetry());
         push_event(&mut events, TxEvent::Worker(self.telemetry()));
         match result {
             Ok(()) => push_event(

@@ -296,6 +296,18 @@ struct TxStream {
     codec: Option<StreamCodec>,
 }
 
+impl TxStream {
+    /// The stream's counters, as an event.
+    fn telemetry(&self) -> TxEvent {
+        TxEvent::Telemetry(StreamTelemetry {
+            stream: self.id,
+            bytes: self.bytes,
+            pages: self.pages,
+            tcp: socket::tcp_info(&self.socket),
+        })
+    }
+}
+
 struct TxWorkerState {
     // Field order matters: the ring (and its registration of the pool) goes first.
     ring: IoUring,
@@ -624,15 +636,7 @@ fn tx_main(
     s.drain();
     // Final counters, so that whoever carries the streams on counts from them.
     for st in &s.streams {
-        push_event(
-            &mut events,
-            TxEvent::Telemetry(StreamTelemetry {
-                stream: st.id,
-                bytes: st.bytes,
-                pages: st.pages,
-                tcp: socket::tcp_info(&st.socket),
-            }),
-        );
+        push_event(&mut events, st.telemetry());
     }
     push_event(&mut events, TxEvent::Worker(s.telemetry()));
     if result.is_ok() {
@@ -687,15 +691,7 @@ impl TxWorkerState {
                 next_telemetry = Instant::now() + config.telemetry_interval;
                 push_event(events, TxEvent::Worker(self.telemetry()));
                 for st in &self.streams {
-                    push_event(
-                        events,
-                        TxEvent::Telemetry(StreamTelemetry {
-                            stream: st.id,
-                            bytes: st.bytes,
-                            pages: st.pages,
-                            tcp: socket::tcp_info(&st.socket),
-                        }),
-                    );
+                    push_event(events, st.telemetry());
                 }
             }
             if self.finishing && self.streams.iter().all(|st| st.ended) && self.ops_in_flight == 0 {
