@@ -16,6 +16,14 @@
 //! `wan/forwarder-clean-1500`: the emulator's own cost — iperf3 (one stream) through a
 //! path with no impairment at MTU 1500, against the same through a plain veth pair
 //! (the kernel forwarding). The emulator must carry at least 2 Gbit/s.
+//!
+//! `wan/<scenario>-cap`, for each scenario capped at 1 Gbit/s or less: how fully the
+//! emulator's bottleneck is filled — iperf3 (eight cubic streams, loss switched off)
+//! through the emulated path, against the same through a veth pair shaped by the
+//! kernel's `tc tbf` at the same rate, bucket and queue. The kernel's shaper has no
+//! delay in front of it (this machine has no `netem`), so the baseline is the cap
+//! without the path's start-up; the line also carries both against the cap's TCP
+//! payload rate, and ping's median RTT against the configured one.
 
 use crate::measure::Samples;
 use crate::report::{Better, Comparison, Reporter};
@@ -25,11 +33,10 @@ use dwcp_dataplane::engine::{DestConfig, SourceConfig};
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_hugepages::PagePreference;
-use dwcp_tests::wan::{
-    VethPair, internet_profile, iperf3_between, iperf3_one_stream, migrate_across, plain_copy,
-};
+use dwcp_tests::wan::{VethPair, internet_profile, iperf3_one_stream, migrate_across, plain_copy};
 use std::sync::Arc;
 use std::time::Duration;
+use wanem::probe::{self, Iperf3};
 use wanem::scenario::{BUILT_IN, Scenario};
 use wanem::{Emulator, EmulatorConfig};
 
@@ -66,6 +73,7 @@ fn profile(scenario: &str) -> (&'static str, SourceConfig, DestConfig) {
 
 pub fn run(plan: WanPlan, out: &mut Reporter) {
     forwarder_cost(out);
+    bottleneck_fill(out);
     let wanted: Vec<&str> = BUILT_IN
         .iter()
         .map(|(name, _)| *name)
@@ -199,8 +207,10 @@ fn forwarder_cost(out: &mut Reporter) {
                 return;
             }
         };
-        let Some(through_veth) =
-            iperf3_between(&veth.names[0], &veth.names[1], veth.addresses[1], 5)
+        let Some(through_veth) = Iperf3::one_stream(5)
+            .run(&veth.names[0], &veth.names[1], veth.addresses[1])
+            .ok()
+            .and_then(|report| report.received_bits_per_second())
         else {
             eprintln!("{NAME} skipped: iperf3 did not run");
             return;
@@ -212,6 +222,96 @@ fn forwarder_cost(out: &mut Reporter) {
         .with_field("required_gbit", 2.0)
         .with_note("iperf3, one stream, MTU 1500; the emulator forwards every packet in userspace");
     out.emit(line);
+}
+
+/// Runs per figure of `wan/<scenario>-cap`, alternating the emulator and the kernel.
+const CAP_RUNS: usize = 3;
+
+/// Goodput through each capped scenario's bottleneck against the kernel's shaper.
+fn bottleneck_fill(out: &mut Reporter) {
+    for (name, _) in BUILT_IN {
+        let bench = format!("wan/{name}-cap");
+        let scenario = Scenario::built_in(name).expect("shipped scenario");
+        let Some(cap) = scenario.forward_cap().filter(|cap| cap.0 <= 1_000_000_000) else {
+            continue;
+        };
+        if !out.wants(&bench) {
+            continue;
+        }
+        let link = &scenario.forward;
+        let payload_cap = probe::tcp_payload_rate(cap.0 as f64, scenario.mtu);
+        let (mut ours, mut theirs, mut rtts) = (Samples::default(), Samples::default(), vec![]);
+        for _ in 0..CAP_RUNS {
+            let emulator = match Emulator::start(EmulatorConfig::new("dwcpbench", scenario.clone()))
+            {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("{bench} skipped: {e}");
+                    return;
+                }
+            };
+            if let Ok(more) = probe::ping_rtts_ms(
+                &emulator.source_namespace(),
+                emulator.destination_address(),
+                5,
+            ) {
+                rtts.extend(more);
+            }
+            let fill = match probe::fill_bottleneck(&emulator) {
+                Ok(Some(fill)) => fill,
+                Ok(None) => unreachable!("the scenario is capped"),
+                Err(e) => {
+                    eprintln!("{bench} skipped: {e}");
+                    return;
+                }
+            };
+            drop(emulator);
+            let shaped = VethPair::create("dwcpveth", scenario.mtu).and_then(|veth| {
+                veth.shape(
+                    cap.0,
+                    link.effective_burst(scenario.mtu),
+                    link.effective_queue(),
+                )?;
+                Iperf3::filling(&scenario)
+                    .run(&veth.names[0], &veth.names[1], veth.addresses[1])?
+                    .median_interval_bits_per_second()
+                    .ok_or_else(|| "too few receiver intervals in the iperf3 report".to_string())
+            });
+            let shaped = match shaped {
+                Ok(goodput) => goodput,
+                Err(e) => {
+                    eprintln!("{bench} skipped: {e}");
+                    return;
+                }
+            };
+            ours.push(fill.goodput / 1e6);
+            theirs.push(shaped / 1e6);
+        }
+        let line = Comparison::new(
+            bench,
+            "Mbit/s",
+            Better::Higher,
+            &ours,
+            "tc-tbf-veth",
+            &theirs,
+        )
+        .with_field("cap_mbit", cap.0 as f64 / 1e6)
+        .with_field("ours_of_payload_cap", round3(ours.median() * 1e6 / payload_cap))
+        .with_field(
+            "theirs_of_payload_cap",
+            round3(theirs.median() * 1e6 / payload_cap),
+        )
+        .with_field("ping_median_ms", round2(probe::median(&rtts)))
+        .with_field("configured_rtt_ms", scenario.base_rtt().as_millis_f64())
+        .with_note(
+            "iperf3, 8 cubic streams, start-up omitted, median receiver second; tbf has no delay in front of it",
+        );
+        out.emit(line);
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 fn round2(x: f64) -> f64 {

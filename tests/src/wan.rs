@@ -16,6 +16,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use wanem::probe::Iperf3;
 use wanem::{Emulator, netns};
 
 /// Settings for a long or lossy path (what internet mode means): many streams so one
@@ -238,42 +239,16 @@ pub fn plain_copy(emulator: &Emulator, memory: &GuestMemory, time_limit: Duratio
 }
 
 /// `iperf3` with one stream from the source side for `seconds`: the path's own figure
-/// for a single TCP connection, in bits per second (`None` when iperf3 is missing).
+/// for a single TCP connection, in bits per second (`None` when iperf3 did not run).
 pub fn iperf3_one_stream(emulator: &Emulator, seconds: u32) -> Option<f64> {
-    iperf3_between(
-        &emulator.source_namespace(),
-        &emulator.destination_namespace(),
-        emulator.destination_address(),
-        seconds,
-    )
-}
-
-/// `iperf3` with one stream from namespace `client` to a server in namespace `server`
-/// at `address`, in bits per second.
-pub fn iperf3_between(
-    client: &str,
-    server: &str,
-    address: std::net::Ipv4Addr,
-    seconds: u32,
-) -> Option<f64> {
-    use std::process::{Command, Stdio};
-    let address = address.to_string();
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", server])
-        .args(["iperf3", "-s", "-1", "-B", &address])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    std::thread::sleep(Duration::from_millis(300));
-    let output = Command::new("ip")
-        .args(["netns", "exec", client])
-        .args(["iperf3", "-J", "-c", &address, "-t", &seconds.to_string()])
-        .output();
-    let _ = server.kill();
-    let _ = server.wait();
-    let report: serde_json::Value = serde_json::from_slice(&output.ok()?.stdout).ok()?;
-    report["end"]["sum_received"]["bits_per_second"].as_f64()
+    Iperf3::one_stream(seconds)
+        .run(
+            &emulator.source_namespace(),
+            &emulator.destination_namespace(),
+            emulator.destination_address(),
+        )
+        .ok()?
+        .received_bits_per_second()
 }
 
 /// Two namespaces joined by a plain veth pair (the kernel forwarding, nothing in
@@ -320,6 +295,32 @@ impl VethPair {
             ])?;
         }
         Ok(pair)
+    }
+}
+
+impl VethPair {
+    /// Caps the first side's sending with the kernel's token bucket (`tc tbf`) at
+    /// `rate_bits` per second, with a bucket of `burst_bytes` and at most
+    /// `queue_bytes` waiting: the kernel's own shaper, as a baseline for the
+    /// emulator's bottleneck.
+    pub fn shape(&self, rate_bits: u64, burst_bytes: u64, queue_bytes: u64) -> Result<(), String> {
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.names[0]])
+            .args(["tc", "qdisc", "replace", "dev", "veth0", "root", "tbf"])
+            .args(["rate", &format!("{rate_bits}bit")])
+            .args(["burst", &format!("{burst_bytes}b")])
+            .args(["limit", &format!("{queue_bytes}b")])
+            .output()
+            .map_err(|e| format!("tc did not run: {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "tc tbf on {}: {}",
+                self.names[0],
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
     }
 }
 

@@ -8,13 +8,15 @@
 //! Modules: [`units`] (quantities as written), [`scenario`] (link specs, scenario
 //! files, the shipped scenarios), [`impair`] (the sans-IO model of one direction),
 //! [`forward`] (the forwarding threads), [`netns`] (namespaces, TUN devices, the
-//! janitor that cleans up after a crash), [`control`] (the live-change socket).
+//! janitor that cleans up after a crash), [`control`] (the live-change socket),
+//! [`probe`] (measuring a path from outside with ping and iperf3).
 //! [`Emulator`] puts them together; the `wanem` binary is a thin shell over it.
 
 pub mod control;
 pub mod forward;
 pub mod impair;
 pub mod netns;
+pub mod probe;
 pub mod scenario;
 pub mod units;
 
