@@ -54,6 +54,7 @@ bench: deps
 	$(CARGO) run --release -p dwcp-bench -- transport --json
 	$(CARGO) run --release -p dwcp-bench -- codec --json
 	$(CARGO) run --release -p dwcp-bench -- wan --json
+	$(CARGO) run --release -p dwcp-bench -- control --json
 
 criterion: deps
 	$(CARGO) bench -p dwcp-bench

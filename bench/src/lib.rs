@@ -16,9 +16,12 @@
 //! - [`codec`]: the `codec` suite (zstd against the zstd command, bytes on the wire
 //!   against QEMU's codecs, migration time through rate-limited links).
 //! - [`wan`]: the `wan` suite (live migration across each WAN emulator scenario
-//!   against one plain TCP stream).
+//!   against one plain TCP stream, and the emulator's own forwarding and bottleneck).
+//! - [`control`]: the `control` suite (a live migration with clients on the daemon's
+//!   control socket against the same migration with none).
 
 pub mod codec;
+pub mod control;
 pub mod kernels;
 pub mod measure;
 pub mod reference;

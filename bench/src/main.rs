@@ -50,6 +50,16 @@ enum Suite {
         #[arg(long, default_value_t = 60)]
         baseline_limit_s: u64,
     },
+    /// A live migration with clients on the daemon's control socket against the same
+    /// migration with none (watchers at 1 Hz each, and a flood).
+    Control {
+        /// Print one JSON object per comparison on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Run only the comparisons whose name contains this text (e.g. `flood`).
+        #[arg(long)]
+        filter: Option<String>,
+    },
     /// Page kernels (CRC32C, zero test, XBZRLE) and the SPSC ring.
     Kernels {
         /// Print one JSON object per comparison on stdout (the table goes to stderr).
@@ -87,6 +97,11 @@ fn main() {
                 baseline_limit: std::time::Duration::from_secs(baseline_limit_s),
             };
             dwcp_bench::wan::run(plan, &mut out);
+            out.finish();
+        }
+        Suite::Control { json, filter } => {
+            let mut out = Reporter::new(json).with_filter(filter);
+            dwcp_bench::control::run(&mut out);
             out.finish();
         }
         Suite::Kernels { json, filter } => {
