@@ -10,6 +10,7 @@
 
 use crate::measure::{Plan, Samples};
 use crate::report::{Better, Comparison, Reporter};
+use dwcp_dataplane::crc_table::CrcTable;
 use dwcp_dataplane::dirty::DirtyLogKind;
 use dwcp_dataplane::engine::{DestConfig, SourceConfig};
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
@@ -110,15 +111,17 @@ fn page_stream(setup: &StreamSetup, streams: u16, config: &TransportConfig) -> T
     for s in receivers {
         rx_groups[usize::from(s.0) % workers_n].push(s);
     }
+    // Both sides keep their CRC tables, as in a migration.
     let rx_setup = RxSetup {
         total_streams: streams,
         memory: setup.dest.clone(),
         memory_is_fresh: true,
         capabilities: caps::ALL,
+        table: Arc::new(CrcTable::new(setup.dest.pages())),
     };
     let tx_setup = TxSetup {
         memory: setup.source.clone(),
-        sent: None,
+        table: Arc::new(CrcTable::new(setup.source.pages())),
         codec: None,
     };
     for (w, (tg, rg)) in tx_groups.into_iter().zip(rx_groups).enumerate() {

@@ -161,9 +161,9 @@ pub struct DemoReport {
 /// The destination's side of the demo.
 #[derive(Debug, Serialize)]
 pub struct DestSummary {
-    /// Pages verified identical.
+    /// Pages verified.
     pub verified_pages: u64,
-    /// Whole-memory CRC32C.
+    /// The digest both sides agree on.
     pub digest: String,
     /// Rounds received.
     pub rounds: u64,
@@ -212,7 +212,7 @@ pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
         source,
         destination: DestSummary {
             verified_pages: dest.verified_pages,
-            digest: format!("{:08x}", dest.digest),
+            digest: dest.digest,
             rounds: dest.rounds,
             bytes: dest.bytes,
             transport: dest.transport.to_string(),

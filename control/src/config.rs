@@ -6,7 +6,7 @@ use crate::codec_policy::{ModelPolicy, PolicyConfig};
 use dwcp_dataplane::codec::CodecSettings;
 use dwcp_dataplane::codec::policy::{CodecConfig, CodecMode};
 use dwcp_dataplane::dirty::DirtyLogKind;
-use dwcp_dataplane::engine::{DestConfig, SourceConfig};
+use dwcp_dataplane::engine::{DestConfig, SourceConfig, VerifyMode};
 use dwcp_dataplane::guest::{AccessPattern, ContentMix, GuestWorkload};
 use dwcp_dataplane::transport::socket::{Congestion, SocketOptions};
 use dwcp_dataplane::transport::{IdleStrategy, TransportChoice, TransportConfig};
@@ -94,17 +94,22 @@ pub struct MigrationSection {
     pub auto_converge: bool,
     /// `uffd-wp`, `rescan` or `explicit`.
     pub dirty_log: String,
+    /// How the switchover is verified: `table` (the CRC table digests), `audit` (and
+    /// the source's memory against its table after the switchover) or `full` (all of
+    /// memory on both sides, inside the downtime).
+    pub verify: String,
 }
 
 impl Default for MigrationSection {
     fn default() -> Self {
         MigrationSection {
             streams: 4,
-            downtime_limit_ms: 300,
+            downtime_limit_ms: 50,
             max_rounds: 30,
             max_seconds: 600,
             auto_converge: true,
             dirty_log: "uffd-wp".into(),
+            verify: "table".into(),
         }
     }
 }
@@ -447,6 +452,9 @@ impl Config {
         if let Err(e) = m.dirty_log.parse::<DirtyLogKind>() {
             errors.push(format!("migration.dirty_log: {e}"));
         }
+        if let Err(e) = m.verify.parse::<VerifyMode>() {
+            errors.push(format!("migration.verify: {e}"));
+        }
         let t = &self.transport;
         if let Err(e) = t.kind.parse::<TransportChoice>() {
             errors.push(format!("transport.kind: {e}"));
@@ -677,6 +685,7 @@ impl Config {
             max_rounds: m.max_rounds,
             max_duration: Duration::from_secs(m.max_seconds),
             auto_converge: m.auto_converge,
+            verify: m.verify.parse().unwrap_or_default(),
             codec: self.codec_config(),
             ..SourceConfig::default()
         }

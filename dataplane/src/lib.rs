@@ -4,6 +4,7 @@
 //! - [`ring`]: the lock-free SPSC rings that connect the engine, the workers and the
 //!   control thread;
 //! - [`memory`]: guest memory, accessed only by page copies;
+//! - [`crc_table`]: per-page CRC tables on both sides and their running digest;
 //! - [`dirty`]: dirty-page trackers (userfaultfd write-protect, CRC rescans, an
 //!   explicit bitmap);
 //! - [`guest`]: a simulated guest whose vCPUs write memory at a set rate;
@@ -15,6 +16,7 @@
 //! nothing here links the control plane.
 
 pub mod codec;
+pub mod crc_table;
 pub mod dirty;
 pub mod engine;
 pub mod guest;

@@ -1,10 +1,12 @@
-//! Wire protocol v1 (the full description, with diagrams, is `docs/protocol.md`).
+//! Wire protocol v2 (the full description, with diagrams, is `docs/protocol.md`).
 //!
 //! A session is one *control stream* and N *data streams*, all TCP.
 //! - Control stream: length-prefixed rkyv messages ([`ControlMessage`]): the handshake
 //!   (magic, version, session id, memory size, page size, stream count, capabilities),
-//!   per-round acknowledgements, the switchover, the final whole-memory digest with its
-//!   per-page CRCs, the verdict, pings and aborts. Every message is validated
+//!   per-round acknowledgements, the switchover with the digest of the source's CRC
+//!   table (or, for a full verification, the per-page CRCs of its memory), the verdict,
+//!   pings and aborts. v2 replaced v1's whole-memory check in the switchover with the
+//!   table digest. Every message is validated
 //!   (`bytecheck`) before use and capped at [`MAX_CONTROL_MESSAGE`] bytes.
 //! - Data streams: a fixed [`StreamHello`], then page frames, each a fixed 24-byte
 //!   little-endian [`FrameHeader`] decoded without allocation and checked against the
@@ -16,7 +18,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// First bytes of the handshake.
 pub const CONTROL_MAGIC: [u8; 4] = *b"DWCP";
 /// First bytes of every data stream.
@@ -647,30 +649,43 @@ pub enum ControlMessage {
         /// The last round.
         final_round: u64,
     },
-    /// Source → destination: CRC32C of pages `first_page..` of the paused memory.
+    /// Source → destination (verify `table` or `audit`): the digest of the source's
+    /// CRC table once the final round is staged; the destination compares its own.
+    TableDigest {
+        /// Pages the table covers.
+        pages: u64,
+        /// The table digest (see `crc_table`).
+        digest: u64,
+    },
+    /// CRC32C of pages `first_page..`: from the source, of its paused memory (verify
+    /// `full`); from the destination, its CRC table after a digest mismatch, so that
+    /// the source can name the pages that differ.
     PageCrcs {
         /// First page described.
         first_page: u64,
         /// One CRC per page.
         crcs: Vec<u32>,
     },
-    /// Source → destination: all page CRCs sent; this is the whole-memory digest.
+    /// Source → destination (verify `full`): all page CRCs sent; this is the
+    /// whole-memory digest.
     Digest {
         /// Pages covered.
         pages: u64,
         /// CRC32C of the whole memory (the page CRCs combined in order).
         digest: u32,
     },
-    /// Destination → source: the verdict on every page.
+    /// Destination → source: the verdict.
     Verified {
-        /// Pages compared.
+        /// Pages covered.
         pages: u64,
-        /// Pages whose content differs.
+        /// Pages whose content differs (verify `full`); with a table digest, 0 when
+        /// the digests match and 1 when they do not (the destination's table, sent
+        /// just before, tells the source which pages).
         mismatches: u64,
-        /// The first differing page, if any.
-        first_mismatch: Option<u64>,
-        /// The destination's whole-memory digest.
-        digest: u32,
+        /// The differing pages the destination knows of, ascending (at most 1024).
+        mismatched_pages: Vec<u64>,
+        /// The destination's digest: of its table, or of its whole memory (`full`).
+        digest: u64,
     },
     /// Either side: the session is over.
     Abort {
@@ -942,6 +957,16 @@ mod tests {
                 first_page: 10,
                 crcs: vec![1, 2, 3],
             },
+            ControlMessage::TableDigest {
+                pages: 1 << 18,
+                digest: u64::MAX - 5,
+            },
+            ControlMessage::Verified {
+                pages: 1 << 18,
+                mismatches: 2,
+                mismatched_pages: vec![7, 1 << 17],
+                digest: 0x0123_4567_89ab_cdef,
+            },
             ControlMessage::Abort {
                 reason: AbortReason::Cancelled,
                 message: "operator".into(),
@@ -983,11 +1008,11 @@ mod tests {
         assert!(good.validate(Some(1 << 20)).is_ok());
         assert!(matches!(
             Handshake {
-                version: 2,
+                version: 1,
                 ..good.clone()
             }
             .validate(None),
-            Err(WireError::Version { found: 2 })
+            Err(WireError::Version { found: 1 })
         ));
         assert!(matches!(
             good.validate(Some(2 << 20)),

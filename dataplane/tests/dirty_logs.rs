@@ -29,11 +29,11 @@ fn collect_and_send(log: &mut dyn DirtyLog, mem: &GuestMemory) -> Vec<u64> {
     let mut b = DirtyBitmap::new(mem.pages());
     log.collect(&mut b).unwrap();
     let reported: Vec<u64> = b.iter().collect();
-    if let Some(sent) = log.sent_crcs() {
+    if let Some(table) = log.crc_table() {
         let mut page = vec![0u8; PAGE_SIZE];
         for &p in &reported {
             mem.read_page(p, &mut page);
-            sent.record(p, dwcp_simd::crc32c(&page));
+            table.record(p, dwcp_simd::crc32c(&page), 0);
         }
     }
     reported
@@ -105,7 +105,9 @@ fn rescan_reports_a_page_reverted_after_it_was_sent() {
     mem.write_at(5, 0, &[2]); // content C ...
     let mut page = vec![0u8; PAGE_SIZE];
     mem.read_page(5, &mut page);
-    log.sent_crcs().unwrap().record(5, dwcp_simd::crc32c(&page)); // ... is what gets sent
+    log.crc_table()
+        .unwrap()
+        .record(5, dwcp_simd::crc32c(&page), 0); // ... is what gets sent
     mem.write_at(5, 0, &[1]); // then the guest writes A back
     assert_eq!(collect_and_send(&mut log, &mem), vec![5]);
 }

@@ -19,7 +19,9 @@ fn start(name: &str) -> Daemon {
     config.control.flags_file = Some(dir.join("flags.toml"));
     config.guest.memory = Size(128 << 20);
     config.guest.dirty_rate_mbps = 10.0;
-    // Tests hold migrations open with an unreachable downtime limit until they let go.
+    // Tests hold migrations open until they let go: a pacing cap below the guest's
+    // dirty rate with a 1 ms downtime limit never converges (until auto-converge has
+    // throttled the guest for many rounds).
     config.migration.max_rounds = 10_000;
     config.validate().expect("valid test configuration");
     Daemon::start(DaemonOptions { config }).expect("daemon starts")
@@ -163,6 +165,10 @@ fn finish_verified(d: &Daemon, id: u64) {
     }
 }
 
+/// A pacing cap (bytes/s) below the test guest's 10 MB/s of writes: with a 1 ms
+/// downtime limit the migration stays in pre-copy until [`finish_verified`].
+const HOLDING_CAP: u64 = 4_000_000;
+
 /// Rounds a migration let go by [`finish_verified`] may take to finish.
 const ROUNDS_TO_CONVERGE: u64 = 30;
 
@@ -170,9 +176,10 @@ const ROUNDS_TO_CONVERGE: u64 = 30;
 fn metrics_scrape_parses_and_safe_mode_mid_migration_loses_nothing() {
     let d = start("safe");
     let peer = d.listen_addr.to_string();
-    // A cap keeps the migration going while safe mode is switched on.
+    // A cap below the guest's dirty rate keeps the migration going while safe mode is
+    // switched on.
     let r = d.call(Command::Set(SetOptions {
-        pacing_rate: Some(40_000_000),
+        pacing_rate: Some(HOLDING_CAP),
         codec: Some("zstd:1,nodict".into()),
         ..SetOptions::default()
     }));
@@ -290,7 +297,7 @@ fn metrics_scrape_parses_and_safe_mode_mid_migration_loses_nothing() {
 fn flooding_and_silent_clients_stall_neither_the_migration_nor_the_control_thread() {
     let d = start("flood");
     let r = d.call(Command::Set(SetOptions {
-        pacing_rate: Some(40_000_000),
+        pacing_rate: Some(HOLDING_CAP),
         ..SetOptions::default()
     }));
     assert!(r.ok, "{r:?}");
@@ -311,7 +318,16 @@ fn flooding_and_silent_clients_stall_neither_the_migration_nor_the_control_threa
     }
     let stop = std::sync::atomic::AtomicBool::new(false);
     let served = std::sync::atomic::AtomicU64::new(0);
+    /// Stops the flooding clients however the scope ends: a failed assertion must not
+    /// leave the scope waiting for them forever.
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     std::thread::scope(|scope| {
+        let _stop_clients = StopOnDrop(&stop);
         // Clients that connect and say nothing, holding their connections.
         let silent: Vec<UnixStream> = (0..32).map(|_| connect(&d)).collect();
         // Clients that send as fast as they are answered: garbage, unknown commands,

@@ -56,7 +56,7 @@ fn migrate_and_compare(streams: u16, choice: TransportChoice) {
     assert_eq!(report.transport.kind, expected_kind);
     assert_eq!(report.verified_pages, (MIB_256 / 4096) as u64);
     assert_eq!(received.verified_pages, report.verified_pages);
-    assert_eq!(format!("{:08x}", received.digest), report.digest);
+    assert_eq!(received.digest, report.digest);
     assert_eq!(
         out.memory.first_difference(&received.memory),
         None,

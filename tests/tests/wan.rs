@@ -73,7 +73,7 @@ fn migrate_through(scenario_name: &str, bytes: usize) {
         bytes >> 20
     );
     assert_eq!(report.verified_pages, (bytes / 4096) as u64);
-    assert_eq!(format!("{:08x}", received.digest), report.digest);
+    assert_eq!(received.digest, report.digest);
     assert_eq!(
         out.memory.first_difference(&received.memory),
         None,

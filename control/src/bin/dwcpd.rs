@@ -58,6 +58,11 @@ struct GuestArgs {
     /// Dirty log: uffd-wp, rescan or explicit.
     #[arg(long)]
     dirty_log: Option<String>,
+    /// Switchover verification: table (compare the CRC tables' digests), audit (and
+    /// check the source's memory against its table afterwards) or full (checksum all
+    /// of memory on both sides inside the downtime).
+    #[arg(long)]
+    verify: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -170,6 +175,9 @@ fn apply_guest(c: &mut Config, g: &GuestArgs) {
     }
     if let Some(d) = &g.dirty_log {
         c.migration.dirty_log = d.clone();
+    }
+    if let Some(v) = &g.verify {
+        c.migration.verify = v.clone();
     }
 }
 
@@ -292,7 +300,7 @@ fn main() -> ExitCode {
             match appliance::run_dest(&config) {
                 Ok(report) => {
                     println!(
-                        "received {} rounds, {:.1} MB over {}; verified {} pages identical (digest {:08x})",
+                        "received {} rounds, {:.1} MB over {}; verified {} pages (digest {})",
                         report.rounds,
                         report.bytes as f64 / 1e6,
                         report.transport,

@@ -15,7 +15,7 @@
 
 use super::cache::PageCache;
 use super::zstd::{Compressor, Dictionary, compress_bound};
-use crate::dirty::SentCrcs;
+use crate::crc_table::Recorder;
 use crate::memory::{GuestMemory, PAGE_SIZE, zero_page_crc};
 use crate::wire::{FRAME_HEADER_LEN, FrameHeader, MAX_BATCH, PAGE_CRC_LEN};
 use std::sync::Arc;
@@ -279,7 +279,7 @@ impl WorkerCodec {
         memory: &GuestMemory,
         first: u64,
         count: u32,
-        sent: Option<&SentCrcs>,
+        table: Option<Recorder<'_>>,
     ) -> EncodedRun {
         let started = Instant::now();
         let zero_before = self.counters.zero_pages;
@@ -289,8 +289,8 @@ impl WorkerCodec {
             memory.read_page(page, &mut self.page[..]);
             let content = &self.page[..];
             if kernels.is_zero(content) {
-                if let Some(s) = sent {
-                    s.record(page, zero_page_crc());
+                if let Some(t) = table {
+                    t.record(page, zero_page_crc());
                 }
                 stream.cache.remove(page);
                 open = match open {
@@ -310,8 +310,8 @@ impl WorkerCodec {
                 continue;
             }
             let crc = kernels.crc32c(content);
-            if let Some(s) = sent {
-                s.record(page, crc);
+            if let Some(t) = table {
+                t.record(page, crc);
             }
             if self.settings.dedup {
                 let (duplicate, collision) = stream.cache.find_duplicate(page, crc, content);

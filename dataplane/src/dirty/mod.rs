@@ -17,7 +17,7 @@ mod rescan;
 mod uffd;
 
 pub use explicit::{DirtyMarker, ExplicitDirtyLog};
-pub use rescan::{RescanDirtyLog, SentCrcs};
+pub use rescan::RescanDirtyLog;
 pub use uffd::{UffdDirtyLog, probe_uffd_wp_async};
 
 use crate::memory::GuestMemory;
@@ -219,9 +219,9 @@ pub trait DirtyLog: Send {
     /// was created), and start a new interval.
     fn collect(&mut self, out: &mut DirtyBitmap) -> Result<(), DirtyLogError>;
 
-    /// Where senders must record the CRC of each page they send, for trackers that
-    /// compare memory with what was sent.
-    fn sent_crcs(&self) -> Option<Arc<SentCrcs>> {
+    /// The source's CRC table, for trackers that compare memory with what was sent
+    /// (the engine then records into this one instead of a table of its own).
+    fn crc_table(&self) -> Option<Arc<crate::crc_table::CrcTable>> {
         None
     }
 }

@@ -4,59 +4,39 @@
 //!
 //! Comparing with what was sent, not with what the previous scan saw, matters: a page
 //! read as C′ by a scan, rewritten to C and sent as C, then written back to C′ before the
-//! next scan looks unchanged from scan to scan, yet the destination holds C. So the
-//! workers record the CRC of every page they stage in [`SentCrcs`], and the scan asks the
-//! only question that counts: does memory differ from the destination's copy?
+//! next scan looks unchanged from scan to scan, yet the destination holds C. So the scan
+//! reads the source's [`CrcTable`] (the workers record the CRC of every page they stage)
+//! and asks the only question that counts: does memory differ from the destination's
+//! copy?
 //!
-//! A change whose CRC equals the sent one (2^-32 per changed page) is missed; the final
-//! whole-memory verification catches it. Each scan reads all memory.
+//! A change whose CRC equals the sent one (2^-32 per changed page) is missed; the
+//! post-switchover audit or the full verification catches it. Each scan reads all memory.
 
 use super::{DirtyBitmap, DirtyLog, DirtyLogError, DirtyLogKind};
+use crate::crc_table::{CrcTable, OUT_OF_BAND_SLOT};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-
-/// CRC32C of the content last sent for each page, written by the transport workers as
-/// they stage pages.
-pub struct SentCrcs(Box<[AtomicU32]>);
-
-impl SentCrcs {
-    /// Record that `page` went out with content of CRC `crc`.
-    #[inline]
-    pub fn record(&self, page: u64, crc: u32) {
-        if let Some(slot) = self.0.get(page as usize) {
-            // Relaxed: the engine reads these only after the workers reported the round
-            // sent, through the event ring, which orders them.
-            slot.store(crc, Ordering::Relaxed);
-        }
-    }
-
-    fn get(&self, page: u64) -> u32 {
-        self.0[page as usize].load(Ordering::Relaxed)
-    }
-}
 
 /// Per-page CRC comparison against the content last sent.
 pub struct RescanDirtyLog {
     memory: Arc<GuestMemory>,
-    sent: Arc<SentCrcs>,
+    table: Arc<CrcTable>,
     page: Box<[u8; PAGE_SIZE]>,
 }
 
 impl RescanDirtyLog {
-    /// Start tracking: until a page is sent, its baseline is its content now.
+    /// Start tracking: until a page is sent, its baseline is its content now (recorded
+    /// in the table outside any stream; round 0 then overwrites every entry).
     pub fn new(memory: Arc<GuestMemory>) -> Self {
-        let sent = Arc::new(SentCrcs(
-            (0..memory.pages()).map(|_| AtomicU32::new(0)).collect(),
-        ));
+        let table = Arc::new(CrcTable::new(memory.pages()));
         let mut log = RescanDirtyLog {
             memory,
-            sent,
+            table,
             page: Box::new([0; PAGE_SIZE]),
         };
         for p in 0..log.memory.pages() {
             let crc = log.page_crc(p);
-            log.sent.record(p, crc);
+            log.table.record(p, crc, OUT_OF_BAND_SLOT);
         }
         log
     }
@@ -75,14 +55,14 @@ impl DirtyLog for RescanDirtyLog {
 
     fn collect(&mut self, out: &mut DirtyBitmap) -> Result<(), DirtyLogError> {
         for p in 0..self.memory.pages() {
-            if self.page_crc(p) != self.sent.get(p) {
+            if self.page_crc(p) != self.table.get(p) {
                 out.set(p);
             }
         }
         Ok(())
     }
 
-    fn sent_crcs(&self) -> Option<Arc<SentCrcs>> {
-        Some(self.sent.clone())
+    fn crc_table(&self) -> Option<Arc<CrcTable>> {
+        Some(self.table.clone())
     }
 }

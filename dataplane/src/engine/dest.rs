@@ -1,17 +1,15 @@
-//! The destination side: accept a session, place pages, acknowledge rounds, verify.
+//! The destination side: accept a session, place pages (each recorded in the
+//! destination's CRC table), acknowledge rounds, answer the switchover.
 
-use super::{MigrationError, page_crcs, worker_cpus};
+use super::fleet::RxFleet;
+use super::handshake::{self, ControlLink};
+use super::{LISTED_PAGES, MigrationError, differing_pages, page_crcs};
+use crate::crc_table::CrcTable;
 use crate::memory::GuestMemory;
-use crate::transport::{
-    self, RxEvent, RxSetup, RxWorker, TransportConfig, TransportKind, plain, socket, uring,
-};
-use crate::wire::{
-    self, AbortReason, ControlMessage, ControlReadError, STREAM_HELLO_LEN, StreamHello, WireError,
-    caps, write_control,
-};
+use crate::transport::{self, RxEvent, RxSetup, TransportConfig, TransportKind};
+use crate::wire::{AbortReason, ControlMessage, WireError, caps};
 use dwcp_hugepages::PagePreference;
-use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -55,68 +53,18 @@ pub enum DestMemory {
 pub struct DestReport {
     /// The memory now holding the migrated guest.
     pub memory: Arc<GuestMemory>,
-    /// Pages verified identical to the source.
+    /// Pages verified: covered by the table digest, or compared one by one (`full`).
     pub verified_pages: u64,
-    /// Whole-memory CRC32C.
-    pub digest: u32,
+    /// The digest both sides agree on (hex): of the CRC tables, or of all of memory.
+    pub digest: String,
+    /// What this side holds, page by page (the CRC of every page placed).
+    pub table: Arc<CrcTable>,
     /// Rounds received, the final one included.
     pub rounds: u64,
     /// Bytes received on data streams.
     pub bytes: u64,
     /// Transport used.
     pub transport: TransportKind,
-}
-
-fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
-    move |source| MigrationError::Io {
-        what: what.into(),
-        source,
-    }
-}
-
-/// Accept one connection within `deadline`.
-fn accept_by(listener: &TcpListener, deadline: Instant) -> Result<TcpStream, MigrationError> {
-    listener.set_nonblocking(true).map_err(io("listener"))?;
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).map_err(io("accepted socket"))?;
-                listener.set_nonblocking(false).map_err(io("listener"))?;
-                return Ok(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let _ = listener.set_nonblocking(false);
-                    return Err(MigrationError::Transport(
-                        "timed out waiting for the source to connect".into(),
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => return Err(io("accepting a connection")(e)),
-        }
-    }
-}
-
-fn read_control_msg(stream: &mut TcpStream) -> Result<ControlMessage, MigrationError> {
-    wire::read_control(stream).map_err(|e| match e {
-        ControlReadError::Wire(w) => MigrationError::Protocol(w),
-        ControlReadError::Io(e) => MigrationError::Io {
-            what: if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                "the control stream closed by the peer before the session ended".into()
-            } else {
-                "reading the control stream".into()
-            },
-            source: e,
-        },
-    })
-}
-
-fn available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// Receive one migration on `listener`.
@@ -137,341 +85,227 @@ pub fn receive_cancellable(
     config: &DestConfig,
     cancel: &AtomicBool,
 ) -> Result<DestReport, MigrationError> {
-    let deadline = Instant::now() + config.timeout;
-    let mut control = accept_by(listener, deadline)?;
-    control
-        .set_read_timeout(Some(config.timeout))
-        .map_err(io("control stream timeout"))?;
-    let _ = control.set_nodelay(true);
-    let hello = match read_control_msg(&mut control)? {
-        ControlMessage::Hello(h) => h,
-        other => {
-            let err = WireError::Unexpected(format!("{other:?} instead of a handshake"));
-            let _ = write_control(
-                &mut control,
-                &ControlMessage::Refused {
-                    reason: err.to_string(),
-                },
-            );
-            return Err(err.into());
-        }
-    };
-    let refuse = |control: &mut TcpStream, err: MigrationError| -> MigrationError {
-        let _ = write_control(
-            control,
-            &ControlMessage::Refused {
-                reason: err.to_string(),
-            },
-        );
-        err
-    };
-    let provided_len = match &memory {
-        DestMemory::Provided(m) => Some(m.len() as u64),
-        DestMemory::Allocate(_) => None,
-    };
-    if let Err(e) = hello.validate(provided_len) {
-        return Err(refuse(&mut control, e.into()));
-    }
-    let (memory, fresh) = match memory {
-        DestMemory::Provided(m) => (m, false),
-        DestMemory::Allocate(prefer) => {
-            if let Some(avail) = available_memory()
-                && hello.memory_bytes > avail
-            {
-                let e = MigrationError::Refused(format!(
-                    "guest memory of {} bytes does not fit ({avail} bytes available)",
-                    hello.memory_bytes
-                ));
-                return Err(refuse(&mut control, e));
-            }
-            match GuestMemory::anonymous(hello.memory_bytes as usize, prefer) {
-                Ok(m) => {
-                    // Fault it in ahead of the page stream (zeroing fresh memory on first
-                    // touch would otherwise run inside it), on a thread of its own so the
-                    // seconds a large guest takes overlap the session's setup rather than
-                    // delay it. Populating never changes content, so pages that arrive
-                    // first are safe.
-                    let m = Arc::new(m);
-                    let populating = m.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("dwcp-populate".into())
-                        .spawn(move || populating.populate());
-                    (m, true)
-                }
-                Err(e) => return Err(refuse(&mut control, MigrationError::Refused(e.to_string()))),
-            }
-        }
-    };
-    let granted = hello.capabilities & caps::ALL & config.capabilities;
-    write_control(
-        &mut control,
-        &ControlMessage::Welcome {
-            capabilities: granted,
-        },
-    )
-    .map_err(io("sending the welcome"))?;
-
-    // The data streams, in any order, each identified by its hello.
-    let streams = hello.streams;
-    let mut data: Vec<Option<TcpStream>> = (0..streams).map(|_| None).collect();
-    for _ in 0..streams {
-        let mut s = accept_by(listener, deadline)?;
-        s.set_read_timeout(Some(config.timeout))
-            .map_err(io("data stream timeout"))?;
-        let mut bytes = [0u8; STREAM_HELLO_LEN];
-        s.read_exact(&mut bytes)
-            .map_err(io("reading a data stream's hello"))?;
-        let hello = StreamHello::decode(&bytes, hello.session_id, streams)
-            .map_err(|e| refuse(&mut control, e.into()))?;
-        let slot = &mut data[usize::from(hello.stream_id)];
-        if slot.is_some() {
-            let e = WireError::BadStreamId {
-                id: hello.stream_id,
-                reason: "opened twice",
-            };
-            return Err(refuse(&mut control, e.into()));
-        }
-        socket::configure(&s, &config.transport.socket);
-        *slot = Some(s);
-    }
-    let data: Vec<(u16, TcpStream)> = data
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| (i as u16, s.expect("every stream id seen once")))
-        .collect();
-
+    let accepted = handshake::accept(listener, memory, config)?;
+    let memory = accepted.memory;
+    let streams = accepted.streams.len() as u16;
+    let table = Arc::new(CrcTable::new(memory.pages()));
     let probe = transport::probe(&config.transport);
-    let cpus = if config.transport.pin_workers {
-        worker_cpus(&config.transport)
-    } else {
-        Vec::new()
-    };
-    let cpu = |w: usize| (!cpus.is_empty()).then(|| cpus[w % cpus.len()]);
-    let mut workers: Vec<RxWorker> = Vec::new();
-    let rx_setup = RxSetup {
+    let setup = RxSetup {
         total_streams: streams,
         memory: memory.clone(),
-        memory_is_fresh: fresh,
-        capabilities: granted,
+        memory_is_fresh: accepted.fresh,
+        capabilities: accepted.granted,
+        table: table.clone(),
     };
-    match probe.kind {
-        TransportKind::IoUring => {
-            let count = match config.workers {
-                0 => cpus.len().max(1),
-                n => n,
-            }
-            .min(usize::from(streams));
-            let mut groups: Vec<Vec<(u16, TcpStream)>> = (0..count).map(|_| Vec::new()).collect();
-            for (id, s) in data {
-                groups[usize::from(id) % count].push((id, s));
-            }
-            for (w, group) in groups.into_iter().enumerate() {
-                workers.push(
-                    uring::spawn_rx(w, group, rx_setup.clone(), &config.transport, cpu(w))
-                        .map_err(io("starting an io_uring receiver"))?,
-                );
-            }
+    let mut fleet = RxFleet::spawn(
+        probe.kind,
+        accepted.streams,
+        &setup,
+        &config.transport,
+        config.workers,
+    )?;
+    let control = match ControlLink::new(accepted.control) {
+        Ok(c) => c,
+        Err(e) => {
+            fleet.stop();
+            return Err(e);
         }
-        TransportKind::Plain => {
-            for (w, s) in data.into_iter().enumerate() {
-                workers.push(
-                    plain::spawn_rx(s, rx_setup.clone(), &config.transport, cpu(w))
-                        .map_err(io("starting a receiver"))?,
-                );
-            }
-        }
-    }
+    };
     let mut coordinator = Coordinator {
         streams,
-        workers,
         control,
         memory,
+        table,
         round_counts: Vec::new(),
         round_pages: Vec::new(),
         ended: 0,
         bytes: 0,
         final_round: None,
-        crcs: Vec::new(),
-        digest: None,
+        source_crcs: Vec::new(),
+        expect: None,
         ours: None,
         timeout: config.timeout,
         last_activity: Instant::now(),
     };
-    let result = coordinator.run(cancel);
+    let result = coordinator.run(&mut fleet, cancel);
     if let Err(e) = &result {
         let reason = match e {
             MigrationError::Protocol(_) => AbortReason::ProtocolError,
-            MigrationError::Verification { .. } => AbortReason::VerificationFailed,
+            MigrationError::Verification { .. } | MigrationError::DigestMismatch { .. } => {
+                AbortReason::VerificationFailed
+            }
             _ => AbortReason::LocalError,
         };
-        let _ = write_control(
-            &mut coordinator.control,
-            &ControlMessage::Abort {
+        coordinator
+            .control
+            .send_best_effort(&ControlMessage::Abort {
                 reason,
                 message: e.to_string(),
-            },
-        );
+            });
     }
-    coordinator.stop();
+    fleet.stop();
+    coordinator.control.shutdown();
     let (verified_pages, digest, rounds) = result?;
     Ok(DestReport {
         memory: coordinator.memory.clone(),
         verified_pages,
         digest,
+        table: coordinator.table.clone(),
         rounds,
         bytes: coordinator.bytes,
         transport: probe.kind,
     })
 }
 
+/// What the source asked the destination to confirm.
+enum Expect {
+    /// That its table digest equals this.
+    Table { pages: u64, digest: u64 },
+    /// That its memory matches the page CRCs received, whose combination is this.
+    Full { pages: u64, digest: u32 },
+}
+
 struct Coordinator {
     streams: u16,
-    workers: Vec<RxWorker>,
-    control: TcpStream,
+    control: ControlLink,
     memory: Arc<GuestMemory>,
+    table: Arc<CrcTable>,
     /// Streams that finished each round, by round.
     round_counts: Vec<u16>,
     round_pages: Vec<u64>,
     ended: u16,
     bytes: u64,
     final_round: Option<u64>,
-    crcs: Vec<u32>,
-    digest: Option<(u64, u32)>,
-    /// Our page CRCs and digest, once every page has arrived.
+    /// The source's page CRCs (`verify = "full"`).
+    source_crcs: Vec<u32>,
+    expect: Option<Expect>,
+    /// Our page CRCs and whole-memory digest (`full`), once every page has arrived.
     ours: Option<(Vec<u32>, u32)>,
     timeout: Duration,
     last_activity: Instant,
 }
 
 impl Coordinator {
-    fn run(&mut self, cancel: &AtomicBool) -> Result<(u64, u32, u64), MigrationError> {
-        let control_rx = {
-            let mut reader = self
-                .control
-                .try_clone()
-                .map_err(io("cloning the control stream"))?;
-            let _ = reader.set_read_timeout(None);
-            let (tx, rx) = crossbeam::channel::bounded(1024);
-            std::thread::Builder::new()
-                .name("dwcp-ctl-rx".into())
-                .spawn(move || {
-                    loop {
-                        let msg = read_control_msg(&mut reader);
-                        let stop = msg.is_err();
-                        if tx.send(msg).is_err() || stop {
-                            return;
-                        }
-                    }
-                })
-                .map_err(io("starting the control reader"))?;
-            rx
-        };
+    fn aborted(&self, reason: String) -> MigrationError {
+        MigrationError::Aborted {
+            reason,
+            rounds: self.round_counts.len() as u64,
+        }
+    }
+
+    /// A worker's event.
+    fn on_event(&mut self, event: RxEvent) -> Result<(), MigrationError> {
+        match event {
+            RxEvent::RoundEnd { round, pages, .. } => {
+                let r = round as usize;
+                if self.round_counts.len() <= r {
+                    self.round_counts.resize(r + 1, 0);
+                    self.round_pages.resize(r + 1, 0);
+                }
+                self.round_counts[r] += 1;
+                self.round_pages[r] += u64::from(pages);
+                if self.round_counts[r] == self.streams {
+                    self.control.send(&ControlMessage::RoundApplied {
+                        round,
+                        pages: self.round_pages[r],
+                    })?;
+                }
+            }
+            RxEvent::StreamEnd { bytes, .. } => {
+                self.ended += 1;
+                self.bytes += bytes;
+            }
+            RxEvent::Telemetry { .. } => {}
+            RxEvent::Failed { stream, error } => {
+                // A source that aborts closes its streams right after saying why:
+                // prefer its reason when it arrives promptly.
+                if let Ok(Some(ControlMessage::Abort { message, .. })) =
+                    self.control.recv_timeout(Duration::from_millis(200))
+                {
+                    return Err(self.aborted(format!("source aborted: {message}")));
+                }
+                return Err(MigrationError::Transport(format!(
+                    "data stream {stream}: {error}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A message from the source.
+    fn on_control(&mut self, msg: ControlMessage) -> Result<(), MigrationError> {
+        match msg {
+            ControlMessage::Switchover { final_round } => self.final_round = Some(final_round),
+            ControlMessage::TableDigest { pages, digest } => {
+                self.expect = Some(Expect::Table { pages, digest })
+            }
+            ControlMessage::PageCrcs { first_page, crcs } => {
+                if first_page != self.source_crcs.len() as u64
+                    || self.source_crcs.len() + crcs.len() > self.memory.pages() as usize
+                {
+                    return Err(WireError::Unexpected(format!(
+                        "page CRCs from {first_page} ({} already received, {} pages)",
+                        self.source_crcs.len(),
+                        self.memory.pages()
+                    ))
+                    .into());
+                }
+                self.source_crcs.extend_from_slice(&crcs);
+            }
+            ControlMessage::Digest { pages, digest } => {
+                self.expect = Some(Expect::Full { pages, digest })
+            }
+            ControlMessage::Ping { nanos } => {
+                self.control.send(&ControlMessage::Pong { nanos })?;
+            }
+            ControlMessage::Abort { message, .. } => {
+                return Err(self.aborted(format!("source aborted: {message}")));
+            }
+            other => {
+                return Err(WireError::Unexpected(format!("{other:?} from the source")).into());
+            }
+        }
+        Ok(())
+    }
+
+    fn run(
+        &mut self,
+        fleet: &mut RxFleet,
+        cancel: &AtomicBool,
+    ) -> Result<(u64, String, u64), MigrationError> {
         loop {
             // Set by whoever owns this appliance (a daemon shutting down); the Acquire
             // pairs with their Release store.
             if cancel.load(Ordering::Acquire) {
-                return Err(MigrationError::Aborted {
-                    reason: "cancelled at the destination".into(),
-                    rounds: self.round_counts.len() as u64,
-                });
+                return Err(self.aborted("cancelled at the destination".into()));
             }
-            let mut progress = false;
-            for w in &mut self.workers {
-                while let Some(event) = w.events.pop() {
-                    progress = true;
-                    match event {
-                        RxEvent::RoundEnd { round, pages, .. } => {
-                            let r = round as usize;
-                            if self.round_counts.len() <= r {
-                                self.round_counts.resize(r + 1, 0);
-                                self.round_pages.resize(r + 1, 0);
-                            }
-                            self.round_counts[r] += 1;
-                            self.round_pages[r] += u64::from(pages);
-                            if self.round_counts[r] == self.streams {
-                                write_control(
-                                    &mut self.control,
-                                    &ControlMessage::RoundApplied {
-                                        round,
-                                        pages: self.round_pages[r],
-                                    },
-                                )
-                                .map_err(io("acknowledging a round"))?;
-                            }
-                        }
-                        RxEvent::StreamEnd { bytes, .. } => {
-                            self.ended += 1;
-                            self.bytes += bytes;
-                        }
-                        RxEvent::Telemetry { .. } => {}
-                        RxEvent::Failed { stream, error } => {
-                            // A source that aborts closes its streams right after saying
-                            // why: prefer its reason when it arrives promptly.
-                            if let Ok(Ok(ControlMessage::Abort { message, .. })) =
-                                control_rx.recv_timeout(Duration::from_millis(200))
-                            {
-                                return Err(MigrationError::Aborted {
-                                    reason: format!("source aborted: {message}"),
-                                    rounds: self.round_counts.len() as u64,
-                                });
-                            }
-                            return Err(MigrationError::Transport(format!(
-                                "data stream {stream}: {error}"
-                            )));
-                        }
-                    }
-                }
-            }
-            while let Ok(msg) = control_rx.try_recv() {
+            let mut progress = fleet.poll(|event| self.on_event(event))?;
+            while let Some(msg) = self.control.try_recv()? {
                 progress = true;
-                match msg? {
-                    ControlMessage::Switchover { final_round } => {
-                        self.final_round = Some(final_round)
-                    }
-                    ControlMessage::PageCrcs { first_page, crcs } => {
-                        if first_page != self.crcs.len() as u64
-                            || self.crcs.len() + crcs.len() > self.memory.pages() as usize
-                        {
-                            return Err(WireError::Unexpected(format!(
-                                "page CRCs from {first_page} ({} already received, {} pages)",
-                                self.crcs.len(),
-                                self.memory.pages()
-                            ))
-                            .into());
-                        }
-                        self.crcs.extend_from_slice(&crcs);
-                    }
-                    ControlMessage::Digest { pages, digest } => self.digest = Some((pages, digest)),
-                    ControlMessage::Ping { nanos } => {
-                        write_control(&mut self.control, &ControlMessage::Pong { nanos })
-                            .map_err(io("answering a ping"))?;
-                    }
-                    ControlMessage::Abort { message, .. } => {
-                        return Err(MigrationError::Aborted {
-                            reason: format!("source aborted: {message}"),
-                            rounds: self.round_counts.len() as u64,
-                        });
-                    }
-                    other => {
-                        return Err(
-                            WireError::Unexpected(format!("{other:?} from the source")).into()
-                        );
-                    }
-                }
+                self.on_control(msg)?;
             }
             if let Some(final_round) = self.final_round
                 && self.ended == self.streams
                 && self.round_counts.get(final_round as usize) == Some(&self.streams)
             {
-                // Every page is in: checksum our memory now, while the source computes
-                // and sends its table, rather than after.
-                if self.ours.is_none() {
-                    // SAFETY: every stream has ended and its receiver reported the end,
-                    // so nothing writes the memory any more.
-                    self.ours = Some(unsafe { page_crcs(&self.memory) });
-                }
-                if let Some((pages, digest)) = self.digest {
-                    return self.verify(pages, digest, final_round);
+                // Every page is in (each stream reported its end after its last page
+                // was placed and recorded).
+                match self.expect {
+                    Some(Expect::Table { pages, digest }) => {
+                        return self.verify_table(pages, digest, final_round);
+                    }
+                    Some(Expect::Full { pages, digest }) => {
+                        if self.ours.is_none() {
+                            // Checksum our memory now, while the source sends its CRCs.
+                            // SAFETY: every stream has ended and its receiver reported
+                            // the end, so nothing writes the memory any more.
+                            self.ours = Some(unsafe { page_crcs(&self.memory) });
+                        }
+                        if self.source_crcs.len() as u64 == pages {
+                            return self.verify_full(pages, digest, final_round);
+                        }
+                    }
+                    None => {}
                 }
             }
             if progress {
@@ -488,57 +322,77 @@ impl Coordinator {
         }
     }
 
-    fn verify(
+    /// Compare our table's digest with the source's. On a mismatch, send our table so
+    /// that the source can name the pages.
+    fn verify_table(
+        &mut self,
+        pages: u64,
+        digest: u64,
+        final_round: u64,
+    ) -> Result<(u64, String, u64), MigrationError> {
+        let ours = self.table.digest();
+        let memory_pages = self.memory.pages();
+        if pages == memory_pages && ours == digest {
+            self.control.send(&ControlMessage::Verified {
+                pages,
+                mismatches: 0,
+                mismatched_pages: Vec::new(),
+                digest: ours,
+            })?;
+            return Ok((pages, format!("{ours:016x}"), final_round + 1));
+        }
+        const PER_MESSAGE: usize = 1 << 16;
+        let mut first = 0u64;
+        while first < memory_pages {
+            let crcs = self.table.entries(first, PER_MESSAGE);
+            let n = crcs.len() as u64;
+            self.control.send(&ControlMessage::PageCrcs {
+                first_page: first,
+                crcs,
+            })?;
+            first += n;
+        }
+        self.control.send(&ControlMessage::Verified {
+            pages: memory_pages,
+            mismatches: 1,
+            mismatched_pages: Vec::new(),
+            digest: ours,
+        })?;
+        Err(MigrationError::DigestMismatch {
+            source_digest: digest,
+            dest_digest: ours,
+        })
+    }
+
+    /// Compare our memory's page CRCs with the source's.
+    fn verify_full(
         &mut self,
         pages: u64,
         digest: u32,
         final_round: u64,
-    ) -> Result<(u64, u32, u64), MigrationError> {
-        if pages != self.memory.pages() || self.crcs.len() as u64 != pages {
+    ) -> Result<(u64, String, u64), MigrationError> {
+        if pages != self.memory.pages() {
             return Err(WireError::Unexpected(format!(
-                "digest covers {pages} pages with {} CRCs; memory has {}",
-                self.crcs.len(),
+                "digest covers {pages} pages; memory has {}",
                 self.memory.pages()
             ))
             .into());
         }
         let (ours, our_digest) = self.ours.take().expect("computed before verifying");
-        let mut mismatches = 0u64;
-        let mut first = None;
-        for (page, (a, b)) in ours.iter().zip(&self.crcs).enumerate() {
-            if a != b {
-                mismatches += 1;
-                first.get_or_insert(page as u64);
-            }
-        }
-        write_control(
-            &mut self.control,
-            &ControlMessage::Verified {
-                pages,
-                mismatches,
-                first_mismatch: first,
-                digest: our_digest,
-            },
-        )
-        .map_err(io("sending the verdict"))?;
+        let (mismatches, listed) = differing_pages(&ours, &self.source_crcs);
+        debug_assert!(listed.len() <= LISTED_PAGES);
+        self.control.send(&ControlMessage::Verified {
+            pages,
+            mismatches,
+            mismatched_pages: listed.clone(),
+            digest: u64::from(our_digest),
+        })?;
         if mismatches > 0 || our_digest != digest {
             return Err(MigrationError::Verification {
                 mismatches: mismatches.max(1),
-                first,
+                pages: listed,
             });
         }
-        Ok((pages, our_digest, final_round + 1))
-    }
-
-    fn stop(&mut self) {
-        for w in &self.workers {
-            w.stop.store(true, Ordering::Relaxed);
-        }
-        for w in &mut self.workers {
-            if let Some(h) = w.handle.take() {
-                let _ = h.join();
-            }
-        }
-        let _ = self.control.shutdown(std::net::Shutdown::Both);
+        Ok((pages, format!("{our_digest:08x}"), final_round + 1))
     }
 }

@@ -15,7 +15,8 @@
 //! every [`REPORT_INTERVAL`], dropping them when the reader lags: it never waits for
 //! the slow path.
 
-use super::source::Progress;
+use super::SourceConfig;
+use super::report::Progress;
 use crate::codec::policy::CodecMode;
 use crate::transport::socket::Congestion;
 use crate::transport::{IdleStrategy, TransportKind};
@@ -50,6 +51,27 @@ pub struct LiveSettings {
     pub idle: IdleStrategy,
     /// Switch over when the estimated downtime is below this.
     pub downtime_limit: Duration,
+}
+
+impl LiveSettings {
+    /// Epoch 0: what a session opens with, from its configuration. Later epochs change
+    /// only what differs from it.
+    pub fn from_config(config: &SourceConfig) -> Self {
+        LiveSettings {
+            active_streams: None,
+            transport: None,
+            congestion: config.transport.socket.congestion,
+            pacing_rate: config
+                .transport
+                .socket
+                .pacing_rate
+                .map(|r| r.saturating_mul(u64::from(config.streams))),
+            codec: config.codec.mode.clone(),
+            zero_copy: config.transport.zero_copy,
+            idle: config.transport.idle,
+            downtime_limit: config.downtime_limit,
+        }
+    }
 }
 
 /// One published configuration.

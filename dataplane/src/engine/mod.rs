@@ -1,34 +1,102 @@
 //! The pre-copy migration engine.
 //!
 //! Source ([`migrate`]): round 0 sends every page; each later round sends the pages
-//! dirtied meanwhile. After each round it measures throughput and dirty rate and
-//! estimates the downtime of stopping now (remaining dirty bytes over measured
-//! bandwidth, plus verification). When the estimate is under the limit it pauses the
-//! guest, sends the final dirty set, and exchanges per-page CRCs of the whole memory;
-//! the destination checks every page and answers. Downtime is measured from the pause
-//! to that answer. If rounds stop shrinking it throttles the guest step by step (20%,
-//! then +10% a step, at most 99%, as QEMU's auto-converge); after its round or time
-//! limit it aborts and the source keeps running, untouched.
+//! dirtied meanwhile. Both sides keep a per-page CRC table as pages move (the source
+//! of what it sent, the destination of what it placed; see [`crate::crc_table`]).
+//! After each round the [`precopy`] planner estimates what switching over now would
+//! cost — the final collection, the final round, the destination's answer — and
+//! decides: continue (throttling the guest if rounds stop shrinking, as QEMU's
+//! auto-converge), switch over, or give up with the source intact. At the switchover
+//! the guest is paused, the last dirty pages go out, and the two sides compare the
+//! digests of their tables: nothing in the paused window grows with memory size.
+//! With `verify = "audit"` the source then checks its memory against its table (a page
+//! a dirty log missed shows there); `verify = "full"` checksums all of memory on both
+//! sides inside the paused window instead, as labs may want.
 //!
 //! Destination ([`receive`]): accepts a session, places pages as they arrive (each
-//! checked against its CRC on arrival), acknowledges rounds, and verifies.
+//! checked against its CRC on arrival and recorded in its table), acknowledges
+//! rounds, and answers the switchover.
+//!
+//! The parts, by responsibility:
+//! - [`handshake`](self): opening and accepting a session (control stream, data streams,
+//!   capabilities, the destination's memory);
+//! - `fleet`: the workers of one side, their rings, backlog and telemetry;
+//! - [`precopy`]: the planner (sans-IO);
+//! - `source`: the source's session: rounds, live changes, the switchover;
+//! - `dest`: the destination's session;
+//! - [`live`]: settings epochs and reports shared with the slow path;
+//! - `steer`: codec steering; [`report`](self): progress and reports.
 
 mod dest;
+mod fleet;
+mod handshake;
 pub mod live;
+pub mod precopy;
 mod report;
 mod source;
 mod steer;
 
+pub use crate::crc_table::AuditReport;
 pub use dest::{DestConfig, DestMemory, DestReport, receive, receive_cancellable};
+pub use fleet::split_cpus;
 pub use live::{Epoch, LiveControl, LiveReport, LiveSettings};
-pub use report::{MigrationReport, RoundStats, TransportReport};
-pub use source::{
-    Progress, SourceConfig, WorkerStatus, migrate, migrate_live, migrate_with_policy,
+pub use precopy::DowntimeEstimate;
+pub use report::{
+    DowntimeMeasured, DowntimeReport, MigrationReport, Progress, RoundStats, TransportReport,
+    WorkerStatus,
 };
+pub use source::{SourceConfig, migrate, migrate_live, migrate_with_policy};
 pub use steer::{CodecReport, SettingsChange};
 
 use crate::dirty::DirtyLogError;
 use crate::wire::WireError;
+use std::fmt;
+use std::str::FromStr;
+
+/// How the switchover proves the destination holds what the source sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum VerifyMode {
+    /// Compare the digests of the two CRC tables: O(1) in the paused window.
+    #[default]
+    Table,
+    /// The table digest, then, after the destination was told to resume, the source's
+    /// memory against its table (reports pages a dirty log missed).
+    Audit,
+    /// Checksum all of memory on both sides in the paused window (labs).
+    Full,
+}
+
+impl VerifyMode {
+    /// The name in configuration and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            VerifyMode::Table => "table",
+            VerifyMode::Audit => "audit",
+            VerifyMode::Full => "full",
+        }
+    }
+}
+
+impl fmt::Display for VerifyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for VerifyMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "table" => Ok(VerifyMode::Table),
+            "audit" => Ok(VerifyMode::Audit),
+            "full" => Ok(VerifyMode::Full),
+            other => Err(format!(
+                "unknown verify mode {other:?} (expected table, audit or full)"
+            )),
+        }
+    }
+}
 
 /// Why a migration did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -62,12 +130,22 @@ pub enum MigrationError {
         rounds: u64,
     },
     /// The destination's memory differs from the source's.
-    #[error("verification failed: {mismatches} pages differ (first: page {first:?})")]
+    #[error("verification failed: {mismatches} pages differ{}", listed(pages))]
     Verification {
         /// Pages that differ.
         mismatches: u64,
-        /// The first of them.
-        first: Option<u64>,
+        /// Which (ascending; at most 1024), when known.
+        pages: Vec<u64>,
+    },
+    /// The CRC table digests differ, and the pages could not be named.
+    #[error(
+        "verification failed: the CRC table digests differ (source {source_digest:016x}, destination {dest_digest:016x})"
+    )]
+    DigestMismatch {
+        /// The source's table digest.
+        source_digest: u64,
+        /// The destination's.
+        dest_digest: u64,
     },
     /// A local I/O failure.
     #[error("{what}: {source}")]
@@ -82,8 +160,25 @@ pub enum MigrationError {
     Config(String),
 }
 
+/// `" (pages 3, 17, ...)"` for an error message.
+fn listed(pages: &[u64]) -> String {
+    if pages.is_empty() {
+        return String::new();
+    }
+    let shown: Vec<String> = pages.iter().take(8).map(u64::to_string).collect();
+    format!(
+        " (page{} {}{})",
+        if pages.len() == 1 { "" } else { "s" },
+        shown.join(", "),
+        if pages.len() > 8 { ", ..." } else { "" }
+    )
+}
+
+/// Most page numbers a verdict lists.
+pub(crate) const LISTED_PAGES: usize = 1024;
+
 /// CRC32C of every page of `memory`, and the whole-memory digest (the page CRCs
-/// combined in order, equal to the CRC32C of all the bytes).
+/// combined in order, equal to the CRC32C of all the bytes). For `verify = "full"`.
 ///
 /// # Safety
 /// Nothing may write to `memory` during the call (the guest is paused, or the
@@ -105,25 +200,18 @@ pub(crate) unsafe fn page_crcs(memory: &crate::memory::GuestMemory) -> (Vec<u32>
     (crcs, digest)
 }
 
-/// CPUs to pin workers to, in order: the configured set, or every CPU.
-pub(crate) fn worker_cpus(config: &crate::transport::TransportConfig) -> Vec<usize> {
-    if !config.cpus.is_empty() {
-        return config.cpus.clone();
+/// The pages where two CRC lists differ (ascending, at most [`LISTED_PAGES`]) and how
+/// many there are.
+pub(crate) fn differing_pages(ours: &[u32], theirs: &[u32]) -> (u64, Vec<u64>) {
+    let mut count = 0u64;
+    let mut pages = Vec::new();
+    for (page, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        if a != b {
+            count += 1;
+            if pages.len() < LISTED_PAGES {
+                pages.push(page as u64);
+            }
+        }
     }
-    dwcp_hugepages::numa::topology()
-        .map(|t| t.nodes.into_iter().flat_map(|n| n.cpus).collect())
-        .unwrap_or_default()
-}
-
-/// Split this machine's CPUs between a source and a destination running side by side
-/// (the demo, tests, benchmarks): the first half for one, the rest for the other.
-pub fn split_cpus() -> (Vec<usize>, Vec<usize>) {
-    let all: Vec<usize> = dwcp_hugepages::numa::topology()
-        .map(|t| t.nodes.into_iter().flat_map(|n| n.cpus).collect())
-        .unwrap_or_default();
-    if all.len() < 2 {
-        return (all.clone(), all);
-    }
-    let (a, b) = all.split_at(all.len() / 2);
-    (a.to_vec(), b.to_vec())
+    (count, pages)
 }

@@ -1,7 +1,95 @@
-//! What a migration did, for the operator and for scripts (serialises to JSON).
+//! What a migration did, for the operator and for scripts (serialises to JSON), and
+//! what it is doing while it runs ([`Progress`]).
 
+use super::precopy::DowntimeEstimate;
+use crate::crc_table::AuditReport;
+use crate::transport::{StreamTelemetry, TransportKind, WorkerTelemetry};
 use serde::Serialize;
 use std::fmt;
+use std::time::Duration;
+
+/// A snapshot of a running migration, for live progress displays.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// Current round.
+    pub round: u64,
+    /// `setup`, `precopy`, `switchover`, `verify` or `audit`.
+    pub phase: &'static str,
+    /// Bytes of frames sent so far.
+    pub bytes_sent: u64,
+    /// Pages sent so far (all rounds).
+    pub pages_sent: u64,
+    /// Pages of guest memory.
+    pub memory_pages: u64,
+    /// Rounds completely sent (and their dirty pages collected).
+    pub rounds_done: u64,
+    /// Pages in the current round's dirty set.
+    pub round_pages: u64,
+    /// Pages of the current round already handed to workers.
+    pub round_pages_queued: u64,
+    /// Last measured dirty rate, bytes per second.
+    pub dirty_rate: f64,
+    /// Measured bandwidth, bytes per second (0 until a round has been sent).
+    pub bandwidth: f64,
+    /// Current throttle, percent.
+    pub throttle: u32,
+    /// Time since the start.
+    pub elapsed: Duration,
+    /// Latest counters per stream.
+    pub streams: Vec<StreamTelemetry>,
+    /// Latest counters per worker, with the commands queued to it.
+    pub workers: Vec<WorkerStatus>,
+    /// Streams the session opened.
+    pub connected_streams: u16,
+    /// Streams carrying pages now.
+    pub active_streams: u16,
+    /// The live-settings epoch in force (0 without live control).
+    pub epoch: u64,
+    /// The workers' transport now (live control may switch it).
+    pub transport: TransportKind,
+    /// Latest round trip of a ping on the control stream.
+    pub ping_rtt: Option<Duration>,
+    /// The downtime switching over now would cost, as last estimated.
+    pub estimated_downtime: Option<Duration>,
+}
+
+/// A worker's latest counters and the fill of its command ring.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WorkerStatus {
+    /// The worker's own counters (codec, staging, CPU time).
+    pub telemetry: WorkerTelemetry,
+    /// Commands queued to it and not yet taken.
+    pub queued_commands: usize,
+}
+
+/// The paused window as it happened, part by part, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct DowntimeMeasured {
+    /// Pausing the guest.
+    pub pause: f64,
+    /// The final dirty-log collection.
+    pub collect: f64,
+    /// Handing the final round to the kernel.
+    pub send: f64,
+    /// From there to the destination's verdict (the table digest exchange).
+    pub confirm: f64,
+    /// Checking all of memory (full verification only; within `confirm` for the
+    /// destination's share).
+    pub verify: f64,
+    /// Pause to verdict.
+    pub total: f64,
+}
+
+/// What the paused window was predicted to cost and what it cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct DowntimeReport {
+    /// The limit the switchover was planned against, seconds.
+    pub limit: f64,
+    /// The planner's estimate when it decided to switch over.
+    pub estimated: DowntimeEstimate,
+    /// What was measured.
+    pub measured: DowntimeMeasured,
+}
 
 /// One pre-copy round.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -75,16 +163,27 @@ pub struct MigrationReport {
     pub estimated_downtime: f64,
     /// Downtime measured from pausing the guest to the destination's verdict, seconds.
     pub measured_downtime: f64,
-    /// Of which: sending the final round.
+    /// Of which: the final round (collecting the last dirty pages and sending them).
     pub final_round_seconds: f64,
-    /// Of which: computing and exchanging the page CRCs and the verdict.
+    /// Of which: from the final round in the kernel to the destination's verdict.
     pub verify_seconds: f64,
     /// The downtime limit.
     pub downtime_limit: f64,
-    /// Pages the destination verified identical.
+    /// The paused window part by part, estimated and measured.
+    pub downtime: DowntimeReport,
+    /// Why the planner switched over when it did.
+    pub switchover_reason: String,
+    /// How the switchover was verified: `table`, `audit` or `full`.
+    pub verify: String,
+    /// Pages the destination verified: covered by the table digest (`table`,
+    /// `audit`), or compared one by one (`full`).
     pub verified_pages: u64,
-    /// Whole-memory CRC32C (both sides agree on it).
+    /// The digest both sides agree on: of the CRC tables, or of all of memory
+    /// (`full`).
     pub digest: String,
+    /// The post-switchover audit of the source's memory against its table
+    /// (`verify = "audit"`): pages a dirty log missed would show here.
+    pub audit: Option<AuditReport>,
     /// Dirty tracker used.
     pub dirty_log: String,
     /// How the bytes moved.
@@ -230,19 +329,66 @@ impl fmt::Display for MigrationReport {
                 )?;
             }
         }
+        let d = &self.downtime;
         writeln!(
             f,
-            "downtime: estimated {:.1} ms, measured {:.1} ms (final round {:.1} ms, verification {:.1} ms; limit {:.0} ms)",
+            "downtime: estimated {:.1} ms, measured {:.1} ms (limit {:.0} ms; {})",
             self.estimated_downtime * 1e3,
             self.measured_downtime * 1e3,
-            self.final_round_seconds * 1e3,
-            self.verify_seconds * 1e3,
-            self.downtime_limit * 1e3
+            self.downtime_limit * 1e3,
+            self.switchover_reason
         )?;
+        writeln!(
+            f,
+            "  paused window, estimated / measured ms: collect {:.1} / {:.1}, send {} pages {:.1} / {:.1}, confirm {:.1} / {:.1}{}; pause {:.2}",
+            d.estimated.collect * 1e3,
+            d.measured.collect * 1e3,
+            d.estimated.pages,
+            d.estimated.send * 1e3,
+            d.measured.send * 1e3,
+            d.estimated.confirm * 1e3,
+            d.measured.confirm * 1e3,
+            if self.verify == "full" {
+                format!(
+                    ", verify {:.1} / {:.1}",
+                    d.estimated.verify * 1e3,
+                    d.measured.verify * 1e3
+                )
+            } else {
+                String::new()
+            },
+            d.measured.pause * 1e3,
+        )?;
+        let how = match self.verify.as_str() {
+            "full" => "compared page by page",
+            _ => "CRC tables agree",
+        };
         write!(
             f,
-            "destination verified: {} pages identical (digest {})",
-            self.verified_pages, self.digest
-        )
+            "destination verified: {} pages, {how} (digest {}; verify = {})",
+            self.verified_pages, self.digest, self.verify
+        )?;
+        if let Some(a) = &self.audit {
+            write!(
+                f,
+                "\naudit after the switchover: {} pages checked in {:.0} ms ({:.1} GB/s on {} threads): ",
+                a.pages_checked,
+                a.seconds * 1e3,
+                a.bytes_per_second / 1e9,
+                a.threads
+            )?;
+            if a.mismatched == 0 {
+                write!(f, "every page matches what was sent")?;
+            } else {
+                write!(
+                    f,
+                    "{} PAGES DIFFER from what was sent (the dirty log missed writes; the destination holds stale copies): {:?}{}",
+                    a.mismatched,
+                    &a.pages[..a.pages.len().min(32)],
+                    if a.pages.len() > 32 { " ..." } else { "" }
+                )?;
+            }
+        }
+        Ok(())
     }
 }

@@ -9,7 +9,8 @@
 //! last byte lands.
 
 use crate::codec::zstd::Decompressor;
-use crate::dirty::{DirtyBitmap, SentCrcs};
+use crate::crc_table::{CrcTable, Recorder};
+use crate::dirty::DirtyBitmap;
 use crate::memory::{GuestMemory, PAGE_SIZE, zero_page_crc};
 use crate::wire::{
     CHUNK_PAGES, FRAME_HEADER_LEN, FrameHeader, FrameKind, FrameLimits, MAX_BATCH, PAGE_CRC_LEN,
@@ -51,7 +52,8 @@ enum Open {
 /// a non-zero page after zeros lands exactly where a new raw frame starts. So every
 /// page is copied exactly once.
 ///
-/// When `sent` is given, the CRC of every staged page is recorded there.
+/// When `table` is given, the CRC of every staged page is recorded there (the source's
+/// CRC table).
 ///
 /// # Panics
 /// If `buf` is shorter than [`stage_space`]`(count)`.
@@ -60,7 +62,7 @@ pub fn stage_run(
     first: u64,
     count: u32,
     buf: &mut [u8],
-    sent: Option<&SentCrcs>,
+    table: Option<Recorder<'_>>,
 ) -> Staged {
     assert!(buf.len() >= stage_space(count), "stage buffer too small");
     let kernels = dwcp_simd::Kernels::active();
@@ -98,8 +100,8 @@ pub fn stage_run(
         memory.read_page(page, content);
         let zero = kernels.is_zero(content);
         let crc = if zero { 0 } else { kernels.crc32c(content) };
-        if let Some(sent) = sent {
-            sent.record(page, if zero { zero_page_crc() } else { crc });
+        if let Some(table) = table {
+            table.record(page, if zero { zero_page_crc() } else { crc });
         }
         open = match (open, zero) {
             (Open::Zero { at, first, count }, true) => Open::Zero {
@@ -229,6 +231,8 @@ pub struct FrameParser {
     round_pages: u32,
     next_round: u64,
     counters: RxCounters,
+    /// The destination's CRC table: every page placed is recorded with its CRC.
+    table: Option<Arc<CrcTable>>,
 }
 
 impl FrameParser {
@@ -259,6 +263,21 @@ impl FrameParser {
             round_pages: 0,
             next_round: 0,
             counters: RxCounters::default(),
+            table: None,
+        }
+    }
+
+    /// Record every page placed, with its CRC, in `table` (the destination's table).
+    pub fn with_table(mut self, table: Arc<CrcTable>) -> Self {
+        self.table = Some(table);
+        self
+    }
+
+    /// Page `page` now holds content of CRC `crc` (checked).
+    #[inline]
+    fn placed(&self, page: u64, crc: u32) {
+        if let Some(table) = &self.table {
+            table.record(page, crc, self.stream);
         }
     }
 
@@ -396,6 +415,7 @@ impl FrameParser {
                         });
                     }
                     self.written(page);
+                    self.placed(page, crc);
                     self.counters.raw_pages += 1;
                     self.round_pages += 1;
                     self.state = if left > 1 {
@@ -517,6 +537,7 @@ impl FrameParser {
             if !fresh {
                 self.memory.zero_page(page);
             }
+            self.placed(page, zero_page_crc());
         }
         self.counters.zero_pages += u64::from(count);
         self.round_pages += count;
@@ -534,6 +555,7 @@ impl FrameParser {
         }
         self.memory.write_page(page, &self.scratch[..]);
         self.written(page);
+        self.placed(page, found);
         self.round_pages += 1;
         Ok(())
     }

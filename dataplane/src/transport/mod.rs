@@ -25,7 +25,7 @@ pub mod uring;
 
 use crate::codec::zstd::Dictionary;
 use crate::codec::{CodecCounters, CodecSettings, CodecSetup};
-use crate::dirty::SentCrcs;
+use crate::crc_table::CrcTable;
 use crate::memory::GuestMemory;
 use crate::ring::{Consumer, Producer};
 use socket::{SocketOptions, TcpInfoSample};
@@ -429,8 +429,8 @@ impl RxEvent {
 pub struct TxSetup {
     /// Guest memory.
     pub memory: Arc<GuestMemory>,
-    /// Where to record the CRC of each page sent, when the dirty log wants it.
-    pub sent: Option<Arc<SentCrcs>>,
+    /// The source's CRC table: the CRC of every page sent is recorded there.
+    pub table: Arc<CrcTable>,
     /// Codec limits, when the session may use codecs.
     pub codec: Option<CodecSetup>,
 }
@@ -446,6 +446,8 @@ pub struct RxSetup {
     pub memory_is_fresh: bool,
     /// Frame kinds the session negotiated ([`crate::wire::caps`]).
     pub capabilities: u64,
+    /// The destination's CRC table: every page placed is recorded there.
+    pub table: Arc<CrcTable>,
 }
 
 impl RxSetup {
@@ -458,6 +460,7 @@ impl RxSetup {
             self.memory_is_fresh,
         )
         .with_capabilities(self.capabilities)
+        .with_table(self.table.clone())
     }
 }
 

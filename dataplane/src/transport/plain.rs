@@ -9,7 +9,7 @@ use super::{
     push_event,
 };
 use crate::codec::{CodecSetup, StreamCodec, WorkerCodec};
-use crate::dirty::SentCrcs;
+use crate::crc_table::CrcTable;
 use crate::memory::GuestMemory;
 use crate::ring::{self, Consumer, Producer};
 use crate::transport::socket;
@@ -53,7 +53,7 @@ struct PlainTx {
     id: u16,
     socket: TcpStream,
     memory: Arc<GuestMemory>,
-    sent: Option<Arc<SentCrcs>>,
+    table: Arc<CrcTable>,
     buf: Vec<u8>,
     /// Bytes waiting in `buf`.
     len: usize,
@@ -83,7 +83,7 @@ impl PlainTx {
     ) -> Self {
         let TxSetup {
             memory,
-            sent,
+            table,
             codec,
         } = setup;
         let send_size = config
@@ -96,7 +96,7 @@ impl PlainTx {
             id,
             socket,
             memory,
-            sent,
+            table,
             buf: vec![0u8; capacity],
             len: 0,
             send_size,
@@ -170,7 +170,8 @@ impl PlainTx {
                 self.flush_batch()?;
             }
             let (codec, batch, _) = self.codec.as_mut().expect("coding");
-            let run = codec.encode_run(batch, &self.memory, first, count, self.sent.as_deref());
+            let recorder = Some(self.table.recorder(self.id));
+            let run = codec.encode_run(batch, &self.memory, first, count, recorder);
             self.round_zero += u64::from(run.zero_pages);
             self.round_content += u64::from(run.content_pages);
         } else {
@@ -181,7 +182,7 @@ impl PlainTx {
                 first,
                 count,
                 &mut self.buf[self.len..],
-                self.sent.as_deref(),
+                Some(self.table.recorder(self.id)),
             );
             self.len += staged.bytes;
             self.round_zero += u64::from(staged.zero_pages);

@@ -27,7 +27,7 @@ use super::{
     push_event,
 };
 use crate::codec::{CodecSetup, StreamCodec, WorkerCodec};
-use crate::dirty::SentCrcs;
+use crate::crc_table::CrcTable;
 use crate::memory::GuestMemory;
 use crate::ring::{self, Consumer, Producer};
 use crate::transport::frames::FrameParser;
@@ -316,8 +316,8 @@ struct TxWorkerState {
     awaiting_notif: Vec<(u32, Option<BufToken>)>,
     streams: Vec<TxStream>,
     memory: Arc<GuestMemory>,
-    /// Where to record the CRC of each page sent, when the dirty log wants it.
-    sent: Option<Arc<SentCrcs>>,
+    /// The source's CRC table: the CRC of every page sent is recorded there.
+    table: Arc<CrcTable>,
     worker: usize,
     zero_copy: bool,
     /// Whether the worker started with zero-copy (only then may it be turned back on).
@@ -438,7 +438,7 @@ impl TxWorkerState {
     ) -> std::io::Result<Self> {
         let TxSetup {
             memory,
-            sent,
+            table,
             codec,
         } = setup;
         // A zero-copy buffer is pinned until the receiver has consumed its bytes, a
@@ -504,7 +504,7 @@ impl TxWorkerState {
                 })
                 .collect(),
             memory,
-            sent,
+            table,
             worker,
             zero_copy,
             zero_copy_capable: zero_copy,
@@ -872,7 +872,7 @@ impl TxWorkerState {
             first,
             count,
             &mut buf[*len..],
-            self.sent.as_deref(),
+            Some(self.table.recorder(st.id)),
         );
         *len += staged.bytes;
         self.round_zero += u64::from(staged.zero_pages);
@@ -893,10 +893,12 @@ impl TxWorkerState {
         if full && !self.flush_batch(i) {
             return false;
         }
+        let id = self.streams[i].id;
         let (Some(codec), Some(batch)) = (&mut self.codec, &mut self.streams[i].codec) else {
             return self.stage_raw(i, first, count);
         };
-        let run = codec.encode_run(batch, &self.memory, first, count, self.sent.as_deref());
+        let recorder = Some(self.table.recorder(id));
+        let run = codec.encode_run(batch, &self.memory, first, count, recorder);
         self.round_zero += u64::from(run.zero_pages);
         self.round_raw += u64::from(run.content_pages);
         true

@@ -1,0 +1,392 @@
+//! Opening a session (source) and accepting one (destination): the control stream's
+//! hello and welcome, the capabilities both sides grant, the destination's memory, and
+//! the data streams, each identified by its stream hello. Also the control stream as
+//! both sides use it afterwards ([`ControlLink`]).
+
+use super::{DestConfig, DestMemory, MigrationError, SourceConfig};
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::transport::socket;
+use crate::wire::{
+    self, CONTROL_MAGIC, ControlMessage, ControlReadError, Handshake, STREAM_HELLO_LEN,
+    StreamHello, WireError, caps, write_control,
+};
+use crossbeam::channel::{Receiver, RecvTimeoutError, TryRecvError};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub(super) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
+    let what = what.into();
+    move |source| MigrationError::Io { what, source }
+}
+
+/// What a source has once the destination welcomed it.
+pub(super) struct Opened {
+    /// The control stream.
+    pub control: TcpStream,
+    /// The data streams, by id.
+    pub streams: Vec<(u16, TcpStream)>,
+    /// Capabilities the destination granted.
+    pub accepted: u64,
+    /// What configuring the sockets could not do.
+    pub notes: Vec<String>,
+}
+
+fn connect(peer: SocketAddr, timeout: Duration) -> Result<TcpStream, MigrationError> {
+    TcpStream::connect_timeout(&peer, timeout).map_err(|source| MigrationError::Connect {
+        peer: peer.to_string(),
+        source,
+    })
+}
+
+/// Open a session to `peer` for `memory_bytes` of guest memory: hello, welcome, then
+/// every data stream.
+pub(super) fn open(
+    peer: SocketAddr,
+    memory_bytes: u64,
+    config: &SourceConfig,
+) -> Result<Opened, MigrationError> {
+    let mut control = connect(peer, config.connect_timeout)?;
+    control
+        .set_read_timeout(Some(config.reply_timeout))
+        .map_err(io("control stream timeout"))?;
+    let _ = control.set_nodelay(true);
+    let session_id = random_session_id();
+    let hello = Handshake {
+        magic: CONTROL_MAGIC,
+        version: wire::VERSION,
+        session_id,
+        memory_bytes,
+        page_size: PAGE_SIZE as u32,
+        streams: config.streams,
+        capabilities: caps::ALL,
+    };
+    write_control(&mut control, &ControlMessage::Hello(hello))
+        .map_err(io("sending the handshake"))?;
+    let accepted = match wire::read_control(&mut control) {
+        Ok(ControlMessage::Welcome { capabilities }) => capabilities,
+        Ok(ControlMessage::Refused { reason }) => return Err(MigrationError::Refused(reason)),
+        Ok(other) => {
+            return Err(WireError::Unexpected(format!("{other:?} instead of a welcome")).into());
+        }
+        Err(e) => return Err(control_error(e, "waiting for the destination's welcome")),
+    };
+    // Data streams connect concurrently: one after another would cost a round trip
+    // each, seconds of setup across a long path with many streams.
+    let opened: Vec<Result<(TcpStream, Vec<String>), MigrationError>> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..config.streams)
+                .map(|id| {
+                    scope.spawn(move || {
+                        let mut s = connect(peer, config.connect_timeout)?;
+                        let notes = socket::configure(&s, &config.transport.socket);
+                        s.write_all(
+                            &StreamHello {
+                                session_id,
+                                stream_id: id,
+                            }
+                            .encode(),
+                        )
+                        .map_err(io(format!("opening data stream {id}")))?;
+                        Ok((s, notes))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(io("opening a data stream")(std::io::Error::other(
+                            "connecting thread panicked",
+                        )))
+                    })
+                })
+                .collect()
+        });
+    let mut streams = Vec::with_capacity(usize::from(config.streams));
+    let mut notes = Vec::new();
+    for (id, result) in (0..config.streams).zip(opened) {
+        let (s, stream_notes) = result?;
+        notes.extend(stream_notes);
+        streams.push((id, s));
+    }
+    Ok(Opened {
+        control,
+        streams,
+        accepted,
+        notes,
+    })
+}
+
+/// What a destination has once it welcomed a source and every data stream arrived.
+pub(super) struct Accepted {
+    /// The control stream.
+    pub control: TcpStream,
+    /// Data streams, by id.
+    pub streams: Vec<(u16, TcpStream)>,
+    /// Capabilities granted.
+    pub granted: u64,
+    /// Where pages go.
+    pub memory: Arc<GuestMemory>,
+    /// The memory is known to be all zeros.
+    pub fresh: bool,
+}
+
+/// Accept one connection within `deadline`.
+fn accept_by(listener: &TcpListener, deadline: Instant) -> Result<TcpStream, MigrationError> {
+    listener.set_nonblocking(true).map_err(io("listener"))?;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).map_err(io("accepted socket"))?;
+                listener.set_nonblocking(false).map_err(io("listener"))?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    let _ = listener.set_nonblocking(false);
+                    return Err(MigrationError::Transport(
+                        "timed out waiting for the source to connect".into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(io("accepting a connection")(e)),
+        }
+    }
+}
+
+/// A control stream read error, with context.
+fn control_error(e: ControlReadError, what: &str) -> MigrationError {
+    match e {
+        ControlReadError::Wire(w) => MigrationError::Protocol(w),
+        ControlReadError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            MigrationError::Protocol(WireError::UnexpectedEof("control stream"))
+        }
+        ControlReadError::Io(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            MigrationError::Transport(format!("{what}: timed out"))
+        }
+        ControlReadError::Io(e) => io(what)(e),
+    }
+}
+
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Accept one session on `listener`: the hello (refused with a reason when invalid),
+/// the memory it needs, the welcome, then every data stream. A refusal tells the
+/// source why before returning the error.
+pub(super) fn accept(
+    listener: &TcpListener,
+    memory: DestMemory,
+    config: &DestConfig,
+) -> Result<Accepted, MigrationError> {
+    let deadline = Instant::now() + config.timeout;
+    let mut control = accept_by(listener, deadline)?;
+    control
+        .set_read_timeout(Some(config.timeout))
+        .map_err(io("control stream timeout"))?;
+    let _ = control.set_nodelay(true);
+    let refuse = |control: &mut TcpStream, err: MigrationError| -> MigrationError {
+        let _ = write_control(
+            control,
+            &ControlMessage::Refused {
+                reason: err.to_string(),
+            },
+        );
+        err
+    };
+    let hello = match wire::read_control(&mut control) {
+        Ok(ControlMessage::Hello(h)) => h,
+        Ok(other) => {
+            let err = WireError::Unexpected(format!("{other:?} instead of a handshake"));
+            return Err(refuse(&mut control, err.into()));
+        }
+        Err(e) => {
+            let err = control_error(e, "reading the handshake");
+            if let MigrationError::Protocol(_) = &err {
+                return Err(refuse(&mut control, err));
+            }
+            return Err(err);
+        }
+    };
+    let provided_len = match &memory {
+        DestMemory::Provided(m) => Some(m.len() as u64),
+        DestMemory::Allocate(_) => None,
+    };
+    if let Err(e) = hello.validate(provided_len) {
+        return Err(refuse(&mut control, e.into()));
+    }
+    let (memory, fresh) = match memory {
+        DestMemory::Provided(m) => (m, false),
+        DestMemory::Allocate(prefer) => {
+            if let Some(avail) = available_memory()
+                && hello.memory_bytes > avail
+            {
+                let e = MigrationError::Refused(format!(
+                    "guest memory of {} bytes does not fit ({avail} bytes available)",
+                    hello.memory_bytes
+                ));
+                return Err(refuse(&mut control, e));
+            }
+            match GuestMemory::anonymous(hello.memory_bytes as usize, prefer) {
+                Ok(m) => {
+                    // Fault it in ahead of the page stream (zeroing fresh memory on first
+                    // touch would otherwise run inside it), on a thread of its own so the
+                    // seconds a large guest takes overlap the session's setup rather than
+                    // delay it. Populating never changes content, so pages that arrive
+                    // first are safe.
+                    let m = Arc::new(m);
+                    let populating = m.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("dwcp-populate".into())
+                        .spawn(move || populating.populate());
+                    (m, true)
+                }
+                Err(e) => return Err(refuse(&mut control, MigrationError::Refused(e.to_string()))),
+            }
+        }
+    };
+    let granted = hello.capabilities & caps::ALL & config.capabilities;
+    write_control(
+        &mut control,
+        &ControlMessage::Welcome {
+            capabilities: granted,
+        },
+    )
+    .map_err(io("sending the welcome"))?;
+
+    // The data streams, in any order, each identified by its hello.
+    let streams = hello.streams;
+    let mut data: Vec<Option<TcpStream>> = (0..streams).map(|_| None).collect();
+    for _ in 0..streams {
+        let mut s = accept_by(listener, deadline)?;
+        s.set_read_timeout(Some(config.timeout))
+            .map_err(io("data stream timeout"))?;
+        let mut bytes = [0u8; STREAM_HELLO_LEN];
+        s.read_exact(&mut bytes)
+            .map_err(io("reading a data stream's hello"))?;
+        let stream_hello = StreamHello::decode(&bytes, hello.session_id, streams)
+            .map_err(|e| refuse(&mut control, e.into()))?;
+        let slot = &mut data[usize::from(stream_hello.stream_id)];
+        if slot.is_some() {
+            let e = WireError::BadStreamId {
+                id: stream_hello.stream_id,
+                reason: "opened twice",
+            };
+            return Err(refuse(&mut control, e.into()));
+        }
+        socket::configure(&s, &config.transport.socket);
+        *slot = Some(s);
+    }
+    let streams = data
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.map(|s| (i as u16, s)))
+        .collect();
+    Ok(Accepted {
+        control,
+        streams,
+        granted,
+        memory,
+        fresh,
+    })
+}
+
+fn random_session_id() -> u128 {
+    let mut bytes = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        bytes = (t ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
+    }
+    u128::from_le_bytes(bytes)
+}
+
+/// The control stream once the session is open: writes from the session's thread,
+/// reads on a thread of its own (blocking reads), handed over through a channel.
+pub(super) struct ControlLink {
+    stream: TcpStream,
+    incoming: Receiver<Result<ControlMessage, ControlReadError>>,
+}
+
+impl ControlLink {
+    /// Start reading `stream` on a thread of its own.
+    pub fn new(stream: TcpStream) -> Result<Self, MigrationError> {
+        let mut reader = stream
+            .try_clone()
+            .map_err(io("cloning the control stream"))?;
+        let _ = reader.set_read_timeout(None);
+        let (tx, incoming) = crossbeam::channel::bounded(1024);
+        std::thread::Builder::new()
+            .name("dwcp-ctl-rx".into())
+            .spawn(move || {
+                loop {
+                    let msg = wire::read_control(&mut reader);
+                    let stop = msg.is_err();
+                    if tx.send(msg).is_err() || stop {
+                        return;
+                    }
+                }
+            })
+            .map_err(io("starting the control reader"))?;
+        Ok(ControlLink { stream, incoming })
+    }
+
+    /// Send one message.
+    pub fn send(&mut self, msg: &ControlMessage) -> Result<(), MigrationError> {
+        write_control(&mut self.stream, msg).map_err(io("writing to the control stream"))
+    }
+
+    /// Send one message, ignoring failure (the session is over anyway).
+    pub fn send_best_effort(&mut self, msg: &ControlMessage) {
+        let _ = write_control(&mut self.stream, msg);
+    }
+
+    /// The next message if one has arrived.
+    pub fn try_recv(&self) -> Result<Option<ControlMessage>, MigrationError> {
+        match self.incoming.try_recv() {
+            Ok(Ok(msg)) => Ok(Some(msg)),
+            Ok(Err(e)) => Err(control_error(e, "reading the control stream")),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => {
+                Err(WireError::UnexpectedEof("control stream").into())
+            }
+        }
+    }
+
+    /// The next message, waiting at most `timeout`.
+    pub fn recv_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<ControlMessage>, MigrationError> {
+        match self.incoming.recv_timeout(timeout) {
+            Ok(Ok(msg)) => Ok(Some(msg)),
+            Ok(Err(e)) => Err(control_error(e, "reading the control stream")),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(WireError::UnexpectedEof("control stream").into())
+            }
+        }
+    }
+
+    /// Close both directions (the reader thread then ends).
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}

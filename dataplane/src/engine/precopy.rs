@@ -1,0 +1,638 @@
+//! The pre-copy planner: after each round, continue (perhaps throttling the guest),
+//! switch over, or give up — and what the switchover would cost.
+//!
+//! Sans-IO: a plain function of the measurements the engine feeds it (a round's pages,
+//! bytes and seconds, the pages dirtied meanwhile, what collecting them cost, how long
+//! the destination took to acknowledge rounds) and of the elapsed time it is told. No
+//! sockets, clocks or threads, so every policy below is tested on synthetic round
+//! sequences.
+//!
+//! # The downtime estimate
+//! Everything that happens while the guest is paused, each part from its own
+//! measurement:
+//! - **collect**: the final dirty-log collection, as long as the quickest of the last
+//!   few took;
+//! - **send**: the final round handed to the kernel, `overhead + bytes / rate`, with the
+//!   rate and per-round overhead fitted (least squares) to the recent rounds' bytes and
+//!   send times, and the bytes from the last round's bytes per page;
+//! - **confirm**: from the last byte in the kernel to the destination's verdict: the
+//!   quickest acknowledgement of a round seen in the session (the final round's is no
+//!   slower: nothing else is in flight then), or before any, the quickest round trip
+//!   of a ping on the control stream;
+//! - **verify**: checking all of memory, only when the configuration asks for it
+//!   (`verify = "full"`); zero otherwise, since the table digest costs nothing there.
+//!
+//! The parts that do not scale with the dirty set (collect, confirm, the per-round
+//! overhead) take the quickest figures seen: they are what the machine and the path can
+//! do, and a sample the scheduler delayed says little about the switchover, which runs
+//! with the guest paused and nothing else of the migration in flight.
+//!
+//! # Convergence
+//! Auto-converge follows QEMU's (`cpu-throttle-initial` 20, `cpu-throttle-increment`
+//! 10, at most 99%): two rounds in a row that shrink the dirty set by less than 10% step
+//! the throttle up — unless the fixed parts alone exceed the limit, which no throttle
+//! can change (the abort then says so). A round cut short (for a live change of streams
+//! or transport) says nothing about convergence and is left out of the send-rate fit.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Rounds the send-rate fit looks back over: few, so that a change of the link shows
+/// within a round or two.
+const FIT_WINDOW: usize = 4;
+/// Dirty-log collections the collect estimate looks back over.
+const COLLECT_WINDOW: usize = 4;
+/// The bytes per page of a final round never go below this share of a raw page (a round
+/// of zero pages costs little, the next may not).
+const MIN_PAGE_SHARE: f64 = 0.1;
+
+/// What the planner works towards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannerConfig {
+    /// Switch over when the estimated downtime is at most this.
+    pub downtime_limit: Duration,
+    /// Give up after this many rounds without converging.
+    pub max_rounds: u32,
+    /// Give up after this long without converging.
+    pub max_duration: Duration,
+    /// Throttle the guest when rounds stop shrinking.
+    pub auto_converge: bool,
+    /// Bytes a raw page takes on the wire (its frame share included).
+    pub raw_page_bytes: f64,
+    /// Seconds to check all of memory at the switchover (`verify = "full"`), else 0.
+    pub verify_seconds: f64,
+}
+
+/// One round, as the engine measured it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoundMeasurement {
+    /// The round (0 sends all of memory).
+    pub round: u64,
+    /// Pages sent.
+    pub pages: u64,
+    /// Bytes of frames sent.
+    pub bytes: u64,
+    /// From the first page queued to the last byte in the kernel, seconds.
+    pub send_seconds: f64,
+    /// Pages due in the next round (dirtied meanwhile, plus any left unsent).
+    pub dirtied_pages: u64,
+    /// What collecting the dirty pages cost, seconds.
+    pub collect_seconds: f64,
+    /// The round was cut short for a live change.
+    pub ended_early: bool,
+    /// Time since round 0 began, seconds.
+    pub elapsed: f64,
+}
+
+/// What a switchover would cost now, part by part, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct DowntimeEstimate {
+    /// Pages the final round would carry.
+    pub pages: u64,
+    /// The final dirty-log collection.
+    pub collect: f64,
+    /// Handing the final round to the kernel.
+    pub send: f64,
+    /// The destination receiving the rest, checking the table digest and answering.
+    pub confirm: f64,
+    /// Checking all of memory (full verification only).
+    pub verify: f64,
+    /// The sum.
+    pub total: f64,
+}
+
+/// The planner's decision after a round.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Send another round; `throttle` is the new guest throttle when it changes.
+    Continue {
+        /// The throttle to apply, percent, if it changed.
+        throttle: Option<u32>,
+    },
+    /// Pause the guest and send the final round.
+    SwitchOver,
+    /// Give up; the source stays intact.
+    Abort {
+        /// Why, for the operator.
+        reason: String,
+    },
+}
+
+/// A decision with its estimate and the reason, for reports and logs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// What to do.
+    pub decision: Decision,
+    /// What switching over after this round would cost.
+    pub estimate: DowntimeEstimate,
+    /// One line on why.
+    pub why: String,
+}
+
+/// The pre-copy policy's state across rounds.
+#[derive(Debug, Clone)]
+pub struct Planner {
+    config: PlannerConfig,
+    /// Recent full rounds: (bytes, send seconds).
+    sends: VecDeque<(f64, f64)>,
+    /// The quickest acknowledgement of a round, seconds.
+    quickest_ack: Option<f64>,
+    rtt: Option<f64>,
+    bytes_per_page: f64,
+    /// Recent collection times, seconds.
+    collects: VecDeque<f64>,
+    previous_dirty: u64,
+    stuck: u32,
+    throttle: u32,
+}
+
+impl Planner {
+    /// A planner for one migration.
+    pub fn new(config: PlannerConfig) -> Self {
+        Planner {
+            bytes_per_page: config.raw_page_bytes,
+            config,
+            sends: VecDeque::new(),
+            quickest_ack: None,
+            rtt: None,
+            collects: VecDeque::new(),
+            previous_dirty: u64::MAX,
+            stuck: 0,
+            throttle: 0,
+        }
+    }
+
+    /// The downtime limit changed (a live setting).
+    pub fn set_downtime_limit(&mut self, limit: Duration) {
+        self.config.downtime_limit = limit;
+    }
+
+    /// The limit in force.
+    pub fn downtime_limit(&self) -> Duration {
+        self.config.downtime_limit
+    }
+
+    /// The throttle in force, percent.
+    pub fn throttle(&self) -> u32 {
+        self.throttle
+    }
+
+    /// The destination acknowledged a round `lag` seconds after its last byte was in
+    /// the kernel.
+    pub fn round_acknowledged(&mut self, lag: f64) {
+        if lag.is_finite() && lag >= 0.0 {
+            self.quickest_ack = Some(self.quickest_ack.map_or(lag, |q| q.min(lag)));
+        }
+    }
+
+    /// A round trip of the control stream took `rtt` seconds.
+    pub fn round_trip(&mut self, rtt: f64) {
+        if rtt.is_finite() && rtt >= 0.0 {
+            // The quickest seen: a ping delayed by a busy machine says little about the
+            // path.
+            self.rtt = Some(self.rtt.map_or(rtt, |r| r.min(rtt)));
+        }
+    }
+
+    /// Bytes per second and per-round overhead of sending, fitted to recent rounds.
+    pub fn send_model(&self) -> (f64, f64) {
+        fit_send_model(&self.sends)
+    }
+
+    /// What switching over with `pages` dirty pages would cost now.
+    pub fn estimate(&self, pages: u64) -> DowntimeEstimate {
+        let (rate, overhead) = self.send_model();
+        let bytes = pages as f64 * self.bytes_per_page;
+        let send = if pages == 0 {
+            0.0
+        } else {
+            overhead + bytes / rate
+        };
+        // An acknowledgement is itself at least a round trip (the round's last bytes
+        // one way, the answer back), measured the way the verdict will come; a ping
+        // stands in until one arrives.
+        let confirm = self.quickest_ack.or(self.rtt).unwrap_or(0.0);
+        let collect = self.collects.iter().copied().fold(f64::INFINITY, f64::min);
+        let collect = if collect.is_finite() { collect } else { 0.0 };
+        let verify = self.config.verify_seconds;
+        DowntimeEstimate {
+            pages,
+            collect,
+            send,
+            confirm,
+            verify,
+            total: collect + send + confirm + verify,
+        }
+    }
+
+    /// Round `m` is done: decide.
+    pub fn round_done(&mut self, m: RoundMeasurement) -> Plan {
+        if !m.ended_early && m.bytes > 0 && m.send_seconds > 0.0 {
+            push_bounded(
+                &mut self.sends,
+                (m.bytes as f64, m.send_seconds),
+                FIT_WINDOW,
+            );
+        }
+        if m.pages > 0 {
+            self.bytes_per_page =
+                (m.bytes as f64 / m.pages as f64).max(self.config.raw_page_bytes * MIN_PAGE_SHARE);
+        }
+        if m.collect_seconds.is_finite() && m.collect_seconds >= 0.0 {
+            push_bounded(&mut self.collects, m.collect_seconds, COLLECT_WINDOW);
+        }
+        let estimate = self.estimate(m.dirtied_pages);
+        let limit = self.config.downtime_limit.as_secs_f64();
+        let ms = |s: f64| s * 1e3;
+        if estimate.total <= limit {
+            return Plan {
+                decision: Decision::SwitchOver,
+                why: format!(
+                    "{} pages left: estimated downtime {:.1} ms within the {:.0} ms limit",
+                    m.dirtied_pages,
+                    ms(estimate.total),
+                    ms(limit)
+                ),
+                estimate,
+            };
+        }
+        // What a switchover costs with nothing to send: no throttle changes that.
+        let fixed = self.estimate(0).total + self.send_model().1;
+        let fixed_too_slow = fixed > limit;
+        if m.round + 1 >= u64::from(self.config.max_rounds)
+            || m.elapsed >= self.config.max_duration.as_secs_f64()
+        {
+            let throttle = if self.config.auto_converge {
+                format!(" (throttle at {}%)", self.throttle)
+            } else {
+                " (auto-converge off)".to_string()
+            };
+            let reason = if fixed_too_slow {
+                format!(
+                    "not converging: a switchover costs {:.1} ms before any page (collect {:.1}, confirm {:.1}, per-round overhead {:.1}{}), over the {:.0} ms limit whatever the guest does{throttle}",
+                    ms(fixed),
+                    ms(estimate.collect),
+                    ms(estimate.confirm),
+                    ms(self.send_model().1),
+                    if estimate.verify > 0.0 {
+                        format!(", checking all memory {:.1}", ms(estimate.verify))
+                    } else {
+                        String::new()
+                    },
+                    ms(limit)
+                )
+            } else {
+                format!(
+                    "not converging: {} pages dirtied in the last round, estimated downtime {:.0} ms over the {:.0} ms limit{throttle}",
+                    m.dirtied_pages,
+                    ms(estimate.total),
+                    ms(limit),
+                )
+            };
+            return Plan {
+                decision: Decision::Abort {
+                    reason: reason.clone(),
+                },
+                why: reason,
+                estimate,
+            };
+        }
+        // Auto-converge: two rounds in a row that shrink by less than 10% step the
+        // throttle up.
+        if m.ended_early || fixed_too_slow {
+            // Not a measure of convergence: the round was cut short, or the guest's
+            // writes are not what keeps the estimate over the limit.
+        } else if m.dirtied_pages.saturating_mul(10) >= self.previous_dirty.saturating_mul(9) {
+            self.stuck += 1;
+        } else {
+            self.stuck = 0;
+        }
+        self.previous_dirty = m.dirtied_pages;
+        let mut throttle = None;
+        if self.config.auto_converge && self.stuck >= 2 {
+            self.throttle = if self.throttle == 0 {
+                20
+            } else {
+                (self.throttle + 10).min(99)
+            };
+            throttle = Some(self.throttle);
+            self.stuck = 0;
+        }
+        Plan {
+            decision: Decision::Continue { throttle },
+            why: format!(
+                "{} pages left: estimated downtime {:.1} ms over the {:.0} ms limit{}",
+                m.dirtied_pages,
+                ms(estimate.total),
+                ms(limit),
+                match throttle {
+                    Some(t) => format!("; throttle to {t}%"),
+                    None => String::new(),
+                }
+            ),
+            estimate,
+        }
+    }
+}
+
+fn push_bounded<T>(q: &mut VecDeque<T>, x: T, bound: usize) {
+    if q.len() == bound {
+        q.pop_front();
+    }
+    q.push_back(x);
+}
+
+/// `(rate, overhead)`: the least-squares line `seconds = overhead + bytes / rate` through
+/// `(bytes, seconds)` samples. Where no overhead is separable — one sample, samples of
+/// one size, or a fit that puts most of a round's time in its overhead (the link
+/// changed between the samples, which a line cannot express) — the rate is the latest
+/// round's, with no overhead. With no samples, 1 GB/s.
+fn fit_send_model(samples: &VecDeque<(f64, f64)>) -> (f64, f64) {
+    let Some(&(last_bytes, last_seconds)) = samples.back() else {
+        return (1e9, 0.0);
+    };
+    let latest = (last_bytes / last_seconds.max(1e-9), 0.0);
+    if samples.len() < 2 {
+        return latest;
+    }
+    let n = samples.len() as f64;
+    let mean_x = samples.iter().map(|s| s.0).sum::<f64>() / n;
+    let mean_y = samples.iter().map(|s| s.1).sum::<f64>() / n;
+    let sxx: f64 = samples.iter().map(|s| (s.0 - mean_x).powi(2)).sum();
+    let sxy: f64 = samples
+        .iter()
+        .map(|s| (s.0 - mean_x) * (s.1 - mean_y))
+        .sum();
+    // Rounds of (nearly) one size: the slope is noise.
+    if sxx <= (mean_x * 1e-3).powi(2) * n || sxy <= 0.0 {
+        return latest;
+    }
+    let slope = sxy / sxx;
+    let overhead = mean_y - slope * mean_x;
+    let quickest = samples.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
+    if overhead < 0.0 {
+        // Bigger rounds ran faster per byte: no fixed cost to speak of.
+        return (1.0 / slope, 0.0);
+    }
+    if overhead > 0.5 * quickest {
+        return latest;
+    }
+    (1.0 / slope, overhead)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: f64 = 4100.0;
+
+    fn config(limit_ms: u64) -> PlannerConfig {
+        PlannerConfig {
+            downtime_limit: Duration::from_millis(limit_ms),
+            max_rounds: 30,
+            max_duration: Duration::from_secs(600),
+            auto_converge: true,
+            raw_page_bytes: PAGE,
+            verify_seconds: 0.0,
+        }
+    }
+
+    /// A link of `rate` bytes per second with `overhead` seconds per round, and a guest
+    /// dirtying `dirty_rate` pages per second: the measurement of round `round` that
+    /// sends `pages` pages.
+    fn round(
+        round: u64,
+        pages: u64,
+        rate: f64,
+        overhead: f64,
+        dirty_rate: f64,
+    ) -> RoundMeasurement {
+        let bytes = pages as f64 * PAGE;
+        let seconds = overhead + bytes / rate;
+        RoundMeasurement {
+            round,
+            pages,
+            bytes: bytes as u64,
+            send_seconds: seconds,
+            dirtied_pages: (dirty_rate * seconds) as u64,
+            collect_seconds: 0.001,
+            ended_early: false,
+            elapsed: 0.0,
+        }
+    }
+
+    /// Run rounds until the planner stops continuing; returns its plans.
+    fn simulate(
+        planner: &mut Planner,
+        memory_pages: u64,
+        mut link: impl FnMut(u64) -> (f64, f64),
+        mut dirty_rate: impl FnMut(u64, u32) -> f64,
+    ) -> Vec<Plan> {
+        let mut plans = Vec::new();
+        let mut pages = memory_pages;
+        let mut elapsed = 0.0;
+        for r in 0..100 {
+            let (rate, overhead) = link(r);
+            let mut m = round(r, pages, rate, overhead, dirty_rate(r, planner.throttle()));
+            // A guest cannot dirty more than its memory.
+            m.dirtied_pages = m.dirtied_pages.min(memory_pages);
+            elapsed += m.send_seconds;
+            m.elapsed = elapsed;
+            planner.round_acknowledged(overhead);
+            let plan = planner.round_done(m);
+            pages = m.dirtied_pages;
+            let stop = !matches!(plan.decision, Decision::Continue { .. });
+            plans.push(plan);
+            if stop {
+                break;
+            }
+        }
+        plans
+    }
+
+    #[test]
+    fn a_converging_guest_switches_over_when_the_estimate_fits() {
+        let mut p = Planner::new(config(20));
+        // 1 GiB at 2.5 GB/s, 2 ms per round; 60 000 pages/s dirtied (~250 MB/s).
+        let plans = simulate(&mut p, 262_144, |_| (2.5e9, 0.002), |_, _| 60_000.0);
+        let last = plans.last().unwrap();
+        assert_eq!(last.decision, Decision::SwitchOver, "{plans:#?}");
+        assert!(last.estimate.total <= 0.020);
+        assert!((2..=4).contains(&plans.len()), "{} rounds", plans.len());
+        // The fit separates the per-round overhead from the rate.
+        let (rate, overhead) = p.send_model();
+        assert!((rate / 2.5e9 - 1.0).abs() < 0.01, "rate {rate}");
+        assert!((overhead - 0.002).abs() < 1e-4, "overhead {overhead}");
+        // The estimate has every part: collect + send + confirm.
+        let e = last.estimate;
+        assert!((e.total - (e.collect + e.send + e.confirm + e.verify)).abs() < 1e-12);
+        assert!(e.confirm >= 0.002 && e.collect == 0.001);
+    }
+
+    #[test]
+    fn a_guest_writing_faster_than_the_link_is_throttled_then_given_up_on() {
+        let mut p = Planner::new(PlannerConfig {
+            max_rounds: 12,
+            ..config(50)
+        });
+        // Dirtying 100 000 pages/s over a 100 MB/s link; the throttle only scales it.
+        let plans = simulate(
+            &mut p,
+            262_144,
+            |_| (1e8, 0.002),
+            |_, throttle| 100_000.0 * (100.0 - f64::from(throttle)) / 100.0 + 30_000.0,
+        );
+        let throttles: Vec<u32> = plans
+            .iter()
+            .filter_map(|p| match p.decision {
+                Decision::Continue { throttle } => throttle,
+                _ => None,
+            })
+            .collect();
+        assert_eq!(throttles[..3], [20, 30, 40], "{plans:#?}");
+        match &plans.last().unwrap().decision {
+            Decision::Abort { reason } => {
+                assert!(reason.contains("not converging"), "{reason}");
+                assert!(reason.contains("throttle at"), "{reason}");
+            }
+            other => panic!("expected an abort, got {other:?}"),
+        }
+        assert_eq!(plans.len(), 12);
+    }
+
+    #[test]
+    fn a_bandwidth_drop_raises_the_estimate_and_delays_the_switchover() {
+        let mut steady = Planner::new(config(20));
+        let steady_plans = simulate(&mut steady, 262_144, |_| (2.5e9, 0.002), |_, _| 60_000.0);
+        let mut dropping = Planner::new(config(20));
+        // From round 1 on the link carries a tenth of what it did.
+        let dropping_plans = simulate(
+            &mut dropping,
+            262_144,
+            |r| {
+                if r == 0 {
+                    (2.5e9, 0.002)
+                } else {
+                    (2.5e8, 0.002)
+                }
+            },
+            |_, throttle| 60_000.0 * f64::from(100 - throttle) / 100.0,
+        );
+        assert_eq!(
+            dropping_plans.last().unwrap().decision,
+            Decision::SwitchOver
+        );
+        assert!(dropping_plans.len() > steady_plans.len());
+        // The guest writes about as fast as the slower link carries: only throttling
+        // brings it in.
+        assert!(dropping.throttle() > 0);
+        // After the drop the fitted rate follows the recent rounds.
+        let (rate, _) = dropping.send_model();
+        assert!(rate < 1e9, "rate {rate}");
+    }
+
+    #[test]
+    fn a_write_burst_postpones_the_switchover_without_throttling() {
+        let mut p = Planner::new(config(20));
+        // A burst during round 0 only: 100 000 pages/s, then 8 000.
+        let plans = simulate(
+            &mut p,
+            262_144,
+            |_| (2.5e9, 0.002),
+            |r, _| if r == 0 { 100_000.0 } else { 8_000.0 },
+        );
+        assert_eq!(plans.len(), 2, "{plans:#?}");
+        assert!(matches!(
+            plans[0].decision,
+            Decision::Continue { throttle: None }
+        ));
+        assert_eq!(plans[1].decision, Decision::SwitchOver);
+        assert_eq!(p.throttle(), 0);
+    }
+
+    #[test]
+    fn full_verification_counts_in_the_estimate_and_the_limit_can_change() {
+        let mut p = Planner::new(PlannerConfig {
+            verify_seconds: 0.120,
+            ..config(50)
+        });
+        let m = round(3, 100, 2.5e9, 0.001, 1000.0);
+        let plan = p.round_done(m);
+        assert!(matches!(plan.decision, Decision::Continue { .. }));
+        assert!(plan.estimate.verify == 0.120 && plan.estimate.total > 0.120);
+        p.set_downtime_limit(Duration::from_millis(300));
+        assert_eq!(p.round_done(m).decision, Decision::SwitchOver);
+    }
+
+    #[test]
+    fn rounds_cut_short_neither_count_as_stuck_nor_skew_the_rate() {
+        let mut p = Planner::new(PlannerConfig {
+            auto_converge: true,
+            ..config(1)
+        });
+        let full = round(0, 10_000, 1e9, 0.0, 1e6);
+        p.round_done(full);
+        for r in 1..6 {
+            let early = RoundMeasurement {
+                round: r,
+                send_seconds: 5.0,
+                ended_early: true,
+                ..full
+            };
+            assert_eq!(
+                p.round_done(early).decision,
+                Decision::Continue { throttle: None }
+            );
+        }
+        let (rate, _) = p.send_model();
+        assert!((rate / 1e9 - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_switchover_slower_than_the_limit_before_any_page_is_never_throttled() {
+        // The destination takes 20 ms to acknowledge anything: nothing the guest does
+        // brings the switchover under 5 ms, and ten pages that never shrink are not
+        // the guest's fault.
+        let mut p = Planner::new(PlannerConfig {
+            max_rounds: 8,
+            ..config(5)
+        });
+        let mut last = None;
+        for r in 0..8 {
+            p.round_acknowledged(0.020);
+            let mut m = round(r, 10, 2.5e9, 0.001, 0.0);
+            m.dirtied_pages = 10;
+            last = Some(p.round_done(m));
+        }
+        assert_eq!(p.throttle(), 0, "throttling cannot help");
+        match last.unwrap().decision {
+            Decision::Abort { reason } => {
+                assert!(reason.contains("before any page"), "{reason}")
+            }
+            other => panic!("expected an abort, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_confirm_part_is_the_quickest_acknowledgement_or_a_ping_before_any() {
+        let mut p = Planner::new(config(50));
+        assert_eq!(p.estimate(0).confirm, 0.0);
+        p.round_trip(0.004);
+        p.round_trip(0.009);
+        assert_eq!(p.estimate(0).confirm, 0.004);
+        p.round_acknowledged(0.030);
+        p.round_acknowledged(0.010);
+        assert_eq!(p.estimate(0).confirm, 0.010);
+        p.round_acknowledged(0.001);
+        assert_eq!(
+            p.estimate(0).confirm,
+            0.001,
+            "acknowledgements measure it best"
+        );
+        assert_eq!(
+            p.estimate(0).send,
+            0.0,
+            "nothing to send, nothing to wait for"
+        );
+    }
+}

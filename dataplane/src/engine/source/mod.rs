@@ -1,0 +1,911 @@
+//! The source side of a migration: open the session, run pre-copy rounds as the
+//! planner decides, switch over.
+//!
+//! - this module: the session's state, the event pump, queuing a round's pages to the
+//!   workers, the round loop;
+//! - `adopt`: live settings (epochs from the slow path), stream-count and transport
+//!   changes at round boundaries, pings and reports;
+//! - `switchover`: the paused window (final collection, final round, the table digest
+//!   or full verification, the verdict) and the audit after it.
+
+mod adopt;
+mod switchover;
+
+use super::MigrationError;
+use super::VerifyMode;
+use super::fleet::TxFleet;
+use super::handshake::{self, ControlLink};
+use super::live::{LiveControl, LiveSettings};
+use super::precopy::{Decision, Planner, PlannerConfig, RoundMeasurement};
+use super::report::{MigrationReport, Progress, RoundStats, TransportReport};
+use super::steer::Steering;
+use crate::codec::policy::{CodecConfig, CodecMode, CodecPolicy};
+use crate::codec::{CodecSettings, CodecSetup};
+use crate::crc_table::CrcTable;
+use crate::dirty::{DirtyBitmap, DirtyLog};
+use crate::guest::GuestControl;
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::transport::{self, TransportConfig, TransportKind, TxCommand, TxControl, TxSetup};
+use crate::wire::{self, CHUNK_PAGES, ControlMessage, caps, stream_of};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How the source runs a migration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceConfig {
+    /// Data streams.
+    pub streams: u16,
+    /// io_uring worker threads (0: one per CPU, at most one per stream). Plain sockets
+    /// always use one thread per stream.
+    pub workers: usize,
+    /// Transport settings.
+    pub transport: TransportConfig,
+    /// Codec pipeline settings.
+    pub codec: CodecConfig,
+    /// Switch over when the estimated downtime is below this.
+    pub downtime_limit: Duration,
+    /// How the switchover is verified.
+    pub verify: VerifyMode,
+    /// Abort after this many rounds without converging.
+    pub max_rounds: u32,
+    /// Abort after this long without converging.
+    pub max_duration: Duration,
+    /// Throttle the guest when rounds stop shrinking.
+    pub auto_converge: bool,
+    /// Connecting to the destination.
+    pub connect_timeout: Duration,
+    /// Waiting for any reply or progress from the destination.
+    pub reply_timeout: Duration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            streams: 4,
+            workers: 0,
+            transport: TransportConfig::default(),
+            codec: CodecConfig::default(),
+            // QEMU's default is 300 ms; the paused window here holds only the last
+            // dirty pages and one round trip.
+            downtime_limit: Duration::from_millis(50),
+            verify: VerifyMode::Table,
+            max_rounds: 30,
+            max_duration: Duration::from_secs(600),
+            auto_converge: true,
+            connect_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How often the source pings the destination on the control stream.
+const PING_INTERVAL: Duration = Duration::from_millis(250);
+/// Pages per command batch before waking a worker.
+const WAKE_EVERY: u32 = 64;
+/// Pages queued between two progress reports within a round.
+const PROGRESS_EVERY: u64 = 4096;
+/// Bytes of frames per page sent raw.
+const RAW_PAGE_WIRE: f64 = (PAGE_SIZE + wire::PAGE_CRC_LEN) as f64;
+
+/// Running totals of a migration.
+#[derive(Default)]
+struct Totals {
+    bytes: u64,
+    pages: u64,
+    zero: u64,
+    send_seconds: f64,
+    dirty_rate: f64,
+    throttle: u32,
+    max_throttle: u32,
+    round_pages: u64,
+    round_queued: u64,
+    rounds_done: u64,
+}
+
+impl Totals {
+    fn add_round(&mut self, pages: u64, zero: u64, bytes: u64, seconds: f64) {
+        self.rounds_done += 1;
+        self.pages += pages;
+        self.zero += zero;
+        self.bytes += bytes;
+        self.send_seconds += seconds;
+    }
+
+    /// Bytes per second over all rounds so far (time spent sending only); 0 before the
+    /// first round is sent.
+    fn bandwidth(&self) -> f64 {
+        if self.send_seconds > 0.0 {
+            self.bytes as f64 / self.send_seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// What the session found out about its link and peer at setup.
+struct Setup {
+    /// The transport the session opened with.
+    opened_transport: TransportKind,
+    /// io_uring workers may run here.
+    uring_available: bool,
+    /// io_uring workers may send zero-copy here.
+    uring_zero_copy: bool,
+    /// The destination understands stream map markers.
+    stream_map_ok: bool,
+    /// The probe's findings, for the report.
+    probe: transport::TransportProbe,
+}
+
+/// Pings on the control stream: payloads are nanoseconds since the session opened.
+struct Pings {
+    opened: Instant,
+    next: Instant,
+    on: bool,
+    rtt: Option<Duration>,
+}
+
+/// A source session, from the welcome to the verdict.
+struct Session<'a> {
+    config: &'a SourceConfig,
+    /// The settings in force: epoch 0 from the configuration, then every epoch the
+    /// slow path publishes.
+    settings: LiveSettings,
+    live: Option<&'a LiveControl>,
+    adopted_epoch: u64,
+    memory: Arc<GuestMemory>,
+    /// What the destination holds, page by page, as far as this side sent it.
+    table: Arc<CrcTable>,
+    control: ControlLink,
+    fleet: TxFleet,
+    steering: Option<Steering<'a>>,
+    /// Configuration changes that found a worker's control ring full.
+    deferred_control: Vec<(usize, TxControl)>,
+    planner: Planner,
+    setup: Setup,
+    /// The round being sent and its pages left, for steering.
+    current_round: u64,
+    round_left: u64,
+    /// Rounds in the kernel and not yet acknowledged, with when they got there.
+    unacknowledged: VecDeque<(u64, Instant)>,
+    applied_round: Option<u64>,
+    /// Streams carrying pages now, and changes waiting for the round boundary.
+    active_streams: u16,
+    pending_streams: Option<u16>,
+    pending_transport: Option<TransportKind>,
+    pings: Pings,
+    last_activity: Instant,
+    totals: Totals,
+    /// When round 0 began.
+    copy_start: Instant,
+    /// The latest progress snapshot and when it was last offered to the slow path.
+    latest_progress: Option<Progress>,
+    last_report: Instant,
+    estimated_downtime: Option<Duration>,
+    /// What setup found and how the transport changed since, for the report.
+    transport_notes: Vec<String>,
+    /// What live changes could not do as asked, for the report.
+    live_notes: Vec<String>,
+}
+
+/// Migrate `memory` to the destination at `peer` while `guest` runs, tracking writes
+/// with `dirty_log` (created before the call, so tracking covers round 0). With codecs
+/// in [`CodecMode::Auto`] and no policy, codecs stay off (a note says so); see
+/// [`migrate_with_policy`].
+pub fn migrate(
+    peer: SocketAddr,
+    memory: Arc<GuestMemory>,
+    guest: &dyn GuestControl,
+    dirty_log: Box<dyn DirtyLog>,
+    config: &SourceConfig,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationError> {
+    migrate_with_policy(peer, memory, guest, dirty_log, config, None, progress)
+}
+
+/// [`migrate`], with `policy` choosing codec settings live when the codec mode is
+/// [`CodecMode::Auto`].
+pub fn migrate_with_policy<'a>(
+    peer: SocketAddr,
+    memory: Arc<GuestMemory>,
+    guest: &dyn GuestControl,
+    dirty_log: Box<dyn DirtyLog>,
+    config: &'a SourceConfig,
+    policy: Option<&'a mut dyn CodecPolicy>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationError> {
+    migrate_live(
+        peer, memory, guest, dirty_log, config, policy, None, progress,
+    )
+}
+
+/// [`migrate_with_policy`], reconfigured live through `live` when given: the session
+/// adopts every epoch published there (see [`super::live`]), reports its progress
+/// there, and stops when it is cancelled there. With live control the session sets up
+/// codecs whenever the destination accepts them, even if they start off, so that a
+/// later epoch can turn them on.
+#[allow(clippy::too_many_arguments)]
+pub fn migrate_live<'a>(
+    peer: SocketAddr,
+    memory: Arc<GuestMemory>,
+    guest: &dyn GuestControl,
+    mut dirty_log: Box<dyn DirtyLog>,
+    config: &'a SourceConfig,
+    policy: Option<&'a mut dyn CodecPolicy>,
+    live: Option<&'a LiveControl>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationError> {
+    if config.streams == 0 || config.streams > wire::MAX_STREAMS {
+        return Err(MigrationError::Config(format!(
+            "streams = {} (allowed 1..={})",
+            config.streams,
+            wire::MAX_STREAMS
+        )));
+    }
+    let start = Instant::now();
+    let mut probe = transport::probe(&config.transport);
+    if probe.zero_copy && peer.ip().is_loopback() && !config.transport.zero_copy_on_loopback {
+        probe.zero_copy = false;
+        probe.notes.push(
+            "zero-copy off: the peer is on loopback, where the kernel copies every zero-copy \
+             send; across a real network it is on by default (`[transport] zero_copy = true`; \
+             `zero_copy_on_loopback = true` forces it here to measure its cost)"
+                .into(),
+        );
+    }
+    // Trackers that compare memory with what was sent keep the table; else the engine
+    // keeps its own.
+    let table = dirty_log
+        .crc_table()
+        .unwrap_or_else(|| Arc::new(CrcTable::new(memory.pages())));
+    let mut session = Session::open(peer, memory, table, config, policy, live, probe)?;
+    let result = session.run(guest, dirty_log.as_mut(), start, progress);
+    if let Err(e) = &result {
+        session.abort(e);
+        // The guest stays here and runs at full speed again (it is resumed already
+        // if the switchover had paused it).
+        guest.set_throttle(0);
+    }
+    session.close();
+    result
+}
+
+/// What the workers need for codecs, or `None` when the session runs without them
+/// (the reason, if it is not the configuration's, goes to `notes`).
+fn codec_setup(
+    config: &SourceConfig,
+    have_policy: bool,
+    live: bool,
+    accepted: u64,
+    notes: &mut Vec<String>,
+) -> Option<CodecSetup> {
+    let codec = &config.codec;
+    if !codec.enabled() && !live {
+        return None;
+    }
+    if codec.mode == CodecMode::Auto && !have_policy && !live {
+        notes.push("codecs: automatic mode without a policy; codecs off".into());
+        return None;
+    }
+    let wanted = caps::DELTA | caps::DEDUP | caps::ZSTD;
+    if accepted & wanted == 0 {
+        notes.push("codecs: the destination accepts none; codecs off".into());
+        return None;
+    }
+    if accepted & wanted != wanted {
+        notes.push(format!(
+            "codecs: the destination lacks some (capabilities {accepted:#x}); those stay off"
+        ));
+    }
+    let initial = match codec.mode {
+        CodecMode::Fixed(settings) => settings,
+        // The policy measures the link with codecs off first.
+        _ => CodecSettings {
+            batch_bytes: codec.batch_bytes,
+            delta_limit: codec.delta_limit,
+            ..CodecSettings::OFF
+        },
+    };
+    Some(CodecSetup {
+        cache_bytes_per_stream: codec.cache_bytes / usize::from(config.streams),
+        max_batch_bytes: codec.max_batch_bytes(),
+        max_dictionary_bytes: codec.dictionary_bytes,
+        initial,
+        capabilities: accepted,
+    })
+}
+
+/// The pages a round leaves unqueued: `first` and the rest of the round's iterator.
+fn unqueued(pages: u64, first: u64, rest: impl Iterator<Item = u64>) -> DirtyBitmap {
+    let mut left = DirtyBitmap::new(pages);
+    left.set(first);
+    for p in rest {
+        left.set(p);
+    }
+    left
+}
+
+/// Time to checksum all memory at the switchover (`verify = "full"`), from the fastest
+/// of 16 passes over 1 MiB of the guest's own pages each, spread over its memory
+/// (copied out page by page, as the guest runs). The fastest pass is what the machine
+/// can do; a pass the scheduler interrupted says nothing about it.
+fn estimate_full_verify_seconds(memory: &GuestMemory) -> f64 {
+    const PASSES: u64 = 16;
+    const PASS_PAGES: u64 = 256;
+    let pages = memory.pages();
+    let stride = (pages / (PASSES * PASS_PAGES)).max(1);
+    let mut page = vec![0u8; PAGE_SIZE];
+    let kernels = dwcp_simd::Kernels::active();
+    let mut best = f64::MAX;
+    let mut acc = 0u32;
+    for pass in 0..PASSES {
+        let t = Instant::now();
+        for i in 0..PASS_PAGES {
+            let p = ((pass * PASS_PAGES + i) * stride).min(pages - 1);
+            memory.read_page(p, &mut page);
+            acc ^= kernels.crc32c(&page);
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(acc);
+    let rate = (PASS_PAGES as usize * PAGE_SIZE) as f64 / best.max(1e-9);
+    // Both sides checksum their memory, overlapping; the copy each page takes here
+    // (verification reads memory in place) stands in for the margin.
+    memory.len() as f64 / rate
+}
+
+impl<'a> Session<'a> {
+    fn open(
+        peer: SocketAddr,
+        memory: Arc<GuestMemory>,
+        table: Arc<CrcTable>,
+        config: &'a SourceConfig,
+        policy: Option<&'a mut dyn CodecPolicy>,
+        live: Option<&'a LiveControl>,
+        probe: transport::TransportProbe,
+    ) -> Result<Self, MigrationError> {
+        let opened = handshake::open(peer, memory.len() as u64, config)?;
+        let mut notes = opened.notes;
+        let codec = codec_setup(
+            config,
+            policy.is_some(),
+            live.is_some(),
+            opened.accepted,
+            &mut notes,
+        );
+        let tx_setup = TxSetup {
+            memory: memory.clone(),
+            table: table.clone(),
+            codec: codec.clone(),
+        };
+        let fleet = TxFleet::spawn(
+            probe.kind,
+            probe.zero_copy,
+            opened.streams,
+            tx_setup,
+            &config.transport,
+            config.workers,
+        )?;
+        let control = ControlLink::new(opened.control)?;
+        let steering = codec.as_ref().map(|setup| {
+            Steering::new(
+                &config.codec,
+                policy,
+                memory.clone(),
+                fleet.streams_per_worker(),
+                config.streams,
+                setup.initial,
+            )
+        });
+        if let Some(live) = live {
+            live.set_active_streams(config.streams);
+        }
+        let settings = LiveSettings::from_config(config);
+        let verify_seconds = if config.verify == VerifyMode::Full {
+            estimate_full_verify_seconds(&memory)
+        } else {
+            0.0
+        };
+        let planner = Planner::new(PlannerConfig {
+            downtime_limit: settings.downtime_limit,
+            max_rounds: config.max_rounds,
+            max_duration: config.max_duration,
+            auto_converge: config.auto_converge,
+            raw_page_bytes: RAW_PAGE_WIRE,
+            verify_seconds,
+        });
+        let now = Instant::now();
+        Ok(Session {
+            config,
+            settings,
+            live,
+            adopted_epoch: 0,
+            memory,
+            table,
+            control,
+            fleet,
+            steering,
+            deferred_control: Vec::new(),
+            planner,
+            setup: Setup {
+                opened_transport: probe.kind,
+                uring_available: !probe.uring_ops.is_empty(),
+                uring_zero_copy: probe.zero_copy,
+                stream_map_ok: opened.accepted & caps::STREAM_MAP != 0,
+                probe,
+            },
+            current_round: 0,
+            round_left: 0,
+            unacknowledged: VecDeque::new(),
+            applied_round: None,
+            active_streams: config.streams,
+            pending_streams: None,
+            pending_transport: None,
+            pings: Pings {
+                opened: now,
+                // Not at once: a ping that meets the destination still setting up its
+                // workers measures that, not the path.
+                next: now + PING_INTERVAL,
+                on: true,
+                rtt: None,
+            },
+            last_activity: now,
+            totals: Totals::default(),
+            copy_start: now,
+            latest_progress: None,
+            last_report: now,
+            estimated_downtime: None,
+            transport_notes: notes,
+            live_notes: Vec::new(),
+        })
+    }
+
+    /// Handle whatever workers and the destination have reported, then what the slow
+    /// path asked for.
+    fn pump(&mut self) -> Result<(), MigrationError> {
+        if self.fleet.poll(self.steering.as_mut())? {
+            self.last_activity = Instant::now();
+        }
+        while let Some(msg) = self.control.try_recv()? {
+            self.last_activity = Instant::now();
+            self.on_control(msg)?;
+        }
+        if self.last_activity.elapsed() > self.config.reply_timeout {
+            return Err(MigrationError::Transport(format!(
+                "no progress from workers or destination for {:?}",
+                self.config.reply_timeout
+            )));
+        }
+        self.tick()
+    }
+
+    /// A message from the destination while pages move.
+    fn on_control(&mut self, msg: ControlMessage) -> Result<(), MigrationError> {
+        match msg {
+            ControlMessage::RoundApplied { round, .. } => self.round_applied(round),
+            ControlMessage::Abort { message, .. } => {
+                return Err(MigrationError::Transport(format!(
+                    "destination aborted: {message}"
+                )));
+            }
+            ControlMessage::Ping { nanos } => self.control.send(&ControlMessage::Pong { nanos })?,
+            ControlMessage::Pong { nanos } => self.pong(nanos),
+            other => {
+                return Err(
+                    wire::WireError::Unexpected(format!("{other:?} from the destination")).into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The destination has every page of round `round`: how long after the round was
+    /// in the kernel is what the switchover's confirmation will take.
+    fn round_applied(&mut self, round: u64) {
+        self.applied_round = Some(round);
+        while let Some(&(r, sent_at)) = self.unacknowledged.front() {
+            if r > round {
+                break;
+            }
+            self.unacknowledged.pop_front();
+            if r == round {
+                self.planner
+                    .round_acknowledged(sent_at.elapsed().as_secs_f64());
+            }
+        }
+    }
+
+    fn pong(&mut self, nanos: u64) {
+        let now = Instant::now().duration_since(self.pings.opened).as_nanos() as u64;
+        if let Some(rtt) = now.checked_sub(nanos) {
+            let rtt = Duration::from_nanos(rtt);
+            self.pings.rtt = Some(rtt);
+            self.planner.round_trip(rtt.as_secs_f64());
+        }
+    }
+
+    /// Queue `cmd` to worker `w`, pumping while its ring is full.
+    fn push(&mut self, w: usize, mut cmd: TxCommand) -> Result<(), MigrationError> {
+        loop {
+            match self.fleet.try_push(w, cmd) {
+                Ok(()) => return Ok(()),
+                Err(back) => {
+                    cmd = back;
+                    self.fleet.wake(w);
+                    self.pump()?;
+                    self.steer();
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
+    /// Put a configuration change straight onto worker `w`'s control ring, waiting
+    /// while it is full.
+    fn push_control(&mut self, w: usize, mut change: TxControl) -> Result<(), MigrationError> {
+        loop {
+            match self.fleet.try_push_control(w, change) {
+                Ok(()) => return Ok(()),
+                Err(back) => {
+                    change = back;
+                    self.fleet.wake(w);
+                    self.pump()?;
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
+    /// Let codec steering act, and pass its changes to the workers. Never blocks: a
+    /// change that finds a control ring full waits for the next call.
+    fn steer(&mut self) {
+        let mut changes = std::mem::take(&mut self.deferred_control);
+        if let Some(steering) = &mut self.steering {
+            changes.extend(steering.tick(
+                self.fleet.telemetry(),
+                self.current_round,
+                self.round_left,
+            ));
+        }
+        for (w, change) in changes {
+            // A change for a worker that a transport switch has since retired.
+            if w >= self.fleet.len() {
+                continue;
+            }
+            match self.fleet.try_push_control(w, change) {
+                Ok(()) => self.fleet.wake(w),
+                Err(back) => self.deferred_control.push((w, back)),
+            }
+        }
+    }
+
+    /// Whether a change waits for the round boundary (and the round should end early).
+    fn change_pending(&self) -> bool {
+        self.pending_streams.is_some() || self.pending_transport.is_some()
+    }
+
+    /// Queue one run to the worker of its stream (bounded in live sessions).
+    fn queue_run(
+        &mut self,
+        (first, count): (u64, u32),
+        since_wake: &mut u32,
+    ) -> Result<(), MigrationError> {
+        let stream = stream_of(first, self.active_streams);
+        let worker = self.fleet.worker_of(stream);
+        if self.live.is_some() {
+            while self.fleet.backlog_full(worker) {
+                self.fleet.wake(worker);
+                self.pump()?;
+                self.steer();
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            self.fleet.pushed(worker, count);
+        }
+        self.push(
+            worker,
+            TxCommand::Pages {
+                stream,
+                first,
+                count,
+            },
+        )?;
+        *since_wake += 1;
+        self.round_left = self.round_left.saturating_sub(u64::from(count));
+        if *since_wake >= WAKE_EVERY {
+            *since_wake = 0;
+            self.fleet.wake_all();
+            self.pump()?;
+            self.steer();
+        }
+        Ok(())
+    }
+
+    /// Queue every page of `pages` as runs within chunks; returns how many, and, when
+    /// `may_stop` and a change of streams or transport came in meanwhile, the pages
+    /// left unqueued (the round then ends early, so that the change can take effect).
+    fn push_pages(
+        &mut self,
+        pages: &DirtyBitmap,
+        may_stop: bool,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(u64, Option<DirtyBitmap>), MigrationError> {
+        self.round_left = pages.count();
+        let mut queued = 0u64;
+        let mut run: Option<(u64, u32)> = None;
+        let mut since_wake = 0u32;
+        let mut reported = 0u64;
+        let mut pages_left = pages.iter();
+        for page in pages_left.by_ref() {
+            if may_stop && self.change_pending() && run.is_none() {
+                self.fleet.wake_all();
+                return Ok((queued, Some(unqueued(pages.pages(), page, pages_left))));
+            }
+            queued += 1;
+            run = match run {
+                Some((first, count))
+                    if first + u64::from(count) == page
+                        && page / CHUNK_PAGES == first / CHUNK_PAGES =>
+                {
+                    Some((first, count + 1))
+                }
+                Some(done) => {
+                    self.queue_run(done, &mut since_wake)?;
+                    if queued - reported >= PROGRESS_EVERY {
+                        reported = queued;
+                        self.totals.round_queued = queued;
+                        self.report_progress("precopy", progress);
+                    }
+                    if may_stop && self.change_pending() {
+                        // Stop here: this page is the first left for the next round.
+                        self.fleet.wake_all();
+                        return Ok((queued - 1, Some(unqueued(pages.pages(), page, pages_left))));
+                    }
+                    Some((page, 1))
+                }
+                None => Some((page, 1)),
+            };
+        }
+        if let Some(done) = run {
+            self.queue_run(done, &mut since_wake)?;
+        }
+        self.fleet.wake_all();
+        Ok((queued, None))
+    }
+
+    /// Close round `round` on every worker and wait until all of it is in the kernel.
+    fn end_round(&mut self, round: u64) -> Result<super::fleet::RoundTotals, MigrationError> {
+        for w in 0..self.fleet.len() {
+            self.push(w, TxCommand::EndRound { round })?;
+        }
+        self.fleet.wake_all();
+        self.last_activity = Instant::now();
+        loop {
+            self.pump()?;
+            self.steer();
+            if let Some(totals) = self.fleet.take_round(round) {
+                self.unacknowledged.push_back((round, Instant::now()));
+                return Ok(totals);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn progress_snapshot(&mut self, phase: &'static str) -> Progress {
+        let p = Progress {
+            round: self.current_round,
+            phase,
+            bytes_sent: self.totals.bytes,
+            pages_sent: self.totals.pages,
+            memory_pages: self.memory.pages(),
+            rounds_done: self.totals.rounds_done,
+            round_pages: self.totals.round_pages,
+            round_pages_queued: self.totals.round_queued,
+            dirty_rate: self.totals.dirty_rate,
+            bandwidth: self.totals.bandwidth(),
+            throttle: self.totals.throttle,
+            elapsed: self.copy_start.elapsed(),
+            streams: self.fleet.telemetry().to_vec(),
+            workers: self.fleet.status(),
+            connected_streams: self.config.streams,
+            active_streams: self.active_streams,
+            epoch: self.adopted_epoch,
+            transport: self.fleet.kind(),
+            ping_rtt: self.pings.rtt,
+            estimated_downtime: self.estimated_downtime,
+        };
+        if self.live.is_some() {
+            self.latest_progress = Some(p.clone());
+        }
+        p
+    }
+
+    fn report_progress(&mut self, phase: &'static str, progress: &mut dyn FnMut(&Progress)) {
+        let p = self.progress_snapshot(phase);
+        progress(&p);
+    }
+
+    fn run(
+        &mut self,
+        guest: &dyn GuestControl,
+        dirty_log: &mut dyn DirtyLog,
+        start: Instant,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<MigrationReport, MigrationError> {
+        let pages = self.memory.pages();
+        let mut rounds: Vec<RoundStats> = Vec::new();
+        let mut dirty = DirtyBitmap::full(pages);
+        // Round 0 sends everything: writes made before it (during setup) are covered,
+        // so start the first interval now.
+        dirty_log.collect(&mut DirtyBitmap::new(pages))?;
+        self.copy_start = Instant::now();
+        if let Some(steering) = &mut self.steering {
+            steering.start();
+        }
+        let setup_seconds = start.elapsed().as_secs_f64();
+        let mut last_collect = Instant::now();
+        let mut round = 0u64;
+        let (final_set, plan) = loop {
+            let round_start = Instant::now();
+            self.current_round = round;
+            self.totals.round_pages = dirty.count();
+            self.totals.round_queued = 0;
+            let (sent, unsent) = self.push_pages(&dirty, true, progress)?;
+            self.totals.round_queued = sent;
+            let round_totals = self.end_round(round)?;
+            let seconds = round_start.elapsed().as_secs_f64();
+            self.totals
+                .add_round(sent, round_totals.zero_pages, round_totals.bytes, seconds);
+            if let Some(kind) = self.pending_transport.take() {
+                self.switch_transport(kind, round)?;
+            }
+            if let Some(active) = self.pending_streams.take() {
+                self.switch_streams(active, round)?;
+            }
+            // What the guest wrote while this round went out, and what a round ended
+            // early for a change of streams left unsent.
+            let mut next = DirtyBitmap::new(pages);
+            let collect_start = Instant::now();
+            dirty_log.collect(&mut next)?;
+            let collect_seconds = collect_start.elapsed().as_secs_f64();
+            let interval = last_collect.elapsed().as_secs_f64();
+            last_collect = Instant::now();
+            self.totals.dirty_rate = next.count() as f64 * PAGE_SIZE as f64 / interval.max(1e-6);
+            let ended_early = unsent.is_some();
+            if let Some(unsent) = unsent {
+                next.union_with(&unsent);
+            }
+            let dirtied = next.count();
+            let plan = self.planner.round_done(RoundMeasurement {
+                round,
+                pages: sent,
+                bytes: round_totals.bytes,
+                send_seconds: seconds,
+                dirtied_pages: dirtied,
+                collect_seconds,
+                ended_early,
+                elapsed: self.copy_start.elapsed().as_secs_f64(),
+            });
+            self.estimated_downtime = Some(Duration::from_secs_f64(plan.estimate.total));
+            rounds.push(RoundStats {
+                round,
+                pages: sent,
+                zero_pages: round_totals.zero_pages,
+                bytes: round_totals.bytes,
+                seconds,
+                throughput: round_totals.bytes as f64 / seconds.max(1e-9),
+                dirtied_pages: dirtied,
+                dirty_rate: self.totals.dirty_rate,
+                estimated_downtime: plan.estimate.total,
+                throttle: self.totals.throttle,
+            });
+            self.report_progress("precopy", progress);
+            match &plan.decision {
+                Decision::SwitchOver => break (next, plan),
+                Decision::Abort { reason } => {
+                    return Err(MigrationError::Aborted {
+                        reason: reason.clone(),
+                        rounds: round + 1,
+                    });
+                }
+                Decision::Continue { throttle } => {
+                    if let Some(t) = *throttle {
+                        self.totals.throttle = t;
+                        self.totals.max_throttle = self.totals.max_throttle.max(t);
+                        guest.set_throttle(t);
+                    }
+                }
+            }
+            dirty = next;
+            round += 1;
+        };
+        let outcome = self.switchover(guest, dirty_log, final_set, round + 1, progress)?;
+        let total_seconds = outcome
+            .verdict_at
+            .duration_since(self.copy_start)
+            .as_secs_f64();
+        rounds.push(outcome.round.clone());
+        let zc = self.fleet.zero_copy();
+        let measured = outcome.measured;
+        Ok(MigrationReport {
+            memory_bytes: self.memory.len() as u64,
+            pages,
+            zero_pages_skipped: rounds.iter().map(|r| r.zero_pages).sum(),
+            bytes_sent: self.totals.bytes,
+            total_seconds,
+            throughput: self.totals.bytes as f64 / total_seconds,
+            estimated_downtime: plan.estimate.total,
+            measured_downtime: measured.total,
+            final_round_seconds: measured.collect + measured.send,
+            verify_seconds: measured.confirm + measured.verify,
+            downtime_limit: self.planner.downtime_limit().as_secs_f64(),
+            downtime: super::report::DowntimeReport {
+                limit: self.planner.downtime_limit().as_secs_f64(),
+                estimated: plan.estimate,
+                measured,
+            },
+            switchover_reason: plan.why,
+            verify: self.config.verify.to_string(),
+            verified_pages: outcome.verified_pages,
+            digest: outcome.digest,
+            audit: outcome.audit,
+            dirty_log: dirty_log.kind().to_string(),
+            transport: TransportReport {
+                kind: self.setup.probe.kind.to_string(),
+                zero_copy: self.setup.probe.zero_copy,
+                zero_copy_copied: zc.copied,
+                zero_copy_sends: zc.sends,
+                streams: self.config.streams,
+                workers: self.fleet.len(),
+                congestion: self.config.transport.socket.congestion.to_string(),
+                uring_ops: self
+                    .setup
+                    .probe
+                    .uring_ops
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                notes: self
+                    .setup
+                    .probe
+                    .notes
+                    .iter()
+                    .chain(&self.transport_notes)
+                    .cloned()
+                    .chain(zc.fell_back.then(|| {
+                        "zero-copy: the kernel copied every probed send (loopback or veth), so sends fell back to copies"
+                            .to_string()
+                    }))
+                    .collect(),
+            },
+            max_throttle: self.totals.max_throttle,
+            setup_seconds,
+            simd: dwcp_simd::Kernels::active().level().to_string(),
+            notes: std::mem::take(&mut self.live_notes),
+            codec: self.steering.take().map(Steering::finish),
+            rounds,
+        })
+    }
+
+    /// Tell the destination and stop every stream (best effort: the session is over).
+    fn abort(&mut self, error: &MigrationError) {
+        let reason = match error {
+            MigrationError::Aborted { .. } => wire::AbortReason::NotConverging,
+            MigrationError::Protocol(_) => wire::AbortReason::ProtocolError,
+            MigrationError::Verification { .. } | MigrationError::DigestMismatch { .. } => {
+                wire::AbortReason::VerificationFailed
+            }
+            _ => wire::AbortReason::LocalError,
+        };
+        self.control.send_best_effort(&ControlMessage::Abort {
+            reason,
+            message: error.to_string(),
+        });
+        self.fleet.shutdown_sockets();
+    }
+
+    fn close(&mut self) {
+        self.fleet.close();
+        self.control.shutdown();
+    }
+}

@@ -1,0 +1,277 @@
+//! The paused window and what follows it.
+//!
+//! Pause the guest; collect the last dirty pages; send them as the final round; when
+//! the final round is in the kernel every page the source sent is in its CRC table,
+//! so send the table's digest (or, for `verify = "full"`, the CRC of every page of the
+//! paused memory) and wait for the destination's verdict. The destination resumes the
+//! guest on a good verdict, so the downtime ends there. With `verify = "audit"` the
+//! still-paused source then checks its memory against its table: a page the dirty log
+//! missed differs from what was sent, and is named in the report.
+//!
+//! Anything that fails before the verdict resumes the guest here: the source is
+//! intact until the destination has verified everything.
+
+use super::Session;
+use crate::crc_table::{AuditReport, scan_threads};
+use crate::dirty::{DirtyBitmap, DirtyLog};
+use crate::engine::report::{DowntimeMeasured, Progress, RoundStats};
+use crate::engine::{MigrationError, VerifyMode, differing_pages, page_crcs};
+use crate::guest::GuestControl;
+use crate::transport::TxCommand;
+use crate::wire::{self, ControlMessage};
+use std::time::{Duration, Instant};
+
+/// CRCs per [`ControlMessage::PageCrcs`] message.
+const CRCS_PER_MESSAGE: usize = 1 << 16;
+
+/// What the switchover produced.
+pub(super) struct Outcome {
+    /// The final round, for the report.
+    pub round: RoundStats,
+    /// The paused window, part by part.
+    pub measured: DowntimeMeasured,
+    /// When the verdict arrived.
+    pub verdict_at: Instant,
+    /// Pages the verdict covers.
+    pub verified_pages: u64,
+    /// The digest both sides agree on.
+    pub digest: String,
+    /// The audit, with `verify = "audit"`.
+    pub audit: Option<AuditReport>,
+}
+
+/// What the source expects the destination to confirm.
+enum Expect {
+    /// Its table digest equals ours.
+    Table { digest: u64 },
+    /// Its memory matches our page CRCs.
+    Full { digest: u32 },
+}
+
+impl Session<'_> {
+    /// Pause the guest and finish the migration (round `round` is the final one).
+    pub(super) fn switchover(
+        &mut self,
+        guest: &dyn GuestControl,
+        dirty_log: &mut dyn DirtyLog,
+        final_set: DirtyBitmap,
+        round: u64,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Outcome, MigrationError> {
+        let paused_at = Instant::now();
+        guest.pause();
+        let pause = paused_at.elapsed().as_secs_f64();
+        let mut outcome = match self.paused_window(dirty_log, final_set, round, progress) {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                guest.resume();
+                return Err(e);
+            }
+        };
+        outcome.measured.pause = pause;
+        outcome.measured.total = outcome.verdict_at.duration_since(paused_at).as_secs_f64();
+        guest.set_throttle(0);
+        if self.config.verify == VerifyMode::Audit {
+            self.current_round = round;
+            self.report_progress("audit", progress);
+            outcome.audit = Some(self.table.audit(&self.memory, scan_threads()));
+        }
+        Ok(outcome)
+    }
+
+    /// The guest is paused: send the last dirty pages, prove the destination holds
+    /// what was sent, and wait for its verdict.
+    fn paused_window(
+        &mut self,
+        dirty_log: &mut dyn DirtyLog,
+        mut final_set: DirtyBitmap,
+        round: u64,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Outcome, MigrationError> {
+        let t0 = Instant::now();
+        dirty_log.collect(&mut final_set)?;
+        let collect = t0.elapsed().as_secs_f64();
+        self.current_round = round;
+        self.totals.round_pages = final_set.count();
+        self.totals.round_queued = 0;
+        self.report_progress("switchover", progress);
+        // Nothing may overtake the verdict now.
+        self.pings.on = false;
+        let t1 = Instant::now();
+        let (sent, _) = self.push_pages(&final_set, false, &mut |_| {})?;
+        let totals = self.end_round(round)?;
+        let send = t1.elapsed().as_secs_f64();
+        self.totals
+            .add_round(sent, totals.zero_pages, totals.bytes, send);
+        self.control
+            .send(&ControlMessage::Switchover { final_round: round })?;
+        // Every worker reported the final round sent, so every page it staged is in
+        // the table (recorded before the report, which the event ring orders).
+        let t2 = Instant::now();
+        let pages = self.memory.pages();
+        let expect = match self.config.verify {
+            VerifyMode::Table | VerifyMode::Audit => {
+                let digest = self.table.digest();
+                self.control
+                    .send(&ControlMessage::TableDigest { pages, digest })?;
+                Expect::Table { digest }
+            }
+            VerifyMode::Full => {
+                // SAFETY: the guest is paused (the caller paused it and waits for us),
+                // so nothing writes the memory while it is checksummed.
+                let (crcs, digest) = unsafe { page_crcs(&self.memory) };
+                for (i, chunk) in crcs.chunks(CRCS_PER_MESSAGE).enumerate() {
+                    self.control.send(&ControlMessage::PageCrcs {
+                        first_page: (i * CRCS_PER_MESSAGE) as u64,
+                        crcs: chunk.to_vec(),
+                    })?;
+                }
+                self.control
+                    .send(&ControlMessage::Digest { pages, digest })?;
+                Expect::Full { digest }
+            }
+        };
+        let verify = match self.config.verify {
+            VerifyMode::Full => t2.elapsed().as_secs_f64(),
+            _ => 0.0,
+        };
+        for w in 0..self.fleet.len() {
+            self.push(w, TxCommand::Finish)?;
+        }
+        self.fleet.wake_all();
+        self.report_progress("verify", progress);
+        let (verified_pages, digest) = self.await_verdict(&expect)?;
+        let verdict_at = Instant::now();
+        let confirm = verdict_at.duration_since(t2).as_secs_f64() - verify;
+        // The destination runs the guest now. The workers' last counters (codec and
+        // zero-copy figures for the report) come with their end, just after.
+        self.last_activity = Instant::now();
+        while !self.fleet.all_finished() {
+            self.pump_workers()?;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(Outcome {
+            round: RoundStats {
+                round,
+                pages: sent,
+                zero_pages: totals.zero_pages,
+                bytes: totals.bytes,
+                seconds: send,
+                throughput: totals.bytes as f64 / send.max(1e-9),
+                dirtied_pages: 0,
+                dirty_rate: 0.0,
+                estimated_downtime: 0.0,
+                throttle: self.totals.throttle,
+            },
+            measured: DowntimeMeasured {
+                pause: 0.0,
+                collect,
+                send,
+                confirm,
+                verify,
+                total: 0.0,
+            },
+            verdict_at,
+            verified_pages,
+            digest,
+            audit: None,
+        })
+    }
+
+    /// Take in what the workers reported (not the control stream, which the caller
+    /// reads), failing on a worker error or a silence past the reply timeout.
+    fn pump_workers(&mut self) -> Result<(), MigrationError> {
+        if self.fleet.poll(self.steering.as_mut())? {
+            self.last_activity = Instant::now();
+        }
+        if self.last_activity.elapsed() > self.config.reply_timeout {
+            return Err(MigrationError::Transport(format!(
+                "no progress from the workers or the destination for {:?}",
+                self.config.reply_timeout
+            )));
+        }
+        Ok(())
+    }
+
+    /// Wait for the destination's verdict, watching the workers finish meanwhile.
+    /// Returns the pages verified and the agreed digest.
+    fn await_verdict(&mut self, expect: &Expect) -> Result<(u64, String), MigrationError> {
+        let pages = self.memory.pages();
+        // The destination's table, sent when its digest differs from ours.
+        let mut theirs: Vec<u32> = Vec::new();
+        self.last_activity = Instant::now();
+        loop {
+            self.pump_workers()?;
+            let Some(msg) = self.control.recv_timeout(Duration::from_millis(1))? else {
+                continue;
+            };
+            self.last_activity = Instant::now();
+            match msg {
+                ControlMessage::Verified {
+                    pages: covered,
+                    mismatches,
+                    mismatched_pages,
+                    digest,
+                } => {
+                    return match *expect {
+                        Expect::Table { digest: ours } => {
+                            if digest == ours && mismatches == 0 && covered == pages {
+                                return Ok((pages, format!("{ours:016x}")));
+                            }
+                            if theirs.len() as u64 == pages {
+                                let ours = self.table.entries(0, pages as usize);
+                                let (count, listed) = differing_pages(&ours, &theirs);
+                                if count > 0 {
+                                    return Err(MigrationError::Verification {
+                                        mismatches: count,
+                                        pages: listed,
+                                    });
+                                }
+                            }
+                            Err(MigrationError::DigestMismatch {
+                                source_digest: ours,
+                                dest_digest: digest,
+                            })
+                        }
+                        Expect::Full { digest: ours } => {
+                            if mismatches > 0 || digest != u64::from(ours) || covered != pages {
+                                Err(MigrationError::Verification {
+                                    mismatches: mismatches.max(1),
+                                    pages: mismatched_pages,
+                                })
+                            } else {
+                                Ok((pages, format!("{ours:08x}")))
+                            }
+                        }
+                    };
+                }
+                ControlMessage::PageCrcs { first_page, crcs } => {
+                    if first_page != theirs.len() as u64
+                        || theirs.len() + crcs.len() > pages as usize
+                    {
+                        return Err(wire::WireError::Unexpected(format!(
+                            "table entries from page {first_page} ({} already received, {pages} pages)",
+                            theirs.len()
+                        ))
+                        .into());
+                    }
+                    theirs.extend_from_slice(&crcs);
+                }
+                ControlMessage::RoundApplied { round, .. } => self.round_applied(round),
+                // A reply to a ping sent before the switchover.
+                ControlMessage::Pong { .. } => {}
+                ControlMessage::Abort { message, .. } => {
+                    return Err(MigrationError::Transport(format!(
+                        "destination aborted: {message}"
+                    )));
+                }
+                other => {
+                    return Err(wire::WireError::Unexpected(format!(
+                        "{other:?} while waiting for the verdict"
+                    ))
+                    .into());
+                }
+            }
+        }
+    }
+}
