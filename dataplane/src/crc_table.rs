@@ -56,9 +56,19 @@ pub struct CrcTable {
 /// A page's contribution to the digest: a 64-bit mix of its index and CRC.
 #[inline]
 fn entry_hash(page: u64, crc: u32) -> u64 {
-    // Two rounds of the splitmix64 finalizer (a bijection on u64): the first spreads the
-    // page index, the second mixes in the CRC.
-    mix64(mix64(page ^ 0x6A09_E667_F3BC_C908) ^ u64::from(crc))
+    entry_hash_from(page_key(page), crc)
+}
+
+/// The page index spread over 64 bits (the splitmix64 finalizer, a bijection on u64).
+#[inline]
+fn page_key(page: u64) -> u64 {
+    mix64(page ^ 0x6A09_E667_F3BC_C908)
+}
+
+/// A second round mixes in the CRC.
+#[inline]
+fn entry_hash_from(key: u64, crc: u32) -> u64 {
+    mix64(key ^ u64::from(crc))
 }
 
 #[inline]
@@ -152,7 +162,8 @@ impl CrcTable {
             return;
         }
         entry.store(crc, Ordering::Relaxed);
-        let delta = entry_hash(page, crc).wrapping_sub(entry_hash(page, old));
+        let key = page_key(page);
+        let delta = entry_hash_from(key, crc).wrapping_sub(entry_hash_from(key, old));
         let slot = &self.slots[usize::from(slot).min(SLOTS - 1)].0;
         // Relaxed load and store: the slot has one writer (the stream it belongs to).
         slot.store(

@@ -21,6 +21,7 @@
 pub mod frames;
 pub mod plain;
 pub mod socket;
+mod stage;
 pub mod uring;
 
 use crate::codec::zstd::Dictionary;
@@ -212,6 +213,111 @@ pub fn decide(config: &TransportConfig, uring: Result<uring::UringCaps, String>)
     }
 }
 
+/// An operating-system error, small and copyable: its kind and, when it has one, its
+/// errno (shown as the OS describes it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OsError {
+    kind: std::io::ErrorKind,
+    errno: Option<i32>,
+}
+
+impl OsError {
+    /// The error of a failed io_uring operation (its negative result).
+    pub fn from_errno(errno: i32) -> Self {
+        std::io::Error::from_raw_os_error(errno).into()
+    }
+}
+
+impl From<std::io::Error> for OsError {
+    fn from(e: std::io::Error) -> Self {
+        OsError {
+            kind: e.kind(),
+            errno: e.raw_os_error(),
+        }
+    }
+}
+
+impl fmt::Display for OsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.errno {
+            Some(errno) => std::io::Error::from_raw_os_error(errno).fmt(f),
+            None => std::io::Error::from(self.kind).fmt(f),
+        }
+    }
+}
+
+/// Why a source worker stopped. Each names the stream it concerns, if any; the worker
+/// has given every buffer back (or leaked those the kernel still holds) by the time
+/// the engine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TxError {
+    /// A send failed.
+    #[error("stream {stream}: send failed: {error}")]
+    Send {
+        /// The stream.
+        stream: u16,
+        /// What the kernel said.
+        error: OsError,
+    },
+    /// A send completed with nothing sent: the peer stopped reading.
+    #[error("stream {stream}: peer stopped reading")]
+    PeerStoppedReading {
+        /// The stream.
+        stream: u16,
+    },
+    /// A send completion for a stream with no send in flight.
+    #[error("stream {stream}: completion without a send")]
+    CompletionWithoutSend {
+        /// The stream.
+        stream: u16,
+    },
+    /// A command named a stream this worker does not own.
+    #[error("stream {stream} is not on this worker")]
+    UnknownStream {
+        /// The stream.
+        stream: u16,
+    },
+    /// io_uring itself failed.
+    #[error("{op}: {error}")]
+    Ring {
+        /// The call (`io_uring_enter`, ...).
+        op: &'static str,
+        /// What the kernel said.
+        error: OsError,
+    },
+    /// The submission queue had no room for a request.
+    #[error("io_uring submission queue full")]
+    SubmissionQueueFull,
+    /// The engine dropped its end of the worker's rings.
+    #[error("the engine went away")]
+    EngineGone,
+}
+
+/// Why a destination worker stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RxError {
+    /// What arrived is malformed (the error names what and where).
+    #[error(transparent)]
+    Wire(#[from] crate::wire::WireError),
+    /// A receive failed.
+    #[error("receive failed: {0}")]
+    Receive(OsError),
+    /// io_uring itself failed.
+    #[error("{op}: {error}")]
+    Ring {
+        /// The call.
+        op: &'static str,
+        /// What the kernel said.
+        error: OsError,
+    },
+    /// A receive completion that named no buffer.
+    #[error("receive completion without a buffer")]
+    NoBuffer,
+    /// The submission queue had no room for a request.
+    #[error("io_uring submission queue full")]
+    SubmissionQueueFull,
+}
+
 /// Engine → source worker: the work, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxCommand {
@@ -371,7 +477,7 @@ pub enum TxEvent {
         /// Worker index.
         worker: usize,
         /// What happened.
-        error: String,
+        error: TxError,
     },
 }
 
@@ -406,7 +512,7 @@ pub enum RxEvent {
         /// Global stream id.
         stream: u16,
         /// What happened.
-        error: String,
+        error: RxError,
     },
 }
 

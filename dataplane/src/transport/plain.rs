@@ -2,15 +2,13 @@
 //! One thread per stream (a blocking write on one stream must not stall another);
 //! the same frames, parser and events as the io_uring transport.
 
-use super::frames::{FrameParser, stage_marker, stage_run, stage_space};
+use super::frames::{FrameParser, stage_space};
+use super::stage::{SendBuffers, Stager, StreamStage};
 use super::{
-    CONTROL_RING, IdleStrategy, RxEvent, RxSetup, RxWorker, StreamTelemetry, TransportConfig,
-    TxCommand, TxControl, TxEvent, TxSetup, TxWorker, WORKER_RING, WorkerTelemetry, pin,
+    CONTROL_RING, IdleStrategy, OsError, RxError, RxEvent, RxSetup, RxWorker, StreamTelemetry,
+    TransportConfig, TxCommand, TxControl, TxError, TxEvent, TxSetup, TxWorker, WORKER_RING, pin,
     push_event,
 };
-use crate::codec::{CodecSetup, StreamCodec, WorkerCodec};
-use crate::crc_table::CrcTable;
-use crate::memory::GuestMemory;
 use crate::ring::{self, Consumer, Producer};
 use crate::transport::socket;
 use crate::wire::{FRAME_HEADER_LEN, FrameHeader};
@@ -47,29 +45,61 @@ pub fn spawn_tx(
     })
 }
 
-/// A source worker's state: one stream, one buffer written with blocking sends.
-struct PlainTx {
-    worker: usize,
+/// One stream's send buffer, written to the socket with blocking sends when full.
+struct SocketBuffer {
     id: u16,
     socket: TcpStream,
-    memory: Arc<GuestMemory>,
-    table: Arc<CrcTable>,
     buf: Vec<u8>,
     /// Bytes waiting in `buf`.
     len: usize,
     /// Send once this much is buffered.
     send_size: usize,
-    codec: Option<(WorkerCodec, StreamCodec, CodecSetup)>,
-    round_zero: u64,
-    round_content: u64,
-    round_bytes: u64,
-    round_pages: u32,
+    /// Bytes handed to the kernel.
     bytes: u64,
-    pages: u64,
-    staged_bytes: u64,
-    stage_nanos: u64,
     /// Time spent in blocking sends.
     send_nanos: u64,
+}
+
+impl SocketBuffer {
+    /// Send what is buffered.
+    fn send(&mut self) -> Result<(), TxError> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.socket
+            .write_all(&self.buf[..self.len])
+            .map_err(|e| TxError::Send {
+                stream: self.id,
+                error: e.into(),
+            })?;
+        self.send_nanos += started.elapsed().as_nanos() as u64;
+        self.bytes += self.len as u64;
+        self.len = 0;
+        Ok(())
+    }
+}
+
+impl SendBuffers for SocketBuffer {
+    fn room(&mut self, _stream: usize, need: usize) -> Result<Option<&mut [u8]>, TxError> {
+        if self.len > 0 && (self.len + need > self.buf.len() || self.len + need > self.send_size) {
+            self.send()?;
+        }
+        Ok(Some(&mut self.buf[self.len..]))
+    }
+
+    fn filled(&mut self, _stream: usize, n: usize) {
+        self.len += n;
+    }
+}
+
+/// A source worker's state: one stream, one buffer written with blocking sends.
+struct PlainTx {
+    worker: usize,
+    out: SocketBuffer,
+    stager: Stager,
+    /// The one stream's staging state.
+    stage: [StreamStage; 1],
     /// How the worker waits when idle (the engine may change it).
     idle: IdleStrategy,
 }
@@ -81,171 +111,60 @@ impl PlainTx {
         setup: TxSetup,
         config: &TransportConfig,
     ) -> Self {
-        let TxSetup {
-            memory,
-            table,
-            codec,
-        } = setup;
+        let stager = Stager::new(setup.memory, setup.table, setup.codec);
         let send_size = config
             .send_buffer
             .max(stage_space(crate::wire::MAX_RUN_PAGES) * 2);
-        let capacity =
-            send_size + codec.as_ref().map_or(0, |c| c.max_flush_len()) + FRAME_HEADER_LEN;
+        let capacity = send_size + stager.max_flush_len() + FRAME_HEADER_LEN;
         PlainTx {
             worker,
-            id,
-            socket,
-            memory,
-            table,
-            buf: vec![0u8; capacity],
-            len: 0,
-            send_size,
-            codec: codec.map(|setup| {
-                let mut worker_codec = WorkerCodec::new();
-                worker_codec.set_settings(setup.permit(setup.initial), std::iter::empty());
-                (worker_codec, StreamCodec::for_setup(&setup), setup)
-            }),
-            round_zero: 0,
-            round_content: 0,
-            round_bytes: 0,
-            round_pages: 0,
-            bytes: 0,
-            pages: 0,
-            staged_bytes: 0,
-            stage_nanos: 0,
-            send_nanos: 0,
+            out: SocketBuffer {
+                id,
+                socket,
+                buf: vec![0u8; capacity],
+                len: 0,
+                send_size,
+                bytes: 0,
+                send_nanos: 0,
+            },
+            stage: [stager.stream(id)],
+            stager,
             idle: config.idle,
         }
     }
 
-    /// Send what is buffered.
-    fn send(&mut self) -> Result<(), String> {
-        if self.len == 0 {
-            return Ok(());
-        }
-        let started = Instant::now();
-        self.socket
-            .write_all(&self.buf[..self.len])
-            .map_err(|e| format!("stream {}: send failed: {e}", self.id))?;
-        self.send_nanos += started.elapsed().as_nanos() as u64;
-        self.bytes += self.len as u64;
-        self.len = 0;
-        Ok(())
+    /// Write a marker (after the batch) and send everything buffered.
+    fn marker(&mut self, header: FrameHeader) -> Result<(), TxError> {
+        // A socket buffer always has room: it sends to make it.
+        self.stager
+            .marker(&mut self.out, &mut self.stage, 0, header)?;
+        self.out.send()
     }
 
-    /// Make room for `need` more bytes, sending first if the buffer is full enough.
-    fn room(&mut self, need: usize) -> Result<(), String> {
-        if self.len > 0 && (self.len + need > self.buf.len() || self.len + need > self.send_size) {
-            self.send()?;
-        }
-        Ok(())
-    }
-
-    fn flush_batch(&mut self) -> Result<(), String> {
-        let need = match &self.codec {
-            Some((codec, batch, _)) if batch.pending() > 0 => codec.flush_bound(batch),
-            _ => return Ok(()),
-        };
-        self.room(need)?;
-        let (codec, batch, _) = self.codec.as_mut().expect("checked above");
-        let n = codec.flush(batch, &mut self.buf[self.len..]);
-        self.len += n;
-        self.round_bytes += n as u64;
-        Ok(())
-    }
-
-    fn coding(&self) -> bool {
-        self.codec
-            .as_ref()
-            .is_some_and(|(c, _, _)| !c.settings().is_off())
-    }
-
-    fn pages(&mut self, first: u64, count: u32) -> Result<(), String> {
-        if self.coding() {
-            let full = self
-                .codec
-                .as_ref()
-                .is_some_and(|(codec, batch, _)| codec.batch_full(batch, count));
-            if full {
-                self.flush_batch()?;
-            }
-            let (codec, batch, _) = self.codec.as_mut().expect("coding");
-            let recorder = Some(self.table.recorder(self.id));
-            let run = codec.encode_run(batch, &self.memory, first, count, recorder);
-            self.round_zero += u64::from(run.zero_pages);
-            self.round_content += u64::from(run.content_pages);
-        } else {
-            self.room(stage_space(count))?;
-            let started = Instant::now();
-            let staged = stage_run(
-                &self.memory,
-                first,
-                count,
-                &mut self.buf[self.len..],
-                Some(self.table.recorder(self.id)),
-            );
-            self.len += staged.bytes;
-            self.round_zero += u64::from(staged.zero_pages);
-            self.round_content += u64::from(staged.raw_pages);
-            self.round_bytes += staged.bytes as u64;
-            self.staged_bytes += staged.bytes as u64;
-            self.stage_nanos += started.elapsed().as_nanos() as u64;
-        }
-        self.round_pages += count;
-        self.pages += u64::from(count);
-        Ok(())
-    }
-
-    fn marker(&mut self, header: FrameHeader) -> Result<(), String> {
-        self.flush_batch()?;
-        self.room(FRAME_HEADER_LEN)?;
-        self.len += stage_marker(header, &mut self.buf[self.len..]);
-        self.round_bytes += FRAME_HEADER_LEN as u64;
-        self.send()
+    /// Flush the batch and send what is buffered.
+    fn flush(&mut self) -> Result<(), TxError> {
+        self.stager.flush_all(&mut self.out, &mut self.stage)?;
+        self.out.send()
     }
 
     /// The stream's counters, as an event.
     fn stream_telemetry(&self) -> TxEvent {
         TxEvent::Telemetry(StreamTelemetry {
-            stream: self.id,
-            bytes: self.bytes,
-            pages: self.pages,
-            tcp: socket::tcp_info(&self.socket),
+            stream: self.out.id,
+            bytes: self.out.bytes,
+            pages: self.stage[0].pages,
+            tcp: socket::tcp_info(&self.out.socket),
         })
     }
 
-    fn telemetry(&self) -> WorkerTelemetry {
-        WorkerTelemetry::new(
-            self.worker,
-            self.codec.as_ref().map(|(c, _, _)| c),
-            self.staged_bytes,
-            self.stage_nanos,
-            self.send_nanos,
-        )
-    }
-
-    fn apply(&mut self, change: TxControl) -> Result<(), String> {
+    fn apply(&mut self, change: TxControl) -> Result<(), TxError> {
         match change {
-            TxControl::SetCodec(settings) => {
-                // Batches made under the old settings go out first.
-                self.flush_batch()?;
-                if let Some((codec, batch, setup)) = &mut self.codec {
-                    codec.set_settings(setup.permit(settings), std::iter::once(batch));
-                }
-            }
-            TxControl::SetDictionary(dictionary) => {
-                if let Some((codec, _, _)) = &mut self.codec {
-                    codec.set_dictionary(Some(dictionary));
-                }
-            }
             TxControl::SetIdle(idle) => self.idle = idle,
             // Plain sockets always copy.
             TxControl::SetZeroCopy(_) => {}
-            TxControl::ForgetSentPages => {
-                self.flush_batch()?;
-                if let Some((_, batch, _)) = &mut self.codec {
-                    batch.forget();
-                }
+            // A socket buffer always has room, so codec changes always apply.
+            other => {
+                self.stager.apply(&other, &mut self.out, &mut self.stage)?;
             }
         }
         Ok(())
@@ -260,10 +179,11 @@ impl PlainTx {
     ) {
         let mut idle = 0u32;
         let mut next_telemetry = Instant::now() + config.telemetry_interval;
-        let result: Result<(), String> = (|| loop {
+        let result: Result<(), TxError> = (|| loop {
             if Instant::now() >= next_telemetry {
                 next_telemetry = Instant::now() + config.telemetry_interval;
-                push_event(&mut events, TxEvent::Worker(self.telemetry()));
+                let telemetry = self.stager.telemetry(self.worker, self.out.send_nanos);
+                push_event(&mut events, TxEvent::Worker(telemetry));
                 push_event(&mut events, self.stream_telemetry());
             }
             while let Some(change) = control.pop() {
@@ -271,10 +191,9 @@ impl PlainTx {
             }
             let Some(cmd) = commands.pop() else {
                 // Nothing more to add right now: send what there is.
-                self.flush_batch()?;
-                self.send()?;
+                self.flush()?;
                 if commands.is_abandoned() {
-                    return Err("engine went away".into());
+                    return Err(TxError::EngineGone);
                 }
                 idle += 1;
                 if idle < self.idle.spin {
@@ -286,18 +205,22 @@ impl PlainTx {
             };
             idle = 0;
             match cmd {
-                TxCommand::Pages { first, count, .. } => self.pages(first, count)?,
+                TxCommand::Pages { first, count, .. } => {
+                    self.stager
+                        .stage(&mut self.out, &mut self.stage, 0, first, count)?;
+                }
                 TxCommand::EndRound { round } => {
-                    self.marker(FrameHeader::round_end(round, self.round_pages))?;
-                    self.round_pages = 0;
+                    self.marker(Stager::round_end(round, &self.stage[0]))?;
+                    self.stage[0].round_pages = 0;
+                    let counts = self.stager.take_round();
                     push_event(
                         &mut events,
                         TxEvent::RoundSent {
                             worker: self.worker,
                             round,
-                            zero_pages: std::mem::take(&mut self.round_zero),
-                            raw_pages: std::mem::take(&mut self.round_content),
-                            bytes: std::mem::take(&mut self.round_bytes),
+                            zero_pages: counts.zero_pages,
+                            raw_pages: counts.content_pages,
+                            bytes: counts.bytes,
                         },
                     );
                 }
@@ -306,20 +229,20 @@ impl PlainTx {
                 }
                 TxCommand::Finish => {
                     self.marker(FrameHeader::stream_end())?;
-                    let _ = self.socket.shutdown(std::net::Shutdown::Write);
+                    let _ = self.out.socket.shutdown(std::net::Shutdown::Write);
                     return Ok(());
                 }
                 TxCommand::Release => {
                     // Blocking sends: once written, the kernel owns the bytes.
-                    self.flush_batch()?;
-                    self.send()?;
+                    self.flush()?;
                     return Ok(());
                 }
             }
         })();
         // Final counters, so that whoever carries the stream on counts from them.
         push_event(&mut events, self.stream_telemetry());
-        push_event(&mut events, TxEvent::Worker(self.telemetry()));
+        let telemetry = self.stager.telemetry(self.worker, self.out.send_nanos);
+        push_event(&mut events, TxEvent::Worker(telemetry));
         match result {
             Ok(()) => push_event(
                 &mut events,
@@ -331,7 +254,7 @@ impl PlainTx {
                 },
             ),
             Err(error) => {
-                let _ = self.socket.shutdown(std::net::Shutdown::Both);
+                let _ = self.out.socket.shutdown(std::net::Shutdown::Both);
                 push_event(
                     &mut events,
                     TxEvent::Failed {
@@ -382,13 +305,13 @@ fn rx_main(
 ) {
     let mut buf = vec![0u8; 256 << 10];
     let mut next_telemetry = Instant::now() + config.telemetry_interval;
-    let result: Result<(), String> = loop {
+    let result: Result<(), RxError> = loop {
         if stop.load(Ordering::Relaxed) {
             break Ok(());
         }
         let n = match socket.read(&mut buf) {
             Ok(0) if parser.is_ended() => break Ok(()),
-            Ok(0) => break Err(crate::wire::WireError::UnexpectedEof("data stream").to_string()),
+            Ok(0) => break Err(crate::wire::WireError::UnexpectedEof("data stream").into()),
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -400,11 +323,11 @@ fn rx_main(
             {
                 continue;
             }
-            Err(e) => break Err(format!("receive failed: {e}")),
+            Err(e) => break Err(RxError::Receive(OsError::from(e))),
         };
         let mut announced = Vec::new();
         if let Err(e) = parser.feed(&buf[..n], &mut |e| announced.push(e)) {
-            break Err(e.to_string());
+            break Err(e.into());
         }
         for e in announced {
             push_event(

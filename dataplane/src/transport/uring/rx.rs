@@ -1,0 +1,252 @@
+//! The receive side: a multishot `RECV` per stream into the stream's own provided
+//! buffer ring, each completion parsed at once and its buffer given back.
+
+use super::buffers::ProvidedBuffers;
+use super::{new_ring, shutdown, spawn_worker, wait_cqe};
+use crate::ring::{self, Producer};
+use crate::transport::frames::FrameParser;
+use crate::transport::{
+    OsError, RxError, RxEvent, RxSetup, RxWorker, TransportConfig, WORKER_RING, push_event,
+};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+struct RxStream {
+    id: u16,
+    socket: TcpStream,
+    parser: FrameParser,
+    buffers: ProvidedBuffers,
+    armed: bool,
+    eof: bool,
+    reported_bytes: u64,
+}
+
+/// Start a destination worker on io_uring for `streams`. As on
+/// the send side, the ring and its buffer rings are set up on the worker's thread.
+pub fn spawn_rx(
+    worker: usize,
+    streams: Vec<(u16, TcpStream)>,
+    rx_setup: RxSetup,
+    config: &TransportConfig,
+    cpu: Option<usize>,
+) -> std::io::Result<RxWorker> {
+    let (evt_tx, evt_rx) = ring::channel(WORKER_RING);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_flag = stop.clone();
+    let config = config.clone();
+    let setup_config = config.clone();
+    let setup = move || -> std::io::Result<(IoUring, Vec<RxStream>)> {
+        let ring = new_ring()?;
+        let mut rx = Vec::with_capacity(streams.len());
+        for (local, (id, socket)) in streams.into_iter().enumerate() {
+            let mut buffers = ProvidedBuffers::new(
+                &ring,
+                local as u16,
+                setup_config.recv_buffers_per_stream.next_power_of_two(),
+                setup_config.recv_buffer,
+            )?;
+            buffers.provide_all();
+            rx.push(RxStream {
+                id,
+                socket,
+                parser: rx_setup.parser(id),
+                buffers,
+                armed: false,
+                eof: false,
+                reported_bytes: 0,
+            });
+        }
+        Ok((ring, rx))
+    };
+    let handle = spawn_worker(format!("dwcp-rx{worker}"), cpu, setup, move |(ring, rx)| {
+        rx_main(ring, rx, evt_tx, &stop_flag, &config)
+    })?;
+    Ok(RxWorker {
+        events: evt_rx,
+        handle: Some(handle),
+        stop,
+    })
+}
+
+fn rx_main(
+    mut ring: IoUring,
+    mut streams: Vec<RxStream>,
+    mut events: Producer<RxEvent>,
+    stop: &AtomicBool,
+    config: &TransportConfig,
+) {
+    let mut in_flight = 0usize;
+    let failure = rx_loop(
+        &mut ring,
+        &mut streams,
+        &mut events,
+        stop,
+        config,
+        &mut in_flight,
+    )
+    .err();
+    if let Some((stream, error)) = failure {
+        push_event(&mut events, RxEvent::Failed { stream, error });
+    }
+    // Teardown: shut the sockets so every armed receive completes, drain, then
+    // unregister the buffer rings before their memory goes.
+    for st in &streams {
+        shutdown(&st.socket);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while in_flight > 0 && Instant::now() < deadline {
+        let _ = wait_cqe(&ring, Duration::from_millis(10));
+        let cqes: Vec<u32> = ring.completion().map(|c| c.flags()).collect();
+        for flags in cqes {
+            if !cqueue::more(flags) {
+                in_flight -= 1;
+            }
+        }
+    }
+    if in_flight > 0 {
+        eprintln!("dwcp-rx: {in_flight} receives did not complete; leaking their buffers");
+        for st in streams.drain(..) {
+            std::mem::forget(st.buffers);
+        }
+    }
+    for st in &mut streams {
+        st.buffers.unregister(&ring);
+    }
+}
+
+fn rx_loop(
+    ring: &mut IoUring,
+    streams: &mut [RxStream],
+    events: &mut Producer<RxEvent>,
+    stop: &AtomicBool,
+    config: &TransportConfig,
+    in_flight: &mut usize,
+) -> Result<(), (u16, RxError)> {
+    let mut idle = 0u32;
+    let mut next_telemetry = Instant::now() + config.telemetry_interval;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // Arm a multishot receive on every stream that needs one.
+        let mut armed_any = false;
+        for (i, st) in streams.iter_mut().enumerate() {
+            if st.armed || st.eof {
+                continue;
+            }
+            let recv = opcode::RecvMulti::new(types::Fd(st.socket.as_raw_fd()), i as u16)
+                .build()
+                .user_data(i as u64)
+                .flags(squeue::Flags::empty());
+            // SAFETY: the kernel fills buffers of `st.buffers`, which are unregistered
+            // and freed only after this request's final completion (see rx_main).
+            unsafe { ring.submission().push(&recv) }
+                .map_err(|_| (st.id, RxError::SubmissionQueueFull))?;
+            st.armed = true;
+            *in_flight += 1;
+            armed_any = true;
+        }
+        if armed_any {
+            ring.submit().map_err(|e| {
+                (
+                    0,
+                    RxError::Ring {
+                        op: "io_uring_enter",
+                        error: e.into(),
+                    },
+                )
+            })?;
+        }
+        let cqes: Vec<(u64, i32, u32)> = ring
+            .completion()
+            .map(|c| (c.user_data(), c.result(), c.flags()))
+            .collect();
+        let progress = !cqes.is_empty();
+        // Account for every completion first: teardown waits for exactly the receives
+        // still armed, whatever the loop below decides.
+        for &(user_data, _, flags) in &cqes {
+            if !cqueue::more(flags) {
+                streams[user_data as usize].armed = false;
+                *in_flight -= 1;
+            }
+        }
+        for (user_data, result, flags) in cqes {
+            let st = &mut streams[user_data as usize];
+            if result == -libc::ENOBUFS {
+                // Every buffer of this stream was in use at that instant; they are
+                // given back as they are parsed, so re-arming is enough.
+                continue;
+            }
+            if result < 0 {
+                return Err((st.id, RxError::Receive(OsError::from_errno(-result))));
+            }
+            if result == 0 {
+                st.eof = true;
+                st.armed = false;
+                if !st.parser.is_ended() {
+                    return Err((
+                        st.id,
+                        crate::wire::WireError::UnexpectedEof("data stream").into(),
+                    ));
+                }
+                continue;
+            }
+            let Some(bid) = cqueue::buffer_select(flags) else {
+                return Err((st.id, RxError::NoBuffer));
+            };
+            let id = st.id;
+            let data = st.buffers.buffer(bid, result as usize);
+            let mut announced = Vec::new();
+            let parsed = st.parser.feed(data, &mut |e| announced.push(e));
+            st.buffers.give_back(bid);
+            parsed.map_err(|e| (id, e.into()))?;
+            for e in announced {
+                push_event(
+                    events,
+                    RxEvent::from_stream(id, e, st.parser.counters().bytes),
+                );
+            }
+        }
+        if streams.iter().all(|st| st.parser.is_ended()) {
+            return Ok(());
+        }
+        if Instant::now() >= next_telemetry {
+            next_telemetry = Instant::now() + config.telemetry_interval;
+            for st in streams.iter_mut() {
+                let bytes = st.parser.counters().bytes;
+                if bytes != st.reported_bytes {
+                    st.reported_bytes = bytes;
+                    push_event(
+                        events,
+                        RxEvent::Telemetry {
+                            stream: st.id,
+                            bytes,
+                        },
+                    );
+                }
+            }
+        }
+        if progress {
+            idle = 0;
+            continue;
+        }
+        idle += 1;
+        if idle < config.idle.spin {
+            std::hint::spin_loop();
+        } else {
+            wait_cqe(ring, config.idle.park.max(Duration::from_millis(1))).map_err(|e| {
+                (
+                    0,
+                    RxError::Ring {
+                        op: "io_uring wait",
+                        error: e.into(),
+                    },
+                )
+            })?;
+        }
+    }
+}
