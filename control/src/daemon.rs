@@ -11,20 +11,20 @@
 //! never waits on either (a slow client waits on its own thread, a lagging report is
 //! dropped by the engine). Every 100 ms it also checks the flags file.
 
+use crate::call::{Call, ServerCounters, call};
 use crate::config::{Config, parse_codec_mode};
 use crate::flags::{Components, FlagStore};
 use crate::mode::{DetectorConfig, LinkMeter, Mode, ModeDetector, policy_for};
+use crate::runner::{self, Run, RunningGuest};
 use crossbeam::channel::{Receiver, Sender, bounded, select, tick};
 use dwcp_api::{
     Capabilities, Command, Done, MetricsText, MigrateOptions, MigrationInfo, ModeInfo, Request,
     Response, SetOptions, StatusInfo, TransportInfo,
 };
 use dwcp_dataplane::codec::policy::CodecMode;
-use dwcp_dataplane::dirty::open_dirty_log;
 use dwcp_dataplane::engine::{
     self, DestMemory, LiveControl, LiveReport, LiveSettings, MigrationReport, Progress,
 };
-use dwcp_dataplane::guest::{ContentMix, SimulatedGuest, fill_memory};
 use dwcp_dataplane::transport::socket::Congestion;
 use dwcp_dataplane::transport::{TransportChoice, TransportKind};
 use std::collections::BTreeMap;
@@ -35,9 +35,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// A request and where its response goes.
-pub type Call = (Request, Sender<Response>);
 
 /// What the daemon needs beyond its configuration file.
 #[derive(Debug, Clone)]
@@ -74,17 +71,6 @@ struct Counters {
     failed: u64,
     cancelled: u64,
     bytes_completed: u64,
-}
-
-/// Shared with the socket server (read-only there).
-#[derive(Default)]
-pub struct ServerCounters {
-    /// Connections turned away (too many clients, wrong peer).
-    pub refused: AtomicU64,
-    /// Requests answered with an error before reaching the control thread.
-    pub bad_requests: AtomicU64,
-    /// Clients that sent nothing before the timeout.
-    pub timeouts: AtomicU64,
 }
 
 /// The daemon's state, owned by the control thread.
@@ -367,16 +353,8 @@ impl ControlState {
     /// The live settings a migration starts with: configuration, then the mode's
     /// policy, then operator overrides, then flags (safe mode last, winning).
     fn live_settings(&self, base: &engine::SourceConfig, components: &Components) -> LiveSettings {
-        let mut s = LiveSettings {
-            active_streams: None,
-            transport: None,
-            congestion: base.transport.socket.congestion,
-            pacing_rate: None,
-            codec: base.codec.mode.clone(),
-            zero_copy: base.transport.zero_copy,
-            idle: base.transport.idle,
-            downtime_limit: base.downtime_limit,
-        };
+        // What the session opens with (a configured pacing cap included), then the rest.
+        let mut s = LiveSettings::from_config(base);
         if let Some(mode) = self.detector.mode() {
             let policy = policy_for(mode, &self.capabilities.rdma_devices);
             s.active_streams = Some(policy.streams.min(base.streams));
@@ -730,25 +708,16 @@ fn run_migration(
     live: &LiveControl,
     use_model: bool,
 ) -> Result<MigrationReport, String> {
-    let memory = crate::appliance::guest_memory(config)?;
-    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, config.guest.seed);
-    let opened = open_dirty_log(&memory, config.dirty_log()).map_err(|e| e.to_string())?;
-    let guest = SimulatedGuest::start(memory.clone(), &config.workload(), opened.marker.clone());
-    let mut policy = config.codec_policy();
-    let policy: Option<&mut dyn dwcp_dataplane::codec::policy::CodecPolicy> =
-        if use_model { Some(&mut policy) } else { None };
-    let result = engine::migrate_live(
-        peer,
-        memory,
-        &guest,
-        opened.log,
+    let mut guest = RunningGuest::start(config)?;
+    let run = Run {
+        config,
         source,
-        policy,
-        Some(live),
-        &mut |_| {},
-    );
+        live: Some(live),
+        codec_policy: use_model,
+    };
+    let result = runner::migrate(&run, peer, &mut guest, &mut |_| {});
     guest.stop();
-    result.map_err(|e| e.to_string())
+    result
 }
 
 /// The daemon, running.
@@ -903,16 +872,6 @@ impl Daemon {
             let _ = d.join();
         }
     }
-}
-
-/// Send a call to the control thread and wait for the answer.
-pub fn call(calls: &Sender<Call>, request: Request, timeout: Duration) -> Response {
-    let (tx, rx) = bounded(1);
-    if calls.send_timeout((request, tx), timeout).is_err() {
-        return Response::error("the control thread is not answering");
-    }
-    rx.recv_timeout(timeout)
-        .unwrap_or_else(|_| Response::error("the control thread did not answer in time"))
 }
 
 fn control_loop(

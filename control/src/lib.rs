@@ -3,20 +3,26 @@
 //! - [`config`]: the daemon's TOML configuration and its validation;
 //! - [`codec_policy`]: the model that chooses codecs from link and CPU measurements;
 //! - [`appliance`]: running as a source, a destination, or both (the demo);
+//! - [`runner`]: one migration of the configured guest, for `dwcpd source`, the demo and
+//!   the daemon alike; [`progress`]: how a running migration shows on a terminal;
 //! - [`mode`]: mode detection (sans-IO) and the mode → policy mapping;
 //! - [`flags`]: feature flags, rollout by a hash of the migration id, safe mode;
 //! - [`daemon`]: `dwcpd serve`: the control thread that owns the daemon's state and
 //!   reconfigures running migrations through settings epochs;
+//! - [`call`]: how the socket server and the metrics listener reach the control thread;
 //! - [`server`]: the operator control socket (`dwcpctl`; protocol in `dwcp-api`);
 //! - [`metrics`]: Prometheus exposition and its HTTP listener.
 //!
 //! This crate uses the dataplane's public API only; the dataplane never depends on it.
 
 pub mod appliance;
+pub mod call;
 pub mod codec_policy;
 pub mod config;
 pub mod daemon;
 pub mod flags;
 pub mod metrics;
 pub mod mode;
+pub mod progress;
+pub mod runner;
 pub mod server;

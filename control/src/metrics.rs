@@ -5,7 +5,7 @@
 //! `_seconds`), `_total` on counters; per-migration series carry `migration`, per-stream
 //! ones also `stream`, per-worker ones `worker`.
 
-use crate::daemon::{Call, call};
+use crate::call::{Call, call};
 use crate::mode::Mode;
 use crossbeam::channel::Sender;
 use dwcp_api::{Command, MetricsText, MigrationInfo, Request};

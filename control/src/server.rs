@@ -10,7 +10,7 @@
 //! costs a descriptor and a buffer, not a thread, and cannot crowd out the migrations'
 //! reports.
 
-use crate::daemon::{Call, ServerCounters, call};
+use crate::call::{Call, ServerCounters, call};
 use crossbeam::channel::Sender;
 use dwcp_api::{MAX_REQUEST_BYTES, Request, Response};
 use std::io::{Read, Write};

@@ -46,14 +46,9 @@ fn configs() -> (SourceConfig, DestConfig) {
 
 fn settings(source: &SourceConfig) -> LiveSettings {
     LiveSettings {
-        active_streams: None,
-        transport: None,
-        congestion: source.transport.socket.congestion,
         pacing_rate: Some(SLOW),
         codec: CodecMode::Off,
-        zero_copy: source.transport.zero_copy,
-        idle: source.transport.idle,
-        downtime_limit: source.downtime_limit,
+        ..LiveSettings::from_config(source)
     }
 }
 

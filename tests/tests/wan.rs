@@ -169,14 +169,8 @@ fn classify_scenario(scenario_name: &str) -> Option<(Option<Mode>, usize, Durati
 
 fn live_settings(source: &SourceConfig) -> LiveSettings {
     LiveSettings {
-        active_streams: None,
-        transport: None,
-        congestion: source.transport.socket.congestion,
-        pacing_rate: None,
         codec: dwcp_dataplane::codec::policy::CodecMode::Off,
-        zero_copy: source.transport.zero_copy,
-        idle: source.transport.idle,
-        downtime_limit: source.downtime_limit,
+        ..LiveSettings::from_config(source)
     }
 }
 
