@@ -55,6 +55,7 @@ bench: deps
 	$(CARGO) run --release -p dwcp-bench -- codec --json
 	$(CARGO) run --release -p dwcp-bench -- wan --json
 	$(CARGO) run --release -p dwcp-bench -- control --json
+	$(CARGO) run --release -p dwcp-bench -- downtime --json
 
 criterion: deps
 	$(CARGO) bench -p dwcp-bench

@@ -19,9 +19,12 @@
 //!   against one plain TCP stream, and the emulator's own forwarding and bottleneck).
 //! - [`control`]: the `control` suite (a live migration with clients on the daemon's
 //!   control socket against the same migration with none).
+//! - [`downtime`]: the `downtime` suite (the demo's migration against its downtime
+//!   limit, the table digest against the full check, 4 GiB against 1 GiB).
 
 pub mod codec;
 pub mod control;
+pub mod downtime;
 pub mod kernels;
 pub mod measure;
 pub mod reference;

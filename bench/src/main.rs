@@ -60,6 +60,16 @@ enum Suite {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// The demo's migration, ten times at 20 ms and 50 ms limits (measured downtime and
+    /// the estimate's error), the table digest against the full check, 4 GiB against 1.
+    Downtime {
+        /// Print one JSON object per comparison on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Run only the comparisons whose name contains this text (e.g. `limit-50`).
+        #[arg(long)]
+        filter: Option<String>,
+    },
     /// Page kernels (CRC32C, zero test, XBZRLE) and the SPSC ring.
     Kernels {
         /// Print one JSON object per comparison on stdout (the table goes to stderr).
@@ -102,6 +112,11 @@ fn main() {
         Suite::Control { json, filter } => {
             let mut out = Reporter::new(json).with_filter(filter);
             dwcp_bench::control::run(&mut out);
+            out.finish();
+        }
+        Suite::Downtime { json, filter } => {
+            let mut out = Reporter::new(json).with_filter(filter);
+            dwcp_bench::downtime::run(dwcp_bench::downtime::DowntimePlan::from_env(), &mut out);
             out.finish();
         }
         Suite::Kernels { json, filter } => {

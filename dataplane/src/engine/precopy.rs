@@ -10,15 +10,16 @@
 //! # The downtime estimate
 //! Everything that happens while the guest is paused, each part from its own
 //! measurement:
-//! - **collect**: the final dirty-log collection, as long as the quickest of the last
-//!   few took;
+//! - **collect**: the final dirty-log collection, which has almost nothing to report
+//!   (it follows the decision's own collection at once): the fixed part of a
+//!   collection's cost, from a line through recent collections' pages and times;
 //! - **send**: the final round handed to the kernel, `overhead + bytes / rate`, with the
 //!   rate and per-round overhead fitted (least squares) to the recent rounds' bytes and
-//!   send times, and the bytes from the last round's bytes per page;
-//! - **confirm**: from the last byte in the kernel to the destination's verdict: the
-//!   quickest acknowledgement of a round seen in the session (the final round's is no
-//!   slower: nothing else is in flight then), or before any, the quickest round trip
-//!   of a ping on the control stream;
+//!   send times, and the bytes from the last round's bytes per page with content (the
+//!   pages a guest dirties are seldom zero, even where memory is);
+//! - **confirm**: from the last byte in the kernel to the destination's verdict, a
+//!   round trip: the quickest acknowledgement of a round or ping on the control stream
+//!   seen in the session;
 //! - **verify**: checking all of memory, only when the configuration asks for it
 //!   (`verify = "full"`); zero otherwise, since the table digest costs nothing there.
 //!
@@ -26,6 +27,12 @@
 //! overhead) take the quickest figures seen: they are what the machine and the path can
 //! do, and a sample the scheduler delayed says little about the switchover, which runs
 //! with the guest paused and nothing else of the migration in flight.
+//!
+//! The planner never switches over right after round 0, even when the estimate fits:
+//! that round moves all of memory (zero pages, cold caches, a destination still
+//! faulting its memory in) and says little about a round of the guest's dirty pages,
+//! which is what the final round is. One more round measures one; it costs a few
+//! milliseconds of migration time and none of downtime.
 //!
 //! # Convergence
 //! Auto-converge follows QEMU's (`cpu-throttle-initial` 20, `cpu-throttle-increment`
@@ -70,6 +77,8 @@ pub struct RoundMeasurement {
     pub round: u64,
     /// Pages sent.
     pub pages: u64,
+    /// Of which zero pages (sent as a count, nearly free).
+    pub zero_pages: u64,
     /// Bytes of frames sent.
     pub bytes: u64,
     /// From the first page queued to the last byte in the kernel, seconds.
@@ -139,8 +148,8 @@ pub struct Planner {
     quickest_ack: Option<f64>,
     rtt: Option<f64>,
     bytes_per_page: f64,
-    /// Recent collection times, seconds.
-    collects: VecDeque<f64>,
+    /// Recent collections: (pages reported, seconds).
+    collects: VecDeque<(f64, f64)>,
     previous_dirty: u64,
     stuck: u32,
     throttle: u32,
@@ -208,12 +217,15 @@ impl Planner {
         } else {
             overhead + bytes / rate
         };
-        // An acknowledgement is itself at least a round trip (the round's last bytes
-        // one way, the answer back), measured the way the verdict will come; a ping
-        // stands in until one arrives.
-        let confirm = self.quickest_ack.or(self.rtt).unwrap_or(0.0);
-        let collect = self.collects.iter().copied().fold(f64::INFINITY, f64::min);
-        let collect = if collect.is_finite() { collect } else { 0.0 };
+        // A round trip: the quickest acknowledgement of a round or ping seen. (An
+        // acknowledgement of a large round also holds the time its bytes took to drain
+        // from the socket buffers; for the final round that time is in `send`, whose rate
+        // large rounds measured at the pace of the link.)
+        let confirm = match (self.quickest_ack, self.rtt) {
+            (Some(ack), Some(rtt)) => ack.min(rtt),
+            (ack, rtt) => ack.or(rtt).unwrap_or(0.0),
+        };
+        let collect = collect_base(&self.collects);
         let verify = self.config.verify_seconds;
         DowntimeEstimate {
             pages,
@@ -234,17 +246,37 @@ impl Planner {
                 FIT_WINDOW,
             );
         }
-        if m.pages > 0 {
+        // Per page with content: the pages a guest dirties are seldom zero, even when
+        // much of memory (and so of round 0) is.
+        let content = m.pages.saturating_sub(m.zero_pages);
+        if content > 0 {
             self.bytes_per_page =
-                (m.bytes as f64 / m.pages as f64).max(self.config.raw_page_bytes * MIN_PAGE_SHARE);
+                (m.bytes as f64 / content as f64).max(self.config.raw_page_bytes * MIN_PAGE_SHARE);
         }
         if m.collect_seconds.is_finite() && m.collect_seconds >= 0.0 {
-            push_bounded(&mut self.collects, m.collect_seconds, COLLECT_WINDOW);
+            push_bounded(
+                &mut self.collects,
+                (m.dirtied_pages as f64, m.collect_seconds),
+                COLLECT_WINDOW,
+            );
         }
         let estimate = self.estimate(m.dirtied_pages);
         let limit = self.config.downtime_limit.as_secs_f64();
         let ms = |s: f64| s * 1e3;
-        if estimate.total <= limit {
+        let fits = estimate.total <= limit;
+        if fits && m.round == 0 {
+            return Plan {
+                decision: Decision::Continue { throttle: None },
+                why: format!(
+                    "{} pages left: estimated downtime {:.1} ms within the {:.0} ms limit, but round 0 (all of memory, its zero pages, a destination still faulting its memory in) says little about the rounds after it: one more round first",
+                    m.dirtied_pages,
+                    ms(estimate.total),
+                    ms(limit)
+                ),
+                estimate,
+            };
+        }
+        if fits {
             return Plan {
                 decision: Decision::SwitchOver,
                 why: format!(
@@ -335,6 +367,29 @@ impl Planner {
     }
 }
 
+/// What a collection costs with (almost) nothing to report, as the final one is: the
+/// least-squares intercept of `seconds = base + pages × per_page` over recent
+/// collections, kept between zero and the quickest; with no such line (one sample, one
+/// size), the quickest collection.
+fn collect_base(samples: &VecDeque<(f64, f64)>) -> f64 {
+    let quickest = samples.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
+    if !quickest.is_finite() {
+        return 0.0;
+    }
+    let n = samples.len() as f64;
+    let mean_x = samples.iter().map(|s| s.0).sum::<f64>() / n;
+    let mean_y = samples.iter().map(|s| s.1).sum::<f64>() / n;
+    let sxx: f64 = samples.iter().map(|s| (s.0 - mean_x).powi(2)).sum();
+    let sxy: f64 = samples
+        .iter()
+        .map(|s| (s.0 - mean_x) * (s.1 - mean_y))
+        .sum();
+    if samples.len() < 2 || sxx <= 0.0 || sxy <= 0.0 {
+        return quickest;
+    }
+    (mean_y - sxy / sxx * mean_x).clamp(0.0, quickest)
+}
+
 fn push_bounded<T>(q: &mut VecDeque<T>, x: T, bound: usize) {
     if q.len() == bound {
         q.pop_front();
@@ -412,6 +467,7 @@ mod tests {
         RoundMeasurement {
             round,
             pages,
+            zero_pages: 0,
             bytes: bytes as u64,
             send_seconds: seconds,
             dirtied_pages: (dirty_rate * seconds) as u64,
@@ -614,7 +670,51 @@ mod tests {
     }
 
     #[test]
-    fn the_confirm_part_is_the_quickest_acknowledgement_or_a_ping_before_any() {
+    fn round_0_is_never_the_last_before_the_switchover() {
+        let mut p = Planner::new(config(50));
+        let m = round(0, 262_144, 2.5e9, 0.001, 100.0);
+        let plan = p.round_done(m);
+        assert!(plan.estimate.total < 0.050);
+        assert_eq!(plan.decision, Decision::Continue { throttle: None });
+        let plan = p.round_done(round(1, m.dirtied_pages, 2.5e9, 0.001, 100.0));
+        assert_eq!(plan.decision, Decision::SwitchOver);
+    }
+
+    #[test]
+    fn the_final_collect_costs_the_fixed_part_of_a_collection() {
+        let mut p = Planner::new(config(50));
+        let mut m = round(0, 262_144, 2.5e9, 0.001, 10_000.0);
+        // 0.2 ms plus 1 µs per page reported.
+        m.dirtied_pages = 4_000;
+        m.collect_seconds = 0.0002 + 4_000.0 * 1e-6;
+        p.round_done(m);
+        assert!(
+            (p.estimate(0).collect - m.collect_seconds).abs() < 1e-12,
+            "one sample"
+        );
+        m.dirtied_pages = 1_000;
+        m.collect_seconds = 0.0002 + 1_000.0 * 1e-6;
+        p.round_done(m);
+        assert!((p.estimate(0).collect - 0.0002).abs() < 1e-9);
+    }
+
+    #[test]
+    fn zero_pages_do_not_make_the_final_round_look_cheap() {
+        let mut p = Planner::new(config(50));
+        // Round 0: a third of memory zero, sent as counts.
+        let mut m = round(0, 300, 1e9, 0.0, 0.0);
+        m.zero_pages = 100;
+        m.bytes = 200 * PAGE as u64;
+        p.round_done(m);
+        let e = p.estimate(1_000);
+        assert!(
+            (e.send - 1_000.0 * PAGE / p.send_model().0).abs() < 1e-9,
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn the_confirm_part_is_the_quickest_round_trip_of_an_acknowledgement_or_a_ping() {
         let mut p = Planner::new(config(50));
         assert_eq!(p.estimate(0).confirm, 0.0);
         p.round_trip(0.004);
@@ -622,13 +722,9 @@ mod tests {
         assert_eq!(p.estimate(0).confirm, 0.004);
         p.round_acknowledged(0.030);
         p.round_acknowledged(0.010);
-        assert_eq!(p.estimate(0).confirm, 0.010);
+        assert_eq!(p.estimate(0).confirm, 0.004, "a ping was quicker");
         p.round_acknowledged(0.001);
-        assert_eq!(
-            p.estimate(0).confirm,
-            0.001,
-            "acknowledgements measure it best"
-        );
+        assert_eq!(p.estimate(0).confirm, 0.001);
         assert_eq!(
             p.estimate(0).send,
             0.0,

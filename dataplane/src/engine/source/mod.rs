@@ -779,6 +779,7 @@ impl<'a> Session<'a> {
             let plan = self.planner.round_done(RoundMeasurement {
                 round,
                 pages: sent,
+                zero_pages: round_totals.zero_pages,
                 bytes: round_totals.bytes,
                 send_seconds: seconds,
                 dirtied_pages: dirtied,
