@@ -260,6 +260,17 @@ impl ControlState {
             error: m.error.clone(),
             downtime_ms: m.report.as_ref().map(|r| r.measured_downtime * 1e3),
             verified_pages: m.report.as_ref().map(|r| r.verified_pages),
+            audit_mismatched: m
+                .report
+                .as_ref()
+                .and_then(|r| r.audit.as_ref())
+                .map(|a| a.mismatched),
+            audit_pages: m
+                .report
+                .as_ref()
+                .and_then(|r| r.audit.as_ref())
+                .map(|a| a.pages.clone())
+                .unwrap_or_default(),
             notes: m.live.notes(),
         }
     }

@@ -206,6 +206,19 @@ pub fn render(s: &Snapshot) -> String {
         &per(&|m| m.info.downtime_ms.unwrap_or(0.0) / 1e3),
     );
     family(
+        "dwcp_migration_audit_mismatched_pages",
+        "gauge",
+        "Pages the post-switchover audit found different from what was sent (verify = audit): writes the dirty log missed.",
+        &s.migrations
+            .iter()
+            .filter_map(|m| {
+                m.info
+                    .audit_mismatched
+                    .map(|n| (format!("{{migration=\"{}\"}}", m.info.id), n as f64))
+            })
+            .collect::<Vec<_>>(),
+    );
+    family(
         "dwcp_migration_dropped_reports_total",
         "counter",
         "Engine reports dropped because the control thread lagged.",

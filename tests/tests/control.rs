@@ -10,6 +10,11 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 fn start(name: &str) -> Daemon {
+    start_with(name, |_| {})
+}
+
+/// [`start`], with `change` applied to the test configuration.
+fn start_with(name: &str, change: impl FnOnce(&mut Config)) -> Daemon {
     let dir = std::env::temp_dir().join(format!("dwcp-control-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut config = Config::default();
@@ -23,6 +28,7 @@ fn start(name: &str) -> Daemon {
     // dirty rate with a 1 ms downtime limit never converges (until auto-converge has
     // throttled the guest for many rounds).
     config.migration.max_rounds = 10_000;
+    change(&mut config);
     config.validate().expect("valid test configuration");
     Daemon::start(DaemonOptions { config }).expect("daemon starts")
 }
@@ -383,5 +389,27 @@ fn flooding_and_silent_clients_stall_neither_the_migration_nor_the_control_threa
         .find(|l| l.starts_with("dwcp_migration_dropped_reports_total"))
         .expect("the dropped-reports series");
     assert!(dropped.ends_with(" 0"), "{dropped}");
+    d.stop();
+}
+
+#[test]
+fn an_audited_migration_reports_its_audit_to_operators_and_in_metrics() {
+    let d = start_with("audit", |c| c.migration.verify = "audit".into());
+    let done: Done = d
+        .call(Command::Migrate(dwcp_api::MigrateOptions {
+            peer: d.listen_addr.to_string(),
+            ..Default::default()
+        }))
+        .into_result()
+        .unwrap();
+    let id = done.id.unwrap();
+    finish_verified(&d, id);
+    let m = migrations(&d).into_iter().find(|m| m.id == id).unwrap();
+    // Every page the simulated guest wrote was in its dirty log: nothing differs.
+    assert_eq!(m.audit_mismatched, Some(0), "{m:?}");
+    assert!(m.audit_pages.is_empty());
+    let metrics: dwcp_api::MetricsText = d.call(Command::Metrics).into_result().unwrap();
+    let line = format!("dwcp_migration_audit_mismatched_pages{{migration=\"{id}\"}} 0");
+    assert!(metrics.text.contains(&line), "{}", metrics.text);
     d.stop();
 }

@@ -298,6 +298,14 @@ pub struct MigrationInfo {
     pub downtime_ms: Option<f64>,
     /// When completed: pages the destination verified.
     pub verified_pages: Option<u64>,
+    /// When completed with `verify = "audit"`: pages of the source's memory that
+    /// differ from what was sent (writes the dirty log missed; the destination holds
+    /// stale copies of them), and the first of their numbers.
+    #[serde(default)]
+    pub audit_mismatched: Option<u64>,
+    /// Page numbers of [`MigrationInfo::audit_mismatched`], ascending (at most 1024).
+    #[serde(default)]
+    pub audit_pages: Vec<u64>,
     /// Things the engine could not do as asked.
     pub notes: Vec<String>,
 }

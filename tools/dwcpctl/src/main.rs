@@ -386,6 +386,18 @@ fn migration_line(m: &MigrationInfo) -> String {
             m.verified_pages.unwrap_or(0)
         );
     }
+    match m.audit_mismatched {
+        Some(0) => line += ", audit clean",
+        Some(n) => {
+            let shown: Vec<String> = m.audit_pages.iter().take(8).map(u64::to_string).collect();
+            line += &format!(
+                ", AUDIT: {n} pages differ from what was sent (pages {}{})",
+                shown.join(", "),
+                if m.audit_pages.len() > 8 { ", ..." } else { "" }
+            );
+        }
+        None => {}
+    }
     if let Some(e) = &m.error {
         line += &format!("  ({e})");
     }
