@@ -164,6 +164,7 @@ fn pair(
                         r.measured_downtime * 1e3,
                         r.estimated_downtime * 1e3
                     );
+                    eprintln!("  {}", parts(&r));
                     let d = r.measured_downtime * 1e3;
                     if ours_now { o.push(d) } else { t.push(d) }
                 }
