@@ -218,11 +218,17 @@ impl Coordinator {
             RxEvent::Telemetry { .. } => {}
             RxEvent::Failed { stream, error } => {
                 // A source that aborts closes its streams right after saying why:
-                // prefer its reason when it arrives promptly.
-                if let Ok(Some(ControlMessage::Abort { message, .. })) =
-                    self.control.recv_timeout(Duration::from_millis(200))
-                {
-                    return Err(self.aborted(format!("source aborted: {message}")));
+                // prefer its reason when it arrives promptly (past any ping or other
+                // message still queued ahead of it).
+                let deadline = Instant::now() + Duration::from_millis(200);
+                while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                    match self.control.recv_timeout(left) {
+                        Ok(Some(ControlMessage::Abort { message, .. })) => {
+                            return Err(self.aborted(format!("source aborted: {message}")));
+                        }
+                        Ok(Some(_)) => continue,
+                        Ok(None) | Err(_) => break,
+                    }
                 }
                 return Err(MigrationError::Transport(format!(
                     "data stream {stream}: {error}"
@@ -317,13 +323,15 @@ impl Coordinator {
                         self.timeout
                     )));
                 }
-                if self.final_round.is_some() {
-                    // The guest is paused at the source: every step to the verdict is
-                    // downtime, so poll rather than sleep.
-                    std::thread::yield_now();
-                } else if let Some(msg) = self.control.recv_timeout(Duration::from_micros(500))? {
-                    // A message wakes the wait at once (a sleep would add its length to
-                    // every step of the switchover).
+                // A control message ends the wait at once (a sleep would add its length
+                // to every step of the switchover); workers' events are polled, more
+                // often once the guest is paused at the source.
+                let wait = if self.final_round.is_some() {
+                    Duration::from_micros(50)
+                } else {
+                    Duration::from_micros(500)
+                };
+                if let Some(msg) = self.control.recv_timeout(wait)? {
                     self.last_activity = Instant::now();
                     self.on_control(msg)?;
                 }

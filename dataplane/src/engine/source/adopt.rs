@@ -16,9 +16,7 @@ impl Session<'_> {
     pub(super) fn tick(&mut self) -> Result<(), MigrationError> {
         let now = Instant::now();
         if self.pings.on && now >= self.pings.next {
-            self.pings.next = now + super::PING_INTERVAL;
-            let nanos = now.duration_since(self.pings.opened).as_nanos() as u64;
-            self.control.send(&ControlMessage::Ping { nanos })?;
+            self.ping(now)?;
         }
         let Some(live) = self.live else {
             return Ok(());
@@ -42,6 +40,13 @@ impl Session<'_> {
             live.offer(p);
         }
         Ok(())
+    }
+
+    /// Ping the destination now; the next periodic ping follows an interval later.
+    pub(super) fn ping(&mut self, now: Instant) -> Result<(), MigrationError> {
+        self.pings.next = now + super::PING_INTERVAL;
+        let nanos = now.duration_since(self.pings.opened).as_nanos() as u64;
+        self.control.send(&ControlMessage::Ping { nanos })
     }
 
     /// Bring a progress snapshot's live parts up to date.

@@ -677,8 +677,23 @@ impl<'a> Session<'a> {
 
     /// Close round `round` on every worker and wait until all of it is in the kernel.
     fn end_round(&mut self, round: u64) -> Result<super::fleet::RoundTotals, MigrationError> {
+        self.close_round(round, false)
+    }
+
+    /// Close round `round` on every worker, ending every stream after it when it is the
+    /// `last` (the end markers then follow the round's own without another wake-up of
+    /// the workers, inside the downtime), and wait until all of the round is in the
+    /// kernel. Returns its totals.
+    fn close_round(
+        &mut self,
+        round: u64,
+        last: bool,
+    ) -> Result<super::fleet::RoundTotals, MigrationError> {
         for w in 0..self.fleet.len() {
             self.push(w, TxCommand::EndRound { round })?;
+            if last {
+                self.push(w, TxCommand::Finish)?;
+            }
         }
         self.fleet.wake_all();
         self.last_activity = Instant::now();
@@ -689,7 +704,12 @@ impl<'a> Session<'a> {
                 self.unacknowledged.push_back((round, Instant::now()));
                 return Ok(totals);
             }
-            std::thread::sleep(Duration::from_micros(200));
+            if last {
+                // The guest is paused: every microsecond here is downtime.
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
         }
     }
 
@@ -756,6 +776,10 @@ impl<'a> Session<'a> {
             self.totals.round_queued = sent;
             let round_totals = self.end_round(round)?;
             let seconds = round_start.elapsed().as_secs_f64();
+            // A round trip measured as the next round starts, when little is in flight,
+            // is what the switchover's confirmation will see; its answer arrives during
+            // that round, in time for the decision after it.
+            self.ping(Instant::now())?;
             self.totals
                 .add_round(sent, round_totals.zero_pages, round_totals.bytes, seconds);
             if let Some(kind) = self.pending_transport.take() {

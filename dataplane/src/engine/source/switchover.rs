@@ -17,7 +17,6 @@ use crate::dirty::{DirtyBitmap, DirtyLog};
 use crate::engine::report::{DowntimeMeasured, Progress, RoundStats};
 use crate::engine::{MigrationError, VerifyMode, differing_pages, page_crcs};
 use crate::guest::GuestControl;
-use crate::transport::TxCommand;
 use crate::wire::{self, ControlMessage};
 use std::time::{Duration, Instant};
 
@@ -99,7 +98,7 @@ impl Session<'_> {
         self.pings.on = false;
         let t1 = Instant::now();
         let (sent, _) = self.push_pages(&final_set, false, &mut |_| {})?;
-        let totals = self.end_round(round)?;
+        let totals = self.close_round(round, true)?;
         let send = t1.elapsed().as_secs_f64();
         self.totals
             .add_round(sent, totals.zero_pages, totals.bytes, send);
@@ -135,10 +134,6 @@ impl Session<'_> {
             VerifyMode::Full => t2.elapsed().as_secs_f64(),
             _ => 0.0,
         };
-        for w in 0..self.fleet.len() {
-            self.push(w, TxCommand::Finish)?;
-        }
-        self.fleet.wake_all();
         self.report_progress("verify", progress);
         let (verified_pages, digest) = self.await_verdict(&expect)?;
         let verdict_at = Instant::now();
