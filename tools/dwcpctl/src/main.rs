@@ -15,6 +15,41 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// Write to stdout; a reader that went away (`dwcpctl status | head -1`) ends the
+/// program quietly, as it does other Unix tools, instead of panicking on EPIPE.
+fn emit(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(args)
+        .and_then(|()| {
+            if newline {
+                stdout.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| stdout.flush());
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("dwcpctl: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`emit`].
+macro_rules! outln {
+    () => { emit(format_args!(""), true) };
+    ($($arg:tt)*) => { emit(format_args!($($arg)*), true) };
+}
+
+/// `print!` through [`emit`].
+macro_rules! out {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*), false) };
+}
+
 #[derive(Parser)]
 #[command(name = "dwcpctl", about = "Control a dwcpd appliance", version)]
 struct Cli {
@@ -221,7 +256,7 @@ fn run(cli: &Cli) -> Result<(), String> {
     };
     let response = client.call(command.clone())?;
     if cli.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(&response).map_err(|e| e.to_string())?
         );
@@ -243,17 +278,21 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
     match command {
         Command::Status => {
             let s: StatusInfo = response.into_result()?;
-            println!(
+            outln!(
                 "dwcpd {} (protocol {}), {}, up {:.0} s",
-                s.version, s.protocol, s.role, s.uptime_seconds
+                s.version,
+                s.protocol,
+                s.role,
+                s.uptime_seconds
             );
-            println!(
+            outln!(
                 "mode:         {} (setting: {})",
-                s.mode.current, s.mode.setting
+                s.mode.current,
+                s.mode.setting
             );
-            println!("  why:        {}", s.mode.why);
-            println!("  policy:     {}", s.mode.policy);
-            println!(
+            outln!("  why:        {}", s.mode.why);
+            outln!("  policy:     {}", s.mode.policy);
+            outln!(
                 "transport:    {}, zero-copy {}, {} streams, congestion {}, codecs {}",
                 s.transport.kind,
                 on_off(s.transport.zero_copy),
@@ -261,13 +300,15 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                 s.transport.congestion,
                 s.transport.codec
             );
-            println!(
+            outln!(
                 "listening:    {} ({} running, {} received)",
-                s.listen, s.running, s.received
+                s.listen,
+                s.running,
+                s.received
             );
-            println!("safe mode:    {}", on_off(s.safe_mode));
+            outln!("safe mode:    {}", on_off(s.safe_mode));
             let c = &s.capabilities;
-            println!(
+            outln!(
                 "io_uring:     {}",
                 if c.io_uring_ops.is_empty() {
                     format!(
@@ -278,7 +319,7 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                     c.io_uring_ops.join(" ")
                 }
             );
-            println!(
+            outln!(
                 "zero-copy:    {}",
                 if c.zero_copy {
                     "SEND_ZC available"
@@ -286,8 +327,8 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                     "unavailable"
                 }
             );
-            println!("hugepages:    {}", c.hugepages);
-            println!(
+            outln!("hugepages:    {}", c.hugepages);
+            outln!(
                 "rdma:         {}",
                 if c.rdma_devices.is_empty() {
                     "no devices".to_string()
@@ -295,28 +336,28 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                     c.rdma_devices.join(", ")
                 }
             );
-            println!("cpu:          {}", c.cpu_features.join(" "));
+            outln!("cpu:          {}", c.cpu_features.join(" "));
         }
         Command::Migrations => {
             let list: Vec<MigrationInfo> = response.into_result()?;
             if list.is_empty() {
-                println!("no migrations");
+                outln!("no migrations");
             }
             for m in &list {
-                println!("{}", migration_line(m));
+                outln!("{}", migration_line(m));
                 for n in &m.notes {
-                    println!("    note: {n}");
+                    outln!("    note: {n}");
                 }
             }
         }
         Command::Flags | Command::FlagSet { .. } | Command::FlagsReload => {
             let f: FlagsInfo = response.into_result()?;
             for (name, state) in &f.flags {
-                println!("{name:<14}{}", on_off(state.enabled));
+                outln!("{name:<14}{}", on_off(state.enabled));
             }
-            println!("{:<14}{}%", "rollout", f.rollout_percent);
-            println!("{:<14}{}", "safe-mode", on_off(f.safe_mode));
-            println!(
+            outln!("{:<14}{}%", "rollout", f.rollout_percent);
+            outln!("{:<14}{}", "safe-mode", on_off(f.safe_mode));
+            outln!(
                 "{:<14}{}",
                 "file",
                 f.file.as_deref().unwrap_or("(in memory only)")
@@ -324,18 +365,18 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
         }
         Command::Metrics => {
             let m: MetricsText = response.into_result()?;
-            print!("{}", m.text);
+            out!("{}", m.text);
         }
         Command::Config => {
             let v: serde_json::Value = response.into_result()?;
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
             );
         }
         _ => {
             let d: Done = response.into_result()?;
-            println!("{}", d.message);
+            outln!("{}", d.message);
         }
     }
     Ok(())
@@ -421,17 +462,17 @@ fn watch(client: &mut Client, id: Option<u64>, json: bool) -> Result<(), String>
         let running = watched.iter().any(|m| m.state == "running");
         for m in &watched {
             if json {
-                println!("{}", serde_json::to_string(m).map_err(|e| e.to_string())?);
+                outln!("{}", serde_json::to_string(m).map_err(|e| e.to_string())?);
             } else if tty && running {
-                print!("\r\x1b[2K{}", migration_line(m));
+                out!("\r\x1b[2K{}", migration_line(m));
             } else {
-                println!("{}", migration_line(m));
+                outln!("{}", migration_line(m));
             }
         }
         let _ = std::io::stdout().flush();
         if !running {
             if tty && !json {
-                println!();
+                outln!();
             }
             if let Some(m) = watched
                 .iter()

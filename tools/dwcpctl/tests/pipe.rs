@@ -1,0 +1,42 @@
+//! `dwcpctl` writing into a pipe whose reader went away (`dwcpctl metrics | head -1`)
+//! ends quietly with success, as Unix tools do, instead of panicking.
+
+use dwcp_api::{MetricsText, Response};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::process::{Command, Stdio};
+
+#[test]
+fn a_closed_output_pipe_ends_the_command_quietly() {
+    let dir = std::env::temp_dir().join(format!("dwcpctl-pipe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("dwcpd.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    // A daemon that answers one request with a long metrics text.
+    let daemon = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut request = String::new();
+        BufReader::new(&stream).read_line(&mut request).unwrap();
+        let text = "dwcp_uptime_seconds 1\n".repeat(100_000);
+        let mut answer = serde_json::to_vec(&Response::ok(MetricsText { text })).unwrap();
+        answer.push(b'\n');
+        let _ = (&stream).write_all(&answer);
+    });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dwcpctl"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("metrics")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before anything is read.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    daemon.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    let _ = std::fs::remove_dir_all(&dir);
+}
