@@ -233,7 +233,7 @@ impl ControlState {
             round_pages: p.map_or(0, |p| p.round_pages),
             round_pages_queued: p.map_or(0, |p| p.round_pages_queued),
             bytes_sent: p
-                .map_or(0, |p| p.streams.iter().map(|s| s.bytes).sum::<u64>())
+                .map_or(0, |p| p.stream_bytes())
                 .max(m.report.as_ref().map_or(0, |r| r.bytes_sent)),
             pages_sent: m
                 .report

@@ -105,7 +105,7 @@ impl LinkMeter {
         at: Instant,
         origin: Instant,
     ) -> Option<LinkSample> {
-        let bytes: u64 = progress.streams.iter().map(|s| s.bytes).sum();
+        let bytes = progress.stream_bytes();
         match self.rate_mark {
             Some((mark, before)) => {
                 let dt = at.saturating_duration_since(mark);

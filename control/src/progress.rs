@@ -7,16 +7,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-/// Bytes the streams have handed to the kernel so far: the stream counters run ahead
-/// of the per-round totals while a round is in flight.
-fn bytes_sent(p: &Progress) -> u64 {
-    let streams: u64 = p.streams.iter().map(|s| s.bytes).sum();
-    streams.max(p.bytes_sent)
-}
-
 /// What the bar or the line says besides the round's own progress.
 fn summary(p: &Progress) -> String {
-    let sent = bytes_sent(p) as f64;
+    let sent = p.stream_bytes().max(p.bytes_sent) as f64;
     let seconds = p.elapsed.as_secs_f64();
     let rate = if seconds > 0.0 && sent > 0.0 {
         format!("{:.1} MB/s", sent / seconds / 1e6)

@@ -21,8 +21,8 @@
 //! attacker, who is kept out by the session's authentication.
 //!
 //! A chunked digest (one per group of pages, the dirty chunks recomputed at switchover)
-//! would cost O(dirty chunks) there; the additive one costs O(1) and still yields chunk
-//! digests on demand ([`CrcTable::chunk_digests`]) for resumption, off the downtime path.
+//! would cost O(dirty chunks) there; the additive one costs O(1), and per-chunk digests
+//! can still be summed from the entries whenever two sides must find where they differ.
 //!
 //! # Writers
 //! Each page has one writer at a time (the worker whose stream carries it), and each
@@ -194,22 +194,6 @@ impl CrcTable {
         })
     }
 
-    /// The digest of each group of `chunk_pages` pages, in order: what two sides compare
-    /// to find where their tables differ without exchanging them whole.
-    pub fn chunk_digests(&self, chunk_pages: u64) -> Vec<u64> {
-        let chunk = chunk_pages.max(1) as usize;
-        self.crcs
-            .chunks(chunk)
-            .enumerate()
-            .map(|(i, entries)| {
-                entries.iter().enumerate().fold(0u64, |acc, (j, c)| {
-                    let p = (i * chunk + j) as u64;
-                    acc.wrapping_add(entry_hash(p, c.load(Ordering::Relaxed)))
-                })
-            })
-            .collect()
-    }
-
     /// Every entry from `first` (at most `count`), for sending a table whole.
     pub fn entries(&self, first: u64, count: usize) -> Vec<u32> {
         let start = (first as usize).min(self.crcs.len());
@@ -309,8 +293,6 @@ mod tests {
         c.record(1, 14, 0);
         c.record(2, 7, 0);
         assert_ne!(a.digest(), c.digest());
-        assert_eq!(a.chunk_digests(100)[1..], c.chunk_digests(100)[1..]);
-        assert_ne!(a.chunk_digests(100)[0], c.chunk_digests(100)[0]);
     }
 
     #[test]

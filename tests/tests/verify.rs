@@ -127,6 +127,17 @@ fn migrate(fault: Fault, verify: VerifyMode) -> Run {
     }
 }
 
+/// The source's result is a verification failure that names the victim page, alone.
+fn assert_refused_naming_the_victim(source: &Result<MigrationReport, MigrationError>) {
+    match source {
+        Err(MigrationError::Verification { mismatches, pages }) => {
+            assert_eq!(*mismatches, 1);
+            assert_eq!(pages, &vec![VICTIM]);
+        }
+        other => panic!("expected a verification failure, got {other:?}"),
+    }
+}
+
 #[test]
 fn the_audit_names_the_page_a_dirty_log_missed() {
     let run = migrate(Fault::DropWrite, VerifyMode::Audit);
@@ -147,13 +158,7 @@ fn the_audit_names_the_page_a_dirty_log_missed() {
 #[test]
 fn a_full_verification_refuses_the_page_a_dirty_log_missed_and_the_guest_runs_on() {
     let run = migrate(Fault::DropWrite, VerifyMode::Full);
-    match run.source {
-        Err(MigrationError::Verification { mismatches, pages }) => {
-            assert_eq!(mismatches, 1);
-            assert_eq!(pages, vec![VICTIM]);
-        }
-        other => panic!("expected a verification failure, got {other:?}"),
-    }
+    assert_refused_naming_the_victim(&run.source);
     assert!(run.dest.is_err());
     // The source is intact: its guest was resumed and writes again.
     assert!(!run.guest.is_paused());
@@ -180,13 +185,7 @@ fn the_table_digest_alone_does_not_see_a_missed_write() {
 #[test]
 fn tables_that_disagree_fail_the_switchover_naming_the_page() {
     let run = migrate(Fault::CorruptTable, VerifyMode::Table);
-    match run.source {
-        Err(MigrationError::Verification { mismatches, pages }) => {
-            assert_eq!(mismatches, 1);
-            assert_eq!(pages, vec![VICTIM]);
-        }
-        other => panic!("expected a verification failure, got {other:?}"),
-    }
+    assert_refused_naming_the_victim(&run.source);
     let dest_error = run
         .dest
         .expect_err("the destination refuses too")

@@ -176,8 +176,6 @@ impl Backlog {
 pub(super) struct RoundTotals {
     /// Pages sent as zero markers.
     pub zero_pages: u64,
-    /// Pages sent with content.
-    pub raw_pages: u64,
     /// Bytes of frames.
     pub bytes: u64,
 }
@@ -355,19 +353,9 @@ impl TxFleet {
                     TxEvent::RoundSent {
                         round,
                         zero_pages,
-                        raw_pages,
                         bytes,
                         ..
-                    } => {
-                        self.round_sent[w] = Some((
-                            round,
-                            RoundTotals {
-                                zero_pages,
-                                raw_pages,
-                                bytes,
-                            },
-                        ))
-                    }
+                    } => self.round_sent[w] = Some((round, RoundTotals { zero_pages, bytes })),
                     TxEvent::Telemetry(mut t) => {
                         // Workers count from their start; a stream outlives the workers
                         // a transport switch retired.
@@ -457,7 +445,6 @@ impl TxFleet {
         for r in &mut self.round_sent {
             if let Some((_, t)) = r.take() {
                 sum.zero_pages += t.zero_pages;
-                sum.raw_pages += t.raw_pages;
                 sum.bytes += t.bytes;
             }
         }

@@ -18,14 +18,14 @@
 //! rounds, and answers the switchover.
 //!
 //! The parts, by responsibility:
-//! - [`handshake`](self): opening and accepting a session (control stream, data streams,
+//! - `handshake`: opening and accepting a session (control stream, data streams,
 //!   capabilities, the destination's memory);
 //! - `fleet`: the workers of one side, their rings, backlog and telemetry;
 //! - [`precopy`]: the planner (sans-IO);
 //! - `source`: the source's session: rounds, live changes, the switchover;
 //! - `dest`: the destination's session;
 //! - [`live`]: settings epochs and reports shared with the slow path;
-//! - `steer`: codec steering; [`report`](self): progress and reports.
+//! - `steer`: codec steering; `report`: progress and reports.
 
 mod dest;
 mod fleet;

@@ -401,18 +401,45 @@ fn collect_base(samples: &VecDeque<(f64, f64)>) -> f64 {
     if !quickest.is_finite() {
         return 0.0;
     }
-    let n = samples.len() as f64;
-    let mean_x = samples.iter().map(|s| s.0).sum::<f64>() / n;
-    let mean_y = samples.iter().map(|s| s.1).sum::<f64>() / n;
-    let sxx: f64 = samples.iter().map(|s| (s.0 - mean_x).powi(2)).sum();
-    let sxy: f64 = samples
-        .iter()
-        .map(|s| (s.0 - mean_x) * (s.1 - mean_y))
-        .sum();
-    if samples.len() < 2 || sxx <= 0.0 || sxy <= 0.0 {
-        return quickest;
+    match Line::fit(samples) {
+        Some(line) if line.slope > 0.0 => line.intercept.clamp(0.0, quickest),
+        _ => quickest,
     }
-    (mean_y - sxy / sxx * mean_x).clamp(0.0, quickest)
+}
+
+/// The least-squares line `y = intercept + slope × x` through samples `(x, y)`.
+struct Line {
+    slope: f64,
+    intercept: f64,
+    /// How much of the spread of `y` the line explains (r², 0..=1).
+    r2: f64,
+}
+
+impl Line {
+    /// `None` with fewer than two samples or samples of (nearly) one `x`.
+    fn fit(samples: &VecDeque<(f64, f64)>) -> Option<Line> {
+        if samples.len() < 2 {
+            return None;
+        }
+        let n = samples.len() as f64;
+        let mean_x = samples.iter().map(|s| s.0).sum::<f64>() / n;
+        let mean_y = samples.iter().map(|s| s.1).sum::<f64>() / n;
+        let sxx: f64 = samples.iter().map(|s| (s.0 - mean_x).powi(2)).sum();
+        let syy: f64 = samples.iter().map(|s| (s.1 - mean_y).powi(2)).sum();
+        let sxy: f64 = samples
+            .iter()
+            .map(|s| (s.0 - mean_x) * (s.1 - mean_y))
+            .sum();
+        if sxx <= (mean_x * 1e-3).powi(2) * n {
+            return None;
+        }
+        let slope = sxy / sxx;
+        Some(Line {
+            slope,
+            intercept: mean_y - slope * mean_x,
+            r2: sxy * sxy / (sxx * syy).max(f64::MIN_POSITIVE),
+        })
+    }
 }
 
 fn push_bounded<T>(q: &mut VecDeque<T>, x: T, bound: usize) {
@@ -432,37 +459,21 @@ fn fit_send_model(samples: &VecDeque<(f64, f64)>) -> (f64, f64) {
         return (1e9, 0.0);
     };
     let latest = (last_bytes / last_seconds.max(1e-9), 0.0);
-    if samples.len() < 2 {
+    // Rounds of (nearly) one size, or bigger rounds taking less time: the slope is noise.
+    let Some(line) = Line::fit(samples).filter(|l| l.slope > 0.0) else {
         return latest;
-    }
-    let n = samples.len() as f64;
-    let mean_x = samples.iter().map(|s| s.0).sum::<f64>() / n;
-    let mean_y = samples.iter().map(|s| s.1).sum::<f64>() / n;
-    let sxx: f64 = samples.iter().map(|s| (s.0 - mean_x).powi(2)).sum();
-    let syy: f64 = samples.iter().map(|s| (s.1 - mean_y).powi(2)).sum();
-    let sxy: f64 = samples
-        .iter()
-        .map(|s| (s.0 - mean_x) * (s.1 - mean_y))
-        .sum();
-    // Rounds of (nearly) one size: the slope is noise.
-    if sxx <= (mean_x * 1e-3).powi(2) * n || sxy <= 0.0 {
-        return latest;
-    }
-    let slope = sxy / sxx;
-    let overhead = mean_y - slope * mean_x;
-    if overhead < 0.0 {
+    };
+    if line.intercept < 0.0 {
         // Bigger rounds ran faster per byte: no fixed cost to speak of.
-        return (1.0 / slope, 0.0);
+        return (1.0 / line.slope, 0.0);
     }
-    // How well one line explains the rounds (r²): a good fit is trusted whatever share
-    // of a round its overhead is (small rounds are mostly overhead); a poor one only
-    // when the overhead is modest.
-    let r2 = sxy * sxy / (sxx * syy).max(f64::MIN_POSITIVE);
+    // A good fit is trusted whatever share of a round its overhead is (small rounds are
+    // mostly overhead); a poor one only when the overhead is modest.
     let quickest = samples.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
-    if r2 < 0.9 && overhead > 0.5 * quickest {
+    if line.r2 < 0.9 && line.intercept > 0.5 * quickest {
         return latest;
     }
-    (1.0 / slope, overhead.min(quickest))
+    (1.0 / line.slope, line.intercept.min(quickest))
 }
 
 #[cfg(test)]

@@ -53,6 +53,14 @@ pub struct Progress {
     pub estimated_downtime: Option<Duration>,
 }
 
+impl Progress {
+    /// Bytes the streams have handed to the kernel so far: their counters run ahead
+    /// of the per-round totals while a round is in flight.
+    pub fn stream_bytes(&self) -> u64 {
+        self.streams.iter().map(|s| s.bytes).sum()
+    }
+}
+
 /// A worker's latest counters and the fill of its command ring.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct WorkerStatus {

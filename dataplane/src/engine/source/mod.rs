@@ -94,7 +94,6 @@ const RAW_PAGE_WIRE: f64 = (PAGE_SIZE + wire::PAGE_CRC_LEN) as f64;
 struct Totals {
     bytes: u64,
     pages: u64,
-    zero: u64,
     send_seconds: f64,
     dirty_rate: f64,
     throttle: u32,
@@ -105,10 +104,9 @@ struct Totals {
 }
 
 impl Totals {
-    fn add_round(&mut self, pages: u64, zero: u64, bytes: u64, seconds: f64) {
+    fn add_round(&mut self, pages: u64, bytes: u64, seconds: f64) {
         self.rounds_done += 1;
         self.pages += pages;
-        self.zero += zero;
         self.bytes += bytes;
         self.send_seconds += seconds;
     }
@@ -780,8 +778,7 @@ impl<'a> Session<'a> {
             // is what the switchover's confirmation will see; its answer arrives during
             // that round, in time for the decision after it.
             self.ping(Instant::now())?;
-            self.totals
-                .add_round(sent, round_totals.zero_pages, round_totals.bytes, seconds);
+            self.totals.add_round(sent, round_totals.bytes, seconds);
             if let Some(kind) = self.pending_transport.take() {
                 self.switch_transport(kind, round)?;
             }

@@ -100,8 +100,7 @@ impl Session<'_> {
         let (sent, _) = self.push_pages(&final_set, false, &mut |_| {})?;
         let totals = self.close_round(round, true)?;
         let send = t1.elapsed().as_secs_f64();
-        self.totals
-            .add_round(sent, totals.zero_pages, totals.bytes, send);
+        self.totals.add_round(sent, totals.bytes, send);
         self.control
             .send(&ControlMessage::Switchover { final_round: round })?;
         // Every worker reported the final round sent, so every page it staged is in
