@@ -32,6 +32,9 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup)"; exit 1; }
+	@# QEMU >= 9 from bookworm-backports (private sources list), busybox-static, cpio and
+	@# the guest kernel: the QEMU guest tests and `dwcp-bench qemu`.
+	@tools/qemu-guest/install.sh
 
 build: deps
 	$(CARGO) build --workspace --all-targets --release

@@ -2,11 +2,13 @@
 
 use crate::config::Config;
 use crate::progress::ProgressDisplay;
+use crate::qemu::QemuIncoming;
 use crate::runner::{self, Run, RunningGuest};
 use dwcp_dataplane::engine::{self, DestMemory, DestReport, MigrationReport};
 use dwcp_hugepages::PagePreference;
 use serde::Serialize;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 /// Migrate the configured guest to `peer`, showing progress every `every` unless
@@ -43,16 +45,45 @@ pub fn run_source(
     result
 }
 
-/// Receive one migration on the configured address.
-pub fn run_dest(config: &Config) -> Result<DestReport, String> {
+/// Receive one migration on the configured address: into memory of this process, or
+/// into the incoming QEMU VM `[dest] qmp` names (its RAM file, then its device state).
+/// `listening` hears the bound address (and the VM's name) once sources may connect.
+pub fn run_dest(
+    config: &Config,
+    listening: impl FnOnce(SocketAddr, Option<&str>),
+) -> Result<DestReport, String> {
+    // The VM is checked before the port opens: a source never starts toward a
+    // destination that cannot take its guest.
+    let mut vm = match &config.dest.qmp {
+        Some(qmp) => Some(QemuIncoming::open(qmp).map_err(|e| e.to_string())?),
+        None => None,
+    };
     let listener = TcpListener::bind(&config.dest.listen)
         .map_err(|e| format!("listening on {}: {e}", config.dest.listen))?;
-    engine::receive(
-        &listener,
-        DestMemory::Allocate(PagePreference::TransparentHuge),
-        &config.dest_config(),
-    )
-    .map_err(|e| e.to_string())
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    listening(addr, vm.as_ref().map(|vm| vm.info().name.as_str()));
+    let cancel = AtomicBool::new(false);
+    match vm.as_mut() {
+        Some(vm) => {
+            let memory = vm.memory().map_err(|e| e.to_string())?;
+            let name = vm.info().name.clone();
+            engine::receive_guest(
+                &listener,
+                DestMemory::Provided(memory),
+                &config.dest_config(),
+                &cancel,
+                Some(vm),
+            )
+            .map_err(|e| format!("receiving VM {name:?}: {e}"))
+        }
+        None => engine::receive_cancellable(
+            &listener,
+            DestMemory::Allocate(PagePreference::TransparentHuge),
+            &config.dest_config(),
+            &cancel,
+        )
+        .map_err(|e| e.to_string()),
+    }
 }
 
 /// What the demo prints with `--json`.

@@ -164,15 +164,24 @@ impl Default for TransportSection {
     }
 }
 
-/// `[guest]`: the simulated guest (source side and demo).
+/// `[guest]`: the guest a source migrates: a simulated one (labs, the demo) or a QEMU
+/// VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuestSection {
-    /// Guest memory size.
+    /// `simulated` or `qemu`.
+    pub kind: String,
+    /// The QEMU VM's QMP socket (`kind = "qemu"`): its RAM file and size are found
+    /// through it.
+    pub qmp: Option<PathBuf>,
+    /// Simulated guest memory size.
     pub memory: Size,
-    /// Back the memory with this file (on /dev/shm or hugetlbfs) instead of anonymous
-    /// memory.
+    /// Back the simulated guest's memory with this file (on /dev/shm or hugetlbfs)
+    /// instead of anonymous memory. A file that exists is refused unless
+    /// `overwrite_memory_file` says it holds nothing worth keeping.
     pub memory_file: Option<PathBuf>,
+    /// Let the simulated guest overwrite an existing `memory_file`.
+    pub overwrite_memory_file: bool,
     /// Dirty rate, MB/s (10^6 bytes of pages per second).
     pub dirty_rate_mbps: f64,
     /// Fraction of memory written.
@@ -188,14 +197,36 @@ pub struct GuestSection {
 impl Default for GuestSection {
     fn default() -> Self {
         GuestSection {
+            kind: "simulated".into(),
+            qmp: None,
             memory: Size(1 << 30),
             memory_file: None,
+            overwrite_memory_file: false,
             dirty_rate_mbps: 50.0,
             working_set: 0.25,
             pattern: "hot-cold".into(),
             vcpus: 2,
             seed: 0x5EED_D1C9,
         }
+    }
+}
+
+/// Whether the simulated guest may use `path` as its memory file: a new file, or an
+/// existing one only when the operator said it may be overwritten (the simulated guest
+/// fills its memory with made-up content: an existing file would be destroyed).
+pub fn check_simulated_memory_file(path: &std::path::Path, overwrite: bool) -> Result<(), String> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.to_string()),
+        Ok(meta) if !meta.is_file() => Err(
+            "exists and is not a regular file; the simulated guest needs a file of its own".into(),
+        ),
+        Ok(_) if overwrite => Ok(()),
+        Ok(_) => Err(
+            "exists: the simulated guest would overwrite its content; set \
+             guest.overwrite_memory_file = true if it holds nothing worth keeping"
+                .into(),
+        ),
     }
 }
 
@@ -207,6 +238,9 @@ pub struct DestSection {
     pub listen: String,
     /// Longest wait for the source, and longest silence mid-session, seconds.
     pub timeout_seconds: u64,
+    /// The incoming QEMU VM's QMP socket (started with `-incoming defer`): received
+    /// memory goes into its RAM file and the device state into QEMU.
+    pub qmp: Option<PathBuf>,
 }
 
 impl Default for DestSection {
@@ -214,6 +248,7 @@ impl Default for DestSection {
         DestSection {
             listen: "0.0.0.0:7410".into(),
             timeout_seconds: 60,
+            qmp: None,
         }
     }
 }
@@ -531,6 +566,24 @@ impl Config {
             (1..=256).contains(&g.vcpus),
             format!("guest.vcpus = {} (allowed 1..=256)", g.vcpus),
         );
+        match (g.kind.as_str(), &g.qmp) {
+            ("simulated", None) | ("qemu", Some(_)) => {}
+            ("simulated", Some(q)) => errors.push(format!(
+                "guest.qmp = {} needs guest.kind = \"qemu\"",
+                q.display()
+            )),
+            ("qemu", None) => errors
+                .push("guest.kind = \"qemu\" needs guest.qmp, the VM's QMP socket".to_string()),
+            (other, _) => errors.push(format!(
+                "guest.kind = {other:?} (expected simulated or qemu)"
+            )),
+        }
+        if let Some(f) = &g.memory_file
+            && g.kind == "simulated"
+            && let Err(e) = check_simulated_memory_file(f, g.overwrite_memory_file)
+        {
+            errors.push(format!("guest.memory_file = {}: {e}", f.display()));
+        }
         if let Some(f) = &g.memory_file
             && f.parent()
                 .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
@@ -822,6 +875,48 @@ mod tests {
             assert!(joined.contains(field), "{field} missing from:\n{joined}");
         }
         assert_eq!(errors.len(), 6, "{joined}");
+    }
+
+    #[test]
+    fn an_existing_file_is_never_the_simulated_guests_memory_unless_allowed() {
+        let dir = std::env::temp_dir().join(format!("dwcp-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let precious = dir.join("precious");
+        std::fs::write(&precious, b"the only copy").unwrap();
+        let mut c = Config::default();
+        c.guest.memory_file = Some(precious.clone());
+        let errors = c.validate().unwrap_err().0.join("\n");
+        assert!(
+            errors.contains("guest.memory_file") && errors.contains("exists"),
+            "{errors}"
+        );
+        c.guest.memory_file = Some("/etc".into());
+        let errors = c.validate().unwrap_err().0.join("\n");
+        assert!(errors.contains("not a regular file"), "{errors}");
+        c.guest.memory_file = Some(precious.clone());
+        c.guest.overwrite_memory_file = true;
+        c.validate().unwrap();
+        c.guest.memory_file = Some(dir.join("new"));
+        c.guest.overwrite_memory_file = false;
+        c.validate().unwrap();
+        assert_eq!(std::fs::read(&precious).unwrap(), b"the only copy");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_qemu_guest_needs_its_qmp_socket_and_a_simulated_one_none() {
+        let mut c = Config::default();
+        c.guest.kind = "qemu".into();
+        let errors = c.validate().unwrap_err().0.join("\n");
+        assert!(errors.contains("needs guest.qmp"), "{errors}");
+        c.guest.qmp = Some("/run/vm.qmp".into());
+        c.validate().unwrap();
+        c.guest.kind = "simulated".into();
+        let errors = c.validate().unwrap_err().0.join("\n");
+        assert!(errors.contains("needs guest.kind"), "{errors}");
+        c.guest.kind = "xen".into();
+        let errors = c.validate().unwrap_err().0.join("\n");
+        assert!(errors.contains("expected simulated or qemu"), "{errors}");
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! - [`appliance`]: running as a source, a destination, or both (the demo);
 //! - [`runner`]: one migration of the configured guest, for `dwcpd source`, the demo and
 //!   the daemon alike; [`progress`]: how a running migration shows on a terminal;
+//! - [`qemu`]: QEMU guests: the source VM as the engine's guest, the incoming VM as the
+//!   sink of its device state, over QMP;
 //! - [`mode`]: mode detection (sans-IO) and the mode → policy mapping;
 //! - [`flags`]: feature flags, rollout by a hash of the migration id, safe mode;
 //! - [`daemon`]: `dwcpd serve`: the control thread that owns the daemon's state and
@@ -24,5 +26,6 @@ pub mod flags;
 pub mod metrics;
 pub mod mode;
 pub mod progress;
+pub mod qemu;
 pub mod runner;
 pub mod server;

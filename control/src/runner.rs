@@ -1,23 +1,31 @@
-//! One migration of the configured simulated guest, the same way for every caller:
-//! `dwcpd source`, the demo (both appliances in one process) and the daemon's migration
-//! threads. The guest memory is created and filled like a real guest's, the dirty log
-//! opened (falling back with a note), the vCPUs started; the migration runs with the
-//! codec policy when asked; the dirty log's note goes into the report and the codec
+//! One migration of the configured guest, the same way for every caller: `dwcpd
+//! source`, the demo (both appliances in one process) and the daemon's migration
+//! threads. A simulated guest's memory is created and filled like a real guest's and
+//! its vCPUs started; a QEMU VM's RAM file is mapped (found through QMP, never written
+//! here) and its writes tracked by CRC rescans, the only tracker that sees another
+//! process's writes on this kernel. The migration runs with the codec policy when
+//! asked; the dirty log's note and the VM's own figures go into the report, the codec
 //! policy's decisions into the configured decision log.
 
 use crate::config::Config;
-use dwcp_dataplane::dirty::{OpenedDirtyLog, open_dirty_log};
+use crate::qemu::QemuSource;
+use dwcp_dataplane::dirty::{DirtyLogKind, OpenedDirtyLog, open_dirty_log};
 use dwcp_dataplane::engine::{self, LiveControl, MigrationReport, Progress, SourceConfig};
-use dwcp_dataplane::guest::{ContentMix, SimulatedGuest, fill_memory};
+use dwcp_dataplane::guest::{ContentMix, GuestControl, SimulatedGuest, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_hugepages::PagePreference;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// Guest memory as configured: a file, or anonymous memory with transparent huge pages.
+/// The simulated guest's memory as configured: a file (a new one, or one the operator
+/// allowed it to overwrite), or anonymous memory with transparent huge pages.
 pub fn guest_memory(config: &Config) -> Result<Arc<GuestMemory>, String> {
     let bytes = config.guest.memory.0 as usize;
+    if let Some(path) = &config.guest.memory_file {
+        crate::config::check_simulated_memory_file(path, config.guest.overwrite_memory_file)
+            .map_err(|e| format!("guest memory file {}: {e}", path.display()))?;
+    }
     let memory = match &config.guest.memory_file {
         Some(path) => GuestMemory::file(path, bytes),
         None => GuestMemory::anonymous(bytes, PagePreference::TransparentHuge),
@@ -26,33 +34,76 @@ pub fn guest_memory(config: &Config) -> Result<Arc<GuestMemory>, String> {
     Ok(Arc::new(memory))
 }
 
-/// The configured simulated guest, running: its memory, its vCPUs and the dirty log
-/// tracking them (handed to the migration).
+/// The guest a source migrates.
+pub enum Guest {
+    /// Threads writing memory of this process.
+    Simulated(SimulatedGuest),
+    /// A QEMU VM whose RAM is a shared file.
+    Qemu(Box<QemuSource>),
+}
+
+impl Guest {
+    /// The engine's view of it.
+    pub fn control(&self) -> &dyn GuestControl {
+        match self {
+            Guest::Simulated(g) => g,
+            Guest::Qemu(vm) => vm.as_ref(),
+        }
+    }
+}
+
+/// The configured guest, running: its memory, the guest itself and the dirty log
+/// tracking it (handed to the migration).
 pub struct RunningGuest {
     /// The guest's memory.
     pub memory: Arc<GuestMemory>,
-    /// Its vCPUs.
-    pub guest: SimulatedGuest,
+    /// The guest.
+    pub guest: Guest,
     dirty: Option<OpenedDirtyLog>,
 }
 
 impl RunningGuest {
-    /// Create, fill and start the guest the configuration describes.
+    /// Create, fill and start the simulated guest the configuration describes, or open
+    /// the QEMU VM it names.
     pub fn start(config: &Config) -> Result<Self, String> {
+        if let Some(qmp) = &config.guest.qmp {
+            return Self::qemu(config, qmp);
+        }
         let memory = guest_memory(config)?;
         fill_memory(&memory, &ContentMix::MEMORY_IMAGE, config.guest.seed);
         let dirty = open_dirty_log(&memory, config.dirty_log()).map_err(|e| e.to_string())?;
         let guest = SimulatedGuest::start(memory.clone(), &config.workload(), dirty.marker.clone());
         Ok(RunningGuest {
             memory,
-            guest,
+            guest: Guest::Simulated(guest),
             dirty: Some(dirty),
         })
     }
 
-    /// Stop the vCPUs.
+    /// The QEMU VM behind `qmp`, checked before anything moves.
+    fn qemu(config: &Config, qmp: &std::path::Path) -> Result<Self, String> {
+        let vm = QemuSource::open(qmp).map_err(|e| e.to_string())?;
+        let memory = vm.memory().map_err(|e| e.to_string())?;
+        let mut dirty = open_dirty_log(&memory, DirtyLogKind::Rescan).map_err(|e| e.to_string())?;
+        if config.dirty_log() != DirtyLogKind::Rescan {
+            dirty.note = Some(format!(
+                "{} asked for; QEMU writes the guest's memory from its own process, which \
+                 only CRC rescans see on this kernel (no soft-dirty tracking)",
+                config.dirty_log()
+            ));
+        }
+        Ok(RunningGuest {
+            memory,
+            guest: Guest::Qemu(Box::new(vm)),
+            dirty: Some(dirty),
+        })
+    }
+
+    /// Stop a simulated guest's vCPUs (a QEMU VM is its owner's to stop).
     pub fn stop(self) {
-        self.guest.stop();
+        if let Guest::Simulated(g) = self.guest {
+            g.stop();
+        }
     }
 }
 
@@ -88,16 +139,46 @@ pub fn migrate(
     let result = engine::migrate_live(
         peer,
         guest.memory.clone(),
-        &guest.guest,
+        guest.guest.control(),
         opened.log,
         run.source,
         policy,
         run.live,
         progress,
     );
-    let mut report = result.map_err(|e| e.to_string())?;
+    let mut report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            let notes = match &guest.guest {
+                Guest::Qemu(vm) => vm.take_notes(),
+                Guest::Simulated(_) => Vec::new(),
+            };
+            return Err(if notes.is_empty() {
+                e.to_string()
+            } else {
+                format!("{e} ({})", notes.join("; "))
+            });
+        }
+    };
     if let Some(note) = opened.note {
         report.notes.push(format!("dirty log: {note}"));
+    }
+    if let Guest::Qemu(vm) = &guest.guest {
+        report.notes.extend(vm.take_notes());
+        let info = vm.info();
+        let figures = vm.stats().map_or(String::new(), |s| {
+            format!(
+                "; QEMU's own figures: downtime {} ms, total {} ms, {} bytes written",
+                s.downtime_ms, s.total_ms, s.transferred
+            )
+        });
+        report.notes.push(format!(
+            "QEMU {} VM {:?}: RAM {} ({} MiB){figures}",
+            info.qemu_version,
+            info.name,
+            info.memory_file.display(),
+            info.memory_bytes >> 20
+        ));
     }
     write_decision_log(run.config, &mut report);
     Ok(report)

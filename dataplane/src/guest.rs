@@ -13,14 +13,45 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// A guest that could not do what the engine asked (a hypervisor's error, said so).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct GuestError(pub String);
+
 /// What the engine may ask of a running guest.
 pub trait GuestControl: Send + Sync {
-    /// Stop every vCPU; returns once none is writing.
-    fn pause(&self);
-    /// Let the vCPUs run again.
+    /// Stop every vCPU; returns once none is writing. On an error the guest may be
+    /// half-way: the engine calls [`GuestControl::resume`] to put it back.
+    fn pause(&self) -> Result<(), GuestError>;
+    /// Let the vCPUs run again (the migration did not happen). Best effort: a guest
+    /// that cannot say why in a return value keeps the reason for its owner's report.
     fn resume(&self);
     /// Slow the vCPUs by `percent` (0 = full speed, 99 = nearly stopped).
     fn set_throttle(&self, percent: u32);
+    /// The device state that must follow the memory (a hypervisor's CPUs and devices),
+    /// for guests that have one.
+    fn device_state(&self) -> Option<&dyn DeviceStateSource> {
+        None
+    }
+}
+
+/// A paused guest's device state, handed over after the destination verified memory.
+pub trait DeviceStateSource: Send + Sync {
+    /// Let the hypervisor write its device state, passing every chunk to `sink` as it
+    /// comes, and return the bytes handed over once it is done. From here on the guest
+    /// belongs to the destination unless [`GuestControl::resume`] takes it back.
+    fn hand_over(
+        &self,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), GuestError>,
+    ) -> Result<u64, GuestError>;
+}
+
+/// Where a destination puts the device state that arrives after the memory.
+pub trait DeviceStateSink: Send {
+    /// The next chunk, in order.
+    fn write(&mut self, chunk: &[u8]) -> Result<(), GuestError>;
+    /// Every chunk is in: returns once the guest runs here.
+    fn finish(&mut self) -> Result<(), GuestError>;
 }
 
 /// Where in the working set vCPUs write.
@@ -431,20 +462,17 @@ impl Drop for SimulatedGuest {
 }
 
 impl GuestControl for SimulatedGuest {
-    fn pause(&self) {
-        let Ok(mut s) = self.control.state.lock() else {
-            return;
-        };
+    fn pause(&self) -> Result<(), GuestError> {
+        let poisoned = || GuestError("a vCPU thread panicked".into());
+        let mut s = self.control.state.lock().map_err(|_| poisoned())?;
         s.paused = true;
         self.control.attention.store(true, Ordering::Release);
         // Wait until every running vCPU has parked: after this no write is in flight,
         // and the mutex orders all of their writes before our return.
         while s.parked < s.running {
-            s = match self.control.changed.wait(s) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
+            s = self.control.changed.wait(s).map_err(|_| poisoned())?;
         }
+        Ok(())
     }
 
     fn resume(&self) {
@@ -615,7 +643,7 @@ mod tests {
         while guest.pages_written() < 10_000 {
             std::thread::yield_now();
         }
-        guest.pause();
+        guest.pause().unwrap();
         let frozen = mem.to_vec();
         let written = guest.pages_written();
         std::thread::sleep(Duration::from_millis(20));

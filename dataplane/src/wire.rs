@@ -67,8 +67,13 @@ pub mod caps {
     /// The source may change how many streams carry pages, at a round boundary
     /// ([`super::FrameKind::StreamMap`]).
     pub const STREAM_MAP: u64 = 1 << 5;
-    /// Everything this build understands.
+    /// Everything this build understands and grants by default.
     pub const ALL: u64 = ZERO_PAGES | PAGE_RUNS | DELTA | DEDUP | ZSTD | STREAM_MAP;
+    /// The guest has device state that follows its memory
+    /// ([`super::ControlMessage::DeviceState`]): asked for by a source whose guest has
+    /// one (a QEMU guest), granted by a destination that has a guest to load it into.
+    /// Not in [`ALL`]: both sides must agree, and a mismatch refuses the session.
+    pub const DEVICE_STATE: u64 = 1 << 6;
 }
 
 /// Largest batch of frames a [`FrameKind::Compressed`] frame may expand to.
@@ -704,7 +709,24 @@ pub enum ControlMessage {
         /// The ping's value.
         nanos: u64,
     },
+    /// Source → destination, after a good verdict ([`caps::DEVICE_STATE`]): the next
+    /// bytes of the hypervisor's device-state stream, in order.
+    DeviceState {
+        /// At most [`DEVICE_STATE_CHUNK`] bytes.
+        bytes: Vec<u8>,
+    },
+    /// Source → destination: the device-state stream is complete.
+    DeviceStateEnd {
+        /// Bytes in all, checked against what arrived.
+        bytes: u64,
+    },
+    /// Destination → source: the guest runs at the destination (its device state
+    /// loaded); the downtime ends here.
+    GuestRunning,
 }
+
+/// Largest [`ControlMessage::DeviceState`] chunk.
+pub const DEVICE_STATE_CHUNK: usize = 256 << 10;
 
 /// Write one control message: its length (LE u32) then its rkyv bytes.
 pub fn write_control(out: &mut impl Write, message: &ControlMessage) -> std::io::Result<()> {

@@ -156,7 +156,9 @@ fn user_id() -> u32 {
 pub struct ReplayGuest;
 
 impl GuestControl for ReplayGuest {
-    fn pause(&self) {}
+    fn pause(&self) -> Result<(), dwcp_dataplane::guest::GuestError> {
+        Ok(())
+    }
     fn resume(&self) {}
     fn set_throttle(&self, _percent: u32) {}
 }

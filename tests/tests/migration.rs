@@ -208,7 +208,7 @@ fn unconvergeable_workload_aborts_and_the_guest_keeps_running() {
         std::thread::yield_now();
     }
     // And it can still be paused and resumed normally.
-    out.guest.pause();
+    out.guest.pause().unwrap();
     out.guest.resume();
     out.guest.stop();
 }

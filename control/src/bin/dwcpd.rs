@@ -63,6 +63,10 @@ struct GuestArgs {
     /// of memory on both sides inside the downtime).
     #[arg(long)]
     verify: Option<String>,
+    /// Migrate the QEMU VM behind this QMP socket (its RAM a shared memory-backend-file)
+    /// instead of a simulated guest.
+    #[arg(long, value_name = "SOCKET")]
+    qmp: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -116,6 +120,10 @@ enum Mode {
         /// Address to listen on.
         #[arg(long)]
         listen: Option<String>,
+        /// Receive into the QEMU VM behind this QMP socket (started with
+        /// `-incoming defer`, its RAM a shared memory-backend-file of the same size).
+        #[arg(long, value_name = "SOCKET")]
+        qmp: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
@@ -178,6 +186,10 @@ fn apply_guest(c: &mut Config, g: &GuestArgs) {
     }
     if let Some(v) = &g.verify {
         c.migration.verify = v.clone();
+    }
+    if let Some(q) = &g.qmp {
+        c.guest.kind = "qemu".into();
+        c.guest.qmp = Some(q.clone());
     }
 }
 
@@ -292,20 +304,39 @@ fn main() -> ExitCode {
             }
             serve(config)
         }
-        Mode::Dest { listen, common } => {
-            let config = match configured(&common, None, listen) {
+        Mode::Dest {
+            listen,
+            qmp,
+            common,
+        } => {
+            let mut config = match configured(&common, None, listen) {
                 Ok(c) => c,
                 Err(e) => return fail(e),
             };
-            match appliance::run_dest(&config) {
+            if qmp.is_some() {
+                config.dest.qmp = qmp;
+            }
+            let listening = |addr, vm: Option<&str>| match vm {
+                Some(name) => eprintln!("dwcpd: receiving on {addr} into VM {name:?}"),
+                None => eprintln!("dwcpd: receiving on {addr}"),
+            };
+            match appliance::run_dest(&config, listening) {
                 Ok(report) => {
                     println!(
-                        "received {} rounds, {:.1} MB over {}; verified {} pages (digest {})",
+                        "received {} rounds, {:.1} MB over {}; verified {} pages (digest {}){}",
                         report.rounds,
                         report.bytes as f64 / 1e6,
                         report.transport,
                         report.verified_pages,
-                        report.digest
+                        report.digest,
+                        if report.device_state_bytes > 0 {
+                            format!(
+                                "; {:.1} KiB of device state loaded, the VM runs here",
+                                report.device_state_bytes as f64 / 1024.0
+                            )
+                        } else {
+                            String::new()
+                        }
                     );
                     ExitCode::SUCCESS
                 }

@@ -17,7 +17,7 @@ mod rescan;
 mod uffd;
 
 pub use explicit::{DirtyMarker, ExplicitDirtyLog};
-pub use rescan::RescanDirtyLog;
+pub use rescan::{RescanDirtyLog, ScanStats};
 pub use uffd::{UffdDirtyLog, probe_uffd_wp_async};
 
 use crate::memory::GuestMemory;
@@ -222,6 +222,11 @@ pub trait DirtyLog: Send {
     /// The source's CRC table, for trackers that compare memory with what was sent
     /// (the engine then records into this one instead of a table of its own).
     fn crc_table(&self) -> Option<Arc<crate::crc_table::CrcTable>> {
+        None
+    }
+
+    /// How fast full scans go, for trackers that scan memory.
+    fn scan_stats(&self) -> Option<ScanStats> {
         None
     }
 }

@@ -41,10 +41,12 @@ fn connect(peer: SocketAddr, timeout: Duration) -> Result<TcpStream, MigrationEr
 }
 
 /// Open a session to `peer` for `memory_bytes` of guest memory: hello, welcome, then
-/// every data stream.
+/// every data stream. `device_state`: the guest's device state follows its memory, so
+/// the destination must have a guest to load it into.
 pub(super) fn open(
     peer: SocketAddr,
     memory_bytes: u64,
+    device_state: bool,
     config: &SourceConfig,
 ) -> Result<Opened, MigrationError> {
     let mut control = connect(peer, config.connect_timeout)?;
@@ -60,7 +62,11 @@ pub(super) fn open(
         memory_bytes,
         page_size: PAGE_SIZE as u32,
         streams: config.streams,
-        capabilities: caps::ALL,
+        capabilities: if device_state {
+            caps::ALL | caps::DEVICE_STATE
+        } else {
+            caps::ALL
+        },
     };
     write_control(&mut control, &ControlMessage::Hello(hello))
         .map_err(io("sending the handshake"))?;
@@ -227,6 +233,18 @@ pub(super) fn accept(
     if let Err(e) = hello.validate(provided_len) {
         return Err(refuse(&mut control, e.into()));
     }
+    let sends_device_state = hello.capabilities & caps::DEVICE_STATE != 0;
+    let loads_device_state = config.capabilities & caps::DEVICE_STATE != 0;
+    if sends_device_state != loads_device_state {
+        let why = if sends_device_state {
+            "the source migrates a VM with device state (a QEMU guest), but this destination \
+             has no VM to load it into (give it the incoming VM's QMP socket)"
+        } else {
+            "this destination waits for a VM with device state (a QEMU guest), but the \
+             source migrates a guest without one"
+        };
+        return Err(refuse(&mut control, MigrationError::Refused(why.into())));
+    }
     let (memory, fresh) = match memory {
         DestMemory::Provided(m) => (m, false),
         DestMemory::Allocate(prefer) => {
@@ -257,7 +275,7 @@ pub(super) fn accept(
             }
         }
     };
-    let granted = hello.capabilities & caps::ALL & config.capabilities;
+    let granted = hello.capabilities & (caps::ALL | caps::DEVICE_STATE) & config.capabilities;
     write_control(
         &mut control,
         &ControlMessage::Welcome {

@@ -84,7 +84,11 @@ pub struct DowntimeMeasured {
     /// Checking all of memory (full verification only; within `confirm` for the
     /// destination's share).
     pub verify: f64,
-    /// Pause to verdict.
+    /// From the verdict to the destination's guest running: the device state handed
+    /// over and loaded (guests with device state only).
+    pub device_state: f64,
+    /// Pause to verdict, or to the destination's guest running for guests with device
+    /// state.
     pub total: f64,
 }
 
@@ -194,8 +198,12 @@ pub struct MigrationReport {
     pub audit: Option<AuditReport>,
     /// Dirty tracker used.
     pub dirty_log: String,
+    /// How fast the tracker's memory scans went (trackers that scan memory: rescan).
+    pub dirty_scan: Option<crate::dirty::ScanStats>,
     /// How the bytes moved.
     pub transport: TransportReport,
+    /// Bytes of device state handed over after the verdict (0 for guests without).
+    pub device_state_bytes: u64,
     /// The highest throttle auto-converge applied, percent.
     pub max_throttle: u32,
     /// SIMD level of the page kernels.
@@ -367,6 +375,24 @@ impl fmt::Display for MigrationReport {
             },
             d.measured.pause * 1e3,
         )?;
+        if let Some(scan) = &self.dirty_scan {
+            writeln!(
+                f,
+                "  dirty log scans: {}, the last {:.1} ms ({:.1} GB/s on {} threads)",
+                scan.scans,
+                scan.last_seconds * 1e3,
+                scan.last_bytes_per_second / 1e9,
+                scan.threads
+            )?;
+        }
+        if self.device_state_bytes > 0 {
+            writeln!(
+                f,
+                "  device state: {:.1} KiB handed over; the guest ran at the destination {:.1} ms after the verdict",
+                self.device_state_bytes as f64 / 1024.0,
+                d.measured.device_state * 1e3
+            )?;
+        }
         let how = match self.verify.as_str() {
             "full" => "compared page by page",
             _ => "CRC tables agree",

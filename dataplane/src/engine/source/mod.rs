@@ -257,7 +257,17 @@ pub fn migrate_live<'a>(
     let table = dirty_log
         .crc_table()
         .unwrap_or_else(|| Arc::new(CrcTable::new(memory.pages())));
-    let mut session = Session::open(peer, memory, table, config, policy, live, probe)?;
+    let device_state = guest.device_state().is_some();
+    let mut session = Session::open(
+        peer,
+        memory,
+        table,
+        config,
+        policy,
+        live,
+        probe,
+        device_state,
+    )?;
     let result = session.run(guest, dirty_log.as_mut(), start, progress);
     if let Err(e) = &result {
         session.abort(e);
@@ -354,6 +364,7 @@ fn estimate_full_verify_seconds(memory: &GuestMemory) -> f64 {
 }
 
 impl<'a> Session<'a> {
+    #[allow(clippy::too_many_arguments)]
     fn open(
         peer: SocketAddr,
         memory: Arc<GuestMemory>,
@@ -362,8 +373,9 @@ impl<'a> Session<'a> {
         policy: Option<&'a mut dyn CodecPolicy>,
         live: Option<&'a LiveControl>,
         probe: transport::TransportProbe,
+        device_state: bool,
     ) -> Result<Self, MigrationError> {
-        let opened = handshake::open(peer, memory.len() as u64, config)?;
+        let opened = handshake::open(peer, memory.len() as u64, device_state, config)?;
         let mut notes = opened.notes;
         let codec = codec_setup(
             config,
@@ -874,6 +886,7 @@ impl<'a> Session<'a> {
             digest: outcome.digest,
             audit: outcome.audit,
             dirty_log: dirty_log.kind().to_string(),
+            dirty_scan: dirty_log.scan_stats(),
             transport: TransportReport {
                 kind: self.setup.probe.kind.to_string(),
                 zero_copy: self.setup.probe.zero_copy,
@@ -902,6 +915,7 @@ impl<'a> Session<'a> {
                     }))
                     .collect(),
             },
+            device_state_bytes: outcome.device_state_bytes,
             max_throttle: self.totals.max_throttle,
             setup_seconds,
             simd: dwcp_simd::Kernels::active().level().to_string(),

@@ -1,0 +1,278 @@
+//! A QMP client: the QEMU Machine Protocol over a Unix socket, one command at a time.
+//!
+//! Protocol per QEMU's `docs/interop/qmp-spec.rst`: the server greets with
+//! `{"QMP": {"version": ..., "capabilities": [...]}}`; the client leaves negotiation
+//! mode with `qmp_capabilities`; each command `{"execute", "arguments", "id"}` gets one
+//! `{"return"}` or `{"error": {"class", "desc"}}` carrying the same id; asynchronous
+//! `{"event"}` lines may come in between (kept, the last few, for error messages).
+//! Slow-path code: the migration engine never waits on it except at the switchover.
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Events kept for diagnostics.
+const EVENTS_KEPT: usize = 16;
+
+/// What went wrong talking to QEMU.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// The socket could not be reached.
+    #[error("QMP socket {path}: {source}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Whatever answered is not QEMU's QMP.
+    #[error("{path} is not a QEMU QMP socket: {what}")]
+    NotQemu {
+        /// The socket.
+        path: PathBuf,
+        /// What it said instead.
+        what: String,
+    },
+    /// The connection failed or closed (QEMU exited?).
+    #[error("QMP socket {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// QEMU refused a command.
+    #[error("QEMU refused {command}: {desc} ({class})")]
+    Command {
+        /// The command.
+        command: String,
+        /// QEMU's error class.
+        class: String,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// QEMU answered something that is not QMP.
+    #[error("QMP socket {path}: unexpected reply to {command}: {reply}")]
+    Malformed {
+        /// The socket.
+        path: PathBuf,
+        /// The command.
+        command: String,
+        /// The reply, shortened.
+        reply: String,
+    },
+}
+
+/// QEMU's version, from the greeting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct QemuVersion {
+    /// Major.
+    pub major: u64,
+    /// Minor.
+    pub minor: u64,
+    /// Micro.
+    pub micro: u64,
+}
+
+impl std::fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+/// One QMP connection.
+pub struct Qmp {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+    version: QemuVersion,
+    events: Vec<Value>,
+}
+
+fn shorten(text: &str) -> String {
+    const MAX: usize = 200;
+    match text.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
+impl Qmp {
+    /// Connect to the QMP socket at `path`, check that QEMU answers, and leave
+    /// negotiation mode. `timeout` bounds every read (QEMU answers in milliseconds;
+    /// silence means it is hung or is not QEMU).
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        let stream = UnixStream::connect(path).map_err(|source| QmpError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+        let io = |source| QmpError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(timeout)).map_err(io)?;
+        let writer = stream.try_clone().map_err(io)?;
+        let mut qmp = Qmp {
+            path: path.to_owned(),
+            reader: BufReader::new(stream),
+            writer,
+            next_id: 1,
+            version: QemuVersion {
+                major: 0,
+                minor: 0,
+                micro: 0,
+            },
+            events: Vec::new(),
+        };
+        let not_qemu = |what: String| QmpError::NotQemu {
+            path: path.to_owned(),
+            what,
+        };
+        let greeting = match qmp.read_line() {
+            Ok(line) => line,
+            Err(QmpError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(not_qemu(format!("no greeting within {timeout:?}")));
+            }
+            Err(e) => return Err(e),
+        };
+        let value: Value = serde_json::from_str(&greeting)
+            .map_err(|_| not_qemu(format!("it greeted with {:?}", shorten(greeting.trim()))))?;
+        let version = &value["QMP"]["version"]["qemu"];
+        let number = |key: &str| version[key].as_u64();
+        qmp.version = match (number("major"), number("minor"), number("micro")) {
+            (Some(major), Some(minor), Some(micro)) => QemuVersion {
+                major,
+                minor,
+                micro,
+            },
+            _ => {
+                return Err(not_qemu(format!(
+                    "its greeting names no QEMU version: {}",
+                    shorten(greeting.trim())
+                )));
+            }
+        };
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    /// QEMU's version.
+    pub fn version(&self) -> QemuVersion {
+        self.version
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Events received so far (the last few).
+    pub fn events(&self) -> &[Value] {
+        &self.events
+    }
+
+    fn read_line(&mut self) -> Result<String, QmpError> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .map_err(|source| QmpError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(QmpError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "QEMU closed the connection",
+                ),
+            });
+        }
+        Ok(line)
+    }
+
+    /// Run `command` with `arguments`; returns QEMU's `return` value.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut request = json!({ "execute": command, "id": id });
+        if arguments.as_object().is_some_and(|a| !a.is_empty()) {
+            request["arguments"] = arguments;
+        }
+        let mut line = request.to_string();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|source| QmpError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        loop {
+            let reply = self.read_line()?;
+            let malformed = || QmpError::Malformed {
+                path: self.path.clone(),
+                command: command.to_string(),
+                reply: shorten(reply.trim()),
+            };
+            let value: Value = serde_json::from_str(&reply).map_err(|_| malformed())?;
+            if value.get("event").is_some() {
+                if self.events.len() == EVENTS_KEPT {
+                    self.events.remove(0);
+                }
+                self.events.push(value);
+                continue;
+            }
+            if value.get("id").and_then(Value::as_u64) != Some(id) {
+                return Err(malformed());
+            }
+            if let Some(error) = value.get("error") {
+                return Err(QmpError::Command {
+                    command: command.to_string(),
+                    class: error["class"].as_str().unwrap_or("?").to_string(),
+                    desc: error["desc"].as_str().unwrap_or("?").to_string(),
+                });
+            }
+            return value.get("return").cloned().ok_or_else(malformed);
+        }
+    }
+
+    /// `qom-get` of `property` on `path`.
+    pub fn qom_get(&mut self, path: &str, property: &str) -> Result<Value, QmpError> {
+        self.execute("qom-get", json!({ "path": path, "property": property }))
+    }
+
+    /// The VM's run state (`query-status`): `running`, `paused`, `inmigrate`,
+    /// `postmigrate`, `finish-migrate`, ...
+    pub fn run_state(&mut self) -> Result<String, QmpError> {
+        let status = self.execute("query-status", json!({}))?;
+        Ok(status["status"].as_str().unwrap_or("unknown").to_string())
+    }
+
+    /// The migration's state (`query-migrate`): its status (`none` before any) and the
+    /// whole reply.
+    pub fn migration(&mut self) -> Result<(String, Value), QmpError> {
+        let info = self.execute("query-migrate", json!({}))?;
+        let status = info["status"].as_str().unwrap_or("none").to_string();
+        Ok((status, info))
+    }
+
+    /// Turn migration capabilities on.
+    pub fn enable_capabilities(&mut self, names: &[&str]) -> Result<(), QmpError> {
+        let list: Vec<Value> = names
+            .iter()
+            .map(|n| json!({ "capability": n, "state": true }))
+            .collect();
+        self.execute("migrate-set-capabilities", json!({ "capabilities": list }))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,417 @@
+//! Real QEMU guests migrated through two real `dwcpd` on loopback: the source appliance
+//! moves the VM's RAM (a shared file) while QEMU moves only its device state, relayed
+//! over the session. The guest checks itself: every page it owns describes itself, and
+//! it verifies all of them every two seconds, printing heartbeats and any mismatch on
+//! its console (see `dwcp-qemu-guest`).
+//!
+//! QEMU runs under TCG (a vCPU takes most of a core here), so the VMs are small and
+//! the tests run one at a time. They skip with a printed reason where QEMU ≥ 9 or the
+//! guest kernel is not installed (`make deps` installs both), except under CI, where a
+//! missing QEMU is a failed install and fails the test.
+
+use dwcp_control::qemu::Qmp;
+use dwcp_qemu_guest::Heartbeat;
+use dwcp_qemu_guest::host::{GuestImage, RamBacking, Vm, VmSpec};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+/// One test at a time: each boots up to two TCG VMs on a 2-core machine.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Long enough for anything here on a loaded 2-core machine.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The guest: 128 MiB of RAM, 48 MiB of self-describing pages of which the first 4096
+/// are rewritten at 2000 pages/s (8 MB/s), checked every 2 s.
+const WORKLOAD: &str = "dwcp.mib=48 dwcp.hot=4096 dwcp.rate=2000 dwcp.check_s=2";
+const MEMORY_MIB: u64 = 128;
+
+fn image() -> Option<GuestImage> {
+    match GuestImage::prepare() {
+        Ok(image) => Some(image),
+        Err(why) if std::env::var_os("CI").is_some() => {
+            panic!("CI installs QEMU and the guest kernel (make deps), yet: {why}")
+        }
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            None
+        }
+    }
+}
+
+fn dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dwcp-qemu-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn spec(dir: &Path, name: &str, incoming: bool) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        memory_mib: MEMORY_MIB,
+        workload: WORKLOAD.into(),
+        incoming,
+        ram: RamBacking::SharedFile,
+        stopped: false,
+        dir: dir.to_owned(),
+        netns: None,
+    }
+}
+
+/// A source VM whose workload runs, and an incoming VM of the same shape.
+fn boot_pair(image: &GuestImage, dir: &Path) -> (Vm, Vm) {
+    let src = Vm::boot(image, &spec(dir, "src", false)).unwrap();
+    let dst = Vm::boot(image, &spec(dir, "dst", true)).unwrap();
+    src.wait_for_heartbeat(PATIENCE, |b| b.checks >= 1)
+        .expect("the source guest boots and checks its pages once");
+    (src, dst)
+}
+
+/// `dwcpd dest --qmp` for `vm`, running, with the address it listens on.
+struct Dest {
+    child: Child,
+    addr: String,
+    stderr: Receiver<String>,
+}
+
+impl Dest {
+    fn start(vm: &Vm, env: &[(&str, &str)]) -> Dest {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dwcpd"))
+            .args(["dest", "--listen", "127.0.0.1:0", "--qmp"])
+            .arg(&vm.qmp)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, stderr) = channel();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                eprintln!("  dest: {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + PATIENCE;
+        let addr = loop {
+            let line = stderr
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("dwcpd dest says where it listens");
+            if let Some(rest) = line.strip_prefix("dwcpd: receiving on ") {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        Dest {
+            child,
+            addr,
+            stderr,
+        }
+    }
+
+    /// Wait for it to exit: (success, stdout, stderr lines).
+    fn finish(mut self) -> (bool, String, Vec<String>) {
+        let status = self.child.wait().unwrap();
+        let mut out = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            std::io::Read::read_to_string(&mut o, &mut out).unwrap();
+        }
+        let lines = self.stderr.try_iter().collect();
+        (status.success(), out, lines)
+    }
+}
+
+fn source_command(vm_qmp: &Path, peer: &str, env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dwcpd"));
+    c.args([
+        "source",
+        "--peer",
+        peer,
+        "--downtime-ms",
+        "20",
+        "--json",
+        "--qmp",
+    ])
+    .arg(vm_qmp)
+    .envs(env.iter().copied());
+    c
+}
+
+fn run_source(vm: &Vm, peer: &str, env: &[(&str, &str)]) -> Output {
+    source_command(&vm.qmp, peer, env).output().unwrap()
+}
+
+fn qmp(vm: &Vm) -> Qmp {
+    Qmp::connect(&vm.qmp, Duration::from_secs(10)).unwrap()
+}
+
+fn report_of(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "dwcpd source failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).expect("dwcpd source --json prints its report")
+}
+
+fn notes(report: &Value) -> Vec<String> {
+    report["notes"]
+        .as_array()
+        .map(|n| {
+            n.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The destination guest, once it has checked all its pages twice after the migration.
+fn checked_twice_after_migration(dst: &Vm) -> Heartbeat {
+    // The destination's console holds only what the guest printed after it ran there.
+    let first = dst
+        .wait_for_heartbeat(PATIENCE, |_| true)
+        .expect("the guest runs at the destination");
+    dst.wait_for_heartbeat(PATIENCE, |b| b.checks >= first.checks + 2)
+        .expect("the guest keeps checking its pages at the destination")
+}
+
+#[test]
+fn a_qemu_guest_moves_through_two_appliances_and_finds_every_page_intact() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(image) = image() else { return };
+    let started = Instant::now();
+    let dir = dir("migrate");
+    let (src, dst) = boot_pair(&image, &dir);
+    let before = src.wait_for_heartbeat(PATIENCE, |_| true).unwrap();
+
+    let dest = Dest::start(&dst, &[]);
+    let out = run_source(&src, &dest.addr, &[]);
+    let report = report_of(&out);
+    let (dest_ok, dest_out, _) = dest.finish();
+    assert!(dest_ok, "dwcpd dest failed: {dest_out}");
+    assert!(dest_out.contains("device state loaded"), "{dest_out}");
+
+    let rounds = report["rounds"].as_array().unwrap();
+    assert!(rounds.len() >= 2, "pre-copy rounds, then the final one");
+    assert!(report["device_state_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(report["dirty_log"], "rescan");
+    assert!(
+        report["dirty_scan"]["last_bytes_per_second"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let downtime_ms = report["measured_downtime"].as_f64().unwrap() * 1e3;
+    let device_ms = report["downtime"]["measured"]["device_state"]
+        .as_f64()
+        .unwrap()
+        * 1e3;
+    assert!(device_ms > 0.0 && device_ms < downtime_ms);
+    let qemu_note = notes(&report)
+        .into_iter()
+        .find(|n| n.contains("QEMU's own figures"))
+        .expect("the report carries QEMU's own figures");
+
+    // QEMU's view: the source handed the VM over, the destination runs it.
+    assert_eq!(qmp(&src).run_state().unwrap(), "postmigrate");
+    assert_eq!(qmp(&dst).run_state().unwrap(), "running");
+    let after = checked_twice_after_migration(&dst);
+    assert!(
+        after.writes > before.writes,
+        "the workload went on where it was"
+    );
+    assert_eq!(after.mismatches, 0, "{}", dst.console());
+    assert!(!dst.console().contains("MISMATCH"), "{}", dst.console());
+    eprintln!(
+        "migrated in {} rounds, downtime {downtime_ms:.1} ms (device state {device_ms:.1} ms); \
+         {qemu_note}; destination guest: {} checks since, no mismatch; test took {:.1} s",
+        rounds.len(),
+        after.checks,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn a_final_round_left_out_is_caught_by_the_guest_and_the_table_digest() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(image) = image() else { return };
+    let started = Instant::now();
+    let dir = dir("skip-final");
+    let (src, dst) = boot_pair(&image, &dir);
+    let switch = [("DWCP_TEST_SKIP_FINAL_ROUND", "1")];
+    let dest = Dest::start(&dst, &switch);
+    let report = report_of(&run_source(&src, &dest.addr, &switch));
+    let (dest_ok, dest_out, _) = dest.finish();
+    assert!(dest_ok, "{dest_out}");
+    let notes = notes(&report);
+    let skipped = notes
+        .iter()
+        .find(|n| n.contains("final round's"))
+        .expect("the switch says what it left out");
+    assert!(
+        !skipped.contains("final round's 0 pages"),
+        "the guest wrote during the final round: {skipped}"
+    );
+    assert!(
+        notes.iter().any(|n| n.contains("switched over although")),
+        "the table digests differ: {notes:?}"
+    );
+    assert!(report["digest"].as_str().unwrap().contains("differs"));
+    // Stale pages of the workload show in its check; stale pages of the guest's kernel
+    // (its stacks are rewritten all the time) may kill the guest first: either way the
+    // guest at the destination is not the guest that was paused.
+    let deadline = Instant::now() + PATIENCE;
+    let verdict = loop {
+        let console = dst.console();
+        if let Some(beat) = dst.heartbeats().into_iter().find(|b| b.mismatches > 0) {
+            break format!("the guest's check found {} bad pages", beat.mismatches);
+        }
+        if let Some(line) = console.lines().find(|l| l.contains("Kernel panic")) {
+            break format!("the guest's kernel died: {}", line.trim());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the destination guest runs on as if nothing were missing: {console}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "{skipped}; {verdict}; test took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn a_destination_lost_mid_precopy_leaves_the_source_guest_running() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(image) = image() else { return };
+    let started = Instant::now();
+    let dir = dir("dest-lost");
+    let (src, dst) = boot_pair(&image, &dir);
+    // Paced to 2 MB/s per stream: round 0 of 128 MiB takes many seconds.
+    let config = dir.join("slow.toml");
+    std::fs::write(&config, "[transport]\npacing_rate = \"2M\"\n").unwrap();
+    let dest = Dest::start(&dst, &[]);
+    let source = source_command(&src.qmp, &dest.addr, &[])
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut dest_child = dest.child;
+    dest_child.kill().unwrap();
+    let _ = dest_child.wait();
+    let out = wait_with_deadline(source, PATIENCE);
+    assert!(!out.status.success(), "the migration cannot complete");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("source: {}", stderr.trim());
+
+    let mut q = qmp(&src);
+    assert_eq!(q.run_state().unwrap(), "running");
+    let (status, _) = q.migration().unwrap();
+    assert_ne!(status, "pre-switchover");
+    assert_ne!(status, "active");
+    let last = src.heartbeats().last().copied().unwrap();
+    let later = src
+        .wait_for_heartbeat(PATIENCE, |b| {
+            b.seq >= last.seq + 2 && b.checks > last.checks
+        })
+        .expect("the source guest runs on");
+    assert_eq!(later.mismatches, 0);
+    // The incoming VM never ran.
+    assert!(dst.heartbeats().is_empty());
+    eprintln!(
+        "source VM running, QEMU migration status {status:?}; test took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn wait_with_deadline(mut child: Child, patience: Duration) -> Output {
+    let deadline = Instant::now() + patience;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("dwcpd source still running after {patience:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn vms_the_appliance_cannot_move_are_refused_before_anything_moves() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(image) = image() else { return };
+    let started = Instant::now();
+    let dir = dir("refusals");
+    let refused = |qmp: &Path, expect: &str| {
+        let out = source_command(qmp, "127.0.0.1:9", &[]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(expect), "expected {expect:?} in: {stderr}");
+        eprintln!("refused: {}", stderr.trim());
+    };
+
+    // Something that is not QEMU behind the socket.
+    let fake = dir.join("not-qemu.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&fake).unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().map_while(Result::ok) {
+            let _ = conn.write_all(b"220 mail.example.org ESMTP\r\n");
+        }
+    });
+    refused(&fake, "is not a QEMU QMP socket");
+
+    // RAM QEMU keeps private, and RAM that is no file at all.
+    for (ram, expect) in [
+        (RamBacking::PrivateFile, "share=off"),
+        (
+            RamBacking::Anonymous,
+            "memory-backend-ram, not a file the appliance can map",
+        ),
+    ] {
+        let vm = Vm::boot(
+            &image,
+            &VmSpec {
+                ram,
+                stopped: true,
+                ..spec(&dir, "unshared", false)
+            },
+        )
+        .unwrap();
+        refused(&vm.qmp, expect);
+        let (status, _) = qmp(&vm).migration().unwrap();
+        assert_eq!(status, "none", "nothing was started");
+    }
+
+    // A destination VM that is not waiting for a migration.
+    let running = Vm::boot(
+        &image,
+        &VmSpec {
+            stopped: true,
+            ..spec(&dir, "busy", false)
+        },
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dwcpd"))
+        .args(["dest", "--listen", "127.0.0.1:0", "--qmp"])
+        .arg(&running.qmp)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("not waiting for a migration"), "{stderr}");
+    eprintln!(
+        "refused: {}; test took {:.1} s",
+        stderr.trim(),
+        started.elapsed().as_secs_f64()
+    );
+}
