@@ -20,9 +20,11 @@ pub struct GuestError(pub String);
 
 /// What the engine may ask of a running guest.
 pub trait GuestControl: Send + Sync {
-    /// Stop every vCPU; returns once none is writing. On an error the guest may be
+    /// Stop every vCPU; returns once none is writing, with the moment they stopped when
+    /// the guest knows it better than the return does (a hypervisor that runs the
+    /// guest a little longer while it prepares). On an error the guest may be
     /// half-way: the engine calls [`GuestControl::resume`] to put it back.
-    fn pause(&self) -> Result<(), GuestError>;
+    fn pause(&self) -> Result<Option<std::time::Instant>, GuestError>;
     /// Let the vCPUs run again (the migration did not happen). Best effort: a guest
     /// that cannot say why in a return value keeps the reason for its owner's report.
     fn resume(&self);
@@ -35,11 +37,18 @@ pub trait GuestControl: Send + Sync {
     }
 }
 
-/// A paused guest's device state, handed over after the destination verified memory.
+/// A paused guest's device state, sent along with the final round; the destination
+/// loads it once it has verified the memory.
 pub trait DeviceStateSource: Send + Sync {
-    /// Let the hypervisor write its device state, passing every chunk to `sink` as it
-    /// comes, and return the bytes handed over once it is done. From here on the guest
-    /// belongs to the destination unless [`GuestControl::resume`] takes it back.
+    /// The guest is paused: let the hypervisor start saving its device state in the
+    /// background while the final round runs. The guest stays stopped; from here on
+    /// [`GuestControl::resume`] is how the source takes it back.
+    fn release(&self) -> Result<(), GuestError> {
+        Ok(())
+    }
+
+    /// Pass every chunk of the device state to `sink` as it comes, and return the
+    /// bytes handed over once the hypervisor is done.
     fn hand_over(
         &self,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), GuestError>,
@@ -462,7 +471,7 @@ impl Drop for SimulatedGuest {
 }
 
 impl GuestControl for SimulatedGuest {
-    fn pause(&self) -> Result<(), GuestError> {
+    fn pause(&self) -> Result<Option<Instant>, GuestError> {
         let poisoned = || GuestError("a vCPU thread panicked".into());
         let mut s = self.control.state.lock().map_err(|_| poisoned())?;
         s.paused = true;
@@ -472,7 +481,7 @@ impl GuestControl for SimulatedGuest {
         while s.parked < s.running {
             s = self.control.changed.wait(s).map_err(|_| poisoned())?;
         }
-        Ok(())
+        Ok(None)
     }
 
     fn resume(&self) {

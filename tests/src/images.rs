@@ -156,8 +156,8 @@ fn user_id() -> u32 {
 pub struct ReplayGuest;
 
 impl GuestControl for ReplayGuest {
-    fn pause(&self) -> Result<(), dwcp_dataplane::guest::GuestError> {
-        Ok(())
+    fn pause(&self) -> Result<Option<Instant>, dwcp_dataplane::guest::GuestError> {
+        Ok(None)
     }
     fn resume(&self) {}
     fn set_throttle(&self, _percent: u32) {}

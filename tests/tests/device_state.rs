@@ -35,7 +35,7 @@ struct GuestWithDevice {
 }
 
 impl GuestControl for GuestWithDevice {
-    fn pause(&self) -> Result<(), GuestError> {
+    fn pause(&self) -> Result<Option<std::time::Instant>, GuestError> {
         self.vcpus.pause()
     }
     fn resume(&self) {

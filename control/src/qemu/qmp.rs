@@ -175,9 +175,9 @@ impl Qmp {
         &self.path
     }
 
-    /// Events received so far (the last few).
-    pub fn events(&self) -> &[Value] {
-        &self.events
+    /// Events received so far (the last few), taken.
+    pub fn take_events(&mut self) -> Vec<Value> {
+        std::mem::take(&mut self.events)
     }
 
     fn read_line(&mut self) -> Result<String, QmpError> {

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 /// Longest wait for QEMU to reach a migration state it was asked for.
 const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// QEMU's bandwidth for its part of the stream: 1 TB/s, unpaced in effect.
+const UNPACED: u64 = 1 << 40;
 /// How often QEMU's migration state is polled while the guest is stopped.
 const POLL: Duration = Duration::from_micros(500);
 
@@ -74,6 +76,12 @@ impl QemuSource {
                     "this QEMU cannot leave shared RAM to the appliance ({e}); QEMU ≥ 9 is needed"
                 ))
             })?;
+        // QEMU paces its own stream (128 MiB/s by default): its device state and ROMs
+        // go to a socket of ours on this host, inside the downtime, so no pacing.
+        qmp.execute(
+            "migrate-set-parameters",
+            json!({ "max-bandwidth": UNPACED, "avail-switchover-bandwidth": UNPACED }),
+        )?;
         let dir = relay_dir("qemu-source").map_err(unsuitable)?;
         Ok(QemuSource {
             qmp: Mutex::new(qmp),
@@ -199,14 +207,15 @@ impl Drop for QemuSource {
 
 impl GuestControl for QemuSource {
     /// Start QEMU's side of the migration toward our socket; it stops the vCPUs and
-    /// waits in `pre-switchover`.
-    fn pause(&self) -> Result<(), GuestError> {
+    /// waits in `pre-switchover`. The vCPUs stopped when QEMU's `STOP` event says, a
+    /// few milliseconds after the call (QEMU sets up and sends its ROMs first).
+    fn pause(&self) -> Result<Option<Instant>, GuestError> {
         let path = self.dir.join("device-state.sock");
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)
             .map_err(|e| GuestError(format!("binding {}: {e}", path.display())))?;
-        // Unbounded in effect: QEMU must never block on us before the hand-over (a few
-        // hundred KiB of ROMs and devices; chunks of at most 256 KiB).
+        // Unbounded in effect: QEMU must never block on us (a few hundred KiB of ROMs
+        // and devices; chunks of at most 256 KiB).
         let (tx, rx) = bounded(4096);
         std::thread::Builder::new()
             .name("dwcp-qemu-relay".into())
@@ -217,13 +226,19 @@ impl GuestControl for QemuSource {
             .lock()
             .map_err(|_| GuestError("relay state poisoned".into()))? = Some(rx);
         let mut qmp = self.lock()?;
+        qmp.take_events();
         qmp.execute(
             "migrate",
             json!({ "uri": format!("unix:{}", path.display()) }),
         )
         .map_err(|e| GuestError(e.to_string()))?;
         Self::wait_for(&mut qmp, "pre-switchover")?;
-        Ok(())
+        Ok(qmp
+            .take_events()
+            .iter()
+            .rev()
+            .find(|e| e["event"] == "STOP")
+            .and_then(|e| event_instant(&e["timestamp"])))
     }
 
     /// Cancel QEMU's side and let the VM run again: after `migrate_cancel` QEMU
@@ -287,6 +302,15 @@ impl GuestControl for QemuSource {
 }
 
 impl DeviceStateSource for QemuSource {
+    /// `migrate-continue`: QEMU saves the device state into the relay while the final
+    /// round runs; the VM stays stopped (`postmigrate` once QEMU is done).
+    fn release(&self) -> Result<(), GuestError> {
+        let mut qmp = self.lock()?;
+        qmp.execute("migrate-continue", json!({ "state": "pre-switchover" }))
+            .map_err(|e| GuestError(e.to_string()))?;
+        Ok(())
+    }
+
     fn hand_over(
         &self,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), GuestError>,
@@ -297,9 +321,6 @@ impl DeviceStateSource for QemuSource {
             .map_err(|_| GuestError("relay state poisoned".into()))?
             .take()
             .ok_or_else(|| GuestError("the VM was not paused for a migration".into()))?;
-        let mut qmp = self.lock()?;
-        qmp.execute("migrate-continue", json!({ "state": "pre-switchover" }))
-            .map_err(|e| GuestError(e.to_string()))?;
         let mut bytes = 0u64;
         loop {
             match relay.recv_timeout(STATE_TIMEOUT) {
@@ -319,6 +340,7 @@ impl DeviceStateSource for QemuSource {
                 }
             }
         }
+        let mut qmp = self.lock()?;
         let info = Self::wait_for(&mut qmp, "completed")?;
         if let Ok(mut stats) = self.stats.lock() {
             *stats = Some(QemuMigrationStats {
@@ -329,4 +351,14 @@ impl DeviceStateSource for QemuSource {
         }
         Ok(bytes)
     }
+}
+
+/// The moment a QMP event's wall-clock timestamp names, on this process's monotonic
+/// clock.
+fn event_instant(timestamp: &Value) -> Option<Instant> {
+    let seconds = timestamp["seconds"].as_u64()?;
+    let micros = timestamp["microseconds"].as_u64()?;
+    let wall = std::time::UNIX_EPOCH + Duration::from_secs(seconds) + Duration::from_micros(micros);
+    let ago = std::time::SystemTime::now().duration_since(wall).ok()?;
+    Instant::now().checked_sub(ago)
 }

@@ -229,6 +229,15 @@ pub trait DirtyLog: Send {
     fn scan_stats(&self) -> Option<ScanStats> {
         None
     }
+
+    /// [`DirtyLog::collect`] with the guest paused: trackers that read memory may read
+    /// it in place rather than copy each page out first.
+    ///
+    /// # Safety
+    /// Nothing may write the guest's memory during the call.
+    unsafe fn collect_paused(&mut self, out: &mut DirtyBitmap) -> Result<(), DirtyLogError> {
+        self.collect(out)
+    }
 }
 
 /// A dirty log chosen for a memory, and why.

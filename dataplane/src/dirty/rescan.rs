@@ -40,6 +40,8 @@ pub struct ScanStats {
     pub last_bytes_per_second: f64,
     /// Threads a scan runs on.
     pub threads: usize,
+    /// Seconds the quickest scan took.
+    pub quickest_seconds: f64,
 }
 
 impl RescanDirtyLog {
@@ -61,19 +63,10 @@ impl RescanDirtyLog {
         log
     }
 
-    fn page_crc(&mut self, page: u64) -> u32 {
-        // Copy first: the page may be written while we read it (see memory.rs).
-        self.memory.read_page(page, &mut self.page[..]);
-        dwcp_simd::crc32c(&self.page[..])
-    }
-}
-
-impl DirtyLog for RescanDirtyLog {
-    fn kind(&self) -> DirtyLogKind {
-        DirtyLogKind::Rescan
-    }
-
-    fn collect(&mut self, out: &mut DirtyBitmap) -> Result<(), DirtyLogError> {
+    /// Mark in `out` every page whose CRC differs from the table's, on all threads;
+    /// with `in_place`, reading the (quiescent) memory directly instead of copying each
+    /// page out first.
+    fn scan(&mut self, out: &mut DirtyBitmap, in_place: Option<&[u8]>) {
         let started = std::time::Instant::now();
         let pages = self.memory.pages();
         let threads = self.threads.clamp(1, 64) as u64;
@@ -88,12 +81,21 @@ impl DirtyLog for RescanDirtyLog {
                 .map(|(start, end)| {
                     scope.spawn(move || {
                         let kernels = dwcp_simd::Kernels::active();
-                        let mut page = vec![0u8; PAGE_SIZE];
+                        let mut copy = vec![0u8; PAGE_SIZE];
                         let mut bits = vec![0u64; (end - start).div_ceil(64) as usize];
                         for p in start..end {
-                            // Copy first: the page may be written while we read it.
-                            memory.read_page(p, &mut page);
-                            if kernels.crc32c(&page) != table.get(p) {
+                            let crc = match in_place {
+                                Some(all) => {
+                                    let at = p as usize * PAGE_SIZE;
+                                    kernels.crc32c(&all[at..at + PAGE_SIZE])
+                                }
+                                None => {
+                                    // Copy first: the page may be written while we read it.
+                                    memory.read_page(p, &mut copy);
+                                    kernels.crc32c(&copy)
+                                }
+                            };
+                            if crc != table.get(p) {
                                 let i = p - start;
                                 bits[(i / 64) as usize] |= 1 << (i % 64);
                             }
@@ -119,7 +121,37 @@ impl DirtyLog for RescanDirtyLog {
             last_seconds: seconds,
             last_bytes_per_second: self.memory.len() as f64 / seconds.max(1e-9),
             threads: threads as usize,
+            quickest_seconds: if self.stats.scans == 0 {
+                seconds
+            } else {
+                self.stats.quickest_seconds.min(seconds)
+            },
         };
+    }
+
+    fn page_crc(&mut self, page: u64) -> u32 {
+        // Copy first: the page may be written while we read it (see memory.rs).
+        self.memory.read_page(page, &mut self.page[..]);
+        dwcp_simd::crc32c(&self.page[..])
+    }
+}
+
+impl DirtyLog for RescanDirtyLog {
+    fn kind(&self) -> DirtyLogKind {
+        DirtyLogKind::Rescan
+    }
+
+    fn collect(&mut self, out: &mut DirtyBitmap) -> Result<(), DirtyLogError> {
+        self.scan(out, None);
+        Ok(())
+    }
+
+    unsafe fn collect_paused(&mut self, out: &mut DirtyBitmap) -> Result<(), DirtyLogError> {
+        let memory = self.memory.clone();
+        // SAFETY: the caller guarantees that nothing writes the memory during the call,
+        // which is all `as_slice` asks; the slice does not outlive the call.
+        let all = unsafe { memory.as_slice() };
+        self.scan(out, Some(all));
         Ok(())
     }
 

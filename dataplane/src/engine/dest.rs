@@ -151,6 +151,10 @@ pub fn receive_guest(
         ours: None,
         timeout: config.timeout,
         last_activity: Instant::now(),
+        device_state: accepted.granted & caps::DEVICE_STATE != 0,
+        device_chunks: Vec::new(),
+        device_bytes: 0,
+        device_end: None,
     };
     let mut result = coordinator.run(&mut fleet, cancel);
     let mut device_state_bytes = 0;
@@ -216,7 +220,17 @@ struct Coordinator {
     ours: Option<(Vec<u32>, u32)>,
     timeout: Duration,
     last_activity: Instant,
+    /// The session carries device state ([`caps::DEVICE_STATE`]).
+    device_state: bool,
+    /// Device state that arrived before the verdict, held until memory is verified.
+    device_chunks: Vec<Vec<u8>>,
+    device_bytes: u64,
+    /// The source's `DeviceStateEnd`, once it came.
+    device_end: Option<u64>,
 }
+
+/// Most device state a destination holds (a VM's devices, its ROMs, video memory).
+const MAX_DEVICE_STATE: u64 = 1 << 30;
 
 impl Coordinator {
     fn aborted(&self, reason: String) -> MigrationError {
@@ -300,6 +314,19 @@ impl Coordinator {
             ControlMessage::Abort { message, .. } => {
                 return Err(self.aborted(format!("source aborted: {message}")));
             }
+            ControlMessage::DeviceState { bytes } if self.device_state => {
+                self.device_bytes += bytes.len() as u64;
+                if self.device_bytes > MAX_DEVICE_STATE {
+                    return Err(WireError::Unexpected(format!(
+                        "device state past {MAX_DEVICE_STATE} bytes"
+                    ))
+                    .into());
+                }
+                self.device_chunks.push(bytes);
+            }
+            ControlMessage::DeviceStateEnd { bytes } if self.device_state => {
+                self.device_end = Some(bytes);
+            }
             other => {
                 return Err(WireError::Unexpected(format!("{other:?} from the source")).into());
             }
@@ -372,21 +399,27 @@ impl Coordinator {
         }
     }
 
-    /// After the verdict: feed the device state into `sink` until the source says it
-    /// is complete, then report the guest running. Returns the bytes loaded.
+    /// After the verdict: feed the device state into `sink` (what arrived already, then
+    /// the rest until the source says it is complete), then report the guest running.
+    /// Returns the bytes loaded.
     fn load_device_state(
         &mut self,
         sink: &mut dyn DeviceStateSink,
         cancel: &AtomicBool,
     ) -> Result<u64, MigrationError> {
-        let mut received = 0u64;
+        let loading = |e: crate::guest::GuestError| {
+            MigrationError::Guest(format!("loading the device state: {e}"))
+        };
+        for chunk in std::mem::take(&mut self.device_chunks) {
+            sink.write(&chunk).map_err(loading)?;
+        }
         self.last_activity = Instant::now();
-        loop {
+        while self.device_end.is_none() {
             // Acquire: pairs with the owner's Release store, as in `run`.
             if cancel.load(Ordering::Acquire) {
                 return Err(self.aborted("cancelled at the destination".into()));
             }
-            let Some(msg) = self.control.recv_timeout(Duration::from_millis(5))? else {
+            let Some(msg) = self.control.recv_timeout(Duration::from_millis(1))? else {
                 if self.last_activity.elapsed() > self.timeout {
                     return Err(MigrationError::Transport(format!(
                         "no device state from the source for {:?}",
@@ -396,39 +429,23 @@ impl Coordinator {
                 continue;
             };
             self.last_activity = Instant::now();
-            match msg {
-                ControlMessage::DeviceState { bytes } => {
-                    received += bytes.len() as u64;
-                    sink.write(&bytes).map_err(|e| {
-                        MigrationError::Guest(format!("loading the device state: {e}"))
-                    })?;
-                }
-                ControlMessage::DeviceStateEnd { bytes } => {
-                    if bytes != received {
-                        return Err(WireError::Unexpected(format!(
-                            "device state of {bytes} bytes announced, {received} received"
-                        ))
-                        .into());
-                    }
-                    sink.finish()
-                        .map_err(|e| MigrationError::Guest(format!("starting the guest: {e}")))?;
-                    self.control.send(&ControlMessage::GuestRunning)?;
-                    return Ok(received);
-                }
-                ControlMessage::Ping { nanos } => {
-                    self.control.send(&ControlMessage::Pong { nanos })?;
-                }
-                ControlMessage::Abort { message, .. } => {
-                    return Err(self.aborted(format!("source aborted: {message}")));
-                }
-                other => {
-                    return Err(WireError::Unexpected(format!(
-                        "{other:?} during the device state"
-                    ))
-                    .into());
-                }
+            self.on_control(msg)?;
+            for chunk in std::mem::take(&mut self.device_chunks) {
+                sink.write(&chunk).map_err(loading)?;
             }
         }
+        let announced = self.device_end.unwrap_or_default();
+        if announced != self.device_bytes {
+            return Err(WireError::Unexpected(format!(
+                "device state of {announced} bytes announced, {} received",
+                self.device_bytes
+            ))
+            .into());
+        }
+        sink.finish()
+            .map_err(|e| MigrationError::Guest(format!("starting the guest: {e}")))?;
+        self.control.send(&ControlMessage::GuestRunning)?;
+        Ok(self.device_bytes)
     }
 
     /// Compare our table's digest with the source's. On a mismatch, send our table so

@@ -337,10 +337,13 @@ fn random_session_id() -> u128 {
 }
 
 /// The control stream once the session is open: writes from the session's thread,
-/// reads on a thread of its own (blocking reads), handed over through a channel.
+/// reads on a thread of its own (blocking reads), handed over through a channel with
+/// the moment each message arrived. Round trips are timed to that moment: the session's
+/// thread may be busy for milliseconds (a dirty-log scan) before it looks.
 pub(super) struct ControlLink {
     stream: TcpStream,
-    incoming: Receiver<Result<ControlMessage, ControlReadError>>,
+    incoming: Receiver<(Instant, Result<ControlMessage, ControlReadError>)>,
+    arrived: std::cell::Cell<Option<Instant>>,
 }
 
 impl ControlLink {
@@ -357,13 +360,17 @@ impl ControlLink {
                 loop {
                     let msg = wire::read_control(&mut reader);
                     let stop = msg.is_err();
-                    if tx.send(msg).is_err() || stop {
+                    if tx.send((Instant::now(), msg)).is_err() || stop {
                         return;
                     }
                 }
             })
             .map_err(io("starting the control reader"))?;
-        Ok(ControlLink { stream, incoming })
+        Ok(ControlLink {
+            stream,
+            incoming,
+            arrived: std::cell::Cell::new(None),
+        })
     }
 
     /// Send one message.
@@ -376,11 +383,19 @@ impl ControlLink {
         let _ = write_control(&mut self.stream, msg);
     }
 
+    /// When the message last returned arrived.
+    pub fn arrived(&self) -> Option<Instant> {
+        self.arrived.get()
+    }
+
     /// The next message if one has arrived.
     pub fn try_recv(&self) -> Result<Option<ControlMessage>, MigrationError> {
         match self.incoming.try_recv() {
-            Ok(Ok(msg)) => Ok(Some(msg)),
-            Ok(Err(e)) => Err(control_error(e, "reading the control stream")),
+            Ok((at, Ok(msg))) => {
+                self.arrived.set(Some(at));
+                Ok(Some(msg))
+            }
+            Ok((_, Err(e))) => Err(control_error(e, "reading the control stream")),
             Err(TryRecvError::Empty) => Ok(None),
             Err(TryRecvError::Disconnected) => {
                 Err(WireError::UnexpectedEof("control stream").into())
@@ -394,8 +409,11 @@ impl ControlLink {
         timeout: Duration,
     ) -> Result<Option<ControlMessage>, MigrationError> {
         match self.incoming.recv_timeout(timeout) {
-            Ok(Ok(msg)) => Ok(Some(msg)),
-            Ok(Err(e)) => Err(control_error(e, "reading the control stream")),
+            Ok((at, Ok(msg))) => {
+                self.arrived.set(Some(at));
+                Ok(Some(msg))
+            }
+            Ok((_, Err(e))) => Err(control_error(e, "reading the control stream")),
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => {
                 Err(WireError::UnexpectedEof("control stream").into())

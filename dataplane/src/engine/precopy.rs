@@ -156,6 +156,9 @@ pub struct Planner {
     bytes_per_page: f64,
     /// Recent collections: (pages reported, seconds).
     collects: VecDeque<(f64, f64)>,
+    /// Each collection reads all of memory (CRC rescans): its cost does not shrink
+    /// with the dirty set.
+    collect_reads_memory: bool,
     previous_dirty: u64,
     stuck: u32,
     throttle: u32,
@@ -171,6 +174,7 @@ impl Planner {
             quickest_ack: None,
             rtt: None,
             collects: VecDeque::new(),
+            collect_reads_memory: false,
             previous_dirty: u64::MAX,
             stuck: 0,
             throttle: 0,
@@ -180,6 +184,12 @@ impl Planner {
     /// The downtime limit changed (a live setting).
     pub fn set_downtime_limit(&mut self, limit: Duration) {
         self.config.downtime_limit = limit;
+    }
+
+    /// The dirty log reads all of memory at each collection (CRC rescans): the final
+    /// collection costs what the quickest recent one did, not a line's intercept.
+    pub fn set_collect_reads_memory(&mut self, reads_memory: bool) {
+        self.collect_reads_memory = reads_memory;
     }
 
     /// The limit in force.
@@ -231,7 +241,16 @@ impl Planner {
             (Some(ack), Some(rtt)) => ack.min(rtt),
             (ack, rtt) => ack.or(rtt).unwrap_or(0.0),
         };
-        let collect = collect_base(&self.collects);
+        let collect = if self.collect_reads_memory {
+            let quickest = self
+                .collects
+                .iter()
+                .map(|s| s.1)
+                .fold(f64::INFINITY, f64::min);
+            if quickest.is_finite() { quickest } else { 0.0 }
+        } else {
+            collect_base(&self.collects)
+        };
         let verify = self.config.verify_seconds;
         DowntimeEstimate {
             pages,
@@ -743,6 +762,19 @@ mod tests {
         let mut m = round(2, 1_000, 2.5e9, 0.0005, 0.0);
         m.dirtied_pages = 20;
         assert_eq!(p.round_done(m).decision, Decision::SwitchOver);
+    }
+
+    #[test]
+    fn a_collection_that_reads_all_memory_costs_the_same_at_the_end() {
+        let mut p = Planner::new(config(50));
+        p.set_collect_reads_memory(true);
+        let mut m = round(0, 100_000, 1e9, 0.0, 0.0);
+        for (pages, seconds) in [(4_000, 0.012), (1_000, 0.010), (200, 0.011)] {
+            m.dirtied_pages = pages;
+            m.collect_seconds = seconds;
+            p.round_done(m);
+        }
+        assert!((p.estimate(0).collect - 0.010).abs() < 1e-12);
     }
 
     #[test]

@@ -522,14 +522,16 @@ impl<'a> Session<'a> {
             }
             self.unacknowledged.pop_front();
             if r == round {
+                let at = self.control.arrived().unwrap_or_else(Instant::now);
                 self.planner
-                    .round_acknowledged(sent_at.elapsed().as_secs_f64());
+                    .round_acknowledged(at.saturating_duration_since(sent_at).as_secs_f64());
             }
         }
     }
 
     fn pong(&mut self, nanos: u64) {
-        let now = Instant::now().duration_since(self.pings.opened).as_nanos() as u64;
+        let at = self.control.arrived().unwrap_or_else(Instant::now);
+        let now = at.duration_since(self.pings.opened).as_nanos() as u64;
         if let Some(rtt) = now.checked_sub(nanos) {
             let rtt = Duration::from_nanos(rtt);
             self.pings.rtt = Some(rtt);
@@ -765,6 +767,8 @@ impl<'a> Session<'a> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<MigrationReport, MigrationError> {
         let pages = self.memory.pages();
+        self.planner
+            .set_collect_reads_memory(dirty_log.scan_stats().is_some());
         let mut rounds: Vec<RoundStats> = Vec::new();
         let mut dirty = DirtyBitmap::full(pages);
         // Round 0 sends everything: writes made before it (during setup) are covered,

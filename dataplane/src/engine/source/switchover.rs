@@ -62,39 +62,37 @@ impl Session<'_> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Outcome, MigrationError> {
         let paused_at = Instant::now();
-        if let Err(e) = guest.pause() {
+        let stopped_at = match guest.pause() {
+            Ok(stopped) => stopped.unwrap_or(paused_at),
+            Err(e) => {
+                guest.resume();
+                return Err(MigrationError::Guest(format!("pausing the guest: {e}")));
+            }
+        };
+        let pause = Instant::now().duration_since(paused_at).as_secs_f64();
+        let device = guest.device_state();
+        if let Some(device) = device
+            && let Err(e) = device.release()
+        {
             guest.resume();
-            return Err(MigrationError::Guest(format!("pausing the guest: {e}")));
+            return Err(MigrationError::Guest(format!(
+                "letting the hypervisor save the device state: {e}"
+            )));
         }
-        let pause = paused_at.elapsed().as_secs_f64();
-        let mut outcome = match self.paused_window(dirty_log, final_set, round, progress) {
+        let mut outcome = match self.paused_window(dirty_log, final_set, round, device, progress) {
             Ok(outcome) => outcome,
             Err(e) => {
+                // The hypervisor may have let go of the guest already: taking it back
+                // is the guest's to do (QEMU: `cont` after a completed migration).
                 guest.resume();
                 return Err(e);
             }
         };
-        if let Some(device) = guest.device_state() {
-            self.report_progress("device state", progress);
-            match self.hand_over_device_state(device) {
-                Ok(bytes) => {
-                    let running_at = Instant::now();
-                    outcome.measured.device_state =
-                        running_at.duration_since(outcome.verdict_at).as_secs_f64();
-                    outcome.device_state_bytes = bytes;
-                    outcome.verdict_at = running_at;
-                }
-                Err(e) => {
-                    // The hypervisor may have let go of the guest already: taking it
-                    // back is the guest's to do (QEMU: `cont` after a completed
-                    // migration).
-                    guest.resume();
-                    return Err(e);
-                }
-            }
-        }
         outcome.measured.pause = pause;
-        outcome.measured.total = outcome.verdict_at.duration_since(paused_at).as_secs_f64();
+        outcome.measured.total = outcome
+            .verdict_at
+            .saturating_duration_since(stopped_at)
+            .as_secs_f64();
         guest.set_throttle(0);
         if self.config.verify == VerifyMode::Audit {
             self.current_round = round;
@@ -111,10 +109,13 @@ impl Session<'_> {
         dirty_log: &mut dyn DirtyLog,
         mut final_set: DirtyBitmap,
         round: u64,
+        device: Option<&dyn DeviceStateSource>,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Outcome, MigrationError> {
         let t0 = Instant::now();
-        dirty_log.collect(&mut final_set)?;
+        // SAFETY: the guest is paused (the caller paused it and waits for us), so
+        // nothing writes its memory while the dirty log reads it.
+        unsafe { dirty_log.collect_paused(&mut final_set)? };
         let collect = t0.elapsed().as_secs_f64();
         self.current_round = round;
         self.totals.round_pages = final_set.count();
@@ -177,9 +178,23 @@ impl Session<'_> {
             VerifyMode::Full => t2.elapsed().as_secs_f64(),
             _ => 0.0,
         };
+        // The device state travels while the destination checks the memory; it loads
+        // it only after a good verdict.
+        let device_state_bytes = match device {
+            Some(device) => self.send_device_state(device)?,
+            None => 0,
+        };
         self.report_progress("verify", progress);
         let (verified_pages, digest) = self.await_verdict(&expect)?;
-        let verdict_at = Instant::now();
+        let mut verdict_at = Instant::now();
+        let mut device_state = 0.0;
+        if device.is_some() {
+            self.report_progress("device state", progress);
+            self.await_guest_running()?;
+            let running_at = Instant::now();
+            device_state = running_at.duration_since(verdict_at).as_secs_f64();
+            verdict_at = running_at;
+        }
         let confirm = verdict_at.duration_since(t2).as_secs_f64() - verify;
         // The destination runs the guest now. The workers' last counters (codec and
         // zero-copy figures for the report) come with their end, just after.
@@ -207,23 +222,20 @@ impl Session<'_> {
                 send,
                 confirm,
                 verify,
-                device_state: 0.0,
+                device_state,
                 total: 0.0,
             },
             verdict_at,
             verified_pages,
             digest,
             audit: None,
-            device_state_bytes: 0,
+            device_state_bytes,
         })
     }
 
-    /// Stream the paused guest's device state to the destination and wait until its
-    /// guest runs. Returns the bytes handed over.
-    fn hand_over_device_state(
-        &mut self,
-        device: &dyn DeviceStateSource,
-    ) -> Result<u64, MigrationError> {
+    /// Stream the paused guest's device state to the destination (which holds it until
+    /// its verdict). Returns the bytes sent.
+    fn send_device_state(&mut self, device: &dyn DeviceStateSource) -> Result<u64, MigrationError> {
         let control = &mut self.control;
         let bytes = device
             .hand_over(&mut |chunk| {
@@ -239,19 +251,19 @@ impl Session<'_> {
             .map_err(|e| MigrationError::Guest(format!("handing over the device state: {e}")))?;
         self.control
             .send(&ControlMessage::DeviceStateEnd { bytes })?;
+        Ok(bytes)
+    }
+
+    /// After a good verdict: wait until the destination's guest runs.
+    fn await_guest_running(&mut self) -> Result<(), MigrationError> {
         self.last_activity = Instant::now();
         loop {
+            self.pump_workers()?;
             let Some(msg) = self.control.recv_timeout(Duration::from_millis(1))? else {
-                if self.last_activity.elapsed() > self.config.reply_timeout {
-                    return Err(MigrationError::Transport(format!(
-                        "the destination did not report its guest running within {:?} of the device state",
-                        self.config.reply_timeout
-                    )));
-                }
                 continue;
             };
             match msg {
-                ControlMessage::GuestRunning => return Ok(bytes),
+                ControlMessage::GuestRunning => return Ok(()),
                 ControlMessage::Abort { message, .. } => {
                     return Err(MigrationError::Guest(format!(
                         "the destination could not start the guest: {message}"
