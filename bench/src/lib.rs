@@ -27,6 +27,7 @@ pub mod control;
 pub mod downtime;
 pub mod kernels;
 pub mod measure;
+pub mod qemu;
 pub mod reference;
 pub mod report;
 pub mod ring;

@@ -70,6 +70,30 @@ enum Suite {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// A QEMU guest migrated by QEMU (precopy, multifd 4, multifd 4 + zstd) and by dwcp,
+    /// fresh VM pairs each run: time to the destination running, downtime (STOP to
+    /// RESUME), source CPU, bytes; on loopback and across wanem's cross-region and
+    /// intercontinental paths (those need root).
+    Qemu {
+        /// Print one JSON object per comparison on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Run only the comparisons whose name contains this text (e.g. `loopback`).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Guest RAM, MiB.
+        #[arg(long, default_value_t = 512)]
+        guest_mib: u64,
+        /// Downtime limit on loopback, ms (both QEMU and dwcp).
+        #[arg(long, default_value_t = 20)]
+        downtime_ms: u64,
+        /// Runs of each configuration.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Directory for the VMs' RAM files (tmpfs or hugetlbfs).
+        #[arg(long, default_value = "/dev/shm")]
+        ram_dir: std::path::PathBuf,
+    },
     /// Page kernels (CRC32C, zero test, XBZRLE) and the SPSC ring.
     Kernels {
         /// Print one JSON object per comparison on stdout (the table goes to stderr).
@@ -117,6 +141,24 @@ fn main() {
         Suite::Downtime { json, filter } => {
             let mut out = Reporter::new(json).with_filter(filter);
             dwcp_bench::downtime::run(dwcp_bench::downtime::DowntimePlan::from_env(), &mut out);
+            out.finish();
+        }
+        Suite::Qemu {
+            json,
+            filter,
+            guest_mib,
+            downtime_ms,
+            runs,
+            ram_dir,
+        } => {
+            let mut out = Reporter::new(json).with_filter(filter);
+            let plan = dwcp_bench::qemu::QemuPlan {
+                guest_mib,
+                downtime_ms,
+                runs,
+                ram_dir,
+            };
+            dwcp_bench::qemu::run(plan, &mut out);
             out.finish();
         }
         Suite::Kernels { json, filter } => {

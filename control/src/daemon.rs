@@ -15,6 +15,7 @@ use crate::call::{Call, ServerCounters, call};
 use crate::config::{Config, parse_codec_mode};
 use crate::flags::{Components, FlagStore};
 use crate::mode::{DetectorConfig, LinkMeter, Mode, ModeDetector, policy_for};
+use crate::qemu::{QemuIncoming, QemuSource};
 use crate::runner::{self, Run, RunningGuest};
 use crossbeam::channel::{Receiver, Sender, bounded, select, tick};
 use dwcp_api::{
@@ -60,6 +61,8 @@ struct Migration {
     error: Option<String>,
     report: Option<MigrationReport>,
     handle: Option<JoinHandle<()>>,
+    /// The QEMU VM it moves, if it moves one.
+    vm: Option<dwcp_api::VmInfo>,
 }
 
 /// Counters for metrics.
@@ -272,6 +275,7 @@ impl ControlState {
                 .map(|a| a.pages.clone())
                 .unwrap_or_default(),
             notes: m.live.notes(),
+            vm: m.vm.clone(),
         }
     }
 
@@ -401,8 +405,29 @@ impl ControlState {
         if let Some(c) = &o.codec {
             config.codec.mode = c.clone();
         }
+        if let Some(qmp) = &o.qmp {
+            config.guest.kind = "qemu".into();
+            config.guest.qmp = Some(qmp.into());
+        }
         config.validate().map_err(|e| e.to_string())?;
-        let memory_bytes = config.guest.memory.0;
+        // A VM is checked here, before the migration starts, so that the operator hears
+        // at once why one cannot move (not QEMU, RAM not a shared file, not running).
+        let vm = match &config.guest.qmp {
+            Some(qmp) => Some(QemuSource::open(qmp).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let vm_info = vm.as_ref().map(|vm| {
+            let i = vm.info();
+            dwcp_api::VmInfo {
+                name: i.name.clone(),
+                qemu_version: i.qemu_version.clone(),
+                memory_file: i.memory_file.display().to_string(),
+                state: i.state.clone(),
+            }
+        });
+        let memory_bytes = vm
+            .as_ref()
+            .map_or(config.guest.memory.0, |vm| vm.info().memory_bytes);
         let id = self.next_id;
         self.next_id += 1;
         let components = self.flags.flags.components_for(id);
@@ -419,7 +444,7 @@ impl ControlState {
         let handle = std::thread::Builder::new()
             .name(format!("dwcp-mig{id}"))
             .spawn(move || {
-                let result = run_migration(&config, peer, &source, &thread_live, use_model);
+                let result = run_migration(&config, peer, &source, &thread_live, use_model, vm);
                 let _ = done.send((id, result));
             })
             .map_err(|e| format!("starting the migration thread: {e}"))?;
@@ -439,6 +464,7 @@ impl ControlState {
                 error: None,
                 report: None,
                 handle: Some(handle),
+                vm: vm_info,
             },
         );
         Ok(Response::ok(Done {
@@ -566,6 +592,15 @@ impl ControlState {
                     "failed"
                 }
             ),
+        }
+        if let Some(vm) = &mut m.vm {
+            // Handed over, or taken back (the report's notes say if that failed).
+            vm.state = if result.is_ok() {
+                "postmigrate"
+            } else {
+                "running"
+            }
+            .into();
         }
         match result {
             Ok(report) => {
@@ -711,15 +746,20 @@ fn restrict(s: &mut LiveSettings, c: &Components) {
     }
 }
 
-/// One migration of the simulated guest, on its own thread.
+/// One migration of the simulated guest, or of the QEMU VM opened already, on its
+/// own thread.
 fn run_migration(
     config: &Config,
     peer: SocketAddr,
     source: &engine::SourceConfig,
     live: &LiveControl,
     use_model: bool,
+    vm: Option<QemuSource>,
 ) -> Result<MigrationReport, String> {
-    let mut guest = RunningGuest::start(config)?;
+    let mut guest = match vm {
+        Some(vm) => RunningGuest::qemu(config, vm)?,
+        None => RunningGuest::start(config)?,
+    };
     let run = Run {
         config,
         source,
@@ -803,6 +843,7 @@ impl Daemon {
             })
             .map_err(|e| e.to_string())?;
         let dest_config = config.dest_config();
+        let dest_qmp = config.dest.qmp.clone();
         let dest_shutdown = shutdown.clone();
         let dest_cancel = Arc::new(AtomicBool::new(false));
         let dest_cancelled = dest_cancel.clone();
@@ -812,6 +853,7 @@ impl Daemon {
                 dest_loop(
                     listener,
                     dest_config,
+                    dest_qmp,
                     &dest_shutdown,
                     &dest_cancelled,
                     &received,
@@ -932,6 +974,7 @@ fn control_loop(
 fn dest_loop(
     listener: TcpListener,
     config: engine::DestConfig,
+    vm_qmp: Option<std::path::PathBuf>,
     shutdown: &AtomicBool,
     cancel: &AtomicBool,
     received: &AtomicU64,
@@ -947,12 +990,45 @@ fn dest_loop(
         if ready <= 0 {
             continue;
         }
-        match engine::receive_cancellable(
-            &listener,
-            DestMemory::Allocate(dwcp_hugepages::PagePreference::TransparentHuge),
-            &config,
-            cancel,
-        ) {
+        let received_into = match &vm_qmp {
+            // The incoming VM is opened for each session: once it runs a migrated
+            // guest, the next session needs a new one (at the same QMP path).
+            Some(qmp) => match QemuIncoming::open(qmp) {
+                Ok(vm) => match vm.memory() {
+                    Ok(memory) => Some((vm, memory)),
+                    Err(e) => {
+                        eprintln!("dwcpd: the incoming VM: {e}");
+                        None
+                    }
+                },
+                Err(e) => {
+                    eprintln!("dwcpd: the incoming VM: {e}; a source with a VM is refused");
+                    None
+                }
+            },
+            None => None,
+        };
+        let result = match received_into {
+            Some((mut vm, memory)) => {
+                let name = vm.info().name.clone();
+                engine::receive_guest(
+                    &listener,
+                    DestMemory::Provided(memory),
+                    &config,
+                    cancel,
+                    Some(&mut vm),
+                )
+                .map_err(|e| format!("into VM {name:?}: {e}"))
+            }
+            None => engine::receive_cancellable(
+                &listener,
+                DestMemory::Allocate(dwcp_hugepages::PagePreference::TransparentHuge),
+                &config,
+                cancel,
+            )
+            .map_err(|e| e.to_string()),
+        };
+        match result {
             Ok(report) => {
                 received.fetch_add(1, Ordering::Relaxed);
                 eprintln!(

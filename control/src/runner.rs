@@ -67,7 +67,8 @@ impl RunningGuest {
     /// the QEMU VM it names.
     pub fn start(config: &Config) -> Result<Self, String> {
         if let Some(qmp) = &config.guest.qmp {
-            return Self::qemu(config, qmp);
+            let vm = QemuSource::open(qmp).map_err(|e| e.to_string())?;
+            return Self::qemu(config, vm);
         }
         let memory = guest_memory(config)?;
         fill_memory(&memory, &ContentMix::MEMORY_IMAGE, config.guest.seed);
@@ -80,9 +81,8 @@ impl RunningGuest {
         })
     }
 
-    /// The QEMU VM behind `qmp`, checked before anything moves.
-    fn qemu(config: &Config, qmp: &std::path::Path) -> Result<Self, String> {
-        let vm = QemuSource::open(qmp).map_err(|e| e.to_string())?;
+    /// A QEMU VM opened (and so checked) already: its RAM mapped, its dirty log open.
+    pub fn qemu(config: &Config, vm: QemuSource) -> Result<Self, String> {
         let memory = vm.memory().map_err(|e| e.to_string())?;
         let mut dirty = open_dirty_log(&memory, DirtyLogKind::Rescan).map_err(|e| e.to_string())?;
         if config.dirty_log() != DirtyLogKind::Rescan {

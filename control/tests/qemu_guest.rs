@@ -61,6 +61,7 @@ fn spec(dir: &Path, name: &str, incoming: bool) -> VmSpec {
         stopped: false,
         dir: dir.to_owned(),
         netns: None,
+        ram_dir: None,
     }
 }
 
@@ -147,7 +148,7 @@ fn run_source(vm: &Vm, peer: &str, env: &[(&str, &str)]) -> Output {
 }
 
 fn qmp(vm: &Vm) -> Qmp {
-    Qmp::connect(&vm.qmp, Duration::from_secs(10)).unwrap()
+    Qmp::connect(&vm.observer_qmp, Duration::from_secs(10)).unwrap()
 }
 
 fn report_of(out: &Output) -> Value {
@@ -412,6 +413,139 @@ fn vms_the_appliance_cannot_move_are_refused_before_anything_moves() {
     eprintln!(
         "refused: {}; test took {:.1} s",
         stderr.trim(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// `dwcpd serve` as operators run it, on both appliances: the source daemon asked over
+/// its control socket to migrate a VM by its QMP socket, the destination daemon
+/// receiving into the incoming VM it was given.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    listen: String,
+}
+
+impl Daemon {
+    fn start(dir: &Path, name: &str, extra: &[&str]) -> Daemon {
+        let socket = dir.join(format!("{name}.sock"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dwcpd"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--socket"])
+            .arg(&socket)
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = channel();
+        let pipe = child.stderr.take().unwrap();
+        let tag = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                eprintln!("  {tag}: {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let serving = loop {
+            let line = lines.recv_timeout(PATIENCE).expect("dwcpd serve starts");
+            if line.contains("dwcpd: serving") {
+                break line;
+            }
+        };
+        let listen = serving
+            .split("migrations on ")
+            .nth(1)
+            .and_then(|rest| rest.split([',', ' ']).next())
+            .unwrap()
+            .to_string();
+        Daemon {
+            child,
+            socket,
+            listen,
+        }
+    }
+
+    fn call(&self, command: dwcp_api::Command) -> dwcp_api::Response {
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut line = serde_json::to_vec(&dwcp_api::Request::new(command)).unwrap();
+        line.push(b'\n');
+        s.write_all(&line).unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn operators_migrate_a_vm_by_its_qmp_socket_through_the_daemons() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(image) = image() else { return };
+    let started = Instant::now();
+    let dir = dir("daemons");
+    let (src, dst) = boot_pair(&image, &dir);
+    let incoming = dst.qmp.display().to_string();
+    let dest = Daemon::start(&dir, "dest", &["--incoming-qmp", &incoming]);
+    let source = Daemon::start(&dir, "source", &[]);
+    let migrate = |qmp: &Path| {
+        source.call(dwcp_api::Command::Migrate(dwcp_api::MigrateOptions {
+            peer: dest.listen.clone(),
+            qmp: Some(qmp.display().to_string()),
+            downtime_ms: Some(50),
+            ..Default::default()
+        }))
+    };
+
+    // A socket that is not QEMU is refused at once, and nothing starts.
+    let fake = dir.join("not-qemu.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&fake).unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().map_while(Result::ok) {
+            let _ = conn.write_all(b"hello\n");
+        }
+    });
+    let refused = migrate(&fake);
+    assert!(!refused.ok);
+    assert!(
+        format!("{refused:?}").contains("not a QEMU QMP socket"),
+        "{refused:?}"
+    );
+
+    let r = migrate(&src.qmp);
+    assert!(r.ok, "{r:?}");
+    let deadline = Instant::now() + PATIENCE;
+    let info = loop {
+        let list: Vec<dwcp_api::MigrationInfo> = source
+            .call(dwcp_api::Command::Migrations)
+            .into_result()
+            .unwrap();
+        let m = list.into_iter().next().expect("the migration is listed");
+        if m.state != "running" {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "still running: {m:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(info.state, "completed", "{info:?}");
+    let vm = info.vm.clone().expect("the VM is named");
+    assert_eq!(vm.name, "src");
+    assert_eq!(vm.state, "postmigrate");
+    assert_eq!(info.memory_bytes, MEMORY_MIB << 20);
+    assert_eq!(qmp(&src).run_state().unwrap(), "postmigrate");
+    let after = checked_twice_after_migration(&dst);
+    assert_eq!(after.mismatches, 0, "{}", dst.console());
+    eprintln!(
+        "daemon migration: downtime {:.1} ms, VM {:?} (QEMU {}) now {}; test took {:.1} s",
+        info.downtime_ms.unwrap_or(f64::NAN),
+        vm.name,
+        vm.qemu_version,
+        vm.state,
         started.elapsed().as_secs_f64()
     );
 }

@@ -99,6 +99,24 @@ pub struct MigrateOptions {
     /// Codec mode (`auto`, `off`, `delta`, `zstd:<level>`...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub codec: Option<String>,
+    /// Migrate the QEMU VM behind this QMP socket (on the appliance's host; its RAM a
+    /// shared memory-backend-file) instead of a simulated guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qmp: Option<String>,
+}
+
+/// The QEMU VM a migration moves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Its name (`-name`, or the QMP socket's file name).
+    pub name: String,
+    /// QEMU's version.
+    pub qemu_version: String,
+    /// The file holding its RAM.
+    pub memory_file: String,
+    /// Its run state as last seen: `running` while it migrates, `postmigrate` once the
+    /// destination runs it, `running` again when it was taken back.
+    pub state: String,
 }
 
 /// Options of `set`; absent fields stay as they are.
@@ -308,6 +326,9 @@ pub struct MigrationInfo {
     pub audit_pages: Vec<u64>,
     /// Things the engine could not do as asked.
     pub notes: Vec<String>,
+    /// The QEMU VM, for migrations of one.
+    #[serde(default)]
+    pub vm: Option<VmInfo>,
 }
 
 /// A feature flag.

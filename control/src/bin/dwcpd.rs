@@ -110,6 +110,10 @@ enum Mode {
         /// Feature flags file.
         #[arg(long)]
         flags_file: Option<PathBuf>,
+        /// Receive incoming migrations into the QEMU VM behind this QMP socket (started
+        /// with `-incoming defer`; opened afresh for each session).
+        #[arg(long, value_name = "SOCKET")]
+        incoming_qmp: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
         #[command(flatten)]
@@ -278,6 +282,7 @@ fn main() -> ExitCode {
             socket,
             metrics_addr,
             flags_file,
+            incoming_qmp,
             common,
             guest,
         } => {
@@ -298,6 +303,9 @@ fn main() -> ExitCode {
             }
             if flags_file.is_some() {
                 config.control.flags_file = flags_file;
+            }
+            if incoming_qmp.is_some() {
+                config.dest.qmp = incoming_qmp;
             }
             if let Err(e) = config.validate() {
                 return fail(e);

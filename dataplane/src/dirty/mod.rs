@@ -225,6 +225,12 @@ pub trait DirtyLog: Send {
         None
     }
 
+    /// Start a new interval, dropping what was written so far (round 0 is about to
+    /// send every page).
+    fn restart(&mut self, pages: u64) -> Result<(), DirtyLogError> {
+        self.collect(&mut DirtyBitmap::new(pages))
+    }
+
     /// How fast full scans go, for trackers that scan memory.
     fn scan_stats(&self) -> Option<ScanStats> {
         None

@@ -16,7 +16,7 @@
 //! kernels; [`DirtyLog::scan_stats`] says how fast the last scan went.
 
 use super::{DirtyBitmap, DirtyLog, DirtyLogError, DirtyLogKind};
-use crate::crc_table::{CrcTable, OUT_OF_BAND_SLOT};
+use crate::crc_table::CrcTable;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use std::sync::Arc;
 
@@ -24,7 +24,6 @@ use std::sync::Arc;
 pub struct RescanDirtyLog {
     memory: Arc<GuestMemory>,
     table: Arc<CrcTable>,
-    page: Box<[u8; PAGE_SIZE]>,
     threads: usize,
     stats: ScanStats,
 }
@@ -42,24 +41,55 @@ pub struct ScanStats {
     pub threads: usize,
     /// Seconds the quickest scan took.
     pub quickest_seconds: f64,
+    /// CPU seconds of the last scan's busiest thread: what the scan costs on CPUs of
+    /// its own, as at the switchover, where nothing else runs (the wall time of a
+    /// scan while the guest runs also holds the time the guest took the CPU from it).
+    pub last_busy_seconds: f64,
+}
+
+/// CPU time this thread has used, seconds.
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the kernel to fill.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 impl RescanDirtyLog {
     /// Start tracking: until a page is sent, its baseline is its content now (recorded
-    /// in the table outside any stream; round 0 then overwrites every entry).
+    /// in the table before any stream runs; round 0 then overwrites every entry).
     pub fn new(memory: Arc<GuestMemory>) -> Self {
         let table = Arc::new(CrcTable::new(memory.pages()));
-        let mut log = RescanDirtyLog {
+        let log = RescanDirtyLog {
             memory,
             table,
-            page: Box::new([0; PAGE_SIZE]),
             threads: crate::crc_table::scan_threads(),
             stats: ScanStats::default(),
         };
-        for p in 0..log.memory.pages() {
-            let crc = log.page_crc(p);
-            log.table.record(p, crc, OUT_OF_BAND_SLOT);
-        }
+        // The baseline, on all threads. Each records into a digest slot of its own
+        // (no stream records yet: the table is new), which the slots' rules allow.
+        let pages = log.memory.pages();
+        let threads = log.threads.clamp(1, 64) as u64;
+        let per = pages.div_ceil(threads).max(1);
+        let (memory, table) = (&*log.memory, &*log.table);
+        std::thread::scope(|scope| {
+            for t in 0..threads {
+                let (start, end) = ((t * per).min(pages), ((t + 1) * per).min(pages));
+                scope.spawn(move || {
+                    let kernels = dwcp_simd::Kernels::active();
+                    let mut page = vec![0u8; PAGE_SIZE];
+                    for p in start..end {
+                        memory.read_page(p, &mut page);
+                        table.record(p, kernels.crc32c(&page), t as u16);
+                    }
+                });
+            }
+        });
         log
     }
 
@@ -74,12 +104,13 @@ impl RescanDirtyLog {
         let words = pages.div_ceil(64);
         let per = words.div_ceil(threads).max(1) * 64;
         let (memory, table) = (&*self.memory, &*self.table);
-        let found: Vec<(u64, Vec<u64>)> = std::thread::scope(|scope| {
+        let found: Vec<(u64, Vec<u64>, f64)> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
                 .map(|t| (t * per, ((t + 1) * per).min(pages)))
                 .filter(|(start, end)| start < end)
                 .map(|(start, end)| {
                     scope.spawn(move || {
+                        let cpu_start = thread_cpu_seconds();
                         let kernels = dwcp_simd::Kernels::active();
                         let mut copy = vec![0u8; PAGE_SIZE];
                         let mut bits = vec![0u64; (end - start).div_ceil(64) as usize];
@@ -100,13 +131,14 @@ impl RescanDirtyLog {
                                 bits[(i / 64) as usize] |= 1 << (i % 64);
                             }
                         }
-                        (start, bits)
+                        (start, bits, thread_cpu_seconds() - cpu_start)
                     })
                 })
                 .collect();
             handles.into_iter().filter_map(|h| h.join().ok()).collect()
         });
-        for (start, bits) in found {
+        let busy = found.iter().map(|f| f.2).fold(0.0, f64::max);
+        for (start, bits, _) in found {
             for (w, mut word) in bits.into_iter().enumerate() {
                 while word != 0 {
                     let bit = u64::from(word.trailing_zeros());
@@ -126,13 +158,8 @@ impl RescanDirtyLog {
             } else {
                 self.stats.quickest_seconds.min(seconds)
             },
+            last_busy_seconds: busy,
         };
-    }
-
-    fn page_crc(&mut self, page: u64) -> u32 {
-        // Copy first: the page may be written while we read it (see memory.rs).
-        self.memory.read_page(page, &mut self.page[..]);
-        dwcp_simd::crc32c(&self.page[..])
     }
 }
 
@@ -157,6 +184,12 @@ impl DirtyLog for RescanDirtyLog {
 
     fn scan_stats(&self) -> Option<ScanStats> {
         Some(self.stats)
+    }
+
+    fn restart(&mut self, _pages: u64) -> Result<(), DirtyLogError> {
+        // Scans compare memory with what was sent, not with the previous scan: an
+        // interval needs no start.
+        Ok(())
     }
 
     fn crc_table(&self) -> Option<Arc<CrcTable>> {

@@ -86,6 +86,10 @@ enum Sub {
         /// Codec mode (auto, off, delta, zstd:<level>...).
         #[arg(long)]
         codec: Option<String>,
+        /// Migrate the QEMU VM behind this QMP socket on the appliance's host (its RAM
+        /// a shared memory-backend-file) instead of a simulated guest.
+        #[arg(long, value_name = "SOCKET")]
+        qmp: Option<String>,
         /// Show live progress until it ends.
         #[arg(long)]
         follow: bool,
@@ -200,6 +204,7 @@ fn run(cli: &Cli) -> Result<(), String> {
             streams,
             downtime_ms,
             codec,
+            qmp,
             follow,
         } => (
             Command::Migrate(MigrateOptions {
@@ -209,6 +214,7 @@ fn run(cli: &Cli) -> Result<(), String> {
                 streams: *streams,
                 downtime_ms: *downtime_ms,
                 codec: codec.clone(),
+                qmp: qmp.clone(),
             }),
             Some(*follow),
         ),
@@ -345,6 +351,15 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
             }
             for m in &list {
                 outln!("{}", migration_line(m));
+                if let Some(vm) = &m.vm {
+                    outln!(
+                        "    VM {:?} (QEMU {}), RAM {}: {}",
+                        vm.name,
+                        vm.qemu_version,
+                        vm.memory_file,
+                        vm.state
+                    );
+                }
                 for n in &m.notes {
                     outln!("    note: {n}");
                 }

@@ -95,13 +95,18 @@ pub struct VmSpec {
     pub dir: PathBuf,
     /// Run QEMU inside this network namespace (`ip netns exec`).
     pub netns: Option<String>,
+    /// Where the RAM file goes (a tmpfs or hugetlbfs directory; `/dev/shm` if unset).
+    pub ram_dir: Option<PathBuf>,
 }
 
 /// A running QEMU VM, killed (and its RAM file removed) when dropped.
 pub struct Vm {
     child: Child,
-    /// Its QMP socket.
+    /// Its QMP socket (for the appliance).
     pub qmp: PathBuf,
+    /// A second QMP socket, for whoever watches (a QMP socket serves one client at a
+    /// time).
+    pub observer_qmp: PathBuf,
     /// Its console log.
     pub serial: PathBuf,
     /// Its RAM file.
@@ -114,13 +119,14 @@ impl Vm {
     pub fn boot(image: &GuestImage, spec: &VmSpec) -> Result<Vm, String> {
         std::fs::create_dir_all(&spec.dir).map_err(|e| e.to_string())?;
         let qmp = spec.dir.join(format!("{}.qmp", spec.name));
+        let observer_qmp = spec.dir.join(format!("{}.observer.qmp", spec.name));
         let serial = spec.dir.join(format!("{}.console", spec.name));
-        let memory_file = PathBuf::from(format!(
-            "/dev/shm/dwcp-vm-{}-{}",
-            spec.name,
-            std::process::id()
-        ));
-        for f in [&qmp, &serial, &memory_file] {
+        let memory_file = spec
+            .ram_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/dev/shm"))
+            .join(format!("dwcp-vm-{}-{}", spec.name, std::process::id()));
+        for f in [&qmp, &observer_qmp, &serial, &memory_file] {
             let _ = std::fs::remove_file(f);
         }
         let mut args: Vec<String> = Vec::new();
@@ -170,6 +176,11 @@ impl Vm {
         arg(&format!("file:{}", serial.display()));
         arg("-qmp");
         arg(&format!("unix:{},server=on,wait=off", qmp.display()));
+        arg("-qmp");
+        arg(&format!(
+            "unix:{},server=on,wait=off",
+            observer_qmp.display()
+        ));
         arg("-no-reboot");
         if spec.incoming {
             arg("-incoming");
@@ -196,12 +207,13 @@ impl Vm {
         let vm = Vm {
             child,
             qmp,
+            observer_qmp,
             serial,
             memory_file,
         };
         // The QMP socket appears once QEMU has set up the machine.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !vm.qmp.exists() {
+        while !vm.qmp.exists() || !vm.observer_qmp.exists() {
             if Instant::now() > deadline {
                 return Err(format!("QEMU never opened {}", vm.qmp.display()));
             }
@@ -264,5 +276,6 @@ impl Drop for Vm {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.memory_file);
         let _ = std::fs::remove_file(&self.qmp);
+        let _ = std::fs::remove_file(&self.observer_qmp);
     }
 }

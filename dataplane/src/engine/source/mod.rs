@@ -773,7 +773,7 @@ impl<'a> Session<'a> {
         let mut dirty = DirtyBitmap::full(pages);
         // Round 0 sends everything: writes made before it (during setup) are covered,
         // so start the first interval now.
-        dirty_log.collect(&mut DirtyBitmap::new(pages))?;
+        dirty_log.restart(pages)?;
         self.copy_start = Instant::now();
         if let Some(steering) = &mut self.steering {
             steering.start();
@@ -806,7 +806,12 @@ impl<'a> Session<'a> {
             let mut next = DirtyBitmap::new(pages);
             let collect_start = Instant::now();
             dirty_log.collect(&mut next)?;
-            let collect_seconds = collect_start.elapsed().as_secs_f64();
+            // A scan of all memory costs at the switchover what its busiest thread
+            // spent on the CPU now (the guest takes no CPU from it then).
+            let collect_seconds = match dirty_log.scan_stats() {
+                Some(scan) => scan.last_busy_seconds,
+                None => collect_start.elapsed().as_secs_f64(),
+            };
             let interval = last_collect.elapsed().as_secs_f64();
             last_collect = Instant::now();
             self.totals.dirty_rate = next.count() as f64 * PAGE_SIZE as f64 / interval.max(1e-6);
