@@ -90,7 +90,7 @@ fn uffd_tracks_transparent_huge_pages_at_4k() {
 #[test]
 fn rescan_reports_exactly_the_changed_pages() {
     let mem = memory(256, PagePreference::Small);
-    let mut log = RescanDirtyLog::new(mem.clone());
+    let mut log = RescanDirtyLog::with_baseline(mem.clone());
     exercise(&mut log, &mem, 256);
 }
 
@@ -99,7 +99,7 @@ fn rescan_reports_exactly_the_changed_pages() {
 #[test]
 fn rescan_reports_a_page_reverted_after_it_was_sent() {
     let mem = memory(16, PagePreference::Small);
-    let mut log = RescanDirtyLog::new(mem.clone());
+    let mut log = RescanDirtyLog::with_baseline(mem.clone());
     mem.write_at(5, 0, &[1]); // content A, seen by the scan below
     assert_eq!(collect_and_send(&mut log, &mem), vec![5]);
     mem.write_at(5, 0, &[2]); // content C ...

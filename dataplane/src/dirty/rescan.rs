@@ -61,16 +61,22 @@ fn thread_cpu_seconds() -> f64 {
 }
 
 impl RescanDirtyLog {
-    /// Start tracking: until a page is sent, its baseline is its content now (recorded
-    /// in the table before any stream runs; round 0 then overwrites every entry).
+    /// Start tracking for a migration: until a page is sent its table entry is empty,
+    /// so a scan reports it (round 0 sends every page before the first scan that
+    /// counts, which makes reading all of memory for a baseline first wasted work).
     pub fn new(memory: Arc<GuestMemory>) -> Self {
-        let table = Arc::new(CrcTable::new(memory.pages()));
-        let log = RescanDirtyLog {
+        RescanDirtyLog {
+            table: Arc::new(CrcTable::new(memory.pages())),
             memory,
-            table,
             threads: crate::crc_table::scan_threads(),
             stats: ScanStats::default(),
-        };
+        }
+    }
+
+    /// Start tracking with memory's content now as the baseline: the first scan
+    /// reports only pages written since.
+    pub fn with_baseline(memory: Arc<GuestMemory>) -> Self {
+        let log = Self::new(memory);
         // The baseline, on all threads. Each records into a digest slot of its own
         // (no stream records yet: the table is new), which the slots' rules allow.
         let pages = log.memory.pages();
