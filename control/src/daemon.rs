@@ -210,6 +210,13 @@ impl ControlState {
                 .count(),
             safe_mode: self.flags.flags.safe_mode,
             received: self.received.load(Ordering::Relaxed),
+            vms: self
+                .migrations
+                .values()
+                .filter(|m| m.state == "running")
+                .filter_map(|m| m.vm.clone())
+                .collect(),
+            incoming_vm: c.dest.qmp.as_ref().map(|p| p.display().to_string()),
         }
     }
 

@@ -493,6 +493,8 @@ fn operators_migrate_a_vm_by_its_qmp_socket_through_the_daemons() {
     let incoming = dst.qmp.display().to_string();
     let dest = Daemon::start(&dir, "dest", &["--incoming-qmp", &incoming]);
     let source = Daemon::start(&dir, "source", &[]);
+    let status: dwcp_api::StatusInfo = dest.call(dwcp_api::Command::Status).into_result().unwrap();
+    assert_eq!(status.incoming_vm.as_deref(), Some(incoming.as_str()));
     let migrate = |qmp: &Path| {
         source.call(dwcp_api::Command::Migrate(dwcp_api::MigrateOptions {
             peer: dest.listen.clone(),

@@ -214,6 +214,12 @@ pub struct StatusInfo {
     pub safe_mode: bool,
     /// Migrations received since start (as destination).
     pub received: u64,
+    /// The QEMU VMs of running migrations.
+    #[serde(default)]
+    pub vms: Vec<VmInfo>,
+    /// The incoming VM's QMP socket, when incoming migrations go into a QEMU VM.
+    #[serde(default)]
+    pub incoming_vm: Option<String>,
 }
 
 /// The mode and why.

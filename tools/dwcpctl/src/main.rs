@@ -312,6 +312,17 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                 s.running,
                 s.received
             );
+            for vm in &s.vms {
+                outln!(
+                    "vm:           {:?} (QEMU {}), RAM {}: migrating",
+                    vm.name,
+                    vm.qemu_version,
+                    vm.memory_file
+                );
+            }
+            if let Some(qmp) = &s.incoming_vm {
+                outln!("incoming vm:  the QEMU VM behind {qmp}");
+            }
             outln!("safe mode:    {}", on_off(s.safe_mode));
             let c = &s.capabilities;
             outln!(
