@@ -413,13 +413,15 @@ fn on_off(b: bool) -> &'static str {
 }
 
 fn migration_line(m: &MigrationInfo) -> String {
-    let done = if m.round_pages > 0 {
-        m.round_pages_queued.min(m.round_pages) as f64 / m.round_pages as f64
-    } else if m.state == "running" {
-        // Setting up: nothing queued yet.
-        0.0
-    } else {
+    // The bar follows the round in progress; a migration that ended is whole, however
+    // far its last reported round had come.
+    let done = if m.state == "completed" {
         1.0
+    } else if m.round_pages > 0 {
+        m.round_pages_queued.min(m.round_pages) as f64 / m.round_pages as f64
+    } else {
+        // Setting up (nothing queued yet), or ended early.
+        0.0
     };
     let width = 24;
     let filled = (done * width as f64).round() as usize;
@@ -509,5 +511,52 @@ fn watch(client: &mut Client, id: Option<u64>, json: bool) -> Result<(), String>
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(if tty { 250 } else { 1000 }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn migration(state: &str, round_pages: u64, queued: u64) -> MigrationInfo {
+        MigrationInfo {
+            id: 1,
+            peer: "10.0.0.2:7410".into(),
+            state: state.into(),
+            phase: "done".into(),
+            round: 3,
+            memory_bytes: 1 << 28,
+            round_pages,
+            round_pages_queued: queued,
+            bytes_sent: 1 << 27,
+            pages_sent: 1 << 15,
+            rate: 0.0,
+            dirty_rate: 0.0,
+            eta_seconds: None,
+            throttle: 0,
+            elapsed_seconds: 1.0,
+            mode: "auto".into(),
+            active_streams: 4,
+            streams: 4,
+            transport: "io_uring".into(),
+            epoch: 1,
+            ping_ms: None,
+            components: Vec::new(),
+            error: None,
+            downtime_ms: None,
+            verified_pages: None,
+            audit_mismatched: None,
+            audit_pages: Vec::new(),
+            notes: Vec::new(),
+            vm: None,
+        }
+    }
+
+    #[test]
+    fn a_completed_migration_shows_a_full_bar_and_a_running_one_its_round() {
+        // The last report came mid-round: the migration is complete all the same.
+        assert!(migration_line(&migration("completed", 200, 0)).contains("100%"));
+        assert!(migration_line(&migration("running", 200, 50)).contains(" 25%"));
+        assert!(migration_line(&migration("running", 0, 0)).contains("  0%"));
     }
 }
