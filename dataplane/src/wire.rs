@@ -266,7 +266,17 @@ pub enum FrameKind {
     /// after a round marker, so each stream switches at the same point of its own
     /// sequence; no payload.
     StreamMap = 9,
+    /// Bytes `page..page + payload` of the hypervisor's device-state stream
+    /// ([`caps::DEVICE_STATE`]): sent with the final round, on whichever streams, each
+    /// piece naming its offset; the destination puts them in order.
+    DeviceState = 10,
 }
+
+/// Largest [`FrameKind::DeviceState`] payload (with its header, it fits the smallest
+/// send buffer).
+pub const MAX_DEVICE_STATE_FRAME: usize = 32 << 10;
+/// Largest device-state stream a destination accepts.
+pub const MAX_DEVICE_STATE: u64 = 1 << 30;
 
 /// A decoded, validated page-frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,6 +381,16 @@ impl FrameHeader {
         }
     }
 
+    /// `len` bytes of device state at `offset` of its stream.
+    pub fn device_state(offset: u64, len: usize) -> Self {
+        FrameHeader {
+            kind: FrameKind::DeviceState,
+            count: 0,
+            page: offset,
+            payload_len: len as u32,
+        }
+    }
+
     /// End of the stream.
     pub fn stream_end() -> Self {
         FrameHeader {
@@ -413,6 +433,7 @@ impl FrameHeader {
             7 => FrameKind::Compressed,
             8 => FrameKind::Dictionary,
             9 => FrameKind::StreamMap,
+            10 => FrameKind::DeviceState,
             other => return Err(WireError::UnknownFrameKind(other)),
         };
         let flags = bytes[1];
@@ -477,6 +498,19 @@ impl FrameHeader {
                     PAGE_CRC_LEN..=PAGE_CRC_LEN + limits.page_size as usize
                 };
                 check_payload(payload_len, range)?;
+                u64::from(payload_len)
+            }
+            FrameKind::DeviceState => {
+                if count != 0 {
+                    return Err(WireError::BadCount { count, max: 0 });
+                }
+                if page.saturating_add(u64::from(payload_len)) > MAX_DEVICE_STATE {
+                    return Err(WireError::BadHandshake {
+                        field: "device state offset",
+                        reason: format!("{page} + {payload_len} is past {MAX_DEVICE_STATE}"),
+                    });
+                }
+                check_payload(payload_len, 1..=MAX_DEVICE_STATE_FRAME)?;
                 u64::from(payload_len)
             }
             FrameKind::Compressed | FrameKind::Dictionary => {
@@ -875,11 +909,24 @@ mod tests {
             })
         );
         let mut b = good;
-        b[0] = 10;
+        b[0] = 11;
         assert_eq!(
             FrameHeader::decode(&resealed(b), &LIMITS),
-            Err(WireError::UnknownFrameKind(10))
+            Err(WireError::UnknownFrameKind(11))
         );
+        // Device state: a piece of 1..=MAX_DEVICE_STATE_FRAME bytes below the cap.
+        let piece = FrameHeader::device_state(1 << 20, 4000);
+        assert_eq!(FrameHeader::decode(&encoded(piece), &LIMITS), Ok(piece));
+        for bad in [
+            FrameHeader::device_state(0, 0),
+            FrameHeader::device_state(0, MAX_DEVICE_STATE_FRAME + 1),
+            FrameHeader::device_state(MAX_DEVICE_STATE - 10, 11),
+        ] {
+            assert!(
+                FrameHeader::decode(&encoded(bad), &LIMITS).is_err(),
+                "{bad:?}"
+            );
+        }
         // A stream map names 1..=MAX_STREAMS streams and carries nothing.
         let map = encoded(FrameHeader::stream_map(3));
         assert_eq!(

@@ -8,7 +8,7 @@ use crate::crc_table::CrcTable;
 use crate::guest::DeviceStateSink;
 use crate::memory::GuestMemory;
 use crate::transport::{self, RxEvent, RxSetup, TransportConfig, TransportKind};
-use crate::wire::{AbortReason, ControlMessage, WireError, caps};
+use crate::wire::{AbortReason, ControlMessage, MAX_DEVICE_STATE, WireError, caps};
 use dwcp_hugepages::PagePreference;
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -152,7 +152,7 @@ pub fn receive_guest(
         timeout: config.timeout,
         last_activity: Instant::now(),
         device_state: accepted.granted & caps::DEVICE_STATE != 0,
-        device_chunks: Vec::new(),
+        device_chunks: std::collections::BTreeMap::new(),
         device_bytes: 0,
         device_end: None,
     };
@@ -222,15 +222,13 @@ struct Coordinator {
     last_activity: Instant,
     /// The session carries device state ([`caps::DEVICE_STATE`]).
     device_state: bool,
-    /// Device state that arrived before the verdict, held until memory is verified.
-    device_chunks: Vec<Vec<u8>>,
+    /// Device state that arrived before the verdict, by offset in its stream, held
+    /// until memory is verified (pieces come on any data stream, in any order).
+    device_chunks: std::collections::BTreeMap<u64, Vec<u8>>,
     device_bytes: u64,
     /// The source's `DeviceStateEnd`, once it came.
     device_end: Option<u64>,
 }
-
-/// Most device state a destination holds (a VM's devices, its ROMs, video memory).
-const MAX_DEVICE_STATE: u64 = 1 << 30;
 
 impl Coordinator {
     fn aborted(&self, reason: String) -> MigrationError {
@@ -263,6 +261,7 @@ impl Coordinator {
                 self.bytes += bytes;
             }
             RxEvent::Telemetry { .. } => {}
+            RxEvent::DeviceState { offset, bytes, .. } => self.device_piece(offset, bytes)?,
             RxEvent::Failed { stream, error } => {
                 // A source that aborts closes its streams right after saying why:
                 // prefer its reason when it arrives promptly (past any ping or other
@@ -315,14 +314,9 @@ impl Coordinator {
                 return Err(self.aborted(format!("source aborted: {message}")));
             }
             ControlMessage::DeviceState { bytes } if self.device_state => {
-                self.device_bytes += bytes.len() as u64;
-                if self.device_bytes > MAX_DEVICE_STATE {
-                    return Err(WireError::Unexpected(format!(
-                        "device state past {MAX_DEVICE_STATE} bytes"
-                    ))
-                    .into());
-                }
-                self.device_chunks.push(bytes);
+                // The control-stream form: pieces in order.
+                let offset = self.device_bytes;
+                self.device_piece(offset, bytes)?;
             }
             ControlMessage::DeviceStateEnd { bytes } if self.device_state => {
                 self.device_end = Some(bytes);
@@ -399,6 +393,25 @@ impl Coordinator {
         }
     }
 
+    /// Keep a piece of the device state until the verdict.
+    fn device_piece(&mut self, offset: u64, bytes: Vec<u8>) -> Result<(), MigrationError> {
+        let end = offset.saturating_add(bytes.len() as u64);
+        let overlaps = self
+            .device_chunks
+            .range(..end)
+            .next_back()
+            .is_some_and(|(at, b)| at + b.len() as u64 > offset);
+        if overlaps || end > MAX_DEVICE_STATE {
+            return Err(WireError::Unexpected(format!(
+                "device state bytes {offset}..{end} overlap others or pass {MAX_DEVICE_STATE}"
+            ))
+            .into());
+        }
+        self.device_bytes += bytes.len() as u64;
+        self.device_chunks.insert(offset, bytes);
+        Ok(())
+    }
+
     /// After the verdict: feed the device state into `sink` (what arrived already, then
     /// the rest until the source says it is complete), then report the guest running.
     /// Returns the bytes loaded.
@@ -410,9 +423,6 @@ impl Coordinator {
         let loading = |e: crate::guest::GuestError| {
             MigrationError::Guest(format!("loading the device state: {e}"))
         };
-        for chunk in std::mem::take(&mut self.device_chunks) {
-            sink.write(&chunk).map_err(loading)?;
-        }
         self.last_activity = Instant::now();
         while self.device_end.is_none() {
             // Acquire: pairs with the owner's Release store, as in `run`.
@@ -430,9 +440,6 @@ impl Coordinator {
             };
             self.last_activity = Instant::now();
             self.on_control(msg)?;
-            for chunk in std::mem::take(&mut self.device_chunks) {
-                sink.write(&chunk).map_err(loading)?;
-            }
         }
         let announced = self.device_end.unwrap_or_default();
         if announced != self.device_bytes {
@@ -441,6 +448,18 @@ impl Coordinator {
                 self.device_bytes
             ))
             .into());
+        }
+        // Whole and without overlaps (checked as pieces came): the pieces tile it.
+        let mut next = 0u64;
+        for (offset, chunk) in std::mem::take(&mut self.device_chunks) {
+            if offset != next {
+                return Err(WireError::Unexpected(format!(
+                    "device state has a gap at byte {next}"
+                ))
+                .into());
+            }
+            next += chunk.len() as u64;
+            sink.write(&chunk).map_err(loading)?;
         }
         sink.finish()
             .map_err(|e| MigrationError::Guest(format!("starting the guest: {e}")))?;

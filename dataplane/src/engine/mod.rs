@@ -28,9 +28,9 @@
 //! - `steer`: codec steering; `report`: progress and reports.
 //!
 //! Guests with device state (a QEMU VM): the hypervisor saves it while the final round
-//! runs, it follows the table digest on the control stream, the destination loads it
-//! after a good verdict, and the downtime ends when the destination reports its guest
-//! running.
+//! is collected, it goes with the final round on the data streams, the destination
+//! loads it after a good verdict, and the downtime ends when the destination reports
+//! its guest running.
 //!
 //! One switch exists for tests only: `DWCP_TEST_SKIP_FINAL_ROUND=1` in both appliances'
 //! environment makes the source record the final round in its table without sending it

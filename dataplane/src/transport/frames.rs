@@ -152,7 +152,7 @@ pub fn stage_marker(header: FrameHeader, buf: &mut [u8]) -> usize {
 }
 
 /// Something a data stream announced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEvent {
     /// Round `round` is complete on this stream, which carried `pages` pages in it.
     RoundEnd {
@@ -163,6 +163,13 @@ pub enum StreamEvent {
     },
     /// The stream is finished.
     StreamEnd,
+    /// A piece of the device state: `bytes` at `offset` of its stream.
+    DeviceState {
+        /// Where in the device-state stream.
+        offset: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
 }
 
 /// Counters of one received stream.
@@ -295,6 +302,7 @@ impl FrameParser {
             FrameKind::PageRef => caps::DEDUP,
             FrameKind::Compressed | FrameKind::Dictionary => caps::ZSTD,
             FrameKind::StreamMap => caps::STREAM_MAP,
+            FrameKind::DeviceState => caps::DEVICE_STATE,
             _ => return Ok(()),
         };
         if self.capabilities & needed == 0 {
@@ -435,7 +443,16 @@ impl FrameParser {
                     if self.payload.len() == header.payload_len as usize {
                         self.state = State::Header;
                         let payload = std::mem::take(&mut self.payload);
-                        let result = self.whole_frame(header, &payload);
+                        let result = if header.kind == FrameKind::DeviceState {
+                            // Not for this side's memory: up to the session.
+                            on_event(StreamEvent::DeviceState {
+                                offset: header.page,
+                                bytes: payload.clone(),
+                            });
+                            Ok(())
+                        } else {
+                            self.whole_frame(header, &payload)
+                        };
                         self.payload = payload;
                         self.payload.clear();
                         result?;
@@ -466,9 +483,10 @@ impl FrameParser {
             FrameKind::DeltaPage
             | FrameKind::PageRef
             | FrameKind::Compressed
-            | FrameKind::Dictionary => {
+            | FrameKind::Dictionary
+            | FrameKind::DeviceState => {
                 self.check_negotiated(header.kind)?;
-                if header.kind != FrameKind::Compressed && header.kind != FrameKind::Dictionary {
+                if matches!(header.kind, FrameKind::DeltaPage | FrameKind::PageRef) {
                     self.check_owner(header.page, 1)?;
                 }
                 self.payload.reserve(header.payload_len as usize);

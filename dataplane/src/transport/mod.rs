@@ -319,7 +319,7 @@ pub enum RxError {
 }
 
 /// Engine → source worker: the work, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxCommand {
     /// Send pages `first..first + count` (within one chunk) on global stream `stream`.
     Pages {
@@ -341,6 +341,16 @@ pub enum TxCommand {
     StreamMap {
         /// Streams that carry pages.
         active: u16,
+    },
+    /// Send `bytes` of the device state, at `offset` of its stream, on global stream
+    /// `stream` (after the final round's pages, before the stream ends).
+    DeviceState {
+        /// Global stream id.
+        stream: u16,
+        /// Where in the device-state stream.
+        offset: u64,
+        /// At most [`crate::wire::MAX_DEVICE_STATE_FRAME`] bytes.
+        bytes: std::sync::Arc<[u8]>,
     },
     /// End every stream, wait for the last sends, exit.
     Finish,
@@ -507,6 +517,15 @@ pub enum RxEvent {
         /// Bytes.
         bytes: u64,
     },
+    /// A piece of the device state arrived on stream `stream`.
+    DeviceState {
+        /// Global stream id.
+        stream: u16,
+        /// Where in the device-state stream.
+        offset: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
     /// A stream failed; the session must end.
     Failed {
         /// Global stream id.
@@ -526,6 +545,11 @@ impl RxEvent {
                 pages,
             },
             frames::StreamEvent::StreamEnd => RxEvent::StreamEnd { stream, bytes },
+            frames::StreamEvent::DeviceState { offset, bytes } => RxEvent::DeviceState {
+                stream,
+                offset,
+                bytes,
+            },
         }
     }
 }

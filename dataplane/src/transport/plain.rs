@@ -227,6 +227,13 @@ impl PlainTx {
                 TxCommand::StreamMap { active } => {
                     self.marker(FrameHeader::stream_map(active))?;
                 }
+                TxCommand::DeviceState { offset, bytes, .. } => {
+                    // A socket buffer always has room: it sends to make it.
+                    let header = FrameHeader::device_state(offset, bytes.len());
+                    self.stager
+                        .payload_frame(&mut self.out, &mut self.stage, 0, header, &bytes)?;
+                    self.out.send()?;
+                }
                 TxCommand::Finish => {
                     self.marker(FrameHeader::stream_end())?;
                     let _ = self.out.socket.shutdown(std::net::Shutdown::Write);

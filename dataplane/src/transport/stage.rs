@@ -253,6 +253,29 @@ impl Stager {
         Ok(true)
     }
 
+    /// Write `header` and its `payload` on stream `i`, after its batch; `false` when no
+    /// buffer has room yet.
+    pub fn payload_frame(
+        &mut self,
+        buffers: &mut impl SendBuffers,
+        streams: &mut [StreamStage],
+        i: usize,
+        header: FrameHeader,
+        payload: &[u8],
+    ) -> Result<bool, TxError> {
+        if !self.flush_batch(buffers, streams, i)? {
+            return Ok(false);
+        }
+        let Some(out) = buffers.room(i, FRAME_HEADER_LEN + payload.len())? else {
+            return Ok(false);
+        };
+        let n = stage_marker(header, out);
+        out[n..n + payload.len()].copy_from_slice(payload);
+        buffers.filled(i, n + payload.len());
+        self.round.bytes += (n + payload.len()) as u64;
+        Ok(true)
+    }
+
     /// The end-of-round marker of stream `i` for `round`, with the pages it carried.
     pub fn round_end(round: u64, stream: &StreamStage) -> FrameHeader {
         FrameHeader::round_end(round, stream.round_pages)

@@ -18,7 +18,8 @@ use crate::engine::report::{DowntimeMeasured, Progress, RoundStats};
 use crate::engine::{
     MigrationError, VerifyMode, differing_pages, page_crcs, test_skip_final_round,
 };
-use crate::guest::{DeviceStateSource, GuestControl, GuestError};
+use crate::guest::{DeviceStateSource, GuestControl};
+use crate::transport::TxCommand;
 use crate::wire::{self, ControlMessage};
 use std::time::{Duration, Instant};
 
@@ -143,6 +144,13 @@ impl Session<'_> {
         } else {
             self.push_pages(&final_set, false, &mut |_| {})?
         };
+        // The device state goes with the final round, on the data streams (their
+        // congestion windows are open; the control stream's never grew), before the
+        // streams end. The destination loads it after its verdict.
+        let device_state_bytes = match device {
+            Some(device) => self.stream_device_state(device)?,
+            None => 0,
+        };
         let totals = self.close_round(round, true)?;
         let send = t1.elapsed().as_secs_f64();
         self.totals.add_round(sent, totals.bytes, send);
@@ -178,12 +186,11 @@ impl Session<'_> {
             VerifyMode::Full => t2.elapsed().as_secs_f64(),
             _ => 0.0,
         };
-        // The device state travels while the destination checks the memory; it loads
-        // it only after a good verdict.
-        let device_state_bytes = match device {
-            Some(device) => self.send_device_state(device)?,
-            None => 0,
-        };
+        if device.is_some() {
+            self.control.send(&ControlMessage::DeviceStateEnd {
+                bytes: device_state_bytes,
+            })?;
+        }
         self.report_progress("verify", progress);
         let (verified_pages, digest) = self.await_verdict(&expect)?;
         let mut verdict_at = Instant::now();
@@ -233,24 +240,38 @@ impl Session<'_> {
         })
     }
 
-    /// Stream the paused guest's device state to the destination (which holds it until
-    /// its verdict). Returns the bytes sent.
-    fn send_device_state(&mut self, device: &dyn DeviceStateSource) -> Result<u64, MigrationError> {
-        let control = &mut self.control;
+    /// Queue the paused guest's device state on the data streams, in pieces that go
+    /// round the streams carrying pages (the destination holds them until its verdict).
+    /// Returns the bytes queued.
+    fn stream_device_state(
+        &mut self,
+        device: &dyn DeviceStateSource,
+    ) -> Result<u64, MigrationError> {
+        let mut pieces: Vec<(u16, u64, std::sync::Arc<[u8]>)> = Vec::new();
+        let streams = self.active_streams.max(1);
+        let mut offset = 0u64;
         let bytes = device
             .hand_over(&mut |chunk| {
-                for piece in chunk.chunks(wire::DEVICE_STATE_CHUNK) {
-                    control
-                        .send(&ControlMessage::DeviceState {
-                            bytes: piece.to_vec(),
-                        })
-                        .map_err(|e| GuestError(format!("sending it to the destination: {e}")))?;
+                for piece in chunk.chunks(wire::MAX_DEVICE_STATE_FRAME) {
+                    let stream = (pieces.len() % usize::from(streams)) as u16;
+                    pieces.push((stream, offset, piece.into()));
+                    offset += piece.len() as u64;
                 }
                 Ok(())
             })
             .map_err(|e| MigrationError::Guest(format!("handing over the device state: {e}")))?;
-        self.control
-            .send(&ControlMessage::DeviceStateEnd { bytes })?;
+        for (stream, offset, bytes) in pieces {
+            let worker = self.fleet.worker_of(stream);
+            self.push(
+                worker,
+                TxCommand::DeviceState {
+                    stream,
+                    offset,
+                    bytes,
+                },
+            )?;
+        }
+        self.fleet.wake_all();
         Ok(bytes)
     }
 

@@ -427,6 +427,28 @@ impl TxWorkerState {
                     }
                     self.set_stalled(false);
                 }
+                TxCommand::DeviceState {
+                    stream,
+                    offset,
+                    ref bytes,
+                } => {
+                    let i = self.local(stream)?;
+                    let mut buffers =
+                        PoolBuffers::new(&mut self.pool, &mut self.streams, self.fill_limit);
+                    let header = FrameHeader::device_state(offset, bytes.len());
+                    if !self.stager.payload_frame(
+                        &mut buffers,
+                        &mut self.stages,
+                        i,
+                        header,
+                        bytes,
+                    )? {
+                        self.pending = Some(cmd);
+                        self.set_stalled(true);
+                        return Ok(progress);
+                    }
+                    self.set_stalled(false);
+                }
                 TxCommand::EndRound { round } => {
                     self.round = Some(round);
                     self.round_markers_unsent = self.streams.len();
