@@ -93,6 +93,11 @@ enum Suite {
         /// Directory for the VMs' RAM files (tmpfs or hugetlbfs).
         #[arg(long, default_value = "/dev/shm")]
         ram_dir: std::path::PathBuf,
+        /// QEMU configurations to run, comma-separated (precopy, multifd4,
+        /// multifd4-zstd; all by default). QEMU precopy never converges on the
+        /// intercontinental path and runs to the 600 s cap.
+        #[arg(long, value_delimiter = ',')]
+        qemu_configs: Vec<String>,
     },
     /// Page kernels (CRC32C, zero test, XBZRLE) and the SPSC ring.
     Kernels {
@@ -150,13 +155,25 @@ fn main() {
             downtime_ms,
             runs,
             ram_dir,
+            qemu_configs,
         } => {
             let mut out = Reporter::new(json).with_filter(filter);
+            if let Some(bad) = qemu_configs
+                .iter()
+                .find(|c| !dwcp_bench::qemu::QEMU_CONFIGS.contains(&c.as_str()))
+            {
+                eprintln!(
+                    "dwcp-bench: no QEMU configuration {bad:?} (there are {:?})",
+                    dwcp_bench::qemu::QEMU_CONFIGS
+                );
+                std::process::exit(2);
+            }
             let plan = dwcp_bench::qemu::QemuPlan {
                 guest_mib,
                 downtime_ms,
                 runs,
                 ram_dir,
+                qemu_configs,
             };
             dwcp_bench::qemu::run(plan, &mut out);
             out.finish();

@@ -54,10 +54,12 @@ pub struct QemuPlan {
     pub runs: usize,
     /// Where the VMs' RAM files go (a tmpfs or hugetlbfs directory).
     pub ram_dir: PathBuf,
+    /// QEMU's configurations to run (all of [`QEMU_CONFIGS`] when empty).
+    pub qemu_configs: Vec<String>,
 }
 
 /// QEMU's configurations, by name.
-const QEMU_CONFIGS: &[&str] = &["precopy", "multifd4", "multifd4-zstd"];
+pub const QEMU_CONFIGS: &[&str] = &["precopy", "multifd4", "multifd4-zstd"];
 /// The downtime limit on emulated WAN paths, ms (QEMU's default).
 const WAN_DOWNTIME_MS: u64 = 300;
 /// Longest any one migration may take before it counts as failed.
@@ -487,7 +489,12 @@ fn measure_path(
     downtime_ms: u64,
 ) -> BTreeMap<String, Figures> {
     let mut figures: BTreeMap<String, Figures> = BTreeMap::new();
-    let configs: Vec<&str> = QEMU_CONFIGS.iter().copied().chain(["dwcp"]).collect();
+    let configs: Vec<&str> = QEMU_CONFIGS
+        .iter()
+        .copied()
+        .filter(|c| plan.qemu_configs.is_empty() || plan.qemu_configs.iter().any(|w| w == c))
+        .chain(["dwcp"])
+        .collect();
     for run in 0..plan.runs {
         // Rotate the order run by run, so that no configuration always goes first.
         for i in 0..configs.len() {
