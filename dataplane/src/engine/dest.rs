@@ -157,6 +157,12 @@ pub fn receive_guest(
         device_end: None,
     };
     let mut result = coordinator.run(&mut fleet, cancel);
+    if let Err(MigrationError::Io { .. } | MigrationError::Transport(_)) = &result
+        && let Some(message) = coordinator.source_abort()
+    {
+        // Our write failed because the source had gone: its reason is the real one.
+        result = Err(coordinator.aborted(format!("source aborted: {message}")));
+    }
     let mut device_state_bytes = 0;
     if let (Ok(_), Some(sink)) = (&result, device.as_mut()) {
         match coordinator.load_device_state(&mut **sink, cancel) {
@@ -263,18 +269,8 @@ impl Coordinator {
             RxEvent::Telemetry { .. } => {}
             RxEvent::DeviceState { offset, bytes, .. } => self.device_piece(offset, bytes)?,
             RxEvent::Failed { stream, error } => {
-                // A source that aborts closes its streams right after saying why:
-                // prefer its reason when it arrives promptly (past any ping or other
-                // message still queued ahead of it).
-                let deadline = Instant::now() + Duration::from_millis(200);
-                while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                    match self.control.recv_timeout(left) {
-                        Ok(Some(ControlMessage::Abort { message, .. })) => {
-                            return Err(self.aborted(format!("source aborted: {message}")));
-                        }
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
+                if let Some(message) = self.source_abort() {
+                    return Err(self.aborted(format!("source aborted: {message}")));
                 }
                 return Err(MigrationError::Transport(format!(
                     "data stream {stream}: {error}"
@@ -391,6 +387,22 @@ impl Coordinator {
                 }
             }
         }
+    }
+
+    /// The source's reason, when it aborted: a source that aborts closes its streams
+    /// and the control stream right after saying why, so a failed read or write here
+    /// may come first. Waits briefly for it, past any ping or other message queued
+    /// ahead of it.
+    fn source_abort(&self) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.control.recv_timeout(left) {
+                Ok(Some(ControlMessage::Abort { message, .. })) => return Some(message),
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        None
     }
 
     /// Keep a piece of the device state until the verdict.

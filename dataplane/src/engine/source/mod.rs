@@ -521,10 +521,13 @@ impl<'a> Session<'a> {
                 break;
             }
             self.unacknowledged.pop_front();
-            if r == round {
-                let at = self.control.arrived().unwrap_or_else(Instant::now);
+            let at = self.control.arrived().unwrap_or_else(Instant::now);
+            // An acknowledgement that arrived before this side saw the round's last byte
+            // in the kernel (the reader thread got it while the session waited on its
+            // workers) says nothing about the round trip.
+            if r == round && at > sent_at {
                 self.planner
-                    .round_acknowledged(at.saturating_duration_since(sent_at).as_secs_f64());
+                    .round_acknowledged(at.duration_since(sent_at).as_secs_f64());
             }
         }
     }
