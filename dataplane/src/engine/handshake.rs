@@ -337,13 +337,10 @@ fn random_session_id() -> u128 {
 }
 
 /// The control stream once the session is open: writes from the session's thread,
-/// reads on a thread of its own (blocking reads), handed over through a channel with
-/// the moment each message arrived. Round trips are timed to that moment: the session's
-/// thread may be busy for milliseconds (a dirty-log scan) before it looks.
+/// reads on a thread of its own (blocking reads), handed over through a channel.
 pub(super) struct ControlLink {
     stream: TcpStream,
-    incoming: Receiver<(Instant, Result<ControlMessage, ControlReadError>)>,
-    arrived: std::cell::Cell<Option<Instant>>,
+    incoming: Receiver<Result<ControlMessage, ControlReadError>>,
 }
 
 impl ControlLink {
@@ -360,17 +357,13 @@ impl ControlLink {
                 loop {
                     let msg = wire::read_control(&mut reader);
                     let stop = msg.is_err();
-                    if tx.send((Instant::now(), msg)).is_err() || stop {
+                    if tx.send(msg).is_err() || stop {
                         return;
                     }
                 }
             })
             .map_err(io("starting the control reader"))?;
-        Ok(ControlLink {
-            stream,
-            incoming,
-            arrived: std::cell::Cell::new(None),
-        })
+        Ok(ControlLink { stream, incoming })
     }
 
     /// Send one message.
@@ -383,19 +376,11 @@ impl ControlLink {
         let _ = write_control(&mut self.stream, msg);
     }
 
-    /// When the message last returned arrived.
-    pub fn arrived(&self) -> Option<Instant> {
-        self.arrived.get()
-    }
-
     /// The next message if one has arrived.
     pub fn try_recv(&self) -> Result<Option<ControlMessage>, MigrationError> {
         match self.incoming.try_recv() {
-            Ok((at, Ok(msg))) => {
-                self.arrived.set(Some(at));
-                Ok(Some(msg))
-            }
-            Ok((_, Err(e))) => Err(control_error(e, "reading the control stream")),
+            Ok(Ok(msg)) => Ok(Some(msg)),
+            Ok(Err(e)) => Err(control_error(e, "reading the control stream")),
             Err(TryRecvError::Empty) => Ok(None),
             Err(TryRecvError::Disconnected) => {
                 Err(WireError::UnexpectedEof("control stream").into())
@@ -409,11 +394,8 @@ impl ControlLink {
         timeout: Duration,
     ) -> Result<Option<ControlMessage>, MigrationError> {
         match self.incoming.recv_timeout(timeout) {
-            Ok((at, Ok(msg))) => {
-                self.arrived.set(Some(at));
-                Ok(Some(msg))
-            }
-            Ok((_, Err(e))) => Err(control_error(e, "reading the control stream")),
+            Ok(Ok(msg)) => Ok(Some(msg)),
+            Ok(Err(e)) => Err(control_error(e, "reading the control stream")),
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => {
                 Err(WireError::UnexpectedEof("control stream").into())

@@ -521,20 +521,15 @@ impl<'a> Session<'a> {
                 break;
             }
             self.unacknowledged.pop_front();
-            let at = self.control.arrived().unwrap_or_else(Instant::now);
-            // An acknowledgement that arrived before this side saw the round's last byte
-            // in the kernel (the reader thread got it while the session waited on its
-            // workers) says nothing about the round trip.
-            if r == round && at > sent_at {
+            if r == round {
                 self.planner
-                    .round_acknowledged(at.duration_since(sent_at).as_secs_f64());
+                    .round_acknowledged(sent_at.elapsed().as_secs_f64());
             }
         }
     }
 
     fn pong(&mut self, nanos: u64) {
-        let at = self.control.arrived().unwrap_or_else(Instant::now);
-        let now = at.duration_since(self.pings.opened).as_nanos() as u64;
+        let now = Instant::now().duration_since(self.pings.opened).as_nanos() as u64;
         if let Some(rtt) = now.checked_sub(nanos) {
             let rtt = Duration::from_nanos(rtt);
             self.pings.rtt = Some(rtt);
