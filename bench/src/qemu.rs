@@ -179,6 +179,21 @@ fn event_time(events: &[Value], name: &str) -> Option<f64> {
         })
 }
 
+/// The downtime as QEMU saw it: from the source's `STOP` event to the destination's
+/// `RESUME` (`dst_events`), ms.
+fn stop_to_resume_ms(src: &mut Qmp, dst_events: &[Value]) -> Result<f64, String> {
+    // Events are read with replies: one more command brings in those still queued.
+    src.run_state().map_err(|e| e.to_string())?;
+    let src_events = src.take_events();
+    match (
+        event_time(&src_events, "STOP"),
+        event_time(dst_events, "RESUME"),
+    ) {
+        (Some(stop), Some(resume)) => Ok((resume - stop) * 1e3),
+        _ => Err("the STOP or RESUME event is missing".into()),
+    }
+}
+
 /// Poll the destination until it runs (or `gave_up` says it never will); returns when,
 /// and the events seen meanwhile.
 fn until_running(
@@ -249,14 +264,7 @@ fn qemu_run(src: &Vm, dst: &Vm, config: &str, downtime_ms: u64, uri: &str) -> Re
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let src_events = qs.take_events();
-    let downtime_ms = match (
-        event_time(&src_events, "STOP"),
-        event_time(&dst_events, "RESUME"),
-    ) {
-        (Some(stop), Some(resume)) => (resume - stop) * 1e3,
-        _ => return Err("the STOP or RESUME event is missing".into()),
-    };
+    let downtime_ms = stop_to_resume_ms(&mut qs, &dst_events)?;
     Ok(Run {
         seconds: running_at.duration_since(started).as_secs_f64(),
         downtime_ms,
@@ -390,16 +398,7 @@ fn dwcp_run(src: &Vm, dst: &Vm, setup: &DwcpSetup<'_>) -> Result<Run, String> {
     }
     let report: Value =
         serde_json::from_str(text.trim()).map_err(|e| format!("dwcpd's report: {e}"))?;
-    // Events are read with replies: one more command brings in those still queued.
-    qs.run_state().map_err(|e| e.to_string())?;
-    let src_events = qs.take_events();
-    let downtime_ms = match (
-        event_time(&src_events, "STOP"),
-        event_time(&dst_events, "RESUME"),
-    ) {
-        (Some(stop), Some(resume)) => (resume - stop) * 1e3,
-        _ => return Err("the STOP or RESUME event is missing".into()),
-    };
+    let downtime_ms = stop_to_resume_ms(&mut qs, &dst_events)?;
     let measured = &report["downtime"]["measured"];
     let ms = |v: &Value| v.as_f64().unwrap_or(f64::NAN) * 1e3;
     let detail = format!(
