@@ -81,8 +81,9 @@ pub struct LinkSample {
 /// are cumulative, so the meter keeps the previous report's to take differences.
 #[derive(Debug, Clone, Default)]
 pub struct LinkMeter {
-    /// Per stream: segments sent and retransmitted, as of the previous report.
-    tcp_mark: Vec<(u32, u32)>,
+    /// Per stream: segments sent, retransmitted, and retransmitted spuriously, as of
+    /// the previous report.
+    tcp_mark: Vec<(u32, u32, u32)>,
     /// Bytes sent and when, as of the previous rate measurement.
     rate_mark: Option<(Instant, u64)>,
     /// Recent send rate, bytes per second.
@@ -98,7 +99,8 @@ impl LinkMeter {
     /// report and some round trip is known. RTT: the lowest smoothed RTT among the data
     /// streams (the one least inflated by their own queues), else the control stream's
     /// ping. Bandwidth: what the streams' delivery-rate estimates add up to, or the
-    /// measured send rate if higher. Loss: segments retransmitted over segments sent.
+    /// measured send rate if higher. Loss: segments retransmitted, less those the peer
+    /// reported as duplicates, over segments sent.
     pub fn sample(
         &mut self,
         progress: &Progress,
@@ -117,7 +119,7 @@ impl LinkMeter {
             None => self.rate_mark = Some((at, bytes)),
         }
         if self.tcp_mark.len() != progress.streams.len() {
-            self.tcp_mark = vec![(0, 0); progress.streams.len()];
+            self.tcp_mark = vec![(0, 0, 0); progress.streams.len()];
         }
         let mut lowest_rtt: Option<u32> = None;
         let mut delivery = 0u64;
@@ -130,8 +132,13 @@ impl LinkMeter {
             }
             delivery += t.delivery_rate;
             segments += u64::from(t.segs_out.saturating_sub(mark.0));
-            retransmits += u64::from(t.total_retrans.saturating_sub(mark.1));
-            *mark = (t.segs_out, t.total_retrans);
+            // Spurious retransmissions (D-SACKed) lost nothing: on loopback and fast
+            // LANs a receiver starved of CPU draws tail-loss probes that are all
+            // spurious, and counting them made loopback look lossy.
+            let retransmitted = t.total_retrans.saturating_sub(mark.1);
+            let spurious = t.dsack_dups.saturating_sub(mark.2);
+            retransmits += u64::from(retransmitted.saturating_sub(spurious));
+            *mark = (t.segs_out, t.total_retrans, t.dsack_dups);
         }
         let rtt = lowest_rtt
             .map(|us| Duration::from_micros(u64::from(us)))
@@ -444,6 +451,67 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    fn progress_with(tcp: &[(u32, u32, u32)]) -> Progress {
+        use dwcp_dataplane::transport::StreamTelemetry;
+        use dwcp_dataplane::transport::socket::TcpInfoSample;
+        Progress {
+            round: 0,
+            phase: "precopy",
+            bytes_sent: 0,
+            pages_sent: 0,
+            memory_pages: 1,
+            rounds_done: 0,
+            round_pages: 1,
+            round_pages_queued: 0,
+            dirty_rate: 0.0,
+            bandwidth: 0.0,
+            throttle: 0,
+            elapsed: Duration::ZERO,
+            streams: tcp
+                .iter()
+                .enumerate()
+                .map(
+                    |(i, &(segs_out, total_retrans, dsack_dups))| StreamTelemetry {
+                        stream: i as u16,
+                        bytes: u64::from(segs_out) * 65536,
+                        pages: 0,
+                        tcp: Some(TcpInfoSample {
+                            rtt_us: 20,
+                            segs_out,
+                            total_retrans,
+                            dsack_dups,
+                            ..TcpInfoSample::default()
+                        }),
+                    },
+                )
+                .collect(),
+            workers: Vec::new(),
+            connected_streams: tcp.len() as u16,
+            active_streams: tcp.len() as u16,
+            epoch: 0,
+            transport: dwcp_dataplane::transport::TransportKind::IoUring,
+            ping_rtt: None,
+            estimated_downtime: None,
+        }
+    }
+
+    #[test]
+    fn spurious_retransmissions_are_no_loss() {
+        // Loopback under CPU starvation: tail-loss probes, every one D-SACKed.
+        let origin = Instant::now();
+        let mut meter = LinkMeter::default();
+        meter.sample(&progress_with(&[(0, 0, 0), (0, 0, 0)]), origin, origin);
+        let s = meter
+            .sample(
+                &progress_with(&[(5000, 10, 10), (5000, 3, 1)]),
+                origin + Duration::from_millis(100),
+                origin,
+            )
+            .expect("a sample");
+        assert_eq!(s.segments, 10_000);
+        assert_eq!(s.retransmits, 2, "only the two the peer did not see twice");
+    }
 
     fn sample(at_ms: u64, rtt_ms: f64, gbit: f64, loss: f64) -> LinkSample {
         LinkSample {

@@ -176,7 +176,8 @@ pub fn set_pacing_rate(stream: &TcpStream, bytes_per_second: Option<u64>) -> Res
 }
 
 /// Prefix of the kernel's `struct tcp_info` (include/uapi/linux/tcp.h) up to
-/// `tcpi_delivery_rate`; later fields are not needed.
+/// `tcpi_reord_seen` (Linux 4.19+; an older kernel fills less and the rest reads 0);
+/// later fields are not needed.
 #[repr(C)]
 #[derive(Default)]
 struct TcpInfoRaw {
@@ -223,6 +224,15 @@ struct TcpInfoRaw {
     data_segs_in: u32,
     data_segs_out: u32,
     delivery_rate: u64,
+    busy_time: u64,
+    rwnd_limited: u64,
+    sndbuf_limited: u64,
+    delivered: u32,
+    delivered_ce: u32,
+    bytes_sent: u64,
+    bytes_retrans: u64,
+    dsack_dups: u32,
+    reord_seen: u32,
 }
 
 /// One `TCP_INFO` reading of a stream.
@@ -236,6 +246,10 @@ pub struct TcpInfoSample {
     pub min_rtt_us: u32,
     /// Segments retransmitted over the connection's life.
     pub total_retrans: u32,
+    /// Retransmissions the peer reported as duplicates (D-SACK, RFC 2883): spurious
+    /// ones, such as a tail-loss probe sent while the receiver was merely slow. What
+    /// was lost is `total_retrans - dsack_dups`.
+    pub dsack_dups: u32,
     /// Segments sent over the connection's life.
     pub segs_out: u32,
     /// Most recent delivery rate estimate, bytes per second.
@@ -272,6 +286,7 @@ pub fn tcp_info(stream: &impl AsRawFd) -> Option<TcpInfoSample> {
         rttvar_us: raw.rttvar,
         min_rtt_us: raw.min_rtt,
         total_retrans: raw.total_retrans,
+        dsack_dups: raw.dsack_dups,
         segs_out: raw.segs_out,
         delivery_rate: raw.delivery_rate,
         bytes_acked: raw.bytes_acked,
