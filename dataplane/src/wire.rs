@@ -86,11 +86,26 @@ pub const MAX_DICTIONARY: usize = 1 << 20;
 /// Bytes of a [`FrameKind::PageRef`] payload: the source page (u64) and the CRC32C.
 pub const PAGE_REF_PAYLOAD: usize = 12;
 
+/// A peer's bytes for a message: as text when printable (`"GET "`, an HTTP client),
+/// else in hex (`bytes 16 03 01 02`, a TLS client).
+pub fn bytes_text(bytes: &[u8]) -> String {
+    if bytes.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        format!("{:?}", String::from_utf8_lossy(bytes))
+    } else {
+        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        format!("bytes {}", hex.join(" "))
+    }
+}
+
 /// Malformed or unexpected input from the peer. Each variant names what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     /// A stream did not start with the expected magic bytes.
-    #[error("bad magic {found:02x?} (expected {expected:02x?})")]
+    #[error(
+        "bad magic {} (expected {}): not a dwcp stream",
+        bytes_text(found),
+        bytes_text(expected)
+    )]
     BadMagic {
         /// Bytes received.
         found: [u8; 4],
@@ -165,9 +180,15 @@ pub enum WireError {
     /// A control message larger than allowed.
     #[error("control message of {0} bytes exceeds the {MAX_CONTROL_MESSAGE}-byte limit")]
     ControlTooLarge(usize),
-    /// A control message that failed validation.
-    #[error("malformed control message: {0}")]
-    MalformedControl(String),
+    /// A control message that failed validation (the validator's own account, meant
+    /// for a developer, is left out of what operators read).
+    #[error("malformed control message ({0} bytes): not a message this version knows")]
+    MalformedControl(usize),
+    /// The peer's first bytes are no dwcp handshake: another program connected.
+    #[error(
+        "the peer does not speak dwcp (it began with {0}): another program connected to the migration port"
+    )]
+    NotDwcp(String),
     /// A control message that makes no sense at this point.
     #[error("unexpected control message: {0}")]
     Unexpected(String),
@@ -809,7 +830,7 @@ pub fn decode_control(
     body.resize(len, 0);
     input.read_exact(&mut body)?;
     rkyv::from_bytes::<ControlMessage, rkyv::rancor::Error>(&body)
-        .map_err(|e| WireError::MalformedControl(e.to_string()).into())
+        .map_err(|_| WireError::MalformedControl(len).into())
 }
 
 impl Handshake {
@@ -1003,11 +1024,18 @@ mod tests {
             Err(WireError::BadStreamId { id: 3, .. })
         ));
         let mut bad = hello;
-        bad[0] = b'X';
-        assert!(matches!(
-            StreamHello::decode(&bad, 42, 4),
-            Err(WireError::BadMagic { .. })
-        ));
+        bad[..4].copy_from_slice(b"GET ");
+        let err = StreamHello::decode(&bad, 42, 4).unwrap_err();
+        assert!(matches!(err, WireError::BadMagic { .. }));
+        // Named as text an operator recognises, not a list of numbers.
+        let text = err.to_string();
+        assert!(
+            text.starts_with("bad magic \"GET \" (expected \""),
+            "{text}"
+        );
+        bad[..4].copy_from_slice(&[0x16, 0x03, 0x01, 0x00]);
+        let text = StreamHello::decode(&bad, 42, 4).unwrap_err().to_string();
+        assert!(text.contains("bytes 16 03 01 00"), "{text}");
     }
 
     #[test]

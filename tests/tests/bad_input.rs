@@ -111,6 +111,35 @@ fn garbage_on_the_control_stream() {
     s.write_all(&garbage).unwrap();
     let (err, memory) = dest.error();
     assert!(err.contains("malformed control message"), "{err}");
+    // The validator's developer-facing account stays out of what operators read.
+    assert!(!err.contains("pointer") && !err.contains("range"), "{err}");
+    assert!(all_zero(&memory));
+}
+
+#[test]
+fn a_silent_data_stream_times_out_in_words() {
+    let dest = destination();
+    let mut control = TcpStream::connect(dest.addr).unwrap();
+    wire::write_control(&mut control, &hello(VERSION, 42)).unwrap();
+    // A data stream that connects and never says which it is.
+    let _silent = TcpStream::connect(dest.addr).unwrap();
+    let (err, memory) = dest.error();
+    assert!(err.contains("data stream's hello: timed out"), "{err}");
+    assert!(!err.contains("os error 11"), "{err}");
+    assert!(all_zero(&memory));
+}
+
+#[test]
+fn another_protocol_on_the_migration_port_is_named() {
+    let dest = destination();
+    let mut s = TcpStream::connect(dest.addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: appliance\r\n\r\n")
+        .unwrap();
+    let (err, memory) = dest.error();
+    assert!(
+        err.contains("does not speak dwcp") && err.contains("\"GET \""),
+        "{err}"
+    );
     assert!(all_zero(&memory));
 }
 
@@ -204,6 +233,10 @@ fn source_closes_mid_round() {
     let staged = dwcp_dataplane::transport::frames::stage_run(&memory, 0, 16, &mut buf, None);
     data.write_all(&buf[..staged.bytes]).unwrap();
     drop(data);
+    // The control stream closes a moment later, as a source's would after its data
+    // streams: closed at once, its end could overtake the pages still in the
+    // destination's socket, and the destination rightly stops at the first end it sees.
+    std::thread::sleep(std::time::Duration::from_millis(200));
     drop(control);
     let (err, received) = dest.error();
     assert!(err.contains("closed"), "{err}");

@@ -10,9 +10,9 @@ use crate::memory::GuestMemory;
 use crate::transport::{self, RxEvent, RxSetup, TransportConfig, TransportKind};
 use crate::wire::{AbortReason, ControlMessage, MAX_DEVICE_STATE, WireError, caps};
 use dwcp_hugepages::PagePreference;
-use std::net::TcpListener;
-use std::sync::Arc;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How the destination runs a session.
@@ -70,6 +70,50 @@ pub struct DestReport {
     pub transport: TransportKind,
 }
 
+/// What an incoming session has done so far, for whoever watches it (a daemon's
+/// `migrations`). Only the session's coordinator writes it, at most every
+/// [`PROGRESS_INTERVAL`] and at each change of phase; workers never touch it.
+#[derive(Debug, Default)]
+pub struct ReceiveProgress {
+    state: Mutex<IncomingProgress>,
+}
+
+/// How often the coordinator refreshes [`ReceiveProgress`] while pages move.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A snapshot of [`ReceiveProgress`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IncomingProgress {
+    /// Who connected (the source appliance, once the phase is past `handshake`).
+    pub peer: Option<SocketAddr>,
+    /// Guest memory, bytes.
+    pub memory_bytes: u64,
+    /// Data streams.
+    pub streams: u16,
+    /// `handshake`, `precopy`, `switchover` (the source paused its guest), `verify`,
+    /// `device-state` (loading it into the VM), then `done`.
+    pub phase: &'static str,
+    /// The round being received (the rounds every stream finished so far).
+    pub round: u64,
+    /// Pages received, however they came (content, zero marker, delta, reference).
+    pub pages: u64,
+    /// Bytes received on data streams.
+    pub bytes: u64,
+}
+
+impl ReceiveProgress {
+    /// The latest state.
+    pub fn snapshot(&self) -> IncomingProgress {
+        self.state.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, change: impl FnOnce(&mut IncomingProgress)) {
+        if let Ok(mut s) = self.state.lock() {
+            change(&mut s);
+        }
+    }
+}
+
 /// Receive one migration on `listener`.
 pub fn receive(
     listener: &TcpListener,
@@ -101,8 +145,28 @@ pub fn receive_guest(
     memory: DestMemory,
     config: &DestConfig,
     cancel: &AtomicBool,
-    mut device: Option<&mut dyn DeviceStateSink>,
+    device: Option<&mut dyn DeviceStateSink>,
 ) -> Result<DestReport, MigrationError> {
+    receive_watched(
+        listener,
+        memory,
+        config,
+        cancel,
+        device,
+        &ReceiveProgress::default(),
+    )
+}
+
+/// [`receive_guest`], keeping `progress` current for an observer.
+pub fn receive_watched(
+    listener: &TcpListener,
+    memory: DestMemory,
+    config: &DestConfig,
+    cancel: &AtomicBool,
+    mut device: Option<&mut dyn DeviceStateSink>,
+    progress: &ReceiveProgress,
+) -> Result<DestReport, MigrationError> {
+    progress.update(|p| p.phase = "handshake");
     let mut config = config.clone();
     if device.is_some() {
         config.capabilities |= caps::DEVICE_STATE;
@@ -110,9 +174,16 @@ pub fn receive_guest(
         config.capabilities &= !caps::DEVICE_STATE;
     }
     let config = &config;
-    let accepted = handshake::accept(listener, memory, config)?;
+    let accepted = handshake::accept(listener, memory, config, &mut |peer| {
+        progress.update(|p| p.peer = Some(peer))
+    })?;
     let memory = accepted.memory;
     let streams = accepted.streams.len() as u16;
+    progress.update(|p| {
+        p.memory_bytes = memory.len() as u64;
+        p.streams = streams;
+        p.phase = "precopy";
+    });
     let table = Arc::new(CrcTable::new(memory.pages()));
     let probe = transport::probe(&config.transport);
     let setup = RxSetup {
@@ -155,6 +226,9 @@ pub fn receive_guest(
         device_chunks: std::collections::BTreeMap::new(),
         device_bytes: 0,
         device_end: None,
+        received: vec![(0, 0); usize::from(streams)],
+        progress,
+        progress_at: Instant::now(),
     };
     let mut result = coordinator.run(&mut fleet, cancel);
     if let Err(MigrationError::Io { .. } | MigrationError::Transport(_)) = &result
@@ -165,6 +239,7 @@ pub fn receive_guest(
     }
     let mut device_state_bytes = 0;
     if let (Ok(_), Some(sink)) = (&result, device.as_mut()) {
+        progress.update(|p| p.phase = "device-state");
         match coordinator.load_device_state(&mut **sink, cancel) {
             Ok(bytes) => device_state_bytes = bytes,
             Err(e) => result = Err(e),
@@ -187,6 +262,8 @@ pub fn receive_guest(
     }
     fleet.stop();
     coordinator.control.shutdown();
+    coordinator.publish_progress();
+    progress.update(|p| p.phase = "done");
     let (verified_pages, digest, rounds) = result?;
     Ok(DestReport {
         memory: coordinator.memory.clone(),
@@ -208,7 +285,7 @@ enum Expect {
     Full { pages: u64, digest: u32 },
 }
 
-struct Coordinator {
+struct Coordinator<'p> {
     streams: u16,
     control: ControlLink,
     memory: Arc<GuestMemory>,
@@ -234,9 +311,40 @@ struct Coordinator {
     device_bytes: u64,
     /// The source's `DeviceStateEnd`, once it came.
     device_end: Option<u64>,
+    /// Bytes and pages each stream has received, from its workers' telemetry.
+    received: Vec<(u64, u64)>,
+    progress: &'p ReceiveProgress,
+    progress_at: Instant,
 }
 
-impl Coordinator {
+impl Coordinator<'_> {
+    /// Refresh what an observer sees.
+    fn publish_progress(&mut self) {
+        self.progress_at = Instant::now();
+        let (bytes, pages) = self
+            .received
+            .iter()
+            .fold((0, 0), |(b, p), (sb, sp)| (b + sb, p + sp));
+        let round = self
+            .round_counts
+            .iter()
+            .take_while(|&&n| n == self.streams)
+            .count() as u64;
+        let phase = match (self.final_round, &self.expect) {
+            (None, _) => "precopy",
+            (Some(_), None) => "switchover",
+            (Some(_), Some(_)) => "verify",
+        };
+        self.progress.update(|p| {
+            p.bytes = p.bytes.max(bytes);
+            p.pages = p.pages.max(pages);
+            p.round = round;
+            if p.phase != "device-state" {
+                p.phase = phase;
+            }
+        });
+    }
+
     fn aborted(&self, reason: String) -> MigrationError {
         MigrationError::Aborted {
             reason,
@@ -262,11 +370,22 @@ impl Coordinator {
                     })?;
                 }
             }
-            RxEvent::StreamEnd { bytes, .. } => {
+            RxEvent::StreamEnd { stream, bytes } => {
                 self.ended += 1;
                 self.bytes += bytes;
+                if let Some(r) = self.received.get_mut(usize::from(stream)) {
+                    r.0 = r.0.max(bytes);
+                }
             }
-            RxEvent::Telemetry { .. } => {}
+            RxEvent::Telemetry {
+                stream,
+                bytes,
+                pages,
+            } => {
+                if let Some(r) = self.received.get_mut(usize::from(stream)) {
+                    *r = (bytes, pages);
+                }
+            }
             RxEvent::DeviceState { offset, bytes, .. } => self.device_piece(offset, bytes)?,
             RxEvent::Failed { stream, error } => {
                 if let Some(message) = self.source_abort() {
@@ -339,6 +458,9 @@ impl Coordinator {
             while let Some(msg) = self.control.try_recv()? {
                 progress = true;
                 self.on_control(msg)?;
+            }
+            if self.progress_at.elapsed() >= PROGRESS_INTERVAL {
+                self.publish_progress();
             }
             if let Some(final_round) = self.final_round
                 && self.ended == self.streams

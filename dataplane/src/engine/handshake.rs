@@ -18,7 +18,14 @@ use std::time::{Duration, Instant};
 
 pub(super) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
     let what = what.into();
-    move |source| MigrationError::Io { what, source }
+    move |source| match source.kind() {
+        // A read or write timeout ends a blocking call with EAGAIN, whose text
+        // ("Resource temporarily unavailable") says nothing of the wait that ran out.
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            MigrationError::Transport(format!("{what}: timed out"))
+        }
+        _ => MigrationError::Io { what, source },
+    }
 }
 
 /// What a source has once the destination welcomed it.
@@ -196,9 +203,13 @@ pub(super) fn accept(
     listener: &TcpListener,
     memory: DestMemory,
     config: &DestConfig,
+    connected: &mut dyn FnMut(std::net::SocketAddr),
 ) -> Result<Accepted, MigrationError> {
     let deadline = Instant::now() + config.timeout;
     let mut control = accept_by(listener, deadline)?;
+    if let Ok(peer) = control.peer_addr() {
+        connected(peer);
+    }
     control
         .set_read_timeout(Some(config.timeout))
         .map_err(io("control stream timeout"))?;
@@ -217,6 +228,14 @@ pub(super) fn accept(
         Ok(other) => {
             let err = WireError::Unexpected(format!("{other:?} instead of a handshake"));
             return Err(refuse(&mut control, err.into()));
+        }
+        Err(ControlReadError::Wire(WireError::ControlTooLarge(len))) => {
+            // A handshake is small: a huge length is another protocol's first bytes.
+            let first = (len as u32).to_le_bytes();
+            return Err(refuse(
+                &mut control,
+                WireError::NotDwcp(wire::bytes_text(&first)).into(),
+            ));
         }
         Err(e) => {
             let err = control_error(e, "reading the handshake");
@@ -406,5 +425,32 @@ impl ControlLink {
     /// Close both directions (the reader thread then ends).
     pub fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What operators read names each thing once: no doubled prefixes, no EAGAIN.
+    #[test]
+    fn control_stream_errors_read_as_one_sentence() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let text =
+            control_error(ControlReadError::Io(reset), "reading the control stream").to_string();
+        assert_eq!(text.matches("control stream").count(), 1, "{text}");
+        let eagain = std::io::Error::from_raw_os_error(libc::EAGAIN);
+        let text =
+            control_error(ControlReadError::Io(eagain), "reading the control stream").to_string();
+        assert!(
+            text.ends_with("reading the control stream: timed out"),
+            "{text}"
+        );
+        let eagain = std::io::Error::from_raw_os_error(libc::EAGAIN);
+        let text = io("reading a data stream's hello")(eagain).to_string();
+        assert!(!text.contains("os error"), "{text}");
+        let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        let text = control_error(ControlReadError::Io(eof), "reading").to_string();
+        assert_eq!(text.matches("control stream").count(), 1, "{text}");
     }
 }

@@ -109,6 +109,8 @@ pub struct LiveControl {
     cancel: AtomicBool,
     cancel_reason: Mutex<String>,
     notes: Mutex<Vec<String>>,
+    /// What the migration is doing while it sets up (before any report says more).
+    activity: Mutex<String>,
     reports: Option<Sender<LiveReport>>,
     dropped_reports: AtomicU64,
 }
@@ -134,6 +136,7 @@ impl LiveControl {
             cancel: AtomicBool::new(false),
             cancel_reason: Mutex::new(String::new()),
             notes: Mutex::new(Vec::new()),
+            activity: Mutex::new(String::new()),
             reports,
             dropped_reports: AtomicU64::new(0),
         })
@@ -222,6 +225,20 @@ impl LiveControl {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(note);
+    }
+
+    /// Say what the migration is doing now (a setup step that takes a while: filling
+    /// a simulated guest, the destination allocating memory, write-protecting memory).
+    pub fn set_activity(&self, what: impl Into<String>) {
+        *self.activity.lock().unwrap_or_else(|p| p.into_inner()) = what.into();
+    }
+
+    /// What [`LiveControl::set_activity`] said last (empty before).
+    pub fn activity(&self) -> String {
+        self.activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Notes so far.

@@ -48,7 +48,10 @@ mod source;
 mod steer;
 
 pub use crate::crc_table::AuditReport;
-pub use dest::{DestConfig, DestMemory, DestReport, receive, receive_cancellable, receive_guest};
+pub use dest::{
+    DestConfig, DestMemory, DestReport, IncomingProgress, PROGRESS_INTERVAL, ReceiveProgress,
+    receive, receive_cancellable, receive_guest, receive_watched,
+};
 pub use fleet::split_cpus;
 pub use live::{Epoch, LiveControl, LiveReport, LiveSettings};
 pub use precopy::DowntimeEstimate;

@@ -189,6 +189,13 @@ pub struct RxCounters {
     pub batches: u64,
 }
 
+impl RxCounters {
+    /// Pages received, however they came.
+    pub fn pages(&self) -> u64 {
+        self.raw_pages + self.zero_pages + self.delta_pages + self.ref_pages
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum State {
     Header,

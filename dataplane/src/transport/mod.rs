@@ -510,12 +510,14 @@ pub enum RxEvent {
         /// Bytes received on it.
         bytes: u64,
     },
-    /// Bytes received so far on a stream.
+    /// What a stream has received so far.
     Telemetry {
         /// Global stream id.
         stream: u16,
         /// Bytes.
         bytes: u64,
+        /// Pages, however they came (content, zero marker, delta or reference).
+        pages: u64,
     },
     /// A piece of the device state arrived on stream `stream`.
     DeviceState {

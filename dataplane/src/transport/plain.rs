@@ -349,6 +349,7 @@ fn rx_main(
                 RxEvent::Telemetry {
                     stream: id,
                     bytes: parser.counters().bytes,
+                    pages: parser.counters().pages(),
                 },
             );
         }

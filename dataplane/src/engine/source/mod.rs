@@ -100,6 +100,9 @@ struct Totals {
     max_throttle: u32,
     round_pages: u64,
     round_queued: u64,
+    /// `round_queued` is already in `pages` (the round was added, the next has not
+    /// started).
+    round_counted: bool,
     rounds_done: u64,
 }
 
@@ -107,8 +110,24 @@ impl Totals {
     fn add_round(&mut self, pages: u64, bytes: u64, seconds: f64) {
         self.rounds_done += 1;
         self.pages += pages;
+        self.round_counted = true;
         self.bytes += bytes;
         self.send_seconds += seconds;
+    }
+
+    /// Pages handed to workers so far, the round in progress included.
+    fn pages_sent(&self) -> u64 {
+        if self.round_counted {
+            self.pages
+        } else {
+            self.pages + self.round_queued
+        }
+    }
+
+    /// A new round starts: nothing of it queued yet.
+    fn start_round(&mut self) {
+        self.round_queued = 0;
+        self.round_counted = false;
     }
 
     /// Bytes per second over all rounds so far (time spent sending only); 0 before the
@@ -258,6 +277,12 @@ pub fn migrate_live<'a>(
         .crc_table()
         .unwrap_or_else(|| Arc::new(CrcTable::new(memory.pages())));
     let device_state = guest.device_state().is_some();
+    if let Some(live) = live {
+        live.set_activity(format!(
+            "connecting to {peer}; the destination sets up {} MiB of memory",
+            memory.len() >> 20
+        ));
+    }
     let mut session = Session::open(
         peer,
         memory,
@@ -728,7 +753,7 @@ impl<'a> Session<'a> {
             round: self.current_round,
             phase,
             bytes_sent: self.totals.bytes,
-            pages_sent: self.totals.pages,
+            pages_sent: self.totals.pages_sent(),
             memory_pages: self.memory.pages(),
             rounds_done: self.totals.rounds_done,
             round_pages: self.totals.round_pages,
@@ -783,7 +808,7 @@ impl<'a> Session<'a> {
             let round_start = Instant::now();
             self.current_round = round;
             self.totals.round_pages = dirty.count();
-            self.totals.round_queued = 0;
+            self.totals.start_round();
             let (sent, unsent) = self.push_pages(&dirty, true, progress)?;
             self.totals.round_queued = sent;
             let round_totals = self.end_round(round)?;

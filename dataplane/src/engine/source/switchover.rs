@@ -120,7 +120,7 @@ impl Session<'_> {
         let collect = t0.elapsed().as_secs_f64();
         self.current_round = round;
         self.totals.round_pages = final_set.count();
-        self.totals.round_queued = 0;
+        self.totals.start_round();
         self.report_progress("switchover", progress);
         // Nothing may overtake the verdict now.
         self.pings.on = false;

@@ -225,6 +225,7 @@ fn rx_loop(
                         RxEvent::Telemetry {
                             stream: st.id,
                             bytes,
+                            pages: st.parser.counters().pages(),
                         },
                     );
                 }
