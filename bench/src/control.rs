@@ -172,6 +172,7 @@ pub fn run(out: &mut Reporter) {
 fn migrate(clients: Clients) -> Result<Run, String> {
     let dir = std::env::temp_dir().join(format!("dwcp-bench-control-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut config = Config::default();
     config.dest.listen = "127.0.0.1:0".into();
     config.control.socket = dir.join("dwcpd.sock");

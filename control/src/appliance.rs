@@ -39,6 +39,9 @@ pub fn run_source(
     peer: SocketAddr,
     quiet: bool,
 ) -> Result<MigrationReport, String> {
+    if !quiet {
+        eprintln!("setting up: {}", RunningGuest::describe_start(config));
+    }
     let mut guest = RunningGuest::start(config)?;
     let result = migrate_shown(config, peer, &mut guest, quiet, Duration::from_millis(200));
     guest.stop();
@@ -119,6 +122,9 @@ pub struct DestSummary {
 /// simulated guest, verified.
 pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
     let setup = Instant::now();
+    if !quiet {
+        eprintln!("setting up: {}", RunningGuest::describe_start(config));
+    }
     let mut guest = RunningGuest::start(config)?;
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|e| format!("loopback listener: {e}"))?;

@@ -42,21 +42,7 @@ impl std::str::FromStr for Size {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let (digits, shift) = match s.chars().last() {
-            Some('K' | 'k') => (&s[..s.len() - 1], 10),
-            Some('M' | 'm') => (&s[..s.len() - 1], 20),
-            Some('G' | 'g') => (&s[..s.len() - 1], 30),
-            Some('T' | 't') => (&s[..s.len() - 1], 40),
-            _ => (s, 0),
-        };
-        let n: u64 = digits
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 512M, 1G)"))?;
-        n.checked_mul(1 << shift)
-            .map(Size)
-            .ok_or_else(|| format!("{s:?} is too large"))
+        dwcp_api::parse_size(s).map(Size)
     }
 }
 
@@ -228,6 +214,14 @@ pub fn check_simulated_memory_file(path: &std::path::Path, overwrite: bool) -> R
                 .into(),
         ),
     }
+}
+
+/// This host's memory (`MemTotal`), bytes, when known.
+fn host_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// `[dest]`.
@@ -416,6 +410,41 @@ pub struct Config {
     pub control: ControlSection,
 }
 
+/// Section `name` of the file, key by key: each key is deserialized alone first, so
+/// that every bad one is named (`migration.streams: invalid type: string "four",
+/// expected u16`), then the good ones together.
+fn section<T: serde::de::DeserializeOwned + Default>(
+    name: &str,
+    value: Option<toml::Value>,
+    errors: &mut Vec<String>,
+) -> T {
+    let Some(value) = value else {
+        return T::default();
+    };
+    let toml::Value::Table(table) = value else {
+        errors.push(format!(
+            "[{name}] must be a table of settings, not a {}",
+            value.type_str()
+        ));
+        return T::default();
+    };
+    let mut good = toml::Table::new();
+    for (key, v) in table {
+        let mut alone = toml::Table::new();
+        alone.insert(key.clone(), v.clone());
+        match T::deserialize(toml::Value::Table(alone)) {
+            Ok(_) => {
+                good.insert(key, v);
+            }
+            Err(e) => errors.push(format!("{name}.{key}: {}", e.to_string().trim())),
+        }
+    }
+    T::deserialize(toml::Value::Table(good)).unwrap_or_else(|e| {
+        errors.push(format!("[{name}]: {}", e.to_string().trim()));
+        T::default()
+    })
+}
+
 /// Everything wrong with a configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<String>);
@@ -434,16 +463,73 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl Config {
-    /// Read a TOML file (unknown keys and wrong types are errors).
+    /// Read a TOML file. Unknown keys and wrong types are errors, reported all at once
+    /// and together with what [`Config::validate`] finds in the rest of the file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
-        Self::parse(&text).map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))
+        let (config, mut errors) = Self::parse_all(&text);
+        if errors.is_empty() {
+            return Ok(config);
+        }
+        if let Err(more) = config.validate() {
+            errors.extend(more.0);
+        }
+        let file = path.display();
+        Err(ConfigErrors(
+            errors.into_iter().map(|e| format!("{file}: {e}")).collect(),
+        ))
     }
 
-    /// Parse TOML text.
-    pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+    /// Parse TOML text (every unknown key and wrong type reported).
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let (config, errors) = Self::parse_all(text);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Parse TOML text key by key: a key of the wrong type or an unknown one is
+    /// reported and left at its default, so that one bad key hides no other.
+    pub fn parse_all(text: &str) -> (Config, Vec<String>) {
+        let mut errors = Vec::new();
+        let mut top: toml::Table = match text.parse() {
+            Ok(t) => t,
+            // A syntax error leaves nothing to read further.
+            Err(e) => return (Config::default(), vec![e.to_string()]),
+        };
+        // Zero-copy is on by default and quietly unused by plain sockets; asked for
+        // explicitly with them, it is a contradiction.
+        let explicit_zero_copy = top
+            .get("transport")
+            .and_then(|t| t.get("zero_copy"))
+            .and_then(toml::Value::as_bool)
+            == Some(true);
+        let mut take = |name: &str| top.remove(name);
+        let config = Config {
+            migration: section("migration", take("migration"), &mut errors),
+            transport: section("transport", take("transport"), &mut errors),
+            guest: section("guest", take("guest"), &mut errors),
+            dest: section("dest", take("dest"), &mut errors),
+            codec: section("codec", take("codec"), &mut errors),
+            control: section("control", take("control"), &mut errors),
+        };
+        for (name, _) in top {
+            errors.push(format!(
+                "unknown section or key {name:?} at the top (sections: [migration], \
+                 [transport], [guest], [dest], [codec], [control])"
+            ));
+        }
+        if explicit_zero_copy && config.transport.kind == "plain" {
+            errors.push(
+                "transport.kind = \"plain\" with transport.zero_copy = true: zero-copy sends \
+                 need io_uring (drop zero_copy, or set kind = \"auto\" or \"io_uring\")"
+                    .into(),
+            );
+        }
+        (config, errors)
     }
 
     /// Check every field; report all problems at once.
@@ -695,6 +781,30 @@ impl Config {
                 a.parse::<std::net::SocketAddr>().is_ok(),
                 format!("control.metrics_addr = {a:?} (an address like 127.0.0.1:9410)"),
             );
+            if let (Ok(m), Ok(l)) = (
+                a.parse::<std::net::SocketAddr>(),
+                self.dest.listen.parse::<std::net::SocketAddr>(),
+            ) && m.port() == l.port()
+                && m.port() != 0
+                && (m.ip() == l.ip() || m.ip().is_unspecified() || l.ip().is_unspecified())
+            {
+                errors.push(format!(
+                    "control.metrics_addr = {a:?} and dest.listen = {:?} are one port: \
+                     metrics and incoming migrations need a port each",
+                    self.dest.listen
+                ));
+            }
+        }
+        if g.kind == "simulated"
+            && let Some(total) = host_memory_bytes()
+            && g.memory.0 > total
+        {
+            errors.push(format!(
+                "guest.memory = {} is more than this host's memory ({}): the simulated guest \
+                 could never be filled",
+                g.memory,
+                Size(total)
+            ));
         }
         if errors.is_empty() {
             Ok(())
@@ -955,8 +1065,59 @@ mod tests {
         assert!(
             Config::parse("[migration]\nstreems = 4")
                 .unwrap_err()
+                .to_string()
                 .contains("streems")
         );
         assert!(Config::parse("[migration]\nstreams = \"four\"").is_err());
+    }
+
+    #[test]
+    fn type_errors_unknown_keys_and_invalid_values_are_reported_together() {
+        let dir = std::env::temp_dir().join(format!("dwcp-config-all-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(
+            &path,
+            "bogus = 1\n[migration]\nstreams = \"four\"\ndowntime_limit_ms = 0\n\
+             [transport]\nzero_copy = \"yes\"\nkind = \"plain\"\nturbo = true\n",
+        )
+        .unwrap();
+        let errors = Config::load(&path).unwrap_err().0.join("\n");
+        for expected in [
+            "migration.streams: invalid type",
+            "transport.zero_copy: invalid type",
+            "transport.turbo: unknown field",
+            "\"bogus\"",
+            "migration.downtime_limit_ms = 0",
+        ] {
+            assert!(
+                errors.contains(expected),
+                "{expected} missing from:\n{errors}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn contradictions_between_settings_are_refused() {
+        let errors = Config::parse("[transport]\nkind = \"plain\"\nzero_copy = true")
+            .unwrap_err()
+            .to_string();
+        assert!(errors.contains("need io_uring"), "{errors}");
+        Config::parse("[transport]\nkind = \"plain\"").unwrap();
+        let mut c = Config::default();
+        c.dest.listen = "0.0.0.0:7410".into();
+        c.control.metrics_addr = Some("127.0.0.1:7410".into());
+        c.guest.memory = Size(1 << 50);
+        let errors = c.validate().unwrap_err().0.join("\n");
+        for expected in ["one port", "more than this host's memory"] {
+            assert!(
+                errors.contains(expected),
+                "{expected} missing from:\n{errors}"
+            );
+        }
+        let mut c = Config::default();
+        c.control.metrics_addr = Some("127.0.0.1:9410".into());
+        c.validate().unwrap();
     }
 }

@@ -12,28 +12,29 @@
 //! dropped by the engine). Every 100 ms it also checks the flags file.
 
 use crate::call::{Call, ServerCounters, call};
-use crate::config::{Config, parse_codec_mode};
+use crate::config::Config;
 use crate::flags::{Components, FlagStore};
+use crate::incoming::{IncomingBook, IncomingEvent, Received};
 use crate::mode::{DetectorConfig, LinkMeter, Mode, ModeDetector, policy_for};
 use crate::qemu::{QemuIncoming, QemuSource};
 use crate::runner::{self, Run, RunningGuest};
+use crate::settings::{Layers, Overrides, layered};
 use crossbeam::channel::{Receiver, Sender, bounded, select, tick};
 use dwcp_api::{
     Capabilities, Command, Done, MetricsText, MigrateOptions, MigrationInfo, ModeInfo, Request,
-    Response, SetOptions, StatusInfo, TransportInfo,
+    Response, SetOptions, SettingInfo, StatusInfo, TransportInfo,
 };
-use dwcp_dataplane::codec::policy::CodecMode;
 use dwcp_dataplane::engine::{
     self, DestMemory, LiveControl, LiveReport, LiveSettings, MigrationReport, Progress,
+    ReceiveProgress,
 };
-use dwcp_dataplane::transport::socket::Congestion;
 use dwcp_dataplane::transport::{TransportChoice, TransportKind};
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -63,6 +64,14 @@ struct Migration {
     handle: Option<JoinHandle<()>>,
     /// The QEMU VM it moves, if it moves one.
     vm: Option<dwcp_api::VmInfo>,
+    /// What its session opens with: the bottom layer of its live settings.
+    base: LiveSettings,
+    /// Streams its session opens.
+    opened_streams: u16,
+    /// `set --id` overrides of this migration alone.
+    overrides: Overrides,
+    /// The mode it ended in (a running one follows the daemon's).
+    ended_mode: Option<String>,
 }
 
 /// Counters for metrics.
@@ -89,11 +98,12 @@ struct ControlState {
     capabilities: Capabilities,
     counters: Counters,
     server: Arc<ServerCounters>,
-    received: Arc<AtomicU64>,
     shutdown: Arc<AtomicBool>,
-    /// Overrides for later migrations set with `set` (no id).
+    /// Overrides for every migration, set with `set` (no id).
     defaults: Overrides,
     mode_changes: u64,
+    /// Incoming migrations.
+    incoming: IncomingBook,
 }
 
 /// Everything probed about this host, for `status`.
@@ -197,19 +207,17 @@ impl ControlState {
                 zero_copy: self.capabilities.zero_copy
                     && c.transport.zero_copy
                     && !self.flags.flags.safe_mode,
-                congestion: c.transport.congestion.clone(),
+                congestion: self.new_live_settings().0.congestion.to_string(),
                 streams: c.migration.streams,
-                codec: c.codec.mode.clone(),
+                codec: crate::settings::codec_text(&self.new_live_settings().0.codec),
             },
             capabilities: self.capabilities.clone(),
             listen: c.dest.listen.clone(),
-            running: self
-                .migrations
-                .values()
-                .filter(|m| m.state == "running")
-                .count(),
+            running: self.running_ids().len() + self.incoming.running(),
+            receiving: self.incoming.running(),
+            settings: self.next_migration_settings(),
             safe_mode: self.flags.flags.safe_mode,
-            received: self.received.load(Ordering::Relaxed),
+            received: self.incoming.counts().completed,
             vms: self
                 .migrations
                 .values()
@@ -231,10 +239,13 @@ impl ControlState {
             let left = p.round_pages.saturating_sub(p.round_pages_queued) as f64 * 4096.0;
             (m.link.rate() > 0.0 && m.state == "running").then(|| left / m.link.rate())
         });
+        let activity = m.live.activity();
         MigrationInfo {
             id: m.id,
+            direction: "outgoing".into(),
             peer: m.peer.clone(),
             state: m.state.into(),
+            activity: (phase == "setup" && !activity.is_empty()).then_some(activity),
             phase,
             round: m.report.as_ref().map_or(p.map_or(0, |p| p.round), |r| {
                 r.rounds.len().saturating_sub(1) as u64
@@ -260,7 +271,7 @@ impl ControlState {
                 .unwrap_or_else(Instant::now)
                 .duration_since(m.started)
                 .as_secs_f64(),
-            mode: self.mode_name(),
+            mode: m.ended_mode.clone().unwrap_or_else(|| self.mode_name()),
             active_streams: p.map_or(0, |p| p.active_streams),
             streams: p.map_or(0, |p| p.connected_streams),
             transport: p.map_or(String::new(), |p| p.transport.to_string()),
@@ -283,7 +294,53 @@ impl ControlState {
                 .unwrap_or_default(),
             notes: m.live.notes(),
             vm: m.vm.clone(),
+            settings: if m.state == "running" {
+                self.layers_of(m).1
+            } else {
+                Vec::new()
+            },
         }
+    }
+
+    /// Every migration, outgoing and incoming, by id.
+    fn all_infos(&mut self) -> Vec<MigrationInfo> {
+        self.incoming.refresh(&mut self.next_id);
+        let mut list: Vec<MigrationInfo> = self.migrations.values().map(|m| self.info(m)).collect();
+        list.extend(self.incoming.infos(&self.mode_name()));
+        list.sort_by_key(|m| m.id);
+        list
+    }
+
+    /// Migration `m`'s live settings, from all layers, and where each comes from.
+    fn layers_of(&self, m: &Migration) -> (LiveSettings, Vec<SettingInfo>) {
+        layered(&Layers {
+            base: &m.base,
+            opened: m.opened_streams,
+            mode: self.detector.mode(),
+            rdma_devices: &self.capabilities.rdma_devices,
+            all: &self.defaults,
+            own: Some(&m.overrides),
+            components: &m.components,
+        })
+    }
+
+    /// What a migration started now with the configured settings would run with.
+    fn new_live_settings(&self) -> (LiveSettings, Vec<SettingInfo>) {
+        let source = self.config.source_config();
+        let components = self.flags.flags.components_for(self.next_id);
+        layered(&Layers {
+            base: &LiveSettings::from_config(&source),
+            opened: source.streams,
+            mode: self.detector.mode(),
+            rdma_devices: &self.capabilities.rdma_devices,
+            all: &self.defaults,
+            own: None,
+            components: &components,
+        })
+    }
+
+    fn next_migration_settings(&self) -> Vec<SettingInfo> {
+        self.new_live_settings().1
     }
 
     fn handle(&mut self, request: Request) -> Response {
@@ -310,13 +367,18 @@ impl ControlState {
     fn dispatch(&mut self, command: Command) -> Result<Response, String> {
         match command {
             Command::Status => Ok(Response::ok(self.status())),
-            Command::Migrations => Ok(Response::ok(
-                self.migrations
-                    .values()
-                    .map(|m| self.info(m))
-                    .collect::<Vec<_>>(),
-            )),
+            Command::Migrations => Ok(Response::ok(self.all_infos())),
             Command::Migrate(options) => self.migrate(options),
+            Command::Cancel { id } if self.incoming.contains(id) => {
+                self.incoming.cancel(id).unwrap_or(Ok(())).map(|()| {
+                    Response::ok(Done {
+                        message: format!(
+                            "incoming migration {id}: cancelling (its source keeps the guest)"
+                        ),
+                        id: Some(id),
+                    })
+                })
+            }
             Command::Cancel { id } => match self.migrations.get(&id) {
                 Some(m) if m.state == "running" => {
                     m.live.cancel("by the operator");
@@ -361,7 +423,19 @@ impl ControlState {
             Command::Metrics => Ok(Response::ok(MetricsText {
                 text: self.metrics(),
             })),
-            Command::Config => Ok(Response::ok(&self.config)),
+            Command::Config => {
+                // The file's settings, and beside them what a migration started now would
+                // run with (mode policy, overrides and flags applied), with sources.
+                let mut value = serde_json::to_value(&self.config).map_err(|e| e.to_string())?;
+                if let Some(object) = value.as_object_mut() {
+                    object.insert(
+                        "effective".into(),
+                        serde_json::to_value(self.next_migration_settings())
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                Ok(Response::ok(value))
+            }
             Command::Shutdown => {
                 self.shutdown.store(true, Ordering::Release);
                 Ok(Response::ok(Done {
@@ -370,22 +444,6 @@ impl ControlState {
                 }))
             }
         }
-    }
-
-    /// The live settings a migration starts with: configuration, then the mode's
-    /// policy, then operator overrides, then flags (safe mode last, winning).
-    fn live_settings(&self, base: &engine::SourceConfig, components: &Components) -> LiveSettings {
-        // What the session opens with (a configured pacing cap included), then the rest.
-        let mut s = LiveSettings::from_config(base);
-        if let Some(mode) = self.detector.mode() {
-            let policy = policy_for(mode, &self.capabilities.rdma_devices);
-            s.active_streams = Some(policy.streams.min(base.streams));
-            s.congestion = policy.congestion;
-            s.codec = policy.codec;
-        }
-        self.defaults.apply(&mut s, Some(base.streams));
-        restrict(&mut s, components);
-        s
     }
 
     fn migrate(&mut self, o: MigrateOptions) -> Result<Response, String> {
@@ -439,15 +497,26 @@ impl ControlState {
         self.next_id += 1;
         let components = self.flags.flags.components_for(id);
         let mut source = config.source_config();
+        // The bottom layer is what was configured; flags narrow it in `layered`.
+        let base = LiveSettings::from_config(&source);
         if !components.io_uring {
             source.transport.choice = TransportChoice::Plain;
         }
         source.transport.zero_copy &= components.zero_copy;
-        let settings = self.live_settings(&source, &components);
+        let (settings, _) = layered(&Layers {
+            base: &base,
+            opened: source.streams,
+            mode: self.detector.mode(),
+            rdma_devices: &self.capabilities.rdma_devices,
+            all: &self.defaults,
+            own: None,
+            components: &components,
+        });
         let live = LiveControl::new(id, settings, Some(self.reports_tx.clone()));
         let done = self.done_tx.clone();
         let thread_live = live.clone();
         let use_model = components.ml_predictor;
+        let source_streams = source.streams;
         let handle = std::thread::Builder::new()
             .name(format!("dwcp-mig{id}"))
             .spawn(move || {
@@ -472,6 +541,10 @@ impl ControlState {
                 report: None,
                 handle: Some(handle),
                 vm: vm_info,
+                base,
+                opened_streams: source_streams,
+                overrides: Overrides::default(),
+                ended_mode: None,
             },
         );
         Ok(Response::ok(Done {
@@ -487,26 +560,52 @@ impl ControlState {
             Some(id) => match self.migrations.get(&id) {
                 Some(m) if m.state == "running" => vec![id],
                 Some(m) => return Err(format!("migration {id} is {}, not running", m.state)),
+                None if self.incoming.contains(id) => {
+                    return Err(format!(
+                        "migration {id} is incoming: its settings are its source's to change"
+                    ));
+                }
                 None => return Err(format!("no migration {id}")),
             },
-            None => {
-                // Later migrations too.
-                self.defaults.merge(&changes);
-                self.running_ids()
-            }
+            None => self.running_ids(),
         };
+        if let Some(n) = changes.streams {
+            // A session cannot carry pages on streams it never opened.
+            let short: Vec<String> = targets
+                .iter()
+                .map(|id| &self.migrations[id])
+                .filter(|m| m.opened_streams < n)
+                .map(|m| format!("migration {} opened {}", m.id, m.opened_streams))
+                .collect();
+            if !short.is_empty() {
+                return Err(format!(
+                    "refused: streams {n} is more than a running migration opened ({}); \
+                     nothing changed (give at most that many, or --id for another migration)",
+                    short.join(", ")
+                ));
+            }
+        }
+        match o.id {
+            Some(id) => self
+                .migrations
+                .get_mut(&id)
+                .expect("checked above")
+                .overrides
+                .merge(&changes),
+            None => self.defaults.merge(&changes),
+        }
         for id in &targets {
             let m = &self.migrations[id];
-            let mut s = m.live.latest().settings.clone();
-            // Past the streams it opened, the engine refuses with a note.
-            changes.apply(&mut s, None);
-            restrict(&mut s, &m.components);
-            m.live.publish(s, "operator: set");
+            let (settings, _) = self.layers_of(m);
+            m.live.publish(settings, "operator: set");
         }
-        Ok(Response::ok(Done {
-            message: format!("applied to {} running migration(s)", targets.len()),
-            id: o.id,
-        }))
+        let what = changes.describe();
+        let message = match (o.id, targets.len()) {
+            (Some(id), _) => format!("migration {id}: {what}"),
+            (None, 0) => format!("no migration running; later migrations get {what}"),
+            (None, n) => format!("{n} running migration(s) and later ones: {what}"),
+        };
+        Ok(Response::ok(Done { message, id: o.id }))
     }
 
     fn running_ids(&self) -> Vec<u64> {
@@ -517,21 +616,16 @@ impl ControlState {
             .collect()
     }
 
-    /// Publish the mode's policy to every running migration.
+    /// Publish the mode's policy to every running migration (under the overrides and
+    /// flags, which a mode change leaves in force).
     fn apply_mode(&mut self, why: &str) {
         let Some(mode) = self.detector.mode() else {
             return;
         };
-        let policy = policy_for(mode, &self.capabilities.rdma_devices);
         for id in self.running_ids() {
             let m = &self.migrations[&id];
-            let mut s = m.live.latest().settings.clone();
-            let opened = m.latest.as_ref().map_or(u16::MAX, |p| p.connected_streams);
-            s.active_streams = Some(policy.streams.min(opened));
-            s.congestion = policy.congestion;
-            s.codec = policy.codec.clone();
-            restrict(&mut s, &m.components);
-            m.live.publish(s, format!("mode {mode} ({why})"));
+            let (settings, _) = self.layers_of(m);
+            m.live.publish(settings, format!("mode {mode} ({why})"));
         }
     }
 
@@ -542,16 +636,11 @@ impl ControlState {
             let components = self.flags.flags.components_for(id);
             let m = self.migrations.get_mut(&id).expect("running id");
             m.components = components;
-            let mut s = m.live.latest().settings.clone();
-            if !safe {
-                // Back to what the migration opened with, within its components.
-                s.transport = None;
-                s.zero_copy = self.config.transport.zero_copy;
-                s.codec = self.config.codec.codec_mode().unwrap_or(CodecMode::Off);
-            }
-            restrict(&mut s, &components);
+            let m = &self.migrations[&id];
+            // Off: back to what the migration opened with, under the other layers.
+            let (settings, _) = self.layers_of(m);
             m.live.publish(
-                s,
+                settings,
                 if safe {
                     "safe mode on"
                 } else {
@@ -583,20 +672,31 @@ impl ControlState {
             let _ = h.join();
         }
         m.ended = Some(Instant::now());
+        m.ended_mode = Some(
+            self.detector
+                .mode()
+                .map_or("unknown".into(), |m| m.name().into()),
+        );
         match &result {
             Ok(report) => eprintln!(
-                "dwcpd: migration {id} to {} completed: {} pages verified, downtime {:.1} ms",
+                "dwcpd: migration {id} to {} completed: final round {}, {} pages verified, \
+                 downtime {:.1} ms",
                 m.peer,
+                report.rounds.len().saturating_sub(1),
                 report.verified_pages,
                 report.measured_downtime * 1e3
             ),
             Err(e) => eprintln!(
-                "dwcpd: migration {id} to {} {}: {e} (the guest runs on here)",
+                "dwcpd: migration {id} to {} {}: {e} ({})",
                 m.peer,
                 if m.live.cancelled().is_some() {
                     "cancelled"
                 } else {
                     "failed"
+                },
+                match &m.vm {
+                    Some(vm) => format!("the VM {:?} runs on here", vm.name),
+                    None => "the simulated guest it moved is discarded".into(),
                 }
             ),
         }
@@ -629,7 +729,8 @@ impl ControlState {
         }
     }
 
-    fn metrics(&self) -> String {
+    fn metrics(&mut self) -> String {
+        self.incoming.refresh(&mut self.next_id);
         crate::metrics::render(&crate::metrics::Snapshot {
             uptime: self.started.elapsed().as_secs_f64(),
             mode: self.detector.mode(),
@@ -643,7 +744,8 @@ impl ControlState {
             completed: self.counters.completed,
             failed: self.counters.failed,
             cancelled: self.counters.cancelled,
-            received: self.received.load(Ordering::Relaxed),
+            received: self.incoming.counts(),
+            incoming: self.incoming.infos(&self.mode_name()),
             migrations: self
                 .migrations
                 .values()
@@ -654,102 +756,6 @@ impl ControlState {
                 })
                 .collect(),
         })
-    }
-}
-
-/// An operator's `set`, checked and parsed; absent fields change nothing.
-#[derive(Default)]
-struct Overrides {
-    streams: Option<u16>,
-    /// `Some(None)` removes the cap.
-    pacing_rate: Option<Option<u64>>,
-    codec: Option<CodecMode>,
-    congestion: Option<Congestion>,
-    downtime_limit: Option<Duration>,
-}
-
-impl Overrides {
-    fn parse(o: &SetOptions) -> Result<Overrides, String> {
-        if let Some(n) = o.streams
-            && !(1..=dwcp_dataplane::wire::MAX_STREAMS).contains(&n)
-        {
-            return Err(format!("streams {n} (allowed 1..=256)"));
-        }
-        if let Some(ms) = o.downtime_ms
-            && !(1..=60_000).contains(&ms)
-        {
-            return Err(format!("downtime {ms} ms (allowed 1..=60000)"));
-        }
-        Ok(Overrides {
-            streams: o.streams,
-            pacing_rate: o.pacing_rate.map(|r| (r > 0).then_some(r)),
-            codec: o
-                .codec
-                .as_deref()
-                .map(|c| parse_codec_mode(c, Default::default()))
-                .transpose()?,
-            congestion: o.congestion.as_deref().map(str::parse).transpose()?,
-            downtime_limit: o.downtime_ms.map(Duration::from_millis),
-        })
-    }
-
-    /// Newer overrides win field by field.
-    fn merge(&mut self, newer: &Overrides) {
-        self.streams = newer.streams.or(self.streams);
-        self.pacing_rate = newer.pacing_rate.or(self.pacing_rate);
-        self.codec = newer.codec.clone().or(self.codec.take());
-        self.congestion = newer.congestion.or(self.congestion);
-        self.downtime_limit = newer.downtime_limit.or(self.downtime_limit);
-    }
-
-    /// Apply to `s`, the stream count capped at `max_streams` when given.
-    fn apply(&self, s: &mut LiveSettings, max_streams: Option<u16>) {
-        if let Some(n) = self.streams {
-            s.active_streams = Some(max_streams.map_or(n, |m| n.min(m)));
-        }
-        if let Some(r) = self.pacing_rate {
-            s.pacing_rate = r;
-        }
-        if let Some(c) = &self.codec {
-            s.codec = c.clone();
-        }
-        if let Some(c) = self.congestion {
-            s.congestion = c;
-        }
-        if let Some(d) = self.downtime_limit {
-            s.downtime_limit = d;
-        }
-    }
-}
-
-/// Narrow live settings to what a migration's components allow.
-fn restrict(s: &mut LiveSettings, c: &Components) {
-    if !c.zero_copy {
-        s.zero_copy = false;
-    }
-    if !c.io_uring {
-        s.transport = Some(TransportKind::Plain);
-    }
-    let codecs_allowed = c.delta || c.dedup || c.compression;
-    match &mut s.codec {
-        CodecMode::Fixed(settings) => {
-            settings.delta &= c.delta;
-            settings.dedup &= c.dedup;
-            if !c.compression {
-                settings.level = None;
-                settings.dictionary = false;
-            }
-            if settings.is_off() {
-                s.codec = CodecMode::Off;
-            }
-        }
-        CodecMode::Auto if !codecs_allowed || !c.ml_predictor => s.codec = CodecMode::Off,
-        _ => {}
-    }
-    if c.safe {
-        s.transport = Some(TransportKind::Plain);
-        s.codec = CodecMode::Off;
-        s.zero_copy = false;
     }
 }
 
@@ -764,8 +770,14 @@ fn run_migration(
     vm: Option<QemuSource>,
 ) -> Result<MigrationReport, String> {
     let mut guest = match vm {
-        Some(vm) => RunningGuest::qemu(config, vm)?,
-        None => RunningGuest::start(config)?,
+        Some(vm) => {
+            live.set_activity("mapping the VM's RAM file and starting its dirty log");
+            RunningGuest::qemu(config, vm)?
+        }
+        None => {
+            live.set_activity(RunningGuest::describe_start(config));
+            RunningGuest::start(config)?
+        }
     };
     let run = Run {
         config,
@@ -784,8 +796,8 @@ pub struct Daemon {
     shutdown: Arc<AtomicBool>,
     control: Option<JoinHandle<()>>,
     dest: Option<JoinHandle<()>>,
-    /// Set when an incoming migration must give up (the drain time is over).
-    dest_cancel: Arc<AtomicBool>,
+    /// Set when incoming migrations must give up (the drain time is over).
+    dest_cancel: DestCancel,
     /// How long shutdown lets migrations run before cancelling them.
     drain: Duration,
     server: Option<crate::server::Server>,
@@ -805,7 +817,6 @@ impl Daemon {
         let flags = FlagStore::open(config.control.flags_file.clone())?;
         let shutdown = Arc::new(AtomicBool::new(false));
         let server_counters = Arc::new(ServerCounters::default());
-        let received = Arc::new(AtomicU64::new(0));
         // The destination listener binds first: a taken port fails the start cleanly.
         let listener = TcpListener::bind(&config.dest.listen)
             .map_err(|e| format!("listening on {}: {e}", config.dest.listen))?;
@@ -813,6 +824,7 @@ impl Daemon {
         let (calls_tx, calls_rx) = bounded::<Call>(1024);
         let (reports_tx, reports_rx) = LiveControl::report_channel(4096);
         let (done_tx, done_rx) = bounded(256);
+        let (incoming_tx, incoming_rx) = bounded::<IncomingEvent>(64);
         let mut detector = ModeDetector::new(DetectorConfig::default());
         if config.control.mode != "auto" {
             detector.set_override(Some(config.control.mode.parse()?));
@@ -829,7 +841,7 @@ impl Daemon {
             done_tx,
             counters: Counters::default(),
             server: server_counters.clone(),
-            received: received.clone(),
+            incoming: IncomingBook::default(),
             shutdown: shutdown.clone(),
             defaults: Overrides::default(),
             mode_changes: 0,
@@ -844,6 +856,7 @@ impl Daemon {
                     calls_rx,
                     reports_rx,
                     done_rx,
+                    incoming_rx,
                     &control_shutdown,
                     drain,
                 )
@@ -852,7 +865,7 @@ impl Daemon {
         let dest_config = config.dest_config();
         let dest_qmp = config.dest.qmp.clone();
         let dest_shutdown = shutdown.clone();
-        let dest_cancel = Arc::new(AtomicBool::new(false));
+        let dest_cancel = DestCancel::default();
         let dest_cancelled = dest_cancel.clone();
         let dest = std::thread::Builder::new()
             .name("dwcp-dest".into())
@@ -863,33 +876,50 @@ impl Daemon {
                     dest_qmp,
                     &dest_shutdown,
                     &dest_cancelled,
-                    &received,
+                    &incoming_tx,
                 )
             })
             .map_err(|e| e.to_string())?;
-        let server = crate::server::Server::start(
-            &config.control.socket,
-            config.control.max_clients,
-            calls_tx.clone(),
-            server_counters,
-        )?;
-        let metrics = match &config.control.metrics_addr {
-            Some(addr) => Some(crate::metrics::HttpServer::start(addr, calls_tx.clone())?),
-            None => None,
-        };
-        Ok(Daemon {
-            calls: calls_tx,
+        let mut daemon = Daemon {
+            calls: calls_tx.clone(),
             shutdown,
             control: Some(control),
             dest: Some(dest),
             dest_cancel,
             drain,
             socket: config.control.socket.clone(),
-            metrics_addr: metrics.as_ref().map(|m| m.addr),
-            server: Some(server),
-            metrics,
+            metrics_addr: None,
+            server: None,
+            metrics: None,
             listen_addr,
-        })
+        };
+        // A component that fails to start stops those started before it: no thread
+        // runs on and no socket file stays behind.
+        match crate::server::Server::start(
+            &config.control.socket,
+            config.control.max_clients,
+            calls_tx.clone(),
+            server_counters,
+        ) {
+            Ok(server) => daemon.server = Some(server),
+            Err(e) => {
+                daemon.stop();
+                return Err(e);
+            }
+        }
+        if let Some(addr) = &config.control.metrics_addr {
+            match crate::metrics::HttpServer::start(addr, calls_tx) {
+                Ok(m) => {
+                    daemon.metrics_addr = Some(m.addr);
+                    daemon.metrics = Some(m);
+                }
+                Err(e) => {
+                    daemon.stop();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(daemon)
     }
 
     /// Whether a shutdown was asked for (by `shutdown` or [`Daemon::request_shutdown`]).
@@ -927,8 +957,7 @@ impl Daemon {
             while !d.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            // Release: pairs with the Acquire in the receiving coordinator's loop.
-            self.dest_cancel.store(true, Ordering::Release);
+            self.dest_cancel.cancel_all();
             let _ = d.join();
         }
     }
@@ -939,6 +968,7 @@ fn control_loop(
     calls: Receiver<Call>,
     reports: Receiver<LiveReport>,
     done: Receiver<(u64, Result<MigrationReport, String>)>,
+    incoming: Receiver<IncomingEvent>,
     shutdown: &AtomicBool,
     drain: Duration,
 ) {
@@ -951,7 +981,12 @@ fn control_loop(
             },
             recv(reports) -> r => if let Ok(r) = r { state.take_report(r) },
             recv(done) -> d => if let Ok((id, result)) = d { state.finish(id, result) },
+            recv(incoming) -> e => if let Ok(e) = e {
+                let mode = state.mode_name();
+                state.incoming.on_event(e, &mut state.next_id, &mode);
+            },
             recv(ticker) -> _ => {
+                state.incoming.refresh(&mut state.next_id);
                 match state.flags.reload_if_changed() {
                     Ok(true) => state.apply_safe_mode(),
                     Ok(false) => {}
@@ -977,14 +1012,45 @@ fn control_loop(
     }
 }
 
-/// Accept incoming migrations one after another until shutdown.
+/// The destination's cancel flags: one for the daemon's stop, and the session in
+/// progress's own (which the operator's `cancel` sets through the control thread).
+#[derive(Clone, Default)]
+struct DestCancel {
+    all: Arc<AtomicBool>,
+    session: Arc<Mutex<Option<Arc<AtomicBool>>>>,
+}
+
+impl DestCancel {
+    /// A flag for the next session, set already when everything is cancelled.
+    fn next_session(&self) -> Arc<AtomicBool> {
+        let mut slot = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        // Acquire: pairs with the Release in `cancel_all` (under the same lock, so a
+        // session started after it sees it).
+        let flag = Arc::new(AtomicBool::new(self.all.load(Ordering::Acquire)));
+        *slot = Some(flag.clone());
+        flag
+    }
+
+    /// Make every session give up, the one in progress and any later one.
+    fn cancel_all(&self) {
+        let slot = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        self.all.store(true, Ordering::Release);
+        if let Some(flag) = slot.as_ref() {
+            // Release: pairs with the Acquire in the receiving coordinator's loop.
+            flag.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Accept incoming migrations one after another until shutdown, telling the control
+/// thread about each.
 fn dest_loop(
     listener: TcpListener,
     config: engine::DestConfig,
     vm_qmp: Option<std::path::PathBuf>,
     shutdown: &AtomicBool,
-    cancel: &AtomicBool,
-    received: &AtomicU64,
+    cancel: &DestCancel,
+    events: &Sender<IncomingEvent>,
 ) {
     while !shutdown.load(Ordering::Acquire) {
         let mut fds = [libc::pollfd {
@@ -1015,35 +1081,59 @@ fn dest_loop(
             },
             None => None,
         };
+        let progress = Arc::new(ReceiveProgress::default());
+        let session_cancel = cancel.next_session();
+        let _ = events.send(IncomingEvent::Started {
+            progress: progress.clone(),
+            cancel: session_cancel.clone(),
+            vm: vm_qmp.as_ref().map(|p| p.display().to_string()),
+        });
         let result = match received_into {
             Some((mut vm, memory)) => {
                 let name = vm.info().name.clone();
-                engine::receive_guest(
+                engine::receive_watched(
                     &listener,
                     DestMemory::Provided(memory),
                     &config,
-                    cancel,
+                    &session_cancel,
                     Some(&mut vm),
+                    &progress,
                 )
                 .map_err(|e| format!("into VM {name:?}: {e}"))
             }
-            None => engine::receive_cancellable(
+            None => engine::receive_watched(
                 &listener,
                 DestMemory::Allocate(dwcp_hugepages::PagePreference::TransparentHuge),
                 &config,
-                cancel,
+                &session_cancel,
+                None,
+                &progress,
             )
             .map_err(|e| e.to_string()),
         };
-        match result {
+        let from = progress
+            .snapshot()
+            .peer
+            .map_or("an unknown peer".to_string(), |p| p.to_string());
+        let outcome = match result {
             Ok(report) => {
-                received.fetch_add(1, Ordering::Relaxed);
+                let final_round = report.rounds.saturating_sub(1);
                 eprintln!(
-                    "dwcpd: received a migration: {} pages verified, {} rounds",
-                    report.verified_pages, report.rounds
+                    "dwcpd: received a migration from {from}: final round {final_round}, {} \
+                     pages verified",
+                    report.verified_pages
                 );
+                Ok(Received {
+                    verified_pages: report.verified_pages,
+                    final_round,
+                    bytes: report.bytes,
+                })
             }
-            Err(e) => eprintln!("dwcpd: incoming migration failed: {e}"),
-        }
+            Err(e) => {
+                eprintln!("dwcpd: incoming migration from {from} failed: {e}");
+                Err(e)
+            }
+        };
+        let _ = events.send(IncomingEvent::Ended(outcome));
     }
 }

@@ -10,7 +10,9 @@
 //! - [`mode`]: mode detection (sans-IO) and the mode → policy mapping;
 //! - [`flags`]: feature flags, rollout by a hash of the migration id, safe mode;
 //! - [`daemon`]: `dwcpd serve`: the control thread that owns the daemon's state and
-//!   reconfigures running migrations through settings epochs;
+//!   reconfigures running migrations through settings epochs; [`settings`]: how their
+//!   live settings are layered (configuration, mode, overrides, flags) and shown;
+//!   [`incoming`]: the migrations it receives, as the control thread keeps them;
 //! - [`call`]: how the socket server and the metrics listener reach the control thread;
 //! - [`server`]: the operator control socket (`dwcpctl`; protocol in `dwcp-api`);
 //! - [`metrics`]: Prometheus exposition and its HTTP listener.
@@ -23,9 +25,11 @@ pub mod codec_policy;
 pub mod config;
 pub mod daemon;
 pub mod flags;
+pub mod incoming;
 pub mod metrics;
 pub mod mode;
 pub mod progress;
 pub mod qemu;
 pub mod runner;
 pub mod server;
+pub mod settings;

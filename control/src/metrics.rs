@@ -54,9 +54,11 @@ pub struct Snapshot {
     pub failed: u64,
     /// Cancelled.
     pub cancelled: u64,
-    /// Migrations received as destination.
-    pub received: u64,
-    /// Per migration.
+    /// Migrations received as destination, by outcome.
+    pub received: crate::incoming::IncomingCounts,
+    /// Incoming migrations (as destination).
+    pub incoming: Vec<MigrationInfo>,
+    /// Per outgoing migration.
     pub migrations: Vec<MigrationMetrics>,
 }
 
@@ -111,33 +113,72 @@ pub fn render(s: &Snapshot) -> String {
             ("{result=\"refused\"}".into(), s.clients_refused as f64),
         ],
     );
+    let outcome = |direction: &str, outcome: &str, n: u64| {
+        (
+            format!("{{direction=\"{direction}\",outcome=\"{outcome}\"}}"),
+            n as f64,
+        )
+    };
     family(
         "dwcp_migrations_total",
         "counter",
-        "Migrations finished as source, by outcome.",
+        "Migrations finished, by direction (outgoing: as source, incoming: as destination) and outcome.",
         &[
-            ("{outcome=\"completed\"}".into(), s.completed as f64),
-            ("{outcome=\"failed\"}".into(), s.failed as f64),
-            ("{outcome=\"cancelled\"}".into(), s.cancelled as f64),
+            outcome("outgoing", "completed", s.completed),
+            outcome("outgoing", "failed", s.failed),
+            outcome("outgoing", "cancelled", s.cancelled),
+            outcome("incoming", "completed", s.received.completed),
+            outcome("incoming", "failed", s.received.failed),
+            outcome("incoming", "cancelled", s.received.cancelled),
         ],
     );
     family(
         "dwcp_migrations_received_total",
         "counter",
-        "Migrations received as destination.",
-        &[(none(), s.received as f64)],
+        "Migrations received and verified as destination.",
+        &[(none(), s.received.completed as f64)],
     );
+    let running = |infos: &mut dyn Iterator<Item = &MigrationInfo>| {
+        infos.filter(|m| m.state == "running").count() as f64
+    };
     family(
         "dwcp_migrations_running",
         "gauge",
-        "Migrations running as source.",
-        &[(
-            none(),
-            s.migrations
-                .iter()
-                .filter(|m| m.info.state == "running")
-                .count() as f64,
-        )],
+        "Migrations running, by direction.",
+        &[
+            (
+                "{direction=\"outgoing\"}".into(),
+                running(&mut s.migrations.iter().map(|m| &m.info)),
+            ),
+            (
+                "{direction=\"incoming\"}".into(),
+                running(&mut s.incoming.iter()),
+            ),
+        ],
+    );
+    let per_incoming = |f: &dyn Fn(&MigrationInfo) -> f64| -> Vec<(String, f64)> {
+        s.incoming
+            .iter()
+            .map(|m| (format!("{{migration=\"{}\"}}", m.id), f(m)))
+            .collect()
+    };
+    family(
+        "dwcp_migration_received_bytes_total",
+        "counter",
+        "Bytes received on data streams (incoming migrations).",
+        &per_incoming(&|m| m.bytes_sent as f64),
+    );
+    family(
+        "dwcp_migration_pages_received_total",
+        "counter",
+        "Pages received, all rounds (incoming migrations).",
+        &per_incoming(&|m| m.pages_sent as f64),
+    );
+    family(
+        "dwcp_migration_receive_rate_bytes_per_second",
+        "gauge",
+        "Recent receive rate (incoming migrations).",
+        &per_incoming(&|m| m.rate),
     );
     let per = |f: &dyn Fn(&MigrationMetrics) -> f64| -> Vec<(String, f64)> {
         s.migrations

@@ -63,6 +63,23 @@ pub struct RunningGuest {
 }
 
 impl RunningGuest {
+    /// What [`RunningGuest::start`] is about to do, for operators waiting on it (it
+    /// takes seconds for a guest of a few GiB).
+    pub fn describe_start(config: &Config) -> String {
+        match &config.guest.qmp {
+            Some(qmp) => format!(
+                "opening the QEMU VM behind {}, mapping its RAM file, starting its dirty log",
+                qmp.display()
+            ),
+            None => format!(
+                "creating and filling the simulated guest's {} of memory, starting its vCPUs \
+                 and its dirty log ({})",
+                config.guest.memory,
+                config.dirty_log()
+            ),
+        }
+    }
+
     /// Create, fill and start the simulated guest the configuration describes, or open
     /// the QEMU VM it names.
     pub fn start(config: &Config) -> Result<Self, String> {

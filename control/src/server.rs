@@ -34,8 +34,10 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listen on `path` (its directory is created 0700 if missing; a stale socket file
-    /// left by a dead daemon is replaced, a live one is refused).
+    /// Listen on `path`. Its directory must exist, except the default one
+    /// ([`dwcp_api::DEFAULT_SOCKET`]'s, created 0700): a typo in a path given by hand
+    /// must not create directories. A stale socket file left by a dead daemon is
+    /// replaced, a live one is refused.
     pub fn start(
         path: &Path,
         max_clients: usize,
@@ -43,8 +45,16 @@ impl Server {
         counters: Arc<ServerCounters>,
     ) -> Result<Server, String> {
         if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
             && !dir.exists()
         {
+            if Path::new(dwcp_api::DEFAULT_SOCKET).parent() != Some(dir) {
+                return Err(format!(
+                    "control socket {}: directory {} does not exist",
+                    path.display(),
+                    dir.display()
+                ));
+            }
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         }
@@ -395,11 +405,51 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
     let Some(cmd) = object.get("cmd").and_then(|c| c.as_str()) else {
         return Err("missing command \"cmd\"".into());
     };
-    serde_json::from_value(value.clone()).map_err(|e| {
+    let request: Request = serde_json::from_value(value.clone()).map_err(|e| {
         if e.to_string().contains("unknown variant") {
             format!("unknown command {cmd:?} (status, migrate, migrations, cancel, set-mode, set, flags, flag-set, flags-reload, metrics, config, shutdown)")
         } else {
             format!("bad {cmd:?} request: {e}")
         }
-    })
+    })?;
+    // Commands without fields: serde's internally tagged form lets extra keys through,
+    // so they are checked here, like every other command's (and the config file's).
+    let takes_no_fields = matches!(
+        request.command,
+        dwcp_api::Command::Status
+            | dwcp_api::Command::Migrations
+            | dwcp_api::Command::Flags
+            | dwcp_api::Command::FlagsReload
+            | dwcp_api::Command::Metrics
+            | dwcp_api::Command::Config
+            | dwcp_api::Command::Shutdown
+    );
+    if takes_no_fields
+        && let Some(extra) = object.keys().find(|k| !matches!(k.as_str(), "v" | "cmd"))
+    {
+        return Err(format!(
+            "bad {cmd:?} request: unknown field `{extra}` ({cmd:?} takes none)"
+        ));
+    }
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn unknown_fields_are_refused_for_every_command() {
+        for line in [
+            r#"{"v":1,"cmd":"status","bogus":1}"#,
+            r#"{"v":1,"cmd":"shutdown","now":true}"#,
+            r#"{"v":1,"cmd":"cancel","id":5,"x":2}"#,
+            r#"{"v":1,"cmd":"set","streams":2,"extra":1}"#,
+        ] {
+            let e = parse(line.as_bytes()).unwrap_err();
+            assert!(e.contains("unknown field"), "{line}: {e}");
+        }
+        parse(br#"{"v":1,"cmd":"status"}"#).unwrap();
+        parse(br#"{"v":1,"cmd":"set","streams":2}"#).unwrap();
+    }
 }

@@ -169,7 +169,10 @@ fn sigterm_lets_a_migration_finish_within_the_drain() {
         took.as_secs_f64() * 1e3
     );
     let done = d.wait_for_line("dwcpd: migration 1 to");
-    assert!(done.contains("completed: 32768 pages verified"), "{done}");
+    assert!(
+        done.contains("completed: ") && done.contains("32768 pages verified"),
+        "{done}"
+    );
     let received = d.wait_for_line("dwcpd: received a migration");
     assert!(received.contains("32768 pages verified"), "{received}");
     d.wait_for_line("dwcpd: stopped");
@@ -196,7 +199,12 @@ fn sigterm_cancels_a_migration_that_outlasts_the_drain() {
         done.contains("cancelled: ") && done.contains("the daemon is shutting down"),
         "{done}"
     );
-    let incoming = d.wait_for_line("dwcpd: incoming migration failed");
+    // The daemon's simulated guest goes with the migration thread; nothing runs on.
+    assert!(
+        done.contains("simulated guest it moved is discarded") && !done.contains("runs on"),
+        "{done}"
+    );
+    let incoming = d.wait_for_line("dwcpd: incoming migration from 127.0.0.1:");
     assert!(incoming.contains("source aborted"), "{incoming}");
     d.wait_for_line("dwcpd: stopped");
     // New work was refused while draining: the socket was closed first.
@@ -218,7 +226,7 @@ fn sigterm_on_the_destination_aborts_an_incoming_migration_and_the_source_carrie
         "SIGTERM on the destination, drain 1 s: exited after {:.0} ms",
         took.as_secs_f64() * 1e3
     );
-    let incoming = dest.wait_for_line("dwcpd: incoming migration failed");
+    let incoming = dest.wait_for_line("dwcpd: incoming migration from 127.0.0.1:");
     assert!(
         incoming.contains("cancelled at the destination"),
         "{incoming}"
@@ -240,4 +248,48 @@ fn sigterm_on_the_destination_aborts_an_incoming_migration_and_the_source_carrie
         "{error}"
     );
     assert!(source.call(Command::Status).ok);
+}
+
+/// `dwcpd serve` with these arguments, expected to refuse to start: its stderr.
+fn refused_start(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dwcpd"))
+        .arg("serve")
+        .args(args)
+        .output()
+        .expect("dwcpd runs");
+    assert!(!out.status.success(), "dwcpd started with {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_failed_start_leaves_no_socket_file_and_creates_no_directory() {
+    let dir = std::env::temp_dir().join(format!("dwcp-life-fail-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // A socket in a directory that does not exist: refused, the directory not made.
+    let missing = dir.join("no/such/dir");
+    let socket = missing.join("x.sock");
+    let err = refused_start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--socket",
+        socket.to_str().unwrap(),
+    ]);
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!dir.join("no").exists(), "directories were created");
+    // The metrics port is taken: the start fails after the socket was made, and the
+    // socket file goes with it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let socket = dir.join("dwcpd.sock");
+    let err = refused_start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--metrics-addr",
+        &taken.local_addr().unwrap().to_string(),
+    ]);
+    assert!(err.contains("Address already in use"), "{err}");
+    assert!(!socket.exists(), "the socket file outlived a failed start");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,8 @@
 //! The daemon end to end: its control socket under bad and many clients, metrics
-//! scraped and parsed, safe mode switched on mid-migration without losing a byte.
-//! The daemon migrates to itself over loopback (it is source and destination).
+//! scraped and parsed, safe mode switched on mid-migration without losing a byte,
+//! and what it tells operators: overrides and their sources, the destination's view,
+//! progress. The daemon migrates to itself over loopback (it is source and
+//! destination).
 
 use dwcp_api::{Command, Done, MigrationInfo, Request, Response, SetOptions, StatusInfo};
 use dwcp_control::config::{Config, Size};
@@ -17,6 +19,7 @@ fn start(name: &str) -> Daemon {
 fn start_with(name: &str, change: impl FnOnce(&mut Config)) -> Daemon {
     let dir = std::env::temp_dir().join(format!("dwcp-control-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
     let mut config = Config::default();
     config.dest.listen = "127.0.0.1:0".into();
     config.control.socket = dir.join("dwcpd.sock");
@@ -372,7 +375,8 @@ fn flooding_and_silent_clients_stall_neither_the_migration_nor_the_control_threa
         std::thread::sleep(Duration::from_millis(1500));
         assert!(sent(&d) > before);
         let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
-        assert_eq!(status.running, 1);
+        // The daemon migrates to itself: one migration out, the same one in.
+        assert_eq!((status.running, status.receiving), (2, 1), "{status:?}");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let rate = served.load(std::sync::atomic::Ordering::Relaxed) as f64
             / flood_start.elapsed().as_secs_f64();
@@ -411,5 +415,214 @@ fn an_audited_migration_reports_its_audit_to_operators_and_in_metrics() {
     let metrics: dwcp_api::MetricsText = d.call(Command::Metrics).into_result().unwrap();
     let line = format!("dwcp_migration_audit_mismatched_pages{{migration=\"{id}\"}} 0");
     assert!(metrics.text.contains(&line), "{}", metrics.text);
+    d.stop();
+}
+
+/// Start a migration to the daemon itself held in pre-copy by [`HOLDING_CAP`]; its id
+/// once it is sending, and the id of the same migration as the daemon receives it.
+fn held_migration(d: &Daemon) -> (u64, u64) {
+    let r = d.call(Command::Set(SetOptions {
+        pacing_rate: Some(HOLDING_CAP),
+        ..SetOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    let done: Done = d
+        .call(Command::Migrate(dwcp_api::MigrateOptions {
+            peer: d.listen_addr.to_string(),
+            downtime_ms: Some(1),
+            ..Default::default()
+        }))
+        .into_result()
+        .unwrap();
+    let id = done.id.unwrap();
+    let started = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = migrations(d);
+        let out = list.iter().find(|m| m.id == id).unwrap();
+        // While it sets up (filling the guest, the handshake) it says what it does.
+        if out.phase == "setup" && started.elapsed() > Duration::from_millis(100) {
+            assert!(out.activity.is_some(), "a silent setup: {out:?}");
+        }
+        let incoming = list.iter().find(|m| m.direction == "incoming");
+        if let Some(incoming) = incoming
+            && out.bytes_sent > 0
+            && out.phase == "precopy"
+        {
+            return (id, incoming.id);
+        }
+        assert!(Instant::now() < deadline, "{list:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn setting<'a>(settings: &'a [dwcp_api::SettingInfo], name: &str) -> (&'a str, &'a str) {
+    let s = settings
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("{name} missing from {settings:?}"));
+    (&s.value, &s.source)
+}
+
+#[test]
+fn overrides_outlive_mode_changes_show_their_source_and_refusals_say_so() {
+    let d = start("overrides");
+    let (id, incoming) = held_migration(&d);
+    let r = d.call(Command::Set(SetOptions {
+        streams: Some(2),
+        congestion: Some("bbr".into()),
+        ..SetOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    // A mode change applies the mode's policy under the overrides: they stay.
+    let r = d.call(Command::SetMode {
+        mode: "datacenter".into(),
+    });
+    assert!(r.ok, "{r:?}");
+    let m = migrations(&d).into_iter().find(|m| m.id == id).unwrap();
+    assert_eq!(
+        setting(&m.settings, "streams"),
+        ("2 of 4 opened", "override")
+    );
+    assert_eq!(setting(&m.settings, "congestion"), ("bbr", "override"));
+    assert_eq!(setting(&m.settings, "codec"), ("off", "mode datacenter"));
+    assert_eq!(
+        setting(&m.settings, "pacing-rate").1,
+        "override",
+        "{:?}",
+        m.settings
+    );
+    // The engine takes the streams at its next round boundary.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while migrations(&d)[0].active_streams != 2 {
+        assert!(Instant::now() < deadline, "{:?}", migrations(&d)[0]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // `status` and `config` show what a new migration would get, with sources.
+    let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
+    assert_eq!(setting(&status.settings, "congestion"), ("bbr", "override"));
+    let config: serde_json::Value = d.call(Command::Config).into_result().unwrap();
+    let effective = config["effective"].as_array().expect("effective settings");
+    assert!(
+        effective
+            .iter()
+            .any(|s| s["name"] == "streams" && s["source"] == "override"),
+        "{effective:?}"
+    );
+    // More streams than the session opened: refused, and nothing changes.
+    let r = d.call(Command::Set(SetOptions {
+        streams: Some(8),
+        ..SetOptions::default()
+    }));
+    let error = r.error.clone().unwrap_or_default();
+    assert!(
+        !r.ok && error.contains("refused") && error.contains("opened 4"),
+        "{r:?}"
+    );
+    let m = migrations(&d).into_iter().find(|m| m.id == id).unwrap();
+    assert_eq!(setting(&m.settings, "streams").0, "2 of 4 opened");
+    // An incoming migration's settings are its source's.
+    let r = d.call(Command::Set(SetOptions {
+        id: Some(incoming),
+        streams: Some(1),
+        ..SetOptions::default()
+    }));
+    assert!(!r.ok && r.error.unwrap().contains("incoming"));
+    finish_verified(&d, id);
+    // A finished migration keeps the mode it ran in.
+    assert!(
+        d.call(Command::SetMode {
+            mode: "internet".into()
+        })
+        .ok
+    );
+    let list = migrations(&d);
+    for m in &list {
+        assert_eq!(m.mode, "datacenter", "{m:?}");
+    }
+    d.stop();
+}
+
+#[test]
+fn the_destination_lists_follows_counts_and_cancels_incoming_migrations() {
+    let d = start("incoming");
+    let (id, incoming) = held_migration(&d);
+    let list = migrations(&d);
+    let out = list.iter().find(|m| m.id == id).unwrap();
+    // Pages are counted while the first round is still going out.
+    assert!(out.round == 0 && out.pages_sent > 0, "{out:?}");
+    let m = list.iter().find(|m| m.id == incoming).unwrap();
+    assert_eq!(
+        (m.direction.as_str(), m.state.as_str()),
+        ("incoming", "running")
+    );
+    assert!(m.peer.starts_with("127.0.0.1:"), "{m:?}");
+    assert_eq!(m.memory_bytes, 128 << 20);
+    let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
+    assert_eq!((status.running, status.receiving), (2, 1), "{status:?}");
+    let metrics: dwcp_api::MetricsText = d.call(Command::Metrics).into_result().unwrap();
+    for line in [
+        "dwcp_migrations_running{direction=\"incoming\"} 1",
+        "dwcp_migrations_running{direction=\"outgoing\"} 1",
+    ] {
+        assert!(metrics.text.contains(line), "{line} missing");
+    }
+    let pages_sent = metrics
+        .text
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "dwcp_migration_pages_sent_total{{migration=\"{id}\"}}"
+            ))
+        })
+        .expect("pages sent");
+    assert!(!pages_sent.ends_with(" 0"), "{pages_sent}");
+    // Received bytes move on at the destination as they do at the source.
+    let received = |d: &Daemon| {
+        migrations(d)
+            .into_iter()
+            .find(|m| m.id == incoming)
+            .unwrap()
+            .bytes_sent
+    };
+    let before = received(&d);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received(&d) == before {
+        assert!(
+            Instant::now() < deadline,
+            "the incoming migration shows no progress"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Cancelled at the destination: the source hears why and keeps its guest.
+    let r = d.call(Command::Cancel { id: incoming });
+    assert!(r.ok, "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (out, inc) = loop {
+        let list = migrations(&d);
+        let out = list.iter().find(|m| m.id == id).unwrap().clone();
+        let inc = list.iter().find(|m| m.id == incoming).unwrap().clone();
+        if out.state != "running" && inc.state != "running" {
+            break (out, inc);
+        }
+        assert!(Instant::now() < deadline, "{list:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(inc.state, "cancelled", "{inc:?}");
+    assert_eq!(out.state, "failed", "{out:?}");
+    assert!(
+        out.error
+            .unwrap_or_default()
+            .contains("cancelled at the destination"),
+        "the source names the reason"
+    );
+    let metrics: dwcp_api::MetricsText = d.call(Command::Metrics).into_result().unwrap();
+    assert!(
+        metrics
+            .text
+            .contains("dwcp_migrations_total{direction=\"incoming\",outcome=\"cancelled\"} 1"),
+        "{}",
+        metrics.text
+    );
     d.stop();
 }

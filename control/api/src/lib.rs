@@ -129,7 +129,8 @@ pub struct SetOptions {
     /// Streams carrying pages (at most those the migration opened).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streams: Option<u16>,
-    /// Total send-rate cap, bytes per second (0 removes it).
+    /// Total send-rate cap, bytes per second (0 removes it); `dwcpctl` takes sizes
+    /// with units ([`parse_size`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pacing_rate: Option<u64>,
     /// Codec mode.
@@ -220,6 +221,25 @@ pub struct StatusInfo {
     /// The incoming VM's QMP socket, when incoming migrations go into a QEMU VM.
     #[serde(default)]
     pub incoming_vm: Option<String>,
+    /// Incoming migrations running now (as destination).
+    #[serde(default)]
+    pub receiving: usize,
+    /// The settings a migration started now would run with, each with its source.
+    #[serde(default)]
+    pub settings: Vec<SettingInfo>,
+}
+
+/// A setting in force and where its value comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SettingInfo {
+    /// `streams`, `congestion`, `pacing-rate`, `codec`, `downtime`, `transport`,
+    /// `zero-copy`.
+    pub name: String,
+    /// The value, as an operator writes it.
+    pub value: String,
+    /// `config`, `mode <name>`, `override`, `override (this migration)`, `flags`,
+    /// `safe mode`.
+    pub source: String,
 }
 
 /// The mode and why.
@@ -270,14 +290,22 @@ pub struct Capabilities {
 /// One migration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationInfo {
-    /// Id (unique in this daemon's life).
+    /// Id (unique in this daemon's life, shared by both directions).
     pub id: u64,
-    /// Destination.
+    /// `outgoing` (this appliance is the source) or `incoming` (the destination).
+    #[serde(default = "outgoing")]
+    pub direction: String,
+    /// The other appliance: the destination of an outgoing migration, the source of an
+    /// incoming one.
     pub peer: String,
     /// `running`, `completed`, `failed` or `cancelled`.
     pub state: String,
-    /// `setup`, `precopy`, `switchover`, `verify`, or `done`.
+    /// `setup`, `precopy`, `switchover`, `verify`, or `done`; incoming migrations also
+    /// `device-state` (loading it into the VM).
     pub phase: String,
+    /// What it is doing while it sets up (e.g. filling a simulated guest's memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity: Option<String>,
     /// Current round.
     pub round: u64,
     /// Guest memory, bytes.
@@ -286,11 +314,12 @@ pub struct MigrationInfo {
     pub round_pages: u64,
     /// Pages of the current round handed to workers.
     pub round_pages_queued: u64,
-    /// Bytes on the wire so far.
+    /// Bytes on the wire so far (received, for an incoming migration).
     pub bytes_sent: u64,
-    /// Pages sent so far.
+    /// Pages sent so far, the round in progress included (received, for an incoming
+    /// migration).
     pub pages_sent: u64,
-    /// Send rate, bytes per second (recent).
+    /// Send (or receive) rate, bytes per second (recent).
     pub rate: f64,
     /// Guest dirty rate, bytes per second.
     pub dirty_rate: f64,
@@ -300,7 +329,7 @@ pub struct MigrationInfo {
     pub throttle: u32,
     /// Seconds since the migration started.
     pub elapsed_seconds: f64,
-    /// Mode in force.
+    /// Mode in force (for a migration that ended, the mode it ended in).
     pub mode: String,
     /// Streams carrying pages / opened.
     pub active_streams: u16,
@@ -335,6 +364,32 @@ pub struct MigrationInfo {
     /// The QEMU VM, for migrations of one.
     #[serde(default)]
     pub vm: Option<VmInfo>,
+    /// Its live settings and where each comes from (outgoing migrations).
+    #[serde(default)]
+    pub settings: Vec<SettingInfo>,
+}
+
+fn outgoing() -> String {
+    "outgoing".into()
+}
+
+/// A size or rate with an optional binary suffix, as in the configuration file:
+/// `4096`, `64K`, `300M`, `1G`, `2T` (bytes, or bytes per second for rates).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let s = text.trim();
+    let (digits, shift) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 512M, 1G)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// A feature flag.
@@ -392,5 +447,18 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"v":1,"cmd":"set","bogus":1}"#).is_err());
         let status = serde_json::to_string(&Request::new(Command::Status)).unwrap();
         assert_eq!(status, r#"{"v":1,"cmd":"status"}"#);
+    }
+
+    #[test]
+    fn sizes_take_the_configuration_files_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("300M"), Ok(300 << 20));
+        assert_eq!(parse_size(" 1g "), Ok(1 << 30));
+        assert!(parse_size("300Mbit").is_err());
+        assert!(
+            parse_size("99999999999T")
+                .unwrap_err()
+                .contains("too large")
+        );
     }
 }

@@ -235,8 +235,8 @@ fn main() -> ExitCode {
                     } else {
                         println!("{}", report.source);
                         println!(
-                            "destination: {} rounds, {:.1} MB received over {}; byte-for-byte comparison: {}",
-                            report.destination.rounds,
+                            "destination: rounds 0-{} received, {:.1} MB over {}; byte-for-byte comparison: {}",
+                            report.destination.rounds.saturating_sub(1),
                             report.destination.bytes as f64 / 1e6,
                             report.destination.transport,
                             if report.byte_identical {
@@ -331,8 +331,8 @@ fn main() -> ExitCode {
             match appliance::run_dest(&config, listening) {
                 Ok(report) => {
                     println!(
-                        "received {} rounds, {:.1} MB over {}; verified {} pages (digest {}){}",
-                        report.rounds,
+                        "received rounds 0-{}, {:.1} MB over {}; verified {} pages (digest {}){}",
+                        report.rounds.saturating_sub(1),
                         report.bytes as f64 / 1e6,
                         report.transport,
                         report.verified_pages,

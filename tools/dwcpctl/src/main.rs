@@ -59,6 +59,9 @@ struct Cli {
     /// Print the daemon's JSON answer instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Longest wait for the daemon's answer to one request, seconds.
+    #[arg(long, global = true, default_value_t = 15, value_name = "SECONDS")]
+    timeout: u64,
     #[command(subcommand)]
     command: Sub,
 }
@@ -119,8 +122,9 @@ enum Sub {
         /// Streams carrying pages.
         #[arg(long)]
         streams: Option<u16>,
-        /// Total send-rate cap, bytes/s (0 removes it).
-        #[arg(long)]
+        /// Total send-rate cap, bytes/s, with units like the configuration file
+        /// (300M, 1G); 0 removes it.
+        #[arg(long, value_parser = dwcp_api::parse_size)]
         pacing_rate: Option<u64>,
         /// Codec mode.
         #[arg(long)]
@@ -151,17 +155,20 @@ enum Sub {
 struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// Longest wait for an answer.
+    timeout: Duration,
 }
 
 impl Client {
-    fn connect(path: &PathBuf) -> Result<Client, String> {
+    fn connect(path: &PathBuf, timeout: Duration) -> Result<Client, String> {
         let s = UnixStream::connect(path)
             .map_err(|e| format!("{}: {e} (is dwcpd serving? see --socket)", path.display()))?;
-        let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
+        let _ = s.set_read_timeout(Some(timeout));
         let writer = s.try_clone().map_err(|e| e.to_string())?;
         Ok(Client {
             reader: BufReader::new(s),
             writer,
+            timeout,
         })
     }
 
@@ -174,7 +181,14 @@ impl Client {
         let mut answer = String::new();
         self.reader
             .read_line(&mut answer)
-            .map_err(|e| format!("reading the answer: {e}"))?;
+            .map_err(|e| match e.kind() {
+                // The read timeout ends the read with EAGAIN, which says nothing of a wait.
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                    "no answer from the daemon within {} s (is it overloaded or stuck?)",
+                    self.timeout.as_secs()
+                ),
+                _ => format!("reading the answer: {e}"),
+            })?;
         if answer.is_empty() {
             return Err("the daemon closed the connection".into());
         }
@@ -194,7 +208,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<(), String> {
-    let mut client = Client::connect(&cli.socket)?;
+    let mut client = Client::connect(&cli.socket, Duration::from_secs(cli.timeout.max(1)))?;
     let (command, follow) = match &cli.command {
         Sub::Status => (Command::Status, None),
         Sub::Migrate {
@@ -307,11 +321,24 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                 s.transport.codec
             );
             outln!(
-                "listening:    {} ({} running, {} received)",
+                "listening:    {} ({} running: {} outgoing, {} incoming; {} received)",
                 s.listen,
                 s.running,
+                s.running.saturating_sub(s.receiving),
+                s.receiving,
                 s.received
             );
+            if !s.settings.is_empty() {
+                outln!("new migrations get:");
+                for setting in &s.settings {
+                    outln!(
+                        "  {:<12}{:<22}({})",
+                        setting.name,
+                        setting.value,
+                        setting.source
+                    );
+                }
+            }
             for vm in &s.vms {
                 outln!(
                     "vm:           {:?} (QEMU {}), RAM {}: migrating",
@@ -362,6 +389,17 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
             }
             for m in &list {
                 outln!("{}", migration_line(m));
+                if let Some(a) = &m.activity {
+                    outln!("    setting up: {a}");
+                }
+                if m.state == "running" && !m.settings.is_empty() {
+                    let shown: Vec<String> = m
+                        .settings
+                        .iter()
+                        .map(|s| format!("{} {} ({})", s.name, s.value, s.source))
+                        .collect();
+                    outln!("    settings: {}", shown.join("; "));
+                }
                 if let Some(vm) = &m.vm {
                     outln!(
                         "    VM {:?} (QEMU {}), RAM {}: {}",
@@ -429,15 +467,19 @@ fn migration_line(m: &MigrationInfo) -> String {
     let eta = m
         .eta_seconds
         .map_or("--".to_string(), |s| format!("{s:.1}s"));
+    let incoming = m.direction == "incoming";
     let mut line = format!(
-        "#{} {:<9} [{bar}] {:>3.0}% round {:>3} {:<10} {:>8.1} MB/s  ETA {eta:>6}  dirty {:>6.1} MB/s  sent {:>8.1} MB  mode {}  {} streams {}/{}  {:.1}s",
+        "#{} {} {:<21} {:<9} [{bar}] {:>3.0}% round {:>3} {:<12} {:>8.1} MB/s  ETA {eta:>6}  dirty {:>6.1} MB/s  {} {:>8.1} MB  mode {}  {} streams {}/{}  {:.1}s",
         m.id,
+        if incoming { "from" } else { "to" },
+        m.peer,
         m.state,
         done * 100.0,
         m.round,
         m.phase,
         m.rate / 1e6,
         m.dirty_rate / 1e6,
+        if incoming { "received" } else { "sent" },
         m.bytes_sent as f64 / 1e6,
         m.mode,
         if m.transport.is_empty() {
@@ -449,11 +491,15 @@ fn migration_line(m: &MigrationInfo) -> String {
         m.streams,
         m.elapsed_seconds
     );
-    if let Some(d) = m.downtime_ms {
-        line += &format!(
-            "  downtime {d:.1} ms, {} pages verified",
-            m.verified_pages.unwrap_or(0)
-        );
+    match (m.downtime_ms, m.verified_pages) {
+        (Some(d), pages) => {
+            line += &format!(
+                "  downtime {d:.1} ms, {} pages verified",
+                pages.unwrap_or(0)
+            )
+        }
+        (None, Some(pages)) => line += &format!("  {pages} pages verified"),
+        (None, None) => {}
     }
     match m.audit_mismatched {
         Some(0) => line += ", audit clean",
@@ -521,6 +567,9 @@ mod tests {
     fn migration(state: &str, round_pages: u64, queued: u64) -> MigrationInfo {
         MigrationInfo {
             id: 1,
+            direction: "outgoing".into(),
+            activity: None,
+            settings: Vec::new(),
             peer: "10.0.0.2:7410".into(),
             state: state.into(),
             phase: "done".into(),

@@ -1,5 +1,6 @@
-//! `dwcpctl` writing into a pipe whose reader went away (`dwcpctl metrics | head -1`)
-//! ends quietly with success, as Unix tools do, instead of panicking.
+//! `dwcpctl` against daemons that misbehave: writing into a pipe whose reader went
+//! away (`dwcpctl metrics | head -1`) ends quietly with success, as Unix tools do,
+//! instead of panicking; a daemon that never answers is reported as a timeout.
 
 use dwcp_api::{MetricsText, Response};
 use std::io::{BufRead, BufReader, Write};
@@ -38,5 +39,37 @@ fn a_closed_output_pipe_ends_the_command_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_daemon_that_never_answers_is_a_timeout_in_words() {
+    let dir = std::env::temp_dir().join(format!("dwcpctl-silent-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("dwcpd.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    // Accepts, reads the request, says nothing until the client gives up.
+    let daemon = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut request = String::new();
+        let mut reader = BufReader::new(&stream);
+        reader.read_line(&mut request).unwrap();
+        let _ = reader.read_line(&mut request);
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_dwcpctl"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--timeout", "1", "status"])
+        .output()
+        .unwrap();
+    daemon.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no answer from the daemon within 1 s"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("os error"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
