@@ -599,7 +599,18 @@ impl ControlState {
             let (settings, _) = self.layers_of(m);
             m.live.publish(settings, "operator: set");
         }
-        let what = changes.describe();
+        let mut what = changes.describe();
+        let opens = self.config.migration.streams;
+        if o.id.is_none()
+            && let Some(n) = changes.streams
+            && n > opens
+        {
+            // Not refused: `migrate --streams` may open more. But say so.
+            what += &format!(
+                " (a migration opens {opens} streams unless `migrate --streams` asks for more, \
+                 and carries pages on at most those)"
+            );
+        }
         let message = match (o.id, targets.len()) {
             (Some(id), _) => format!("migration {id}: {what}"),
             (None, 0) => format!("no migration running; later migrations get {what}"),
