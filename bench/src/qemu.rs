@@ -401,8 +401,21 @@ fn dwcp_run(src: &Vm, dst: &Vm, setup: &DwcpSetup<'_>) -> Result<Run, String> {
     let downtime_ms = stop_to_resume_ms(&mut qs, &dst_events)?;
     let measured = &report["downtime"]["measured"];
     let ms = |v: &Value| v.as_f64().unwrap_or(f64::NAN) * 1e3;
+    // Where the time went: setup (connect, handshake, mapping), each round, the rest.
+    let round_seconds: Vec<String> = report["rounds"]
+        .as_array()
+        .map(|rounds| {
+            rounds
+                .iter()
+                .map(|r| format!("{:.3}", r["seconds"].as_f64().unwrap_or(f64::NAN)))
+                .collect()
+        })
+        .unwrap_or_default();
     let detail = format!(
-        "{} rounds; dwcp's downtime {:.1} ms: collect {:.1}, send {:.1}, confirm {:.1}, device state {:.1}; scan {:.1} GB/s",
+        "setup {:.3} s, rounds [{}] s, dwcpd total {:.3} s; {} rounds; dwcp's downtime {:.1} ms: collect {:.1}, send {:.1}, confirm {:.1}, device state {:.1}; scan {:.1} GB/s",
+        report["setup_seconds"].as_f64().unwrap_or(f64::NAN),
+        round_seconds.join(", "),
+        report["total_seconds"].as_f64().unwrap_or(f64::NAN),
         report["rounds"].as_array().map_or(0, Vec::len),
         ms(&report["measured_downtime"]),
         ms(&measured["collect"]),
