@@ -235,6 +235,11 @@ pub struct DestSection {
     /// The incoming QEMU VM's QMP socket (started with `-incoming defer`): received
     /// memory goes into its RAM file and the device state into QEMU.
     pub qmp: Option<PathBuf>,
+    /// Seconds a new connection has to say what it is, and a session to open its data
+    /// streams after the welcome (anyone can connect; the silent are closed).
+    pub handshake_timeout_seconds: u64,
+    /// Largest guest memory allocated for a source (0: what the host has available).
+    pub max_memory: Size,
 }
 
 impl Default for DestSection {
@@ -243,6 +248,8 @@ impl Default for DestSection {
             listen: "0.0.0.0:7410".into(),
             timeout_seconds: 60,
             qmp: None,
+            handshake_timeout_seconds: 5,
+            max_memory: Size(0),
         }
     }
 }
@@ -742,6 +749,14 @@ impl Config {
         }
         check(
             &mut errors,
+            (1..=600).contains(&self.dest.handshake_timeout_seconds),
+            format!(
+                "dest.handshake_timeout_seconds = {} (allowed 1..=600)",
+                self.dest.handshake_timeout_seconds
+            ),
+        );
+        check(
+            &mut errors,
             (1..=3600).contains(&self.dest.timeout_seconds),
             format!(
                 "dest.timeout_seconds = {} (allowed 1..=3600)",
@@ -899,6 +914,8 @@ impl Config {
             transport: self.transport_config(),
             workers: self.transport.workers,
             timeout: Duration::from_secs(self.dest.timeout_seconds),
+            handshake_timeout: Duration::from_secs(self.dest.handshake_timeout_seconds),
+            max_memory: (self.dest.max_memory.0 > 0).then_some(self.dest.max_memory.0),
             capabilities: if self.codec.accept {
                 caps::ALL
             } else {

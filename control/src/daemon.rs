@@ -25,7 +25,7 @@ use dwcp_api::{
     Response, SetOptions, SettingInfo, StatusInfo, TransportInfo,
 };
 use dwcp_dataplane::engine::{
-    self, DestMemory, LiveControl, LiveReport, LiveSettings, MigrationReport, Progress,
+    self, Acceptor, DestMemory, LiveControl, LiveReport, LiveSettings, MigrationReport, Progress,
     ReceiveProgress,
 };
 use dwcp_dataplane::transport::{TransportChoice, TransportKind};
@@ -966,6 +966,7 @@ impl Daemon {
         }
         if let Some(d) = self.dest.take() {
             while !d.is_finished() && Instant::now() < deadline {
+                self.dest_cancel.cancel_waiting();
                 std::thread::sleep(Duration::from_millis(20));
             }
             self.dest_cancel.cancel_all();
@@ -1028,17 +1029,21 @@ fn control_loop(
 #[derive(Clone, Default)]
 struct DestCancel {
     all: Arc<AtomicBool>,
-    session: Arc<Mutex<Option<Arc<AtomicBool>>>>,
+    /// The session in progress: its cancel flag and what it has done.
+    session: Arc<Mutex<Option<SessionFlags>>>,
 }
+
+/// A receiving session's cancel flag and progress.
+type SessionFlags = (Arc<AtomicBool>, Arc<ReceiveProgress>);
 
 impl DestCancel {
     /// A flag for the next session, set already when everything is cancelled.
-    fn next_session(&self) -> Arc<AtomicBool> {
+    fn next_session(&self, progress: &Arc<ReceiveProgress>) -> Arc<AtomicBool> {
         let mut slot = self.session.lock().unwrap_or_else(|p| p.into_inner());
         // Acquire: pairs with the Release in `cancel_all` (under the same lock, so a
         // session started after it sees it).
         let flag = Arc::new(AtomicBool::new(self.all.load(Ordering::Acquire)));
-        *slot = Some(flag.clone());
+        *slot = Some((flag.clone(), progress.clone()));
         flag
     }
 
@@ -1046,8 +1051,20 @@ impl DestCancel {
     fn cancel_all(&self) {
         let slot = self.session.lock().unwrap_or_else(|p| p.into_inner());
         self.all.store(true, Ordering::Release);
-        if let Some(flag) = slot.as_ref() {
+        if let Some((flag, _)) = slot.as_ref() {
             // Release: pairs with the Acquire in the receiving coordinator's loop.
+            flag.store(true, Ordering::Release);
+        }
+    }
+
+    /// Stop a session that is only waiting for a source to say hello: at shutdown it
+    /// has nothing to drain.
+    fn cancel_waiting(&self) {
+        let slot = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((flag, progress)) = slot.as_ref()
+            && matches!(progress.snapshot().phase, "" | "handshake")
+        {
+            // Release: pairs with the Acquire in the gate's loop.
             flag.store(true, Ordering::Release);
         }
     }
@@ -1063,6 +1080,9 @@ fn dest_loop(
     cancel: &DestCancel,
     events: &Sender<IncomingEvent>,
 ) {
+    // One gate for every session: what it sorted while a session ran (a second
+    // source's control connection) waits there for the next.
+    let mut gate = Acceptor::new(&listener);
     while !shutdown.load(Ordering::Acquire) {
         let mut fds = [libc::pollfd {
             fd: listener.as_raw_fd(),
@@ -1071,7 +1091,7 @@ fn dest_loop(
         }];
         // SAFETY: `fds` is a valid array of one pollfd for the call's duration.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 200) };
-        if ready <= 0 {
+        if ready <= 0 && !gate.has_pending() {
             continue;
         }
         let received_into = match &vm_qmp {
@@ -1093,7 +1113,7 @@ fn dest_loop(
             None => None,
         };
         let progress = Arc::new(ReceiveProgress::default());
-        let session_cancel = cancel.next_session();
+        let session_cancel = cancel.next_session(&progress);
         let _ = events.send(IncomingEvent::Started {
             progress: progress.clone(),
             cancel: session_cancel.clone(),
@@ -1102,8 +1122,8 @@ fn dest_loop(
         let result = match received_into {
             Some((mut vm, memory)) => {
                 let name = vm.info().name.clone();
-                engine::receive_watched(
-                    &listener,
+                engine::receive_through(
+                    &mut gate,
                     DestMemory::Provided(memory),
                     &config,
                     &session_cancel,
@@ -1112,8 +1132,8 @@ fn dest_loop(
                 )
                 .map_err(|e| format!("into VM {name:?}: {e}"))
             }
-            None => engine::receive_watched(
-                &listener,
+            None => engine::receive_through(
+                &mut gate,
                 DestMemory::Allocate(dwcp_hugepages::PagePreference::TransparentHuge),
                 &config,
                 &session_cancel,
@@ -1122,8 +1142,14 @@ fn dest_loop(
             )
             .map_err(|e| e.to_string()),
         };
-        let from = progress
-            .snapshot()
+        let seen = progress.snapshot();
+        if seen.peer.is_none() && result.is_err() {
+            // Nobody came but connections that said nothing (a port scan): the gate
+            // closed them; nothing to report.
+            let _ = events.send(IncomingEvent::Ended(Err("no session".into())));
+            continue;
+        }
+        let from = seen
             .peer
             .map_or("an unknown peer".to_string(), |p| p.to_string());
         let outcome = match result {

@@ -1,11 +1,14 @@
 //! Peers that misbehave. The destination must end the session with an error naming
 //! what was wrong and never write outside its memory (its memory has inaccessible
 //! guard regions on both sides, so a stray write would crash this test); the source
-//! must report the failure and keep its guest running.
+//! must report the failure and keep its guest running. Anyone can reach the migration
+//! port: a silent connection, a half-finished session or an outsized hello must not
+//! hold up a real source.
 
 use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
 use dwcp_dataplane::engine::{
-    self, DestConfig, DestMemory, DestReport, MigrationError, SourceConfig,
+    self, Acceptor, DestConfig, DestMemory, DestReport, MigrationError, MigrationReport,
+    ReceiveProgress, SourceConfig,
 };
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
 use dwcp_dataplane::memory::{GuestMemory, PAGE_SIZE};
@@ -17,6 +20,7 @@ use dwcp_hugepages::PagePreference;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -124,7 +128,10 @@ fn a_silent_data_stream_times_out_in_words() {
     // A data stream that connects and never says which it is.
     let _silent = TcpStream::connect(dest.addr).unwrap();
     let (err, memory) = dest.error();
-    assert!(err.contains("data stream's hello: timed out"), "{err}");
+    assert!(
+        err.contains("0 of 1 data streams arrived") && err.contains("1 connections said nothing"),
+        "{err}"
+    );
     assert!(!err.contains("os error 11"), "{err}");
     assert!(all_zero(&memory));
 }
@@ -216,8 +223,9 @@ fn data_stream_of_another_session() {
         .encode(),
     )
     .unwrap();
+    // Closed without failing the session, which then waits for its own stream.
     let (err, _) = dest.error();
-    assert!(err.contains("belongs to session"), "{err}");
+    assert!(err.contains("1 belonged to another session"), "{err}");
 }
 
 #[test]
@@ -298,4 +306,134 @@ fn source_reports_a_vanished_destination_and_keeps_its_guest_running() {
         std::thread::yield_now();
     }
     guest.stop();
+}
+
+/// A real source migrating a simulated guest of the test's size to `addr`.
+fn real_source(addr: SocketAddr) -> Result<MigrationReport, MigrationError> {
+    let memory = Arc::new(
+        GuestMemory::anonymous(PAGES as usize * PAGE_SIZE, PagePreference::Small).unwrap(),
+    );
+    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, 5);
+    let opened = open_dirty_log(&memory, DirtyLogKind::Explicit).unwrap();
+    let guest = SimulatedGuest::start(
+        memory.clone(),
+        &GuestWorkload::default(),
+        opened.marker.clone(),
+    );
+    let config = SourceConfig {
+        streams: 2,
+        ..SourceConfig::default()
+    };
+    let result = engine::migrate(addr, memory, &guest, opened.log, &config, &mut |_| {});
+    guest.stop();
+    result
+}
+
+#[test]
+fn a_silent_connection_holds_up_no_migration() {
+    let dest = destination();
+    // Connected first, saying nothing, open throughout.
+    let _silent = TcpStream::connect(dest.addr).unwrap();
+    real_source(dest.addr).expect("a real source beside a silent connection");
+    let received = dest.handle.join().unwrap().expect("received");
+    assert_eq!(received.verified_pages, PAGES);
+}
+
+#[test]
+fn a_half_finished_session_gives_way_to_the_next_source() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = std::thread::spawn(move || {
+        let config = DestConfig {
+            handshake_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(20),
+            ..DestConfig::default()
+        };
+        // One gate for both sessions, as the daemon keeps it.
+        let mut gate = Acceptor::new(&listener);
+        let mut next = || {
+            let memory = GuestMemory::anonymous(PAGES as usize * PAGE_SIZE, PagePreference::Small);
+            engine::receive_through(
+                &mut gate,
+                DestMemory::Provided(Arc::new(memory.unwrap())),
+                &config,
+                &AtomicBool::new(false),
+                None,
+                &ReceiveProgress::default(),
+            )
+            .map_err(|e| e.to_string())
+        };
+        (
+            next().map(|r| r.verified_pages),
+            next().map(|r| r.verified_pages),
+        )
+    });
+    // Someone's session: a hello, the welcome, then no data streams.
+    let mut control = TcpStream::connect(addr).unwrap();
+    wire::write_control(&mut control, &hello(VERSION, 42)).unwrap();
+    assert!(matches!(
+        wire::read_control(&mut control).unwrap(),
+        ControlMessage::Welcome { .. }
+    ));
+    // A real source meanwhile: its control connection is not taken for a data stream
+    // of the first session; it waits its turn.
+    real_source(addr).expect("the next source is served");
+    let (first, second) = dest.join().unwrap();
+    let first = first.unwrap_err();
+    assert!(first.contains("0 of 1 data streams arrived"), "{first}");
+    assert_eq!(second, Ok(PAGES));
+}
+
+#[test]
+fn a_hello_asking_for_more_than_admitted_is_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = std::thread::spawn(move || {
+        let config = DestConfig {
+            max_memory: Some(64 << 20),
+            ..DestConfig::default()
+        };
+        engine::receive(
+            &listener,
+            DestMemory::Allocate(PagePreference::Small),
+            &config,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    });
+    let mut control = TcpStream::connect(addr).unwrap();
+    let ControlMessage::Hello(mut big) = hello(VERSION, 42) else {
+        unreachable!()
+    };
+    big.memory_bytes = 8 << 30;
+    wire::write_control(&mut control, &ControlMessage::Hello(big)).unwrap();
+    let ControlMessage::Refused { reason } = wire::read_control(&mut control).unwrap() else {
+        panic!("an 8 GiB hello must be refused");
+    };
+    assert!(reason.contains("max_memory"), "{reason}");
+    assert!(dest.join().unwrap().unwrap_err().contains("max_memory"));
+}
+
+#[test]
+fn cancel_interrupts_a_wait_for_the_source() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let cancelled = cancel.clone();
+    let dest = std::thread::spawn(move || {
+        engine::receive_cancellable(
+            &listener,
+            DestMemory::Allocate(PagePreference::Small),
+            &DestConfig::default(),
+            &cancelled,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    });
+    // Someone connects and says nothing; nobody else comes.
+    let _silent = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    cancel.store(true, Ordering::Release);
+    let err = dest.join().unwrap().unwrap_err();
+    assert!(err.contains("cancelled at the destination"), "{err}");
 }

@@ -546,7 +546,16 @@ fn overrides_outlive_mode_changes_show_their_source_and_refusals_say_so() {
 #[test]
 fn the_destination_lists_follows_counts_and_cancels_incoming_migrations() {
     let d = start("incoming");
+    // Someone connected to the migration port first and says nothing: it holds up no
+    // migration and is no migration itself.
+    let _silent = std::net::TcpStream::connect(d.listen_addr).unwrap();
     let (id, incoming) = held_migration(&d);
+    assert_eq!(
+        migrations(&d).len(),
+        2,
+        "the silent connection is listed: {:?}",
+        migrations(&d)
+    );
     let list = migrations(&d);
     let out = list.iter().find(|m| m.id == id).unwrap();
     // Pages are counted while the first round is still going out.

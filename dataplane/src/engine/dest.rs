@@ -2,6 +2,7 @@
 //! destination's CRC table), acknowledge rounds, answer the switchover.
 
 use super::fleet::RxFleet;
+use super::gate::Acceptor;
 use super::handshake::{self, ControlLink};
 use super::{MigrationError, differing_pages, page_crcs, test_skip_final_round};
 use crate::crc_table::CrcTable;
@@ -25,6 +26,14 @@ pub struct DestConfig {
     /// Longest wait for the source to connect and finish the handshake, and the
     /// longest silence tolerated mid-session.
     pub timeout: Duration,
+    /// How long a new connection has to say what it is (a session's hello or a data
+    /// stream's), and a session to open its data streams after the welcome. Anyone
+    /// can connect to the port: one who says nothing is closed after this, without
+    /// holding up anyone else.
+    pub handshake_timeout: Duration,
+    /// Largest guest memory this destination allocates for a source (`None`: what
+    /// the host has available).
+    pub max_memory: Option<u64>,
     /// Capabilities this destination grants ([`caps`]; those the source lacks are
     /// dropped too). Leaving out the codec ones keeps codec frames off this host.
     pub capabilities: u64,
@@ -36,6 +45,8 @@ impl Default for DestConfig {
             transport: TransportConfig::default(),
             workers: 0,
             timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(5),
+            max_memory: None,
             capabilities: caps::ALL,
         }
     }
@@ -163,6 +174,26 @@ pub fn receive_watched(
     memory: DestMemory,
     config: &DestConfig,
     cancel: &AtomicBool,
+    device: Option<&mut dyn DeviceStateSink>,
+    progress: &ReceiveProgress,
+) -> Result<DestReport, MigrationError> {
+    receive_through(
+        &mut Acceptor::new(listener),
+        memory,
+        config,
+        cancel,
+        device,
+        progress,
+    )
+}
+
+/// [`receive_watched`] through a gate kept across sessions (a daemon's): connections
+/// it sorted while this session ran wait there for the next one.
+pub fn receive_through(
+    gate: &mut Acceptor<'_>,
+    memory: DestMemory,
+    config: &DestConfig,
+    cancel: &AtomicBool,
     mut device: Option<&mut dyn DeviceStateSink>,
     progress: &ReceiveProgress,
 ) -> Result<DestReport, MigrationError> {
@@ -174,7 +205,7 @@ pub fn receive_watched(
         config.capabilities &= !caps::DEVICE_STATE;
     }
     let config = &config;
-    let accepted = handshake::accept(listener, memory, config, &mut |peer| {
+    let accepted = handshake::accept(gate, memory, config, cancel, &mut |peer| {
         progress.update(|p| p.peer = Some(peer))
     })?;
     let memory = accepted.memory;

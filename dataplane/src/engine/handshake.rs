@@ -3,17 +3,19 @@
 //! the data streams, each identified by its stream hello. Also the control stream as
 //! both sides use it afterwards ([`ControlLink`]).
 
+use super::gate::{Acceptor, First, Want};
 use super::{DestConfig, DestMemory, MigrationError, SourceConfig};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::transport::socket;
 use crate::wire::{
-    self, CONTROL_MAGIC, ControlMessage, ControlReadError, Handshake, STREAM_HELLO_LEN,
-    StreamHello, WireError, caps, write_control,
+    self, CONTROL_MAGIC, ControlMessage, ControlReadError, Handshake, StreamHello, WireError, caps,
+    write_control,
 };
 use crossbeam::channel::{Receiver, RecvTimeoutError, TryRecvError};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 pub(super) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
@@ -146,30 +148,6 @@ pub(super) struct Accepted {
     pub fresh: bool,
 }
 
-/// Accept one connection within `deadline`.
-fn accept_by(listener: &TcpListener, deadline: Instant) -> Result<TcpStream, MigrationError> {
-    listener.set_nonblocking(true).map_err(io("listener"))?;
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).map_err(io("accepted socket"))?;
-                listener.set_nonblocking(false).map_err(io("listener"))?;
-                return Ok(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let _ = listener.set_nonblocking(false);
-                    return Err(MigrationError::Transport(
-                        "timed out waiting for the source to connect".into(),
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => return Err(io("accepting a connection")(e)),
-        }
-    }
-}
-
 /// A control stream read error, with context.
 fn control_error(e: ControlReadError, what: &str) -> MigrationError {
     match e {
@@ -196,18 +174,25 @@ fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Accept one session on `listener`: the hello (refused with a reason when invalid),
+/// Accept one session through `gate`: the hello (refused with a reason when invalid),
 /// the memory it needs, the welcome, then every data stream. A refusal tells the
-/// source why before returning the error.
+/// source why before returning the error. Connections that say nothing in time, and
+/// data streams of other sessions, are closed without failing the session; a second
+/// source's control connection waits in the gate for the next session.
 pub(super) fn accept(
-    listener: &TcpListener,
+    gate: &mut Acceptor<'_>,
     memory: DestMemory,
     config: &DestConfig,
+    cancel: &AtomicBool,
     connected: &mut dyn FnMut(std::net::SocketAddr),
 ) -> Result<Accepted, MigrationError> {
     let deadline = Instant::now() + config.timeout;
-    let mut control = accept_by(listener, deadline)?;
-    if let Ok(peer) = control.peer_addr() {
+    let sorted = gate.next(Want::Control, deadline, config.handshake_timeout, cancel)?;
+    let (mut control, first) = match sorted.first {
+        First::Control(first) => (sorted.stream, first),
+        First::Stream(_) => unreachable!("the gate hands out what was asked for"),
+    };
+    if let Some(peer) = sorted.peer {
         connected(peer);
     }
     control
@@ -223,7 +208,7 @@ pub(super) fn accept(
         );
         err
     };
-    let hello = match wire::read_control(&mut control) {
+    let hello = match first {
         Ok(ControlMessage::Hello(h)) => h,
         Ok(other) => {
             let err = WireError::Unexpected(format!("{other:?} instead of a handshake"));
@@ -267,6 +252,16 @@ pub(super) fn accept(
     let (memory, fresh) = match memory {
         DestMemory::Provided(m) => (m, false),
         DestMemory::Allocate(prefer) => {
+            if let Some(max) = config.max_memory
+                && hello.memory_bytes > max
+            {
+                let e = MigrationError::Refused(format!(
+                    "guest memory of {} bytes is more than this destination admits \
+                     ({max} bytes, [dest] max_memory)",
+                    hello.memory_bytes
+                ));
+                return Err(refuse(&mut control, e));
+            }
             if let Some(avail) = available_memory()
                 && hello.memory_bytes > avail
             {
@@ -277,19 +272,9 @@ pub(super) fn accept(
                 return Err(refuse(&mut control, e));
             }
             match GuestMemory::anonymous(hello.memory_bytes as usize, prefer) {
-                Ok(m) => {
-                    // Fault it in ahead of the page stream (zeroing fresh memory on first
-                    // touch would otherwise run inside it), on a thread of its own so the
-                    // seconds a large guest takes overlap the session's setup rather than
-                    // delay it. Populating never changes content, so pages that arrive
-                    // first are safe.
-                    let m = Arc::new(m);
-                    let populating = m.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("dwcp-populate".into())
-                        .spawn(move || populating.populate());
-                    (m, true)
-                }
+                // Only reserved for now: it is faulted in once every data stream is
+                // here (a hello alone costs no more than address space).
+                Ok(m) => (Arc::new(m), true),
                 Err(e) => return Err(refuse(&mut control, MigrationError::Refused(e.to_string()))),
             }
         }
@@ -303,18 +288,44 @@ pub(super) fn accept(
     )
     .map_err(io("sending the welcome"))?;
 
-    // The data streams, in any order, each identified by its hello.
+    // The data streams, in any order, each identified by its hello. They come right
+    // after the welcome: a session that does not open them in time is given up.
     let streams = hello.streams;
+    let stream_deadline = Instant::now() + config.handshake_timeout.max(Duration::from_secs(1));
     let mut data: Vec<Option<TcpStream>> = (0..streams).map(|_| None).collect();
-    for _ in 0..streams {
-        let mut s = accept_by(listener, deadline)?;
-        s.set_read_timeout(Some(config.timeout))
-            .map_err(io("data stream timeout"))?;
-        let mut bytes = [0u8; STREAM_HELLO_LEN];
-        s.read_exact(&mut bytes)
-            .map_err(io("reading a data stream's hello"))?;
-        let stream_hello = StreamHello::decode(&bytes, hello.session_id, streams)
-            .map_err(|e| refuse(&mut control, e.into()))?;
+    let mut strays = 0u64;
+    let mut arrived = 0u16;
+    while arrived < streams {
+        let sorted = gate
+            .next(
+                Want::Stream,
+                stream_deadline,
+                config.handshake_timeout,
+                cancel,
+            )
+            .map_err(|e| match e {
+                MigrationError::Transport(_) => MigrationError::Transport(format!(
+                    "{arrived} of {streams} data streams arrived within {} s of the welcome \
+                     ({} connections said nothing, {strays} belonged to another session)",
+                    config.handshake_timeout.as_secs_f64(),
+                    gate.silent()
+                )),
+                other => other,
+            })
+            .map_err(|e| refuse(&mut control, e))?;
+        let (s, bytes) = match sorted.first {
+            First::Stream(bytes) => (sorted.stream, bytes),
+            First::Control(_) => unreachable!("the gate keeps control connections back"),
+        };
+        let stream_hello = match StreamHello::decode(&bytes, hello.session_id, streams) {
+            Ok(h) => h,
+            Err(WireError::WrongSession { .. }) => {
+                // Left over from another session (or forged): not ours to fail on.
+                strays += 1;
+                continue;
+            }
+            Err(e) => return Err(refuse(&mut control, e.into())),
+        };
         let slot = &mut data[usize::from(stream_hello.stream_id)];
         if slot.is_some() {
             let e = WireError::BadStreamId {
@@ -323,8 +334,21 @@ pub(super) fn accept(
             };
             return Err(refuse(&mut control, e.into()));
         }
+        s.set_read_timeout(Some(config.timeout))
+            .map_err(io("data stream timeout"))?;
         socket::configure(&s, &config.transport.socket);
         *slot = Some(s);
+        arrived += 1;
+    }
+    if fresh {
+        // Fault fresh memory in ahead of the page stream (zeroing it on first touch
+        // would otherwise run inside it), on a thread of its own so the seconds a
+        // large guest takes overlap the start of round 0. Populating never changes
+        // content, so pages that arrive first are safe.
+        let populating = memory.clone();
+        let _ = std::thread::Builder::new()
+            .name("dwcp-populate".into())
+            .spawn(move || populating.populate());
     }
     let streams = data
         .into_iter()

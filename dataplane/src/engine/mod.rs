@@ -40,6 +40,7 @@
 
 mod dest;
 mod fleet;
+mod gate;
 mod handshake;
 pub mod live;
 pub mod precopy;
@@ -50,9 +51,10 @@ mod steer;
 pub use crate::crc_table::AuditReport;
 pub use dest::{
     DestConfig, DestMemory, DestReport, IncomingProgress, PROGRESS_INTERVAL, ReceiveProgress,
-    receive, receive_cancellable, receive_guest, receive_watched,
+    receive, receive_cancellable, receive_guest, receive_through, receive_watched,
 };
 pub use fleet::split_cpus;
+pub use gate::Acceptor;
 pub use live::{Epoch, LiveControl, LiveReport, LiveSettings};
 pub use precopy::DowntimeEstimate;
 pub use report::{

@@ -1,0 +1,295 @@
+//! The migration port: accepts connections and sorts them by their first bytes before
+//! any session takes one.
+//!
+//! Anyone who can reach the port can connect, so no connection may hold up another: all
+//! pending connections are watched at once (`poll(2)`), each must say what it is — a
+//! session's control hello or a data stream's hello — within the handshake timeout or
+//! is closed, and one that closes without a word (a port scanner) is dropped quietly.
+//! A control connection that arrives while a session is still collecting its data
+//! streams waits its turn here instead of being taken for one of them. An [`Acceptor`]
+//! kept across sessions (the daemon's) keeps what it has sorted for the next session.
+
+use super::MigrationError;
+use crate::wire::{
+    self, ControlMessage, ControlReadError, MAX_CONTROL_MESSAGE, STREAM_HELLO_LEN, STREAM_MAGIC,
+    WireError,
+};
+use std::collections::VecDeque;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// A connection that has said what it is.
+pub(super) enum First {
+    /// A control connection and its first message (valid or not).
+    Control(Result<ControlMessage, ControlReadError>),
+    /// A data stream and its hello's bytes (not yet checked against a session).
+    Stream([u8; STREAM_HELLO_LEN]),
+}
+
+/// A connection sorted by its first bytes.
+pub(super) struct Sorted {
+    /// The connection, blocking again.
+    pub stream: TcpStream,
+    /// Its address.
+    pub peer: Option<SocketAddr>,
+    /// What it said.
+    pub first: First,
+}
+
+/// What the caller waits for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Want {
+    /// A control connection: a new session.
+    Control,
+    /// A data stream (control connections that come meanwhile wait for the next
+    /// session).
+    Stream,
+}
+
+/// A connection that has not said what it is yet.
+struct Pending {
+    stream: TcpStream,
+    peer: Option<SocketAddr>,
+    since: Instant,
+    bytes: Vec<u8>,
+}
+
+/// What reading a pending connection's first bytes gave.
+enum Read1 {
+    /// More bytes needed.
+    Waiting,
+    /// It closed or failed before saying anything useful: drop it.
+    Gone,
+    /// It said what it is.
+    Sorted(First),
+}
+
+/// The migration port's gate (see the module docs).
+pub struct Acceptor<'l> {
+    listener: &'l TcpListener,
+    pending: Vec<Pending>,
+    /// Control connections sorted while a session collected its data streams.
+    waiting: VecDeque<Sorted>,
+    /// Connections closed for silence, or for closing without a word.
+    dropped: u64,
+}
+
+impl<'l> Acceptor<'l> {
+    /// A gate on `listener`.
+    pub fn new(listener: &'l TcpListener) -> Self {
+        Acceptor {
+            listener,
+            pending: Vec::new(),
+            waiting: VecDeque::new(),
+            dropped: 0,
+        }
+    }
+
+    /// Connections closed so far because they said nothing in time, or closed before
+    /// saying what they are.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Connections open now that have not said what they are.
+    pub fn silent(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether a connection is waiting to be sorted or taken.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// The next connection of kind `want`, by `deadline`. Each connection gets
+    /// `handshake` to say what it is. Gives up at once when `cancel` is set.
+    pub(super) fn next(
+        &mut self,
+        want: Want,
+        deadline: Instant,
+        handshake: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<Sorted, MigrationError> {
+        if want == Want::Control
+            && let Some(s) = self.waiting.pop_front()
+        {
+            return Ok(s);
+        }
+        self.listener
+            .set_nonblocking(true)
+            .map_err(super::handshake::io("listener"))?;
+        let found = self.poll_until(want, deadline, handshake, cancel);
+        let _ = self.listener.set_nonblocking(false);
+        found
+    }
+
+    fn poll_until(
+        &mut self,
+        want: Want,
+        deadline: Instant,
+        handshake: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<Sorted, MigrationError> {
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        loop {
+            // Acquire: pairs with the Release store of whoever cancels.
+            if cancel.load(Ordering::Acquire) {
+                return Err(MigrationError::Aborted {
+                    reason: "cancelled at the destination".into(),
+                    rounds: 0,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(MigrationError::Transport(match want {
+                    Want::Control => "timed out waiting for the source to connect".into(),
+                    Want::Stream => format!(
+                        "timed out waiting for the session's data streams ({} connections \
+                         closed for saying nothing in time)",
+                        self.dropped
+                    ),
+                }));
+            }
+            let before = self.pending.len();
+            self.pending
+                .retain(|p| now.duration_since(p.since) < handshake);
+            self.dropped += (before - self.pending.len()) as u64;
+            fds.clear();
+            fds.push(pollfd(self.listener.as_raw_fd()));
+            fds.extend(self.pending.iter().map(|p| pollfd(p.stream.as_raw_fd())));
+            let wait = deadline
+                .saturating_duration_since(now)
+                .min(Duration::from_millis(20));
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the call.
+            let ready = unsafe {
+                libc::poll(
+                    fds.as_mut_ptr(),
+                    fds.len() as libc::nfds_t,
+                    wait.as_millis().max(1) as libc::c_int,
+                )
+            };
+            if ready <= 0 {
+                continue;
+            }
+            // Sort what spoke, newest last so indices stay valid while removing.
+            for i in (0..self.pending.len()).rev() {
+                if fds[i + 1].revents == 0 {
+                    continue;
+                }
+                match read_first(&mut self.pending[i]) {
+                    Read1::Waiting => {}
+                    Read1::Gone => {
+                        self.pending.swap_remove(i);
+                        self.dropped += 1;
+                    }
+                    Read1::Sorted(first) => {
+                        let p = self.pending.swap_remove(i);
+                        let _ = p.stream.set_nonblocking(false);
+                        let sorted = Sorted {
+                            stream: p.stream,
+                            peer: p.peer,
+                            first,
+                        };
+                        match (&sorted.first, want) {
+                            (First::Control(_), Want::Stream) => self.waiting.push_back(sorted),
+                            _ => return Ok(sorted),
+                        }
+                    }
+                }
+            }
+            if fds[0].revents != 0 {
+                self.accept_pending();
+            }
+        }
+    }
+
+    /// Take every connection waiting in the listen queue.
+    fn accept_pending(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    if stream.set_nonblocking(true).is_ok() {
+                        self.pending.push(Pending {
+                            stream,
+                            peer: Some(peer),
+                            since: Instant::now(),
+                            bytes: Vec::new(),
+                        });
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+fn pollfd(fd: std::os::fd::RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// Read what a pending connection has sent, and sort it once it is enough: a data
+/// stream's hello starts with [`STREAM_MAGIC`]; anything else is taken as a control
+/// message (its length, then its body), whose checks then say what is wrong with it.
+fn read_first(p: &mut Pending) -> Read1 {
+    let needed = |bytes: &[u8]| -> usize {
+        if bytes.len() < 4 {
+            return 4;
+        }
+        if bytes[..4] == STREAM_MAGIC {
+            return STREAM_HELLO_LEN;
+        }
+        let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+        // Too long to wait for: the control checks refuse it from its length alone.
+        if len > MAX_CONTROL_MESSAGE {
+            4
+        } else {
+            4 + len
+        }
+    };
+    loop {
+        let want = needed(&p.bytes);
+        if p.bytes.len() >= want {
+            break;
+        }
+        let mut chunk = vec![0u8; want - p.bytes.len()];
+        match p.stream.read(&mut chunk) {
+            Ok(0) => {
+                // Closed. Partial bytes of something are still worth a word.
+                return if p.bytes.is_empty() {
+                    Read1::Gone
+                } else {
+                    Read1::Sorted(First::Control(Err(ControlReadError::Io(
+                        std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                    ))))
+                };
+            }
+            Ok(n) => p.bytes.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Read1::Waiting,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Read1::Gone,
+        }
+    }
+    if p.bytes[..4] == STREAM_MAGIC {
+        let mut hello = [0u8; STREAM_HELLO_LEN];
+        hello.copy_from_slice(&p.bytes[..STREAM_HELLO_LEN]);
+        return Read1::Sorted(First::Stream(hello));
+    }
+    let len = u32::from_le_bytes([p.bytes[0], p.bytes[1], p.bytes[2], p.bytes[3]]) as usize;
+    if len > MAX_CONTROL_MESSAGE {
+        return Read1::Sorted(First::Control(Err(ControlReadError::Wire(
+            WireError::ControlTooLarge(len),
+        ))));
+    }
+    Read1::Sorted(First::Control(wire::decode_control(
+        len,
+        &mut &p.bytes[4..4 + len],
+    )))
+}
