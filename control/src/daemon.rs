@@ -313,14 +313,25 @@ impl ControlState {
 
     /// Migration `m`'s live settings, from all layers, and where each comes from.
     fn layers_of(&self, m: &Migration) -> (LiveSettings, Vec<SettingInfo>) {
+        self.layers(&m.base, m.opened_streams, Some(&m.overrides), &m.components)
+    }
+
+    /// The daemon's layers (mode, overrides for all) over a migration's own.
+    fn layers(
+        &self,
+        base: &LiveSettings,
+        opened: u16,
+        own: Option<&Overrides>,
+        components: &Components,
+    ) -> (LiveSettings, Vec<SettingInfo>) {
         layered(&Layers {
-            base: &m.base,
-            opened: m.opened_streams,
+            base,
+            opened,
             mode: self.detector.mode(),
             rdma_devices: &self.capabilities.rdma_devices,
             all: &self.defaults,
-            own: Some(&m.overrides),
-            components: &m.components,
+            own,
+            components,
         })
     }
 
@@ -328,15 +339,12 @@ impl ControlState {
     fn new_live_settings(&self) -> (LiveSettings, Vec<SettingInfo>) {
         let source = self.config.source_config();
         let components = self.flags.flags.components_for(self.next_id);
-        layered(&Layers {
-            base: &LiveSettings::from_config(&source),
-            opened: source.streams,
-            mode: self.detector.mode(),
-            rdma_devices: &self.capabilities.rdma_devices,
-            all: &self.defaults,
-            own: None,
-            components: &components,
-        })
+        self.layers(
+            &LiveSettings::from_config(&source),
+            source.streams,
+            None,
+            &components,
+        )
     }
 
     fn next_migration_settings(&self) -> Vec<SettingInfo> {
@@ -503,15 +511,7 @@ impl ControlState {
             source.transport.choice = TransportChoice::Plain;
         }
         source.transport.zero_copy &= components.zero_copy;
-        let (settings, _) = layered(&Layers {
-            base: &base,
-            opened: source.streams,
-            mode: self.detector.mode(),
-            rdma_devices: &self.capabilities.rdma_devices,
-            all: &self.defaults,
-            own: None,
-            components: &components,
-        });
+        let (settings, _) = self.layers(&base, source.streams, None, &components);
         let live = LiveControl::new(id, settings, Some(self.reports_tx.clone()));
         let done = self.done_tx.clone();
         let thread_live = live.clone();

@@ -5,7 +5,7 @@
 //! port: a silent connection, a half-finished session or an outsized hello must not
 //! hold up a real source.
 
-use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
+use dwcp_dataplane::dirty::{DirtyLog, DirtyLogKind, open_dirty_log};
 use dwcp_dataplane::engine::{
     self, Acceptor, DestConfig, DestMemory, DestReport, MigrationError, MigrationReport,
     ReceiveProgress, SourceConfig,
@@ -279,21 +279,14 @@ fn source_reports_a_vanished_destination_and_keeps_its_guest_running() {
         drop(streams);
         drop(control);
     });
-    let memory = Arc::new(GuestMemory::anonymous(64 << 20, PagePreference::Small).unwrap());
-    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, 3);
-    let opened = open_dirty_log(&memory, DirtyLogKind::Uffd).unwrap();
-    let guest = SimulatedGuest::start(
-        memory.clone(),
-        &GuestWorkload::default(),
-        opened.marker.clone(),
-    );
+    let (memory, guest, log) = running_guest(64 << 20, DirtyLogKind::Uffd);
     let config = SourceConfig {
         streams: 2,
         reply_timeout: Duration::from_secs(5),
         ..SourceConfig::default()
     };
-    let err = engine::migrate(addr, memory, &guest, opened.log, &config, &mut |_| {})
-        .expect_err("must fail");
+    let err =
+        engine::migrate(addr, memory, &guest, log, &config, &mut |_| {}).expect_err("must fail");
     fake.join().unwrap();
     let text = err.to_string();
     assert!(
@@ -308,23 +301,30 @@ fn source_reports_a_vanished_destination_and_keeps_its_guest_running() {
     guest.stop();
 }
 
-/// A real source migrating a simulated guest of the test's size to `addr`.
-fn real_source(addr: SocketAddr) -> Result<MigrationReport, MigrationError> {
-    let memory = Arc::new(
-        GuestMemory::anonymous(PAGES as usize * PAGE_SIZE, PagePreference::Small).unwrap(),
-    );
-    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, 5);
-    let opened = open_dirty_log(&memory, DirtyLogKind::Explicit).unwrap();
+/// A simulated guest of `bytes`, filled and running, with its dirty log.
+fn running_guest(
+    bytes: usize,
+    kind: DirtyLogKind,
+) -> (Arc<GuestMemory>, SimulatedGuest, Box<dyn DirtyLog>) {
+    let memory = Arc::new(GuestMemory::anonymous(bytes, PagePreference::Small).unwrap());
+    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, 3);
+    let opened = open_dirty_log(&memory, kind).unwrap();
     let guest = SimulatedGuest::start(
         memory.clone(),
         &GuestWorkload::default(),
         opened.marker.clone(),
     );
+    (memory, guest, opened.log)
+}
+
+/// A real source migrating a simulated guest of the test's size to `addr`.
+fn real_source(addr: SocketAddr) -> Result<MigrationReport, MigrationError> {
+    let (memory, guest, log) = running_guest(PAGES as usize * PAGE_SIZE, DirtyLogKind::Explicit);
     let config = SourceConfig {
         streams: 2,
         ..SourceConfig::default()
     };
-    let result = engine::migrate(addr, memory, &guest, opened.log, &config, &mut |_| {});
+    let result = engine::migrate(addr, memory, &guest, log, &config, &mut |_| {});
     guest.stop();
     result
 }

@@ -305,26 +305,8 @@ fn metrics_scrape_parses_and_safe_mode_mid_migration_loses_nothing() {
 #[test]
 fn flooding_and_silent_clients_stall_neither_the_migration_nor_the_control_thread() {
     let d = start("flood");
-    let r = d.call(Command::Set(SetOptions {
-        pacing_rate: Some(HOLDING_CAP),
-        ..SetOptions::default()
-    }));
-    assert!(r.ok, "{r:?}");
-    let done: Done = d
-        .call(Command::Migrate(dwcp_api::MigrateOptions {
-            peer: d.listen_addr.to_string(),
-            downtime_ms: Some(1),
-            ..Default::default()
-        }))
-        .into_result()
-        .unwrap();
-    let id = done.id.unwrap();
+    let (id, _) = held_migration(&d);
     let sent = |d: &Daemon| migrations(d)[0].bytes_sent;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sent(&d) == 0 {
-        assert!(Instant::now() < deadline, "{:?}", migrations(&d));
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let stop = std::sync::atomic::AtomicBool::new(false);
     let served = std::sync::atomic::AtomicU64::new(0);
     /// Stops the flooding clients however the scope ends: a failed assertion must not

@@ -5,15 +5,23 @@
 use dwcp_api::{MetricsText, Response};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-#[test]
-fn a_closed_output_pipe_ends_the_command_quietly() {
-    let dir = std::env::temp_dir().join(format!("dwcpctl-pipe-{}", std::process::id()));
+/// A fresh directory named after `name` with a socket bound in it, standing in for
+/// a daemon's: the directory, the socket's path, its listener.
+fn fake_daemon(name: &str) -> (PathBuf, PathBuf, UnixListener) {
+    let dir = std::env::temp_dir().join(format!("dwcpctl-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("dwcpd.sock");
     let listener = UnixListener::bind(&socket).unwrap();
+    (dir, socket, listener)
+}
+
+#[test]
+fn a_closed_output_pipe_ends_the_command_quietly() {
+    let (dir, socket, listener) = fake_daemon("pipe");
     // A daemon that answers one request with a long metrics text.
     let daemon = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
@@ -44,11 +52,7 @@ fn a_closed_output_pipe_ends_the_command_quietly() {
 
 #[test]
 fn a_daemon_that_never_answers_is_a_timeout_in_words() {
-    let dir = std::env::temp_dir().join(format!("dwcpctl-silent-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("dwcpd.sock");
-    let listener = UnixListener::bind(&socket).unwrap();
+    let (dir, socket, listener) = fake_daemon("silent");
     // Accepts, reads the request, says nothing until the client gives up.
     let daemon = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
