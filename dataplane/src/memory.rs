@@ -213,27 +213,49 @@ impl GuestMemory {
     /// kernel lacks it), so that receiving pages later does not pay for page faults.
     /// The content stays as it is (zero for fresh memory).
     pub fn populate(&self) {
-        const MADV_POPULATE_WRITE: libc::c_int = 23;
-        // In pieces: one call over a large guest holds the process's mmap lock for
-        // seconds, and every thread that maps memory meanwhile (a new thread's stack,
-        // a large allocation) waits behind it.
-        const PIECE: usize = 32 << 20;
-        let mut rc = 0;
-        let mut offset = 0;
-        while offset < self.len && rc == 0 {
-            let len = PIECE.min(self.len - offset);
-            // SAFETY: advising a range inside our own mapping; populating writes
-            // nothing visible.
-            rc = unsafe { libc::madvise(self.ptr.add(offset).cast(), len, MADV_POPULATE_WRITE) };
-            offset += len;
+        // In pieces of one huge page: a call holds the process's mmap lock while it
+        // allocates (and, for huge pages, may compact memory), and every thread that
+        // maps memory meanwhile (io_uring rings, buffers, a thread's stack) waits
+        // behind it.
+        const PIECE: u64 = (2 << 20) / PAGE_SIZE as u64;
+        let mut page = 0;
+        while page < self.pages() {
+            let count = PIECE.min(self.pages() - page);
+            self.populate_pages(page, count);
+            page += count;
         }
+    }
+
+    /// Fault pages `first..first + count` in for writing, keeping their content.
+    ///
+    /// # Panics
+    /// If the pages are not all inside guest memory.
+    pub fn populate_pages(&self, first: u64, count: u64) {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        if count == 0 {
+            return;
+        }
+        let offset = self.page_offset(first);
+        let end = self.page_offset(first + count - 1) + PAGE_SIZE;
+        // SAFETY: advising a range inside our own mapping; populating writes nothing
+        // visible.
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr.add(offset).cast(),
+                end - offset,
+                MADV_POPULATE_WRITE,
+            )
+        };
         if rc != 0 {
-            for page in 0..self.pages() {
-                let offset = page as usize * PAGE_SIZE;
-                // SAFETY: offset < len. An atomic add of zero faults the page in for
-                // writing without changing it, even if another thread writes it too.
+            for page in first..first + count {
+                // SAFETY: the page is inside the mapping (checked by `offset`). An
+                // atomic add of zero faults it in for writing without changing it,
+                // even if another thread writes it too.
                 unsafe {
-                    let word = &*self.ptr.add(offset).cast::<std::sync::atomic::AtomicU64>();
+                    let word = &*self
+                        .ptr
+                        .add(self.page_offset(page))
+                        .cast::<std::sync::atomic::AtomicU64>();
                     word.fetch_add(0, std::sync::atomic::Ordering::Relaxed);
                 }
             }

@@ -340,16 +340,6 @@ pub(super) fn accept(
         *slot = Some(s);
         arrived += 1;
     }
-    if fresh {
-        // Fault fresh memory in ahead of the page stream (zeroing it on first touch
-        // would otherwise run inside it), on a thread of its own so the seconds a
-        // large guest takes overlap the start of round 0. Populating never changes
-        // content, so pages that arrive first are safe.
-        let populating = memory.clone();
-        let _ = std::thread::Builder::new()
-            .name("dwcp-populate".into())
-            .spawn(move || populating.populate());
-    }
     let streams = data
         .into_iter()
         .enumerate()

@@ -557,12 +557,28 @@ impl FrameParser {
     }
 
     fn zero_run(&mut self, first: u64, count: u32) {
+        // Runs of fresh pages, faulted in a call each.
+        let mut fresh_from: Option<u64> = None;
         for page in first..first + u64::from(count) {
             let fresh = self.untouched.as_ref().is_some_and(|u| u.get(page));
-            if !fresh {
+            if fresh {
+                fresh_from.get_or_insert(page);
+            } else {
+                if let Some(from) = fresh_from.take() {
+                    self.memory.populate_pages(from, page - from);
+                }
                 self.memory.zero_page(page);
             }
             self.placed(page, zero_page_crc());
+        }
+        // Fresh memory holds zeros already, but its pages are faulted in now, with the
+        // run: a guest that writes one later would otherwise make its first write at
+        // the destination fault, perhaps in the paused window. (Fresh memory is not
+        // populated ahead of the stream: that raced the receivers for the mmap lock and
+        // huge pages, and held a 1 GiB session's setup for 2-3 s.)
+        if let Some(from) = fresh_from {
+            self.memory
+                .populate_pages(from, first + u64::from(count) - from);
         }
         self.counters.zero_pages += u64::from(count);
         self.round_pages += count;
