@@ -175,6 +175,19 @@ fn sigterm_lets_a_migration_finish_within_the_drain() {
     );
     let received = d.wait_for_line("dwcpd: received a migration");
     assert!(received.contains("32768 pages verified"), "{received}");
+    // Both ends name the same last round, the number `migrations` shows.
+    let final_round = |line: &str| {
+        line.split("final round ")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .map(str::to_string)
+    };
+    assert!(final_round(&done).is_some(), "{done}");
+    assert_eq!(
+        final_round(&done),
+        final_round(&received),
+        "{done} / {received}"
+    );
     d.wait_for_line("dwcpd: stopped");
     assert!(!d.socket.exists(), "the control socket outlived the daemon");
 }
