@@ -787,7 +787,7 @@ fn run_migration(
         }
         None => {
             live.set_activity(RunningGuest::describe_start(config));
-            RunningGuest::start(config)?
+            RunningGuest::start_until(config, &|| live.cancelled().is_some())?
         }
     };
     let run = Run {

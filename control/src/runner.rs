@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::qemu::QemuSource;
 use dwcp_dataplane::dirty::{DirtyLogKind, OpenedDirtyLog, open_dirty_log};
 use dwcp_dataplane::engine::{self, LiveControl, MigrationReport, Progress, SourceConfig};
-use dwcp_dataplane::guest::{ContentMix, GuestControl, SimulatedGuest, fill_memory};
+use dwcp_dataplane::guest::{ContentMix, GuestControl, SimulatedGuest, fill_memory_until};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_hugepages::PagePreference;
 use std::io::Write;
@@ -83,12 +83,28 @@ impl RunningGuest {
     /// Create, fill and start the simulated guest the configuration describes, or open
     /// the QEMU VM it names.
     pub fn start(config: &Config) -> Result<Self, String> {
+        Self::start_until(config, &|| false)
+    }
+
+    /// [`RunningGuest::start`], giving up while it fills a simulated guest's memory
+    /// once `cancelled` says so.
+    pub fn start_until(config: &Config, cancelled: &dyn Fn() -> bool) -> Result<Self, String> {
         if let Some(qmp) = &config.guest.qmp {
             let vm = QemuSource::open(qmp).map_err(|e| e.to_string())?;
             return Self::qemu(config, vm);
         }
         let memory = guest_memory(config)?;
-        fill_memory(&memory, &ContentMix::MEMORY_IMAGE, config.guest.seed);
+        if !fill_memory_until(
+            &memory,
+            &ContentMix::MEMORY_IMAGE,
+            config.guest.seed,
+            cancelled,
+        ) {
+            return Err(format!(
+                "cancelled while filling the simulated guest's {} of memory",
+                config.guest.memory
+            ));
+        }
         let dirty = open_dirty_log(&memory, config.dirty_log()).map_err(|e| e.to_string())?;
         let guest = SimulatedGuest::start(memory.clone(), &config.workload(), dirty.marker.clone());
         Ok(RunningGuest {

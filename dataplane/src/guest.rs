@@ -353,11 +353,26 @@ impl PageWriter {
 
 /// Fill all of `memory` with content of `mix` (edits count as zero pages), seeded.
 pub fn fill_memory(memory: &GuestMemory, mix: &ContentMix, seed: u64) {
+    fill_memory_until(memory, mix, seed, &|| false);
+}
+
+/// [`fill_memory`], giving up when `stop` says so (asked every 4096 pages: filling a
+/// guest of a few GiB takes seconds, and an operator may cancel meanwhile). Returns
+/// whether all of memory was filled.
+pub fn fill_memory_until(
+    memory: &GuestMemory,
+    mix: &ContentMix,
+    seed: u64,
+    stop: &dyn Fn() -> bool,
+) -> bool {
     let mut writer = PageWriter {
         rng: Rng::new(seed),
     };
     let mut scratch = Box::new([0u8; PAGE_SIZE]);
     for page in 0..memory.pages() {
+        if page % 4096 == 0 && stop() {
+            return false;
+        }
         let kind = writer.pick(mix);
         if kind == Content::Zero || kind == Content::Edit {
             memory.zero_page(page);
@@ -365,6 +380,7 @@ pub fn fill_memory(memory: &GuestMemory, mix: &ContentMix, seed: u64) {
             writer.write(memory, page, kind, &mut scratch);
         }
     }
+    true
 }
 
 /// Pause/throttle state shared by the vCPUs and their controller.

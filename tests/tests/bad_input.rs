@@ -346,7 +346,7 @@ fn a_half_finished_session_gives_way_to_the_next_source() {
     let dest = std::thread::spawn(move || {
         let config = DestConfig {
             handshake_timeout: Duration::from_secs(1),
-            timeout: Duration::from_secs(20),
+            timeout: Duration::from_secs(3),
             ..DestConfig::default()
         };
         // One gate for both sessions, as the daemon keeps it.

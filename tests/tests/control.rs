@@ -617,3 +617,37 @@ fn the_destination_lists_follows_counts_and_cancels_incoming_migrations() {
     );
     d.stop();
 }
+
+#[test]
+fn cancel_stops_a_migration_while_its_guest_is_still_being_filled() {
+    let d = start("fill");
+    // Filling 4 GiB takes seconds: the cancel arrives while it runs.
+    let done: Done = d
+        .call(Command::Migrate(dwcp_api::MigrateOptions {
+            peer: d.listen_addr.to_string(),
+            memory: Some("4G".into()),
+            ..Default::default()
+        }))
+        .into_result()
+        .unwrap();
+    let id = done.id.unwrap();
+    let r = d.call(Command::Cancel { id });
+    assert!(r.ok, "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let m = migrations(&d).into_iter().find(|m| m.id == id).unwrap();
+        if m.state != "running" {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "still running: {m:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(m.state, "cancelled", "{m:?}");
+    assert!(
+        m.error
+            .as_deref()
+            .is_some_and(|e| e.contains("cancelled while filling")),
+        "{m:?}"
+    );
+    d.stop();
+}

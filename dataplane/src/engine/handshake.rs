@@ -291,10 +291,13 @@ pub(super) fn accept(
     // The data streams, in any order, each identified by its hello. They come right
     // after the welcome: a session that does not open them in time is given up.
     let streams = hello.streams;
-    let stream_deadline = Instant::now() + config.handshake_timeout.max(Duration::from_secs(1));
+    // The session's own timeout, not the per-connection one: across a lossy path a
+    // stream's connect alone can take seconds of SYN retransmissions.
+    let stream_deadline = Instant::now() + config.timeout;
     let mut data: Vec<Option<TcpStream>> = (0..streams).map(|_| None).collect();
     let mut strays = 0u64;
     let mut arrived = 0u16;
+    let dropped_before = gate.dropped();
     while arrived < streams {
         let sorted = gate
             .next(
@@ -307,8 +310,9 @@ pub(super) fn accept(
                 MigrationError::Transport(_) => MigrationError::Transport(format!(
                     "{arrived} of {streams} data streams arrived within {} s of the welcome \
                      ({} connections said nothing, {strays} belonged to another session)",
-                    config.handshake_timeout.as_secs_f64(),
-                    gate.silent()
+                    config.timeout.as_secs_f64(),
+                    // Open and silent now, or closed for silence meanwhile.
+                    gate.silent() as u64 + gate.dropped() - dropped_before
                 )),
                 other => other,
             })
