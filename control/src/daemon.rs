@@ -180,6 +180,7 @@ impl ControlState {
     fn status(&self) -> StatusInfo {
         let mode = self.detector.mode();
         let c = &self.config;
+        let (next, settings) = self.new_live_settings();
         StatusInfo {
             version: env!("CARGO_PKG_VERSION").into(),
             protocol: dwcp_api::PROTOCOL_VERSION,
@@ -207,15 +208,15 @@ impl ControlState {
                 zero_copy: self.capabilities.zero_copy
                     && c.transport.zero_copy
                     && !self.flags.flags.safe_mode,
-                congestion: self.new_live_settings().0.congestion.to_string(),
+                congestion: next.congestion.to_string(),
                 streams: c.migration.streams,
-                codec: crate::settings::codec_text(&self.new_live_settings().0.codec),
+                codec: crate::settings::codec_text(&next.codec),
             },
             capabilities: self.capabilities.clone(),
             listen: c.dest.listen.clone(),
             running: self.running_ids().len() + self.incoming.running(),
             receiving: self.incoming.running(),
-            settings: self.next_migration_settings(),
+            settings,
             safe_mode: self.flags.flags.safe_mode,
             received: self.incoming.counts().completed,
             vms: self
@@ -347,10 +348,6 @@ impl ControlState {
         )
     }
 
-    fn next_migration_settings(&self) -> Vec<SettingInfo> {
-        self.new_live_settings().1
-    }
-
     fn handle(&mut self, request: Request) -> Response {
         if request.v != dwcp_api::PROTOCOL_VERSION {
             return Response::error(format!(
@@ -377,27 +374,7 @@ impl ControlState {
             Command::Status => Ok(Response::ok(self.status())),
             Command::Migrations => Ok(Response::ok(self.all_infos())),
             Command::Migrate(options) => self.migrate(options),
-            Command::Cancel { id } if self.incoming.contains(id) => {
-                self.incoming.cancel(id).unwrap_or(Ok(())).map(|()| {
-                    Response::ok(Done {
-                        message: format!(
-                            "incoming migration {id}: cancelling (its source keeps the guest)"
-                        ),
-                        id: Some(id),
-                    })
-                })
-            }
-            Command::Cancel { id } => match self.migrations.get(&id) {
-                Some(m) if m.state == "running" => {
-                    m.live.cancel("by the operator");
-                    Ok(Response::ok(Done {
-                        message: format!("migration {id}: cancelling"),
-                        id: Some(id),
-                    }))
-                }
-                Some(m) => Err(format!("migration {id} is {}, not running", m.state)),
-                None => Err(format!("no migration {id}")),
-            },
+            Command::Cancel { id } => self.cancel(id),
             Command::SetMode { mode } => {
                 let fixed = match mode.as_str() {
                     "auto" => None,
@@ -438,7 +415,7 @@ impl ControlState {
                 if let Some(object) = value.as_object_mut() {
                     object.insert(
                         "effective".into(),
-                        serde_json::to_value(self.next_migration_settings())
+                        serde_json::to_value(self.new_live_settings().1)
                             .map_err(|e| e.to_string())?,
                     );
                 }
@@ -452,6 +429,27 @@ impl ControlState {
                 }))
             }
         }
+    }
+
+    /// Cancel migration `id`, outgoing (the source keeps its guest) or incoming (its
+    /// source is told and keeps its guest).
+    fn cancel(&self, id: u64) -> Result<Response, String> {
+        let message = match (self.incoming.cancel(id), self.migrations.get(&id)) {
+            (Some(result), _) => {
+                result?;
+                format!("incoming migration {id}: cancelling (its source keeps the guest)")
+            }
+            (None, Some(m)) if m.state == "running" => {
+                m.live.cancel("by the operator");
+                format!("migration {id}: cancelling")
+            }
+            (None, Some(m)) => return Err(format!("migration {id} is {}, not running", m.state)),
+            (None, None) => return Err(format!("no migration {id}")),
+        };
+        Ok(Response::ok(Done {
+            message,
+            id: Some(id),
+        }))
     }
 
     fn migrate(&mut self, o: MigrateOptions) -> Result<Response, String> {

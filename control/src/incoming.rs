@@ -10,6 +10,7 @@
 
 use dwcp_api::MigrationInfo;
 use dwcp_dataplane::engine::{IncomingProgress, ReceiveProgress};
+use dwcp_dataplane::memory::PAGE_SIZE;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -224,7 +225,7 @@ impl IncomingBook {
 
 fn info(id: u64, m: &Incoming, mode: &str) -> MigrationInfo {
     let p = &m.latest;
-    let memory_pages = p.memory_bytes / 4096;
+    let memory_pages = p.memory_bytes / PAGE_SIZE as u64;
     let received = m.received.as_ref();
     MigrationInfo {
         id,

@@ -138,9 +138,7 @@ pub fn render(s: &Snapshot) -> String {
         "Migrations received and verified as destination.",
         &[(none(), s.received.completed as f64)],
     );
-    let running = |infos: &mut dyn Iterator<Item = &MigrationInfo>| {
-        infos.filter(|m| m.state == "running").count() as f64
-    };
+    let running = |info: &&MigrationInfo| info.state == "running";
     family(
         "dwcp_migrations_running",
         "gauge",
@@ -148,11 +146,11 @@ pub fn render(s: &Snapshot) -> String {
         &[
             (
                 "{direction=\"outgoing\"}".into(),
-                running(&mut s.migrations.iter().map(|m| &m.info)),
+                s.migrations.iter().map(|m| &m.info).filter(running).count() as f64,
             ),
             (
                 "{direction=\"incoming\"}".into(),
-                running(&mut s.incoming.iter()),
+                s.incoming.iter().filter(running).count() as f64,
             ),
         ],
     );

@@ -246,7 +246,6 @@ pub fn receive_through(
         round_counts: Vec::new(),
         round_pages: Vec::new(),
         ended: 0,
-        bytes: 0,
         final_round: None,
         source_crcs: Vec::new(),
         expect: None,
@@ -302,7 +301,7 @@ pub fn receive_through(
         digest,
         table: coordinator.table.clone(),
         rounds,
-        bytes: coordinator.bytes,
+        bytes: coordinator.received_bytes(),
         device_state_bytes,
         transport: probe.kind,
     })
@@ -325,7 +324,6 @@ struct Coordinator<'p> {
     round_counts: Vec<u16>,
     round_pages: Vec<u64>,
     ended: u16,
-    bytes: u64,
     final_round: Option<u64>,
     /// The source's page CRCs (`verify = "full"`).
     source_crcs: Vec<u32>,
@@ -342,7 +340,8 @@ struct Coordinator<'p> {
     device_bytes: u64,
     /// The source's `DeviceStateEnd`, once it came.
     device_end: Option<u64>,
-    /// Bytes and pages each stream has received, from its workers' telemetry.
+    /// Bytes and pages each stream has received, from its workers' telemetry (the
+    /// bytes final once the stream ended).
     received: Vec<(u64, u64)>,
     progress: &'p ReceiveProgress,
     progress_at: Instant,
@@ -350,6 +349,11 @@ struct Coordinator<'p> {
 
 impl Coordinator<'_> {
     /// Refresh what an observer sees.
+    /// Bytes received on data streams.
+    fn received_bytes(&self) -> u64 {
+        self.received.iter().map(|r| r.0).sum()
+    }
+
     fn publish_progress(&mut self) {
         self.progress_at = Instant::now();
         let (bytes, pages) = self
@@ -403,7 +407,6 @@ impl Coordinator<'_> {
             }
             RxEvent::StreamEnd { stream, bytes } => {
                 self.ended += 1;
-                self.bytes += bytes;
                 if let Some(r) = self.received.get_mut(usize::from(stream)) {
                     r.0 = r.0.max(bytes);
                 }

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// A connection that has said what it is.
-pub(super) enum First {
+enum First {
     /// A control connection and its first message (valid or not).
     Control(Result<ControlMessage, ControlReadError>),
     /// A data stream and its hello's bytes (not yet checked against a session).
@@ -30,18 +30,18 @@ pub(super) enum First {
 }
 
 /// A connection sorted by its first bytes.
-pub(super) struct Sorted {
+struct Sorted {
     /// The connection, blocking again.
-    pub stream: TcpStream,
+    stream: TcpStream,
     /// Its address.
-    pub peer: Option<SocketAddr>,
+    peer: SocketAddr,
     /// What it said.
-    pub first: First,
+    first: First,
 }
 
 /// What the caller waits for.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Want {
+enum Want {
     /// A control connection: a new session.
     Control,
     /// A data stream (control connections that come meanwhile wait for the next
@@ -52,7 +52,7 @@ pub(super) enum Want {
 /// A connection that has not said what it is yet.
 struct Pending {
     stream: TcpStream,
-    peer: Option<SocketAddr>,
+    peer: SocketAddr,
     since: Instant,
     bytes: Vec<u8>,
 }
@@ -104,9 +104,47 @@ impl<'l> Acceptor<'l> {
         !self.pending.is_empty() || !self.waiting.is_empty()
     }
 
-    /// The next connection of kind `want`, by `deadline`. Each connection gets
-    /// `handshake` to say what it is. Gives up at once when `cancel` is set.
-    pub(super) fn next(
+    /// The next control connection (a new session), by `deadline`: the connection,
+    /// its address and its first message. Each connection gets `handshake` to say
+    /// what it is. Gives up at once when `cancel` is set.
+    pub(super) fn next_control(
+        &mut self,
+        deadline: Instant,
+        handshake: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<
+        (
+            TcpStream,
+            SocketAddr,
+            Result<ControlMessage, ControlReadError>,
+        ),
+        MigrationError,
+    > {
+        let sorted = self.next(Want::Control, deadline, handshake, cancel)?;
+        match sorted.first {
+            First::Control(first) => Ok((sorted.stream, sorted.peer, first)),
+            First::Stream(_) => unreachable!("`next` hands out what was asked for"),
+        }
+    }
+
+    /// The next data stream and its hello's bytes, by `deadline`, as
+    /// [`Acceptor::next_control`]; control connections that come meanwhile wait for
+    /// the next session.
+    pub(super) fn next_stream(
+        &mut self,
+        deadline: Instant,
+        handshake: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<(TcpStream, [u8; STREAM_HELLO_LEN]), MigrationError> {
+        let sorted = self.next(Want::Stream, deadline, handshake, cancel)?;
+        match sorted.first {
+            First::Stream(hello) => Ok((sorted.stream, hello)),
+            First::Control(_) => unreachable!("`next` keeps control connections back"),
+        }
+    }
+
+    /// The next connection of kind `want`.
+    fn next(
         &mut self,
         want: Want,
         deadline: Instant,
@@ -214,7 +252,7 @@ impl<'l> Acceptor<'l> {
                     if stream.set_nonblocking(true).is_ok() {
                         self.pending.push(Pending {
                             stream,
-                            peer: Some(peer),
+                            peer,
                             since: Instant::now(),
                             bytes: Vec::new(),
                         });
@@ -259,8 +297,11 @@ fn read_first(p: &mut Pending) -> Read1 {
         if p.bytes.len() >= want {
             break;
         }
-        let mut chunk = vec![0u8; want - p.bytes.len()];
-        match p.stream.read(&mut chunk) {
+        let have = p.bytes.len();
+        p.bytes.resize(want, 0);
+        let read = p.stream.read(&mut p.bytes[have..]);
+        p.bytes.truncate(have + read.as_ref().map_or(0, |n| *n));
+        match read {
             Ok(0) => {
                 // Closed. Partial bytes of something are still worth a word.
                 return if p.bytes.is_empty() {
@@ -271,7 +312,7 @@ fn read_first(p: &mut Pending) -> Read1 {
                     ))))
                 };
             }
-            Ok(n) => p.bytes.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Read1::Waiting,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return Read1::Gone,

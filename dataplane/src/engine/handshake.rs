@@ -3,7 +3,7 @@
 //! the data streams, each identified by its stream hello. Also the control stream as
 //! both sides use it afterwards ([`ControlLink`]).
 
-use super::gate::{Acceptor, First, Want};
+use super::gate::Acceptor;
 use super::{DestConfig, DestMemory, MigrationError, SourceConfig};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::transport::socket;
@@ -187,14 +187,9 @@ pub(super) fn accept(
     connected: &mut dyn FnMut(std::net::SocketAddr),
 ) -> Result<Accepted, MigrationError> {
     let deadline = Instant::now() + config.timeout;
-    let sorted = gate.next(Want::Control, deadline, config.handshake_timeout, cancel)?;
-    let (mut control, first) = match sorted.first {
-        First::Control(first) => (sorted.stream, first),
-        First::Stream(_) => unreachable!("the gate hands out what was asked for"),
-    };
-    if let Some(peer) = sorted.peer {
-        connected(peer);
-    }
+    let (mut control, peer, first) =
+        gate.next_control(deadline, config.handshake_timeout, cancel)?;
+    connected(peer);
     control
         .set_read_timeout(Some(config.timeout))
         .map_err(io("control stream timeout"))?;
@@ -299,13 +294,8 @@ pub(super) fn accept(
     let mut arrived = 0u16;
     let dropped_before = gate.dropped();
     while arrived < streams {
-        let sorted = gate
-            .next(
-                Want::Stream,
-                stream_deadline,
-                config.handshake_timeout,
-                cancel,
-            )
+        let (s, bytes) = gate
+            .next_stream(stream_deadline, config.handshake_timeout, cancel)
             .map_err(|e| match e {
                 MigrationError::Transport(_) => MigrationError::Transport(format!(
                     "{arrived} of {streams} data streams arrived within {} s of the welcome \
@@ -317,10 +307,6 @@ pub(super) fn accept(
                 other => other,
             })
             .map_err(|e| refuse(&mut control, e))?;
-        let (s, bytes) = match sorted.first {
-            First::Stream(bytes) => (sorted.stream, bytes),
-            First::Control(_) => unreachable!("the gate keeps control connections back"),
-        };
         let stream_hello = match StreamHello::decode(&bytes, hello.session_id, streams) {
             Ok(h) => h,
             Err(WireError::WrongSession { .. }) => {
