@@ -59,6 +59,7 @@ bench: deps
 	$(CARGO) run --release -p dwcp-bench -- wan --json
 	$(CARGO) run --release -p dwcp-bench -- control --json
 	$(CARGO) run --release -p dwcp-bench -- downtime --json
+	$(CARGO) run --release -p dwcp-bench -- security --json
 
 criterion: deps
 	$(CARGO) bench -p dwcp-bench
@@ -77,6 +78,7 @@ fuzz: deps
 	cd dataplane/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frames -- -max_total_time=$(FUZZ_SECONDS)
 	cd dataplane/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run control -- -max_total_time=$(FUZZ_SECONDS)
 	cd dataplane/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run codec -- -max_total_time=$(FUZZ_SECONDS)
+	cd dataplane/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run sealed -- -max_total_time=$(FUZZ_SECONDS)
 
 clean:
 	$(CARGO) clean

@@ -178,6 +178,7 @@ fn migrate(clients: Clients) -> Result<Run, String> {
     config.control.socket = dir.join("dwcpd.sock");
     config.guest.memory = Size(GUEST_BYTES);
     config.guest.dirty_rate_mbps = 10.0;
+    dwcp_tests::secure(&mut config, 0);
     config
         .validate()
         .map_err(|problems| format!("bench configuration: {problems}"))?;

@@ -19,6 +19,8 @@
 //!   against one plain TCP stream, and the emulator's own forwarding and bottleneck).
 //! - [`control`]: the `control` suite (a live migration with clients on the daemon's
 //!   control socket against the same migration with none).
+//! - [`security`]: the `security` suite (sealed against plain page streams, against
+//!   rustls streams, session setup with 16 streams).
 //! - [`downtime`]: the `downtime` suite (the demo's migration against its downtime
 //!   limit, the table digest against the full check, 4 GiB against 1 GiB).
 
@@ -31,5 +33,6 @@ pub mod qemu;
 pub mod reference;
 pub mod report;
 pub mod ring;
+pub mod security;
 pub mod transport;
 pub mod wan;

@@ -99,6 +99,16 @@ enum Suite {
         #[arg(long, value_delimiter = ',')]
         qemu_configs: Vec<String>,
     },
+    /// Authenticated, encrypted sessions: sealed page streams against plain ones and
+    /// against rustls streams, and the session setup with 16 streams.
+    Security {
+        /// Print one JSON object per comparison on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Run only the comparisons whose name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+    },
     /// Page kernels (CRC32C, zero test, XBZRLE) and the SPSC ring.
     Kernels {
         /// Print one JSON object per comparison on stdout (the table goes to stderr).
@@ -117,6 +127,11 @@ fn main() {
         Suite::Transport { json, filter } => {
             let mut out = Reporter::new(json).with_filter(filter);
             dwcp_bench::transport::run(plan, &mut out);
+            out.finish();
+        }
+        Suite::Security { json, filter } => {
+            let mut out = Reporter::new(json).with_filter(filter);
+            dwcp_bench::security::run(plan, &mut out);
             out.finish();
         }
         Suite::Codec { json, filter } => {

@@ -324,13 +324,36 @@ struct DwcpSetup<'a> {
     downtime_ms: u64,
 }
 
+/// Certificate flags for the source (`[0]`) and the destination (`[1]`) appliances:
+/// a lab set whose destination certificate names the address it listens on. dwcp's
+/// sessions run authenticated and encrypted; QEMU's migrations here run without TLS.
+fn appliance_cert_args(listen: &str) -> Result<[Vec<String>; 2], String> {
+    let host = listen
+        .rsplit_once(':')
+        .map_or(listen, |(h, _)| h)
+        .to_string();
+    let dir = std::env::temp_dir().join(format!("dwcp-bench-certs-{}-{host}", std::process::id()));
+    let mut addresses = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    if !addresses.contains(&host) {
+        addresses.push(host);
+    }
+    let specs = ["bench-source", "bench-dest"].map(|name| dwcp_control::certs::ApplianceSpec {
+        name: name.into(),
+        addresses: addresses.clone(),
+    });
+    let lab = dwcp_control::certs::init(&dir, &specs).map_err(|e| e.to_string())?;
+    Ok([0, 1].map(|i| lab.dwcpd_flags(i)))
+}
+
 /// dwcp's migration of the pair: `dwcpd dest --qmp` and `dwcpd source --qmp`.
 fn dwcp_run(src: &Vm, dst: &Vm, setup: &DwcpSetup<'_>) -> Result<Run, String> {
     let mut qs = qmp(src)?;
     let mut qd = qmp(dst)?;
+    let [src_certs, dst_certs] = appliance_cert_args(&setup.listen)?;
     let mut dest = in_netns(setup.dst_ns, &dwcpd())
         .args(["dest", "--listen", &setup.listen, "--qmp"])
         .arg(&dst.qmp)
+        .args(&dst_certs)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -363,6 +386,7 @@ fn dwcp_run(src: &Vm, dst: &Vm, setup: &DwcpSetup<'_>) -> Result<Run, String> {
     source
         .args(["source", "--json", "--peer", &addr, "--qmp"])
         .arg(&src.qmp)
+        .args(&src_certs)
         .args(["--downtime-ms", &setup.downtime_ms.to_string()]);
     if let Some(config) = &setup.config {
         source.arg("--config").arg(config);

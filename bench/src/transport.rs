@@ -16,6 +16,7 @@ use dwcp_dataplane::engine::{DestConfig, SourceConfig};
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_dataplane::ring::Consumer;
+use dwcp_dataplane::security::SessionKeys;
 use dwcp_dataplane::transport::{
     self, RxEvent, RxSetup, TransportConfig, TransportKind, TxCommand, TxSetup, TxWorker, plain,
     socket, uring,
@@ -28,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// CPU seconds (user + system) of this process or of its waited-for children.
-fn cpu_seconds(who: libc::c_int) -> f64 {
+pub(crate) fn cpu_seconds(who: libc::c_int) -> f64 {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: `usage` is a writable rusage.
     unsafe { libc::getrusage(who, usage.as_mut_ptr()) };
@@ -40,19 +41,19 @@ fn cpu_seconds(who: libc::c_int) -> f64 {
 
 /// One measured transfer.
 #[derive(Debug, Clone, Copy)]
-struct Transfer {
-    bits_per_second: f64,
-    cpu_per_gb: f64,
+pub(crate) struct Transfer {
+    pub bits_per_second: f64,
+    pub cpu_per_gb: f64,
 }
 
 /// Memory for one direction of the page stream, made once and reused.
-struct StreamSetup {
-    source: Arc<GuestMemory>,
-    dest: Arc<GuestMemory>,
+pub(crate) struct StreamSetup {
+    pub source: Arc<GuestMemory>,
+    pub dest: Arc<GuestMemory>,
 }
 
 impl StreamSetup {
-    fn new(bytes: usize) -> Self {
+    pub(crate) fn new(bytes: usize) -> Self {
         let source = Arc::new(
             GuestMemory::anonymous(bytes, PagePreference::TransparentHuge).expect("source memory"),
         );
@@ -80,8 +81,14 @@ fn loopback_pairs(streams: u16, options: &socket::SocketOptions) -> Vec<(TcpStre
         .collect()
 }
 
-/// Our page stream: every page of `setup.source` once, over `streams` streams.
-fn page_stream(setup: &StreamSetup, streams: u16, config: &TransportConfig) -> Transfer {
+/// Our page stream: every page of `setup.source` once, over `streams` streams; sealed
+/// records with `records` (an authenticated session's keys).
+pub(crate) fn page_stream(
+    setup: &StreamSetup,
+    streams: u16,
+    config: &TransportConfig,
+    records: Option<Arc<SessionKeys>>,
+) -> Transfer {
     let probe = transport::probe(config);
     let pairs = loopback_pairs(streams, &config.socket);
     let cpus = dwcp_hugepages::numa::topology()
@@ -118,11 +125,13 @@ fn page_stream(setup: &StreamSetup, streams: u16, config: &TransportConfig) -> T
         memory_is_fresh: true,
         capabilities: caps::ALL,
         table: Arc::new(CrcTable::new(setup.dest.pages())),
+        records: records.clone(),
     };
     let tx_setup = TxSetup {
         memory: setup.source.clone(),
         table: Arc::new(CrcTable::new(setup.source.pages())),
         codec: None,
+        records,
     };
     for (w, (tg, rg)) in tx_groups.into_iter().zip(rx_groups).enumerate() {
         match probe.kind {
@@ -164,6 +173,12 @@ fn page_stream(setup: &StreamSetup, streams: u16, config: &TransportConfig) -> T
             Ok(()) => return,
             Err(full) => {
                 cmd = full.0;
+                // A worker that failed takes no more: say why instead of waiting.
+                while let Some(event) = tx[w].events.pop() {
+                    if let dwcp_dataplane::transport::TxEvent::Failed { error, .. } = event {
+                        panic!("source worker {w}: {error}");
+                    }
+                }
                 tx[w].thread.unpark();
                 std::thread::yield_now();
             }
@@ -374,7 +389,7 @@ pub fn run(plan: Plan, out: &mut Reporter) {
         for i in 0..runs.runs {
             let mut one = |ours: bool| {
                 if ours {
-                    let t = page_stream(&setup, streams, &config);
+                    let t = page_stream(&setup, streams, &config, None);
                     ours_bps.push(t.bits_per_second / 1e9);
                     ours_cpu.push(t.cpu_per_gb);
                 } else if let Ok(t) = iperf3(BYTES as u64 + (BYTES as u64 >> 10), streams) {
@@ -423,8 +438,8 @@ pub fn run(plan: Plan, out: &mut Reporter) {
         };
         let (mut zc, mut cp) = (Samples::default(), Samples::default());
         for _ in 0..runs.runs {
-            zc.push(page_stream(&setup, 4, &forced).bits_per_second / 1e9);
-            cp.push(page_stream(&setup, 4, &copy).bits_per_second / 1e9);
+            zc.push(page_stream(&setup, 4, &forced, None).bits_per_second / 1e9);
+            cp.push(page_stream(&setup, 4, &copy, None).bits_per_second / 1e9);
         }
         out.emit(Comparison::new(
             "transport/zc-forced-vs-copy-4s",

@@ -1,6 +1,7 @@
 //! Running `dwcpd` as a source, a destination, or both at once (the demo).
 
-use crate::config::Config;
+use crate::certs;
+use crate::config::{Config, SessionSecurityConfig};
 use crate::progress::ProgressDisplay;
 use crate::qemu::QemuIncoming;
 use crate::runner::{self, Run, RunningGuest};
@@ -21,7 +22,8 @@ fn migrate_shown(
     every: Duration,
 ) -> Result<MigrationReport, String> {
     let mut display = ProgressDisplay::new(quiet, every);
-    let source = config.source_config();
+    let mut source = config.source_config();
+    source.security = config.identity()?;
     let run = Run {
         config,
         source: &source,
@@ -61,6 +63,8 @@ pub fn run_dest(
         Some(qmp) => Some(QemuIncoming::open(qmp).map_err(|e| e.to_string())?),
         None => None,
     };
+    let mut dest_config = config.dest_config();
+    dest_config.security = config.identity()?;
     let listener = TcpListener::bind(&config.dest.listen)
         .map_err(|e| format!("listening on {}: {e}", config.dest.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -73,7 +77,7 @@ pub fn run_dest(
             engine::receive_guest(
                 &listener,
                 DestMemory::Provided(memory),
-                &config.dest_config(),
+                &dest_config,
                 &cancel,
                 Some(vm),
             )
@@ -82,11 +86,35 @@ pub fn run_dest(
         None => engine::receive_cancellable(
             &listener,
             DestMemory::Allocate(PagePreference::TransparentHuge),
-            &config.dest_config(),
+            &dest_config,
             &cancel,
         )
         .map_err(|e| e.to_string()),
     }
+}
+
+/// A directory of certificates removed when dropped.
+struct ThrowawayCertificates {
+    path: std::path::PathBuf,
+}
+
+impl Drop for ThrowawayCertificates {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A lab set in a private temporary directory, configured into `config` (both ends of
+/// the demo use the first appliance's identity).
+fn throwaway_certificates(config: &mut Config) -> Result<ThrowawayCertificates, String> {
+    let path = std::env::temp_dir().join(format!("dwcp-demo-certs-{}", std::process::id()));
+    let dir = ThrowawayCertificates { path };
+    let written = certs::init(&dir.path, &[]).map_err(|e| e.to_string())?;
+    let (_, cert, key) = &written.appliances[0];
+    config.security.cert = Some(cert.clone());
+    config.security.key = Some(key.clone());
+    config.security.ca = Some(written.ca.clone());
+    Ok(dir)
 }
 
 /// What the demo prints with `--json`.
@@ -122,8 +150,22 @@ pub struct DestSummary {
 /// simulated guest, verified.
 pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
     let setup = Instant::now();
+    // Both ends are this process on loopback: without certificates configured, the
+    // demo makes throwaway ones (and its report says so) rather than run plain.
+    let mut config = config.clone();
+    let throwaway = match config.session_security() {
+        SessionSecurityConfig::Missing => Some(throwaway_certificates(&mut config)?),
+        _ => None,
+    };
+    let config = &config;
     if !quiet {
         eprintln!("setting up: {}", RunningGuest::describe_start(config));
+        if let Some(dir) = &throwaway {
+            eprintln!(
+                "session: TLS 1.3 with throwaway certificates generated for this demo in {}",
+                dir.path.display()
+            );
+        }
     }
     let mut guest = RunningGuest::start(config)?;
     let listener =
@@ -132,7 +174,8 @@ pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
     // Both appliances share this machine. Splitting its CPUs between them measured
     // slower here (2.1-2.6 GB/s against 2.9-3.3) than letting both use all of them:
     // the source side also runs the guest's vCPUs and the engine.
-    let dest_config = config.dest_config();
+    let mut dest_config = config.dest_config();
+    dest_config.security = config.identity()?;
     let receiver = std::thread::Builder::new()
         .name("dwcp-dest".into())
         .spawn(move || {
@@ -153,6 +196,14 @@ pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
     // The guest is paused (migrated away): its memory is final.
     let byte_identical = guest.memory.first_difference(&dest.memory).is_none();
     guest.stop();
+    let mut source = source;
+    if throwaway.is_some() {
+        source.notes.push(
+            "session certificates: throwaway ones generated for this demo (configure [security] \
+             for real ones)"
+                .into(),
+        );
+    }
     Ok(DemoReport {
         source,
         destination: DestSummary {

@@ -8,11 +8,13 @@ use dwcp_dataplane::codec::policy::{CodecConfig, CodecMode};
 use dwcp_dataplane::dirty::DirtyLogKind;
 use dwcp_dataplane::engine::{DestConfig, SourceConfig, VerifyMode};
 use dwcp_dataplane::guest::{AccessPattern, ContentMix, GuestWorkload};
+use dwcp_dataplane::security::{Identity, SecurityFiles};
 use dwcp_dataplane::transport::socket::{Congestion, SocketOptions};
 use dwcp_dataplane::transport::{IdleStrategy, TransportChoice, TransportConfig};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A size with an optional binary suffix: `4096`, `64K`, `512M`, `1G`.
@@ -399,6 +401,69 @@ impl Default for ControlSection {
     }
 }
 
+/// `[security]`: this appliance's identity. Sessions are TLS 1.3 with mutual
+/// authentication and sealed data streams; without certificates the appliance refuses
+/// to run unless `insecure` (or `--insecure`) says to run plain.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySection {
+    /// This appliance's certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The site's CA certificate(s) (PEM).
+    pub ca: Option<PathBuf>,
+    /// Accept only peers whose certificate is valid for one of these names (empty:
+    /// any appliance of the site's CA).
+    pub peers: Vec<String>,
+    /// Run without authentication or encryption (labs on a trusted network).
+    pub insecure: bool,
+}
+
+/// How sessions are secured, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionSecurityConfig {
+    /// Authenticated and encrypted with these files.
+    Certificates(SecurityFiles),
+    /// Plain, as asked (`insecure`).
+    Insecure,
+    /// Nothing configured: refused.
+    Missing,
+}
+
+impl SessionSecurityConfig {
+    /// The identity, loaded from its files now: `None` when insecure; an error when
+    /// nothing is configured or the files do not load.
+    pub fn identity(&self) -> Result<Option<Arc<Identity>>, String> {
+        match self {
+            SessionSecurityConfig::Insecure => Ok(None),
+            SessionSecurityConfig::Missing => Err(NO_CERTIFICATES.into()),
+            SessionSecurityConfig::Certificates(files) => Identity::load(files)
+                .map(Some)
+                .map_err(|e| format!("[security]: {e}")),
+        }
+    }
+}
+
+/// Why an appliance without certificates does not start.
+pub const NO_CERTIFICATES: &str = "no certificates configured: sessions between appliances are \
+    authenticated and encrypted (TLS 1.3), so set [security] cert, key and ca (`dwcpd certs \
+    init DIR` makes a lab set), or pass --insecure to run unauthenticated and unencrypted";
+
+fn dns_name_or_address(name: &str) -> Result<(), String> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if ok { Ok(()) } else { Err(name.into()) }
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -415,6 +480,8 @@ pub struct Config {
     pub codec: CodecSection,
     /// `[control]`
     pub control: ControlSection,
+    /// `[security]`
+    pub security: SecuritySection,
 }
 
 /// Section `name` of the file, key by key: each key is deserialized alone first, so
@@ -522,11 +589,12 @@ impl Config {
             dest: section("dest", take("dest"), &mut errors),
             codec: section("codec", take("codec"), &mut errors),
             control: section("control", take("control"), &mut errors),
+            security: section("security", take("security"), &mut errors),
         };
         for (name, _) in top {
             errors.push(format!(
                 "unknown section or key {name:?} at the top (sections: [migration], \
-                 [transport], [guest], [dest], [codec], [control])"
+                 [transport], [guest], [dest], [codec], [control], [security])"
             ));
         }
         if explicit_zero_copy && config.transport.kind == "plain" {
@@ -747,6 +815,43 @@ impl Config {
                 self.dest.listen
             ));
         }
+        let sec = &self.security;
+        let given = [("cert", &sec.cert), ("key", &sec.key), ("ca", &sec.ca)];
+        let set: Vec<&str> = given
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        if !set.is_empty() && set.len() < 3 {
+            let missing: Vec<&str> = given
+                .iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(k, _)| *k)
+                .collect();
+            errors.push(format!(
+                "[security] has {} but not {}: an appliance needs its certificate, its key \
+                 and the site's CA",
+                set.join(" and "),
+                missing.join(" and ")
+            ));
+        }
+        for (key, path) in given {
+            if let Some(p) = path
+                && !p.is_file()
+            {
+                errors.push(format!(
+                    "security.{key} = {:?}: no such file",
+                    p.display().to_string()
+                ));
+            }
+        }
+        for name in &sec.peers {
+            if dns_name_or_address(name).is_err() {
+                errors.push(format!(
+                    "security.peers: {name:?} is not a DNS name or an IP address"
+                ));
+            }
+        }
         check(
             &mut errors,
             (1..=600).contains(&self.dest.handshake_timeout_seconds),
@@ -907,6 +1012,33 @@ impl Config {
         })
     }
 
+    /// How sessions are secured.
+    pub fn session_security(&self) -> SessionSecurityConfig {
+        let s = &self.security;
+        if s.insecure {
+            return SessionSecurityConfig::Insecure;
+        }
+        match (&s.cert, &s.key, &s.ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                SessionSecurityConfig::Certificates(SecurityFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                    peers: s.peers.clone(),
+                })
+            }
+            _ => SessionSecurityConfig::Missing,
+        }
+    }
+
+    /// This appliance's identity, loaded from its files now (each session loads it
+    /// anew, so replaced certificates apply to new sessions without a restart):
+    /// `None` when running insecure; an error when nothing is configured or the files
+    /// do not load.
+    pub fn identity(&self) -> Result<Option<Arc<Identity>>, String> {
+        self.session_security().identity()
+    }
+
     /// Destination settings.
     pub fn dest_config(&self) -> DestConfig {
         use dwcp_dataplane::wire::caps;
@@ -921,6 +1053,8 @@ impl Config {
             } else {
                 caps::ZERO_PAGES | caps::PAGE_RUNS
             },
+            // Loaded per session by whoever runs it (see `identity`).
+            security: None,
         }
     }
 

@@ -212,6 +212,22 @@ impl ControlState {
                 streams: c.migration.streams,
                 codec: crate::settings::codec_text(&next.codec),
             },
+            security: match c.session_security() {
+                crate::config::SessionSecurityConfig::Certificates(f) => format!(
+                    "TLS 1.3, mutual authentication, sealed data streams: certificate {}, CA {}{}",
+                    f.cert.display(),
+                    f.ca.display(),
+                    if f.peers.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", peers pinned to {}", f.peers.join(", "))
+                    }
+                ),
+                crate::config::SessionSecurityConfig::Insecure => {
+                    "plain: not authenticated, not encrypted (--insecure)".into()
+                }
+                crate::config::SessionSecurityConfig::Missing => "no certificates".into(),
+            },
             capabilities: self.capabilities.clone(),
             listen: c.dest.listen.clone(),
             running: self.running_ids().len() + self.incoming.running(),
@@ -503,6 +519,8 @@ impl ControlState {
         self.next_id += 1;
         let components = self.flags.flags.components_for(id);
         let mut source = config.source_config();
+        // Loaded for each migration: replaced certificates apply without a restart.
+        source.security = config.identity()?;
         // The bottom layer is what was configured; flags narrow it in `layered`.
         let base = LiveSettings::from_config(&source);
         if !components.io_uring {
@@ -689,11 +707,12 @@ impl ControlState {
         match &result {
             Ok(report) => eprintln!(
                 "dwcpd: migration {id} to {} completed: final round {}, {} pages verified, \
-                 downtime {:.1} ms",
+                 downtime {:.1} ms; session {}",
                 m.peer,
                 report.rounds.len().saturating_sub(1),
                 report.verified_pages,
-                report.measured_downtime * 1e3
+                report.measured_downtime * 1e3,
+                engine::SecurityReport::describe(report.transport.security.as_ref())
             ),
             Err(e) => eprintln!(
                 "dwcpd: migration {id} to {} {}: {e} ({})",
@@ -755,6 +774,8 @@ impl ControlState {
             cancelled: self.counters.cancelled,
             received: self.incoming.counts(),
             incoming: self.incoming.infos(&self.mode_name()),
+            tls_handshakes: dwcp_dataplane::security::counters::handshakes(),
+            records_rejected: dwcp_dataplane::security::counters::records_rejected(),
             migrations: self
                 .migrations
                 .values()
@@ -823,6 +844,9 @@ impl Daemon {
     /// Start every component, in dependency order.
     pub fn start(options: DaemonOptions) -> Result<Daemon, String> {
         let config = options.config;
+        // Certificates first: an appliance that cannot secure its sessions does not
+        // start (unless told to run insecure).
+        config.identity()?;
         let flags = FlagStore::open(config.control.flags_file.clone())?;
         let shutdown = Arc::new(AtomicBool::new(false));
         let server_counters = Arc::new(ServerCounters::default());
@@ -872,6 +896,7 @@ impl Daemon {
             })
             .map_err(|e| e.to_string())?;
         let dest_config = config.dest_config();
+        let dest_security = config.session_security();
         let dest_qmp = config.dest.qmp.clone();
         let dest_shutdown = shutdown.clone();
         let dest_cancel = DestCancel::default();
@@ -882,6 +907,7 @@ impl Daemon {
                 dest_loop(
                     listener,
                     dest_config,
+                    &dest_security,
                     dest_qmp,
                     &dest_shutdown,
                     &dest_cancelled,
@@ -1072,7 +1098,8 @@ impl DestCancel {
 /// thread about each.
 fn dest_loop(
     listener: TcpListener,
-    config: engine::DestConfig,
+    mut config: engine::DestConfig,
+    security: &crate::config::SessionSecurityConfig,
     vm_qmp: Option<std::path::PathBuf>,
     shutdown: &AtomicBool,
     cancel: &DestCancel,
@@ -1091,6 +1118,13 @@ fn dest_loop(
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 200) };
         if ready <= 0 && !gate.has_pending() {
             continue;
+        }
+        // The identity is loaded for each session: replaced certificates apply to the
+        // next session without a restart. Files that no longer load keep the last good
+        // identity (and say so).
+        match security.identity() {
+            Ok(identity) => config.security = identity,
+            Err(e) => eprintln!("dwcpd: {e}; sessions keep the certificates loaded before"),
         }
         let received_into = match &vm_qmp {
             // The incoming VM is opened for each session: once it runs a migrated
@@ -1155,8 +1189,9 @@ fn dest_loop(
                 let final_round = report.rounds.saturating_sub(1);
                 eprintln!(
                     "dwcpd: received a migration from {from}: final round {final_round}, {} \
-                     pages verified",
-                    report.verified_pages
+                     pages verified; session {}",
+                    report.verified_pages,
+                    engine::SecurityReport::describe(report.security.as_ref())
                 );
                 Ok(Received {
                     verified_pages: report.verified_pages,

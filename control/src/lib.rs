@@ -21,6 +21,7 @@
 
 pub mod appliance;
 pub mod call;
+pub mod certs;
 pub mod codec_policy;
 pub mod config;
 pub mod daemon;

@@ -58,6 +58,10 @@ pub struct Snapshot {
     pub received: crate::incoming::IncomingCounts,
     /// Incoming migrations (as destination).
     pub incoming: Vec<MigrationInfo>,
+    /// TLS handshakes of sessions (either side), by outcome.
+    pub tls_handshakes: Vec<(&'static str, u64)>,
+    /// Data-stream records and bindings rejected, by reason.
+    pub records_rejected: Vec<(&'static str, u64)>,
     /// Per outgoing migration.
     pub migrations: Vec<MigrationMetrics>,
 }
@@ -131,6 +135,24 @@ pub fn render(s: &Snapshot) -> String {
             outcome("incoming", "failed", s.received.failed),
             outcome("incoming", "cancelled", s.received.cancelled),
         ],
+    );
+    let labelled = |label: &str, counts: &[(&'static str, u64)]| -> Vec<(String, f64)> {
+        counts
+            .iter()
+            .map(|(l, n)| (format!("{{{label}=\"{l}\"}}"), *n as f64))
+            .collect()
+    };
+    family(
+        "dwcp_tls_handshakes_total",
+        "counter",
+        "TLS handshakes of sessions between appliances (as source or destination), by result.",
+        &labelled("result", &s.tls_handshakes),
+    );
+    family(
+        "dwcp_records_rejected_total",
+        "counter",
+        "Sealed data-stream records (and data streams' session bindings) rejected, by reason.",
+        &labelled("reason", &s.records_rejected),
     );
     family(
         "dwcp_migrations_received_total",

@@ -3,6 +3,8 @@
 //! finishes within the drain time completes and is verified; one that would outlast it
 //! is cancelled with the source intact; either way the daemon exits cleanly.
 
+mod common;
+
 use dwcp_api::{Command, MigrateOptions, MigrationInfo, Request, Response, SetOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -34,7 +36,8 @@ impl Served {
         std::fs::write(
             &config,
             format!(
-                "[dest]\nlisten = \"127.0.0.1:0\"\n\n[control]\nsocket = {socket:?}\ndrain_seconds = {drain_seconds}\n"
+                "[dest]\nlisten = \"127.0.0.1:0\"\n\n[control]\nsocket = {socket:?}\ndrain_seconds = {drain_seconds}\n\n{}",
+                common::security_section(0)
             ),
         )
         .unwrap();
@@ -267,6 +270,7 @@ fn sigterm_on_the_destination_aborts_an_incoming_migration_and_the_source_carrie
 fn refused_start(args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_dwcpd"))
         .arg("serve")
+        .args(common::cert_args(0))
         .args(args)
         .output()
         .expect("dwcpd runs");

@@ -9,6 +9,8 @@
 //! guest kernel is not installed (`make deps` installs both), except under CI, where a
 //! missing QEMU is a failed install and fails the test.
 
+mod common;
+
 use dwcp_control::qemu::Qmp;
 use dwcp_qemu_guest::Heartbeat;
 use dwcp_qemu_guest::host::{GuestImage, RamBacking, Vm, VmSpec};
@@ -86,6 +88,7 @@ impl Dest {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dwcpd"))
             .args(["dest", "--listen", "127.0.0.1:0", "--qmp"])
             .arg(&vm.qmp)
+            .args(common::cert_args(1))
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -142,6 +145,7 @@ fn source_command(vm_qmp: &Path, peer: &str, env: &[(&str, &str)]) -> Command {
         "--qmp",
     ])
     .arg(vm_qmp)
+    .args(common::cert_args(0))
     .envs(env.iter().copied());
     c
 }
@@ -408,6 +412,7 @@ fn vms_the_appliance_cannot_move_are_refused_before_anything_moves() {
     let out = Command::new(env!("CARGO_BIN_EXE_dwcpd"))
         .args(["dest", "--listen", "127.0.0.1:0", "--qmp"])
         .arg(&running.qmp)
+        .args(common::cert_args(1))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -435,6 +440,7 @@ impl Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dwcpd"))
             .args(["serve", "--listen", "127.0.0.1:0", "--socket"])
             .arg(&socket)
+            .args(common::cert_args(usize::from(name != "source")))
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()

@@ -22,6 +22,7 @@ pub mod engine;
 pub mod guest;
 pub mod memory;
 pub mod ring;
+pub mod security;
 mod sync;
 pub mod transport;
 pub mod wire;

@@ -1,4 +1,4 @@
-//! Wire protocol v2 (the full description, with diagrams, is `docs/protocol.md`).
+//! Wire protocol v3 (the full description, with diagrams, is `docs/protocol.md`).
 //!
 //! A session is one *control stream* and N *data streams*, all TCP.
 //! - Control stream: length-prefixed rkyv messages ([`ControlMessage`]): the handshake
@@ -10,7 +10,10 @@
 //!   (`bytecheck`) before use and capped at [`MAX_CONTROL_MESSAGE`] bytes.
 //! - Data streams: a fixed [`StreamHello`], then page frames, each a fixed 24-byte
 //!   little-endian [`FrameHeader`] decoded without allocation and checked against the
-//!   session's limits before a byte of payload is touched.
+//!   session's limits before a byte of payload is touched. v3: in an authenticated
+//!   session the control stream is TLS 1.3, a data stream's hello carries its binding
+//!   to the session, and its frames travel in sealed records
+//!   ([`crate::security::records`]).
 //!
 //! Every page travels with the CRC32C of its content; zero pages travel as a count.
 
@@ -18,7 +21,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// First bytes of the handshake.
 pub const CONTROL_MAGIC: [u8; 4] = *b"DWCP";
 /// First bytes of every data stream.
@@ -26,7 +29,7 @@ pub const STREAM_MAGIC: [u8; 4] = *b"DWCS";
 /// Bytes of a page-frame header.
 pub const FRAME_HEADER_LEN: usize = 24;
 /// Bytes of a data stream's hello.
-pub const STREAM_HELLO_LEN: usize = 32;
+pub const STREAM_HELLO_LEN: usize = 48;
 /// Pages per chunk: the unit in which pages are dealt to streams.
 pub const CHUNK_PAGES: u64 = 16;
 /// Most pages one frame may carry (a frame never leaves its chunk).
@@ -100,6 +103,9 @@ pub fn bytes_text(bytes: &[u8]) -> String {
 /// Malformed or unexpected input from the peer. Each variant names what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
+    /// A sealed record on a data stream was refused.
+    #[error(transparent)]
+    Record(#[from] crate::security::RecordError),
     /// A stream did not start with the expected magic bytes.
     #[error(
         "bad magic {} (expected {}): not a dwcp stream",
@@ -586,22 +592,33 @@ pub struct StreamHello {
     pub session_id: u128,
     /// This stream's index, below the session's stream count.
     pub stream_id: u16,
+    /// In an authenticated session, the stream's binding to it
+    /// ([`crate::security::SessionKeys::binding`]); its records are sealed.
+    pub binding: Option<[u8; 16]>,
 }
 
+/// [`StreamHello`] flag: the stream is bound to an authenticated session.
+const HELLO_SEALED: u32 = 1;
+
 impl StreamHello {
-    /// magic(4) version(2) stream_id(2) session_id(16) reserved(4) crc32c(4).
+    /// magic(4) version(2) stream_id(2) session_id(16) flags(4) binding(16) crc32c(4).
     pub fn encode(&self) -> [u8; STREAM_HELLO_LEN] {
         let mut out = [0u8; STREAM_HELLO_LEN];
         out[..4].copy_from_slice(&STREAM_MAGIC);
         out[4..6].copy_from_slice(&VERSION.to_le_bytes());
         out[6..8].copy_from_slice(&self.stream_id.to_le_bytes());
         out[8..24].copy_from_slice(&self.session_id.to_le_bytes());
-        let crc = dwcp_simd::crc32c(&out[..28]);
-        out[28..32].copy_from_slice(&crc.to_le_bytes());
+        if let Some(binding) = &self.binding {
+            out[24..28].copy_from_slice(&HELLO_SEALED.to_le_bytes());
+            out[28..44].copy_from_slice(binding);
+        }
+        let crc = dwcp_simd::crc32c(&out[..44]);
+        out[44..48].copy_from_slice(&crc.to_le_bytes());
         out
     }
 
-    /// Decode and validate against the session.
+    /// Decode and validate against the session (the binding, if any, is the caller's
+    /// to check).
     pub fn decode(
         bytes: &[u8; STREAM_HELLO_LEN],
         session_id: u128,
@@ -615,15 +632,15 @@ impl StreamHello {
                 expected: STREAM_MAGIC,
             });
         }
-        let crc = u32::from_le_bytes([bytes[28], bytes[29], bytes[30], bytes[31]]);
-        if dwcp_simd::crc32c(&bytes[..28]) != crc {
-            return Err(WireError::HeaderChecksum {
-                what: "stream hello",
-            });
-        }
         let version = u16::from_le_bytes([bytes[4], bytes[5]]);
         if version != VERSION {
             return Err(WireError::Version { found: version });
+        }
+        let crc = u32::from_le_bytes([bytes[44], bytes[45], bytes[46], bytes[47]]);
+        if dwcp_simd::crc32c(&bytes[..44]) != crc {
+            return Err(WireError::HeaderChecksum {
+                what: "stream hello",
+            });
         }
         let stream_id = u16::from_le_bytes([bytes[6], bytes[7]]);
         let mut sid = [0u8; 16];
@@ -641,9 +658,16 @@ impl StreamHello {
                 reason: "not below the session's stream count",
             });
         }
+        let flags = u32::from_le_bytes([bytes[24], bytes[25], bytes[26], bytes[27]]);
+        let binding = (flags & HELLO_SEALED != 0).then(|| {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&bytes[28..44]);
+            b
+        });
         Ok(StreamHello {
             session_id: found,
             stream_id,
+            binding,
         })
     }
 }
@@ -1012,9 +1036,20 @@ mod tests {
         let hello = StreamHello {
             session_id: 42,
             stream_id: 3,
+            binding: None,
         }
         .encode();
-        assert!(StreamHello::decode(&hello, 42, 4).is_ok());
+        assert_eq!(StreamHello::decode(&hello, 42, 4).unwrap().binding, None);
+        let bound = StreamHello {
+            session_id: 42,
+            stream_id: 3,
+            binding: Some([9; 16]),
+        }
+        .encode();
+        assert_eq!(
+            StreamHello::decode(&bound, 42, 4).unwrap().binding,
+            Some([9; 16])
+        );
         assert!(matches!(
             StreamHello::decode(&hello, 43, 4),
             Err(WireError::WrongSession { .. })

@@ -17,6 +17,25 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+/// A lab CA and two appliance certificates (appliance-a, appliance-b on loopback),
+/// made once per test process.
+pub fn lab() -> &'static dwcp_control::certs::Written {
+    static LAB: std::sync::OnceLock<dwcp_control::certs::Written> = std::sync::OnceLock::new();
+    LAB.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("dwcp-test-certs-{}", std::process::id()));
+        dwcp_control::certs::init(&dir, &[]).expect("lab certificates")
+    })
+}
+
+/// Configure `config` with lab appliance `which`'s identity (0: a, 1: b).
+pub fn secure(config: &mut dwcp_control::config::Config, which: usize) {
+    let lab = lab();
+    let (_, cert, key) = &lab.appliances[which];
+    config.security.cert = Some(cert.clone());
+    config.security.key = Some(key.clone());
+    config.security.ca = Some(lab.ca.clone());
+}
+
 /// Say why a test did not run, past the harness's output capture.
 pub fn skip(reason: &str) {
     let _ = writeln!(std::io::stderr(), "SKIP: {reason}");

@@ -89,6 +89,7 @@ fn open_session(dest: &Dest) -> (TcpStream, TcpStream) {
         &StreamHello {
             session_id: 42,
             stream_id: 0,
+            binding: None,
         }
         .encode(),
     )
@@ -219,6 +220,7 @@ fn data_stream_of_another_session() {
         &StreamHello {
             session_id: 43,
             stream_id: 0,
+            binding: None,
         }
         .encode(),
     )

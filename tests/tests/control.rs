@@ -31,6 +31,8 @@ fn start_with(name: &str, change: impl FnOnce(&mut Config)) -> Daemon {
     // dirty rate with a 1 ms downtime limit never converges (until auto-converge has
     // throttled the guest for many rounds).
     config.migration.max_rounds = 10_000;
+    // Sessions authenticated and encrypted, as in production.
+    dwcp_tests::secure(&mut config, 0);
     change(&mut config);
     config.validate().expect("valid test configuration");
     Daemon::start(DaemonOptions { config }).expect("daemon starts")

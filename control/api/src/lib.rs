@@ -227,6 +227,10 @@ pub struct StatusInfo {
     /// The settings a migration started now would run with, each with its source.
     #[serde(default)]
     pub settings: Vec<SettingInfo>,
+    /// How new sessions are secured: the certificate and CA in use and pinned peers,
+    /// or that sessions run plain (`--insecure`).
+    #[serde(default)]
+    pub security: String,
 }
 
 /// A setting in force and where its value comes from.

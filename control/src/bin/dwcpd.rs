@@ -1,9 +1,9 @@
 //! `dwcpd`: the dwcp migration appliance daemon.
 
 use clap::{Args, Parser, Subcommand};
-use dwcp_control::appliance;
 use dwcp_control::config::{Config, ConfigErrors, Size};
 use dwcp_control::daemon::{Daemon, DaemonOptions};
+use dwcp_control::{appliance, certs};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +42,22 @@ struct Common {
     /// Append the codec policy's decisions (JSON lines) to this file.
     #[arg(long, value_name = "FILE")]
     codec_log: Option<PathBuf>,
+    /// This appliance's certificate (PEM; `[security] cert`).
+    #[arg(long, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// Its private key (PEM; `[security] key`).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// The site's CA certificate (PEM; `[security] ca`).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Accept only peers whose certificate is valid for this name (repeatable;
+    /// `[security] peers`).
+    #[arg(long = "peer-name", value_name = "NAME")]
+    peer_names: Vec<String>,
+    /// Run sessions without authentication or encryption (a trusted lab network).
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Args, Clone)]
@@ -119,6 +135,11 @@ enum Mode {
         #[command(flatten)]
         guest: GuestArgs,
     },
+    /// Certificates for labs.
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
     /// Receive one migration.
     Dest {
         /// Address to listen on.
@@ -130,6 +151,21 @@ enum Mode {
         qmp: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Make a site CA and appliance certificates in DIR: ca.pem, ca-key.pem, and
+    /// NAME.pem, NAME-key.pem per appliance (appliance-a and appliance-b on loopback
+    /// when none is given).
+    Init {
+        /// Where to write them.
+        dir: PathBuf,
+        /// An appliance: NAME (reached on loopback) or NAME=ADDR,ADDR,... (IP
+        /// addresses and DNS names it is reached at). Repeatable.
+        #[arg(long = "appliance", value_name = "SPEC")]
+        appliances: Vec<certs::ApplianceSpec>,
     },
 }
 
@@ -172,6 +208,21 @@ fn apply_common(c: &mut Config, common: &Common) {
     }
     if let Some(f) = &common.codec_log {
         c.codec.decision_log = Some(f.clone());
+    }
+    if let Some(p) = &common.cert {
+        c.security.cert = Some(p.clone());
+    }
+    if let Some(p) = &common.key {
+        c.security.key = Some(p.clone());
+    }
+    if let Some(p) = &common.ca {
+        c.security.ca = Some(p.clone());
+    }
+    if !common.peer_names.is_empty() {
+        c.security.peers = common.peer_names.clone();
+    }
+    if common.insecure {
+        c.security.insecure = true;
     }
 }
 
@@ -219,6 +270,26 @@ fn main() -> ExitCode {
         );
     };
     match mode {
+        Mode::Certs {
+            action: CertsAction::Init { dir, appliances },
+        } => match certs::init(&dir, &appliances) {
+            Ok(written) => {
+                println!(
+                    "CA: {} (its key {}: keep it off the appliances)",
+                    written.ca.display(),
+                    written.ca_key.display()
+                );
+                for (name, cert, key) in &written.appliances {
+                    println!("{name}: cert {} key {}", cert.display(), key.display());
+                }
+                println!(
+                    "configure each appliance with [security] cert, key and ca = {:?}",
+                    written.ca.display().to_string()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
         Mode::Demo {
             common,
             guest,

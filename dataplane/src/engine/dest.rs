@@ -4,11 +4,13 @@
 use super::fleet::RxFleet;
 use super::gate::Acceptor;
 use super::handshake::{self, ControlLink};
+use super::report::SecurityReport;
 use super::{MigrationError, differing_pages, page_crcs, test_skip_final_round};
 use crate::crc_table::CrcTable;
 use crate::guest::DeviceStateSink;
 use crate::memory::GuestMemory;
-use crate::transport::{self, RxEvent, RxSetup, TransportConfig, TransportKind};
+use crate::security::Identity;
+use crate::transport::{self, RxError, RxEvent, RxSetup, TransportConfig, TransportKind};
 use crate::wire::{AbortReason, ControlMessage, MAX_DEVICE_STATE, WireError, caps};
 use dwcp_hugepages::PagePreference;
 use std::net::{SocketAddr, TcpListener};
@@ -37,6 +39,10 @@ pub struct DestConfig {
     /// Capabilities this destination grants ([`caps`]; those the source lacks are
     /// dropped too). Leaving out the codec ones keeps codec frames off this host.
     pub capabilities: u64,
+    /// This appliance's identity: only authenticated sessions (TLS 1.3, mutual) are
+    /// taken, and their data streams must be bound and sealed. `None`: only plain
+    /// sessions (`--insecure`).
+    pub security: Option<Arc<Identity>>,
 }
 
 impl Default for DestConfig {
@@ -48,6 +54,7 @@ impl Default for DestConfig {
             handshake_timeout: Duration::from_secs(5),
             max_memory: None,
             capabilities: caps::ALL,
+            security: None,
         }
     }
 }
@@ -79,6 +86,8 @@ pub struct DestReport {
     pub device_state_bytes: u64,
     /// Transport used.
     pub transport: TransportKind,
+    /// How the session was secured (`None`: plain).
+    pub security: Option<SecurityReport>,
 }
 
 /// What an incoming session has done so far, for whoever watches it (a daemon's
@@ -223,7 +232,9 @@ pub fn receive_through(
         memory_is_fresh: accepted.fresh,
         capabilities: accepted.granted,
         table: table.clone(),
+        records: accepted.keys.clone(),
     };
+    let security = accepted.control.security();
     let mut fleet = RxFleet::spawn(
         probe.kind,
         accepted.streams,
@@ -304,6 +315,7 @@ pub fn receive_through(
         bytes: coordinator.received_bytes(),
         device_state_bytes,
         transport: probe.kind,
+        security,
     })
 }
 
@@ -422,7 +434,11 @@ impl Coordinator<'_> {
             }
             RxEvent::DeviceState { offset, bytes, .. } => self.device_piece(offset, bytes)?,
             RxEvent::Failed { stream, error } => {
-                if let Some(message) = self.source_abort() {
+                // What this side found wrong in the stream's bytes is the reason; a
+                // failed receive may just mean the source went away first.
+                if !matches!(error, RxError::Wire(_))
+                    && let Some(message) = self.source_abort()
+                {
                     return Err(self.aborted(format!("source aborted: {message}")));
                 }
                 return Err(MigrationError::Transport(format!(

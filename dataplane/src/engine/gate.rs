@@ -3,13 +3,15 @@
 //!
 //! Anyone who can reach the port can connect, so no connection may hold up another: all
 //! pending connections are watched at once (`poll(2)`), each must say what it is — a
-//! session's control hello or a data stream's hello — within the handshake timeout or
-//! is closed, and one that closes without a word (a port scanner) is dropped quietly.
+//! session's control hello (or the TLS hello that opens an authenticated session) or a
+//! data stream's hello — within the handshake timeout or is closed, and one that
+//! closes without a word (a port scanner) is dropped quietly.
 //! A control connection that arrives while a session is still collecting its data
 //! streams waits its turn here instead of being taken for one of them. An [`Acceptor`]
 //! kept across sessions (the daemon's) keeps what it has sorted for the next session.
 
 use super::MigrationError;
+use crate::security::tls::is_tls_hello;
 use crate::wire::{
     self, ControlMessage, ControlReadError, MAX_CONTROL_MESSAGE, STREAM_HELLO_LEN, STREAM_MAGIC,
     WireError,
@@ -21,10 +23,18 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+/// How a control connection opened.
+pub(super) enum Opening {
+    /// With a plain control message (valid or not).
+    Plain(Result<ControlMessage, ControlReadError>),
+    /// With a TLS record: the bytes read so far, which the TLS session must see first.
+    Tls(Vec<u8>),
+}
+
 /// A connection that has said what it is.
 enum First {
-    /// A control connection and its first message (valid or not).
-    Control(Result<ControlMessage, ControlReadError>),
+    /// A control connection and how it opened.
+    Control(Opening),
     /// A data stream and its hello's bytes (not yet checked against a session).
     Stream([u8; STREAM_HELLO_LEN]),
 }
@@ -75,6 +85,8 @@ pub struct Acceptor<'l> {
     waiting: VecDeque<Sorted>,
     /// Connections closed for silence, or for closing without a word.
     dropped: u64,
+    /// Data streams closed for presenting no valid binding to an authenticated session.
+    unbound: u64,
 }
 
 impl<'l> Acceptor<'l> {
@@ -85,7 +97,18 @@ impl<'l> Acceptor<'l> {
             pending: Vec::new(),
             waiting: VecDeque::new(),
             dropped: 0,
+            unbound: 0,
         }
+    }
+
+    /// Data streams closed so far for presenting no valid binding to their session.
+    pub fn unbound(&self) -> u64 {
+        self.unbound
+    }
+
+    /// A data stream was closed for presenting no valid binding.
+    pub(super) fn count_unbound(&mut self) {
+        self.unbound += 1;
     }
 
     /// Connections closed so far because they said nothing in time, or closed before
@@ -112,14 +135,7 @@ impl<'l> Acceptor<'l> {
         deadline: Instant,
         handshake: Duration,
         cancel: &AtomicBool,
-    ) -> Result<
-        (
-            TcpStream,
-            SocketAddr,
-            Result<ControlMessage, ControlReadError>,
-        ),
-        MigrationError,
-    > {
+    ) -> Result<(TcpStream, SocketAddr, Opening), MigrationError> {
         let sorted = self.next(Want::Control, deadline, handshake, cancel)?;
         match sorted.first {
             First::Control(first) => Ok((sorted.stream, sorted.peer, first)),
@@ -284,6 +300,9 @@ fn read_first(p: &mut Pending) -> Read1 {
         if bytes[..4] == STREAM_MAGIC {
             return STREAM_HELLO_LEN;
         }
+        if is_tls_hello(bytes) {
+            return 4;
+        }
         let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
         // Too long to wait for: the control checks refuse it from its length alone.
         if len > MAX_CONTROL_MESSAGE {
@@ -307,9 +326,9 @@ fn read_first(p: &mut Pending) -> Read1 {
                 return if p.bytes.is_empty() {
                     Read1::Gone
                 } else {
-                    Read1::Sorted(First::Control(Err(ControlReadError::Io(
+                    Read1::Sorted(First::Control(Opening::Plain(Err(ControlReadError::Io(
                         std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
-                    ))))
+                    )))))
                 };
             }
             Ok(_) => {}
@@ -323,14 +342,17 @@ fn read_first(p: &mut Pending) -> Read1 {
         hello.copy_from_slice(&p.bytes[..STREAM_HELLO_LEN]);
         return Read1::Sorted(First::Stream(hello));
     }
+    if is_tls_hello(&p.bytes) {
+        return Read1::Sorted(First::Control(Opening::Tls(std::mem::take(&mut p.bytes))));
+    }
     let len = u32::from_le_bytes([p.bytes[0], p.bytes[1], p.bytes[2], p.bytes[3]]) as usize;
     if len > MAX_CONTROL_MESSAGE {
-        return Read1::Sorted(First::Control(Err(ControlReadError::Wire(
+        return Read1::Sorted(First::Control(Opening::Plain(Err(ControlReadError::Wire(
             WireError::ControlTooLarge(len),
-        ))));
+        )))));
     }
-    Read1::Sorted(First::Control(wire::decode_control(
+    Read1::Sorted(First::Control(Opening::Plain(wire::decode_control(
         len,
         &mut &p.bytes[4..4 + len],
-    )))
+    ))))
 }

@@ -1,11 +1,14 @@
 //! Opening a session (source) and accepting one (destination): the control stream's
-//! hello and welcome, the capabilities both sides grant, the destination's memory, and
-//! the data streams, each identified by its stream hello. Also the control stream as
-//! both sides use it afterwards ([`ControlLink`]).
+//! TLS session when the appliance has an identity, the hello and welcome, the
+//! capabilities both sides grant, the destination's memory, and the data streams, each
+//! identified (and, in an authenticated session, bound to it) by its stream hello.
+//! Also the control stream as both sides use it afterwards ([`ControlLink`]).
 
-use super::gate::Acceptor;
+use super::gate::{Acceptor, Opening};
+use super::report::SecurityReport;
 use super::{DestConfig, DestMemory, MigrationError, SourceConfig};
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::security::{self, SecurityError, SessionKeys, TlsChannel};
 use crate::transport::socket;
 use crate::wire::{
     self, CONTROL_MAGIC, ControlMessage, ControlReadError, Handshake, StreamHello, WireError, caps,
@@ -17,6 +20,80 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
+
+/// The control stream: plain TCP, or a TLS session. Reads and writes go through
+/// separate halves so that one thread can read while another writes.
+pub(super) struct ControlChannel {
+    socket: TcpStream,
+    reader: Box<dyn Read + Send>,
+    writer: Box<dyn Write + Send>,
+    tls: Option<TlsChannel>,
+}
+
+impl ControlChannel {
+    fn plain(socket: TcpStream) -> Result<Self, MigrationError> {
+        let reader = socket
+            .try_clone()
+            .map_err(io("cloning the control stream"))?;
+        let writer = socket
+            .try_clone()
+            .map_err(io("cloning the control stream"))?;
+        Ok(ControlChannel {
+            socket,
+            reader: Box::new(reader),
+            writer: Box::new(writer),
+            tls: None,
+        })
+    }
+
+    fn tls(channel: TlsChannel) -> Result<Self, MigrationError> {
+        let socket = channel
+            .socket()
+            .try_clone()
+            .map_err(io("cloning the control stream"))?;
+        let reader = channel.reader().map_err(io("cloning the control stream"))?;
+        Ok(ControlChannel {
+            socket,
+            reader: Box::new(reader),
+            writer: Box::new(channel.clone()),
+            tls: Some(channel),
+        })
+    }
+
+    fn send(&mut self, msg: &ControlMessage) -> std::io::Result<()> {
+        write_control(&mut self.writer, msg)
+    }
+
+    fn recv(&mut self) -> Result<ControlMessage, ControlReadError> {
+        wire::read_control(&mut self.reader)
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), MigrationError> {
+        // A socket option: it applies to the reader's clone of the socket too.
+        self.socket
+            .set_read_timeout(timeout)
+            .map_err(io("control stream timeout"))
+    }
+
+    /// What secures the session, if anything.
+    pub fn security(&self) -> Option<SecurityReport> {
+        self.tls.as_ref().map(|t| SecurityReport {
+            peer: t.authorized().unwrap_or_default().to_string(),
+            tls: t.cipher_suite(),
+            records:
+                "AES-256-GCM records of up to one send buffer, keys from the TLS exporter per \
+                      stream and direction"
+                    .into(),
+        })
+    }
+
+    fn session_keys(&self, streams: u16) -> Result<Option<Arc<SessionKeys>>, MigrationError> {
+        match &self.tls {
+            Some(t) => Ok(Some(Arc::new(t.session_keys(streams)?))),
+            None => Ok(None),
+        }
+    }
+}
 
 pub(super) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
     let what = what.into();
@@ -33,7 +110,9 @@ pub(super) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Migr
 /// What a source has once the destination welcomed it.
 pub(super) struct Opened {
     /// The control stream.
-    pub control: TcpStream,
+    pub control: ControlChannel,
+    /// The data streams' keys, in an authenticated session.
+    pub keys: Option<Arc<SessionKeys>>,
     /// The data streams, by id.
     pub streams: Vec<(u16, TcpStream)>,
     /// Capabilities the destination granted.
@@ -58,11 +137,26 @@ pub(super) fn open(
     device_state: bool,
     config: &SourceConfig,
 ) -> Result<Opened, MigrationError> {
-    let mut control = connect(peer, config.connect_timeout)?;
-    control
-        .set_read_timeout(Some(config.reply_timeout))
-        .map_err(io("control stream timeout"))?;
-    let _ = control.set_nodelay(true);
+    let socket = connect(peer, config.connect_timeout)?;
+    let _ = socket.set_nodelay(true);
+    let mut control = match &config.security {
+        Some(identity) => {
+            // Nothing cancels a source's handshake but its own deadline.
+            let never = AtomicBool::new(false);
+            let deadline = Instant::now() + config.connect_timeout;
+            let channel = security::tls::connect(identity, socket, peer.ip(), deadline, &never)?;
+            let mut control = ControlChannel::tls(channel)?;
+            if let Some(Err(e)) = control.tls.as_ref().map(|t| t.authorized().map(|_| ())) {
+                let _ = control.send(&ControlMessage::Refused {
+                    reason: format!("the source refused this destination: {e}"),
+                });
+                return Err(e.into());
+            }
+            control
+        }
+        None => ControlChannel::plain(socket)?,
+    };
+    control.set_read_timeout(Some(config.reply_timeout))?;
     let session_id = random_session_id();
     let hello = Handshake {
         magic: CONTROL_MAGIC,
@@ -77,9 +171,10 @@ pub(super) fn open(
             caps::ALL
         },
     };
-    write_control(&mut control, &ControlMessage::Hello(hello))
+    control
+        .send(&ControlMessage::Hello(hello))
         .map_err(io("sending the handshake"))?;
-    let accepted = match wire::read_control(&mut control) {
+    let accepted = match control.recv() {
         Ok(ControlMessage::Welcome { capabilities }) => capabilities,
         Ok(ControlMessage::Refused { reason }) => return Err(MigrationError::Refused(reason)),
         Ok(other) => {
@@ -87,12 +182,14 @@ pub(super) fn open(
         }
         Err(e) => return Err(control_error(e, "waiting for the destination's welcome")),
     };
+    let keys = control.session_keys(config.streams)?;
     // Data streams connect concurrently: one after another would cost a round trip
     // each, seconds of setup across a long path with many streams.
     let opened: Vec<Result<(TcpStream, Vec<String>), MigrationError>> =
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..config.streams)
                 .map(|id| {
+                    let binding = keys.as_ref().map(|k| k.binding(id));
                     scope.spawn(move || {
                         let mut s = connect(peer, config.connect_timeout)?;
                         let notes = socket::configure(&s, &config.transport.socket);
@@ -100,6 +197,7 @@ pub(super) fn open(
                             &StreamHello {
                                 session_id,
                                 stream_id: id,
+                                binding,
                             }
                             .encode(),
                         )
@@ -128,6 +226,7 @@ pub(super) fn open(
     }
     Ok(Opened {
         control,
+        keys,
         streams,
         accepted,
         notes,
@@ -137,7 +236,9 @@ pub(super) fn open(
 /// What a destination has once it welcomed a source and every data stream arrived.
 pub(super) struct Accepted {
     /// The control stream.
-    pub control: TcpStream,
+    pub control: ControlChannel,
+    /// The data streams' keys, in an authenticated session.
+    pub keys: Option<Arc<SessionKeys>>,
     /// Data streams, by id.
     pub streams: Vec<(u16, TcpStream)>,
     /// Capabilities granted.
@@ -150,6 +251,13 @@ pub(super) struct Accepted {
 
 /// A control stream read error, with context.
 fn control_error(e: ControlReadError, what: &str) -> MigrationError {
+    if let ControlReadError::Io(io) = &e
+        && let Some(tls) = security::tls::describe_tls(io)
+    {
+        // In TLS 1.3 the server judges the client's certificate after the client has
+        // finished its handshake: a refusal arrives as the first read's alert.
+        return MigrationError::Security(SecurityError::Handshake(tls));
+    }
     match e {
         ControlReadError::Wire(w) => MigrationError::Protocol(w),
         ControlReadError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -187,24 +295,68 @@ pub(super) fn accept(
     connected: &mut dyn FnMut(std::net::SocketAddr),
 ) -> Result<Accepted, MigrationError> {
     let deadline = Instant::now() + config.timeout;
-    let (mut control, peer, first) =
-        gate.next_control(deadline, config.handshake_timeout, cancel)?;
+    let (socket, peer, opening) = gate.next_control(deadline, config.handshake_timeout, cancel)?;
     connected(peer);
-    control
-        .set_read_timeout(Some(config.timeout))
-        .map_err(io("control stream timeout"))?;
-    let _ = control.set_nodelay(true);
-    let refuse = |control: &mut TcpStream, err: MigrationError| -> MigrationError {
-        let _ = write_control(
-            control,
-            &ControlMessage::Refused {
-                reason: err.to_string(),
-            },
-        );
+    let _ = socket.set_nodelay(true);
+    let refuse = |control: &mut ControlChannel, err: MigrationError| -> MigrationError {
+        let reason = match &err {
+            // The source says "peer refused the session" itself.
+            MigrationError::Refused(why) => why.clone(),
+            other => other.to_string(),
+        };
+        let _ = control.send(&ControlMessage::Refused { reason });
         err
     };
+    let (mut control, first) = match (opening, &config.security) {
+        (Opening::Tls(prefix), Some(identity)) => {
+            // Nothing is read into memory or allocated before the peer authenticated.
+            let handshake_deadline = Instant::now() + config.handshake_timeout;
+            let channel =
+                security::tls::accept(identity, socket, &prefix, handshake_deadline, cancel)
+                    .map_err(|e| match e {
+                        SecurityError::Cancelled => MigrationError::Aborted {
+                            reason: "cancelled at the destination".into(),
+                            rounds: 0,
+                        },
+                        other => MigrationError::Security(other),
+                    })?;
+            let mut control = ControlChannel::tls(channel)?;
+            if let Some(Err(e)) = control.tls.as_ref().map(|t| t.authorized().map(|_| ())) {
+                return Err(refuse(&mut control, e.into()));
+            }
+            control.set_read_timeout(Some(config.handshake_timeout))?;
+            let first = control.recv();
+            (control, first)
+        }
+        (Opening::Tls(_), None) => {
+            // Say it in TLS, so that the source's error can tell why.
+            let _ = (&socket).write_all(&security::tls::NO_TLS_HERE_ALERT);
+            return Err(MigrationError::Refused(
+                "a source opened a TLS session, but this destination runs without \
+                 certificates (--insecure)"
+                    .into(),
+            ));
+        }
+        (Opening::Plain(first), Some(_)) => {
+            let mut control = ControlChannel::plain(socket)?;
+            if let Ok(ControlMessage::Hello(_)) = first {
+                let e = MigrationError::Refused(
+                    "this destination takes only authenticated sessions (TLS 1.3 with the \
+                     site's certificates); the source runs without certificates (--insecure)"
+                        .into(),
+                );
+                return Err(refuse(&mut control, e));
+            }
+            (control, first)
+        }
+        (Opening::Plain(first), None) => (ControlChannel::plain(socket)?, first),
+    };
+    control.set_read_timeout(Some(config.timeout))?;
     let hello = match first {
         Ok(ControlMessage::Hello(h)) => h,
+        Ok(ControlMessage::Refused { reason }) => {
+            return Err(MigrationError::Refused(reason));
+        }
         Ok(other) => {
             let err = WireError::Unexpected(format!("{other:?} instead of a handshake"));
             return Err(refuse(&mut control, err.into()));
@@ -275,13 +427,12 @@ pub(super) fn accept(
         }
     };
     let granted = hello.capabilities & (caps::ALL | caps::DEVICE_STATE) & config.capabilities;
-    write_control(
-        &mut control,
-        &ControlMessage::Welcome {
+    let keys = control.session_keys(hello.streams)?;
+    control
+        .send(&ControlMessage::Welcome {
             capabilities: granted,
-        },
-    )
-    .map_err(io("sending the welcome"))?;
+        })
+        .map_err(io("sending the welcome"))?;
 
     // The data streams, in any order, each identified by its hello. They come right
     // after the welcome: a session that does not open them in time is given up.
@@ -291,6 +442,7 @@ pub(super) fn accept(
     let stream_deadline = Instant::now() + config.timeout;
     let mut data: Vec<Option<TcpStream>> = (0..streams).map(|_| None).collect();
     let mut strays = 0u64;
+    let mut unbound = 0u64;
     let mut arrived = 0u16;
     let dropped_before = gate.dropped();
     while arrived < streams {
@@ -299,7 +451,8 @@ pub(super) fn accept(
             .map_err(|e| match e {
                 MigrationError::Transport(_) => MigrationError::Transport(format!(
                     "{arrived} of {streams} data streams arrived within {} s of the welcome \
-                     ({} connections said nothing, {strays} belonged to another session)",
+                     ({} connections said nothing, {strays} belonged to another session, \
+                     {unbound} presented no valid binding)",
                     config.timeout.as_secs_f64(),
                     // Open and silent now, or closed for silence meanwhile.
                     gate.silent() as u64 + gate.dropped() - dropped_before
@@ -316,7 +469,29 @@ pub(super) fn accept(
             }
             Err(e) => return Err(refuse(&mut control, e.into())),
         };
+        // In an authenticated session a stream must prove it belongs to it; one that
+        // cannot (forged, replayed from another session, or a plain stream) is closed
+        // before anything is read from it, and the session goes on waiting.
+        let bound = match (&keys, &stream_hello.binding) {
+            (Some(k), Some(b)) => k.binding_matches(stream_hello.stream_id, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !bound {
+            unbound += 1;
+            gate.count_unbound();
+            security::counters::record_rejected("binding");
+            continue;
+        }
         let slot = &mut data[usize::from(stream_hello.stream_id)];
+        if slot.is_some() && keys.is_some() {
+            // A copy of a valid hello (a replay): the first stream keeps the slot; if
+            // the copy took it, its records fail to open and name the stream.
+            unbound += 1;
+            gate.count_unbound();
+            security::counters::record_rejected("binding");
+            continue;
+        }
         if slot.is_some() {
             let e = WireError::BadStreamId {
                 id: stream_hello.stream_id,
@@ -337,6 +512,7 @@ pub(super) fn accept(
         .collect();
     Ok(Accepted {
         control,
+        keys,
         streams,
         granted,
         memory,
@@ -362,17 +538,21 @@ fn random_session_id() -> u128 {
 /// The control stream once the session is open: writes from the session's thread,
 /// reads on a thread of its own (blocking reads), handed over through a channel.
 pub(super) struct ControlLink {
-    stream: TcpStream,
+    socket: TcpStream,
+    writer: Box<dyn Write + Send>,
     incoming: Receiver<Result<ControlMessage, ControlReadError>>,
 }
 
 impl ControlLink {
-    /// Start reading `stream` on a thread of its own.
-    pub fn new(stream: TcpStream) -> Result<Self, MigrationError> {
-        let mut reader = stream
-            .try_clone()
-            .map_err(io("cloning the control stream"))?;
-        let _ = reader.set_read_timeout(None);
+    /// Start reading `channel` on a thread of its own.
+    pub fn new(channel: ControlChannel) -> Result<Self, MigrationError> {
+        let ControlChannel {
+            socket,
+            mut reader,
+            writer,
+            tls: _,
+        } = channel;
+        let _ = socket.set_read_timeout(None);
         let (tx, incoming) = crossbeam::channel::bounded(1024);
         std::thread::Builder::new()
             .name("dwcp-ctl-rx".into())
@@ -386,17 +566,21 @@ impl ControlLink {
                 }
             })
             .map_err(io("starting the control reader"))?;
-        Ok(ControlLink { stream, incoming })
+        Ok(ControlLink {
+            socket,
+            writer,
+            incoming,
+        })
     }
 
     /// Send one message.
     pub fn send(&mut self, msg: &ControlMessage) -> Result<(), MigrationError> {
-        write_control(&mut self.stream, msg).map_err(io("writing to the control stream"))
+        write_control(&mut self.writer, msg).map_err(io("writing to the control stream"))
     }
 
     /// Send one message, ignoring failure (the session is over anyway).
     pub fn send_best_effort(&mut self, msg: &ControlMessage) {
-        let _ = write_control(&mut self.stream, msg);
+        let _ = write_control(&mut self.writer, msg);
     }
 
     /// The next message if one has arrived.
@@ -428,13 +612,86 @@ impl ControlLink {
 
     /// Close both directions (the reader thread then ends).
     pub fn shutdown(&self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::security::tls::tests::Lab;
+    use std::net::TcpListener;
+
+    /// A data stream that names the session but cannot prove it belongs to it (a
+    /// forged binding) is closed without failing the session; the real streams are
+    /// taken.
+    #[test]
+    fn streams_without_a_valid_binding_are_closed_and_the_session_goes_on() {
+        let lab = Lab::new("binding");
+        let a = lab.identity("appliance-a", &[]);
+        let b = lab.identity("appliance-b", &[]);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let source = std::thread::spawn(move || {
+            let never = AtomicBool::new(false);
+            let socket = TcpStream::connect(addr).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let channel = security::tls::connect(&a, socket, addr.ip(), deadline, &never).unwrap();
+            let mut control = ControlChannel::tls(channel).unwrap();
+            let session_id = 77;
+            let hello = Handshake {
+                magic: CONTROL_MAGIC,
+                version: wire::VERSION,
+                session_id,
+                memory_bytes: 1 << 20,
+                page_size: PAGE_SIZE as u32,
+                streams: 2,
+                capabilities: caps::ALL,
+            };
+            control.send(&ControlMessage::Hello(hello)).unwrap();
+            assert!(matches!(control.recv(), Ok(ControlMessage::Welcome { .. })));
+            let keys = control.session_keys(2).unwrap().unwrap();
+            let open = |stream_id: u16, binding: [u8; 16]| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(
+                    &StreamHello {
+                        session_id,
+                        stream_id,
+                        binding: Some(binding),
+                    }
+                    .encode(),
+                )
+                .unwrap();
+                s
+            };
+            // The forged stream first, well before the real ones.
+            let forged = open(0, [0xAB; 16]);
+            std::thread::sleep(Duration::from_millis(300));
+            let real0 = open(0, keys.binding(0));
+            let real1 = open(1, keys.binding(1));
+            // Held open until the destination decided.
+            std::thread::sleep(Duration::from_millis(500));
+            drop((forged, real0, real1, control));
+        });
+        let mut gate = Acceptor::new(&listener);
+        let config = DestConfig {
+            security: Some(b),
+            ..DestConfig::default()
+        };
+        let accepted = accept(
+            &mut gate,
+            DestMemory::Allocate(dwcp_hugepages::PagePreference::Small),
+            &config,
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(accepted.streams.len(), 2);
+        assert!(accepted.keys.is_some());
+        assert_eq!(gate.unbound(), 1);
+        source.join().unwrap();
+        let _ = std::fs::remove_dir_all(&lab.dir);
+    }
 
     /// What operators read names each thing once: no doubled prefixes, no EAGAIN.
     #[test]

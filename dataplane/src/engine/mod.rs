@@ -58,8 +58,8 @@ pub use gate::Acceptor;
 pub use live::{Epoch, LiveControl, LiveReport, LiveSettings};
 pub use precopy::DowntimeEstimate;
 pub use report::{
-    DowntimeMeasured, DowntimeReport, MigrationReport, Progress, RoundStats, TransportReport,
-    WorkerStatus,
+    DowntimeMeasured, DowntimeReport, MigrationReport, Progress, RoundStats, SecurityReport,
+    TransportReport, WorkerStatus,
 };
 pub use source::{SourceConfig, migrate, migrate_live, migrate_with_policy};
 pub use steer::{CodecReport, SettingsChange};
@@ -128,6 +128,9 @@ pub enum MigrationError {
     /// The peer refused the session.
     #[error("peer refused the session: {0}")]
     Refused(String),
+    /// The session could not be authenticated or secured.
+    #[error(transparent)]
+    Security(#[from] crate::security::SecurityError),
     /// The peer sent something malformed.
     #[error("protocol error: {0}")]
     Protocol(#[from] WireError),

@@ -149,6 +149,33 @@ pub struct TransportReport {
     pub uring_ops: Vec<String>,
     /// Fallbacks and anything that did not apply as configured.
     pub notes: Vec<String>,
+    /// How the session was secured: `None` for a plain (`--insecure`) session.
+    pub security: Option<SecurityReport>,
+}
+
+/// How an authenticated session was secured.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SecurityReport {
+    /// Who the peer's certificate says it is (pinned names it matched, or its DNS
+    /// names).
+    pub peer: String,
+    /// The control stream's TLS cipher suite.
+    pub tls: String,
+    /// How the data streams' records are sealed.
+    pub records: String,
+}
+
+impl SecurityReport {
+    /// One line for reports and logs.
+    pub fn describe(security: Option<&SecurityReport>) -> String {
+        match security {
+            Some(s) => format!(
+                "TLS 1.3 ({}) with {}, data streams sealed ({})",
+                s.tls, s.peer, s.records
+            ),
+            None => "plain: not authenticated, not encrypted (--insecure)".into(),
+        }
+    }
 }
 
 /// The source's account of a migration.
@@ -267,6 +294,11 @@ impl fmt::Display for MigrationReport {
             } else {
                 String::new()
             }
+        )?;
+        writeln!(
+            f,
+            "session: {}",
+            SecurityReport::describe(t.security.as_ref())
         )?;
         for n in t.notes.iter().chain(&self.notes) {
             writeln!(f, "  note: {n}")?;

@@ -19,6 +19,7 @@
 //! `TCP_INFO`).
 
 pub mod frames;
+mod inbound;
 pub mod plain;
 pub mod socket;
 mod stage;
@@ -29,6 +30,8 @@ use crate::codec::{CodecCounters, CodecSettings, CodecSetup};
 use crate::crc_table::CrcTable;
 use crate::memory::GuestMemory;
 use crate::ring::{Consumer, Producer};
+use crate::security::SessionKeys;
+pub use inbound::Inbound;
 use socket::{SocketOptions, TcpInfoSample};
 use std::fmt;
 use std::str::FromStr;
@@ -565,6 +568,9 @@ pub struct TxSetup {
     pub table: Arc<CrcTable>,
     /// Codec limits, when the session may use codecs.
     pub codec: Option<CodecSetup>,
+    /// In an authenticated session, the data streams' keys: every send buffer goes out
+    /// as a sealed record.
+    pub records: Option<Arc<SessionKeys>>,
 }
 
 /// Where a destination worker puts what arrives, beside its sockets.
@@ -580,19 +586,24 @@ pub struct RxSetup {
     pub capabilities: u64,
     /// The destination's CRC table: every page placed is recorded there.
     pub table: Arc<CrcTable>,
+    /// In an authenticated session, the data streams' keys: records are opened before
+    /// their frames are parsed.
+    pub records: Option<Arc<SessionKeys>>,
 }
 
 impl RxSetup {
-    /// The parser of stream `stream`.
-    pub fn parser(&self, stream: u16) -> frames::FrameParser {
-        frames::FrameParser::new(
+    /// The inbound path of stream `stream`: its record opener, if sealed, then its
+    /// frame parser.
+    pub fn inbound(&self, stream: u16) -> Inbound {
+        let parser = frames::FrameParser::new(
             self.memory.clone(),
             stream,
             self.total_streams,
             self.memory_is_fresh,
         )
         .with_capabilities(self.capabilities)
-        .with_table(self.table.clone())
+        .with_table(self.table.clone());
+        Inbound::new(self.records.as_ref().map(|k| k.opener(stream)), parser)
     }
 }
 

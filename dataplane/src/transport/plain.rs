@@ -2,14 +2,15 @@
 //! One thread per stream (a blocking write on one stream must not stall another);
 //! the same frames, parser and events as the io_uring transport.
 
-use super::frames::{FrameParser, stage_space};
+use super::frames::stage_space;
 use super::stage::{SendBuffers, Stager, StreamStage};
 use super::{
-    CONTROL_RING, IdleStrategy, OsError, RxError, RxEvent, RxSetup, RxWorker, StreamTelemetry,
-    TransportConfig, TxCommand, TxControl, TxError, TxEvent, TxSetup, TxWorker, WORKER_RING, pin,
-    push_event,
+    CONTROL_RING, IdleStrategy, Inbound, OsError, RxError, RxEvent, RxSetup, RxWorker,
+    StreamTelemetry, TransportConfig, TxCommand, TxControl, TxError, TxEvent, TxSetup, TxWorker,
+    WORKER_RING, pin, push_event,
 };
 use crate::ring::{self, Consumer, Producer};
+use crate::security::records::{RECORD_HEADER, RECORD_TAG, RecordSealer};
 use crate::transport::socket;
 use crate::wire::{FRAME_HEADER_LEN, FrameHeader};
 use std::io::{Read, Write};
@@ -45,12 +46,20 @@ pub fn spawn_tx(
     })
 }
 
-/// One stream's send buffer, written to the socket with blocking sends when full.
+/// One stream's send buffer, written to the socket with blocking sends when full. In an
+/// authenticated session each send is one sealed record: staging starts after the
+/// record header's room and leaves room for the tag.
 struct SocketBuffer {
     id: u16,
     socket: TcpStream,
     buf: Vec<u8>,
-    /// Bytes waiting in `buf`.
+    /// Seals each send, in an authenticated session.
+    sealer: Option<RecordSealer>,
+    /// Where staged bytes start (after a record header's room, when sealing).
+    start: usize,
+    /// Room kept at the end for a record's tag.
+    tail: usize,
+    /// End of the bytes waiting in `buf` (from `start`).
     len: usize,
     /// Send once this much is buffered.
     send_size: usize,
@@ -63,29 +72,36 @@ struct SocketBuffer {
 impl SocketBuffer {
     /// Send what is buffered.
     fn send(&mut self) -> Result<(), TxError> {
-        if self.len == 0 {
+        if self.len == self.start {
             return Ok(());
         }
         let started = Instant::now();
+        let end = match &mut self.sealer {
+            Some(sealer) => sealer.seal(&mut self.buf, self.len),
+            None => self.len,
+        };
         self.socket
-            .write_all(&self.buf[..self.len])
+            .write_all(&self.buf[..end])
             .map_err(|e| TxError::Send {
                 stream: self.id,
                 error: e.into(),
             })?;
         self.send_nanos += started.elapsed().as_nanos() as u64;
-        self.bytes += self.len as u64;
-        self.len = 0;
+        self.bytes += end as u64;
+        self.len = self.start;
         Ok(())
     }
 }
 
 impl SendBuffers for SocketBuffer {
     fn room(&mut self, _stream: usize, need: usize) -> Result<Option<&mut [u8]>, TxError> {
-        if self.len > 0 && (self.len + need > self.buf.len() || self.len + need > self.send_size) {
+        let room_end = self.buf.len() - self.tail;
+        if self.len > self.start
+            && (self.len + need > room_end || self.len - self.start + need > self.send_size)
+        {
             self.send()?;
         }
-        Ok(Some(&mut self.buf[self.len..]))
+        Ok(Some(&mut self.buf[self.len..room_end]))
     }
 
     fn filled(&mut self, _stream: usize, n: usize) {
@@ -115,14 +131,23 @@ impl PlainTx {
         let send_size = config
             .send_buffer
             .max(stage_space(crate::wire::MAX_RUN_PAGES) * 2);
-        let capacity = send_size + stager.max_flush_len() + FRAME_HEADER_LEN;
+        let sealer = setup.records.as_ref().map(|keys| keys.sealer(id));
+        let (start, tail) = if sealer.is_some() {
+            (RECORD_HEADER, RECORD_TAG)
+        } else {
+            (0, 0)
+        };
+        let capacity = start + send_size + stager.max_flush_len() + FRAME_HEADER_LEN + tail;
         PlainTx {
             worker,
             out: SocketBuffer {
                 id,
                 socket,
                 buf: vec![0u8; capacity],
-                len: 0,
+                sealer,
+                start,
+                tail,
+                len: start,
                 send_size,
                 bytes: 0,
                 send_nanos: 0,
@@ -288,12 +313,12 @@ pub fn spawn_rx(
     let (id, socket) = stream;
     // Wake up now and then to notice a stop request.
     socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-    let parser = setup.parser(id);
+    let inbound = setup.inbound(id);
     let handle = std::thread::Builder::new()
         .name(format!("dwcp-prx{id}"))
         .spawn(move || {
             pin(cpu);
-            rx_main(id, socket, parser, evt_tx, &stop_flag, &config);
+            rx_main(id, socket, inbound, evt_tx, &stop_flag, &config);
         })?;
     Ok(RxWorker {
         events: evt_rx,
@@ -305,7 +330,7 @@ pub fn spawn_rx(
 fn rx_main(
     id: u16,
     mut socket: TcpStream,
-    mut parser: FrameParser,
+    mut inbound: Inbound,
     mut events: Producer<RxEvent>,
     stop: &AtomicBool,
     config: &TransportConfig,
@@ -316,9 +341,11 @@ fn rx_main(
         if stop.load(Ordering::Relaxed) {
             break Ok(());
         }
-        let n = match socket.read(&mut buf) {
-            Ok(0) if parser.is_ended() => break Ok(()),
-            Ok(0) => break Err(crate::wire::WireError::UnexpectedEof("data stream").into()),
+        // A sealed stream is read straight into its record buffer.
+        let window = inbound.window();
+        let sealed = window.is_some();
+        let n = match socket.read(window.unwrap_or(&mut buf)) {
+            Ok(0) => break inbound.at_eof().map_err(RxError::from),
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -333,13 +360,18 @@ fn rx_main(
             Err(e) => break Err(RxError::Receive(OsError::from(e))),
         };
         let mut announced = Vec::new();
-        if let Err(e) = parser.feed(&buf[..n], &mut |e| announced.push(e)) {
+        let taken = if sealed {
+            inbound.filled(n, &mut |e| announced.push(e))
+        } else {
+            inbound.feed(&buf[..n], &mut |e| announced.push(e))
+        };
+        if let Err(e) = taken {
             break Err(e.into());
         }
         for e in announced {
             push_event(
                 &mut events,
-                RxEvent::from_stream(id, e, parser.counters().bytes),
+                RxEvent::from_stream(id, e, inbound.counters().bytes),
             );
         }
         if Instant::now() >= next_telemetry {
@@ -348,8 +380,8 @@ fn rx_main(
                 &mut events,
                 RxEvent::Telemetry {
                     stream: id,
-                    bytes: parser.counters().bytes,
-                    pages: parser.counters().pages(),
+                    bytes: inbound.counters().bytes,
+                    pages: inbound.counters().pages(),
                 },
             );
         }

@@ -320,6 +320,9 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                 s.transport.congestion,
                 s.transport.codec
             );
+            if !s.security.is_empty() {
+                outln!("security:     {}", s.security);
+            }
             outln!(
                 "listening:    {} ({} running: {} outgoing, {} incoming; {} received)",
                 s.listen,

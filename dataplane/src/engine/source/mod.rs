@@ -17,7 +17,7 @@ use super::fleet::TxFleet;
 use super::handshake::{self, ControlLink};
 use super::live::{LiveControl, LiveSettings};
 use super::precopy::{Decision, Planner, PlannerConfig, RoundMeasurement};
-use super::report::{MigrationReport, Progress, RoundStats, TransportReport};
+use super::report::{MigrationReport, Progress, RoundStats, SecurityReport, TransportReport};
 use super::steer::Steering;
 use crate::codec::policy::{CodecConfig, CodecMode, CodecPolicy};
 use crate::codec::{CodecSettings, CodecSetup};
@@ -25,6 +25,7 @@ use crate::crc_table::CrcTable;
 use crate::dirty::{DirtyBitmap, DirtyLog};
 use crate::guest::GuestControl;
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::security::Identity;
 use crate::transport::{self, TransportConfig, TransportKind, TxCommand, TxControl, TxSetup};
 use crate::wire::{self, CHUNK_PAGES, ControlMessage, caps, stream_of};
 use std::collections::VecDeque;
@@ -58,6 +59,9 @@ pub struct SourceConfig {
     pub connect_timeout: Duration,
     /// Waiting for any reply or progress from the destination.
     pub reply_timeout: Duration,
+    /// This appliance's identity: the session is TLS 1.3 with mutual authentication and
+    /// its data streams carry sealed records. `None`: plain (an `--insecure` session).
+    pub security: Option<Arc<Identity>>,
 }
 
 impl Default for SourceConfig {
@@ -76,6 +80,7 @@ impl Default for SourceConfig {
             auto_converge: true,
             connect_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
+            security: None,
         }
     }
 }
@@ -202,6 +207,8 @@ struct Session<'a> {
     estimated_downtime: Option<Duration>,
     /// What setup found and how the transport changed since, for the report.
     transport_notes: Vec<String>,
+    /// How the session is secured (`None`: plain).
+    security: Option<SecurityReport>,
     /// What live changes could not do as asked, for the report.
     live_notes: Vec<String>,
 }
@@ -293,7 +300,17 @@ pub fn migrate_live<'a>(
         probe,
         device_state,
     )?;
-    let result = session.run(guest, dirty_log.as_mut(), start, progress);
+    let mut result = session.run(guest, dirty_log.as_mut(), start, progress);
+    if let Err(MigrationError::Transport(local)) = &result
+        && !local.starts_with("destination aborted")
+        && let Some(theirs) = session.destination_abort(Duration::from_millis(300))
+    {
+        // A data stream broke because the destination closed it: its reason (a record
+        // that failed to open, say) is the real one.
+        result = Err(MigrationError::Transport(format!(
+            "destination aborted: {theirs} (here: {local})"
+        )));
+    }
     if let Err(e) = &result {
         session.abort(e);
         // The guest stays here and runs at full speed again (it is resumed already
@@ -413,7 +430,9 @@ impl<'a> Session<'a> {
             memory: memory.clone(),
             table: table.clone(),
             codec: codec.clone(),
+            records: opened.keys.clone(),
         };
+        let security = opened.control.security();
         let fleet = TxFleet::spawn(
             probe.kind,
             probe.zero_copy,
@@ -494,6 +513,7 @@ impl<'a> Session<'a> {
             last_report: now,
             estimated_downtime: None,
             transport_notes: notes,
+            security,
             live_notes: Vec::new(),
         })
     }
@@ -946,6 +966,7 @@ impl<'a> Session<'a> {
                             .to_string()
                     }))
                     .collect(),
+                security: self.security.clone(),
             },
             device_state_bytes: outcome.device_state_bytes,
             max_throttle: self.totals.max_throttle,
@@ -955,6 +976,19 @@ impl<'a> Session<'a> {
             codec: self.steering.take().map(Steering::finish),
             rounds,
         })
+    }
+
+    /// The destination's abort message, if one arrives within `wait`.
+    fn destination_abort(&mut self, wait: Duration) -> Option<String> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.control.recv_timeout(left) {
+                Ok(Some(ControlMessage::Abort { message, .. })) => return Some(message),
+                Ok(Some(_)) if !left.is_zero() => {}
+                _ => return None,
+            }
+        }
     }
 
     /// Tell the destination and stop every stream (best effort: the session is over).

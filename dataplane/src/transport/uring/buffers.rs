@@ -36,25 +36,23 @@ impl<'a> PoolBuffers<'a> {
 
 impl SendBuffers for PoolBuffers<'_> {
     fn room(&mut self, i: usize, need: usize) -> Result<Option<&mut [u8]>, TxError> {
-        let buf_size = self.pool.buf_size();
         let st = &mut self.streams[i];
+        let (start, room_end) = (st.start(), self.pool.buf_size() - st.tail());
         let fits = st.filling.as_ref().is_some_and(|&(_, len)| {
-            len + need <= buf_size && (len == 0 || len + need <= self.fill_limit)
+            len + need <= room_end && (len == start || len - start + need <= self.fill_limit)
         });
         if !fits {
             if st.queue.len() >= STAGED_AHEAD {
                 return Ok(None);
             }
-            if let Some((token, len)) = st.filling.take() {
-                st.queue.push_back((token, len, Marker::None));
-            }
+            st.queue_filling(self.pool, Marker::None);
             match self.pool.acquire() {
-                Some(token) => st.filling = Some((token, 0)),
+                Some(token) => st.filling = Some((token, start)),
                 None => return Ok(None),
             }
         }
         let (token, len) = st.filling.as_ref().expect("a buffer is filling");
-        Ok(Some(&mut self.pool.buf_mut(token)[*len..]))
+        Ok(Some(&mut self.pool.buf_mut(token)[*len..room_end]))
     }
 
     fn filled(&mut self, i: usize, n: usize) {

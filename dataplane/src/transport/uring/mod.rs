@@ -18,7 +18,10 @@
 //!   (`IORING_REGISTER_PBUF_RING`) and one multishot `RECV`; the kernel picks a buffer
 //!   per completion, the frame parser consumes it at once (copying page bytes straight
 //!   into guest memory) and the buffer goes back on the ring. One ring per stream means
-//!   a slow stream can never starve another of buffers.
+//!   a slow stream can never starve another of buffers. A sealed stream (an
+//!   authenticated session) instead has one single-shot `RECV` at a time straight into
+//!   its record buffer, sized to the rest of the record and the next one's header: the
+//!   kernel's copy is the only one before the record is opened in place and parsed.
 //!
 //! Teardown: before any buffer is freed, every request is completed or cancelled
 //! (sockets are shut down, then completions are drained), so the kernel never touches

@@ -1,12 +1,12 @@
 //! The receive side: a multishot `RECV` per stream into the stream's own provided
-//! buffer ring, each completion parsed at once and its buffer given back.
+//! buffer ring, each completion parsed at once and its buffer given back; for a sealed
+//! stream, one `RECV` at a time into its record buffer.
 
 use super::buffers::ProvidedBuffers;
 use super::{new_ring, shutdown, spawn_worker, wait_cqe};
 use crate::ring::{self, Producer};
-use crate::transport::frames::FrameParser;
 use crate::transport::{
-    OsError, RxError, RxEvent, RxSetup, RxWorker, TransportConfig, WORKER_RING, push_event,
+    Inbound, OsError, RxError, RxEvent, RxSetup, RxWorker, TransportConfig, WORKER_RING, push_event,
 };
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use std::net::TcpStream;
@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 struct RxStream {
     id: u16,
     socket: TcpStream,
-    parser: FrameParser,
+    inbound: Inbound,
+    /// Records are read straight into the stream's record buffer (one single-shot
+    /// receive at a time) instead of through the provided buffers.
+    sealed: bool,
     buffers: ProvidedBuffers,
     armed: bool,
     eof: bool,
@@ -50,10 +53,12 @@ pub fn spawn_rx(
                 setup_config.recv_buffer,
             )?;
             buffers.provide_all();
+            let mut inbound = rx_setup.inbound(id);
             rx.push(RxStream {
                 id,
                 socket,
-                parser: rx_setup.parser(id),
+                sealed: inbound.window().is_some(),
+                inbound,
                 buffers,
                 armed: false,
                 eof: false,
@@ -110,7 +115,7 @@ fn rx_main(
     if in_flight > 0 {
         eprintln!("dwcp-rx: {in_flight} receives did not complete; leaking their buffers");
         for st in streams.drain(..) {
-            std::mem::forget(st.buffers);
+            std::mem::forget(st);
         }
     }
     for st in &mut streams {
@@ -138,12 +143,20 @@ fn rx_loop(
             if st.armed || st.eof {
                 continue;
             }
-            let recv = opcode::RecvMulti::new(types::Fd(st.socket.as_raw_fd()), i as u16)
-                .build()
-                .user_data(i as u64)
-                .flags(squeue::Flags::empty());
-            // SAFETY: the kernel fills buffers of `st.buffers`, which are unregistered
-            // and freed only after this request's final completion (see rx_main).
+            let fd = types::Fd(st.socket.as_raw_fd());
+            let recv = match st.inbound.window() {
+                Some(window) => opcode::Recv::new(fd, window.as_mut_ptr(), window.len() as u32)
+                    .build()
+                    .user_data(i as u64),
+                None => opcode::RecvMulti::new(fd, i as u16)
+                    .build()
+                    .user_data(i as u64)
+                    .flags(squeue::Flags::empty()),
+            };
+            // SAFETY: the kernel fills buffers of `st.buffers`, or the window of the
+            // stream's record buffer, which is neither moved nor freed until this
+            // request's final completion: only completions change it, and teardown
+            // drains every request before the streams go (see rx_main).
             unsafe { ring.submission().push(&recv) }
                 .map_err(|_| (st.id, RxError::SubmissionQueueFull))?;
             st.armed = true;
@@ -187,37 +200,38 @@ fn rx_loop(
             if result == 0 {
                 st.eof = true;
                 st.armed = false;
-                if !st.parser.is_ended() {
-                    return Err((
-                        st.id,
-                        crate::wire::WireError::UnexpectedEof("data stream").into(),
-                    ));
-                }
+                st.inbound.at_eof().map_err(|e| (st.id, e.into()))?;
                 continue;
             }
-            let Some(bid) = cqueue::buffer_select(flags) else {
-                return Err((st.id, RxError::NoBuffer));
-            };
             let id = st.id;
-            let data = st.buffers.buffer(bid, result as usize);
             let mut announced = Vec::new();
-            let parsed = st.parser.feed(data, &mut |e| announced.push(e));
-            st.buffers.give_back(bid);
-            parsed.map_err(|e| (id, e.into()))?;
+            if st.sealed {
+                st.inbound
+                    .filled(result as usize, &mut |e| announced.push(e))
+                    .map_err(|e| (id, e.into()))?;
+            } else {
+                let Some(bid) = cqueue::buffer_select(flags) else {
+                    return Err((st.id, RxError::NoBuffer));
+                };
+                let data = st.buffers.buffer(bid, result as usize);
+                let parsed = st.inbound.feed(data, &mut |e| announced.push(e));
+                st.buffers.give_back(bid);
+                parsed.map_err(|e| (id, e.into()))?;
+            }
             for e in announced {
                 push_event(
                     events,
-                    RxEvent::from_stream(id, e, st.parser.counters().bytes),
+                    RxEvent::from_stream(id, e, st.inbound.counters().bytes),
                 );
             }
         }
-        if streams.iter().all(|st| st.parser.is_ended()) {
+        if streams.iter().all(|st| st.inbound.is_ended()) {
             return Ok(());
         }
         if Instant::now() >= next_telemetry {
             next_telemetry = Instant::now() + config.telemetry_interval;
             for st in streams.iter_mut() {
-                let bytes = st.parser.counters().bytes;
+                let bytes = st.inbound.counters().bytes;
                 if bytes != st.reported_bytes {
                     st.reported_bytes = bytes;
                     push_event(
@@ -225,7 +239,7 @@ fn rx_loop(
                         RxEvent::Telemetry {
                             stream: st.id,
                             bytes,
-                            pages: st.parser.counters().pages(),
+                            pages: st.inbound.counters().pages(),
                         },
                     );
                 }

@@ -5,6 +5,7 @@
 use super::buffers::PoolBuffers;
 use super::{new_ring, shutdown, spawn_worker, wait_cqe};
 use crate::ring::{self, Consumer, Producer};
+use crate::security::records::{RECORD_HEADER, RECORD_TAG, RecordSealer};
 use crate::transport::stage::{RoundCounts, Stager, StreamStage};
 use crate::transport::{
     CONTROL_RING, IdleStrategy, OsError, StreamTelemetry, TransportConfig, TxCommand, TxControl,
@@ -58,6 +59,43 @@ pub(super) struct TxStream {
     ended: bool,
     /// Bytes handed to the kernel.
     bytes: u64,
+    /// Seals each buffer before it is queued, in an authenticated session.
+    sealer: Option<RecordSealer>,
+}
+
+impl TxStream {
+    /// Where staged bytes start in a buffer: after room for a record's header when
+    /// sealing.
+    pub fn start(&self) -> usize {
+        if self.sealer.is_some() {
+            RECORD_HEADER
+        } else {
+            0
+        }
+    }
+
+    /// Room kept at a buffer's end for a record's tag.
+    pub fn tail(&self) -> usize {
+        if self.sealer.is_some() { RECORD_TAG } else { 0 }
+    }
+
+    /// Queue the buffer being filled for sending, ending with `marker`: sealed in
+    /// place first in an authenticated session (the registered buffer, and with it
+    /// zero-copy, stays). An empty one goes back to the pool.
+    pub fn queue_filling(&mut self, pool: &mut BufferPool, marker: Marker) {
+        let Some((token, len)) = self.filling.take() else {
+            return;
+        };
+        if len <= self.start() {
+            pool.release(token);
+            return;
+        }
+        let len = match &mut self.sealer {
+            Some(sealer) => sealer.seal(pool.buf_mut(&token), len),
+            None => len,
+        };
+        self.queue.push_back((token, len, marker));
+    }
 }
 
 struct TxWorkerState {
@@ -143,11 +181,19 @@ impl TxWorkerState {
         zero_copy: bool,
         control: Consumer<TxControl>,
     ) -> std::io::Result<Self> {
+        let records = setup.records.clone();
         let stager = Stager::new(setup.memory, setup.table, setup.codec);
-        // With codecs, a buffer must take a whole flushed batch.
+        // With codecs, a buffer must take a whole flushed batch; a sealed record needs
+        // room for its header and tag besides.
+        let record_room = if records.is_some() {
+            RECORD_HEADER + RECORD_TAG
+        } else {
+            0
+        };
         let buf_size = config
             .send_buffer
-            .max(stager.max_flush_len() + FRAME_HEADER_LEN);
+            .max(stager.max_flush_len() + FRAME_HEADER_LEN)
+            + record_room;
         // A zero-copy buffer is pinned until the receiver has consumed its bytes, a
         // socket buffer's worth later: keep enough buffers to cover that, or the sender
         // stalls waiting for notifications.
@@ -199,6 +245,7 @@ impl TxWorkerState {
                     needs_stream_end: false,
                     ended: false,
                     bytes: 0,
+                    sealer: records.as_ref().map(|keys| keys.sealer(id)),
                 })
                 .collect(),
             stages,
@@ -236,7 +283,9 @@ impl TxWorkerState {
             && self.ops_in_flight == 0
             && self.stages.iter().all(|s| !s.batch_pending())
             && self.streams.iter().all(|st| {
-                st.filling.as_ref().is_none_or(|(_, len)| *len == 0)
+                st.filling
+                    .as_ref()
+                    .is_none_or(|(_, len)| *len <= st.start())
                     && st.queue.is_empty()
                     && st.inflight.is_none()
                     && !st.needs_round_marker
@@ -347,13 +396,7 @@ impl TxWorkerState {
                 }
                 // Send partial buffers instead of waiting for them to fill.
                 for st in &mut self.streams {
-                    if let Some((token, len)) = st.filling.take() {
-                        if len > 0 {
-                            st.queue.push_back((token, len, Marker::None));
-                        } else {
-                            self.pool.release(token);
-                        }
-                    }
+                    st.queue_filling(&mut self.pool, Marker::None);
                 }
             }
             progress |= self.submit_sends()?;
@@ -522,7 +565,8 @@ impl TxWorkerState {
                 continue;
             }
             let st = &mut self.streams[i];
-            let (token, len) = st.filling.take().expect("the marker went into a buffer");
+            debug_assert!(st.filling.is_some(), "the marker went into a buffer");
+            st.queue_filling(&mut self.pool, marker);
             match marker {
                 Marker::RoundEnd => {
                     st.needs_round_marker = false;
@@ -531,7 +575,6 @@ impl TxWorkerState {
                 Marker::None => st.needs_stream_map = None,
                 Marker::StreamEnd => st.needs_stream_end = false,
             }
-            st.queue.push_back((token, len, marker));
             progress = true;
             if marker == Marker::RoundEnd && self.streams.iter().all(|st| !st.needs_round_marker) {
                 self.closed_round = self.stager.take_round();

@@ -1,0 +1,556 @@
+//! Authenticated sessions end to end, and the attacks on them: certificates that must
+//! not pass (none, another CA's, expired, a valid appliance pinned out), a peer that
+//! completes TLS and then sends garbage, and a man in the middle on the data streams
+//! (a flipped bit in a record, a record replayed on another stream, a stream cut
+//! inside a record). Each attack gets a clear error on both sides; the destination
+//! keeps serving on the same port, and a good migration succeeds right after.
+
+use dwcp_control::certs::{LabCa, Validity};
+use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
+use dwcp_dataplane::engine::{
+    self, Acceptor, DestConfig, DestMemory, DestReport, MigrationReport, ReceiveProgress,
+    SourceConfig,
+};
+use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
+use dwcp_dataplane::memory::GuestMemory;
+use dwcp_dataplane::security::{Identity, SecurityFiles};
+use dwcp_dataplane::transport::{TransportChoice, TransportConfig};
+use dwcp_hugepages::PagePreference;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+const GUEST: usize = 32 << 20;
+
+/// A site: its CA, and the directory its files go in.
+struct Site {
+    ca: LabCa,
+    dir: PathBuf,
+}
+
+impl Site {
+    fn new(name: &str) -> Site {
+        let dir = std::env::temp_dir().join(format!("dwcp-sec-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = LabCa::new(&format!("{name} CA")).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+        Site { ca, dir }
+    }
+
+    /// Appliance `name` of this site, trusting `trusts`' CA, accepting `pinned` peers.
+    fn appliance(
+        &self,
+        name: &str,
+        validity: Validity,
+        trusts: &Site,
+        pinned: &[&str],
+    ) -> Arc<Identity> {
+        let (cert, key) = self
+            .ca
+            .issue(name, &["127.0.0.1".into()], validity)
+            .unwrap();
+        let cert_path = self.dir.join(format!("{name}.pem"));
+        let key_path = self.dir.join(format!("{name}-key.pem"));
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+        Identity::load(&SecurityFiles {
+            cert: cert_path,
+            key: key_path,
+            ca: trusts.dir.join("ca.pem"),
+            peers: pinned.iter().map(|p| p.to_string()).collect(),
+        })
+        .unwrap()
+    }
+}
+
+fn valid() -> Validity {
+    Validity::years_from_now(1)
+}
+
+/// A destination serving session after session on one port, as the daemon does.
+struct Destination {
+    addr: SocketAddr,
+    results: Receiver<Result<DestReport, String>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Destination {
+    fn start(config: DestConfig) -> Destination {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, results) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut gate = Acceptor::new(&listener);
+            while !stopping.load(Ordering::Acquire) {
+                let progress = ReceiveProgress::default();
+                let result = engine::receive_through(
+                    &mut gate,
+                    DestMemory::Allocate(PagePreference::TransparentHuge),
+                    &config,
+                    &stopping,
+                    None,
+                    &progress,
+                );
+                if progress.snapshot().peer.is_none() && result.is_err() {
+                    continue; // nobody came
+                }
+                if tx.send(result.map_err(|e| e.to_string())).is_err() {
+                    return;
+                }
+            }
+        });
+        Destination {
+            addr,
+            results,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The next session's outcome.
+    fn next(&self) -> Result<DestReport, String> {
+        self.results
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the destination ended a session")
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn dest_config(identity: &Arc<Identity>) -> DestConfig {
+    DestConfig {
+        security: Some(identity.clone()),
+        timeout: Duration::from_secs(10),
+        handshake_timeout: Duration::from_secs(3),
+        ..DestConfig::default()
+    }
+}
+
+fn source_config(identity: Option<&Arc<Identity>>, choice: TransportChoice) -> SourceConfig {
+    SourceConfig {
+        streams: 4,
+        security: identity.cloned(),
+        transport: TransportConfig {
+            choice,
+            ..TransportConfig::default()
+        },
+        connect_timeout: Duration::from_secs(5),
+        reply_timeout: Duration::from_secs(10),
+        ..SourceConfig::default()
+    }
+}
+
+/// A live migration of a small simulated guest to `peer`; the source's memory with
+/// the result.
+fn migrate(
+    peer: SocketAddr,
+    config: &SourceConfig,
+) -> (Result<MigrationReport, String>, Arc<GuestMemory>) {
+    let memory = Arc::new(GuestMemory::anonymous(GUEST, PagePreference::TransparentHuge).unwrap());
+    let workload = GuestWorkload {
+        dirty_rate: 5e6,
+        ..GuestWorkload::default()
+    };
+    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, 7);
+    let opened = open_dirty_log(&memory, DirtyLogKind::Uffd).unwrap();
+    let guest = SimulatedGuest::start(memory.clone(), &workload, opened.marker.clone());
+    let result = engine::migrate(
+        peer,
+        memory.clone(),
+        &guest,
+        opened.log,
+        config,
+        &mut |_| {},
+    );
+    guest.stop();
+    (result.map_err(|e| e.to_string()), memory)
+}
+
+/// A good migration through `dest` succeeds, sealed, memory identical.
+fn good_migration(dest: &Destination, source: &Arc<Identity>) {
+    let (report, memory) = migrate(
+        dest.addr,
+        &source_config(Some(source), TransportChoice::Auto),
+    );
+    let report = report.expect("a good migration after the attack");
+    let received = dest
+        .next()
+        .expect("the destination's side of the good migration");
+    let security = report
+        .transport
+        .security
+        .as_ref()
+        .expect("an authenticated session");
+    assert!(security.tls.contains("AES_256_GCM"), "{security:?}");
+    assert!(received.security.is_some());
+    assert_eq!(memory.first_difference(&received.memory), None);
+}
+
+fn contains_all(text: &str, parts: &[&str]) -> bool {
+    parts.iter().all(|p| text.contains(p))
+}
+
+#[test]
+fn sealed_sessions_migrate_over_both_transports() {
+    let started = Instant::now();
+    let site = Site::new("ok");
+    let a = site.appliance("appliance-a", valid(), &site, &["appliance-b"]);
+    let b = site.appliance("appliance-b", valid(), &site, &["appliance-a"]);
+    let dest = Destination::start(dest_config(&b));
+    for choice in [TransportChoice::IoUring, TransportChoice::Plain] {
+        let (report, memory) = migrate(dest.addr, &source_config(Some(&a), choice));
+        let report = report.unwrap_or_else(|e| panic!("{choice:?}: {e}"));
+        let received = dest.next().expect("destination");
+        assert_eq!(
+            report.transport.security.as_ref().unwrap().peer,
+            "appliance-b"
+        );
+        assert_eq!(received.security.as_ref().unwrap().peer, "appliance-a");
+        assert_eq!(
+            memory.first_difference(&received.memory),
+            None,
+            "{choice:?}"
+        );
+    }
+    eprintln!(
+        "sealed migrations took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn certificates_that_must_not_pass_are_refused_on_both_sides() {
+    let started = Instant::now();
+    let site = Site::new("site");
+    let other = Site::new("other");
+    let b = site.appliance("appliance-b", valid(), &site, &["appliance-a"]);
+    let a = site.appliance("appliance-a", valid(), &site, &[]);
+    let dest = Destination::start(dest_config(&b));
+    let expired = Validity {
+        from_year: 2020,
+        until_year: 2021,
+    };
+    // What the source presents, and what each side must say.
+    type Case<'a> = (&'a str, Arc<Identity>, &'a [&'a str], &'a [&'a str]);
+    let cases: Vec<Case> = vec![
+        (
+            "another CA's certificate",
+            other.appliance("appliance-a", valid(), &site, &[]),
+            &["does not trust our certificate"],
+            &["not signed by this site's CA"],
+        ),
+        (
+            "an expired certificate",
+            site.appliance("appliance-old", expired, &site, &[]),
+            &["expired"],
+            &["expired"],
+        ),
+        (
+            "a valid appliance pinned out",
+            site.appliance("appliance-c", valid(), &site, &[]),
+            &[
+                "refused",
+                "appliance-c",
+                "none of the pinned appliance names (appliance-a)",
+            ],
+            &[
+                "appliance-c",
+                "none of the pinned appliance names (appliance-a)",
+            ],
+        ),
+    ];
+    for (what, identity, source_says, dest_says) in cases {
+        let (report, _) = migrate(
+            dest.addr,
+            &source_config(Some(&identity), TransportChoice::Auto),
+        );
+        let source_error = report.expect_err(what);
+        let dest_error = dest.next().expect_err(what);
+        eprintln!("{what}:\n  source: {source_error}\n  destination: {dest_error}");
+        assert!(
+            contains_all(&source_error, source_says),
+            "{what}: source said {source_error}"
+        );
+        assert!(
+            contains_all(&dest_error, dest_says),
+            "{what}: destination said {dest_error}"
+        );
+    }
+    // A source without certificates (--insecure) against this destination.
+    let (report, _) = migrate(dest.addr, &source_config(None, TransportChoice::Auto));
+    let source_error = report.expect_err("plain source");
+    let dest_error = dest.next().expect_err("plain source");
+    eprintln!("a plain source:\n  source: {source_error}\n  destination: {dest_error}");
+    assert!(
+        source_error.contains("takes only authenticated sessions"),
+        "{source_error}"
+    );
+    assert!(dest_error.contains("--insecure"), "{dest_error}");
+    good_migration(&dest, &a);
+    // And a source with certificates against a destination without (--insecure).
+    let plain_dest = Destination::start(DestConfig::default());
+    let (report, _) = migrate(
+        plain_dest.addr,
+        &source_config(Some(&a), TransportChoice::Auto),
+    );
+    let source_error = report.expect_err("plain destination");
+    let dest_error = plain_dest.next().expect_err("plain destination");
+    eprintln!("a plain destination:\n  source: {source_error}\n  destination: {dest_error}");
+    assert!(
+        source_error.contains("runs without certificates"),
+        "{source_error}"
+    );
+    assert!(
+        dest_error.contains("runs without certificates"),
+        "{dest_error}"
+    );
+    eprintln!(
+        "certificate refusals took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// A TLS client with `files`' certificate (or none), for what a dwcp source never does.
+fn raw_tls(
+    peer: SocketAddr,
+    site: &Site,
+    cert: Option<(&str, &str)>,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(site.dir.join("ca.pem")).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match cert {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_file(site.dir.join(cert)).unwrap()],
+                PrivateKeyDer::from_pem_file(site.dir.join(key)).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let name = rustls::pki_types::ServerName::IpAddress(peer.ip().into());
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let socket = TcpStream::connect(peer).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    rustls::StreamOwned::new(conn, socket)
+}
+
+#[test]
+fn clients_without_a_certificate_or_speaking_garbage_inside_tls_are_refused() {
+    let started = Instant::now();
+    let site = Site::new("raw");
+    let b = site.appliance("appliance-b", valid(), &site, &[]);
+    let a = site.appliance("appliance-a", valid(), &site, &[]);
+    let dest = Destination::start(dest_config(&b));
+    // No client certificate: the handshake fails; the client hears why.
+    let mut tls = raw_tls(dest.addr, &site, None);
+    let mut buf = [0u8; 16];
+    let client_error = tls
+        .write_all(b"x")
+        .and_then(|_| tls.flush())
+        .and_then(|_| tls.read(&mut buf).map(|_| ()))
+        .expect_err("no certificate");
+    let dest_error = dest.next().expect_err("no certificate");
+    eprintln!("no client certificate:\n  client: {client_error}\n  destination: {dest_error}");
+    assert!(
+        client_error.to_string().contains("CertificateRequired"),
+        "{client_error}"
+    );
+    assert!(
+        dest_error.contains("presented no certificate"),
+        "{dest_error}"
+    );
+    // A valid appliance that completes TLS, then sends garbage.
+    let mut tls = raw_tls(
+        dest.addr,
+        &site,
+        Some(("appliance-a.pem", "appliance-a-key.pem")),
+    );
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    tls.flush().unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer);
+    let dest_error = dest.next().expect_err("garbage");
+    eprintln!(
+        "garbage inside TLS:\n  destination: {dest_error}\n  client got {} bytes back",
+        answer.len()
+    );
+    assert!(dest_error.contains("does not speak dwcp"), "{dest_error}");
+    assert!(
+        !answer.is_empty(),
+        "the destination says why, inside the session"
+    );
+    good_migration(&dest, &a);
+    eprintln!(
+        "raw TLS clients took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// What the man in the middle does to the data streams.
+#[derive(Clone, Copy, Debug)]
+enum Tamper {
+    /// Flip one bit this far into stream 1's records.
+    FlipBit(usize),
+    /// Put stream 0's first record in front of stream 1's.
+    ReplayOnOtherStream,
+    /// Cut stream 1 this far into its records (inside a record).
+    Truncate(usize),
+}
+
+/// A man in the middle: forwards connections to `dest`, control streams untouched,
+/// data streams (known by their hello) tampered with as told.
+fn man_in_the_middle(dest: SocketAddr, tamper: Tamper) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let first_record: Arc<(Mutex<Option<Vec<u8>>>, Condvar)> = Arc::default();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(dest) else {
+                return;
+            };
+            let first_record = first_record.clone();
+            std::thread::spawn(move || relay(client, server, tamper, &first_record));
+        }
+    });
+    addr
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+fn relay(
+    mut client: TcpStream,
+    server: TcpStream,
+    tamper: Tamper,
+    first_record: &(Mutex<Option<Vec<u8>>>, Condvar),
+) {
+    let back = (server.try_clone().unwrap(), client.try_clone().unwrap());
+    std::thread::spawn(move || pipe(back.0, back.1));
+    let mut hello = [0u8; 48];
+    let mut server = server;
+    if client.read_exact(&mut hello[..4]).is_err() {
+        return;
+    }
+    if &hello[..4] != b"DWCS" {
+        let _ = server.write_all(&hello[..4]);
+        return pipe(client, server);
+    }
+    if client.read_exact(&mut hello[4..]).is_err() {
+        return;
+    }
+    let stream = u16::from_le_bytes([hello[6], hello[7]]);
+    let _ = server.write_all(&hello);
+    match (tamper, stream) {
+        (Tamper::ReplayOnOtherStream, 0) => {
+            // Pass stream 0 on, keeping a copy of its first record.
+            let mut header = [0u8; 8];
+            if client.read_exact(&mut header).is_err() {
+                return;
+            }
+            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+            let mut record = header.to_vec();
+            record.resize(8 + len, 0);
+            if client.read_exact(&mut record[8..]).is_err() {
+                return;
+            }
+            let _ = server.write_all(&record);
+            *first_record.0.lock().unwrap() = Some(record);
+            first_record.1.notify_all();
+            pipe(client, server);
+        }
+        (Tamper::ReplayOnOtherStream, 1) => {
+            let (lock, ready) = first_record;
+            let guard = lock.lock().unwrap();
+            let (guard, _) = ready
+                .wait_timeout_while(guard, Duration::from_secs(10), |r| r.is_none())
+                .unwrap();
+            if let Some(record) = guard.clone() {
+                let _ = server.write_all(&record);
+            }
+            drop(guard);
+            pipe(client, server);
+        }
+        (Tamper::FlipBit(at), 1) => {
+            let mut buf = vec![0u8; at + 1];
+            if client.read_exact(&mut buf).is_err() {
+                return;
+            }
+            buf[at] ^= 0x04;
+            let _ = server.write_all(&buf);
+            pipe(client, server);
+        }
+        (Tamper::Truncate(at), 1) => {
+            let mut buf = vec![0u8; at];
+            if client.read_exact(&mut buf).is_ok() {
+                let _ = server.write_all(&buf);
+            }
+            let _ = server.shutdown(std::net::Shutdown::Both);
+            let _ = client.shutdown(std::net::Shutdown::Both);
+        }
+        _ => pipe(client, server),
+    }
+}
+
+#[test]
+fn tampered_replayed_and_truncated_records_end_the_session_and_name_the_stream() {
+    let started = Instant::now();
+    let site = Site::new("mitm");
+    let a = site.appliance("appliance-a", valid(), &site, &[]);
+    let b = site.appliance("appliance-b", valid(), &site, &[]);
+    let dest = Destination::start(dest_config(&b));
+    let cases = [
+        (Tamper::FlipBit(100_000), "failed authentication"),
+        (Tamper::ReplayOnOtherStream, "sealed for another stream"),
+        (Tamper::Truncate(100_000), "truncated"),
+    ];
+    for (tamper, says) in cases {
+        let proxy = man_in_the_middle(dest.addr, tamper);
+        let (report, _) = migrate(proxy, &source_config(Some(&a), TransportChoice::Auto));
+        let source_error = report.expect_err("tampered");
+        let dest_error = dest.next().expect_err("tampered");
+        eprintln!("{tamper:?}:\n  source: {source_error}\n  destination: {dest_error}");
+        // The destination names stream 1 and what was wrong; the source hears it.
+        assert!(dest_error.contains("stream 1"), "{tamper:?}: {dest_error}");
+        assert!(dest_error.contains(says), "{tamper:?}: {dest_error}");
+        assert!(
+            source_error.contains(says) || source_error.contains("stream 1"),
+            "{tamper:?}: the source said {source_error}"
+        );
+    }
+    good_migration(&dest, &a);
+    eprintln!("tampering took {:.1} s", started.elapsed().as_secs_f64());
+}
