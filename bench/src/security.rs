@@ -11,6 +11,9 @@
 //! - `security/setup-16s-vs-plain`: a session's setup with 16 data streams (connect,
 //!   TLS handshake, hello, stream bindings) against the same setup plain, from a
 //!   migration's report.
+//! - `security/cross-region-vs-plain`: a live migration of 256 MiB through `wanem`'s
+//!   cross-region path, sealed against plain (the link, not the CPU, should bound both;
+//!   needs root for the emulator's namespaces, else skipped with the reason).
 
 use crate::measure::{Plan, Samples};
 use crate::report::{Better, Comparison, Reporter};
@@ -165,6 +168,112 @@ fn setup_seconds(secure: bool) -> Result<f64, String> {
     Ok(report.setup_seconds)
 }
 
+/// Sealed against plain migrations through the cross-region path: migration seconds.
+fn cross_region(runs: usize, out: &mut Reporter) {
+    use dwcp_control::certs::{self, ApplianceSpec};
+    use wanem::scenario::Scenario;
+    use wanem::{Emulator, EmulatorConfig};
+    let scenario = Scenario::built_in("cross-region").expect("a shipped scenario");
+    let emulator = match Emulator::start(EmulatorConfig::new("dwcpsec", scenario)) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("security/cross-region-vs-plain: SKIP: {e}");
+            return;
+        }
+    };
+    // The destination's certificate names the address the source dials.
+    let dir = std::env::temp_dir().join(format!("dwcp-bench-wan-certs-{}", std::process::id()));
+    let specs = [
+        ApplianceSpec {
+            name: "wan-source".into(),
+            addresses: vec!["127.0.0.1".into()],
+        },
+        ApplianceSpec {
+            name: "wan-dest".into(),
+            addresses: vec![emulator.destination_address().to_string()],
+        },
+    ];
+    let identities = certs::init(&dir, &specs)
+        .map_err(|e| e.to_string())
+        .and_then(|lab| {
+            let load = |i: usize| {
+                let (_, cert, key) = &lab.appliances[i];
+                Identity::load(&SecurityFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: lab.ca.clone(),
+                    peers: vec![],
+                })
+                .map_err(|e| e.to_string())
+            };
+            Ok((load(0)?, load(1)?))
+        });
+    let (a, b) = match identities {
+        Ok(ids) => ids,
+        Err(e) => {
+            eprintln!("security/cross-region-vs-plain: SKIP: certificates: {e}");
+            return;
+        }
+    };
+    let memory = Arc::new(
+        dwcp_dataplane::memory::GuestMemory::anonymous(
+            256 << 20,
+            dwcp_hugepages::PagePreference::TransparentHuge,
+        )
+        .expect("guest memory"),
+    );
+    let workload = GuestWorkload {
+        dirty_rate: 4e6,
+        working_set: 0.1,
+        vcpus: 1,
+        ..GuestWorkload::default()
+    };
+    dwcp_dataplane::guest::fill_memory(
+        &memory,
+        &dwcp_dataplane::guest::ContentMix::MEMORY_IMAGE,
+        workload.seed,
+    );
+    let (mut sealed, mut plain) = (Samples::default(), Samples::default());
+    for i in 0..runs {
+        for secure in [i % 2 == 0, i % 2 != 0] {
+            let (mut source, mut dest) = dwcp_tests::wan::internet_profile();
+            source.security = secure.then(|| a.clone());
+            dest.security = secure.then(|| b.clone());
+            let (outcome, seconds) = dwcp_tests::wan::migrate_across(
+                &emulator,
+                memory.clone(),
+                &workload,
+                dwcp_dataplane::dirty::DirtyLogKind::Uffd,
+                &source,
+                &dest,
+                None,
+            );
+            outcome.guest.stop();
+            match (outcome.source, outcome.dest) {
+                (Ok(_), Ok(_)) if secure => sealed.push(seconds),
+                (Ok(_), Ok(_)) => plain.push(seconds),
+                (s, d) => eprintln!(
+                    "security/cross-region-vs-plain: a run failed: {:?} / {:?}",
+                    s.err().map(|e| e.to_string()),
+                    d.err().map(|e| e.to_string())
+                ),
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    out.emit(
+        Comparison::new(
+            "security/cross-region-vs-plain",
+            "s",
+            Better::Lower,
+            &sealed,
+            "the same migration plain (--insecure), same path",
+            &plain,
+        )
+        .with_target(0.95),
+    );
+}
+
 /// Run the suite.
 pub fn run(plan: Plan, out: &mut Reporter) {
     const BYTES: usize = 1 << 30;
@@ -253,6 +362,9 @@ pub fn run(plan: Plan, out: &mut Reporter) {
             )
             .with_target(1.2),
         );
+    }
+    if out.wants("security/cross-region-vs-plain") {
+        cross_region(runs.min(3), out);
     }
     if out.wants("security/setup-16s-vs-plain") {
         let (mut ours, mut theirs) = (Samples::default(), Samples::default());

@@ -361,6 +361,11 @@ fn flooding_and_silent_clients_stall_neither_the_migration_nor_the_control_threa
         let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
         // The daemon migrates to itself: one migration out, the same one in.
         assert_eq!((status.running, status.receiving), (2, 1), "{status:?}");
+        assert!(
+            status.security.starts_with("TLS 1.3"),
+            "{}",
+            status.security
+        );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let rate = served.load(std::sync::atomic::Ordering::Relaxed) as f64
             / flood_start.elapsed().as_secs_f64();
@@ -377,6 +382,20 @@ fn flooding_and_silent_clients_stall_neither_the_migration_nor_the_control_threa
         .find(|l| l.starts_with("dwcp_migration_dropped_reports_total"))
         .expect("the dropped-reports series");
     assert!(dropped.ends_with(" 0"), "{dropped}");
+    // Its session was authenticated on both ends (source and destination are this
+    // process: the counters are process-wide).
+    let handshakes = metrics
+        .text
+        .lines()
+        .find(|l| l.starts_with("dwcp_tls_handshakes_total{result=\"ok\"}"))
+        .expect("the handshakes series");
+    let ok: f64 = handshakes.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(ok >= 2.0, "{handshakes}");
+    assert!(
+        metrics
+            .text
+            .contains("dwcp_records_rejected_total{reason=\"authentication\"}")
+    );
     d.stop();
 }
 

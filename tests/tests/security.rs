@@ -554,3 +554,69 @@ fn tampered_replayed_and_truncated_records_end_the_session_and_name_the_stream()
     good_migration(&dest, &a);
     eprintln!("tampering took {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// The first bytes of a TLS ClientHello to `addr`, then nothing.
+fn stalled_handshake(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x80, 0x01]).unwrap();
+    s
+}
+
+/// Whether the destination still holds `s` open (nothing to read, no end).
+fn still_open(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let open =
+        matches!((&*s).read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    s.set_nonblocking(false).unwrap();
+    open
+}
+
+#[test]
+fn stalled_tls_handshakes_hold_up_no_one_end_at_their_deadline_and_stop_at_a_cancel() {
+    let started = Instant::now();
+    let site = Site::new("stall");
+    let a = site.appliance("appliance-a", valid(), &site, &[]);
+    let b = site.appliance("appliance-b", valid(), &site, &[]);
+    // A deadline far longer than a migration here: were handshakes served one after
+    // another, the good migration below would wait for every stalled one in turn.
+    let dest = Destination::start(DestConfig {
+        handshake_timeout: Duration::from_secs(20),
+        ..dest_config(&b)
+    });
+    let stalled: Vec<TcpStream> = (0..8).map(|_| stalled_handshake(dest.addr)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    good_migration(&dest, &a);
+    // It went through while every stalled handshake was still pending.
+    assert!(
+        stalled.iter().all(still_open),
+        "a stalled handshake was closed early"
+    );
+    // Told to stop with handshakes pending, the destination stops at once (not at their
+    // 20 s deadline).
+    let stopping = Instant::now();
+    drop(dest);
+    let stopped = stopping.elapsed();
+    eprintln!("stopped with 8 handshakes stalled in {stopped:?}");
+    assert!(stopped < Duration::from_secs(5), "{stopped:?}");
+    drop(stalled);
+    // A stalled handshake is closed at its deadline.
+    let dest = Destination::start(DestConfig {
+        handshake_timeout: Duration::from_secs(1),
+        ..dest_config(&b)
+    });
+    let mut stalled = stalled_handshake(dest.addr);
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let closed = match stalled.read(&mut [0u8; 64]) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    };
+    assert!(closed, "the stalled handshake was not closed");
+    good_migration(&dest, &a);
+    eprintln!(
+        "stalled handshakes took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}

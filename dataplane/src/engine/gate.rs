@@ -3,15 +3,18 @@
 //!
 //! Anyone who can reach the port can connect, so no connection may hold up another: all
 //! pending connections are watched at once (`poll(2)`), each must say what it is — a
-//! session's control hello (or the TLS hello that opens an authenticated session) or a
-//! data stream's hello — within the handshake timeout or is closed, and one that
-//! closes without a word (a port scanner) is dropped quietly.
+//! session's control hello, or a data stream's hello — within the handshake timeout or
+//! is closed, and one that closes without a word (a port scanner) is dropped quietly.
+//! An authenticated session's TLS handshake runs here too, for every connection at
+//! once and under the same deadline, so a peer that stalls in the middle of one holds
+//! up no other; nothing is allocated for a peer before it has authenticated.
 //! A control connection that arrives while a session is still collecting its data
 //! streams waits its turn here instead of being taken for one of them. An [`Acceptor`]
 //! kept across sessions (the daemon's) keeps what it has sorted for the next session.
 
 use super::MigrationError;
-use crate::security::tls::is_tls_hello;
+use crate::security::tls::{ServerHandshake, is_tls_hello};
+use crate::security::{Identity, SecurityError, TlsChannel, counters};
 use crate::wire::{
     self, ControlMessage, ControlReadError, MAX_CONTROL_MESSAGE, STREAM_HELLO_LEN, STREAM_MAGIC,
     WireError,
@@ -20,21 +23,36 @@ use std::collections::VecDeque;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// How a control connection opened.
+/// How a control connection opened, as handed to a session.
 pub(super) enum Opening {
     /// With a plain control message (valid or not).
+    Plain(TcpStream, Result<ControlMessage, ControlReadError>),
+    /// With a TLS handshake that completed: the session (its peer's pinned names still
+    /// to be checked, [`TlsChannel::authorized`]).
+    Tls(TlsChannel),
+    /// With a TLS handshake that failed (the peer was told why).
+    TlsFailed(SecurityError),
+    /// With a TLS hello, but this destination has no identity (`--insecure`).
+    TlsUnwanted(TcpStream),
+}
+
+/// How a control connection opened, as sorted.
+enum ControlFirst {
     Plain(Result<ControlMessage, ControlReadError>),
-    /// With a TLS record: the bytes read so far, which the TLS session must see first.
-    Tls(Vec<u8>),
+    /// Boxed: a rustls connection is a kilobyte, the other variants a few words.
+    Tls(Box<ServerHandshake>),
+    TlsFailed(SecurityError),
+    TlsUnwanted,
 }
 
 /// A connection that has said what it is.
 enum First {
     /// A control connection and how it opened.
-    Control(Opening),
+    Control(ControlFirst),
     /// A data stream and its hello's bytes (not yet checked against a session).
     Stream([u8; STREAM_HELLO_LEN]),
 }
@@ -65,6 +83,8 @@ struct Pending {
     peer: SocketAddr,
     since: Instant,
     bytes: Vec<u8>,
+    /// Its TLS handshake, once its first bytes showed one.
+    tls: Option<Box<ServerHandshake>>,
 }
 
 /// What reading a pending connection's first bytes gave.
@@ -87,6 +107,8 @@ pub struct Acceptor<'l> {
     dropped: u64,
     /// Data streams closed for presenting no valid binding to an authenticated session.
     unbound: u64,
+    /// The identity TLS handshakes present (`None`: TLS hellos are refused).
+    identity: Option<Arc<Identity>>,
 }
 
 impl<'l> Acceptor<'l> {
@@ -98,7 +120,14 @@ impl<'l> Acceptor<'l> {
             waiting: VecDeque::new(),
             dropped: 0,
             unbound: 0,
+            identity: None,
         }
+    }
+
+    /// The identity TLS handshakes from now on present (the session's: reloaded for
+    /// each session by whoever rotates certificates).
+    pub(super) fn set_identity(&mut self, identity: Option<Arc<Identity>>) {
+        self.identity = identity;
     }
 
     /// Data streams closed so far for presenting no valid binding to their session.
@@ -135,12 +164,20 @@ impl<'l> Acceptor<'l> {
         deadline: Instant,
         handshake: Duration,
         cancel: &AtomicBool,
-    ) -> Result<(TcpStream, SocketAddr, Opening), MigrationError> {
+    ) -> Result<(SocketAddr, Opening), MigrationError> {
         let sorted = self.next(Want::Control, deadline, handshake, cancel)?;
-        match sorted.first {
-            First::Control(first) => Ok((sorted.stream, sorted.peer, first)),
+        let opening = match sorted.first {
+            First::Control(ControlFirst::Plain(first)) => Opening::Plain(sorted.stream, first),
+            First::Control(ControlFirst::Tls(done)) => match &self.identity {
+                Some(identity) => Opening::Tls(done.finish(identity, sorted.stream)),
+                // The identity went away since (the files no longer load): refuse.
+                None => Opening::TlsUnwanted(sorted.stream),
+            },
+            First::Control(ControlFirst::TlsFailed(e)) => Opening::TlsFailed(e),
+            First::Control(ControlFirst::TlsUnwanted) => Opening::TlsUnwanted(sorted.stream),
             First::Stream(_) => unreachable!("`next` hands out what was asked for"),
-        }
+        };
+        Ok((sorted.peer, opening))
     }
 
     /// The next data stream and its hello's bytes, by `deadline`, as
@@ -208,8 +245,13 @@ impl<'l> Acceptor<'l> {
                 }));
             }
             let before = self.pending.len();
-            self.pending
-                .retain(|p| now.duration_since(p.since) < handshake);
+            self.pending.retain(|p| {
+                let in_time = now.duration_since(p.since) < handshake;
+                if !in_time && p.tls.is_some() {
+                    counters::handshake("timeout");
+                }
+                in_time
+            });
             self.dropped += (before - self.pending.len()) as u64;
             fds.clear();
             fds.push(pollfd(self.listener.as_raw_fd()));
@@ -233,7 +275,7 @@ impl<'l> Acceptor<'l> {
                 if fds[i + 1].revents == 0 {
                     continue;
                 }
-                match read_first(&mut self.pending[i]) {
+                match read_first(&mut self.pending[i], self.identity.as_ref()) {
                     Read1::Waiting => {}
                     Read1::Gone => {
                         self.pending.swap_remove(i);
@@ -271,6 +313,7 @@ impl<'l> Acceptor<'l> {
                             peer,
                             since: Instant::now(),
                             bytes: Vec::new(),
+                            tls: None,
                         });
                     }
                 }
@@ -292,7 +335,17 @@ fn pollfd(fd: std::os::fd::RawFd) -> libc::pollfd {
 /// Read what a pending connection has sent, and sort it once it is enough: a data
 /// stream's hello starts with [`STREAM_MAGIC`]; anything else is taken as a control
 /// message (its length, then its body), whose checks then say what is wrong with it.
-fn read_first(p: &mut Pending) -> Read1 {
+fn read_first(p: &mut Pending, identity: Option<&Arc<Identity>>) -> Read1 {
+    if let Some(handshake) = &mut p.tls {
+        return match handshake.advance(&mut p.stream) {
+            Ok(false) => Read1::Waiting,
+            Ok(true) => {
+                let done = p.tls.take().expect("a handshake in progress");
+                Read1::Sorted(First::Control(ControlFirst::Tls(done)))
+            }
+            Err(e) => Read1::Sorted(First::Control(ControlFirst::TlsFailed(e))),
+        };
+    }
     let needed = |bytes: &[u8]| -> usize {
         if bytes.len() < 4 {
             return 4;
@@ -326,9 +379,11 @@ fn read_first(p: &mut Pending) -> Read1 {
                 return if p.bytes.is_empty() {
                     Read1::Gone
                 } else {
-                    Read1::Sorted(First::Control(Opening::Plain(Err(ControlReadError::Io(
-                        std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
-                    )))))
+                    Read1::Sorted(First::Control(ControlFirst::Plain(Err(
+                        ControlReadError::Io(std::io::Error::from(
+                            std::io::ErrorKind::UnexpectedEof,
+                        )),
+                    ))))
                 };
             }
             Ok(_) => {}
@@ -343,15 +398,24 @@ fn read_first(p: &mut Pending) -> Read1 {
         return Read1::Sorted(First::Stream(hello));
     }
     if is_tls_hello(&p.bytes) {
-        return Read1::Sorted(First::Control(Opening::Tls(std::mem::take(&mut p.bytes))));
+        let Some(identity) = identity else {
+            return Read1::Sorted(First::Control(ControlFirst::TlsUnwanted));
+        };
+        return match ServerHandshake::new(identity, &p.bytes) {
+            Ok(handshake) => {
+                p.tls = Some(Box::new(handshake));
+                read_first(p, Some(identity))
+            }
+            Err(e) => Read1::Sorted(First::Control(ControlFirst::TlsFailed(e))),
+        };
     }
     let len = u32::from_le_bytes([p.bytes[0], p.bytes[1], p.bytes[2], p.bytes[3]]) as usize;
     if len > MAX_CONTROL_MESSAGE {
-        return Read1::Sorted(First::Control(Opening::Plain(Err(ControlReadError::Wire(
-            WireError::ControlTooLarge(len),
-        )))));
+        return Read1::Sorted(First::Control(ControlFirst::Plain(Err(
+            ControlReadError::Wire(WireError::ControlTooLarge(len)),
+        ))));
     }
-    Read1::Sorted(First::Control(Opening::Plain(wire::decode_control(
+    Read1::Sorted(First::Control(ControlFirst::Plain(wire::decode_control(
         len,
         &mut &p.bytes[4..4 + len],
     ))))

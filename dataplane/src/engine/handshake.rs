@@ -295,52 +295,47 @@ pub(super) fn accept(
     connected: &mut dyn FnMut(std::net::SocketAddr),
 ) -> Result<Accepted, MigrationError> {
     let deadline = Instant::now() + config.timeout;
-    let (socket, peer, opening) = gate.next_control(deadline, config.handshake_timeout, cancel)?;
+    // TLS handshakes run in the gate, all at once, with this session's identity.
+    gate.set_identity(config.security.clone());
+    let (peer, opening) = gate.next_control(deadline, config.handshake_timeout, cancel)?;
     connected(peer);
-    let _ = socket.set_nodelay(true);
     let refuse = |control: &mut ControlChannel, err: MigrationError| -> MigrationError {
         let reason = match &err {
             // The source says "peer refused the session" itself.
-            MigrationError::Refused(why) => why.clone(),
+            MigrationError::RefusedSource(why) => why.clone(),
             other => other.to_string(),
         };
         let _ = control.send(&ControlMessage::Refused { reason });
         err
     };
-    let (mut control, first) = match (opening, &config.security) {
-        (Opening::Tls(prefix), Some(identity)) => {
-            // Nothing is read into memory or allocated before the peer authenticated.
-            let handshake_deadline = Instant::now() + config.handshake_timeout;
-            let channel =
-                security::tls::accept(identity, socket, &prefix, handshake_deadline, cancel)
-                    .map_err(|e| match e {
-                        SecurityError::Cancelled => MigrationError::Aborted {
-                            reason: "cancelled at the destination".into(),
-                            rounds: 0,
-                        },
-                        other => MigrationError::Security(other),
-                    })?;
+    let (mut control, first) = match opening {
+        Opening::Tls(channel) => {
             let mut control = ControlChannel::tls(channel)?;
             if let Some(Err(e)) = control.tls.as_ref().map(|t| t.authorized().map(|_| ())) {
                 return Err(refuse(&mut control, e.into()));
             }
+            // Authenticated, but still held to the handshake's deadline for its hello.
             control.set_read_timeout(Some(config.handshake_timeout))?;
             let first = control.recv();
             (control, first)
         }
-        (Opening::Tls(_), None) => {
+        Opening::TlsFailed(e) => return Err(MigrationError::Security(e)),
+        Opening::TlsUnwanted(socket) => {
             // Say it in TLS, so that the source's error can tell why.
             let _ = (&socket).write_all(&security::tls::NO_TLS_HERE_ALERT);
-            return Err(MigrationError::Refused(
+            return Err(MigrationError::RefusedSource(
                 "a source opened a TLS session, but this destination runs without \
                  certificates (--insecure)"
                     .into(),
             ));
         }
-        (Opening::Plain(first), Some(_)) => {
+        Opening::Plain(socket, first) => {
+            let _ = socket.set_nodelay(true);
             let mut control = ControlChannel::plain(socket)?;
-            if let Ok(ControlMessage::Hello(_)) = first {
-                let e = MigrationError::Refused(
+            if config.security.is_some()
+                && let Ok(ControlMessage::Hello(_)) = first
+            {
+                let e = MigrationError::RefusedSource(
                     "this destination takes only authenticated sessions (TLS 1.3 with the \
                      site's certificates); the source runs without certificates (--insecure)"
                         .into(),
@@ -349,7 +344,6 @@ pub(super) fn accept(
             }
             (control, first)
         }
-        (Opening::Plain(first), None) => (ControlChannel::plain(socket)?, first),
     };
     control.set_read_timeout(Some(config.timeout))?;
     let hello = match first {
@@ -394,7 +388,10 @@ pub(super) fn accept(
             "this destination waits for a VM with device state (a QEMU guest), but the \
              source migrates a guest without one"
         };
-        return Err(refuse(&mut control, MigrationError::Refused(why.into())));
+        return Err(refuse(
+            &mut control,
+            MigrationError::RefusedSource(why.into()),
+        ));
     }
     let (memory, fresh) = match memory {
         DestMemory::Provided(m) => (m, false),
@@ -402,7 +399,7 @@ pub(super) fn accept(
             if let Some(max) = config.max_memory
                 && hello.memory_bytes > max
             {
-                let e = MigrationError::Refused(format!(
+                let e = MigrationError::RefusedSource(format!(
                     "guest memory of {} bytes is more than this destination admits \
                      ({max} bytes, [dest] max_memory)",
                     hello.memory_bytes
@@ -412,7 +409,7 @@ pub(super) fn accept(
             if let Some(avail) = available_memory()
                 && hello.memory_bytes > avail
             {
-                let e = MigrationError::Refused(format!(
+                let e = MigrationError::RefusedSource(format!(
                     "guest memory of {} bytes does not fit ({avail} bytes available)",
                     hello.memory_bytes
                 ));
@@ -422,7 +419,12 @@ pub(super) fn accept(
                 // Only reserved for now: it is faulted in once every data stream is
                 // here (a hello alone costs no more than address space).
                 Ok(m) => (Arc::new(m), true),
-                Err(e) => return Err(refuse(&mut control, MigrationError::Refused(e.to_string()))),
+                Err(e) => {
+                    return Err(refuse(
+                        &mut control,
+                        MigrationError::RefusedSource(e.to_string()),
+                    ));
+                }
             }
         }
     };

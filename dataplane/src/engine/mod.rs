@@ -128,6 +128,9 @@ pub enum MigrationError {
     /// The peer refused the session.
     #[error("peer refused the session: {0}")]
     Refused(String),
+    /// This destination refused the source's session (the source was told why).
+    #[error("refused the source's session: {0}")]
+    RefusedSource(String),
     /// The session could not be authenticated or secured.
     #[error(transparent)]
     Security(#[from] crate::security::SecurityError),

@@ -217,7 +217,7 @@ fn handshake(
         if Instant::now() >= deadline {
             counters::handshake("timeout");
             return Err(SecurityError::Handshake(
-                "the TLS handshake timed out".into(),
+                "timed out: the peer did not finish it in time".into(),
             ));
         }
         match conn.complete_io(socket) {
@@ -337,9 +337,73 @@ pub fn connect(
     Ok(TlsChannel::new(conn, socket, pins))
 }
 
-/// Accept a TLS session on `socket` whose first bytes, `prefix`, were already read
-/// (the destination's side). The peer's pinned names are checked after the handshake,
-/// so that a refusal can be said inside the session: see [`TlsChannel::authorized`].
+/// A destination's side of a handshake, driven by the caller's poll loop over a
+/// non-blocking socket, so that many can run at once and a peer that stalls holds up
+/// no one (the migration port's gate drives these).
+pub struct ServerHandshake {
+    conn: Connection,
+}
+
+impl ServerHandshake {
+    /// Start one on a connection whose first bytes, `prefix`, were already read.
+    pub fn new(identity: &Arc<Identity>, prefix: &[u8]) -> Result<Self, SecurityError> {
+        let server = rustls::ServerConnection::new(identity.server.clone())
+            .map_err(|e| SecurityError::Config(e.to_string()))?;
+        let mut conn = Connection::Server(server);
+        conn.read_tls(&mut &prefix[..])
+            .map_err(|e| SecurityError::Handshake(e.to_string()))?;
+        Ok(ServerHandshake { conn })
+    }
+
+    /// Move the handshake on with what `socket` (non-blocking) has; `true` once it is
+    /// complete.
+    pub fn advance(&mut self, socket: &mut TcpStream) -> Result<bool, SecurityError> {
+        let failed = |conn: &mut Connection, socket: &mut TcpStream, e: std::io::Error| {
+            // Tell the peer why (an alert), then give up.
+            let _ = flush(conn, socket);
+            counters::handshake(outcome(&e));
+            SecurityError::Handshake(describe(&e))
+        };
+        let mut input_closed = false;
+        loop {
+            if let Err(e) = self.conn.process_new_packets() {
+                let e = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+                return Err(failed(&mut self.conn, socket, e));
+            }
+            flush(&mut self.conn, socket).map_err(|e| SecurityError::Handshake(e.to_string()))?;
+            if !self.conn.is_handshaking() {
+                return Ok(true);
+            }
+            if input_closed {
+                let e = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                return Err(failed(&mut self.conn, socket, e));
+            }
+            match self.conn.read_tls(socket) {
+                Ok(0) => input_closed = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(failed(&mut self.conn, socket, e)),
+            }
+        }
+    }
+
+    /// The established session on `socket` (blocking again), its peer's pinned names
+    /// checked: see [`TlsChannel::authorized`].
+    pub fn finish(self, identity: &Arc<Identity>, socket: TcpStream) -> TlsChannel {
+        let _ = socket.set_nonblocking(false);
+        // Control messages are small and answered at once.
+        let _ = socket.set_nodelay(true);
+        let pins = identity.check_pins(&self.conn);
+        counters::handshake(if pins.is_ok() { "ok" } else { "not_pinned" });
+        TlsChannel::new(self.conn, socket, pins)
+    }
+}
+
+/// Accept a TLS session on `socket` whose first bytes, `prefix`, were already read,
+/// waiting for it (until `deadline`, or `cancel`): for a caller with one connection to
+/// serve. The peer's pinned names are checked after the handshake, so that a refusal
+/// can be said inside the session: see [`TlsChannel::authorized`].
 pub fn accept(
     identity: &Arc<Identity>,
     mut socket: TcpStream,
@@ -347,15 +411,46 @@ pub fn accept(
     deadline: Instant,
     cancel: &AtomicBool,
 ) -> Result<TlsChannel, SecurityError> {
-    let server = rustls::ServerConnection::new(identity.server.clone())
-        .map_err(|e| SecurityError::Config(e.to_string()))?;
-    let mut conn = Connection::Server(server);
-    conn.read_tls(&mut &prefix[..])
+    let mut handshake = ServerHandshake::new(identity, prefix)?;
+    socket
+        .set_nonblocking(true)
         .map_err(|e| SecurityError::Handshake(e.to_string()))?;
-    handshake(&mut conn, &mut socket, deadline, cancel)?;
-    let pins = identity.check_pins(&conn);
-    counters::handshake(if pins.is_ok() { "ok" } else { "not_pinned" });
-    Ok(TlsChannel::new(conn, socket, pins))
+    while !handshake.advance(&mut socket)? {
+        // Acquire: pairs with the Release store of whoever cancels.
+        if cancel.load(Ordering::Acquire) {
+            return Err(SecurityError::Cancelled);
+        }
+        if Instant::now() >= deadline {
+            counters::handshake("timeout");
+            return Err(SecurityError::Handshake(
+                "timed out: the peer did not finish it in time".into(),
+            ));
+        }
+        let mut fds = [libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&socket),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: `fds` is a valid array of one pollfd for the call's duration.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, 20) };
+    }
+    Ok(handshake.finish(identity, socket))
+}
+
+/// Write what the session has to send. Handshake flights are a few KiB, far below a
+/// socket's buffer; should the socket still be full, wait for it briefly.
+fn flush(conn: &mut Connection, socket: &mut TcpStream) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while conn.wants_write() {
+        match conn.write_tls(socket) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 struct Shared {
