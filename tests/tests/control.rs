@@ -90,6 +90,11 @@ fn bad_clients_get_clear_errors_and_change_nothing() {
             b"{\"v\":1,\"cmd\":\"migrate\",\"peer\":\"nowhere\"}\n",
             "not host:port",
         ),
+        // More memory than the host has is refused up front, before anything is set up.
+        (
+            b"{\"v\":1,\"cmd\":\"migrate\",\"peer\":\"127.0.0.1:9\",\"memory\":\"1T\"}\n",
+            "more than this host's memory",
+        ),
     ] {
         let r = ask(&mut s, line);
         assert!(!r.ok, "{line:?} accepted");
