@@ -620,3 +620,33 @@ fn stalled_tls_handshakes_hold_up_no_one_end_at_their_deadline_and_stop_at_a_can
         started.elapsed().as_secs_f64()
     );
 }
+
+#[test]
+fn a_second_source_is_told_the_destination_is_busy_and_the_first_migration_completes() {
+    let started = Instant::now();
+    let site = Site::new("busy");
+    let a = site.appliance("appliance-a", valid(), &site, &[]);
+    let b = site.appliance("appliance-b", valid(), &site, &[]);
+    let dest = Destination::start(dest_config(&b));
+    // A first migration held to 2 MB/s per stream: it runs for seconds.
+    let mut slow = source_config(Some(&a), TransportChoice::Auto);
+    slow.transport.socket.pacing_rate = Some(2_000_000);
+    let addr = dest.addr;
+    let first = std::thread::spawn(move || migrate(addr, &slow));
+    std::thread::sleep(Duration::from_millis(500));
+    // A second one meanwhile, authenticated, and one without certificates.
+    let (second, _) = migrate(dest.addr, &source_config(Some(&a), TransportChoice::Auto));
+    let second = second.expect_err("a second session");
+    eprintln!("second source: {second}");
+    assert!(second.contains("busy"), "{second}");
+    let (first, memory) = first.join().unwrap();
+    first.expect("the first migration");
+    let received = dest.next().expect("the first session");
+    assert_eq!(memory.first_difference(&received.memory), None);
+    // Once it has finished, the next one is served.
+    good_migration(&dest, &a);
+    eprintln!(
+        "busy destination took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -249,6 +249,18 @@ pub fn receive_through(
             return Err(e);
         }
     };
+    // One session at a time: whoever comes meanwhile hears so at once, instead of
+    // waiting in the listen queue for this session to end.
+    let busy = format!(
+        "busy: this destination is receiving a migration (from {}) and takes one at a time; \
+         try again once it has finished",
+        progress
+            .snapshot()
+            .peer
+            .map_or("another source".into(), |p| p.to_string())
+    );
+    let handshake_timeout = config.handshake_timeout;
+    let mut turn_away = || gate.turn_away(handshake_timeout, &busy);
     let mut coordinator = Coordinator {
         streams,
         control,
@@ -270,6 +282,7 @@ pub fn receive_through(
         received: vec![(0, 0); usize::from(streams)],
         progress,
         progress_at: Instant::now(),
+        turn_away: &mut turn_away,
     };
     let mut result = coordinator.run(&mut fleet, cancel);
     if let Err(MigrationError::Io { .. } | MigrationError::Transport(_)) = &result
@@ -357,6 +370,9 @@ struct Coordinator<'p> {
     received: Vec<(u64, u64)>,
     progress: &'p ReceiveProgress,
     progress_at: Instant,
+    /// Turns new sessions away (busy) while this one runs; called with each progress
+    /// publication.
+    turn_away: &'p mut dyn FnMut(),
 }
 
 impl Coordinator<'_> {
@@ -511,6 +527,7 @@ impl Coordinator<'_> {
             }
             if self.progress_at.elapsed() >= PROGRESS_INTERVAL {
                 self.publish_progress();
+                (self.turn_away)();
             }
             if let Some(final_round) = self.final_round
                 && self.ended == self.streams

@@ -109,6 +109,8 @@ pub struct Acceptor<'l> {
     unbound: u64,
     /// The identity TLS handshakes present (`None`: TLS hellos are refused).
     identity: Option<Arc<Identity>>,
+    /// Connections turned away while a session ran.
+    busy_refused: u64,
 }
 
 impl<'l> Acceptor<'l> {
@@ -121,6 +123,7 @@ impl<'l> Acceptor<'l> {
             dropped: 0,
             unbound: 0,
             identity: None,
+            busy_refused: 0,
         }
     }
 
@@ -302,6 +305,72 @@ impl<'l> Acceptor<'l> {
         }
     }
 
+    /// While a session runs: sort what has arrived without waiting, and turn every new
+    /// session away with `reason` (a plain refusal, or one inside its TLS session once
+    /// authenticated); data streams of no session are closed. Connections still saying
+    /// what they are stay pending, under their handshake deadline.
+    pub(super) fn turn_away(&mut self, handshake: Duration, reason: &str) {
+        if self.listener.set_nonblocking(true).is_err() {
+            return;
+        }
+        self.accept_pending();
+        let _ = self.listener.set_nonblocking(false);
+        let now = Instant::now();
+        let before = self.pending.len();
+        self.pending.retain(|p| {
+            let in_time = now.duration_since(p.since) < handshake;
+            if !in_time && p.tls.is_some() {
+                counters::handshake("timeout");
+            }
+            in_time
+        });
+        self.dropped += (before - self.pending.len()) as u64;
+        let mut fds: Vec<libc::pollfd> = self
+            .pending
+            .iter()
+            .map(|p| pollfd(p.stream.as_raw_fd()))
+            .collect();
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+        let refusal = ControlMessage::Refused {
+            reason: reason.to_string(),
+        };
+        // Sessions that were waiting for this one to start are turned away too.
+        while let Some(sorted) = self.waiting.pop_front() {
+            refuse_busy(
+                self.identity.as_ref(),
+                &sorted.stream,
+                sorted.first,
+                &refusal,
+            );
+            self.busy_refused += 1;
+        }
+        for i in (0..self.pending.len()).rev() {
+            if fds[i].revents == 0 {
+                continue;
+            }
+            match read_first(&mut self.pending[i], self.identity.as_ref()) {
+                Read1::Waiting => continue,
+                Read1::Gone => self.dropped += 1,
+                Read1::Sorted(first) => {
+                    refuse_busy(
+                        self.identity.as_ref(),
+                        &self.pending[i].stream,
+                        first,
+                        &refusal,
+                    );
+                    self.busy_refused += 1;
+                }
+            }
+            self.pending.swap_remove(i);
+        }
+    }
+
+    /// Connections turned away while a session ran.
+    pub fn busy_refused(&self) -> u64 {
+        self.busy_refused
+    }
+
     /// Take every connection waiting in the listen queue.
     fn accept_pending(&mut self) {
         loop {
@@ -321,6 +390,37 @@ impl<'l> Acceptor<'l> {
                 Err(_) => return,
             }
         }
+    }
+}
+
+/// Tell a sorted connection that this destination is busy: a plain session in plain
+/// words, an authenticated one inside its TLS session; anything else is just closed
+/// (when `stream` goes).
+fn refuse_busy(
+    identity: Option<&Arc<Identity>>,
+    stream: &TcpStream,
+    first: First,
+    refusal: &ControlMessage,
+) {
+    let Ok(mut socket) = stream.try_clone() else {
+        return;
+    };
+    let _ = socket.set_nonblocking(false);
+    // A peer that does not read cannot hold this up for long.
+    let _ = socket.set_write_timeout(Some(Duration::from_secs(1)));
+    match first {
+        First::Control(ControlFirst::Plain(Ok(_))) => {
+            let _ = wire::write_control(&mut socket, refusal);
+        }
+        First::Control(ControlFirst::Tls(done)) => {
+            if let Some(identity) = identity {
+                let mut channel = done.finish(identity, socket);
+                if channel.authorized().is_ok() {
+                    let _ = wire::write_control(&mut channel, refusal);
+                }
+            }
+        }
+        _ => {}
     }
 }
 
