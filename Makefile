@@ -64,10 +64,11 @@ bench: deps
 criterion: deps
 	$(CARGO) bench -p dwcp-bench
 
-# Model-check the SPSC ring's interleavings (a build of its own: loom swaps the atomics).
+# Model-check the SPSC ring's interleavings (a build of its own: loom swaps the atomics;
+# the ring is compiled alone, in dataplane/loom, so the build is the ring and loom).
 loom: deps
 	RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
-		$(CARGO) test -p dwcp-dataplane --lib --release loom_tests
+		$(CARGO) test -p dwcp-ring-loom --lib --release loom_tests
 
 # Fuzz every decoder that reads network bytes, FUZZ_SECONDS each (cargo-fuzz; stable
 # toolchain via RUSTC_BOOTSTRAP for the sanitizer flags). Not part of `make test`.
