@@ -650,3 +650,66 @@ fn a_second_source_is_told_the_destination_is_busy_and_the_first_migration_compl
         started.elapsed().as_secs_f64()
     );
 }
+
+/// A destination that accepts connections and never answers: a cancel ends the
+/// source's wait (for the TLS handshake, or for a plain session's welcome) at once.
+#[test]
+fn a_cancel_ends_a_source_waiting_on_a_silent_destination_at_once() {
+    let site = Site::new("silent");
+    let a = site.appliance("appliance-a", valid(), &site, &[]);
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        // Accept and hold, saying nothing.
+        let mut held = Vec::new();
+        for c in silent.incoming().take(2) {
+            held.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(15));
+    });
+    for secure in [true, false] {
+        let memory = Arc::new(GuestMemory::anonymous(4 << 20, PagePreference::Small).unwrap());
+        let opened = open_dirty_log(&memory, DirtyLogKind::Uffd).unwrap();
+        let guest = SimulatedGuest::start(
+            memory.clone(),
+            &GuestWorkload::default(),
+            opened.marker.clone(),
+        );
+        let live = engine::LiveControl::new(
+            1,
+            engine::LiveSettings::from_config(&SourceConfig::default()),
+            None,
+        );
+        let config = SourceConfig {
+            reply_timeout: Duration::from_secs(60),
+            ..source_config(secure.then_some(&a), TransportChoice::Auto)
+        };
+        let result = std::thread::scope(|scope| {
+            let running = scope.spawn(|| {
+                engine::migrate_live(
+                    addr,
+                    memory.clone(),
+                    &guest,
+                    opened.log,
+                    &config,
+                    None,
+                    Some(&live),
+                    &mut |_| {},
+                )
+            });
+            std::thread::sleep(Duration::from_millis(500));
+            let cancelled = Instant::now();
+            live.cancel("operator: test");
+            let result = running.join().unwrap();
+            (result, cancelled.elapsed())
+        });
+        guest.stop();
+        let (result, took) = result;
+        let error = result.expect_err("cancelled").to_string();
+        eprintln!("secure {secure}: {error} ({took:?} after the cancel)");
+        assert!(error.contains("cancelled: operator: test"), "{error}");
+        // Not the 60 s reply timeout, nor the 5 s connect timeout.
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+    drop(held);
+}

@@ -18,7 +18,7 @@ use crossbeam::channel::{Receiver, RecvTimeoutError, TryRecvError};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// The control stream: plain TCP, or a TLS session. Reads and writes go through
@@ -66,6 +66,39 @@ impl ControlChannel {
 
     fn recv(&mut self) -> Result<ControlMessage, ControlReadError> {
         wire::read_control(&mut self.reader)
+    }
+
+    /// Wait until the peer has sent something, `deadline` passes (`Ok(false)`), or
+    /// `cancel` is set; a message is then read whole with the usual timeout (a read
+    /// cut short by a timeout mid-message would lose its bytes).
+    fn wait_readable(
+        &self,
+        deadline: Instant,
+        cancel: &AtomicBool,
+    ) -> Result<bool, MigrationError> {
+        loop {
+            // Acquire: pairs with the Release store of whoever cancels.
+            if cancel.load(Ordering::Acquire) {
+                return Err(MigrationError::Aborted {
+                    reason: "cancelled while opening the session".into(),
+                    rounds: 0,
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let mut fds = [libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.socket),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            let wait = left.min(Duration::from_millis(50)).as_millis().max(1) as libc::c_int;
+            // SAFETY: `fds` is a valid array of one pollfd for the call's duration.
+            if unsafe { libc::poll(fds.as_mut_ptr(), 1, wait) } > 0 {
+                return Ok(true);
+            }
+        }
     }
 
     fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), MigrationError> {
@@ -136,15 +169,21 @@ pub(super) fn open(
     memory_bytes: u64,
     device_state: bool,
     config: &SourceConfig,
+    cancel: &AtomicBool,
 ) -> Result<Opened, MigrationError> {
     let socket = connect(peer, config.connect_timeout)?;
     let _ = socket.set_nodelay(true);
     let mut control = match &config.security {
         Some(identity) => {
-            // Nothing cancels a source's handshake but its own deadline.
-            let never = AtomicBool::new(false);
             let deadline = Instant::now() + config.connect_timeout;
-            let channel = security::tls::connect(identity, socket, peer.ip(), deadline, &never)?;
+            let channel = security::tls::connect(identity, socket, peer.ip(), deadline, cancel)
+                .map_err(|e| match e {
+                    SecurityError::Cancelled => MigrationError::Aborted {
+                        reason: "cancelled while opening the session".into(),
+                        rounds: 0,
+                    },
+                    other => other.into(),
+                })?;
             let mut control = ControlChannel::tls(channel)?;
             if let Some(Err(e)) = control.tls.as_ref().map(|t| t.authorized().map(|_| ())) {
                 let _ = control.send(&ControlMessage::Refused {
@@ -174,6 +213,13 @@ pub(super) fn open(
     control
         .send(&ControlMessage::Hello(hello))
         .map_err(io("sending the handshake"))?;
+    // The destination may take a while to answer (it sets up memory): wait for it in a
+    // way a cancel interrupts.
+    if !control.wait_readable(Instant::now() + config.reply_timeout, cancel)? {
+        return Err(MigrationError::Transport(
+            "waiting for the destination's welcome: timed out".into(),
+        ));
+    }
     let accepted = match control.recv() {
         Ok(ControlMessage::Welcome { capabilities }) => capabilities,
         Ok(ControlMessage::Refused { reason }) => return Err(MigrationError::Refused(reason)),

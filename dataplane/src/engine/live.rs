@@ -209,6 +209,12 @@ impl LiveControl {
         self.cancel.store(true, Ordering::Release);
     }
 
+    /// The flag [`LiveControl::cancel`] sets, for waits that poll it (set with Release;
+    /// load it with Acquire to see the reason written before).
+    pub fn cancel_flag(&self) -> &AtomicBool {
+        &self.cancel
+    }
+
     /// Why the migration was cancelled, if it was.
     pub fn cancelled(&self) -> Option<String> {
         self.cancel.load(Ordering::Acquire).then(|| {

@@ -31,6 +31,7 @@ use crate::wire::{self, CHUNK_PAGES, ControlMessage, caps, stream_of};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 /// How the source runs a migration.
@@ -417,7 +418,17 @@ impl<'a> Session<'a> {
         probe: transport::TransportProbe,
         device_state: bool,
     ) -> Result<Self, MigrationError> {
-        let opened = handshake::open(peer, memory.len() as u64, device_state, config)?;
+        let never = AtomicBool::new(false);
+        let cancel = live.map_or(&never, |l| l.cancel_flag());
+        let opened = handshake::open(peer, memory.len() as u64, device_state, config, cancel)
+            .map_err(|e| match (live.and_then(LiveControl::cancelled), e) {
+                // The operator's reason, as a cancel later on reports it.
+                (Some(reason), MigrationError::Aborted { .. }) => MigrationError::Aborted {
+                    reason: format!("cancelled: {reason}"),
+                    rounds: 0,
+                },
+                (_, e) => e,
+            })?;
         let mut notes = opened.notes;
         let codec = codec_setup(
             config,
