@@ -28,9 +28,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-/// The two lab appliances' identities.
-fn identities() -> Result<(Arc<Identity>, Arc<Identity>), String> {
-    let lab = dwcp_tests::lab();
+/// The first two appliances of a lab set, loaded.
+fn load_pair(lab: &dwcp_control::certs::Written) -> Result<(Arc<Identity>, Arc<Identity>), String> {
     let load = |i: usize| {
         let (_, cert, key) = &lab.appliances[i];
         Identity::load(&SecurityFiles {
@@ -42,6 +41,11 @@ fn identities() -> Result<(Arc<Identity>, Arc<Identity>), String> {
         .map_err(|e| e.to_string())
     };
     Ok((load(0)?, load(1)?))
+}
+
+/// The two lab appliances' identities.
+fn identities() -> Result<(Arc<Identity>, Arc<Identity>), String> {
+    load_pair(dwcp_tests::lab())
 }
 
 /// Keys for `streams` streams from a real TLS session between the two appliances.
@@ -195,19 +199,7 @@ fn cross_region(runs: usize, out: &mut Reporter) {
     ];
     let identities = certs::init(&dir, &specs)
         .map_err(|e| e.to_string())
-        .and_then(|lab| {
-            let load = |i: usize| {
-                let (_, cert, key) = &lab.appliances[i];
-                Identity::load(&SecurityFiles {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                    ca: lab.ca.clone(),
-                    peers: vec![],
-                })
-                .map_err(|e| e.to_string())
-            };
-            Ok((load(0)?, load(1)?))
-        });
+        .and_then(|lab| load_pair(&lab));
     let (a, b) = match identities {
         Ok(ids) => ids,
         Err(e) => {

@@ -247,15 +247,7 @@ impl<'l> Acceptor<'l> {
                     ),
                 }));
             }
-            let before = self.pending.len();
-            self.pending.retain(|p| {
-                let in_time = now.duration_since(p.since) < handshake;
-                if !in_time && p.tls.is_some() {
-                    counters::handshake("timeout");
-                }
-                in_time
-            });
-            self.dropped += (before - self.pending.len()) as u64;
+            self.close_overdue(now, handshake);
             fds.clear();
             fds.push(pollfd(self.listener.as_raw_fd()));
             fds.extend(self.pending.iter().map(|p| pollfd(p.stream.as_raw_fd())));
@@ -315,16 +307,7 @@ impl<'l> Acceptor<'l> {
         }
         self.accept_pending();
         let _ = self.listener.set_nonblocking(false);
-        let now = Instant::now();
-        let before = self.pending.len();
-        self.pending.retain(|p| {
-            let in_time = now.duration_since(p.since) < handshake;
-            if !in_time && p.tls.is_some() {
-                counters::handshake("timeout");
-            }
-            in_time
-        });
-        self.dropped += (before - self.pending.len()) as u64;
+        self.close_overdue(Instant::now(), handshake);
         let mut fds: Vec<libc::pollfd> = self
             .pending
             .iter()
@@ -364,6 +347,20 @@ impl<'l> Acceptor<'l> {
             }
             self.pending.swap_remove(i);
         }
+    }
+
+    /// Close the pending connections that have had `handshake` to say what they are
+    /// (or to finish their TLS handshake) and have not.
+    fn close_overdue(&mut self, now: Instant, handshake: Duration) {
+        let before = self.pending.len();
+        self.pending.retain(|p| {
+            let in_time = now.duration_since(p.since) < handshake;
+            if !in_time && p.tls.is_some() {
+                counters::handshake("timeout");
+            }
+            in_time
+        });
+        self.dropped += (before - self.pending.len()) as u64;
     }
 
     /// Connections turned away while a session ran.

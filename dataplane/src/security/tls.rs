@@ -197,6 +197,22 @@ pub fn is_tls_hello(first: &[u8]) -> bool {
 /// (`insufficient_security`), so the source's error can say why.
 pub const NO_TLS_HERE_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 71];
 
+/// Whether a handshake may go on waiting: an error once `cancel` is set or `deadline`
+/// has passed.
+fn still_waiting(deadline: Instant, cancel: &AtomicBool) -> Result<(), SecurityError> {
+    // Acquire: pairs with the Release store of whoever cancels.
+    if cancel.load(Ordering::Acquire) {
+        return Err(SecurityError::Cancelled);
+    }
+    if Instant::now() >= deadline {
+        counters::handshake("timeout");
+        return Err(SecurityError::Handshake(
+            "timed out: the peer did not finish it in time".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Run the handshake on `conn` over `socket` until it completes, `deadline` passes or
 /// `cancel` is set.
 fn handshake(
@@ -210,16 +226,7 @@ fn handshake(
         .set_read_timeout(Some(Duration::from_millis(50)))
         .map_err(|e| SecurityError::Handshake(e.to_string()))?;
     while conn.is_handshaking() {
-        // Acquire: pairs with the Release store of whoever cancels.
-        if cancel.load(Ordering::Acquire) {
-            return Err(SecurityError::Cancelled);
-        }
-        if Instant::now() >= deadline {
-            counters::handshake("timeout");
-            return Err(SecurityError::Handshake(
-                "timed out: the peer did not finish it in time".into(),
-            ));
-        }
+        still_waiting(deadline, cancel)?;
         match conn.complete_io(socket) {
             Ok(_) => {}
             Err(e)
@@ -416,16 +423,7 @@ pub fn accept(
         .set_nonblocking(true)
         .map_err(|e| SecurityError::Handshake(e.to_string()))?;
     while !handshake.advance(&mut socket)? {
-        // Acquire: pairs with the Release store of whoever cancels.
-        if cancel.load(Ordering::Acquire) {
-            return Err(SecurityError::Cancelled);
-        }
-        if Instant::now() >= deadline {
-            counters::handshake("timeout");
-            return Err(SecurityError::Handshake(
-                "timed out: the peer did not finish it in time".into(),
-            ));
-        }
+        still_waiting(deadline, cancel)?;
         let mut fds = [libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(&socket),
             events: libc::POLLIN,
