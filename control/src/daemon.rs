@@ -47,6 +47,8 @@ pub struct DaemonOptions {
 
 /// A migration the daemon started.
 struct Migration {
+    /// How its session is secured, as configured (the report says with whom).
+    secured: bool,
     id: u64,
     peer: String,
     memory_bytes: u64,
@@ -296,6 +298,13 @@ impl ControlState {
             ping_ms: p.and_then(|p| p.ping_rtt).map(|d| d.as_secs_f64() * 1e3),
             components: m.components.names(),
             error: m.error.clone(),
+            session: match &m.report {
+                Some(r) => engine::SecurityReport::describe(r.transport.security.as_ref()),
+                None if m.secured => {
+                    "TLS 1.3 with mutual authentication, data streams sealed (AES-256-GCM)".into()
+                }
+                None => engine::SecurityReport::describe(None),
+            },
             downtime_ms: m.report.as_ref().map(|r| r.measured_downtime * 1e3),
             verified_pages: m.report.as_ref().map(|r| r.verified_pages),
             audit_mismatched: m
@@ -533,6 +542,7 @@ impl ControlState {
         let thread_live = live.clone();
         let use_model = components.ml_predictor;
         let source_streams = source.streams;
+        let source_secured = source.security.is_some();
         let handle = std::thread::Builder::new()
             .name(format!("dwcp-mig{id}"))
             .spawn(move || {
@@ -543,6 +553,7 @@ impl ControlState {
         self.migrations.insert(
             id,
             Migration {
+                secured: source_secured,
                 id,
                 peer: peer.to_string(),
                 memory_bytes,

@@ -9,7 +9,7 @@
 //! refused source) is only logged.
 
 use dwcp_api::MigrationInfo;
-use dwcp_dataplane::engine::{IncomingProgress, ReceiveProgress};
+use dwcp_dataplane::engine::{IncomingProgress, ReceiveProgress, SecurityReport};
 use dwcp_dataplane::memory::PAGE_SIZE;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -231,6 +231,11 @@ fn info(id: u64, m: &Incoming, mode: &str) -> MigrationInfo {
         id,
         direction: "incoming".into(),
         peer: p.peer.map_or(String::new(), |a| a.to_string()),
+        session: if p.opened {
+            SecurityReport::describe(p.security.as_ref())
+        } else {
+            String::new()
+        },
         state: m.state.into(),
         phase: if m.state == "running" {
             p.phase.into()

@@ -11,8 +11,9 @@
 //! loss < 0.1%; **internet** when RTT > 50 ms or bandwidth < 1 Gbit/s or loss > 0.1%;
 //! **hybrid** otherwise. The inputs are window statistics over the last
 //! [`DetectorConfig::window`] samples (medians of RTT, bandwidth and retransmitted over
-//! sent segments), so one outlier moves nothing; a new mode must then be what the
-//! window says for [`DetectorConfig::hold`] before the detector switches to it.
+//! sent segments), so one outlier moves nothing; a mode, the first one included, must
+//! then be what the window says for [`DetectorConfig::hold`] before the detector
+//! takes it (the first window spans TCP's start, whose queueing inflates the RTT).
 
 use dwcp_dataplane::engine::Progress;
 use std::collections::VecDeque;
@@ -317,10 +318,12 @@ impl ModeDetector {
         let summary = self.summarize();
         self.summary = Some(summary);
         let said = classify(&summary, &self.config.thresholds);
+        // The first mode, too, must hold: the first window of a migration spans TCP's
+        // start, whose queueing inflates the RTT (a 5 ms metro path read as hybrid
+        // for its first second).
         match self.detected {
-            None => self.detected = Some(said),
             Some(current) if current == said => self.candidate = None,
-            Some(_) => match self.candidate {
+            _ => match self.candidate {
                 Some((m, since)) if m == said => {
                     if sample.at.saturating_sub(since) >= self.config.hold {
                         self.detected = Some(said);
@@ -555,27 +558,46 @@ mod tests {
     }
 
     #[test]
-    fn nothing_before_the_window_fills() {
+    fn nothing_before_the_window_fills_and_the_first_mode_has_held() {
         let mut d = ModeDetector::new(DetectorConfig::default());
         for i in 0..9 {
             assert_eq!(d.push(sample(i * 100, 0.2, 10.0, 0.0)), None);
             assert_eq!(d.mode(), None);
         }
         assert!(d.why().contains("9 of 10"), "{}", d.why());
-        assert_eq!(d.push(sample(900, 0.2, 10.0, 0.0)), Some(Mode::Datacenter));
+        // The window is full at 900 ms; what it says must hold 800 ms.
+        for t in (900..1700).step_by(100) {
+            assert_eq!(d.push(sample(t, 0.2, 10.0, 0.0)), None, "at {t} ms");
+        }
+        assert_eq!(d.push(sample(1700, 0.2, 10.0, 0.0)), Some(Mode::Datacenter));
         assert!(d.why().starts_with("detected datacenter"), "{}", d.why());
+    }
+
+    /// A metro path (5 ms) whose first window still holds TCP's start-up queueing
+    /// (RTTs of 12 ms): the first mode declared is the path's, not the start-up's.
+    #[test]
+    fn the_start_up_does_not_decide_the_first_mode() {
+        let mut d = ModeDetector::new(DetectorConfig::default());
+        let mut declared = Vec::new();
+        for i in 0..40u64 {
+            let rtt = if i < 12 { 12.0 } else { 5.0 };
+            if let Some(m) = d.push(sample(i * 100, rtt, 6.0, 0.0)) {
+                declared.push(m);
+            }
+        }
+        assert_eq!(declared, vec![Mode::Datacenter]);
     }
 
     #[test]
     fn outliers_do_not_flap_the_mode() {
         let mut d = ModeDetector::new(DetectorConfig::default());
-        for i in 0..10 {
+        for i in 0..18 {
             d.push(sample(i * 100, 0.3, 8.0, 0.0));
         }
         assert_eq!(d.mode(), Some(Mode::Datacenter));
         // Every third sample a wild one (a 200 ms RTT, a stalled interval, a loss
         // burst): the medians do not move, nothing changes, for a minute.
-        for i in 10..610u64 {
+        for i in 18..618u64 {
             let s = match i % 3 {
                 0 => sample(i * 100, 200.0, 0.01, 0.05),
                 _ => sample(i * 100, 0.3, 8.0, 0.0),
@@ -588,13 +610,13 @@ mod tests {
     #[test]
     fn alternating_modes_never_settle_long_enough_to_switch() {
         let mut d = ModeDetector::new(DetectorConfig::default());
-        for i in 0..10 {
+        for i in 0..18 {
             d.push(sample(i * 100, 80.0, 0.5, 0.0));
         }
         assert_eq!(d.mode(), Some(Mode::Internet));
         // Bursts of 6 datacenter samples then 6 internet ones: the window tips to
         // datacenter for less than the hold time, each time.
-        for i in 10..400u64 {
+        for i in 18..408u64 {
             let s = if (i / 6) % 2 == 0 {
                 sample(i * 100, 0.3, 8.0, 0.0)
             } else {

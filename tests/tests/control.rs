@@ -371,6 +371,16 @@ fn flooding_and_silent_clients_stall_neither_the_migration_nor_the_control_threa
             "{}",
             status.security
         );
+        // Both ends of the migration say how its session is secured, and with whom.
+        let list = migrations(&d);
+        for m in &list {
+            assert!(m.session.starts_with("TLS 1.3"), "{m:?}");
+        }
+        assert!(
+            list.iter()
+                .any(|m| m.direction == "incoming" && m.session.contains("appliance-a")),
+            "{list:?}"
+        );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let rate = served.load(std::sync::atomic::Ordering::Relaxed) as f64
             / flood_start.elapsed().as_secs_f64();

@@ -371,6 +371,10 @@ pub struct MigrationInfo {
     /// Its live settings and where each comes from (outgoing migrations).
     #[serde(default)]
     pub settings: Vec<SettingInfo>,
+    /// How the session is secured: TLS 1.3 with the peer's certificate names and sealed
+    /// data streams, or plain (`--insecure`); empty before the session is open.
+    #[serde(default)]
+    pub session: String,
 }
 
 fn outgoing() -> String {

@@ -119,6 +119,10 @@ pub struct IncomingProgress {
     pub pages: u64,
     /// Bytes received on data streams.
     pub bytes: u64,
+    /// How the session is secured (`None` while it opens, or when it is plain).
+    pub security: Option<SecurityReport>,
+    /// Whether the session is open (its security, if any, is known).
+    pub opened: bool,
 }
 
 impl ReceiveProgress {
@@ -235,6 +239,10 @@ pub fn receive_through(
         records: accepted.keys.clone(),
     };
     let security = accepted.control.security();
+    progress.update(|p| {
+        p.security = security.clone();
+        p.opened = true;
+    });
     let mut fleet = RxFleet::spawn(
         probe.kind,
         accepted.streams,

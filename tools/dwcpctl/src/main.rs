@@ -403,6 +403,9 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                         .collect();
                     outln!("    settings: {}", shown.join("; "));
                 }
+                if !m.session.is_empty() {
+                    outln!("    session: {}", m.session);
+                }
                 if let Some(vm) = &m.vm {
                     outln!(
                         "    VM {:?} (QEMU {}), RAM {}: {}",
@@ -601,6 +604,7 @@ mod tests {
             audit_pages: Vec::new(),
             notes: Vec::new(),
             vm: None,
+            session: String::new(),
         }
     }
 
