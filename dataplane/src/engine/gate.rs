@@ -109,8 +109,6 @@ pub struct Acceptor<'l> {
     unbound: u64,
     /// The identity TLS handshakes present (`None`: TLS hellos are refused).
     identity: Option<Arc<Identity>>,
-    /// Connections turned away while a session ran.
-    busy_refused: u64,
 }
 
 impl<'l> Acceptor<'l> {
@@ -123,7 +121,6 @@ impl<'l> Acceptor<'l> {
             dropped: 0,
             unbound: 0,
             identity: None,
-            busy_refused: 0,
         }
     }
 
@@ -326,7 +323,6 @@ impl<'l> Acceptor<'l> {
                 sorted.first,
                 &refusal,
             );
-            self.busy_refused += 1;
         }
         for i in (0..self.pending.len()).rev() {
             if fds[i].revents == 0 {
@@ -342,7 +338,6 @@ impl<'l> Acceptor<'l> {
                         first,
                         &refusal,
                     );
-                    self.busy_refused += 1;
                 }
             }
             self.pending.swap_remove(i);
@@ -361,11 +356,6 @@ impl<'l> Acceptor<'l> {
             in_time
         });
         self.dropped += (before - self.pending.len()) as u64;
-    }
-
-    /// Connections turned away while a session ran.
-    pub fn busy_refused(&self) -> u64 {
-        self.busy_refused
     }
 
     /// Take every connection waiting in the listen queue.

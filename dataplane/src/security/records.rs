@@ -166,11 +166,6 @@ impl SessionKeys {
         })
     }
 
-    /// Streams keyed.
-    pub fn streams(&self) -> u16 {
-        self.bindings.len() as u16
-    }
-
     /// Stream `stream`'s binding (what its hello must carry).
     pub fn binding(&self, stream: u16) -> [u8; BINDING_LEN] {
         self.bindings[usize::from(stream)]
@@ -209,6 +204,12 @@ impl SessionKeys {
             have: 0,
         }
     }
+}
+
+/// `e`, counted in `dwcp_records_rejected_total`.
+fn rejected(e: RecordError) -> RecordError {
+    super::counters::record_rejected(e.reason());
+    e
 }
 
 fn nonce(iv: &[u8; 12], record: u64) -> Nonce {
@@ -355,7 +356,7 @@ impl RecordOpener {
         if self.have == 0 {
             return Ok(());
         }
-        Err(RecordError::Truncated {
+        Err(rejected(RecordError::Truncated {
             record: self.next,
             have: self.have,
             len: if self.have >= RECORD_HEADER {
@@ -363,7 +364,7 @@ impl RecordOpener {
             } else {
                 RECORD_HEADER
             },
-        })
+        }))
     }
 
     fn sealed_len(&self) -> usize {
@@ -378,10 +379,10 @@ impl RecordOpener {
     fn check_header(&self) -> Result<(), RecordError> {
         let len = self.sealed_len();
         if !(RECORD_TAG..=MAX_RECORD).contains(&len) {
-            return Err(RecordError::BadLength {
+            return Err(rejected(RecordError::BadLength {
                 record: self.next,
                 len,
-            });
+            }));
         }
         let found = u32::from_le_bytes([
             self.record[4],
@@ -390,10 +391,10 @@ impl RecordOpener {
             self.record[7],
         ]);
         if found != self.next as u32 {
-            return Err(RecordError::OutOfOrder {
+            return Err(rejected(RecordError::OutOfOrder {
                 found,
                 expected: self.next,
-            });
+            }));
         }
         Ok(())
     }
@@ -413,7 +414,7 @@ impl RecordOpener {
                 Aad::from(h),
                 &mut self.record[RECORD_HEADER..total],
             )
-            .map_err(|_| RecordError::Authentication { record })?;
+            .map_err(|_| rejected(RecordError::Authentication { record }))?;
         self.next += 1;
         plaintext(opened)
     }

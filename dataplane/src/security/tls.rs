@@ -144,11 +144,6 @@ impl Identity {
         (self.client.clone(), self.server.clone())
     }
 
-    /// The files this identity came from.
-    pub fn files(&self) -> &SecurityFiles {
-        &self.files
-    }
-
     /// Check the authenticated peer's certificate against the pinned names; returns the
     /// names it is valid for (its DNS names when nothing is pinned), for logs.
     fn check_pins(&self, conn: &Connection) -> Result<String, SecurityError> {
@@ -577,13 +572,6 @@ pub struct TlsReader {
     socket: TcpStream,
     raw: Vec<u8>,
     consumed: usize,
-}
-
-impl TlsReader {
-    /// Time out reads after `timeout`.
-    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
-        self.socket.set_read_timeout(timeout)
-    }
 }
 
 impl TlsReader {

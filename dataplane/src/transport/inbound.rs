@@ -3,7 +3,6 @@
 //! guest memory, before its record authenticated), then the frame parser.
 
 use super::frames::{FrameParser, RxCounters, StreamEvent};
-use crate::security::counters;
 use crate::security::records::RecordOpener;
 use crate::wire::WireError;
 
@@ -29,13 +28,9 @@ impl Inbound {
             None => self.parser.feed(data, on_event),
             Some(opener) => {
                 let parser = &mut self.parser;
-                let fed = opener.feed(data, &mut |plaintext: &[u8]| {
+                opener.feed(data, &mut |plaintext: &[u8]| {
                     parser.feed(plaintext, on_event)
-                });
-                if let Err(WireError::Record(e)) = &fed {
-                    counters::record_rejected(e.reason());
-                }
-                fed
+                })
             }
         }
     }
@@ -57,21 +52,14 @@ impl Inbound {
             return Ok(());
         };
         let parser = &mut self.parser;
-        let fed = opener.filled(n, &mut |plaintext: &[u8]| parser.feed(plaintext, on_event));
-        if let Err(WireError::Record(e)) = &fed {
-            counters::record_rejected(e.reason());
-        }
-        fed
+        opener.filled(n, &mut |plaintext: &[u8]| parser.feed(plaintext, on_event))
     }
 
     /// The stream closed: what is wrong with ending here, if anything (inside a
     /// record, or before the stream's end marker).
     pub fn at_eof(&self) -> Result<(), WireError> {
-        if let Some(opener) = &self.opener
-            && let Err(e) = opener.at_end()
-        {
-            counters::record_rejected(e.reason());
-            return Err(e.into());
+        if let Some(opener) = &self.opener {
+            opener.at_end()?;
         }
         if !self.parser.is_ended() {
             return Err(WireError::UnexpectedEof("data stream"));

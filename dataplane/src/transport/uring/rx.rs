@@ -19,10 +19,9 @@ struct RxStream {
     id: u16,
     socket: TcpStream,
     inbound: Inbound,
-    /// Records are read straight into the stream's record buffer (one single-shot
-    /// receive at a time) instead of through the provided buffers.
-    sealed: bool,
-    buffers: ProvidedBuffers,
+    /// The stream's provided-buffer ring; `None` for a sealed stream, whose records
+    /// are read straight into its record buffer (one single-shot receive at a time).
+    buffers: Option<ProvidedBuffers>,
     armed: bool,
     eof: bool,
     reported_bytes: u64,
@@ -46,18 +45,22 @@ pub fn spawn_rx(
         let ring = new_ring()?;
         let mut rx = Vec::with_capacity(streams.len());
         for (local, (id, socket)) in streams.into_iter().enumerate() {
-            let mut buffers = ProvidedBuffers::new(
-                &ring,
-                local as u16,
-                setup_config.recv_buffers_per_stream.next_power_of_two(),
-                setup_config.recv_buffer,
-            )?;
-            buffers.provide_all();
             let mut inbound = rx_setup.inbound(id);
+            let buffers = if inbound.window().is_some() {
+                None
+            } else {
+                let mut buffers = ProvidedBuffers::new(
+                    &ring,
+                    local as u16,
+                    setup_config.recv_buffers_per_stream.next_power_of_two(),
+                    setup_config.recv_buffer,
+                )?;
+                buffers.provide_all();
+                Some(buffers)
+            };
             rx.push(RxStream {
                 id,
                 socket,
-                sealed: inbound.window().is_some(),
                 inbound,
                 buffers,
                 armed: false,
@@ -119,7 +122,9 @@ fn rx_main(
         }
     }
     for st in &mut streams {
-        st.buffers.unregister(&ring);
+        if let Some(buffers) = &mut st.buffers {
+            buffers.unregister(&ring);
+        }
     }
 }
 
@@ -137,7 +142,8 @@ fn rx_loop(
         if stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        // Arm a multishot receive on every stream that needs one.
+        // Arm a receive on every stream that needs one (multishot into provided
+        // buffers, or single-shot into a sealed stream's record window).
         let mut armed_any = false;
         for (i, st) in streams.iter_mut().enumerate() {
             if st.armed || st.eof {
@@ -205,18 +211,20 @@ fn rx_loop(
             }
             let id = st.id;
             let mut announced = Vec::new();
-            if st.sealed {
-                st.inbound
+            match &mut st.buffers {
+                None => st
+                    .inbound
                     .filled(result as usize, &mut |e| announced.push(e))
-                    .map_err(|e| (id, e.into()))?;
-            } else {
-                let Some(bid) = cqueue::buffer_select(flags) else {
-                    return Err((st.id, RxError::NoBuffer));
-                };
-                let data = st.buffers.buffer(bid, result as usize);
-                let parsed = st.inbound.feed(data, &mut |e| announced.push(e));
-                st.buffers.give_back(bid);
-                parsed.map_err(|e| (id, e.into()))?;
+                    .map_err(|e| (id, e.into()))?,
+                Some(buffers) => {
+                    let Some(bid) = cqueue::buffer_select(flags) else {
+                        return Err((id, RxError::NoBuffer));
+                    };
+                    let data = buffers.buffer(bid, result as usize);
+                    let parsed = st.inbound.feed(data, &mut |e| announced.push(e));
+                    buffers.give_back(bid);
+                    parsed.map_err(|e| (id, e.into()))?;
+                }
             }
             for e in announced {
                 push_event(
