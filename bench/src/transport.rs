@@ -126,6 +126,7 @@ pub(crate) fn page_stream(
         capabilities: caps::ALL,
         table: Arc::new(CrcTable::new(setup.dest.pages())),
         records: records.clone(),
+        fence: Default::default(),
     };
     let tx_setup = TxSetup {
         memory: setup.source.clone(),

@@ -86,6 +86,10 @@ pub struct MigrationSection {
     /// the source's memory against its table after the switchover) or `full` (all of
     /// memory on both sides, inside the downtime).
     pub verify: String,
+    /// A data stream with bytes outstanding and no progress for this long, in
+    /// milliseconds, is given up and its pages go to the other streams (0: three times
+    /// its smoothed round trip plus one second).
+    pub stream_stall_ms: u64,
 }
 
 impl Default for MigrationSection {
@@ -98,6 +102,7 @@ impl Default for MigrationSection {
             auto_converge: true,
             dirty_log: "uffd-wp".into(),
             verify: "table".into(),
+            stream_stall_ms: 0,
         }
     }
 }
@@ -970,6 +975,7 @@ impl Config {
             auto_converge: m.auto_converge,
             verify: m.verify.parse().unwrap_or_default(),
             codec: self.codec_config(),
+            stream_stall: (m.stream_stall_ms > 0).then(|| Duration::from_millis(m.stream_stall_ms)),
             ..SourceConfig::default()
         }
     }

@@ -54,6 +54,108 @@ pub fn stream_of(page: u64, streams: u16) -> u16 {
     ((page / CHUNK_PAGES) % u64::from(streams.max(1))) as u16
 }
 
+/// A set of a session's data streams (ids below [`MAX_STREAMS`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamSet([u64; 4]);
+
+impl StreamSet {
+    /// Whether `stream` is in the set.
+    #[inline]
+    pub fn contains(&self, stream: u16) -> bool {
+        let s = usize::from(stream);
+        s < 256 && self.0[s / 64] & (1 << (s % 64)) != 0
+    }
+
+    /// Add `stream` (ids at or past [`MAX_STREAMS`] are ignored).
+    pub fn insert(&mut self, stream: u16) {
+        let s = usize::from(stream);
+        if s < 256 {
+            self.0[s / 64] |= 1 << (s % 64);
+        }
+    }
+
+    /// Streams in the set.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+
+    /// The set as four words (for sharing through atomics).
+    pub fn words(&self) -> [u64; 4] {
+        self.0
+    }
+
+    /// The set of four words.
+    pub fn from_words(words: [u64; 4]) -> Self {
+        StreamSet(words)
+    }
+}
+
+/// Which stream carries each page once streams have been lost: a page's home stream
+/// ([`stream_of`]) while it lives; a lost stream's chunks each go to the active stream
+/// left that ranks highest for that chunk (rendezvous hashing: Thaler and Ravishankar,
+/// "Using name-based mappings to increase hit rates", IEEE/ACM ToN 1998). Another loss
+/// then moves only the chunks on the stream just lost, whatever order the losses came
+/// in: a page that moved stays on its new stream while that lives, so every page has
+/// one writer at a time and a stream only refers to pages it carried itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routes {
+    streams: u16,
+    lost: StreamSet,
+    /// The active streams not lost, ascending.
+    alive: Vec<u16>,
+}
+
+impl Routes {
+    /// `streams` active streams, `lost` among them gone.
+    pub fn new(streams: u16, lost: StreamSet) -> Self {
+        let streams = streams.max(1);
+        Routes {
+            streams,
+            lost,
+            alive: (0..streams).filter(|&s| !lost.contains(s)).collect(),
+        }
+    }
+
+    /// The stream that carries `page`; `None` when every active stream is lost.
+    #[inline]
+    pub fn route(&self, page: u64) -> Option<u16> {
+        let home = stream_of(page, self.streams);
+        if !self.lost.contains(home) {
+            return Some(home);
+        }
+        let chunk = page / CHUNK_PAGES;
+        self.alive
+            .iter()
+            .copied()
+            .max_by_key(|&s| rendezvous(chunk, s))
+    }
+
+    /// The lost streams.
+    pub fn lost(&self) -> StreamSet {
+        self.lost
+    }
+
+    /// Active streams.
+    pub fn streams(&self) -> u16 {
+        self.streams
+    }
+}
+
+/// How much stream `stream` wants chunk `chunk` ([`Routes`]): a 64-bit mix of the pair
+/// (splitmix64's finalizer).
+#[inline]
+fn rendezvous(chunk: u64, stream: u16) -> u64 {
+    let mut x = chunk.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(stream);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
 /// Capability bits exchanged in the handshake.
 pub mod caps {
     /// Zero pages sent as a count, without payload.
@@ -71,12 +173,17 @@ pub mod caps {
     /// ([`super::FrameKind::StreamMap`]).
     pub const STREAM_MAP: u64 = 1 << 5;
     /// Everything this build understands and grants by default.
-    pub const ALL: u64 = ZERO_PAGES | PAGE_RUNS | DELTA | DEDUP | ZSTD | STREAM_MAP;
+    pub const ALL: u64 = ZERO_PAGES | PAGE_RUNS | DELTA | DEDUP | ZSTD | STREAM_MAP | STREAM_LOSS;
     /// The guest has device state that follows its memory
     /// ([`super::ControlMessage::DeviceState`]): asked for by a source whose guest has
     /// one (a QEMU guest), granted by a destination that has a guest to load it into.
     /// Not in [`ALL`]: both sides must agree, and a mismatch refuses the session.
     pub const DEVICE_STATE: u64 = 1 << 6;
+    /// A data stream may be lost without ending the session: the destination fences
+    /// it on request ([`super::ControlMessage::StreamLost`], answered by
+    /// [`super::ControlMessage::StreamFenced`]) and its pages move to the streams left
+    /// ([`super::Routes`]).
+    pub const STREAM_LOSS: u64 = 1 << 7;
 }
 
 /// Largest batch of frames a [`FrameKind::Compressed`] frame may expand to.
@@ -802,6 +909,26 @@ pub enum ControlMessage {
     /// Destination → source: the guest runs at the destination (its device state
     /// loaded); the downtime ends here.
     GuestRunning,
+    /// Source → destination ([`caps::STREAM_LOSS`]): the source gave data stream
+    /// `stream` up (it failed or stalled); the destination stops reading it and
+    /// answers [`ControlMessage::StreamFenced`].
+    StreamLost {
+        /// The stream.
+        stream: u16,
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// Destination → source: nothing more of stream `stream` will be placed (asked
+    /// for, or the destination found it broken first). It had delivered the end of
+    /// every round below `rounds_ended`; what it carried after may be missing.
+    StreamFenced {
+        /// The stream.
+        stream: u16,
+        /// Rounds whose end marker arrived on it.
+        rounds_ended: u64,
+        /// Why it ended, as the destination saw it.
+        reason: String,
+    },
 }
 
 /// Largest [`ControlMessage::DeviceState`] chunk.
@@ -911,6 +1038,54 @@ impl Handshake {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_streams_chunks_spread_over_the_others_and_no_other_page_moves() {
+        let all = Routes::new(4, StreamSet::default());
+        for p in (0..4096).step_by(7) {
+            assert_eq!(all.route(p), Some(stream_of(p, 4)));
+        }
+        let mut lost = StreamSet::default();
+        lost.insert(1);
+        let routes = Routes::new(4, lost);
+        let mut took = [0u32; 4];
+        for chunk in 0..256u64 {
+            let page = chunk * CHUNK_PAGES;
+            let to = routes.route(page).unwrap();
+            // Every page of a chunk goes the same way.
+            assert_eq!(routes.route(page + CHUNK_PAGES - 1), Some(to));
+            if stream_of(page, 4) == 1 {
+                assert_ne!(to, 1);
+                took[usize::from(to)] += 1;
+            } else {
+                assert_eq!(to, stream_of(page, 4));
+            }
+        }
+        // Stream 1's 64 chunks, spread over the three left.
+        assert_eq!(took.iter().sum::<u32>(), 64);
+        assert!(took[0] > 10 && took[2] > 10 && took[3] > 10, "{took:?}");
+        // A second loss moves only what the stream just lost carried, in either order.
+        let mut more = lost;
+        more.insert(2);
+        let after = Routes::new(4, more);
+        let mut only_2 = StreamSet::default();
+        only_2.insert(2);
+        let first_2 = Routes::new(4, only_2);
+        for p in (0..CHUNK_PAGES * 256).step_by(5) {
+            if routes.route(p) != Some(2) {
+                assert_eq!(after.route(p), routes.route(p), "page {p}");
+            }
+            if first_2.route(p) != Some(1) {
+                assert_eq!(after.route(p), first_2.route(p), "page {p}");
+            }
+            assert!(!more.contains(after.route(p).unwrap()));
+        }
+        let mut every = StreamSet::default();
+        (0..4).for_each(|s| every.insert(s));
+        assert_eq!(Routes::new(4, every).route(0), None);
+        assert_eq!(every.len(), 4);
+        assert!(!every.contains(4));
+    }
 
     const LIMITS: FrameLimits = FrameLimits {
         pages: 1000,

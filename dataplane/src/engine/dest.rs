@@ -10,7 +10,9 @@ use crate::crc_table::CrcTable;
 use crate::guest::DeviceStateSink;
 use crate::memory::GuestMemory;
 use crate::security::Identity;
-use crate::transport::{self, RxError, RxEvent, RxSetup, TransportConfig, TransportKind};
+use crate::transport::{
+    self, RxError, RxEvent, RxSetup, StreamFence, TransportConfig, TransportKind,
+};
 use crate::wire::{AbortReason, ControlMessage, MAX_DEVICE_STATE, WireError, caps};
 use dwcp_hugepages::PagePreference;
 use std::net::{SocketAddr, TcpListener};
@@ -88,6 +90,8 @@ pub struct DestReport {
     pub transport: TransportKind,
     /// How the session was secured (`None`: plain).
     pub security: Option<SecurityReport>,
+    /// Data streams lost on the way, with why (the session carried on without them).
+    pub streams_lost: Vec<(u16, String)>,
 }
 
 /// What an incoming session has done so far, for whoever watches it (a daemon's
@@ -230,7 +234,9 @@ pub fn receive_through(
     });
     let table = Arc::new(CrcTable::new(memory.pages()));
     let probe = transport::probe(&config.transport);
+    let fence = Arc::new(StreamFence::default());
     let setup = RxSetup {
+        fence: fence.clone(),
         total_streams: streams,
         memory: memory.clone(),
         memory_is_fresh: accepted.fresh,
@@ -274,9 +280,13 @@ pub fn receive_through(
         control,
         memory,
         table,
-        round_counts: Vec::new(),
         round_pages: Vec::new(),
-        ended: 0,
+        rounds_applied: 0,
+        stream_rounds: vec![0; usize::from(streams)],
+        stream_state: vec![StreamState::Open; usize::from(streams)],
+        fence,
+        loss_allowed: accepted.granted & caps::STREAM_LOSS != 0,
+        streams_lost: Vec::new(),
         final_round: None,
         source_crcs: Vec::new(),
         expect: None,
@@ -337,7 +347,19 @@ pub fn receive_through(
         device_state_bytes,
         transport: probe.kind,
         security,
+        streams_lost: coordinator.streams_lost.clone(),
     })
+}
+
+/// Where a data stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamState {
+    /// Carrying pages.
+    Open,
+    /// Its end marker arrived.
+    Ended,
+    /// Stopped early; its pages go to the others.
+    Lost,
 }
 
 /// What the source asked the destination to confirm.
@@ -353,10 +375,19 @@ struct Coordinator<'p> {
     control: ControlLink,
     memory: Arc<GuestMemory>,
     table: Arc<CrcTable>,
-    /// Streams that finished each round, by round.
-    round_counts: Vec<u16>,
+    /// Pages each round carried, all streams together, by round.
     round_pages: Vec<u64>,
-    ended: u16,
+    /// Rounds every stream still open has delivered (acknowledged to the source).
+    rounds_applied: u64,
+    /// Per stream, the rounds whose end marker it delivered.
+    stream_rounds: Vec<u64>,
+    stream_state: Vec<StreamState>,
+    /// Stops streams the source gives up; its lost set routes their pages elsewhere.
+    fence: Arc<StreamFence>,
+    /// The source may lose streams and carry on ([`caps::STREAM_LOSS`]).
+    loss_allowed: bool,
+    /// Streams lost, with why.
+    streams_lost: Vec<(u16, String)>,
     final_round: Option<u64>,
     /// The source's page CRCs (`verify = "full"`).
     source_crcs: Vec<u32>,
@@ -396,11 +427,7 @@ impl Coordinator<'_> {
             .received
             .iter()
             .fold((0, 0), |(b, p), (sb, sp)| (b + sb, p + sp));
-        let round = self
-            .round_counts
-            .iter()
-            .take_while(|&&n| n == self.streams)
-            .count() as u64;
+        let round = self.rounds_applied;
         let phase = match (self.final_round, &self.expect) {
             (None, _) => "precopy",
             (Some(_), None) => "switchover",
@@ -419,34 +446,41 @@ impl Coordinator<'_> {
     fn aborted(&self, reason: String) -> MigrationError {
         MigrationError::Aborted {
             reason,
-            rounds: self.round_counts.len() as u64,
+            rounds: self.rounds_applied,
         }
     }
 
     /// A worker's event.
     fn on_event(&mut self, event: RxEvent) -> Result<(), MigrationError> {
         match event {
-            RxEvent::RoundEnd { round, pages, .. } => {
+            RxEvent::RoundEnd {
+                stream,
+                round,
+                pages,
+            } => {
                 let r = round as usize;
-                if self.round_counts.len() <= r {
-                    self.round_counts.resize(r + 1, 0);
+                if self.round_pages.len() <= r {
                     self.round_pages.resize(r + 1, 0);
                 }
-                self.round_counts[r] += 1;
                 self.round_pages[r] += u64::from(pages);
-                if self.round_counts[r] == self.streams {
-                    self.control.send(&ControlMessage::RoundApplied {
-                        round,
-                        pages: self.round_pages[r],
-                    })?;
+                if let Some(n) = self.stream_rounds.get_mut(usize::from(stream)) {
+                    *n = round + 1;
                 }
+                self.acknowledge_rounds()?;
             }
             RxEvent::StreamEnd { stream, bytes } => {
-                self.ended += 1;
+                if let Some(state) = self.stream_state.get_mut(usize::from(stream)) {
+                    *state = StreamState::Ended;
+                }
                 if let Some(r) = self.received.get_mut(usize::from(stream)) {
                     r.0 = r.0.max(bytes);
                 }
             }
+            RxEvent::StreamLost {
+                stream,
+                error,
+                rounds_ended,
+            } => self.stream_lost(stream, error, rounds_ended)?,
             RxEvent::Telemetry {
                 stream,
                 bytes,
@@ -471,6 +505,66 @@ impl Coordinator<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Acknowledge every round that each stream still open has delivered.
+    fn acknowledge_rounds(&mut self) -> Result<(), MigrationError> {
+        loop {
+            let round = self.rounds_applied;
+            let mut open = self
+                .stream_rounds
+                .iter()
+                .zip(&self.stream_state)
+                .filter(|(_, s)| **s != StreamState::Lost);
+            if open.clone().next().is_none() || !open.all(|(n, _)| *n > round) {
+                return Ok(());
+            }
+            self.control.send(&ControlMessage::RoundApplied {
+                round,
+                pages: self.round_pages.get(round as usize).copied().unwrap_or(0),
+            })?;
+            self.rounds_applied += 1;
+        }
+    }
+
+    /// Stream `stream` stopped (its socket failed or closed early, or the source gave
+    /// it up): nothing more of it is placed. Its pages go to other streams from now on,
+    /// once the source hears so.
+    fn stream_lost(
+        &mut self,
+        stream: u16,
+        error: String,
+        rounds_ended: u64,
+    ) -> Result<(), MigrationError> {
+        let s = usize::from(stream);
+        if self.stream_state.get(s) != Some(&StreamState::Open) {
+            return Ok(());
+        }
+        if !self.loss_allowed {
+            // A source that cannot carry on without a stream: as any failed stream.
+            if let Some(message) = self.source_abort() {
+                return Err(self.aborted(format!("source aborted: {message}")));
+            }
+            return Err(MigrationError::Transport(format!(
+                "data stream {stream}: {error}"
+            )));
+        }
+        self.stream_state[s] = StreamState::Lost;
+        self.stream_rounds[s] = rounds_ended;
+        self.fence.mark_lost(stream);
+        self.streams_lost.push((stream, error.clone()));
+        if self.stream_state.iter().all(|st| *st == StreamState::Lost) {
+            return Err(MigrationError::Transport(format!(
+                "every data stream was lost (the last, stream {stream}: {error})"
+            )));
+        }
+        eprintln!("dwcp: data stream {stream} lost: {error}; the others carry its pages");
+        self.control.send(&ControlMessage::StreamFenced {
+            stream,
+            rounds_ended,
+            reason: error,
+        })?;
+        self.acknowledge_rounds()
     }
 
     /// A message from the source.
@@ -510,6 +604,30 @@ impl Coordinator<'_> {
             ControlMessage::DeviceStateEnd { bytes } if self.device_state => {
                 self.device_end = Some(bytes);
             }
+            ControlMessage::StreamLost { stream, reason } if self.loss_allowed => {
+                match self.stream_state.get(usize::from(stream)) {
+                    None => {
+                        return Err(WireError::Unexpected(format!(
+                            "the source gave up stream {stream} of {}",
+                            self.streams
+                        ))
+                        .into());
+                    }
+                    // Already stopped: say so again (the source may have asked before
+                    // our word reached it).
+                    Some(StreamState::Lost) | Some(StreamState::Ended) => {
+                        self.control.send(&ControlMessage::StreamFenced {
+                            stream,
+                            rounds_ended: self.stream_rounds[usize::from(stream)],
+                            reason: format!("given up by the source: {reason}"),
+                        })?;
+                    }
+                    Some(StreamState::Open) => {
+                        eprintln!("dwcp: the source gave up data stream {stream}: {reason}");
+                        self.fence.request(stream);
+                    }
+                }
+            }
             other => {
                 return Err(WireError::Unexpected(format!("{other:?} from the source")).into());
             }
@@ -538,8 +656,8 @@ impl Coordinator<'_> {
                 (self.turn_away)();
             }
             if let Some(final_round) = self.final_round
-                && self.ended == self.streams
-                && self.round_counts.get(final_round as usize) == Some(&self.streams)
+                && self.stream_state.iter().all(|s| *s != StreamState::Open)
+                && self.rounds_applied > final_round
             {
                 // Every page is in (each stream reported its end after its last page
                 // was placed and recorded).

@@ -213,6 +213,8 @@ pub(super) struct TxFleet {
     finished: usize,
     zero_copy: ZeroCopyCounts,
     backlog: Vec<Backlog>,
+    /// Streams the workers gave up since the engine last looked, with why.
+    lost: Vec<(u16, String)>,
 }
 
 impl TxFleet {
@@ -251,6 +253,7 @@ impl TxFleet {
             finished: 0,
             zero_copy: ZeroCopyCounts::default(),
             backlog: Vec::new(),
+            lost: Vec::new(),
         };
         fleet.start(kind, zero_copy, streams)?;
         Ok(fleet)
@@ -393,10 +396,25 @@ impl TxFleet {
                     TxEvent::Failed { error, .. } => {
                         return Err(MigrationError::Transport(error.to_string()));
                     }
+                    TxEvent::StreamLost { stream, error } => self.lost.push((stream, error)),
                 }
             }
         }
         Ok(any)
+    }
+
+    /// Stream `stream` carries nothing more: the runs its worker dropped for it no
+    /// longer count as queued there.
+    pub fn stream_gone(&mut self, stream: u16) {
+        let w = self.worker_of(stream);
+        if let Some(b) = self.backlog.get_mut(w) {
+            b.pushed = b.taken;
+        }
+    }
+
+    /// Streams the workers gave up since the last call, with why.
+    pub fn take_lost(&mut self) -> Vec<(u16, String)> {
+        std::mem::take(&mut self.lost)
     }
 
     /// Queue `cmd` to worker `w`; gives it back when the ring is full.

@@ -59,7 +59,7 @@ pub use live::{Epoch, LiveControl, LiveReport, LiveSettings};
 pub use precopy::DowntimeEstimate;
 pub use report::{
     DowntimeMeasured, DowntimeReport, MigrationReport, Progress, RoundStats, SecurityReport,
-    TransportReport, WorkerStatus,
+    StreamLoss, TransportReport, WorkerStatus,
 };
 pub use source::{SourceConfig, migrate, migrate_live, migrate_with_policy};
 pub use steer::{CodecReport, SettingsChange};

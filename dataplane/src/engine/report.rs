@@ -151,6 +151,27 @@ pub struct TransportReport {
     pub notes: Vec<String>,
     /// How the session was secured: `None` for a plain (`--insecure`) session.
     pub security: Option<SecurityReport>,
+    /// Data streams lost on the way; their pages went to the others.
+    pub streams_lost: Vec<StreamLoss>,
+}
+
+/// A data stream the session lost, and what it cost.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StreamLoss {
+    /// The stream.
+    pub stream: u16,
+    /// The round it was lost in.
+    pub round: u64,
+    /// What happened (a failed send, no progress, what the destination saw).
+    pub reason: String,
+    /// From the last progress the stream made to its loss being noticed, seconds (a
+    /// stall's wait; about 0 for a failed send).
+    pub detect_seconds: f64,
+    /// From then until its pages were queued on the other streams (the destination
+    /// fencing it), seconds.
+    pub fence_seconds: f64,
+    /// Pages queued again on the other streams.
+    pub pages_requeued: u64,
 }
 
 /// How an authenticated session was secured.
@@ -302,6 +323,13 @@ impl fmt::Display for MigrationReport {
         )?;
         for n in t.notes.iter().chain(&self.notes) {
             writeln!(f, "  note: {n}")?;
+        }
+        for l in &t.streams_lost {
+            writeln!(
+                f,
+                "  stream {} lost in round {}: {}; noticed after {:.2} s, its {} pages on the other streams {:.3} s later",
+                l.stream, l.round, l.reason, l.detect_seconds, l.pages_requeued, l.fence_seconds
+            )?;
         }
         writeln!(
             f,

@@ -12,9 +12,10 @@ use crate::codec::zstd::Decompressor;
 use crate::crc_table::{CrcTable, Recorder};
 use crate::dirty::DirtyBitmap;
 use crate::memory::{GuestMemory, PAGE_SIZE, zero_page_crc};
+use crate::transport::StreamFence;
 use crate::wire::{
     CHUNK_PAGES, FRAME_HEADER_LEN, FrameHeader, FrameKind, FrameLimits, MAX_BATCH, PAGE_CRC_LEN,
-    WireError, stream_of,
+    Routes, StreamSet, WireError,
 };
 use std::sync::Arc;
 
@@ -247,6 +248,12 @@ pub struct FrameParser {
     counters: RxCounters,
     /// The destination's CRC table: every page placed is recorded with its CRC.
     table: Option<Arc<CrcTable>>,
+    /// Which stream carries each page, given the streams lost so far.
+    routes: Routes,
+    /// The session's fence, whose lost set this parser follows, and the generation of
+    /// it the routes were built from.
+    fence: Option<Arc<StreamFence>>,
+    fence_seen: u64,
 }
 
 impl FrameParser {
@@ -278,7 +285,35 @@ impl FrameParser {
             next_round: 0,
             counters: RxCounters::default(),
             table: None,
+            routes: Routes::new(streams, StreamSet::default()),
+            fence: None,
+            fence_seen: 0,
         }
+    }
+
+    /// Follow the lost streams of `fence`: pages of a lost stream may then arrive here.
+    pub fn with_fence(mut self, fence: Arc<StreamFence>) -> Self {
+        self.fence = Some(fence);
+        self.sync_routes();
+        self
+    }
+
+    /// Take in streams lost since the last look. The destination adds a stream to the
+    /// lost set before it tells the source the stream is fenced, and the source moves
+    /// pages only after hearing so: bytes that carry a moved page always find the new
+    /// routes here.
+    fn sync_routes(&mut self) {
+        let Some(fence) = &self.fence else {
+            return;
+        };
+        let generation = fence.generation();
+        if generation == self.fence_seen {
+            return;
+        }
+        self.fence_seen = generation;
+        self.routes = Routes::new(self.active_streams, fence.lost());
+        // Pages another stream wrote may arrive here now.
+        self.untouched = None;
     }
 
     /// Record every page placed, with its CRC, in `table` (the destination's table).
@@ -327,6 +362,11 @@ impl FrameParser {
         self.counters
     }
 
+    /// Rounds whose end marker arrived.
+    pub fn rounds_ended(&self) -> u64 {
+        self.next_round
+    }
+
     /// Whether the stream has ended.
     pub fn is_ended(&self) -> bool {
         matches!(self.state, State::Ended)
@@ -334,7 +374,7 @@ impl FrameParser {
 
     fn check_owner(&self, first: u64, count: u32) -> Result<(), WireError> {
         let end = first + u64::from(count);
-        let owner = stream_of(first, self.active_streams);
+        let owner = self.routes.route(first).unwrap_or(u16::MAX);
         if owner != self.stream || (end - 1) / CHUNK_PAGES != first / CHUNK_PAGES {
             return Err(WireError::WrongStream {
                 first,
@@ -363,6 +403,7 @@ impl FrameParser {
         on_event: &mut impl FnMut(StreamEvent),
     ) -> Result<(), WireError> {
         self.counters.bytes += data.len() as u64;
+        self.sync_routes();
         while !data.is_empty() {
             match self.state {
                 State::Ended => {
@@ -515,6 +556,7 @@ impl FrameParser {
                     });
                 }
                 self.active_streams = active as u16;
+                self.routes = Routes::new(self.active_streams, self.routes.lost());
                 // Pages now arrive on streams that did not carry them before; this
                 // stream no longer knows which pages it never wrote.
                 self.untouched = None;
@@ -631,7 +673,7 @@ impl FrameParser {
             });
         }
         // Only pages this stream carries are in a known state, in stream order.
-        if stream_of(source, self.active_streams) != self.stream {
+        if self.routes.route(source) != Some(self.stream) {
             return Err(WireError::BadEncoding {
                 what: "page reference",
                 page,

@@ -67,6 +67,11 @@ impl Inbound {
         Ok(())
     }
 
+    /// Rounds whose end marker arrived.
+    pub fn rounds_ended(&self) -> u64 {
+        self.parser.rounds_ended()
+    }
+
     /// Whether the stream's end marker arrived.
     pub fn is_ended(&self) -> bool {
         self.parser.is_ended()

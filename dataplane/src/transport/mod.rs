@@ -36,6 +36,7 @@ use socket::{SocketOptions, TcpInfoSample};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{JoinHandle, Thread};
 use std::time::Duration;
 
@@ -383,6 +384,9 @@ pub enum TxControl {
     /// is about to move pages to other streams, and a stream's cache may only hold what
     /// the destination last received for pages that stream carries.
     ForgetSentPages,
+    /// Give stream `stream` up (it stalled, or the destination found it broken): as
+    /// after a failed send, see [`TxEvent::StreamLost`].
+    DropStream(u16),
 }
 
 /// Counters of one source worker, reported periodically. Cumulative since the worker
@@ -492,6 +496,16 @@ pub enum TxEvent {
         /// What happened.
         error: TxError,
     },
+    /// Stream `stream` failed or was dropped ([`TxControl::DropStream`]): its socket
+    /// is shut, its queued runs are gone, and the worker stages nothing more for it
+    /// (runs for it that come later are dropped). The worker carries on with its other
+    /// streams.
+    StreamLost {
+        /// Global stream id.
+        stream: u16,
+        /// Why.
+        error: String,
+    },
 }
 
 /// Destination worker → engine.
@@ -530,6 +544,16 @@ pub enum RxEvent {
         offset: u64,
         /// The bytes.
         bytes: Vec<u8>,
+    },
+    /// Stream `stream` stopped: its socket failed or closed, or the coordinator asked
+    /// for it ([`StreamFence::request`]). Nothing more of it is placed.
+    StreamLost {
+        /// Global stream id.
+        stream: u16,
+        /// Why.
+        error: String,
+        /// Rounds whose end marker arrived on it.
+        rounds_ended: u64,
     },
     /// A stream failed; the session must end.
     Failed {
@@ -589,6 +613,65 @@ pub struct RxSetup {
     /// In an authenticated session, the data streams' keys: records are opened before
     /// their frames are parsed.
     pub records: Option<Arc<SessionKeys>>,
+    /// Streams the coordinator asked to stop, and those lost.
+    pub fence: Arc<StreamFence>,
+}
+
+/// The destination's fence over its data streams, shared by the coordinator and the
+/// receivers. The coordinator asks for a stream to stop ([`StreamFence::request`]);
+/// its receiver stops placing its pages and reports [`RxEvent::StreamLost`] (as it
+/// does for a stream whose socket failed); only then does the coordinator add it to
+/// the lost set ([`StreamFence::mark_lost`]), which every parser routes pages by from
+/// then on (see [`crate::wire::Routes`]). A lost stream's pages thus have no second
+/// writer while any of its bytes may still be placed.
+#[derive(Debug, Default)]
+pub struct StreamFence {
+    requested: [AtomicU64; 4],
+    lost: [AtomicU64; 4],
+    generation: AtomicU64,
+}
+
+impl StreamFence {
+    /// Ask the receiver of `stream` to stop it.
+    pub fn request(&self, stream: u16) {
+        let s = usize::from(stream);
+        if s < 256 {
+            // Release: pairs with the Acquire in `requested`, run by the receiver.
+            self.requested[s / 64].fetch_or(1 << (s % 64), Ordering::Release);
+        }
+    }
+
+    /// Whether `stream` should stop.
+    pub fn requested(&self, stream: u16) -> bool {
+        let s = usize::from(stream);
+        // Acquire: pairs with the Release in `request`.
+        s < 256 && self.requested[s / 64].load(Ordering::Acquire) & (1 << (s % 64)) != 0
+    }
+
+    /// `stream` is stopped: its pages go to other streams from now on.
+    pub fn mark_lost(&self, stream: u16) {
+        let s = usize::from(stream);
+        if s >= 256 {
+            return;
+        }
+        self.lost[s / 64].fetch_or(1 << (s % 64), Ordering::Relaxed);
+        // Release: publishes the lost bit above to a parser's Acquire in `generation`.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes to the lost set so far.
+    pub fn generation(&self) -> u64 {
+        // Acquire: pairs with the Release in `mark_lost`.
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The streams lost so far.
+    pub fn lost(&self) -> crate::wire::StreamSet {
+        crate::wire::StreamSet::from_words(std::array::from_fn(|i| {
+            // Relaxed: read after `generation`'s Acquire.
+            self.lost[i].load(Ordering::Relaxed)
+        }))
+    }
 }
 
 impl RxSetup {
@@ -602,7 +685,8 @@ impl RxSetup {
             self.memory_is_fresh,
         )
         .with_capabilities(self.capabilities)
-        .with_table(self.table.clone());
+        .with_table(self.table.clone())
+        .with_fence(self.fence.clone());
         Inbound::new(self.records.as_ref().map(|k| k.opener(stream)), parser)
     }
 }

@@ -5,7 +5,7 @@
 use super::frames::stage_space;
 use super::stage::{SendBuffers, Stager, StreamStage};
 use super::{
-    CONTROL_RING, IdleStrategy, Inbound, OsError, RxError, RxEvent, RxSetup, RxWorker,
+    CONTROL_RING, IdleStrategy, Inbound, OsError, RxError, RxEvent, RxSetup, RxWorker, StreamFence,
     StreamTelemetry, TransportConfig, TxCommand, TxControl, TxError, TxEvent, TxSetup, TxWorker,
     WORKER_RING, pin, push_event,
 };
@@ -118,6 +118,8 @@ struct PlainTx {
     stage: [StreamStage; 1],
     /// How the worker waits when idle (the engine may change it).
     idle: IdleStrategy,
+    /// The stream was lost ([`TxEvent::StreamLost`]).
+    lost: bool,
 }
 
 impl PlainTx {
@@ -155,6 +157,7 @@ impl PlainTx {
             stage: [stager.stream(id)],
             stager,
             idle: config.idle,
+            lost: false,
         }
     }
 
@@ -195,6 +198,99 @@ impl PlainTx {
         Ok(())
     }
 
+    /// Give the stream up (see [`TxEvent::StreamLost`]); from here on the worker only
+    /// answers round ends and the end of the session.
+    fn lose(&mut self, why: String, events: &mut Producer<TxEvent>) {
+        if self.lost {
+            return;
+        }
+        self.lost = true;
+        let _ = self.out.socket.shutdown(std::net::Shutdown::Both);
+        self.out.len = self.out.start;
+        let pages = self.stage[0].pages;
+        self.stage[0] = self.stager.stream(self.out.id);
+        self.stage[0].pages = pages;
+        push_event(
+            events,
+            TxEvent::StreamLost {
+                stream: self.out.id,
+                error: why,
+            },
+        );
+    }
+
+    /// A failed send loses the stream; any other error ends the worker.
+    fn on_error(&mut self, error: TxError, events: &mut Producer<TxEvent>) -> Result<(), TxError> {
+        match error {
+            TxError::Send { .. } | TxError::PeerStoppedReading { .. } => {
+                self.lose(error.to_string(), events);
+                Ok(())
+            }
+            other => Err(other),
+        }
+    }
+
+    /// Carry out one command; `true` when the worker is done.
+    fn command(&mut self, cmd: TxCommand, events: &mut Producer<TxEvent>) -> Result<bool, TxError> {
+        match cmd {
+            TxCommand::Pages { .. }
+            | TxCommand::DeviceState { .. }
+            | TxCommand::StreamMap { .. }
+                if self.lost => {}
+            TxCommand::Pages { first, count, .. } => {
+                self.stager
+                    .stage(&mut self.out, &mut self.stage, 0, first, count)?;
+            }
+            TxCommand::EndRound { round } => {
+                let marked = if self.lost {
+                    Ok(())
+                } else {
+                    self.marker(Stager::round_end(round, &self.stage[0]))
+                };
+                self.stage[0].round_pages = 0;
+                let counts = self.stager.take_round();
+                // Reported even when the marker failed: the round is over here.
+                push_event(
+                    events,
+                    TxEvent::RoundSent {
+                        worker: self.worker,
+                        round,
+                        zero_pages: counts.zero_pages,
+                        raw_pages: counts.content_pages,
+                        bytes: counts.bytes,
+                    },
+                );
+                marked?;
+            }
+            TxCommand::StreamMap { active } => {
+                self.marker(FrameHeader::stream_map(active))?;
+            }
+            TxCommand::DeviceState { offset, bytes, .. } => {
+                // A socket buffer always has room: it sends to make it.
+                let header = FrameHeader::device_state(offset, bytes.len());
+                self.stager
+                    .payload_frame(&mut self.out, &mut self.stage, 0, header, &bytes)?;
+                self.out.send()?;
+            }
+            TxCommand::Finish => {
+                if !self.lost {
+                    let ended = self.marker(FrameHeader::stream_end());
+                    let _ = self.out.socket.shutdown(std::net::Shutdown::Write);
+                    ended?;
+                }
+                return Ok(true);
+            }
+            TxCommand::Release => {
+                // Blocking sends: once written, the kernel owns the bytes.
+                if !self.lost {
+                    self.flush()?;
+                }
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     fn run(
         mut self,
         mut commands: Consumer<TxCommand>,
@@ -212,11 +308,26 @@ impl PlainTx {
                 push_event(&mut events, self.stream_telemetry());
             }
             while let Some(change) = control.pop() {
-                self.apply(change)?;
+                match change {
+                    TxControl::DropStream(_) => {
+                        self.lose("given up by the engine".into(), &mut events);
+                    }
+                    TxControl::SetIdle(idle) => self.idle = idle,
+                    _ if self.lost => {}
+                    change => {
+                        if let Err(e) = self.apply(change) {
+                            self.on_error(e, &mut events)?;
+                        }
+                    }
+                }
             }
             let Some(cmd) = commands.pop() else {
                 // Nothing more to add right now: send what there is.
-                self.flush()?;
+                if !self.lost
+                    && let Err(e) = self.flush()
+                {
+                    self.on_error(e, &mut events)?;
+                }
                 if commands.is_abandoned() {
                     return Err(TxError::EngineGone);
                 }
@@ -229,46 +340,10 @@ impl PlainTx {
                 continue;
             };
             idle = 0;
-            match cmd {
-                TxCommand::Pages { first, count, .. } => {
-                    self.stager
-                        .stage(&mut self.out, &mut self.stage, 0, first, count)?;
-                }
-                TxCommand::EndRound { round } => {
-                    self.marker(Stager::round_end(round, &self.stage[0]))?;
-                    self.stage[0].round_pages = 0;
-                    let counts = self.stager.take_round();
-                    push_event(
-                        &mut events,
-                        TxEvent::RoundSent {
-                            worker: self.worker,
-                            round,
-                            zero_pages: counts.zero_pages,
-                            raw_pages: counts.content_pages,
-                            bytes: counts.bytes,
-                        },
-                    );
-                }
-                TxCommand::StreamMap { active } => {
-                    self.marker(FrameHeader::stream_map(active))?;
-                }
-                TxCommand::DeviceState { offset, bytes, .. } => {
-                    // A socket buffer always has room: it sends to make it.
-                    let header = FrameHeader::device_state(offset, bytes.len());
-                    self.stager
-                        .payload_frame(&mut self.out, &mut self.stage, 0, header, &bytes)?;
-                    self.out.send()?;
-                }
-                TxCommand::Finish => {
-                    self.marker(FrameHeader::stream_end())?;
-                    let _ = self.out.socket.shutdown(std::net::Shutdown::Write);
-                    return Ok(());
-                }
-                TxCommand::Release => {
-                    // Blocking sends: once written, the kernel owns the bytes.
-                    self.flush()?;
-                    return Ok(());
-                }
+            match self.command(cmd, &mut events) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => self.on_error(e, &mut events)?,
             }
         })();
         // Final counters, so that whoever carries the stream on counts from them.
@@ -314,11 +389,12 @@ pub fn spawn_rx(
     // Wake up now and then to notice a stop request.
     socket.set_read_timeout(Some(Duration::from_millis(50)))?;
     let inbound = setup.inbound(id);
+    let fence = setup.fence.clone();
     let handle = std::thread::Builder::new()
         .name(format!("dwcp-prx{id}"))
         .spawn(move || {
             pin(cpu);
-            rx_main(id, socket, inbound, evt_tx, &stop_flag, &config);
+            rx_main(id, socket, inbound, evt_tx, &stop_flag, &fence, &config);
         })?;
     Ok(RxWorker {
         events: evt_rx,
@@ -329,23 +405,47 @@ pub fn spawn_rx(
 
 fn rx_main(
     id: u16,
-    mut socket: TcpStream,
+    socket: TcpStream,
     mut inbound: Inbound,
     mut events: Producer<RxEvent>,
     stop: &AtomicBool,
+    fence: &StreamFence,
     config: &TransportConfig,
 ) {
     let mut buf = vec![0u8; 256 << 10];
     let mut next_telemetry = Instant::now() + config.telemetry_interval;
+    let lost = |why: String, inbound: &Inbound, events: &mut Producer<RxEvent>| {
+        let _ = socket.shutdown(std::net::Shutdown::Both);
+        push_event(
+            events,
+            RxEvent::StreamLost {
+                stream: id,
+                error: why,
+                rounds_ended: inbound.rounds_ended(),
+            },
+        );
+    };
     let result: Result<(), RxError> = loop {
         if stop.load(Ordering::Relaxed) {
             break Ok(());
         }
+        if fence.requested(id) {
+            lost("given up by the source".into(), &inbound, &mut events);
+            return;
+        }
         // A sealed stream is read straight into its record buffer.
         let window = inbound.window();
         let sealed = window.is_some();
-        let n = match socket.read(window.unwrap_or(&mut buf)) {
-            Ok(0) => break inbound.at_eof().map_err(RxError::from),
+        let n = match (&socket).read(window.unwrap_or(&mut buf)) {
+            // A stream that closes before its end marker is lost, not corrupt: nothing
+            // of an unfinished record or frame was placed.
+            Ok(0) => match inbound.at_eof() {
+                Ok(()) => break Ok(()),
+                Err(e) => {
+                    lost(e.to_string(), &inbound, &mut events);
+                    return;
+                }
+            },
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -357,7 +457,14 @@ fn rx_main(
             {
                 continue;
             }
-            Err(e) => break Err(RxError::Receive(OsError::from(e))),
+            Err(e) => {
+                lost(
+                    RxError::Receive(OsError::from(e)).to_string(),
+                    &inbound,
+                    &mut events,
+                );
+                return;
+            }
         };
         let mut announced = Vec::new();
         let taken = if sealed {

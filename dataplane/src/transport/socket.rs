@@ -262,6 +262,17 @@ pub struct TcpInfoSample {
     pub max_pacing_rate: u64,
     /// The congestion control in force, when it is one of ours.
     pub congestion: Option<Congestion>,
+    /// Segments sent and not yet acknowledged.
+    pub unacked: u32,
+    /// Bytes written to the socket and not yet sent.
+    pub notsent_bytes: u32,
+}
+
+impl TcpInfoSample {
+    /// Whether the stream has bytes the peer has not acknowledged (sent or not).
+    pub fn outstanding(&self) -> bool {
+        self.unacked > 0 || self.notsent_bytes > 0
+    }
 }
 
 /// Read `TCP_INFO` from a stream.
@@ -293,6 +304,8 @@ pub fn tcp_info(stream: &impl AsRawFd) -> Option<TcpInfoSample> {
         snd_cwnd: raw.snd_cwnd,
         max_pacing_rate: raw.max_pacing_rate,
         congestion: congestion(stream),
+        unacked: raw.unacked,
+        notsent_bytes: raw.notsent_bytes,
     })
 }
 

@@ -318,7 +318,7 @@ impl Stager {
                     }
                 }
             }
-            TxControl::SetIdle(_) | TxControl::SetZeroCopy(_) => {}
+            TxControl::SetIdle(_) | TxControl::SetZeroCopy(_) | TxControl::DropStream(_) => {}
         }
         Ok(true)
     }

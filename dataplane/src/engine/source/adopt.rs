@@ -147,7 +147,7 @@ impl Session<'_> {
         }
     }
 
-    fn live_note(&mut self, note: String) {
+    pub(super) fn live_note(&mut self, note: String) {
         if let Some(live) = self.live {
             live.note(note.clone());
         }
@@ -174,6 +174,8 @@ impl Session<'_> {
         }
         self.fleet.wake_all();
         self.active_streams = active;
+        self.losses.routes = crate::wire::Routes::new(active, self.losses.routes.lost());
+        self.losses.generation += 1;
         if let Some(live) = self.live {
             live.set_active_streams(active);
         }

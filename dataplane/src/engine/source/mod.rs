@@ -9,6 +9,7 @@
 //!   or full verification, the verdict) and the audit after it.
 
 mod adopt;
+mod loss;
 mod switchover;
 
 use super::MigrationError;
@@ -27,7 +28,7 @@ use crate::guest::GuestControl;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::security::Identity;
 use crate::transport::{self, TransportConfig, TransportKind, TxCommand, TxControl, TxSetup};
-use crate::wire::{self, CHUNK_PAGES, ControlMessage, caps, stream_of};
+use crate::wire::{self, CHUNK_PAGES, ControlMessage, caps};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,6 +64,9 @@ pub struct SourceConfig {
     /// This appliance's identity: the session is TLS 1.3 with mutual authentication and
     /// its data streams carry sealed records. `None`: plain (an `--insecure` session).
     pub security: Option<Arc<Identity>>,
+    /// A data stream with bytes outstanding and no progress for this long is given up
+    /// and its pages go to the others. `None`: 3 × its smoothed RTT + 1 s.
+    pub stream_stall: Option<Duration>,
 }
 
 impl Default for SourceConfig {
@@ -82,6 +86,7 @@ impl Default for SourceConfig {
             connect_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
             security: None,
+            stream_stall: None,
         }
     }
 }
@@ -212,6 +217,8 @@ struct Session<'a> {
     security: Option<SecurityReport>,
     /// What live changes could not do as asked, for the report.
     live_notes: Vec<String>,
+    /// Lost streams: the routes around them, the pages to queue again.
+    losses: loss::Losses,
 }
 
 /// Migrate `memory` to the destination at `peer` while `guest` runs, tracking writes
@@ -526,6 +533,11 @@ impl<'a> Session<'a> {
             transport_notes: notes,
             security,
             live_notes: Vec::new(),
+            losses: loss::Losses::new(
+                opened.accepted & caps::STREAM_LOSS != 0,
+                config.streams,
+                config.stream_stall,
+            ),
         })
     }
 
@@ -535,10 +547,14 @@ impl<'a> Session<'a> {
         if self.fleet.poll(self.steering.as_mut())? {
             self.last_activity = Instant::now();
         }
+        for (stream, why) in self.fleet.take_lost() {
+            self.stream_failed(stream, why, 0.0, true)?;
+        }
         while let Some(msg) = self.control.try_recv()? {
             self.last_activity = Instant::now();
             self.on_control(msg)?;
         }
+        self.watch_stalls()?;
         if self.last_activity.elapsed() > self.config.reply_timeout {
             return Err(MigrationError::Transport(format!(
                 "no progress from workers or destination for {:?}",
@@ -559,6 +575,11 @@ impl<'a> Session<'a> {
             }
             ControlMessage::Ping { nanos } => self.control.send(&ControlMessage::Pong { nanos })?,
             ControlMessage::Pong { nanos } => self.pong(nanos),
+            ControlMessage::StreamFenced {
+                stream,
+                rounds_ended,
+                reason,
+            } => self.stream_fenced(stream, rounds_ended, reason)?,
             other => {
                 return Err(
                     wire::WireError::Unexpected(format!("{other:?} from the destination")).into(),
@@ -572,6 +593,7 @@ impl<'a> Session<'a> {
     /// in the kernel is what the switchover's confirmation will take.
     fn round_applied(&mut self, round: u64) {
         self.applied_round = Some(round);
+        self.losses.prune(self.applied_round);
         while let Some(&(r, sent_at)) = self.unacknowledged.front() {
             if r > round {
                 break;
@@ -659,17 +681,21 @@ impl<'a> Session<'a> {
         (first, count): (u64, u32),
         since_wake: &mut u32,
     ) -> Result<(), MigrationError> {
-        let stream = stream_of(first, self.active_streams);
-        let worker = self.fleet.worker_of(stream);
+        let mut stream = self.route(first)?;
+        let mut worker = self.fleet.worker_of(stream);
         if self.live.is_some() {
             while self.fleet.backlog_full(worker) {
                 self.fleet.wake(worker);
                 self.pump()?;
                 self.steer();
                 std::thread::sleep(Duration::from_micros(100));
+                // A stream lost meanwhile no longer carries these pages.
+                stream = self.route(first)?;
+                worker = self.fleet.worker_of(stream);
             }
             self.fleet.pushed(worker, count);
         }
+        let routes = self.losses.generation;
         self.push(
             worker,
             TxCommand::Pages {
@@ -678,6 +704,16 @@ impl<'a> Session<'a> {
                 count,
             },
         )?;
+        if self.losses.generation != routes && self.losses.routes.lost().contains(stream) {
+            // Its stream was lost while the ring was full: the worker drops the run, and
+            // it was not among the pages queued when the loss settled.
+            let mut again = DirtyBitmap::new(self.memory.pages());
+            again.set_range(first, first + u64::from(count));
+            match &mut self.losses.requeue {
+                Some(set) => set.union_with(&again),
+                None => self.losses.requeue = Some(again),
+            }
+        }
         *since_wake += 1;
         self.round_left = self.round_left.saturating_sub(u64::from(count));
         if *since_wake >= WAKE_EVERY {
@@ -685,6 +721,40 @@ impl<'a> Session<'a> {
             self.fleet.wake_all();
             self.pump()?;
             self.steer();
+        }
+        Ok(())
+    }
+
+    /// The stream that carries `page` now.
+    fn route(&self, page: u64) -> Result<u16, MigrationError> {
+        self.losses
+            .routes
+            .route(page)
+            .ok_or_else(|| MigrationError::Transport("every data stream was lost".into()))
+    }
+
+    /// Queue the pages a lost stream left (see `loss`), as runs within chunks.
+    fn push_requeued(&mut self, since_wake: &mut u32) -> Result<(), MigrationError> {
+        while let Some(pages) = self.losses.requeue.take() {
+            let mut run: Option<(u64, u32)> = None;
+            for page in pages.iter() {
+                run = match run {
+                    Some((first, count))
+                        if first + u64::from(count) == page
+                            && page / CHUNK_PAGES == first / CHUNK_PAGES =>
+                    {
+                        Some((first, count + 1))
+                    }
+                    Some(done) => {
+                        self.queue_run(done, since_wake)?;
+                        Some((page, 1))
+                    }
+                    None => Some((page, 1)),
+                };
+            }
+            if let Some(done) = run {
+                self.queue_run(done, since_wake)?;
+            }
         }
         Ok(())
     }
@@ -699,6 +769,7 @@ impl<'a> Session<'a> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<(u64, Option<DirtyBitmap>), MigrationError> {
         self.round_left = pages.count();
+        self.losses.round_started(self.current_round, pages);
         let mut queued = 0u64;
         let mut run: Option<(u64, u32)> = None;
         let mut since_wake = 0u32;
@@ -719,6 +790,8 @@ impl<'a> Session<'a> {
                 }
                 Some(done) => {
                     self.queue_run(done, &mut since_wake)?;
+                    self.queued_below(page);
+                    self.push_requeued(&mut since_wake)?;
                     if queued - reported >= PROGRESS_EVERY {
                         reported = queued;
                         self.totals.round_queued = queued;
@@ -737,8 +810,17 @@ impl<'a> Session<'a> {
         if let Some(done) = run {
             self.queue_run(done, &mut since_wake)?;
         }
+        self.queued_below(u64::MAX);
+        self.push_requeued(&mut since_wake)?;
         self.fleet.wake_all();
         Ok((queued, None))
+    }
+
+    /// Every page of the round below `page` has been queued.
+    fn queued_below(&mut self, page: u64) {
+        if let Some(set) = self.losses.sent.back_mut() {
+            set.queued_below = page;
+        }
     }
 
     /// Close round `round` on every worker and wait until all of it is in the kernel.
@@ -755,6 +837,11 @@ impl<'a> Session<'a> {
         round: u64,
         last: bool,
     ) -> Result<super::fleet::RoundTotals, MigrationError> {
+        // Pages a lost stream left go with this round if they can; once its end is
+        // queued, with the next.
+        let mut since_wake = 0;
+        self.push_requeued(&mut since_wake)?;
+        self.losses.pushing = false;
         for w in 0..self.fleet.len() {
             self.push(w, TxCommand::EndRound { round })?;
             if last {
@@ -873,6 +960,9 @@ impl<'a> Session<'a> {
             if let Some(unsent) = unsent {
                 next.union_with(&unsent);
             }
+            if let Some(carried) = self.losses.carry.take() {
+                next.union_with(&carried);
+            }
             let dirtied = next.count();
             let plan = self.planner.round_done(RoundMeasurement {
                 round,
@@ -978,6 +1068,7 @@ impl<'a> Session<'a> {
                     }))
                     .collect(),
                 security: self.security.clone(),
+                streams_lost: std::mem::take(&mut self.losses.report),
             },
             device_state_bytes: outcome.device_state_bytes,
             max_throttle: self.totals.max_throttle,

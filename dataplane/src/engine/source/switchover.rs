@@ -62,6 +62,9 @@ impl Session<'_> {
         round: u64,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Outcome, MigrationError> {
+        let mut final_set = final_set;
+        self.settle_losses_before_pause(&mut final_set)?;
+        self.losses.paused = true;
         let paused_at = Instant::now();
         let stopped_at = match guest.pause() {
             Ok(stopped) => stopped.unwrap_or(paused_at),
@@ -248,12 +251,15 @@ impl Session<'_> {
         device: &dyn DeviceStateSource,
     ) -> Result<u64, MigrationError> {
         let mut pieces: Vec<(u16, u64, std::sync::Arc<[u8]>)> = Vec::new();
-        let streams = self.active_streams.max(1);
+        let lost = self.losses.routes.lost();
+        let streams: Vec<u16> = (0..self.active_streams.max(1))
+            .filter(|&s| !lost.contains(s))
+            .collect();
         let mut offset = 0u64;
         let bytes = device
             .hand_over(&mut |chunk| {
                 for piece in chunk.chunks(wire::MAX_DEVICE_STATE_FRAME) {
-                    let stream = (pieces.len() % usize::from(streams)) as u16;
+                    let stream = streams[pieces.len() % streams.len()];
                     pieces.push((stream, offset, piece.into()));
                     offset += piece.len() as u64;
                 }
@@ -273,6 +279,24 @@ impl Session<'_> {
         }
         self.fleet.wake_all();
         Ok(bytes)
+    }
+
+    /// Before the guest is paused: let every stream being given up settle (its pages
+    /// join the final round), so that none is lost inside the paused window.
+    fn settle_losses_before_pause(
+        &mut self,
+        final_set: &mut DirtyBitmap,
+    ) -> Result<(), MigrationError> {
+        self.last_activity = Instant::now();
+        while self.losses.unsettled() {
+            self.pump()?;
+            self.steer();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if let Some(carried) = self.losses.carry.take() {
+            final_set.union_with(&carried);
+        }
+        Ok(())
     }
 
     /// After a good verdict: wait until the destination's guest runs.
@@ -306,6 +330,9 @@ impl Session<'_> {
     fn pump_workers(&mut self) -> Result<(), MigrationError> {
         if self.fleet.poll(self.steering.as_mut())? {
             self.last_activity = Instant::now();
+        }
+        for (stream, why) in self.fleet.take_lost() {
+            self.stream_failed(stream, why, 0.0, true)?;
         }
         if self.last_activity.elapsed() > self.config.reply_timeout {
             return Err(MigrationError::Transport(format!(

@@ -6,7 +6,8 @@ use super::buffers::ProvidedBuffers;
 use super::{new_ring, shutdown, spawn_worker, wait_cqe};
 use crate::ring::{self, Producer};
 use crate::transport::{
-    Inbound, OsError, RxError, RxEvent, RxSetup, RxWorker, TransportConfig, WORKER_RING, push_event,
+    Inbound, OsError, RxError, RxEvent, RxSetup, RxWorker, StreamFence, TransportConfig,
+    WORKER_RING, push_event,
 };
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use std::net::TcpStream;
@@ -24,7 +25,27 @@ struct RxStream {
     buffers: Option<ProvidedBuffers>,
     armed: bool,
     eof: bool,
+    /// Lost: its socket failed or closed early, or the coordinator asked for it to
+    /// stop. Nothing that arrives on it is placed any more.
+    stopped: bool,
     reported_bytes: u64,
+}
+
+impl RxStream {
+    /// Stop the stream (see [`RxEvent::StreamLost`]): its armed receive completes once
+    /// the socket is shut, and whatever it brings is dropped.
+    fn stop(&mut self, why: String, events: &mut Producer<RxEvent>) {
+        self.stopped = true;
+        shutdown(&self.socket);
+        push_event(
+            events,
+            RxEvent::StreamLost {
+                stream: self.id,
+                error: why,
+                rounds_ended: self.inbound.rounds_ended(),
+            },
+        );
+    }
 }
 
 /// Start a destination worker on io_uring for `streams`. As on
@@ -39,6 +60,7 @@ pub fn spawn_rx(
     let (evt_tx, evt_rx) = ring::channel(WORKER_RING);
     let stop = Arc::new(AtomicBool::new(false));
     let stop_flag = stop.clone();
+    let fence = rx_setup.fence.clone();
     let config = config.clone();
     let setup_config = config.clone();
     let setup = move || -> std::io::Result<(IoUring, Vec<RxStream>)> {
@@ -65,13 +87,14 @@ pub fn spawn_rx(
                 buffers,
                 armed: false,
                 eof: false,
+                stopped: false,
                 reported_bytes: 0,
             });
         }
         Ok((ring, rx))
     };
     let handle = spawn_worker(format!("dwcp-rx{worker}"), cpu, setup, move |(ring, rx)| {
-        rx_main(ring, rx, evt_tx, &stop_flag, &config)
+        rx_main(ring, rx, evt_tx, &stop_flag, &fence, &config)
     })?;
     Ok(RxWorker {
         events: evt_rx,
@@ -85,6 +108,7 @@ fn rx_main(
     mut streams: Vec<RxStream>,
     mut events: Producer<RxEvent>,
     stop: &AtomicBool,
+    fence: &StreamFence,
     config: &TransportConfig,
 ) {
     let mut in_flight = 0usize;
@@ -93,6 +117,7 @@ fn rx_main(
         &mut streams,
         &mut events,
         stop,
+        fence,
         config,
         &mut in_flight,
     )
@@ -133,6 +158,7 @@ fn rx_loop(
     streams: &mut [RxStream],
     events: &mut Producer<RxEvent>,
     stop: &AtomicBool,
+    fence: &StreamFence,
     config: &TransportConfig,
     in_flight: &mut usize,
 ) -> Result<(), (u16, RxError)> {
@@ -142,11 +168,16 @@ fn rx_loop(
         if stop.load(Ordering::Relaxed) {
             return Ok(());
         }
+        for st in streams.iter_mut() {
+            if !st.stopped && !st.inbound.is_ended() && fence.requested(st.id) {
+                st.stop("given up by the source".into(), events);
+            }
+        }
         // Arm a receive on every stream that needs one (multishot into provided
         // buffers, or single-shot into a sealed stream's record window).
         let mut armed_any = false;
         for (i, st) in streams.iter_mut().enumerate() {
-            if st.armed || st.eof {
+            if st.armed || st.eof || st.stopped {
                 continue;
             }
             let fd = types::Fd(st.socket.as_raw_fd());
@@ -200,13 +231,29 @@ fn rx_loop(
                 // given back as they are parsed, so re-arming is enough.
                 continue;
             }
+            if st.stopped {
+                // Whatever a stopped stream still brings is dropped.
+                if result > 0
+                    && let (Some(buffers), Some(bid)) =
+                        (&mut st.buffers, cqueue::buffer_select(flags))
+                {
+                    buffers.give_back(bid);
+                }
+                continue;
+            }
             if result < 0 {
-                return Err((st.id, RxError::Receive(OsError::from_errno(-result))));
+                let error = RxError::Receive(OsError::from_errno(-result));
+                st.stop(error.to_string(), events);
+                continue;
             }
             if result == 0 {
                 st.eof = true;
                 st.armed = false;
-                st.inbound.at_eof().map_err(|e| (st.id, e.into()))?;
+                // A stream that closes before its end marker is lost, not corrupt:
+                // nothing of an unfinished record or frame was placed.
+                if let Err(e) = st.inbound.at_eof() {
+                    st.stop(e.to_string(), events);
+                }
                 continue;
             }
             let id = st.id;
@@ -233,7 +280,7 @@ fn rx_loop(
                 );
             }
         }
-        if streams.iter().all(|st| st.inbound.is_ended()) {
+        if streams.iter().all(|st| st.inbound.is_ended() || st.stopped) {
             return Ok(());
         }
         if Instant::now() >= next_telemetry {

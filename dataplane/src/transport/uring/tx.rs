@@ -57,6 +57,9 @@ pub(super) struct TxStream {
     needs_stream_map: Option<u16>,
     needs_stream_end: bool,
     ended: bool,
+    /// Given up ([`TxEvent::StreamLost`]): its socket is shut and nothing more is
+    /// staged for it.
+    lost: bool,
     /// Bytes handed to the kernel.
     bytes: u64,
     /// Seals each buffer before it is queued, in an authenticated session.
@@ -244,6 +247,7 @@ impl TxWorkerState {
                     needs_stream_map: None,
                     needs_stream_end: false,
                     ended: false,
+                    lost: false,
                     bytes: 0,
                     sealer: records.as_ref().map(|keys| keys.sealer(id)),
                 })
@@ -378,7 +382,7 @@ impl TxWorkerState {
         let mut next_telemetry = Instant::now() + config.telemetry_interval;
         loop {
             let mut progress = self.reap(events)?;
-            progress |= self.take_commands(commands)?;
+            progress |= self.take_commands(commands, events)?;
             progress |= self.place_markers()?;
             if self.pending.is_none() && commands.is_empty() {
                 // Nothing more to add right now: a stream whose socket would go idle
@@ -435,7 +439,11 @@ impl TxWorkerState {
             .ok_or(TxError::UnknownStream { stream })
     }
 
-    fn take_commands(&mut self, commands: &mut Consumer<TxCommand>) -> Result<bool, TxError> {
+    fn take_commands(
+        &mut self,
+        commands: &mut Consumer<TxCommand>,
+        events: &mut Producer<TxEvent>,
+    ) -> Result<bool, TxError> {
         let mut progress = false;
         loop {
             // A round or stream end waits until every stream has its marker queued.
@@ -444,7 +452,7 @@ impl TxWorkerState {
             }) {
                 return Ok(progress);
             }
-            if !self.apply_control()? {
+            if !self.apply_control(events)? {
                 return Ok(progress);
             }
             let Some(cmd) = self.pending.take().or_else(|| commands.pop()) else {
@@ -452,6 +460,8 @@ impl TxWorkerState {
                 return Ok(progress);
             };
             match cmd {
+                TxCommand::Pages { stream, .. } | TxCommand::DeviceState { stream, .. }
+                    if self.streams[self.local(stream)?].lost => {}
                 TxCommand::Pages {
                     stream,
                     first,
@@ -494,19 +504,25 @@ impl TxWorkerState {
                 }
                 TxCommand::EndRound { round } => {
                     self.round = Some(round);
-                    self.round_markers_unsent = self.streams.len();
-                    for st in &mut self.streams {
+                    self.round_markers_unsent = 0;
+                    for st in self.streams.iter_mut().filter(|st| !st.lost) {
                         st.needs_round_marker = true;
+                        self.round_markers_unsent += 1;
+                    }
+                    if self.round_markers_unsent == 0 {
+                        // Every stream of this worker is lost: the round is over here.
+                        self.closed_round = self.stager.take_round();
+                        self.round_sent(events);
                     }
                 }
                 TxCommand::StreamMap { active } => {
-                    for st in &mut self.streams {
+                    for st in self.streams.iter_mut().filter(|st| !st.lost) {
                         st.needs_stream_map = Some(active);
                     }
                 }
                 TxCommand::Finish => {
                     self.finishing = true;
-                    for st in &mut self.streams {
+                    for st in self.streams.iter_mut().filter(|st| !st.lost) {
                         st.needs_stream_end = true;
                     }
                 }
@@ -518,13 +534,17 @@ impl TxWorkerState {
 
     /// Apply configuration changes; false while one waits for its batches to be
     /// flushed (nothing may be staged until then).
-    fn apply_control(&mut self) -> Result<bool, TxError> {
+    fn apply_control(&mut self, events: &mut Producer<TxEvent>) -> Result<bool, TxError> {
         loop {
             let Some(change) = self.pending_control.take().or_else(|| self.control.pop()) else {
                 return Ok(true);
             };
             match change {
                 TxControl::SetIdle(idle) => self.idle = idle,
+                TxControl::DropStream(stream) => {
+                    let i = self.local(stream)?;
+                    self.lose(i, "given up by the engine".into(), events);
+                }
                 TxControl::SetZeroCopy(on) => {
                     self.zero_copy = on && self.zero_copy_capable && !self.zc_fell_back;
                 }
@@ -718,11 +738,23 @@ impl TxWorkerState {
     ) -> Result<(), TxError> {
         let st = &mut self.streams[i];
         let stream = st.id;
+        if st.lost {
+            // The send of a stream given up meanwhile: only its buffer matters now.
+            if let Some(done) = st.inflight.take() {
+                self.return_buffer(done.token);
+            }
+            return Ok(());
+        }
         if result < 0 {
-            return Err(TxError::Send {
+            let error = TxError::Send {
                 stream,
                 error: OsError::from_errno(-result),
-            });
+            };
+            if let Some(done) = st.inflight.take() {
+                self.return_buffer(done.token);
+            }
+            self.lose(i, error.to_string(), events);
+            return Ok(());
         }
         let Some(inflight) = st.inflight.as_mut() else {
             return Err(TxError::CompletionWithoutSend { stream });
@@ -731,7 +763,12 @@ impl TxWorkerState {
         st.bytes += result as u64;
         if inflight.sent < inflight.len {
             if result == 0 {
-                return Err(TxError::PeerStoppedReading { stream });
+                let error = TxError::PeerStoppedReading { stream };
+                if let Some(done) = st.inflight.take() {
+                    self.return_buffer(done.token);
+                }
+                self.lose(i, error.to_string(), events);
+                return Ok(());
             }
             resubmit.push(i);
             return Ok(());
@@ -741,29 +778,85 @@ impl TxWorkerState {
             Marker::RoundEnd => {
                 self.round_markers_unsent -= 1;
                 if self.round_markers_unsent == 0 {
-                    let counts = std::mem::take(&mut self.closed_round);
-                    push_event(
-                        events,
-                        TxEvent::RoundSent {
-                            worker: self.worker,
-                            round: self.round.unwrap_or(0),
-                            zero_pages: counts.zero_pages,
-                            raw_pages: counts.content_pages,
-                            bytes: counts.bytes,
-                        },
-                    );
+                    self.round_sent(events);
                 }
             }
             Marker::StreamEnd => st.ended = true,
             Marker::None => {}
         }
-        let slot = &mut self.awaiting_notif[done.token.index() as usize];
-        if slot.0 > 0 {
-            slot.1 = Some(done.token);
-        } else {
-            self.pool.release(done.token);
-        }
+        self.return_buffer(done.token);
         Ok(())
+    }
+
+    /// Report the closed round sent (every stream's marker is in the kernel).
+    fn round_sent(&mut self, events: &mut Producer<TxEvent>) {
+        let counts = std::mem::take(&mut self.closed_round);
+        push_event(
+            events,
+            TxEvent::RoundSent {
+                worker: self.worker,
+                round: self.round.unwrap_or(0),
+                zero_pages: counts.zero_pages,
+                raw_pages: counts.content_pages,
+                bytes: counts.bytes,
+            },
+        );
+    }
+
+    /// A sent buffer goes back to the pool, or waits for its zero-copy notification.
+    fn return_buffer(&mut self, token: BufToken) {
+        let slot = &mut self.awaiting_notif[token.index() as usize];
+        if slot.0 > 0 {
+            slot.1 = Some(token);
+        } else {
+            self.pool.release(token);
+        }
+    }
+
+    /// Give stream `i` up (see [`TxEvent::StreamLost`]): shut its socket (a send in
+    /// flight then completes), drop what it had staged and queued, and stop counting
+    /// it in round and stream ends.
+    fn lose(&mut self, i: usize, why: String, events: &mut Producer<TxEvent>) {
+        let st = &mut self.streams[i];
+        if st.lost {
+            return;
+        }
+        st.lost = true;
+        st.ended = true;
+        shutdown(&st.socket);
+        let marker_placed = st.queue.iter().any(|q| q.2 == Marker::RoundEnd)
+            || st
+                .inflight
+                .as_ref()
+                .is_some_and(|f| f.marker == Marker::RoundEnd);
+        let marker_unplaced = st.needs_round_marker;
+        if let Some(inflight) = &mut st.inflight {
+            // Its completion no longer ends anything.
+            inflight.marker = Marker::None;
+        }
+        st.needs_round_marker = false;
+        st.needs_stream_map = None;
+        st.needs_stream_end = false;
+        let stream = st.id;
+        let mut dropped: Vec<BufToken> = st.queue.drain(..).map(|q| q.0).collect();
+        dropped.extend(st.filling.take().map(|f| f.0));
+        for token in dropped {
+            self.pool.release(token);
+        }
+        let pages = self.stages[i].pages;
+        self.stages[i] = self.stager.stream(stream);
+        self.stages[i].pages = pages;
+        if marker_unplaced && self.streams.iter().all(|st| !st.needs_round_marker) {
+            // It was the last stream whose marker was still to be placed.
+            self.closed_round = self.stager.take_round();
+        }
+        if marker_placed || marker_unplaced {
+            self.round_markers_unsent -= 1;
+            if self.round_markers_unsent == 0 {
+                self.round_sent(events);
+            }
+        }
+        push_event(events, TxEvent::StreamLost { stream, error: why });
     }
 
     /// Complete or cancel everything the kernel still holds, so no buffer is freed

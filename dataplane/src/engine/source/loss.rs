@@ -1,0 +1,366 @@
+//! Losing a data stream without losing the migration.
+//!
+//! A stream is lost when its send fails, when it makes no progress for the stall limit
+//! while it has bytes outstanding (`stream_stall`, by default 3 × its smoothed RTT +
+//! 1 s: a path that holds the connection open and forwards nothing), or when the
+//! destination finds it broken. Then:
+//!
+//! 1. its worker drops it (shuts the socket, drops what it had staged and queued) and
+//!    reports so; the source tells the destination ([`ControlMessage::StreamLost`]);
+//! 2. the destination stops placing anything of it and answers
+//!    ([`ControlMessage::StreamFenced`]) with the rounds whose end it delivered;
+//! 3. with both, no copy of the stream's pages can land any more, so its pages may
+//!    change streams without two writers: the routes deal its chunks to the streams
+//!    left ([`Routes`]), and every page it carried in a round the destination has not
+//!    confirmed on it is queued again at once (or, when its round is already closed,
+//!    with the next round).
+//!
+//! Nothing waits on the dead stream: the other streams carry on throughout, and only
+//! the re-queued pages wait for the destination's answer (a round trip). A stream lost
+//! inside the paused window ends the migration with the guest resumed here; that
+//! window is milliseconds long and a stall takes a second to notice.
+
+use super::Session;
+use crate::dirty::DirtyBitmap;
+use crate::engine::MigrationError;
+use crate::engine::report::StreamLoss;
+use crate::transport::{TxControl, socket};
+use crate::wire::{CHUNK_PAGES, ControlMessage, Routes, StreamSet};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// How often the source looks at its streams' progress.
+const STALL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The pages a round queued, kept until the destination confirms the round, so that a
+/// lost stream's share of them can be queued again.
+pub(super) struct SentSet {
+    round: u64,
+    pages: DirtyBitmap,
+    /// Pages of `pages` from here on were not queued (yet).
+    pub queued_below: u64,
+}
+
+/// A stream being given up: waiting for its worker to drop it and for the
+/// destination to fence it.
+struct Losing {
+    stream: u16,
+    round: u64,
+    reason: String,
+    detect_seconds: f64,
+    noticed: Instant,
+    worker_dropped: bool,
+    fenced: Option<u64>,
+}
+
+/// What one stream's progress looked like at the last check.
+#[derive(Clone, Copy)]
+struct Watch {
+    bytes_acked: u64,
+    since: Instant,
+}
+
+/// The source's side of lost streams.
+pub(super) struct Losses {
+    /// The destination takes part ([`crate::wire::caps::STREAM_LOSS`]); else a lost
+    /// stream ends the migration, as it always did.
+    allowed: bool,
+    /// Which stream carries each page.
+    pub routes: Routes,
+    /// Bumped at every change of `routes`.
+    pub generation: u64,
+    losing: Vec<Losing>,
+    pub sent: VecDeque<SentSet>,
+    /// Pages to queue again as soon as the round loop can.
+    pub requeue: Option<DirtyBitmap>,
+    /// Pages to send with the next round (their round was closed already).
+    pub carry: Option<DirtyBitmap>,
+    /// The round loop is queuing pages (the round's end is not queued yet).
+    pub pushing: bool,
+    /// The paused window: a loss now fails the migration.
+    pub paused: bool,
+    pub report: Vec<StreamLoss>,
+    stall_limit: Option<Duration>,
+    watch: Vec<Watch>,
+    next_check: Instant,
+}
+
+impl Losses {
+    pub fn new(allowed: bool, streams: u16, stall_limit: Option<Duration>) -> Self {
+        let now = Instant::now();
+        Losses {
+            allowed,
+            routes: Routes::new(streams, StreamSet::default()),
+            generation: 0,
+            losing: Vec::new(),
+            sent: VecDeque::new(),
+            requeue: None,
+            carry: None,
+            pushing: false,
+            paused: false,
+            report: Vec::new(),
+            stall_limit,
+            watch: vec![
+                Watch {
+                    bytes_acked: 0,
+                    since: now,
+                };
+                usize::from(streams)
+            ],
+            next_check: now + STALL_CHECK_INTERVAL,
+        }
+    }
+
+    /// Whether a stream is being given up and its pages are not yet moved.
+    pub fn unsettled(&self) -> bool {
+        !self.losing.is_empty()
+    }
+
+    /// Whether `stream` is lost or being given up.
+    fn gone(&self, stream: u16) -> bool {
+        self.routes.lost().contains(stream) || self.losing.iter().any(|l| l.stream == stream)
+    }
+
+    /// A new round starts queuing `pages`.
+    pub fn round_started(&mut self, round: u64, pages: &DirtyBitmap) {
+        self.sent.push_back(SentSet {
+            round,
+            pages: pages.clone(),
+            queued_below: 0,
+        });
+        self.pushing = true;
+    }
+
+    /// Forget the pages of rounds up to `applied`, unless a loss still needs them.
+    pub fn prune(&mut self, applied: Option<u64>) {
+        let Some(applied) = applied else { return };
+        if !self.losing.is_empty() {
+            return;
+        }
+        while self.sent.front().is_some_and(|s| s.round <= applied) {
+            self.sent.pop_front();
+        }
+    }
+
+    /// Pages to queue again, now or with the next round.
+    fn queue_again(&mut self, pages: DirtyBitmap) {
+        let slot = if self.pushing {
+            &mut self.requeue
+        } else {
+            &mut self.carry
+        };
+        match slot {
+            Some(set) => set.union_with(&pages),
+            None => *slot = Some(pages),
+        }
+    }
+}
+
+impl Session<'_> {
+    /// Pages on `stream` that the destination may lack: those it carried in every round
+    /// from `rounds_ended` on (as queued so far), by the routes before its loss.
+    fn pages_of(&self, stream: u16, rounds_ended: u64) -> DirtyBitmap {
+        let routes = &self.losses.routes;
+        let mut lost = DirtyBitmap::new(self.memory.pages());
+        for set in self.losses.sent.iter().filter(|s| s.round >= rounds_ended) {
+            let mut chunk = u64::MAX;
+            let mut ours = false;
+            for page in set.pages.iter() {
+                if page >= set.queued_below {
+                    break;
+                }
+                if page / CHUNK_PAGES != chunk {
+                    chunk = page / CHUNK_PAGES;
+                    ours = routes.route(page) == Some(stream);
+                }
+                if ours {
+                    lost.set(page);
+                }
+            }
+        }
+        lost
+    }
+
+    /// Stream `stream` failed or stalled here (`worker_dropped`: its worker already
+    /// dropped it).
+    pub(super) fn stream_failed(
+        &mut self,
+        stream: u16,
+        reason: String,
+        detect_seconds: f64,
+        worker_dropped: bool,
+    ) -> Result<(), MigrationError> {
+        if !self.losses.allowed || self.losses.paused {
+            let when = if self.losses.paused {
+                " during the switchover"
+            } else {
+                ""
+            };
+            return Err(MigrationError::Transport(format!(
+                "data stream {stream} lost{when}: {reason}"
+            )));
+        }
+        if self.losses.routes.lost().contains(stream) {
+            return Ok(());
+        }
+        if let Some(l) = self.losses.losing.iter_mut().find(|l| l.stream == stream) {
+            l.worker_dropped |= worker_dropped;
+        } else {
+            eprintln!(
+                "dwcp: data stream {stream} lost in round {}: {reason}; its pages go to the other streams",
+                self.current_round
+            );
+            self.control.send(&ControlMessage::StreamLost {
+                stream,
+                reason: reason.clone(),
+            })?;
+            self.losses.losing.push(Losing {
+                stream,
+                round: self.current_round,
+                reason,
+                detect_seconds,
+                noticed: Instant::now(),
+                worker_dropped,
+                fenced: None,
+            });
+            if !worker_dropped {
+                self.drop_stream(stream);
+            }
+        }
+        self.settle_losses()
+    }
+
+    /// The destination stopped `stream` (asked to, or it found it broken first).
+    pub(super) fn stream_fenced(
+        &mut self,
+        stream: u16,
+        rounds_ended: u64,
+        reason: String,
+    ) -> Result<(), MigrationError> {
+        if usize::from(stream) >= self.losses.watch.len() {
+            return Err(crate::wire::WireError::Unexpected(format!(
+                "the destination fenced stream {stream} of {}",
+                self.losses.watch.len()
+            ))
+            .into());
+        }
+        if self.losses.routes.lost().contains(stream) {
+            return Ok(());
+        }
+        if !self.losses.losing.iter().any(|l| l.stream == stream) {
+            self.stream_failed(stream, format!("at the destination: {reason}"), 0.0, false)?;
+        }
+        if let Some(l) = self.losses.losing.iter_mut().find(|l| l.stream == stream) {
+            l.fenced = Some(rounds_ended);
+        }
+        self.settle_losses()
+    }
+
+    /// Have the worker of `stream` drop it; shutting its socket ends a send that
+    /// waits on a stalled path.
+    fn drop_stream(&mut self, stream: u16) {
+        if let Some(socket) = self.fleet.sockets().get(usize::from(stream)) {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+        let w = self.fleet.worker_of(stream);
+        self.deferred_control
+            .push((w, TxControl::DropStream(stream)));
+        self.fleet.wake(w);
+    }
+
+    /// Move the pages of every stream both dropped and fenced to the streams left.
+    fn settle_losses(&mut self) -> Result<(), MigrationError> {
+        while let Some(i) = self
+            .losses
+            .losing
+            .iter()
+            .position(|l| l.worker_dropped && l.fenced.is_some())
+        {
+            let l = self.losses.losing.remove(i);
+            let pages = self.pages_of(l.stream, l.fenced.unwrap_or(0));
+            let mut lost = self.losses.routes.lost();
+            lost.insert(l.stream);
+            if lost.len() >= usize::from(self.config.streams) {
+                return Err(MigrationError::Transport(format!(
+                    "every data stream was lost (the last, stream {}: {})",
+                    l.stream, l.reason
+                )));
+            }
+            self.losses.routes = Routes::new(self.active_streams, lost);
+            self.losses.generation += 1;
+            self.fleet.stream_gone(l.stream);
+            let count = pages.count();
+            // Queued again in this round: a later loss may need them too.
+            self.losses.sent.push_back(SentSet {
+                round: self.current_round,
+                pages: pages.clone(),
+                queued_below: u64::MAX,
+            });
+            self.losses.queue_again(pages);
+            let fence_seconds = l.noticed.elapsed().as_secs_f64();
+            self.losses.report.push(StreamLoss {
+                stream: l.stream,
+                round: l.round,
+                reason: l.reason.clone(),
+                detect_seconds: l.detect_seconds,
+                fence_seconds,
+                pages_requeued: count,
+            });
+            self.live_note(format!(
+                "data stream {} lost in round {}: {}; {} pages queued on the other streams",
+                l.stream, l.round, l.reason, count
+            ));
+        }
+        self.losses.prune(self.applied_round);
+        Ok(())
+    }
+
+    /// Give up streams that have had bytes outstanding and no progress for the stall
+    /// limit.
+    pub(super) fn watch_stalls(&mut self) -> Result<(), MigrationError> {
+        let now = Instant::now();
+        if now < self.losses.next_check || !self.losses.allowed || self.losses.paused {
+            return Ok(());
+        }
+        self.losses.next_check = now + STALL_CHECK_INTERVAL;
+        let mut stalled = Vec::new();
+        for (stream, sock) in self.fleet.sockets().iter().enumerate() {
+            let stream = stream as u16;
+            if self.losses.gone(stream) {
+                continue;
+            }
+            let Some(info) = socket::tcp_info(sock) else {
+                continue;
+            };
+            let watch = &mut self.losses.watch[usize::from(stream)];
+            if info.bytes_acked != watch.bytes_acked || !info.outstanding() {
+                *watch = Watch {
+                    bytes_acked: info.bytes_acked,
+                    since: now,
+                };
+                continue;
+            }
+            let limit = self.losses.stall_limit.unwrap_or_else(|| {
+                Duration::from_micros(3 * u64::from(info.rtt_us)) + Duration::from_secs(1)
+            });
+            let waited = now.duration_since(watch.since);
+            if waited > limit {
+                stalled.push((stream, waited, info));
+            }
+        }
+        for (stream, waited, info) in stalled {
+            self.stream_failed(
+                stream,
+                format!(
+                    "no progress for {:.1} s with {} bytes unsent and {} segments unacknowledged",
+                    waited.as_secs_f64(),
+                    info.notsent_bytes,
+                    info.unacked
+                ),
+                waited.as_secs_f64(),
+                false,
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,201 @@
+//! A data stream that dies or stops moving mid-round: its pages go to the other
+//! streams, and the migration completes, verified.
+//!
+//! Every connection goes through a relay on loopback that can cut (reset) or freeze
+//! (hold open, forward nothing) one data stream once it has carried a given number of
+//! bytes.
+
+use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
+use dwcp_dataplane::engine::{self, DestConfig, MigrationReport, SourceConfig};
+use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
+use dwcp_dataplane::memory::GuestMemory;
+use dwcp_hugepages::PagePreference;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const GUEST: usize = 256 << 20;
+/// The stream the relay breaks, and after how many of its bytes (mid round 0: each of
+/// 8 streams carries about 32 MiB of it).
+const VICTIM: u16 = 3;
+const AFTER: usize = 8 << 20;
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Reset both connections of the stream.
+    Cut,
+    /// Keep both connections open and forward nothing more.
+    Freeze,
+}
+
+/// Connections a frozen stream keeps open until the test ends.
+type Held = Arc<Mutex<Vec<TcpStream>>>;
+
+fn relay_to(dest: SocketAddr, fault: Fault, held: Held) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(dest) else {
+                return;
+            };
+            let held = held.clone();
+            std::thread::spawn(move || relay(client, server, fault, &held));
+        }
+    });
+    addr
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// Close with a reset (SO_LINGER 0), as a failing path would.
+fn reset(s: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `linger` is a valid struct of the size passed, read by the call only.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(s);
+}
+
+fn relay(mut client: TcpStream, mut server: TcpStream, fault: Fault, held: &Held) {
+    // Small control messages must not wait for delayed acknowledgements.
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let backwards = |client: &TcpStream, server: &TcpStream| {
+        let back = (server.try_clone().unwrap(), client.try_clone().unwrap());
+        std::thread::spawn(move || pipe(back.0, back.1));
+    };
+    let mut hello = [0u8; 48];
+    if client.read_exact(&mut hello[..4]).is_err() {
+        return;
+    }
+    if &hello[..4] != b"DWCS" {
+        backwards(&client, &server);
+        let _ = server.write_all(&hello[..4]);
+        return pipe(client, server);
+    }
+    if client.read_exact(&mut hello[4..]).is_err() {
+        return;
+    }
+    let stream = u16::from_le_bytes([hello[6], hello[7]]);
+    let _ = server.write_all(&hello);
+    if stream != VICTIM {
+        backwards(&client, &server);
+        return pipe(client, server);
+    }
+    // Nothing flows back on a data stream; without a second handle on its sockets, a
+    // reset below really resets them.
+    let mut left = AFTER;
+    let mut buf = vec![0u8; 64 << 10];
+    while left > 0 {
+        let want = left.min(buf.len());
+        match client.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if server.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+                left -= n;
+            }
+        }
+    }
+    eprintln!("relay: {fault:?} data stream {stream} after {AFTER} bytes");
+    match fault {
+        Fault::Cut => {
+            reset(client);
+            reset(server);
+        }
+        Fault::Freeze => {
+            let mut held = held.lock().unwrap();
+            held.push(client);
+            held.push(server);
+        }
+    }
+}
+
+/// Migrate a small running guest through a relay that breaks one of 8 streams.
+fn migrate_through(fault: Fault) -> (MigrationReport, engine::DestReport, Duration) {
+    let started = Instant::now();
+    let memory = Arc::new(GuestMemory::anonymous(GUEST, PagePreference::TransparentHuge).unwrap());
+    let workload = GuestWorkload {
+        dirty_rate: 5e6,
+        ..GuestWorkload::default()
+    };
+    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, 11);
+    let opened = open_dirty_log(&memory, DirtyLogKind::Uffd).unwrap();
+    let guest = SimulatedGuest::start(memory.clone(), &workload, opened.marker.clone());
+    let (dest_addr, receiver) = dwcp_tests::spawn_destination(&DestConfig {
+        timeout: Duration::from_secs(30),
+        ..DestConfig::default()
+    });
+    let held: Held = Arc::default();
+    let peer = relay_to(dest_addr, fault, held.clone());
+    let config = SourceConfig {
+        streams: 8,
+        reply_timeout: Duration::from_secs(30),
+        ..SourceConfig::default()
+    };
+    let report = engine::migrate(
+        peer,
+        memory.clone(),
+        &guest,
+        opened.log,
+        &config,
+        &mut |_| {},
+    );
+    guest.stop();
+    let dest = receiver.join().unwrap();
+    let report = report.unwrap_or_else(|e| panic!("{fault:?}: the source failed: {e}"));
+    let dest = dest.unwrap_or_else(|e| panic!("{fault:?}: the destination failed: {e}"));
+    // Verified by the table digest, and byte for byte here.
+    assert_eq!(memory.first_difference(&dest.memory), None, "{fault:?}");
+    drop(held);
+    (report, dest, started.elapsed())
+}
+
+#[test]
+fn a_stream_cut_mid_round_leaves_its_pages_to_the_others() {
+    let (report, dest, took) = migrate_through(Fault::Cut);
+    eprintln!("{report}");
+    let lost = &report.transport.streams_lost;
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0].stream, VICTIM);
+    assert_eq!(lost[0].round, 0, "{lost:?}");
+    assert!(lost[0].pages_requeued > 0, "{lost:?}");
+    assert_eq!(dest.streams_lost.len(), 1, "{:?}", dest.streams_lost);
+    assert_eq!(dest.streams_lost[0].0, VICTIM);
+    eprintln!("cut: {took:?}");
+}
+
+#[test]
+fn a_stream_that_stops_moving_is_given_up_and_its_pages_go_to_the_others() {
+    let (report, dest, took) = migrate_through(Fault::Freeze);
+    eprintln!("{report}");
+    let lost = &report.transport.streams_lost;
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0].stream, VICTIM);
+    assert!(lost[0].reason.contains("no progress"), "{lost:?}");
+    assert!(lost[0].pages_requeued > 0, "{lost:?}");
+    assert_eq!(dest.streams_lost.len(), 1, "{:?}", dest.streams_lost);
+    eprintln!("freeze: {took:?}");
+}
