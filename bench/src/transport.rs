@@ -127,6 +127,7 @@ pub(crate) fn page_stream(
         table: Arc::new(CrcTable::new(setup.dest.pages())),
         records: records.clone(),
         fence: Default::default(),
+        first_round: 0,
     };
     let tx_setup = TxSetup {
         memory: setup.source.clone(),

@@ -1057,7 +1057,7 @@ impl Config {
             capabilities: if self.codec.accept {
                 caps::ALL
             } else {
-                caps::ZERO_PAGES | caps::PAGE_RUNS
+                caps::ZERO_PAGES | caps::PAGE_RUNS | caps::STREAM_LOSS
             },
             // Loaded per session by whoever runs it (see `identity`).
             security: None,

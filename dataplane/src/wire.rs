@@ -74,6 +74,14 @@ impl StreamSet {
         }
     }
 
+    /// Take `stream` out.
+    pub fn remove(&mut self, stream: u16) {
+        let s = usize::from(stream);
+        if s < 256 {
+            self.0[s / 64] &= !(1 << (s % 64));
+        }
+    }
+
     /// Streams in the set.
     pub fn len(&self) -> usize {
         self.0.iter().map(|w| w.count_ones() as usize).sum()
@@ -702,6 +710,10 @@ pub struct StreamHello {
     /// In an authenticated session, the stream's binding to it
     /// ([`crate::security::SessionKeys::binding`]); its records are sealed.
     pub binding: Option<[u8; 16]>,
+    /// 0 for the streams that open the session; a stream that replaces a lost one
+    /// carries the next number for its id ([`ControlMessage::StreamRestored`]), and in
+    /// an authenticated session that generation's binding and keys.
+    pub generation: u16,
 }
 
 /// [`StreamHello`] flag: the stream is bound to an authenticated session.
@@ -715,10 +727,12 @@ impl StreamHello {
         out[4..6].copy_from_slice(&VERSION.to_le_bytes());
         out[6..8].copy_from_slice(&self.stream_id.to_le_bytes());
         out[8..24].copy_from_slice(&self.session_id.to_le_bytes());
+        let mut flags = u32::from(self.generation) << 16;
         if let Some(binding) = &self.binding {
-            out[24..28].copy_from_slice(&HELLO_SEALED.to_le_bytes());
+            flags |= HELLO_SEALED;
             out[28..44].copy_from_slice(binding);
         }
+        out[24..28].copy_from_slice(&flags.to_le_bytes());
         let crc = dwcp_simd::crc32c(&out[..44]);
         out[44..48].copy_from_slice(&crc.to_le_bytes());
         out
@@ -775,6 +789,7 @@ impl StreamHello {
             session_id: found,
             stream_id,
             binding,
+            generation: (flags >> 16) as u16,
         })
     }
 }
@@ -917,6 +932,23 @@ pub enum ControlMessage {
         stream: u16,
         /// Why, for the operator.
         reason: String,
+    },
+    /// Destination → source ([`caps::STREAM_LOSS`]), a few times a second while pages
+    /// move: the bytes each data stream's connection has delivered here. A stream the
+    /// source has handed bytes to that stop arriving is stalled end to end, even when
+    /// something on the path acknowledges them.
+    StreamBytes {
+        /// Per stream id, bytes read off its current connection.
+        received: Vec<u64>,
+    },
+    /// Source → destination ([`caps::STREAM_LOSS`]), between rounds, once every round
+    /// sent is acknowledged: lost stream `stream` is back, as the connection whose hello
+    /// carries `generation`; pages route to it again from the next round on.
+    StreamRestored {
+        /// The stream.
+        stream: u16,
+        /// Its hello's generation.
+        generation: u16,
     },
     /// Destination → source: nothing more of stream `stream` will be placed (asked
     /// for, or the destination found it broken first). It had delivered the end of
@@ -1212,6 +1244,7 @@ mod tests {
             session_id: 42,
             stream_id: 3,
             binding: None,
+            generation: 0,
         }
         .encode();
         assert_eq!(StreamHello::decode(&hello, 42, 4).unwrap().binding, None);
@@ -1219,12 +1252,13 @@ mod tests {
             session_id: 42,
             stream_id: 3,
             binding: Some([9; 16]),
+            generation: 2,
         }
         .encode();
-        assert_eq!(
-            StreamHello::decode(&bound, 42, 4).unwrap().binding,
-            Some([9; 16])
-        );
+        let decoded = StreamHello::decode(&bound, 42, 4).unwrap();
+        assert_eq!(decoded.binding, Some([9; 16]));
+        assert_eq!(decoded.generation, 2);
+        assert_eq!(StreamHello::decode(&hello, 42, 4).unwrap().generation, 0);
         assert!(matches!(
             StreamHello::decode(&hello, 43, 4),
             Err(WireError::WrongSession { .. })

@@ -90,6 +90,7 @@ fn open_session(dest: &Dest) -> (TcpStream, TcpStream) {
             session_id: 42,
             stream_id: 0,
             binding: None,
+            generation: 0,
         }
         .encode(),
     )
@@ -221,6 +222,7 @@ fn data_stream_of_another_session() {
             session_id: 43,
             stream_id: 0,
             binding: None,
+            generation: 0,
         }
         .encode(),
     )

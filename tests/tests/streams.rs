@@ -1,5 +1,6 @@
 //! A data stream that dies or stops moving mid-round: its pages go to the other
-//! streams, and the migration completes, verified.
+//! streams, a replacement connects and takes its share back between rounds, and the
+//! migration completes, verified.
 //!
 //! Every connection goes through a relay on loopback that can cut (reset) or freeze
 //! (hold open, forward nothing) one data stream once it has carried a given number of
@@ -9,6 +10,7 @@ use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
 use dwcp_dataplane::engine::{self, DestConfig, MigrationReport, SourceConfig};
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
+use dwcp_dataplane::security::{Identity, SecurityFiles};
 use dwcp_hugepages::PagePreference;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -98,8 +100,10 @@ fn relay(mut client: TcpStream, mut server: TcpStream, fault: Fault, held: &Held
         return;
     }
     let stream = u16::from_le_bytes([hello[6], hello[7]]);
+    let generation = u16::from_le_bytes([hello[26], hello[27]]);
     let _ = server.write_all(&hello);
-    if stream != VICTIM {
+    // The stream's replacement (a later generation) goes through untouched.
+    if stream != VICTIM || generation != 0 {
         backwards(&client, &server);
         return pipe(client, server);
     }
@@ -133,8 +137,22 @@ fn relay(mut client: TcpStream, mut server: TcpStream, fault: Fault, held: &Held
     }
 }
 
-/// Migrate a small running guest through a relay that breaks one of 8 streams.
-fn migrate_through(fault: Fault) -> (MigrationReport, engine::DestReport, Duration) {
+/// Lab appliance `which`'s identity (0: a, 1: b).
+fn identity(which: usize) -> Arc<Identity> {
+    let lab = dwcp_tests::lab();
+    let (_, cert, key) = &lab.appliances[which];
+    Identity::load(&SecurityFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        ca: lab.ca.clone(),
+        peers: Vec::new(),
+    })
+    .expect("a lab identity")
+}
+
+/// Migrate a small running guest through a relay that breaks one of 8 streams, in an
+/// authenticated session when `sealed`.
+fn migrate_through(fault: Fault, sealed: bool) -> (MigrationReport, engine::DestReport, Duration) {
     let started = Instant::now();
     let memory = Arc::new(GuestMemory::anonymous(GUEST, PagePreference::TransparentHuge).unwrap());
     let workload = GuestWorkload {
@@ -146,6 +164,7 @@ fn migrate_through(fault: Fault) -> (MigrationReport, engine::DestReport, Durati
     let guest = SimulatedGuest::start(memory.clone(), &workload, opened.marker.clone());
     let (dest_addr, receiver) = dwcp_tests::spawn_destination(&DestConfig {
         timeout: Duration::from_secs(30),
+        security: sealed.then(|| identity(1)),
         ..DestConfig::default()
     });
     let held: Held = Arc::default();
@@ -153,6 +172,7 @@ fn migrate_through(fault: Fault) -> (MigrationReport, engine::DestReport, Durati
     let config = SourceConfig {
         streams: 8,
         reply_timeout: Duration::from_secs(30),
+        security: sealed.then(|| identity(0)),
         ..SourceConfig::default()
     };
     let report = engine::migrate(
@@ -174,8 +194,10 @@ fn migrate_through(fault: Fault) -> (MigrationReport, engine::DestReport, Durati
 }
 
 #[test]
-fn a_stream_cut_mid_round_leaves_its_pages_to_the_others() {
-    let (report, dest, took) = migrate_through(Fault::Cut);
+fn a_stream_cut_mid_round_leaves_its_pages_to_the_others_until_a_replacement_takes_them_back() {
+    // Sealed: the replacement carries its own generation's binding and keys.
+    let (report, dest, took) = migrate_through(Fault::Cut, true);
+    assert!(report.transport.security.is_some());
     eprintln!("{report}");
     let lost = &report.transport.streams_lost;
     assert_eq!(lost.len(), 1, "{lost:?}");
@@ -184,16 +206,20 @@ fn a_stream_cut_mid_round_leaves_its_pages_to_the_others() {
     assert!(lost[0].pages_requeued > 0, "{lost:?}");
     assert_eq!(dest.streams_lost.len(), 1, "{:?}", dest.streams_lost);
     assert_eq!(dest.streams_lost[0].0, VICTIM);
+    // A replacement connected meanwhile and carried the stream again.
+    assert!(lost[0].restored_from_round.is_some(), "{lost:?}");
     eprintln!("cut: {took:?}");
 }
 
 #[test]
 fn a_stream_that_stops_moving_is_given_up_and_its_pages_go_to_the_others() {
-    let (report, dest, took) = migrate_through(Fault::Freeze);
+    let (report, dest, took) = migrate_through(Fault::Freeze, false);
     eprintln!("{report}");
     let lost = &report.transport.streams_lost;
     assert_eq!(lost.len(), 1, "{lost:?}");
     assert_eq!(lost[0].stream, VICTIM);
+    // Noticed here (the relay stopped taking bytes) or at the destination (the relay
+    // took them and forwarded nothing), whichever came first.
     assert!(lost[0].reason.contains("no progress"), "{lost:?}");
     assert!(lost[0].pages_requeued > 0, "{lost:?}");
     assert_eq!(dest.streams_lost.len(), 1, "{:?}", dest.streams_lost);

@@ -9,13 +9,15 @@ use super::{MigrationError, differing_pages, page_crcs, test_skip_final_round};
 use crate::crc_table::CrcTable;
 use crate::guest::DeviceStateSink;
 use crate::memory::GuestMemory;
-use crate::security::Identity;
+use crate::security::{self, Identity, SessionKeys};
 use crate::transport::{
-    self, RxError, RxEvent, RxSetup, StreamFence, TransportConfig, TransportKind,
+    self, RxError, RxEvent, RxSetup, StreamFence, TransportConfig, TransportKind, socket,
 };
-use crate::wire::{AbortReason, ControlMessage, MAX_DEVICE_STATE, WireError, caps};
+use crate::wire::{
+    AbortReason, ControlMessage, MAX_DEVICE_STATE, STREAM_HELLO_LEN, StreamHello, WireError, caps,
+};
 use dwcp_hugepages::PagePreference;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -237,6 +239,7 @@ pub fn receive_through(
     let fence = Arc::new(StreamFence::default());
     let setup = RxSetup {
         fence: fence.clone(),
+        first_round: 0,
         total_streams: streams,
         memory: memory.clone(),
         memory_is_fresh: accepted.fresh,
@@ -275,6 +278,16 @@ pub fn receive_through(
     );
     let handshake_timeout = config.handshake_timeout;
     let mut turn_away = || gate.turn_away(handshake_timeout, &busy);
+    let replacements = Replacements {
+        session_id: accepted.session_id,
+        keys: accepted.keys.clone(),
+        setup: setup.clone(),
+        kind: probe.kind,
+        transport: config.transport.clone(),
+        generations: vec![0; usize::from(streams)],
+        spare: Vec::new(),
+        restoring: Vec::new(),
+    };
     let mut coordinator = Coordinator {
         streams,
         control,
@@ -287,6 +300,9 @@ pub fn receive_through(
         fence,
         loss_allowed: accepted.granted & caps::STREAM_LOSS != 0,
         streams_lost: Vec::new(),
+        replacements,
+        wire_received: vec![0; usize::from(streams)],
+        bytes_reported_at: Instant::now(),
         final_round: None,
         source_crcs: Vec::new(),
         expect: None,
@@ -351,6 +367,35 @@ pub fn receive_through(
     })
 }
 
+/// What a destination needs to take a replacement for a lost stream.
+struct Replacements {
+    session_id: u128,
+    /// The session's keys (a replacement's generation keys are added to them).
+    keys: Option<Arc<SessionKeys>>,
+    setup: RxSetup,
+    kind: TransportKind,
+    transport: TransportConfig,
+    /// Per stream, the generation of the connection carrying it.
+    generations: Vec<u16>,
+    /// Replacement connections that arrived, bound, before the source restored them.
+    spare: Vec<(u16, u16, TcpStream, Option<Arc<SessionKeys>>)>,
+    /// Streams the source restored, waiting for their connections.
+    restoring: Vec<Restoring>,
+}
+
+/// A stream the source restored, waiting for its connection.
+#[derive(Clone, Copy)]
+struct Restoring {
+    stream: u16,
+    generation: u16,
+    /// The round whose end marker it sends first.
+    first_round: u64,
+    since: Instant,
+}
+
+/// How often the destination reports each stream's delivered bytes.
+const STREAM_BYTES_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Where a data stream is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StreamState {
@@ -388,6 +433,12 @@ struct Coordinator<'p> {
     loss_allowed: bool,
     /// Streams lost, with why.
     streams_lost: Vec<(u16, String)>,
+    /// Connections that replace lost streams.
+    replacements: Replacements,
+    /// Per stream, bytes read off its current connection (what the source counts as
+    /// sent), and when they were last reported to the source.
+    wire_received: Vec<u64>,
+    bytes_reported_at: Instant,
     final_round: Option<u64>,
     /// The source's page CRCs (`verify = "full"`).
     source_crcs: Vec<u32>,
@@ -411,7 +462,7 @@ struct Coordinator<'p> {
     progress_at: Instant,
     /// Turns new sessions away (busy) while this one runs; called with each progress
     /// publication.
-    turn_away: &'p mut dyn FnMut(),
+    turn_away: &'p mut dyn FnMut() -> Vec<(TcpStream, [u8; STREAM_HELLO_LEN])>,
 }
 
 impl Coordinator<'_> {
@@ -483,11 +534,15 @@ impl Coordinator<'_> {
             } => self.stream_lost(stream, error, rounds_ended)?,
             RxEvent::Telemetry {
                 stream,
+                wire_bytes,
                 bytes,
                 pages,
             } => {
                 if let Some(r) = self.received.get_mut(usize::from(stream)) {
                     *r = (bytes, pages);
+                }
+                if let Some(w) = self.wire_received.get_mut(usize::from(stream)) {
+                    *w = wire_bytes;
                 }
             }
             RxEvent::DeviceState { offset, bytes, .. } => self.device_piece(offset, bytes)?,
@@ -505,6 +560,123 @@ impl Coordinator<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Keep the data streams that arrived during the session and replace a lost stream
+    /// at its next generation, bound to the session; close every other.
+    fn replacement_arrived(
+        &mut self,
+        arrived: Vec<(TcpStream, [u8; STREAM_HELLO_LEN])>,
+    ) -> Result<(), MigrationError> {
+        for (socket, bytes) in arrived {
+            let Ok(hello) = StreamHello::decode(&bytes, self.replacements.session_id, self.streams)
+            else {
+                continue;
+            };
+            let s = usize::from(hello.stream_id);
+            // The generation the source restored the stream at, or the next one of a
+            // stream still lost.
+            let next = match self
+                .replacements
+                .restoring
+                .iter()
+                .find(|r| r.stream == hello.stream_id)
+            {
+                Some(r) => Some(r.generation),
+                None => (self.stream_state[s] == StreamState::Lost)
+                    .then(|| self.replacements.generations[s].wrapping_add(1)),
+            };
+            let Some(next) = next.filter(|&g| self.loss_allowed && hello.generation == g) else {
+                security::counters::record_rejected("binding");
+                continue;
+            };
+            let keys = match &self.replacements.keys {
+                Some(_) => self.control.generation_keys(self.streams, next)?,
+                None => None,
+            };
+            let bound = match (&keys, &hello.binding) {
+                (Some(k), Some(b)) => k.binding_matches(hello.stream_id, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !bound {
+                security::counters::record_rejected("binding");
+                continue;
+            }
+            socket::configure(&socket, &self.replacements.transport.socket);
+            let _ = socket.set_read_timeout(Some(self.timeout));
+            self.replacements
+                .spare
+                .push((hello.stream_id, next, socket, keys));
+        }
+        Ok(())
+    }
+
+    /// Start receiving every restored stream whose connection is here: nothing of any
+    /// page is in flight (the source restores a stream only once every round it sent is
+    /// acknowledged), so its chunks come back to it from the next round on.
+    fn restore_streams(&mut self, fleet: &mut RxFleet) -> Result<(), MigrationError> {
+        let mut i = 0;
+        while i < self.replacements.restoring.len() {
+            let Restoring {
+                stream,
+                generation,
+                first_round,
+                since,
+            } = self.replacements.restoring[i];
+            let Some(found) = self
+                .replacements
+                .spare
+                .iter()
+                .position(|(s, g, _, _)| *s == stream && *g == generation)
+            else {
+                if since.elapsed() > self.timeout {
+                    return Err(MigrationError::Transport(format!(
+                        "the connection replacing data stream {stream} did not arrive within {:?}",
+                        self.timeout
+                    )));
+                }
+                i += 1;
+                continue;
+            };
+            self.replacements.restoring.remove(i);
+            let (_, _, socket, keys) = self.replacements.spare.remove(found);
+            if let (Some(session), Some(keys)) = (&self.replacements.keys, keys) {
+                session.replace_stream(stream, keys);
+            }
+            let setup = RxSetup {
+                first_round,
+                ..self.replacements.setup.clone()
+            };
+            // The new connection counts its bytes from 0, as the source does for it.
+            self.wire_received[usize::from(stream)] = 0;
+            fleet.adopt(
+                self.replacements.kind,
+                (stream, socket),
+                &setup,
+                &self.replacements.transport,
+            )?;
+            eprintln!(
+                "dwcp: data stream {stream} restored (generation {generation}) from round {first_round}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Tell the source what each stream has delivered, a few times a second while
+    /// pages move: it alone knows what it handed each stream, so it alone can tell a
+    /// stream whose path takes bytes and forwards none.
+    fn report_stream_bytes(&mut self) -> Result<(), MigrationError> {
+        if !self.loss_allowed
+            || self.final_round.is_some()
+            || self.bytes_reported_at.elapsed() < STREAM_BYTES_INTERVAL
+        {
+            return Ok(());
+        }
+        self.bytes_reported_at = Instant::now();
+        self.control.send(&ControlMessage::StreamBytes {
+            received: self.wire_received.clone(),
+        })
     }
 
     /// Acknowledge every round that each stream still open has delivered.
@@ -554,6 +726,11 @@ impl Coordinator<'_> {
         self.fence.mark_lost(stream);
         self.streams_lost.push((stream, error.clone()));
         if self.stream_state.iter().all(|st| *st == StreamState::Lost) {
+            // Every stream closing at once is most likely the source ending the
+            // session: its reason, if it gave one.
+            if let Some(message) = self.source_abort() {
+                return Err(self.aborted(format!("source aborted: {message}")));
+            }
             return Err(MigrationError::Transport(format!(
                 "every data stream was lost (the last, stream {stream}: {error})"
             )));
@@ -604,6 +781,31 @@ impl Coordinator<'_> {
             ControlMessage::DeviceStateEnd { bytes } if self.device_state => {
                 self.device_end = Some(bytes);
             }
+            ControlMessage::StreamRestored { stream, generation } if self.loss_allowed => {
+                let s = usize::from(stream);
+                if self.stream_state.get(s) != Some(&StreamState::Lost)
+                    || generation != self.replacements.generations[s].wrapping_add(1)
+                {
+                    return Err(WireError::Unexpected(format!(
+                        "the source restored stream {stream} (generation {generation}), \
+                         which is not lost here or not at that generation"
+                    ))
+                    .into());
+                }
+                // From here on the stream counts in every round again, from the first
+                // one not yet acknowledged (its pages come only on it), whenever its
+                // connection is taken up.
+                self.fence.restore(stream);
+                self.stream_state[s] = StreamState::Open;
+                self.stream_rounds[s] = self.rounds_applied;
+                self.replacements.generations[s] = generation;
+                self.replacements.restoring.push(Restoring {
+                    stream,
+                    generation,
+                    first_round: self.rounds_applied,
+                    since: Instant::now(),
+                });
+            }
             ControlMessage::StreamLost { stream, reason } if self.loss_allowed => {
                 match self.stream_state.get(usize::from(stream)) {
                     None => {
@@ -651,9 +853,14 @@ impl Coordinator<'_> {
                 progress = true;
                 self.on_control(msg)?;
             }
+            if !self.replacements.restoring.is_empty() {
+                self.restore_streams(fleet)?;
+            }
+            self.report_stream_bytes()?;
             if self.progress_at.elapsed() >= PROGRESS_INTERVAL {
                 self.publish_progress();
-                (self.turn_away)();
+                let arrived = (self.turn_away)();
+                self.replacement_arrived(arrived)?;
             }
             if let Some(final_round) = self.final_round
                 && self.stream_state.iter().all(|s| *s != StreamState::Open)

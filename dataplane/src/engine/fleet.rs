@@ -403,6 +403,56 @@ impl TxFleet {
         Ok(any)
     }
 
+    /// The session's record keys, in an authenticated session.
+    pub fn records(&self) -> Option<&std::sync::Arc<crate::security::SessionKeys>> {
+        self.setup.records.as_ref()
+    }
+
+    /// Start a worker of the fleet's transport for `socket`, a replacement connection
+    /// that carries stream `stream` from now on (its old worker dropped it).
+    pub fn adopt(
+        &mut self,
+        stream: u16,
+        socket: TcpStream,
+        zero_copy: bool,
+    ) -> Result<(), MigrationError> {
+        let s = usize::from(stream);
+        let clone = socket.try_clone().map_err(io("cloning a data socket"))?;
+        let w = self.workers.len();
+        let cpu = cpu_for(&self.cpus, w);
+        let worker = match self.kind {
+            TransportKind::IoUring => uring::spawn_tx(
+                w,
+                vec![(stream, socket)],
+                self.setup.clone(),
+                &self.transport,
+                zero_copy,
+                cpu,
+            )
+            .map_err(io("starting an io_uring worker"))?,
+            TransportKind::Plain => plain::spawn_tx(
+                w,
+                (stream, socket),
+                self.setup.clone(),
+                &self.transport,
+                cpu,
+            )
+            .map_err(io("starting a worker"))?,
+        };
+        self.workers.push(worker);
+        self.worker_of[s] = w;
+        self.sockets[s] = clone;
+        // The new worker counts from 0; the stream's counters go on from here.
+        self.carried[s] = (self.telemetry[s].bytes, self.telemetry[s].pages);
+        self.round_sent.push(None);
+        self.backlog.push(Backlog::new());
+        self.worker_telemetry.push(WorkerTelemetry {
+            worker: w,
+            ..WorkerTelemetry::default()
+        });
+        Ok(())
+    }
+
     /// Stream `stream` carries nothing more: the runs its worker dropped for it no
     /// longer count as queued there.
     pub fn stream_gone(&mut self, stream: u16) {
@@ -552,6 +602,29 @@ impl RxFleet {
                 }
             })?;
         Ok(RxFleet { workers })
+    }
+
+    /// Start a receiver of `kind` for one more stream (a replacement for a lost one).
+    pub fn adopt(
+        &mut self,
+        kind: TransportKind,
+        stream: (u16, TcpStream),
+        setup: &RxSetup,
+        transport: &TransportConfig,
+    ) -> Result<(), MigrationError> {
+        let w = self.workers.len();
+        let cpus = worker_cpus(transport);
+        let cpu = cpu_for(&cpus, w);
+        let worker = match kind {
+            TransportKind::IoUring => {
+                uring::spawn_rx(w, vec![stream], setup.clone(), transport, cpu)
+                    .map_err(io("starting an io_uring receiver"))?
+            }
+            TransportKind::Plain => plain::spawn_rx(stream, setup.clone(), transport, cpu)
+                .map_err(io("starting a receiver"))?,
+        };
+        self.workers.push(worker);
+        Ok(())
     }
 
     /// Hand every event the workers reported to `on_event`; returns whether any

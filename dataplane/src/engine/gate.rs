@@ -283,6 +283,9 @@ impl<'l> Acceptor<'l> {
                         };
                         match (&sorted.first, want) {
                             (First::Control(_), Want::Stream) => self.waiting.push_back(sorted),
+                            // A data stream of no session here (one that outlived its
+                            // session, say a late replacement): closed.
+                            (First::Stream(_), Want::Control) => self.dropped += 1,
                             _ => return Ok(sorted),
                         }
                     }
@@ -296,11 +299,17 @@ impl<'l> Acceptor<'l> {
 
     /// While a session runs: sort what has arrived without waiting, and turn every new
     /// session away with `reason` (a plain refusal, or one inside its TLS session once
-    /// authenticated); data streams of no session are closed. Connections still saying
+    /// authenticated). Data streams are handed back with their hellos' bytes (the
+    /// session judges whether one replaces a stream it lost). Connections still saying
     /// what they are stay pending, under their handshake deadline.
-    pub(super) fn turn_away(&mut self, handshake: Duration, reason: &str) {
+    pub(super) fn turn_away(
+        &mut self,
+        handshake: Duration,
+        reason: &str,
+    ) -> Vec<(TcpStream, [u8; STREAM_HELLO_LEN])> {
+        let mut streams = Vec::new();
         if self.listener.set_nonblocking(true).is_err() {
-            return;
+            return streams;
         }
         self.accept_pending();
         let _ = self.listener.set_nonblocking(false);
@@ -331,6 +340,12 @@ impl<'l> Acceptor<'l> {
             match read_first(&mut self.pending[i], self.identity.as_ref()) {
                 Read1::Waiting => continue,
                 Read1::Gone => self.dropped += 1,
+                Read1::Sorted(First::Stream(hello)) => {
+                    let p = self.pending.swap_remove(i);
+                    let _ = p.stream.set_nonblocking(false);
+                    streams.push((p.stream, hello));
+                    continue;
+                }
                 Read1::Sorted(first) => {
                     refuse_busy(
                         self.identity.as_ref(),
@@ -342,6 +357,7 @@ impl<'l> Acceptor<'l> {
             }
             self.pending.swap_remove(i);
         }
+        streams
     }
 
     /// Close the pending connections that have had `handshake` to say what they are

@@ -142,6 +142,8 @@ pub(super) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Migr
 
 /// What a source has once the destination welcomed it.
 pub(super) struct Opened {
+    /// The session's id (data stream hellos carry it).
+    pub session_id: u128,
     /// The control stream.
     pub control: ControlChannel,
     /// The data streams' keys, in an authenticated session.
@@ -244,6 +246,7 @@ pub(super) fn open(
                                 session_id,
                                 stream_id: id,
                                 binding,
+                                generation: 0,
                             }
                             .encode(),
                         )
@@ -271,6 +274,7 @@ pub(super) fn open(
         streams.push((id, s));
     }
     Ok(Opened {
+        session_id,
         control,
         keys,
         streams,
@@ -281,6 +285,8 @@ pub(super) fn open(
 
 /// What a destination has once it welcomed a source and every data stream arrived.
 pub(super) struct Accepted {
+    /// The session's id (data stream hellos carry it).
+    pub session_id: u128,
     /// The control stream.
     pub control: ControlChannel,
     /// The data streams' keys, in an authenticated session.
@@ -520,11 +526,12 @@ pub(super) fn accept(
         // In an authenticated session a stream must prove it belongs to it; one that
         // cannot (forged, replayed from another session, or a plain stream) is closed
         // before anything is read from it, and the session goes on waiting.
-        let bound = match (&keys, &stream_hello.binding) {
-            (Some(k), Some(b)) => k.binding_matches(stream_hello.stream_id, b),
-            (None, None) => true,
-            _ => false,
-        };
+        let bound = stream_hello.generation == 0
+            && match (&keys, &stream_hello.binding) {
+                (Some(k), Some(b)) => k.binding_matches(stream_hello.stream_id, b),
+                (None, None) => true,
+                _ => false,
+            };
         if !bound {
             unbound += 1;
             gate.count_unbound();
@@ -559,6 +566,7 @@ pub(super) fn accept(
         .filter_map(|(i, s)| s.map(|s| (i as u16, s)))
         .collect();
     Ok(Accepted {
+        session_id: hello.session_id,
         control,
         keys,
         streams,
@@ -589,6 +597,8 @@ pub(super) struct ControlLink {
     socket: TcpStream,
     writer: Box<dyn Write + Send>,
     incoming: Receiver<Result<ControlMessage, ControlReadError>>,
+    /// The TLS session, in an authenticated session: keys for replacement streams.
+    tls: Option<TlsChannel>,
 }
 
 impl ControlLink {
@@ -598,7 +608,7 @@ impl ControlLink {
             socket,
             mut reader,
             writer,
-            tls: _,
+            tls,
         } = channel;
         let _ = socket.set_read_timeout(None);
         let (tx, incoming) = crossbeam::channel::bounded(1024);
@@ -618,7 +628,23 @@ impl ControlLink {
             socket,
             writer,
             incoming,
+            tls,
         })
+    }
+
+    /// Keys of the data streams of generation `generation` (replacements of lost
+    /// streams), in an authenticated session.
+    pub fn generation_keys(
+        &self,
+        streams: u16,
+        generation: u16,
+    ) -> Result<Option<Arc<SessionKeys>>, MigrationError> {
+        match &self.tls {
+            Some(t) => Ok(Some(Arc::new(
+                t.session_keys_generation(streams, generation)?,
+            ))),
+            None => Ok(None),
+        }
     }
 
     /// Send one message.
@@ -706,6 +732,7 @@ mod tests {
                         session_id,
                         stream_id,
                         binding: Some(binding),
+                        generation: 0,
                     }
                     .encode(),
                 )

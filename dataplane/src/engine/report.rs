@@ -172,6 +172,9 @@ pub struct StreamLoss {
     pub fence_seconds: f64,
     /// Pages queued again on the other streams.
     pub pages_requeued: u64,
+    /// The round from which a replacement connection carried the stream again, if one
+    /// did.
+    pub restored_from_round: Option<u64>,
 }
 
 /// How an authenticated session was secured.
@@ -327,8 +330,17 @@ impl fmt::Display for MigrationReport {
         for l in &t.streams_lost {
             writeln!(
                 f,
-                "  stream {} lost in round {}: {}; noticed after {:.2} s, its {} pages on the other streams {:.3} s later",
-                l.stream, l.round, l.reason, l.detect_seconds, l.pages_requeued, l.fence_seconds
+                "  stream {} lost in round {}: {}; noticed after {:.2} s, its {} pages on the other streams {:.3} s later; {}",
+                l.stream,
+                l.round,
+                l.reason,
+                l.detect_seconds,
+                l.pages_requeued,
+                l.fence_seconds,
+                match l.restored_from_round {
+                    Some(r) => format!("replaced from round {r}"),
+                    None => "not replaced".into(),
+                }
             )?;
         }
         writeln!(

@@ -224,6 +224,30 @@ impl<'p> Steering<'p> {
         commands
     }
 
+    /// Workers were added (replacements of lost streams) and streams moved to them:
+    /// `streams_of[w]` streams each now. The workers that stay keep their counters; a
+    /// new one gets the settings in force (the first worker's) and the dictionary.
+    /// Returns the commands for the new workers.
+    pub fn add_workers(&mut self, streams_of: Vec<u16>) -> Vec<(usize, TxControl)> {
+        let before = self.latest.len();
+        let settings = self.settings.first().copied().unwrap_or_default();
+        self.streams_of = streams_of;
+        let mut commands = Vec::new();
+        for worker in before..self.streams_of.len() {
+            self.latest.push(WorkerTelemetry {
+                worker,
+                ..WorkerTelemetry::default()
+            });
+            self.previous.push(WorkerTelemetry::default());
+            self.settings.push(settings);
+            if let Some(d) = &self.dictionary {
+                commands.push((worker, TxControl::SetDictionary(d.clone())));
+            }
+            commands.push((worker, TxControl::SetCodec(settings)));
+        }
+        commands
+    }
+
     /// A worker's periodic counters.
     pub fn worker_telemetry(&mut self, t: WorkerTelemetry) {
         if let Some(slot) = self.latest.get_mut(t.worker) {

@@ -16,8 +16,8 @@
 //! is sealed where it was staged, and the header and tag have their room reserved.
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Bytes before a record's ciphertext.
 pub const RECORD_HEADER: usize = 8;
@@ -132,6 +132,9 @@ pub struct SessionKeys {
     /// Per stream: the number of the next record the source seals, carried across
     /// workers (a transport switch hands a stream to a new worker mid-session).
     next_sealed: Vec<AtomicU64>,
+    /// Per stream: the keys of the connection that replaced it, once one did (its
+    /// generation's; see [`SessionKeys::derive_generation`]).
+    replaced: Mutex<Vec<Option<Arc<SessionKeys>>>>,
 }
 
 impl std::fmt::Debug for SessionKeys {
@@ -145,17 +148,40 @@ impl SessionKeys {
     /// RFC 8446 §7.5).
     pub fn derive<E>(
         streams: u16,
+        export: impl FnMut(&[u8], &[u8], &mut [u8]) -> Result<(), E>,
+    ) -> Result<Self, E> {
+        Self::derive_generation(streams, 0, export)
+    }
+
+    /// [`SessionKeys::derive`] for the streams of generation `generation`: those that
+    /// replace lost ones ([`crate::wire::StreamHello::generation`]). Each generation
+    /// has its own bindings and keys, so a replacement never reuses a nonce of the
+    /// stream it replaces, and nothing of the old connection opens on the new one.
+    pub fn derive_generation<E>(
+        streams: u16,
+        generation: u16,
         mut export: impl FnMut(&[u8], &[u8], &mut [u8]) -> Result<(), E>,
     ) -> Result<Self, E> {
         let mut bindings = Vec::with_capacity(usize::from(streams));
         let mut to_destination = Vec::with_capacity(usize::from(streams));
+        // Generation 0's contexts are the stream id alone (and the direction).
+        let tail = |mut context: Vec<u8>| {
+            if generation > 0 {
+                context.extend_from_slice(&generation.to_le_bytes());
+            }
+            context
+        };
         for stream in 0..streams {
             let id = stream.to_le_bytes();
             let mut binding = [0u8; BINDING_LEN];
-            export(b"EXPORTER-dwcp stream binding", &id, &mut binding)?;
+            export(
+                b"EXPORTER-dwcp stream binding",
+                &tail(id.to_vec()),
+                &mut binding,
+            )?;
             bindings.push(binding);
             let mut material = [0u8; 44];
-            let context = [id[0], id[1], Direction::ToDestination as u8];
+            let context = tail(vec![id[0], id[1], Direction::ToDestination as u8]);
             export(b"EXPORTER-dwcp stream record keys", &context, &mut material)?;
             to_destination.push(RecordKey::from_material(&material));
         }
@@ -163,7 +189,23 @@ impl SessionKeys {
             bindings,
             to_destination,
             next_sealed: (0..streams).map(|_| AtomicU64::new(0)).collect(),
+            replaced: Mutex::new(vec![None; usize::from(streams)]),
         })
+    }
+
+    /// Stream `stream` is carried by a replacement connection keyed with `keys` (its
+    /// generation's) from now on: sealers and openers made for it after this use them.
+    pub fn replace_stream(&self, stream: u16, keys: Arc<SessionKeys>) {
+        let mut replaced = self.replaced.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = replaced.get_mut(usize::from(stream)) {
+            *slot = Some(keys);
+        }
+    }
+
+    /// The keys stream `stream` uses now, if a replacement changed them.
+    fn replacement(&self, stream: u16) -> Option<Arc<SessionKeys>> {
+        let replaced = self.replaced.lock().unwrap_or_else(|p| p.into_inner());
+        replaced.get(usize::from(stream)).cloned().flatten()
     }
 
     /// Stream `stream`'s binding (what its hello must carry).
@@ -181,6 +223,9 @@ impl SessionKeys {
     /// The sealer of stream `stream` (source side), numbering on from the last worker
     /// that sealed on it.
     pub fn sealer(self: &Arc<Self>, stream: u16) -> RecordSealer {
+        if let Some(keys) = self.replacement(stream) {
+            return keys.sealer(stream);
+        }
         let i = usize::from(stream);
         RecordSealer {
             key: self.to_destination[i].aead(),
@@ -195,6 +240,9 @@ impl SessionKeys {
 
     /// The opener of stream `stream` (destination side).
     pub fn opener(&self, stream: u16) -> RecordOpener {
+        if let Some(keys) = self.replacement(stream) {
+            return keys.opener(stream);
+        }
         let i = usize::from(stream);
         RecordOpener {
             key: self.to_destination[i].aead(),

@@ -503,8 +503,18 @@ impl TlsChannel {
 
     /// Keys for `streams` data streams of this session (from the TLS exporter).
     pub fn session_keys(&self, streams: u16) -> Result<SessionKeys, SecurityError> {
+        self.session_keys_generation(streams, 0)
+    }
+
+    /// Keys for the data streams of generation `generation` (replacements of lost
+    /// streams; see [`SessionKeys::derive_generation`]).
+    pub fn session_keys_generation(
+        &self,
+        streams: u16,
+        generation: u16,
+    ) -> Result<SessionKeys, SecurityError> {
         let conn = lock(&self.shared.conn);
-        SessionKeys::derive(streams, |label, context, out| {
+        SessionKeys::derive_generation(streams, generation, |label, context, out| {
             conn.export_keying_material(out, label, Some(context))
                 .map(|_| ())
         })

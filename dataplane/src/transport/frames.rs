@@ -291,6 +291,12 @@ impl FrameParser {
         }
     }
 
+    /// Expect round `round`'s end marker first (a stream that joins between rounds).
+    pub fn with_first_round(mut self, round: u64) -> Self {
+        self.next_round = round;
+        self
+    }
+
     /// Follow the lost streams of `fence`: pages of a lost stream may then arrive here.
     pub fn with_fence(mut self, fence: Arc<StreamFence>) -> Self {
         self.fence = Some(fence);

@@ -10,12 +10,18 @@ use crate::wire::WireError;
 pub struct Inbound {
     opener: Option<RecordOpener>,
     parser: FrameParser,
+    /// Bytes read off the socket (records whole: what the source counts as sent).
+    wire_bytes: u64,
 }
 
 impl Inbound {
     /// Bytes straight to `parser` (`opener` is `None`), or through `opener` first.
     pub fn new(opener: Option<RecordOpener>, parser: FrameParser) -> Self {
-        Inbound { opener, parser }
+        Inbound {
+            opener,
+            parser,
+            wire_bytes: 0,
+        }
     }
 
     /// Consume the next bytes of the stream, as [`FrameParser::feed`].
@@ -24,6 +30,7 @@ impl Inbound {
         data: &[u8],
         on_event: &mut impl FnMut(StreamEvent),
     ) -> Result<(), WireError> {
+        self.wire_bytes += data.len() as u64;
         match &mut self.opener {
             None => self.parser.feed(data, on_event),
             Some(opener) => {
@@ -48,6 +55,7 @@ impl Inbound {
         n: usize,
         on_event: &mut impl FnMut(StreamEvent),
     ) -> Result<(), WireError> {
+        self.wire_bytes += n as u64;
         let Some(opener) = &mut self.opener else {
             return Ok(());
         };
@@ -65,6 +73,11 @@ impl Inbound {
             return Err(WireError::UnexpectedEof("data stream"));
         }
         Ok(())
+    }
+
+    /// Bytes read off the socket so far.
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire_bytes
     }
 
     /// Rounds whose end marker arrived.

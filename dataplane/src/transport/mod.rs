@@ -531,7 +531,9 @@ pub enum RxEvent {
     Telemetry {
         /// Global stream id.
         stream: u16,
-        /// Bytes.
+        /// Bytes read off the socket (what the source counts as sent).
+        wire_bytes: u64,
+        /// Bytes of frames.
         bytes: u64,
         /// Pages, however they came (content, zero marker, delta or reference).
         pages: u64,
@@ -615,6 +617,9 @@ pub struct RxSetup {
     pub records: Option<Arc<SessionKeys>>,
     /// Streams the coordinator asked to stop, and those lost.
     pub fence: Arc<StreamFence>,
+    /// The round whose end marker each stream sends first: 0, except for a stream that
+    /// replaces a lost one between rounds.
+    pub first_round: u64,
 }
 
 /// The destination's fence over its data streams, shared by the coordinator and the
@@ -659,6 +664,19 @@ impl StreamFence {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
+    /// `stream` is back (a replacement connection carries it): it no longer counts as
+    /// lost or asked to stop. Only between rounds, with nothing of any page in flight.
+    pub fn restore(&self, stream: u16) {
+        let s = usize::from(stream);
+        if s >= 256 {
+            return;
+        }
+        self.requested[s / 64].fetch_and(!(1 << (s % 64)), Ordering::Release);
+        self.lost[s / 64].fetch_and(!(1 << (s % 64)), Ordering::Relaxed);
+        // Release: as in `mark_lost`.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
     /// Changes to the lost set so far.
     pub fn generation(&self) -> u64 {
         // Acquire: pairs with the Release in `mark_lost`.
@@ -678,6 +696,7 @@ impl RxSetup {
     /// The inbound path of stream `stream`: its record opener, if sealed, then its
     /// frame parser.
     pub fn inbound(&self, stream: u16) -> Inbound {
+        let first_round = self.first_round;
         let parser = frames::FrameParser::new(
             self.memory.clone(),
             stream,
@@ -686,7 +705,8 @@ impl RxSetup {
         )
         .with_capabilities(self.capabilities)
         .with_table(self.table.clone())
-        .with_fence(self.fence.clone());
+        .with_fence(self.fence.clone())
+        .with_first_round(first_round);
         Inbound::new(self.records.as_ref().map(|k| k.opener(stream)), parser)
     }
 }

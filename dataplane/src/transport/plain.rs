@@ -305,7 +305,9 @@ impl PlainTx {
                 next_telemetry = Instant::now() + config.telemetry_interval;
                 let telemetry = self.stager.telemetry(self.worker, self.out.send_nanos);
                 push_event(&mut events, TxEvent::Worker(telemetry));
-                push_event(&mut events, self.stream_telemetry());
+                if !self.lost {
+                    push_event(&mut events, self.stream_telemetry());
+                }
             }
             while let Some(change) = control.pop() {
                 match change {
@@ -346,8 +348,11 @@ impl PlainTx {
                 Err(e) => self.on_error(e, &mut events)?,
             }
         })();
-        // Final counters, so that whoever carries the stream on counts from them.
-        push_event(&mut events, self.stream_telemetry());
+        // Final counters, so that whoever carries the stream on counts from them (a
+        // lost stream's stopped when it was lost).
+        if !self.lost {
+            push_event(&mut events, self.stream_telemetry());
+        }
         let telemetry = self.stager.telemetry(self.worker, self.out.send_nanos);
         push_event(&mut events, TxEvent::Worker(telemetry));
         match result {
@@ -487,6 +492,7 @@ fn rx_main(
                 &mut events,
                 RxEvent::Telemetry {
                     stream: id,
+                    wire_bytes: inbound.wire_bytes(),
                     bytes: inbound.counters().bytes,
                     pages: inbound.counters().pages(),
                 },

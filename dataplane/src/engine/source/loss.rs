@@ -1,9 +1,13 @@
 //! Losing a data stream without losing the migration.
 //!
 //! A stream is lost when its send fails, when it makes no progress for the stall limit
-//! while it has bytes outstanding (`stream_stall`, by default 3 × its smoothed RTT +
-//! 1 s: a path that holds the connection open and forwards nothing), or when the
-//! destination finds it broken. Then:
+//! (`stream_stall`, by default 3 × its smoothed RTT + 1 s), or when the destination
+//! finds it broken. No progress is judged end to end: bytes handed to the stream that
+//! the destination does not report arriving ([`ControlMessage::StreamBytes`]) — a path
+//! that holds the connection open and forwards nothing, even one that acknowledges
+//! what it holds — or, locally, bytes outstanding in its socket that nothing
+//! acknowledges. A stream that merely waits behind another on a shared worker has
+//! handed over nothing undelivered, and is left alone. Then:
 //!
 //! 1. its worker drops it (shuts the socket, drops what it had staged and queued) and
 //!    reports so; the source tells the destination ([`ControlMessage::StreamLost`]);
@@ -19,15 +23,39 @@
 //! the re-queued pages wait for the destination's answer (a round trip). A stream lost
 //! inside the paused window ends the migration with the guest resumed here; that
 //! window is milliseconds long and a stall takes a second to notice.
+//!
+//! Meanwhile a replacement connects in the background (with backoff and jitter, for up
+//! to [`RECONNECT_FOR`]), bound to the session at the stream's next generation (its own
+//! binding and keys). At the next round boundary once every round sent is
+//! acknowledged — nothing of any page in flight, as for a change of stream count — the
+//! source says [`ControlMessage::StreamRestored`], codecs forget what they sent, and
+//! the stream's chunks come back to it from the next round on.
 
 use super::Session;
 use crate::dirty::DirtyBitmap;
 use crate::engine::MigrationError;
 use crate::engine::report::StreamLoss;
-use crate::transport::{TxControl, socket};
-use crate::wire::{CHUNK_PAGES, ControlMessage, Routes, StreamSet};
+use crate::security::SessionKeys;
+use crate::transport::{TransportKind, TxControl, socket};
+use crate::wire::{CHUNK_PAGES, ControlMessage, Routes, StreamHello, StreamSet};
+use crossbeam::channel::{Receiver, Sender};
 use std::collections::VecDeque;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+/// How long a replacement for a lost stream keeps trying to connect.
+pub(super) const RECONNECT_FOR: Duration = Duration::from_secs(60);
+
+/// A connection that replaces a lost stream, ready to carry it.
+pub(super) struct Replacement {
+    stream: u16,
+    generation: u16,
+    socket: TcpStream,
+    keys: Option<Arc<SessionKeys>>,
+}
 
 /// How often the source looks at its streams' progress.
 const STALL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
@@ -58,6 +86,24 @@ struct Losing {
 struct Watch {
     bytes_acked: u64,
     since: Instant,
+    /// Bytes the destination reported arriving on the stream's connection.
+    delivered: u64,
+    /// The stream's sent count when its connection opened (a replacement's start).
+    sent_base: u64,
+    /// Since when bytes handed to it have not all arrived, with no arrival since.
+    undelivered_since: Option<Instant>,
+}
+
+impl Watch {
+    fn new(now: Instant, sent_base: u64) -> Self {
+        Watch {
+            bytes_acked: 0,
+            since: now,
+            delivered: 0,
+            sent_base,
+            undelivered_since: None,
+        }
+    }
 }
 
 /// The source's side of lost streams.
@@ -83,10 +129,25 @@ pub(super) struct Losses {
     stall_limit: Option<Duration>,
     watch: Vec<Watch>,
     next_check: Instant,
+    /// Where replacements connect, and the session they join.
+    peer: SocketAddr,
+    session_id: u128,
+    /// Per stream, the generation of the connection carrying it (or connecting).
+    generations: Vec<u16>,
+    arrivals: (Sender<Replacement>, Receiver<Replacement>),
+    ready: Vec<Replacement>,
+    /// Set when the session ends: replacements still connecting give up.
+    pub closing: Arc<AtomicBool>,
 }
 
 impl Losses {
-    pub fn new(allowed: bool, streams: u16, stall_limit: Option<Duration>) -> Self {
+    pub fn new(
+        allowed: bool,
+        streams: u16,
+        stall_limit: Option<Duration>,
+        peer: SocketAddr,
+        session_id: u128,
+    ) -> Self {
         let now = Instant::now();
         Losses {
             allowed,
@@ -100,15 +161,27 @@ impl Losses {
             paused: false,
             report: Vec::new(),
             stall_limit,
-            watch: vec![
-                Watch {
-                    bytes_acked: 0,
-                    since: now,
-                };
-                usize::from(streams)
-            ],
+            watch: vec![Watch::new(now, 0); usize::from(streams)],
             next_check: now + STALL_CHECK_INTERVAL,
+            peer,
+            session_id,
+            generations: vec![0; usize::from(streams)],
+            arrivals: crossbeam::channel::unbounded(),
+            ready: Vec::new(),
+            closing: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Take in the replacements that have connected.
+    pub fn collect_arrivals(&mut self) {
+        while let Ok(r) = self.arrivals.1.try_recv() {
+            self.ready.push(r);
+        }
+    }
+
+    /// Whether a replacement waits for a round boundary and nothing else is settling.
+    pub fn restorable(&self) -> bool {
+        !self.ready.is_empty() && self.losing.is_empty()
     }
 
     /// Whether a stream is being given up and its pages are not yet moved.
@@ -305,13 +378,148 @@ impl Session<'_> {
                 detect_seconds: l.detect_seconds,
                 fence_seconds,
                 pages_requeued: count,
+                restored_from_round: None,
             });
+            self.reconnect(l.stream)?;
             self.live_note(format!(
                 "data stream {} lost in round {}: {}; {} pages queued on the other streams",
                 l.stream, l.round, l.reason, count
             ));
         }
         self.losses.prune(self.applied_round);
+        Ok(())
+    }
+
+    /// Connect a replacement for lost stream `stream` on a thread of its own.
+    fn reconnect(&mut self, stream: u16) -> Result<(), MigrationError> {
+        let s = usize::from(stream);
+        let generation = self.losses.generations[s].wrapping_add(1);
+        self.losses.generations[s] = generation;
+        let keys = self
+            .control
+            .generation_keys(self.config.streams, generation)?;
+        let hello = StreamHello {
+            session_id: self.losses.session_id,
+            stream_id: stream,
+            binding: keys.as_ref().map(|k| k.binding(stream)),
+            generation,
+        }
+        .encode();
+        let peer = self.losses.peer;
+        let timeout = self.config.connect_timeout;
+        let options = self.config.transport.socket.clone();
+        let arrivals = self.losses.arrivals.0.clone();
+        let closing = self.losses.closing.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("dwcp-reconnect{stream}"))
+            .spawn(move || {
+                let started = Instant::now();
+                let mut backoff = Duration::from_millis(100);
+                // Jitter from the clock: replacements of streams lost together spread
+                // out instead of knocking at once.
+                let mut jitter = started.elapsed().subsec_nanos() as u64 ^ u64::from(stream);
+                // Acquire: pairs with the Release store in `Session::close`.
+                while !closing.load(Ordering::Acquire) && started.elapsed() < RECONNECT_FOR {
+                    if let Ok(mut socket) = TcpStream::connect_timeout(&peer, timeout) {
+                        let _ = socket::configure(&socket, &options);
+                        if socket.write_all(&hello).is_ok() {
+                            let _ = arrivals.send(Replacement {
+                                stream,
+                                generation,
+                                socket,
+                                keys,
+                            });
+                            return;
+                        }
+                    }
+                    jitter = jitter
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let spread = backoff.as_millis() as u64 / 2 + 1;
+                    std::thread::sleep(backoff + Duration::from_millis((jitter >> 33) % spread));
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            });
+        if spawned.is_err() {
+            self.live_note(format!(
+                "data stream {stream}: no thread to connect its replacement; the others carry it"
+            ));
+        }
+        Ok(())
+    }
+
+    /// At a round boundary (round `round` sent): put the replacements that connected
+    /// back to work once the destination has acknowledged every round sent.
+    pub(super) fn restore_streams(&mut self, round: u64) -> Result<(), MigrationError> {
+        self.last_activity = Instant::now();
+        while self.applied_round.is_none_or(|r| r < round) {
+            self.pump()?;
+            self.steer();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if !self.losses.restorable() {
+            // A loss began meanwhile: the next boundary, once it has settled.
+            return Ok(());
+        }
+        let before = self.fleet.len();
+        for r in std::mem::take(&mut self.losses.ready) {
+            let s = usize::from(r.stream);
+            if !self.losses.routes.lost().contains(r.stream)
+                || self.losses.generations[s] != r.generation
+            {
+                continue;
+            }
+            self.control.send(&ControlMessage::StreamRestored {
+                stream: r.stream,
+                generation: r.generation,
+            })?;
+            if let (Some(session), Some(keys)) = (self.fleet.records(), r.keys) {
+                session.replace_stream(r.stream, keys);
+            }
+            let zero_copy =
+                self.fleet.kind() == TransportKind::IoUring && self.setup.uring_zero_copy;
+            self.fleet.adopt(r.stream, r.socket, zero_copy)?;
+            let mut lost = self.losses.routes.lost();
+            lost.remove(r.stream);
+            self.losses.routes = Routes::new(self.active_streams, lost);
+            self.losses.generation += 1;
+            // The new connection's bytes count from here, at both ends.
+            self.losses.watch[s] = Watch::new(Instant::now(), self.fleet.telemetry()[s].bytes);
+            if let Some(loss) = self
+                .losses
+                .report
+                .iter_mut()
+                .rev()
+                .find(|l| l.stream == r.stream)
+            {
+                loss.restored_from_round = Some(round + 1);
+            }
+            eprintln!(
+                "dwcp: data stream {} restored (generation {}) from round {}",
+                r.stream,
+                r.generation,
+                round + 1
+            );
+        }
+        if self.fleet.len() == before {
+            return Ok(());
+        }
+        // Chunks change streams: no codec may refer to what another stream now carries.
+        let mut changes = Vec::new();
+        for w in 0..self.fleet.len() {
+            changes.push((w, TxControl::ForgetSentPages));
+        }
+        if let Some(steering) = &mut self.steering {
+            changes.extend(steering.add_workers(self.fleet.streams_per_worker()));
+        }
+        for w in before..self.fleet.len() {
+            changes.push((w, TxControl::SetIdle(self.settings.idle)));
+            changes.push((w, TxControl::SetZeroCopy(self.settings.zero_copy)));
+        }
+        for (w, change) in changes {
+            self.push_control(w, change)?;
+        }
+        self.fleet.wake_all();
         Ok(())
     }
 
@@ -332,34 +540,73 @@ impl Session<'_> {
             let Some(info) = socket::tcp_info(sock) else {
                 continue;
             };
-            let watch = &mut self.losses.watch[usize::from(stream)];
-            if info.bytes_acked != watch.bytes_acked || !info.outstanding() {
-                *watch = Watch {
-                    bytes_acked: info.bytes_acked,
-                    since: now,
-                };
-                continue;
-            }
             let limit = self.losses.stall_limit.unwrap_or_else(|| {
                 Duration::from_micros(3 * u64::from(info.rtt_us)) + Duration::from_secs(1)
             });
+            let sent = self.fleet.telemetry()[usize::from(stream)].bytes;
+            let watch = &mut self.losses.watch[usize::from(stream)];
+            // End to end: handed over, and not arriving.
+            let handed = sent.saturating_sub(watch.sent_base);
+            if handed > watch.delivered {
+                let since = *watch.undelivered_since.get_or_insert(now);
+                let waited = now.duration_since(since);
+                if waited > limit {
+                    stalled.push((
+                        stream,
+                        waited,
+                        format!(
+                            "no progress for {:.1} s: {} of the {} bytes sent on it arrived",
+                            waited.as_secs_f64(),
+                            watch.delivered,
+                            handed
+                        ),
+                    ));
+                    continue;
+                }
+            } else {
+                watch.undelivered_since = None;
+            }
+            // Locally: outstanding in the socket, and nothing acknowledged.
+            if info.bytes_acked != watch.bytes_acked || !info.outstanding() {
+                watch.bytes_acked = info.bytes_acked;
+                watch.since = now;
+                continue;
+            }
             let waited = now.duration_since(watch.since);
             if waited > limit {
-                stalled.push((stream, waited, info));
+                stalled.push((
+                    stream,
+                    waited,
+                    format!(
+                        "no progress for {:.1} s with {} bytes unsent and {} segments unacknowledged",
+                        waited.as_secs_f64(),
+                        info.notsent_bytes,
+                        info.unacked
+                    ),
+                ));
             }
         }
-        for (stream, waited, info) in stalled {
-            self.stream_failed(
-                stream,
-                format!(
-                    "no progress for {:.1} s with {} bytes unsent and {} segments unacknowledged",
-                    waited.as_secs_f64(),
-                    info.notsent_bytes,
-                    info.unacked
-                ),
-                waited.as_secs_f64(),
-                false,
-            )?;
+        for (stream, waited, why) in stalled {
+            self.stream_failed(stream, why, waited.as_secs_f64(), false)?;
+        }
+        Ok(())
+    }
+
+    /// The destination's count of the bytes each stream's connection delivered.
+    pub(super) fn stream_bytes(&mut self, received: Vec<u64>) -> Result<(), MigrationError> {
+        if received.len() != self.losses.watch.len() {
+            return Err(crate::wire::WireError::Unexpected(format!(
+                "delivered bytes of {} streams, in a session of {}",
+                received.len(),
+                self.losses.watch.len()
+            ))
+            .into());
+        }
+        for (watch, delivered) in self.losses.watch.iter_mut().zip(received) {
+            if delivered != watch.delivered {
+                watch.delivered = delivered;
+                watch.undelivered_since = None;
+            }
         }
         Ok(())
     }

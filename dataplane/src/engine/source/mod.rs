@@ -537,6 +537,8 @@ impl<'a> Session<'a> {
                 opened.accepted & caps::STREAM_LOSS != 0,
                 config.streams,
                 config.stream_stall,
+                peer,
+                opened.session_id,
             ),
         })
     }
@@ -550,6 +552,7 @@ impl<'a> Session<'a> {
         for (stream, why) in self.fleet.take_lost() {
             self.stream_failed(stream, why, 0.0, true)?;
         }
+        self.losses.collect_arrivals();
         while let Some(msg) = self.control.try_recv()? {
             self.last_activity = Instant::now();
             self.on_control(msg)?;
@@ -580,6 +583,7 @@ impl<'a> Session<'a> {
                 rounds_ended,
                 reason,
             } => self.stream_fenced(stream, rounds_ended, reason)?,
+            ControlMessage::StreamBytes { received } => self.stream_bytes(received)?,
             other => {
                 return Err(
                     wire::WireError::Unexpected(format!("{other:?} from the destination")).into(),
@@ -942,6 +946,9 @@ impl<'a> Session<'a> {
             if let Some(active) = self.pending_streams.take() {
                 self.switch_streams(active, round)?;
             }
+            if self.losses.restorable() {
+                self.restore_streams(round)?;
+            }
             // What the guest wrote while this round went out, and what a round ended
             // early for a change of streams left unsent.
             let mut next = DirtyBitmap::new(pages);
@@ -1111,6 +1118,10 @@ impl<'a> Session<'a> {
     }
 
     fn close(&mut self) {
+        // Release: pairs with the Acquire of replacements still connecting.
+        self.losses
+            .closing
+            .store(true, std::sync::atomic::Ordering::Release);
         self.fleet.close();
         self.control.shutdown();
     }

@@ -314,7 +314,10 @@ impl Session<'_> {
                         "the destination could not start the guest: {message}"
                     )));
                 }
-                ControlMessage::RoundApplied { .. } | ControlMessage::Pong { .. } => {}
+                ControlMessage::RoundApplied { .. }
+                | ControlMessage::Pong { .. }
+                | ControlMessage::StreamFenced { .. }
+                | ControlMessage::StreamBytes { .. } => {}
                 other => {
                     return Err(wire::WireError::Unexpected(format!(
                         "{other:?} while waiting for the guest to run at the destination"
@@ -415,8 +418,17 @@ impl Session<'_> {
                     theirs.extend_from_slice(&crcs);
                 }
                 ControlMessage::RoundApplied { round, .. } => self.round_applied(round),
-                // A reply to a ping sent before the switchover.
-                ControlMessage::Pong { .. } => {}
+                // A reply to a ping sent before the switchover; delivered bytes
+                // reported before the destination heard of it.
+                ControlMessage::Pong { .. } | ControlMessage::StreamBytes { .. } => {}
+                // The destination saying again that a stream lost before is stopped.
+                ControlMessage::StreamFenced { stream, .. }
+                    if self.losses.routes.lost().contains(stream) => {}
+                ControlMessage::StreamFenced { stream, reason, .. } => {
+                    return Err(MigrationError::Transport(format!(
+                        "data stream {stream} lost during the switchover: {reason}"
+                    )));
+                }
                 ControlMessage::Abort { message, .. } => {
                     return Err(MigrationError::Transport(format!(
                         "destination aborted: {message}"

@@ -285,15 +285,16 @@ fn rx_loop(
         }
         if Instant::now() >= next_telemetry {
             next_telemetry = Instant::now() + config.telemetry_interval;
-            for st in streams.iter_mut() {
-                let bytes = st.inbound.counters().bytes;
-                if bytes != st.reported_bytes {
-                    st.reported_bytes = bytes;
+            for st in streams.iter_mut().filter(|st| !st.stopped) {
+                let wire_bytes = st.inbound.wire_bytes();
+                if wire_bytes != st.reported_bytes {
+                    st.reported_bytes = wire_bytes;
                     push_event(
                         events,
                         RxEvent::Telemetry {
                             stream: st.id,
-                            bytes,
+                            wire_bytes,
+                            bytes: st.inbound.counters().bytes,
                             pages: st.inbound.counters().pages(),
                         },
                     );

@@ -347,7 +347,7 @@ fn tx_main(
     }
     s.drain();
     // Final counters, so that whoever carries the streams on counts from them.
-    for i in 0..s.streams.len() {
+    for i in (0..s.streams.len()).filter(|&i| !s.streams[i].lost) {
         push_event(&mut events, s.stream_telemetry(i));
     }
     push_event(&mut events, TxEvent::Worker(s.telemetry()));
@@ -407,7 +407,8 @@ impl TxWorkerState {
             if Instant::now() >= next_telemetry {
                 next_telemetry = Instant::now() + config.telemetry_interval;
                 push_event(events, TxEvent::Worker(self.telemetry()));
-                for i in 0..self.streams.len() {
+                // A lost stream's counters stop here (a replacement counts on).
+                for i in (0..self.streams.len()).filter(|&i| !self.streams[i].lost) {
                     push_event(events, self.stream_telemetry(i));
                 }
             }
