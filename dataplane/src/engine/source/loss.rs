@@ -7,7 +7,12 @@
 //! that holds the connection open and forwards nothing, even one that acknowledges
 //! what it holds — or, locally, bytes outstanding in its socket that nothing
 //! acknowledges. A stream that merely waits behind another on a shared worker has
-//! handed over nothing undelivered, and is left alone. Then:
+//! handed over nothing undelivered, and is left alone. And a stream is at fault only
+//! while the path is up: when nothing is acknowledged on any stream and no report
+//! comes from the destination for [`PATH_OUT_AFTER`], the path is out and every stream
+//! waits for it (TCP carries each on where it stopped); once it is back, each stream
+//! gets twice as long as the outage lasted (its retransmission timer backed off)
+//! before the stall limit counts. Then:
 //!
 //! 1. its worker drops it (shuts the socket, drops what it had staged and queued) and
 //!    reports so; the source tells the destination ([`ControlMessage::StreamLost`]);
@@ -59,6 +64,11 @@ pub(super) struct Replacement {
 
 /// How often the source looks at its streams' progress.
 const STALL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// The path counts as out once nothing is acknowledged on any stream and no report
+/// comes from the destination (it sends one every 250 ms) for this long.
+const PATH_OUT_AFTER: Duration = Duration::from_millis(750);
+/// Reports older than this say nothing about what arrives now.
+const REPORTS_STALE_AFTER: Duration = Duration::from_millis(600);
 
 /// The pages a round queued, kept until the destination confirms the round, so that a
 /// lost stream's share of them can be queued again.
@@ -138,6 +148,14 @@ pub(super) struct Losses {
     ready: Vec<Replacement>,
     /// Set when the session ends: replacements still connecting give up.
     pub closing: Arc<AtomicBool>,
+    /// When the destination's last delivered-bytes report arrived.
+    last_report: Option<Instant>,
+    /// When the last sign of life came: a report, or bytes acknowledged on a stream.
+    last_life: Instant,
+    /// Since when the path is out (no sign of life for [`PATH_OUT_AFTER`]).
+    outage: Option<Instant>,
+    /// After an outage, no stream counts as stalled before this.
+    grace_until: Instant,
 }
 
 impl Losses {
@@ -169,6 +187,10 @@ impl Losses {
             arrivals: crossbeam::channel::unbounded(),
             ready: Vec::new(),
             closing: Arc::new(AtomicBool::new(false)),
+            last_report: None,
+            last_life: now,
+            outage: None,
+            grace_until: now,
         }
     }
 
@@ -531,25 +553,74 @@ impl Session<'_> {
             return Ok(());
         }
         self.losses.next_check = now + STALL_CHECK_INTERVAL;
-        let mut stalled = Vec::new();
+        // Anything acknowledged since the last look is a sign of life, as is a report
+        // from the destination.
+        let mut infos = Vec::with_capacity(self.losses.watch.len());
+        let mut life = self
+            .losses
+            .last_report
+            .is_some_and(|at| at > self.losses.last_life);
         for (stream, sock) in self.fleet.sockets().iter().enumerate() {
-            let stream = stream as u16;
-            if self.losses.gone(stream) {
-                continue;
+            let info = (!self.losses.gone(stream as u16))
+                .then(|| socket::tcp_info(sock))
+                .flatten();
+            if let Some(info) = &info
+                && info.bytes_acked != self.losses.watch[stream].bytes_acked
+            {
+                life = true;
             }
-            let Some(info) = socket::tcp_info(sock) else {
-                continue;
-            };
+            infos.push(info);
+        }
+        if life {
+            self.losses.last_life = now;
+            if let Some(out_since) = self.losses.outage.take() {
+                // The path is back. TCP's retransmission timers backed off while it was
+                // out (each wait doubles the last), so a stream's next retransmission may
+                // come up to twice the outage later: every stream gets that long, plus
+                // the usual limit, before it counts as stalled.
+                let out_for = now.duration_since(out_since);
+                self.losses.grace_until = now + 2 * out_for;
+                self.live_note(format!(
+                    "the path was out for {:.1} s (no stream moved, no word from the destination); every stream waited for it",
+                    out_for.as_secs_f64()
+                ));
+            }
+        } else if self.losses.outage.is_none()
+            && now.duration_since(self.losses.last_life) > PATH_OUT_AFTER
+        {
+            self.losses.outage = Some(self.losses.last_life);
+            eprintln!(
+                "dwcp: nothing moved and no word from the destination for {:.1} s: the path is out; waiting for it",
+                now.duration_since(self.losses.last_life).as_secs_f64()
+            );
+        }
+        if self.losses.outage.is_some() {
+            // Every stream stopped at once: the path, not a stream.
+            return Ok(());
+        }
+        // The destination's word on what arrived is only as good as its last report: a
+        // control stream still recovering from an outage says nothing new for a while.
+        let reports_fresh = self
+            .losses
+            .last_report
+            .is_some_and(|at| now.duration_since(at) < REPORTS_STALE_AFTER);
+        let mut stalled = Vec::new();
+        for (s, info) in infos.into_iter().enumerate() {
+            let Some(info) = info else { continue };
+            let stream = s as u16;
             let limit = self.losses.stall_limit.unwrap_or_else(|| {
                 Duration::from_micros(3 * u64::from(info.rtt_us)) + Duration::from_secs(1)
             });
-            let sent = self.fleet.telemetry()[usize::from(stream)].bytes;
-            let watch = &mut self.losses.watch[usize::from(stream)];
+            let sent = self.fleet.telemetry()[s].bytes;
+            let watch = &mut self.losses.watch[s];
             // End to end: handed over, and not arriving.
             let handed = sent.saturating_sub(watch.sent_base);
-            if handed > watch.delivered {
-                let since = *watch.undelivered_since.get_or_insert(now);
-                let waited = now.duration_since(since);
+            if !reports_fresh {
+                watch.undelivered_since = watch.undelivered_since.map(|_| now);
+            } else if handed > watch.delivered {
+                let since =
+                    (*watch.undelivered_since.get_or_insert(now)).max(self.losses.grace_until);
+                let waited = now.saturating_duration_since(since);
                 if waited > limit {
                     stalled.push((
                         stream,
@@ -572,7 +643,7 @@ impl Session<'_> {
                 watch.since = now;
                 continue;
             }
-            let waited = now.duration_since(watch.since);
+            let waited = now.saturating_duration_since(watch.since.max(self.losses.grace_until));
             if waited > limit {
                 stalled.push((
                     stream,
@@ -602,6 +673,7 @@ impl Session<'_> {
             ))
             .into());
         }
+        self.losses.last_report = Some(Instant::now());
         for (watch, delivered) in self.losses.watch.iter_mut().zip(received) {
             if delivered != watch.delivered {
                 watch.delivered = delivered;
