@@ -32,6 +32,7 @@ pub mod measure;
 pub mod qemu;
 pub mod reference;
 pub mod report;
+pub mod resume;
 pub mod ring;
 pub mod security;
 pub mod transport;

@@ -109,6 +109,16 @@ enum Suite {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// A 5 s path outage mid round 0 across wanem's cross-region path, against the same
+    /// migration without it (plus 5 s) and against starting over (needs root).
+    Resume {
+        /// Print one JSON object per comparison on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Run only the comparisons whose name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+    },
     /// Page kernels (CRC32C, zero test, XBZRLE) and the SPSC ring.
     Kernels {
         /// Print one JSON object per comparison on stdout (the table goes to stderr).
@@ -132,6 +142,11 @@ fn main() {
         Suite::Security { json, filter } => {
             let mut out = Reporter::new(json).with_filter(filter);
             dwcp_bench::security::run(plan, &mut out);
+            out.finish();
+        }
+        Suite::Resume { json, filter } => {
+            let mut out = Reporter::new(json).with_filter(filter);
+            dwcp_bench::resume::run(plan, &mut out);
             out.finish();
         }
         Suite::Codec { json, filter } => {

@@ -787,6 +787,7 @@ impl ControlState {
             incoming: self.incoming.infos(&self.mode_name()),
             tls_handshakes: dwcp_dataplane::security::counters::handshakes(),
             records_rejected: dwcp_dataplane::security::counters::records_rejected(),
+            stream_losses: dwcp_dataplane::engine::counters::stream_losses(),
             migrations: self
                 .migrations
                 .values()

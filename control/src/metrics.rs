@@ -62,6 +62,8 @@ pub struct Snapshot {
     pub tls_handshakes: Vec<(&'static str, u64)>,
     /// Data-stream records and bindings rejected, by reason.
     pub records_rejected: Vec<(&'static str, u64)>,
+    /// Data streams lost, replaced, and the pages they left to others.
+    pub stream_losses: dwcp_dataplane::engine::counters::StreamLosses,
     /// Per outgoing migration.
     pub migrations: Vec<MigrationMetrics>,
 }
@@ -153,6 +155,31 @@ pub fn render(s: &Snapshot) -> String {
         "counter",
         "Sealed data-stream records (and data streams' session bindings) rejected, by reason.",
         &labelled("reason", &s.records_rejected),
+    );
+    let l = &s.stream_losses;
+    family(
+        "dwcp_data_streams_lost_total",
+        "counter",
+        "Data streams lost mid-migration (failed, stalled or broken), by the side that counted them; their pages went to the other streams.",
+        &[
+            ("{side=\"source\"}".to_string(), l.lost_at_source as f64),
+            (
+                "{side=\"destination\"}".to_string(),
+                l.lost_at_destination as f64,
+            ),
+        ],
+    );
+    family(
+        "dwcp_data_streams_replaced_total",
+        "counter",
+        "Lost data streams a replacement connection carried again (as source).",
+        &[(none(), l.replaced as f64)],
+    );
+    family(
+        "dwcp_pages_requeued_total",
+        "counter",
+        "Pages queued again on other streams after their stream was lost (as source).",
+        &[(none(), l.pages_requeued as f64)],
     );
     family(
         "dwcp_migrations_received_total",

@@ -32,6 +32,8 @@ const PATIENCE: Duration = Duration::from_secs(60);
 /// are rewritten at 2000 pages/s (8 MB/s), checked every 2 s.
 const WORKLOAD: &str = "dwcp.mib=48 dwcp.hot=4096 dwcp.rate=2000 dwcp.check_s=2";
 const MEMORY_MIB: u64 = 128;
+/// A guest that beats every second and has not beaten for this long is dead.
+const SILENT_FOR: Duration = Duration::from_secs(15);
 /// [`WORKLOAD`] with a lap of the hot set slower than its checks.
 const SLOW_LAP_WORKLOAD: &str = "dwcp.mib=48 dwcp.hot=4096 dwcp.rate=1000 dwcp.check_s=1";
 
@@ -286,11 +288,21 @@ fn a_final_round_left_out_is_caught_by_the_guest_and_the_table_digest() {
     );
     assert!(report["digest"].as_str().unwrap().contains("differs"));
     // Stale pages of the workload show in its check; stale pages of the guest's kernel
-    // (its stacks are rewritten all the time) may kill the guest first: either way the
-    // guest at the destination is not the guest that was paused.
-    let deadline = Instant::now() + PATIENCE;
+    // (its stacks are rewritten all the time) may kill the guest first, loudly or
+    // silently: either way the guest at the destination is not the guest that was
+    // paused, which beat every second.
+    let resumed = Instant::now();
+    let deadline = resumed + PATIENCE;
     let verdict = loop {
         let console = dst.console();
+        if resumed.elapsed() > SILENT_FOR
+            && dst.heartbeats().is_empty()
+            && qmp(&dst).run_state().is_ok_and(|s| s == "running")
+        {
+            break format!(
+                "the guest runs but has not beaten once in {SILENT_FOR:?} (its kernel hung)"
+            );
+        }
         if let Some(beat) = dst.heartbeats().into_iter().find(|b| b.mismatches > 0) {
             break format!("the guest's check found {} bad pages", beat.mismatches);
         }

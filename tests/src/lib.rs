@@ -12,8 +12,8 @@ use dwcp_dataplane::engine::{
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_hugepages::PagePreference;
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -34,6 +34,39 @@ pub fn secure(config: &mut dwcp_control::config::Config, which: usize) {
     config.security.cert = Some(cert.clone());
     config.security.key = Some(key.clone());
     config.security.ca = Some(lab.ca.clone());
+}
+
+/// A relay on loopback in front of `dest`: each connection it accepts is handed, with a
+/// connection of its own to `dest`, to `relay` on a thread of its own (tests that cut,
+/// hold or tamper with one stream). Returns the relay's address.
+pub fn relay_to(
+    dest: SocketAddr,
+    relay: impl Fn(TcpStream, TcpStream) + Clone + Send + 'static,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("relay listener");
+    let addr = listener.local_addr().expect("relay address");
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(dest) else {
+                return;
+            };
+            let relay = relay.clone();
+            std::thread::spawn(move || relay(client, server));
+        }
+    });
+    addr
+}
+
+/// Copy `from` to `to` until `from` ends, then end `to`'s writing side.
+pub fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
 }
 
 /// Say why a test did not run, past the harness's output capture.

@@ -17,7 +17,41 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wanem::probe::Iperf3;
-use wanem::{Emulator, netns};
+use wanem::scenario::{LinkChanges, Scenario};
+use wanem::units::Probability;
+use wanem::{Emulator, EmulatorConfig, netns};
+
+/// The emulator for a shipped scenario, its namespaces named after `tag`; `None` (said
+/// why) without root.
+pub fn emulate(scenario_name: &str, tag: &str) -> Option<Emulator> {
+    let scenario = Scenario::built_in(scenario_name).expect("shipped scenario");
+    let name = format!("dw{}-{tag}", std::process::id() % 100_000);
+    match Emulator::start(EmulatorConfig::new(&name, scenario)) {
+        Ok(emulator) => Some(emulator),
+        Err(wanem::Error::NotRoot) => {
+            crate::skip("the WAN emulator needs root (network namespaces, TUN devices)");
+            None
+        }
+        Err(e) => panic!("emulator: {e}"),
+    }
+}
+
+/// Take the emulated path out for `outage` (every packet dropped both ways), then
+/// restore it without loss.
+pub fn path_out_for(emulator: &Emulator, outage: Duration) {
+    let set_loss = |loss| {
+        let changes = LinkChanges {
+            loss: Some(loss),
+            ..LinkChanges::default()
+        };
+        emulator
+            .change(None, &changes)
+            .unwrap_or_else(|e| panic!("the emulator refused a change: {e:?}"));
+    };
+    set_loss(Probability(1.0));
+    std::thread::sleep(outage);
+    set_loss(Probability::NEVER);
+}
 
 /// Settings for a long or lossy path (what internet mode means): many streams so one
 /// loss stalls a small share of the data, BBR so random loss is not read as congestion,

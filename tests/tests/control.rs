@@ -411,6 +411,11 @@ fn flooding_and_silent_clients_stall_neither_the_migration_nor_the_control_threa
             .text
             .contains("dwcp_records_rejected_total{reason=\"authentication\"}")
     );
+    assert!(
+        metrics
+            .text
+            .contains("dwcp_data_streams_lost_total{side=\"source\"}")
+    );
     d.stop();
 }
 

@@ -8,51 +8,25 @@ use dwcp_dataplane::engine::LiveSettings;
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_hugepages::PagePreference;
-use dwcp_tests::skip;
 use dwcp_tests::wan::{internet_profile, migrate_across_driven};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wanem::scenario::{LinkChanges, Scenario};
-use wanem::units::Probability;
-use wanem::{Emulator, EmulatorConfig};
+use wanem::Emulator;
 
 const GUEST: usize = 256 << 20;
 const OUTAGE: Duration = Duration::from_secs(5);
 
-fn emulate(scenario_name: &str) -> Option<Emulator> {
-    let scenario = Scenario::built_in(scenario_name).expect("shipped scenario");
-    let name = format!("dw{}-out", std::process::id() % 100_000);
-    match Emulator::start(EmulatorConfig::new(&name, scenario)) {
-        Ok(emulator) => Some(emulator),
-        Err(wanem::Error::NotRoot) => {
-            skip("the WAN emulator needs root (network namespaces, TUN devices)");
-            None
-        }
-        Err(e) => panic!("emulator: {e}"),
-    }
-}
-
-/// Drop every packet both ways for [`OUTAGE`], then restore the scenario's loss.
+/// Take the path out for [`OUTAGE`].
 fn outage(emulator: &Emulator, what: &str) {
-    let all = LinkChanges {
-        loss: Some(Probability(1.0)),
-        ..LinkChanges::default()
-    };
-    emulator.change(None, &all).expect("path out");
     eprintln!("outage ({what}): the path is out for {OUTAGE:?}");
-    std::thread::sleep(OUTAGE);
-    let none = LinkChanges {
-        loss: Some(Probability::NEVER),
-        ..LinkChanges::default()
-    };
-    emulator.change(None, &none).expect("path back");
+    dwcp_tests::wan::path_out_for(emulator, OUTAGE);
     eprintln!("outage ({what}): the path is back");
 }
 
 #[test]
 fn outages_of_5_s_in_round_0_and_in_a_later_round_are_waited_out() {
     let started = Instant::now();
-    let Some(emulator) = emulate("cross-region") else {
+    let Some(emulator) = dwcp_tests::wan::emulate("cross-region", "out") else {
         return;
     };
     let memory =

@@ -437,30 +437,10 @@ enum Tamper {
 /// A man in the middle: forwards connections to `dest`, control streams untouched,
 /// data streams (known by their hello) tampered with as told.
 fn man_in_the_middle(dest: SocketAddr, tamper: Tamper) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
     let first_record: Arc<(Mutex<Option<Vec<u8>>>, Condvar)> = Arc::default();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { return };
-            let Ok(server) = TcpStream::connect(dest) else {
-                return;
-            };
-            let first_record = first_record.clone();
-            std::thread::spawn(move || relay(client, server, tamper, &first_record));
-        }
-    });
-    addr
-}
-
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = vec![0u8; 64 << 10];
-    while let Ok(n) = from.read(&mut buf) {
-        if n == 0 || to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(std::net::Shutdown::Write);
+    dwcp_tests::relay_to(dest, move |client, server| {
+        relay(client, server, tamper, &first_record)
+    })
 }
 
 fn relay(
@@ -470,7 +450,7 @@ fn relay(
     first_record: &(Mutex<Option<Vec<u8>>>, Condvar),
 ) {
     let back = (server.try_clone().unwrap(), client.try_clone().unwrap());
-    std::thread::spawn(move || pipe(back.0, back.1));
+    std::thread::spawn(move || dwcp_tests::pipe(back.0, back.1));
     let mut hello = [0u8; 48];
     let mut server = server;
     if client.read_exact(&mut hello[..4]).is_err() {
@@ -478,7 +458,7 @@ fn relay(
     }
     if &hello[..4] != b"DWCS" {
         let _ = server.write_all(&hello[..4]);
-        return pipe(client, server);
+        return dwcp_tests::pipe(client, server);
     }
     if client.read_exact(&mut hello[4..]).is_err() {
         return;
@@ -501,7 +481,7 @@ fn relay(
             let _ = server.write_all(&record);
             *first_record.0.lock().unwrap() = Some(record);
             first_record.1.notify_all();
-            pipe(client, server);
+            dwcp_tests::pipe(client, server);
         }
         (Tamper::ReplayOnOtherStream, 1) => {
             let (lock, ready) = first_record;
@@ -513,7 +493,7 @@ fn relay(
                 let _ = server.write_all(&record);
             }
             drop(guard);
-            pipe(client, server);
+            dwcp_tests::pipe(client, server);
         }
         (Tamper::FlipBit(at), 1) => {
             let mut buf = vec![0u8; at + 1];
@@ -522,7 +502,7 @@ fn relay(
             }
             buf[at] ^= 0x04;
             let _ = server.write_all(&buf);
-            pipe(client, server);
+            dwcp_tests::pipe(client, server);
         }
         (Tamper::Truncate(at), 1) => {
             let mut buf = vec![0u8; at];
@@ -532,7 +512,7 @@ fn relay(
             let _ = server.shutdown(std::net::Shutdown::Both);
             let _ = client.shutdown(std::net::Shutdown::Both);
         }
-        _ => pipe(client, server),
+        _ => dwcp_tests::pipe(client, server),
     }
 }
 

@@ -13,7 +13,7 @@ use dwcp_dataplane::memory::GuestMemory;
 use dwcp_dataplane::security::{Identity, SecurityFiles};
 use dwcp_hugepages::PagePreference;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,32 +33,6 @@ enum Fault {
 
 /// Connections a frozen stream keeps open until the test ends.
 type Held = Arc<Mutex<Vec<TcpStream>>>;
-
-fn relay_to(dest: SocketAddr, fault: Fault, held: Held) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { return };
-            let Ok(server) = TcpStream::connect(dest) else {
-                return;
-            };
-            let held = held.clone();
-            std::thread::spawn(move || relay(client, server, fault, &held));
-        }
-    });
-    addr
-}
-
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = vec![0u8; 64 << 10];
-    while let Ok(n) = from.read(&mut buf) {
-        if n == 0 || to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(std::net::Shutdown::Write);
-}
 
 /// Close with a reset (SO_LINGER 0), as a failing path would.
 fn reset(s: TcpStream) {
@@ -85,7 +59,7 @@ fn relay(mut client: TcpStream, mut server: TcpStream, fault: Fault, held: &Held
     let _ = server.set_nodelay(true);
     let backwards = |client: &TcpStream, server: &TcpStream| {
         let back = (server.try_clone().unwrap(), client.try_clone().unwrap());
-        std::thread::spawn(move || pipe(back.0, back.1));
+        std::thread::spawn(move || dwcp_tests::pipe(back.0, back.1));
     };
     let mut hello = [0u8; 48];
     if client.read_exact(&mut hello[..4]).is_err() {
@@ -94,7 +68,7 @@ fn relay(mut client: TcpStream, mut server: TcpStream, fault: Fault, held: &Held
     if &hello[..4] != b"DWCS" {
         backwards(&client, &server);
         let _ = server.write_all(&hello[..4]);
-        return pipe(client, server);
+        return dwcp_tests::pipe(client, server);
     }
     if client.read_exact(&mut hello[4..]).is_err() {
         return;
@@ -105,7 +79,7 @@ fn relay(mut client: TcpStream, mut server: TcpStream, fault: Fault, held: &Held
     // The stream's replacement (a later generation) goes through untouched.
     if stream != VICTIM || generation != 0 {
         backwards(&client, &server);
-        return pipe(client, server);
+        return dwcp_tests::pipe(client, server);
     }
     // Nothing flows back on a data stream; without a second handle on its sockets, a
     // reset below really resets them.
@@ -168,7 +142,10 @@ fn migrate_through(fault: Fault, sealed: bool) -> (MigrationReport, engine::Dest
         ..DestConfig::default()
     });
     let held: Held = Arc::default();
-    let peer = relay_to(dest_addr, fault, held.clone());
+    let relayed = held.clone();
+    let peer = dwcp_tests::relay_to(dest_addr, move |client, server| {
+        relay(client, server, fault, &relayed)
+    });
     let config = SourceConfig {
         streams: 8,
         reply_timeout: Duration::from_secs(30),
@@ -208,6 +185,10 @@ fn a_stream_cut_mid_round_leaves_its_pages_to_the_others_until_a_replacement_tak
     assert_eq!(dest.streams_lost[0].0, VICTIM);
     // A replacement connected meanwhile and carried the stream again.
     assert!(lost[0].restored_from_round.is_some(), "{lost:?}");
+    // And the metrics count it (process-wide counters: at least this migration's).
+    let counted = dwcp_dataplane::engine::counters::stream_losses();
+    assert!(counted.lost_at_source >= 1 && counted.lost_at_destination >= 1);
+    assert!(counted.replaced >= 1 && counted.pages_requeued >= lost[0].pages_requeued);
     eprintln!("cut: {took:?}");
 }
 

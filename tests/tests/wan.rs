@@ -10,28 +10,17 @@ use dwcp_dataplane::engine::{LiveSettings, SourceConfig};
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_hugepages::PagePreference;
-use dwcp_tests::skip;
 use dwcp_tests::wan::{internet_profile, migrate_across, migrate_across_driven};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wanem::scenario::Scenario;
-use wanem::{Emulator, EmulatorConfig};
+use wanem::Emulator;
 
 /// One emulator at a time: both tests want the machine's two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// The emulator for a shipped scenario, or `None` (said why) without root.
 fn emulate(scenario_name: &str) -> Option<Emulator> {
-    let scenario = Scenario::built_in(scenario_name).expect("shipped scenario");
-    let name = format!("dw{}-{}", std::process::id() % 100_000, &scenario_name[..3]);
-    match Emulator::start(EmulatorConfig::new(&name, scenario)) {
-        Ok(emulator) => Some(emulator),
-        Err(wanem::Error::NotRoot) => {
-            skip("the WAN emulator needs root (network namespaces, TUN devices)");
-            None
-        }
-        Err(e) => panic!("emulator: {e}"),
-    }
+    dwcp_tests::wan::emulate(scenario_name, &scenario_name[..3])
 }
 
 fn migrate_through(scenario_name: &str, bytes: usize) {

@@ -723,6 +723,7 @@ impl Coordinator<'_> {
         }
         self.stream_state[s] = StreamState::Lost;
         self.stream_rounds[s] = rounds_ended;
+        super::counters::lost(false, 0);
         self.fence.mark_lost(stream);
         self.streams_lost.push((stream, error.clone()));
         if self.stream_state.iter().all(|st| *st == StreamState::Lost) {

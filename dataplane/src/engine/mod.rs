@@ -185,6 +185,54 @@ pub enum MigrationError {
     Guest(String),
 }
 
+/// Process-wide counts of lost data streams and what they cost, for metrics.
+pub mod counters {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static LOST_AT_SOURCE: AtomicU64 = AtomicU64::new(0);
+    static LOST_AT_DESTINATION: AtomicU64 = AtomicU64::new(0);
+    static REPLACED: AtomicU64 = AtomicU64::new(0);
+    static PAGES_REQUEUED: AtomicU64 = AtomicU64::new(0);
+
+    /// The counts so far.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct StreamLosses {
+        /// Streams given up as source.
+        pub lost_at_source: u64,
+        /// Streams fenced as destination.
+        pub lost_at_destination: u64,
+        /// Lost streams a replacement connection carried again (as source).
+        pub replaced: u64,
+        /// Pages queued again on other streams (as source).
+        pub pages_requeued: u64,
+    }
+
+    // Relaxed throughout: independent counters, read only for reports.
+    pub(crate) fn lost(at_source: bool, pages_requeued: u64) {
+        let counter = if at_source {
+            &LOST_AT_SOURCE
+        } else {
+            &LOST_AT_DESTINATION
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        PAGES_REQUEUED.fetch_add(pages_requeued, Ordering::Relaxed);
+    }
+
+    pub(crate) fn replaced() {
+        REPLACED.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts so far.
+    pub fn stream_losses() -> StreamLosses {
+        StreamLosses {
+            lost_at_source: LOST_AT_SOURCE.load(Ordering::Relaxed),
+            lost_at_destination: LOST_AT_DESTINATION.load(Ordering::Relaxed),
+            replaced: REPLACED.load(Ordering::Relaxed),
+            pages_requeued: PAGES_REQUEUED.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Whether the test-only switch described in the module docs is set.
 fn test_skip_final_round() -> bool {
     std::env::var_os("DWCP_TEST_SKIP_FINAL_ROUND").is_some_and(|v| v == "1")

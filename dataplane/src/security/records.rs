@@ -473,7 +473,11 @@ mod tests {
     use super::*;
 
     fn keys(streams: u16, secret: u8) -> Arc<SessionKeys> {
-        let keys = SessionKeys::derive(streams, |label, context, out| {
+        keys_of(streams, 0, secret)
+    }
+
+    fn keys_of(streams: u16, generation: u16, secret: u8) -> Arc<SessionKeys> {
+        let keys = SessionKeys::derive_generation(streams, generation, |label, context, out| {
             // A stand-in exporter: distinct bytes per label, context and secret.
             for (i, b) in out.iter_mut().enumerate() {
                 *b = secret
@@ -567,6 +571,26 @@ mod tests {
             assert_eq!(out, expected, "reads of at most {max_read}");
             opener.at_end().unwrap();
         }
+    }
+
+    #[test]
+    fn a_replacement_connection_has_keys_and_a_binding_of_its_own() {
+        let session = keys(2, 7);
+        let replacement = keys_of(2, 1, 7);
+        assert_ne!(session.binding(1), replacement.binding(1));
+        assert!(!session.binding_matches(1, &replacement.binding(1)));
+        // A record of the replacement does not open with the old connection's keys,
+        // nor one of the old connection with the replacement's.
+        let new_record = seal(&mut replacement.sealer(1), b"after the loss");
+        assert!(open_all(&mut session.opener(1), &new_record, 64).is_err());
+        let old_record = seal(&mut session.sealer(1), b"before the loss");
+        assert!(open_all(&mut replacement.opener(1), &old_record, 64).is_err());
+        // Once the session takes the replacement's keys for stream 1, its sealers and
+        // openers for it use them; stream 0 keeps its own.
+        session.replace_stream(1, replacement.clone());
+        assert!(open_all(&mut session.opener(1), &new_record, 64).is_ok());
+        let zero = seal(&mut session.sealer(0), b"stream 0");
+        assert!(open_all(&mut keys(2, 7).opener(0), &zero, 64).is_ok());
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! comes from the destination for [`PATH_OUT_AFTER`], the path is out and every stream
 //! waits for it (TCP carries each on where it stopped); once it is back, each stream
 //! gets twice as long as the outage lasted (its retransmission timer backed off)
-//! before the stall limit counts. Then:
+//! before the stall limit counts. Every stream stalled at once is the path too, even
+//! while the control stream works: none is given up. Then:
 //!
 //! 1. its worker drops it (shuts the socket, drops what it had staged and queued) and
 //!    reports so; the source tells the destination ([`ControlMessage::StreamLost`]);
@@ -156,6 +157,8 @@ pub(super) struct Losses {
     outage: Option<Instant>,
     /// After an outage, no stream counts as stalled before this.
     grace_until: Instant,
+    /// The log says every stream stalled at once (once per episode).
+    all_stalled_noted: bool,
 }
 
 impl Losses {
@@ -191,6 +194,7 @@ impl Losses {
             last_life: now,
             outage: None,
             grace_until: now,
+            all_stalled_noted: false,
         }
     }
 
@@ -385,6 +389,7 @@ impl Session<'_> {
             self.losses.generation += 1;
             self.fleet.stream_gone(l.stream);
             let count = pages.count();
+            crate::engine::counters::lost(true, count);
             // Queued again in this round: a later loss may need them too.
             self.losses.sent.push_back(SentSet {
                 round: self.current_round,
@@ -507,6 +512,7 @@ impl Session<'_> {
             self.losses.generation += 1;
             // The new connection's bytes count from here, at both ends.
             self.losses.watch[s] = Watch::new(Instant::now(), self.fleet.telemetry()[s].bytes);
+            crate::engine::counters::replaced();
             if let Some(loss) = self
                 .losses
                 .report
@@ -657,6 +663,21 @@ impl Session<'_> {
                 ));
             }
         }
+        // Every stream stalled at once is the path again, even with the control stream
+        // up: none is at fault, and giving them all up would end the session.
+        let alive = (0..self.losses.watch.len())
+            .filter(|&s| !self.losses.gone(s as u16))
+            .count();
+        if stalled.len() >= alive {
+            if !stalled.is_empty() && !self.losses.all_stalled_noted {
+                self.losses.all_stalled_noted = true;
+                eprintln!(
+                    "dwcp: every data stream stalled at once: the path, not a stream; waiting for it"
+                );
+            }
+            return Ok(());
+        }
+        self.losses.all_stalled_noted = false;
         for (stream, waited, why) in stalled {
             self.stream_failed(stream, why, waited.as_secs_f64(), false)?;
         }

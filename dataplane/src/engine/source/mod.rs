@@ -374,6 +374,12 @@ fn codec_setup(
     })
 }
 
+/// Whether `page` extends the run `(first, count)`: the next page, in the same chunk
+/// (a run never crosses a chunk, so it stays on one stream).
+fn continues((first, count): (u64, u32), page: u64) -> bool {
+    first + u64::from(count) == page && page / CHUNK_PAGES == first / CHUNK_PAGES
+}
+
 /// The pages a round leaves unqueued: `first` and the rest of the round's iterator.
 fn unqueued(pages: u64, first: u64, rest: impl Iterator<Item = u64>) -> DirtyBitmap {
     let mut left = DirtyBitmap::new(pages);
@@ -743,10 +749,7 @@ impl<'a> Session<'a> {
             let mut run: Option<(u64, u32)> = None;
             for page in pages.iter() {
                 run = match run {
-                    Some((first, count))
-                        if first + u64::from(count) == page
-                            && page / CHUNK_PAGES == first / CHUNK_PAGES =>
-                    {
+                    Some((first, count)) if continues((first, count), page) => {
                         Some((first, count + 1))
                     }
                     Some(done) => {
@@ -786,12 +789,7 @@ impl<'a> Session<'a> {
             }
             queued += 1;
             run = match run {
-                Some((first, count))
-                    if first + u64::from(count) == page
-                        && page / CHUNK_PAGES == first / CHUNK_PAGES =>
-                {
-                    Some((first, count + 1))
-                }
+                Some((first, count)) if continues((first, count), page) => Some((first, count + 1)),
                 Some(done) => {
                     self.queue_run(done, &mut since_wake)?;
                     self.queued_below(page);

@@ -63,7 +63,7 @@ impl Session<'_> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Outcome, MigrationError> {
         let mut final_set = final_set;
-        self.settle_losses_before_pause(&mut final_set)?;
+        self.settle_before_pause(&mut final_set, round.saturating_sub(1))?;
         self.losses.paused = true;
         let paused_at = Instant::now();
         let stopped_at = match guest.pause() {
@@ -281,14 +281,18 @@ impl Session<'_> {
         Ok(bytes)
     }
 
-    /// Before the guest is paused: let every stream being given up settle (its pages
-    /// join the final round), so that none is lost inside the paused window.
-    fn settle_losses_before_pause(
+    /// Before the guest is paused: wait until the destination has acknowledged the
+    /// last pre-copy round (`last_round`) and every stream being given up has settled
+    /// (its pages join the final round). A stream that stopped moving is caught here,
+    /// with the guest running, not inside the paused window; and the final round's
+    /// confirmation waits for nothing of an earlier round.
+    fn settle_before_pause(
         &mut self,
         final_set: &mut DirtyBitmap,
+        last_round: u64,
     ) -> Result<(), MigrationError> {
         self.last_activity = Instant::now();
-        while self.losses.unsettled() {
+        while self.losses.unsettled() || self.applied_round.is_none_or(|r| r < last_round) {
             self.pump()?;
             self.steer();
             std::thread::sleep(Duration::from_micros(200));
