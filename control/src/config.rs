@@ -90,6 +90,9 @@ pub struct MigrationSection {
     /// milliseconds, is given up and its pages go to the other streams (0: three times
     /// its smoothed round trip plus one second).
     pub stream_stall_ms: u64,
+    /// How long a session's connections outlive an outage of the path, in seconds
+    /// (`TCP_USER_TIMEOUT` on each; the streams wait for the path meanwhile).
+    pub resume_grace_s: u64,
 }
 
 impl Default for MigrationSection {
@@ -103,6 +106,7 @@ impl Default for MigrationSection {
             dirty_log: "uffd-wp".into(),
             verify: "table".into(),
             stream_stall_ms: 0,
+            resume_grace_s: 60,
         }
     }
 }
@@ -952,6 +956,8 @@ impl Config {
                 pacing_rate: (t.pacing_rate.0 > 0).then_some(t.pacing_rate.0),
                 notsent_lowat: (t.notsent_lowat.0 > 0)
                     .then_some(t.notsent_lowat.0.min(u64::from(u32::MAX)) as u32),
+                user_timeout: Some(Duration::from_secs(self.migration.resume_grace_s.max(1))),
+                ..SocketOptions::default()
             },
             pin_workers: t.pin_workers,
             idle: IdleStrategy {

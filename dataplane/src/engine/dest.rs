@@ -259,7 +259,7 @@ pub fn receive_through(
         &config.transport,
         config.workers,
     )?;
-    let control = match ControlLink::new(accepted.control) {
+    let control = match ControlLink::new(accepted.control, &config.transport.socket) {
         Ok(c) => c,
         Err(e) => {
             fleet.stop();

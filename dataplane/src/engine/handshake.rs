@@ -602,14 +602,19 @@ pub(super) struct ControlLink {
 }
 
 impl ControlLink {
-    /// Start reading `channel` on a thread of its own.
-    pub fn new(channel: ControlChannel) -> Result<Self, MigrationError> {
+    /// Start reading `channel` on a thread of its own; its socket rides out outages as
+    /// `options` say (see [`socket::ride_out_outages`]).
+    pub fn new(
+        channel: ControlChannel,
+        options: &socket::SocketOptions,
+    ) -> Result<Self, MigrationError> {
         let ControlChannel {
             socket,
             mut reader,
             writer,
             tls,
         } = channel;
+        let _ = socket::ride_out_outages(&socket, options);
         let _ = socket.set_read_timeout(None);
         let (tx, incoming) = crossbeam::channel::bounded(1024);
         std::thread::Builder::new()

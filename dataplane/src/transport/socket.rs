@@ -4,6 +4,7 @@ use std::fmt;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::str::FromStr;
+use std::time::Duration;
 
 // asm-generic/socket.h (x86-64 uses the generic values).
 const SO_SNDBUFFORCE: libc::c_int = 32;
@@ -64,6 +65,15 @@ pub struct SocketOptions {
     /// wire (its bandwidth estimates hold) and a codec change reaches the wire within
     /// this many bytes, not a whole socket buffer later. `None`: no bound.
     pub notsent_lowat: Option<u32>,
+    /// `TCP_RTO_MAX_MS`: the longest a retransmission timer may back off to. While a
+    /// path is out each wait doubles; capped, a connection retransmits within this
+    /// long of the path coming back instead of up to twice the outage later. `None`:
+    /// the kernel's (120 s).
+    pub rto_max: Option<Duration>,
+    /// `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged before the
+    /// connection is dropped (with `rto_max` capped, the kernel's retry count alone
+    /// would drop it after some 15 s of outage). `None`: the kernel's.
+    pub user_timeout: Option<Duration>,
 }
 
 impl Default for SocketOptions {
@@ -73,8 +83,37 @@ impl Default for SocketOptions {
             congestion: Congestion::Cubic,
             pacing_rate: None,
             notsent_lowat: Some(64 << 10),
+            rto_max: Some(Duration::from_secs(1)),
+            user_timeout: Some(Duration::from_secs(60)),
         }
     }
+}
+
+/// include/uapi/linux/tcp.h (Linux 6.15): the per-socket cap on the retransmission
+/// timeout, milliseconds (1000..=120000).
+const TCP_RTO_MAX_MS: libc::c_int = 44;
+
+/// Make `stream` come back quickly after an outage and outlive one of up to
+/// `user_timeout` (see [`SocketOptions::rto_max`], [`SocketOptions::user_timeout`]).
+/// Returns what the kernel refused, for the report.
+pub fn ride_out_outages(stream: &TcpStream, options: &SocketOptions) -> Vec<String> {
+    let mut notes = Vec::new();
+    let fd = stream.as_raw_fd();
+    if let Some(max) = options.rto_max {
+        let ms = max.as_millis().clamp(1000, 120_000) as libc::c_int;
+        if let Err(e) = setsockopt(fd, libc::IPPROTO_TCP, TCP_RTO_MAX_MS, &ms) {
+            notes.push(format!(
+                "TCP_RTO_MAX_MS {ms}: {e} (a kernel before 6.15): after an outage the streams wait for TCP's backed-off retransmission timers"
+            ));
+        }
+    }
+    if let Some(timeout) = options.user_timeout {
+        let ms = timeout.as_millis().min(u32::MAX as u128) as libc::c_uint;
+        if let Err(e) = setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, &ms) {
+            notes.push(format!("TCP_USER_TIMEOUT {ms} ms: {e}"));
+        }
+    }
+    notes
 }
 
 fn setsockopt<T>(
@@ -137,6 +176,7 @@ pub fn configure(stream: &TcpStream, options: &SocketOptions) -> Vec<String> {
     {
         notes.push(format!("TCP_NOTSENT_LOWAT {bytes}: {e}"));
     }
+    notes.extend(ride_out_outages(stream, options));
     notes
 }
 

@@ -465,7 +465,7 @@ impl<'a> Session<'a> {
             &config.transport,
             config.workers,
         )?;
-        let control = ControlLink::new(opened.control)?;
+        let control = ControlLink::new(opened.control, &config.transport.socket)?;
         let steering = codec.as_ref().map(|setup| {
             Steering::new(
                 &config.codec,
