@@ -16,7 +16,6 @@
 
 use crate::measure::{Plan, Samples};
 use crate::report::{Better, Comparison, Reporter};
-use dwcp_dataplane::engine::LiveSettings;
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_hugepages::PagePreference;
@@ -39,10 +38,7 @@ fn migrate(
 ) -> Result<(f64, Option<f64>, u64), String> {
     let (mut source, dest) = dwcp_tests::wan::internet_profile();
     source.streams = 8;
-    let settings = LiveSettings {
-        codec: dwcp_dataplane::codec::policy::CodecMode::Off,
-        ..LiveSettings::from_config(&source)
-    };
+    let settings = dwcp_tests::wan::live_settings(&source);
     let mut began = None;
     let started = Instant::now();
     let (out, seconds) = dwcp_tests::wan::migrate_across_driven(

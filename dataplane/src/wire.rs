@@ -92,11 +92,6 @@ impl StreamSet {
         self.0.iter().all(|&w| w == 0)
     }
 
-    /// The set as four words (for sharing through atomics).
-    pub fn words(&self) -> [u64; 4] {
-        self.0
-    }
-
     /// The set of four words.
     pub fn from_words(words: [u64; 4]) -> Self {
         StreamSet(words)
@@ -146,11 +141,6 @@ impl Routes {
     /// The lost streams.
     pub fn lost(&self) -> StreamSet {
         self.lost
-    }
-
-    /// Active streams.
-    pub fn streams(&self) -> u16 {
-        self.streams
     }
 }
 

@@ -36,6 +36,15 @@ pub fn emulate(scenario_name: &str, tag: &str) -> Option<Emulator> {
     }
 }
 
+/// Live settings for a driven migration across the emulator: the source's, codecs off
+/// (the runs compare the link and the engine, not the codec policy).
+pub fn live_settings(source: &SourceConfig) -> engine::LiveSettings {
+    engine::LiveSettings {
+        codec: dwcp_dataplane::codec::policy::CodecMode::Off,
+        ..engine::LiveSettings::from_config(source)
+    }
+}
+
 /// Take the emulated path out for `outage` (every packet dropped both ways), then
 /// restore it without loss.
 pub fn path_out_for(emulator: &Emulator, outage: Duration) {

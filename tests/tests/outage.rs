@@ -4,7 +4,6 @@
 //! verified, once the path is back. Needs root for the emulator; skips with the reason
 //! otherwise.
 
-use dwcp_dataplane::engine::LiveSettings;
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_hugepages::PagePreference;
@@ -45,10 +44,7 @@ fn outages_of_5_s_in_round_0_and_in_a_later_round_are_waited_out() {
     // Tight enough that the pages dirtied during the first outage take a round of
     // their own, so that there is a later round for the second.
     source.downtime_limit = Duration::from_millis(150);
-    let settings = LiveSettings {
-        codec: dwcp_dataplane::codec::policy::CodecMode::Off,
-        ..LiveSettings::from_config(&source)
-    };
+    let settings = dwcp_tests::wan::live_settings(&source);
     let mut outages = Vec::new();
     let (out, seconds) = migrate_across_driven(
         &emulator,

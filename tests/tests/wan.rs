@@ -6,11 +6,10 @@
 use dwcp_control::codec_policy::{ModelPolicy, PolicyConfig};
 use dwcp_control::mode::{DetectorConfig, LinkMeter, Mode, ModeDetector};
 use dwcp_dataplane::dirty::DirtyLogKind;
-use dwcp_dataplane::engine::{LiveSettings, SourceConfig};
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_hugepages::PagePreference;
-use dwcp_tests::wan::{internet_profile, migrate_across, migrate_across_driven};
+use dwcp_tests::wan::{internet_profile, live_settings, migrate_across, migrate_across_driven};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wanem::Emulator;
@@ -154,13 +153,6 @@ fn classify_scenario(scenario_name: &str) -> Option<(Option<Mode>, usize, Durati
     );
     out.guest.stop();
     outcome
-}
-
-fn live_settings(source: &SourceConfig) -> LiveSettings {
-    LiveSettings {
-        codec: dwcp_dataplane::codec::policy::CodecMode::Off,
-        ..LiveSettings::from_config(source)
-    }
 }
 
 #[test]

@@ -110,6 +110,43 @@ fn spawn_groups<W>(
     Ok((workers, assignment.worker_of))
 }
 
+/// Start source worker `w` of `kind` for `group` (one stream for a plain worker).
+fn spawn_tx_worker(
+    kind: TransportKind,
+    w: usize,
+    group: Vec<(u16, TcpStream)>,
+    setup: &TxSetup,
+    transport: &TransportConfig,
+    zero_copy: bool,
+    cpu: Option<usize>,
+) -> Result<TxWorker, MigrationError> {
+    match kind {
+        TransportKind::IoUring => {
+            uring::spawn_tx(w, group, setup.clone(), transport, zero_copy, cpu)
+                .map_err(io("starting an io_uring worker"))
+        }
+        TransportKind::Plain => plain::spawn_tx(w, single(group)?, setup.clone(), transport, cpu)
+            .map_err(io("starting a worker")),
+    }
+}
+
+/// Start destination worker `w` of `kind` for `group` (one stream for a plain worker).
+fn spawn_rx_worker(
+    kind: TransportKind,
+    w: usize,
+    group: Vec<(u16, TcpStream)>,
+    setup: &RxSetup,
+    transport: &TransportConfig,
+    cpu: Option<usize>,
+) -> Result<RxWorker, MigrationError> {
+    match kind {
+        TransportKind::IoUring => uring::spawn_rx(w, group, setup.clone(), transport, cpu)
+            .map_err(io("starting an io_uring receiver")),
+        TransportKind::Plain => plain::spawn_rx(single(group)?, setup.clone(), transport, cpu)
+            .map_err(io("starting a receiver")),
+    }
+}
+
 /// The one stream of a plain-socket worker's group.
 fn single(group: Vec<(u16, TcpStream)>) -> Result<(u16, TcpStream), MigrationError> {
     group
@@ -266,22 +303,10 @@ impl TxFleet {
         streams: Vec<(u16, TcpStream)>,
     ) -> Result<(), MigrationError> {
         let (setup, transport) = (&self.setup, &self.transport);
-        let (workers, worker_of) = spawn_groups(
-            kind,
-            streams,
-            self.wanted,
-            &self.cpus,
-            |w, group, cpu| match kind {
-                TransportKind::IoUring => {
-                    uring::spawn_tx(w, group, setup.clone(), transport, zero_copy, cpu)
-                        .map_err(io("starting an io_uring worker"))
-                }
-                TransportKind::Plain => {
-                    plain::spawn_tx(w, single(group)?, setup.clone(), transport, cpu)
-                        .map_err(io("starting a worker"))
-                }
-            },
-        )?;
+        let (workers, worker_of) =
+            spawn_groups(kind, streams, self.wanted, &self.cpus, |w, group, cpu| {
+                spawn_tx_worker(kind, w, group, setup, transport, zero_copy, cpu)
+            })?;
         let n = workers.len();
         self.kind = kind;
         self.workers = workers;
@@ -420,25 +445,15 @@ impl TxFleet {
         let clone = socket.try_clone().map_err(io("cloning a data socket"))?;
         let w = self.workers.len();
         let cpu = cpu_for(&self.cpus, w);
-        let worker = match self.kind {
-            TransportKind::IoUring => uring::spawn_tx(
-                w,
-                vec![(stream, socket)],
-                self.setup.clone(),
-                &self.transport,
-                zero_copy,
-                cpu,
-            )
-            .map_err(io("starting an io_uring worker"))?,
-            TransportKind::Plain => plain::spawn_tx(
-                w,
-                (stream, socket),
-                self.setup.clone(),
-                &self.transport,
-                cpu,
-            )
-            .map_err(io("starting a worker"))?,
-        };
+        let worker = spawn_tx_worker(
+            self.kind,
+            w,
+            vec![(stream, socket)],
+            &self.setup,
+            &self.transport,
+            zero_copy,
+            cpu,
+        )?;
         self.workers.push(worker);
         self.worker_of[s] = w;
         self.sockets[s] = clone;
@@ -592,15 +607,9 @@ impl RxFleet {
         wanted: usize,
     ) -> Result<Self, MigrationError> {
         let cpus = worker_cpus(transport);
-        let (workers, _) =
-            spawn_groups(kind, streams, wanted, &cpus, |w, group, cpu| match kind {
-                TransportKind::IoUring => uring::spawn_rx(w, group, setup.clone(), transport, cpu)
-                    .map_err(io("starting an io_uring receiver")),
-                TransportKind::Plain => {
-                    plain::spawn_rx(single(group)?, setup.clone(), transport, cpu)
-                        .map_err(io("starting a receiver"))
-                }
-            })?;
+        let (workers, _) = spawn_groups(kind, streams, wanted, &cpus, |w, group, cpu| {
+            spawn_rx_worker(kind, w, group, setup, transport, cpu)
+        })?;
         Ok(RxFleet { workers })
     }
 
@@ -615,14 +624,7 @@ impl RxFleet {
         let w = self.workers.len();
         let cpus = worker_cpus(transport);
         let cpu = cpu_for(&cpus, w);
-        let worker = match kind {
-            TransportKind::IoUring => {
-                uring::spawn_rx(w, vec![stream], setup.clone(), transport, cpu)
-                    .map_err(io("starting an io_uring receiver"))?
-            }
-            TransportKind::Plain => plain::spawn_rx(stream, setup.clone(), transport, cpu)
-                .map_err(io("starting a receiver"))?,
-        };
+        let worker = spawn_rx_worker(kind, w, vec![stream], setup, transport, cpu)?;
         self.workers.push(worker);
         Ok(())
     }

@@ -242,7 +242,7 @@ impl Losses {
     }
 
     /// Pages to queue again, now or with the next round.
-    fn queue_again(&mut self, pages: DirtyBitmap) {
+    pub fn queue_again(&mut self, pages: DirtyBitmap) {
         let slot = if self.pushing {
             &mut self.requeue
         } else {

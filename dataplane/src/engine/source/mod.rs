@@ -719,10 +719,7 @@ impl<'a> Session<'a> {
             // it was not among the pages queued when the loss settled.
             let mut again = DirtyBitmap::new(self.memory.pages());
             again.set_range(first, first + u64::from(count));
-            match &mut self.losses.requeue {
-                Some(set) => set.union_with(&again),
-                None => self.losses.requeue = Some(again),
-            }
+            self.losses.queue_again(again);
         }
         *since_wake += 1;
         self.round_left = self.round_left.saturating_sub(u64::from(count));

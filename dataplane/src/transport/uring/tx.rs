@@ -751,10 +751,7 @@ impl TxWorkerState {
                 stream,
                 error: OsError::from_errno(-result),
             };
-            if let Some(done) = st.inflight.take() {
-                self.return_buffer(done.token);
-            }
-            self.lose(i, error.to_string(), events);
+            self.send_failed(i, error, events);
             return Ok(());
         }
         let Some(inflight) = st.inflight.as_mut() else {
@@ -764,11 +761,7 @@ impl TxWorkerState {
         st.bytes += result as u64;
         if inflight.sent < inflight.len {
             if result == 0 {
-                let error = TxError::PeerStoppedReading { stream };
-                if let Some(done) = st.inflight.take() {
-                    self.return_buffer(done.token);
-                }
-                self.lose(i, error.to_string(), events);
+                self.send_failed(i, TxError::PeerStoppedReading { stream }, events);
                 return Ok(());
             }
             resubmit.push(i);
@@ -787,6 +780,14 @@ impl TxWorkerState {
         }
         self.return_buffer(done.token);
         Ok(())
+    }
+
+    /// Stream `i`'s send failed with `error`: its buffer goes back, the stream is lost.
+    fn send_failed(&mut self, i: usize, error: TxError, events: &mut Producer<TxEvent>) {
+        if let Some(done) = self.streams[i].inflight.take() {
+            self.return_buffer(done.token);
+        }
+        self.lose(i, error.to_string(), events);
     }
 
     /// Report the closed round sent (every stream's marker is in the kernel).
