@@ -90,8 +90,10 @@ pub struct MigrationSection {
     /// milliseconds, is given up and its pages go to the other streams (0: three times
     /// its smoothed round trip plus one second).
     pub stream_stall_ms: u64,
-    /// How long a session's connections outlive an outage of the path, in seconds
-    /// (`TCP_USER_TIMEOUT` on each; the streams wait for the path meanwhile).
+    /// How long a session survives the loss of its path, in seconds: its connections
+    /// outlive an outage this long (`TCP_USER_TIMEOUT` on each; the streams wait for
+    /// the path meanwhile), and when they die all the same the source reconnects for
+    /// this long and the destination keeps the session's memory for it to resume.
     pub resume_grace_s: u64,
 }
 
@@ -982,6 +984,7 @@ impl Config {
             verify: m.verify.parse().unwrap_or_default(),
             codec: self.codec_config(),
             stream_stall: (m.stream_stall_ms > 0).then(|| Duration::from_millis(m.stream_stall_ms)),
+            resume_grace: Duration::from_secs(m.resume_grace_s),
             ..SourceConfig::default()
         }
     }
@@ -1063,10 +1066,11 @@ impl Config {
             capabilities: if self.codec.accept {
                 caps::ALL
             } else {
-                caps::ZERO_PAGES | caps::PAGE_RUNS | caps::STREAM_LOSS
+                caps::ZERO_PAGES | caps::PAGE_RUNS | caps::STREAM_LOSS | caps::RESUME
             },
             // Loaded per session by whoever runs it (see `identity`).
             security: None,
+            resume_grace: Duration::from_secs(self.migration.resume_grace_s),
         }
     }
 

@@ -182,6 +182,18 @@ pub fn render(s: &Snapshot) -> String {
         &[(none(), l.pages_requeued as f64)],
     );
     family(
+        "dwcp_sessions_resumed_total",
+        "counter",
+        "Sessions resumed after every connection to the destination was lost (as source).",
+        &[(none(), l.sessions_resumed as f64)],
+    );
+    family(
+        "dwcp_pages_resent_after_resume_total",
+        "counter",
+        "Pages sent again after a resume, having gone out before the connections were lost (as source).",
+        &[(none(), l.pages_resent_after_resume as f64)],
+    );
+    family(
         "dwcp_migrations_received_total",
         "counter",
         "Migrations received and verified as destination.",

@@ -334,7 +334,12 @@ fn a_destination_lost_mid_precopy_leaves_the_source_guest_running() {
     let (src, dst) = boot_pair(&image, &dir);
     // Paced to 2 MB/s per stream: round 0 of 128 MiB takes many seconds.
     let config = dir.join("slow.toml");
-    std::fs::write(&config, "[transport]\npacing_rate = \"2M\"\n").unwrap();
+    // The source reconnects for resume_grace_s before it gives up: briefly here.
+    std::fs::write(
+        &config,
+        "[transport]\npacing_rate = \"2M\"\n[migration]\nresume_grace_s = 2\n",
+    )
+    .unwrap();
     let dest = Dest::start(&dst, &[]);
     let source = source_command(&src.qmp, &dest.addr, &[])
         .arg("--config")

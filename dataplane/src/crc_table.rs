@@ -194,6 +194,30 @@ impl CrcTable {
         })
     }
 
+    /// The digest of the entries of pages `first..first + count` (clamped to the
+    /// table), as [`CrcTable::digest`] would be for a table holding only those: two
+    /// sides find where their tables differ by comparing these chunk by chunk.
+    pub fn range_digest(&self, first: u64, count: u64) -> u64 {
+        let end = first.saturating_add(count).min(self.pages());
+        (first.min(end)..end).fold(0u64, |acc, p| {
+            let crc = self.crcs[p as usize].load(Ordering::Relaxed);
+            if crc == 0 {
+                // Never recorded: contributes nothing, as in the running digest.
+                acc
+            } else {
+                acc.wrapping_add(entry_hash(p, crc).wrapping_sub(entry_hash(p, 0)))
+            }
+        })
+    }
+
+    /// [`CrcTable::range_digest`] of every chunk of `chunk_pages` pages, in order.
+    pub fn chunk_digests(&self, chunk_pages: u64) -> Vec<u64> {
+        let chunk_pages = chunk_pages.max(1);
+        (0..self.pages().div_ceil(chunk_pages))
+            .map(|c| self.range_digest(c * chunk_pages, chunk_pages))
+            .collect()
+    }
+
     /// Every entry from `first` (at most `count`), for sending a table whole.
     pub fn entries(&self, first: u64, count: usize) -> Vec<u32> {
         let start = (first as usize).min(self.crcs.len());
@@ -263,6 +287,30 @@ pub fn scan_threads() -> usize {
 mod tests {
     use super::*;
     use dwcp_hugepages::PagePreference;
+
+    #[test]
+    fn chunk_digests_find_the_chunks_where_two_tables_differ() {
+        let a = CrcTable::new(5000);
+        let b = CrcTable::new(5000);
+        for p in 0..5000 {
+            a.record(p, p as u32 * 7 + 1, 0);
+            b.record(p, p as u32 * 7 + 1, 3);
+        }
+        // Chunks sum to the whole table's digest.
+        let sum = a
+            .chunk_digests(1024)
+            .iter()
+            .fold(0u64, |acc, d| acc.wrapping_add(*d));
+        assert_eq!(sum, a.digest());
+        assert_eq!(a.chunk_digests(1024), b.chunk_digests(1024));
+        // A page placed differently, and one never placed, each show in their chunk only.
+        b.record(1500, 99, 0);
+        b.record(4999, 0, 0);
+        let (da, db) = (a.chunk_digests(1024), b.chunk_digests(1024));
+        assert_eq!(da.len(), 5);
+        let differing: Vec<usize> = (0..5).filter(|&c| da[c] != db[c]).collect();
+        assert_eq!(differing, vec![1, 4]);
+    }
 
     #[test]
     fn the_digest_follows_every_record_and_ignores_order() {

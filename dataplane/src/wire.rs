@@ -171,7 +171,8 @@ pub mod caps {
     /// ([`super::FrameKind::StreamMap`]).
     pub const STREAM_MAP: u64 = 1 << 5;
     /// Everything this build understands and grants by default.
-    pub const ALL: u64 = ZERO_PAGES | PAGE_RUNS | DELTA | DEDUP | ZSTD | STREAM_MAP | STREAM_LOSS;
+    pub const ALL: u64 =
+        ZERO_PAGES | PAGE_RUNS | DELTA | DEDUP | ZSTD | STREAM_MAP | STREAM_LOSS | RESUME;
     /// The guest has device state that follows its memory
     /// ([`super::ControlMessage::DeviceState`]): asked for by a source whose guest has
     /// one (a QEMU guest), granted by a destination that has a guest to load it into.
@@ -182,7 +183,20 @@ pub mod caps {
     /// [`super::ControlMessage::StreamFenced`]) and its pages move to the streams left
     /// ([`super::Routes`]).
     pub const STREAM_LOSS: u64 = 1 << 7;
+    /// A session whose connections all died may be continued within the grace period:
+    /// the destination keeps its memory and table, the source reconnects with
+    /// [`super::ControlMessage::Resume`], and the two compare their CRC tables chunk by
+    /// chunk ([`super::ControlMessage::ResumeTable`]) so that only what the destination
+    /// lacks is sent again.
+    pub const RESUME: u64 = 1 << 8;
 }
+
+/// Pages per chunk when two sides compare their CRC tables on resuming a session
+/// (4 MiB of memory: a digest of 8 bytes each, 2 KiB per GiB).
+pub const RESUME_CHUNK_PAGES: u64 = 1024;
+/// Most chunk digests in one [`ControlMessage::ResumeTable`] (512 KiB of digests, well
+/// under [`MAX_CONTROL_MESSAGE`]).
+pub const RESUME_DIGESTS_PER_MESSAGE: usize = 64 << 10;
 
 /// Largest batch of frames a [`FrameKind::Compressed`] frame may expand to.
 pub const MAX_BATCH: usize = 1 << 20;
@@ -950,6 +964,40 @@ pub enum ControlMessage {
         rounds_ended: u64,
         /// Why it ended, as the destination saw it.
         reason: String,
+    },
+    /// Source → destination ([`caps::RESUME`]), the first message on a new control
+    /// connection instead of a hello: continue session `session_id`, whose connections
+    /// were lost. The other fields must match the session's.
+    Resume(Handshake),
+    /// Source → destination ([`caps::RESUME`]), after a resume's welcome and data
+    /// streams: the digests of the source's CRC table, [`RESUME_CHUNK_PAGES`] pages
+    /// each, from chunk `first_chunk`; round `round` follows the comparison. The
+    /// destination answers each chunk whose digest differs from its own with
+    /// [`ControlMessage::ChunkEntries`], and the last message with
+    /// [`ControlMessage::TableCompared`].
+    ResumeTable {
+        /// The round the resumed session sends first.
+        round: u64,
+        /// Index of the first chunk described.
+        first_chunk: u64,
+        /// One digest per chunk (see `crc_table`).
+        digests: Vec<u64>,
+        /// This message describes the table's last chunk.
+        last: bool,
+    },
+    /// Destination → source ([`caps::RESUME`]): its CRC table entries of chunk `chunk`,
+    /// whose digest differs from the source's. Empty: every entry is 0 (nothing placed
+    /// in that chunk yet).
+    ChunkEntries {
+        /// The chunk.
+        chunk: u64,
+        /// Its entries, one per page, or none.
+        crcs: Vec<u32>,
+    },
+    /// Destination → source ([`caps::RESUME`]): every differing chunk was answered.
+    TableCompared {
+        /// Chunks whose digests differed.
+        differing: u64,
     },
 }
 

@@ -36,6 +36,37 @@ pub fn secure(config: &mut dwcp_control::config::Config, which: usize) {
     config.security.ca = Some(lab.ca.clone());
 }
 
+/// Lab appliance `which`'s identity (0: a, 1: b), as the engine takes it.
+pub fn lab_identity(which: usize) -> Arc<dwcp_dataplane::security::Identity> {
+    let lab = lab();
+    let (_, cert, key) = &lab.appliances[which];
+    dwcp_dataplane::security::Identity::load(&dwcp_dataplane::security::SecurityFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        ca: lab.ca.clone(),
+        peers: Vec::new(),
+    })
+    .expect("a lab identity")
+}
+
+/// Make `s`'s last close a reset (SO_LINGER 0), as a failing path's would be.
+pub fn reset_on_close(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `linger` is a valid struct of the size passed, read by the call only.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
 /// A relay on loopback in front of `dest`: each connection it accepts is handed, with a
 /// connection of its own to `dest`, to `relay` on a thread of its own (tests that cut,
 /// hold or tamper with one stream). Returns the relay's address.

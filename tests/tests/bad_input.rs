@@ -42,6 +42,8 @@ fn destination() -> Dest {
     let handle = std::thread::spawn(move || {
         let config = DestConfig {
             timeout: Duration::from_secs(5),
+            // A source that goes silently may come back; these tests wait only a moment.
+            resume_grace: Duration::from_millis(500),
             ..DestConfig::default()
         };
         engine::receive(&listener, DestMemory::Provided(provided), &config)
@@ -287,6 +289,8 @@ fn source_reports_a_vanished_destination_and_keeps_its_guest_running() {
     let config = SourceConfig {
         streams: 2,
         reply_timeout: Duration::from_secs(5),
+        // It tries to resume the session for this long (the fake is gone for good).
+        resume_grace: Duration::from_millis(500),
         ..SourceConfig::default()
     };
     let err =

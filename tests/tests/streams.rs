@@ -10,7 +10,6 @@ use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
 use dwcp_dataplane::engine::{self, DestConfig, MigrationReport, SourceConfig};
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
-use dwcp_dataplane::security::{Identity, SecurityFiles};
 use dwcp_hugepages::PagePreference;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -34,22 +33,9 @@ enum Fault {
 /// Connections a frozen stream keeps open until the test ends.
 type Held = Arc<Mutex<Vec<TcpStream>>>;
 
-/// Close with a reset (SO_LINGER 0), as a failing path would.
+/// Close with a reset, as a failing path would.
 fn reset(s: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: `linger` is a valid struct of the size passed, read by the call only.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&s),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    dwcp_tests::reset_on_close(&s);
     drop(s);
 }
 
@@ -111,19 +97,6 @@ fn relay(mut client: TcpStream, mut server: TcpStream, fault: Fault, held: &Held
     }
 }
 
-/// Lab appliance `which`'s identity (0: a, 1: b).
-fn identity(which: usize) -> Arc<Identity> {
-    let lab = dwcp_tests::lab();
-    let (_, cert, key) = &lab.appliances[which];
-    Identity::load(&SecurityFiles {
-        cert: cert.clone(),
-        key: key.clone(),
-        ca: lab.ca.clone(),
-        peers: Vec::new(),
-    })
-    .expect("a lab identity")
-}
-
 /// Migrate a small running guest through a relay that breaks one of 8 streams, in an
 /// authenticated session when `sealed`.
 fn migrate_through(fault: Fault, sealed: bool) -> (MigrationReport, engine::DestReport, Duration) {
@@ -138,7 +111,7 @@ fn migrate_through(fault: Fault, sealed: bool) -> (MigrationReport, engine::Dest
     let guest = SimulatedGuest::start(memory.clone(), &workload, opened.marker.clone());
     let (dest_addr, receiver) = dwcp_tests::spawn_destination(&DestConfig {
         timeout: Duration::from_secs(30),
-        security: sealed.then(|| identity(1)),
+        security: sealed.then(|| dwcp_tests::lab_identity(1)),
         ..DestConfig::default()
     });
     let held: Held = Arc::default();
@@ -149,7 +122,7 @@ fn migrate_through(fault: Fault, sealed: bool) -> (MigrationReport, engine::Dest
     let config = SourceConfig {
         streams: 8,
         reply_timeout: Duration::from_secs(30),
-        security: sealed.then(|| identity(0)),
+        security: sealed.then(|| dwcp_tests::lab_identity(0)),
         ..SourceConfig::default()
     };
     let report = engine::migrate(

@@ -5,6 +5,7 @@ use super::fleet::RxFleet;
 use super::gate::Acceptor;
 use super::handshake::{self, ControlLink};
 use super::report::SecurityReport;
+use super::resume;
 use super::{MigrationError, differing_pages, page_crcs, test_skip_final_round};
 use crate::crc_table::CrcTable;
 use crate::guest::DeviceStateSink;
@@ -47,6 +48,10 @@ pub struct DestConfig {
     /// taken, and their data streams must be bound and sealed. `None`: only plain
     /// sessions (`--insecure`).
     pub security: Option<Arc<Identity>>,
+    /// When every connection of a session is lost before its switchover, keep its
+    /// memory and table this long for the source to resume it; then give it up and
+    /// release the memory (zero: give it up at once).
+    pub resume_grace: Duration,
 }
 
 impl Default for DestConfig {
@@ -59,6 +64,7 @@ impl Default for DestConfig {
             max_memory: None,
             capabilities: caps::ALL,
             security: None,
+            resume_grace: Duration::from_secs(60),
         }
     }
 }
@@ -94,6 +100,8 @@ pub struct DestReport {
     pub security: Option<SecurityReport>,
     /// Data streams lost on the way, with why (the session carried on without them).
     pub streams_lost: Vec<(u16, String)>,
+    /// Times every connection was lost and the source resumed the session.
+    pub resumes: u32,
 }
 
 /// What an incoming session has done so far, for whoever watches it (a daemon's
@@ -276,8 +284,6 @@ pub fn receive_through(
             .peer
             .map_or("another source".into(), |p| p.to_string())
     );
-    let handshake_timeout = config.handshake_timeout;
-    let mut turn_away = || gate.turn_away(handshake_timeout, &busy);
     let replacements = Replacements {
         session_id: accepted.session_id,
         keys: accepted.keys.clone(),
@@ -316,9 +322,28 @@ pub fn receive_through(
         received: vec![(0, 0); usize::from(streams)],
         progress,
         progress_at: Instant::now(),
-        turn_away: &mut turn_away,
+        gate,
+        busy,
+        handshake_timeout: config.handshake_timeout,
+        granted: accepted.granted,
+        peer_identity: security.as_ref().map(|s| s.peer.clone()),
+        bytes_before_resume: 0,
+        resumes: 0,
     };
-    let mut result = coordinator.run(&mut fleet, cancel);
+    let mut result = loop {
+        match coordinator.run(&mut fleet, cancel) {
+            Err(e)
+                if coordinator.final_round.is_none()
+                    && resume::may_resume(&e, accepted.granted)
+                    && !config.resume_grace.is_zero() =>
+            {
+                if let Err(e) = coordinator.await_resume(&mut fleet, e, config, cancel) {
+                    break Err(e);
+                }
+            }
+            done => break done,
+        }
+    };
     if let Err(MigrationError::Io { .. } | MigrationError::Transport(_)) = &result
         && let Some(message) = coordinator.source_abort()
     {
@@ -364,6 +389,7 @@ pub fn receive_through(
         transport: probe.kind,
         security,
         streams_lost: coordinator.streams_lost.clone(),
+        resumes: coordinator.resumes,
     })
 }
 
@@ -415,7 +441,7 @@ enum Expect {
     Full { pages: u64, digest: u32 },
 }
 
-struct Coordinator<'p> {
+struct Coordinator<'p, 'l> {
     streams: u16,
     control: ControlLink,
     memory: Arc<GuestMemory>,
@@ -460,16 +486,27 @@ struct Coordinator<'p> {
     received: Vec<(u64, u64)>,
     progress: &'p ReceiveProgress,
     progress_at: Instant,
-    /// Turns new sessions away (busy) while this one runs; called with each progress
-    /// publication.
-    turn_away: &'p mut dyn FnMut() -> Vec<(TcpStream, [u8; STREAM_HELLO_LEN])>,
+    /// Where connections arrive: new sessions are turned away (busy) while this one
+    /// runs, replacements and resumes come in.
+    gate: &'p mut Acceptor<'l>,
+    /// What a new session hears meanwhile.
+    busy: String,
+    handshake_timeout: Duration,
+    /// Capabilities granted.
+    granted: u64,
+    /// The authenticated source, in a TLS session (a resume must come from it).
+    peer_identity: Option<String>,
+    /// Bytes received over connections of the session before its last resume.
+    bytes_before_resume: u64,
+    /// Times the session was resumed.
+    resumes: u32,
 }
 
-impl Coordinator<'_> {
+impl Coordinator<'_, '_> {
     /// Refresh what an observer sees.
     /// Bytes received on data streams.
     fn received_bytes(&self) -> u64 {
-        self.received.iter().map(|r| r.0).sum()
+        self.bytes_before_resume + self.received.iter().map(|r| r.0).sum::<u64>()
     }
 
     fn publish_progress(&mut self) {
@@ -732,7 +769,7 @@ impl Coordinator<'_> {
             if let Some(message) = self.source_abort() {
                 return Err(self.aborted(format!("source aborted: {message}")));
             }
-            return Err(MigrationError::Transport(format!(
+            return Err(MigrationError::Disconnected(format!(
                 "every data stream was lost (the last, stream {stream}: {error})"
             )));
         }
@@ -860,7 +897,7 @@ impl Coordinator<'_> {
             self.report_stream_bytes()?;
             if self.progress_at.elapsed() >= PROGRESS_INTERVAL {
                 self.publish_progress();
-                let arrived = (self.turn_away)();
+                let arrived = self.gate.turn_away(self.handshake_timeout, &self.busy);
                 self.replacement_arrived(arrived)?;
             }
             if let Some(final_round) = self.final_round
@@ -910,6 +947,138 @@ impl Coordinator<'_> {
                 }
             }
         }
+    }
+
+    /// Every connection of the session was lost (`cause`) before its switchover: keep
+    /// its memory and table for `resume_grace`, take the source's resume through the
+    /// gate, answer the table comparison (see `resume`), and carry on with new
+    /// receivers. Past the grace period the session fails, and its memory goes with it.
+    fn await_resume(
+        &mut self,
+        fleet: &mut RxFleet,
+        cause: MigrationError,
+        config: &DestConfig,
+        cancel: &AtomicBool,
+    ) -> Result<(), MigrationError> {
+        fleet.stop();
+        self.control.shutdown();
+        self.bytes_before_resume = self.received_bytes();
+        self.received.iter_mut().for_each(|r| *r = (0, 0));
+        let grace = config.resume_grace;
+        eprintln!(
+            "dwcp: {cause}; keeping the session for {} s for the source to resume it",
+            grace.as_secs()
+        );
+        self.progress.update(|p| p.phase = "interrupted");
+        let deadline = Instant::now() + grace;
+        let session = handshake::Resumable {
+            session_id: self.replacements.session_id,
+            memory: self.memory.clone(),
+            streams: self.streams,
+            granted: self.granted,
+            peer: self.peer_identity.clone(),
+        };
+        loop {
+            // Acquire: pairs with the Release store of whoever cancels.
+            if cancel.load(Ordering::Acquire) {
+                return Err(self.aborted("cancelled at the destination".into()));
+            }
+            if Instant::now() >= deadline {
+                return Err(MigrationError::Transport(format!(
+                    "{cause}; the source did not resume the session within resume_grace \
+                     ({} s): given up, its memory released",
+                    grace.as_secs()
+                )));
+            }
+            let accepted = match handshake::accept_resume(
+                self.gate,
+                &session,
+                config,
+                cancel,
+                &mut |_| {},
+                deadline,
+            ) {
+                Ok(a) => a,
+                Err(e @ MigrationError::Aborted { .. }) => return Err(e),
+                Err(e) => {
+                    // Someone else, or a resume that failed half-way: keep waiting.
+                    if Instant::now() < deadline {
+                        eprintln!("dwcp: while waiting for the resume: {e}");
+                    }
+                    continue;
+                }
+            };
+            let mut control = accepted.control;
+            match resume::answer_as_destination(&mut control, &self.table) {
+                Ok((round, differing)) => {
+                    let streams = accepted.streams;
+                    let keys = accepted.keys;
+                    return self.resumed(fleet, control, streams, keys, round, differing, config);
+                }
+                Err(e) if resume::may_resume(&e, self.granted) => {
+                    eprintln!("dwcp: the resume failed while comparing tables: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Carry the session on from round `round` over the resumed connections.
+    #[allow(clippy::too_many_arguments)]
+    fn resumed(
+        &mut self,
+        fleet: &mut RxFleet,
+        control: handshake::ControlChannel,
+        streams: Vec<(u16, TcpStream)>,
+        keys: Option<Arc<SessionKeys>>,
+        round: u64,
+        differing_chunks: u64,
+        config: &DestConfig,
+    ) -> Result<(), MigrationError> {
+        let n = usize::from(self.streams);
+        self.fence = Arc::new(StreamFence::default());
+        let setup = RxSetup {
+            fence: self.fence.clone(),
+            first_round: round,
+            total_streams: self.streams,
+            memory: self.memory.clone(),
+            memory_is_fresh: false,
+            capabilities: self.granted,
+            table: self.table.clone(),
+            records: keys.clone(),
+        };
+        *fleet = RxFleet::spawn(
+            self.replacements.kind,
+            streams,
+            &setup,
+            &config.transport,
+            config.workers,
+        )?;
+        self.control = ControlLink::new(control, &config.transport.socket)?;
+        self.replacements = Replacements {
+            session_id: self.replacements.session_id,
+            keys,
+            setup,
+            kind: self.replacements.kind,
+            transport: config.transport.clone(),
+            generations: vec![0; n],
+            spare: Vec::new(),
+            restoring: Vec::new(),
+        };
+        // Every round before `round` is settled by the comparison; `round` starts over.
+        self.rounds_applied = round;
+        self.round_pages.truncate(round as usize);
+        self.stream_rounds = vec![round; n];
+        self.stream_state = vec![StreamState::Open; n];
+        self.wire_received = vec![0; n];
+        self.bytes_reported_at = Instant::now();
+        self.last_activity = Instant::now();
+        self.resumes += 1;
+        self.progress.update(|p| p.phase = "precopy");
+        eprintln!(
+            "dwcp: session resumed from round {round} ({differing_chunks} table chunks differed)"
+        );
+        Ok(())
     }
 
     /// The source's reason, when it aborted: a source that aborts closes its streams

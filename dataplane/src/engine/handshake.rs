@@ -31,7 +31,7 @@ pub(super) struct ControlChannel {
 }
 
 impl ControlChannel {
-    fn plain(socket: TcpStream) -> Result<Self, MigrationError> {
+    pub(super) fn plain(socket: TcpStream) -> Result<Self, MigrationError> {
         let reader = socket
             .try_clone()
             .map_err(io("cloning the control stream"))?;
@@ -60,11 +60,11 @@ impl ControlChannel {
         })
     }
 
-    fn send(&mut self, msg: &ControlMessage) -> std::io::Result<()> {
+    pub(super) fn send(&mut self, msg: &ControlMessage) -> std::io::Result<()> {
         write_control(&mut self.writer, msg)
     }
 
-    fn recv(&mut self) -> Result<ControlMessage, ControlReadError> {
+    pub(super) fn recv(&mut self) -> Result<ControlMessage, ControlReadError> {
         wire::read_control(&mut self.reader)
     }
 
@@ -173,6 +173,37 @@ pub(super) fn open(
     config: &SourceConfig,
     cancel: &AtomicBool,
 ) -> Result<Opened, MigrationError> {
+    open_session(peer, memory_bytes, device_state, config, cancel, None)
+}
+
+/// [`open`] for a session whose connections were lost: the hello is a
+/// [`ControlMessage::Resume`] of `session_id`, and the rest is as for a new session.
+pub(super) fn reopen(
+    peer: SocketAddr,
+    memory_bytes: u64,
+    device_state: bool,
+    config: &SourceConfig,
+    cancel: &AtomicBool,
+    session_id: u128,
+) -> Result<Opened, MigrationError> {
+    open_session(
+        peer,
+        memory_bytes,
+        device_state,
+        config,
+        cancel,
+        Some(session_id),
+    )
+}
+
+fn open_session(
+    peer: SocketAddr,
+    memory_bytes: u64,
+    device_state: bool,
+    config: &SourceConfig,
+    cancel: &AtomicBool,
+    resume: Option<u128>,
+) -> Result<Opened, MigrationError> {
     let socket = connect(peer, config.connect_timeout)?;
     let _ = socket.set_nodelay(true);
     let mut control = match &config.security {
@@ -198,7 +229,7 @@ pub(super) fn open(
         None => ControlChannel::plain(socket)?,
     };
     control.set_read_timeout(Some(config.reply_timeout))?;
-    let session_id = random_session_id();
+    let session_id = resume.unwrap_or_else(random_session_id);
     let hello = Handshake {
         magic: CONTROL_MAGIC,
         version: wire::VERSION,
@@ -212,8 +243,12 @@ pub(super) fn open(
             caps::ALL
         },
     };
+    let opening = match resume {
+        Some(_) => ControlMessage::Resume(hello),
+        None => ControlMessage::Hello(hello),
+    };
     control
-        .send(&ControlMessage::Hello(hello))
+        .send(&opening)
         .map_err(io("sending the handshake"))?;
     // The destination may take a while to answer (it sets up memory): wait for it in a
     // way a cancel interrupts.
@@ -283,6 +318,21 @@ pub(super) fn open(
     })
 }
 
+/// A destination's session whose connections were lost, waiting for its source to
+/// resume it ([`caps::RESUME`]).
+pub(super) struct Resumable {
+    /// The session's id: the resume must name it.
+    pub session_id: u128,
+    /// Its memory (the resume must announce the same size).
+    pub memory: Arc<GuestMemory>,
+    /// Its data streams (the resume opens as many).
+    pub streams: u16,
+    /// Capabilities granted when it opened (granted again as they were).
+    pub granted: u64,
+    /// The authenticated source, in a TLS session: a resume must come from it.
+    pub peer: Option<String>,
+}
+
 /// What a destination has once it welcomed a source and every data stream arrived.
 pub(super) struct Accepted {
     /// The session's id (data stream hellos carry it).
@@ -327,6 +377,25 @@ fn control_error(e: ControlReadError, what: &str) -> MigrationError {
     }
 }
 
+/// A read error on an open session's control stream: a failed or closed connection is
+/// [`MigrationError::Disconnected`] (the session may resume), anything else as before.
+fn link_error(e: ControlReadError) -> MigrationError {
+    match e {
+        ControlReadError::Io(io) if security::tls::describe_tls(&io).is_none() => {
+            if io.kind() == std::io::ErrorKind::UnexpectedEof {
+                link_closed()
+            } else {
+                MigrationError::Disconnected(format!("reading the control stream: {io}"))
+            }
+        }
+        other => control_error(other, "reading the control stream"),
+    }
+}
+
+fn link_closed() -> MigrationError {
+    MigrationError::Disconnected("the peer closed the control stream".into())
+}
+
 fn available_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -347,6 +416,40 @@ pub(super) fn accept(
     connected: &mut dyn FnMut(std::net::SocketAddr),
 ) -> Result<Accepted, MigrationError> {
     let deadline = Instant::now() + config.timeout;
+    accept_session(gate, memory, config, cancel, connected, None, deadline)
+}
+
+/// Accept the resume of `session` through `gate` by `deadline`: as [`accept`], but the
+/// opening must be a [`ControlMessage::Resume`] of that session from the same source;
+/// a new session's hello meanwhile is refused as busy.
+pub(super) fn accept_resume(
+    gate: &mut Acceptor<'_>,
+    session: &Resumable,
+    config: &DestConfig,
+    cancel: &AtomicBool,
+    connected: &mut dyn FnMut(std::net::SocketAddr),
+    deadline: Instant,
+) -> Result<Accepted, MigrationError> {
+    accept_session(
+        gate,
+        DestMemory::Provided(session.memory.clone()),
+        config,
+        cancel,
+        connected,
+        Some(session),
+        deadline,
+    )
+}
+
+fn accept_session(
+    gate: &mut Acceptor<'_>,
+    memory: DestMemory,
+    config: &DestConfig,
+    cancel: &AtomicBool,
+    connected: &mut dyn FnMut(std::net::SocketAddr),
+    resuming: Option<&Resumable>,
+    deadline: Instant,
+) -> Result<Accepted, MigrationError> {
     // TLS handshakes run in the gate, all at once, with this session's identity.
     gate.set_identity(config.security.clone());
     let (peer, opening) = gate.next_control(deadline, config.handshake_timeout, cancel)?;
@@ -398,30 +501,78 @@ pub(super) fn accept(
         }
     };
     control.set_read_timeout(Some(config.timeout))?;
-    let hello = match first {
-        Ok(ControlMessage::Hello(h)) => h,
-        Ok(ControlMessage::Refused { reason }) => {
-            return Err(MigrationError::Refused(reason));
-        }
-        Ok(other) => {
-            let err = WireError::Unexpected(format!("{other:?} instead of a handshake"));
-            return Err(refuse(&mut control, err.into()));
-        }
-        Err(ControlReadError::Wire(WireError::ControlTooLarge(len))) => {
-            // A handshake is small: a huge length is another protocol's first bytes.
-            let first = (len as u32).to_le_bytes();
-            return Err(refuse(
-                &mut control,
-                WireError::NotDwcp(wire::bytes_text(&first)).into(),
-            ));
-        }
-        Err(e) => {
-            let err = control_error(e, "reading the handshake");
-            if let MigrationError::Protocol(_) = &err {
-                return Err(refuse(&mut control, err));
+    let hello = match (first, resuming) {
+        (Ok(ControlMessage::Hello(h)), None) => h,
+        (Ok(ControlMessage::Resume(h)), Some(session)) => {
+            if h.session_id != session.session_id {
+                let e = MigrationError::RefusedSource(format!(
+                    "no session {:032x} to resume here (this destination waits for another \
+                     session's source to come back)",
+                    h.session_id
+                ));
+                return Err(refuse(&mut control, e));
             }
-            return Err(err);
+            let peer = control.security().map(|s| s.peer);
+            if peer != session.peer {
+                let e = MigrationError::RefusedSource(format!(
+                    "session {:032x} was opened by {}, not by {}",
+                    h.session_id,
+                    session
+                        .peer
+                        .as_deref()
+                        .unwrap_or("an unauthenticated source"),
+                    peer.as_deref().unwrap_or("an unauthenticated source"),
+                ));
+                return Err(refuse(&mut control, e));
+            }
+            if h.streams != session.streams {
+                let e = MigrationError::RefusedSource(format!(
+                    "session {:032x} had {} data streams; its resume announced {}",
+                    h.session_id, session.streams, h.streams
+                ));
+                return Err(refuse(&mut control, e));
+            }
+            h
         }
+        (Ok(ControlMessage::Hello(_)), Some(session)) => {
+            let e = MigrationError::RefusedSource(format!(
+                "busy: this destination keeps session {:032x} for its source to resume \
+                 (its connections were lost); try again once it has finished",
+                session.session_id
+            ));
+            return Err(refuse(&mut control, e));
+        }
+        (Ok(ControlMessage::Resume(h)), None) => {
+            let e = MigrationError::RefusedSource(format!(
+                "no session {:032x} to resume here: it ended, or its grace period ran out",
+                h.session_id
+            ));
+            return Err(refuse(&mut control, e));
+        }
+        (first, _) => match first {
+            Ok(ControlMessage::Refused { reason }) => {
+                return Err(MigrationError::Refused(reason));
+            }
+            Ok(other) => {
+                let err = WireError::Unexpected(format!("{other:?} instead of a handshake"));
+                return Err(refuse(&mut control, err.into()));
+            }
+            Err(ControlReadError::Wire(WireError::ControlTooLarge(len))) => {
+                // A handshake is small: a huge length is another protocol's first bytes.
+                let first = (len as u32).to_le_bytes();
+                return Err(refuse(
+                    &mut control,
+                    WireError::NotDwcp(wire::bytes_text(&first)).into(),
+                ));
+            }
+            Err(e) => {
+                let err = control_error(e, "reading the handshake");
+                if let MigrationError::Protocol(_) = &err {
+                    return Err(refuse(&mut control, err));
+                }
+                return Err(err);
+            }
+        },
     };
     let provided_len = match &memory {
         DestMemory::Provided(m) => Some(m.len() as u64),
@@ -480,7 +631,10 @@ pub(super) fn accept(
             }
         }
     };
-    let granted = hello.capabilities & (caps::ALL | caps::DEVICE_STATE) & config.capabilities;
+    let granted = match resuming {
+        Some(session) => session.granted,
+        None => hello.capabilities & (caps::ALL | caps::DEVICE_STATE) & config.capabilities,
+    };
     let keys = control.session_keys(hello.streams)?;
     control
         .send(&ControlMessage::Welcome {
@@ -654,7 +808,8 @@ impl ControlLink {
 
     /// Send one message.
     pub fn send(&mut self, msg: &ControlMessage) -> Result<(), MigrationError> {
-        write_control(&mut self.writer, msg).map_err(io("writing to the control stream"))
+        write_control(&mut self.writer, msg)
+            .map_err(|e| MigrationError::Disconnected(format!("writing the control stream: {e}")))
     }
 
     /// Send one message, ignoring failure (the session is over anyway).
@@ -666,11 +821,9 @@ impl ControlLink {
     pub fn try_recv(&self) -> Result<Option<ControlMessage>, MigrationError> {
         match self.incoming.try_recv() {
             Ok(Ok(msg)) => Ok(Some(msg)),
-            Ok(Err(e)) => Err(control_error(e, "reading the control stream")),
+            Ok(Err(e)) => Err(link_error(e)),
             Err(TryRecvError::Empty) => Ok(None),
-            Err(TryRecvError::Disconnected) => {
-                Err(WireError::UnexpectedEof("control stream").into())
-            }
+            Err(TryRecvError::Disconnected) => Err(link_closed()),
         }
     }
 
@@ -681,11 +834,9 @@ impl ControlLink {
     ) -> Result<Option<ControlMessage>, MigrationError> {
         match self.incoming.recv_timeout(timeout) {
             Ok(Ok(msg)) => Ok(Some(msg)),
-            Ok(Err(e)) => Err(control_error(e, "reading the control stream")),
+            Ok(Err(e)) => Err(link_error(e)),
             Err(RecvTimeoutError::Timeout) => Ok(None),
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(WireError::UnexpectedEof("control stream").into())
-            }
+            Err(RecvTimeoutError::Disconnected) => Err(link_closed()),
         }
     }
 

@@ -25,7 +25,9 @@
 //! - `source`: the source's session: rounds, live changes, the switchover;
 //! - `dest`: the destination's session;
 //! - [`live`]: settings epochs and reports shared with the slow path;
-//! - `steer`: codec steering; `report`: progress and reports.
+//! - `steer`: codec steering; `report`: progress and reports;
+//! - `resume`: comparing the two sides' CRC tables when a session whose connections
+//!   were lost is resumed.
 //!
 //! Guests with device state (a QEMU VM): the hypervisor saves it while the final round
 //! is collected, it goes with the final round on the data streams, the destination
@@ -45,6 +47,7 @@ mod handshake;
 pub mod live;
 pub mod precopy;
 mod report;
+mod resume;
 mod source;
 mod steer;
 
@@ -59,7 +62,7 @@ pub use live::{Epoch, LiveControl, LiveReport, LiveSettings};
 pub use precopy::DowntimeEstimate;
 pub use report::{
     DowntimeMeasured, DowntimeReport, MigrationReport, Progress, RoundStats, SecurityReport,
-    StreamLoss, TransportReport, WorkerStatus,
+    SessionResume, StreamLoss, TransportReport, WorkerStatus,
 };
 pub use source::{SourceConfig, migrate, migrate_live, migrate_with_policy};
 pub use steer::{CodecReport, SettingsChange};
@@ -140,6 +143,10 @@ pub enum MigrationError {
     /// A stream or worker failed.
     #[error("transport: {0}")]
     Transport(String),
+    /// Every connection to the peer was lost (reset, closed, or timed out by the
+    /// kernel); with [`crate::wire::caps::RESUME`] the session may be resumed.
+    #[error("connection to the peer lost: {0}")]
+    Disconnected(String),
     /// Dirty tracking failed.
     #[error(transparent)]
     Dirty(#[from] DirtyLogError),
@@ -193,6 +200,8 @@ pub mod counters {
     static LOST_AT_DESTINATION: AtomicU64 = AtomicU64::new(0);
     static REPLACED: AtomicU64 = AtomicU64::new(0);
     static PAGES_REQUEUED: AtomicU64 = AtomicU64::new(0);
+    static SESSIONS_RESUMED: AtomicU64 = AtomicU64::new(0);
+    static PAGES_RESENT_AFTER_RESUME: AtomicU64 = AtomicU64::new(0);
 
     /// The counts so far.
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -205,6 +214,10 @@ pub mod counters {
         pub replaced: u64,
         /// Pages queued again on other streams (as source).
         pub pages_requeued: u64,
+        /// Sessions resumed after every connection was lost (as source).
+        pub sessions_resumed: u64,
+        /// Pages sent again after those resumes, having gone out before (as source).
+        pub pages_resent_after_resume: u64,
     }
 
     // Relaxed throughout: independent counters, read only for reports.
@@ -222,6 +235,11 @@ pub mod counters {
         REPLACED.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn resumed(pages_resent: u64) {
+        SESSIONS_RESUMED.fetch_add(1, Ordering::Relaxed);
+        PAGES_RESENT_AFTER_RESUME.fetch_add(pages_resent, Ordering::Relaxed);
+    }
+
     /// The counts so far.
     pub fn stream_losses() -> StreamLosses {
         StreamLosses {
@@ -229,6 +247,8 @@ pub mod counters {
             lost_at_destination: LOST_AT_DESTINATION.load(Ordering::Relaxed),
             replaced: REPLACED.load(Ordering::Relaxed),
             pages_requeued: PAGES_REQUEUED.load(Ordering::Relaxed),
+            sessions_resumed: SESSIONS_RESUMED.load(Ordering::Relaxed),
+            pages_resent_after_resume: PAGES_RESENT_AFTER_RESUME.load(Ordering::Relaxed),
         }
     }
 }

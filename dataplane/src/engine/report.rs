@@ -177,6 +177,33 @@ pub struct StreamLoss {
     pub restored_from_round: Option<u64>,
 }
 
+/// A session whose connections were all lost and that was resumed (see `resume`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SessionResume {
+    /// The round that was interrupted (and sent on after the comparison).
+    pub round: u64,
+    /// What ended the connections.
+    pub cause: String,
+    /// From the loss to a new session welcomed, seconds.
+    pub outage_seconds: f64,
+    /// Connection attempts it took.
+    pub attempts: u32,
+    /// Comparing the CRC tables (the source's reads of the interrupted round's pages
+    /// included), seconds.
+    pub compare_seconds: f64,
+    /// Chunks compared, and those whose digests differed.
+    pub chunks: u64,
+    /// Chunks whose digests differed.
+    pub differing_chunks: u64,
+    /// Digest and entry bytes the comparison exchanged, both ways.
+    pub bytes_exchanged: u64,
+    /// Pages the comparison found missing or stale at the destination (sent next).
+    pub pages_to_send: u64,
+    /// Of those, pages that had gone out before the loss as they are now, and were
+    /// lost in flight: sent twice.
+    pub pages_resent: u64,
+}
+
 /// How an authenticated session was secured.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct SecurityReport {
@@ -263,6 +290,17 @@ pub struct MigrationReport {
     pub notes: Vec<String>,
     /// What the codec pipeline did, when the session could use it.
     pub codec: Option<super::CodecReport>,
+    /// Every time the session's connections were all lost and it was resumed.
+    pub resumes: Vec<SessionResume>,
+}
+
+impl MigrationReport {
+    /// Bytes sent again after resumes (pages that had gone out before a loss) over
+    /// the memory's size.
+    pub fn resent_fraction(&self) -> f64 {
+        let pages: u64 = self.resumes.iter().map(|r| r.pages_resent).sum();
+        pages as f64 / self.pages.max(1) as f64
+    }
 }
 
 /// Codec settings in a few words.
@@ -341,6 +379,25 @@ impl fmt::Display for MigrationReport {
                     Some(r) => format!("replaced from round {r}"),
                     None => "not replaced".into(),
                 }
+            )?;
+        }
+        for r in &self.resumes {
+            writeln!(
+                f,
+                "  connections lost in round {} ({}); resumed after {:.2} s and {} attempt{}: \
+                 tables compared in {:.3} s ({} of {} chunks differed, {} bytes exchanged), \
+                 {} pages to send, {} of them sent before",
+                r.round,
+                r.cause,
+                r.outage_seconds,
+                r.attempts,
+                if r.attempts == 1 { "" } else { "s" },
+                r.compare_seconds,
+                r.differing_chunks,
+                r.chunks,
+                r.bytes_exchanged,
+                r.pages_to_send,
+                r.pages_resent
             )?;
         }
         writeln!(

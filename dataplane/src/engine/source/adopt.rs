@@ -134,7 +134,7 @@ impl Session<'_> {
 
     /// Cap every stream at its share of `total` (bytes per second) over the streams
     /// carrying pages.
-    fn apply_pacing(&mut self, total: Option<u64>) {
+    pub(super) fn apply_pacing(&mut self, total: Option<u64>) {
         let per_stream = total.map(|t| (t / u64::from(self.active_streams.max(1))).max(1));
         let mut failed = None;
         for s in self.fleet.sockets() {
@@ -186,6 +186,24 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// The fleet's workers are all new (a transport switch, a resumed session): hand
+    /// them the codec settings and dictionary in force, the idle strategy and the
+    /// zero-copy setting, ahead of any run.
+    pub(super) fn settings_to_new_workers(&mut self) -> Result<(), MigrationError> {
+        let mut changes = Vec::new();
+        if let Some(steering) = &mut self.steering {
+            changes.extend(steering.set_workers(self.fleet.streams_per_worker()));
+        }
+        for w in 0..self.fleet.len() {
+            changes.push((w, TxControl::SetIdle(self.settings.idle)));
+            changes.push((w, TxControl::SetZeroCopy(self.settings.zero_copy)));
+        }
+        for (w, change) in changes {
+            self.push_control(w, change)?;
+        }
+        Ok(())
+    }
+
     /// Move the open streams to workers of `kind`. Round `round` has been sent: each
     /// worker sends whatever else it holds, waits until the kernel has given back every
     /// buffer, and exits leaving its streams open; new workers then carry the same
@@ -215,17 +233,7 @@ impl Session<'_> {
         // Everything queued for the old workers is void; the new ones get the whole
         // state, ahead of any run.
         self.deferred_control.clear();
-        let mut changes = Vec::new();
-        if let Some(steering) = &mut self.steering {
-            changes.extend(steering.set_workers(self.fleet.streams_per_worker()));
-        }
-        for w in 0..self.fleet.len() {
-            changes.push((w, TxControl::SetIdle(self.settings.idle)));
-            changes.push((w, TxControl::SetZeroCopy(self.settings.zero_copy)));
-        }
-        for (w, change) in changes {
-            self.push_control(w, change)?;
-        }
+        self.settings_to_new_workers()?;
         self.transport_notes.push(format!(
             "transport: {from} → {kind} after round {round} (live)"
         ));

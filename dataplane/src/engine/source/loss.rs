@@ -75,7 +75,7 @@ const REPORTS_STALE_AFTER: Duration = Duration::from_millis(600);
 /// lost stream's share of them can be queued again.
 pub(super) struct SentSet {
     round: u64,
-    pages: DirtyBitmap,
+    pub pages: DirtyBitmap,
     /// Pages of `pages` from here on were not queued (yet).
     pub queued_below: u64,
 }
@@ -380,7 +380,7 @@ impl Session<'_> {
             let mut lost = self.losses.routes.lost();
             lost.insert(l.stream);
             if lost.len() >= usize::from(self.config.streams) {
-                return Err(MigrationError::Transport(format!(
+                return Err(MigrationError::Disconnected(format!(
                     "every data stream was lost (the last, stream {}: {})",
                     l.stream, l.reason
                 )));

@@ -10,6 +10,7 @@
 
 mod adopt;
 mod loss;
+mod reconnect;
 mod switchover;
 
 use super::MigrationError;
@@ -67,6 +68,9 @@ pub struct SourceConfig {
     /// A data stream with bytes outstanding and no progress for this long is given up
     /// and its pages go to the others. `None`: 3 × its smoothed RTT + 1 s.
     pub stream_stall: Option<Duration>,
+    /// When every connection to the destination is lost, keep reconnecting for this
+    /// long and resume the session (zero: fail at once, as without resume).
+    pub resume_grace: Duration,
 }
 
 impl Default for SourceConfig {
@@ -87,6 +91,7 @@ impl Default for SourceConfig {
             reply_timeout: Duration::from_secs(60),
             security: None,
             stream_stall: None,
+            resume_grace: Duration::from_secs(60),
         }
     }
 }
@@ -219,6 +224,17 @@ struct Session<'a> {
     live_notes: Vec<String>,
     /// Lost streams: the routes around them, the pages to queue again.
     losses: loss::Losses,
+    /// Where the destination is, and the session there (for replacements and resumes).
+    peer: SocketAddr,
+    session_id: u128,
+    /// Capabilities the destination granted.
+    granted: u64,
+    /// The guest's device state follows its memory.
+    device_state: bool,
+    /// The workers' codec setup, for workers started after a resume.
+    codec: Option<CodecSetup>,
+    /// Every resume of the session so far.
+    resumes: Vec<super::report::SessionResume>,
 }
 
 /// Migrate `memory` to the destination at `peer` while `guest` runs, tracking writes
@@ -456,6 +472,7 @@ impl<'a> Session<'a> {
             codec: codec.clone(),
             records: opened.keys.clone(),
         };
+        let codec_for_resume = codec.clone();
         let security = opened.control.security();
         let fleet = TxFleet::spawn(
             probe.kind,
@@ -546,6 +563,12 @@ impl<'a> Session<'a> {
                 peer,
                 opened.session_id,
             ),
+            peer,
+            session_id: opened.session_id,
+            granted: opened.accepted,
+            device_state,
+            codec: codec_for_resume,
+            resumes: Vec::new(),
         })
     }
 
@@ -737,7 +760,7 @@ impl<'a> Session<'a> {
         self.losses
             .routes
             .route(page)
-            .ok_or_else(|| MigrationError::Transport("every data stream was lost".into()))
+            .ok_or_else(|| MigrationError::Disconnected("every data stream was lost".into()))
     }
 
     /// Queue the pages a lost stream left (see `loss`), as runs within chunks.
@@ -899,6 +922,34 @@ impl<'a> Session<'a> {
         progress(&p);
     }
 
+    /// Send round `round` (`pages`) and close it; then the changes that wait for a
+    /// round boundary. Returns the pages queued, those a change left for the next
+    /// round, and the round's totals.
+    fn send_round(
+        &mut self,
+        round: u64,
+        pages: &DirtyBitmap,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(u64, Option<DirtyBitmap>, super::fleet::RoundTotals), MigrationError> {
+        let (sent, unsent) = self.push_pages(pages, true, progress)?;
+        self.totals.round_queued = sent;
+        let round_totals = self.end_round(round)?;
+        // A round trip measured as the next round starts, when little is in flight,
+        // is what the switchover's confirmation will see; its answer arrives during
+        // that round, in time for the decision after it.
+        self.ping(Instant::now())?;
+        if let Some(kind) = self.pending_transport.take() {
+            self.switch_transport(kind, round)?;
+        }
+        if let Some(active) = self.pending_streams.take() {
+            self.switch_streams(active, round)?;
+        }
+        if self.losses.restorable() {
+            self.restore_streams(round)?;
+        }
+        Ok((sent, unsent, round_totals))
+    }
+
     fn run(
         &mut self,
         guest: &dyn GuestControl,
@@ -922,28 +973,24 @@ impl<'a> Session<'a> {
         let mut last_collect = Instant::now();
         let mut round = 0u64;
         let (final_set, plan) = loop {
-            let round_start = Instant::now();
+            let mut round_start = Instant::now();
             self.current_round = round;
             self.totals.round_pages = dirty.count();
-            self.totals.start_round();
-            let (sent, unsent) = self.push_pages(&dirty, true, progress)?;
-            self.totals.round_queued = sent;
-            let round_totals = self.end_round(round)?;
+            let (sent, unsent, round_totals) = loop {
+                self.totals.start_round();
+                match self.send_round(round, &dirty, progress) {
+                    Ok(done) => break done,
+                    Err(e) => {
+                        // Every connection lost: resume the session, and send what
+                        // the destination lacks of this round and before.
+                        dirty = self.resume_session(round, &dirty, e)?;
+                        self.totals.round_pages = dirty.count();
+                        round_start = Instant::now();
+                    }
+                }
+            };
             let seconds = round_start.elapsed().as_secs_f64();
-            // A round trip measured as the next round starts, when little is in flight,
-            // is what the switchover's confirmation will see; its answer arrives during
-            // that round, in time for the decision after it.
-            self.ping(Instant::now())?;
             self.totals.add_round(sent, round_totals.bytes, seconds);
-            if let Some(kind) = self.pending_transport.take() {
-                self.switch_transport(kind, round)?;
-            }
-            if let Some(active) = self.pending_streams.take() {
-                self.switch_streams(active, round)?;
-            }
-            if self.losses.restorable() {
-                self.restore_streams(round)?;
-            }
             // What the guest wrote while this round went out, and what a round ended
             // early for a change of streams left unsent.
             let mut next = DirtyBitmap::new(pages);
@@ -1078,6 +1125,7 @@ impl<'a> Session<'a> {
             simd: dwcp_simd::Kernels::active().level().to_string(),
             notes: std::mem::take(&mut self.live_notes),
             codec: self.steering.take().map(Steering::finish),
+            resumes: std::mem::take(&mut self.resumes),
             rounds,
         })
     }

@@ -1,0 +1,258 @@
+//! Resuming the session when every connection to the destination is lost (reset,
+//! closed, or given up by the kernel after `resume_grace`), before the switchover.
+//!
+//! The guest keeps running here throughout. The source stops the session's workers,
+//! then reconnects with backoff and jitter for up to `resume_grace`, opening the new
+//! control stream with [`ControlMessage::Resume`] of the same session (in an
+//! authenticated session, a new TLS session with the same identities; the data streams
+//! are bound to it as for a new session). The destination has kept the session's
+//! memory and table meanwhile.
+//!
+//! Before comparing, the source records the current CRC of every page of the round that
+//! was interrupted: some were sent, some not (their entries are a previous round's),
+//! and some changed since; what the destination must end up holding is their current
+//! content. The tables are then compared chunk by chunk (see `engine::resume`), and the
+//! round goes on with the pages that differ: the interrupted round's that did not
+//! arrive or changed, and any of an unacknowledged earlier round that was lost on the
+//! way. Pages the dirty log records from now on follow in the next rounds as usual.
+//!
+//! Resuming starts new workers and codecs on both sides (codec caches start empty, the
+//! dictionary and settings in force are handed to the new workers) and every stream is
+//! carrying pages again. A failure inside the paused window is not resumed: the
+//! migration ends with the guest running here, as before.
+
+use super::Session;
+use super::loss::Losses;
+use crate::crc_table::OUT_OF_BAND_SLOT;
+use crate::dirty::DirtyBitmap;
+use crate::engine::fleet::TxFleet;
+use crate::engine::handshake::{self, ControlLink, Opened};
+use crate::engine::report::SessionResume;
+use crate::engine::{MigrationError, resume};
+use crate::memory::PAGE_SIZE;
+use crate::transport::{TransportKind, TxSetup};
+use crate::wire::caps;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// First wait between connection attempts; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+impl Session<'_> {
+    /// Round `round` (its pages `round_pages`) failed with `cause`. If every connection
+    /// was lost and the destination takes part, resume the session and return the
+    /// pages to send to finish the round; else return `cause`.
+    pub(super) fn resume_session(
+        &mut self,
+        round: u64,
+        round_pages: &DirtyBitmap,
+        cause: MigrationError,
+    ) -> Result<DirtyBitmap, MigrationError> {
+        if !resume::may_resume(&cause, self.granted) || self.config.resume_grace.is_zero() {
+            return Err(cause);
+        }
+        if let Some(theirs) = self.destination_abort(Duration::from_millis(100)) {
+            return Err(MigrationError::Transport(format!(
+                "destination aborted: {theirs} (here: {cause})"
+            )));
+        }
+        let lost_at = Instant::now();
+        eprintln!(
+            "dwcp: {cause} in round {round}; reconnecting for up to {} s to resume the session",
+            self.config.resume_grace.as_secs()
+        );
+        self.stop_connections();
+        if let Some(live) = self.live {
+            live.set_activity(format!(
+                "connections lost in round {round} ({cause}); reconnecting to resume"
+            ));
+        }
+        let (opened, attempts) = self.reopen(lost_at, &cause)?;
+        let outage_seconds = lost_at.elapsed().as_secs_f64();
+        let compare_start = Instant::now();
+        // What the destination must end up holding of this round: its pages now. A
+        // page whose entry already says so went out in this round as it is now (the
+        // workers record what they send); if it is missing at the destination it was
+        // lost in flight, and sending it again is the only waste a resume costs.
+        let kernels = dwcp_simd::Kernels::active();
+        let mut page = vec![0u8; PAGE_SIZE];
+        let mut sent_as_now = DirtyBitmap::new(round_pages.pages());
+        for p in round_pages.iter() {
+            self.memory.read_page(p, &mut page);
+            let crc = kernels.crc32c(&page);
+            if self.table.get(p) == crc {
+                sent_as_now.set(p);
+            } else {
+                self.table.record(p, crc, OUT_OF_BAND_SLOT);
+            }
+        }
+        let mut opened = opened;
+        let comparison = resume::compare_as_source(&mut opened.control, &self.table, round)?;
+        let compare_seconds = compare_start.elapsed().as_secs_f64();
+        let to_send = comparison.differing_pages;
+        // Sent before: as they are now in this round, or in an earlier one.
+        let pages_resent = to_send
+            .iter()
+            .filter(|&p| sent_as_now.get(p) || !round_pages.get(p))
+            .count() as u64;
+        self.start_connections(opened, round)?;
+        let report = SessionResume {
+            round,
+            cause: cause.to_string(),
+            outage_seconds,
+            attempts,
+            compare_seconds,
+            chunks: comparison.chunks,
+            differing_chunks: comparison.differing_chunks,
+            bytes_exchanged: comparison.bytes_exchanged,
+            pages_to_send: to_send.count(),
+            pages_resent,
+        };
+        eprintln!(
+            "dwcp: session resumed after {outage_seconds:.2} s ({attempts} attempts): {} of {} \
+             chunks differed ({} bytes exchanged); {} pages to send, {} of them sent before",
+            report.differing_chunks,
+            report.chunks,
+            report.bytes_exchanged,
+            report.pages_to_send,
+            report.pages_resent
+        );
+        crate::engine::counters::resumed(pages_resent);
+        self.resumes.push(report);
+        Ok(to_send)
+    }
+
+    /// Stop the dead session's workers, replacements and control stream.
+    fn stop_connections(&mut self) {
+        // Release: pairs with the Acquire of replacements still connecting.
+        self.losses.closing.store(true, Ordering::Release);
+        self.fleet.shutdown_sockets();
+        self.fleet.close();
+        self.control.shutdown();
+        self.deferred_control.clear();
+    }
+
+    /// Connect again until the destination welcomes the resume, backing off with
+    /// jitter, for up to `resume_grace` after `lost_at`. Returns the session and the
+    /// attempts it took.
+    fn reopen(
+        &mut self,
+        lost_at: Instant,
+        cause: &MigrationError,
+    ) -> Result<(Opened, u32), MigrationError> {
+        let never = AtomicBool::new(false);
+        let cancel = self.live.map_or(&never, |l| l.cancel_flag());
+        let deadline = lost_at + self.config.resume_grace;
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempts = 0u32;
+        loop {
+            if let Some(reason) = self.live.and_then(|l| l.cancelled()) {
+                return Err(MigrationError::Aborted {
+                    reason: format!("cancelled while reconnecting: {reason}"),
+                    rounds: self.current_round,
+                });
+            }
+            attempts += 1;
+            let mut config = self.config.clone();
+            // An attempt must not outlast the grace period.
+            let left = deadline.saturating_duration_since(Instant::now());
+            config.connect_timeout = config.connect_timeout.min(left.max(FIRST_BACKOFF));
+            config.reply_timeout = config.reply_timeout.min(left.max(FIRST_BACKOFF));
+            let error = match handshake::reopen(
+                self.peer,
+                self.memory.len() as u64,
+                self.device_state,
+                &config,
+                cancel,
+                self.session_id,
+            ) {
+                Ok(opened) if opened.accepted & caps::RESUME != 0 => return Ok((opened, attempts)),
+                Ok(_) => {
+                    return Err(MigrationError::Transport(
+                        "the destination welcomed the resume without granting it".into(),
+                    ));
+                }
+                // The destination answered: it no longer has the session, or will
+                // not give it to this source. Trying again cannot help. (A TLS
+                // handshake that fails is tried again: a path that resets connections
+                // cuts handshakes too; the identities have not changed.)
+                Err(e @ MigrationError::Refused(_)) => {
+                    return Err(MigrationError::Transport(format!(
+                        "{cause}; the session could not be resumed: {e}"
+                    )));
+                }
+                Err(e @ MigrationError::Aborted { .. }) => return Err(e),
+                Err(e) => e,
+            };
+            let jitter = backoff.mul_f64(0.5 * jitter_fraction());
+            let wait = backoff.mul_f64(0.75) + jitter;
+            if Instant::now() + wait >= deadline {
+                return Err(MigrationError::Transport(format!(
+                    "{cause}; no new connection within resume_grace ({} s, {attempts} \
+                     attempts, the last: {error}); the guest runs here as before",
+                    self.config.resume_grace.as_secs()
+                )));
+            }
+            std::thread::sleep(wait);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Carry the session on over `opened`, from round `round`: new workers and control
+    /// stream, every stream carrying pages again.
+    fn start_connections(&mut self, opened: Opened, round: u64) -> Result<(), MigrationError> {
+        let kind = self.fleet.kind();
+        let zero_copy = kind == TransportKind::IoUring && self.setup.uring_zero_copy;
+        let setup = TxSetup {
+            memory: self.memory.clone(),
+            table: self.table.clone(),
+            codec: self.codec.clone(),
+            records: opened.keys.clone(),
+        };
+        self.fleet = TxFleet::spawn(
+            kind,
+            zero_copy,
+            opened.streams,
+            setup,
+            &self.config.transport,
+            self.config.workers,
+        )?;
+        self.control = ControlLink::new(opened.control, &self.config.transport.socket)?;
+        let report = std::mem::take(&mut self.losses.report);
+        self.losses = Losses::new(
+            opened.accepted & caps::STREAM_LOSS != 0,
+            self.config.streams,
+            self.config.stream_stall,
+            self.peer,
+            self.session_id,
+        );
+        self.losses.report = report;
+        self.active_streams = self.config.streams;
+        self.pending_streams = None;
+        if let Some(live) = self.live {
+            live.set_active_streams(self.active_streams);
+        }
+        // Every round before this one is settled by the comparison.
+        self.unacknowledged.clear();
+        self.applied_round = round.checked_sub(1);
+        self.settings_to_new_workers()?;
+        let pacing = self.settings.pacing_rate;
+        if pacing.is_some() {
+            self.apply_pacing(pacing);
+        }
+        self.last_activity = Instant::now();
+        Ok(())
+    }
+}
+
+/// A number in [0, 1) that differs between calls and appliances (for backoff jitter).
+fn jitter_fraction() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    let mixed =
+        u64::from(nanos).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(std::process::id());
+    (mixed >> 11) as f64 / (1u64 << 53) as f64
+}
