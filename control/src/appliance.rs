@@ -83,14 +83,32 @@ pub fn run_dest(
             )
             .map_err(|e| format!("receiving VM {name:?}: {e}"))
         }
-        None => engine::receive_cancellable(
-            &listener,
-            DestMemory::Allocate(PagePreference::TransparentHuge),
-            &dest_config,
-            &cancel,
-        )
-        .map_err(|e| e.to_string()),
+        None => {
+            engine::receive_cancellable(&listener, incoming_memory(config)?, &dest_config, &cancel)
+                .map_err(|e| e.to_string())
+        }
     }
+}
+
+/// Where a guest without a VM is received: the session a restarted appliance left
+/// (its record in `[control] state_dir`), `[dest] memory_file`, or this process's
+/// memory.
+pub fn incoming_memory(config: &Config) -> Result<DestMemory, String> {
+    if let Some(record_path) = config.incoming_session_record()
+        && record_path.exists()
+    {
+        let record = engine::SessionRecord::read(&record_path).map_err(|e| e.to_string())?;
+        eprintln!(
+            "dwcpd: resuming session {:032x} left by the last run (memory file {})",
+            record.session_id,
+            record.memory_file.display()
+        );
+        return Ok(DestMemory::Resume(record));
+    }
+    Ok(match &config.dest.memory_file {
+        Some(path) => DestMemory::File(path.clone()),
+        None => DestMemory::Allocate(PagePreference::TransparentHuge),
+    })
 }
 
 /// A directory of certificates removed when dropped.

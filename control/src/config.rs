@@ -248,6 +248,10 @@ pub struct DestSection {
     /// The incoming QEMU VM's QMP socket (started with `-incoming defer`): received
     /// memory goes into its RAM file and the device state into QEMU.
     pub qmp: Option<PathBuf>,
+    /// Received memory of a guest without a VM goes into this file (on /dev/shm or
+    /// hugetlbfs, created at the guest's size) instead of this process's memory; with
+    /// `[control] state_dir`, a restarted destination resumes the session from it.
+    pub memory_file: Option<PathBuf>,
     /// Seconds a new connection has to say what it is, and a session to open its data
     /// streams after the welcome (anyone can connect; the silent are closed).
     pub handshake_timeout_seconds: u64,
@@ -261,6 +265,7 @@ impl Default for DestSection {
             listen: "0.0.0.0:7410".into(),
             timeout_seconds: 60,
             qmp: None,
+            memory_file: None,
             handshake_timeout_seconds: 5,
             max_memory: Size(0),
         }
@@ -391,6 +396,10 @@ pub struct ControlSection {
     pub metrics_addr: Option<String>,
     /// Feature flags persist here (in memory only when unset).
     pub flags_file: Option<PathBuf>,
+    /// Where the appliance keeps what must survive its restart: the record of a session
+    /// received into a memory file (`[dest] memory_file`), so that a restarted
+    /// destination resumes it (unset: nothing is kept).
+    pub state_dir: Option<PathBuf>,
     /// `auto` (detected) or a fixed mode: `datacenter`, `internet`, `hybrid`.
     pub mode: String,
     /// Seconds running migrations get to finish at shutdown before they are cancelled.
@@ -405,6 +414,7 @@ impl Default for ControlSection {
             socket: PathBuf::from(dwcp_api::DEFAULT_SOCKET),
             metrics_addr: None,
             flags_file: None,
+            state_dir: None,
             mode: "auto".into(),
             drain_seconds: 10,
             max_clients: 512,
@@ -626,6 +636,13 @@ impl Config {
                 errors.push(msg);
             }
         };
+        check(
+            &mut errors,
+            self.dest.qmp.is_none() || self.dest.memory_file.is_none(),
+            "dest.qmp and dest.memory_file both set: received memory goes into the incoming \
+             VM's RAM file, or into memory_file for a guest without a VM"
+                .into(),
+        );
         let m = &self.migration;
         check(
             &mut errors,
@@ -1071,6 +1088,16 @@ impl Config {
             // Loaded per session by whoever runs it (see `identity`).
             security: None,
             resume_grace: Duration::from_secs(self.migration.resume_grace_s),
+            session_record: self.incoming_session_record(),
+        }
+    }
+
+    /// Where the record of a session received into `[dest] memory_file` is kept, when
+    /// `[control] state_dir` is set.
+    pub fn incoming_session_record(&self) -> Option<PathBuf> {
+        match (&self.control.state_dir, &self.dest.memory_file) {
+            (Some(dir), Some(_)) => Some(dir.join("incoming.session")),
+            _ => None,
         }
     }
 

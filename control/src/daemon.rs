@@ -910,6 +910,7 @@ impl Daemon {
         let dest_config = config.dest_config();
         let dest_security = config.session_security();
         let dest_qmp = config.dest.qmp.clone();
+        let dest_app_config = config.clone();
         let dest_shutdown = shutdown.clone();
         let dest_cancel = DestCancel::default();
         let dest_cancelled = dest_cancel.clone();
@@ -919,6 +920,7 @@ impl Daemon {
                 dest_loop(
                     listener,
                     dest_config,
+                    &dest_app_config,
                     &dest_security,
                     dest_qmp,
                     &dest_shutdown,
@@ -1108,9 +1110,11 @@ impl DestCancel {
 
 /// Accept incoming migrations one after another until shutdown, telling the control
 /// thread about each.
+#[allow(clippy::too_many_arguments)]
 fn dest_loop(
     listener: TcpListener,
     mut config: engine::DestConfig,
+    app_config: &crate::config::Config,
     security: &crate::config::SessionSecurityConfig,
     vm_qmp: Option<std::path::PathBuf>,
     shutdown: &AtomicBool,
@@ -1176,15 +1180,18 @@ fn dest_loop(
                 )
                 .map_err(|e| format!("into VM {name:?}: {e}"))
             }
-            None => engine::receive_through(
-                &mut gate,
-                DestMemory::Allocate(dwcp_hugepages::PagePreference::TransparentHuge),
-                &config,
-                &session_cancel,
-                None,
-                &progress,
-            )
-            .map_err(|e| e.to_string()),
+            // A session a restart left, `[dest] memory_file`, or memory of this process.
+            None => crate::appliance::incoming_memory(app_config).and_then(|memory| {
+                engine::receive_through(
+                    &mut gate,
+                    memory,
+                    &config,
+                    &session_cancel,
+                    None,
+                    &progress,
+                )
+                .map_err(|e| e.to_string())
+            }),
         };
         let seen = progress.snapshot();
         if seen.peer.is_none() && result.is_err() {

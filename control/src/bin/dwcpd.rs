@@ -149,6 +149,13 @@ enum Mode {
         /// `-incoming defer`, its RAM a shared memory-backend-file of the same size).
         #[arg(long, value_name = "SOCKET")]
         qmp: Option<PathBuf>,
+        /// Receive a guest without a VM into this file (on /dev/shm or hugetlbfs).
+        #[arg(long, value_name = "PATH")]
+        memory_file: Option<PathBuf>,
+        /// Keep the record of a session received into `--memory-file` here; started
+        /// again after a crash, the destination resumes that session.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
@@ -386,6 +393,8 @@ fn main() -> ExitCode {
         Mode::Dest {
             listen,
             qmp,
+            memory_file,
+            state_dir,
             common,
         } => {
             let mut config = match configured(&common, None, listen) {
@@ -394,6 +403,15 @@ fn main() -> ExitCode {
             };
             if qmp.is_some() {
                 config.dest.qmp = qmp;
+            }
+            if memory_file.is_some() {
+                config.dest.memory_file = memory_file;
+            }
+            if state_dir.is_some() {
+                config.control.state_dir = state_dir;
+            }
+            if let Err(e) = config.validate() {
+                return fail(e);
             }
             let listening = |addr, vm: Option<&str>| match vm {
                 Some(name) => eprintln!("dwcpd: receiving on {addr} into VM {name:?}"),

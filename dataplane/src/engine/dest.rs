@@ -4,6 +4,7 @@
 use super::fleet::RxFleet;
 use super::gate::Acceptor;
 use super::handshake::{self, ControlLink};
+use super::record::SessionRecord;
 use super::report::SecurityReport;
 use super::resume;
 use super::{MigrationError, differing_pages, page_crcs, test_skip_final_round};
@@ -52,6 +53,10 @@ pub struct DestConfig {
     /// memory and table this long for the source to resume it; then give it up and
     /// release the memory (zero: give it up at once).
     pub resume_grace: Duration,
+    /// Where to keep the record of a session received into a memory file
+    /// ([`DestMemory::File`]), for resuming it after a restart: written once the
+    /// session is welcomed, removed when it ends.
+    pub session_record: Option<std::path::PathBuf>,
 }
 
 impl Default for DestConfig {
@@ -65,6 +70,7 @@ impl Default for DestConfig {
             capabilities: caps::ALL,
             security: None,
             resume_grace: Duration::from_secs(60),
+            session_record: None,
         }
     }
 }
@@ -75,6 +81,14 @@ pub enum DestMemory {
     Provided(Arc<GuestMemory>),
     /// Allocate memory of the announced size (refused if it exceeds available RAM).
     Allocate(PagePreference),
+    /// A file (on /dev/shm or hugetlbfs) created at the announced size. With
+    /// [`DestConfig::session_record`], a destination that restarts can resume the
+    /// session from it ([`DestMemory::Resume`]).
+    File(std::path::PathBuf),
+    /// Resume the session `record` describes, after this appliance restarted: its
+    /// memory file is read back into a CRC table (a full read), then the session waits
+    /// up to `resume_grace` for its source to resume it.
+    Resume(SessionRecord),
 }
 
 /// The destination's account of a session.
@@ -102,6 +116,8 @@ pub struct DestReport {
     pub streams_lost: Vec<(u16, String)>,
     /// Times every connection was lost and the source resumed the session.
     pub resumes: u32,
+    /// After a restart: reading the memory file back into a CRC table, seconds.
+    pub table_rebuild_seconds: Option<f64>,
 }
 
 /// What an incoming session has done so far, for whoever watches it (a daemon's
@@ -221,7 +237,7 @@ pub fn receive_through(
     memory: DestMemory,
     config: &DestConfig,
     cancel: &AtomicBool,
-    mut device: Option<&mut dyn DeviceStateSink>,
+    device: Option<&mut dyn DeviceStateSink>,
     progress: &ReceiveProgress,
 ) -> Result<DestReport, MigrationError> {
     progress.update(|p| p.phase = "handshake");
@@ -232,9 +248,167 @@ pub fn receive_through(
         config.capabilities &= !caps::DEVICE_STATE;
     }
     let config = &config;
-    let accepted = handshake::accept(gate, memory, config, cancel, &mut |peer| {
-        progress.update(|p| p.peer = Some(peer))
+    let record_file = match &memory {
+        DestMemory::File(path) => Some(path.clone()),
+        _ => None,
+    };
+    let (accepted, first_round, table, table_rebuild_seconds) = match memory {
+        DestMemory::Resume(record) => resume_after_restart(gate, record, config, cancel, progress)?,
+        memory => {
+            let accepted = handshake::accept(gate, memory, config, cancel, &mut |peer| {
+                progress.update(|p| p.peer = Some(peer))
+            })?;
+            let table = Arc::new(CrcTable::new(accepted.memory.pages()));
+            (accepted, 0, table, None)
+        }
+    };
+    // The record of a session in a memory file, for resuming it after a restart.
+    let record_path = match (&config.session_record, record_file) {
+        (Some(path), Some(memory_file)) => {
+            let record = SessionRecord {
+                session_id: accepted.session_id,
+                memory_file,
+                memory_bytes: accepted.memory.len() as u64,
+                streams: accepted.streams.len() as u16,
+                granted: accepted.granted,
+                peer: accepted.control.security().map(|s| s.peer),
+            };
+            if let Err(e) = record.write(path) {
+                eprintln!("dwcp: {e}; this session cannot be resumed after a restart");
+            }
+            Some(path.clone())
+        }
+        (Some(path), None) if first_round > 0 || table_rebuild_seconds.is_some() => {
+            Some(path.clone())
+        }
+        _ => None,
+    };
+    let result = receive_session(
+        gate,
+        accepted,
+        first_round,
+        table,
+        config,
+        cancel,
+        device,
+        progress,
+    );
+    if let Some(path) = record_path {
+        SessionRecord::remove(&path);
+    }
+    result.map(|mut report| {
+        report.table_rebuild_seconds = table_rebuild_seconds;
+        report
+    })
+}
+
+/// A restarted destination's session: rebuild the table from the memory file, wait for
+/// the source's resume, answer the table comparison.
+fn resume_after_restart(
+    gate: &mut Acceptor<'_>,
+    record: SessionRecord,
+    config: &DestConfig,
+    cancel: &AtomicBool,
+    progress: &ReceiveProgress,
+) -> Result<(handshake::Accepted, u64, Arc<CrcTable>, Option<f64>), MigrationError> {
+    let memory = GuestMemory::open_file(&record.memory_file).map_err(|e| {
+        MigrationError::Config(format!(
+            "resuming session {:032x}: memory file: {e}",
+            record.session_id
+        ))
     })?;
+    if memory.len() as u64 != record.memory_bytes {
+        return Err(MigrationError::Config(format!(
+            "resuming session {:032x}: {} holds {} bytes, the session {}",
+            record.session_id,
+            record.memory_file.display(),
+            memory.len(),
+            record.memory_bytes
+        )));
+    }
+    let memory = Arc::new(memory);
+    progress.update(|p| {
+        p.phase = "rebuilding";
+        p.memory_bytes = memory.len() as u64;
+    });
+    let started = Instant::now();
+    let table = Arc::new(CrcTable::from_memory(
+        &memory,
+        crate::crc_table::scan_threads(),
+    ));
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "dwcp: session {:032x}: CRC table rebuilt from {} in {seconds:.2} s ({:.2} GB/s); \
+         waiting up to {} s for the source to resume it",
+        record.session_id,
+        record.memory_file.display(),
+        memory.len() as f64 / seconds.max(1e-9) / 1e9,
+        config.resume_grace.as_secs()
+    );
+    progress.update(|p| p.phase = "interrupted");
+    let session = handshake::Resumable {
+        session_id: record.session_id,
+        memory,
+        streams: record.streams,
+        granted: record.granted,
+        peer: record.peer.clone(),
+    };
+    let deadline = Instant::now() + config.resume_grace;
+    loop {
+        if Instant::now() >= deadline {
+            return Err(MigrationError::Transport(format!(
+                "the source did not resume session {:032x} within resume_grace ({} s) of \
+                 this destination's restart",
+                record.session_id,
+                config.resume_grace.as_secs()
+            )));
+        }
+        let mut accepted = match handshake::accept_resume(
+            gate,
+            &session,
+            config,
+            cancel,
+            &mut |peer| progress.update(|p| p.peer = Some(peer)),
+            deadline,
+        ) {
+            Ok(a) => a,
+            Err(e @ MigrationError::Aborted { .. }) => return Err(e),
+            Err(e) => {
+                if Instant::now() < deadline {
+                    eprintln!("dwcp: while waiting for the resume: {e}");
+                }
+                continue;
+            }
+        };
+        match resume::answer_as_destination(&mut accepted.control, &table) {
+            Ok((round, differing)) => {
+                eprintln!(
+                    "dwcp: session resumed from round {round} after a restart ({differing} \
+                     table chunks differed)"
+                );
+                return Ok((accepted, round, table, Some(seconds)));
+            }
+            Err(e) if resume::may_resume(&e, session.granted) => {
+                eprintln!("dwcp: the resume failed while comparing tables: {e}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Receive the session `accepted` opened (or resumed, from round `first_round`, with
+/// `table` as rebuilt).
+#[allow(clippy::too_many_arguments)]
+fn receive_session(
+    gate: &mut Acceptor<'_>,
+    accepted: handshake::Accepted,
+    first_round: u64,
+    table: Arc<CrcTable>,
+    config: &DestConfig,
+    cancel: &AtomicBool,
+    mut device: Option<&mut dyn DeviceStateSink>,
+    progress: &ReceiveProgress,
+) -> Result<DestReport, MigrationError> {
     let memory = accepted.memory;
     let streams = accepted.streams.len() as u16;
     progress.update(|p| {
@@ -242,12 +416,11 @@ pub fn receive_through(
         p.streams = streams;
         p.phase = "precopy";
     });
-    let table = Arc::new(CrcTable::new(memory.pages()));
     let probe = transport::probe(&config.transport);
     let fence = Arc::new(StreamFence::default());
     let setup = RxSetup {
         fence: fence.clone(),
-        first_round: 0,
+        first_round,
         total_streams: streams,
         memory: memory.clone(),
         memory_is_fresh: accepted.fresh,
@@ -300,8 +473,8 @@ pub fn receive_through(
         memory,
         table,
         round_pages: Vec::new(),
-        rounds_applied: 0,
-        stream_rounds: vec![0; usize::from(streams)],
+        rounds_applied: first_round,
+        stream_rounds: vec![first_round; usize::from(streams)],
         stream_state: vec![StreamState::Open; usize::from(streams)],
         fence,
         loss_allowed: accepted.granted & caps::STREAM_LOSS != 0,
@@ -390,6 +563,7 @@ pub fn receive_through(
         security,
         streams_lost: coordinator.streams_lost.clone(),
         resumes: coordinator.resumes,
+        table_rebuild_seconds: None,
     })
 }
 

@@ -576,7 +576,8 @@ fn accept_session(
     };
     let provided_len = match &memory {
         DestMemory::Provided(m) => Some(m.len() as u64),
-        DestMemory::Allocate(_) => None,
+        DestMemory::Resume(r) => Some(r.memory_bytes),
+        DestMemory::Allocate(_) | DestMemory::File(_) => None,
     };
     if let Err(e) = hello.validate(provided_len) {
         return Err(refuse(&mut control, e.into()));
@@ -596,17 +597,42 @@ fn accept_session(
             MigrationError::RefusedSource(why.into()),
         ));
     }
+    let too_much = |bytes: u64| -> Option<MigrationError> {
+        config.max_memory.filter(|max| bytes > *max).map(|max| {
+            MigrationError::RefusedSource(format!(
+                "guest memory of {bytes} bytes is more than this destination admits \
+                     ({max} bytes, [dest] max_memory)"
+            ))
+        })
+    };
     let (memory, fresh) = match memory {
         DestMemory::Provided(m) => (m, false),
+        DestMemory::Resume(_) => {
+            return Err(refuse(
+                &mut control,
+                MigrationError::Config("a resumed session goes through accept_resume".into()),
+            ));
+        }
+        DestMemory::File(path) => {
+            if let Some(e) = too_much(hello.memory_bytes) {
+                return Err(refuse(&mut control, e));
+            }
+            match GuestMemory::file(&path, hello.memory_bytes as usize) {
+                // A new (truncated) file reads as zeros.
+                Ok(m) => (Arc::new(m), true),
+                Err(e) => {
+                    return Err(refuse(
+                        &mut control,
+                        MigrationError::RefusedSource(format!(
+                            "memory file {}: {e}",
+                            path.display()
+                        )),
+                    ));
+                }
+            }
+        }
         DestMemory::Allocate(prefer) => {
-            if let Some(max) = config.max_memory
-                && hello.memory_bytes > max
-            {
-                let e = MigrationError::RefusedSource(format!(
-                    "guest memory of {} bytes is more than this destination admits \
-                     ({max} bytes, [dest] max_memory)",
-                    hello.memory_bytes
-                ));
+            if let Some(e) = too_much(hello.memory_bytes) {
                 return Err(refuse(&mut control, e));
             }
             if let Some(avail) = available_memory()

@@ -27,7 +27,8 @@
 //! - [`live`]: settings epochs and reports shared with the slow path;
 //! - `steer`: codec steering; `report`: progress and reports;
 //! - `resume`: comparing the two sides' CRC tables when a session whose connections
-//!   were lost is resumed.
+//!   were lost is resumed; `record`: what a destination keeps on disk to resume a
+//!   session after it restarts.
 //!
 //! Guests with device state (a QEMU VM): the hypervisor saves it while the final round
 //! is collected, it goes with the final round on the data streams, the destination
@@ -46,6 +47,7 @@ mod gate;
 mod handshake;
 pub mod live;
 pub mod precopy;
+mod record;
 mod report;
 mod resume;
 mod source;
@@ -60,6 +62,7 @@ pub use fleet::split_cpus;
 pub use gate::Acceptor;
 pub use live::{Epoch, LiveControl, LiveReport, LiveSettings};
 pub use precopy::DowntimeEstimate;
+pub use record::{RecordError, SessionRecord};
 pub use report::{
     DowntimeMeasured, DowntimeReport, MigrationReport, Progress, RoundStats, SecurityReport,
     SessionResume, StreamLoss, TransportReport, WorkerStatus,

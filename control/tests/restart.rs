@@ -1,0 +1,175 @@
+//! A destination appliance killed mid-migration (SIGKILL) and started again resumes
+//! the session: it reads its memory file back into a CRC table, the source (which kept
+//! reconnecting, its guest running) resumes, the tables are compared, and only what the
+//! destination lacks — or what changed in its file while it was down — is sent again.
+
+mod common;
+
+use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
+use dwcp_dataplane::engine::{self, SourceConfig};
+use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
+use dwcp_dataplane::memory::{GuestMemory, PAGE_SIZE};
+use dwcp_dataplane::security::{Identity, SecurityFiles};
+use dwcp_hugepages::PagePreference;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const GUEST: usize = 128 << 20;
+/// A page the test overwrites in the destination's file while the appliance is down.
+const TAMPERED_PAGE: u64 = 3;
+
+/// `dwcpd dest` into a memory file with a state directory, its stderr in `log`.
+fn start_dest(port: u16, memory_file: &Path, state: &Path, log: &Path) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dwcpd"))
+        .arg("dest")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--memory-file")
+        .arg(memory_file)
+        .arg("--state-dir")
+        .arg(state)
+        .args(common::cert_args(1))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(log).is_ok_and(|l| l.contains("receiving on")) {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "dwcpd dest exited ({status}): {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "dwcpd dest did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn identity(which: usize) -> Arc<Identity> {
+    let lab = common::lab();
+    let (_, cert, key) = &lab.appliances[which];
+    Identity::load(&SecurityFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        ca: lab.ca.clone(),
+        peers: Vec::new(),
+    })
+    .expect("a lab identity")
+}
+
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+#[test]
+fn a_destination_killed_mid_migration_resumes_after_its_restart() {
+    let started = Instant::now();
+    let tag = format!("dwcp-restart-{}", std::process::id());
+    let memory_file = PathBuf::from("/dev/shm").join(format!("{tag}.mem"));
+    let dir = std::env::temp_dir().join(&tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = Cleanup(vec![memory_file.clone(), dir.clone()]);
+    let state = dir.join("state");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut dest = start_dest(port, &memory_file, &state, &dir.join("dest-1.log"));
+
+    let memory = Arc::new(GuestMemory::anonymous(GUEST, PagePreference::TransparentHuge).unwrap());
+    let workload = GuestWorkload {
+        dirty_rate: 5e6,
+        ..GuestWorkload::default()
+    };
+    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, 17);
+    let opened = open_dirty_log(&memory, DirtyLogKind::Uffd).unwrap();
+    let guest = SimulatedGuest::start(memory.clone(), &workload, opened.marker.clone());
+    let mut config = SourceConfig {
+        streams: 4,
+        security: Some(identity(0)),
+        resume_grace: Duration::from_secs(30),
+        ..SourceConfig::default()
+    };
+    // 40 MB/s in all: round 0 takes a few seconds, and the kill lands inside it.
+    config.transport.socket.pacing_rate = Some(10_000_000);
+    let peer = format!("127.0.0.1:{port}").parse().unwrap();
+    let source = std::thread::scope(|scope| {
+        let migrating = scope.spawn(|| {
+            engine::migrate(
+                peer,
+                memory.clone(),
+                &guest,
+                opened.log,
+                &config,
+                &mut |_| {},
+            )
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        dest.kill().unwrap();
+        let _ = dest.wait();
+        assert!(
+            state.join("incoming.session").exists(),
+            "the killed destination left its session's record"
+        );
+        // Its file changed while it was down: the comparison must not trust it.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&memory_file)
+            .unwrap();
+        file.seek(SeekFrom::Start(TAMPERED_PAGE * PAGE_SIZE as u64))
+            .unwrap();
+        file.write_all(&[0xEE; PAGE_SIZE]).unwrap();
+        drop(file);
+        dest = start_dest(port, &memory_file, &state, &dir.join("dest-2.log"));
+        migrating.join().unwrap()
+    });
+    let out = dest.wait_with_output().unwrap();
+    let dest_log = std::fs::read_to_string(dir.join("dest-2.log")).unwrap_or_default();
+    let report =
+        source.unwrap_or_else(|e| panic!("the source failed: {e}; destination: {dest_log}"));
+    assert!(out.status.success(), "the destination failed: {dest_log}");
+    eprintln!("{report}");
+    eprintln!("destination after its restart: {}", dest_log.trim());
+    assert!(dest_log.contains("CRC table rebuilt"), "{dest_log}");
+    assert_eq!(report.resumes.len(), 1, "{:?}", report.resumes);
+    let resume = &report.resumes[0];
+    assert_eq!(resume.round, 0);
+    // What the destination had kept was not sent again.
+    assert!(resume.pages_to_send < report.pages, "{resume:?}");
+    // The destination's file holds the guest, the tampered page included.
+    let received = std::fs::read(&memory_file).unwrap();
+    assert_eq!(received.len(), GUEST);
+    let ours = memory.to_vec();
+    let first_difference = received
+        .chunks(PAGE_SIZE)
+        .zip(ours.chunks(PAGE_SIZE))
+        .position(|(a, b)| a != b);
+    assert_eq!(first_difference, None);
+    assert!(
+        !state.join("incoming.session").exists(),
+        "the record outlived its session"
+    );
+    guest.stop();
+    eprintln!(
+        "resumed after {:.2} s, {} of {} pages sent again after the restart ({} lost in flight); \
+         test took {:.1} s",
+        resume.outage_seconds,
+        resume.pages_to_send,
+        report.pages,
+        resume.pages_resent,
+        started.elapsed().as_secs_f64()
+    );
+}

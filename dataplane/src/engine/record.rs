@@ -1,0 +1,164 @@
+//! What a destination keeps on disk about a session received into a memory file, so
+//! that it can resume the session after it restarts (see `resume`).
+//!
+//! One small text file, `key value` per line, written atomically (a temporary file,
+//! fsync, rename, fsync of the directory) once the session is welcomed, and removed
+//! when the session ends either way. Whatever survives a crash is therefore a session
+//! that was open: the restarted destination reads its memory file back into a CRC
+//! table (a full read) and waits for the source to resume.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A session a destination received into a memory file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The session's id.
+    pub session_id: u128,
+    /// Where its memory is.
+    pub memory_file: PathBuf,
+    /// Bytes of guest memory.
+    pub memory_bytes: u64,
+    /// Data streams.
+    pub streams: u16,
+    /// Capabilities granted.
+    pub granted: u64,
+    /// The authenticated source (a TLS session), which alone may resume it.
+    pub peer: Option<String>,
+}
+
+/// A record that could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The file system refused.
+    #[error("session record {path}: {source}")]
+    Io {
+        /// The record's path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not a session record.
+    #[error("session record {path}: {reason}")]
+    Malformed {
+        /// The record's path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl SessionRecord {
+    fn text(&self) -> String {
+        let mut text = format!(
+            "session {:032x}\nmemory_file {}\nmemory_bytes {}\nstreams {}\ngranted {:#x}\n",
+            self.session_id,
+            self.memory_file.display(),
+            self.memory_bytes,
+            self.streams,
+            self.granted
+        );
+        if let Some(peer) = &self.peer {
+            text.push_str(&format!("peer {peer}\n"));
+        }
+        text
+    }
+
+    /// Write the record to `path` atomically.
+    pub fn write(&self, path: &Path) -> Result<(), RecordError> {
+        let io = |source| RecordError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let tmp = path.with_extension("tmp");
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.write_all(self.text().as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        if let Some(dir) = dir {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Read the record at `path`.
+    pub fn read(path: &Path) -> Result<Self, RecordError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecordError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|reason| RecordError::Malformed {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let field = |key: &str| -> Result<&str, String> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
+                .ok_or_else(|| format!("no {key}"))
+        };
+        let number = |key: &str| -> Result<u64, String> {
+            let v = field(key)?;
+            match v.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => v.parse(),
+            }
+            .map_err(|e| format!("{key} {v:?}: {e}"))
+        };
+        let session = field("session")?;
+        Ok(SessionRecord {
+            session_id: u128::from_str_radix(session, 16)
+                .map_err(|e| format!("session {session:?}: {e}"))?,
+            memory_file: PathBuf::from(field("memory_file")?),
+            memory_bytes: number("memory_bytes")?,
+            streams: u16::try_from(number("streams")?).map_err(|e| format!("streams: {e}"))?,
+            granted: number("granted")?,
+            peer: field("peer").ok().map(str::to_string),
+        })
+    }
+
+    /// Remove the record at `path` (the session ended); a record already gone is fine.
+    pub fn remove(path: &Path) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_reads_back_as_written_and_garbage_is_refused() {
+        let dir = std::env::temp_dir().join(format!("dwcp-record-{}", std::process::id()));
+        let path = dir.join("incoming.session");
+        let record = SessionRecord {
+            session_id: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+            memory_file: PathBuf::from("/dev/shm/guest ram"),
+            memory_bytes: 1 << 30,
+            streams: 8,
+            granted: 0x1bf,
+            peer: Some("appliance-a".into()),
+        };
+        record.write(&path).unwrap();
+        assert_eq!(SessionRecord::read(&path).unwrap(), record);
+        std::fs::write(&path, "session zz\n").unwrap();
+        assert!(matches!(
+            SessionRecord::read(&path),
+            Err(RecordError::Malformed { .. })
+        ));
+        SessionRecord::remove(&path);
+        assert!(matches!(
+            SessionRecord::read(&path),
+            Err(RecordError::Io { .. })
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
