@@ -20,10 +20,12 @@ fn migrate_shown(
     guest: &mut RunningGuest,
     quiet: bool,
     every: Duration,
+    resume: Option<engine::OutgoingRecord>,
 ) -> Result<MigrationReport, String> {
     let mut display = ProgressDisplay::new(quiet, every);
     let mut source = config.source_config();
     source.security = config.identity()?;
+    source.resume = resume;
     let run = Run {
         config,
         source: &source,
@@ -41,11 +43,36 @@ pub fn run_source(
     peer: SocketAddr,
     quiet: bool,
 ) -> Result<MigrationReport, String> {
-    if !quiet {
-        eprintln!("setting up: {}", RunningGuest::describe_start(config));
-    }
-    let mut guest = RunningGuest::start(config)?;
-    let result = migrate_shown(config, peer, &mut guest, quiet, Duration::from_millis(200));
+    // A session this appliance was sending when it stopped is resumed.
+    let recorded = match config.outgoing_session_record() {
+        Some(path) if path.exists() => {
+            Some(engine::OutgoingRecord::read(&path).map_err(|e| e.to_string())?)
+        }
+        _ => None,
+    };
+    let mut guest = match &recorded {
+        Some(record) => {
+            eprintln!(
+                "dwcpd: resuming session {:032x} to {} from round {} (left by the last run)",
+                record.session_id, record.peer, record.round
+            );
+            RunningGuest::resume(config)?
+        }
+        None => {
+            if !quiet {
+                eprintln!("setting up: {}", RunningGuest::describe_start(config));
+            }
+            RunningGuest::start(config)?
+        }
+    };
+    let result = migrate_shown(
+        config,
+        peer,
+        &mut guest,
+        quiet,
+        Duration::from_millis(200),
+        recorded,
+    );
     guest.stop();
     result
 }
@@ -205,7 +232,14 @@ pub fn run_demo(config: &Config, quiet: bool) -> Result<DemoReport, String> {
         })
         .map_err(|e| e.to_string())?;
     let setup_seconds = setup.elapsed().as_secs_f64();
-    let result = migrate_shown(config, addr, &mut guest, quiet, Duration::from_millis(100));
+    let result = migrate_shown(
+        config,
+        addr,
+        &mut guest,
+        quiet,
+        Duration::from_millis(100),
+        None,
+    );
     let dest = receiver
         .join()
         .map_err(|_| "destination thread panicked".to_string())?;

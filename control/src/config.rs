@@ -1002,6 +1002,7 @@ impl Config {
             codec: self.codec_config(),
             stream_stall: (m.stream_stall_ms > 0).then(|| Duration::from_millis(m.stream_stall_ms)),
             resume_grace: Duration::from_secs(m.resume_grace_s),
+            session_record: self.outgoing_session_record(),
             ..SourceConfig::default()
         }
     }
@@ -1089,6 +1090,15 @@ impl Config {
             security: None,
             resume_grace: Duration::from_secs(self.migration.resume_grace_s),
             session_record: self.incoming_session_record(),
+        }
+    }
+
+    /// Where the record of a session sending the simulated guest's `[guest]
+    /// memory_file` is kept, when `[control] state_dir` is set.
+    pub fn outgoing_session_record(&self) -> Option<PathBuf> {
+        match (&self.control.state_dir, &self.guest.memory_file) {
+            (Some(dir), Some(_)) => Some(dir.join("outgoing.session")),
+            _ => None,
         }
     }
 

@@ -114,6 +114,35 @@ impl RunningGuest {
         })
     }
 
+    /// The simulated guest of a migration this appliance was sending when it stopped:
+    /// its memory file as it is (not filled again), its vCPUs started again, a new
+    /// dirty log.
+    pub fn resume(config: &Config) -> Result<Self, String> {
+        let path = config
+            .guest
+            .memory_file
+            .as_ref()
+            .ok_or("resuming needs the guest's memory file")?;
+        let memory = GuestMemory::open_file(path)
+            .map_err(|e| format!("guest memory file {}: {e}", path.display()))?;
+        if memory.len() as u64 != config.guest.memory.0 {
+            return Err(format!(
+                "guest memory file {} holds {} bytes; guest.memory is {}",
+                path.display(),
+                memory.len(),
+                config.guest.memory
+            ));
+        }
+        let memory = Arc::new(memory);
+        let dirty = open_dirty_log(&memory, config.dirty_log()).map_err(|e| e.to_string())?;
+        let guest = SimulatedGuest::start(memory.clone(), &config.workload(), dirty.marker.clone());
+        Ok(RunningGuest {
+            memory,
+            guest: Guest::Simulated(guest),
+            dirty: Some(dirty),
+        })
+    }
+
     /// A QEMU VM opened (and so checked) already: its RAM mapped, its dirty log open.
     pub fn qemu(config: &Config, vm: QemuSource) -> Result<Self, String> {
         let memory = vm.memory().map_err(|e| e.to_string())?;

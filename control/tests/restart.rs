@@ -1,7 +1,9 @@
-//! A destination appliance killed mid-migration (SIGKILL) and started again resumes
-//! the session: it reads its memory file back into a CRC table, the source (which kept
+//! An appliance killed mid-migration (SIGKILL) and started again resumes the session.
+//! A destination reads its memory file back into a CRC table, the source (which kept
 //! reconnecting, its guest running) resumes, the tables are compared, and only what the
 //! destination lacks — or what changed in its file while it was down — is sent again.
+//! A source started again finds its record, reads its guest's memory file back, and
+//! resumes the session the destination kept.
 
 mod common;
 
@@ -21,16 +23,20 @@ const GUEST: usize = 128 << 20;
 /// A page the test overwrites in the destination's file while the appliance is down.
 const TAMPERED_PAGE: u64 = 3;
 
-/// `dwcpd dest` into a memory file with a state directory, its stderr in `log`.
-fn start_dest(port: u16, memory_file: &Path, state: &Path, log: &Path) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dwcpd"))
+/// `dwcpd dest` into a memory file, with a state directory if given, its stderr in
+/// `log`.
+fn start_dest(port: u16, memory_file: &Path, state: Option<&Path>, log: &Path) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dwcpd"));
+    command
         .arg("dest")
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--memory-file")
-        .arg(memory_file)
-        .arg("--state-dir")
-        .arg(state)
+        .arg(memory_file);
+    if let Some(state) = state {
+        command.arg("--state-dir").arg(state);
+    }
+    let mut child = command
         .args(common::cert_args(1))
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).unwrap())
@@ -48,6 +54,22 @@ fn start_dest(port: u16, memory_file: &Path, state: &Path, log: &Path) -> Child 
         std::thread::sleep(Duration::from_millis(20));
     }
     child
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The bytes of two memory files, page by page: the first page that differs.
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    assert_eq!(a.len(), b.len());
+    a.chunks(PAGE_SIZE)
+        .zip(b.chunks(PAGE_SIZE))
+        .position(|(x, y)| x != y)
 }
 
 fn identity(which: usize) -> Arc<Identity> {
@@ -82,12 +104,8 @@ fn a_destination_killed_mid_migration_resumes_after_its_restart() {
     std::fs::create_dir_all(&dir).unwrap();
     let _cleanup = Cleanup(vec![memory_file.clone(), dir.clone()]);
     let state = dir.join("state");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut dest = start_dest(port, &memory_file, &state, &dir.join("dest-1.log"));
+    let port = free_port();
+    let mut dest = start_dest(port, &memory_file, Some(&state), &dir.join("dest-1.log"));
 
     let memory = Arc::new(GuestMemory::anonymous(GUEST, PagePreference::TransparentHuge).unwrap());
     let workload = GuestWorkload {
@@ -133,7 +151,7 @@ fn a_destination_killed_mid_migration_resumes_after_its_restart() {
             .unwrap();
         file.write_all(&[0xEE; PAGE_SIZE]).unwrap();
         drop(file);
-        dest = start_dest(port, &memory_file, &state, &dir.join("dest-2.log"));
+        dest = start_dest(port, &memory_file, Some(&state), &dir.join("dest-2.log"));
         migrating.join().unwrap()
     });
     let out = dest.wait_with_output().unwrap();
@@ -151,13 +169,7 @@ fn a_destination_killed_mid_migration_resumes_after_its_restart() {
     assert!(resume.pages_to_send < report.pages, "{resume:?}");
     // The destination's file holds the guest, the tampered page included.
     let received = std::fs::read(&memory_file).unwrap();
-    assert_eq!(received.len(), GUEST);
-    let ours = memory.to_vec();
-    let first_difference = received
-        .chunks(PAGE_SIZE)
-        .zip(ours.chunks(PAGE_SIZE))
-        .position(|(a, b)| a != b);
-    assert_eq!(first_difference, None);
+    assert_eq!(first_difference(&received, &memory.to_vec()), None);
     assert!(
         !state.join("incoming.session").exists(),
         "the record outlived its session"
@@ -170,6 +182,98 @@ fn a_destination_killed_mid_migration_resumes_after_its_restart() {
         resume.pages_to_send,
         report.pages,
         resume.pages_resent,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// `dwcpd source` of a simulated guest in `memory_file`, configured by `config`, its
+/// stderr in `log`.
+fn start_source(port: u16, config: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_dwcpd"))
+        .arg("source")
+        .arg("--peer")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--config")
+        .arg(config)
+        .arg("--json")
+        .args(common::cert_args(0))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_source_killed_mid_migration_resumes_after_its_restart() {
+    let started = Instant::now();
+    let tag = format!("dwcp-restart-src-{}", std::process::id());
+    let guest_file = PathBuf::from("/dev/shm").join(format!("{tag}-guest.mem"));
+    let received_file = PathBuf::from("/dev/shm").join(format!("{tag}-received.mem"));
+    let dir = std::env::temp_dir().join(&tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = Cleanup(vec![guest_file.clone(), received_file.clone(), dir.clone()]);
+    let state = dir.join("state");
+    let config = dir.join("source.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[guest]\nmemory = \"128M\"\nmemory_file = {:?}\noverwrite_memory_file = true\n\
+             dirty_rate_mbps = 5.0\n[control]\nstate_dir = {:?}\n[migration]\nstreams = 4\n\
+             resume_grace_s = 30\n[transport]\npacing_rate = \"4M\"\n",
+            guest_file.display().to_string(),
+            state.display().to_string()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let dest = start_dest(port, &received_file, None, &dir.join("dest.log"));
+    let mut source = start_source(port, &config, &dir.join("source-1.log"));
+    // Round 0 runs at 16 MB/s (about 37 MB of it: 2.3 s); the kill lands in it.
+    let record = state.join("outgoing.session");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !record.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the source never recorded its session"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    source.kill().unwrap();
+    let _ = source.wait();
+    assert!(
+        record.exists(),
+        "the killed source left no record of its session: {}",
+        std::fs::read_to_string(dir.join("source-1.log")).unwrap_or_default()
+    );
+    let source = start_source(port, &config, &dir.join("source-2.log"));
+    let out = source.wait_with_output().unwrap();
+    let log = std::fs::read_to_string(dir.join("source-2.log")).unwrap_or_default();
+    assert!(out.status.success(), "the resumed source failed: {log}");
+    eprintln!("source after its restart: {}", log.trim());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let resume = &report["resumes"][0];
+    assert_eq!(resume["cause"], "this appliance restarted", "{report}");
+    let to_send = resume["pages_to_send"].as_u64().unwrap();
+    let pages = report["pages"].as_u64().unwrap();
+    // What the destination had kept was not sent again.
+    assert!(to_send < pages, "{resume}");
+    let dest_out = dest.wait_with_output().unwrap();
+    let dest_log = std::fs::read_to_string(dir.join("dest.log")).unwrap_or_default();
+    assert!(
+        dest_out.status.success(),
+        "the destination failed: {dest_log}"
+    );
+    assert!(!record.exists(), "the record outlived its session");
+    // Both files hold the same guest (the source's paused at the switchover).
+    let sent = std::fs::read(&guest_file).unwrap();
+    let received = std::fs::read(&received_file).unwrap();
+    assert_eq!(first_difference(&sent, &received), None);
+    eprintln!(
+        "resumed from round {} with {to_send} of {pages} pages to send (table read back in \
+         {:.3} s); test took {:.1} s",
+        resume["round"],
+        resume["table_rebuild_seconds"].as_f64().unwrap_or(0.0),
         started.elapsed().as_secs_f64()
     );
 }

@@ -233,7 +233,15 @@ impl CrcTable {
     /// memory file this way).
     pub fn from_memory(memory: &GuestMemory, threads: usize) -> Self {
         let table = CrcTable::new(memory.pages());
-        let pages = memory.pages();
+        table.record_memory(memory, threads);
+        table
+    }
+
+    /// Record what `memory` holds now, every page, on `threads` threads (no other
+    /// writer may record meanwhile).
+    pub fn record_memory(&self, memory: &GuestMemory, threads: usize) {
+        let table = self;
+        let pages = memory.pages().min(self.pages());
         // Each thread has its own digest slot, as each stream does.
         let threads = threads.clamp(1, usize::from(crate::wire::MAX_STREAMS));
         let per = pages.div_ceil(threads as u64).max(1);
@@ -252,7 +260,6 @@ impl CrcTable {
                 });
             }
         });
-        table
     }
 
     /// Compare `memory` with the table: every page's CRC against its entry, split over

@@ -294,7 +294,7 @@ pub fn receive_through(
         progress,
     );
     if let Some(path) = record_path {
-        SessionRecord::remove(&path);
+        super::record::remove(&path);
     }
     result.map(|mut report| {
         report.table_rebuild_seconds = table_rebuild_seconds;

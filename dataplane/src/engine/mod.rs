@@ -62,7 +62,7 @@ pub use fleet::split_cpus;
 pub use gate::Acceptor;
 pub use live::{Epoch, LiveControl, LiveReport, LiveSettings};
 pub use precopy::DowntimeEstimate;
-pub use record::{RecordError, SessionRecord};
+pub use record::{OutgoingRecord, RecordError, SessionRecord};
 pub use report::{
     DowntimeMeasured, DowntimeReport, MigrationReport, Progress, RoundStats, SecurityReport,
     SessionResume, StreamLoss, TransportReport, WorkerStatus,

@@ -202,6 +202,9 @@ pub struct SessionResume {
     /// Of those, pages that had gone out before the loss as they are now, and were
     /// lost in flight: sent twice.
     pub pages_resent: u64,
+    /// After this appliance restarted: reading the guest's memory back into the CRC
+    /// table (part of `compare_seconds`), seconds.
+    pub table_rebuild_seconds: Option<f64>,
 }
 
 /// How an authenticated session was secured.

@@ -71,6 +71,14 @@ pub struct SourceConfig {
     /// When every connection to the destination is lost, keep reconnecting for this
     /// long and resume the session (zero: fail at once, as without resume).
     pub resume_grace: Duration,
+    /// Keep the record of the session here (its id, the destination, the round
+    /// reached), for resuming it after this appliance restarts; removed when the
+    /// session ends. For guests whose memory is a file.
+    pub session_record: Option<std::path::PathBuf>,
+    /// Resume this session, left by a crash of this appliance, instead of opening a
+    /// new one: the table is read back from the guest's memory, compared with the
+    /// destination's, and the recorded round goes on with what the destination lacks.
+    pub resume: Option<super::OutgoingRecord>,
 }
 
 impl Default for SourceConfig {
@@ -92,6 +100,8 @@ impl Default for SourceConfig {
             security: None,
             stream_stall: None,
             resume_grace: Duration::from_secs(60),
+            session_record: None,
+            resume: None,
         }
     }
 }
@@ -235,6 +245,9 @@ struct Session<'a> {
     codec: Option<CodecSetup>,
     /// Every resume of the session so far.
     resumes: Vec<super::report::SessionResume>,
+    /// Where the first round starts when the session resumed after a restart: its
+    /// number and pages (else round 0, every page).
+    start: Option<(u64, DirtyBitmap)>,
 }
 
 /// Migrate `memory` to the destination at `peer` while `guest` runs, tracking writes
@@ -342,6 +355,9 @@ pub fn migrate_live<'a>(
         guest.set_throttle(0);
     }
     session.close();
+    if let Some(path) = &config.session_record {
+        super::record::remove(path);
+    }
     result
 }
 
@@ -449,15 +465,37 @@ impl<'a> Session<'a> {
     ) -> Result<Self, MigrationError> {
         let never = AtomicBool::new(false);
         let cancel = live.map_or(&never, |l| l.cancel_flag());
-        let opened = handshake::open(peer, memory.len() as u64, device_state, config, cancel)
-            .map_err(|e| match (live.and_then(LiveControl::cancelled), e) {
-                // The operator's reason, as a cancel later on reports it.
-                (Some(reason), MigrationError::Aborted { .. }) => MigrationError::Aborted {
-                    reason: format!("cancelled: {reason}"),
-                    rounds: 0,
-                },
-                (_, e) => e,
-            })?;
+        let (opened, restarted) = match &config.resume {
+            Some(record) => {
+                let (opened, report, pages) = reconnect::resume_after_restart(
+                    record,
+                    peer,
+                    &memory,
+                    &table,
+                    device_state,
+                    config,
+                    live,
+                )?;
+                (opened, Some((record.round, report, pages)))
+            }
+            None => (
+                handshake::open(peer, memory.len() as u64, device_state, config, cancel).map_err(
+                    |e| match (live.and_then(LiveControl::cancelled), e) {
+                        // The operator's reason, as a cancel later on reports it.
+                        (Some(reason), MigrationError::Aborted { .. }) => MigrationError::Aborted {
+                            reason: format!("cancelled: {reason}"),
+                            rounds: 0,
+                        },
+                        (_, e) => e,
+                    },
+                )?,
+                None,
+            ),
+        };
+        let (start, resumes) = match restarted {
+            Some((round, report, pages)) => (Some((round, pages)), vec![report]),
+            None => (None, Vec::new()),
+        };
         let mut notes = opened.notes;
         let codec = codec_setup(
             config,
@@ -568,7 +606,8 @@ impl<'a> Session<'a> {
             granted: opened.accepted,
             device_state,
             codec: codec_for_resume,
-            resumes: Vec::new(),
+            resumes,
+            start,
         })
     }
 
@@ -922,6 +961,23 @@ impl<'a> Session<'a> {
         progress(&p);
     }
 
+    /// Keep the session's record current: round `round` is being sent.
+    fn record_round(&self, round: u64) {
+        let Some(path) = &self.config.session_record else {
+            return;
+        };
+        let record = super::OutgoingRecord {
+            session_id: self.session_id,
+            peer: self.peer,
+            memory_bytes: self.memory.len() as u64,
+            streams: self.config.streams,
+            round,
+        };
+        if let Err(e) = record.write(path) {
+            eprintln!("dwcp: {e}; this session cannot be resumed after a restart");
+        }
+    }
+
     /// Send round `round` (`pages`) and close it; then the changes that wait for a
     /// round boundary. Returns the pages queued, those a change left for the next
     /// round, and the round's totals.
@@ -961,20 +1017,27 @@ impl<'a> Session<'a> {
         self.planner
             .set_collect_reads_memory(dirty_log.scan_stats().is_some());
         let mut rounds: Vec<RoundStats> = Vec::new();
-        let mut dirty = DirtyBitmap::full(pages);
-        // Round 0 sends everything: writes made before it (during setup) are covered,
-        // so start the first interval now.
-        dirty_log.restart(pages)?;
+        let (mut round, mut dirty) = match self.start.take() {
+            // Resumed after a restart: the dirty log has tracked writes since before
+            // the table was read back, so it goes on as it is.
+            Some(start) => start,
+            None => {
+                // Round 0 sends everything: writes made before it (during setup) are
+                // covered, so start the first interval now.
+                dirty_log.restart(pages)?;
+                (0, DirtyBitmap::full(pages))
+            }
+        };
         self.copy_start = Instant::now();
         if let Some(steering) = &mut self.steering {
             steering.start();
         }
         let setup_seconds = start.elapsed().as_secs_f64();
         let mut last_collect = Instant::now();
-        let mut round = 0u64;
         let (final_set, plan) = loop {
             let mut round_start = Instant::now();
             self.current_round = round;
+            self.record_round(round);
             self.totals.round_pages = dirty.count();
             let (sent, unsent, round_totals) = loop {
                 self.totals.start_round();

@@ -21,14 +21,17 @@
 //! carrying pages again. A failure inside the paused window is not resumed: the
 //! migration ends with the guest running here, as before.
 
-use super::Session;
 use super::loss::Losses;
-use crate::crc_table::OUT_OF_BAND_SLOT;
+use super::{Session, SourceConfig};
+use crate::crc_table::{CrcTable, OUT_OF_BAND_SLOT};
 use crate::dirty::DirtyBitmap;
+use crate::engine::OutgoingRecord;
 use crate::engine::fleet::TxFleet;
 use crate::engine::handshake::{self, ControlLink, Opened};
+use crate::engine::live::LiveControl;
 use crate::engine::report::SessionResume;
 use crate::engine::{MigrationError, resume};
+use crate::memory::GuestMemory;
 use crate::memory::PAGE_SIZE;
 use crate::transport::{TransportKind, TxSetup};
 use crate::wire::caps;
@@ -108,6 +111,7 @@ impl Session<'_> {
             bytes_exchanged: comparison.bytes_exchanged,
             pages_to_send: to_send.count(),
             pages_resent,
+            table_rebuild_seconds: None,
         };
         eprintln!(
             "dwcp: session resumed after {outage_seconds:.2} s ({attempts} attempts): {} of {} \
@@ -133,70 +137,26 @@ impl Session<'_> {
         self.deferred_control.clear();
     }
 
-    /// Connect again until the destination welcomes the resume, backing off with
-    /// jitter, for up to `resume_grace` after `lost_at`. Returns the session and the
-    /// attempts it took.
+    /// Connect again until the destination welcomes the resume, for up to
+    /// `resume_grace` after `lost_at`.
     fn reopen(
         &mut self,
         lost_at: Instant,
         cause: &MigrationError,
     ) -> Result<(Opened, u32), MigrationError> {
-        let never = AtomicBool::new(false);
-        let cancel = self.live.map_or(&never, |l| l.cancel_flag());
-        let deadline = lost_at + self.config.resume_grace;
-        let mut backoff = FIRST_BACKOFF;
-        let mut attempts = 0u32;
-        loop {
-            if let Some(reason) = self.live.and_then(|l| l.cancelled()) {
-                return Err(MigrationError::Aborted {
-                    reason: format!("cancelled while reconnecting: {reason}"),
-                    rounds: self.current_round,
-                });
-            }
-            attempts += 1;
-            let mut config = self.config.clone();
-            // An attempt must not outlast the grace period.
-            let left = deadline.saturating_duration_since(Instant::now());
-            config.connect_timeout = config.connect_timeout.min(left.max(FIRST_BACKOFF));
-            config.reply_timeout = config.reply_timeout.min(left.max(FIRST_BACKOFF));
-            let error = match handshake::reopen(
-                self.peer,
-                self.memory.len() as u64,
-                self.device_state,
-                &config,
-                cancel,
-                self.session_id,
-            ) {
-                Ok(opened) if opened.accepted & caps::RESUME != 0 => return Ok((opened, attempts)),
-                Ok(_) => {
-                    return Err(MigrationError::Transport(
-                        "the destination welcomed the resume without granting it".into(),
-                    ));
-                }
-                // The destination answered: it no longer has the session, or will
-                // not give it to this source. Trying again cannot help. (A TLS
-                // handshake that fails is tried again: a path that resets connections
-                // cuts handshakes too; the identities have not changed.)
-                Err(e @ MigrationError::Refused(_)) => {
-                    return Err(MigrationError::Transport(format!(
-                        "{cause}; the session could not be resumed: {e}"
-                    )));
-                }
-                Err(e @ MigrationError::Aborted { .. }) => return Err(e),
-                Err(e) => e,
-            };
-            let jitter = backoff.mul_f64(0.5 * jitter_fraction());
-            let wait = backoff.mul_f64(0.75) + jitter;
-            if Instant::now() + wait >= deadline {
-                return Err(MigrationError::Transport(format!(
-                    "{cause}; no new connection within resume_grace ({} s, {attempts} \
-                     attempts, the last: {error}); the guest runs here as before",
-                    self.config.resume_grace.as_secs()
-                )));
-            }
-            std::thread::sleep(wait);
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
+        reopen_session(
+            &Peer {
+                addr: self.peer,
+                session_id: self.session_id,
+                memory_bytes: self.memory.len() as u64,
+                device_state: self.device_state,
+            },
+            self.config,
+            self.live,
+            lost_at + self.config.resume_grace,
+            &cause.to_string(),
+            self.current_round,
+        )
     }
 
     /// Carry the session on over `opened`, from round `round`: new workers and control
@@ -243,6 +203,160 @@ impl Session<'_> {
         }
         self.last_activity = Instant::now();
         Ok(())
+    }
+}
+
+/// Resume the session `record` describes after this appliance restarted: connect
+/// until `peer` welcomes the resume, read the guest's memory back into `table` (a full
+/// read), compare it with the destination's. Returns the session, the resume's report,
+/// and the pages the destination lacks (round `record.round` sends them).
+pub(super) fn resume_after_restart(
+    record: &OutgoingRecord,
+    peer: std::net::SocketAddr,
+    memory: &GuestMemory,
+    table: &CrcTable,
+    device_state: bool,
+    config: &SourceConfig,
+    live: Option<&LiveControl>,
+) -> Result<(Opened, SessionResume, DirtyBitmap), MigrationError> {
+    if record.peer != peer
+        || record.memory_bytes != memory.len() as u64
+        || record.streams != config.streams
+    {
+        return Err(MigrationError::Config(format!(
+            "the recorded session {:032x} went to {} with {} bytes over {} streams; this \
+             migration goes to {peer} with {} bytes over {}",
+            record.session_id,
+            record.peer,
+            record.memory_bytes,
+            record.streams,
+            memory.len(),
+            config.streams
+        )));
+    }
+    let started = Instant::now();
+    let target = Peer {
+        addr: peer,
+        session_id: record.session_id,
+        memory_bytes: record.memory_bytes,
+        device_state,
+    };
+    let (mut opened, attempts) = reopen_session(
+        &target,
+        config,
+        live,
+        started + config.resume_grace,
+        "resuming after this appliance restarted",
+        record.round,
+    )?;
+    let outage_seconds = started.elapsed().as_secs_f64();
+    let compare_start = Instant::now();
+    // What the destination must end up holding: the guest's memory as it is now.
+    table.record_memory(memory, crate::crc_table::scan_threads());
+    let rebuild_seconds = compare_start.elapsed().as_secs_f64();
+    let comparison = resume::compare_as_source(&mut opened.control, table, record.round)?;
+    let to_send = comparison.differing_pages;
+    let report = SessionResume {
+        round: record.round,
+        cause: "this appliance restarted".into(),
+        outage_seconds,
+        attempts,
+        compare_seconds: compare_start.elapsed().as_secs_f64(),
+        chunks: comparison.chunks,
+        differing_chunks: comparison.differing_chunks,
+        bytes_exchanged: comparison.bytes_exchanged,
+        pages_to_send: to_send.count(),
+        // What was in flight when it crashed cannot be told apart from what was never
+        // sent; nothing the destination holds is sent again.
+        pages_resent: 0,
+        table_rebuild_seconds: Some(rebuild_seconds),
+    };
+    eprintln!(
+        "dwcp: session {:032x} resumed after a restart: table read back in {rebuild_seconds:.2} \
+         s, {} of {} chunks differed; round {} goes on with {} pages",
+        record.session_id,
+        report.differing_chunks,
+        report.chunks,
+        record.round,
+        report.pages_to_send
+    );
+    crate::engine::counters::resumed(0);
+    Ok((opened, report, to_send))
+}
+
+/// The session a source resumes, and where.
+pub(super) struct Peer {
+    pub addr: std::net::SocketAddr,
+    pub session_id: u128,
+    pub memory_bytes: u64,
+    pub device_state: bool,
+}
+
+/// Connect to `peer` until it welcomes the resume of its session, backing off with
+/// jitter, until `deadline`. Returns the session and the attempts it took. `cause`
+/// says why in the errors.
+pub(super) fn reopen_session(
+    peer: &Peer,
+    config: &SourceConfig,
+    live: Option<&LiveControl>,
+    deadline: Instant,
+    cause: &str,
+    round: u64,
+) -> Result<(Opened, u32), MigrationError> {
+    let never = AtomicBool::new(false);
+    let cancel = live.map_or(&never, |l| l.cancel_flag());
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempts = 0u32;
+    loop {
+        if let Some(reason) = live.and_then(|l| l.cancelled()) {
+            return Err(MigrationError::Aborted {
+                reason: format!("cancelled while reconnecting: {reason}"),
+                rounds: round,
+            });
+        }
+        attempts += 1;
+        let mut attempt = config.clone();
+        // An attempt must not outlast the grace period.
+        let left = deadline.saturating_duration_since(Instant::now());
+        attempt.connect_timeout = attempt.connect_timeout.min(left.max(FIRST_BACKOFF));
+        attempt.reply_timeout = attempt.reply_timeout.min(left.max(FIRST_BACKOFF));
+        let error = match handshake::reopen(
+            peer.addr,
+            peer.memory_bytes,
+            peer.device_state,
+            &attempt,
+            cancel,
+            peer.session_id,
+        ) {
+            Ok(opened) if opened.accepted & caps::RESUME != 0 => return Ok((opened, attempts)),
+            Ok(_) => {
+                return Err(MigrationError::Transport(
+                    "the destination welcomed the resume without granting it".into(),
+                ));
+            }
+            // The destination answered: it no longer has the session, or will not
+            // give it to this source. Trying again cannot help. (A TLS handshake that
+            // fails is tried again: a path that resets connections cuts handshakes
+            // too; the identities have not changed.)
+            Err(e @ MigrationError::Refused(_)) => {
+                return Err(MigrationError::Transport(format!(
+                    "{cause}; the session could not be resumed: {e}"
+                )));
+            }
+            Err(e @ MigrationError::Aborted { .. }) => return Err(e),
+            Err(e) => e,
+        };
+        let jitter = backoff.mul_f64(0.5 * jitter_fraction());
+        let wait = backoff.mul_f64(0.75) + jitter;
+        if Instant::now() + wait >= deadline {
+            return Err(MigrationError::Transport(format!(
+                "{cause}; no new connection within resume_grace ({} s, {attempts} attempts, \
+                 the last: {error}); the guest runs here as before",
+                config.resume_grace.as_secs()
+            )));
+        }
+        std::thread::sleep(wait);
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
