@@ -95,6 +95,9 @@ pub struct MigrationSection {
     /// the path meanwhile), and when they die all the same the source reconnects for
     /// this long and the destination keeps the session's memory for it to resume.
     pub resume_grace_s: u64,
+    /// A daemon that finds an interrupted migration at its start (`[control]
+    /// state_dir`) resumes it at once, instead of listing it for `dwcpctl resume`.
+    pub auto_resume: bool,
 }
 
 impl Default for MigrationSection {
@@ -109,6 +112,7 @@ impl Default for MigrationSection {
             verify: "table".into(),
             stream_stall_ms: 0,
             resume_grace_s: 60,
+            auto_resume: false,
         }
     }
 }

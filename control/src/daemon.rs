@@ -74,6 +74,9 @@ struct Migration {
     overrides: Overrides,
     /// The mode it ended in (a running one follows the daemon's).
     ended_mode: Option<String>,
+    /// While `interrupted` (this appliance stopped while it ran): its session's record,
+    /// for `resume`.
+    interrupted: Option<engine::OutgoingRecord>,
 }
 
 /// Counters for metrics.
@@ -252,6 +255,7 @@ impl ControlState {
         let phase = match (m.state, p) {
             ("running", Some(p)) => p.phase.to_string(),
             ("running", None) => "setup".into(),
+            ("interrupted", _) => "interrupted".into(),
             _ => "done".into(),
         };
         let eta = p.and_then(|p| {
@@ -400,6 +404,7 @@ impl ControlState {
             Command::Migrations => Ok(Response::ok(self.all_infos())),
             Command::Migrate(options) => self.migrate(options),
             Command::Cancel { id } => self.cancel(id),
+            Command::Resume { id } => self.resume(id),
             Command::SetMode { mode } => {
                 let fixed = match mode.as_str() {
                     "auto" => None,
@@ -506,6 +511,109 @@ impl ControlState {
             config.guest.qmp = Some(qmp.into());
         }
         config.validate().map_err(|e| e.to_string())?;
+        if let Some(record) = config.outgoing_session_record()
+            && record.exists()
+        {
+            return Err(format!(
+                "an interrupted migration's record is in {}: resume it (`dwcpctl resume ID`) \
+                 before starting another from the same guest memory file",
+                record.display()
+            ));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.start_outgoing(id, config, peer, None)
+    }
+
+    /// Resume interrupted migration `id` (see [`ControlState::load_interrupted`]).
+    fn resume(&mut self, id: u64) -> Result<Response, String> {
+        if self.shutdown.load(Ordering::Acquire) {
+            return Err("shutting down: no new migrations".into());
+        }
+        let record = match self.migrations.get(&id) {
+            Some(m) if m.interrupted.is_some() => m.interrupted.clone(),
+            Some(m) => return Err(format!("migration {id} is {}, not interrupted", m.state)),
+            None => return Err(format!("no migration {id}")),
+        };
+        let Some(record) = record else {
+            return Err(format!("no migration {id}"));
+        };
+        let mut config = self.config.clone();
+        config.guest.memory = crate::config::Size(record.memory_bytes);
+        config.migration.streams = record.streams;
+        let peer = record.peer;
+        self.migrations.remove(&id);
+        self.start_outgoing(id, config, peer, Some(record))
+    }
+
+    /// A migration this appliance was sending when it stopped, found by its record in
+    /// `[control] state_dir`: listed as `interrupted` (and resumed at once with
+    /// `[migration] auto_resume`).
+    fn load_interrupted(&mut self) {
+        let Some(path) = self.config.outgoing_session_record() else {
+            return;
+        };
+        if !path.exists() {
+            return;
+        }
+        let record = match engine::OutgoingRecord::read(&path) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("dwcpd: {e}; the migration it recorded cannot be resumed");
+                return;
+            }
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        eprintln!(
+            "dwcpd: migration {id} to {} was interrupted in round {} (session {:032x}); \
+             `dwcpctl resume {id}` continues it",
+            record.peer, record.round, record.session_id
+        );
+        let source = self.config.source_config();
+        let base = LiveSettings::from_config(&source);
+        let components = self.flags.flags.components_for(id);
+        self.migrations.insert(
+            id,
+            Migration {
+                secured: source.security.is_some() || !self.config.security.insecure,
+                id,
+                peer: record.peer.to_string(),
+                memory_bytes: record.memory_bytes,
+                live: LiveControl::new(id, base.clone(), None),
+                components,
+                started: Instant::now(),
+                ended: None,
+                latest: None,
+                link: LinkMeter::default(),
+                state: "interrupted",
+                error: None,
+                report: None,
+                handle: None,
+                vm: None,
+                base,
+                opened_streams: record.streams,
+                overrides: Overrides::default(),
+                ended_mode: None,
+                interrupted: Some(record),
+            },
+        );
+        if self.config.migration.auto_resume
+            && let Err(e) = self.resume(id)
+        {
+            eprintln!("dwcpd: resuming migration {id}: {e}");
+        }
+    }
+
+    /// Start migration `id` of `config`'s guest to `peer` (resuming `resume`'s session
+    /// when given).
+    fn start_outgoing(
+        &mut self,
+        id: u64,
+        config: Config,
+        peer: SocketAddr,
+        resume: Option<engine::OutgoingRecord>,
+    ) -> Result<Response, String> {
         // A VM is checked here, before the migration starts, so that the operator hears
         // at once why one cannot move (not QEMU, RAM not a shared file, not running).
         let vm = match &config.guest.qmp {
@@ -524,8 +632,6 @@ impl ControlState {
         let memory_bytes = vm
             .as_ref()
             .map_or(config.guest.memory.0, |vm| vm.info().memory_bytes);
-        let id = self.next_id;
-        self.next_id += 1;
         let components = self.flags.flags.components_for(id);
         let mut source = config.source_config();
         // Loaded for each migration: replaced certificates apply without a restart.
@@ -536,6 +642,8 @@ impl ControlState {
             source.transport.choice = TransportChoice::Plain;
         }
         source.transport.zero_copy &= components.zero_copy;
+        let resuming = resume.is_some();
+        source.resume = resume;
         let (settings, _) = self.layers(&base, source.streams, None, &components);
         let live = LiveControl::new(id, settings, Some(self.reports_tx.clone()));
         let done = self.done_tx.clone();
@@ -572,10 +680,15 @@ impl ControlState {
                 opened_streams: source_streams,
                 overrides: Overrides::default(),
                 ended_mode: None,
+                interrupted: None,
             },
         );
         Ok(Response::ok(Done {
-            message: format!("migration {id} to {peer} started"),
+            message: if resuming {
+                format!("migration {id} to {peer} resumed")
+            } else {
+                format!("migration {id} to {peer} started")
+            },
             id: Some(id),
         }))
     }
@@ -816,6 +929,13 @@ fn run_migration(
             live.set_activity("mapping the VM's RAM file and starting its dirty log");
             RunningGuest::qemu(config, vm)?
         }
+        None if source.resume.is_some() => {
+            live.set_activity(
+                "opening the guest's memory file as it is, reading it back into the CRC \
+                 table, resuming the session",
+            );
+            RunningGuest::resume(config)?
+        }
         None => {
             live.set_activity(RunningGuest::describe_start(config));
             RunningGuest::start_until(config, &|| live.cancelled().is_some())?
@@ -891,6 +1011,7 @@ impl Daemon {
             defaults: Overrides::default(),
             mode_changes: 0,
         };
+        state.load_interrupted();
         let control_shutdown = shutdown.clone();
         let drain = Duration::from_secs(config.control.drain_seconds);
         let control = std::thread::Builder::new()

@@ -5,10 +5,9 @@
 
 mod common;
 
-use dwcp_api::{Command, MigrateOptions, MigrationInfo, Request, Response, SetOptions};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use dwcp_api::{Command, MigrateOptions, MigrationInfo, Response, SetOptions};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
@@ -95,7 +94,7 @@ impl Served {
     }
 
     fn call(&self, command: Command) -> Response {
-        call(&self.socket, command)
+        common::call(&self.socket, command)
     }
 
     fn migrations(&self) -> Vec<MigrationInfo> {
@@ -143,17 +142,6 @@ impl Drop for Served {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn call(socket: &Path, command: Command) -> Response {
-    let mut s = UnixStream::connect(socket).expect("control socket");
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    let mut line = serde_json::to_vec(&Request::new(command)).unwrap();
-    line.push(b'\n');
-    s.write_all(&line).unwrap();
-    let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer).unwrap();
-    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
 }
 
 #[test]

@@ -7,6 +7,7 @@
 
 mod common;
 
+use dwcp_api::{Command as DaemonCommand, MigrateOptions, MigrationInfo};
 use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
 use dwcp_dataplane::engine::{self, SourceConfig};
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
@@ -42,18 +43,23 @@ fn start_dest(port: u16, memory_file: &Path, state: Option<&Path>, log: &Path) -
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap();
+    wait_for_log(&mut child, log, "receiving on");
+    child
+}
+
+/// Wait until `child`'s log (`log`) says `needle`.
+fn wait_for_log(child: &mut Child, log: &Path, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(log).is_ok_and(|l| l.contains("receiving on")) {
+    while !std::fs::read_to_string(log).is_ok_and(|l| l.contains(needle)) {
         if let Ok(Some(status)) = child.try_wait() {
             panic!(
-                "dwcpd dest exited ({status}): {}",
+                "dwcpd exited ({status}): {}",
                 std::fs::read_to_string(log).unwrap_or_default()
             );
         }
-        assert!(Instant::now() < deadline, "dwcpd dest did not start");
+        assert!(Instant::now() < deadline, "dwcpd did not say {needle:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    child
 }
 
 fn free_port() -> u16 {
@@ -274,6 +280,122 @@ fn a_source_killed_mid_migration_resumes_after_its_restart() {
          {:.3} s); test took {:.1} s",
         resume["round"],
         resume["table_rebuild_seconds"].as_f64().unwrap_or(0.0),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// `dwcpd serve` with `config`, its stderr in `log`; returns once it serves.
+fn start_daemon(config: &Path, log: &Path) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dwcpd"))
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_log(&mut child, log, "dwcpd: serving");
+    child
+}
+
+#[test]
+fn a_daemon_killed_mid_migration_lists_it_interrupted_and_resumes_it_on_request() {
+    let started = Instant::now();
+    let tag = format!("dwcp-restart-daemon-{}", std::process::id());
+    let guest_file = PathBuf::from("/dev/shm").join(format!("{tag}-guest.mem"));
+    let received_file = PathBuf::from("/dev/shm").join(format!("{tag}-received.mem"));
+    let dir = std::env::temp_dir().join(&tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = Cleanup(vec![guest_file.clone(), received_file.clone(), dir.clone()]);
+    let socket = dir.join("dwcpd.sock");
+    let state = dir.join("state");
+    let config = dir.join("dwcpd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dest]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = {:?}\nstate_dir = {:?}\n\
+             [guest]\nmemory = \"128M\"\nmemory_file = {:?}\noverwrite_memory_file = true\n\
+             dirty_rate_mbps = 5.0\n[migration]\nstreams = 4\nresume_grace_s = 30\n\
+             [transport]\npacing_rate = \"4M\"\n{}",
+            socket.display().to_string(),
+            state.display().to_string(),
+            guest_file.display().to_string(),
+            common::security_section(0)
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let dest = start_dest(port, &received_file, None, &dir.join("dest.log"));
+    let mut daemon = start_daemon(&config, &dir.join("daemon-1.log"));
+    let peer = format!("127.0.0.1:{port}");
+    let started_migration = common::call(
+        &socket,
+        DaemonCommand::Migrate(MigrateOptions {
+            peer: peer.clone(),
+            ..MigrateOptions::default()
+        }),
+    );
+    assert!(started_migration.ok, "{started_migration:?}");
+    let record = state.join("outgoing.session");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !record.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never recorded the session"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    daemon.kill().unwrap();
+    let _ = daemon.wait();
+    assert!(
+        record.exists(),
+        "the killed daemon left no record of its migration"
+    );
+
+    let mut daemon = start_daemon(&config, &dir.join("daemon-2.log"));
+    let migrations = |socket: &Path| -> Vec<MigrationInfo> {
+        common::call(socket, DaemonCommand::Migrations)
+            .into_result()
+            .unwrap()
+    };
+    let listed = migrations(&socket);
+    let interrupted = listed
+        .iter()
+        .find(|m| m.state == "interrupted")
+        .unwrap_or_else(|| panic!("no interrupted migration listed: {listed:?}"));
+    assert_eq!(interrupted.peer, peer);
+    assert_eq!(interrupted.phase, "interrupted");
+    let id = interrupted.id;
+    let resumed = common::call(&socket, DaemonCommand::Resume { id });
+    assert!(resumed.ok, "{resumed:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let m = migrations(&socket)
+            .into_iter()
+            .find(|m| m.id == id)
+            .expect("the resumed migration is listed");
+        if m.state != "running" {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resumed migration never ended"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = std::fs::read_to_string(dir.join("daemon-2.log")).unwrap_or_default();
+    assert_eq!(done.state, "completed", "{done:?}: {log}");
+    let dest_out = dest.wait_with_output().unwrap();
+    assert!(dest_out.status.success());
+    assert!(!record.exists(), "the record outlived its migration");
+    let sent = std::fs::read(&guest_file).unwrap();
+    let received = std::fs::read(&received_file).unwrap();
+    assert_eq!(first_difference(&sent, &received), None);
+    let _ = common::call(&socket, DaemonCommand::Shutdown);
+    let _ = daemon.wait();
+    eprintln!(
+        "migration {id} resumed by the restarted daemon and verified ({} pages); test took {:.1} s",
+        done.verified_pages.unwrap_or(0),
         started.elapsed().as_secs_f64()
     );
 }

@@ -52,6 +52,12 @@ pub enum Command {
         /// Migration id.
         id: u64,
     },
+    /// Continue an `interrupted` migration (this appliance stopped while it ran): its
+    /// session is resumed where the destination kept it.
+    Resume {
+        /// Migration id.
+        id: u64,
+    },
     /// Fix the mode, or let the detector choose (`auto`).
     SetMode {
         /// `auto`, `datacenter`, `internet` or `hybrid`.
@@ -302,7 +308,8 @@ pub struct MigrationInfo {
     /// The other appliance: the destination of an outgoing migration, the source of an
     /// incoming one.
     pub peer: String,
-    /// `running`, `completed`, `failed` or `cancelled`.
+    /// `running`, `completed`, `failed`, `cancelled`, or `interrupted` (this appliance
+    /// stopped while it ran; `resume` continues it).
     pub state: String,
     /// `setup`, `precopy`, `switchover`, `verify`, or `done`; incoming migrations also
     /// `device-state` (loading it into the VM).

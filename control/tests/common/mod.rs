@@ -2,8 +2,13 @@
 //! once per test process, so that sessions run authenticated and encrypted as they do
 //! in production.
 
+use dwcp_api::{Command, Request, Response};
 use dwcp_control::certs::{self, Written};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 /// The lab set (appliance-a, appliance-b on loopback).
 pub fn lab() -> &'static Written {
@@ -30,4 +35,17 @@ pub fn security_section(which: usize) -> String {
         key.display().to_string(),
         lab.ca.display().to_string()
     )
+}
+
+/// Send `command` to the daemon behind `socket` and read its answer.
+#[allow(dead_code)]
+pub fn call(socket: &Path, command: Command) -> Response {
+    let mut s = UnixStream::connect(socket).expect("control socket");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut line = serde_json::to_vec(&Request::new(command)).unwrap();
+    line.push(b'\n');
+    s.write_all(&line).unwrap();
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
 }

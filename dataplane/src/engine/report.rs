@@ -191,7 +191,7 @@ pub struct SessionResume {
     /// Comparing the CRC tables (the source's reads of the interrupted round's pages
     /// included), seconds.
     pub compare_seconds: f64,
-    /// Chunks compared, and those whose digests differed.
+    /// Chunks compared.
     pub chunks: u64,
     /// Chunks whose digests differed.
     pub differing_chunks: u64,

@@ -109,6 +109,12 @@ enum Sub {
         /// Migration id.
         id: u64,
     },
+    /// Continue an interrupted migration (the appliance stopped while it ran): the
+    /// session is resumed where the destination kept it.
+    Resume {
+        /// Migration id.
+        id: u64,
+    },
     /// Fix the mode or return to detection.
     SetMode {
         /// auto, datacenter, internet or hybrid.
@@ -235,6 +241,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         Sub::Migrations => (Command::Migrations, None),
         Sub::Watch { id } => return watch(&mut client, *id, cli.json),
         Sub::Cancel { id } => (Command::Cancel { id: *id }, None),
+        Sub::Resume { id } => (Command::Resume { id: *id }, None),
         Sub::SetMode { mode } => (Command::SetMode { mode: mode.clone() }, None),
         Sub::Set {
             id,

@@ -41,6 +41,8 @@ use std::time::{Duration, Instant};
 /// First wait between connection attempts; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest wait for one reconnection's TCP handshake.
+const RECONNECT_CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 
 impl Session<'_> {
     /// Round `round` (its pages `round_pages`) failed with `cause`. If every connection
@@ -71,13 +73,12 @@ impl Session<'_> {
                 "connections lost in round {round} ({cause}); reconnecting to resume"
             ));
         }
-        let (opened, attempts) = self.reopen(lost_at, &cause)?;
-        let outage_seconds = lost_at.elapsed().as_secs_f64();
-        let compare_start = Instant::now();
         // What the destination must end up holding of this round: its pages now. A
         // page whose entry already says so went out in this round as it is now (the
         // workers record what they send); if it is missing at the destination it was
-        // lost in flight, and sending it again is the only waste a resume costs.
+        // lost in flight, and sending it again is the only waste a resume costs. Read
+        // while the path is out; writes from now on are the dirty log's.
+        let read_start = Instant::now();
         let kernels = dwcp_simd::Kernels::active();
         let mut page = vec![0u8; PAGE_SIZE];
         let mut sent_as_now = DirtyBitmap::new(round_pages.pages());
@@ -90,9 +91,23 @@ impl Session<'_> {
                 self.table.record(p, crc, OUT_OF_BAND_SLOT);
             }
         }
-        let mut opened = opened;
-        let comparison = resume::compare_as_source(&mut opened.control, &self.table, round)?;
-        let compare_seconds = compare_start.elapsed().as_secs_f64();
+        let read_seconds = read_start.elapsed().as_secs_f64();
+        let mut attempts = 0;
+        let (opened, comparison, outage_seconds, compare_start) = loop {
+            let (mut opened, tried) = self.reopen(lost_at, &cause)?;
+            attempts += tried;
+            let outage_seconds = lost_at.elapsed().as_secs_f64();
+            let compare_start = Instant::now();
+            match resume::compare_as_source(&mut opened.control, &self.table, round) {
+                Ok(c) => break (opened, c, outage_seconds, compare_start),
+                // Lost again while comparing: connect again, within the same grace.
+                Err(e) if resume::may_resume(&e, self.granted) => {
+                    eprintln!("dwcp: the resume failed while comparing tables: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let compare_seconds = read_seconds + compare_start.elapsed().as_secs_f64();
         let to_send = comparison.differing_pages;
         // Sent before: as they are now in this round, or in an earlier one.
         let pages_resent = to_send
@@ -316,9 +331,14 @@ pub(super) fn reopen_session(
         }
         attempts += 1;
         let mut attempt = config.clone();
-        // An attempt must not outlast the grace period.
+        // An attempt must not outlast the grace period; and a connect whose SYN was
+        // lost (the path still out) is retried by a new attempt within a second or
+        // two, not by the kernel's SYN back-off (1, 2, 4 s...) after the path is back.
         let left = deadline.saturating_duration_since(Instant::now());
-        attempt.connect_timeout = attempt.connect_timeout.min(left.max(FIRST_BACKOFF));
+        attempt.connect_timeout = attempt
+            .connect_timeout
+            .min(RECONNECT_CONNECT_TIMEOUT)
+            .min(left.max(FIRST_BACKOFF));
         attempt.reply_timeout = attempt.reply_timeout.min(left.max(FIRST_BACKOFF));
         let error = match handshake::reopen(
             peer.addr,
