@@ -56,7 +56,11 @@ pub fn run_source(
                 "dwcpd: resuming session {:032x} to {} from round {} (left by the last run)",
                 record.session_id, record.peer, record.round
             );
-            RunningGuest::resume(config)?
+            // A QEMU VM ran on without us: it is opened as for a new migration.
+            match config.guest.qmp {
+                Some(_) => RunningGuest::start(config)?,
+                None => RunningGuest::resume(config)?,
+            }
         }
         None => {
             if !quiet {

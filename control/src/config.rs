@@ -1007,6 +1007,7 @@ impl Config {
             stream_stall: (m.stream_stall_ms > 0).then(|| Duration::from_millis(m.stream_stall_ms)),
             resume_grace: Duration::from_secs(m.resume_grace_s),
             session_record: self.outgoing_session_record(),
+            record_guest: self.guest.qmp.as_ref().map(|q| q.display().to_string()),
             ..SourceConfig::default()
         }
     }
@@ -1097,13 +1098,21 @@ impl Config {
         }
     }
 
-    /// Where the record of a session sending the simulated guest's `[guest]
-    /// memory_file` is kept, when `[control] state_dir` is set.
+    /// Where the record of an outgoing session is kept, when `[control] state_dir` is
+    /// set and the guest's memory outlives this process: a QEMU VM's, or the simulated
+    /// guest's `[guest] memory_file`.
     pub fn outgoing_session_record(&self) -> Option<PathBuf> {
-        match (&self.control.state_dir, &self.guest.memory_file) {
-            (Some(dir), Some(_)) => Some(dir.join("outgoing.session")),
-            _ => None,
-        }
+        let memory_outlives_us = self.guest.qmp.is_some() || self.guest.memory_file.is_some();
+        self.outgoing_record_path().filter(|_| memory_outlives_us)
+    }
+
+    /// Where an outgoing session's record is, whatever the guest: `[control] state_dir`'s
+    /// `outgoing.session`.
+    pub fn outgoing_record_path(&self) -> Option<PathBuf> {
+        self.control
+            .state_dir
+            .as_ref()
+            .map(|dir| dir.join("outgoing.session"))
     }
 
     /// Where the record of a session received into `[dest] memory_file` is kept, when

@@ -511,7 +511,7 @@ impl ControlState {
             config.guest.qmp = Some(qmp.into());
         }
         config.validate().map_err(|e| e.to_string())?;
-        if let Some(record) = config.outgoing_session_record()
+        if let Some(record) = config.outgoing_record_path()
             && record.exists()
         {
             return Err(format!(
@@ -541,6 +541,10 @@ impl ControlState {
         let mut config = self.config.clone();
         config.guest.memory = crate::config::Size(record.memory_bytes);
         config.migration.streams = record.streams;
+        if let Some(qmp) = &record.guest {
+            config.guest.kind = "qemu".into();
+            config.guest.qmp = Some(qmp.into());
+        }
         let peer = record.peer;
         self.migrations.remove(&id);
         self.start_outgoing(id, config, peer, Some(record))
@@ -550,7 +554,7 @@ impl ControlState {
     /// `[control] state_dir`: listed as `interrupted` (and resumed at once with
     /// `[migration] auto_resume`).
     fn load_interrupted(&mut self) {
-        let Some(path) = self.config.outgoing_session_record() else {
+        let Some(path) = self.config.outgoing_record_path() else {
             return;
         };
         if !path.exists() {

@@ -377,6 +377,83 @@ fn a_destination_lost_mid_precopy_leaves_the_source_guest_running() {
     );
 }
 
+#[test]
+fn a_source_appliance_killed_mid_precopy_resumes_the_vm_after_its_restart() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(image) = image() else { return };
+    let started = Instant::now();
+    let dir = dir("source-restart");
+    let (src, dst) = boot_pair(&image, &dir);
+    let state = dir.join("state");
+    let config = dir.join("restart.toml");
+    // Paced to 2 MB/s per stream, so that the kill lands in round 0.
+    std::fs::write(
+        &config,
+        format!(
+            "[transport]\npacing_rate = \"2M\"\n[control]\nstate_dir = {:?}\n",
+            state.display().to_string()
+        ),
+    )
+    .unwrap();
+    let dest = Dest::start(&dst, &[]);
+    let mut first = source_command(&src.qmp, &dest.addr, &[])
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let record = state.join("outgoing.session");
+    let deadline = Instant::now() + PATIENCE;
+    while !record.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the source never recorded its session"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    first.kill().unwrap();
+    let _ = first.wait();
+    // The VM never noticed: it runs on at the source.
+    assert_eq!(qmp(&src).run_state().unwrap(), "running");
+    assert!(
+        record.exists(),
+        "the killed source left its session's record"
+    );
+    // Started again unpaced (at 8 MB/s the guest's writes would outrun the rounds).
+    std::fs::write(
+        &config,
+        format!("[control]\nstate_dir = {:?}\n", state.display().to_string()),
+    )
+    .unwrap();
+    let out = source_command(&src.qmp, &dest.addr, &[])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let report = report_of(&out);
+    let resume = &report["resumes"][0];
+    assert_eq!(resume["cause"], "this appliance restarted", "{report}");
+    let (dest_ok, dest_out, _) = dest.finish();
+    assert!(dest_ok, "dwcpd dest failed: {dest_out}");
+    assert!(dest_out.contains("device state loaded"), "{dest_out}");
+    assert!(!record.exists(), "the record outlived its session");
+    assert_eq!(qmp(&dst).run_state().unwrap(), "running");
+    let after = checked_twice_after_migration(&dst);
+    assert_eq!(after.mismatches, 0, "{}", dst.console());
+    eprintln!(
+        "resumed from round {} with {} of {} pages to send (table read back in {:.2} s); \
+         destination guest: {} checks, no mismatch; test took {:.1} s",
+        resume["round"],
+        resume["pages_to_send"],
+        report["pages"],
+        resume["table_rebuild_seconds"].as_f64().unwrap_or(0.0),
+        after.checks,
+        started.elapsed().as_secs_f64()
+    );
+}
+
 fn wait_with_deadline(mut child: Child, patience: Duration) -> Output {
     let deadline = Instant::now() + patience;
     while child.try_wait().unwrap().is_none() {

@@ -278,9 +278,8 @@ pub fn receive_through(
             }
             Some(path.clone())
         }
-        (Some(path), None) if first_round > 0 || table_rebuild_seconds.is_some() => {
-            Some(path.clone())
-        }
+        // A session resumed after a restart: its record stays until the session ends.
+        (Some(path), None) if table_rebuild_seconds.is_some() => Some(path.clone()),
         _ => None,
     };
     let result = receive_session(

@@ -63,15 +63,20 @@ pub struct OutgoingRecord {
     pub streams: u16,
     /// The round being sent.
     pub round: u64,
+    /// How the appliance finds its guest again (a QEMU VM's QMP socket), kept for it.
+    pub guest: Option<String>,
 }
 
 impl OutgoingRecord {
     /// Write the record to `path` atomically.
     pub fn write(&self, path: &Path) -> Result<(), RecordError> {
-        let text = format!(
+        let mut text = format!(
             "session {:032x}\npeer {}\nmemory_bytes {}\nstreams {}\nround {}\n",
             self.session_id, self.peer, self.memory_bytes, self.streams, self.round
         );
+        if let Some(guest) = &self.guest {
+            text.push_str(&format!("guest {guest}\n"));
+        }
         write_atomic(path, &text)
     }
 
@@ -86,6 +91,7 @@ impl OutgoingRecord {
                 streams: u16::try_from(f.number("streams")?)
                     .map_err(|e| format!("streams: {e}"))?,
                 round: f.number("round")?,
+                guest: f.field("guest").ok().map(str::to_string),
             })
         })
     }
@@ -231,6 +237,7 @@ mod tests {
             memory_bytes: 1 << 20,
             streams: 4,
             round: 3,
+            guest: Some("/run/vm/a.qmp".into()),
         };
         outgoing.write(&path).unwrap();
         assert_eq!(OutgoingRecord::read(&path).unwrap(), outgoing);

@@ -75,6 +75,9 @@ pub struct SourceConfig {
     /// reached), for resuming it after this appliance restarts; removed when the
     /// session ends. For guests whose memory is a file.
     pub session_record: Option<std::path::PathBuf>,
+    /// Kept in the record for the caller: how it finds the guest again (a QEMU VM's
+    /// QMP socket).
+    pub record_guest: Option<String>,
     /// Resume this session, left by a crash of this appliance, instead of opening a
     /// new one: the table is read back from the guest's memory, compared with the
     /// destination's, and the recorded round goes on with what the destination lacks.
@@ -101,6 +104,7 @@ impl Default for SourceConfig {
             stream_stall: None,
             resume_grace: Duration::from_secs(60),
             session_record: None,
+            record_guest: None,
             resume: None,
         }
     }
@@ -972,6 +976,7 @@ impl<'a> Session<'a> {
             memory_bytes: self.memory.len() as u64,
             streams: self.config.streams,
             round,
+            guest: self.config.record_guest.clone(),
         };
         if let Err(e) = record.write(path) {
             eprintln!("dwcp: {e}; this session cannot be resumed after a restart");
