@@ -106,10 +106,17 @@ fn migrate(
         .iter()
         .map(|l| l.pages_requeued)
         .sum();
+    // After a resume, what the comparison sent again supersedes what lost streams had
+    // queued again before it.
+    let resent_fraction = if report.resumes.is_empty() {
+        requeued as f64 / report.pages as f64
+    } else {
+        report.resent_fraction()
+    };
     Ok(RunFigures {
         seconds,
         began,
-        resent_fraction: report.resent_fraction() + requeued as f64 / report.pages as f64,
+        resent_fraction,
         resumes: report.resumes.len(),
     })
 }

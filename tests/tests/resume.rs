@@ -15,7 +15,7 @@ use dwcp_dataplane::memory::GuestMemory;
 use dwcp_hugepages::PagePreference;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,12 @@ type CutAt = (u64, Option<Duration>);
 /// it forwarded toward the destination, and when it is to be cut next.
 #[derive(Clone, Default)]
 struct Path {
-    open: Arc<Mutex<Vec<TcpStream>>>,
+    /// Each relayed connection: the source's side, the destination's side.
+    open: Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
+    /// Cuts reset the source's side only, and hold the destination's side open and
+    /// silent (a middlebox that forgot the connections: the destination sees nothing).
+    source_side_only: Arc<AtomicBool>,
+    held: Arc<Mutex<Vec<TcpStream>>>,
     down_until: Arc<Mutex<Option<Instant>>>,
     forwarded: Arc<AtomicU64>,
     cut_at: Arc<Mutex<Option<CutAt>>>,
@@ -71,15 +76,25 @@ impl Path {
                 self.cut(outage);
             }
         }
-        let _ = to.shutdown(std::net::Shutdown::Write);
+        if self.source_side_only.load(Ordering::Relaxed) {
+            self.held.lock().unwrap().push(to);
+        } else {
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        }
     }
 
     /// Reset every connection and refuse new ones for `outage` (`None`: for good).
     fn cut(&self, outage: Option<Duration>) {
         *self.down_until.lock().unwrap() =
             Some(Instant::now() + outage.unwrap_or(Duration::from_secs(3600)));
-        for s in self.open.lock().unwrap().drain(..) {
-            reset(&s);
+        let source_side_only = self.source_side_only.load(Ordering::Relaxed);
+        for (client, server) in self.open.lock().unwrap().drain(..) {
+            reset(&client);
+            if source_side_only {
+                self.held.lock().unwrap().push(server);
+            } else {
+                reset(&server);
+            }
         }
     }
 
@@ -105,8 +120,7 @@ impl Path {
         }
         {
             let mut open = self.open.lock().unwrap();
-            open.push(client.try_clone().unwrap());
-            open.push(server.try_clone().unwrap());
+            open.push((client.try_clone().unwrap(), server.try_clone().unwrap()));
         }
         let back = (server.try_clone().unwrap(), client.try_clone().unwrap());
         std::thread::spawn(move || dwcp_tests::pipe(back.0, back.1));
@@ -145,9 +159,32 @@ struct Run {
     took: Duration,
 }
 
+impl Run {
+    /// Both sides' reports of a migration that must have completed, the destination's
+    /// memory equal to the source's.
+    fn verified(&self) -> (&engine::MigrationReport, &engine::DestReport) {
+        let report = self
+            .source
+            .as_ref()
+            .unwrap_or_else(|e| panic!("the source failed: {e}"));
+        let dest = self
+            .dest
+            .as_ref()
+            .unwrap_or_else(|e| panic!("the destination failed: {e}"));
+        assert_eq!(self.memory.first_difference(&dest.memory), None);
+        (report, dest)
+    }
+}
+
 /// Migrate a running 256 MiB guest over 8 streams, in an authenticated session,
-/// through a relay cut after `first_cut` bytes, and as `rule` says after that.
-fn migrate_cut(grace: Duration, first_cut: (u64, Option<Duration>), mut rule: CutRule) -> Run {
+/// through a relay cut after `first_cut` bytes, and as `rule` says after that (on the
+/// source's side only when `source_side_only`).
+fn migrate_cut(
+    grace: Duration,
+    first_cut: CutAt,
+    source_side_only: bool,
+    mut rule: CutRule,
+) -> Run {
     let started = Instant::now();
     let memory = Arc::new(GuestMemory::anonymous(GUEST, PagePreference::TransparentHuge).unwrap());
     let workload = GuestWorkload {
@@ -166,6 +203,8 @@ fn migrate_cut(grace: Duration, first_cut: (u64, Option<Duration>), mut rule: Cu
     dest.transport.socket.buffer_bytes = SOCKET_BUFFER;
     let (dest_addr, receiver) = dwcp_tests::spawn_destination(&dest);
     let path = Path::default();
+    path.source_side_only
+        .store(source_side_only, Ordering::Relaxed);
     path.cut_after(first_cut.0, first_cut.1);
     let relayed = path.clone();
     let peer = dwcp_tests::relay_to(dest_addr, move |client, server| {
@@ -205,6 +244,7 @@ fn every_connection_lost_mid_round_0_and_again_mid_round_1_is_resumed_and_verifi
         Duration::from_secs(20),
         // A quarter of memory into round 0 (which sends about 190 MB here).
         (64 << 20, outage),
+        false,
         // Once round 1 is queued, when 2 MiB more of it went through.
         Box::new(move |p, path| {
             if !armed && p.round >= 1 {
@@ -213,15 +253,8 @@ fn every_connection_lost_mid_round_0_and_again_mid_round_1_is_resumed_and_verifi
             }
         }),
     );
-    run.guest.stop();
-    let report = run
-        .source
-        .unwrap_or_else(|e| panic!("the source failed: {e}"));
-    let dest = run
-        .dest
-        .unwrap_or_else(|e| panic!("the destination failed: {e}"));
+    let (report, dest) = run.verified();
     eprintln!("{report}");
-    assert_eq!(run.memory.first_difference(&dest.memory), None);
     assert_eq!(report.resumes.len(), 2, "{:?}", report.resumes);
     assert_eq!(dest.resumes, 2);
     let pages = report.pages;
@@ -259,7 +292,7 @@ fn every_connection_lost_mid_round_0_and_again_mid_round_1_is_resumed_and_verifi
     assert!(counted.sessions_resumed >= 2);
     eprintln!(
         "resumed twice: resent fraction {:.4} ({} and {} pages lost in flight; at most \
-         {:.4} of memory could be), {:?}",
+         {:.4} of memory could be at each), {:?}",
         report.resent_fraction(),
         first.pages_resent,
         second.pages_resent,
@@ -273,6 +306,7 @@ fn a_path_that_stays_down_past_the_grace_period_fails_cleanly_with_the_guest_run
     let run = migrate_cut(
         Duration::from_secs(3),
         (64 << 20, None),
+        false,
         Box::new(|_, _| {}),
     );
     let source = run
@@ -295,5 +329,26 @@ fn a_path_that_stays_down_past_the_grace_period_fails_cleanly_with_the_guest_run
     eprintln!(
         "given up: source: {text}; destination: {dest_text}; {:?}",
         run.took
+    );
+}
+
+#[test]
+fn connections_forgotten_on_the_source_side_only_are_given_up_by_the_silent_destination() {
+    // The destination's ends stay open and silent: it learns nothing from them, and
+    // takes the source's new control connection, after 3 s of silence, for what it is.
+    let run = migrate_cut(
+        Duration::from_secs(20),
+        (64 << 20, Some(Duration::from_millis(500))),
+        true,
+        Box::new(|_, _| {}),
+    );
+    let (report, dest) = run.verified();
+    assert_eq!(report.resumes.len(), 1, "{:?}", report.resumes);
+    assert_eq!(dest.resumes, 1);
+    let r = &report.resumes[0];
+    eprintln!(
+        "resumed after {:.2} s and {} attempts (the destination busy until its silence \
+         rule); {:?}",
+        r.outage_seconds, r.attempts, run.took
     );
 }

@@ -449,8 +449,9 @@ fn receive_session(
     // One session at a time: whoever comes meanwhile hears so at once, instead of
     // waiting in the listen queue for this session to end.
     let busy = format!(
-        "busy: this destination is receiving a migration (from {}) and takes one at a time; \
+        "{} this destination is receiving a migration (from {}) and takes one at a time; \
          try again once it has finished",
+        super::BUSY,
         progress
             .snapshot()
             .peer
@@ -591,6 +592,10 @@ struct Restoring {
     first_round: u64,
     since: Instant,
 }
+
+/// Nothing from the source this long (it pings every 250 ms), with a new control
+/// connection at the gate, is taken for a source that lost its connections.
+const SOURCE_SILENT_AFTER: Duration = Duration::from_secs(3);
 
 /// How often the destination reports each stream's delivered bytes.
 const STREAM_BYTES_INTERVAL: Duration = Duration::from_millis(250);
@@ -1070,8 +1075,23 @@ impl Coordinator<'_, '_> {
             self.report_stream_bytes()?;
             if self.progress_at.elapsed() >= PROGRESS_INTERVAL {
                 self.publish_progress();
-                let arrived = self.gate.turn_away(self.handshake_timeout, &self.busy);
+                // The source pings every 250 ms: nothing from it this long, with a new
+                // control connection at the gate, is a source that lost its
+                // connections (a middlebox forgot them, say) and comes back to resume;
+                // this side may never see its old ones fail.
+                let silent = self.last_activity.elapsed() >= SOURCE_SILENT_AFTER;
+                let hold = silent && self.granted & caps::RESUME != 0;
+                let arrived = self
+                    .gate
+                    .turn_away(self.handshake_timeout, &self.busy, hold);
                 self.replacement_arrived(arrived)?;
+                if hold && self.gate.control_waiting() {
+                    return Err(MigrationError::Disconnected(format!(
+                        "nothing from the source for {:.1} s, and a new control connection \
+                         came",
+                        self.last_activity.elapsed().as_secs_f64()
+                    )));
+                }
             }
             if let Some(final_round) = self.final_round
                 && self.stream_state.iter().all(|s| *s != StreamState::Open)
@@ -1101,10 +1121,14 @@ impl Coordinator<'_, '_> {
                 self.last_activity = Instant::now();
             } else {
                 if self.last_activity.elapsed() > self.timeout {
-                    return Err(MigrationError::Transport(format!(
-                        "no data or messages from the source for {:?}",
-                        self.timeout
-                    )));
+                    let silence =
+                        format!("no data or messages from the source for {:?}", self.timeout);
+                    // Connections that say nothing this long are as good as lost.
+                    return Err(if self.granted & caps::RESUME != 0 {
+                        MigrationError::Disconnected(silence)
+                    } else {
+                        MigrationError::Transport(silence)
+                    });
                 }
                 // A control message ends the wait at once (a sleep would add its length
                 // to every step of the switchover); workers' events are polled, more

@@ -299,13 +299,17 @@ impl<'l> Acceptor<'l> {
 
     /// While a session runs: sort what has arrived without waiting, and turn every new
     /// session away with `reason` (a plain refusal, or one inside its TLS session once
-    /// authenticated). Data streams are handed back with their hellos' bytes (the
-    /// session judges whether one replaces a stream it lost). Connections still saying
-    /// what they are stay pending, under their handshake deadline.
+    /// authenticated) — unless `hold_controls`, when new control connections wait
+    /// instead (the session's own connections have gone silent: one of them may be its
+    /// source coming back to resume it). Data streams are handed back with their
+    /// hellos' bytes (the session judges whether one replaces a stream it lost).
+    /// Connections still saying what they are stay pending, under their handshake
+    /// deadline.
     pub(super) fn turn_away(
         &mut self,
         handshake: Duration,
         reason: &str,
+        hold_controls: bool,
     ) -> Vec<(TcpStream, [u8; STREAM_HELLO_LEN])> {
         let mut streams = Vec::new();
         if self.listener.set_nonblocking(true).is_err() {
@@ -325,7 +329,7 @@ impl<'l> Acceptor<'l> {
             reason: reason.to_string(),
         };
         // Sessions that were waiting for this one to start are turned away too.
-        while let Some(sorted) = self.waiting.pop_front() {
+        while !hold_controls && let Some(sorted) = self.waiting.pop_front() {
             refuse_busy(
                 self.identity.as_ref(),
                 &sorted.stream,
@@ -346,6 +350,16 @@ impl<'l> Acceptor<'l> {
                     streams.push((p.stream, hello));
                     continue;
                 }
+                Read1::Sorted(first) if hold_controls => {
+                    let p = self.pending.swap_remove(i);
+                    let _ = p.stream.set_nonblocking(false);
+                    self.waiting.push_back(Sorted {
+                        stream: p.stream,
+                        peer: p.peer,
+                        first,
+                    });
+                    continue;
+                }
                 Read1::Sorted(first) => {
                     refuse_busy(
                         self.identity.as_ref(),
@@ -358,6 +372,11 @@ impl<'l> Acceptor<'l> {
             self.pending.swap_remove(i);
         }
         streams
+    }
+
+    /// Whether a control connection waits for a session (see `turn_away`).
+    pub(super) fn control_waiting(&self) -> bool {
+        !self.waiting.is_empty()
     }
 
     /// Close the pending connections that have had `handshake` to say what they are

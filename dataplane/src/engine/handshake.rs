@@ -536,8 +536,9 @@ fn accept_session(
         }
         (Ok(ControlMessage::Hello(_)), Some(session)) => {
             let e = MigrationError::RefusedSource(format!(
-                "busy: this destination keeps session {:032x} for its source to resume \
+                "{} this destination keeps session {:032x} for its source to resume \
                  (its connections were lost); try again once it has finished",
+                super::BUSY,
                 session.session_id
             ));
             return Err(refuse(&mut control, e));

@@ -256,6 +256,11 @@ pub mod counters {
     }
 }
 
+/// How a destination's refusal starts when it is busy with another session (or still
+/// with the old connections of the session being resumed): a source resuming a
+/// session tries again; any other refusal is final.
+pub(crate) const BUSY: &str = "busy:";
+
 /// Whether the test-only switch described in the module docs is set.
 fn test_skip_final_round() -> bool {
     std::env::var_os("DWCP_TEST_SKIP_FINAL_ROUND").is_some_and(|v| v == "1")

@@ -354,6 +354,12 @@ pub(super) fn reopen_session(
                     "the destination welcomed the resume without granting it".into(),
                 ));
             }
+            // Busy: it has not noticed yet that the session's old connections are
+            // dead (a destination only receiving may learn it from its next report's
+            // reset, after the path is back). Tried again.
+            Err(MigrationError::Refused(reason)) if reason.starts_with(crate::engine::BUSY) => {
+                MigrationError::Refused(reason)
+            }
             // The destination answered: it no longer has the session, or will not
             // give it to this source. Trying again cannot help. (A TLS handshake that
             // fails is tried again: a path that resets connections cuts handshakes
