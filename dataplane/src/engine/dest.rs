@@ -510,6 +510,11 @@ fn receive_session(
                     && resume::may_resume(&e, accepted.granted)
                     && !config.resume_grace.is_zero() =>
             {
+                // A source that aborted closes everything right after saying why; a
+                // failed read or write here may come before its message is handled.
+                if let Some(message) = coordinator.source_abort() {
+                    break Err(coordinator.aborted(format!("source aborted: {message}")));
+                }
                 if let Err(e) = coordinator.await_resume(&mut fleet, e, config, cancel) {
                     break Err(e);
                 }
