@@ -867,6 +867,12 @@ impl ControlLink {
         }
     }
 
+    /// End the writing direction: the peer reads what was sent, then the end.
+    pub fn finish_writing(&mut self) {
+        let _ = self.writer.flush();
+        let _ = self.socket.shutdown(std::net::Shutdown::Write);
+    }
+
     /// Close both directions (the reader thread then ends).
     pub fn shutdown(&self) {
         let _ = self.socket.shutdown(std::net::Shutdown::Both);

@@ -110,6 +110,9 @@ impl Default for SourceConfig {
     }
 }
 
+/// Longest wait, after an abort, for the destination to close its control stream.
+const ABORT_LINGER: Duration = Duration::from_millis(500);
+
 /// How often the source pings the destination on the control stream.
 const PING_INTERVAL: Duration = Duration::from_millis(250);
 /// Pages per command batch before waking a worker.
@@ -1225,6 +1228,17 @@ impl<'a> Session<'a> {
             reason,
             message: error.to_string(),
         });
+        // Closed at once, the control stream could reset before the destination read
+        // why (its reports left unread here), and a destination that does not hear it
+        // keeps the session for a resume. End the writing side and give it a moment to
+        // read and close its own.
+        self.control.finish_writing();
+        let deadline = Instant::now() + ABORT_LINGER;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if self.control.recv_timeout(left).is_err() {
+                break;
+            }
+        }
         self.fleet.shutdown_sockets();
     }
 
