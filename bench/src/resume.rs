@@ -23,9 +23,8 @@
 
 use crate::measure::{Plan, Samples};
 use crate::report::{Better, Comparison, Reporter};
-use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
+use dwcp_dataplane::guest::GuestWorkload;
 use dwcp_dataplane::memory::GuestMemory;
-use dwcp_hugepages::PagePreference;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wanem::scenario::Scenario;
@@ -100,12 +99,7 @@ fn migrate(
     if fault != Fault::None && began.is_none() {
         return Err("the migration ended before the outage was due".into());
     }
-    let requeued: u64 = report
-        .transport
-        .streams_lost
-        .iter()
-        .map(|l| l.pages_requeued)
-        .sum();
+    let requeued = report.transport.pages_requeued();
     // After a resume, what the comparison sent again supersedes what lost streams had
     // queued again before it.
     let resent_fraction = if report.resumes.is_empty() {
@@ -145,15 +139,7 @@ pub fn run(plan: Plan, out: &mut Reporter) {
             return;
         }
     };
-    let memory =
-        Arc::new(GuestMemory::anonymous(GUEST, PagePreference::TransparentHuge).expect("memory"));
-    let workload = GuestWorkload {
-        dirty_rate: 4e6,
-        working_set: 0.1,
-        vcpus: 1,
-        ..GuestWorkload::default()
-    };
-    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, workload.seed);
+    let (memory, workload) = dwcp_tests::wan::filled_guest(GUEST, 4e6, 0.1);
     let runs = plan.runs.clamp(1, 5);
     let mut clean = Vec::new();
     let (mut outage, mut outage_resent) = (Samples::default(), Vec::new());

@@ -20,7 +20,7 @@ use crate::report::{Better, Comparison, Reporter};
 use crate::transport::{StreamSetup, Transfer, cpu_seconds, page_stream};
 use dwcp_dataplane::engine::{DestConfig, SourceConfig};
 use dwcp_dataplane::guest::GuestWorkload;
-use dwcp_dataplane::security::{Identity, SecurityFiles, SessionKeys, tls};
+use dwcp_dataplane::security::{Identity, SessionKeys, tls};
 use dwcp_dataplane::transport::TransportConfig;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -30,16 +30,7 @@ use std::time::{Duration, Instant};
 
 /// The first two appliances of a lab set, loaded.
 fn load_pair(lab: &dwcp_control::certs::Written) -> Result<(Arc<Identity>, Arc<Identity>), String> {
-    let load = |i: usize| {
-        let (_, cert, key) = &lab.appliances[i];
-        Identity::load(&SecurityFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            ca: lab.ca.clone(),
-            peers: vec![],
-        })
-        .map_err(|e| e.to_string())
-    };
+    let load = |i: usize| lab.identity(i).map_err(|e| e.to_string());
     Ok((load(0)?, load(1)?))
 }
 
@@ -207,24 +198,7 @@ fn cross_region(runs: usize, out: &mut Reporter) {
             return;
         }
     };
-    let memory = Arc::new(
-        dwcp_dataplane::memory::GuestMemory::anonymous(
-            256 << 20,
-            dwcp_hugepages::PagePreference::TransparentHuge,
-        )
-        .expect("guest memory"),
-    );
-    let workload = GuestWorkload {
-        dirty_rate: 4e6,
-        working_set: 0.1,
-        vcpus: 1,
-        ..GuestWorkload::default()
-    };
-    dwcp_dataplane::guest::fill_memory(
-        &memory,
-        &dwcp_dataplane::guest::ContentMix::MEMORY_IMAGE,
-        workload.seed,
-    );
+    let (memory, workload) = dwcp_tests::wan::filled_guest(256 << 20, 4e6, 0.1);
     let (mut sealed, mut plain) = (Samples::default(), Samples::default());
     for i in 0..runs {
         for secure in [i % 2 == 0, i % 2 != 0] {

@@ -199,6 +199,23 @@ impl Written {
             .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
             .collect()
     }
+
+    /// Appliance `which`'s identity, loaded as the engine takes it (no pinned peers).
+    pub fn identity(
+        &self,
+        which: usize,
+    ) -> Result<
+        std::sync::Arc<dwcp_dataplane::security::Identity>,
+        dwcp_dataplane::security::SecurityError,
+    > {
+        let (_, cert, key) = &self.appliances[which];
+        dwcp_dataplane::security::Identity::load(&dwcp_dataplane::security::SecurityFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: self.ca.clone(),
+            peers: Vec::new(),
+        })
+    }
 }
 
 fn write(path: &Path, contents: &str, private: bool) -> Result<(), CertsError> {

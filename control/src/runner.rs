@@ -105,6 +105,11 @@ impl RunningGuest {
                 config.guest.memory
             ));
         }
+        Self::simulated(config, memory)
+    }
+
+    /// The simulated guest's vCPUs started on `memory`, with a new dirty log.
+    fn simulated(config: &Config, memory: Arc<GuestMemory>) -> Result<Self, String> {
         let dirty = open_dirty_log(&memory, config.dirty_log()).map_err(|e| e.to_string())?;
         let guest = SimulatedGuest::start(memory.clone(), &config.workload(), dirty.marker.clone());
         Ok(RunningGuest {
@@ -133,14 +138,7 @@ impl RunningGuest {
                 config.guest.memory
             ));
         }
-        let memory = Arc::new(memory);
-        let dirty = open_dirty_log(&memory, config.dirty_log()).map_err(|e| e.to_string())?;
-        let guest = SimulatedGuest::start(memory.clone(), &config.workload(), dirty.marker.clone());
-        Ok(RunningGuest {
-            memory,
-            guest: Guest::Simulated(guest),
-            dirty: Some(dirty),
-        })
+        Self::simulated(config, Arc::new(memory))
     }
 
     /// A QEMU VM opened (and so checked) already: its RAM mapped, its dirty log open.

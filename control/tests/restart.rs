@@ -12,7 +12,7 @@ use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
 use dwcp_dataplane::engine::{self, SourceConfig};
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
 use dwcp_dataplane::memory::{GuestMemory, PAGE_SIZE};
-use dwcp_dataplane::security::{Identity, SecurityFiles};
+use dwcp_dataplane::security::Identity;
 use dwcp_hugepages::PagePreference;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -79,15 +79,7 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 }
 
 fn identity(which: usize) -> Arc<Identity> {
-    let lab = common::lab();
-    let (_, cert, key) = &lab.appliances[which];
-    Identity::load(&SecurityFiles {
-        cert: cert.clone(),
-        key: key.clone(),
-        ca: lab.ca.clone(),
-        peers: Vec::new(),
-    })
-    .expect("a lab identity")
+    common::lab().identity(which).expect("a lab identity")
 }
 
 struct Cleanup(Vec<PathBuf>);

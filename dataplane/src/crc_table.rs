@@ -240,25 +240,12 @@ impl CrcTable {
     /// Record what `memory` holds now, every page, on `threads` threads (no other
     /// writer may record meanwhile).
     pub fn record_memory(&self, memory: &GuestMemory, threads: usize) {
-        let table = self;
-        let pages = memory.pages().min(self.pages());
         // Each thread has its own digest slot, as each stream does.
         let threads = threads.clamp(1, usize::from(crate::wire::MAX_STREAMS));
-        let per = pages.div_ceil(threads as u64).max(1);
-        std::thread::scope(|scope| {
-            for t in 0..threads as u64 {
-                let (start, end) = ((t * per).min(pages), ((t + 1) * per).min(pages));
-                let table = &table;
-                scope.spawn(move || {
-                    let kernels = dwcp_simd::Kernels::active();
-                    let mut page = vec![0u8; PAGE_SIZE];
-                    let recorder = table.recorder(t as u16);
-                    for p in start..end {
-                        memory.read_page(p, &mut page);
-                        recorder.record(p, kernels.crc32c(&page));
-                    }
-                });
-            }
+        let pages = memory.pages().min(self.pages());
+        scan_pages(memory, pages, threads, |t, pages| {
+            let recorder = self.recorder(t as u16);
+            pages.for_each(|(p, crc)| recorder.record(p, crc));
         });
     }
 
@@ -269,33 +256,18 @@ impl CrcTable {
         let started = Instant::now();
         let pages = memory.pages().min(self.pages());
         let threads = threads.clamp(1, 64);
-        let per = pages.div_ceil(threads as u64).max(1);
-        let mut found: Vec<(u64, Vec<u64>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads as u64)
-                .map(|t| {
-                    let (start, end) = ((t * per).min(pages), ((t + 1) * per).min(pages));
-                    scope.spawn(move || {
-                        let kernels = dwcp_simd::Kernels::active();
-                        let mut page = vec![0u8; PAGE_SIZE];
-                        let mut count = 0u64;
-                        let mut listed = Vec::new();
-                        for p in start..end {
-                            memory.read_page(p, &mut page);
-                            if kernels.crc32c(&page) != self.get(p) {
-                                count += 1;
-                                if listed.len() < AUDIT_PAGES_LISTED {
-                                    listed.push(p);
-                                }
-                            }
-                        }
-                        (count, listed)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_default())
-                .collect()
+        let mut found = scan_pages(memory, pages, threads, |_, pages| {
+            let mut count = 0u64;
+            let mut listed = Vec::new();
+            for (p, crc) in pages {
+                if crc != self.get(p) {
+                    count += 1;
+                    if listed.len() < AUDIT_PAGES_LISTED {
+                        listed.push(p);
+                    }
+                }
+            }
+            (count, listed)
         });
         let mismatched = found.iter().map(|(n, _)| n).sum();
         let mut listed: Vec<u64> = found.iter_mut().flat_map(|(_, l)| l.drain(..)).collect();
@@ -310,6 +282,40 @@ impl CrcTable {
             threads,
         }
     }
+}
+
+/// Pages `0..pages` of `memory` split into `threads` ranges, one thread each: thread
+/// `t` hands `per_thread` the CRC32C of each of its pages, in order, and its results
+/// come back in thread order.
+fn scan_pages<T: Send + Default>(
+    memory: &GuestMemory,
+    pages: u64,
+    threads: usize,
+    per_thread: impl Fn(usize, &mut dyn Iterator<Item = (u64, u32)>) -> T + Sync,
+) -> Vec<T> {
+    let per = pages.div_ceil(threads as u64).max(1);
+    let per_thread = &per_thread;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let start = (t as u64 * per).min(pages);
+                let end = ((t as u64 + 1) * per).min(pages);
+                scope.spawn(move || {
+                    let kernels = dwcp_simd::Kernels::active();
+                    let mut page = vec![0u8; PAGE_SIZE];
+                    let mut crcs = (start..end).map(|p| {
+                        memory.read_page(p, &mut page);
+                        (p, kernels.crc32c(&page))
+                    });
+                    per_thread(t, &mut crcs)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
 }
 
 /// Threads for a memory-wide pass (an audit, a rescan): every CPU this process may run on.

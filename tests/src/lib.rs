@@ -38,15 +38,7 @@ pub fn secure(config: &mut dwcp_control::config::Config, which: usize) {
 
 /// Lab appliance `which`'s identity (0: a, 1: b), as the engine takes it.
 pub fn lab_identity(which: usize) -> Arc<dwcp_dataplane::security::Identity> {
-    let lab = lab();
-    let (_, cert, key) = &lab.appliances[which];
-    dwcp_dataplane::security::Identity::load(&dwcp_dataplane::security::SecurityFiles {
-        cert: cert.clone(),
-        key: key.clone(),
-        ca: lab.ca.clone(),
-        peers: Vec::new(),
-    })
-    .expect("a lab identity")
+    lab().identity(which).expect("a lab identity")
 }
 
 /// Make `s`'s last close a reset (SO_LINGER 0), as a failing path's would be.
@@ -103,6 +95,26 @@ pub fn pipe(mut from: TcpStream, mut to: TcpStream) {
 /// Say why a test did not run, past the harness's output capture.
 pub fn skip(reason: &str) {
     let _ = writeln!(std::io::stderr(), "SKIP: {reason}");
+}
+
+/// A simulated guest of `bytes` (transparent huge pages), filled like a real guest's
+/// memory from `seed` and running `workload`, with the uffd-wp dirty log tracking it.
+pub fn running_guest(
+    bytes: usize,
+    workload: &GuestWorkload,
+    seed: u64,
+) -> (
+    Arc<GuestMemory>,
+    SimulatedGuest,
+    Box<dyn dwcp_dataplane::dirty::DirtyLog>,
+) {
+    let memory = Arc::new(
+        GuestMemory::anonymous(bytes, PagePreference::TransparentHuge).expect("guest memory"),
+    );
+    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, seed);
+    let opened = open_dirty_log(&memory, DirtyLogKind::Uffd).expect("dirty log");
+    let guest = SimulatedGuest::start(memory.clone(), workload, opened.marker.clone());
+    (memory, guest, opened.log)
 }
 
 /// A destination appliance on a thread of its own, listening on a loopback port:

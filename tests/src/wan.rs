@@ -7,7 +7,7 @@ use crate::Outcome;
 use dwcp_dataplane::codec::policy::CodecPolicy;
 use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
 use dwcp_dataplane::engine::{self, DestConfig, DestMemory, SourceConfig};
-use dwcp_dataplane::guest::{GuestWorkload, SimulatedGuest};
+use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_dataplane::transport::TransportConfig;
 use dwcp_dataplane::transport::socket::{Congestion, SocketOptions};
@@ -20,6 +20,26 @@ use wanem::probe::Iperf3;
 use wanem::scenario::{LinkChanges, Scenario};
 use wanem::units::Probability;
 use wanem::{Emulator, EmulatorConfig, netns};
+
+/// A guest of `bytes` filled like a real guest's memory, and a one-vCPU workload
+/// writing `dirty_rate` bytes per second over `working_set` of it: the guest of the
+/// WAN tests and benches.
+pub fn filled_guest(
+    bytes: usize,
+    dirty_rate: f64,
+    working_set: f64,
+) -> (Arc<GuestMemory>, GuestWorkload) {
+    let memory =
+        Arc::new(GuestMemory::anonymous(bytes, PagePreference::TransparentHuge).expect("memory"));
+    let workload = GuestWorkload {
+        dirty_rate,
+        working_set,
+        vcpus: 1,
+        ..GuestWorkload::default()
+    };
+    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, workload.seed);
+    (memory, workload)
+}
 
 /// The emulator for a shipped scenario, its namespaces named after `tag`; `None` (said
 /// why) without root.

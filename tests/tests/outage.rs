@@ -4,11 +4,7 @@
 //! verified, once the path is back. Needs root for the emulator; skips with the reason
 //! otherwise.
 
-use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
-use dwcp_dataplane::memory::GuestMemory;
-use dwcp_hugepages::PagePreference;
 use dwcp_tests::wan::{internet_profile, migrate_across_driven};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wanem::Emulator;
 
@@ -28,17 +24,9 @@ fn outages_of_5_s_in_round_0_and_in_a_later_round_are_waited_out() {
     let Some(emulator) = dwcp_tests::wan::emulate("cross-region", "out") else {
         return;
     };
-    let memory =
-        Arc::new(GuestMemory::anonymous(GUEST, PagePreference::TransparentHuge).expect("memory"));
     // Busy enough that round 1 takes about half a second, long enough to be caught
     // by the reports (every 100 ms) and cut by the second outage.
-    let workload = GuestWorkload {
-        dirty_rate: 20e6,
-        working_set: 0.5,
-        vcpus: 1,
-        ..GuestWorkload::default()
-    };
-    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, workload.seed);
+    let (memory, workload) = dwcp_tests::wan::filled_guest(GUEST, 20e6, 0.5);
     let (mut source, dest) = internet_profile();
     source.streams = 8;
     // Tight enough that the pages dirtied during the first outage take a round of
@@ -89,12 +77,7 @@ fn outages_of_5_s_in_round_0_and_in_a_later_round_are_waited_out() {
         .filter(|n| n.contains("the path was out"))
         .count();
     assert!(waited >= 2, "{:?}", report.notes);
-    let requeued: u64 = report
-        .transport
-        .streams_lost
-        .iter()
-        .map(|l| l.pages_requeued)
-        .sum();
+    let requeued = report.transport.pages_requeued();
     eprintln!(
         "outages: {outages:?}; streams given up afterwards: {}; pages queued again: {requeued} ({:.1}% of memory)",
         report.transport.streams_lost.len(),

@@ -8,11 +8,9 @@
 //! Every connection goes through a relay on loopback that cuts them all once it has
 //! forwarded a given number of bytes toward the destination.
 
-use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
 use dwcp_dataplane::engine::{self, DestConfig, MigrationError, Progress, SourceConfig};
-use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
+use dwcp_dataplane::guest::{GuestWorkload, SimulatedGuest};
 use dwcp_dataplane::memory::GuestMemory;
-use dwcp_hugepages::PagePreference;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -186,14 +184,11 @@ fn migrate_cut(
     mut rule: CutRule,
 ) -> Run {
     let started = Instant::now();
-    let memory = Arc::new(GuestMemory::anonymous(GUEST, PagePreference::TransparentHuge).unwrap());
     let workload = GuestWorkload {
         dirty_rate: 40e6,
         ..GuestWorkload::default()
     };
-    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, 5);
-    let opened = open_dirty_log(&memory, DirtyLogKind::Uffd).unwrap();
-    let guest = SimulatedGuest::start(memory.clone(), &workload, opened.marker.clone());
+    let (memory, guest, dirty_log) = dwcp_tests::running_guest(GUEST, &workload, 5);
     let mut dest = DestConfig {
         timeout: Duration::from_secs(30),
         security: Some(dwcp_tests::lab_identity(1)),
@@ -218,14 +213,9 @@ fn migrate_cut(
         ..SourceConfig::default()
     };
     config.transport.socket.buffer_bytes = SOCKET_BUFFER;
-    let source = engine::migrate(
-        peer,
-        memory.clone(),
-        &guest,
-        opened.log,
-        &config,
-        &mut |p| rule(p, &path),
-    );
+    let source = engine::migrate(peer, memory.clone(), &guest, dirty_log, &config, &mut |p| {
+        rule(p, &path)
+    });
     let dest = receiver.join().unwrap();
     Run {
         source,

@@ -6,11 +6,8 @@
 //! (hold open, forward nothing) one data stream once it has carried a given number of
 //! bytes.
 
-use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
 use dwcp_dataplane::engine::{self, DestConfig, MigrationReport, SourceConfig};
-use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
-use dwcp_dataplane::memory::GuestMemory;
-use dwcp_hugepages::PagePreference;
+use dwcp_dataplane::guest::GuestWorkload;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
@@ -101,14 +98,11 @@ fn relay(mut client: TcpStream, mut server: TcpStream, fault: Fault, held: &Held
 /// authenticated session when `sealed`.
 fn migrate_through(fault: Fault, sealed: bool) -> (MigrationReport, engine::DestReport, Duration) {
     let started = Instant::now();
-    let memory = Arc::new(GuestMemory::anonymous(GUEST, PagePreference::TransparentHuge).unwrap());
     let workload = GuestWorkload {
         dirty_rate: 5e6,
         ..GuestWorkload::default()
     };
-    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, 11);
-    let opened = open_dirty_log(&memory, DirtyLogKind::Uffd).unwrap();
-    let guest = SimulatedGuest::start(memory.clone(), &workload, opened.marker.clone());
+    let (memory, guest, dirty_log) = dwcp_tests::running_guest(GUEST, &workload, 11);
     let (dest_addr, receiver) = dwcp_tests::spawn_destination(&DestConfig {
         timeout: Duration::from_secs(30),
         security: sealed.then(|| dwcp_tests::lab_identity(1)),
@@ -129,7 +123,7 @@ fn migrate_through(fault: Fault, sealed: bool) -> (MigrationReport, engine::Dest
         peer,
         memory.clone(),
         &guest,
-        opened.log,
+        dirty_log,
         &config,
         &mut |_| {},
     );

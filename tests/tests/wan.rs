@@ -6,11 +6,8 @@
 use dwcp_control::codec_policy::{ModelPolicy, PolicyConfig};
 use dwcp_control::mode::{DetectorConfig, LinkMeter, Mode, ModeDetector};
 use dwcp_dataplane::dirty::DirtyLogKind;
-use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
-use dwcp_dataplane::memory::GuestMemory;
-use dwcp_hugepages::PagePreference;
 use dwcp_tests::wan::{internet_profile, live_settings, migrate_across, migrate_across_driven};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use wanem::Emulator;
 
@@ -27,15 +24,7 @@ fn migrate_through(scenario_name: &str, bytes: usize) {
     let Some(emulator) = emulate(scenario_name) else {
         return;
     };
-    let memory =
-        Arc::new(GuestMemory::anonymous(bytes, PagePreference::TransparentHuge).expect("memory"));
-    let workload = GuestWorkload {
-        dirty_rate: 4e6,
-        working_set: 0.1,
-        vcpus: 1,
-        ..GuestWorkload::default()
-    };
-    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, workload.seed);
+    let (memory, workload) = dwcp_tests::wan::filled_guest(bytes, 4e6, 0.1);
     let (source, dest) = internet_profile();
     let mut policy = ModelPolicy::new(PolicyConfig {
         levels: source.codec.levels.clone(),
@@ -95,15 +84,7 @@ const CLASSIFY_WITHIN_REPORTS: usize = 50;
 fn classify_scenario(scenario_name: &str) -> Option<(Option<Mode>, usize, Duration, Vec<Mode>)> {
     let emulator = emulate(scenario_name)?;
     let bytes = 256 << 20;
-    let memory =
-        Arc::new(GuestMemory::anonymous(bytes, PagePreference::TransparentHuge).expect("memory"));
-    let workload = GuestWorkload {
-        dirty_rate: 8e6,
-        working_set: 0.1,
-        vcpus: 1,
-        ..GuestWorkload::default()
-    };
-    fill_memory(&memory, &ContentMix::MEMORY_IMAGE, workload.seed);
+    let (memory, workload) = dwcp_tests::wan::filled_guest(bytes, 8e6, 0.1);
     // Rounds never converge: the migration runs until the detector has spoken.
     let (mut source, dest) = internet_profile();
     source.streams = 8;

@@ -352,45 +352,87 @@ fn resume_after_restart(
         granted: record.granted,
         peer: record.peer.clone(),
     };
-    let deadline = Instant::now() + config.resume_grace;
-    loop {
-        if Instant::now() >= deadline {
-            return Err(MigrationError::Transport(format!(
-                "the source did not resume session {:032x} within resume_grace ({} s) of \
-                 this destination's restart",
-                record.session_id,
-                config.resume_grace.as_secs()
-            )));
-        }
-        let mut accepted = match handshake::accept_resume(
-            gate,
-            &session,
-            config,
-            cancel,
-            &mut |peer| progress.update(|p| p.peer = Some(peer)),
-            deadline,
-        ) {
-            Ok(a) => a,
-            Err(e @ MigrationError::Aborted { .. }) => return Err(e),
-            Err(e) => {
-                if Instant::now() < deadline {
-                    eprintln!("dwcp: while waiting for the resume: {e}");
+    let waiting = Waiting {
+        session: &session,
+        table: &table,
+        deadline: Instant::now() + config.resume_grace,
+        rounds_done: 0,
+    };
+    let (accepted, round, differing) = waiting.wait(gate, config, cancel, progress, || {
+        MigrationError::Transport(format!(
+            "the source did not resume session {:032x} within resume_grace ({} s) of this \
+             destination's restart",
+            record.session_id,
+            config.resume_grace.as_secs()
+        ))
+    })?;
+    eprintln!(
+        "dwcp: session resumed from round {round} after a restart ({differing} table chunks \
+         differed)"
+    );
+    Ok((accepted, round, table, Some(seconds)))
+}
+
+/// A session kept for its source to resume (after its connections died, or after this
+/// appliance restarted).
+struct Waiting<'a> {
+    session: &'a handshake::Resumable,
+    /// What this side holds, for the comparison.
+    table: &'a CrcTable,
+    deadline: Instant,
+    /// Rounds acknowledged so far (for the error if cancelled).
+    rounds_done: u64,
+}
+
+impl Waiting<'_> {
+    /// Wait in `gate` until the deadline for the source's resume, and answer its table
+    /// comparison. Other connections, and resumes that fail half-way, are logged and
+    /// waited past; `expired` is the error once the deadline has passed. Returns the
+    /// resumed session, the round it sends first and the chunks that differed.
+    fn wait(
+        &self,
+        gate: &mut Acceptor<'_>,
+        config: &DestConfig,
+        cancel: &AtomicBool,
+        progress: &ReceiveProgress,
+        expired: impl Fn() -> MigrationError,
+    ) -> Result<(handshake::Accepted, u64, u64), MigrationError> {
+        loop {
+            // Acquire: pairs with the Release store of whoever cancels.
+            if cancel.load(Ordering::Acquire) {
+                return Err(MigrationError::Aborted {
+                    reason: "cancelled at the destination".into(),
+                    rounds: self.rounds_done,
+                });
+            }
+            if Instant::now() >= self.deadline {
+                return Err(expired());
+            }
+            let mut accepted = match handshake::accept_resume(
+                gate,
+                self.session,
+                config,
+                cancel,
+                &mut |peer| progress.update(|p| p.peer = Some(peer)),
+                self.deadline,
+            ) {
+                Ok(a) => a,
+                Err(e @ MigrationError::Aborted { .. }) => return Err(e),
+                Err(e) => {
+                    // Someone else, or a resume that failed half-way: keep waiting.
+                    if Instant::now() < self.deadline {
+                        eprintln!("dwcp: while waiting for the resume: {e}");
+                    }
+                    continue;
                 }
-                continue;
+            };
+            match resume::answer_as_destination(&mut accepted.control, self.table) {
+                Ok((round, differing)) => return Ok((accepted, round, differing)),
+                Err(e) if resume::may_resume(&e, self.session.granted) => {
+                    eprintln!("dwcp: the resume failed while comparing tables: {e}");
+                }
+                Err(e) => return Err(e),
             }
-        };
-        match resume::answer_as_destination(&mut accepted.control, &table) {
-            Ok((round, differing)) => {
-                eprintln!(
-                    "dwcp: session resumed from round {round} after a restart ({differing} \
-                     table chunks differed)"
-                );
-                return Ok((accepted, round, table, Some(seconds)));
-            }
-            Err(e) if resume::may_resume(&e, session.granted) => {
-                eprintln!("dwcp: the resume failed while comparing tables: {e}");
-            }
-            Err(e) => return Err(e),
         }
     }
 }
@@ -1172,7 +1214,6 @@ impl Coordinator<'_, '_> {
             grace.as_secs()
         );
         self.progress.update(|p| p.phase = "interrupted");
-        let deadline = Instant::now() + grace;
         let session = handshake::Resumable {
             session_id: self.replacements.session_id,
             memory: self.memory.clone(),
@@ -1180,63 +1221,39 @@ impl Coordinator<'_, '_> {
             granted: self.granted,
             peer: self.peer_identity.clone(),
         };
-        loop {
-            // Acquire: pairs with the Release store of whoever cancels.
-            if cancel.load(Ordering::Acquire) {
-                return Err(self.aborted("cancelled at the destination".into()));
-            }
-            if Instant::now() >= deadline {
-                return Err(MigrationError::Transport(format!(
-                    "{cause}; the source did not resume the session within resume_grace \
-                     ({} s): given up, its memory released",
+        let table = self.table.clone();
+        let waiting = Waiting {
+            session: &session,
+            table: &table,
+            deadline: Instant::now() + grace,
+            rounds_done: self.rounds_applied,
+        };
+        let (accepted, round, differing) =
+            waiting.wait(self.gate, config, cancel, self.progress, || {
+                MigrationError::Transport(format!(
+                    "{cause}; the source did not resume the session within resume_grace ({} \
+                     s): given up, its memory released",
                     grace.as_secs()
-                )));
-            }
-            let accepted = match handshake::accept_resume(
-                self.gate,
-                &session,
-                config,
-                cancel,
-                &mut |_| {},
-                deadline,
-            ) {
-                Ok(a) => a,
-                Err(e @ MigrationError::Aborted { .. }) => return Err(e),
-                Err(e) => {
-                    // Someone else, or a resume that failed half-way: keep waiting.
-                    if Instant::now() < deadline {
-                        eprintln!("dwcp: while waiting for the resume: {e}");
-                    }
-                    continue;
-                }
-            };
-            let mut control = accepted.control;
-            match resume::answer_as_destination(&mut control, &self.table) {
-                Ok((round, differing)) => {
-                    let streams = accepted.streams;
-                    let keys = accepted.keys;
-                    return self.resumed(fleet, control, streams, keys, round, differing, config);
-                }
-                Err(e) if resume::may_resume(&e, self.granted) => {
-                    eprintln!("dwcp: the resume failed while comparing tables: {e}");
-                }
-                Err(e) => return Err(e),
-            }
-        }
+                ))
+            })?;
+        self.resumed(fleet, accepted, round, differing, config)
     }
 
     /// Carry the session on from round `round` over the resumed connections.
-    #[allow(clippy::too_many_arguments)]
     fn resumed(
         &mut self,
         fleet: &mut RxFleet,
-        control: handshake::ControlChannel,
-        streams: Vec<(u16, TcpStream)>,
-        keys: Option<Arc<SessionKeys>>,
+        accepted: handshake::Accepted,
         round: u64,
         differing_chunks: u64,
         config: &DestConfig,
     ) -> Result<(), MigrationError> {
+        let handshake::Accepted {
+            control,
+            streams,
+            keys,
+            ..
+        } = accepted;
         let n = usize::from(self.streams);
         self.fence = Arc::new(StreamFence::default());
         let setup = RxSetup {

@@ -297,6 +297,13 @@ pub struct MigrationReport {
     pub resumes: Vec<SessionResume>,
 }
 
+impl TransportReport {
+    /// Pages queued again on other streams after streams were lost, all losses.
+    pub fn pages_requeued(&self) -> u64 {
+        self.streams_lost.iter().map(|l| l.pages_requeued).sum()
+    }
+}
+
 impl MigrationReport {
     /// Bytes sent again after resumes (pages that had gone out before a loss) over
     /// the memory's size.

@@ -442,9 +442,6 @@ impl Session<'_> {
             .spawn(move || {
                 let started = Instant::now();
                 let mut backoff = Duration::from_millis(100);
-                // Jitter from the clock: replacements of streams lost together spread
-                // out instead of knocking at once.
-                let mut jitter = started.elapsed().subsec_nanos() as u64 ^ u64::from(stream);
                 // Acquire: pairs with the Release store in `Session::close`.
                 while !closing.load(Ordering::Acquire) && started.elapsed() < RECONNECT_FOR {
                     if let Ok(mut socket) = TcpStream::connect_timeout(&peer, timeout) {
@@ -459,11 +456,10 @@ impl Session<'_> {
                             return;
                         }
                     }
-                    jitter = jitter
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    let spread = backoff.as_millis() as u64 / 2 + 1;
-                    std::thread::sleep(backoff + Duration::from_millis((jitter >> 33) % spread));
+                    // Jittered: replacements of streams lost together spread out
+                    // instead of knocking at once.
+                    let jitter = backoff.mul_f64(0.5 * super::reconnect::jitter_fraction());
+                    std::thread::sleep(backoff + jitter);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             });

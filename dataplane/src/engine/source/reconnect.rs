@@ -387,7 +387,7 @@ pub(super) fn reopen_session(
 }
 
 /// A number in [0, 1) that differs between calls and appliances (for backoff jitter).
-fn jitter_fraction() -> f64 {
+pub(super) fn jitter_fraction() -> f64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
