@@ -9,6 +9,7 @@ use dwcp_dataplane::engine::{self, DestMemory, DestReport, MigrationReport};
 use dwcp_hugepages::PagePreference;
 use serde::Serialize;
 use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
@@ -91,7 +92,7 @@ pub fn run_dest(
     // The VM is checked before the port opens: a source never starts toward a
     // destination that cannot take its guest.
     let mut vm = match &config.dest.qmp {
-        Some(qmp) => Some(QemuIncoming::open(qmp).map_err(|e| e.to_string())?),
+        Some(qmp) => Some(incoming_vm(config, qmp)?),
         None => None,
     };
     let mut dest_config = config.dest_config();
@@ -99,20 +100,13 @@ pub fn run_dest(
     let listener = TcpListener::bind(&config.dest.listen)
         .map_err(|e| format!("listening on {}: {e}", config.dest.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    listening(addr, vm.as_ref().map(|vm| vm.info().name.as_str()));
+    listening(addr, vm.as_ref().map(|(vm, _)| vm.info().name.as_str()));
     let cancel = AtomicBool::new(false);
-    match vm.as_mut() {
-        Some(vm) => {
-            let memory = vm.memory().map_err(|e| e.to_string())?;
+    match vm.take() {
+        Some((mut vm, memory)) => {
             let name = vm.info().name.clone();
-            engine::receive_guest(
-                &listener,
-                DestMemory::Provided(memory),
-                &dest_config,
-                &cancel,
-                Some(vm),
-            )
-            .map_err(|e| format!("receiving VM {name:?}: {e}"))
+            engine::receive_guest(&listener, memory, &dest_config, &cancel, Some(&mut vm))
+                .map_err(|e| format!("receiving VM {name:?}: {e}"))
         }
         None => {
             engine::receive_cancellable(&listener, incoming_memory(config)?, &dest_config, &cancel)
@@ -121,19 +115,61 @@ pub fn run_dest(
     }
 }
 
+/// The incoming VM at `qmp` (`[dest] qmp`), opened for a session, and where the
+/// session's memory goes: the session a restarted appliance left in the VM's RAM file
+/// (its record in `[control] state_dir`), else the VM's RAM file for a new one.
+pub fn incoming_vm(config: &Config, qmp: &Path) -> Result<(QemuIncoming, DestMemory), String> {
+    let vm = QemuIncoming::open(qmp, config.incoming_device_socket().as_deref())
+        .map_err(|e| e.to_string())?;
+    if let Some(record) = recorded_incoming(config)? {
+        let file = &vm.info().memory_file;
+        if record.memory_file != *file {
+            return Err(format!(
+                "the session the last run left went into {}, not into the RAM file of VM {:?} \
+                 ({}); remove {} to receive a new migration",
+                record.memory_file.display(),
+                vm.info().name,
+                file.display(),
+                config
+                    .incoming_session_record()
+                    .map_or(String::new(), |p| p.display().to_string())
+            ));
+        }
+        eprintln!(
+            "dwcpd: VM {:?}: {}",
+            vm.info().name,
+            if vm.taken_over() {
+                "QEMU still listens for the device state where the last run had it listen"
+            } else {
+                "QEMU was started again; it now listens for the device state"
+            }
+        );
+        return Ok((vm, DestMemory::Resume(record)));
+    }
+    let memory = vm.memory().map_err(|e| e.to_string())?;
+    Ok((vm, DestMemory::Provided(memory)))
+}
+
+/// The session the last run of this appliance left unfinished as destination, if any
+/// (announced on stderr).
+fn recorded_incoming(config: &Config) -> Result<Option<engine::SessionRecord>, String> {
+    let Some(path) = config.incoming_session_record().filter(|p| p.exists()) else {
+        return Ok(None);
+    };
+    let record = engine::SessionRecord::read(&path).map_err(|e| e.to_string())?;
+    eprintln!(
+        "dwcpd: resuming session {:032x} left by the last run (memory file {})",
+        record.session_id,
+        record.memory_file.display()
+    );
+    Ok(Some(record))
+}
+
 /// Where a guest without a VM is received: the session a restarted appliance left
 /// (its record in `[control] state_dir`), `[dest] memory_file`, or this process's
 /// memory.
 pub fn incoming_memory(config: &Config) -> Result<DestMemory, String> {
-    if let Some(record_path) = config.incoming_session_record()
-        && record_path.exists()
-    {
-        let record = engine::SessionRecord::read(&record_path).map_err(|e| e.to_string())?;
-        eprintln!(
-            "dwcpd: resuming session {:032x} left by the last run (memory file {})",
-            record.session_id,
-            record.memory_file.display()
-        );
+    if let Some(record) = recorded_incoming(config)? {
         return Ok(DestMemory::Resume(record));
     }
     Ok(match &config.dest.memory_file {

@@ -1095,6 +1095,7 @@ impl Config {
             security: None,
             resume_grace: Duration::from_secs(self.migration.resume_grace_s),
             session_record: self.incoming_session_record(),
+            record_guest: self.dest.qmp.as_ref().map(|q| q.display().to_string()),
         }
     }
 
@@ -1115,13 +1116,27 @@ impl Config {
             .map(|dir| dir.join("outgoing.session"))
     }
 
-    /// Where the record of a session received into `[dest] memory_file` is kept, when
-    /// `[control] state_dir` is set.
+    /// Where the record of a session received into a file that outlives this process
+    /// (`[dest] memory_file`, or the RAM file of the incoming VM `[dest] qmp` names) is
+    /// kept, when `[control] state_dir` is set.
     pub fn incoming_session_record(&self) -> Option<PathBuf> {
-        match (&self.control.state_dir, &self.dest.memory_file) {
-            (Some(dir), Some(_)) => Some(dir.join("incoming.session")),
-            _ => None,
-        }
+        let memory_outlives_us = self.dest.qmp.is_some() || self.dest.memory_file.is_some();
+        self.control
+            .state_dir
+            .as_ref()
+            .filter(|_| memory_outlives_us)
+            .map(|dir| dir.join("incoming.session"))
+    }
+
+    /// Where the incoming VM listens for its device state, when `[control] state_dir`
+    /// is set: a place that outlives this process, so that an appliance restarted
+    /// mid-migration finds QEMU listening there still.
+    pub fn incoming_device_socket(&self) -> Option<PathBuf> {
+        self.control
+            .state_dir
+            .as_ref()
+            .filter(|_| self.dest.qmp.is_some())
+            .map(|dir| dir.join("incoming-device-state.sock"))
     }
 
     /// The simulated guest's workload.

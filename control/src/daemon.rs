@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::flags::{Components, FlagStore};
 use crate::incoming::{IncomingBook, IncomingEvent, Received};
 use crate::mode::{DetectorConfig, LinkMeter, Mode, ModeDetector, policy_for};
-use crate::qemu::{QemuIncoming, QemuSource};
+use crate::qemu::QemuSource;
 use crate::runner::{self, Run, RunningGuest};
 use crate::settings::{Layers, Overrides, layered};
 use crossbeam::channel::{Receiver, Sender, bounded, select, tick};
@@ -25,7 +25,7 @@ use dwcp_api::{
     Response, SetOptions, SettingInfo, StatusInfo, TransportInfo,
 };
 use dwcp_dataplane::engine::{
-    self, Acceptor, DestMemory, LiveControl, LiveReport, LiveSettings, MigrationReport, Progress,
+    self, Acceptor, LiveControl, LiveReport, LiveSettings, MigrationReport, Progress,
     ReceiveProgress,
 };
 use dwcp_dataplane::transport::{TransportChoice, TransportKind};
@@ -1270,14 +1270,8 @@ fn dest_loop(
         let received_into = match &vm_qmp {
             // The incoming VM is opened for each session: once it runs a migrated
             // guest, the next session needs a new one (at the same QMP path).
-            Some(qmp) => match QemuIncoming::open(qmp) {
-                Ok(vm) => match vm.memory() {
-                    Ok(memory) => Some((vm, memory)),
-                    Err(e) => {
-                        eprintln!("dwcpd: the incoming VM: {e}");
-                        None
-                    }
-                },
+            Some(qmp) => match crate::appliance::incoming_vm(app_config, qmp) {
+                Ok(opened) => Some(opened),
                 Err(e) => {
                     eprintln!("dwcpd: the incoming VM: {e}; a source with a VM is refused");
                     None
@@ -1297,7 +1291,7 @@ fn dest_loop(
                 let name = vm.info().name.clone();
                 engine::receive_through(
                     &mut gate,
-                    DestMemory::Provided(memory),
+                    memory,
                     &config,
                     &session_cancel,
                     Some(&mut vm),

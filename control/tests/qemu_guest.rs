@@ -92,14 +92,22 @@ fn boot_pair_with(image: &GuestImage, dir: &Path, workload: &str) -> (Vm, Vm) {
 struct Dest {
     child: Child,
     addr: String,
+    /// What it said before it listened.
+    early: Vec<String>,
     stderr: Receiver<String>,
 }
 
 impl Dest {
     fn start(vm: &Vm, env: &[(&str, &str)]) -> Dest {
+        Dest::start_with(vm, "127.0.0.1:0", &[], env)
+    }
+
+    /// `dwcpd dest --qmp` for `vm` on `listen`, with `extra` arguments.
+    fn start_with(vm: &Vm, listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Dest {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dwcpd"))
-            .args(["dest", "--listen", "127.0.0.1:0", "--qmp"])
+            .args(["dest", "--listen", listen, "--qmp"])
             .arg(&vm.qmp)
+            .args(extra)
             .args(common::cert_args(1))
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -115,6 +123,7 @@ impl Dest {
             }
         });
         let deadline = Instant::now() + PATIENCE;
+        let mut early = Vec::new();
         let addr = loop {
             let line = stderr
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
@@ -122,10 +131,12 @@ impl Dest {
             if let Some(rest) = line.strip_prefix("dwcpd: receiving on ") {
                 break rest.split_whitespace().next().unwrap().to_string();
             }
+            early.push(line);
         };
         Dest {
             child,
             addr,
+            early,
             stderr,
         }
     }
@@ -137,7 +148,8 @@ impl Dest {
         if let Some(mut o) = self.child.stdout.take() {
             std::io::Read::read_to_string(&mut o, &mut out).unwrap();
         }
-        let lines = self.stderr.try_iter().collect();
+        let mut lines = std::mem::take(&mut self.early);
+        lines.extend(self.stderr.try_iter());
         (status.success(), out, lines)
     }
 }
@@ -449,6 +461,94 @@ fn a_source_appliance_killed_mid_precopy_resumes_the_vm_after_its_restart() {
         resume["pages_to_send"],
         report["pages"],
         resume["table_rebuild_seconds"].as_f64().unwrap_or(0.0),
+        after.checks,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn a_destination_appliance_killed_mid_precopy_resumes_into_the_vm_after_its_restart() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(image) = image() else { return };
+    let started = Instant::now();
+    let dir = dir("dest-restart");
+    let (src, dst) = boot_pair(&image, &dir);
+    let state = dir.join("state");
+    let dest_config = dir.join("dest.toml");
+    std::fs::write(
+        &dest_config,
+        format!("[control]\nstate_dir = {:?}\n", state.display().to_string()),
+    )
+    .unwrap();
+    let source_config = dir.join("source.toml");
+    // Paced to 4 MB/s per stream, so that the kill lands in round 0 and the rounds
+    // still outrun the guest's writes.
+    std::fs::write(&source_config, "[transport]\npacing_rate = \"4M\"\n").unwrap();
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let dest_args = ["--config", dest_config.to_str().unwrap()];
+    let mut first = Dest::start_with(&dst, &listen, &dest_args, &[]);
+    let source = source_command(&src.qmp, &listen, &[])
+        .arg("--config")
+        .arg(&source_config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let record = state.join("incoming.session");
+    let deadline = Instant::now() + PATIENCE;
+    while !record.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the destination never recorded its session"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    first.child.kill().unwrap();
+    let _ = first.child.wait();
+    assert!(
+        record.exists(),
+        "the killed destination left its session's record"
+    );
+    // Neither VM noticed: the source runs on, the incoming one still waits.
+    assert_eq!(qmp(&src).run_state().unwrap(), "running");
+    assert_eq!(qmp(&dst).run_state().unwrap(), "inmigrate");
+    let dest = Dest::start_with(&dst, &listen, &dest_args, &[]);
+    // Drained while it runs (its stderr may outgrow a pipe's buffer).
+    let (tx, done) = channel();
+    std::thread::spawn(move || tx.send(source.wait_with_output().unwrap()));
+    let out = done
+        .recv_timeout(2 * PATIENCE)
+        .expect("the source resumes and finishes");
+    let report = report_of(&out);
+    let (dest_ok, dest_out, dest_log) = dest.finish();
+    assert!(dest_ok, "dwcpd dest failed: {dest_out}\n{dest_log:?}");
+    assert!(dest_out.contains("device state loaded"), "{dest_out}");
+    assert!(
+        dest_log.iter().any(|l| l.contains("QEMU still listens")),
+        "the restarted destination took over QEMU's listening socket: {dest_log:?}"
+    );
+    let resume = &report["resumes"][0];
+    assert_eq!(resume["round"], 0, "{report}");
+    assert!(
+        resume["pages_to_send"].as_u64().unwrap() < report["pages"].as_u64().unwrap(),
+        "what the destination kept is not sent again: {resume}"
+    );
+    assert!(!record.exists(), "the record outlived its session");
+    assert_eq!(qmp(&dst).run_state().unwrap(), "running");
+    let after = checked_twice_after_migration(&dst);
+    assert_eq!(after.mismatches, 0, "{}", dst.console());
+    eprintln!(
+        "resumed after {:.2} s from round {} with {} of {} pages to send ({}); destination \
+         guest: {} checks, no mismatch; test took {:.1} s",
+        resume["outage_seconds"].as_f64().unwrap_or(0.0),
+        resume["round"],
+        resume["pages_to_send"],
+        report["pages"],
+        resume["cause"],
         after.checks,
         started.elapsed().as_secs_f64()
     );

@@ -184,6 +184,14 @@ impl GuestMemory {
         }
     }
 
+    /// The file holding the memory, if it is one (it outlives this process).
+    pub fn file_path(&self) -> Option<&Path> {
+        match &self.backing {
+            Backing::Anonymous(_) => None,
+            Backing::File(f) => Some(f.path()),
+        }
+    }
+
     /// Whether the memory is a private anonymous mapping (userfaultfd write-protect
     /// tracks those without extra features).
     pub fn is_anonymous(&self) -> bool {

@@ -18,15 +18,23 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct QemuIncoming {
     qmp: Qmp,
     info: VmInfo,
-    dir: PathBuf,
     socket: PathBuf,
+    /// The private directory holding `socket`, removed with it (`None`: the socket is
+    /// kept where the caller chose).
+    dir: Option<PathBuf>,
+    /// QEMU was already listening on `socket` when opened: an earlier run of this
+    /// appliance had it listen there.
+    taken_over: bool,
     stream: Option<UnixStream>,
 }
 
 impl QemuIncoming {
     /// Connect to the incoming VM's QMP socket, check it waits for a migration with
-    /// its RAM in one shared file, and have QEMU listen for the device state.
-    pub fn open(qmp_path: &Path) -> Result<QemuIncoming, QemuError> {
+    /// its RAM in one shared file, and have QEMU listen for the device state: on
+    /// `kept_socket` if given (a path that outlives this process, so that an appliance
+    /// restarted mid-migration finds QEMU listening there still and takes it over),
+    /// else in a private directory of this process.
+    pub fn open(qmp_path: &Path, kept_socket: Option<&Path>) -> Result<QemuIncoming, QemuError> {
         let mut qmp = Qmp::connect(qmp_path, QMP_TIMEOUT)?;
         let info = describe(&mut qmp)?;
         let unsuitable = |why: String| QemuError::Unsuitable {
@@ -39,24 +47,57 @@ impl QemuIncoming {
                 info.state
             )));
         }
+        let (status, migration) = qmp.migration()?;
+        let listening = listening_socket(&migration);
+        let (socket, dir) = match kept_socket {
+            Some(socket) => (socket.to_owned(), None),
+            None => {
+                let dir = relay_dir("qemu-incoming").map_err(unsuitable)?;
+                (dir.join("device-state.sock"), Some(dir))
+            }
+        };
+        let taken_over =
+            status == "setup" && listening.as_deref() == Some(socket.as_path()) && socket.exists();
+        if !taken_over && status != "none" {
+            return Err(unsuitable(format!(
+                "QEMU's incoming migration is already {status}{}: restart the VM with \
+                 -incoming defer",
+                listening
+                    .map(|l| format!(" (listening on {})", l.display()))
+                    .unwrap_or_default()
+            )));
+        }
+        // Allowed while QEMU listens, too: nothing has arrived yet.
         qmp.enable_capabilities(&["x-ignore-shared"]).map_err(|e| {
             unsuitable(format!(
                 "this QEMU cannot leave shared RAM to the appliance ({e}); QEMU ≥ 9 is needed"
             ))
         })?;
-        let dir = relay_dir("qemu-incoming").map_err(unsuitable)?;
-        let socket = dir.join("device-state.sock");
-        qmp.execute(
-            "migrate-incoming",
-            json!({ "uri": format!("unix:{}", socket.display()) }),
-        )?;
+        if !taken_over {
+            if let Some(parent) = socket.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| unsuitable(format!("creating {}: {e}", parent.display())))?;
+            }
+            // QEMU replaces whatever a dead run left at the path.
+            qmp.execute(
+                "migrate-incoming",
+                json!({ "uri": format!("unix:{}", socket.display()) }),
+            )?;
+        }
         Ok(QemuIncoming {
             qmp,
             info,
-            dir,
             socket,
+            dir,
+            taken_over,
             stream: None,
         })
+    }
+
+    /// Whether QEMU was found listening for this appliance's device state already (an
+    /// earlier run of the appliance had it listen, then stopped).
+    pub fn taken_over(&self) -> bool {
+        self.taken_over
     }
 
     /// The VM.
@@ -88,8 +129,21 @@ impl QemuIncoming {
 
 impl Drop for QemuIncoming {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // A kept socket stays: QEMU may listen on it still, for a later session.
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
+}
+
+/// The unix socket an incoming QEMU listens on (`query-migrate`'s `socket-address`).
+fn listening_socket(migration: &serde_json::Value) -> Option<PathBuf> {
+    migration["socket-address"]
+        .as_array()?
+        .iter()
+        .find(|a| a["type"] == "unix")
+        .and_then(|a| a["path"].as_str())
+        .map(PathBuf::from)
 }
 
 impl DeviceStateSink for QemuIncoming {

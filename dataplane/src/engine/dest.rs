@@ -20,6 +20,7 @@ use crate::wire::{
 };
 use dwcp_hugepages::PagePreference;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,6 +58,9 @@ pub struct DestConfig {
     /// ([`DestMemory::File`]), for resuming it after a restart: written once the
     /// session is welcomed, removed when it ends.
     pub session_record: Option<std::path::PathBuf>,
+    /// What the memory belongs to, kept in the session's record for the appliance
+    /// ([`SessionRecord::guest`]).
+    pub record_guest: Option<String>,
 }
 
 impl Default for DestConfig {
@@ -71,13 +75,16 @@ impl Default for DestConfig {
             security: None,
             resume_grace: Duration::from_secs(60),
             session_record: None,
+            record_guest: None,
         }
     }
 }
 
 /// Where received pages go.
 pub enum DestMemory {
-    /// This memory; the handshake must announce exactly its size.
+    /// This memory; the handshake must announce exactly its size. Memory in a file
+    /// (an incoming VM's RAM) is recorded for a resume after a restart, as for
+    /// [`DestMemory::File`].
     Provided(Arc<GuestMemory>),
     /// Allocate memory of the announced size (refused if it exceeds available RAM).
     Allocate(PagePreference),
@@ -248,8 +255,11 @@ pub fn receive_through(
         config.capabilities &= !caps::DEVICE_STATE;
     }
     let config = &config;
+    // Memory that outlives this process (a file created for the session, or one
+    // provided: an incoming VM's RAM) can be resumed after a restart.
     let record_file = match &memory {
         DestMemory::File(path) => Some(path.clone()),
+        DestMemory::Provided(memory) => memory.file_path().map(Path::to_path_buf),
         _ => None,
     };
     let (accepted, first_round, table, table_rebuild_seconds) = match memory {
@@ -272,6 +282,7 @@ pub fn receive_through(
                 streams: accepted.streams.len() as u16,
                 granted: accepted.granted,
                 peer: accepted.control.security().map(|s| s.peer),
+                guest: config.record_guest.clone(),
             };
             if let Err(e) = record.write(path) {
                 eprintln!("dwcp: {e}; this session cannot be resumed after a restart");

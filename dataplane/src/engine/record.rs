@@ -27,6 +27,9 @@ pub struct SessionRecord {
     pub granted: u64,
     /// The authenticated source (a TLS session), which alone may resume it.
     pub peer: Option<String>,
+    /// What the memory file belongs to (an incoming QEMU VM's QMP socket), kept for
+    /// the appliance, which finds the VM again through it.
+    pub guest: Option<String>,
 }
 
 /// A record that could not be read or written.
@@ -179,6 +182,9 @@ impl SessionRecord {
         if let Some(peer) = &self.peer {
             text.push_str(&format!("peer {peer}\n"));
         }
+        if let Some(guest) = &self.guest {
+            text.push_str(&format!("guest {guest}\n"));
+        }
         text
     }
 
@@ -198,6 +204,7 @@ impl SessionRecord {
                     .map_err(|e| format!("streams: {e}"))?,
                 granted: f.number("granted")?,
                 peer: f.field("peer").ok().map(str::to_string),
+                guest: f.field("guest").ok().map(str::to_string),
             })
         })
     }
@@ -218,6 +225,7 @@ mod tests {
             streams: 8,
             granted: 0x1bf,
             peer: Some("appliance-a".into()),
+            guest: Some("/run/vm/b.qmp".into()),
         };
         record.write(&path).unwrap();
         assert_eq!(SessionRecord::read(&path).unwrap(), record);
