@@ -292,6 +292,41 @@ fn every_connection_lost_mid_round_0_and_again_mid_round_1_is_resumed_and_verifi
 }
 
 #[test]
+fn every_connection_lost_while_the_last_round_awaits_its_acknowledgement_is_resumed() {
+    // The planner has decided to switch over; the guest still runs while the source
+    // waits for the destination to acknowledge the last pre-copy round. The path goes
+    // then, before anything of the switchover.
+    let mut cut_in_round = None;
+    let run = migrate_cut(
+        Duration::from_secs(20),
+        (u64::MAX / 2, None),
+        false,
+        Box::new(move |p, path| {
+            if cut_in_round.is_none() && p.phase == "settle" {
+                cut_in_round = Some(p.round);
+                path.cut(Some(Duration::from_secs(1)));
+            }
+        }),
+    );
+    let (report, dest) = run.verified();
+    eprintln!("{report}");
+    assert_eq!(report.resumes.len(), 1, "{:?}", report.resumes);
+    assert_eq!(dest.resumes, 1);
+    let resume = &report.resumes[0];
+    // Resumed in the round that had been sent, not in a paused window: the final
+    // round came after it.
+    let final_round = report.rounds.last().unwrap().round;
+    assert!(
+        resume.round < final_round,
+        "{resume:?}, final round {final_round}"
+    );
+    eprintln!(
+        "resumed round {} after {:.2} s: {} pages to send, {} sent twice; {:?}",
+        resume.round, resume.outage_seconds, resume.pages_to_send, resume.pages_resent, run.took
+    );
+}
+
+#[test]
 fn a_path_that_stays_down_past_the_grace_period_fails_cleanly_with_the_guest_running_here() {
     let run = migrate_cut(
         Duration::from_secs(3),

@@ -13,7 +13,8 @@ use std::time::Duration;
 pub struct Progress {
     /// Current round.
     pub round: u64,
-    /// `setup`, `precopy`, `switchover`, `verify` or `audit`.
+    /// `setup`, `precopy`, `settle` (the last pre-copy round awaits its
+    /// acknowledgement before the guest pauses), `switchover`, `verify` or `audit`.
     pub phase: &'static str,
     /// Bytes of frames sent so far.
     pub bytes_sent: u64,

@@ -1110,7 +1110,22 @@ impl<'a> Session<'a> {
             });
             self.report_progress("precopy", progress);
             match &plan.decision {
-                Decision::SwitchOver => break (next, plan),
+                Decision::SwitchOver => {
+                    // The guest pauses only once this round is acknowledged. Every
+                    // connection lost while waiting is still pre-copy: the session is
+                    // resumed, and the round goes on with what the destination lacks
+                    // and what the guest wrote meanwhile.
+                    self.report_progress("settle", progress);
+                    match self.settle_before_pause(&mut next, round) {
+                        Ok(()) => break (next, plan),
+                        Err(e) => {
+                            let missing = self.resume_session(round, &dirty, e)?;
+                            next.union_with(&missing);
+                            dirty = next;
+                            continue;
+                        }
+                    }
+                }
                 Decision::Abort { reason } => {
                     return Err(MigrationError::Aborted {
                         reason: reason.clone(),

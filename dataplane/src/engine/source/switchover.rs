@@ -62,8 +62,7 @@ impl Session<'_> {
         round: u64,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Outcome, MigrationError> {
-        let mut final_set = final_set;
-        self.settle_before_pause(&mut final_set, round.saturating_sub(1))?;
+        // The last pre-copy round is settled (see `run`).
         self.losses.paused = true;
         let paused_at = Instant::now();
         let stopped_at = match guest.pause() {
@@ -286,7 +285,7 @@ impl Session<'_> {
     /// (its pages join the final round). A stream that stopped moving is caught here,
     /// with the guest running, not inside the paused window; and the final round's
     /// confirmation waits for nothing of an earlier round.
-    fn settle_before_pause(
+    pub(super) fn settle_before_pause(
         &mut self,
         final_set: &mut DirtyBitmap,
         last_round: u64,
