@@ -66,20 +66,18 @@ pub fn live_settings(source: &SourceConfig) -> engine::LiveSettings {
 }
 
 /// Take the emulated path out for `outage` (every packet dropped both ways), then
-/// restore it without loss.
+/// restore the scenario's link.
 pub fn path_out_for(emulator: &Emulator, outage: Duration) {
-    let set_loss = |loss| {
-        let changes = LinkChanges {
-            loss: Some(loss),
-            ..LinkChanges::default()
-        };
-        emulator
-            .change(None, &changes)
-            .unwrap_or_else(|e| panic!("the emulator refused a change: {e:?}"));
+    let changes = LinkChanges {
+        loss: Some(Probability(1.0)),
+        ..LinkChanges::default()
     };
-    set_loss(Probability(1.0));
+    emulator
+        .change(None, &changes)
+        .unwrap_or_else(|e| panic!("the emulator refused a change: {e:?}"));
     std::thread::sleep(outage);
-    set_loss(Probability::NEVER);
+    // Back to the scenario's own link, its loss included.
+    emulator.switch_to(&emulator.config().scenario);
 }
 
 /// Settings for a long or lossy path (what internet mode means): many streams so one
