@@ -11,11 +11,12 @@ CARGO ?= cargo
 # Every system package the build, the tests and the benchmarks need.
 #  cmake clang libclang-dev  C/C++ builds and bindgen (zstd-sys, verbs bindings)
 #  pkg-config libhwloc-dev libudev-dev  hwlocality (hwloc links udev)
-#  libibverbs-dev            RDMA verbs
+#  libfabric-dev             RMA through libfabric (bindings generated from its headers;
+#                            its verbs provider finds RDMA NICs, so no verbs headers)
 #  iperf3 zstd lz4           baselines the benchmarks run side by side
 #  iproute2 iputils-ping     namespaces and links for network tests
 APT_PACKAGES := cmake clang libclang-dev pkg-config libhwloc-dev libudev-dev \
-	libibverbs-dev iperf3 zstd lz4 iproute2 iputils-ping
+	libfabric-dev iperf3 zstd lz4 iproute2 iputils-ping
 
 .PHONY: all deps build demo test lint bench criterion loom fuzz clean
 

@@ -18,6 +18,8 @@
 //! Also here: [`frames`] (pages to frames and back) and [`socket`] (TCP options,
 //! `TCP_INFO`).
 
+/// RMA through libfabric (providers, connected endpoints, registered memory, writes).
+pub use dwcp_fabric as fabric;
 pub mod frames;
 mod inbound;
 pub mod plain;
