@@ -7,6 +7,10 @@
 //! moves the same number of bytes with the same number of streams. CPU time is
 //! getrusage: our process for ours (the suite runs nothing else meanwhile), the two
 //! iperf3 processes (RUSAGE_CHILDREN) for theirs.
+//!
+//! `transport/rma-tcp-provider-vs-iperf3-1s` measures RMA writes through libfabric's
+//! `tcp` provider (registered memory into registered memory, one connection) against
+//! iperf3 on one stream: the ceiling an RMA transport would have on this machine.
 
 use crate::measure::{Plan, Samples};
 use crate::report::{Better, Comparison, Reporter};
@@ -382,27 +386,16 @@ pub fn run(plan: Plan, out: &mut Reporter) {
         if !out.wants(&name("goodput")) && !out.wants(&name("cpu-per-gb")) {
             continue;
         }
-        let (mut ours_bps, mut ours_cpu, mut their_bps, mut their_cpu) = (
-            Samples::default(),
-            Samples::default(),
-            Samples::default(),
-            Samples::default(),
+        let Paired {
+            ours_bps,
+            ours_cpu,
+            their_bps,
+            their_cpu,
+        } = alternate(
+            runs.runs,
+            || Some(page_stream(&setup, streams, &config, None)),
+            || iperf3(BYTES as u64 + (BYTES as u64 >> 10), streams).ok(),
         );
-        for i in 0..runs.runs {
-            let mut one = |ours: bool| {
-                if ours {
-                    let t = page_stream(&setup, streams, &config, None);
-                    ours_bps.push(t.bits_per_second / 1e9);
-                    ours_cpu.push(t.cpu_per_gb);
-                } else if let Ok(t) = iperf3(BYTES as u64 + (BYTES as u64 >> 10), streams) {
-                    their_bps.push(t.bits_per_second / 1e9);
-                    their_cpu.push(t.cpu_per_gb);
-                }
-            };
-            // Alternate who goes first.
-            one(i % 2 == 0);
-            one(i % 2 != 0);
-        }
         out.emit(
             Comparison::new(
                 name("goodput"),
@@ -426,6 +419,9 @@ pub fn run(plan: Plan, out: &mut Reporter) {
             // ours ≤ 1.5× theirs ⇔ theirs/ours ≥ 1/1.5
             .with_target(1.0 / 1.5),
         );
+    }
+    if out.wants("transport/rma-tcp-provider-vs-iperf3-1s") {
+        rma_against_iperf3(runs, BYTES, out);
     }
     // Zero-copy forced onto loopback, against copying sends: what zero-copy would cost
     // here (the engine turns it off for loopback peers).
@@ -453,4 +449,199 @@ pub fn run(plan: Plan, out: &mut Reporter) {
         ));
     }
     drop(setup);
+}
+
+/// Goodputs (Gbit/s) and CPU per GB of two sides run alternately.
+struct Paired {
+    ours_bps: Samples,
+    ours_cpu: Samples,
+    their_bps: Samples,
+    their_cpu: Samples,
+}
+
+/// Run `ours` and `theirs` `runs` times each, alternating who goes first; a run that
+/// yields nothing is left out.
+fn alternate(
+    runs: usize,
+    mut ours: impl FnMut() -> Option<Transfer>,
+    mut theirs: impl FnMut() -> Option<Transfer>,
+) -> Paired {
+    let mut paired = Paired {
+        ours_bps: Samples::default(),
+        ours_cpu: Samples::default(),
+        their_bps: Samples::default(),
+        their_cpu: Samples::default(),
+    };
+    for i in 0..runs {
+        for ours_now in [i % 2 == 0, i % 2 != 0] {
+            let (transfer, bps, cpu) = if ours_now {
+                (ours(), &mut paired.ours_bps, &mut paired.ours_cpu)
+            } else {
+                (theirs(), &mut paired.their_bps, &mut paired.their_cpu)
+            };
+            if let Some(t) = transfer {
+                bps.push(t.bits_per_second / 1e9);
+                cpu.push(t.cpu_per_gb);
+            }
+        }
+    }
+    paired
+}
+
+/// RMA writes through libfabric's `tcp` provider on loopback (one connection, runs of
+/// 16 pages from registered memory straight into the peer's registered memory, each
+/// completed at delivery) against iperf3 with one stream moving the same bytes: what
+/// the provider's RMA path costs over a plain TCP stream. No migration runs over RMA
+/// yet; this is the ceiling such a transport would have here.
+fn rma_against_iperf3(plan: Plan, bytes: usize, out: &mut Reporter) {
+    use dwcp_dataplane::transport::fabric;
+    let listed = match fabric::providers() {
+        Ok(list) => list,
+        Err(e) => {
+            eprintln!("transport: rma: SKIP: {e}");
+            return;
+        }
+    };
+    if !listed.iter().any(|p| p.provider == "tcp") {
+        eprintln!("transport: rma: SKIP: no tcp provider with RMA ({listed:?})");
+        return;
+    }
+    let Paired {
+        ours_bps,
+        ours_cpu,
+        their_bps,
+        their_cpu,
+    } = alternate(
+        plan.runs,
+        || {
+            rma_writes(bytes)
+                .map_err(|e| eprintln!("transport: rma run failed: {e}"))
+                .ok()
+        },
+        || iperf3(bytes as u64, 1).ok(),
+    );
+    let note = "libfabric tcp provider, 1 connection, fi_writemsg of 64 KiB runs with \
+                FI_DELIVERY_COMPLETE from registered memory into registered memory";
+    out.emit(
+        Comparison::new(
+            "transport/rma-tcp-provider-vs-iperf3-1s",
+            "Gbit/s",
+            Better::Higher,
+            &ours_bps,
+            "iperf3 -P 1",
+            &their_bps,
+        )
+        .with_note(note),
+    );
+    out.emit(
+        Comparison::new(
+            "transport/rma-tcp-provider-cpu-per-gb",
+            "CPU s/GB",
+            Better::Lower,
+            &ours_cpu,
+            "iperf3 -P 1",
+            &their_cpu,
+        )
+        .with_note(note),
+    );
+}
+
+/// Write `bytes` by RMA through the `tcp` provider on loopback, cycling over a 256 MiB
+/// registered region into the peer's.
+fn rma_writes(bytes: usize) -> Result<Transfer, String> {
+    use dwcp_dataplane::transport::fabric::{Connection, Listener, RmaWrite};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const REGION: usize = 256 << 20;
+    const RUN: usize = 16 * 4096;
+    /// Writes in flight at most (the provider's queue takes more; this keeps
+    /// completions flowing).
+    const WINDOW: u64 = 256;
+    let patience = Duration::from_secs(20);
+    let e = |e: dwcp_dataplane::transport::fabric::FabricError| e.to_string();
+    let listener = Listener::bind("tcp", "127.0.0.1:0".parse().expect("an address")).map_err(e)?;
+    let addr = listener.local_addr();
+    let accepting = std::thread::spawn(move || listener.accept(patience));
+    let writer = Connection::connect("tcp", addr, patience).map_err(e)?;
+    let target = accepting
+        .join()
+        .map_err(|_| "the accepting thread panicked".to_string())?
+        .map_err(e)?;
+    let mut source = vec![0x5au8; REGION];
+    let mut dest = vec![0u8; REGION];
+    // SAFETY: both buffers outlive their regions (dropped after them, below) and are
+    // not touched while writes run.
+    let local = unsafe { writer.register(source.as_mut_ptr(), REGION) }.map_err(e)?;
+    // SAFETY: as above.
+    let region = unsafe { target.register(dest.as_mut_ptr(), REGION) }.map_err(e)?;
+    let remote = region.remote();
+    let done = Arc::new(AtomicBool::new(false));
+    let progressing = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            // Acquire: pairs with the Release below, once every write completed.
+            while !done.load(Ordering::Acquire) {
+                if target.completions(&mut seen).is_err() {
+                    break;
+                }
+                seen.clear();
+            }
+            target
+        })
+    };
+    let cpu_before = cpu_seconds(libc::RUSAGE_SELF);
+    let started = Instant::now();
+    let runs = (bytes / RUN) as u64;
+    let mut completed = Vec::new();
+    let mut done_count = 0u64;
+    let mut result = Ok(());
+    for n in 0..runs {
+        while n - done_count >= WINDOW {
+            if let Err(err) = writer.completions(&mut completed) {
+                result = Err(e(err));
+                break;
+            }
+            done_count += completed.len() as u64;
+            completed.clear();
+        }
+        if result.is_err() {
+            break;
+        }
+        let offset = (n as usize * RUN % REGION) as u64;
+        let write = RmaWrite {
+            offset,
+            len: RUN as u64,
+            remote_offset: offset,
+            context: n,
+        };
+        if let Err(err) = writer.write(&local, &remote, write, &mut completed) {
+            result = Err(e(err));
+            break;
+        }
+    }
+    let deadline = Instant::now() + patience;
+    while result.is_ok() && done_count + (completed.len() as u64) < runs {
+        if let Err(err) = writer.completions(&mut completed) {
+            result = Err(e(err));
+        }
+        if Instant::now() > deadline {
+            result = Err("writes did not complete".into());
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(libc::RUSAGE_SELF) - cpu_before;
+    // Release: pairs with the progress thread's Acquire.
+    done.store(true, Ordering::Release);
+    let _target = progressing.join();
+    drop(region);
+    drop(local);
+    result?;
+    if dest[..RUN] != source[..RUN] {
+        return Err("the first run did not land".into());
+    }
+    let moved = (runs as usize * RUN) as f64;
+    Ok(Transfer {
+        bits_per_second: moved * 8.0 / seconds,
+        cpu_per_gb: cpu / (moved / 1e9),
+    })
 }

@@ -165,13 +165,51 @@ pub fn probe_capabilities(config: &Config) -> Capabilities {
             }
         }
     }
+    let (rma_providers, rma_note) = probe_rma();
     Capabilities {
         io_uring_ops: probe.uring_ops.iter().map(|s| s.to_string()).collect(),
         io_uring_note: (probe.kind != TransportKind::IoUring).then(|| probe.notes.join("; ")),
         zero_copy: probe.zero_copy,
         hugepages,
         rdma_devices,
+        rma_providers,
+        rma_note,
         cpu_features,
+    }
+}
+
+/// The libfabric providers offering RMA here, each as `status` shows it, and a note.
+fn probe_rma() -> (Vec<String>, Option<String>) {
+    use dwcp_dataplane::transport::fabric;
+    match fabric::providers() {
+        Ok(list) => {
+            let shown = list
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}: fabric {}, domain {}{}",
+                        p.provider,
+                        p.fabric,
+                        p.domain,
+                        p.link_speed
+                            .map_or(String::new(), |s| format!(", {:.0} Gbit/s", s as f64 / 1e9))
+                    )
+                })
+                .collect();
+            let version = fabric::library_version().unwrap_or_default();
+            let note = if list.is_empty() {
+                format!("libfabric {version}: no provider offers RMA on connected endpoints")
+            } else if list.iter().all(|p| p.is_socket_based()) {
+                format!(
+                    "libfabric {version}: socket-based providers only (RMA semantics over TCP, \
+                     no RDMA hardware)"
+                )
+            } else {
+                format!("libfabric {version}")
+            };
+            (shown, Some(note))
+        }
+        Err(e) => (Vec::new(), Some(e.to_string())),
     }
 }
 

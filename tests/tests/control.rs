@@ -305,6 +305,15 @@ fn metrics_scrape_parses_and_safe_mode_mid_migration_loses_nothing() {
     finish_verified(&d, id);
     let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
     assert!(status.safe_mode && status.received == 1);
+    // libfabric is probed: its tcp provider offers RMA here (RMA semantics over TCP).
+    let rma = &status.capabilities;
+    assert!(rma.rma_note.is_some(), "{rma:?}");
+    if dwcp_dataplane::transport::fabric::library_version().is_some() {
+        assert!(
+            rma.rma_providers.iter().any(|p| p.starts_with("tcp")),
+            "{rma:?}"
+        );
+    }
     let _ = Request::new(Command::Status);
     d.stop();
 }

@@ -293,6 +293,14 @@ pub struct Capabilities {
     pub hugepages: String,
     /// RDMA devices found.
     pub rdma_devices: Vec<String>,
+    /// libfabric providers offering RMA on connected endpoints (`provider: fabric,
+    /// domain`, with the link speed where known).
+    #[serde(default)]
+    pub rma_providers: Vec<String>,
+    /// Why there are none, or what they are (socket-based providers have RMA semantics
+    /// but no RDMA hardware).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rma_note: Option<String>,
     /// SIMD level in use and the CPU features behind it.
     pub cpu_features: Vec<String>,
 }

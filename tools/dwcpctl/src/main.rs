@@ -390,6 +390,13 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                     c.rdma_devices.join(", ")
                 }
             );
+            outln!(
+                "rma:          {}",
+                c.rma_note.as_deref().unwrap_or("not probed")
+            );
+            for provider in &c.rma_providers {
+                outln!("              {provider}");
+            }
             outln!("cpu:          {}", c.cpu_features.join(" "));
         }
         Command::Migrations => {
