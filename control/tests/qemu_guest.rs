@@ -416,14 +416,7 @@ fn a_source_appliance_killed_mid_precopy_resumes_the_vm_after_its_restart() {
         .spawn()
         .unwrap();
     let record = state.join("outgoing.session");
-    let deadline = Instant::now() + PATIENCE;
-    while !record.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the source never recorded its session"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_for_record(&record, "source", PATIENCE);
     std::thread::sleep(Duration::from_secs(1));
     first.kill().unwrap();
     let _ = first.wait();
@@ -498,14 +491,7 @@ fn a_destination_appliance_killed_mid_precopy_resumes_into_the_vm_after_its_rest
         .spawn()
         .unwrap();
     let record = state.join("incoming.session");
-    let deadline = Instant::now() + PATIENCE;
-    while !record.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the destination never recorded its session"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_for_record(&record, "destination", PATIENCE);
     std::thread::sleep(Duration::from_secs(1));
     first.child.kill().unwrap();
     let _ = first.child.wait();

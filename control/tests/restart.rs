@@ -228,14 +228,7 @@ fn a_source_killed_mid_migration_resumes_after_its_restart() {
     let mut source = start_source(port, &config, &dir.join("source-1.log"));
     // Round 0 runs at 16 MB/s (about 37 MB of it: 2.3 s); the kill lands in it.
     let record = state.join("outgoing.session");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !record.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the source never recorded its session"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_record(&record, "source", Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(800));
     source.kill().unwrap();
     let _ = source.wait();

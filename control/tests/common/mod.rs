@@ -49,3 +49,17 @@ pub fn call(socket: &Path, command: Command) -> Response {
     BufReader::new(s).read_line(&mut answer).unwrap();
     serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
 }
+
+/// Wait up to `patience` for the session record at `path` to appear (`who` names the
+/// appliance that writes it, for the failure).
+#[allow(dead_code)] // not every test binary kills an appliance
+pub fn wait_for_record(path: &Path, who: &str, patience: Duration) {
+    let deadline = std::time::Instant::now() + patience;
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the {who} never recorded its session"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
