@@ -634,9 +634,15 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path, name: &str, extra: &[&str]) -> Daemon {
+        Daemon::start_on(dir, name, "127.0.0.1:0", extra)
+    }
+
+    /// `dwcpd serve` named `name`, taking migrations on `listen`.
+    fn start_on(dir: &Path, name: &str, listen: &str, extra: &[&str]) -> Daemon {
         let socket = dir.join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&socket);
         let mut child = Command::new(env!("CARGO_BIN_EXE_dwcpd"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--socket"])
+            .args(["serve", "--listen", listen, "--socket"])
             .arg(&socket)
             .args(common::cert_args(usize::from(name != "source")))
             .args(extra)
@@ -755,6 +761,82 @@ fn operators_migrate_a_vm_by_its_qmp_socket_through_the_daemons() {
         vm.name,
         vm.qemu_version,
         vm.state,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn a_destination_daemon_killed_mid_precopy_resumes_into_its_incoming_vm_after_its_restart() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(image) = image() else { return };
+    let started = Instant::now();
+    let dir = dir("daemon-dest-restart");
+    let (src, dst) = boot_pair(&image, &dir);
+    let state = dir.join("state");
+    let dest_config = dir.join("dest.toml");
+    std::fs::write(
+        &dest_config,
+        format!("[control]\nstate_dir = {:?}\n", state.display().to_string()),
+    )
+    .unwrap();
+    // Paced as in the `dwcpd dest` restart test: the kill lands in round 0.
+    let source_config = dir.join("source.toml");
+    std::fs::write(&source_config, "[transport]\npacing_rate = \"4M\"\n").unwrap();
+    let incoming = dst.qmp.display().to_string();
+    let dest_args = [
+        "--incoming-qmp",
+        &incoming,
+        "--config",
+        dest_config.to_str().unwrap(),
+    ];
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let mut dest = Daemon::start_on(&dir, "dest", &listen, &dest_args);
+    let source = Daemon::start(
+        &dir,
+        "source",
+        &["--config", source_config.to_str().unwrap()],
+    );
+    let r = source.call(dwcp_api::Command::Migrate(dwcp_api::MigrateOptions {
+        peer: listen.clone(),
+        qmp: Some(src.qmp.display().to_string()),
+        downtime_ms: Some(200),
+        ..Default::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    let record = state.join("incoming.session");
+    common::wait_for_record(&record, "destination daemon", PATIENCE);
+    std::thread::sleep(Duration::from_secs(1));
+    dest.child.kill().unwrap();
+    let _ = dest.child.wait();
+    assert_eq!(qmp(&dst).run_state().unwrap(), "inmigrate");
+    let _dest = Daemon::start_on(&dir, "dest", &listen, &dest_args);
+    let deadline = Instant::now() + 2 * PATIENCE;
+    let info = loop {
+        let list: Vec<dwcp_api::MigrationInfo> = source
+            .call(dwcp_api::Command::Migrations)
+            .into_result()
+            .unwrap();
+        let m = list.into_iter().next().expect("the migration is listed");
+        if m.state != "running" {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "still running: {m:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(info.state, "completed", "{info:?}");
+    assert!(!record.exists(), "the record outlived its session");
+    assert_eq!(qmp(&dst).run_state().unwrap(), "running");
+    let after = checked_twice_after_migration(&dst);
+    assert_eq!(after.mismatches, 0, "{}", dst.console());
+    eprintln!(
+        "the destination daemon was killed and started again; the migration completed \
+         ({} pages sent in all), the guest checked its pages {} times since, no mismatch; \
+         test took {:.1} s",
+        info.pages_sent,
+        after.checks,
         started.elapsed().as_secs_f64()
     );
 }
