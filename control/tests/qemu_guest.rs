@@ -459,6 +459,39 @@ fn a_source_appliance_killed_mid_precopy_resumes_the_vm_after_its_restart() {
     );
 }
 
+/// What a destination-restart test runs with: the destination's state directory and
+/// configuration, the source's (paced to 4 MB/s per stream, so that the kill lands in
+/// round 0 and the rounds still outrun the guest's writes), and a fixed address for
+/// the destination to listen on again after its restart.
+struct DestRestart {
+    state: PathBuf,
+    dest_config: PathBuf,
+    source_config: PathBuf,
+    listen: String,
+}
+
+impl DestRestart {
+    fn new(dir: &Path) -> DestRestart {
+        let state = dir.join("state");
+        let dest_config = dir.join("dest.toml");
+        std::fs::write(
+            &dest_config,
+            format!("[control]\nstate_dir = {:?}\n", state.display().to_string()),
+        )
+        .unwrap();
+        let source_config = dir.join("source.toml");
+        std::fs::write(&source_config, "[transport]\npacing_rate = \"4M\"\n").unwrap();
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listen = probe.local_addr().unwrap().to_string();
+        DestRestart {
+            state,
+            dest_config,
+            source_config,
+            listen,
+        }
+    }
+}
+
 #[test]
 fn a_destination_appliance_killed_mid_precopy_resumes_into_the_vm_after_its_restart() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -466,21 +499,12 @@ fn a_destination_appliance_killed_mid_precopy_resumes_into_the_vm_after_its_rest
     let started = Instant::now();
     let dir = dir("dest-restart");
     let (src, dst) = boot_pair(&image, &dir);
-    let state = dir.join("state");
-    let dest_config = dir.join("dest.toml");
-    std::fs::write(
-        &dest_config,
-        format!("[control]\nstate_dir = {:?}\n", state.display().to_string()),
-    )
-    .unwrap();
-    let source_config = dir.join("source.toml");
-    // Paced to 4 MB/s per stream, so that the kill lands in round 0 and the rounds
-    // still outrun the guest's writes.
-    std::fs::write(&source_config, "[transport]\npacing_rate = \"4M\"\n").unwrap();
-    let listen = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().to_string()
-    };
+    let DestRestart {
+        state,
+        dest_config,
+        source_config,
+        listen,
+    } = DestRestart::new(&dir);
     let dest_args = ["--config", dest_config.to_str().unwrap()];
     let mut first = Dest::start_with(&dst, &listen, &dest_args, &[]);
     let source = source_command(&src.qmp, &listen, &[])
@@ -677,6 +701,23 @@ impl Daemon {
         }
     }
 
+    /// Wait up to `patience` for this daemon's first migration to end; what it says of it.
+    fn first_migration_ended(&self, patience: Duration) -> dwcp_api::MigrationInfo {
+        let deadline = Instant::now() + patience;
+        loop {
+            let list: Vec<dwcp_api::MigrationInfo> = self
+                .call(dwcp_api::Command::Migrations)
+                .into_result()
+                .unwrap();
+            let m = list.into_iter().next().expect("the migration is listed");
+            if m.state != "running" {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "still running: {m:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn call(&self, command: dwcp_api::Command) -> dwcp_api::Response {
         let mut s = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
         s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -734,19 +775,7 @@ fn operators_migrate_a_vm_by_its_qmp_socket_through_the_daemons() {
 
     let r = migrate(&src.qmp);
     assert!(r.ok, "{r:?}");
-    let deadline = Instant::now() + PATIENCE;
-    let info = loop {
-        let list: Vec<dwcp_api::MigrationInfo> = source
-            .call(dwcp_api::Command::Migrations)
-            .into_result()
-            .unwrap();
-        let m = list.into_iter().next().expect("the migration is listed");
-        if m.state != "running" {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "still running: {m:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let info = source.first_migration_ended(PATIENCE);
     assert_eq!(info.state, "completed", "{info:?}");
     let vm = info.vm.clone().expect("the VM is named");
     assert_eq!(vm.name, "src");
@@ -772,16 +801,12 @@ fn a_destination_daemon_killed_mid_precopy_resumes_into_its_incoming_vm_after_it
     let started = Instant::now();
     let dir = dir("daemon-dest-restart");
     let (src, dst) = boot_pair(&image, &dir);
-    let state = dir.join("state");
-    let dest_config = dir.join("dest.toml");
-    std::fs::write(
-        &dest_config,
-        format!("[control]\nstate_dir = {:?}\n", state.display().to_string()),
-    )
-    .unwrap();
-    // Paced as in the `dwcpd dest` restart test: the kill lands in round 0.
-    let source_config = dir.join("source.toml");
-    std::fs::write(&source_config, "[transport]\npacing_rate = \"4M\"\n").unwrap();
+    let DestRestart {
+        state,
+        dest_config,
+        source_config,
+        listen,
+    } = DestRestart::new(&dir);
     let incoming = dst.qmp.display().to_string();
     let dest_args = [
         "--incoming-qmp",
@@ -789,10 +814,6 @@ fn a_destination_daemon_killed_mid_precopy_resumes_into_its_incoming_vm_after_it
         "--config",
         dest_config.to_str().unwrap(),
     ];
-    let listen = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().to_string()
-    };
     let mut dest = Daemon::start_on(&dir, "dest", &listen, &dest_args);
     let source = Daemon::start(
         &dir,
@@ -813,19 +834,7 @@ fn a_destination_daemon_killed_mid_precopy_resumes_into_its_incoming_vm_after_it
     let _ = dest.child.wait();
     assert_eq!(qmp(&dst).run_state().unwrap(), "inmigrate");
     let _dest = Daemon::start_on(&dir, "dest", &listen, &dest_args);
-    let deadline = Instant::now() + 2 * PATIENCE;
-    let info = loop {
-        let list: Vec<dwcp_api::MigrationInfo> = source
-            .call(dwcp_api::Command::Migrations)
-            .into_result()
-            .unwrap();
-        let m = list.into_iter().next().expect("the migration is listed");
-        if m.state != "running" {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "still running: {m:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let info = source.first_migration_ended(2 * PATIENCE);
     assert_eq!(info.state, "completed", "{info:?}");
     assert!(!record.exists(), "the record outlived its session");
     assert_eq!(qmp(&dst).run_state().unwrap(), "running");
