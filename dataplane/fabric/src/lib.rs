@@ -86,10 +86,11 @@ impl ProviderInfo {
 
 /// Whether `provider` moves data over sockets rather than RDMA hardware.
 pub fn socket_based(provider: &str) -> bool {
-    // "tcp;ofi_rxm" and the like: the core provider is the last.
-    let core = provider.rsplit(';').next().unwrap_or(provider);
-    matches!(core, "tcp" | "sockets" | "udp")
-        || provider.split(';').any(|p| p == "tcp" || p == "sockets")
+    // "tcp;ofi_rxm" and the like: a layered provider runs over its core one. `net` is
+    // the socket provider libfabric 1.17 grew beside `tcp`.
+    provider
+        .split(';')
+        .any(|p| matches!(p, "tcp" | "sockets" | "udp" | "net"))
 }
 
 /// Where a peer's registered memory is, for RMA writes into it: sent in the handshake.
@@ -201,6 +202,7 @@ mod tests {
         assert!(socket_based("tcp"));
         assert!(socket_based("tcp;ofi_rxm"));
         assert!(socket_based("sockets"));
+        assert!(socket_based("net"));
         assert!(!socket_based("verbs"));
         assert!(!socket_based("verbs;ofi_rxm"));
         assert!(!socket_based("efa"));
