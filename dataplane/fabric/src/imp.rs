@@ -370,7 +370,7 @@ impl Listener {
             )?;
             check("fi_listen", sys::fi_listen(pep).into())?;
         }
-        listener.addr = name_of(&mut unsafe_fid(pep))?;
+        listener.addr = name_of(pep)?;
         Ok(listener)
     }
 
@@ -396,8 +396,8 @@ impl Listener {
         // SAFETY: a connection request carries the info to open the endpoint with.
         let info = unsafe { request.0.as_ref() }
             .ok_or_else(|| FabricError::Protocol("a connection request without info".into()))?;
-        // The connection gets its own event queue (on the listener's fabric): its
-        // events must not mix with the next requests.
+        // The connection gets a fabric and event queue of its own: its events must not
+        // mix with the listener's next requests.
         let fabric = FabricHandle::open(info)?;
         let connection = Connection::open(fabric, info, &self.provider)?;
         // SAFETY: the endpoint is enabled and bound to its queues.
@@ -415,31 +415,17 @@ impl Drop for Listener {
     }
 }
 
-/// The `fid` at the head of a libfabric object.
-///
-/// # Safety
-/// `object` must point to a live libfabric object (`fid_pep`, `fid_ep`, ...), whose
-/// first member is its `fid`.
-unsafe fn fid_of<T>(object: *mut T) -> *mut sys::fid {
-    object.cast()
-}
-
-fn unsafe_fid<T>(object: *mut T) -> *mut sys::fid {
-    // SAFETY: callers pass objects opened by libfabric, each of which starts with its
-    // fid.
-    unsafe { fid_of(object) }
-}
-
-/// The socket address an endpoint is bound to (`fi_getname`).
-fn name_of(fid: &mut *mut sys::fid) -> Result<SocketAddr, FabricError> {
+/// The socket address a listening endpoint is bound to (`fi_getname`); `pep` must be
+/// open.
+fn name_of(pep: *mut sys::fid_pep) -> Result<SocketAddr, FabricError> {
     let mut storage: libc::sockaddr_storage =
         // SAFETY: an all-zero sockaddr_storage is valid.
         unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>();
-    // SAFETY: `storage` is writable for `len` bytes.
+    // SAFETY: `pep` is open (its caller's); `storage` is writable for `len` bytes.
     let ret = unsafe {
         sys::fi_getname(
-            *fid,
+            &mut (*pep).fid,
             (&mut storage as *mut libc::sockaddr_storage).cast(),
             &mut len,
         )

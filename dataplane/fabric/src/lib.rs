@@ -85,7 +85,7 @@ impl ProviderInfo {
 }
 
 /// Whether `provider` moves data over sockets rather than RDMA hardware.
-pub fn socket_based(provider: &str) -> bool {
+fn socket_based(provider: &str) -> bool {
     // "tcp;ofi_rxm" and the like: a layered provider runs over its core one. `net` is
     // the socket provider libfabric 1.17 grew beside `tcp`.
     provider

@@ -55,8 +55,9 @@ pub struct DestConfig {
     /// release the memory (zero: give it up at once).
     pub resume_grace: Duration,
     /// Where to keep the record of a session received into a memory file
-    /// ([`DestMemory::File`]), for resuming it after a restart: written once the
-    /// session is welcomed, removed when it ends.
+    /// ([`DestMemory::File`], or [`DestMemory::Provided`] memory that is a file), for
+    /// resuming it after a restart: written once the session is welcomed, removed when
+    /// it ends.
     pub session_record: Option<std::path::PathBuf>,
     /// What the memory belongs to, kept in the session's record for the appliance
     /// ([`SessionRecord::guest`]).
