@@ -138,6 +138,7 @@ pub(crate) fn page_stream(
         table: Arc::new(CrcTable::new(setup.source.pages())),
         codec: None,
         records,
+        rma: None,
     };
     for (w, (tg, rg)) in tx_groups.into_iter().zip(rx_groups).enumerate() {
         match probe.kind {

@@ -261,6 +261,9 @@ pub struct DestSection {
     pub handshake_timeout_seconds: u64,
     /// Largest guest memory allocated for a source (0: what the host has available).
     pub max_memory: Size,
+    /// Let sources write pages by RMA into this destination's memory (plain sessions;
+    /// authenticated ones also need `[security] rma_in_clear`).
+    pub rma: bool,
 }
 
 impl Default for DestSection {
@@ -272,6 +275,7 @@ impl Default for DestSection {
             memory_file: None,
             handshake_timeout_seconds: 5,
             max_memory: Size(0),
+            rma: true,
         }
     }
 }
@@ -443,6 +447,10 @@ pub struct SecuritySection {
     pub peers: Vec<String>,
     /// Run without authentication or encryption (labs on a trusted network).
     pub insecure: bool,
+    /// Let authenticated sessions write pages by RMA into this destination (`transport
+    /// = "rma"` at the source): page bytes then cross the fabric unencrypted, beside
+    /// the sealed streams. Only for a fabric the site trusts.
+    pub rma_in_clear: bool,
 }
 
 /// How sessions are secured, as configured.
@@ -1096,6 +1104,17 @@ impl Config {
             resume_grace: Duration::from_secs(self.migration.resume_grace_s),
             session_record: self.incoming_session_record(),
             record_guest: self.dest.qmp.as_ref().map(|q| q.display().to_string()),
+            rma: self.rma_admission(),
+        }
+    }
+
+    /// Which sessions may write pages by RMA into this destination.
+    pub fn rma_admission(&self) -> dwcp_dataplane::engine::RmaAdmission {
+        use dwcp_dataplane::engine::RmaAdmission;
+        match (self.dest.rma, self.security.rma_in_clear) {
+            (false, _) => RmaAdmission::Never,
+            (true, false) => RmaAdmission::PlainSessions,
+            (true, true) => RmaAdmission::Always,
         }
     }
 

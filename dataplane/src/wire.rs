@@ -189,6 +189,12 @@ pub mod caps {
     /// chunk ([`super::ControlMessage::ResumeTable`]) so that only what the destination
     /// lacks is sent again.
     pub const RESUME: u64 = 1 << 8;
+    /// Page contents may arrive by RMA write straight into the destination's memory
+    /// ([`super::FrameKind::RmaPages`]), over libfabric connections set up after the
+    /// data streams ([`super::ControlMessage::RmaOffer`]). Not in [`ALL`]: a source
+    /// asks for it only when told to (`transport = "rma"`), and a destination grants it
+    /// only where it may (RMA bytes travel outside the session's sealed records).
+    pub const RMA: u64 = 1 << 9;
 }
 
 /// Pages per chunk when two sides compare their CRC tables on resuming a session
@@ -416,6 +422,10 @@ pub enum FrameKind {
     /// ([`caps::DEVICE_STATE`]): sent with the final round, on whichever streams, each
     /// piece naming its offset; the destination puts them in order.
     DeviceState = 10,
+    /// `count` pages from `page` were written by RMA into the destination's memory
+    /// before this frame was sent ([`caps::RMA`]): the CRC32C (LE u32) of each, which
+    /// the destination checks against what landed.
+    RmaPages = 11,
 }
 
 /// Largest [`FrameKind::DeviceState`] payload (with its header, it fits the smallest
@@ -464,6 +474,16 @@ impl FrameHeader {
             count,
             page,
             payload_len: count * (PAGE_CRC_LEN as u32 + page_size),
+        }
+    }
+
+    /// `count` pages from `page` written by RMA, with their CRCs as payload.
+    pub fn rma_pages(page: u64, count: u32) -> Self {
+        FrameHeader {
+            kind: FrameKind::RmaPages,
+            count,
+            page,
+            payload_len: count * PAGE_CRC_LEN as u32,
         }
     }
 
@@ -580,6 +600,7 @@ impl FrameHeader {
             8 => FrameKind::Dictionary,
             9 => FrameKind::StreamMap,
             10 => FrameKind::DeviceState,
+            11 => FrameKind::RmaPages,
             other => return Err(WireError::UnknownFrameKind(other)),
         };
         let flags = bytes[1];
@@ -593,7 +614,7 @@ impl FrameHeader {
         let page = u64::from_le_bytes(page_bytes);
         let payload_len = u32_at(16);
         let expected_payload = match kind {
-            FrameKind::ZeroRun | FrameKind::RawPages => {
+            FrameKind::ZeroRun | FrameKind::RawPages | FrameKind::RmaPages => {
                 if count == 0 || count > MAX_RUN_PAGES {
                     return Err(WireError::BadCount {
                         count,
@@ -608,10 +629,12 @@ impl FrameHeader {
                         pages: limits.pages,
                     });
                 }
-                if kind == FrameKind::RawPages {
-                    u64::from(count) * (PAGE_CRC_LEN as u64 + u64::from(limits.page_size))
-                } else {
-                    0
+                match kind {
+                    FrameKind::RawPages => {
+                        u64::from(count) * (PAGE_CRC_LEN as u64 + u64::from(limits.page_size))
+                    }
+                    FrameKind::RmaPages => u64::from(count) * PAGE_CRC_LEN as u64,
+                    _ => 0,
                 }
             }
             FrameKind::RoundEnd | FrameKind::StreamEnd => 0,
@@ -999,6 +1022,44 @@ pub enum ControlMessage {
         /// Chunks whose digests differed.
         differing: u64,
     },
+    /// Destination → source ([`caps::RMA`]), once every data stream is open: connect
+    /// one libfabric connection per data stream to `port` (at the address the control
+    /// stream reached) through `provider`, each presenting `token` and its stream id as
+    /// its connection data.
+    RmaOffer {
+        /// The libfabric provider (`verbs`, `tcp`, ...).
+        provider: String,
+        /// Where the destination listens.
+        port: u16,
+        /// What each connection must present (random per session).
+        token: [u8; 16],
+    },
+    /// Destination → source ([`caps::RMA`]): stream `stream`'s connection is up, and RMA
+    /// writes through it go into guest memory registered at `base` (the address writes
+    /// name for its first byte), `len` bytes, key `key`.
+    RmaWindow {
+        /// The data stream the connection belongs to.
+        stream: u16,
+        /// Address of guest memory's first byte, as writes name it.
+        base: u64,
+        /// Bytes writable.
+        len: u64,
+        /// The registration's remote key.
+        key: u64,
+    },
+    /// Source → destination ([`caps::RMA`]): the source will not write by RMA in this
+    /// session (it could not connect, or it refused a window); pages come as frames.
+    RmaDeclined {
+        /// Why, for the destination's log.
+        reason: String,
+    },
+    /// Destination → source ([`caps::RMA`]): pages whose RMA-written content did not
+    /// match the CRC their frame carried; the source sends them again with a later
+    /// round.
+    ResendPages {
+        /// The pages.
+        pages: Vec<u64>,
+    },
 }
 
 /// Largest [`ControlMessage::DeviceState`] chunk.
@@ -1199,11 +1260,27 @@ mod tests {
             })
         );
         let mut b = good;
-        b[0] = 11;
+        b[0] = 12;
         assert_eq!(
             FrameHeader::decode(&resealed(b), &LIMITS),
-            Err(WireError::UnknownFrameKind(11))
+            Err(WireError::UnknownFrameKind(12))
         );
+        // RMA pages: a CRC per page, no bytes of content, within memory.
+        let rma = FrameHeader::rma_pages(10, 3);
+        assert_eq!(FrameHeader::decode(&encoded(rma), &LIMITS), Ok(rma));
+        let mut b = encoded(rma);
+        b[16..20].copy_from_slice(&(3u32 * 4100).to_le_bytes());
+        assert!(matches!(
+            FrameHeader::decode(&resealed(b), &LIMITS),
+            Err(WireError::BadPayloadLength { .. })
+        ));
+        assert!(matches!(
+            FrameHeader::decode(
+                &encoded(FrameHeader::rma_pages(LIMITS.pages - 1, 2)),
+                &LIMITS
+            ),
+            Err(WireError::PageOutOfRange { .. })
+        ));
         // Device state: a piece of 1..=MAX_DEVICE_STATE_FRAME bytes below the cap.
         let piece = FrameHeader::device_state(1 << 20, 4000);
         assert_eq!(FrameHeader::decode(&encoded(piece), &LIMITS), Ok(piece));

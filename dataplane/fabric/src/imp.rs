@@ -6,7 +6,7 @@
 //! an `Arc` of what it was opened from, so they close in that order whatever the
 //! caller drops first.
 
-use super::{FabricError, ProviderInfo, RemoteRegion, RmaWrite};
+use super::{FabricError, MAX_CM_DATA, ProviderInfo, RemoteRegion, RmaWrite};
 use crate::sys;
 use std::ffi::{CStr, CString, c_void};
 use std::net::SocketAddr;
@@ -219,18 +219,26 @@ impl FabricHandle {
         Ok(Arc::new(handle))
     }
 
-    /// Wait up to `timeout` for a connection-management event: its kind and entry.
-    fn next_event(&self, timeout: Duration) -> Result<(u32, sys::fi_eq_cm_entry), FabricError> {
+    /// Wait up to `timeout` for a connection-management event: its kind, entry, and
+    /// the private data the peer sent with it (a connection request's, see
+    /// [`Connection::connect_with`]).
+    fn next_event(
+        &self,
+        timeout: Duration,
+    ) -> Result<(u32, sys::fi_eq_cm_entry, Vec<u8>), FabricError> {
         let mut event = 0u32;
-        let mut entry = sys::fi_eq_cm_entry::default();
+        let entry_len = std::mem::size_of::<sys::fi_eq_cm_entry>();
+        // The entry, then its private data (a flexible array member in C). u64 words
+        // keep the entry's alignment.
+        let mut buffer = [0u64; (std::mem::size_of::<sys::fi_eq_cm_entry>() + MAX_CM_DATA) / 8 + 1];
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `entry` is a writable fi_eq_cm_entry of the size passed.
+        // SAFETY: `buffer` is writable for the length passed and aligned for an entry.
         let ret = unsafe {
             sys::fi_eq_sread(
                 self.eq,
                 &mut event,
-                (&mut entry as *mut sys::fi_eq_cm_entry).cast(),
-                std::mem::size_of::<sys::fi_eq_cm_entry>(),
+                buffer.as_mut_ptr().cast(),
+                std::mem::size_of_val(&buffer),
                 ms,
                 0,
             )
@@ -251,8 +259,23 @@ impl FabricHandle {
                 message: strerror(err.err as i64),
             });
         }
-        check("fi_eq_sread", ret)?;
-        Ok((event, entry))
+        let read = check("fi_eq_sread", ret)? as usize;
+        // SAFETY: the queue wrote an entry at the start of the buffer (aligned, and
+        // `read` covers it for a connection event).
+        let entry = unsafe { std::ptr::read(buffer.as_ptr().cast::<sys::fi_eq_cm_entry>()) };
+        let data = if read > entry_len {
+            // SAFETY: `read` bytes of the buffer were written, within its length.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    buffer.as_ptr().cast::<u8>(),
+                    read.min(size_of_val(&buffer)),
+                )
+            };
+            bytes[entry_len..].to_vec()
+        } else {
+            Vec::new()
+        };
+        Ok((event, entry, data))
     }
 }
 
@@ -384,27 +407,67 @@ impl Listener {
         &self.provider
     }
 
-    /// Take the next connection request, within `timeout`.
+    /// Take the next connection request, within `timeout`, and accept it.
     pub fn accept(&self, timeout: Duration) -> Result<Connection, FabricError> {
-        let (event, entry) = self.fabric.next_event(timeout)?;
+        self.request(timeout)?.accept(timeout)
+    }
+
+    /// Wait up to `timeout` for the next connection request, to be accepted or
+    /// rejected after a look at its private data.
+    pub fn request(&self, timeout: Duration) -> Result<Request<'_>, FabricError> {
+        let (event, entry, data) = self.fabric.next_event(timeout)?;
+        let info = InfoList(entry.info);
         if event != sys::FI_CONNREQ {
             return Err(FabricError::Protocol(format!(
                 "connection event {event} where a request was due"
             )));
         }
-        let request = InfoList(entry.info);
-        // SAFETY: a connection request carries the info to open the endpoint with.
-        let info = unsafe { request.0.as_ref() }
-            .ok_or_else(|| FabricError::Protocol("a connection request without info".into()))?;
+        if info.0.is_null() {
+            return Err(FabricError::Protocol(
+                "a connection request without info".into(),
+            ));
+        }
+        Ok(Request {
+            listener: self,
+            info,
+            data,
+        })
+    }
+}
+
+/// A connection request a [`Listener`] holds: accept it or reject it.
+pub struct Request<'a> {
+    listener: &'a Listener,
+    info: InfoList,
+    data: Vec<u8>,
+}
+
+impl Request<'_> {
+    /// What the peer sent with its request ([`Connection::connect_with`]).
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Accept: the connected endpoint, within `timeout`.
+    pub fn accept(self, timeout: Duration) -> Result<Connection, FabricError> {
+        // SAFETY: checked non-null in `Listener::request`; the list lives in `self`.
+        let info = unsafe { &*self.info.0 };
         // The connection gets a fabric and event queue of its own: its events must not
         // mix with the listener's next requests.
         let fabric = FabricHandle::open(info)?;
-        let connection = Connection::open(fabric, info, &self.provider)?;
+        let connection = Connection::open(fabric, info, &self.listener.provider)?;
         // SAFETY: the endpoint is enabled and bound to its queues.
         let ret = unsafe { sys::fi_accept(connection.ep, ptr::null(), 0) };
         check("fi_accept", ret.into())?;
         connection.await_connected(timeout)?;
         Ok(connection)
+    }
+
+    /// Refuse the connection (the peer's connect fails).
+    pub fn reject(self) {
+        // SAFETY: the passive endpoint is open (the listener is borrowed) and the
+        // handle comes from its own connection request.
+        unsafe { sys::fi_reject(self.listener.pep, (*self.info.0).handle, ptr::null(), 0) };
     }
 }
 
@@ -474,6 +537,23 @@ impl Connection {
         addr: SocketAddr,
         timeout: Duration,
     ) -> Result<Connection, FabricError> {
+        Self::connect_with(provider, addr, &[], timeout)
+    }
+
+    /// [`Connection::connect`], sending `data` (at most [`MAX_CM_DATA`] bytes) with the
+    /// request for the listener to judge it by ([`Request::data`]).
+    pub fn connect_with(
+        provider: &str,
+        addr: SocketAddr,
+        data: &[u8],
+        timeout: Duration,
+    ) -> Result<Connection, FabricError> {
+        if data.len() > MAX_CM_DATA {
+            return Err(FabricError::Protocol(format!(
+                "{} bytes of connection data (at most {MAX_CM_DATA})",
+                data.len()
+            )));
+        }
         let hints = Hints::new(Some(provider))?;
         let list = hints.get(
             Some(&addr.ip().to_string()),
@@ -487,7 +567,18 @@ impl Connection {
         let fabric = FabricHandle::open(info)?;
         let connection = Connection::open(fabric, info, provider)?;
         // SAFETY: the endpoint is enabled; the destination address comes with `info`.
-        let ret = unsafe { sys::fi_connect(connection.ep, info.dest_addr, ptr::null(), 0) };
+        let ret = unsafe {
+            sys::fi_connect(
+                connection.ep,
+                info.dest_addr,
+                if data.is_empty() {
+                    ptr::null()
+                } else {
+                    data.as_ptr().cast()
+                },
+                data.len(),
+            )
+        };
         check("fi_connect", ret.into())?;
         connection.await_connected(timeout)?;
         Ok(connection)
@@ -504,7 +595,9 @@ impl Connection {
         let mut cq_attr = sys::fi_cq_attr {
             size: 1024,
             format: sys::fi_cq_format_FI_CQ_FORMAT_CONTEXT,
-            wait_obj: sys::fi_wait_obj_FI_WAIT_NONE,
+            // A wait object, so that a target of RMA writes can block in
+            // `wait_completions` while the provider progresses (see there).
+            wait_obj: sys::fi_wait_obj_FI_WAIT_UNSPEC,
             ..Default::default()
         };
         let mut cq = ptr::null_mut();
@@ -556,7 +649,7 @@ impl Connection {
     }
 
     fn await_connected(&self, timeout: Duration) -> Result<(), FabricError> {
-        let (event, entry) = self.fabric.next_event(timeout)?;
+        let (event, entry, _) = self.fabric.next_event(timeout)?;
         if !entry.info.is_null() {
             drop(InfoList(entry.info));
         }
@@ -718,6 +811,44 @@ impl Connection {
             out.extend(entries[..n].iter().map(|e| e.op_context as u64));
             taken += n;
         }
+    }
+}
+
+impl Connection {
+    /// [`Connection::completions`], waiting up to `timeout` for the first one. While it
+    /// waits the provider progresses this endpoint, so remote writes into it land: a
+    /// target that has nothing else to do calls this in a loop, instead of polling.
+    pub fn wait_completions(
+        &self,
+        out: &mut Vec<u64>,
+        timeout: Duration,
+    ) -> Result<usize, FabricError> {
+        let mut entry = sys::fi_cq_entry::default();
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `entry` is writable for one entry of the queue's format; no condition
+        // is passed.
+        let ret = unsafe {
+            sys::fi_cq_sread(
+                self.cq,
+                (&mut entry as *mut sys::fi_cq_entry).cast(),
+                1,
+                ptr::null(),
+                ms,
+            )
+        } as i64;
+        if ret == -EAGAIN {
+            return Ok(0);
+        }
+        if ret == 1 {
+            out.push(entry.op_context as u64);
+            return Ok(1 + self.completions(out)?);
+        }
+        if ret == -FI_EAVAIL {
+            // The error entry: `completions` reads and reports it.
+            return self.completions(out);
+        }
+        check("fi_cq_sread", ret)?;
+        self.completions(out)
     }
 }
 

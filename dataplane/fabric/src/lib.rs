@@ -26,15 +26,19 @@ mod sys;
 mod imp;
 
 #[cfg(dwcp_libfabric)]
-pub use imp::{Connection, Listener, MemoryRegion};
+pub use imp::{Connection, Listener, MemoryRegion, Request};
 
 #[cfg(not(dwcp_libfabric))]
 mod stub;
 
 #[cfg(not(dwcp_libfabric))]
-pub use stub::{Connection, Listener, MemoryRegion};
+pub use stub::{Connection, Listener, MemoryRegion, Request};
 
 use std::time::Duration;
+
+/// Most private data a connection request carries here ([`Connection::connect_with`]):
+/// the `tcp` provider allows 256 bytes, verbs through the RDMA CM 56 on a connect.
+pub const MAX_CM_DATA: usize = 56;
 
 /// What went wrong, with the call that failed.
 #[derive(Debug, thiserror::Error)]

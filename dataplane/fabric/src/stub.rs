@@ -29,6 +29,31 @@ impl Listener {
     pub fn accept(&self, _timeout: Duration) -> Result<Connection, FabricError> {
         match self.0 {}
     }
+
+    /// Wait for the next connection request.
+    pub fn request(&self, _timeout: Duration) -> Result<Request<'_>, FabricError> {
+        match self.0 {}
+    }
+}
+
+/// A connection request (never made in this build).
+pub struct Request<'a>(Infallible, std::marker::PhantomData<&'a ()>);
+
+impl Request<'_> {
+    /// What the peer sent with its request.
+    pub fn data(&self) -> &[u8] {
+        match self.0 {}
+    }
+
+    /// Accept it.
+    pub fn accept(self, _timeout: Duration) -> Result<Connection, FabricError> {
+        match self.0 {}
+    }
+
+    /// Refuse it.
+    pub fn reject(self) {
+        match self.0 {}
+    }
 }
 
 /// A connected endpoint (never made in this build).
@@ -44,8 +69,27 @@ impl Connection {
         Err(FabricError::Unavailable)
     }
 
+    /// Always [`FabricError::Unavailable`] in this build.
+    pub fn connect_with(
+        _provider: &str,
+        _addr: SocketAddr,
+        _data: &[u8],
+        _timeout: Duration,
+    ) -> Result<Connection, FabricError> {
+        Err(FabricError::Unavailable)
+    }
+
     /// The provider.
     pub fn provider(&self) -> &str {
+        match self.0 {}
+    }
+
+    /// Completions, waiting for the first.
+    pub fn wait_completions(
+        &self,
+        _out: &mut Vec<u64>,
+        _timeout: Duration,
+    ) -> Result<usize, FabricError> {
         match self.0 {}
     }
 

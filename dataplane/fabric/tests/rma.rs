@@ -68,8 +68,10 @@ fn progress_target(
         let mut seen = Vec::new();
         // Acquire: pairs with the writer's Release once its writes completed.
         while !done.load(Ordering::Acquire) {
-            target.completions(&mut seen).unwrap();
-            std::thread::yield_now();
+            // Blocks while nothing completes; the provider progresses meanwhile.
+            target
+                .wait_completions(&mut seen, Duration::from_millis(5))
+                .unwrap();
         }
         target
     })
@@ -197,4 +199,28 @@ fn a_write_outside_the_peers_region_is_refused_before_it_leaves() {
         dest.iter().all(|&b| b == 0),
         "nothing landed through a forged key"
     );
+}
+
+#[test]
+fn a_request_shows_its_data_and_a_rejected_one_fails_to_connect() {
+    if !tcp_provider() {
+        return;
+    }
+    let listener = Listener::bind(PROVIDER, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr();
+    let judged = std::thread::spawn(move || {
+        let first = listener.request(PATIENCE).unwrap();
+        assert_eq!(first.data(), b"not this one");
+        first.reject();
+        let second = listener.request(PATIENCE).unwrap();
+        assert_eq!(second.data(), b"token");
+        second.accept(PATIENCE).map(|_| ())
+    });
+    let refused = Connection::connect_with(PROVIDER, addr, b"not this one", PATIENCE);
+    assert!(refused.is_err(), "a rejected request does not connect");
+    let accepted = Connection::connect_with(PROVIDER, addr, b"token", PATIENCE);
+    assert!(accepted.is_ok(), "{:?}", accepted.err());
+    judged.join().unwrap().unwrap();
+    let too_long = Connection::connect_with(PROVIDER, addr, &[0; 57], PATIENCE);
+    assert!(matches!(too_long, Err(FabricError::Protocol(_))));
 }

@@ -62,6 +62,8 @@ pub struct DestConfig {
     /// What the memory belongs to, kept in the session's record for the appliance
     /// ([`SessionRecord::guest`]).
     pub record_guest: Option<String>,
+    /// Which sessions may write pages by RMA into this destination's memory.
+    pub rma: super::RmaAdmission,
 }
 
 impl Default for DestConfig {
@@ -77,6 +79,7 @@ impl Default for DestConfig {
             resume_grace: Duration::from_secs(60),
             session_record: None,
             record_guest: None,
+            rma: super::RmaAdmission::default(),
         }
     }
 }
@@ -126,6 +129,11 @@ pub struct DestReport {
     pub resumes: u32,
     /// After a restart: reading the memory file back into a CRC table, seconds.
     pub table_rebuild_seconds: Option<f64>,
+    /// The libfabric provider pages were written through, in a session that wrote
+    /// them by RMA.
+    pub rma_provider: Option<String>,
+    /// Pages whose RMA write arrived wrong, asked for again.
+    pub rma_pages_resent: u64,
 }
 
 /// What an incoming session has done so far, for whoever watches it (a daemon's
@@ -462,8 +470,20 @@ fn receive_session(
     mut device: Option<&mut dyn DeviceStateSink>,
     progress: &ReceiveProgress,
 ) -> Result<DestReport, MigrationError> {
-    let memory = accepted.memory;
+    let mut accepted = accepted;
     let streams = accepted.streams.len() as u16;
+    let rma = if accepted.granted & caps::RMA != 0 {
+        super::rma::offer(
+            &mut accepted.control,
+            &accepted.memory,
+            streams,
+            config.timeout,
+            cancel,
+        )?
+    } else {
+        None
+    };
+    let memory = accepted.memory;
     progress.update(|p| {
         p.memory_bytes = memory.len() as u64;
         p.streams = streams;
@@ -556,6 +576,9 @@ fn receive_session(
         peer_identity: security.as_ref().map(|s| s.peer.clone()),
         bytes_before_resume: 0,
         resumes: 0,
+        rma_provider: rma.as_ref().map(|t| t.provider.provider.clone()),
+        rma,
+        rma_pages_resent: 0,
     };
     let mut result = loop {
         match coordinator.run(&mut fleet, cancel) {
@@ -576,6 +599,8 @@ fn receive_session(
             done => break done,
         }
     };
+    // Nothing may write into guest memory once the session is decided.
+    coordinator.rma = None;
     if let Err(MigrationError::Io { .. } | MigrationError::Transport(_)) = &result
         && let Some(message) = coordinator.source_abort()
     {
@@ -623,6 +648,8 @@ fn receive_session(
         streams_lost: coordinator.streams_lost.clone(),
         resumes: coordinator.resumes,
         table_rebuild_seconds: None,
+        rma_provider: coordinator.rma_provider.clone(),
+        rma_pages_resent: coordinator.rma_pages_resent,
     })
 }
 
@@ -737,6 +764,11 @@ struct Coordinator<'p, 'l> {
     bytes_before_resume: u64,
     /// Times the session was resumed.
     resumes: u32,
+    /// The session's RMA connections, while it writes pages by RMA.
+    rma: Option<crate::transport::rma::RmaTargets>,
+    rma_provider: Option<String>,
+    /// Pages whose RMA write arrived wrong, asked for again.
+    rma_pages_resent: u64,
 }
 
 impl Coordinator<'_, '_> {
@@ -820,6 +852,14 @@ impl Coordinator<'_, '_> {
                 }
             }
             RxEvent::DeviceState { offset, bytes, .. } => self.device_piece(offset, bytes)?,
+            RxEvent::Resend { stream, pages } => {
+                eprintln!(
+                    "dwcp: data stream {stream}: {} pages arrived wrong by RMA; asking for them again",
+                    pages.len()
+                );
+                self.rma_pages_resent += pages.len() as u64;
+                self.control.send(&ControlMessage::ResendPages { pages })?;
+            }
             RxEvent::Failed { stream, error } => {
                 // What this side found wrong in the stream's bytes is the reason; a
                 // failed receive may just mean the source went away first.
@@ -997,6 +1037,10 @@ impl Coordinator<'_, '_> {
         }
         self.stream_state[s] = StreamState::Lost;
         self.stream_rounds[s] = rounds_ended;
+        // Its RMA connection goes too: nothing of the stream may land from now on.
+        if let Some(rma) = &self.rma {
+            rma.close(stream);
+        }
         super::counters::lost(false, 0);
         self.fence.mark_lost(stream);
         self.streams_lost.push((stream, error.clone()));
@@ -1218,6 +1262,8 @@ impl Coordinator<'_, '_> {
     ) -> Result<(), MigrationError> {
         fleet.stop();
         self.control.shutdown();
+        // A resumed session sends pages as frames; its RMA connections close now.
+        self.rma = None;
         self.bytes_before_resume = self.received_bytes();
         self.received.iter_mut().for_each(|r| *r = (0, 0));
         let grace = config.resume_grace;

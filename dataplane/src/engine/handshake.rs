@@ -71,7 +71,7 @@ impl ControlChannel {
     /// Wait until the peer has sent something, `deadline` passes (`Ok(false)`), or
     /// `cancel` is set; a message is then read whole with the usual timeout (a read
     /// cut short by a timeout mid-message would lose its bytes).
-    fn wait_readable(
+    pub(super) fn wait_readable(
         &self,
         deadline: Instant,
         cancel: &AtomicBool,
@@ -101,7 +101,12 @@ impl ControlChannel {
         }
     }
 
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), MigrationError> {
+    /// The address this end of the control stream has.
+    pub(super) fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    pub(super) fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), MigrationError> {
         // A socket option: it applies to the reader's clone of the socket too.
         self.socket
             .set_read_timeout(timeout)
@@ -237,11 +242,16 @@ fn open_session(
         memory_bytes,
         page_size: PAGE_SIZE as u32,
         streams: config.streams,
-        capabilities: if device_state {
-            caps::ALL | caps::DEVICE_STATE
-        } else {
-            caps::ALL
-        },
+        capabilities: caps::ALL
+            | if device_state { caps::DEVICE_STATE } else { 0 }
+            // A resumed session sends pages as frames (see `reconnect`).
+            | if config.transport.choice == crate::transport::TransportChoice::Rma
+                && resume.is_none()
+            {
+                caps::RMA
+            } else {
+                0
+            },
     };
     let opening = match resume {
         Some(_) => ControlMessage::Resume(hello),
@@ -352,7 +362,7 @@ pub(super) struct Accepted {
 }
 
 /// A control stream read error, with context.
-fn control_error(e: ControlReadError, what: &str) -> MigrationError {
+pub(super) fn control_error(e: ControlReadError, what: &str) -> MigrationError {
     if let ControlReadError::Io(io) = &e
         && let Some(tls) = security::tls::describe_tls(io)
     {
@@ -659,8 +669,20 @@ fn accept_session(
         }
     };
     let granted = match resuming {
-        Some(session) => session.granted,
-        None => hello.capabilities & (caps::ALL | caps::DEVICE_STATE) & config.capabilities,
+        // Pages come as frames once resumed: its RMA connections are not set up again.
+        Some(session) => session.granted & !caps::RMA,
+        None => {
+            let mut granted =
+                hello.capabilities & (caps::ALL | caps::DEVICE_STATE) & config.capabilities;
+            match super::rma::admit(hello.capabilities, control.tls.is_some(), config.rma) {
+                Ok(()) => granted |= caps::RMA,
+                Err(why) if hello.capabilities & caps::RMA != 0 => {
+                    eprintln!("dwcp: RMA not granted: {why}");
+                }
+                Err(_) => {}
+            }
+            granted
+        }
     };
     let keys = control.session_keys(hello.streams)?;
     control
@@ -757,7 +779,7 @@ fn accept_session(
     })
 }
 
-fn random_session_id() -> u128 {
+pub(super) fn random_session_id() -> u128 {
     let mut bytes = [0u8; 16];
     if std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))

@@ -50,6 +50,7 @@ pub mod precopy;
 mod record;
 mod report;
 mod resume;
+mod rma;
 mod source;
 mod steer;
 
@@ -64,9 +65,10 @@ pub use live::{Epoch, LiveControl, LiveReport, LiveSettings};
 pub use precopy::DowntimeEstimate;
 pub use record::{OutgoingRecord, RecordError, SessionRecord};
 pub use report::{
-    DowntimeMeasured, DowntimeReport, MigrationReport, Progress, RoundStats, SecurityReport,
-    SessionResume, StreamLoss, TransportReport, WorkerStatus,
+    DowntimeMeasured, DowntimeReport, MigrationReport, Progress, RmaReport, RoundStats,
+    SecurityReport, SessionResume, StreamLoss, TransportReport, WorkerStatus,
 };
+pub use rma::RmaAdmission;
 pub use source::{SourceConfig, migrate, migrate_live, migrate_with_policy};
 pub use steer::{CodecReport, SettingsChange};
 

@@ -154,6 +154,31 @@ pub struct TransportReport {
     pub security: Option<SecurityReport>,
     /// Data streams lost on the way; their pages went to the others.
     pub streams_lost: Vec<StreamLoss>,
+    /// Pages written by RMA, in a session that did ([`crate::wire::caps::RMA`]).
+    pub rma: Option<RmaReport>,
+}
+
+/// What went by RMA write in a session.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RmaReport {
+    /// The libfabric provider (`verbs`, `tcp`, ...).
+    pub provider: String,
+    /// Its fabric and domain.
+    pub fabric: String,
+    /// Its domain (a NIC, or an interface for `tcp`).
+    pub domain: String,
+    /// Whether the provider moves bytes over sockets (`tcp`): RMA semantics without
+    /// RDMA hardware.
+    pub socket_based: bool,
+    /// Pages written by RMA.
+    pub pages: u64,
+    /// RMA writes issued (one per run of non-zero pages).
+    pub writes: u64,
+    /// Time the workers waited for writes to be delivered, seconds (all workers).
+    pub delivery_wait_seconds: f64,
+    /// Pages whose content arrived wrong (or changed under the write) and were sent
+    /// again.
+    pub pages_resent: u64,
 }
 
 /// A data stream the session lost, and what it cost.
@@ -368,6 +393,24 @@ impl fmt::Display for MigrationReport {
                 String::new()
             }
         )?;
+        if let Some(rma) = &t.rma {
+            writeln!(
+                f,
+                "rma: {} pages in {} writes through libfabric's {} provider ({}{}), {:.3} s waiting \
+                 for delivery, {} pages sent again",
+                rma.pages,
+                rma.writes,
+                rma.provider,
+                rma.domain,
+                if rma.socket_based {
+                    ": RMA over sockets, no RDMA hardware"
+                } else {
+                    ""
+                },
+                rma.delivery_wait_seconds,
+                rma.pages_resent
+            )?;
+        }
         writeln!(
             f,
             "session: {}",

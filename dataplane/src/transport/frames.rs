@@ -171,6 +171,12 @@ pub enum StreamEvent {
         /// The bytes.
         bytes: Vec<u8>,
     },
+    /// Pages written by RMA whose content did not match their frame's CRCs: the source
+    /// must send them again. Their table entries hold the CRC of what landed.
+    Resend {
+        /// The pages.
+        pages: Vec<u64>,
+    },
 }
 
 /// Counters of one received stream.
@@ -188,12 +194,16 @@ pub struct RxCounters {
     pub ref_pages: u64,
     /// Compressed batches received.
     pub batches: u64,
+    /// Pages whose content came by RMA write, checked against their frame's CRC.
+    pub rma_pages: u64,
+    /// Of those, pages whose content did not match (sent again).
+    pub rma_mismatched: u64,
 }
 
 impl RxCounters {
     /// Pages received, however they came.
     pub fn pages(&self) -> u64 {
-        self.raw_pages + self.zero_pages + self.delta_pages + self.ref_pages
+        self.raw_pages + self.zero_pages + self.delta_pages + self.ref_pages + self.rma_pages
     }
 }
 
@@ -351,6 +361,7 @@ impl FrameParser {
             FrameKind::Compressed | FrameKind::Dictionary => caps::ZSTD,
             FrameKind::StreamMap => caps::STREAM_MAP,
             FrameKind::DeviceState => caps::DEVICE_STATE,
+            FrameKind::RmaPages => caps::RMA,
             _ => return Ok(()),
         };
         if self.capabilities & needed == 0 {
@@ -497,15 +508,23 @@ impl FrameParser {
                     if self.payload.len() == header.payload_len as usize {
                         self.state = State::Header;
                         let payload = std::mem::take(&mut self.payload);
-                        let result = if header.kind == FrameKind::DeviceState {
-                            // Not for this side's memory: up to the session.
-                            on_event(StreamEvent::DeviceState {
-                                offset: header.page,
-                                bytes: payload.clone(),
-                            });
-                            Ok(())
-                        } else {
-                            self.whole_frame(header, &payload)
+                        let result = match header.kind {
+                            FrameKind::DeviceState => {
+                                // Not for this side's memory: up to the session.
+                                on_event(StreamEvent::DeviceState {
+                                    offset: header.page,
+                                    bytes: payload.clone(),
+                                });
+                                Ok(())
+                            }
+                            FrameKind::RmaPages => {
+                                let wrong = self.rma_pages(header, &payload);
+                                if !wrong.is_empty() {
+                                    on_event(StreamEvent::Resend { pages: wrong });
+                                }
+                                Ok(())
+                            }
+                            _ => self.whole_frame(header, &payload),
                         };
                         self.payload = payload;
                         self.payload.clear();
@@ -538,10 +557,15 @@ impl FrameParser {
             | FrameKind::PageRef
             | FrameKind::Compressed
             | FrameKind::Dictionary
-            | FrameKind::DeviceState => {
+            | FrameKind::DeviceState
+            | FrameKind::RmaPages => {
                 self.check_negotiated(header.kind)?;
-                if matches!(header.kind, FrameKind::DeltaPage | FrameKind::PageRef) {
-                    self.check_owner(header.page, 1)?;
+                match header.kind {
+                    FrameKind::DeltaPage | FrameKind::PageRef => {
+                        self.check_owner(header.page, 1)?
+                    }
+                    FrameKind::RmaPages => self.check_owner(header.page, header.count)?,
+                    _ => {}
                 }
                 self.payload.reserve(header.payload_len as usize);
                 self.state = State::Payload { header };
@@ -630,6 +654,32 @@ impl FrameParser {
         }
         self.counters.zero_pages += u64::from(count);
         self.round_pages += count;
+    }
+
+    /// Pages `header.page..` landed by RMA before their frame was sent: check each
+    /// against its CRC in `payload`, record what landed, and return the pages that
+    /// differ (the source sends them again; their table entries, holding the CRC of
+    /// what landed, keep the two tables apart until it has). The source writes a page
+    /// again only after the destination acknowledged the round that carried it, so
+    /// nothing writes these pages while they are checked.
+    fn rma_pages(&mut self, header: FrameHeader, payload: &[u8]) -> Vec<u64> {
+        let kernels = dwcp_simd::Kernels::active();
+        let mut wrong = Vec::new();
+        for (i, expected) in payload.chunks_exact(PAGE_CRC_LEN).enumerate() {
+            let page = header.page + i as u64;
+            let expected = u32::from_le_bytes([expected[0], expected[1], expected[2], expected[3]]);
+            self.memory.read_page(page, &mut self.scratch[..]);
+            let found = kernels.crc32c(&self.scratch[..]);
+            self.written(page);
+            self.placed(page, found);
+            if found != expected {
+                wrong.push(page);
+            }
+        }
+        self.counters.rma_pages += u64::from(header.count);
+        self.counters.rma_mismatched += wrong.len() as u64;
+        self.round_pages += header.count;
+        wrong
     }
 
     /// Check a page assembled in `scratch` against `expected` and store it.
@@ -818,6 +868,81 @@ mod tests {
             }
         }
         m
+    }
+
+    /// An `RmaPages` frame for `first..first + crcs.len()`.
+    fn rma_frame(first: u64, crcs: &[u32]) -> Vec<u8> {
+        let mut out = vec![0u8; FRAME_HEADER_LEN];
+        stage_marker(FrameHeader::rma_pages(first, crcs.len() as u32), &mut out);
+        for crc in crcs {
+            out.extend_from_slice(&crc.to_le_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn pages_written_by_rma_are_checked_recorded_and_the_wrong_ones_asked_for() {
+        let src = source(16);
+        let dst = memory(16);
+        // What the RMA writes put there: every page right, but page 5.
+        for p in 0..16u64 {
+            let mut page = vec![0u8; PAGE_SIZE];
+            src.read_page(p, &mut page);
+            if p == 5 {
+                page[100] ^= 0xff;
+            }
+            dst.write_page(p, &page);
+        }
+        let crcs: Vec<u32> = (4..8u64)
+            .map(|p| {
+                let mut page = vec![0u8; PAGE_SIZE];
+                src.read_page(p, &mut page);
+                dwcp_simd::crc32c(&page)
+            })
+            .collect();
+        let table = Arc::new(CrcTable::new(16));
+        let mut parser = FrameParser::new(dst.clone(), 0, 1, false)
+            .with_capabilities(crate::wire::caps::ALL | crate::wire::caps::RMA)
+            .with_table(table.clone());
+        let mut events = Vec::new();
+        let mut wire = rma_frame(4, &crcs);
+        let mut marker = [0u8; FRAME_HEADER_LEN];
+        stage_marker(FrameHeader::round_end(0, 4), &mut marker);
+        wire.extend_from_slice(&marker);
+        for part in wire.chunks(5) {
+            parser.feed(part, &mut |e| events.push(e)).unwrap();
+        }
+        assert_eq!(
+            events,
+            [
+                StreamEvent::Resend { pages: vec![5] },
+                StreamEvent::RoundEnd { round: 0, pages: 4 }
+            ]
+        );
+        assert_eq!(parser.counters().rma_pages, 4);
+        assert_eq!(parser.counters().rma_mismatched, 1);
+        assert_eq!(table.get(4), crcs[0], "a right page is recorded");
+        let mut landed = vec![0u8; PAGE_SIZE];
+        dst.read_page(5, &mut landed);
+        assert_eq!(
+            table.get(5),
+            dwcp_simd::crc32c(&landed),
+            "a wrong page is recorded as what landed, so the tables differ until it is sent again"
+        );
+        assert_ne!(table.get(5), crcs[1]);
+
+        // Not negotiated, or on another stream's pages: refused.
+        let mut plain = FrameParser::new(dst.clone(), 0, 1, false);
+        assert!(matches!(
+            plain.feed(&rma_frame(4, &crcs), &mut |_| {}),
+            Err(WireError::BadEncoding { .. })
+        ));
+        let mut other = FrameParser::new(dst, 1, 2, false)
+            .with_capabilities(crate::wire::caps::ALL | crate::wire::caps::RMA);
+        assert!(matches!(
+            other.feed(&rma_frame(4, &crcs), &mut |_| {}),
+            Err(WireError::WrongStream { .. })
+        ));
     }
 
     #[test]

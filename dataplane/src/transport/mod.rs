@@ -23,6 +23,7 @@ pub use dwcp_fabric as fabric;
 pub mod frames;
 mod inbound;
 pub mod plain;
+pub mod rma;
 pub mod socket;
 mod stage;
 pub mod uring;
@@ -76,6 +77,9 @@ pub enum TransportChoice {
     IoUring,
     /// Plain sockets.
     Plain,
+    /// Page contents by RMA write through libfabric where the destination grants it
+    /// ([`crate::wire::caps::RMA`]), beside data streams chosen as for `Auto`.
+    Rma,
 }
 
 impl FromStr for TransportChoice {
@@ -86,8 +90,9 @@ impl FromStr for TransportChoice {
             "auto" => Ok(TransportChoice::Auto),
             "io_uring" | "io-uring" | "uring" => Ok(TransportChoice::IoUring),
             "plain" => Ok(TransportChoice::Plain),
+            "rma" => Ok(TransportChoice::Rma),
             other => Err(format!(
-                "unknown transport {other:?} (expected auto, io_uring or plain)"
+                "unknown transport {other:?} (expected auto, io_uring, plain or rma)"
             )),
         }
     }
@@ -297,6 +302,36 @@ pub enum TxError {
     /// The engine dropped its end of the worker's rings.
     #[error("the engine went away")]
     EngineGone,
+    /// An RMA write failed, or its delivery never came (the worker printed the
+    /// provider's account).
+    #[error("stream {stream}: RMA write failed: {}", fabric_code(*code))]
+    Rma {
+        /// The stream.
+        stream: u16,
+        /// libfabric's error code (negative errno or `FI_E*`).
+        code: i64,
+    },
+}
+
+/// A libfabric error code in words: an errno as the OS says it, else the number.
+fn fabric_code(code: i64) -> String {
+    match i32::try_from(code.unsigned_abs()) {
+        Ok(errno) if errno < 256 => std::io::Error::from_raw_os_error(errno).to_string(),
+        _ => format!("libfabric error {code}"),
+    }
+}
+
+impl TxError {
+    /// The error of RMA on stream `stream`, after printing what the provider said.
+    pub fn from_fabric(stream: u16, error: &fabric::FabricError) -> Self {
+        eprintln!("dwcp: stream {stream}: {error}");
+        let code = match error {
+            fabric::FabricError::Call { code, .. } => *code,
+            fabric::FabricError::TimedOut(..) => -i64::from(libc::ETIMEDOUT),
+            _ => -i64::from(libc::EPROTO),
+        };
+        TxError::Rma { stream, code }
+    }
 }
 
 /// Why a destination worker stopped.
@@ -559,6 +594,14 @@ pub enum RxEvent {
         /// Rounds whose end marker arrived on it.
         rounds_ended: u64,
     },
+    /// Pages of stream `stream` written by RMA arrived wrong: the source must send
+    /// them again.
+    Resend {
+        /// Global stream id.
+        stream: u16,
+        /// The pages.
+        pages: Vec<u64>,
+    },
     /// A stream failed; the session must end.
     Failed {
         /// Global stream id.
@@ -583,6 +626,7 @@ impl RxEvent {
                 offset,
                 bytes,
             },
+            frames::StreamEvent::Resend { pages } => RxEvent::Resend { stream, pages },
         }
     }
 }
@@ -599,6 +643,8 @@ pub struct TxSetup {
     /// In an authenticated session, the data streams' keys: every send buffer goes out
     /// as a sealed record.
     pub records: Option<Arc<SessionKeys>>,
+    /// In a session that writes pages by RMA, the streams' connections.
+    pub rma: Option<Arc<rma::RmaPool>>,
 }
 
 /// Where a destination worker puts what arrives, beside its sockets.

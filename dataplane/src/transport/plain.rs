@@ -129,7 +129,7 @@ impl PlainTx {
         setup: TxSetup,
         config: &TransportConfig,
     ) -> Self {
-        let stager = Stager::new(setup.memory, setup.table, setup.codec);
+        let stager = Stager::new(setup.memory, setup.table, setup.codec).with_rma(setup.rma);
         let send_size = config
             .send_buffer
             .max(stage_space(crate::wire::MAX_RUN_PAGES) * 2);
@@ -208,6 +208,7 @@ impl PlainTx {
         let _ = self.out.socket.shutdown(std::net::Shutdown::Both);
         self.out.len = self.out.start;
         let pages = self.stage[0].pages;
+        self.stage[0].close_rma();
         self.stage[0] = self.stager.stream(self.out.id);
         self.stage[0].pages = pages;
         push_event(

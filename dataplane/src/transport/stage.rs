@@ -12,6 +12,7 @@
 //! Every page staged is recorded in the source's CRC table.
 
 use super::frames::{self, stage_marker, stage_space};
+use super::rma::{LentLink, RmaPool, rma_stage_space, stage_rma_run};
 use super::{TxControl, TxError, WorkerTelemetry};
 use crate::codec::{CodecSetup, StreamCodec, WorkerCodec};
 use crate::crc_table::CrcTable;
@@ -41,9 +42,20 @@ pub(crate) struct StreamStage {
     pub round_pages: u32,
     /// Pages staged so far.
     pub pages: u64,
+    /// Its RMA connection, in a session that writes pages by RMA (none once the
+    /// stream was lost).
+    rma: Option<LentLink>,
 }
 
 impl StreamStage {
+    /// The stream was lost: close its RMA connection for good, so that nothing more of
+    /// it lands at the destination.
+    pub fn close_rma(&mut self) {
+        if let Some(link) = self.rma.take() {
+            link.close();
+        }
+    }
+
     /// Whether a codec batch is waiting to be flushed.
     pub fn batch_pending(&self) -> bool {
         self.codec.as_ref().is_some_and(|c| c.pending() > 0)
@@ -71,6 +83,10 @@ pub(crate) struct Stager {
     /// Bytes staged without codecs, and the time it took.
     staged_bytes: u64,
     stage_nanos: u64,
+    /// The session's RMA connections, when it writes pages by RMA.
+    rma: Option<Arc<RmaPool>>,
+    /// One page, for the zero test and CRC ahead of an RMA write.
+    scratch: Box<[u8]>,
 }
 
 impl Stager {
@@ -88,16 +104,26 @@ impl Stager {
             round: RoundCounts::default(),
             staged_bytes: 0,
             stage_nanos: 0,
+            rma: None,
+            scratch: vec![0u8; crate::memory::PAGE_SIZE].into_boxed_slice(),
         }
     }
 
-    /// The staging state of stream `id`.
+    /// Write runs by RMA through `pool`'s connections where streams have one.
+    pub fn with_rma(mut self, pool: Option<Arc<RmaPool>>) -> Self {
+        self.rma = pool;
+        self
+    }
+
+    /// The staging state of stream `id` (with its RMA connection, borrowed from the
+    /// session's pool until the stage is dropped).
     pub fn stream(&self, id: u16) -> StreamStage {
         StreamStage {
             id,
             codec: self.codec_setup.as_ref().map(StreamCodec::for_setup),
             round_pages: 0,
             pages: 0,
+            rma: self.rma.as_ref().and_then(|pool| pool.take(id)),
         }
     }
 
@@ -124,6 +150,8 @@ impl Stager {
     ) -> Result<bool, TxError> {
         let staged = if self.coding() {
             self.stage_coded(buffers, streams, i, first, count)?
+        } else if streams[i].rma.as_ref().is_some_and(LentLink::enabled) {
+            self.stage_rma(buffers, streams, i, first, count)?
         } else {
             self.stage_raw(buffers, i, streams[i].id, first, count)?
         };
@@ -158,6 +186,46 @@ impl Stager {
         self.round.zero_pages += u64::from(staged.zero_pages);
         self.round.content_pages += u64::from(staged.raw_pages);
         self.round.bytes += staged.bytes as u64;
+        self.staged_bytes += staged.bytes as u64;
+        self.stage_nanos += started.elapsed().as_nanos() as u64;
+        Ok(true)
+    }
+
+    /// Stage a run on stream `i` through its RMA connection: the pages' bytes are
+    /// written into the destination's memory, their frames (CRCs) go in the buffer.
+    fn stage_rma(
+        &mut self,
+        buffers: &mut impl SendBuffers,
+        streams: &mut [StreamStage],
+        i: usize,
+        first: u64,
+        count: u32,
+    ) -> Result<bool, TxError> {
+        let id = streams[i].id;
+        let Some(link) = streams[i].rma.as_mut() else {
+            return self.stage_raw(buffers, i, id, first, count);
+        };
+        let Some(out) = buffers.room(i, rma_stage_space(count))? else {
+            return Ok(false);
+        };
+        let started = Instant::now();
+        let staged = stage_rma_run(
+            &self.memory,
+            link,
+            first,
+            count,
+            out,
+            Some(self.table.recorder(id)),
+            &mut self.scratch,
+        )
+        .map_err(|e| TxError::from_fabric(id, &e))?;
+        buffers.filled(i, staged.bytes);
+        self.round.zero_pages += u64::from(staged.zero_pages);
+        self.round.content_pages += u64::from(staged.rma_pages);
+        // What crossed the network for the round: the frames, and the pages' bytes
+        // beside them.
+        self.round.bytes +=
+            staged.bytes as u64 + u64::from(staged.rma_pages) * crate::memory::PAGE_SIZE as u64;
         self.staged_bytes += staged.bytes as u64;
         self.stage_nanos += started.elapsed().as_nanos() as u64;
         Ok(true)

@@ -255,6 +255,12 @@ struct Session<'a> {
     /// Where the first round starts when the session resumed after a restart: its
     /// number and pages (else round 0, every page).
     start: Option<(u64, DirtyBitmap)>,
+    /// The RMA connections, in a session that writes pages by RMA.
+    rma: Option<Arc<transport::rma::RmaPool>>,
+    /// Pages the destination asked for again (their RMA write arrived wrong), for the
+    /// next round; and how many it asked for over the session.
+    resend: Option<DirtyBitmap>,
+    pages_resent: u64,
 }
 
 /// Migrate `memory` to the destination at `peer` while `guest` runs, tracking writes
@@ -503,7 +509,27 @@ impl<'a> Session<'a> {
             Some((round, report, pages)) => (Some((round, pages)), vec![report]),
             None => (None, Vec::new()),
         };
-        let mut notes = opened.notes;
+        let mut opened = opened;
+        let mut notes = std::mem::take(&mut opened.notes);
+        let rma = if opened.accepted & caps::RMA != 0 {
+            super::rma::connect(
+                &mut opened.control,
+                peer,
+                &memory,
+                config.streams,
+                config.connect_timeout,
+                &mut notes,
+            )?
+        } else {
+            if config.transport.choice == transport::TransportChoice::Rma {
+                notes.push(
+                    "RMA was asked for but not granted (the destination's log says why): \
+                     pages go as frames"
+                        .into(),
+                );
+            }
+            None
+        };
         let codec = codec_setup(
             config,
             policy.is_some(),
@@ -516,6 +542,7 @@ impl<'a> Session<'a> {
             table: table.clone(),
             codec: codec.clone(),
             records: opened.keys.clone(),
+            rma: rma.clone(),
         };
         let codec_for_resume = codec.clone();
         let security = opened.control.security();
@@ -615,6 +642,9 @@ impl<'a> Session<'a> {
             codec: codec_for_resume,
             resumes,
             start,
+            rma,
+            resend: None,
+            pages_resent: 0,
         })
     }
 
@@ -659,6 +689,7 @@ impl<'a> Session<'a> {
                 reason,
             } => self.stream_fenced(stream, rounds_ended, reason)?,
             ControlMessage::StreamBytes { received } => self.stream_bytes(received)?,
+            ControlMessage::ResendPages { pages } => self.resend_pages(&pages)?,
             other => {
                 return Err(
                     wire::WireError::Unexpected(format!("{other:?} from the destination")).into(),
@@ -666,6 +697,72 @@ impl<'a> Session<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The destination found these pages' RMA writes wrong: they go with the next
+    /// round.
+    fn resend_pages(&mut self, pages: &[u64]) -> Result<(), MigrationError> {
+        let total = self.memory.pages();
+        if self.rma.is_none() {
+            return Err(wire::WireError::Unexpected(
+                "pages to send again in a session without RMA".into(),
+            )
+            .into());
+        }
+        let set = self.resend.get_or_insert_with(|| DirtyBitmap::new(total));
+        for &page in pages {
+            if page >= total {
+                return Err(wire::WireError::Unexpected(format!(
+                    "page {page} to send again, of {total}"
+                ))
+                .into());
+            }
+            set.set(page);
+        }
+        self.pages_resent += pages.len() as u64;
+        Ok(())
+    }
+
+    /// In a session that writes pages by RMA, wait until the destination acknowledged
+    /// round `round` before the next round writes any page: its pages' frames are all
+    /// checked then, so no write lands on a page whose check is still to come.
+    fn rma_barrier(&mut self, round: u64) -> Result<(), MigrationError> {
+        if !self.rma.as_ref().is_some_and(|pool| pool.enabled()) {
+            return Ok(());
+        }
+        self.last_activity = Instant::now();
+        while self.applied_round.is_none_or(|r| r < round) {
+            self.pump()?;
+            self.steer();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        Ok(())
+    }
+
+    /// What went by RMA, for the report.
+    fn rma_report(&self) -> Option<super::report::RmaReport> {
+        let pool = self.rma.as_ref()?;
+        Some(super::report::RmaReport {
+            provider: pool.provider.provider.clone(),
+            fabric: pool.provider.fabric.clone(),
+            domain: pool.provider.domain.clone(),
+            socket_based: pool.provider.is_socket_based(),
+            pages: pool
+                .counters
+                .pages
+                .load(std::sync::atomic::Ordering::Relaxed),
+            writes: pool
+                .counters
+                .writes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            delivery_wait_seconds: pool
+                .counters
+                .wait_nanos
+                .load(std::sync::atomic::Ordering::Relaxed)
+                as f64
+                / 1e9,
+            pages_resent: self.pages_resent,
+        })
     }
 
     /// The destination has every page of round `round`: how long after the round was
@@ -998,6 +1095,7 @@ impl<'a> Session<'a> {
         let (sent, unsent) = self.push_pages(pages, true, progress)?;
         self.totals.round_queued = sent;
         let round_totals = self.end_round(round)?;
+        self.rma_barrier(round)?;
         // A round trip measured as the next round starts, when little is in flight,
         // is what the switchover's confirmation will see; its answer arrives during
         // that round, in time for the decision after it.
@@ -1082,6 +1180,9 @@ impl<'a> Session<'a> {
             }
             if let Some(carried) = self.losses.carry.take() {
                 next.union_with(&carried);
+            }
+            if let Some(resend) = self.resend.take() {
+                next.union_with(&resend);
             }
             let dirtied = next.count();
             let plan = self.planner.round_done(RoundMeasurement {
@@ -1204,6 +1305,7 @@ impl<'a> Session<'a> {
                     .collect(),
                 security: self.security.clone(),
                 streams_lost: std::mem::take(&mut self.losses.report),
+                rma: self.rma_report(),
             },
             device_state_bytes: outcome.device_state_bytes,
             max_throttle: self.totals.max_throttle,

@@ -184,6 +184,9 @@ impl Session<'_> {
             table: self.table.clone(),
             codec: self.codec.clone(),
             records: opened.keys.clone(),
+            // A resumed session sends pages as frames: its RMA connections died with
+            // the rest, and are not set up again.
+            rma: None,
         };
         self.fleet = TxFleet::spawn(
             kind,

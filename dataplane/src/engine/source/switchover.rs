@@ -299,6 +299,9 @@ impl Session<'_> {
         if let Some(carried) = self.losses.carry.take() {
             final_set.union_with(&carried);
         }
+        if let Some(resend) = self.resend.take() {
+            final_set.union_with(&resend);
+        }
         Ok(())
     }
 
@@ -421,6 +424,16 @@ impl Session<'_> {
                     theirs.extend_from_slice(&crcs);
                 }
                 ControlMessage::RoundApplied { round, .. } => self.round_applied(round),
+                // Final-round pages whose RMA write arrived wrong: too late to send
+                // again; the digests differ and the verdict names them.
+                ControlMessage::ResendPages { pages } => {
+                    self.pages_resent += pages.len() as u64;
+                    self.live_notes.push(format!(
+                        "{} final-round pages arrived wrong by RMA: {:?}",
+                        pages.len(),
+                        &pages[..pages.len().min(8)]
+                    ));
+                }
                 // A reply to a ping sent before the switchover; delivered bytes
                 // reported before the destination heard of it.
                 ControlMessage::Pong { .. } | ControlMessage::StreamBytes { .. } => {}

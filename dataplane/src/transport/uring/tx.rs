@@ -185,7 +185,7 @@ impl TxWorkerState {
         control: Consumer<TxControl>,
     ) -> std::io::Result<Self> {
         let records = setup.records.clone();
-        let stager = Stager::new(setup.memory, setup.table, setup.codec);
+        let stager = Stager::new(setup.memory, setup.table, setup.codec).with_rma(setup.rma);
         // With codecs, a buffer must take a whole flushed batch; a sealed record needs
         // room for its header and tag besides.
         let record_room = if records.is_some() {
@@ -846,6 +846,7 @@ impl TxWorkerState {
             self.pool.release(token);
         }
         let pages = self.stages[i].pages;
+        self.stages[i].close_rma();
         self.stages[i] = self.stager.stream(stream);
         self.stages[i].pages = pages;
         if marker_unplaced && self.streams.iter().all(|st| !st.needs_round_marker) {

@@ -1,0 +1,222 @@
+//! Migrations whose pages go by RMA write (libfabric's `tcp` provider on loopback: real
+//! RMA semantics over sockets), each checked byte for byte, and the ways RMA can go
+//! wrong: a window smaller than memory, writes outside the window, writes that land
+//! wrong.
+//!
+//! Tests that need a test switch (read once per process) run themselves again in a
+//! child process with the switch set.
+
+use dwcp_dataplane::codec::CodecSettings;
+use dwcp_dataplane::codec::policy::{CodecConfig, CodecMode};
+use dwcp_dataplane::dirty::DirtyLogKind;
+use dwcp_dataplane::engine::{DestConfig, MigrationError, SourceConfig};
+use dwcp_dataplane::guest::{AccessPattern, ContentMix, GuestWorkload};
+use dwcp_dataplane::transport::{TransportChoice, TransportConfig};
+use dwcp_tests::{Outcome, migrate_live, skip};
+use std::time::{Duration, Instant};
+
+const MIB_64: usize = 64 << 20;
+/// Set in the child process a test runs itself in.
+const CHILD: &str = "DWCP_TEST_RMA_CHILD";
+
+/// Whether this machine has libfabric's tcp provider (else the reason is printed).
+fn rma_here() -> bool {
+    match dwcp_dataplane::transport::fabric::providers() {
+        Ok(list) if list.iter().any(|p| p.provider == "tcp") => true,
+        Ok(list) => {
+            skip(&format!(
+                "no libfabric tcp provider with RMA here ({list:?})"
+            ));
+            false
+        }
+        Err(e) => {
+            skip(&format!("no RMA: {e}"));
+            false
+        }
+    }
+}
+
+fn busy_guest() -> GuestWorkload {
+    GuestWorkload {
+        dirty_rate: 100e6,
+        working_set: 0.25,
+        pattern: AccessPattern::HotCold {
+            hot_fraction: 0.2,
+            hot_share: 0.9,
+        },
+        writes: ContentMix::WRITES,
+        vcpus: 1,
+        seed: 11,
+    }
+}
+
+fn configs(streams: u16, codec: CodecMode) -> (SourceConfig, DestConfig) {
+    let transport = TransportConfig {
+        choice: TransportChoice::Rma,
+        ..TransportConfig::default()
+    };
+    (
+        SourceConfig {
+            streams,
+            transport: transport.clone(),
+            codec: CodecConfig {
+                mode: codec,
+                ..CodecConfig::default()
+            },
+            downtime_limit: Duration::from_millis(300),
+            ..SourceConfig::default()
+        },
+        DestConfig {
+            transport,
+            ..DestConfig::default()
+        },
+    )
+}
+
+/// Run test `name` again in a child process with `env` set; whether it passed.
+fn in_child(name: &str, env: &[(&str, &str)]) -> bool {
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .envs(env.iter().copied())
+        .status()
+        .unwrap();
+    status.success()
+}
+
+fn is_child() -> bool {
+    std::env::var_os(CHILD).is_some()
+}
+
+/// A migration that must succeed: memory equal byte for byte, RMA used.
+fn check_migrated(out: Outcome) -> (dwcp_dataplane::engine::MigrationReport, u64) {
+    let report = out.source.expect("source side");
+    let received = out.dest.expect("destination side");
+    assert_eq!(received.digest, report.digest);
+    assert_eq!(
+        out.memory.first_difference(&received.memory),
+        None,
+        "source and destination differ"
+    );
+    out.guest.stop();
+    let rma = report
+        .transport
+        .rma
+        .clone()
+        .expect("the session wrote by RMA");
+    assert_eq!(rma.provider, "tcp");
+    assert!(
+        rma.socket_based,
+        "the report says there is no RDMA hardware"
+    );
+    assert_eq!(received.rma_provider.as_deref(), Some("tcp"));
+    assert_eq!(received.rma_pages_resent, rma.pages_resent);
+    (report, received.rma_pages_resent)
+}
+
+#[test]
+fn pages_written_by_rma_while_the_guest_writes_arrive_intact() {
+    if !rma_here() {
+        return;
+    }
+    let started = Instant::now();
+    let (source, dest) = configs(2, CodecMode::Off);
+    let out = migrate_live(MIB_64, &busy_guest(), DirtyLogKind::Uffd, &source, &dest);
+    let (report, _) = check_migrated(out);
+    let rma = report.transport.rma.as_ref().unwrap();
+    assert!(
+        rma.pages > 0 && rma.writes > 0,
+        "pages went by RMA: {rma:?}"
+    );
+    assert!(
+        report.rounds.len() >= 2,
+        "pre-copy rounds and the final one"
+    );
+    eprintln!("{report}");
+    eprintln!("took {:?}", started.elapsed());
+}
+
+#[test]
+fn codec_frames_and_rma_share_a_session() {
+    if !rma_here() {
+        return;
+    }
+    let (source, dest) = configs(2, CodecMode::Fixed(CodecSettings::full(1)));
+    let out = migrate_live(MIB_64, &busy_guest(), DirtyLogKind::Uffd, &source, &dest);
+    let (report, _) = check_migrated(out);
+    assert!(report.codec.is_some(), "codecs ran");
+    eprintln!("{report}");
+}
+
+#[test]
+fn pages_that_land_wrong_are_sent_again_and_counted() {
+    const NAME: &str = "pages_that_land_wrong_are_sent_again_and_counted";
+    if !rma_here() {
+        return;
+    }
+    if !is_child() {
+        assert!(in_child(NAME, &[("DWCP_TEST_RMA_CORRUPT_WRITES", "5")]));
+        return;
+    }
+    let (source, dest) = configs(2, CodecMode::Off);
+    let out = migrate_live(MIB_64, &busy_guest(), DirtyLogKind::Uffd, &source, &dest);
+    let (report, resent) = check_migrated(out);
+    // Five writes landed their first page with the neighbour's bytes; a page whose
+    // neighbour holds the same bytes cannot be told apart, so at least one.
+    assert!(resent >= 1, "pages sent again: {resent}");
+    eprintln!("{report}");
+}
+
+#[test]
+fn a_window_smaller_than_memory_is_refused_before_any_write() {
+    const NAME: &str = "a_window_smaller_than_memory_is_refused_before_any_write";
+    if !rma_here() {
+        return;
+    }
+    if !is_child() {
+        assert!(in_child(
+            NAME,
+            &[("DWCP_TEST_RMA_WINDOW_BYTES", &(32u64 << 20).to_string())]
+        ));
+        return;
+    }
+    let (source, dest) = configs(2, CodecMode::Off);
+    let out = migrate_live(MIB_64, &busy_guest(), DirtyLogKind::Uffd, &source, &dest);
+    // The guest ran on untouched: the source's memory is its own throughout.
+    assert!(!out.guest.is_paused(), "the source guest still runs");
+    out.guest.stop();
+    match out.source {
+        Err(MigrationError::Refused(why)) => {
+            assert!(why.contains("smaller than the guest's memory"), "{why}");
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    assert!(out.dest.is_err(), "the destination ends the session too");
+}
+
+#[test]
+fn writes_outside_the_window_fail_the_migration_cleanly() {
+    const NAME: &str = "writes_outside_the_window_fail_the_migration_cleanly";
+    if !rma_here() {
+        return;
+    }
+    if !is_child() {
+        assert!(in_child(
+            NAME,
+            &[("DWCP_TEST_RMA_REMOTE_SHIFT", &(16u64 << 20).to_string())]
+        ));
+        return;
+    }
+    let (source, dest) = configs(2, CodecMode::Off);
+    let out = migrate_live(MIB_64, &busy_guest(), DirtyLogKind::Uffd, &source, &dest);
+    assert!(!out.guest.is_paused(), "the source guest still runs");
+    out.guest.stop();
+    match out.source {
+        Err(e) => {
+            let text = e.to_string();
+            assert!(text.contains("RMA write failed"), "{text}");
+        }
+        Ok(_) => panic!("writes outside the destination's window succeeded"),
+    }
+    assert!(out.dest.is_err(), "the destination ends the session too");
+}
