@@ -106,7 +106,7 @@ pub(crate) fn page_stream(
     // Source and destination share this machine: each side gets half the CPUs.
     let half = (cpus.len() / 2).max(1);
     let workers_n = match probe.kind {
-        TransportKind::IoUring => half.min(usize::from(streams)),
+        TransportKind::IoUring | TransportKind::Rma => half.min(usize::from(streams)),
         TransportKind::Plain => usize::from(streams),
     };
     let tx_cpu = |w: usize| (!cpus.is_empty()).then(|| cpus[w % half]);
@@ -142,7 +142,7 @@ pub(crate) fn page_stream(
     };
     for (w, (tg, rg)) in tx_groups.into_iter().zip(rx_groups).enumerate() {
         match probe.kind {
-            TransportKind::IoUring => {
+            TransportKind::IoUring | TransportKind::Rma => {
                 let worker =
                     uring::spawn_rx(w, rg, rx_setup.clone(), config, rx_cpu(w)).expect("rx");
                 rx.push(worker.events);
@@ -168,7 +168,7 @@ pub(crate) fn page_stream(
     }
     let worker_of = |stream: u16| -> usize {
         match probe.kind {
-            TransportKind::IoUring => usize::from(stream) % workers_n,
+            TransportKind::IoUring | TransportKind::Rma => usize::from(stream) % workers_n,
             TransportKind::Plain => usize::from(stream),
         }
     };

@@ -165,7 +165,7 @@ pub fn probe_capabilities(config: &Config) -> Capabilities {
             }
         }
     }
-    let (rma_providers, rma_note) = probe_rma();
+    let (rma_providers, rma_note, rma_hardware) = probe_rma();
     Capabilities {
         io_uring_ops: probe.uring_ops.iter().map(|s| s.to_string()).collect(),
         io_uring_note: (probe.kind != TransportKind::IoUring).then(|| probe.notes.join("; ")),
@@ -174,12 +174,14 @@ pub fn probe_capabilities(config: &Config) -> Capabilities {
         rdma_devices,
         rma_providers,
         rma_note,
+        rma_hardware,
         cpu_features,
     }
 }
 
-/// The libfabric providers offering RMA here, each as `status` shows it, and a note.
-fn probe_rma() -> (Vec<String>, Option<String>) {
+/// The libfabric providers offering RMA here, each as `status` shows it, a note, and
+/// those on RDMA hardware (`provider on domain`).
+fn probe_rma() -> (Vec<String>, Option<String>, Vec<String>) {
     use dwcp_dataplane::transport::fabric;
     match fabric::providers() {
         Ok(list) => {
@@ -207,9 +209,14 @@ fn probe_rma() -> (Vec<String>, Option<String>) {
             } else {
                 format!("libfabric {version}")
             };
-            (shown, Some(note))
+            let hardware = list
+                .iter()
+                .filter(|p| !p.is_socket_based())
+                .map(|p| format!("{} on {}", p.provider, p.domain))
+                .collect();
+            (shown, Some(note), hardware)
         }
-        Err(e) => (Vec::new(), Some(e.to_string())),
+        Err(e) => (Vec::new(), Some(e.to_string()), Vec::new()),
     }
 }
 
@@ -237,12 +244,15 @@ impl ControlState {
                     .map_or("auto".into(), |m| m.name().into()),
                 why: self.detector.why(),
                 policy: mode.map_or("configured settings (no mode yet)".into(), |m| {
-                    policy_for(m, &self.capabilities.rdma_devices).to_string()
+                    policy_for(m, &self.capabilities.rma_hardware).to_string()
                 }),
             },
             transport: TransportInfo {
                 kind: if self.flags.flags.safe_mode {
                     "plain (safe mode)".into()
+                } else if c.transport.kind == "rma" {
+                    "rma (page contents by RMA write where the destination grants it; not encrypted)"
+                        .into()
                 } else if self.capabilities.io_uring_ops.is_empty() || c.transport.kind == "plain" {
                     "plain".into()
                 } else {
@@ -396,7 +406,7 @@ impl ControlState {
             base,
             opened,
             mode: self.detector.mode(),
-            rdma_devices: &self.capabilities.rdma_devices,
+            rma_hardware: &self.capabilities.rma_hardware,
             all: &self.defaults,
             own,
             components,
@@ -687,6 +697,20 @@ impl ControlState {
         let resuming = resume.is_some();
         source.resume = resume;
         let (settings, _) = self.layers(&base, source.streams, None, &components);
+        // RMA connections open with the session: it asks for them when the settings
+        // in force say RMA (configured, or datacenter mode on RDMA hardware), never in
+        // safe mode or with the rdma flag off.
+        match settings.transport {
+            Some(TransportKind::Rma) => source.transport.choice = TransportChoice::Rma,
+            _ if source.transport.choice == TransportChoice::Rma => {
+                source.transport.choice = if components.io_uring {
+                    TransportChoice::Auto
+                } else {
+                    TransportChoice::Plain
+                };
+            }
+            _ => {}
+        }
         let live = LiveControl::new(id, settings, Some(self.reports_tx.clone()));
         let done = self.done_tx.clone();
         let thread_live = live.clone();

@@ -377,7 +377,7 @@ fn median(sorted: &[f64]) -> f64 {
 ///
 /// | mode | transport | streams | congestion | codecs |
 /// |---|---|---|---|---|
-/// | datacenter | RDMA when a device exists and the dataplane has verbs, else TCP | 4 | cubic | off (the link outruns zstd) |
+/// | datacenter | RMA (pages written into the destination's memory) when a libfabric provider on RDMA hardware is here, else TCP | 4 | cubic | off (the link outruns zstd) |
 /// | hybrid | TCP | 8 | bbr | the codec policy decides |
 /// | internet | TCP | 16 | bbr | dedup + delta + zstd, level chosen by the codec policy (`auto`) |
 ///
@@ -385,7 +385,7 @@ fn median(sorted: &[f64]) -> f64 {
 /// open more connections).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModePolicy {
-    /// `rdma` or `tcp`.
+    /// `rma` or `tcp`.
     pub transport: &'static str,
     /// Streams carrying pages.
     pub streams: u16,
@@ -397,20 +397,22 @@ pub struct ModePolicy {
     pub note: Option<String>,
 }
 
-/// The policy of `mode` on a host with `rdma_devices`.
-pub fn policy_for(mode: Mode, rdma_devices: &[String]) -> ModePolicy {
+/// The policy of `mode` on a host whose RMA providers on RDMA hardware are
+/// `rma_hardware` (socket-based ones, such as `tcp`, do not count: RMA over sockets is
+/// no faster than the data streams).
+pub fn policy_for(mode: Mode, rma_hardware: &[String]) -> ModePolicy {
     use dwcp_dataplane::codec::policy::CodecMode;
     use dwcp_dataplane::transport::socket::Congestion;
     match mode {
         Mode::Datacenter => {
-            // No verbs transport in the dataplane yet: a device is reported, TCP used.
-            let note = (!rdma_devices.is_empty()).then(|| {
-                format!(
-                    "RDMA devices {rdma_devices:?} found, but this build has no verbs transport: TCP"
-                )
-            });
+            let note = (!rma_hardware.is_empty())
+                .then(|| format!("pages by RMA write through {}", rma_hardware.join(", ")));
             ModePolicy {
-                transport: "tcp",
+                transport: if rma_hardware.is_empty() {
+                    "tcp"
+                } else {
+                    "rma"
+                },
                 streams: 4,
                 congestion: Congestion::Cubic,
                 codec: CodecMode::Off,

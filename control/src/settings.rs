@@ -102,6 +102,9 @@ pub fn restrict(s: &mut LiveSettings, c: &Components) {
     if !c.io_uring {
         s.transport = Some(TransportKind::Plain);
     }
+    if !c.rdma && s.transport == Some(TransportKind::Rma) {
+        s.transport = Some(TransportKind::IoUring);
+    }
     let codecs_allowed = c.delta || c.dedup || c.compression;
     match &mut s.codec {
         CodecMode::Fixed(settings) => {
@@ -133,8 +136,8 @@ pub struct Layers<'a> {
     pub opened: u16,
     /// The mode in force, if any, and the host's RDMA devices.
     pub mode: Option<Mode>,
-    /// RDMA devices found (the policy of datacenter mode names them).
-    pub rdma_devices: &'a [String],
+    /// RMA providers on RDMA hardware here (datacenter mode writes pages through them).
+    pub rma_hardware: &'a [String],
     /// Overrides for every migration.
     pub all: &'a Overrides,
     /// Overrides for this migration only.
@@ -148,8 +151,12 @@ pub fn layered(l: &Layers<'_>) -> (LiveSettings, Vec<SettingInfo>) {
     let mut s = l.base.clone();
     let mut from = Sources::all("config");
     if let Some(mode) = l.mode {
-        let policy = policy_for(mode, l.rdma_devices);
+        let policy = policy_for(mode, l.rma_hardware);
         let label = format!("mode {mode}");
+        if policy.transport == "rma" {
+            s.transport = Some(TransportKind::Rma);
+            from.transport = label.clone();
+        }
         s.active_streams = Some(policy.streams.min(l.opened));
         s.congestion = policy.congestion;
         s.codec = policy.codec;
@@ -327,7 +334,7 @@ mod tests {
             base: &base,
             opened: 8,
             mode,
-            rdma_devices: &[],
+            rma_hardware: &[],
             all: &all,
             own: Some(&own),
             components: &components,
@@ -366,13 +373,52 @@ mod tests {
             base: &base,
             opened: 4,
             mode: None,
-            rdma_devices: &[],
+            rma_hardware: &[],
             all: &all,
             own: None,
             components: &components,
         });
         assert_eq!(s.codec, CodecMode::Off);
         assert_eq!(value(&shown, "codec"), ("off", "safe mode"));
+        assert_eq!(value(&shown, "transport"), ("plain", "safe mode"));
+    }
+
+    #[test]
+    fn datacenter_mode_writes_by_rma_on_rdma_hardware_unless_a_flag_says_no() {
+        let base = base();
+        let all = Overrides::default();
+        let layers = |components: &Components, hardware: &'static [String]| {
+            layered(&Layers {
+                base: &base,
+                opened: 4,
+                mode: Some(Mode::Datacenter),
+                rma_hardware: hardware,
+                all: &all,
+                own: None,
+                components,
+            })
+        };
+        static SOCKETS_ONLY: [String; 0] = [];
+        let hardware: &'static [String] = Box::leak(Box::new(["verbs on mlx5_0".to_string()]));
+        let components = Flags::default().components_for(1);
+        let (s, shown) = layers(&components, hardware);
+        assert_eq!(s.transport, Some(TransportKind::Rma));
+        assert_eq!(value(&shown, "transport"), ("rma", "mode datacenter"));
+        // Sockets only (tcp): RMA over sockets is no faster than the streams.
+        let (s, _) = layers(&components, &SOCKETS_ONLY);
+        assert_eq!(s.transport, None);
+        let mut no_rdma = Flags::default();
+        no_rdma.components.insert("rdma".into(), false);
+        let no_rdma = no_rdma.components_for(1);
+        let (s, _) = layers(&no_rdma, hardware);
+        assert_eq!(s.transport, Some(TransportKind::IoUring));
+        let safe = Flags {
+            safe_mode: true,
+            ..Flags::default()
+        }
+        .components_for(1);
+        let (s, shown) = layers(&safe, hardware);
+        assert_eq!(s.transport, Some(TransportKind::Plain));
         assert_eq!(value(&shown, "transport"), ("plain", "safe mode"));
     }
 

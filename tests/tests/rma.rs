@@ -9,10 +9,12 @@
 use dwcp_dataplane::codec::CodecSettings;
 use dwcp_dataplane::codec::policy::{CodecConfig, CodecMode};
 use dwcp_dataplane::dirty::DirtyLogKind;
-use dwcp_dataplane::engine::{DestConfig, MigrationError, SourceConfig};
+use dwcp_dataplane::engine::{
+    DestConfig, LiveControl, LiveReport, LiveSettings, MigrationError, SourceConfig,
+};
 use dwcp_dataplane::guest::{AccessPattern, ContentMix, GuestWorkload};
-use dwcp_dataplane::transport::{TransportChoice, TransportConfig};
-use dwcp_tests::{Outcome, migrate_live, skip};
+use dwcp_dataplane::transport::{TransportChoice, TransportConfig, TransportKind};
+use dwcp_tests::{Outcome, migrate_driven, migrate_live, skip};
 use std::time::{Duration, Instant};
 
 const MIB_64: usize = 64 << 20;
@@ -219,4 +221,96 @@ fn writes_outside_the_window_fail_the_migration_cleanly() {
         Ok(_) => panic!("writes outside the destination's window succeeded"),
     }
     assert!(out.dest.is_err(), "the destination ends the session too");
+}
+
+/// Wait for a live report satisfying `done` (at most 20 s); returns it.
+fn wait_for(
+    reports: &crossbeam::channel::Receiver<LiveReport>,
+    what: &str,
+    done: impl Fn(&LiveReport) -> bool,
+) -> LiveReport {
+    let patience = Duration::from_secs(20);
+    let start = Instant::now();
+    let mut last = None;
+    loop {
+        match reports.recv_timeout(patience.saturating_sub(start.elapsed())) {
+            Ok(r) if done(&r) => {
+                eprintln!("{what}: after {:?}", start.elapsed());
+                return r;
+            }
+            Ok(r) => last = Some(r),
+            Err(_) => panic!(
+                "{what}: not within {patience:?}; last report: {:?}",
+                last.map(|r| (r.progress.transport, r.progress.round, r.progress.streams))
+            ),
+        }
+    }
+}
+
+fn publish(live: &LiveControl, change: impl FnOnce(&mut LiveSettings), why: &str) {
+    let mut s = live.latest().settings.clone();
+    change(&mut s);
+    live.publish(s, why);
+}
+
+#[test]
+fn a_live_switch_between_rma_and_io_uring_loses_nothing() {
+    if !rma_here() {
+        return;
+    }
+    let (mut source, dest) = configs(2, CodecMode::Off);
+    if dwcp_dataplane::transport::probe(&source.transport).kind != TransportKind::IoUring {
+        skip("io_uring unavailable: the switch would be to plain sockets, tested elsewhere");
+        return;
+    }
+    // Rounds go on until the test lets them converge.
+    source.downtime_limit = Duration::from_micros(1);
+    source.max_rounds = 10_000;
+    source.auto_converge = false;
+    let start = LiveSettings::from_config(&source);
+    assert_eq!(start.transport, Some(TransportKind::Rma));
+    let out = migrate_driven(
+        MIB_64,
+        &busy_guest(),
+        &source,
+        &dest,
+        start,
+        |live, reports| {
+            let pages = |r: &LiveReport| r.progress.streams.iter().map(|s| s.pages).sum::<u64>();
+            let on_rma = wait_for(reports, "pages go by RMA", |r| {
+                r.progress.transport == TransportKind::Rma && pages(r) > 0
+            });
+            publish(
+                live,
+                |s| s.transport = Some(TransportKind::IoUring),
+                "test: frames on io_uring",
+            );
+            let on_uring = wait_for(reports, "rma -> io_uring", |r| {
+                r.progress.transport == TransportKind::IoUring && pages(r) > pages(&on_rma)
+            });
+            wait_for(reports, "pages move as frames", |r| {
+                pages(r) > pages(&on_uring) + 4096
+            });
+            publish(live, |s| s.transport = None, "test: back to RMA, as opened");
+            let back = wait_for(reports, "io_uring -> rma", |r| {
+                r.progress.transport == TransportKind::Rma
+            });
+            wait_for(reports, "pages go by RMA again", |r| {
+                pages(r) > pages(&back) + 4096
+            });
+            publish(
+                live,
+                |s| s.downtime_limit = Duration::from_millis(300),
+                "test: converge",
+            );
+        },
+    );
+    let (report, _) = check_migrated(out);
+    for change in ["rma → io_uring", "io_uring → rma"] {
+        assert!(
+            report.transport.notes.iter().any(|n| n.contains(change)),
+            "no note of {change}: {:?}",
+            report.transport.notes
+        );
+    }
 }

@@ -301,6 +301,10 @@ pub struct Capabilities {
     /// but no RDMA hardware).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rma_note: Option<String>,
+    /// The RMA providers on RDMA hardware (not socket-based): datacenter mode writes
+    /// pages through them.
+    #[serde(default)]
+    pub rma_hardware: Vec<String>,
     /// SIMD level in use and the CPU features behind it.
     pub cpu_features: Vec<String>,
 }

@@ -852,11 +852,9 @@ impl Coordinator<'_, '_> {
                 }
             }
             RxEvent::DeviceState { offset, bytes, .. } => self.device_piece(offset, bytes)?,
-            RxEvent::Resend { stream, pages } => {
-                eprintln!(
-                    "dwcp: data stream {stream}: {} pages arrived wrong by RMA; asking for them again",
-                    pages.len()
-                );
+            // Pages a vCPU wrote while their RMA write was in flight land torn like
+            // this too (the dirty log has them as well): counted, not logged.
+            RxEvent::Resend { pages, .. } => {
                 self.rma_pages_resent += pages.len() as u64;
                 self.control.send(&ControlMessage::ResendPages { pages })?;
             }

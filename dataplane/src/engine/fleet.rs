@@ -61,7 +61,7 @@ pub(super) struct Assignment {
 /// workers one stream each.
 pub(super) fn assign(kind: TransportKind, streams: u16, wanted: usize, cpus: usize) -> Assignment {
     let count = match kind {
-        TransportKind::IoUring => match wanted {
+        TransportKind::IoUring | TransportKind::Rma => match wanted {
             0 => cpus.max(1),
             n => n,
         }
@@ -121,7 +121,7 @@ fn spawn_tx_worker(
     cpu: Option<usize>,
 ) -> Result<TxWorker, MigrationError> {
     match kind {
-        TransportKind::IoUring => {
+        TransportKind::IoUring | TransportKind::Rma => {
             uring::spawn_tx(w, group, setup.clone(), transport, zero_copy, cpu)
                 .map_err(io("starting an io_uring worker"))
         }
@@ -140,8 +140,10 @@ fn spawn_rx_worker(
     cpu: Option<usize>,
 ) -> Result<RxWorker, MigrationError> {
     match kind {
-        TransportKind::IoUring => uring::spawn_rx(w, group, setup.clone(), transport, cpu)
-            .map_err(io("starting an io_uring receiver")),
+        TransportKind::IoUring | TransportKind::Rma => {
+            uring::spawn_rx(w, group, setup.clone(), transport, cpu)
+                .map_err(io("starting an io_uring receiver"))
+        }
         TransportKind::Plain => plain::spawn_rx(single(group)?, setup.clone(), transport, cpu)
             .map_err(io("starting a receiver")),
     }

@@ -59,7 +59,10 @@ impl LiveSettings {
     pub fn from_config(config: &SourceConfig) -> Self {
         LiveSettings {
             active_streams: None,
-            transport: None,
+            // An RMA session opens with RMA (where the destination grants it); the rest
+            // open with what the probe finds.
+            transport: (config.transport.choice == crate::transport::TransportChoice::Rma)
+                .then_some(TransportKind::Rma),
             congestion: config.transport.socket.congestion,
             pacing_rate: config
                 .transport

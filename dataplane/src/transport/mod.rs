@@ -50,6 +50,11 @@ pub enum TransportKind {
     IoUring,
     /// Blocking sockets.
     Plain,
+    /// Page contents by RMA write into the destination's memory, beside the data
+    /// streams of io_uring (or plain) workers: a session's setting, not a kind of
+    /// worker (workers are told apart by [`TransportKind::IoUring`] and
+    /// [`TransportKind::Plain`]; spawned as `Rma`, a worker is an io_uring one).
+    Rma,
 }
 
 impl TransportKind {
@@ -58,6 +63,7 @@ impl TransportKind {
         match self {
             TransportKind::IoUring => "io_uring",
             TransportKind::Plain => "plain",
+            TransportKind::Rma => "rma",
         }
     }
 }

@@ -147,6 +147,8 @@ pub struct RmaPool {
     pub provider: fabric::ProviderInfo,
     /// What went by RMA.
     pub counters: RmaCounters,
+    /// Connections not closed (lent or not).
+    open: std::sync::atomic::AtomicUsize,
 }
 
 impl RmaPool {
@@ -160,7 +162,9 @@ impl RmaPool {
             }
             slots[s] = Some(link);
         }
+        let open = slots.iter().filter(|l| l.is_some()).count();
         Arc::new(RmaPool {
+            open: std::sync::atomic::AtomicUsize::new(open),
             links: Mutex::new(slots),
             enabled: AtomicBool::new(true),
             provider,
@@ -189,14 +193,9 @@ impl RmaPool {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    /// Streams that have a link (lent or not), i.e. were not lost.
+    /// Streams whose connection is open (lent to a worker or not): those not lost.
     pub fn links(&self) -> usize {
-        self.links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|l| l.is_some())
-            .count()
+        self.open.load(Ordering::Relaxed)
     }
 
     fn give_back(&self, link: RmaLink) {
@@ -219,7 +218,9 @@ impl LentLink {
     /// Close the connection for good (its stream was lost: nothing of it may land any
     /// more, and its replacement carries pages as frames).
     pub fn close(mut self) {
-        self.link = None;
+        if self.link.take().is_some() {
+            self.pool.open.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Whether runs go by RMA now.

@@ -56,7 +56,7 @@ impl Session<'_> {
         p.workers = self.fleet.status();
         p.active_streams = self.active_streams;
         p.epoch = self.adopted_epoch;
-        p.transport = self.fleet.kind();
+        p.transport = self.transport_now();
         p.ping_rtt = self.pings.rtt;
         p.elapsed = p.elapsed.max(self.copy_start.elapsed());
     }
@@ -85,7 +85,13 @@ impl Session<'_> {
             let wanted = new.transport.unwrap_or(self.setup.opened_transport);
             if wanted == TransportKind::IoUring && !self.setup.uring_available {
                 self.live_note("transport io_uring: unavailable on this kernel; unchanged".into());
-            } else if wanted != self.fleet.kind() || self.pending_transport.is_some() {
+            } else if wanted == TransportKind::Rma && !self.rma_usable() {
+                self.live_note(
+                    "transport rma: this session has no RMA connections (they open with the \
+                     session, where the destination grants them); unchanged"
+                        .into(),
+                );
+            } else if wanted != self.transport_now() || self.pending_transport.is_some() {
                 self.pending_transport = Some(wanted);
             }
         }
@@ -211,12 +217,44 @@ impl Session<'_> {
     /// sequence per stream. Codec settings and the dictionary carry over through
     /// steering; codec caches start empty (the new workers then send whole pages where
     /// the old ones would have sent deltas, which is always correct).
+    ///
+    /// To and from [`TransportKind::Rma`] the workers stay (RMA is a way their runs go,
+    /// beside the same streams): off, runs go as frames from the next one on (every RMA
+    /// write of the round was delivered before its frame); on, once the destination
+    /// acknowledged round `round`, so that no write lands on a page whose frame it has
+    /// still to place.
     pub(super) fn switch_transport(
         &mut self,
         kind: TransportKind,
         round: u64,
     ) -> Result<(), MigrationError> {
-        let from = self.fleet.kind();
+        let from = self.transport_now();
+        if kind != TransportKind::Rma
+            && let Some(pool) = &self.rma
+        {
+            pool.set_enabled(false);
+        }
+        let workers = match kind {
+            TransportKind::Rma => self.fleet.kind(),
+            other => other,
+        };
+        if workers != self.fleet.kind() {
+            self.replace_workers(workers)?;
+        }
+        if kind == TransportKind::Rma {
+            self.await_applied(round)?;
+            if let Some(pool) = &self.rma {
+                pool.set_enabled(true);
+            }
+        }
+        self.transport_notes.push(format!(
+            "transport: {from} → {kind} after round {round} (live)"
+        ));
+        Ok(())
+    }
+
+    /// Retire every worker for ones of `kind` on the same open streams.
+    fn replace_workers(&mut self, kind: TransportKind) -> Result<(), MigrationError> {
         for w in 0..self.fleet.len() {
             self.push(w, TxCommand::Release)?;
         }
@@ -233,10 +271,6 @@ impl Session<'_> {
         // Everything queued for the old workers is void; the new ones get the whole
         // state, ahead of any run.
         self.deferred_control.clear();
-        self.settings_to_new_workers()?;
-        self.transport_notes.push(format!(
-            "transport: {from} → {kind} after round {round} (live)"
-        ));
-        Ok(())
+        self.settings_to_new_workers()
     }
 }

@@ -596,7 +596,11 @@ impl<'a> Session<'a> {
             deferred_control: Vec::new(),
             planner,
             setup: Setup {
-                opened_transport: probe.kind,
+                opened_transport: if rma.is_some() {
+                    TransportKind::Rma
+                } else {
+                    probe.kind
+                },
                 uring_available: !probe.uring_ops.is_empty(),
                 uring_zero_copy: probe.zero_copy,
                 stream_map_ok: opened.accepted & caps::STREAM_MAP != 0,
@@ -730,6 +734,11 @@ impl<'a> Session<'a> {
         if !self.rma.as_ref().is_some_and(|pool| pool.enabled()) {
             return Ok(());
         }
+        self.await_applied(round)
+    }
+
+    /// Wait until the destination acknowledged round `round`.
+    fn await_applied(&mut self, round: u64) -> Result<(), MigrationError> {
         self.last_activity = Instant::now();
         while self.applied_round.is_none_or(|r| r < round) {
             self.pump()?;
@@ -737,6 +746,20 @@ impl<'a> Session<'a> {
             std::thread::sleep(Duration::from_micros(100));
         }
         Ok(())
+    }
+
+    /// Whether pages can go by RMA in this session (its connections are up).
+    fn rma_usable(&self) -> bool {
+        self.rma.as_ref().is_some_and(|pool| pool.links() > 0)
+    }
+
+    /// The transport in force: RMA while runs go by RMA, else the workers' kind.
+    fn transport_now(&self) -> TransportKind {
+        if self.rma.as_ref().is_some_and(|pool| pool.enabled()) {
+            TransportKind::Rma
+        } else {
+            self.fleet.kind()
+        }
     }
 
     /// What went by RMA, for the report.
@@ -1050,7 +1073,7 @@ impl<'a> Session<'a> {
             connected_streams: self.config.streams,
             active_streams: self.active_streams,
             epoch: self.adopted_epoch,
-            transport: self.fleet.kind(),
+            transport: self.transport_now(),
             ping_rtt: self.pings.rtt,
             estimated_downtime: self.estimated_downtime,
         };

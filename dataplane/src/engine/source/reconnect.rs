@@ -68,6 +68,15 @@ impl Session<'_> {
             self.config.resume_grace.as_secs()
         );
         self.stop_connections();
+        // The RMA connections went with the rest: the resumed session sends frames.
+        if let Some(pool) = &self.rma
+            && pool.enabled()
+        {
+            pool.set_enabled(false);
+            self.transport_notes.push(
+                "rma: off after the session's connections were lost (resumed with frames)".into(),
+            );
+        }
         if let Some(live) = self.live {
             live.set_activity(format!(
                 "connections lost in round {round} ({cause}); reconnecting to resume"
