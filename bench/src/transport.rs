@@ -10,7 +10,9 @@
 //!
 //! `transport/rma-tcp-provider-vs-iperf3-1s` measures RMA writes through libfabric's
 //! `tcp` provider (registered memory into registered memory, one connection) against
-//! iperf3 on one stream: the ceiling an RMA transport would have on this machine.
+//! iperf3 on one stream: the ceiling the RMA transport has on this machine.
+//! `transport/rma-tcp-vs-uring` runs whole migrations with pages by RMA against the
+//! same migrations with pages as frames on io_uring streams.
 
 use crate::measure::{Plan, Samples};
 use crate::report::{Better, Comparison, Reporter};
@@ -424,6 +426,10 @@ pub fn run(plan: Plan, out: &mut Reporter) {
     if out.wants("transport/rma-tcp-provider-vs-iperf3-1s") {
         rma_against_iperf3(runs, BYTES, out);
     }
+    if out.wants("transport/rma-tcp-vs-uring") || out.wants("transport/rma-tcp-cpu-per-gb-vs-uring")
+    {
+        rma_migrations_against_uring(runs, out);
+    }
     // Zero-copy forced onto loopback, against copying sends: what zero-copy would cost
     // here (the engine turns it off for loopback peers).
     if out.wants("transport/zc-forced-vs-copy-4s") && probe.zero_copy {
@@ -492,8 +498,8 @@ fn alternate(
 /// RMA writes through libfabric's `tcp` provider on loopback (one connection, runs of
 /// 16 pages from registered memory straight into the peer's registered memory, each
 /// completed at delivery) against iperf3 with one stream moving the same bytes: what
-/// the provider's RMA path costs over a plain TCP stream. No migration runs over RMA
-/// yet; this is the ceiling such a transport would have here.
+/// the provider's RMA path costs over a plain TCP stream: the ceiling of the `rma`
+/// transport on this machine.
 fn rma_against_iperf3(plan: Plan, bytes: usize, out: &mut Reporter) {
     use dwcp_dataplane::transport::fabric;
     let listed = match fabric::providers() {
@@ -541,6 +547,126 @@ fn rma_against_iperf3(plan: Plan, bytes: usize, out: &mut Reporter) {
             Better::Lower,
             &ours_cpu,
             "iperf3 -P 1",
+            &their_cpu,
+        )
+        .with_note(note),
+    );
+}
+
+/// Migrations whose pages go by RMA (the `tcp` provider) against the same migrations
+/// with pages as frames on io_uring streams, alternating: 256 MiB of memory-like data,
+/// a guest writing 10 MB/s, 4 streams, codecs off. Goodput is guest memory over the
+/// time from round 0 to the verified switchover; CPU is this process's (source and
+/// destination both run in it) per GB of guest memory.
+///
+/// On RDMA hardware the comparison that matters is against `ib_write_bw` (perftest)
+/// on the same NIC; without a provider on RDMA hardware that line is skipped here.
+fn rma_migrations_against_uring(plan: Plan, out: &mut Reporter) {
+    use dwcp_dataplane::transport::{TransportChoice, fabric};
+    const MEMORY: usize = 256 << 20;
+    let listed = match fabric::providers() {
+        Ok(list) => list,
+        Err(e) => {
+            eprintln!("transport: rma migrations: SKIP: {e}");
+            return;
+        }
+    };
+    if !listed.iter().any(|p| p.provider == "tcp") {
+        eprintln!("transport: rma migrations: SKIP: no tcp provider with RMA ({listed:?})");
+        return;
+    }
+    if listed.iter().all(|p| p.is_socket_based()) {
+        eprintln!(
+            "transport: rma against ib_write_bw: SKIP: no RDMA hardware here (socket-based \
+             providers only: {})",
+            listed
+                .iter()
+                .map(|p| p.provider.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let workload = GuestWorkload {
+        dirty_rate: 10e6,
+        ..GuestWorkload::default()
+    };
+    let migrate = |choice: TransportChoice| -> Option<Transfer> {
+        let transport = TransportConfig {
+            choice,
+            ..TransportConfig::default()
+        };
+        let source = SourceConfig {
+            streams: 4,
+            transport: transport.clone(),
+            ..SourceConfig::default()
+        };
+        let dest = DestConfig {
+            transport,
+            ..DestConfig::default()
+        };
+        let cpu = cpu_seconds(libc::RUSAGE_SELF);
+        let outcome =
+            dwcp_tests::migrate_live(MEMORY, &workload, DirtyLogKind::Uffd, &source, &dest);
+        let cpu = cpu_seconds(libc::RUSAGE_SELF) - cpu;
+        outcome.guest.stop();
+        let (report, received) = match (outcome.source, outcome.dest) {
+            (Ok(r), Ok(d)) => (r, d),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("transport: rma migration ({choice:?}) failed: {e}");
+                return None;
+            }
+        };
+        if choice == TransportChoice::Rma && report.transport.rma.is_none() {
+            eprintln!(
+                "transport: the rma migration wrote nothing by RMA: {:?}",
+                report.transport.notes
+            );
+            return None;
+        }
+        if let Some(rma) = &report.transport.rma {
+            eprintln!(
+                "transport: rma: {} pages in {} writes, {:.3} s waiting for delivery, {} sent again",
+                rma.pages, rma.writes, rma.delivery_wait_seconds, rma.pages_resent
+            );
+        }
+        drop(received);
+        let gb = report.memory_bytes as f64 / 1e9;
+        Some(Transfer {
+            bits_per_second: report.memory_bytes as f64 * 8.0 / report.total_seconds,
+            cpu_per_gb: cpu / gb,
+        })
+    };
+    let Paired {
+        ours_bps,
+        ours_cpu,
+        their_bps,
+        their_cpu,
+    } = alternate(
+        plan.runs,
+        || migrate(TransportChoice::Rma),
+        || migrate(TransportChoice::IoUring),
+    );
+    let note = "256 MiB guest writing 10 MB/s, 4 streams, codecs off; pages by fi_write \
+                through libfabric's tcp provider (RMA over sockets, no RDMA hardware) \
+                against pages as frames on io_uring streams";
+    out.emit(
+        Comparison::new(
+            "transport/rma-tcp-vs-uring",
+            "Gbit/s",
+            Better::Higher,
+            &ours_bps,
+            "io_uring frames",
+            &their_bps,
+        )
+        .with_note(note),
+    );
+    out.emit(
+        Comparison::new(
+            "transport/rma-tcp-cpu-per-gb-vs-uring",
+            "CPU s/GB",
+            Better::Lower,
+            &ours_cpu,
+            "io_uring frames",
             &their_cpu,
         )
         .with_note(note),

@@ -1048,7 +1048,8 @@ pub enum ControlMessage {
         key: u64,
     },
     /// Source → destination ([`caps::RMA`]): the source will not write by RMA in this
-    /// session (it could not connect, or it refused a window); pages come as frames.
+    /// session (it could not connect); pages come as frames. The destination answers
+    /// with the same message once it stopped taking connections.
     RmaDeclined {
         /// Why, for the destination's log.
         reason: String,

@@ -223,6 +223,35 @@ fn writes_outside_the_window_fail_the_migration_cleanly() {
     assert!(out.dest.is_err(), "the destination ends the session too");
 }
 
+#[test]
+fn a_source_that_cannot_connect_declines_and_sends_frames() {
+    const NAME: &str = "a_source_that_cannot_connect_declines_and_sends_frames";
+    if !rma_here() {
+        return;
+    }
+    if !is_child() {
+        assert!(in_child(NAME, &[("DWCP_TEST_RMA_OFFER_PORT", "1")]));
+        return;
+    }
+    let (source, dest) = configs(2, CodecMode::Off);
+    let out = migrate_live(MIB_64, &busy_guest(), DirtyLogKind::Uffd, &source, &dest);
+    let report = out.source.expect("source side");
+    let received = out.dest.expect("destination side");
+    assert_eq!(out.memory.first_difference(&received.memory), None);
+    out.guest.stop();
+    assert!(report.transport.rma.is_none(), "nothing went by RMA");
+    assert!(received.rma_provider.is_none());
+    assert!(
+        report
+            .transport
+            .notes
+            .iter()
+            .any(|n| n.contains("could not connect") && n.contains("pages go as frames")),
+        "{:?}",
+        report.transport.notes
+    );
+}
+
 /// Wait for a live report satisfying `done` (at most 20 s); returns it.
 fn wait_for(
     reports: &crossbeam::channel::Receiver<LiveReport>,

@@ -231,18 +231,28 @@ impl FabricHandle {
         // The entry, then its private data (a flexible array member in C). u64 words
         // keep the entry's alignment.
         let mut buffer = [0u64; (std::mem::size_of::<sys::fi_eq_cm_entry>() + MAX_CM_DATA) / 8 + 1];
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `buffer` is writable for the length passed and aligned for an entry.
-        let ret = unsafe {
-            sys::fi_eq_sread(
-                self.eq,
-                &mut event,
-                buffer.as_mut_ptr().cast(),
-                std::mem::size_of_val(&buffer),
-                ms,
-                0,
-            )
-        } as i64;
+        let deadline = std::time::Instant::now() + timeout;
+        let ret = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: `buffer` is writable for the length passed and aligned for an
+            // entry.
+            let ret = unsafe {
+                sys::fi_eq_sread(
+                    self.eq,
+                    &mut event,
+                    buffer.as_mut_ptr().cast(),
+                    std::mem::size_of_val(&buffer),
+                    ms,
+                    0,
+                )
+            } as i64;
+            // A signal to the process (another thread's child, a timer) cuts the wait
+            // short: wait on for what is left.
+            if ret != -(libc::EINTR as i64) || left.is_zero() {
+                break ret;
+            }
+        };
         if ret == -EAGAIN {
             return Err(FabricError::TimedOut(
                 "waiting for a connection event",
@@ -825,6 +835,7 @@ impl Connection {
     ) -> Result<usize, FabricError> {
         let mut entry = sys::fi_cq_entry::default();
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // An interrupted wait (EINTR) reads as nothing completed: callers wait in loops.
         // SAFETY: `entry` is writable for one entry of the queue's format; no condition
         // is passed.
         let ret = unsafe {
@@ -836,7 +847,7 @@ impl Connection {
                 ms,
             )
         } as i64;
-        if ret == -EAGAIN {
+        if ret == -EAGAIN || ret == -(libc::EINTR as i64) {
             return Ok(0);
         }
         if ret == 1 {

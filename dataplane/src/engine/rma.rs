@@ -6,9 +6,9 @@
 //! ([`ControlMessage::RmaWindow`]), which the source checks against its memory before
 //! it writes anything. See `transport::rma` for how pages then move.
 //!
-//! A source that cannot connect says so ([`ControlMessage::RmaDeclined`]) and the
-//! session goes on with pages as frames; a window that does not cover the guest's
-//! memory fails the session before a byte is written.
+//! A source that cannot connect says so ([`ControlMessage::RmaDeclined`], which the
+//! destination answers in kind) and the session goes on with pages as frames; a window
+//! that does not cover the guest's memory fails the session before a byte is written.
 
 use super::MigrationError;
 use super::handshake::{ControlChannel, control_error, io, random_session_id};
@@ -114,11 +114,7 @@ pub(super) fn connect(
                 let reason = format!(
                     "RMA through {provider} to {at}: stream {stream} could not connect: {e}"
                 );
-                control
-                    .send(&ControlMessage::RmaDeclined {
-                        reason: reason.clone(),
-                    })
-                    .map_err(io("declining RMA"))?;
+                decline(control, &reason)?;
                 notes.push(format!("{reason}; pages go as frames"));
                 return Ok(None);
             }
@@ -168,6 +164,33 @@ pub(super) fn connect(
     Ok(Some(RmaPool::new(links, info)))
 }
 
+/// Tell the destination the source will not write by RMA, and wait for its answer: a
+/// window it sent meanwhile (for a connection it took before ours gave up) is passed
+/// over, so that the session's messages start cleanly after the exchange.
+fn decline(control: &mut ControlChannel, reason: &str) -> Result<(), MigrationError> {
+    control
+        .send(&ControlMessage::RmaDeclined {
+            reason: reason.to_string(),
+        })
+        .map_err(io("declining RMA"))?;
+    loop {
+        match control.recv() {
+            Ok(ControlMessage::RmaDeclined { .. }) => return Ok(()),
+            Ok(ControlMessage::RmaWindow { .. }) => {}
+            Ok(ControlMessage::Abort { message, .. }) => {
+                return Err(MigrationError::Refused(message));
+            }
+            Ok(other) => {
+                return Err(WireError::Unexpected(format!(
+                    "{other:?} where the answer to declining RMA was due"
+                ))
+                .into());
+            }
+            Err(e) => return Err(control_error(e, "declining RMA")),
+        }
+    }
+}
+
 /// Test-only (`DWCP_TEST_RMA_REMOTE_SHIFT=BYTES`): the window as if it started that
 /// many bytes later, so that writes near its end fall outside what the destination
 /// registered and its provider refuses them.
@@ -202,10 +225,15 @@ pub(super) fn offer(
     let listener =
         Listener::bind(&provider.provider, SocketAddr::new(local.ip(), 0)).map_err(failed)?;
     let token = random_session_id().to_le_bytes();
+    // Test-only (`DWCP_TEST_RMA_OFFER_PORT`): offer a port nobody listens on.
+    let port = std::env::var("DWCP_TEST_RMA_OFFER_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(listener.local_addr().port());
     control
         .send(&ControlMessage::RmaOffer {
             provider: provider.provider.clone(),
-            port: listener.local_addr().port(),
+            port,
             token,
         })
         .map_err(io("sending the RMA offer"))?;
@@ -225,6 +253,11 @@ pub(super) fn offer(
             return match control.recv() {
                 Ok(ControlMessage::RmaDeclined { reason }) => {
                     eprintln!("dwcp: the source declined RMA: {reason}");
+                    control
+                        .send(&ControlMessage::RmaDeclined {
+                            reason: "pages as frames, then".into(),
+                        })
+                        .map_err(io("answering the RMA decline"))?;
                     Ok(None)
                 }
                 Ok(ControlMessage::Abort { message, .. }) => Err(MigrationError::Aborted {

@@ -227,6 +227,27 @@ impl LentLink {
     pub fn enabled(&self) -> bool {
         self.pool.enabled()
     }
+
+    /// Wait until every write issued through the link has been delivered: the frames
+    /// naming their pages may go out then. Called before each send buffer of the
+    /// stream goes to the socket, so that writes of many runs are in flight while the
+    /// buffer fills.
+    pub fn deliver(&mut self) -> Result<(), FabricError> {
+        let Some(link) = self.link.as_mut() else {
+            return Ok(());
+        };
+        if link.next_context == 1 {
+            return Ok(());
+        }
+        let waited = Instant::now();
+        link.wait_all()?;
+
+        self.pool
+            .counters
+            .wait_nanos
+            .fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 impl Drop for LentLink {
@@ -249,8 +270,9 @@ pub struct RmaStaged {
 }
 
 /// Stage pages `first..first + count` (within one chunk) of `memory` through `link`:
-/// zero pages as zero markers, the rest written by RMA, then, once delivered, their
-/// [`crate::wire::FrameKind::RmaPages`] frames; the frames at the start of `out`. The
+/// zero pages as zero markers, the rest written by RMA, with their
+/// [`crate::wire::FrameKind::RmaPages`] frames; the frames at the start of `out`, which
+/// must not be sent before [`LentLink::deliver`] returned. The
 /// CRC of each page is taken from a copy made just before its write, and recorded in
 /// the source's table; a page the guest changes meanwhile arrives with a CRC that does
 /// not match, and is sent again (the dirty log has it too).
@@ -333,12 +355,9 @@ pub fn stage_rma_run(
     if let Some(previous) = open {
         close(previous, first + u64::from(count), &mut crcs, link)?;
     }
-    // The frames name pages whose bytes must be in place when they arrive.
-    let waited = Instant::now();
-    link.wait_all()?;
-    pool.counters
-        .wait_nanos
-        .fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    // The tcp provider progresses manually at the source too: its writes move only
+    // while the writer calls into it.
+    link.connection.completions(&mut link.completed)?;
     pool.counters
         .pages
         .fetch_add(u64::from(staged.rma_pages), Ordering::Relaxed);

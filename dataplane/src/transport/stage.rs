@@ -48,6 +48,17 @@ pub(crate) struct StreamStage {
 }
 
 impl StreamStage {
+    /// Before a send buffer of the stream goes out: every RMA write staged so far must
+    /// have been delivered, since the buffer's frames may name its pages.
+    pub fn deliver_rma(&mut self) -> Result<(), TxError> {
+        match self.rma.as_mut() {
+            Some(link) => link
+                .deliver()
+                .map_err(|e| TxError::from_fabric(self.id, &e)),
+            None => Ok(()),
+        }
+    }
+
     /// The stream was lost: close its RMA connection for good, so that nothing more of
     /// it lands at the destination.
     pub fn close_rma(&mut self) {
@@ -87,6 +98,9 @@ pub(crate) struct Stager {
     rma: Option<Arc<RmaPool>>,
     /// One page, for the zero test and CRC ahead of an RMA write.
     scratch: Box<[u8]>,
+    /// The transport waits for RMA delivery itself, before each send buffer goes out
+    /// ([`StreamStage::deliver_rma`]); else staging waits after each run.
+    deferred_delivery: bool,
 }
 
 impl Stager {
@@ -106,7 +120,15 @@ impl Stager {
             stage_nanos: 0,
             rma: None,
             scratch: vec![0u8; crate::memory::PAGE_SIZE].into_boxed_slice(),
+            deferred_delivery: false,
         }
+    }
+
+    /// The transport calls [`StreamStage::deliver_rma`] before each send buffer goes
+    /// out, so runs need not wait for their RMA writes' delivery when staged.
+    pub fn defer_rma_delivery(mut self) -> Self {
+        self.deferred_delivery = true;
+        self
     }
 
     /// Write runs by RMA through `pool`'s connections where streams have one.
@@ -220,6 +242,9 @@ impl Stager {
         )
         .map_err(|e| TxError::from_fabric(id, &e))?;
         buffers.filled(i, staged.bytes);
+        if !self.deferred_delivery {
+            streams[i].deliver_rma()?;
+        }
         self.round.zero_pages += u64::from(staged.zero_pages);
         self.round.content_pages += u64::from(staged.rma_pages);
         // What crossed the network for the round: the frames, and the pages' bytes

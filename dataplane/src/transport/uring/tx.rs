@@ -185,7 +185,9 @@ impl TxWorkerState {
         control: Consumer<TxControl>,
     ) -> std::io::Result<Self> {
         let records = setup.records.clone();
-        let stager = Stager::new(setup.memory, setup.table, setup.codec).with_rma(setup.rma);
+        let stager = Stager::new(setup.memory, setup.table, setup.codec)
+            .with_rma(setup.rma)
+            .defer_rma_delivery();
         // With codecs, a buffer must take a whole flushed batch; a sealed record needs
         // room for its header and tag besides.
         let record_room = if records.is_some() {
@@ -642,10 +644,12 @@ impl TxWorkerState {
     fn submit_sends(&mut self) -> Result<bool, TxError> {
         let mut pushed = false;
         for i in 0..self.streams.len() {
-            let st = &mut self.streams[i];
-            if st.inflight.is_some() {
+            if self.streams[i].inflight.is_some() || self.streams[i].queue.is_empty() {
                 continue;
             }
+            // The buffer's frames may name pages written by RMA: delivered first.
+            self.stages[i].deliver_rma()?;
+            let st = &mut self.streams[i];
             let Some((token, len, marker)) = st.queue.pop_front() else {
                 continue;
             };
