@@ -26,7 +26,8 @@ struct Common {
     /// Data streams.
     #[arg(long)]
     streams: Option<u16>,
-    /// Transport: auto, io_uring or plain.
+    /// Transport: auto, io_uring, plain, or rma (page contents by RMA write where the
+    /// destination grants it).
     #[arg(long)]
     transport: Option<String>,
     /// Congestion control: cubic or bbr.

@@ -555,9 +555,21 @@ impl<'a> Session<'a> {
             config.workers,
         )?;
         let control = ControlLink::new(opened.control, &config.transport.socket)?;
+        // Pages written by RMA skip the codecs, and a policy would judge the link by
+        // the frames alone: in automatic mode codecs stay off while pages go by RMA (as
+        // datacenter mode has them); fixed settings are the operator's to keep.
+        let codec_config = if rma.is_some() && config.codec.mode == CodecMode::Auto {
+            notes.push("codecs: off while pages go by RMA (automatic mode)".into());
+            CodecConfig {
+                mode: CodecMode::Off,
+                ..config.codec.clone()
+            }
+        } else {
+            config.codec.clone()
+        };
         let steering = codec.as_ref().map(|setup| {
             Steering::new(
-                &config.codec,
+                &codec_config,
                 policy,
                 memory.clone(),
                 fleet.streams_per_worker(),
