@@ -345,7 +345,17 @@ impl ControlState {
             mode: m.ended_mode.clone().unwrap_or_else(|| self.mode_name()),
             active_streams: p.map_or(0, |p| p.active_streams),
             streams: p.map_or(0, |p| p.connected_streams),
-            transport: p.map_or(String::new(), |p| p.transport.to_string()),
+            // The last progress says; a migration that ended before its first
+            // report has its report (RMA when pages went by RMA).
+            transport: p
+                .map(|p| p.transport.to_string())
+                .or_else(|| {
+                    m.report.as_ref().map(|r| match &r.transport.rma {
+                        Some(rma) if rma.pages > 0 => "rma".into(),
+                        _ => r.transport.kind.clone(),
+                    })
+                })
+                .unwrap_or_default(),
             epoch: m.live.adopted(),
             ping_ms: p.and_then(|p| p.ping_rtt).map(|d| d.as_secs_f64() * 1e3),
             components: m.components.names(),

@@ -318,6 +318,70 @@ fn metrics_scrape_parses_and_safe_mode_mid_migration_loses_nothing() {
     d.stop();
 }
 
+/// Wait (bounded by rounds) until migration `id` has ended; its last account.
+fn ended(d: &Daemon, id: u64) -> MigrationInfo {
+    let first = migrations(d).into_iter().find(|m| m.id == id).unwrap();
+    loop {
+        let m = migrations(d).into_iter().find(|m| m.id == id).unwrap();
+        if m.state != "running" {
+            return m;
+        }
+        assert!(
+            m.round <= first.round + ROUNDS_TO_CONVERGE,
+            "no convergence: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_daemon_set_for_rma_writes_pages_by_rma_until_safe_mode_says_plain() {
+    if !dwcp_dataplane::transport::fabric::providers()
+        .is_ok_and(|list| list.iter().any(|p| p.provider == "tcp"))
+    {
+        dwcp_tests::skip("no libfabric tcp provider with RMA here");
+        return;
+    }
+    // Authenticated sessions, with the fabric (loopback) declared trusted for RMA.
+    let d = start_with("rma", |c| {
+        c.transport.kind = "rma".into();
+        c.security.rma_in_clear = true;
+    });
+    let migrate = |d: &Daemon| -> u64 {
+        let done: Done = d
+            .call(Command::Migrate(dwcp_api::MigrateOptions {
+                peer: d.listen_addr.to_string(),
+                downtime_ms: Some(300),
+                ..Default::default()
+            }))
+            .into_result()
+            .unwrap();
+        done.id.unwrap()
+    };
+    let m = ended(&d, migrate(&d));
+    assert_eq!(m.state, "completed", "{m:?}");
+    assert_eq!(m.verified_pages, Some((128u64 << 20) / 4096));
+    assert_eq!(m.transport, "rma", "{m:?}");
+    let flags = d.call(Command::FlagSet {
+        name: "safe-mode".into(),
+        value: "on".into(),
+    });
+    assert!(flags.ok, "{flags:?}");
+    let m = ended(&d, migrate(&d));
+    assert_eq!(m.state, "completed", "{m:?}");
+    assert_eq!(
+        m.transport, "plain",
+        "safe mode keeps sessions off RMA: {m:?}"
+    );
+    let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
+    assert!(
+        status.transport.kind.contains("plain"),
+        "{:?}",
+        status.transport
+    );
+    d.stop();
+}
+
 #[test]
 fn flooding_and_silent_clients_stall_neither_the_migration_nor_the_control_thread() {
     let d = start("flood");
