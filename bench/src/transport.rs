@@ -501,16 +501,7 @@ fn alternate(
 /// the provider's RMA path costs over a plain TCP stream: the ceiling of the `rma`
 /// transport on this machine.
 fn rma_against_iperf3(plan: Plan, bytes: usize, out: &mut Reporter) {
-    use dwcp_dataplane::transport::fabric;
-    let listed = match fabric::providers() {
-        Ok(list) => list,
-        Err(e) => {
-            eprintln!("transport: rma: SKIP: {e}");
-            return;
-        }
-    };
-    if !listed.iter().any(|p| p.provider == "tcp") {
-        eprintln!("transport: rma: SKIP: no tcp provider with RMA ({listed:?})");
+    if tcp_provider("rma").is_none() {
         return;
     }
     let Paired {
@@ -553,6 +544,22 @@ fn rma_against_iperf3(plan: Plan, bytes: usize, out: &mut Reporter) {
     );
 }
 
+/// The RMA providers here when libfabric's `tcp` provider is among them; else `None`,
+/// with the reason `what` is skipped.
+fn tcp_provider(what: &str) -> Option<Vec<dwcp_dataplane::transport::fabric::ProviderInfo>> {
+    match dwcp_dataplane::transport::fabric::providers() {
+        Ok(list) if list.iter().any(|p| p.provider == "tcp") => Some(list),
+        Ok(list) => {
+            eprintln!("transport: {what}: SKIP: no tcp provider with RMA ({list:?})");
+            None
+        }
+        Err(e) => {
+            eprintln!("transport: {what}: SKIP: {e}");
+            None
+        }
+    }
+}
+
 /// Migrations whose pages go by RMA (the `tcp` provider) against the same migrations
 /// with pages as frames on io_uring streams, alternating: 256 MiB of memory-like data,
 /// a guest writing 10 MB/s, 4 streams, codecs off. Goodput is guest memory over the
@@ -562,19 +569,11 @@ fn rma_against_iperf3(plan: Plan, bytes: usize, out: &mut Reporter) {
 /// On RDMA hardware the comparison that matters is against `ib_write_bw` (perftest)
 /// on the same NIC; without a provider on RDMA hardware that line is skipped here.
 fn rma_migrations_against_uring(plan: Plan, out: &mut Reporter) {
-    use dwcp_dataplane::transport::{TransportChoice, fabric};
+    use dwcp_dataplane::transport::TransportChoice;
     const MEMORY: usize = 256 << 20;
-    let listed = match fabric::providers() {
-        Ok(list) => list,
-        Err(e) => {
-            eprintln!("transport: rma migrations: SKIP: {e}");
-            return;
-        }
-    };
-    if !listed.iter().any(|p| p.provider == "tcp") {
-        eprintln!("transport: rma migrations: SKIP: no tcp provider with RMA ({listed:?})");
+    let Some(listed) = tcp_provider("rma migrations") else {
         return;
-    }
+    };
     if listed.iter().all(|p| p.is_socket_based()) {
         eprintln!(
             "transport: rma against ib_write_bw: SKIP: no RDMA hardware here (socket-based \

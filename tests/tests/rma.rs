@@ -75,19 +75,36 @@ fn configs(streams: u16, codec: CodecMode) -> (SourceConfig, DestConfig) {
     )
 }
 
-/// Run test `name` again in a child process with `env` set; whether it passed.
+/// Whether test `name`'s body runs in this process: in the child it is. In the test
+/// process it runs the test again in a child with `env` set, asserts that it passed,
+/// and says no.
 fn in_child(name: &str, env: &[(&str, &str)]) -> bool {
+    if std::env::var_os(CHILD).is_some() {
+        return true;
+    }
     let status = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env(CHILD, "1")
         .envs(env.iter().copied())
         .status()
         .unwrap();
-    status.success()
+    assert!(status.success(), "{name} failed in its child process");
+    false
 }
 
-fn is_child() -> bool {
-    std::env::var_os(CHILD).is_some()
+/// A migration that must fail with the source's guest still running and the
+/// destination ending the session too: the source's error.
+fn failed_migration() -> MigrationError {
+    let (source, dest) = configs(2, CodecMode::Off);
+    let out = migrate_live(MIB_64, &busy_guest(), DirtyLogKind::Uffd, &source, &dest);
+    // The guest ran on untouched: the source's memory is its own throughout.
+    assert!(!out.guest.is_paused(), "the source guest still runs");
+    out.guest.stop();
+    assert!(out.dest.is_err(), "the destination ends the session too");
+    match out.source {
+        Err(e) => e,
+        Ok(_) => panic!("the migration succeeded"),
+    }
 }
 
 /// A migration that must succeed: memory equal byte for byte, RMA used.
@@ -156,8 +173,7 @@ fn pages_that_land_wrong_are_sent_again_and_counted() {
     if !rma_here() {
         return;
     }
-    if !is_child() {
-        assert!(in_child(NAME, &[("DWCP_TEST_RMA_CORRUPT_WRITES", "5")]));
+    if !in_child(NAME, &[("DWCP_TEST_RMA_CORRUPT_WRITES", "5")]) {
         return;
     }
     let (source, dest) = configs(2, CodecMode::Off);
@@ -175,25 +191,18 @@ fn a_window_smaller_than_memory_is_refused_before_any_write() {
     if !rma_here() {
         return;
     }
-    if !is_child() {
-        assert!(in_child(
-            NAME,
-            &[("DWCP_TEST_RMA_WINDOW_BYTES", &(32u64 << 20).to_string())]
-        ));
+    if !in_child(
+        NAME,
+        &[("DWCP_TEST_RMA_WINDOW_BYTES", &(32u64 << 20).to_string())],
+    ) {
         return;
     }
-    let (source, dest) = configs(2, CodecMode::Off);
-    let out = migrate_live(MIB_64, &busy_guest(), DirtyLogKind::Uffd, &source, &dest);
-    // The guest ran on untouched: the source's memory is its own throughout.
-    assert!(!out.guest.is_paused(), "the source guest still runs");
-    out.guest.stop();
-    match out.source {
-        Err(MigrationError::Refused(why)) => {
+    match failed_migration() {
+        MigrationError::Refused(why) => {
             assert!(why.contains("smaller than the guest's memory"), "{why}");
         }
-        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+        other => panic!("expected a refusal, got {other}"),
     }
-    assert!(out.dest.is_err(), "the destination ends the session too");
 }
 
 #[test]
@@ -202,25 +211,14 @@ fn writes_outside_the_window_fail_the_migration_cleanly() {
     if !rma_here() {
         return;
     }
-    if !is_child() {
-        assert!(in_child(
-            NAME,
-            &[("DWCP_TEST_RMA_REMOTE_SHIFT", &(16u64 << 20).to_string())]
-        ));
+    if !in_child(
+        NAME,
+        &[("DWCP_TEST_RMA_REMOTE_SHIFT", &(16u64 << 20).to_string())],
+    ) {
         return;
     }
-    let (source, dest) = configs(2, CodecMode::Off);
-    let out = migrate_live(MIB_64, &busy_guest(), DirtyLogKind::Uffd, &source, &dest);
-    assert!(!out.guest.is_paused(), "the source guest still runs");
-    out.guest.stop();
-    match out.source {
-        Err(e) => {
-            let text = e.to_string();
-            assert!(text.contains("RMA write failed"), "{text}");
-        }
-        Ok(_) => panic!("writes outside the destination's window succeeded"),
-    }
-    assert!(out.dest.is_err(), "the destination ends the session too");
+    let text = failed_migration().to_string();
+    assert!(text.contains("RMA write failed"), "{text}");
 }
 
 #[test]
@@ -229,8 +227,7 @@ fn a_source_that_cannot_connect_declines_and_sends_frames() {
     if !rma_here() {
         return;
     }
-    if !is_child() {
-        assert!(in_child(NAME, &[("DWCP_TEST_RMA_OFFER_PORT", "1")]));
+    if !in_child(NAME, &[("DWCP_TEST_RMA_OFFER_PORT", "1")]) {
         return;
     }
     let (source, dest) = configs(2, CodecMode::Off);
