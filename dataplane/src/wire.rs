@@ -1048,8 +1048,9 @@ pub enum ControlMessage {
         key: u64,
     },
     /// Source → destination ([`caps::RMA`]): the source will not write by RMA in this
-    /// session (it could not connect); pages come as frames. The destination answers
-    /// with the same message once it stopped taking connections.
+    /// session (it could not connect, or the provider cannot report delivery); pages
+    /// come as frames. The destination answers with the same message once it stopped
+    /// taking connections.
     RmaDeclined {
         /// Why, for the destination's log.
         reason: String,

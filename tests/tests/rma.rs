@@ -243,7 +243,7 @@ fn a_source_that_cannot_connect_declines_and_sends_frames() {
             .transport
             .notes
             .iter()
-            .any(|n| n.contains("could not connect") && n.contains("pages go as frames")),
+            .any(|n| n.contains("could not be set up") && n.contains("pages go as frames")),
         "{:?}",
         report.transport.notes
     );

@@ -676,6 +676,12 @@ impl Connection {
         &self.provider
     }
 
+    /// Whether a write's completion means its bytes are in the peer's memory
+    /// (`FI_DELIVERY_COMPLETE`), not only that they left.
+    pub fn delivers_complete(&self) -> bool {
+        self.delivery_complete
+    }
+
     /// Register `len` bytes at `ptr` for RMA writes from them (local reads) and into
     /// them (remote writes).
     ///

@@ -84,6 +84,11 @@ impl Connection {
         match self.0 {}
     }
 
+    /// Whether a write's completion means delivery.
+    pub fn delivers_complete(&self) -> bool {
+        match self.0 {}
+    }
+
     /// Completions, waiting for the first.
     pub fn wait_completions(
         &self,

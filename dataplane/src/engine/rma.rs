@@ -102,6 +102,13 @@ pub(super) fn connect(
     for stream in 0..streams {
         let data = connection_data(&token, stream);
         let connected = Connection::connect_with(&provider, at, &data, timeout).and_then(|c| {
+            // A frame may follow its writes only once they are in place: a provider
+            // that cannot say so is not used (pages go as frames).
+            if !c.delivers_complete() {
+                return Err(fabric::FabricError::Protocol(format!(
+                    "the {provider} provider cannot report delivery (FI_DELIVERY_COMPLETE)"
+                )));
+            }
             // SAFETY: the guest memory stays mapped while the pool lives (the session
             // holds both, and drops the pool with its workers); it is only read through
             // this registration, by writes from it.
@@ -112,7 +119,7 @@ pub(super) fn connect(
             Ok(pair) => pair,
             Err(e) => {
                 let reason = format!(
-                    "RMA through {provider} to {at}: stream {stream} could not connect: {e}"
+                    "RMA through {provider} to {at}: stream {stream} could not be set up: {e}"
                 );
                 decline(control, &reason)?;
                 notes.push(format!("{reason}; pages go as frames"));
