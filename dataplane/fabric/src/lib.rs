@@ -18,6 +18,8 @@
 //!
 //! Built without libfabric (no `libfabric-dev`), the same API answers
 //! [`FabricError::Unavailable`] to every way in: nothing that uses it fails to build.
+//! `DWCP_NO_LIBFABRIC=1` makes that build on a machine that has libfabric (`cargo
+//! check` with it keeps the stub's API in step with the real one).
 
 #[cfg(dwcp_libfabric)]
 mod sys;
