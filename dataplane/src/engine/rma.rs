@@ -226,6 +226,13 @@ pub(super) fn offer(
 ) -> Result<Option<RmaTargets>, MigrationError> {
     let failed = |e: fabric::FabricError| MigrationError::Transport(format!("RMA: {e}"));
     let provider = best_provider().map_err(failed)?;
+    // Guest memory is faulted in before the source may write into it, as registering
+    // it on RDMA hardware does anyway (verbs pins every page). Left to first touch, the
+    // `tcp` provider faults pages in inside its receive, the socket backs up, and
+    // loopback drops segments: runs stalled for a second of retransmissions (measured:
+    // 1.0-1.4 s of delivery wait in two of five 256 MiB migrations, none once
+    // populated). Content is kept (a VM's RAM file, a resumed session's memory).
+    memory.populate();
     let local = control
         .local_addr()
         .map_err(io("the control stream's address"))?;
