@@ -466,6 +466,35 @@ struct Paired {
     their_cpu: Samples,
 }
 
+impl Paired {
+    /// Emit the goodput line and the CPU-per-GB line, named `(goodput, cpu)`, against
+    /// `baseline`, each with `note`.
+    fn emit(&self, out: &mut Reporter, (goodput, cpu): (&str, &str), baseline: &str, note: &str) {
+        out.emit(
+            Comparison::new(
+                goodput,
+                "Gbit/s",
+                Better::Higher,
+                &self.ours_bps,
+                baseline,
+                &self.their_bps,
+            )
+            .with_note(note),
+        );
+        out.emit(
+            Comparison::new(
+                cpu,
+                "CPU s/GB",
+                Better::Lower,
+                &self.ours_cpu,
+                baseline,
+                &self.their_cpu,
+            )
+            .with_note(note),
+        );
+    }
+}
+
 /// Run `ours` and `theirs` `runs` times each, alternating who goes first; a run that
 /// yields nothing is left out.
 fn alternate(
@@ -504,12 +533,9 @@ fn rma_against_iperf3(plan: Plan, bytes: usize, out: &mut Reporter) {
     if tcp_provider("rma").is_none() {
         return;
     }
-    let Paired {
-        ours_bps,
-        ours_cpu,
-        their_bps,
-        their_cpu,
-    } = alternate(
+    let note = "libfabric tcp provider, 1 connection, fi_writemsg of 64 KiB runs with \
+                FI_DELIVERY_COMPLETE from registered memory into registered memory";
+    alternate(
         plan.runs,
         || {
             rma_writes(bytes)
@@ -517,30 +543,15 @@ fn rma_against_iperf3(plan: Plan, bytes: usize, out: &mut Reporter) {
                 .ok()
         },
         || iperf3(bytes as u64, 1).ok(),
-    );
-    let note = "libfabric tcp provider, 1 connection, fi_writemsg of 64 KiB runs with \
-                FI_DELIVERY_COMPLETE from registered memory into registered memory";
-    out.emit(
-        Comparison::new(
+    )
+    .emit(
+        out,
+        (
             "transport/rma-tcp-provider-vs-iperf3-1s",
-            "Gbit/s",
-            Better::Higher,
-            &ours_bps,
-            "iperf3 -P 1",
-            &their_bps,
-        )
-        .with_note(note),
-    );
-    out.emit(
-        Comparison::new(
             "transport/rma-tcp-provider-cpu-per-gb",
-            "CPU s/GB",
-            Better::Lower,
-            &ours_cpu,
-            "iperf3 -P 1",
-            &their_cpu,
-        )
-        .with_note(note),
+        ),
+        "iperf3 -P 1",
+        note,
     );
 }
 
@@ -635,40 +646,22 @@ fn rma_migrations_against_uring(plan: Plan, out: &mut Reporter) {
             cpu_per_gb: cpu / gb,
         })
     };
-    let Paired {
-        ours_bps,
-        ours_cpu,
-        their_bps,
-        their_cpu,
-    } = alternate(
-        plan.runs,
-        || migrate(TransportChoice::Rma),
-        || migrate(TransportChoice::IoUring),
-    );
     let note = "256 MiB guest writing 10 MB/s, 4 streams, codecs off; pages by fi_write \
                 through libfabric's tcp provider (RMA over sockets, no RDMA hardware) \
                 against pages as frames on io_uring streams";
-    out.emit(
-        Comparison::new(
+    alternate(
+        plan.runs,
+        || migrate(TransportChoice::Rma),
+        || migrate(TransportChoice::IoUring),
+    )
+    .emit(
+        out,
+        (
             "transport/rma-tcp-vs-uring",
-            "Gbit/s",
-            Better::Higher,
-            &ours_bps,
-            "io_uring frames",
-            &their_bps,
-        )
-        .with_note(note),
-    );
-    out.emit(
-        Comparison::new(
             "transport/rma-tcp-cpu-per-gb-vs-uring",
-            "CPU s/GB",
-            Better::Lower,
-            &ours_cpu,
-            "io_uring frames",
-            &their_cpu,
-        )
-        .with_note(note),
+        ),
+        "io_uring frames",
+        note,
     );
 }
 

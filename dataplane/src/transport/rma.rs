@@ -293,39 +293,42 @@ pub fn stage_rma_run(
         "stage buffer too small"
     );
     let kernels = dwcp_simd::Kernels::active();
-    let pool = lent.pool.clone();
-    let link = lent
-        .link
+    let LentLink { link, pool } = lent;
+    let link = link
         .as_mut()
         .ok_or_else(|| FabricError::Protocol("a closed RMA link".into()))?;
     let mut staged = RmaStaged::default();
-    let mut crcs: Vec<u32> = Vec::with_capacity(count as usize);
-    // The open run: (first page, zero?).
-    let mut open: Option<(u64, bool)> = None;
     let mut writes = 0u64;
-    let mut frames: Vec<(FrameHeader, usize)> = Vec::new();
-    let mut close = |open: (u64, bool), end: u64, crcs: &mut Vec<u32>, link: &mut RmaLink| {
-        let (start, zero) = open;
-        let n = (end - start) as u32;
-        if zero {
-            frames.push((FrameHeader::zero_run(start, n), 0));
-            return Ok::<(), FabricError>(());
-        }
-        if corrupt_next_write(memory.pages()) {
-            // Test-only: the run's first page lands with its neighbour's bytes.
-            link.write(start, 1, start ^ 1)?;
-            writes += 1;
-            if n > 1 {
-                link.write(start + 1, n - 1, start + 1)?;
-                writes += 1;
-            }
-        } else {
-            link.write(start, n, start)?;
-            writes += 1;
-        }
-        frames.push((FrameHeader::rma_pages(start, n), crcs.len() - n as usize));
-        Ok(())
-    };
+    // Frames go straight into `out`: a run's header slot is reserved when it opens, its
+    // CRCs follow as its pages come, and the header is written when it closes.
+    let mut pos = 0usize;
+    // The open run: (first page, zero?, where its header goes).
+    let mut open: Option<(u64, bool, usize)> = None;
+    let mut close =
+        |(start, zero, at): (u64, bool, usize), end: u64, out: &mut [u8], link: &mut RmaLink| {
+            let n = (end - start) as u32;
+            let header = if zero {
+                FrameHeader::zero_run(start, n)
+            } else {
+                if corrupt_next_write(memory.pages()) {
+                    // Test-only: the run's first page lands with its neighbour's bytes.
+                    link.write(start, 1, start ^ 1)?;
+                    writes += 1;
+                    if n > 1 {
+                        link.write(start + 1, n - 1, start + 1)?;
+                        writes += 1;
+                    }
+                } else {
+                    link.write(start, n, start)?;
+                    writes += 1;
+                }
+                FrameHeader::rma_pages(start, n)
+            };
+            let mut bytes = [0u8; FRAME_HEADER_LEN];
+            header.encode(&mut bytes);
+            out[at..at + FRAME_HEADER_LEN].copy_from_slice(&bytes);
+            Ok::<(), FabricError>(())
+        };
     for page in first..first + u64::from(count) {
         memory.read_page(page, scratch);
         let zero = kernels.is_zero(scratch);
@@ -338,22 +341,25 @@ pub fn stage_rma_run(
             table.record(page, crc);
         }
         match open {
-            Some((_, z)) if z == zero => {}
-            Some(previous) => {
-                close(previous, page, &mut crcs, link)?;
-                open = Some((page, zero));
+            Some((_, z, _)) if z == zero => {}
+            previous => {
+                if let Some(previous) = previous {
+                    close(previous, page, out, link)?;
+                }
+                open = Some((page, zero, pos));
+                pos += FRAME_HEADER_LEN;
             }
-            None => open = Some((page, zero)),
         }
         if zero {
             staged.zero_pages += 1;
         } else {
-            crcs.push(crc);
+            out[pos..pos + PAGE_CRC_LEN].copy_from_slice(&crc.to_le_bytes());
+            pos += PAGE_CRC_LEN;
             staged.rma_pages += 1;
         }
     }
     if let Some(previous) = open {
-        close(previous, first + u64::from(count), &mut crcs, link)?;
+        close(previous, first + u64::from(count), out, link)?;
     }
     // The tcp provider progresses manually at the source too: its writes move only
     // while the writer calls into it.
@@ -362,19 +368,6 @@ pub fn stage_rma_run(
         .pages
         .fetch_add(u64::from(staged.rma_pages), Ordering::Relaxed);
     pool.counters.writes.fetch_add(writes, Ordering::Relaxed);
-    let mut pos = 0;
-    for (header, crc_at) in frames {
-        let mut bytes = [0u8; FRAME_HEADER_LEN];
-        header.encode(&mut bytes);
-        out[pos..pos + FRAME_HEADER_LEN].copy_from_slice(&bytes);
-        pos += FRAME_HEADER_LEN;
-        if header.kind == crate::wire::FrameKind::RmaPages {
-            for crc in &crcs[crc_at..crc_at + header.count as usize] {
-                out[pos..pos + PAGE_CRC_LEN].copy_from_slice(&crc.to_le_bytes());
-                pos += PAGE_CRC_LEN;
-            }
-        }
-    }
     staged.bytes = pos;
     Ok(staged)
 }
