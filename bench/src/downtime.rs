@@ -102,9 +102,7 @@ fn at_limit(out: &mut Reporter, plan: DowntimePlan, limit_ms: u64) {
                     r.estimated_downtime * 1e3,
                     r.rounds.len()
                 );
-                if error > tolerance || r.measured_downtime > limit {
-                    eprintln!("  {}", parts(&r));
-                }
+                eprintln!("  {}", parts(&r));
                 measured.push(r.measured_downtime * 1e3);
                 limits.push(limit_ms as f64);
                 errors.push(error * 1e3);

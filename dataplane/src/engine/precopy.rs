@@ -14,9 +14,10 @@
 //!   (it follows the decision's own collection at once): the fixed part of a
 //!   collection's cost, from a line through recent collections' pages and times;
 //! - **send**: the final round handed to the kernel, `overhead + bytes / rate`, with the
-//!   rate and per-round overhead fitted (least squares) to the recent rounds' bytes and
-//!   send times, and the bytes from the last round's bytes per page with content (the
-//!   pages a guest dirties are seldom zero, even where memory is);
+//!   rate fitted (least squares) to the recent rounds' bytes and send times, the
+//!   per-round overhead the least any of them showed beyond its bytes at that rate, and
+//!   the bytes from the last round's bytes per page with content (the pages a guest
+//!   dirties are seldom zero, even where memory is);
 //! - **confirm**: from the last byte in the kernel to the destination's verdict, a
 //!   round trip: the quickest acknowledgement of a round or ping on the control stream
 //!   seen in the session;
@@ -27,6 +28,12 @@
 //! overhead) take the quickest figures seen: they are what the machine and the path can
 //! do, and a sample the scheduler delayed says little about the switchover, which runs
 //! with the guest paused and nothing else of the migration in flight.
+//!
+//! The engine asks once more as the guest pauses, after the last pre-copy round is
+//! acknowledged: by then a round trip measured with nothing in flight has reached
+//! [`Planner::round_trip`], and the pages are those dirty at the decision plus what the
+//! guest wrote, at its recent rate, while that round settled. That second estimate is
+//! the one reported against the measured downtime.
 //!
 //! The planner never switches over right after round 0, even when the estimate fits:
 //! that round moves all of memory (zero pages, cold caches, a destination still
@@ -469,7 +476,7 @@ fn push_bounded<T>(q: &mut VecDeque<T>, x: T, bound: usize) {
 }
 
 /// `(rate, overhead)`: the least-squares line `seconds = overhead + bytes / rate` through
-/// `(bytes, seconds)` samples. Where no overhead is separable — one sample, samples of
+/// `(bytes, seconds)` samples, its overhead lowered to the least any sample shows. Where no overhead is separable — one sample, samples of
 /// one size, or a poor fit that puts most of a round's time in its overhead (the link
 /// changed between the samples, which one line cannot express) — the rate is the latest
 /// round's, with no overhead. With no samples, 1 GB/s.
@@ -492,7 +499,16 @@ fn fit_send_model(samples: &VecDeque<(f64, f64)>) -> (f64, f64) {
     if line.r2 < 0.9 && line.intercept > 0.5 * quickest {
         return latest;
     }
-    (1.0 / line.slope, line.intercept.min(quickest))
+    // The overhead is the least any round showed beyond its bytes at the line's rate
+    // (the lower envelope, not the line's intercept): one small round the scheduler
+    // held back raises the intercept by its delay, and the final round runs with the
+    // guest paused and nothing else of the migration in flight.
+    let least_overhead = samples
+        .iter()
+        .map(|&(bytes, seconds)| seconds - bytes * line.slope)
+        .fold(line.intercept, f64::min)
+        .max(0.0);
+    (1.0 / line.slope, least_overhead)
 }
 
 #[cfg(test)]
@@ -617,6 +633,25 @@ mod tests {
             other => panic!("expected an abort, got {other:?}"),
         }
         assert_eq!(plans.len(), 12);
+    }
+
+    #[test]
+    fn a_small_round_the_scheduler_held_back_does_not_raise_the_overhead() {
+        let mut p = Planner::new(config(20));
+        // 2.5 GB/s with 0.2 ms per round; round 2 (150 pages) took 4 ms instead of
+        // 0.45: the line through the rounds puts about 1.9 ms in its intercept.
+        for (r, pages, extra) in [(0, 100_000, 0.0), (1, 4_000, 0.0), (2, 150, 0.0036)] {
+            let mut m = round(r, pages, 2.5e9, 0.0002, 0.0);
+            m.send_seconds += extra;
+            m.dirtied_pages = 50;
+            p.round_done(m);
+        }
+        let (rate, overhead) = p.send_model();
+        assert!((rate - 2.5e9).abs() / 2.5e9 < 0.02, "{rate}");
+        // What the quickest round showed (the rate's error aside), not the intercept.
+        assert!(overhead < 0.0003, "{overhead}");
+        let e = p.estimate(50);
+        assert!(e.send < 0.0004, "{e:?}");
     }
 
     #[test]

@@ -43,10 +43,12 @@ impl Session<'_> {
     }
 
     /// Ping the destination now; the next periodic ping follows an interval later.
-    pub(super) fn ping(&mut self, now: Instant) -> Result<(), MigrationError> {
+    /// Returns the ping's `nanos`, which its pong echoes.
+    pub(super) fn ping(&mut self, now: Instant) -> Result<u64, MigrationError> {
         self.pings.next = now + super::PING_INTERVAL;
         let nanos = now.duration_since(self.pings.opened).as_nanos() as u64;
-        self.control.send(&ControlMessage::Ping { nanos })
+        self.control.send(&ControlMessage::Ping { nanos })?;
+        Ok(nanos)
     }
 
     /// Bring a progress snapshot's live parts up to date.

@@ -194,6 +194,8 @@ struct Pings {
     next: Instant,
     on: bool,
     rtt: Option<Duration>,
+    /// The latest ping answered (its `nanos`).
+    answered: u64,
 }
 
 /// A source session, from the welcome to the verdict.
@@ -634,6 +636,7 @@ impl<'a> Session<'a> {
                 next: now + PING_INTERVAL,
                 on: true,
                 rtt: None,
+                answered: 0,
             },
             last_activity: now,
             totals: Totals::default(),
@@ -819,6 +822,7 @@ impl<'a> Session<'a> {
 
     fn pong(&mut self, nanos: u64) {
         let now = Instant::now().duration_since(self.pings.opened).as_nanos() as u64;
+        self.pings.answered = self.pings.answered.max(nanos);
         if let Some(rtt) = now.checked_sub(nanos) {
             let rtt = Duration::from_nanos(rtt);
             self.pings.rtt = Some(rtt);
@@ -1252,8 +1256,23 @@ impl<'a> Session<'a> {
                     // resumed, and the round goes on with what the destination lacks
                     // and what the guest wrote meanwhile.
                     self.report_progress("settle", progress);
+                    let settle_start = Instant::now();
                     match self.settle_before_pause(&mut next, round) {
-                        Ok(()) => break (next, plan),
+                        Ok(()) => {
+                            // Estimated again as the guest pauses: the confirm part
+                            // from the quiet round trip just measured, and the final
+                            // round also holding what the guest wrote, at its recent
+                            // rate, while the last round settled.
+                            let settled = settle_start.elapsed().as_secs_f64();
+                            let written = self.totals.dirty_rate / PAGE_SIZE as f64 * settled;
+                            let mut plan = plan;
+                            plan.estimate = self
+                                .planner
+                                .estimate(plan.estimate.pages + written.round() as u64);
+                            self.estimated_downtime =
+                                Some(Duration::from_secs_f64(plan.estimate.total));
+                            break (next, plan);
+                        }
                         Err(e) => {
                             let missing = self.resume_session(round, &dirty, e)?;
                             next.union_with(&missing);
