@@ -9,7 +9,8 @@
 //! files, the shipped scenarios), [`impair`] (the sans-IO model of one direction),
 //! [`forward`] (the forwarding threads), [`netns`] (namespaces, TUN devices, the
 //! janitor that cleans up after a crash), [`control`] (the live-change socket),
-//! [`probe`] (measuring a path from outside with ping and iperf3).
+//! [`probe`] (measuring a path from outside with ping and iperf3), [`trace`] (paths
+//! that follow a time series: files and seeded generators, played back live).
 //! [`Emulator`] puts them together; the `wanem` binary is a thin shell over it.
 
 pub mod control;
@@ -18,6 +19,7 @@ pub mod impair;
 pub mod netns;
 pub mod probe;
 pub mod scenario;
+pub mod trace;
 pub mod units;
 
 use forward::{Direction, DirectionStats, Forwarder, LinkControl};
@@ -95,6 +97,30 @@ pub fn default_control_socket(name: &str) -> PathBuf {
 pub struct Stats {
     pub forward: DirectionStats,
     pub reverse: DirectionStats,
+}
+
+/// A trace being played back ([`Emulator::play`]); dropping it stops playback.
+pub struct Playback {
+    stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Playback {
+    /// Whether every point has been applied.
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+impl Drop for Playback {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A running emulator. Dropping it stops forwarding and removes the namespaces.
@@ -266,6 +292,56 @@ impl Emulator {
         changes: &LinkChanges,
     ) -> Result<(), Vec<String>> {
         control::apply(&self.link, direction, None, changes)
+    }
+
+    /// Plays `trace` back from now on a thread of its own: each point is applied to
+    /// both directions at its time (the reverse direction keeps its rate); the last
+    /// one holds. Dropping the handle stops playback where it is.
+    pub fn play(&self, trace: trace::Trace) -> Playback {
+        let link = self.link.clone();
+        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let stop_thread = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("wanem-trace".into())
+            .spawn(move || {
+                let start = std::time::Instant::now();
+                for point in &trace.points {
+                    let (lock, wake) = &*stop_thread;
+                    let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    while !*stopped {
+                        let Some(left) = point.at.checked_sub(start.elapsed()) else {
+                            break;
+                        };
+                        stopped = wake
+                            .wait_timeout(stopped, left)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                    if *stopped {
+                        return;
+                    }
+                    drop(stopped);
+                    // Points were checked when the trace was made: a failure here would
+                    // be a bug, and the path keeps its previous state.
+                    let _ = control::apply(
+                        &link,
+                        Some(Direction::Forward),
+                        None,
+                        &point.forward_changes(),
+                    );
+                    let _ = control::apply(
+                        &link,
+                        Some(Direction::Reverse),
+                        None,
+                        &point.reverse_changes(),
+                    );
+                }
+            })
+            .expect("spawn the trace playback thread");
+        Playback {
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// Replaces both directions' links with a scenario's (its MTU stays as started).

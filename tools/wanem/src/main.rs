@@ -47,6 +47,17 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Print a generated trace as CSV (the form `up --trace FILE` reads).
+    Trace {
+        /// diurnal, steps, bursts or loss-episodes.
+        #[arg(long)]
+        family: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Length, seconds.
+        #[arg(long, default_value_t = 120.0)]
+        seconds: f64,
+    },
     /// List the shipped scenarios.
     Scenarios {
         #[arg(long)]
@@ -69,6 +80,10 @@ struct UpArgs {
     /// Seed of the impairments' random decisions.
     #[arg(long)]
     seed: Option<u64>,
+    /// Play a trace back over the scenario: a CSV file (see `wanem trace`), or
+    /// FAMILY:SEED[:SECONDS] generated (diurnal, steps, bursts, loss-episodes).
+    #[arg(long)]
+    trace: Option<String>,
     #[arg(long, default_value_t = wanem::DEFAULT_SOURCE_ADDRESS)]
     source_address: Ipv4Addr,
     #[arg(long, default_value_t = wanem::DEFAULT_DESTINATION_ADDRESS)]
@@ -180,6 +195,13 @@ fn main() -> ExitCode {
                 }
             }),
         Command::Down { target } => control::request(&target.socket(), &Request::Down).map(|_| ()),
+        Command::Trace {
+            family,
+            seed,
+            seconds,
+        } => {
+            wanem::trace::Trace::generate(&family, seed, seconds).map(|t| print!("{}", t.to_csv()))
+        }
         Command::Scenarios { json } => {
             for (name, _) in BUILT_IN {
                 let scenario = Scenario::built_in(name).expect("shipped scenario");
@@ -208,9 +230,14 @@ fn up(args: UpArgs) -> Result<(), String> {
         link,
         mtu,
         seed,
+        trace,
         source_address,
         destination_address,
     } = args;
+    let trace = trace
+        .as_deref()
+        .map(wanem::trace::Trace::load)
+        .transpose()?;
     let mut scenario = match &scenario {
         Some(name) => Scenario::load(name).map_err(|e| e.to_string())?,
         None => Scenario::clean("custom"),
@@ -273,6 +300,15 @@ fn up(args: UpArgs) -> Result<(), String> {
         socket.display(),
         emulator.config().name
     );
+    let playback = trace.map(|t| {
+        println!(
+            "trace:       {} ({} points over {:.0} s; the last one holds)",
+            t.name,
+            t.points.len(),
+            t.duration().as_secs_f64()
+        );
+        emulator.play(t)
+    });
     println!("ready");
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -280,6 +316,7 @@ fn up(args: UpArgs) -> Result<(), String> {
     // SAFETY: waits on the set blocked above.
     unsafe { libc::sigwait(&signals, &mut received) };
     eprintln!("wanem: signal {received}, cleaning up");
+    drop(playback);
     drop(emulator);
     Ok(())
 }

@@ -620,3 +620,62 @@ fn duplication_corruption_and_reordering_reach_the_receiver() {
     assert!((400..=600).contains(&stats.reordered), "{stats:?}");
     assert_eq!(stats.packets_out, stats.packets_in + stats.duplicated);
 }
+
+#[test]
+fn a_trace_file_is_played_back_live_and_a_bad_one_is_refused() {
+    let Some(_serial) = ready() else { return };
+    let name = name("trace");
+    let dir = std::env::temp_dir().join(format!("{name}-files"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bad = dir.join("bad.csv");
+    std::fs::write(
+        &bad,
+        format!("{}\n0,100,1,0,0,\n0.5,0,1,0,0,\n", wanem::trace::CSV_HEADER),
+    )
+    .expect("write");
+    let (ok, text) = wanem_cli(&["up", "--name", &name, "--trace", bad.to_str().unwrap()]);
+    assert!(!ok && text.contains("line 3: rate_mbit"), "{text}");
+    assert!(
+        leftovers(&name).is_empty(),
+        "nothing is created for a bad trace"
+    );
+    // A clean path for a moment, then a 40 ms, 50 Mbit/s one.
+    let good = dir.join("good.csv");
+    std::fs::write(
+        &good,
+        format!(
+            "{}\n0,1000,0.1,0,0,\n1.5,50,40,0,0,slow\n",
+            wanem::trace::CSV_HEADER
+        ),
+    )
+    .expect("write");
+    let (mut child, banner) = spawn_up(&name, &["--trace", good.to_str().unwrap()]);
+    assert!(banner.contains("2 points"), "{banner}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let (ok, text) = wanem_cli(&["status", "--name", &name, "--json"]);
+        assert!(ok, "{text}");
+        let status: serde_json::Value = serde_json::from_str(text.trim()).expect("JSON status");
+        if status["forward"]["link"]["delay"] == "40ms" {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the trace's second point never applied: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status["reverse"]["link"]["delay"], "40ms", "{status}");
+    assert_ne!(
+        status["forward"]["link"]["rate"], status["reverse"]["link"]["rate"],
+        "the reverse keeps its rate: {status}"
+    );
+    let rtt = EmulatorView { name: name.clone() }.median_ping();
+    eprintln!("median ping {rtt:.3} ms on the trace's second point (80 ms round trip)");
+    assert!(rtt > 65.0, "{rtt}");
+    let (ok, text) = wanem_cli(&["down", "--name", &name]);
+    assert!(ok, "{text}");
+    assert!(child.wait().expect("wait").success());
+    assert!(wait_until_clean(&name).is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
