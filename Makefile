@@ -3,7 +3,8 @@
 #   make demo   install what is missing, build, run the main job on its embedded default
 #   make test   install what is missing, build, run fmt/clippy checks and every test
 #
-# Other targets: deps, build, lint, bench, criterion, loom, fuzz, clean.
+# Other targets: deps, build, lint, bench, criterion, loom, fuzz, models, record-models,
+# clean.
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -15,10 +16,11 @@ CARGO ?= cargo
 #                            its verbs provider finds RDMA NICs, so no verbs headers)
 #  iperf3 zstd lz4           baselines the benchmarks run side by side
 #  iproute2 iputils-ping     namespaces and links for network tests
+#  python3-venv              `make models`: the trainers run in a venv under target/
 APT_PACKAGES := cmake clang libclang-dev pkg-config libhwloc-dev libudev-dev \
-	libfabric-dev iperf3 zstd lz4 iproute2 iputils-ping
+	libfabric-dev iperf3 zstd lz4 iproute2 iputils-ping python3-venv
 
-.PHONY: all deps build demo test lint bench criterion loom fuzz clean
+.PHONY: all deps build demo test lint bench criterion loom fuzz models record-models clean
 
 all: build
 
@@ -61,6 +63,22 @@ bench: deps
 	$(CARGO) run --release -p dwcp-bench -- control --json
 	$(CARGO) run --release -p dwcp-bench -- downtime --json
 	$(CARGO) run --release -p dwcp-bench -- security --json
+	$(CARGO) run --release -p dwcp-bench -- ml --json
+
+# Retrain the learned models from the recordings in models/*/data (a few minutes):
+# Python with numpy, scikit-learn and onnx (pinned in models/requirements.txt) in a venv
+# under target/. The models and their cards are committed; `make test` does not train.
+MODELS_VENV := target/models-venv
+models: deps
+	@[ -x $(MODELS_VENV)/bin/python ] || python3 -m venv $(MODELS_VENV)
+	$(MODELS_VENV)/bin/pip install -q -r models/requirements.txt
+	$(MODELS_VENV)/bin/python models/link/train.py
+
+# Record the migrations the models learn from (root, about 12 minutes): a 4 GiB guest
+# across wanem paths that follow generated traces.
+record-models: deps
+	$(CARGO) build --release -p dwcp-bench
+	./target/release/dwcp-bench ml --record models/link/data
 
 criterion: deps
 	$(CARGO) bench -p dwcp-bench

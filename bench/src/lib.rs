@@ -29,6 +29,7 @@ pub mod control;
 pub mod downtime;
 pub mod kernels;
 pub mod measure;
+pub mod ml;
 pub mod qemu;
 pub mod reference;
 pub mod report;

@@ -119,6 +119,23 @@ enum Suite {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// The learned link models against their baselines on held-out recordings; with
+    /// `--record DIR`, record the migrations they learn from instead (needs root).
+    Ml {
+        /// Print one JSON object per comparison on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Run only the comparisons (or, recording, the traces) whose name contains
+        /// this text.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Record migrations across generated traces into this directory.
+        #[arg(long)]
+        record: Option<std::path::PathBuf>,
+        /// Length of each recorded trace, seconds.
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+    },
     /// Page kernels (CRC32C, zero test, XBZRLE) and the SPSC ring.
     Kernels {
         /// Print one JSON object per comparison on stdout (the table goes to stderr).
@@ -206,6 +223,23 @@ fn main() {
                 qemu_configs,
             };
             dwcp_bench::qemu::run(plan, &mut out);
+            out.finish();
+        }
+        Suite::Ml {
+            json,
+            filter,
+            record,
+            seconds,
+        } => {
+            if let Some(dir) = record {
+                if let Err(e) = dwcp_bench::ml::record(&dir, seconds, filter.as_deref()) {
+                    eprintln!("dwcp-bench ml: {e}");
+                    std::process::exit(1);
+                }
+                return;
+            }
+            let mut out = Reporter::new(json).with_filter(filter);
+            dwcp_bench::ml::run(&mut out);
             out.finish();
         }
         Suite::Kernels { json, filter } => {

@@ -414,6 +414,12 @@ pub struct ControlSection {
     pub drain_seconds: u64,
     /// Control socket clients served at once (1..=4096).
     pub max_clients: usize,
+    /// The learned link-rate predictor's directory (`models/link`: its ONNX model and
+    /// model card), checked at start; its forecasts show in `status` and `migrations`.
+    /// Unset, or refused at start (the reason is printed and shown): the EWMA
+    /// forecasts. Off by default: it does not beat the EWMA on held-out paths at every
+    /// horizon (`models/README.md`).
+    pub link_model: Option<PathBuf>,
 }
 
 impl Default for ControlSection {
@@ -426,6 +432,7 @@ impl Default for ControlSection {
             mode: "auto".into(),
             drain_seconds: 10,
             max_clients: 512,
+            link_model: None,
         }
     }
 }

@@ -15,7 +15,9 @@ use crate::call::{Call, ServerCounters, call};
 use crate::config::Config;
 use crate::flags::{Components, FlagStore};
 use crate::incoming::{IncomingBook, IncomingEvent, Received};
+use crate::linkrec::LinkRecorder;
 use crate::mode::{DetectorConfig, LinkMeter, Mode, ModeDetector, policy_for};
+use crate::predict::{DEFAULT_EWMA_WEIGHT, Forecast, LinkForecaster, LinkModel};
 use crate::qemu::QemuSource;
 use crate::runner::{self, Run, RunningGuest};
 use crate::settings::{Layers, Overrides, layered};
@@ -60,6 +62,10 @@ struct Migration {
     latest: Option<Progress>,
     /// Link samples (and the recent send rate) from its reports.
     link: LinkMeter,
+    /// Its reports as link rows, and the forecast made from them.
+    link_rows: LinkRecorder,
+    forecaster: LinkForecaster,
+    forecast: Option<(f64, Forecast)>,
     state: &'static str,
     error: Option<String>,
     report: Option<MigrationReport>,
@@ -109,6 +115,61 @@ struct ControlState {
     mode_changes: u64,
     /// Incoming migrations.
     incoming: IncomingBook,
+    /// What forecasts the migrations' links.
+    forecasting: Forecasting,
+}
+
+/// The link-rate predictor the daemon started with, or why the EWMA forecasts.
+struct Forecasting {
+    model: Option<LinkModel>,
+    why: String,
+}
+
+impl Forecasting {
+    /// Load `[control] link_model` if set; a model that fails its card's checks is
+    /// reported here and left out.
+    fn load(config: &Config) -> Forecasting {
+        let rule = format!("EWMA (weight {DEFAULT_EWMA_WEIGHT})");
+        let Some(dir) = &config.control.link_model else {
+            return Forecasting {
+                model: None,
+                why: format!("{rule}: no link model configured ([control] link_model)"),
+            };
+        };
+        match LinkModel::load(dir) {
+            Ok(model) => {
+                let card = model.card();
+                let figures = card
+                    .held_out
+                    .metrics_line()
+                    .unwrap_or_else(|| "no held-out figures".into());
+                Forecasting {
+                    why: format!(
+                        "model {} v{} from {} ({}), checked against its card; held out: {figures}",
+                        card.name,
+                        card.version,
+                        dir.display(),
+                        card.model.kind
+                    ),
+                    model: Some(model),
+                }
+            }
+            Err(e) => {
+                eprintln!("dwcpd: link model refused, the EWMA forecasts instead: {e}");
+                Forecasting {
+                    model: None,
+                    why: format!("{rule}: the link model was refused at start: {e}"),
+                }
+            }
+        }
+    }
+
+    fn forecaster(&self) -> LinkForecaster {
+        match &self.model {
+            Some(m) => LinkForecaster::with_model(m.clone()),
+            None => LinkForecaster::rule(DEFAULT_EWMA_WEIGHT),
+        }
+    }
 }
 
 /// Everything probed about this host, for `status`.
@@ -281,6 +342,7 @@ impl ControlState {
                 }
                 crate::config::SessionSecurityConfig::Missing => "no certificates".into(),
             },
+            link_forecast: self.forecasting.why.clone(),
             capabilities: self.capabilities.clone(),
             listen: c.dest.listen.clone(),
             running: self.running_ids().len() + self.incoming.running(),
@@ -367,6 +429,16 @@ impl ControlState {
                 }
                 None => engine::SecurityReport::describe(None),
             },
+            link_forecast: m
+                .forecast
+                .as_ref()
+                .filter(|_| m.state == "running")
+                .map(|(now, f)| dwcp_api::LinkForecastInfo {
+                    now_mbit: *now,
+                    mbit: f.mbit.clone(),
+                    horizons_s: f.horizons_s.clone(),
+                    by: f.by.into(),
+                }),
             downtime_ms: m.report.as_ref().map(|r| r.measured_downtime * 1e3),
             verified_pages: m.report.as_ref().map(|r| r.verified_pages),
             audit_mismatched: m
@@ -648,6 +720,9 @@ impl ControlState {
                 ended: None,
                 latest: None,
                 link: LinkMeter::default(),
+                link_rows: LinkRecorder::new(Instant::now()),
+                forecaster: self.forecasting.forecaster(),
+                forecast: None,
                 state: "interrupted",
                 error: None,
                 report: None,
@@ -747,6 +822,9 @@ impl ControlState {
                 ended: None,
                 latest: None,
                 link: LinkMeter::default(),
+                link_rows: LinkRecorder::new(Instant::now()),
+                forecaster: self.forecasting.forecaster(),
+                forecast: None,
                 state: "running",
                 error: None,
                 report: None,
@@ -881,6 +959,10 @@ impl ControlState {
         let Some(m) = self.migrations.get_mut(&r.migration) else {
             return;
         };
+        if let Some(row) = m.link_rows.observe(&r.progress, r.at) {
+            m.forecaster.push(row);
+            m.forecast = m.forecaster.forecast().map(|f| (row.acked_mbit, f));
+        }
         let sample = m.link.sample(&r.progress, r.at, self.started);
         m.latest = Some(r.progress);
         if let Some(sample) = sample
@@ -1086,6 +1168,7 @@ impl Daemon {
             shutdown: shutdown.clone(),
             defaults: Overrides::default(),
             mode_changes: 0,
+            forecasting: Forecasting::load(&config),
         };
         state.load_interrupted();
         let control_shutdown = shutdown.clone();

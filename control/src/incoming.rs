@@ -236,6 +236,7 @@ fn info(id: u64, m: &Incoming, mode: &str) -> MigrationInfo {
         } else {
             String::new()
         },
+        link_forecast: None,
         state: m.state.into(),
         phase: if m.state == "running" {
             p.phase.into()

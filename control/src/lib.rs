@@ -8,6 +8,9 @@
 //! - [`qemu`]: QEMU guests: the source VM as the engine's guest, the incoming VM as the
 //!   sink of its device state, over QMP;
 //! - [`mode`]: mode detection (sans-IO) and the mode → policy mapping;
+//! - [`linkrec`]: what the control thread sees of a migration's path, a row per quarter
+//!   second; [`predict`]: the learned link-rate predictor (tract-onnx) checked against
+//!   its model card, and the EWMA it has to beat;
 //! - [`flags`]: feature flags, rollout by a hash of the migration id, safe mode;
 //! - [`daemon`]: `dwcpd serve`: the control thread that owns the daemon's state and
 //!   reconfigures running migrations through settings epochs; [`settings`]: how their
@@ -27,8 +30,10 @@ pub mod config;
 pub mod daemon;
 pub mod flags;
 pub mod incoming;
+pub mod linkrec;
 pub mod metrics;
 pub mod mode;
+pub mod predict;
 pub mod progress;
 pub mod qemu;
 pub mod runner;

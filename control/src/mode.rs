@@ -452,12 +452,13 @@ impl fmt::Display for ModePolicy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
 
-    fn progress_with(tcp: &[(u32, u32, u32)]) -> Progress {
+    /// A report of streams with these (segments sent, retransmitted, D-SACKed).
+    pub(crate) fn progress_with(tcp: &[(u32, u32, u32)]) -> Progress {
         use dwcp_dataplane::transport::StreamTelemetry;
         use dwcp_dataplane::transport::socket::TcpInfoSample;
         Progress {

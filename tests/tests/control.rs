@@ -765,3 +765,67 @@ fn cancel_stops_a_migration_while_its_guest_is_still_being_filled() {
     );
     d.stop();
 }
+
+/// The learned link model in a daemon: checked at start, shown in `status`, and
+/// forecasting a running migration once it has its history; one that fails its card's
+/// checks is refused with the reason and the EWMA forecasts.
+#[test]
+fn a_configured_link_model_forecasts_migrations_and_a_refused_one_leaves_the_ewma() {
+    let begun = Instant::now();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/link");
+    let forecast_by = |d: &Daemon, want: &str| {
+        let (id, _) = held_migration(d);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let m = migrations(d).into_iter().find(|m| m.id == id).unwrap();
+            if let Some(f) = m.link_forecast.as_ref().filter(|f| f.by == want) {
+                assert!(f.mbit.iter().all(|v| v.is_finite() && *v > 0.0), "{f:?}");
+                assert!(f.now_mbit >= 0.0);
+                let r = d.call(Command::Cancel { id });
+                assert!(r.ok, "{r:?}");
+                return f.clone();
+            }
+            assert!(Instant::now() < deadline, "no forecast by {want}: {m:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let d = start_with("linkmodel", |c| {
+        c.control.link_model = Some(shipped.clone())
+    });
+    let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
+    assert!(
+        status.link_forecast.starts_with("model link-rate v1")
+            && status.link_forecast.contains("held out"),
+        "{}",
+        status.link_forecast
+    );
+    let f = forecast_by(&d, "model");
+    assert_eq!(f.horizons_s, [1.0, 5.0]);
+    assert_eq!(f.mbit.len(), 2);
+    drop(d);
+
+    // The same model with one byte changed.
+    let broken = std::env::temp_dir().join(format!("dwcp-linkmodel-{}", std::process::id()));
+    std::fs::create_dir_all(&broken).unwrap();
+    for file in ["link-rate.onnx", "link-rate.card.json"] {
+        std::fs::copy(shipped.join(file), broken.join(file)).unwrap();
+    }
+    let mut bytes = std::fs::read(broken.join("link-rate.onnx")).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(broken.join("link-rate.onnx"), bytes).unwrap();
+    let d = start_with("linkmodel-bad", |c| {
+        c.control.link_model = Some(broken.clone())
+    });
+    let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
+    assert!(
+        status.link_forecast.contains("refused") && status.link_forecast.contains("SHA-256"),
+        "{}",
+        status.link_forecast
+    );
+    let f = forecast_by(&d, "ewma");
+    assert_eq!(f.mbit.len(), 1);
+    drop(d);
+    let _ = std::fs::remove_dir_all(&broken);
+    eprintln!("link model test: {:.1} s", begun.elapsed().as_secs_f64());
+}

@@ -237,6 +237,10 @@ pub struct StatusInfo {
     /// or that sessions run plain (`--insecure`).
     #[serde(default)]
     pub security: String,
+    /// What forecasts the migrations' links: the learned model (its card's version and
+    /// held-out figures) or the EWMA, and why.
+    #[serde(default)]
+    pub link_forecast: String,
 }
 
 /// A setting in force and where its value comes from.
@@ -394,6 +398,21 @@ pub struct MigrationInfo {
     /// data streams, or plain (`--insecure`); empty before the session is open.
     #[serde(default)]
     pub session: String,
+    /// The path's acknowledged rate ahead (running outgoing migrations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_forecast: Option<LinkForecastInfo>,
+}
+
+/// A forecast of a migration's link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkForecastInfo {
+    /// The acknowledged rate now (the recent rows' mean), Mbit/s.
+    pub now_mbit: f64,
+    /// Mbit/s at each horizon of `horizons_s` (one value, no horizon, from the EWMA).
+    pub mbit: Vec<f64>,
+    pub horizons_s: Vec<f64>,
+    /// `model` or `ewma`.
+    pub by: String,
 }
 
 fn outgoing() -> String {

@@ -330,6 +330,9 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
             if !s.security.is_empty() {
                 outln!("security:     {}", s.security);
             }
+            if !s.link_forecast.is_empty() {
+                outln!("link forecast: {}", s.link_forecast);
+            }
             outln!(
                 "listening:    {} ({} running: {} outgoing, {} incoming; {} received)",
                 s.listen,
@@ -419,6 +422,9 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                 }
                 if !m.session.is_empty() {
                     outln!("    session: {}", m.session);
+                }
+                if let Some(f) = &m.link_forecast {
+                    outln!("    link: {}", describe_forecast(f));
                 }
                 if let Some(vm) = &m.vm {
                     outln!(
@@ -580,6 +586,29 @@ fn watch(client: &mut Client, id: Option<u64>, json: bool) -> Result<(), String>
     }
 }
 
+/// A link forecast for people: `acknowledged 212 Mbit/s; ahead: 1 s 205, 5 s 190
+/// (model)`.
+fn describe_forecast(f: &dwcp_api::LinkForecastInfo) -> String {
+    let ahead = if f.horizons_s.len() == f.mbit.len() && !f.horizons_s.is_empty() {
+        f.horizons_s
+            .iter()
+            .zip(&f.mbit)
+            .map(|(h, v)| format!("{h} s {v:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    } else {
+        f.mbit
+            .iter()
+            .map(|v| format!("{v:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "acknowledged {:.0} Mbit/s; ahead: {ahead} Mbit/s ({})",
+        f.now_mbit, f.by
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,6 +648,7 @@ mod tests {
             notes: Vec::new(),
             vm: None,
             session: String::new(),
+            link_forecast: None,
         }
     }
 

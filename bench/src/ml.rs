@@ -1,0 +1,411 @@
+//! The `ml` suite: the learned link models against the rules they would replace, and
+//! the recordings they learn from.
+//!
+//! `dwcp-bench ml --record DIR` (root: it runs `wanem`) migrates a 4 GiB guest of
+//! incompressible pages across a path that plays one generated trace per run and
+//! writes what the control thread saw, a row per quarter second, with the path's own
+//! state at that time beside it (`DIR/FAMILY-SEED.csv`). The guest is large enough for
+//! round 0 to outlast the trace on every path the generators make, so the streams are
+//! always limited by the path, never by the migration running out of pages to send.
+//!
+//! `dwcp-bench ml --json` judges the models in `models/` on the held-out recordings
+//! (see `models/README.md` for which those are), with the same code the control thread
+//! runs them with:
+//! - `ml/link-mape-vs-ewma`, `ml/link-mape-vs-last`: the link-rate predictor's mean
+//!   absolute percentage error 1 s ahead against an EWMA's and the last value's (the
+//!   5 s horizon's figures are in the lines);
+//! - `ml/inference-p99-us`: the predictor's 99th percentile inference time on the
+//!   control thread while a migration runs on this machine, against its 1000 µs budget.
+
+use crate::measure::Samples;
+use crate::report::{Better, Comparison, Reporter};
+use dwcp_control::linkrec::{LinkRecord, LinkRecorder};
+use dwcp_control::predict::{self, LinkModel};
+use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
+use dwcp_dataplane::memory::GuestMemory;
+use dwcp_hugepages::PagePreference;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wanem::scenario::Scenario;
+use wanem::trace::Trace;
+use wanem::{Emulator, EmulatorConfig};
+
+/// The recorded guest: round 0 at the fastest generated path (2× a 400 Mbit/s mean)
+/// lasts over 40 s, and most paths are far slower.
+const RECORD_GUEST: usize = 4 << 30;
+
+/// Every trace the models learn from or are judged on: (family, seed). Training and
+/// held-out sets differ in seeds and in families; `models/README.md` says which is
+/// which.
+pub const RECORDED: &[(&str, u64)] = &[
+    ("diurnal", 1),
+    ("diurnal", 2),
+    ("diurnal", 3),
+    ("steps", 1),
+    ("steps", 2),
+    ("steps", 3),
+    ("bursts", 101),
+    ("bursts", 102),
+    ("loss-episodes", 101),
+    ("loss-episodes", 102),
+];
+
+/// Header of a recording: the recorder's columns, then the path's.
+pub fn recording_header() -> String {
+    format!(
+        "{},path_rate_mbit,path_delay_ms,path_loss_percent,label",
+        LinkRecord::CSV_HEADER
+    )
+}
+
+/// Records every trace of [`RECORDED`] (or those whose name contains `filter`) into
+/// `dir`, `seconds` each.
+pub fn record(dir: &Path, seconds: f64, filter: Option<&str>) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let memory = Arc::new(
+        GuestMemory::anonymous(RECORD_GUEST, PagePreference::TransparentHuge)
+            .map_err(|e| format!("guest memory: {e}"))?,
+    );
+    let workload = GuestWorkload {
+        dirty_rate: 1e6,
+        working_set: 0.05,
+        vcpus: 1,
+        ..GuestWorkload::default()
+    };
+    let incompressible = ContentMix {
+        zero: 0,
+        text: 0,
+        structured: 0,
+        random: 1,
+        edit: 0,
+        duplicate: 0,
+    };
+    eprintln!(
+        "ml: filling a {} GiB guest with incompressible pages",
+        RECORD_GUEST >> 30
+    );
+    fill_memory(&memory, &incompressible, workload.seed);
+    for &(family, seed) in RECORDED {
+        let name = format!("{family}-{seed}");
+        if filter.is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        let trace = Trace::generate(family, seed, seconds)?;
+        let started = Instant::now();
+        let csv = record_one(&memory, &workload, &trace)?;
+        let path = dir.join(format!("{name}.csv"));
+        std::fs::write(&path, &csv).map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!(
+            "ml: {} rows in {} ({:.0} s)",
+            csv.lines().count() - 1,
+            path.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// One migration across `trace`; the recording as CSV.
+fn record_one(
+    memory: &Arc<GuestMemory>,
+    workload: &GuestWorkload,
+    trace: &Trace,
+) -> Result<String, String> {
+    // A clean path of MTU 1500 that the trace then shapes.
+    let emulator = Emulator::start(EmulatorConfig::new("dwcpml", Scenario::clean(&trace.name)))
+        .map_err(|e| e.to_string())?;
+    let (mut source, dest) = dwcp_tests::wan::internet_profile();
+    // The recording covers the trace: the migration is cancelled at its end.
+    source.auto_converge = false;
+    // Codecs off: the streams are limited by the path, not by compression.
+    let settings = dwcp_tests::wan::live_settings(&source);
+    let mut rows: Vec<(LinkRecord, f64)> = Vec::new();
+    let mut playback = None;
+    let (out, _) = dwcp_tests::wan::migrate_across_driven(
+        &emulator,
+        memory.clone(),
+        workload,
+        &source,
+        &dest,
+        settings,
+        |live, reports| {
+            let mut recorder: Option<(LinkRecorder, Instant)> = None;
+            while let Ok(r) = reports.recv_timeout(Duration::from_secs(10)) {
+                if recorder
+                    .as_ref()
+                    .is_some_and(|(_, origin)| r.at.duration_since(*origin) >= trace.duration())
+                {
+                    live.cancel("the recorded trace ended");
+                    continue;
+                }
+                // The trace starts with the first report: setup is not the path.
+                let (rec, origin) = recorder.get_or_insert_with(|| {
+                    playback = Some(emulator.play(trace.clone()));
+                    (LinkRecorder::new(r.at), r.at)
+                });
+                if let Some(row) = rec.observe(&r.progress, r.at) {
+                    rows.push((row, r.at.duration_since(*origin).as_secs_f64()));
+                }
+            }
+        },
+    );
+    drop(playback);
+    out.guest.stop();
+    let mut csv = recording_header();
+    csv.push('\n');
+    for (row, t) in &rows {
+        // The path as it was over the row's span (its middle).
+        let mid = Duration::from_secs_f64((t - 0.125).max(0.0));
+        let Some(p) = trace.at(mid) else { continue };
+        let _ = writeln!(
+            csv,
+            "{},{:.3},{:.3},{:.4},{}",
+            row.csv_line(),
+            p.rate_mbit,
+            p.delay_ms,
+            p.loss_percent,
+            p.label
+        );
+    }
+    if rows.len() < 8 {
+        return Err(format!(
+            "{}: only {} rows recorded (source: {:?})",
+            trace.name,
+            rows.len(),
+            out.source.err()
+        ));
+    }
+    Ok(csv)
+}
+
+/// The models' directory in this checkout (or `DWCP_MODELS`).
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("DWCP_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../models"))
+}
+
+/// A recording's rows, read back.
+pub fn read_recording(path: &Path) -> Result<Vec<LinkRecord>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or_else(|| format!("{}: empty", path.display()))?
+        .split(',')
+        .collect();
+    lines
+        .enumerate()
+        .map(|(i, line)| {
+            let fields: Vec<&str> = line.split(',').collect();
+            LinkRecord::from_fields(|name| {
+                let at = header.iter().position(|h| *h == name)?;
+                fields.get(at)?.parse().ok()
+            })
+            .map_err(|e| format!("{} line {}: {e}", path.display(), i + 2))
+        })
+        .collect()
+}
+
+/// The mean acknowledged rate over the second ending `horizon` s after row `i` (what
+/// the trainer's `future` computes).
+fn future(rows: &[LinkRecord], i: usize, horizon: f64) -> Option<f64> {
+    let t = rows[i].t;
+    let span: Vec<f64> = rows[i + 1..]
+        .iter()
+        .filter(|r| r.t - t > horizon - 1.0 && r.t - t <= horizon)
+        .map(|r| r.acked_mbit)
+        .collect();
+    (!span.is_empty()).then(|| span.iter().sum::<f64>() / span.len() as f64)
+}
+
+/// Absolute percentage errors of one predictor, per horizon.
+#[derive(Default)]
+struct Errors {
+    per_horizon: Vec<Vec<f64>>,
+}
+
+impl Errors {
+    fn push(&mut self, horizon: usize, predicted: f64, actual: f64) {
+        if self.per_horizon.len() <= horizon {
+            self.per_horizon.resize_with(horizon + 1, Vec::new);
+        }
+        self.per_horizon[horizon].push((predicted - actual).abs() / actual);
+    }
+
+    fn mape(&self, horizon: usize) -> f64 {
+        let e = &self.per_horizon[horizon];
+        e.iter().sum::<f64>() / e.len() as f64
+    }
+}
+
+fn one(x: f64) -> Samples {
+    let mut s = Samples::default();
+    s.push(x);
+    s
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 1e4).round() / 1e4
+}
+
+/// The suite (see the module docs).
+pub fn run(out: &mut Reporter) {
+    let dir = models_dir().join("link");
+    let model = match LinkModel::load(&dir) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("ml: no link-rate model to judge: {e}");
+            return;
+        }
+    };
+    if out.wants("ml/link-mape") {
+        link_accuracy(&model, &dir, out);
+    }
+    if out.wants("ml/inference-p99-us") {
+        inference_time(&model, out);
+    }
+}
+
+fn link_accuracy(model: &LinkModel, dir: &Path, out: &mut Reporter) {
+    let card = model.card();
+    let horizons = card.output.horizons_s.clone();
+    let history = card.history_rows();
+    let (mut ours, mut ewma_errors, mut last_errors) =
+        (Errors::default(), Errors::default(), Errors::default());
+    let mut samples = 0usize;
+    for name in &card.held_out.recordings {
+        let path = dir.join("data").join(format!("{name}.csv"));
+        let rows = match read_recording(&path) {
+            Ok(rows) => rows,
+            Err(e) => {
+                eprintln!("ml: {e}");
+                return;
+            }
+        };
+        let mut ewma = predict::Ewma::new(card.baseline.ewma_weight);
+        for i in 0..rows.len() {
+            ewma.push(rows[i].acked_mbit);
+            if i + 1 < history {
+                continue;
+            }
+            let actual: Option<Vec<f64>> = horizons
+                .iter()
+                .map(|&h| future(&rows, i, h).filter(|&v| v >= 1.0))
+                .collect();
+            let Some(actual) = actual else { continue };
+            let predicted = match model.predict(&rows[i + 1 - history..=i]) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("ml: {name} row {i}: {e}");
+                    return;
+                }
+            };
+            samples += 1;
+            for (k, &a) in actual.iter().enumerate() {
+                ours.push(k, predicted[k], a);
+                ewma_errors.push(k, ewma.value().unwrap_or(0.0), a);
+                last_errors.push(k, rows[i].acked_mbit, a);
+            }
+        }
+    }
+    if samples == 0 {
+        eprintln!("ml: no held-out samples");
+        return;
+    }
+    let note = format!(
+        "held-out recordings {:?} ({samples} predictions); trained on {:?}; horizon {} s",
+        card.held_out.recordings, card.training.recordings, horizons[0]
+    );
+    for (bench, baseline, errors) in [
+        (
+            "ml/link-mape-vs-ewma",
+            format!(
+                "EWMA (weight {}, tuned on the training set)",
+                card.baseline.ewma_weight
+            ),
+            &ewma_errors,
+        ),
+        (
+            "ml/link-mape-vs-last",
+            "the last value".to_string(),
+            &last_errors,
+        ),
+    ] {
+        if !out.wants(bench) {
+            continue;
+        }
+        let mut c = Comparison::new(
+            bench,
+            "MAPE",
+            Better::Lower,
+            &one(round4(ours.mape(0))),
+            baseline,
+            &one(round4(errors.mape(0))),
+        )
+        .with_target(1.0)
+        .with_note(note.clone())
+        .with_field("samples", samples);
+        for (k, h) in horizons.iter().enumerate().skip(1) {
+            c = c
+                .with_field(&format!("ours_{h}s"), round4(ours.mape(k)))
+                .with_field(&format!("theirs_{h}s"), round4(errors.mape(k)));
+        }
+        out.emit(c);
+    }
+}
+
+/// Inference on this thread while a migration (the demo's, 256 MiB) runs on the
+/// others: one prediction per millisecond, each timed.
+fn inference_time(model: &LinkModel, out: &mut Reporter) {
+    let card = model.card();
+    let rows: Vec<LinkRecord> = card.test_vectors[0]
+        .rows
+        .iter()
+        .filter_map(|r| LinkRecord::from_fields(|n| r.get(n).copied()).ok())
+        .collect();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut times = Vec::new();
+    let migration = std::thread::scope(|scope| {
+        let migration = scope.spawn(|| {
+            let mut config = dwcp_control::config::Config::default();
+            config.guest.memory = dwcp_control::config::Size(256 << 20);
+            let result = dwcp_control::appliance::run_demo(&config, true);
+            done.store(true, std::sync::atomic::Ordering::Release);
+            result.map(|_| ())
+        });
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            let t = Instant::now();
+            let _ = std::hint::black_box(model.predict(&rows));
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        migration.join()
+    });
+    if !matches!(migration, Ok(Ok(()))) {
+        eprintln!("ml: the migration beside the inferences failed: {migration:?}");
+        return;
+    }
+    times.sort_by(f64::total_cmp);
+    let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
+    let median = times[times.len() / 2];
+    out.emit(
+        Comparison::new(
+            "ml/inference-p99-us",
+            "us",
+            Better::Lower,
+            &one((p99 * 10.0).round() / 10.0),
+            "the control thread's budget",
+            &one(1000.0),
+        )
+        .with_target(1.0)
+        .with_field("inferences", times.len())
+        .with_field("median_us", (median * 10.0).round() / 10.0)
+        .with_field("max_us", (times[times.len() - 1] * 10.0).round() / 10.0)
+        .with_note(
+            "one prediction per millisecond on this thread while a 256 MiB demo migration runs",
+        ),
+    );
+}
