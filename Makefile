@@ -73,6 +73,7 @@ models: deps
 	@[ -x $(MODELS_VENV)/bin/python ] || python3 -m venv $(MODELS_VENV)
 	$(MODELS_VENV)/bin/pip install -q -r models/requirements.txt
 	$(MODELS_VENV)/bin/python models/link/train.py
+	$(MODELS_VENV)/bin/python models/anomaly/train.py
 
 # Record the migrations the models learn from (root, about 12 minutes): a 4 GiB guest
 # across wanem paths that follow generated traces.

@@ -420,6 +420,10 @@ pub struct ControlSection {
     /// forecasts. Off by default: it does not beat the EWMA on held-out paths at every
     /// horizon (`models/README.md`).
     pub link_model: Option<PathBuf>,
+    /// The learned path anomaly detector's directory (`models/anomaly`), checked at
+    /// start. Unset, or refused at start: a rolling z-score flags paths going bad. Off
+    /// by default: it does not beat the z-score on held-out paths.
+    pub anomaly_model: Option<PathBuf>,
 }
 
 impl Default for ControlSection {
@@ -433,6 +437,7 @@ impl Default for ControlSection {
             drain_seconds: 10,
             max_clients: 512,
             link_model: None,
+            anomaly_model: None,
         }
     }
 }

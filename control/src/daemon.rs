@@ -11,6 +11,7 @@
 //! never waits on either (a slow client waits on its own thread, a lagging report is
 //! dropped by the engine). Every 100 ms it also checks the flags file.
 
+use crate::anomaly::{AnomalyModel, DEFAULT_ZSCORE_THRESHOLD, Detector, PathWatch};
 use crate::call::{Call, ServerCounters, call};
 use crate::config::Config;
 use crate::flags::{Components, FlagStore};
@@ -66,6 +67,8 @@ struct Migration {
     link_rows: LinkRecorder,
     forecaster: LinkForecaster,
     forecast: Option<(f64, Forecast)>,
+    /// Whether its path is going bad.
+    path: PathWatch,
     state: &'static str,
     error: Option<String>,
     report: Option<MigrationReport>,
@@ -123,18 +126,64 @@ struct ControlState {
 struct Forecasting {
     model: Option<LinkModel>,
     why: String,
+    /// The anomaly detector, and what `status` says of it.
+    detector: Detector,
+    detector_why: String,
 }
 
 impl Forecasting {
     /// Load `[control] link_model` if set; a model that fails its card's checks is
     /// reported here and left out.
     fn load(config: &Config) -> Forecasting {
+        let (detector, detector_why) = Self::load_detector(config);
+        let (model, why) = Self::load_link_model(config);
+        Forecasting {
+            model,
+            why,
+            detector,
+            detector_why,
+        }
+    }
+
+    fn load_detector(config: &Config) -> (Detector, String) {
+        let rule = format!(
+            "rolling z-score of the acknowledged rate and the RTT (threshold {DEFAULT_ZSCORE_THRESHOLD} sd)"
+        );
+        let Some(dir) = &config.control.anomaly_model else {
+            return (
+                Detector::ZScore(DEFAULT_ZSCORE_THRESHOLD),
+                format!("{rule}: no anomaly model configured ([control] anomaly_model)"),
+            );
+        };
+        match AnomalyModel::load(dir) {
+            Ok(model) => {
+                let why = format!(
+                    "model {} v{} from {} ({}), checked against its card; flags above {}",
+                    model.card().name,
+                    model.card().version,
+                    dir.display(),
+                    model.card().model.kind,
+                    model.card().output.threshold
+                );
+                (Detector::Model(Box::new(model)), why)
+            }
+            Err(e) => {
+                eprintln!("dwcpd: anomaly model refused, the z-score flags instead: {e}");
+                (
+                    Detector::ZScore(DEFAULT_ZSCORE_THRESHOLD),
+                    format!("{rule}: the anomaly model was refused at start: {e}"),
+                )
+            }
+        }
+    }
+
+    fn load_link_model(config: &Config) -> (Option<LinkModel>, String) {
         let rule = format!("EWMA (weight {DEFAULT_EWMA_WEIGHT})");
         let Some(dir) = &config.control.link_model else {
-            return Forecasting {
-                model: None,
-                why: format!("{rule}: no link model configured ([control] link_model)"),
-            };
+            return (
+                None,
+                format!("{rule}: no link model configured ([control] link_model)"),
+            );
         };
         match LinkModel::load(dir) {
             Ok(model) => {
@@ -143,23 +192,21 @@ impl Forecasting {
                     .held_out
                     .metrics_line()
                     .unwrap_or_else(|| "no held-out figures".into());
-                Forecasting {
-                    why: format!(
-                        "model {} v{} from {} ({}), checked against its card; held out: {figures}",
-                        card.name,
-                        card.version,
-                        dir.display(),
-                        card.model.kind
-                    ),
-                    model: Some(model),
-                }
+                let why = format!(
+                    "model {} v{} from {} ({}), checked against its card; held out: {figures}",
+                    card.name,
+                    card.version,
+                    dir.display(),
+                    card.model.kind
+                );
+                (Some(model), why)
             }
             Err(e) => {
                 eprintln!("dwcpd: link model refused, the EWMA forecasts instead: {e}");
-                Forecasting {
-                    model: None,
-                    why: format!("{rule}: the link model was refused at start: {e}"),
-                }
+                (
+                    None,
+                    format!("{rule}: the link model was refused at start: {e}"),
+                )
             }
         }
     }
@@ -343,6 +390,7 @@ impl ControlState {
                 crate::config::SessionSecurityConfig::Missing => "no certificates".into(),
             },
             link_forecast: self.forecasting.why.clone(),
+            anomaly_detection: self.forecasting.detector_why.clone(),
             capabilities: self.capabilities.clone(),
             listen: c.dest.listen.clone(),
             running: self.running_ids().len() + self.incoming.running(),
@@ -439,6 +487,12 @@ impl ControlState {
                     horizons_s: f.horizons_s.clone(),
                     by: f.by.into(),
                 }),
+            path_flag: m
+                .path
+                .flagged()
+                .filter(|_| m.state == "running")
+                .map(|(since, why)| format!("going bad since {since:.1} s: {why}")),
+            path_anomalies: m.path.episodes(),
             downtime_ms: m.report.as_ref().map(|r| r.measured_downtime * 1e3),
             verified_pages: m.report.as_ref().map(|r| r.verified_pages),
             audit_mismatched: m
@@ -723,6 +777,7 @@ impl ControlState {
                 link_rows: LinkRecorder::new(Instant::now()),
                 forecaster: self.forecasting.forecaster(),
                 forecast: None,
+                path: PathWatch::new(self.forecasting.detector.clone()),
                 state: "interrupted",
                 error: None,
                 report: None,
@@ -825,6 +880,7 @@ impl ControlState {
                 link_rows: LinkRecorder::new(Instant::now()),
                 forecaster: self.forecasting.forecaster(),
                 forecast: None,
+                path: PathWatch::new(self.forecasting.detector.clone()),
                 state: "running",
                 error: None,
                 report: None,
@@ -962,6 +1018,11 @@ impl ControlState {
         if let Some(row) = m.link_rows.observe(&r.progress, r.at) {
             m.forecaster.push(row);
             m.forecast = m.forecaster.forecast().map(|f| (row.acked_mbit, f));
+            if m.path.push(row)
+                && let Some((_, why)) = m.path.flagged()
+            {
+                eprintln!("dwcpd: migration {}: its path is going bad: {why}", m.id);
+            }
         }
         let sample = m.link.sample(&r.progress, r.at, self.started);
         m.latest = Some(r.progress);

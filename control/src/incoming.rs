@@ -237,6 +237,8 @@ fn info(id: u64, m: &Incoming, mode: &str) -> MigrationInfo {
             String::new()
         },
         link_forecast: None,
+        path_flag: None,
+        path_anomalies: 0,
         state: m.state.into(),
         phase: if m.state == "running" {
             p.phase.into()

@@ -10,7 +10,8 @@
 //! - [`mode`]: mode detection (sans-IO) and the mode → policy mapping;
 //! - [`linkrec`]: what the control thread sees of a migration's path, a row per quarter
 //!   second; [`predict`]: the learned link-rate predictor (tract-onnx) checked against
-//!   its model card, and the EWMA it has to beat;
+//!   its model card, and the EWMA it has to beat; [`anomaly`]: whether a path is going
+//!   bad (a rolling z-score, and the learned detector it was judged against);
 //! - [`flags`]: feature flags, rollout by a hash of the migration id, safe mode;
 //! - [`daemon`]: `dwcpd serve`: the control thread that owns the daemon's state and
 //!   reconfigures running migrations through settings epochs; [`settings`]: how their
@@ -22,6 +23,7 @@
 //!
 //! This crate uses the dataplane's public API only; the dataplane never depends on it.
 
+pub mod anomaly;
 pub mod appliance;
 pub mod call;
 pub mod certs;

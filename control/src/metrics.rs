@@ -246,6 +246,18 @@ pub fn render(s: &Snapshot) -> String {
             .collect()
     };
     family(
+        "dwcp_migration_path_anomalies_total",
+        "counter",
+        "Episodes the anomaly detector flagged on the migration's path.",
+        &per(&|m| m.info.path_anomalies as f64),
+    );
+    family(
+        "dwcp_migration_path_flagged",
+        "gauge",
+        "1 while the anomaly detector flags the migration's path as going bad.",
+        &per(&|m| f64::from(u8::from(m.info.path_flag.is_some()))),
+    );
+    family(
         "dwcp_migration_sent_bytes_total",
         "counter",
         "Bytes handed to the kernel on data streams.",

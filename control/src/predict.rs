@@ -273,7 +273,67 @@ impl std::fmt::Debug for LinkModel {
     }
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// A model card read from `path`.
+pub(crate) fn read_card<C: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<(C, PathBuf), ModelError> {
+    let bytes = std::fs::read(path).map_err(|error| ModelError::Read {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let card = serde_json::from_slice(&bytes).map_err(|e| ModelError::Card {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    Ok((card, path.to_path_buf()))
+}
+
+/// The ONNX model at `path`, if its SHA-256 is `sha256` (as its card says), optimized
+/// for one input of `[1, width]` floats and ready to run.
+pub(crate) fn checked_plan(
+    path: &Path,
+    sha256: &str,
+    width: usize,
+) -> Result<Arc<TypedRunnableModel>, ModelError> {
+    let bytes = std::fs::read(path).map_err(|error| ModelError::Read {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let found = sha256_hex(&bytes);
+    if found != sha256 {
+        return Err(ModelError::Checksum {
+            path: path.to_path_buf(),
+            found,
+            expected: sha256.to_string(),
+        });
+    }
+    tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])
+        .and_then(|m| m.with_input_fact(0, f32::fact([1, width]).into()))
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| ModelError::Onnx {
+            path: path.to_path_buf(),
+            why: format!("{e:#}"),
+        })
+}
+
+/// Run `plan` on one row of `features`: its first output's values.
+pub(crate) fn run_plan(
+    plan: &Arc<TypedRunnableModel>,
+    features: &[f32],
+) -> Result<Vec<f32>, String> {
+    let input = Tensor::from_shape(&[1, features.len()], features).map_err(|e| e.to_string())?;
+    let out = plan
+        .run(tvec!(input.into()))
+        .map_err(|e| format!("{e:#}"))?;
+    let view = out[0]
+        .to_plain_array_view::<f32>()
+        .map_err(|e| e.to_string())?;
+    Ok(view.iter().copied().collect())
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -281,20 +341,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 impl LinkModel {
     /// Load `dir/link-rate.onnx` and check it against `dir/link-rate.card.json`.
     pub fn load(dir: &Path) -> Result<LinkModel, ModelError> {
-        let card_path = dir.join(CARD_FILE);
-        let model_path = dir.join(MODEL_FILE);
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(|error| ModelError::Read {
-                path: path.to_path_buf(),
-                error,
-            })
-        };
-        let card_bytes = read(&card_path)?;
-        let card: ModelCard =
-            serde_json::from_slice(&card_bytes).map_err(|e| ModelError::Card {
-                path: card_path.clone(),
-                why: e.to_string(),
-            })?;
+        let (card, card_path) = read_card::<ModelCard>(&dir.join(CARD_FILE))?;
         let problems = card.problems();
         if !problems.is_empty() {
             return Err(ModelError::Card {
@@ -302,26 +349,8 @@ impl LinkModel {
                 why: problems.join("; "),
             });
         }
-        let model_bytes = read(&model_path)?;
-        let found = sha256_hex(&model_bytes);
-        if found != card.model.onnx_sha256 {
-            return Err(ModelError::Checksum {
-                path: model_path,
-                found,
-                expected: card.model.onnx_sha256.clone(),
-            });
-        }
-        let onnx_error = |e: TractError| ModelError::Onnx {
-            path: model_path.clone(),
-            why: format!("{e:#}"),
-        };
-        let width = card.input.shape[1];
-        let plan = tract_onnx::onnx()
-            .model_for_read(&mut &model_bytes[..])
-            .and_then(|m| m.with_input_fact(0, f32::fact([1, width]).into()))
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
-            .map_err(onnx_error)?;
+        let model_path = dir.join(MODEL_FILE);
+        let plan = checked_plan(&model_path, &card.model.onnx_sha256, card.input.shape[1])?;
         let model = LinkModel { card, plan };
         model.check_test_vectors(&model_path)?;
         Ok(model)
@@ -373,18 +402,9 @@ impl LinkModel {
         }
         let (features, reference) =
             link_features(&rows[rows.len() - n..], self.card.input.reference_rows);
-        let input =
-            Tensor::from_shape(&[1, features.len()], &features).map_err(|e| e.to_string())?;
-        let out = self
-            .plan
-            .run(tvec!(input.into()))
-            .map_err(|e| format!("{e:#}"))?;
-        let view = out[0]
-            .to_plain_array_view::<f32>()
-            .map_err(|e| e.to_string())?;
-        Ok(view
-            .iter()
-            .map(|&log_ratio| reference * f64::from(log_ratio).exp())
+        Ok(run_plan(&self.plan, &features)?
+            .into_iter()
+            .map(|log_ratio| reference * f64::from(log_ratio).exp())
             .collect())
     }
 }

@@ -829,3 +829,57 @@ fn a_configured_link_model_forecasts_migrations_and_a_refused_one_leaves_the_ewm
     let _ = std::fs::remove_dir_all(&broken);
     eprintln!("link model test: {:.1} s", begun.elapsed().as_secs_f64());
 }
+
+/// A migration whose path slows down mid-way (its pacing cap cut to a quarter) is
+/// flagged by the anomaly detector (the rolling z-score by default), in `migrations`
+/// and in the metrics.
+#[test]
+fn a_path_that_slows_down_is_flagged_in_migrations_and_metrics() {
+    let begun = Instant::now();
+    let d = start("anomaly");
+    let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
+    assert!(
+        status.anomaly_detection.starts_with("rolling z-score"),
+        "{}",
+        status.anomaly_detection
+    );
+    let (id, _) = held_migration(&d);
+    // The detector needs 16 rows of about 0.3 s at the steady rate first.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let steady_since = Instant::now();
+    while steady_since.elapsed() < Duration::from_secs(7) {
+        let m = migrations(&d).into_iter().find(|m| m.id == id).unwrap();
+        assert_eq!(m.state, "running", "{m:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = d.call(Command::Set(SetOptions {
+        pacing_rate: Some(HOLDING_CAP / 4),
+        ..SetOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    let flagged = loop {
+        let m = migrations(&d).into_iter().find(|m| m.id == id).unwrap();
+        // (An RTT swing may be flagged before: the reason follows the latest row.)
+        if let Some(flag) = m
+            .path_flag
+            .as_ref()
+            .filter(|f| f.contains("acknowledged rate fell"))
+        {
+            break (flag.clone(), m.path_anomalies);
+        }
+        assert!(Instant::now() < deadline, "never flagged: {m:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(flagged.1 >= 1, "{flagged:?}");
+    let metrics: dwcp_api::MetricsText = d.call(Command::Metrics).into_result().unwrap();
+    assert!(
+        metrics.text.contains(&format!(
+            "dwcp_migration_path_anomalies_total{{migration=\"{id}\"}}"
+        )),
+        "{}",
+        metrics.text
+    );
+    let r = d.call(Command::Cancel { id });
+    assert!(r.ok, "{r:?}");
+    eprintln!("path anomaly test: {:.1} s", begun.elapsed().as_secs_f64());
+}

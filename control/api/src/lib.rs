@@ -241,6 +241,9 @@ pub struct StatusInfo {
     /// held-out figures) or the EWMA, and why.
     #[serde(default)]
     pub link_forecast: String,
+    /// What flags their paths going bad: the z-score or the learned detector, and why.
+    #[serde(default)]
+    pub anomaly_detection: String,
 }
 
 /// A setting in force and where its value comes from.
@@ -401,6 +404,13 @@ pub struct MigrationInfo {
     /// The path's acknowledged rate ahead (running outgoing migrations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_forecast: Option<LinkForecastInfo>,
+    /// While the anomaly detector flags the path (outgoing migrations): since when
+    /// (seconds into the migration) and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_flag: Option<String>,
+    /// Episodes the anomaly detector flagged on its path so far.
+    #[serde(default)]
+    pub path_anomalies: u64,
 }
 
 /// A forecast of a migration's link.

@@ -333,6 +333,9 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
             if !s.link_forecast.is_empty() {
                 outln!("link forecast: {}", s.link_forecast);
             }
+            if !s.anomaly_detection.is_empty() {
+                outln!("path anomalies: {}", s.anomaly_detection);
+            }
             outln!(
                 "listening:    {} ({} running: {} outgoing, {} incoming; {} received)",
                 s.listen,
@@ -425,6 +428,11 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                 }
                 if let Some(f) = &m.link_forecast {
                     outln!("    link: {}", describe_forecast(f));
+                }
+                if let Some(flag) = &m.path_flag {
+                    outln!("    path: {flag} ({} episodes so far)", m.path_anomalies);
+                } else if m.path_anomalies > 0 {
+                    outln!("    path: {} episodes flagged", m.path_anomalies);
                 }
                 if let Some(vm) = &m.vm {
                     outln!(
@@ -649,6 +657,8 @@ mod tests {
             vm: None,
             session: String::new(),
             link_forecast: None,
+            path_flag: None,
+            path_anomalies: 0,
         }
     }
 
