@@ -12,7 +12,9 @@
 //! migration's flag, its reason and how many episodes it has seen.
 
 use crate::linkrec::LinkRecord;
-use crate::predict::{ModelError, checked_plan, read_card, run_plan};
+use crate::predict::{
+    CardChecks, ModelError, check_test_vectors, checked_plan, read_card, run_plan,
+};
 use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -160,7 +162,7 @@ pub struct AnomalyVector {
     pub probability: f64,
 }
 
-impl AnomalyCard {
+impl CardChecks for AnomalyCard {
     fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         if self.name != "path-anomaly" || self.version != 1 {
@@ -211,39 +213,18 @@ impl AnomalyModel {
     /// Load `dir/path-anomaly.onnx` and check it against its card.
     pub fn load(dir: &Path) -> Result<AnomalyModel, ModelError> {
         let (card, card_path) = read_card::<AnomalyCard>(&dir.join(CARD_FILE))?;
-        let problems = card.problems();
-        if !problems.is_empty() {
-            return Err(ModelError::Card {
-                path: card_path,
-                why: problems.join("; "),
-            });
-        }
         let model_path = dir.join(MODEL_FILE);
         let plan = checked_plan(&model_path, &card.model.onnx_sha256, FEATURES.len())?;
         let model = AnomalyModel { card, plan };
-        for (index, v) in model.card.test_vectors.iter().enumerate() {
-            let rows = v
-                .rows
-                .iter()
-                .map(|r| LinkRecord::from_fields(|n| r.get(n).copied()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|why| ModelError::Card {
-                    path: card_path.clone(),
-                    why: format!("test vector {index}: {why}"),
-                })?;
-            let got = model.probability(&rows).map_err(|why| ModelError::Onnx {
-                path: model_path.clone(),
-                why,
-            })?;
-            if (got - v.probability).abs() > 1e-4 {
-                return Err(ModelError::TestVector {
-                    path: model_path,
-                    index,
-                    got: vec![got],
-                    want: vec![v.probability],
-                });
-            }
-        }
+        let vectors: Vec<_> = model
+            .card
+            .test_vectors
+            .iter()
+            .map(|v| (&v.rows[..], vec![v.probability]))
+            .collect();
+        check_test_vectors(&card_path, &model_path, &vectors, |rows| {
+            model.probability(rows).map(|p| vec![p])
+        })?;
         Ok(model)
     }
 

@@ -152,7 +152,9 @@ impl ModelCard {
     pub fn history_rows(&self) -> usize {
         self.input.history_rows
     }
+}
 
+impl CardChecks for ModelCard {
     fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         if self.name != "link-rate" {
@@ -273,19 +275,73 @@ impl std::fmt::Debug for LinkModel {
     }
 }
 
-/// A model card read from `path`.
-pub(crate) fn read_card<C: serde::de::DeserializeOwned>(
+/// A model card's own checks: what this code cannot run it with.
+pub(crate) trait CardChecks {
+    fn problems(&self) -> Vec<String>;
+}
+
+/// A model card read from `path` and checked.
+pub(crate) fn read_card<C: serde::de::DeserializeOwned + CardChecks>(
     path: &Path,
 ) -> Result<(C, PathBuf), ModelError> {
     let bytes = std::fs::read(path).map_err(|error| ModelError::Read {
         path: path.to_path_buf(),
         error,
     })?;
-    let card = serde_json::from_slice(&bytes).map_err(|e| ModelError::Card {
+    let card: C = serde_json::from_slice(&bytes).map_err(|e| ModelError::Card {
         path: path.to_path_buf(),
         why: e.to_string(),
     })?;
+    let problems = card.problems();
+    if !problems.is_empty() {
+        return Err(ModelError::Card {
+            path: path.to_path_buf(),
+            why: problems.join("; "),
+        });
+    }
     Ok((card, path.to_path_buf()))
+}
+
+/// A card's test vector: raw rows by column name, and the outputs the trainer computed
+/// for them.
+pub(crate) type VectorRows<'a> = (&'a [HashMap<String, f64>], Vec<f64>);
+
+/// Run each of a card's test vectors through `run`; the first that disagrees (relatively, or absolutely below
+/// 1) is an error.
+pub(crate) fn check_test_vectors(
+    card_path: &Path,
+    model_path: &Path,
+    vectors: &[VectorRows<'_>],
+    run: impl Fn(&[LinkRecord]) -> Result<Vec<f64>, String>,
+) -> Result<(), ModelError> {
+    for (index, (rows, want)) in vectors.iter().enumerate() {
+        let rows = rows
+            .iter()
+            .map(|r| LinkRecord::from_fields(|name| r.get(name).copied()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|why| ModelError::Card {
+                path: card_path.to_path_buf(),
+                why: format!("test vector {index}: {why}"),
+            })?;
+        let got = run(&rows).map_err(|why| ModelError::Onnx {
+            path: model_path.to_path_buf(),
+            why,
+        })?;
+        let close = got.len() == want.len()
+            && got
+                .iter()
+                .zip(want)
+                .all(|(g, w)| (g - w).abs() <= TEST_TOLERANCE * w.abs().max(1.0));
+        if !close {
+            return Err(ModelError::TestVector {
+                path: model_path.to_path_buf(),
+                index,
+                got,
+                want: want.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The ONNX model at `path`, if its SHA-256 is `sha256` (as its card says), optimized
@@ -342,50 +398,19 @@ impl LinkModel {
     /// Load `dir/link-rate.onnx` and check it against `dir/link-rate.card.json`.
     pub fn load(dir: &Path) -> Result<LinkModel, ModelError> {
         let (card, card_path) = read_card::<ModelCard>(&dir.join(CARD_FILE))?;
-        let problems = card.problems();
-        if !problems.is_empty() {
-            return Err(ModelError::Card {
-                path: card_path,
-                why: problems.join("; "),
-            });
-        }
         let model_path = dir.join(MODEL_FILE);
         let plan = checked_plan(&model_path, &card.model.onnx_sha256, card.input.shape[1])?;
         let model = LinkModel { card, plan };
-        model.check_test_vectors(&model_path)?;
+        let vectors: Vec<_> = model
+            .card
+            .test_vectors
+            .iter()
+            .map(|v| (&v.rows[..], v.predicted_mbit.clone()))
+            .collect();
+        check_test_vectors(&card_path, &model_path, &vectors, |rows| {
+            model.predict(rows)
+        })?;
         Ok(model)
-    }
-
-    fn check_test_vectors(&self, path: &Path) -> Result<(), ModelError> {
-        for (index, v) in self.card.test_vectors.iter().enumerate() {
-            let rows = v
-                .rows
-                .iter()
-                .map(|r| LinkRecord::from_fields(|name| r.get(name).copied()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|why| ModelError::Card {
-                    path: path.with_file_name(CARD_FILE),
-                    why: format!("test vector {index}: {why}"),
-                })?;
-            let got = self.predict(&rows).map_err(|why| ModelError::Onnx {
-                path: path.to_path_buf(),
-                why,
-            })?;
-            let close = got.len() == v.predicted_mbit.len()
-                && got
-                    .iter()
-                    .zip(&v.predicted_mbit)
-                    .all(|(g, w)| (g - w).abs() <= TEST_TOLERANCE * w.abs().max(1.0));
-            if !close {
-                return Err(ModelError::TestVector {
-                    path: path.to_path_buf(),
-                    index,
-                    got,
-                    want: v.predicted_mbit.clone(),
-                });
-            }
-        }
-        Ok(())
     }
 
     /// The card it was checked against.
