@@ -11,20 +11,19 @@ Output: models/anomaly/path-anomaly.onnx and models/anomaly/path-anomaly.card.js
 Run through `make models`.
 """
 
-import csv
-import hashlib
-import json
 import math
 import os
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from common import DATA, file_sha256, missing, read, recordings_sha256, write_card  # noqa: E402
 from sklearn.linear_model import LogisticRegression
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "link", "data")
 
 # Healthy paths, rate steps and loss episodes teach; bursts of cross traffic judge.
 TRAIN = ["diurnal-1", "diurnal-2", "steps-1", "steps-2", "steps-3", "loss-episodes-101", "loss-episodes-102"]
@@ -45,11 +44,6 @@ VERSION = 1
 # After an episode ends, flags still count as detections for this long.
 GRACE_S = 1.0
 
-
-def read(name):
-    with open(os.path.join(DATA, name + ".csv")) as f:
-        rows = list(csv.DictReader(f))
-    return [{k: (v if k == "label" else float(v)) for k, v in r.items()} for r in rows]
 
 
 def mean(xs):
@@ -190,24 +184,12 @@ def probability(model, xs):
     return (1.0 / (1.0 + np.exp(-logit)))[:, 0]
 
 
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def sha256_of(names):
-    h = hashlib.sha256()
-    for n in sorted(names):
-        with open(os.path.join(DATA, n + ".csv"), "rb") as f:
-            h.update((n + ".csv").encode())
-            h.update(f.read())
-    return h.hexdigest()
 
 
 def main():
-    missing = [n for n in TRAIN + HELD_OUT if not os.path.exists(os.path.join(DATA, n + ".csv"))]
-    if missing:
-        sys.exit(f"missing recordings in {DATA}: {missing}")
+    absent = missing(TRAIN + HELD_OUT)
+    if absent:
+        sys.exit(f"missing recordings in {DATA}: {absent}")
     train, held = dataset(TRAIN), dataset(HELD_OUT)
     x = np.concatenate([d[3] for d in train])
     y = np.concatenate([[1 if l else 0 for l in d[2]] for d in train])
@@ -262,15 +244,13 @@ def main():
         "input": {"name": "features", "shape": [1, len(FEATURES)], "history_rows": HISTORY, "recent_rows": RECENT, "features": FEATURES},
         "output": {"name": "probability", "shape": [1, 1], "threshold": threshold},
         "model": {"kind": "logistic regression", "C": C, "class_weight": weight or "none", "selection_f1": score, "onnx_sha256": file_sha256(onnx_path)},
-        "training": {"recordings": TRAIN, "data_sha256": sha256_of(TRAIN), "samples": int(len(x))},
-        "held_out": {"recordings": HELD_OUT, "data_sha256": sha256_of(HELD_OUT), "samples": int(sum(len(d[1]) for d in held)), "detector": ours, "zscore": theirs},
+        "training": {"recordings": TRAIN, "data_sha256": recordings_sha256(TRAIN), "samples": int(len(x))},
+        "held_out": {"recordings": HELD_OUT, "data_sha256": recordings_sha256(HELD_OUT), "samples": int(sum(len(d[1]) for d in held)), "detector": ours, "zscore": theirs},
         "baseline": {"zscore_threshold": k, "grace_s": GRACE_S},
         "beats_baseline": ours["f1"] > theirs["f1"],
         "test_vectors": vectors,
     }
-    with open(os.path.join(HERE, "path-anomaly.card.json"), "w") as f:
-        json.dump(card, f, indent=1)
-        f.write("\n")
+    write_card(os.path.join(HERE, "path-anomaly.card.json"), card)
     print(f"wrote {onnx_path} and its card; beats the z-score on held-out F1: {card['beats_baseline']}")
 
 

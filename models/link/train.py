@@ -12,21 +12,20 @@ Output: models/link/link-rate.onnx and models/link/link-rate.card.json.
 Run through `make models`.
 """
 
-import csv
-import hashlib
-import json
 import math
 import os
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from common import DATA, file_sha256, missing, read, recordings_sha256, write_card  # noqa: E402
 from sklearn.linear_model import Ridge
 from sklearn.neural_network import MLPRegressor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "data")
 
 # Which recordings teach and which judge: different families and different seeds.
 TRAIN = ["diurnal-1", "diurnal-2", "diurnal-3", "steps-1", "steps-2", "steps-3"]
@@ -46,11 +45,6 @@ FEATURES = [
 VERSION = 1
 SEED = 7
 
-
-def read(name):
-    with open(os.path.join(DATA, name + ".csv")) as f:
-        rows = list(csv.DictReader(f))
-    return [{k: (v if k == "label" else float(v)) for k, v in r.items()} for r in rows]
 
 
 def reference(window):
@@ -172,25 +166,12 @@ def forward(layers, x):
     return h
 
 
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def sha256_of(paths):
-    """Of several recordings: over each one's name and bytes, in name order."""
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        with open(p, "rb") as f:
-            h.update(os.path.basename(p).encode())
-            h.update(f.read())
-    return h.hexdigest()
 
 
 def main():
-    missing = [n for n in TRAIN + HELD_OUT if not os.path.exists(os.path.join(DATA, n + ".csv"))]
-    if missing:
-        sys.exit(f"missing recordings in {DATA}: {missing} (sudo dwcp-bench ml --record {DATA})")
+    absent = missing(TRAIN + HELD_OUT)
+    if absent:
+        sys.exit(f"missing recordings in {DATA}: {absent} (sudo dwcp-bench ml --record {DATA})")
     x, y, _, actual_tr, lasts_tr, ewma_tr = samples(TRAIN)
     xh, yh, ref_h, actual_h, lasts_h, ewma_h = samples(HELD_OUT)
     print(f"training samples {len(x)} from {TRAIN}")
@@ -279,15 +260,13 @@ def main():
         "input": {"name": "features", "shape": [1, HISTORY * len(FEATURES)], "history_rows": HISTORY, "reference_rows": REFERENCE_ROWS, "per_row": FEATURES},
         "output": {"name": "log_ratio", "shape": [1, len(HORIZONS)], "horizons_s": HORIZONS, "meaning": "ln(rate ahead / reference rate)"},
         "model": {"kind": kind, "regularisation": strength, "output_shrink": shrink, "layers": [list(w.shape) for w, _ in layers], "selection_score": score, "onnx_sha256": file_sha256(onnx_path)},
-        "training": {"recordings": TRAIN, "data_sha256": sha256_of([os.path.join(DATA, n + ".csv") for n in TRAIN]), "samples": len(x)},
-        "held_out": {"recordings": HELD_OUT, "data_sha256": sha256_of([os.path.join(DATA, n + ".csv") for n in HELD_OUT]), "samples": len(xh), "metrics": metrics},
+        "training": {"recordings": TRAIN, "data_sha256": recordings_sha256(TRAIN), "samples": len(x)},
+        "held_out": {"recordings": HELD_OUT, "data_sha256": recordings_sha256(HELD_OUT), "samples": len(xh), "metrics": metrics},
         "baseline": {"ewma_weight": alpha},
         "beats_baselines": beats,
         "test_vectors": vectors,
     }
-    with open(os.path.join(HERE, "link-rate.card.json"), "w") as f:
-        json.dump(card, f, indent=1)
-        f.write("\n")
+    write_card(os.path.join(HERE, "link-rate.card.json"), card)
     print(f"wrote {onnx_path} and its card; beats both baselines on held-out data: {beats}")
 
 
