@@ -424,6 +424,10 @@ pub struct ControlSection {
     /// start. Unset, or refused at start: a rolling z-score flags paths going bad. Off
     /// by default: it does not beat the z-score on held-out paths.
     pub anomaly_model: Option<PathBuf>,
+    /// Keep what the control thread saw of each outgoing migration's path here, as CSV
+    /// (`migration-ID.csv`, the recorder's rows: `control/src/linkrec.rs`), when it
+    /// ends: recordings of an appliance's own paths to judge or retrain the models on.
+    pub record_links: Option<PathBuf>,
 }
 
 impl Default for ControlSection {
@@ -438,6 +442,7 @@ impl Default for ControlSection {
             max_clients: 512,
             link_model: None,
             anomaly_model: None,
+            record_links: None,
         }
     }
 }

@@ -1042,6 +1042,15 @@ impl ControlState {
             let _ = h.join();
         }
         m.ended = Some(Instant::now());
+        if let Some(dir) = &self.config.control.record_links {
+            let path = dir.join(format!("migration-{id}.csv"));
+            if let Err(e) = std::fs::write(&path, m.link_rows.to_csv()) {
+                eprintln!(
+                    "dwcpd: keeping migration {id}'s link rows in {}: {e}",
+                    path.display()
+                );
+            }
+        }
         m.ended_mode = Some(
             self.detector
                 .mode()

@@ -836,7 +836,11 @@ fn a_configured_link_model_forecasts_migrations_and_a_refused_one_leaves_the_ewm
 #[test]
 fn a_path_that_slows_down_is_flagged_in_migrations_and_metrics() {
     let begun = Instant::now();
-    let d = start("anomaly");
+    let recordings = std::env::temp_dir().join(format!("dwcp-links-{}", std::process::id()));
+    std::fs::create_dir_all(&recordings).unwrap();
+    let d = start_with("anomaly", |c| {
+        c.control.record_links = Some(recordings.clone())
+    });
     let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
     assert!(
         status.anomaly_detection.starts_with("rolling z-score"),
@@ -881,5 +885,19 @@ fn a_path_that_slows_down_is_flagged_in_migrations_and_metrics() {
     );
     let r = d.call(Command::Cancel { id });
     assert!(r.ok, "{r:?}");
+    // What the control thread saw is kept once the migration has ended.
+    let kept = recordings.join(format!("migration-{id}.csv"));
+    while !kept.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no recording in {}",
+            kept.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(&kept).unwrap();
+    assert!(text.starts_with("t,acked_mbit,"), "{text}");
+    assert!(text.lines().count() > 16, "{text}");
+    let _ = std::fs::remove_dir_all(&recordings);
     eprintln!("path anomaly test: {:.1} s", begun.elapsed().as_secs_f64());
 }
