@@ -3,10 +3,10 @@
 //!
 //! `dwcp-bench ml --record DIR` (root: it runs `wanem`) migrates a 4 GiB guest of
 //! incompressible pages across a path that plays one generated trace per run and
-//! writes what the control thread saw, a row per quarter second, with the path's own
-//! state at that time beside it (`DIR/FAMILY-SEED.csv`). The guest is large enough for
-//! round 0 to outlast the trace on every path the generators make, so the streams are
-//! always limited by the path, never by the migration running out of pages to send.
+//! writes what the control thread saw, a row per ~0.3 s of reports, with the path's own
+//! state at that time beside it (`DIR/FAMILY-SEED.csv`). The guest is large enough that
+//! round 0 outlasted every recorded trace, so the streams never ran out of pages to
+//! send (the run is cancelled when its trace ends).
 //!
 //! `dwcp-bench ml --json` judges the models in `models/` on the held-out recordings
 //! (see `models/README.md` for which those are), with the same code the control thread

@@ -1,5 +1,6 @@
 //! The link recorder: what the control thread sees of a migration's path, one row per
-//! quarter second, for the learned link models to be trained and judged on.
+//! span of reports of at least a quarter second (about 0.3 s with reports every
+//! 100 ms), for the learned link models to be trained and judged on.
 //!
 //! It reads the same progress reports the control thread gets (TCP_INFO of every data
 //! stream, the bytes handed to the kernel, the control stream's ping) and keeps, per
