@@ -774,7 +774,11 @@ impl ControlState {
                 ended: None,
                 latest: None,
                 link: LinkMeter::default(),
-                link_rows: LinkRecorder::new(Instant::now()),
+                link_rows: if self.config.control.record_links.is_some() {
+                    LinkRecorder::new(Instant::now())
+                } else {
+                    LinkRecorder::passing(Instant::now())
+                },
                 forecaster: self.forecasting.forecaster(),
                 forecast: None,
                 path: PathWatch::new(self.forecasting.detector.clone()),
@@ -877,7 +881,11 @@ impl ControlState {
                 ended: None,
                 latest: None,
                 link: LinkMeter::default(),
-                link_rows: LinkRecorder::new(Instant::now()),
+                link_rows: if self.config.control.record_links.is_some() {
+                    LinkRecorder::new(Instant::now())
+                } else {
+                    LinkRecorder::passing(Instant::now())
+                },
                 forecaster: self.forecasting.forecaster(),
                 forecast: None,
                 path: PathWatch::new(self.forecasting.detector.clone()),
@@ -1050,6 +1058,7 @@ impl ControlState {
                     path.display()
                 );
             }
+            m.link_rows.forget();
         }
         m.ended_mode = Some(
             self.detector

@@ -83,10 +83,12 @@ pub struct LinkRecorder {
     segments: u64,
     retrans: u64,
     rows: Vec<LinkRecord>,
+    /// Whether rows are kept (for [`LinkRecorder::to_csv`]) or only handed out.
+    keep: bool,
 }
 
 impl LinkRecorder {
-    /// A recorder whose rows count time from `origin`.
+    /// A recorder whose rows count time from `origin`, keeping every row.
     pub fn new(origin: Instant) -> Self {
         LinkRecorder {
             origin,
@@ -95,7 +97,23 @@ impl LinkRecorder {
             segments: 0,
             retrans: 0,
             rows: Vec::new(),
+            keep: true,
         }
+    }
+
+    /// A recorder that only hands its rows out (a daemon's migrations, unless their
+    /// rows are to be kept: a long-lived daemon would otherwise hold every row of
+    /// every migration it ever ran).
+    pub fn passing(origin: Instant) -> Self {
+        LinkRecorder {
+            keep: false,
+            ..LinkRecorder::new(origin)
+        }
+    }
+
+    /// Let go of the rows kept so far.
+    pub fn forget(&mut self) {
+        self.rows = Vec::new();
     }
 
     /// Take a report made at `at`; returns the row it completed, if any.
@@ -141,7 +159,9 @@ impl LinkRecorder {
             streams: tcp().count() as u32,
         };
         self.mark = Some((at, acked, sent));
-        self.rows.push(row);
+        if self.keep {
+            self.rows.push(row);
+        }
         Some(row)
     }
 
@@ -227,6 +247,14 @@ mod tests {
             LinkRecord::CSV_HEADER.split(',').count()
         );
         // A replaced stream counts from zero again: the row says 0, never wraps.
+        let mut passing = LinkRecorder::passing(origin);
+        passing.observe(&progress(&[(0, 0, 0, 0)]), at(0));
+        assert!(
+            passing
+                .observe(&progress(&[(1, 1_000_000, 1, 0)]), at(300))
+                .is_some()
+        );
+        assert!(passing.rows().is_empty(), "handed out, not kept");
         let row = rec
             .observe(
                 &progress(&[(0, 0, 0, 0), (1 << 20, 1_250_000, 100, 0)]),
