@@ -425,8 +425,9 @@ pub struct ControlSection {
     /// by default: it does not beat the z-score on held-out paths.
     pub anomaly_model: Option<PathBuf>,
     /// Keep what the control thread saw of each outgoing migration's path here, as CSV
-    /// (`migration-ID.csv`, the recorder's rows: `control/src/linkrec.rs`), when it
-    /// ends: recordings of an appliance's own paths to judge or retrain the models on.
+    /// (`migration-ID.csv`, the recorder's rows: `control/src/linkrec.rs`; each data
+    /// stream's part of them in `migration-ID-streams.csv`), when it ends: recordings
+    /// of an appliance's own paths to judge or retrain the models on.
     pub record_links: Option<PathBuf>,
 }
 

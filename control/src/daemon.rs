@@ -1052,7 +1052,10 @@ impl ControlState {
         m.ended = Some(Instant::now());
         if let Some(dir) = &self.config.control.record_links {
             let path = dir.join(format!("migration-{id}.csv"));
-            if let Err(e) = std::fs::write(&path, m.link_rows.to_csv()) {
+            let streams = dir.join(format!("migration-{id}-streams.csv"));
+            if let Err(e) = std::fs::write(&path, m.link_rows.to_csv())
+                .and_then(|()| std::fs::write(&streams, m.link_rows.streams_csv()))
+            {
                 eprintln!(
                     "dwcpd: keeping migration {id}'s link rows in {}: {e}",
                     path.display()

@@ -72,7 +72,54 @@ impl LinkRecord {
     }
 }
 
-/// Turns progress reports into [`LinkRecord`]s.
+/// One stream over the same span as a [`LinkRecord`] (kept rows only).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StreamRecord {
+    /// Seconds since the recorder's origin.
+    pub t: f64,
+    /// The data stream's id.
+    pub stream: u16,
+    /// Acknowledged rate, Mbit/s.
+    pub acked_mbit: f64,
+    /// TCP's delivery-rate estimate, Mbit/s.
+    pub delivery_mbit: f64,
+    /// Smoothed RTT and its variance, ms.
+    pub rtt_ms: f64,
+    pub rttvar_ms: f64,
+    /// Segments retransmitted over the span (spurious ones left out), and sent.
+    pub retrans: u64,
+    pub segments: u64,
+    /// Congestion window, segments.
+    pub cwnd: u32,
+    /// Bytes written and not yet sent, KiB.
+    pub notsent_kib: f64,
+}
+
+impl StreamRecord {
+    /// Header of the CSV form.
+    pub const CSV_HEADER: &'static str =
+        "t,stream,acked_mbit,delivery_mbit,rtt_ms,rttvar_ms,retrans,segments,cwnd,notsent_kib";
+
+    /// One CSV line, without its newline.
+    pub fn csv_line(&self) -> String {
+        format!(
+            "{:.3},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{:.1}",
+            self.t,
+            self.stream,
+            self.acked_mbit,
+            self.delivery_mbit,
+            self.rtt_ms,
+            self.rttvar_ms,
+            self.retrans,
+            self.segments,
+            self.cwnd,
+            self.notsent_kib
+        )
+    }
+}
+
+/// Turns progress reports into [`LinkRecord`]s (and, when it keeps them,
+/// [`StreamRecord`]s).
 #[derive(Debug)]
 pub struct LinkRecorder {
     origin: Instant,
@@ -83,6 +130,10 @@ pub struct LinkRecorder {
     segments: u64,
     retrans: u64,
     rows: Vec<LinkRecord>,
+    /// Per stream, as of the current row's start: bytes acknowledged, segments
+    /// retransmitted, D-SACKed and sent.
+    stream_marks: std::collections::HashMap<u16, (u64, u32, u32, u32)>,
+    stream_rows: Vec<StreamRecord>,
     /// Whether rows are kept (for [`LinkRecorder::to_csv`]) or only handed out.
     keep: bool,
 }
@@ -97,6 +148,8 @@ impl LinkRecorder {
             segments: 0,
             retrans: 0,
             rows: Vec::new(),
+            stream_marks: std::collections::HashMap::new(),
+            stream_rows: Vec::new(),
             keep: true,
         }
     }
@@ -114,6 +167,54 @@ impl LinkRecorder {
     /// Let go of the rows kept so far.
     pub fn forget(&mut self) {
         self.rows = Vec::new();
+        self.stream_rows = Vec::new();
+    }
+
+    /// Each stream's part of the row that ends at `t` (`span` long), and the marks for
+    /// the next.
+    fn keep_streams(&mut self, progress: &Progress, t: f64, span: Duration) {
+        for s in &progress.streams {
+            let Some(tcp) = s.tcp else { continue };
+            let now = (
+                tcp.bytes_acked,
+                tcp.total_retrans,
+                tcp.dsack_dups,
+                tcp.segs_out,
+            );
+            let before = self
+                .stream_marks
+                .insert(s.stream, now)
+                .unwrap_or((0, 0, 0, 0));
+            if self.mark.is_none() {
+                continue;
+            }
+            let lost = now
+                .1
+                .saturating_sub(before.1)
+                .saturating_sub(now.2.saturating_sub(before.2));
+            self.stream_rows.push(StreamRecord {
+                t,
+                stream: s.stream,
+                acked_mbit: now.0.saturating_sub(before.0) as f64 * 8.0 / span.as_secs_f64() / 1e6,
+                delivery_mbit: tcp.delivery_rate as f64 * 8.0 / 1e6,
+                rtt_ms: f64::from(tcp.rtt_us) / 1e3,
+                rttvar_ms: f64::from(tcp.rttvar_us) / 1e3,
+                retrans: u64::from(lost),
+                segments: u64::from(now.3.saturating_sub(before.3)),
+                cwnd: tcp.snd_cwnd,
+                notsent_kib: f64::from(tcp.notsent_bytes) / 1024.0,
+            });
+        }
+    }
+
+    /// Every stream's rows so far as CSV, header first (kept rows only).
+    pub fn streams_csv(&self) -> String {
+        let mut out = String::from(StreamRecord::CSV_HEADER);
+        out.push('\n');
+        for r in &self.stream_rows {
+            let _ = writeln!(out, "{}", r.csv_line());
+        }
+        out
     }
 
     /// Take a report made at `at`; returns the row it completed, if any.
@@ -126,6 +227,9 @@ impl LinkRecorder {
         let acked: u64 = tcp().map(|t| t.bytes_acked).sum();
         let sent = progress.stream_bytes();
         let Some((since, acked_before, sent_before)) = self.mark else {
+            if self.keep {
+                self.keep_streams(progress, 0.0, Duration::ZERO);
+            }
             self.mark = Some((at, acked, sent));
             return None;
         };
@@ -158,10 +262,11 @@ impl LinkRecorder {
             notsent_kib: tcp().map(|t| u64::from(t.notsent_bytes)).sum::<u64>() as f64 / 1024.0,
             streams: tcp().count() as u32,
         };
-        self.mark = Some((at, acked, sent));
         if self.keep {
             self.rows.push(row);
+            self.keep_streams(progress, row.t, span);
         }
+        self.mark = Some((at, acked, sent));
         Some(row)
     }
 
@@ -239,6 +344,14 @@ mod tests {
         assert_eq!((row.rtt_ms, row.min_rtt_ms, row.streams), (40.0, 39.0, 2));
         assert_eq!((row.segments, row.retrans, row.cwnd), (1000, 3, 200));
         assert!((row.t - 0.25).abs() < 1e-9);
+        let streams = rec.streams_csv();
+        let lines: Vec<&str> = streams.lines().collect();
+        assert_eq!(lines[0], StreamRecord::CSV_HEADER);
+        assert_eq!(lines.len(), 3, "one line per stream per row: {streams}");
+        assert!(
+            lines[1].starts_with("0.250,0,40.000,50.000,40.000,2.000,3,900,100,"),
+            "{streams}"
+        );
         let csv = rec.to_csv();
         assert!(csv.starts_with(LinkRecord::CSV_HEADER));
         assert_eq!(csv.lines().count(), 2);

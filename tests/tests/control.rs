@@ -898,6 +898,13 @@ fn a_path_that_slows_down_is_flagged_in_migrations_and_metrics() {
     let text = std::fs::read_to_string(&kept).unwrap();
     assert!(text.starts_with("t,acked_mbit,"), "{text}");
     assert!(text.lines().count() > 16, "{text}");
+    let streams =
+        std::fs::read_to_string(recordings.join(format!("migration-{id}-streams.csv"))).unwrap();
+    assert!(streams.starts_with("t,stream,acked_mbit,"), "{streams}");
+    assert!(
+        streams.lines().count() > text.lines().count(),
+        "a line per stream per row: {streams}"
+    );
     let _ = std::fs::remove_dir_all(&recordings);
     eprintln!("path anomaly test: {:.1} s", begun.elapsed().as_secs_f64());
 }
