@@ -13,7 +13,8 @@
 
 use crate::linkrec::LinkRecord;
 use crate::predict::{
-    CardChecks, ModelError, check_test_vectors, checked_plan, read_card, run_plan,
+    CardChecks, CardData, CardModel, ModelError, check_test_vectors, checked_plan, read_card,
+    run_plan,
 };
 use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
@@ -120,9 +121,11 @@ pub struct AnomalyCard {
     pub version: u32,
     pub input: AnomalyInput,
     pub output: AnomalyOutput,
-    pub model: crate::predict::CardModel,
-    pub training: AnomalyData,
-    pub held_out: AnomalyData,
+    pub model: CardModel,
+    /// The recordings (the held-out figures are the detector's and the z-score's,
+    /// not read here).
+    pub training: CardData,
+    pub held_out: CardData,
     pub baseline: AnomalyBaseline,
     pub beats_baseline: bool,
     pub test_vectors: Vec<AnomalyVector>,
@@ -140,13 +143,6 @@ pub struct AnomalyInput {
 pub struct AnomalyOutput {
     pub shape: Vec<usize>,
     pub threshold: f64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct AnomalyData {
-    pub recordings: Vec<String>,
-    pub data_sha256: String,
-    pub samples: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -63,12 +63,8 @@ struct Migration {
     latest: Option<Progress>,
     /// Link samples (and the recent send rate) from its reports.
     link: LinkMeter,
-    /// Its reports as link rows, and the forecast made from them.
-    link_rows: LinkRecorder,
-    forecaster: LinkForecaster,
-    forecast: Option<(f64, Forecast)>,
-    /// Whether its path is going bad.
-    path: PathWatch,
+    /// What its reports say of its path: rows, forecast, anomaly flag.
+    path: PathView,
     state: &'static str,
     error: Option<String>,
     report: Option<MigrationReport>,
@@ -118,28 +114,28 @@ struct ControlState {
     mode_changes: u64,
     /// Incoming migrations.
     incoming: IncomingBook,
-    /// What forecasts the migrations' links.
-    forecasting: Forecasting,
+    /// What forecasts the migrations' links and flags their paths.
+    path_models: PathModels,
 }
 
-/// The link-rate predictor the daemon started with, or why the EWMA forecasts.
-struct Forecasting {
-    model: Option<LinkModel>,
-    why: String,
-    /// The anomaly detector, and what `status` says of it.
+/// The link-rate predictor and the anomaly detector the daemon started with, each
+/// with what `status` says of it (the rule in force, and why, when no model is).
+struct PathModels {
+    link_model: Option<LinkModel>,
+    link_why: String,
     detector: Detector,
     detector_why: String,
 }
 
-impl Forecasting {
-    /// Load `[control] link_model` if set; a model that fails its card's checks is
-    /// reported here and left out.
-    fn load(config: &Config) -> Forecasting {
+impl PathModels {
+    /// Load `[control] link_model` and `anomaly_model` if set; a model that fails its
+    /// card's checks is reported here and left out.
+    fn load(config: &Config) -> PathModels {
         let (detector, detector_why) = Self::load_detector(config);
-        let (model, why) = Self::load_link_model(config);
-        Forecasting {
-            model,
-            why,
+        let (link_model, link_why) = Self::load_link_model(config);
+        PathModels {
+            link_model,
+            link_why,
             detector,
             detector_why,
         }
@@ -211,11 +207,63 @@ impl Forecasting {
         }
     }
 
-    fn forecaster(&self) -> LinkForecaster {
-        match &self.model {
-            Some(m) => LinkForecaster::with_model(m.clone()),
-            None => LinkForecaster::rule(DEFAULT_EWMA_WEIGHT),
+    /// A new migration's view of its path; its rows kept for `record_links` when
+    /// `keep_rows`.
+    fn view(&self, keep_rows: bool) -> PathView {
+        let now = Instant::now();
+        PathView {
+            rows: if keep_rows {
+                LinkRecorder::new(now)
+            } else {
+                LinkRecorder::passing(now)
+            },
+            forecaster: match &self.link_model {
+                Some(m) => LinkForecaster::with_model(m.clone()),
+                None => LinkForecaster::rule(DEFAULT_EWMA_WEIGHT),
+            },
+            forecast: None,
+            watch: PathWatch::new(self.detector.clone()),
         }
+    }
+}
+
+/// One migration's path as the control thread sees it: its reports as link rows, the
+/// forecast made from them (with the acknowledged rate it was made at), and whether
+/// the path is going bad.
+struct PathView {
+    rows: LinkRecorder,
+    forecaster: LinkForecaster,
+    forecast: Option<(f64, Forecast)>,
+    watch: PathWatch,
+}
+
+impl PathView {
+    /// Take a report; the reason, when it begins an anomaly episode.
+    fn observe(&mut self, progress: &Progress, at: Instant) -> Option<&str> {
+        let row = self.rows.observe(progress, at)?;
+        self.forecaster.push(row);
+        self.forecast = self.forecaster.forecast().map(|f| (row.acked_mbit, f));
+        if self.watch.push(row) {
+            self.watch.flagged().map(|(_, why)| why.as_str())
+        } else {
+            None
+        }
+    }
+
+    /// Write the rows kept to `dir` (`migration-ID.csv`, `migration-ID-streams.csv`),
+    /// then let go of them.
+    fn keep(&mut self, dir: &std::path::Path, id: u64) {
+        let path = dir.join(format!("migration-{id}.csv"));
+        let streams = dir.join(format!("migration-{id}-streams.csv"));
+        if let Err(e) = std::fs::write(&path, self.rows.to_csv())
+            .and_then(|()| std::fs::write(&streams, self.rows.streams_csv()))
+        {
+            eprintln!(
+                "dwcpd: keeping migration {id}'s link rows in {}: {e}",
+                path.display()
+            );
+        }
+        self.rows.forget();
     }
 }
 
@@ -389,8 +437,8 @@ impl ControlState {
                 }
                 crate::config::SessionSecurityConfig::Missing => "no certificates".into(),
             },
-            link_forecast: self.forecasting.why.clone(),
-            anomaly_detection: self.forecasting.detector_why.clone(),
+            link_forecast: self.path_models.link_why.clone(),
+            anomaly_detection: self.path_models.detector_why.clone(),
             capabilities: self.capabilities.clone(),
             listen: c.dest.listen.clone(),
             running: self.running_ids().len() + self.incoming.running(),
@@ -478,6 +526,7 @@ impl ControlState {
                 None => engine::SecurityReport::describe(None),
             },
             link_forecast: m
+                .path
                 .forecast
                 .as_ref()
                 .filter(|_| m.state == "running")
@@ -489,10 +538,11 @@ impl ControlState {
                 }),
             path_flag: m
                 .path
+                .watch
                 .flagged()
                 .filter(|_| m.state == "running")
                 .map(|(since, why)| format!("going bad since {since:.1} s: {why}")),
-            path_anomalies: m.path.episodes(),
+            path_anomalies: m.path.watch.episodes(),
             downtime_ms: m.report.as_ref().map(|r| r.measured_downtime * 1e3),
             verified_pages: m.report.as_ref().map(|r| r.verified_pages),
             audit_mismatched: m
@@ -774,14 +824,9 @@ impl ControlState {
                 ended: None,
                 latest: None,
                 link: LinkMeter::default(),
-                link_rows: if self.config.control.record_links.is_some() {
-                    LinkRecorder::new(Instant::now())
-                } else {
-                    LinkRecorder::passing(Instant::now())
-                },
-                forecaster: self.forecasting.forecaster(),
-                forecast: None,
-                path: PathWatch::new(self.forecasting.detector.clone()),
+                path: self
+                    .path_models
+                    .view(self.config.control.record_links.is_some()),
                 state: "interrupted",
                 error: None,
                 report: None,
@@ -881,14 +926,9 @@ impl ControlState {
                 ended: None,
                 latest: None,
                 link: LinkMeter::default(),
-                link_rows: if self.config.control.record_links.is_some() {
-                    LinkRecorder::new(Instant::now())
-                } else {
-                    LinkRecorder::passing(Instant::now())
-                },
-                forecaster: self.forecasting.forecaster(),
-                forecast: None,
-                path: PathWatch::new(self.forecasting.detector.clone()),
+                path: self
+                    .path_models
+                    .view(self.config.control.record_links.is_some()),
                 state: "running",
                 error: None,
                 report: None,
@@ -1023,14 +1063,8 @@ impl ControlState {
         let Some(m) = self.migrations.get_mut(&r.migration) else {
             return;
         };
-        if let Some(row) = m.link_rows.observe(&r.progress, r.at) {
-            m.forecaster.push(row);
-            m.forecast = m.forecaster.forecast().map(|f| (row.acked_mbit, f));
-            if m.path.push(row)
-                && let Some((_, why)) = m.path.flagged()
-            {
-                eprintln!("dwcpd: migration {}: its path is going bad: {why}", m.id);
-            }
+        if let Some(why) = m.path.observe(&r.progress, r.at) {
+            eprintln!("dwcpd: migration {}: its path is going bad: {why}", m.id);
         }
         let sample = m.link.sample(&r.progress, r.at, self.started);
         m.latest = Some(r.progress);
@@ -1051,17 +1085,7 @@ impl ControlState {
         }
         m.ended = Some(Instant::now());
         if let Some(dir) = &self.config.control.record_links {
-            let path = dir.join(format!("migration-{id}.csv"));
-            let streams = dir.join(format!("migration-{id}-streams.csv"));
-            if let Err(e) = std::fs::write(&path, m.link_rows.to_csv())
-                .and_then(|()| std::fs::write(&streams, m.link_rows.streams_csv()))
-            {
-                eprintln!(
-                    "dwcpd: keeping migration {id}'s link rows in {}: {e}",
-                    path.display()
-                );
-            }
-            m.link_rows.forget();
+            m.path.keep(dir, id);
         }
         m.ended_mode = Some(
             self.detector
@@ -1250,7 +1274,7 @@ impl Daemon {
             shutdown: shutdown.clone(),
             defaults: Overrides::default(),
             mode_changes: 0,
-            forecasting: Forecasting::load(&config),
+            path_models: PathModels::load(&config),
         };
         state.load_interrupted();
         let control_shutdown = shutdown.clone();

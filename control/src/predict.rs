@@ -106,13 +106,14 @@ pub struct CardModel {
     pub onnx_sha256: String,
 }
 
+/// The recordings a model was trained or judged on (either card).
 #[derive(Debug, Clone, Deserialize)]
 pub struct CardData {
     pub recordings: Vec<String>,
     pub data_sha256: String,
     pub samples: usize,
-    /// Held out: per horizon (`1s`, `5s`), the model's, the EWMA's and the last
-    /// value's figures.
+    /// Held out, in the link model's card: per horizon (`1s`, `5s`), the model's, the
+    /// EWMA's and the last value's figures.
     #[serde(default)]
     pub metrics: std::collections::BTreeMap<String, HashMap<String, f64>>,
 }
