@@ -60,7 +60,7 @@ fn demo(change: impl FnOnce(&mut Config)) -> Result<MigrationReport, String> {
 fn parts(r: &MigrationReport) -> String {
     let (e, m) = (&r.downtime.estimated, &r.downtime.measured);
     format!(
-        "collect {:.2}/{:.2}, send {} pages {:.2}/{:.2}, confirm {:.2}/{:.2}, pause -/{:.2} ms; round seconds {:?}",
+        "collect {:.2}/{:.2}, send {} pages {:.2}/{:.2}, confirm {:.2}/{:.2}, pause -/{:.2} ms; rounds (pages, zero, KiB, ms) {:?}",
         e.collect * 1e3,
         m.collect * 1e3,
         e.pages,
@@ -71,7 +71,12 @@ fn parts(r: &MigrationReport) -> String {
         m.pause * 1e3,
         r.rounds
             .iter()
-            .map(|x| (x.pages, (x.seconds * 1e4).round() / 10.0))
+            .map(|x| (
+                x.pages,
+                x.zero_pages,
+                x.bytes / 1024,
+                (x.seconds * 1e4).round() / 10.0
+            ))
             .collect::<Vec<_>>()
     )
 }
