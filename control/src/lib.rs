@@ -27,6 +27,7 @@ pub mod anomaly;
 pub mod appliance;
 pub mod call;
 pub mod certs;
+pub mod cluster;
 pub mod codec_policy;
 pub mod config;
 pub mod daemon;

@@ -1,0 +1,189 @@
+//! What the cluster replicates: the commands in its log and the state they build.
+//!
+//! Every appliance applies the same commands in the same order, so `apply` must be a
+//! function of the state and the command alone: no clocks, no hosts, no files. A
+//! command that does not apply (an unknown flag, say) is refused before it is proposed
+//! ([`Command::check`]); one that reaches the log anyway is skipped the same way
+//! everywhere, and counted.
+
+use crate::flags::Flags;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One change to the replicated state, as the log carries it (JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Command {
+    /// A feature flag, the rollout percentage, safe mode or the mode override, as
+    /// `dwcpctl flag NAME VALUE` takes them.
+    SetFlag {
+        /// The flag's name.
+        name: String,
+        /// Its new value.
+        value: String,
+    },
+    /// The site's WAN budget in bits per second; `None` lifts it.
+    SetBudget {
+        /// Bits per second shared out to the running migrations.
+        bits_per_second: Option<u64>,
+    },
+    /// A migration's record, added or replaced whole.
+    PutMigration(MigrationRecord),
+}
+
+/// A migration as every appliance of the site sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// The migration's id.
+    pub id: u64,
+    /// The VM it moves.
+    pub vm: String,
+    /// The appliance it leaves (raft node id).
+    pub source: u64,
+    /// The appliance it goes to, as its operator named it.
+    pub destination: String,
+    /// `running`, `completed`, `failed`, `interrupted`.
+    pub state: String,
+    /// The last pre-copy round reached.
+    pub round: u64,
+    /// When it was interrupted, seconds since the Unix epoch (set by the proposer: a
+    /// clock read in `apply` would differ between appliances).
+    pub interrupted_at: Option<u64>,
+}
+
+impl Command {
+    /// Refuses a command that could not apply, before it is proposed.
+    pub fn check(&self, state: &ClusterState) -> Result<(), String> {
+        match self {
+            Command::SetFlag { name, value } => state.flags.clone().set(name, value),
+            Command::SetBudget {
+                bits_per_second: Some(0),
+            } => Err(
+                "a WAN budget of 0 bit/s would stop every migration; lift the budget instead"
+                    .into(),
+            ),
+            Command::SetBudget { .. } => Ok(()),
+            Command::PutMigration(record) => {
+                const STATES: [&str; 4] = ["running", "completed", "failed", "interrupted"];
+                if STATES.contains(&record.state.as_str()) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "migration state {:?} is not one of {}",
+                        record.state,
+                        STATES.join(", ")
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The command as the log stores it.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a command serialises")
+    }
+
+    /// A command read back from the log.
+    pub fn decode(bytes: &[u8]) -> Result<Command, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("not a cluster command: {e}"))
+    }
+}
+
+/// The replicated state.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Feature flags, rollout, safe mode.
+    pub flags: Flags,
+    /// The site's WAN budget, bits per second.
+    pub budget_bits_per_second: Option<u64>,
+    /// Migration records by id.
+    pub migrations: BTreeMap<u64, MigrationRecord>,
+    /// Commands in the log that did not apply (refused everywhere alike).
+    pub skipped: u64,
+}
+
+impl ClusterState {
+    /// Applies one committed log entry's data.
+    pub fn apply(&mut self, data: &[u8]) {
+        let applied = Command::decode(data).and_then(|command| {
+            command.check(self)?;
+            match command {
+                Command::SetFlag { name, value } => self.flags.set(&name, &value),
+                Command::SetBudget { bits_per_second } => {
+                    self.budget_bits_per_second = bits_per_second;
+                    Ok(())
+                }
+                Command::PutMigration(record) => {
+                    self.migrations.insert(record.id, record);
+                    Ok(())
+                }
+            }
+        });
+        if applied.is_err() {
+            self.skipped += 1;
+        }
+    }
+
+    /// The state as a snapshot carries it.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("the cluster state serialises")
+    }
+
+    /// The state a snapshot carried.
+    pub fn decode(bytes: &[u8]) -> Result<ClusterState, String> {
+        if bytes.is_empty() {
+            return Ok(ClusterState::default());
+        }
+        serde_json::from_slice(bytes).map_err(|e| format!("not a cluster state snapshot: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_apply_in_order_and_bad_ones_are_refused_or_skipped_alike() {
+        let mut state = ClusterState::default();
+        let safe = Command::SetFlag {
+            name: "safe-mode".into(),
+            value: "on".into(),
+        };
+        assert_eq!(safe.check(&state), Ok(()));
+        state.apply(&safe.encode());
+        assert!(state.flags.safe_mode);
+        let unknown = Command::SetFlag {
+            name: "warp-drive".into(),
+            value: "on".into(),
+        };
+        assert!(unknown.check(&state).is_err());
+        // In the log anyway (proposed by an appliance of another version): skipped.
+        state.apply(&unknown.encode());
+        state.apply(b"{not json");
+        assert_eq!(state.skipped, 2);
+        let zero = Command::SetBudget {
+            bits_per_second: Some(0),
+        };
+        assert!(zero.check(&state).unwrap_err().contains("lift the budget"));
+        state.apply(
+            &Command::SetBudget {
+                bits_per_second: Some(800_000_000),
+            }
+            .encode(),
+        );
+        let record = MigrationRecord {
+            id: 7,
+            vm: "db-1".into(),
+            source: 1,
+            destination: "10.0.0.2:7000".into(),
+            state: "interrupted".into(),
+            round: 3,
+            interrupted_at: Some(1_765_000_000),
+        };
+        state.apply(&Command::PutMigration(record.clone()).encode());
+        let back = ClusterState::decode(&state.encode()).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(back.migrations[&7], record);
+        assert_eq!(back.budget_bits_per_second, Some(800_000_000));
+    }
+}
