@@ -12,6 +12,7 @@ use dwcp_dataplane::security::{Identity, SecurityFiles};
 use dwcp_dataplane::transport::socket::{Congestion, SocketOptions};
 use dwcp_dataplane::transport::{IdleStrategy, TransportChoice, TransportConfig};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -394,6 +395,35 @@ pub fn parse_codec_mode(text: &str, base: CodecSettings) -> Result<CodecMode, St
     Ok(CodecMode::Fixed(settings))
 }
 
+/// `[cluster]`: this appliance's place in its site's raft group. No cluster while `id`
+/// is 0 (the default): the appliance keeps its flags to itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// This appliance's id in the group (1 and up, unique in the site); 0: no cluster.
+    pub id: u64,
+    /// Where the other members reach this one for raft (`host:port`).
+    pub listen: Option<String>,
+    /// The raft log and its snapshots (`state_dir/cluster` when unset).
+    pub dir: Option<PathBuf>,
+    /// The founding members, id → `host:port`, this one among them; every founding
+    /// member is given the same list.
+    pub members: BTreeMap<String, String>,
+}
+
+/// A checked `[cluster]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterPlan {
+    /// This appliance's id.
+    pub id: u64,
+    /// Where raft messages reach it.
+    pub listen: std::net::SocketAddr,
+    /// The founding members and their raft addresses.
+    pub members: BTreeMap<u64, std::net::SocketAddr>,
+    /// The raft log's directory.
+    pub dir: PathBuf,
+}
+
 /// `[control]`: the daemon's slow path and its operator interfaces.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -533,6 +563,8 @@ pub struct Config {
     pub control: ControlSection,
     /// `[security]`
     pub security: SecuritySection,
+    /// `[cluster]`
+    pub cluster: ClusterSection,
 }
 
 /// Section `name` of the file, key by key: each key is deserialized alone first, so
@@ -641,11 +673,12 @@ impl Config {
             codec: section("codec", take("codec"), &mut errors),
             control: section("control", take("control"), &mut errors),
             security: section("security", take("security"), &mut errors),
+            cluster: section("cluster", take("cluster"), &mut errors),
         };
         for (name, _) in top {
             errors.push(format!(
                 "unknown section or key {name:?} at the top (sections: [migration], \
-                 [transport], [guest], [dest], [codec], [control], [security])"
+                 [transport], [guest], [dest], [codec], [control], [security], [cluster])"
             ));
         }
         if explicit_zero_copy && config.transport.kind == "plain" {
@@ -984,11 +1017,72 @@ impl Config {
                 Size(total)
             ));
         }
+        if let Err(e) = self.cluster_plan() {
+            errors.push(e);
+        }
         if errors.is_empty() {
             Ok(())
         } else {
             Err(ConfigErrors(errors))
         }
+    }
+
+    /// The cluster this appliance is a member of, from `[cluster]`: `None` when `id` is
+    /// 0; an error naming the key when the section does not describe one.
+    pub fn cluster_plan(&self) -> Result<Option<ClusterPlan>, String> {
+        let c = &self.cluster;
+        if c.id == 0 {
+            if c.listen.is_some() || !c.members.is_empty() {
+                return Err(
+                    "[cluster] has members or listen but no id: give this appliance its id \
+                     (1 and up, unique in the site)"
+                        .into(),
+                );
+            }
+            return Ok(None);
+        }
+        let listen = c
+            .listen
+            .as_deref()
+            .ok_or("cluster.listen is missing: the address the other members reach this one at")?;
+        let listen: std::net::SocketAddr = listen
+            .parse()
+            .map_err(|_| format!("cluster.listen = {listen:?} (an address like 10.0.0.1:7401)"))?;
+        let mut members = BTreeMap::new();
+        for (id, address) in &c.members {
+            let id: u64 =
+                id.parse().ok().filter(|&id| id > 0).ok_or_else(|| {
+                    format!("cluster.members: {id:?} is not a member id (1 and up)")
+                })?;
+            let address: std::net::SocketAddr = address.parse().map_err(|_| {
+                format!("cluster.members.{id} = {address:?} (an address like 10.0.0.2:7401)")
+            })?;
+            members.insert(id, address);
+        }
+        if !members.contains_key(&c.id) {
+            return Err(format!(
+                "cluster.members does not hold this appliance's id {}: list every founding \
+                 member, this one too, the same on each",
+                c.id
+            ));
+        }
+        let dir = match (&c.dir, &self.control.state_dir) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(state)) => state.join("cluster"),
+            (None, None) => {
+                return Err(
+                    "[cluster] needs a directory for its raft log: set cluster.dir or \
+                     control.state_dir"
+                        .into(),
+                );
+            }
+        };
+        Ok(Some(ClusterPlan {
+            id: c.id,
+            listen,
+            members,
+            dir,
+        }))
     }
 
     /// Transport settings (the configuration must be valid).
@@ -1327,6 +1421,34 @@ mod tests {
         for field in ["codec.mode", "codec.batch", "codec.levels"] {
             assert!(errors.contains(field), "{field} missing from:\n{errors}");
         }
+    }
+
+    #[test]
+    fn a_cluster_section_names_what_it_lacks() {
+        let plan = |text: &str| Config::parse(text).unwrap().cluster_plan();
+        assert_eq!(plan("").unwrap(), None);
+        let err = plan("[cluster]\nid = 2\n").unwrap_err();
+        assert!(err.contains("cluster.listen is missing"), "{err}");
+        let err = plan(
+            "[cluster]\nid = 2\nlisten = \"127.0.0.1:7402\"\n[cluster.members]\n1 = \"127.0.0.1:7401\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("does not hold this appliance's id 2"), "{err}");
+        let err = plan(
+            "[cluster]\nid = 1\nlisten = \"127.0.0.1:7401\"\n[cluster.members]\n1 = \"127.0.0.1:7401\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("cluster.dir or control.state_dir"), "{err}");
+        let err = plan("[cluster]\nlisten = \"127.0.0.1:7401\"\n").unwrap_err();
+        assert!(err.contains("no id"), "{err}");
+        let text = "[control]\nstate_dir = \"/var/lib/dwcp\"\n[cluster]\nid = 1\nlisten = \"127.0.0.1:7401\"\n\
+                    [cluster.members]\n1 = \"127.0.0.1:7401\"\n2 = \"127.0.0.1:7402\"\nx = \"127.0.0.1:7403\"\n";
+        let err = plan(text).unwrap_err();
+        assert!(err.contains("\"x\" is not a member id"), "{err}");
+        let ok = plan(&text.replace("x = ", "3 = ")).unwrap().unwrap();
+        assert_eq!(ok.members.len(), 3);
+        assert_eq!(ok.dir, PathBuf::from("/var/lib/dwcp/cluster"));
+        assert!(Config::parse(text).unwrap().validate().is_err());
     }
 
     #[test]

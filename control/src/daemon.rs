@@ -13,6 +13,8 @@
 
 use crate::anomaly::{AnomalyModel, DEFAULT_ZSCORE_THRESHOLD, Detector, PathWatch};
 use crate::call::{Call, ServerCounters, call};
+use crate::cluster::Command as ClusterCommand;
+use crate::cluster::member::{Member, WriteKind};
 use crate::config::Config;
 use crate::flags::{Components, FlagStore};
 use crate::incoming::{IncomingBook, IncomingEvent, Received};
@@ -22,7 +24,7 @@ use crate::predict::{DEFAULT_EWMA_WEIGHT, Forecast, LinkForecaster, LinkModel};
 use crate::qemu::QemuSource;
 use crate::runner::{self, Run, RunningGuest};
 use crate::settings::{Layers, Overrides, layered};
-use crossbeam::channel::{Receiver, Sender, bounded, select, tick};
+use crossbeam::channel::{Receiver, Sender, bounded, never, select, tick};
 use dwcp_api::{
     Capabilities, Command, Done, MetricsText, MigrateOptions, MigrationInfo, ModeInfo, Request,
     Response, SetOptions, SettingInfo, StatusInfo, TransportInfo,
@@ -47,6 +49,10 @@ pub struct DaemonOptions {
     /// The validated configuration.
     pub config: Config,
 }
+
+/// `cluster budget` on an appliance with no `[cluster]`.
+const NOT_IN_A_CLUSTER: &str = "this appliance is not a cluster member: set [cluster] id, listen \
+    and members (the same founding members on each appliance of the site)";
 
 /// A migration the daemon started.
 struct Migration {
@@ -116,6 +122,8 @@ struct ControlState {
     incoming: IncomingBook,
     /// What forecasts the migrations' links and flags their paths.
     path_models: PathModels,
+    /// This appliance's membership of its site's cluster (`[cluster]`), if any.
+    cluster: Option<Member>,
 }
 
 /// The link-rate predictor and the anomaly detector the daemon started with, each
@@ -611,6 +619,76 @@ impl ControlState {
         )
     }
 
+    /// A call from the socket or the metrics listener: answered now, or, for a write to
+    /// the cluster, once its entry has applied here ([`ControlState::pump_cluster`]).
+    fn call(&mut self, request: Request, reply: Sender<Response>) {
+        if request.v == dwcp_api::PROTOCOL_VERSION
+            && let Some(member) = self.cluster.as_mut()
+        {
+            let write = match &request.command {
+                Command::FlagSet { name, value } => Some((
+                    ClusterCommand::SetFlag {
+                        name: name.clone(),
+                        value: value.clone(),
+                    },
+                    WriteKind::Flag,
+                )),
+                Command::ClusterBudget { bits_per_second } => Some((
+                    ClusterCommand::SetBudget {
+                        bits_per_second: *bits_per_second,
+                    },
+                    WriteKind::Budget,
+                )),
+                _ => None,
+            };
+            if let Some((command, kind)) = write {
+                member.write(&command, kind, reply);
+                return;
+            }
+        }
+        let _ = reply.try_send(self.handle(request));
+    }
+
+    /// Raft's ready work; answers the writes that applied; takes the cluster's flags
+    /// once it has any.
+    fn pump_cluster(&mut self) {
+        let Some(member) = self.cluster.as_mut() else {
+            return;
+        };
+        let answered = member.pump();
+        let state = member.state();
+        let budget = state.budget_bits_per_second;
+        let cluster_flags = (state.flag_changes > 0 && state.flags != self.flags.flags)
+            .then(|| state.flags.clone());
+        if let Some(flags) = cluster_flags {
+            let was_safe = self.flags.flags.safe_mode;
+            if let Err(e) = self.flags.replace(flags.clone()) {
+                eprintln!("dwcpd: flags file: {e} (the cluster's flags are in force, not written)");
+                self.flags.flags = flags;
+            }
+            if was_safe != self.flags.flags.safe_mode {
+                self.apply_safe_mode();
+            }
+        }
+        for (write, result) in answered {
+            let response = match (result, write.kind) {
+                (Err(e), _) => Response::error(format!("cluster: {e}")),
+                (Ok(()), WriteKind::Flag) => Response::ok(self.flags.flags.info(self.flags.path())),
+                (Ok(()), WriteKind::Budget) => Response::ok(Done {
+                    message: match budget {
+                        Some(bits) => format!(
+                            "the site's WAN budget is {:.1} Mbit/s on every member",
+                            bits as f64 / 1e6
+                        ),
+                        None => "the site's WAN budget is lifted on every member".into(),
+                    },
+                    id: None,
+                }),
+            };
+            let _ = write.reply.try_send(response);
+        }
+    }
+
     fn handle(&mut self, request: Request) -> Response {
         if request.v != dwcp_api::PROTOCOL_VERSION {
             return Response::error(format!(
@@ -661,6 +739,15 @@ impl ControlState {
                 }
                 Ok(Response::ok(self.flags.flags.info(self.flags.path())))
             }
+            Command::FlagsReload if self.cluster.is_some() => Err(
+                "this appliance is a cluster member: its flags are the cluster's, changed with \
+                 `dwcpctl flags NAME VALUE` on any member, not read from its file"
+                    .into(),
+            ),
+            Command::ClusterStatus => Ok(Response::ok(
+                self.cluster.as_ref().map(Member::info).unwrap_or_default(),
+            )),
+            Command::ClusterBudget { .. } => Err(NOT_IN_A_CLUSTER.into()),
             Command::FlagsReload => {
                 let was_safe = self.flags.flags.safe_mode;
                 self.flags.reload()?;
@@ -1275,7 +1362,11 @@ impl Daemon {
             defaults: Overrides::default(),
             mode_changes: 0,
             path_models: PathModels::load(&config),
+            cluster: None,
         };
+        if let Some(plan) = config.cluster_plan()? {
+            state.cluster = Some(Member::start(plan, config.identity()?)?);
+        }
         state.load_interrupted();
         let control_shutdown = shutdown.clone();
         let drain = Duration::from_secs(config.control.drain_seconds);
@@ -1410,10 +1501,20 @@ fn control_loop(
 ) {
     let ticker = tick(Duration::from_millis(100));
     let mut drain_deadline: Option<Instant> = None;
+    let (cluster_in, cluster_snapshots) = match &state.cluster {
+        Some(member) => (member.inbound(), member.snapshot_reports()),
+        None => (never(), never()),
+    };
     loop {
         select! {
             recv(calls) -> c => if let Ok((request, reply)) = c {
-                let _ = reply.try_send(state.handle(request));
+                state.call(request, reply);
+            },
+            recv(cluster_in) -> m => if let (Ok(m), Some(member)) = (m, state.cluster.as_mut()) {
+                member.receive(m);
+            },
+            recv(cluster_snapshots) -> r => if let (Ok((to, delivered)), Some(member)) = (r, state.cluster.as_mut()) {
+                member.snapshot_sent(to, delivered);
             },
             recv(reports) -> r => if let Ok(r) = r { state.take_report(r) },
             recv(done) -> d => if let Ok((id, result)) = d { state.finish(id, result) },
@@ -1423,17 +1524,25 @@ fn control_loop(
             },
             recv(ticker) -> _ => {
                 state.incoming.refresh(&mut state.next_id);
-                match state.flags.reload_if_changed() {
-                    Ok(true) => state.apply_safe_mode(),
-                    Ok(false) => {}
-                    Err(e) => eprintln!("dwcpd: flags file: {e} (flags unchanged)"),
+                if let Some(member) = state.cluster.as_mut() {
+                    member.tick();
+                } else {
+                    match state.flags.reload_if_changed() {
+                        Ok(true) => state.apply_safe_mode(),
+                        Ok(false) => {}
+                        Err(e) => eprintln!("dwcpd: flags file: {e} (flags unchanged)"),
+                    }
                 }
             },
         }
+        state.pump_cluster();
         if shutdown.load(Ordering::Acquire) {
             let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + drain);
             let running = state.running_ids();
             if running.is_empty() {
+                if let Some(member) = state.cluster.take() {
+                    member.stop();
+                }
                 return;
             }
             if Instant::now() >= deadline {

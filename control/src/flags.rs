@@ -262,6 +262,11 @@ impl FlagStore {
     pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
         let mut next = self.flags.clone();
         next.set(name, value)?;
+        self.replace(next)
+    }
+
+    /// Put `next` in force and persist it (the cluster's flags, once applied).
+    pub fn replace(&mut self, next: Flags) -> Result<(), String> {
         if let Some(path) = &self.path {
             let text = toml::to_string(&next).map_err(|e| e.to_string())?;
             // Written whole, then renamed: a reader never sees half a file.

@@ -82,6 +82,15 @@ pub enum Command {
     Config,
     /// Stop gracefully: drain migrations, then exit.
     Shutdown,
+    /// The appliance cluster: this member's raft state, the members, the budget.
+    ClusterStatus,
+    /// Set the site's WAN budget (bits per second), or lift it (`null`); replicated to
+    /// every member.
+    ClusterBudget {
+        /// Bits per second; absent or `null` lifts the budget.
+        #[serde(default)]
+        bits_per_second: Option<u64>,
+    },
 }
 
 /// Options of `migrate`.
@@ -467,6 +476,63 @@ pub struct FlagsInfo {
     pub safe_mode: bool,
     /// Where flags persist.
     pub file: Option<String>,
+}
+
+/// `cluster-status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// Whether this appliance is a cluster member (`[cluster]`); the rest is empty
+    /// when not.
+    pub enabled: bool,
+    /// This member's id.
+    pub id: u64,
+    /// `leader`, `follower`, `candidate`, `pre-candidate`.
+    pub role: String,
+    /// The leader this member knows, 0 when none (a partitioned minority).
+    pub leader: u64,
+    /// The raft term.
+    pub term: u64,
+    /// The highest log index known committed.
+    pub commit: u64,
+    /// The highest index applied here.
+    pub applied: u64,
+    /// The last index in this member's log.
+    pub last_index: u64,
+    /// The voting members.
+    pub members: Vec<ClusterMemberInfo>,
+    /// The site's WAN budget, bits per second.
+    pub budget_bits_per_second: Option<u64>,
+    /// Migration records replicated.
+    pub migration_records: u64,
+    /// Ticks of this member's raft clock since it started (100 ms each).
+    pub ticks: u64,
+    /// Ticks without a leader's word before a follower stands for election.
+    pub election_ticks: u64,
+    /// The raft log file's size, bytes.
+    pub log_bytes: u64,
+    /// fdatasync calls on the log, and their mean duration.
+    pub log_syncs: u64,
+    /// Mean fdatasync time, milliseconds.
+    pub log_sync_ms_mean: f64,
+    /// Raft messages sent, received, dropped, and connections refused.
+    pub messages_sent: u64,
+    /// Raft messages received and taken.
+    pub messages_received: u64,
+    /// Raft messages dropped (no connection, a full queue).
+    pub messages_dropped: u64,
+    /// Connections refused (authentication, not a member, bad frames).
+    pub connections_refused: u64,
+}
+
+/// One member in `cluster-status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterMemberInfo {
+    /// Its id.
+    pub id: u64,
+    /// Its raft address, as configured.
+    pub address: String,
+    /// As seen by the leader: entries it lacks of the leader's log.
+    pub lag: Option<u64>,
 }
 
 /// `metrics`.

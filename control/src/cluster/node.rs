@@ -94,6 +94,10 @@ pub struct ClusterNode {
     state: ClusterState,
     applied: u64,
     snapshot_every: u64,
+    next_proposal: u64,
+    ticks: u64,
+    /// Proposals of this member applied, not yet taken.
+    applied_proposals: Vec<u64>,
 }
 
 impl ClusterNode {
@@ -149,6 +153,9 @@ impl ClusterNode {
             state,
             applied,
             snapshot_every: SNAPSHOT_EVERY,
+            next_proposal: 0,
+            ticks: 0,
+            applied_proposals: Vec::new(),
         })
     }
 
@@ -159,7 +166,13 @@ impl ClusterNode {
 
     /// One tick of the cluster's clock.
     pub fn tick(&mut self) {
+        self.ticks += 1;
         self.raw.tick();
+    }
+
+    /// Ticks since this member started (elections are timed in ticks).
+    pub fn ticks(&self) -> u64 {
+        self.ticks
     }
 
     /// A message another member sent.
@@ -183,14 +196,31 @@ impl ClusterNode {
         );
     }
 
-    /// Proposes a command; returns the log index it will have once committed.
+    /// Proposes a command, on any member: a follower passes it to the leader it knows.
+    /// Returns the proposal's id, which [`ClusterNode::take_applied_proposals`] names
+    /// once this member has applied it.
     pub fn propose(&mut self, command: &Command) -> Result<u64, ClusterError> {
-        self.leader_only()?;
+        if self.raw.raft.state != StateRole::Leader && self.raw.raft.leader_id == 0 {
+            return Err(ClusterError::NotLeader { leader: 0 });
+        }
         command.check(&self.state).map_err(ClusterError::Refused)?;
+        self.next_proposal += 1;
+        // Unique across members and restarts: the member, the term, a counter.
+        let id = (self.raw.raft.id << 48) ^ (self.raw.raft.term << 24) ^ self.next_proposal;
         self.raw
-            .propose(vec![], command.encode())
-            .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        Ok(self.raw.raft.raft_log.last_index())
+            .propose(id.to_le_bytes().to_vec(), command.encode())
+            .map_err(|e| match e {
+                raft::Error::ProposalDropped => ClusterError::NotLeader {
+                    leader: self.raw.raft.leader_id,
+                },
+                other => ClusterError::Raft(other.to_string()),
+            })?;
+        Ok(id)
+    }
+
+    /// Ids of proposals made on this member that it has applied since last asked.
+    pub fn take_applied_proposals(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.applied_proposals)
     }
 
     /// Proposes adding (`add`) or removing a voting member.
@@ -285,6 +315,12 @@ impl ClusterNode {
                     // A new leader's empty entry carries nothing.
                     if !entry.get_data().is_empty() {
                         self.state.apply(entry.get_data());
+                    }
+                    if let Ok(id) = <[u8; 8]>::try_from(entry.get_context()) {
+                        let id = u64::from_le_bytes(id);
+                        if id >> 48 == self.raw.raft.id && self.applied_proposals.len() < 4096 {
+                            self.applied_proposals.push(id);
+                        }
                     }
                 }
                 EntryType::EntryConfChange => {

@@ -160,7 +160,7 @@ impl Sim {
                 continue;
             };
             node.tick();
-            if propose && self.rng.chance(150) {
+            if propose && self.rng.chance(40) {
                 let record = MigrationRecord {
                     id: self.next_id,
                     vm: format!("vm-{}", self.next_id),

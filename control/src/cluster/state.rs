@@ -100,6 +100,9 @@ pub struct ClusterState {
     pub migrations: BTreeMap<u64, MigrationRecord>,
     /// Commands in the log that did not apply (refused everywhere alike).
     pub skipped: u64,
+    /// Flag changes applied: until the first, the cluster has no say over an
+    /// appliance's flags (a new cluster does not reset them to defaults).
+    pub flag_changes: u64,
 }
 
 impl ClusterState {
@@ -108,7 +111,10 @@ impl ClusterState {
         let applied = Command::decode(data).and_then(|command| {
             command.check(self)?;
             match command {
-                Command::SetFlag { name, value } => self.flags.set(&name, &value),
+                Command::SetFlag { name, value } => {
+                    self.flag_changes += 1;
+                    self.flags.set(&name, &value)
+                }
                 Command::SetBudget { bits_per_second } => {
                     self.budget_bits_per_second = bits_per_second;
                     Ok(())

@@ -20,6 +20,7 @@ pub fn lab() -> &'static Written {
 }
 
 /// `dwcpd` flags for appliance `which` (0: a, 1: b).
+#[allow(dead_code)] // the cluster test configures its members by file
 pub fn cert_args(which: usize) -> Vec<String> {
     lab().dwcpd_flags(which)
 }

@@ -352,8 +352,12 @@ impl ServerHandshake {
         let server = rustls::ServerConnection::new(identity.server.clone())
             .map_err(|e| SecurityError::Config(e.to_string()))?;
         let mut conn = Connection::Server(server);
-        conn.read_tls(&mut &prefix[..])
-            .map_err(|e| SecurityError::Handshake(e.to_string()))?;
+        // rustls takes a read of nothing for the peer's end of the stream: an empty
+        // prefix is not fed, or the session would end as soon as it began.
+        if !prefix.is_empty() {
+            conn.read_tls(&mut &prefix[..])
+                .map_err(|e| SecurityError::Handshake(e.to_string()))?;
+        }
         Ok(ServerHandshake { conn })
     }
 

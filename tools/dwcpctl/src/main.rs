@@ -6,8 +6,8 @@
 
 use clap::{Parser, Subcommand};
 use dwcp_api::{
-    Command, Done, FlagsInfo, MetricsText, MigrateOptions, MigrationInfo, Request, Response,
-    SetOptions, StatusInfo,
+    ClusterInfo, Command, Done, FlagsInfo, MetricsText, MigrateOptions, MigrationInfo, Request,
+    Response, SetOptions, StatusInfo,
 };
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -156,6 +156,48 @@ enum Sub {
     Config,
     /// Stop the daemon gracefully.
     Shutdown,
+    /// The appliance cluster (`[cluster]`).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterSub,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterSub {
+    /// This member's raft state: leader, term, commit index, members and their lag.
+    Status,
+    /// Set the site's WAN budget (e.g. 800Mbit, 2Gbit), or lift it (`off`), on every
+    /// member.
+    Budget {
+        /// Bits per second with a unit (bit, kbit, Mbit, Gbit), or `off`.
+        rate: String,
+    },
+}
+
+/// `800Mbit`, `2Gbit`, `1500kbit`, `100000bit` (a trailing `/s` allowed), or `off`.
+fn parse_bit_rate(text: &str) -> Result<Option<u64>, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    let lower = t.to_ascii_lowercase();
+    let (number, scale) = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)]
+        .iter()
+        .find_map(|(unit, scale)| lower.strip_suffix(unit).map(|n| (n.to_string(), *scale)))
+        .ok_or_else(|| format!("{text:?}: give a rate with its unit (800Mbit, 2Gbit), or off"))?;
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
+    let bits = value * scale;
+    if !(1.0..1e15).contains(&bits) {
+        return Err(format!(
+            "{text:?}: a budget is at least 1 bit/s and below 1 Pbit/s"
+        ));
+    }
+    Ok(Some(bits.round() as u64))
 }
 
 struct Client {
@@ -280,6 +322,15 @@ fn run(cli: &Cli) -> Result<(), String> {
         Sub::Metrics => (Command::Metrics, None),
         Sub::Config => (Command::Config, None),
         Sub::Shutdown => (Command::Shutdown, None),
+        Sub::Cluster { command } => match command {
+            ClusterSub::Status => (Command::ClusterStatus, None),
+            ClusterSub::Budget { rate } => (
+                Command::ClusterBudget {
+                    bits_per_second: parse_bit_rate(rate)?,
+                },
+                None,
+            ),
+        },
     };
     let response = client.call(command.clone())?;
     if cli.json {
@@ -461,6 +512,56 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                 f.file.as_deref().unwrap_or("(in memory only)")
             );
         }
+        Command::ClusterStatus => {
+            let c: ClusterInfo = response.into_result()?;
+            if !c.enabled {
+                outln!("not a cluster member (no [cluster] in the configuration)");
+                return Ok(());
+            }
+            let leader = if c.leader == 0 {
+                "none (no majority reachable)".to_string()
+            } else {
+                c.leader.to_string()
+            };
+            outln!(
+                "member {} ({}), leader {leader}, term {}",
+                c.id,
+                c.role,
+                c.term
+            );
+            outln!(
+                "log: last index {}, commit {}, applied {}; {} bytes, {} syncs of {:.2} ms on average",
+                c.last_index,
+                c.commit,
+                c.applied,
+                c.log_bytes,
+                c.log_syncs,
+                c.log_sync_ms_mean
+            );
+            for m in &c.members {
+                let lag = match m.lag {
+                    Some(lag) => format!("lag {lag}"),
+                    None => String::new(),
+                };
+                let this = if m.id == c.id { " (this)" } else { "" };
+                outln!("  {:>3}  {:<22} {lag}{this}", m.id, m.address);
+            }
+            outln!(
+                "budget: {}",
+                match c.budget_bits_per_second {
+                    Some(b) => format!("{:.1} Mbit/s", b as f64 / 1e6),
+                    None => "none".into(),
+                }
+            );
+            outln!(
+                "migration records: {}; raft messages sent {}, received {}, dropped {}; connections refused {}",
+                c.migration_records,
+                c.messages_sent,
+                c.messages_received,
+                c.messages_dropped,
+                c.connections_refused
+            );
+        }
         Command::Metrics => {
             let m: MetricsText = response.into_result()?;
             out!("{}", m.text);
@@ -620,6 +721,17 @@ fn describe_forecast(f: &dwcp_api::LinkForecastInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budgets_take_a_unit_or_off() {
+        assert_eq!(parse_bit_rate("800Mbit"), Ok(Some(800_000_000)));
+        assert_eq!(parse_bit_rate("2Gbit/s"), Ok(Some(2_000_000_000)));
+        assert_eq!(parse_bit_rate("1.5kbit"), Ok(Some(1_500)));
+        assert_eq!(parse_bit_rate("off"), Ok(None));
+        assert!(parse_bit_rate("800").unwrap_err().contains("with its unit"));
+        assert!(parse_bit_rate("0bit").unwrap_err().contains("at least 1 bit/s"));
+        assert!(parse_bit_rate("fastMbit").unwrap_err().contains("not a number"));
+    }
 
     fn migration(state: &str, round_pages: u64, queued: u64) -> MigrationInfo {
         MigrationInfo {

@@ -1,0 +1,289 @@
+//! Three `dwcpd serve` processes on loopback form a cluster, their raft messages over
+//! mutually authenticated TLS: a flag set on a follower applies on all; the leader is
+//! killed and another takes over within ten election timeouts (counted in the
+//! survivors' ticks, not wall time) with the flags kept; the killed member restarts
+//! and catches up; a member left alone takes no writes and says why; a connection that
+//! does not authenticate is refused and the cluster carries on.
+
+mod common;
+
+use dwcp_api::{ClusterInfo, Command, FlagsInfo, Response};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+struct Member {
+    id: u64,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("ctl.sock")
+    }
+
+    fn start(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dwcpd"));
+        command
+            .args(["serve", "--config"])
+            .arg(self.dir.join("dwcp.toml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("log")).unwrap());
+        self.child = Some(command.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket().exists() {
+            assert!(
+                Instant::now() < deadline,
+                "member {} did not start: {}",
+                self.id,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    fn call(&self, command: Command) -> Response {
+        common::call(&self.socket(), command)
+    }
+
+    fn status(&self) -> ClusterInfo {
+        self.call(Command::ClusterStatus).into_result().unwrap()
+    }
+
+    fn flags(&self) -> FlagsInfo {
+        self.call(Command::Flags).into_result().unwrap()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn cluster(base: &Path) -> Vec<Member> {
+    let raft_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let members: String = raft_ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| format!("{} = \"127.0.0.1:{port}\"\n", i + 1))
+        .collect();
+    (0..3)
+        .map(|i| {
+            let id = i as u64 + 1;
+            let dir = base.join(format!("member-{id}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let config = format!(
+                "[control]\nsocket = {socket:?}\nflags_file = {flags:?}\nstate_dir = {state:?}\n\
+                 [dest]\nlisten = \"127.0.0.1:{dest}\"\n{security}\
+                 [cluster]\nid = {id}\nlisten = \"127.0.0.1:{raft}\"\n[cluster.members]\n{members}",
+                socket = dir.join("ctl.sock").display().to_string(),
+                flags = dir.join("flags.toml").display().to_string(),
+                state = dir.join("state").display().to_string(),
+                dest = free_port(),
+                // Two lab certificates for three members: both valid for loopback and
+                // signed by the site's CA, which is what a member must show.
+                security = common::security_section(i % 2),
+                raft = raft_ports[i],
+            );
+            std::fs::write(dir.join("dwcp.toml"), config).unwrap();
+            let mut member = Member {
+                id,
+                dir,
+                child: None,
+            };
+            member.start();
+            member
+        })
+        .collect()
+}
+
+/// Polls the running members until one is leader and the others follow it; returns
+/// its index.
+fn wait_for_leader(members: &[Member], patience: Duration) -> usize {
+    let deadline = Instant::now() + patience;
+    loop {
+        let views: Vec<(usize, ClusterInfo)> = members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.child.is_some())
+            .map(|(i, m)| (i, m.status()))
+            .collect();
+        if let Some((leader, info)) = views.iter().find(|(_, v)| v.role == "leader")
+            && views.iter().all(|(_, v)| v.leader == info.id)
+        {
+            return *leader;
+        }
+        assert!(Instant::now() < deadline, "no leader: {views:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_until(what: &str, patience: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + patience;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn three_appliances_keep_their_flags_through_a_leader_kill_and_a_minority_takes_no_writes() {
+    let start = Instant::now();
+    let base = std::env::temp_dir().join(format!("dwcp-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let mut members = cluster(&base);
+    let leader = wait_for_leader(&members, Duration::from_secs(20));
+    let follower = (leader + 1) % 3;
+
+    // A flag set on a follower is answered once applied there, and applies on all.
+    let flags: FlagsInfo = members[follower]
+        .call(Command::FlagSet {
+            name: "safe-mode".into(),
+            value: "on".into(),
+        })
+        .into_result()
+        .unwrap();
+    assert!(flags.safe_mode);
+    wait_until("safe mode on every member", Duration::from_secs(5), || {
+        members.iter().all(|m| m.flags().safe_mode)
+    });
+    // Written to each member's flags file too.
+    for m in &members {
+        let file = std::fs::read_to_string(m.dir.join("flags.toml")).unwrap();
+        assert!(file.contains("safe_mode = true"), "member {}: {file}", m.id);
+    }
+
+    // The leader dies. A new one within ten election timeouts of the survivors' ticks.
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let ticks_at_kill: Vec<u64> = survivors
+        .iter()
+        .map(|&i| members[i].status().ticks)
+        .collect();
+    let old_id = members[leader].id;
+    members[leader].kill();
+    let new_leader = wait_for_leader(&members, Duration::from_secs(30));
+    let status = members[new_leader].status();
+    assert_ne!(status.id, old_id);
+    let waited = survivors
+        .iter()
+        .zip(&ticks_at_kill)
+        .map(|(&i, &at)| members[i].status().ticks - at)
+        .max()
+        .unwrap();
+    assert!(
+        waited <= 10 * status.election_ticks,
+        "a new leader after {waited} ticks (election timeout {} ticks)",
+        status.election_ticks
+    );
+    eprintln!(
+        "leader {old_id} killed: member {} leads term {} after at most {waited} ticks of the survivors ({} per election timeout)",
+        status.id, status.term, status.election_ticks
+    );
+    for &i in &survivors {
+        assert!(
+            members[i].flags().safe_mode,
+            "member {} lost the flag",
+            members[i].id
+        );
+    }
+    // Two of three still take writes.
+    let answer = members[survivors[0]].call(Command::ClusterBudget {
+        bits_per_second: Some(800_000_000),
+    });
+    assert!(answer.ok, "{answer:?}");
+
+    // The killed member restarts from its log and catches up.
+    members[leader].start();
+    wait_until(
+        "the restarted member catches up",
+        Duration::from_secs(20),
+        || {
+            let s = members[leader].status();
+            s.budget_bits_per_second == Some(800_000_000) && s.role == "follower"
+        },
+    );
+    assert!(members[leader].flags().safe_mode);
+
+    // A connection that presents no certificate is refused; the cluster carries on.
+    let raft_port = {
+        let text = std::fs::read_to_string(members[leader].dir.join("dwcp.toml")).unwrap();
+        let line = text
+            .lines()
+            .skip_while(|l| *l != "[cluster]")
+            .find(|l| l.starts_with("listen"))
+            .unwrap()
+            .to_string();
+        line.rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches('"')
+            .parse::<u16>()
+            .unwrap()
+    };
+    let refused_before = members[leader].status().connections_refused;
+    let mut intruder = std::net::TcpStream::connect(("127.0.0.1", raft_port)).unwrap();
+    let _ = intruder.write_all(&[
+        0x10, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+    ]);
+    drop(intruder);
+    wait_until("the intruder is refused", Duration::from_secs(5), || {
+        members[leader].status().connections_refused > refused_before
+    });
+    let answer = members[leader].call(Command::FlagSet {
+        name: "rollout".into(),
+        value: "40".into(),
+    });
+    assert!(answer.ok, "{answer:?}");
+    wait_until("rollout on every member", Duration::from_secs(5), || {
+        members.iter().all(|m| m.flags().rollout_percent == 40)
+    });
+
+    // Alone, a member takes no writes, and says why.
+    let alone = survivors[0];
+    for &i in &[leader, survivors[1]] {
+        members[i].kill();
+    }
+    wait_until(
+        "the lone member knows no leader",
+        Duration::from_secs(10),
+        || members[alone].status().leader == 0,
+    );
+    let refused = members[alone].call(Command::FlagSet {
+        name: "delta".into(),
+        value: "off".into(),
+    });
+    let error = refused.error.unwrap_or_default();
+    assert!(error.contains("cannot reach a majority"), "{error}");
+    assert!(members[alone].flags().flags["delta"].enabled);
+
+    drop(members);
+    let _ = std::fs::remove_dir_all(&base);
+    eprintln!(
+        "three-member cluster test: {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+}
