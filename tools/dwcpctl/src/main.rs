@@ -729,8 +729,16 @@ mod tests {
         assert_eq!(parse_bit_rate("1.5kbit"), Ok(Some(1_500)));
         assert_eq!(parse_bit_rate("off"), Ok(None));
         assert!(parse_bit_rate("800").unwrap_err().contains("with its unit"));
-        assert!(parse_bit_rate("0bit").unwrap_err().contains("at least 1 bit/s"));
-        assert!(parse_bit_rate("fastMbit").unwrap_err().contains("not a number"));
+        assert!(
+            parse_bit_rate("0bit")
+                .unwrap_err()
+                .contains("at least 1 bit/s")
+        );
+        assert!(
+            parse_bit_rate("fastMbit")
+                .unwrap_err()
+                .contains("not a number")
+        );
     }
 
     fn migration(state: &str, round_pages: u64, queued: u64) -> MigrationInfo {
