@@ -64,6 +64,7 @@ bench: deps
 	$(CARGO) run --release -p dwcp-bench -- downtime --json
 	$(CARGO) run --release -p dwcp-bench -- security --json
 	$(CARGO) run --release -p dwcp-bench -- ml --json
+	$(CARGO) run --release -p dwcp-bench -- cluster --json
 
 # Retrain the learned models from the recordings in models/*/data (a few minutes):
 # Python with numpy, scikit-learn and onnx (pinned in models/requirements.txt) in a venv

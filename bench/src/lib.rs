@@ -24,6 +24,7 @@
 //! - [`downtime`]: the `downtime` suite (the demo's migration against its downtime
 //!   limit, the table digest against the full check, 4 GiB against 1 GiB).
 
+pub mod cluster;
 pub mod codec;
 pub mod control;
 pub mod downtime;

@@ -119,6 +119,16 @@ enum Suite {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// The appliance cluster: what making a raft entry durable costs in our log against
+    /// a bare write and fdatasync of the same bytes.
+    Cluster {
+        /// Print one JSON object per comparison on stdout (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Run only the comparisons whose name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+    },
     /// The learned link models against their baselines on held-out recordings; with
     /// `--record DIR`, record the migrations they learn from instead (needs root).
     Ml {
@@ -240,6 +250,11 @@ fn main() {
             }
             let mut out = Reporter::new(json).with_filter(filter);
             dwcp_bench::ml::run(&mut out);
+            out.finish();
+        }
+        Suite::Cluster { json, filter } => {
+            let mut out = Reporter::new(json).with_filter(filter);
+            dwcp_bench::cluster::run(plan, &mut out);
             out.finish();
         }
         Suite::Kernels { json, filter } => {
