@@ -120,7 +120,7 @@ enum Suite {
         filter: Option<String>,
     },
     /// The appliance cluster: what making a raft entry durable costs in our log against
-    /// a bare write and fdatasync of the same bytes.
+    /// a bare write and fdatasync of the same bytes; two migrations under a site budget.
     Cluster {
         /// Print one JSON object per comparison on stdout (the table goes to stderr).
         #[arg(long)]
@@ -255,6 +255,7 @@ fn main() {
         Suite::Cluster { json, filter } => {
             let mut out = Reporter::new(json).with_filter(filter);
             dwcp_bench::cluster::run(plan, &mut out);
+            dwcp_bench::cluster::budget(&mut out);
             out.finish();
         }
         Suite::Kernels { json, filter } => {

@@ -50,6 +50,40 @@ pub struct DaemonOptions {
     pub config: Config,
 }
 
+/// How often a running migration's record goes to the cluster.
+const RECORD_EVERY: Duration = Duration::from_secs(1);
+
+/// Migration `m` as the cluster records it.
+fn cluster_record(m: &Migration, source: u64) -> crate::cluster::MigrationRecord {
+    let (round, remaining_bytes, rate) = m.latest.as_ref().map_or((0, m.memory_bytes, 0.0), |p| {
+        (
+            p.round,
+            p.round_pages.saturating_sub(p.round_pages_queued) * PAGE_BYTES,
+            p.bandwidth,
+        )
+    });
+    crate::cluster::MigrationRecord {
+        id: m.id,
+        vm: m
+            .vm
+            .as_ref()
+            .map_or_else(|| "simulated".into(), |vm| vm.name.clone()),
+        source,
+        destination: m.peer.clone(),
+        state: match m.state {
+            "running" | "completed" | "failed" | "cancelled" | "interrupted" => m.state.into(),
+            _ => "running".into(),
+        },
+        round,
+        interrupted_at: None,
+        remaining_bytes,
+        rate_bits_per_second: (rate * 8.0) as u64,
+    }
+}
+
+/// Bytes in a guest page.
+const PAGE_BYTES: u64 = 4096;
+
 /// `cluster budget` on an appliance with no `[cluster]`.
 const NOT_IN_A_CLUSTER: &str = "this appliance is not a cluster member: set [cluster] id, listen \
     and members (the same founding members on each appliance of the site)";
@@ -81,6 +115,10 @@ struct Migration {
     base: LiveSettings,
     /// Streams its session opens.
     opened_streams: u16,
+    /// Its share of the site's WAN budget (a cluster member's), bytes per second.
+    budget_share: Option<u64>,
+    /// When its record last went to the cluster.
+    recorded: Option<Instant>,
     /// `set --id` overrides of this migration alone.
     overrides: Overrides,
     /// The mode it ended in (a running one follows the daemon's).
@@ -585,7 +623,13 @@ impl ControlState {
 
     /// Migration `m`'s live settings, from all layers, and where each comes from.
     fn layers_of(&self, m: &Migration) -> (LiveSettings, Vec<SettingInfo>) {
-        self.layers(&m.base, m.opened_streams, Some(&m.overrides), &m.components)
+        self.layers(
+            &m.base,
+            m.opened_streams,
+            Some(&m.overrides),
+            &m.components,
+            m.budget_share,
+        )
     }
 
     /// The daemon's layers (mode, overrides for all) over a migration's own.
@@ -595,6 +639,7 @@ impl ControlState {
         opened: u16,
         own: Option<&Overrides>,
         components: &Components,
+        budget_share: Option<u64>,
     ) -> (LiveSettings, Vec<SettingInfo>) {
         layered(&Layers {
             base,
@@ -604,6 +649,7 @@ impl ControlState {
             all: &self.defaults,
             own,
             components,
+            budget_share,
         })
     }
 
@@ -616,6 +662,7 @@ impl ControlState {
             source.streams,
             None,
             &components,
+            None,
         )
     }
 
@@ -658,6 +705,9 @@ impl ControlState {
         let answered = member.pump();
         let state = member.state();
         let budget = state.budget_bits_per_second;
+        let me = member.id();
+        let shares = state.budget_shares();
+        let recorded: Vec<u64> = state.migrations.keys().copied().collect();
         let cluster_flags = (state.flag_changes > 0 && state.flags != self.flags.flags)
             .then(|| state.flags.clone());
         if let Some(flags) = cluster_flags {
@@ -670,6 +720,7 @@ impl ControlState {
                 self.apply_safe_mode();
             }
         }
+        self.apply_budget_shares(me, &shares, &recorded);
         for (write, result) in answered {
             let response = match (result, write.kind) {
                 (Err(e), _) => Response::error(format!("cluster: {e}")),
@@ -686,6 +737,68 @@ impl ControlState {
                 }),
             };
             let _ = write.reply.try_send(response);
+        }
+    }
+
+    /// Migration `id`'s share of the site's budget once its record is in, bytes per
+    /// second (`None` without a cluster or a budget).
+    fn provisional_share(&self, id: u64, memory_bytes: u64) -> Option<u64> {
+        let member = self.cluster.as_ref()?;
+        let mut state = member.state().clone();
+        let record = crate::cluster::MigrationRecord {
+            id,
+            vm: String::new(),
+            source: member.id(),
+            destination: String::new(),
+            state: "running".into(),
+            round: 0,
+            interrupted_at: None,
+            remaining_bytes: memory_bytes,
+            rate_bits_per_second: 0,
+        };
+        let key = record.key();
+        state.migrations.insert(key, record);
+        state
+            .budget_shares()
+            .get(&key)
+            .map(|bits| (bits / 8).max(1))
+    }
+
+    /// Each running migration of this appliance gets its share of the site's budget as
+    /// a pacing cap (under any lower one an operator set); a share that moved by less
+    /// than 2% is left as it was, so that reports do not republish settings every time.
+    /// A migration whose record is not in the cluster's state yet keeps the share it
+    /// started with.
+    fn apply_budget_shares(&mut self, me: u64, shares: &BTreeMap<u64, u64>, recorded: &[u64]) {
+        for id in self.running_ids() {
+            let key = (me << 32) | (id & 0xffff_ffff);
+            if !recorded.contains(&key) {
+                continue;
+            }
+            let share = shares.get(&key).map(|bits| (bits / 8).max(1));
+            let m = &self.migrations[&id];
+            let moved = match (m.budget_share, share) {
+                (Some(old), Some(new)) => old.abs_diff(new) * 50 > old,
+                (old, new) => old != new,
+            };
+            if !moved {
+                continue;
+            }
+            self.migrations
+                .get_mut(&id)
+                .expect("running id")
+                .budget_share = share;
+            let m = &self.migrations[&id];
+            let (settings, _) = self.layers_of(m);
+            m.live.publish(
+                settings,
+                match share {
+                    Some(bytes) => {
+                        format!("cluster budget: {:.1} Mbit/s", bytes as f64 * 8.0 / 1e6)
+                    }
+                    None => "cluster budget lifted".into(),
+                },
+            );
         }
     }
 
@@ -922,6 +1035,8 @@ impl ControlState {
                 base,
                 opened_streams: record.streams,
                 overrides: Overrides::default(),
+                budget_share: None,
+                recorded: None,
                 ended_mode: None,
                 interrupted: Some(record),
             },
@@ -972,7 +1087,10 @@ impl ControlState {
         source.transport.zero_copy &= components.zero_copy;
         let resuming = resume.is_some();
         source.resume = resume;
-        let (settings, _) = self.layers(&base, source.streams, None, &components);
+        // Under a site budget it starts at its share, not at full speed until its first
+        // record comes back from the cluster.
+        let budget_share = self.provisional_share(id, memory_bytes);
+        let (settings, _) = self.layers(&base, source.streams, None, &components, budget_share);
         // RMA connections open with the session: it asks for them when the settings
         // in force say RMA (configured, or datacenter mode on RDMA hardware), never in
         // safe mode or with the rdma flag off.
@@ -1024,10 +1142,20 @@ impl ControlState {
                 base,
                 opened_streams: source_streams,
                 overrides: Overrides::default(),
+                budget_share,
+                recorded: None,
                 ended_mode: None,
                 interrupted: None,
             },
         );
+        if let Some(member) = self.cluster.as_mut() {
+            let m = self.migrations.get_mut(&id).expect("just inserted");
+            m.recorded = Some(Instant::now());
+            member.record(&ClusterCommand::PutMigration(cluster_record(
+                m,
+                member.id(),
+            )));
+        }
         Ok(Response::ok(Done {
             message: if resuming {
                 format!("migration {id} to {peer} resumed")
@@ -1155,6 +1283,16 @@ impl ControlState {
         }
         let sample = m.link.sample(&r.progress, r.at, self.started);
         m.latest = Some(r.progress);
+        // The cluster hears of it about once a second (its share follows).
+        if let Some(member) = self.cluster.as_mut()
+            && m.recorded.is_none_or(|t| t.elapsed() >= RECORD_EVERY)
+        {
+            m.recorded = Some(Instant::now());
+            member.record(&ClusterCommand::PutMigration(cluster_record(
+                m,
+                member.id(),
+            )));
+        }
         if let Some(sample) = sample
             && self.detector.push(sample).is_some()
         {
@@ -1229,6 +1367,12 @@ impl ControlState {
                 }
                 m.error = Some(e);
             }
+        }
+        if let Some(member) = self.cluster.as_mut() {
+            member.record(&ClusterCommand::PutMigration(cluster_record(
+                m,
+                member.id(),
+            )));
         }
     }
 

@@ -144,6 +144,8 @@ pub struct Layers<'a> {
     pub own: Option<&'a Overrides>,
     /// Components its flags allow.
     pub components: &'a Components,
+    /// Its share of the site's WAN budget, bytes per second (a cap under any other).
+    pub budget_share: Option<u64>,
 }
 
 /// The settings and where each comes from.
@@ -189,6 +191,12 @@ pub fn layered(l: &Layers<'_>) -> (LiveSettings, Vec<SettingInfo>) {
             s.downtime_limit = d;
             from.downtime = label.into();
         }
+    }
+    if let Some(share) = l.budget_share
+        && s.pacing_rate.is_none_or(|r| r > share)
+    {
+        s.pacing_rate = Some(share);
+        from.pacing_rate = "cluster budget".into();
     }
     let before = s.clone();
     restrict(&mut s, l.components);
@@ -338,6 +346,7 @@ mod tests {
             all: &all,
             own: Some(&own),
             components: &components,
+            budget_share: None,
         };
         for mode in [None, Some(Mode::Internet), Some(Mode::Datacenter)] {
             let (s, shown) = layered(&layers(mode));
@@ -377,6 +386,7 @@ mod tests {
             all: &all,
             own: None,
             components: &components,
+            budget_share: None,
         });
         assert_eq!(s.codec, CodecMode::Off);
         assert_eq!(value(&shown, "codec"), ("off", "safe mode"));
@@ -396,6 +406,7 @@ mod tests {
                 all: &all,
                 own: None,
                 components,
+                budget_share: None,
             })
         };
         static SOCKETS_ONLY: [String; 0] = [];

@@ -7,7 +7,7 @@
 
 mod common;
 
-use dwcp_api::{ClusterInfo, Command, FlagsInfo, Response};
+use dwcp_api::{ClusterInfo, Command, Done, FlagsInfo, MigrateOptions, MigrationInfo, Response};
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -74,6 +74,24 @@ impl Drop for Member {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The port of `listen` in section `[section]` of member `m`'s configuration.
+fn listen_port(m: &Member, section: &str) -> u16 {
+    let text = std::fs::read_to_string(m.dir.join("dwcp.toml")).unwrap();
+    let header = format!("[{section}]");
+    let line = text
+        .lines()
+        .skip_while(|l| *l != header)
+        .find(|l| l.starts_with("listen"))
+        .unwrap()
+        .to_string();
+    line.rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('"')
+        .parse()
+        .unwrap()
 }
 
 fn free_port() -> u16 {
@@ -216,6 +234,45 @@ fn three_appliances_keep_their_flags_through_a_leader_kill_and_a_minority_takes_
     });
     assert!(answer.ok, "{answer:?}");
 
+    // A migration under the budget: alone, it is paced at the whole budget (100 MB/s),
+    // and its record reaches the other member.
+    let (from, to) = (&members[survivors[0]], &members[survivors[1]]);
+    let done: Done = from
+        .call(Command::Migrate(MigrateOptions {
+            peer: format!("127.0.0.1:{}", listen_port(to, "dest")),
+            memory: Some("96M".into()),
+            dirty_rate_mbps: Some(1.0),
+            ..MigrateOptions::default()
+        }))
+        .into_result()
+        .unwrap();
+    let id = done.id.unwrap();
+    let migration = |m: &Member| -> MigrationInfo {
+        let all: Vec<MigrationInfo> = m.call(Command::Migrations).into_result().unwrap();
+        all.into_iter()
+            .find(|x| x.id == id && x.direction == "outgoing")
+            .unwrap()
+    };
+    let pacing = migration(from)
+        .settings
+        .into_iter()
+        .find(|s| s.name == "pacing-rate")
+        .unwrap();
+    assert_eq!(pacing.source, "cluster budget", "{pacing:?}");
+    assert_eq!(
+        pacing.value, "100000000/s",
+        "800 Mbit/s in bytes: {pacing:?}"
+    );
+    wait_until("the migration ends", Duration::from_secs(60), || {
+        migration(from).state != "running"
+    });
+    assert_eq!(migration(from).state, "completed");
+    wait_until(
+        "its record reaches the other member",
+        Duration::from_secs(5),
+        || to.status().migration_records == 1,
+    );
+
     // The killed member restarts from its log and catches up.
     members[leader].start();
     wait_until(
@@ -229,21 +286,7 @@ fn three_appliances_keep_their_flags_through_a_leader_kill_and_a_minority_takes_
     assert!(members[leader].flags().safe_mode);
 
     // A connection that presents no certificate is refused; the cluster carries on.
-    let raft_port = {
-        let text = std::fs::read_to_string(members[leader].dir.join("dwcp.toml")).unwrap();
-        let line = text
-            .lines()
-            .skip_while(|l| *l != "[cluster]")
-            .find(|l| l.starts_with("listen"))
-            .unwrap()
-            .to_string();
-        line.rsplit(':')
-            .next()
-            .unwrap()
-            .trim_end_matches('"')
-            .parse::<u16>()
-            .unwrap()
-    };
+    let raft_port = listen_port(&members[leader], "cluster");
     let refused_before = members[leader].status().connections_refused;
     let mut intruder = std::net::TcpStream::connect(("127.0.0.1", raft_port)).unwrap();
     let _ = intruder.write_all(&[

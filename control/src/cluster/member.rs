@@ -108,6 +108,17 @@ impl Member {
         }
     }
 
+    /// Proposes `command` with no one waiting for it (a migration's record): lost if
+    /// the cluster has no leader now, and written again with the next report.
+    pub fn record(&mut self, command: &Command) {
+        let _ = self.node.propose(command);
+    }
+
+    /// This appliance's id in the cluster.
+    pub fn id(&self) -> u64 {
+        self.plan.id
+    }
+
     /// Does raft's ready work; returns the writes now applied (`Ok`) or given up on.
     pub fn pump(&mut self) -> Vec<(PendingWrite, Result<(), String>)> {
         let mut answered = Vec::new();

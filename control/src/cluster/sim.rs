@@ -39,6 +39,16 @@ struct Faults {
     crash: u64,
 }
 
+impl Faults {
+    /// No faults at all.
+    const CALM: Faults = Faults {
+        loss: 0,
+        max_delay: 0,
+        partition: 0,
+        crash: 0,
+    };
+}
+
 struct Sim {
     rng: Rng,
     ids: Vec<u64>,
@@ -169,6 +179,8 @@ impl Sim {
                     state: "running".into(),
                     round: 0,
                     interrupted_at: None,
+                    remaining_bytes: 0,
+                    rate_bits_per_second: 0,
                 };
                 match node.propose(&Command::PutMigration(record)) {
                     Ok(_) => {
@@ -243,12 +255,7 @@ impl Sim {
         for id in std::mem::take(&mut self.restart_at).into_keys() {
             self.start(id);
         }
-        let calm = Faults {
-            loss: 0,
-            max_delay: 0,
-            partition: 0,
-            crash: 0,
-        };
+        let calm = Faults::CALM;
         for _ in 0..400 {
             self.step(&calm, false);
         }
@@ -348,12 +355,7 @@ fn seeded_runs_with_loss_delay_partitions_and_restarts_stay_safe_and_lose_nothin
 #[test]
 fn a_member_down_past_a_snapshot_catches_up_from_it() {
     let mut sim = Sim::new(7, 3, "snap");
-    let calm = Faults {
-        loss: 0,
-        max_delay: 0,
-        partition: 0,
-        crash: 0,
-    };
+    let calm = Faults::CALM;
     for _ in 0..60 {
         sim.step(&calm, false);
     }
@@ -376,6 +378,8 @@ fn a_member_down_past_a_snapshot_catches_up_from_it() {
                 state: "completed".into(),
                 round: 4,
                 interrupted_at: None,
+                remaining_bytes: 0,
+                rate_bits_per_second: 0,
             };
             node.propose(&Command::PutMigration(record)).unwrap();
             proposed += 1;
@@ -404,12 +408,7 @@ fn a_member_down_past_a_snapshot_catches_up_from_it() {
 #[test]
 fn a_partitioned_minority_refuses_writes_and_names_why() {
     let mut sim = Sim::new(3, 3, "minority");
-    let calm = Faults {
-        loss: 0,
-        max_delay: 0,
-        partition: 0,
-        crash: 0,
-    };
+    let calm = Faults::CALM;
     for _ in 0..60 {
         sim.step(&calm, false);
     }

@@ -49,6 +49,20 @@ pub struct MigrationRecord {
     /// When it was interrupted, seconds since the Unix epoch (set by the proposer: a
     /// clock read in `apply` would differ between appliances).
     pub interrupted_at: Option<u64>,
+    /// Bytes it has left to send in its round, as last reported.
+    #[serde(default)]
+    pub remaining_bytes: u64,
+    /// Its send rate as last reported, bits per second.
+    #[serde(default)]
+    pub rate_bits_per_second: u64,
+}
+
+impl MigrationRecord {
+    /// Its key in the state: migration ids are an appliance's own, so the source
+    /// appliance's id goes in front.
+    pub fn key(&self) -> u64 {
+        (self.source << 32) | (self.id & 0xffff_ffff)
+    }
 }
 
 impl Command {
@@ -64,7 +78,8 @@ impl Command {
             ),
             Command::SetBudget { .. } => Ok(()),
             Command::PutMigration(record) => {
-                const STATES: [&str; 4] = ["running", "completed", "failed", "interrupted"];
+                const STATES: [&str; 5] =
+                    ["running", "completed", "failed", "cancelled", "interrupted"];
                 if STATES.contains(&record.state.as_str()) {
                     Ok(())
                 } else {
@@ -120,7 +135,7 @@ impl ClusterState {
                     Ok(())
                 }
                 Command::PutMigration(record) => {
-                    self.migrations.insert(record.id, record);
+                    self.migrations.insert(record.key(), record);
                     Ok(())
                 }
             }
@@ -128,6 +143,35 @@ impl ClusterState {
         if applied.is_err() {
             self.skipped += 1;
         }
+    }
+
+    /// The site's WAN budget shared out to the running migrations, bits per second by
+    /// record key. Each gets a floor of a quarter of an even share, and the rest goes in
+    /// proportion to the bytes each has left, so that they finish closer together; it
+    /// changes when one starts or ends and as their reports come in. A function of the
+    /// replicated state alone: every member computes the same shares, and applies
+    /// those of its own migrations as their pacing caps, without a message more.
+    pub fn budget_shares(&self) -> BTreeMap<u64, u64> {
+        let Some(budget) = self.budget_bits_per_second else {
+            return BTreeMap::new();
+        };
+        let running: Vec<(u64, f64)> = self
+            .migrations
+            .iter()
+            .filter(|(_, r)| r.state == "running")
+            .map(|(&key, r)| (key, r.remaining_bytes.max(1) as f64))
+            .collect();
+        if running.is_empty() {
+            return BTreeMap::new();
+        }
+        let n = running.len() as f64;
+        let floor = budget as f64 / (4.0 * n);
+        let rest = budget as f64 - floor * n;
+        let left: f64 = running.iter().map(|(_, bytes)| bytes).sum();
+        running
+            .into_iter()
+            .map(|(key, bytes)| (key, (floor + rest * bytes / left) as u64))
+            .collect()
     }
 
     /// The state as a snapshot carries it.
@@ -185,11 +229,52 @@ mod tests {
             state: "interrupted".into(),
             round: 3,
             interrupted_at: Some(1_765_000_000),
+            remaining_bytes: 0,
+            rate_bits_per_second: 0,
         };
         state.apply(&Command::PutMigration(record.clone()).encode());
         let back = ClusterState::decode(&state.encode()).unwrap();
         assert_eq!(back, state);
-        assert_eq!(back.migrations[&7], record);
+        assert_eq!(back.migrations[&record.key()], record);
         assert_eq!(back.budget_bits_per_second, Some(800_000_000));
+    }
+
+    #[test]
+    fn the_budget_goes_to_running_migrations_by_what_they_have_left() {
+        let mut state = ClusterState::default();
+        let record = |source: u64, id: u64, state: &str, left: u64| MigrationRecord {
+            id,
+            vm: "vm".into(),
+            source,
+            destination: "peer".into(),
+            state: state.into(),
+            round: 1,
+            interrupted_at: None,
+            remaining_bytes: left,
+            rate_bits_per_second: 0,
+        };
+        // Migration 1 on appliances 1 and 2 alike: the keys differ.
+        let a = record(1, 1, "running", 3 << 30);
+        let b = record(2, 1, "running", 1 << 30);
+        let done = record(3, 1, "completed", 0);
+        for r in [&a, &b, &done] {
+            state.apply(&Command::PutMigration(r.clone()).encode());
+        }
+        assert_eq!(state.migrations.len(), 3);
+        assert!(state.budget_shares().is_empty(), "no budget, no shares");
+        state.apply(
+            &Command::SetBudget {
+                bits_per_second: Some(800_000_000),
+            }
+            .encode(),
+        );
+        let shares = state.budget_shares();
+        assert_eq!(shares.len(), 2, "only running migrations get a share");
+        // Floors of 100 Mbit/s each; the other 600 split 3:1.
+        assert_eq!(shares[&a.key()], 100_000_000 + 450_000_000);
+        assert_eq!(shares[&b.key()], 100_000_000 + 150_000_000);
+        // One ends: the other gets the whole budget.
+        state.apply(&Command::PutMigration(record(1, 1, "completed", 0)).encode());
+        assert_eq!(state.budget_shares()[&b.key()], 800_000_000);
     }
 }
