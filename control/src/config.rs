@@ -407,8 +407,12 @@ pub struct ClusterSection {
     /// The raft log and its snapshots (`state_dir/cluster` when unset).
     pub dir: Option<PathBuf>,
     /// The founding members, id → `host:port`, this one among them; every founding
-    /// member is given the same list.
+    /// member is given the same list. With `join`, the members it joins (and itself).
     pub members: BTreeMap<String, String>,
+    /// This appliance joins a running cluster (`dwcpctl cluster join ID ADDR` on its
+    /// leader) instead of founding one: it starts with no say and learns the cluster
+    /// from the leader.
+    pub join: bool,
 }
 
 /// A checked `[cluster]` section.
@@ -422,6 +426,8 @@ pub struct ClusterPlan {
     pub members: BTreeMap<u64, std::net::SocketAddr>,
     /// The raft log's directory.
     pub dir: PathBuf,
+    /// It joins a running cluster rather than founding one.
+    pub join: bool,
 }
 
 /// `[control]`: the daemon's slow path and its operator interfaces.
@@ -1082,6 +1088,7 @@ impl Config {
             listen,
             members,
             dir,
+            join: c.join,
         }))
     }
 

@@ -692,6 +692,22 @@ impl ControlState {
                 member.write(&command, kind, reply);
                 return;
             }
+            match &request.command {
+                Command::ClusterMigrations => {
+                    member.read(reply);
+                    return;
+                }
+                Command::ClusterJoin { id, address } => {
+                    member.change_membership(*id, Some(address), reply);
+                    return;
+                }
+                Command::ClusterLeave { id } => {
+                    let id = id.unwrap_or(member.id());
+                    member.change_membership(id, None, reply);
+                    return;
+                }
+                _ => {}
+            }
         }
         let _ = reply.try_send(self.handle(request));
     }
@@ -702,8 +718,38 @@ impl ControlState {
         let Some(member) = self.cluster.as_mut() else {
             return;
         };
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        member.mark_silent_members(now_unix);
         let answered = member.pump();
+        let reads = member.take_reads();
         let state = member.state();
+        if !reads.is_empty() {
+            let shares = state.budget_shares();
+            let view: Vec<dwcp_api::ClusterMigrationInfo> = state
+                .migrations
+                .iter()
+                .map(|(key, r)| dwcp_api::ClusterMigrationInfo {
+                    id: r.id,
+                    source: r.source,
+                    vm: r.vm.clone(),
+                    destination: r.destination.clone(),
+                    state: r.state.clone(),
+                    round: r.round,
+                    interrupted_at: r.interrupted_at,
+                    remaining_bytes: r.remaining_bytes,
+                    rate_bits_per_second: r.rate_bits_per_second,
+                    budget_share_bits_per_second: shares.get(key).copied(),
+                })
+                .collect();
+            for (read, result) in reads {
+                let _ = read.reply.try_send(match result {
+                    Ok(()) => Response::ok(&view),
+                    Err(e) => Response::error(format!("cluster: {e}")),
+                });
+            }
+        }
         let budget = state.budget_bits_per_second;
         let me = member.id();
         let shares = state.budget_shares();
@@ -725,6 +771,11 @@ impl ControlState {
             let response = match (result, write.kind) {
                 (Err(e), _) => Response::error(format!("cluster: {e}")),
                 (Ok(()), WriteKind::Flag) => Response::ok(self.flags.flags.info(self.flags.path())),
+                (Ok(()), WriteKind::Membership) => Response::ok(Done {
+                    message: "membership changed on every member (see `dwcpctl cluster status`)"
+                        .into(),
+                    id: None,
+                }),
                 (Ok(()), WriteKind::Budget) => Response::ok(Done {
                     message: match budget {
                         Some(bits) => format!(
@@ -860,7 +911,10 @@ impl ControlState {
             Command::ClusterStatus => Ok(Response::ok(
                 self.cluster.as_ref().map(Member::info).unwrap_or_default(),
             )),
-            Command::ClusterBudget { .. } => Err(NOT_IN_A_CLUSTER.into()),
+            Command::ClusterBudget { .. }
+            | Command::ClusterMigrations
+            | Command::ClusterJoin { .. }
+            | Command::ClusterLeave { .. } => Err(NOT_IN_A_CLUSTER.into()),
             Command::FlagsReload => {
                 let was_safe = self.flags.flags.safe_mode;
                 self.flags.reload()?;

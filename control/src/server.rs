@@ -407,7 +407,7 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
     };
     let request: Request = serde_json::from_value(value.clone()).map_err(|e| {
         if e.to_string().contains("unknown variant") {
-            format!("unknown command {cmd:?} (status, migrate, migrations, cancel, set-mode, set, flags, flag-set, flags-reload, metrics, config, shutdown, cluster-status, cluster-budget)")
+            format!("unknown command {cmd:?} (status, migrate, migrations, cancel, set-mode, set, flags, flag-set, flags-reload, metrics, config, shutdown, cluster-status, cluster-migrations, cluster-budget)")
         } else {
             format!("bad {cmd:?} request: {e}")
         }
@@ -424,6 +424,7 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
             | dwcp_api::Command::Config
             | dwcp_api::Command::Shutdown
             | dwcp_api::Command::ClusterStatus
+            | dwcp_api::Command::ClusterMigrations
     );
     if takes_no_fields
         && let Some(extra) = object.keys().find(|k| !matches!(k.as_str(), "v" | "cmd"))

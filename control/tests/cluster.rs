@@ -1,13 +1,20 @@
 //! Three `dwcpd serve` processes on loopback form a cluster, their raft messages over
 //! mutually authenticated TLS: a flag set on a follower applies on all; the leader is
 //! killed and another takes over within ten election timeouts (counted in the
-//! survivors' ticks, not wall time) with the flags kept; the killed member restarts
-//! and catches up; a member left alone takes no writes and says why; a connection that
-//! does not authenticate is refused and the cluster carries on.
+//! survivors' ticks, not wall time) with the flags kept; a migration runs paced at the
+//! site's budget and its record reaches the others; the killed member restarts and
+//! catches up; a member killed with a migration running has it recorded `interrupted`
+//! by the others; a fourth appliance joins through the leader (a follower refuses and
+//! names it), learns the cluster's state, and leaves; a connection that does not speak
+//! TLS is refused and the cluster carries on; a member left alone takes no writes and
+//! says why.
 
 mod common;
 
-use dwcp_api::{ClusterInfo, Command, Done, FlagsInfo, MigrateOptions, MigrationInfo, Response};
+use dwcp_api::{
+    ClusterInfo, ClusterMigrationInfo, Command, Done, FlagsInfo, MigrateOptions, MigrationInfo,
+    Response,
+};
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -102,6 +109,33 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Writes member `id`'s configuration (raft at `raft`, the member list `members` as
+/// TOML lines) and starts it.
+fn start_member(base: &Path, id: u64, raft: u16, members: &str, join: bool) -> Member {
+    let dir = base.join(format!("member-{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = format!(
+        "[control]\nsocket = {socket:?}\nflags_file = {flags:?}\nstate_dir = {state:?}\n\
+         [dest]\nlisten = \"127.0.0.1:{dest}\"\n{security}\
+         [cluster]\nid = {id}\nlisten = \"127.0.0.1:{raft}\"\njoin = {join}\n[cluster.members]\n{members}",
+        socket = dir.join("ctl.sock").display().to_string(),
+        flags = dir.join("flags.toml").display().to_string(),
+        state = dir.join("state").display().to_string(),
+        dest = free_port(),
+        // Two lab certificates for all members: both valid for loopback and signed by
+        // the site's CA, which is what a member must show.
+        security = common::security_section(id as usize % 2),
+    );
+    std::fs::write(dir.join("dwcp.toml"), config).unwrap();
+    let mut member = Member {
+        id,
+        dir,
+        child: None,
+    };
+    member.start();
+    member
+}
+
 fn cluster(base: &Path) -> Vec<Member> {
     let raft_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let members: String = raft_ports
@@ -110,32 +144,7 @@ fn cluster(base: &Path) -> Vec<Member> {
         .map(|(i, port)| format!("{} = \"127.0.0.1:{port}\"\n", i + 1))
         .collect();
     (0..3)
-        .map(|i| {
-            let id = i as u64 + 1;
-            let dir = base.join(format!("member-{id}"));
-            std::fs::create_dir_all(&dir).unwrap();
-            let config = format!(
-                "[control]\nsocket = {socket:?}\nflags_file = {flags:?}\nstate_dir = {state:?}\n\
-                 [dest]\nlisten = \"127.0.0.1:{dest}\"\n{security}\
-                 [cluster]\nid = {id}\nlisten = \"127.0.0.1:{raft}\"\n[cluster.members]\n{members}",
-                socket = dir.join("ctl.sock").display().to_string(),
-                flags = dir.join("flags.toml").display().to_string(),
-                state = dir.join("state").display().to_string(),
-                dest = free_port(),
-                // Two lab certificates for three members: both valid for loopback and
-                // signed by the site's CA, which is what a member must show.
-                security = common::security_section(i % 2),
-                raft = raft_ports[i],
-            );
-            std::fs::write(dir.join("dwcp.toml"), config).unwrap();
-            let mut member = Member {
-                id,
-                dir,
-                child: None,
-            };
-            member.start();
-            member
-        })
+        .map(|i| start_member(base, i as u64 + 1, raft_ports[i], &members, false))
         .collect()
 }
 
@@ -169,7 +178,7 @@ fn wait_until(what: &str, patience: Duration, mut done: impl FnMut() -> bool) {
 }
 
 #[test]
-fn three_appliances_keep_their_flags_through_a_leader_kill_and_a_minority_takes_no_writes() {
+fn three_appliances_keep_flags_budget_and_records_through_kills_a_join_and_a_lost_majority() {
     let start = Instant::now();
     let base = std::env::temp_dir().join(format!("dwcp-cluster-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
@@ -285,6 +294,52 @@ fn three_appliances_keep_their_flags_through_a_leader_kill_and_a_minority_takes_
     );
     assert!(members[leader].flags().safe_mode);
 
+    // A member dies with a migration running: the others record it interrupted.
+    let (x, to) = (survivors[1], survivors[0]);
+    let answer = members[x].call(Command::ClusterBudget {
+        bits_per_second: Some(40_000_000),
+    });
+    assert!(answer.ok, "{answer:?}");
+    let done: Done = members[x]
+        .call(Command::Migrate(MigrateOptions {
+            peer: format!("127.0.0.1:{}", listen_port(&members[to], "dest")),
+            memory: Some("128M".into()),
+            dirty_rate_mbps: Some(1.0),
+            ..MigrateOptions::default()
+        }))
+        .into_result()
+        .unwrap();
+    let x_id = members[x].id;
+    let record = |m: &Member| -> Option<ClusterMigrationInfo> {
+        let all: Vec<ClusterMigrationInfo> =
+            m.call(Command::ClusterMigrations).into_result().ok()?;
+        all.into_iter()
+            .find(|r| r.source == x_id && Some(r.id) == done.id)
+    };
+    wait_until(
+        "the running migration is recorded",
+        Duration::from_secs(10),
+        || record(&members[to]).is_some_and(|r| r.state == "running" && r.round == 0),
+    );
+    members[x].kill();
+    let killed = Instant::now();
+    wait_until(
+        "the others record it interrupted",
+        Duration::from_secs(15),
+        || {
+            record(&members[to])
+                .is_some_and(|r| r.state == "interrupted" && r.interrupted_at.is_some())
+        },
+    );
+    eprintln!(
+        "member {x_id} killed with a migration running: recorded interrupted after {:.1} s",
+        killed.elapsed().as_secs_f64()
+    );
+    members[x].start();
+    wait_until("the member is back", Duration::from_secs(20), || {
+        members[x].status().leader != 0
+    });
+
     // A connection that presents no certificate is refused; the cluster carries on.
     let raft_port = listen_port(&members[leader], "cluster");
     let refused_before = members[leader].status().connections_refused;
@@ -304,6 +359,52 @@ fn three_appliances_keep_their_flags_through_a_leader_kill_and_a_minority_takes_
     wait_until("rollout on every member", Duration::from_secs(5), || {
         members.iter().all(|m| m.flags().rollout_percent == 40)
     });
+
+    // A fourth appliance joins through the leader, learns what the cluster holds, and
+    // leaves again. Only the leader changes membership; a follower names it.
+    let leader_now = wait_for_leader(&members, Duration::from_secs(10));
+    let port4 = free_port();
+    let mut list: String = members
+        .iter()
+        .map(|m| format!("{} = \"127.0.0.1:{}\"\n", m.id, listen_port(m, "cluster")))
+        .collect();
+    list += &format!("4 = \"127.0.0.1:{port4}\"\n");
+    let mut fourth = start_member(&base, 4, port4, &list, true);
+    let follower_now = (leader_now + 1) % 3;
+    let refused = members[follower_now].call(Command::ClusterJoin {
+        id: 4,
+        address: format!("127.0.0.1:{port4}"),
+    });
+    let error = refused.error.unwrap_or_default();
+    assert!(error.contains("not the leader"), "{error}");
+    let answer = members[leader_now].call(Command::ClusterJoin {
+        id: 4,
+        address: format!("127.0.0.1:{port4}"),
+    });
+    assert!(answer.ok, "{answer:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = fourth.status();
+        if s.leader == members[leader_now].id
+            && s.members.len() == 4
+            && fourth.flags().rollout_percent == 40
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fourth member does not catch up: {s:#?}\nthe leader: {:#?}",
+            members[leader_now].status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(members[leader_now].status().members.len(), 4);
+    let answer = members[leader_now].call(Command::ClusterLeave { id: Some(4) });
+    assert!(answer.ok, "{answer:?}");
+    wait_until("three members again", Duration::from_secs(5), || {
+        members.iter().all(|m| m.status().members.len() == 3)
+    });
+    fourth.kill();
 
     // Alone, a member takes no writes, and says why.
     let alone = survivors[0];

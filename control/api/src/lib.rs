@@ -84,6 +84,23 @@ pub enum Command {
     Shutdown,
     /// The appliance cluster: this member's raft state, the members, the budget.
     ClusterStatus,
+    /// Add an appliance to the cluster (on the leader): it must run with `[cluster]
+    /// join = true` and listen for raft at `address`.
+    ClusterJoin {
+        /// Its id (unique in the site).
+        id: u64,
+        /// Where its raft messages go, `host:port`.
+        address: String,
+    },
+    /// Remove an appliance from the cluster (on the leader); this one when no id.
+    ClusterLeave {
+        /// The member to remove.
+        #[serde(default)]
+        id: Option<u64>,
+    },
+    /// The migrations every member of the cluster has recorded, read through the
+    /// leader (a read index), so that every member answers the same.
+    ClusterMigrations,
     /// Set the site's WAN budget (bits per second), or lift it (`null`); replicated to
     /// every member.
     ClusterBudget {
@@ -522,6 +539,31 @@ pub struct ClusterInfo {
     pub messages_dropped: u64,
     /// Connections refused (authentication, not a member, bad frames).
     pub connections_refused: u64,
+}
+
+/// One migration as the cluster records it (`cluster-migrations`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterMigrationInfo {
+    /// Its id on its source appliance.
+    pub id: u64,
+    /// The source appliance (member id).
+    pub source: u64,
+    /// The VM it moves (`simulated` for the simulated guest).
+    pub vm: String,
+    /// Where it goes.
+    pub destination: String,
+    /// `running`, `completed`, `failed`, `cancelled`, `interrupted`.
+    pub state: String,
+    /// The round reached.
+    pub round: u64,
+    /// When it was marked interrupted, seconds since the Unix epoch.
+    pub interrupted_at: Option<u64>,
+    /// Bytes left in its round when last reported.
+    pub remaining_bytes: u64,
+    /// Its send rate when last reported, bits per second.
+    pub rate_bits_per_second: u64,
+    /// Its share of the site's WAN budget, bits per second, while it runs under one.
+    pub budget_share_bits_per_second: Option<u64>,
 }
 
 /// One member in `cluster-status`.

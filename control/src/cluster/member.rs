@@ -17,6 +17,7 @@ use crossbeam::channel::{Receiver, Sender};
 use dwcp_api::{ClusterInfo, ClusterMemberInfo, Response};
 use dwcp_dataplane::security::Identity;
 use raft::prelude::Message;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -32,6 +33,18 @@ pub enum WriteKind {
     Flag,
     /// `cluster budget`: answered with a sentence.
     Budget,
+    /// `cluster join|leave`: answered with a sentence.
+    Membership,
+}
+
+/// An operator's read waiting for the leader's word and this member's log to catch up.
+pub struct PendingRead {
+    request: u64,
+    /// The index to have applied, once the leader has answered.
+    index: Option<u64>,
+    deadline: Instant,
+    /// Where the answer goes.
+    pub reply: Sender<Response>,
 }
 
 /// An operator's write waiting for its entry.
@@ -50,12 +63,22 @@ pub struct Member {
     node: ClusterNode,
     net: PeerNet,
     pending: Vec<PendingWrite>,
+    reads: Vec<PendingRead>,
+    /// The tick at which each other member was last heard from.
+    last_heard: BTreeMap<u64, u64>,
+    /// Records this member (as leader) marked interrupted, by key and the round then.
+    marked: BTreeMap<u64, u64>,
 }
 
 impl Member {
     /// Opens the raft log and starts the network.
     pub fn start(plan: ClusterPlan, identity: Option<Arc<Identity>>) -> Result<Member, String> {
-        let founders: Vec<u64> = plan.members.keys().copied().collect();
+        // A joining member founds nothing: the leader's log tells it who the members are.
+        let founders: Vec<u64> = if plan.join {
+            Vec::new()
+        } else {
+            plan.members.keys().copied().collect()
+        };
         let node = ClusterNode::open(plan.id, &plan.dir, &founders, Durability::Fsync)
             .map_err(|e| format!("cluster: {e}"))?;
         let net = PeerNet::start(plan.id, plan.listen, &plan.members, identity)?;
@@ -64,6 +87,9 @@ impl Member {
             node,
             net,
             pending: Vec::new(),
+            reads: Vec::new(),
+            last_heard: BTreeMap::new(),
+            marked: BTreeMap::new(),
         })
     }
 
@@ -84,6 +110,7 @@ impl Member {
 
     /// A message another member sent.
     pub fn receive(&mut self, message: Message) {
+        self.last_heard.insert(message.from, self.node.ticks());
         // A message raft cannot use (from a member removed since, say) is dropped.
         let _ = self.node.step(message);
     }
@@ -108,6 +135,109 @@ impl Member {
         }
     }
 
+    /// Proposes adding member `id` at `address`, or removing it (`None`); answered once
+    /// applied here.
+    pub fn change_membership(&mut self, id: u64, address: Option<&str>, reply: Sender<Response>) {
+        if let Some(address) = address
+            && address.parse::<std::net::SocketAddr>().is_err()
+        {
+            let _ = reply.try_send(Response::error(format!(
+                "cluster: {address:?} is not an address like 10.0.0.4:7401"
+            )));
+            return;
+        }
+        match self.node.propose_membership(id, address) {
+            Ok(proposal) => self.pending.push(PendingWrite {
+                proposal,
+                deadline: Instant::now() + WRITE_WAIT,
+                reply,
+                kind: WriteKind::Membership,
+            }),
+            Err(e) => {
+                let _ = reply.try_send(Response::error(describe(&e)));
+            }
+        }
+    }
+
+    /// A read that must be current (`cluster migrations`): answered by
+    /// [`Member::pump`] once the leader has confirmed the read index and this member
+    /// has applied up to it.
+    pub fn read(&mut self, reply: Sender<Response>) {
+        let request = self.node.request_read();
+        self.reads.push(PendingRead {
+            request,
+            index: None,
+            deadline: Instant::now() + WRITE_WAIT,
+            reply,
+        });
+    }
+
+    /// Reads now current (answer them from [`Member::state`]), and the ones given up on.
+    pub fn take_reads(&mut self) -> Vec<(PendingRead, Result<(), String>)> {
+        for (request, index) in self.node.take_read_states() {
+            if let Some(read) = self.reads.iter_mut().find(|r| r.request == request) {
+                read.index = Some(index);
+            }
+        }
+        let applied = self.node.applied();
+        let now = Instant::now();
+        let mut done = Vec::new();
+        let mut waiting = Vec::new();
+        for read in self.reads.drain(..) {
+            if read.index.is_some_and(|i| applied >= i) {
+                done.push((read, Ok(())));
+            } else if now >= read.deadline {
+                done.push((
+                    read,
+                    Err(format!(
+                        "no current view within {} s: this appliance cannot reach the cluster's leader (see `dwcpctl cluster status`)",
+                        WRITE_WAIT.as_secs()
+                    )),
+                ));
+            } else {
+                waiting.push(read);
+            }
+        }
+        self.reads = waiting;
+        done
+    }
+
+    /// As leader: the running migrations of members not heard from for two election
+    /// timeouts are recorded `interrupted` (at `now_unix`, this appliance's clock, which
+    /// goes into the log as it is). A member that comes back records its own again.
+    pub fn mark_silent_members(&mut self, now_unix: u64) {
+        if self.node.leading().is_none() {
+            return;
+        }
+        let ticks = self.node.ticks();
+        let silent_after = 2 * super::node::ELECTION_TICKS as u64;
+        let silent: Vec<u64> = self
+            .plan
+            .members
+            .keys()
+            .copied()
+            .filter(|&m| m != self.plan.id)
+            .filter(|m| {
+                ticks.saturating_sub(self.last_heard.get(m).copied().unwrap_or(0)) > silent_after
+            })
+            .collect();
+        let to_mark: Vec<_> = self
+            .node
+            .state()
+            .migrations
+            .iter()
+            .filter(|(_, r)| r.state == "running" && silent.contains(&r.source))
+            .filter(|(key, r)| self.marked.get(key) != Some(&r.round))
+            .map(|(key, r)| (*key, r.clone()))
+            .collect();
+        for (key, mut record) in to_mark {
+            self.marked.insert(key, record.round);
+            record.state = "interrupted".into();
+            record.interrupted_at = Some(now_unix);
+            let _ = self.node.propose(&Command::PutMigration(record));
+        }
+    }
+
     /// Proposes `command` with no one waiting for it (a migration's record): lost if
     /// the cluster has no leader now, and written again with the next report.
     pub fn record(&mut self, command: &Command) {
@@ -129,6 +259,29 @@ impl Member {
                 }
             }
             Err(e) => eprintln!("dwcpd: cluster: {e}"),
+        }
+        // Members that joined get messages; those that left, none.
+        for (member, address) in self.node.take_membership_changes() {
+            match address.and_then(|a| a.parse().ok()) {
+                Some(address) => {
+                    if let Err(e) = self.net.add_peer(member, address) {
+                        eprintln!("dwcpd: cluster: member {member}: {e}");
+                    }
+                }
+                None => self.net.remove_peer(member),
+            }
+        }
+        // A member that joined learns the others' addresses from a snapshot, not from
+        // their changes.
+        let known: Vec<(u64, std::net::SocketAddr)> = self
+            .node
+            .state()
+            .addresses
+            .iter()
+            .filter_map(|(m, a)| Some((*m, a.parse().ok()?)))
+            .collect();
+        for (member, address) in known {
+            let _ = self.net.add_peer(member, address);
         }
         let applied = self.node.take_applied_proposals();
         let now = Instant::now();
@@ -180,7 +333,9 @@ impl Member {
                         .plan
                         .members
                         .get(&id)
-                        .map_or_else(|| "(unknown)".into(), |a| a.to_string()),
+                        .map(|a| a.to_string())
+                        .or_else(|| self.state().addresses.get(&id).cloned())
+                        .unwrap_or_else(|| "(unknown)".into()),
                     lag: status
                         .follower_lag
                         .iter()

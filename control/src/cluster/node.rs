@@ -13,7 +13,7 @@
 use super::log::{Durability, DurableLog};
 use super::state::{ClusterState, Command};
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message};
+use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{Config, RawNode, StateRole, Storage};
 use std::fmt;
 use std::path::Path;
@@ -96,6 +96,13 @@ pub struct ClusterNode {
     snapshot_every: u64,
     next_proposal: u64,
     ticks: u64,
+    next_read: u64,
+    /// Members added or removed, not yet taken.
+    membership_changes: Vec<(u64, Option<String>)>,
+    /// The membership changed: snapshot at once.
+    snapshot_now: bool,
+    /// Read requests confirmed: (request id, the index to have applied first).
+    read_states: Vec<(u64, u64)>,
     /// Proposals of this member applied, not yet taken.
     applied_proposals: Vec<u64>,
 }
@@ -118,11 +125,20 @@ impl ClusterNode {
         }
         let mut log = DurableLog::open(dir, durability).map_err(ClusterError::Storage)?;
         if log.is_empty() && !initial_members.is_empty() {
-            let conf = ConfState {
+            // The founding configuration is a snapshot at index 1, not a configuration
+            // set beside an empty log: the log a leader replicates then starts at 2,
+            // and a member that joins later is sent that snapshot first, so it learns
+            // who the founders are (entries alone would tell it only of itself).
+            let mut founding = Snapshot::default();
+            founding.set_data(ClusterState::default().encode().into());
+            let meta = founding.mut_metadata();
+            meta.index = 1;
+            meta.term = 1;
+            meta.set_conf_state(ConfState {
                 voters: initial_members.to_vec(),
                 ..Default::default()
-            };
-            log.set_conf_state(&conf).map_err(ClusterError::Storage)?;
+            });
+            log.install(&founding).map_err(ClusterError::Storage)?;
             log.sync().map_err(ClusterError::Storage)?;
         }
         let snapshot = log.snapshot_ref().clone();
@@ -155,6 +171,10 @@ impl ClusterNode {
             snapshot_every: SNAPSHOT_EVERY,
             next_proposal: 0,
             ticks: 0,
+            next_read: 0,
+            membership_changes: Vec::new(),
+            snapshot_now: false,
+            read_states: Vec::new(),
             applied_proposals: Vec::new(),
         })
     }
@@ -218,21 +238,60 @@ impl ClusterNode {
         Ok(id)
     }
 
+    /// Asks for a read index: once the leader has confirmed it still leads, the read
+    /// state comes back ([`ClusterNode::take_read_states`]) with the index this member
+    /// must have applied for a read of its state to be current. Returns the request's
+    /// id. Without a leader the request is dropped (the caller's wait ends it).
+    pub fn request_read(&mut self) -> u64 {
+        self.next_read += 1;
+        let id = (self.raw.raft.id << 48) ^ (self.raw.raft.term << 24) ^ self.next_read;
+        self.raw.read_index(id.to_le_bytes().to_vec());
+        id
+    }
+
+    /// Read requests confirmed since last asked: (request id, index to apply first).
+    pub fn take_read_states(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.read_states)
+    }
+
     /// Ids of proposals made on this member that it has applied since last asked.
     pub fn take_applied_proposals(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.applied_proposals)
     }
 
-    /// Proposes adding (`add`) or removing a voting member.
-    pub fn propose_membership(&mut self, member: u64, add: bool) -> Result<u64, ClusterError> {
+    /// Proposes adding (`address`: where its raft messages go) or removing (`None`) a
+    /// voting member. Leader only (raft-rs does not pass membership changes on).
+    /// Returns the proposal's id, as [`ClusterNode::propose`] does.
+    pub fn propose_membership(
+        &mut self,
+        member: u64,
+        address: Option<&str>,
+    ) -> Result<u64, ClusterError> {
         self.leader_only()?;
         if member == 0 {
             return Err(ClusterError::Refused(
                 "appliance id 0 is reserved by raft".into(),
             ));
         }
+        let add = address.is_some();
+        let voters: Vec<u64> = self.raw.raft.prs().conf().voters().ids().iter().collect();
+        if add == voters.contains(&member) {
+            return Err(ClusterError::Refused(format!(
+                "appliance {member} is {} a member",
+                if add { "already" } else { "not" }
+            )));
+        }
+        if !add && voters.len() == 1 {
+            return Err(ClusterError::Refused(
+                "the last member cannot leave: the cluster's state would have no home".into(),
+            ));
+        }
+        self.next_proposal += 1;
+        let id = (self.raw.raft.id << 48) ^ (self.raw.raft.term << 24) ^ self.next_proposal;
         let mut change = ConfChange {
             node_id: member,
+            context: address.unwrap_or_default().as_bytes().to_vec().into(),
+            id,
             ..Default::default()
         };
         change.set_change_type(if add {
@@ -241,9 +300,14 @@ impl ClusterNode {
             ConfChangeType::RemoveNode
         });
         self.raw
-            .propose_conf_change(vec![], change)
+            .propose_conf_change(id.to_le_bytes().to_vec(), change)
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        Ok(self.raw.raft.raft_log.last_index())
+        Ok(id)
+    }
+
+    /// Members added (with their address) or removed (`None`) since last asked.
+    pub fn take_membership_changes(&mut self) -> Vec<(u64, Option<String>)> {
+        std::mem::take(&mut self.membership_changes)
     }
 
     fn leader_only(&self) -> Result<(), ClusterError> {
@@ -264,6 +328,11 @@ impl ClusterNode {
         }
         let mut ready = self.raw.ready();
         out.extend(ready.take_messages());
+        for read in ready.take_read_states() {
+            if let Ok(id) = <[u8; 8]>::try_from(read.request_ctx.as_slice()) {
+                self.read_states.push((u64::from_le_bytes(id), read.index));
+            }
+        }
         if !ready.snapshot().is_empty() {
             let snapshot = ready.snapshot().clone();
             self.state =
@@ -316,12 +385,7 @@ impl ClusterNode {
                     if !entry.get_data().is_empty() {
                         self.state.apply(entry.get_data());
                     }
-                    if let Ok(id) = <[u8; 8]>::try_from(entry.get_context()) {
-                        let id = u64::from_le_bytes(id);
-                        if id >> 48 == self.raw.raft.id && self.applied_proposals.len() < 4096 {
-                            self.applied_proposals.push(id);
-                        }
-                    }
+                    self.note_proposal(entry.get_context());
                 }
                 EntryType::EntryConfChange => {
                     let change = ConfChange::parse_from_bytes(entry.get_data()).map_err(|e| {
@@ -338,6 +402,19 @@ impl ClusterNode {
                         .mut_store()
                         .set_conf_state(&conf)
                         .map_err(ClusterError::Storage)?;
+                    let member = change.node_id;
+                    // raft-rs takes a snapshot only if its configuration names the
+                    // member: one taken now is what a member that joins is sent.
+                    self.snapshot_now = true;
+                    if change.get_change_type() == ConfChangeType::AddNode {
+                        let address = String::from_utf8_lossy(change.get_context()).into_owned();
+                        self.state.addresses.insert(member, address.clone());
+                        self.membership_changes.push((member, Some(address)));
+                    } else {
+                        self.state.addresses.remove(&member);
+                        self.membership_changes.push((member, None));
+                    }
+                    self.note_proposal(entry.get_context());
                 }
                 EntryType::EntryConfChangeV2 => {
                     return Err(ClusterError::Raft(format!(
@@ -350,9 +427,21 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// An applied entry's context names the proposal it came from; this member's own
+    /// are kept for [`ClusterNode::take_applied_proposals`].
+    fn note_proposal(&mut self, context: &[u8]) {
+        if let Ok(id) = <[u8; 8]>::try_from(context) {
+            let id = u64::from_le_bytes(id);
+            if id >> 48 == self.raw.raft.id && self.applied_proposals.len() < 4096 {
+                self.applied_proposals.push(id);
+            }
+        }
+    }
+
     fn snapshot_if_due(&mut self) -> Result<(), ClusterError> {
         let since = self.applied - self.raw.store().snapshot_ref().get_metadata().index;
-        if since >= self.snapshot_every {
+        if since >= self.snapshot_every || (self.snapshot_now && since > 0) {
+            self.snapshot_now = false;
             let data = self.state.encode();
             let applied = self.applied;
             self.raw

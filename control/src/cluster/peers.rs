@@ -16,11 +16,11 @@ use super::node::{decode_message, encode_message};
 use crossbeam::channel::{Receiver, Sender, TrySendError, bounded, unbounded};
 use dwcp_dataplane::security::{Identity, TlsChannel};
 use raft::prelude::{Message, MessageType};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,10 @@ pub struct PeerNet {
     threads: Vec<JoinHandle<()>>,
     /// The address the listener is bound to.
     pub local: SocketAddr,
+    id: u64,
+    identity: Option<Arc<Identity>>,
+    /// Who may send: the members (membership changes update it).
+    members: Arc<RwLock<BTreeSet<u64>>>,
 }
 
 impl PeerNet {
@@ -80,8 +84,11 @@ impl PeerNet {
         let (inbound_tx, inbound) = unbounded();
         let (snapshot_tx, snapshot_reports) = unbounded();
         let mut threads = Vec::new();
-        let known: Vec<u64> = members.keys().copied().collect();
+        let known = Arc::new(RwLock::new(
+            members.keys().copied().collect::<BTreeSet<u64>>(),
+        ));
         {
+            let known = known.clone();
             let (stop, counters, identity) = (stop.clone(), counters.clone(), identity.clone());
             threads.push(
                 std::thread::Builder::new()
@@ -92,36 +99,60 @@ impl PeerNet {
                     .map_err(|e| e.to_string())?,
             );
         }
-        let mut senders = BTreeMap::new();
-        for (&member, &address) in members {
-            if member == id {
-                continue;
-            }
-            let (tx, rx) = bounded(QUEUE);
-            senders.insert(member, tx);
-            let (stop, counters, identity, reports) = (
-                stop.clone(),
-                counters.clone(),
-                identity.clone(),
-                snapshot_tx.clone(),
-            );
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("dwcp-raft-to-{member}"))
-                    .spawn(move || send_loop(address, rx, identity, reports, counters, stop))
-                    .map_err(|e| e.to_string())?,
-            );
-        }
-        Ok(PeerNet {
+        let mut net = PeerNet {
             inbound,
             snapshot_reports,
-            senders,
+            senders: BTreeMap::new(),
             snapshot_tx,
             counters,
             stop,
             threads,
             local,
-        })
+            id,
+            identity,
+            members: known,
+        };
+        for (&member, &address) in members {
+            net.add_peer(member, address)?;
+        }
+        Ok(net)
+    }
+
+    /// Starts sending to `member` at `address`, and takes its messages (a member that
+    /// joined). Nothing for this appliance itself or a member already known.
+    pub fn add_peer(&mut self, member: u64, address: SocketAddr) -> Result<(), String> {
+        self.members
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(member);
+        if member == self.id || self.senders.contains_key(&member) {
+            return Ok(());
+        }
+        let (tx, rx) = bounded(QUEUE);
+        let (stop, counters, identity, reports) = (
+            self.stop.clone(),
+            self.counters.clone(),
+            self.identity.clone(),
+            self.snapshot_tx.clone(),
+        );
+        self.threads.push(
+            std::thread::Builder::new()
+                .name(format!("dwcp-raft-to-{member}"))
+                .spawn(move || send_loop(address, rx, identity, reports, counters, stop))
+                .map_err(|e| e.to_string())?,
+        );
+        self.senders.insert(member, tx);
+        Ok(())
+    }
+
+    /// Stops sending to `member` and taking its messages (a member that left).
+    pub fn remove_peer(&mut self, member: u64) {
+        self.members
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&member);
+        // Its sender thread ends when its queue is dropped.
+        self.senders.remove(&member);
     }
 
     /// Queues `message` for its receiver; never blocks.
@@ -174,7 +205,7 @@ impl Conn {
 fn accept_loop(
     id: u64,
     listener: TcpListener,
-    members: Vec<u64>,
+    members: Arc<RwLock<BTreeSet<u64>>>,
     identity: Option<Arc<Identity>>,
     inbound: Sender<Message>,
     counters: Arc<PeerCounters>,
@@ -221,7 +252,7 @@ fn accept_loop(
 fn read_peer(
     id: u64,
     socket: TcpStream,
-    members: &[u64],
+    members: &RwLock<BTreeSet<u64>>,
     identity: Option<Arc<Identity>>,
     inbound: &Sender<Message>,
     counters: &PeerCounters,
@@ -292,7 +323,11 @@ fn read_peer(
             ));
         }
         let message = decode_message(&buf).map_err(|e| format!("{peer}: {e}"))?;
-        if message.to != id || !members.contains(&message.from) || message.from == id {
+        let member = members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&message.from);
+        if message.to != id || !member || message.from == id {
             return Err(format!(
                 "{peer} sent a raft message from {} to {}: not from a member to this appliance ({id})",
                 message.from, message.to

@@ -167,6 +167,20 @@ enum Sub {
 enum ClusterSub {
     /// This member's raft state: leader, term, commit index, members and their lag.
     Status,
+    /// Every member's migrations as the cluster records them (read through the leader).
+    Migrations,
+    /// Add an appliance (run on the leader; the new one runs with `[cluster] join = true`).
+    Join {
+        /// Its id, unique in the site.
+        id: u64,
+        /// Its raft address, host:port.
+        address: String,
+    },
+    /// Remove an appliance (run on the leader); this one when no id is given.
+    Leave {
+        /// The member to remove.
+        id: Option<u64>,
+    },
     /// Set the site's WAN budget (e.g. 800Mbit, 2Gbit), or lift it (`off`), on every
     /// member.
     Budget {
@@ -324,6 +338,15 @@ fn run(cli: &Cli) -> Result<(), String> {
         Sub::Shutdown => (Command::Shutdown, None),
         Sub::Cluster { command } => match command {
             ClusterSub::Status => (Command::ClusterStatus, None),
+            ClusterSub::Migrations => (Command::ClusterMigrations, None),
+            ClusterSub::Join { id, address } => (
+                Command::ClusterJoin {
+                    id: *id,
+                    address: address.clone(),
+                },
+                None,
+            ),
+            ClusterSub::Leave { id } => (Command::ClusterLeave { id: *id }, None),
             ClusterSub::Budget { rate } => (
                 Command::ClusterBudget {
                     bits_per_second: parse_bit_rate(rate)?,
@@ -561,6 +584,34 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                 c.messages_dropped,
                 c.connections_refused
             );
+        }
+        Command::ClusterMigrations => {
+            let records: Vec<dwcp_api::ClusterMigrationInfo> = response.into_result()?;
+            if records.is_empty() {
+                outln!("no migrations recorded");
+            }
+            for r in &records {
+                let share = r
+                    .budget_share_bits_per_second
+                    .map(|b| format!(", budget share {:.1} Mbit/s", b as f64 / 1e6))
+                    .unwrap_or_default();
+                let when = r
+                    .interrupted_at
+                    .filter(|_| r.state == "interrupted")
+                    .map(|t| format!(" at {t} (Unix time)"))
+                    .unwrap_or_default();
+                outln!(
+                    "appliance {} migration {} ({}): {}{when}, to {}, round {}, {:.1} MB left in the round, {:.1} Mbit/s{share}",
+                    r.source,
+                    r.id,
+                    r.vm,
+                    r.state,
+                    r.destination,
+                    r.round,
+                    r.remaining_bytes as f64 / 1e6,
+                    r.rate_bits_per_second as f64 / 1e6
+                );
+            }
         }
         Command::Metrics => {
             let m: MetricsText = response.into_result()?;
