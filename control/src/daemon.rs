@@ -1459,6 +1459,7 @@ impl ControlState {
                     dropped_reports: m.live.dropped_reports(),
                 })
                 .collect(),
+            cluster: self.cluster.as_ref().map(Member::info),
         })
     }
 }

@@ -66,6 +66,8 @@ pub struct Snapshot {
     pub stream_losses: dwcp_dataplane::engine::counters::StreamLosses,
     /// Per outgoing migration.
     pub migrations: Vec<MigrationMetrics>,
+    /// This appliance's membership of its cluster, if it has one.
+    pub cluster: Option<dwcp_api::ClusterInfo>,
 }
 
 /// The exposition text.
@@ -199,6 +201,95 @@ pub fn render(s: &Snapshot) -> String {
         "Migrations received and verified as destination.",
         &[(none(), s.received.completed as f64)],
     );
+    if let Some(c) = &s.cluster {
+        family(
+            "dwcp_cluster_leader",
+            "gauge",
+            "1 while this appliance leads its cluster.",
+            &[(none(), f64::from(u8::from(c.role == "leader")))],
+        );
+        family(
+            "dwcp_cluster_has_leader",
+            "gauge",
+            "1 while this appliance knows a leader (0: it cannot reach a majority and takes no writes).",
+            &[(none(), f64::from(u8::from(c.leader != 0)))],
+        );
+        family(
+            "dwcp_cluster_term",
+            "gauge",
+            "The raft term.",
+            &[(none(), c.term as f64)],
+        );
+        family(
+            "dwcp_cluster_index",
+            "gauge",
+            "Raft log indexes: the last in this appliance's log, the highest known committed, the highest applied.",
+            &[
+                ("{index=\"last\"}".into(), c.last_index as f64),
+                ("{index=\"commit\"}".into(), c.commit as f64),
+                ("{index=\"applied\"}".into(), c.applied as f64),
+            ],
+        );
+        let lags: Vec<(String, f64)> = c
+            .members
+            .iter()
+            .filter_map(|m| Some((format!("{{member=\"{}\"}}", m.id), m.lag? as f64)))
+            .collect();
+        family(
+            "dwcp_cluster_member_lag_entries",
+            "gauge",
+            "As leader: entries each member lacks of the leader's log.",
+            &lags,
+        );
+        family(
+            "dwcp_cluster_members",
+            "gauge",
+            "Voting members of the cluster.",
+            &[(none(), c.members.len() as f64)],
+        );
+        family(
+            "dwcp_cluster_log_bytes",
+            "gauge",
+            "The raft log file's size.",
+            &[(none(), c.log_bytes as f64)],
+        );
+        family(
+            "dwcp_cluster_log_syncs_total",
+            "counter",
+            "fdatasync calls on the raft log.",
+            &[(none(), c.log_syncs as f64)],
+        );
+        family(
+            "dwcp_cluster_log_sync_seconds_total",
+            "counter",
+            "Seconds spent in fdatasync on the raft log.",
+            &[(none(), c.log_sync_ms_mean * c.log_syncs as f64 / 1e3)],
+        );
+        family(
+            "dwcp_cluster_messages_total",
+            "counter",
+            "Raft messages, by outcome.",
+            &[
+                ("{outcome=\"sent\"}".into(), c.messages_sent as f64),
+                ("{outcome=\"received\"}".into(), c.messages_received as f64),
+                ("{outcome=\"dropped\"}".into(), c.messages_dropped as f64),
+            ],
+        );
+        family(
+            "dwcp_cluster_connections_refused_total",
+            "counter",
+            "Raft connections refused (no TLS, failed authentication, not a member, bad frames).",
+            &[(none(), c.connections_refused as f64)],
+        );
+        family(
+            "dwcp_cluster_budget_bits_per_second",
+            "gauge",
+            "The site's WAN budget (absent: none).",
+            &c.budget_bits_per_second
+                .map(|b| vec![(none(), b as f64)])
+                .unwrap_or_default(),
+        );
+    }
     let running = |info: &&MigrationInfo| info.state == "running";
     family(
         "dwcp_migrations_running",

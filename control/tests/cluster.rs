@@ -293,6 +293,25 @@ fn three_appliances_keep_flags_budget_and_records_through_kills_a_join_and_a_los
         },
     );
     assert!(members[leader].flags().safe_mode);
+    // The cluster in the metrics.
+    let metrics: dwcp_api::MetricsText = members[leader]
+        .call(Command::Metrics)
+        .into_result()
+        .unwrap();
+    for family in [
+        "dwcp_cluster_leader 0",
+        "dwcp_cluster_has_leader 1",
+        "dwcp_cluster_members 3",
+        "dwcp_cluster_budget_bits_per_second 800000000",
+        "dwcp_cluster_index{index=\"commit\"}",
+        "dwcp_cluster_log_syncs_total",
+    ] {
+        assert!(
+            metrics.text.contains(family),
+            "{family} not in {}",
+            metrics.text
+        );
+    }
 
     // A member dies with a migration running: the others record it interrupted.
     let (x, to) = (survivors[1], survivors[0]);
