@@ -286,6 +286,26 @@ impl ClusterNode {
                 "the last member cannot leave: the cluster's state would have no home".into(),
             ));
         }
+        if !add && member == self.raw.raft.id {
+            // A leader that removes itself trips raft-rs (its own progress is gone while
+            // it still persists entries): leadership moves to the most caught-up
+            // follower first, and the new leader removes this one.
+            let successor = self
+                .raw
+                .raft
+                .prs()
+                .iter()
+                .filter(|(id, _)| **id != member && voters.contains(id))
+                .max_by_key(|(_, progress)| progress.matched)
+                .map(|(id, _)| *id);
+            if let Some(successor) = successor {
+                self.raw.transfer_leader(successor);
+                return Err(ClusterError::Refused(format!(
+                    "appliance {member} leads; leadership is moving to appliance {successor}: \
+                     ask again in a moment (on the new leader)"
+                )));
+            }
+        }
         self.next_proposal += 1;
         let id = (self.raw.raft.id << 48) ^ (self.raw.raft.term << 24) ^ self.next_proposal;
         let mut change = ConfChange {

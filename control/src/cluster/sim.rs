@@ -69,6 +69,8 @@ struct Sim {
     proposals: u64,
     refused_not_leader: u64,
     snapshot_every: u64,
+    /// Members 1..=founders found the cluster; the others join it.
+    founders: u64,
 }
 
 impl Sim {
@@ -93,6 +95,7 @@ impl Sim {
             proposals: 0,
             refused_not_leader: 0,
             snapshot_every: 40,
+            founders: members,
         };
         for &id in &ids {
             let dir = base.join(format!("node-{id}"));
@@ -104,8 +107,20 @@ impl Sim {
 
     fn start(&mut self, id: u64) {
         // Processes restart here, not machines: what was written reached the kernel.
+        // A member past the founders joins: it founds nothing.
+        let founders: Vec<u64> = self
+            .ids
+            .iter()
+            .copied()
+            .filter(|&m| m <= self.founders)
+            .collect();
+        let founders = if id <= self.founders {
+            founders
+        } else {
+            Vec::new()
+        };
         let mut node =
-            ClusterNode::open(id, &self.dirs[&id], &self.ids, Durability::ProcessOnly).unwrap();
+            ClusterNode::open(id, &self.dirs[&id], &founders, Durability::ProcessOnly).unwrap();
         node.set_snapshot_every(self.snapshot_every);
         self.nodes.insert(id, Some(node));
     }
@@ -448,4 +463,75 @@ fn a_partitioned_minority_refuses_writes_and_names_why() {
     assert!(sim.nodes[&old].as_ref().unwrap().state().flags.safe_mode);
     let status = sim.nodes[&old].as_ref().unwrap().status();
     assert_eq!((status.role, status.leader), ("follower", new.id));
+}
+
+#[test]
+fn members_join_and_leave_under_loss_and_delay_and_the_cluster_stays_one() {
+    // Three founders; member 4 runs from the start but founds nothing.
+    let mut sim = Sim::new(11, 3, "membership");
+    sim.founders = 3;
+    sim.ids.push(4);
+    let dir = sim.dirs[&1].with_file_name("node-4");
+    sim.dirs.insert(4, dir);
+    sim.start(4);
+    let lossy = Faults {
+        loss: 50,
+        max_delay: 3,
+        partition: 0,
+        crash: 0,
+    };
+    // An operator's change: proposed on the leader, and again if it was lost (a
+    // proposal dies with its leader's term) or refused (another change in flight, or
+    // the leader asked to remove itself hands over first), until the leader's
+    // configuration shows it.
+    let change = |sim: &mut Sim, member: u64, address: Option<&str>| {
+        for _ in 0..40 {
+            for _ in 0..50 {
+                sim.step(&lossy, true);
+            }
+            let leader = sim
+                .live()
+                .find(|n| n.leading().is_some())
+                .map(|n| n.status().id);
+            let Some(leader) = leader else { continue };
+            let node = sim.nodes.get_mut(&leader).unwrap().as_mut().unwrap();
+            if node.status().members.contains(&member) == address.is_some() {
+                return;
+            }
+            let _ = node.propose_membership(member, address);
+        }
+        panic!("the change of member {member} never took");
+    };
+    for _ in 0..100 {
+        sim.step(&lossy, true);
+    }
+    change(&mut sim, 4, Some("sim"));
+    for _ in 0..600 {
+        sim.step(&lossy, true);
+    }
+    change(&mut sim, 2, None);
+    for _ in 0..600 {
+        sim.step(&lossy, true);
+    }
+    sim.settle();
+    let leader = sim
+        .live()
+        .find(|n| n.leading().is_some())
+        .expect("a leader");
+    assert_eq!(leader.status().members, vec![1, 3, 4]);
+    // The members (not 2, which left) agree, and lost nothing committed while they
+    // changed.
+    let states: Vec<_> = [1, 3, 4]
+        .iter()
+        .map(|id| sim.nodes[id].as_ref().unwrap().state().clone())
+        .collect();
+    assert!(
+        states.iter().all(|s| s == &states[0]),
+        "members 1, 3 and 4 differ"
+    );
+    let settled: BTreeSet<u64> = states[0].migrations.keys().copied().collect();
+    let lost: Vec<_> = sim.committed_ids.difference(&settled).collect();
+    assert!(lost.is_empty(), "committed records lost: {lost:?}");
+    assert!(settled.len() > 50, "{} records", settled.len());
+    assert_eq!(states[0].addresses.get(&4).map(String::as_str), Some("sim"));
 }
