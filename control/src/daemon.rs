@@ -822,7 +822,7 @@ impl ControlState {
     /// started with.
     fn apply_budget_shares(&mut self, me: u64, shares: &BTreeMap<u64, u64>, recorded: &[u64]) {
         for id in self.running_ids() {
-            let key = (me << 32) | (id & 0xffff_ffff);
+            let key = crate::cluster::record_key(me, id);
             if !recorded.contains(&key) {
                 continue;
             }

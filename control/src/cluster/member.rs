@@ -122,7 +122,18 @@ impl Member {
 
     /// Proposes `command`; the answer goes to `reply` once it applies here (or fails).
     pub fn write(&mut self, command: &Command, kind: WriteKind, reply: Sender<Response>) {
-        match self.node.propose(command) {
+        let proposal = self.node.propose(command);
+        self.wait_for(proposal, kind, reply);
+    }
+
+    /// A proposal made for an operator: waits for its entry, or is refused now.
+    fn wait_for(
+        &mut self,
+        proposal: Result<u64, ClusterError>,
+        kind: WriteKind,
+        reply: Sender<Response>,
+    ) {
+        match proposal {
             Ok(proposal) => self.pending.push(PendingWrite {
                 proposal,
                 deadline: Instant::now() + WRITE_WAIT,
@@ -146,17 +157,8 @@ impl Member {
             )));
             return;
         }
-        match self.node.propose_membership(id, address) {
-            Ok(proposal) => self.pending.push(PendingWrite {
-                proposal,
-                deadline: Instant::now() + WRITE_WAIT,
-                reply,
-                kind: WriteKind::Membership,
-            }),
-            Err(e) => {
-                let _ = reply.try_send(Response::error(describe(&e)));
-            }
-        }
+        let proposal = self.node.propose_membership(id, address);
+        self.wait_for(proposal, WriteKind::Membership, reply);
     }
 
     /// A read that must be current (`cluster migrations`): answered by

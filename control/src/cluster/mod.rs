@@ -27,4 +27,4 @@ pub mod state;
 
 pub use log::{Durability, DurableLog};
 pub use node::{ClusterError, ClusterNode, NodeStatus, decode_message, encode_message};
-pub use state::{ClusterState, Command, MigrationRecord};
+pub use state::{ClusterState, Command, MigrationRecord, record_key};

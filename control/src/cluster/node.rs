@@ -225,8 +225,7 @@ impl ClusterNode {
         }
         command.check(&self.state).map_err(ClusterError::Refused)?;
         self.next_proposal += 1;
-        // Unique across members and restarts: the member, the term, a counter.
-        let id = (self.raw.raft.id << 48) ^ (self.raw.raft.term << 24) ^ self.next_proposal;
+        let id = self.request_id(self.next_proposal);
         self.raw
             .propose(id.to_le_bytes().to_vec(), command.encode())
             .map_err(|e| match e {
@@ -244,7 +243,7 @@ impl ClusterNode {
     /// id. Without a leader the request is dropped (the caller's wait ends it).
     pub fn request_read(&mut self) -> u64 {
         self.next_read += 1;
-        let id = (self.raw.raft.id << 48) ^ (self.raw.raft.term << 24) ^ self.next_read;
+        let id = self.request_id(self.next_read);
         self.raw.read_index(id.to_le_bytes().to_vec());
         id
     }
@@ -307,7 +306,7 @@ impl ClusterNode {
             }
         }
         self.next_proposal += 1;
-        let id = (self.raw.raft.id << 48) ^ (self.raw.raft.term << 24) ^ self.next_proposal;
+        let id = self.request_id(self.next_proposal);
         let mut change = ConfChange {
             node_id: member,
             context: address.unwrap_or_default().as_bytes().to_vec().into(),
@@ -328,6 +327,13 @@ impl ClusterNode {
     /// Members added (with their address) or removed (`None`) since last asked.
     pub fn take_membership_changes(&mut self) -> Vec<(u64, Option<String>)> {
         std::mem::take(&mut self.membership_changes)
+    }
+
+    /// An id for a proposal or read, unique across members and restarts: the member
+    /// (whose own applied proposals [`ClusterNode::take_applied_proposals`] picks out by
+    /// it), the term, a counter.
+    fn request_id(&self, counter: u64) -> u64 {
+        (self.raw.raft.id << 48) ^ (self.raw.raft.term << 24) ^ counter
     }
 
     fn leader_only(&self) -> Result<(), ClusterError> {

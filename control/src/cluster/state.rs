@@ -61,8 +61,13 @@ impl MigrationRecord {
     /// Its key in the state: migration ids are an appliance's own, so the source
     /// appliance's id goes in front.
     pub fn key(&self) -> u64 {
-        (self.source << 32) | (self.id & 0xffff_ffff)
+        record_key(self.source, self.id)
     }
+}
+
+/// The state's key of migration `id` of appliance `source`.
+pub fn record_key(source: u64, id: u64) -> u64 {
+    (source << 32) | (id & 0xffff_ffff)
 }
 
 impl Command {
