@@ -7,6 +7,7 @@
 
 use crate::measure::Plan;
 use crate::report::{Better, Reporter, Spec};
+use crate::transport::free_port;
 use dwcp_control::cluster::{Durability, DurableLog};
 use raft::prelude::{Entry, HardState};
 use std::io::Write;
@@ -106,13 +107,6 @@ pub fn budget(out: &mut Reporter) {
         Ok(c) => out.emit(c),
         Err(e) => eprintln!("{BENCH}: {e}"),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 fn budget_run() -> Result<crate::report::Comparison, String> {

@@ -248,7 +248,8 @@ pub(crate) fn page_stream(
     }
 }
 
-fn free_port() -> u16 {
+/// A loopback port free when asked (the benches' daemons and iperf3 listen on them).
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
