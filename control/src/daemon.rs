@@ -78,11 +78,20 @@ fn cluster_record(m: &Migration, source: u64) -> crate::cluster::MigrationRecord
         interrupted_at: None,
         remaining_bytes,
         rate_bits_per_second: (rate * 8.0) as u64,
+        deadline: m.deadline,
+        reported_at: unix_now(),
     }
 }
 
 /// Bytes in a guest page.
 const PAGE_BYTES: u64 = 4096;
+
+/// Seconds since the Unix epoch, by this appliance's clock.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// `cluster budget` on an appliance with no `[cluster]`.
 const NOT_IN_A_CLUSTER: &str = "this appliance is not a cluster member: set [cluster] id, listen \
@@ -119,6 +128,9 @@ struct Migration {
     budget_share: Option<u64>,
     /// When its record last went to the cluster.
     recorded: Option<Instant>,
+    /// When its operator wants it done, seconds since the Unix epoch (`--deadline`):
+    /// under a site budget its share covers what its bytes left need.
+    deadline: Option<u64>,
     /// `set --id` overrides of this migration alone.
     overrides: Overrides,
     /// The mode it ended in (a running one follows the daemon's).
@@ -718,10 +730,7 @@ impl ControlState {
         let Some(member) = self.cluster.as_mut() else {
             return;
         };
-        let now_unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        member.mark_silent_members(now_unix);
+        member.mark_silent_members(unix_now());
         let answered = member.pump();
         let reads = member.take_reads();
         let state = member.state();
@@ -741,6 +750,7 @@ impl ControlState {
                     remaining_bytes: r.remaining_bytes,
                     rate_bits_per_second: r.rate_bits_per_second,
                     budget_share_bits_per_second: shares.get(key).copied(),
+                    deadline: r.deadline,
                 })
                 .collect();
             for (read, result) in reads {
@@ -793,19 +803,17 @@ impl ControlState {
 
     /// Migration `id`'s share of the site's budget once its record is in, bytes per
     /// second (`None` without a cluster or a budget).
-    fn provisional_share(&self, id: u64, memory_bytes: u64) -> Option<u64> {
+    fn provisional_share(&self, id: u64, memory_bytes: u64, deadline: Option<u64>) -> Option<u64> {
         let member = self.cluster.as_ref()?;
         let mut state = member.state().clone();
         let record = crate::cluster::MigrationRecord {
             id,
-            vm: String::new(),
             source: member.id(),
-            destination: String::new(),
             state: "running".into(),
-            round: 0,
-            interrupted_at: None,
             remaining_bytes: memory_bytes,
-            rate_bits_per_second: 0,
+            deadline,
+            reported_at: unix_now(),
+            ..Default::default()
         };
         let key = record.key();
         state.migrations.insert(key, record);
@@ -1008,9 +1016,14 @@ impl ControlState {
                 record.display()
             ));
         }
+        let deadline = match o.deadline_s {
+            Some(0) => return Err("a deadline of 0 s cannot be met: give seconds from now".into()),
+            Some(seconds) => Some(unix_now() + seconds),
+            None => None,
+        };
         let id = self.next_id;
         self.next_id += 1;
-        self.start_outgoing(id, config, peer, None)
+        self.start_outgoing(id, config, peer, None, deadline)
     }
 
     /// Resume interrupted migration `id` (see [`ControlState::load_interrupted`]).
@@ -1034,8 +1047,8 @@ impl ControlState {
             config.guest.qmp = Some(qmp.into());
         }
         let peer = record.peer;
-        self.migrations.remove(&id);
-        self.start_outgoing(id, config, peer, Some(record))
+        let deadline = self.migrations.remove(&id).and_then(|m| m.deadline);
+        self.start_outgoing(id, config, peer, Some(record), deadline)
     }
 
     /// A migration this appliance was sending when it stopped, found by its record in
@@ -1055,8 +1068,12 @@ impl ControlState {
                 return;
             }
         };
-        let id = self.next_id;
-        self.next_id += 1;
+        // It keeps its number: the operator and the cluster's record know it by that.
+        let id = record
+            .migration_id
+            .filter(|id| *id > 0 && !self.migrations.contains_key(id))
+            .unwrap_or(self.next_id);
+        self.next_id = self.next_id.max(id + 1);
         eprintln!(
             "dwcpd: migration {id} to {} was interrupted in round {} (session {:032x}); \
              `dwcpctl resume {id}` continues it",
@@ -1065,6 +1082,11 @@ impl ControlState {
         let source = self.config.source_config();
         let base = LiveSettings::from_config(&source);
         let components = self.flags.flags.components_for(id);
+        // Its deadline, if it had one, is in the cluster's record of it.
+        let deadline = self.cluster.as_ref().and_then(|member| {
+            let key = crate::cluster::record_key(member.id(), id);
+            member.state().migrations.get(&key)?.deadline
+        });
         self.migrations.insert(
             id,
             Migration {
@@ -1091,6 +1113,7 @@ impl ControlState {
                 overrides: Overrides::default(),
                 budget_share: None,
                 recorded: None,
+                deadline,
                 ended_mode: None,
                 interrupted: Some(record),
             },
@@ -1110,6 +1133,7 @@ impl ControlState {
         config: Config,
         peer: SocketAddr,
         resume: Option<engine::OutgoingRecord>,
+        deadline: Option<u64>,
     ) -> Result<Response, String> {
         // A VM is checked here, before the migration starts, so that the operator hears
         // at once why one cannot move (not QEMU, RAM not a shared file, not running).
@@ -1141,9 +1165,10 @@ impl ControlState {
         source.transport.zero_copy &= components.zero_copy;
         let resuming = resume.is_some();
         source.resume = resume;
+        source.record_migration_id = Some(id);
         // Under a site budget it starts at its share, not at full speed until its first
         // record comes back from the cluster.
-        let budget_share = self.provisional_share(id, memory_bytes);
+        let budget_share = self.provisional_share(id, memory_bytes, deadline);
         let (settings, _) = self.layers(&base, source.streams, None, &components, budget_share);
         // RMA connections open with the session: it asks for them when the settings
         // in force say RMA (configured, or datacenter mode on RDMA hardware), never in
@@ -1198,6 +1223,7 @@ impl ControlState {
                 overrides: Overrides::default(),
                 budget_share,
                 recorded: None,
+                deadline,
                 ended_mode: None,
                 interrupted: None,
             },
@@ -1564,7 +1590,22 @@ impl Daemon {
             cluster: None,
         };
         if let Some(plan) = config.cluster_plan()? {
-            state.cluster = Some(Member::start(plan, config.identity()?)?);
+            let mut member = Member::start(plan, config.identity()?)?;
+            // The entries this member had committed apply now; its own migrations'
+            // records among them keep their numbers: new migrations count on from them.
+            member.pump();
+            let me = member.id();
+            if let Some(last) = member
+                .state()
+                .migrations
+                .values()
+                .filter(|r| r.source == me)
+                .map(|r| r.id)
+                .max()
+            {
+                state.next_id = last + 1;
+            }
+            state.cluster = Some(member);
         }
         state.load_interrupted();
         let control_shutdown = shutdown.clone();

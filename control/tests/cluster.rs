@@ -4,7 +4,7 @@
 //! survivors' ticks, not wall time) with the flags kept; a migration runs paced at the
 //! site's budget and its record reaches the others; the killed member restarts and
 //! catches up; a member killed with a migration running has it recorded `interrupted`
-//! by the others; a fourth appliance joins through the leader (a follower refuses and
+//! by the others, and restarted resumes it under its number to the end; a fourth appliance joins through the leader (a follower refuses and
 //! names it), learns the cluster's state, and leaves; a connection that does not speak
 //! TLS is refused and the cluster carries on; a member left alone takes no writes and
 //! says why.
@@ -64,6 +64,11 @@ impl Member {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
+    /// Its guest's memory file (the simulated guest a migration from it moves).
+    fn guest_file(&self) -> PathBuf {
+        guest_file(&self.dir, self.id)
+    }
+
     fn call(&self, command: Command) -> Response {
         common::call(&self.socket(), command)
     }
@@ -80,7 +85,19 @@ impl Member {
 impl Drop for Member {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_file(self.guest_file());
     }
+}
+
+/// Member `id`'s guest memory file: in memory (`/dev/shm`), named after the test's
+/// directory, which is unique to the process.
+fn guest_file(dir: &Path, id: u64) -> PathBuf {
+    let base = dir
+        .parent()
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    PathBuf::from("/dev/shm").join(format!("{base}-guest-{id}.mem"))
 }
 
 /// The port of `listen` in section `[section]` of member `m`'s configuration.
@@ -117,10 +134,13 @@ fn start_member(base: &Path, id: u64, raft: u16, members: &str, join: bool) -> M
     let config = format!(
         "[control]\nsocket = {socket:?}\nflags_file = {flags:?}\nstate_dir = {state:?}\n\
          [dest]\nlisten = \"127.0.0.1:{dest}\"\n{security}\
+         [guest]\nmemory_file = {guest:?}\noverwrite_memory_file = true\n\
+         [migration]\nauto_resume = true\n\
          [cluster]\nid = {id}\nlisten = \"127.0.0.1:{raft}\"\njoin = {join}\n[cluster.members]\n{members}",
         socket = dir.join("ctl.sock").display().to_string(),
         flags = dir.join("flags.toml").display().to_string(),
         state = dir.join("state").display().to_string(),
+        guest = guest_file(&dir, id).display().to_string(),
         dest = free_port(),
         // Two lab certificates for all members: both valid for loopback and signed by
         // the site's CA, which is what a member must show.
@@ -324,6 +344,7 @@ fn three_appliances_keep_flags_budget_and_records_through_kills_a_join_and_a_los
             peer: format!("127.0.0.1:{}", listen_port(&members[to], "dest")),
             memory: Some("128M".into()),
             dirty_rate_mbps: Some(1.0),
+            deadline_s: Some(600),
             ..MigrateOptions::default()
         }))
         .into_result()
@@ -338,8 +359,21 @@ fn three_appliances_keep_flags_budget_and_records_through_kills_a_join_and_a_los
     wait_until(
         "the running migration is recorded",
         Duration::from_secs(10),
-        || record(&members[to]).is_some_and(|r| r.state == "running" && r.round == 0),
+        || {
+            record(&members[to])
+                .is_some_and(|r| r.state == "running" && r.round == 0 && r.deadline.is_some())
+        },
     );
+    // Killed once it sends (its session recorded in its state directory), not while
+    // its guest is still being made.
+    let session = members[x].dir.join("state").join("outgoing.session");
+    wait_until("the migration sends", Duration::from_secs(20), || {
+        session.exists()
+            && members[x]
+                .call(Command::Migrations)
+                .into_result::<Vec<MigrationInfo>>()
+                .is_ok_and(|all| all.iter().any(|m| m.bytes_sent > 4 << 20))
+    });
     members[x].kill();
     let killed = Instant::now();
     wait_until(
@@ -354,10 +388,56 @@ fn three_appliances_keep_flags_budget_and_records_through_kills_a_join_and_a_los
         "member {x_id} killed with a migration running: recorded interrupted after {:.1} s",
         killed.elapsed().as_secs_f64()
     );
+    // Restarted, it finds the migration in its state directory and resumes it under
+    // the same number (`auto_resume`); the others see it running again, then completed.
     members[x].start();
     wait_until("the member is back", Duration::from_secs(20), || {
         members[x].status().leader != 0
     });
+    let answer = members[to].call(Command::ClusterBudget {
+        bits_per_second: Some(800_000_000),
+    });
+    assert!(answer.ok, "{answer:?}");
+    let restarted = Instant::now();
+    loop {
+        let seen = record(&members[to]);
+        // The deadline went with it (the cluster's record kept it across the restart).
+        if seen
+            .as_ref()
+            .is_some_and(|r| r.state == "completed" && r.deadline.is_some())
+        {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(60),
+            "the resumed migration does not complete: {seen:?}; the member's log: {}",
+            members[x].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let local: Vec<MigrationInfo> = members[x].call(Command::Migrations).into_result().unwrap();
+    let resumed = local
+        .iter()
+        .find(|m| Some(m.id) == done.id)
+        .unwrap_or_else(|| panic!("the restarted member lists {local:?}: {}", members[x].log()));
+    assert_eq!(resumed.state, "completed", "{resumed:?}");
+    // Found in its state directory under its number, and resumed (not started over:
+    // the session's record is the engine's, and a new migration would have taken 3).
+    let found = format!("migration {} to ", resumed.id);
+    assert!(
+        members[x]
+            .log()
+            .lines()
+            .any(|l| l.contains(&found) && l.contains("was interrupted in round 0")),
+        "the restarted member did not find its migration: {}",
+        members[x].log()
+    );
+    assert!(resumed.verified_pages.is_some(), "{resumed:?}");
+    eprintln!(
+        "member {x_id} restarted: migration {} resumed and completed {:.1} s later",
+        resumed.id,
+        restarted.elapsed().as_secs_f64()
+    );
 
     // A connection that presents no certificate is refused; the cluster carries on.
     let raft_port = listen_port(&members[leader], "cluster");

@@ -135,6 +135,10 @@ pub struct MigrateOptions {
     /// shared memory-backend-file) instead of a simulated guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qmp: Option<String>,
+    /// Seconds from now it should be done in: under a cluster's site budget its share
+    /// covers what its bytes left need to make it (as far as the budget allows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_s: Option<u64>,
 }
 
 /// The QEMU VM a migration moves.
@@ -564,6 +568,9 @@ pub struct ClusterMigrationInfo {
     pub rate_bits_per_second: u64,
     /// Its share of the site's WAN budget, bits per second, while it runs under one.
     pub budget_share_bits_per_second: Option<u64>,
+    /// When it should be done by, seconds since the Unix epoch (`migrate --deadline`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
 }
 
 /// One member in `cluster-status`.

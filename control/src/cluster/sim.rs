@@ -196,6 +196,7 @@ impl Sim {
                     interrupted_at: None,
                     remaining_bytes: 0,
                     rate_bits_per_second: 0,
+                    ..MigrationRecord::default()
                 };
                 match node.propose(&Command::PutMigration(record)) {
                     Ok(_) => {
@@ -395,6 +396,7 @@ fn a_member_down_past_a_snapshot_catches_up_from_it() {
                 interrupted_at: None,
                 remaining_bytes: 0,
                 rate_bits_per_second: 0,
+                ..MigrationRecord::default()
             };
             node.propose(&Command::PutMigration(record)).unwrap();
             proposed += 1;

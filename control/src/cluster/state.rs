@@ -32,7 +32,7 @@ pub enum Command {
 }
 
 /// A migration as every appliance of the site sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationRecord {
     /// The migration's id.
     pub id: u64,
@@ -55,6 +55,25 @@ pub struct MigrationRecord {
     /// Its send rate as last reported, bits per second.
     #[serde(default)]
     pub rate_bits_per_second: u64,
+    /// When it must be done by, seconds since the Unix epoch (its operator's
+    /// `--deadline`): under a budget its share is at least what its bytes left need.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
+    /// When the record was proposed, seconds since the Unix epoch (by the proposer's
+    /// clock, like `interrupted_at`): the time left to a deadline counts from it, so
+    /// every member computes the same need.
+    #[serde(default)]
+    pub reported_at: u64,
+}
+
+impl MigrationRecord {
+    /// The rate its deadline needs, bits per second: its bytes left over the time left
+    /// when it reported (a second at least; a deadline passed needs everything at once).
+    fn deadline_need(&self) -> Option<f64> {
+        let deadline = self.deadline?;
+        let seconds = deadline.saturating_sub(self.reported_at).max(1);
+        Some(self.remaining_bytes as f64 * 8.0 / seconds as f64)
+    }
 }
 
 impl MigrationRecord {
@@ -155,31 +174,53 @@ impl ClusterState {
     }
 
     /// The site's WAN budget shared out to the running migrations, bits per second by
-    /// record key. Each gets a floor of a quarter of an even share, and the rest goes in
-    /// proportion to the bytes each has left, so that they finish closer together; it
-    /// changes when one starts or ends and as their reports come in. A function of the
-    /// replicated state alone: every member computes the same shares, and applies
-    /// those of its own migrations as their pacing caps, without a message more.
+    /// record key. Each gets a floor of a quarter of an even share (none starves); then
+    /// a migration with a deadline gets what its bytes left need to meet it (all such
+    /// needs scaled down alike when the budget cannot cover them); what is left goes to
+    /// all in proportion to the bytes each has left, so that they finish closer
+    /// together. It changes when one starts or ends and as their reports come in. A
+    /// function of the replicated state alone: every member computes the same shares,
+    /// and applies those of its own migrations as their pacing caps, without a message
+    /// more.
     pub fn budget_shares(&self) -> BTreeMap<u64, u64> {
         let Some(budget) = self.budget_bits_per_second else {
             return BTreeMap::new();
         };
-        let running: Vec<(u64, f64)> = self
+        let running: Vec<(u64, &MigrationRecord)> = self
             .migrations
             .iter()
             .filter(|(_, r)| r.state == "running")
-            .map(|(&key, r)| (key, r.remaining_bytes.max(1) as f64))
+            .map(|(&key, r)| (key, r))
             .collect();
         if running.is_empty() {
             return BTreeMap::new();
         }
+        let budget = budget as f64;
         let n = running.len() as f64;
-        let floor = budget as f64 / (4.0 * n);
-        let rest = budget as f64 - floor * n;
-        let left: f64 = running.iter().map(|(_, bytes)| bytes).sum();
+        let floor = budget / (4.0 * n);
+        let mut rest = budget - floor * n;
+        // What deadlines need beyond the floor.
+        let extra: Vec<f64> = running
+            .iter()
+            .map(|(_, r)| {
+                r.deadline_need()
+                    .map_or(0.0, |need| (need - floor).max(0.0))
+            })
+            .collect();
+        let wanted: f64 = extra.iter().sum();
+        let scale = if wanted > rest { rest / wanted } else { 1.0 };
+        rest -= wanted * scale;
+        let left: f64 = running
+            .iter()
+            .map(|(_, r)| r.remaining_bytes.max(1) as f64)
+            .sum();
         running
-            .into_iter()
-            .map(|(key, bytes)| (key, (floor + rest * bytes / left) as u64))
+            .iter()
+            .zip(extra)
+            .map(|((key, r), extra)| {
+                let by_bytes = rest * r.remaining_bytes.max(1) as f64 / left;
+                (*key, (floor + extra * scale + by_bytes) as u64)
+            })
             .collect()
     }
 
@@ -240,6 +281,7 @@ mod tests {
             interrupted_at: Some(1_765_000_000),
             remaining_bytes: 0,
             rate_bits_per_second: 0,
+            ..MigrationRecord::default()
         };
         state.apply(&Command::PutMigration(record.clone()).encode());
         let back = ClusterState::decode(&state.encode()).unwrap();
@@ -261,6 +303,7 @@ mod tests {
             interrupted_at: None,
             remaining_bytes: left,
             rate_bits_per_second: 0,
+            ..MigrationRecord::default()
         };
         // Migration 1 on appliances 1 and 2 alike: the keys differ.
         let a = record(1, 1, "running", 3 << 30);
@@ -285,5 +328,70 @@ mod tests {
         // One ends: the other gets the whole budget.
         state.apply(&Command::PutMigration(record(1, 1, "completed", 0)).encode());
         assert_eq!(state.budget_shares()[&b.key()], 800_000_000);
+    }
+
+    #[test]
+    fn a_deadline_gets_what_it_needs_first_and_the_rest_goes_by_bytes_left() {
+        let mut state = ClusterState {
+            budget_bits_per_second: Some(800_000_000),
+            ..ClusterState::default()
+        };
+        let gib = 1u64 << 30;
+        let a = MigrationRecord {
+            id: 1,
+            source: 1,
+            state: "running".into(),
+            remaining_bytes: 3 * gib,
+            ..MigrationRecord::default()
+        };
+        // 1 GiB left, due 40 s after its report: it needs 214.7 Mbit/s.
+        let b = MigrationRecord {
+            id: 1,
+            source: 2,
+            state: "running".into(),
+            remaining_bytes: gib,
+            deadline: Some(1_000_040),
+            reported_at: 1_000_000,
+            ..MigrationRecord::default()
+        };
+        for r in [&a, &b] {
+            state.apply(&Command::PutMigration(r.clone()).encode());
+        }
+        let need = gib as f64 * 8.0 / 40.0;
+        let shares = state.budget_shares();
+        // Floors of 100 Mbit/s; b's extra need (need - 100 M) first; the rest 3:1.
+        let rest = 600e6 - (need - 100e6);
+        assert_eq!(
+            shares[&b.key()],
+            (100e6 + (need - 100e6) + rest / 4.0) as u64
+        );
+        assert_eq!(shares[&a.key()], (100e6 + rest * 3.0 / 4.0) as u64);
+        assert!(shares[&b.key()] as f64 >= need);
+        assert!(shares.values().sum::<u64>() <= 800_000_000);
+
+        // A deadline the budget cannot meet: b gets all but a's floor, never a's floor.
+        let mut late = b.clone();
+        late.deadline = Some(1_000_002);
+        state.apply(&Command::PutMigration(late.clone()).encode());
+        let shares = state.budget_shares();
+        assert_eq!(shares[&a.key()], 100_000_000);
+        assert_eq!(shares[&late.key()], 700_000_000);
+
+        // Two deadlines that cannot both be met are scaled down alike (beyond their
+        // floors: 300 M each asked for 2 GiB in 4 s, the 600 M of the rest split evenly).
+        let mut c = late.clone();
+        c.source = 3;
+        c.remaining_bytes = gib;
+        state.apply(&Command::PutMigration(c.clone()).encode());
+        let mut a_due = a.clone();
+        a_due.remaining_bytes = gib;
+        a_due.deadline = late.deadline;
+        a_due.reported_at = late.reported_at;
+        state.apply(&Command::PutMigration(a_due.clone()).encode());
+        let shares = state.budget_shares();
+        let even = 800_000_000 / 3;
+        for key in [a_due.key(), late.key(), c.key()] {
+            assert!(shares[&key].abs_diff(even) <= 1, "{shares:?}");
+        }
     }
 }

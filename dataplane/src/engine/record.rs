@@ -68,6 +68,9 @@ pub struct OutgoingRecord {
     pub round: u64,
     /// How the appliance finds its guest again (a QEMU VM's QMP socket), kept for it.
     pub guest: Option<String>,
+    /// The appliance's number for the migration (what its operators and its cluster
+    /// know it by), kept for it so that a resumed migration keeps its number.
+    pub migration_id: Option<u64>,
 }
 
 impl OutgoingRecord {
@@ -79,6 +82,9 @@ impl OutgoingRecord {
         );
         if let Some(guest) = &self.guest {
             text.push_str(&format!("guest {guest}\n"));
+        }
+        if let Some(id) = self.migration_id {
+            text.push_str(&format!("migration_id {id}\n"));
         }
         write_atomic(path, &text)
     }
@@ -95,6 +101,10 @@ impl OutgoingRecord {
                     .map_err(|e| format!("streams: {e}"))?,
                 round: f.number("round")?,
                 guest: f.field("guest").ok().map(str::to_string),
+                migration_id: match f.field("migration_id") {
+                    Ok(_) => Some(f.number("migration_id")?),
+                    Err(_) => None,
+                },
             })
         })
     }
@@ -246,6 +256,7 @@ mod tests {
             streams: 4,
             round: 3,
             guest: Some("/run/vm/a.qmp".into()),
+            migration_id: Some(12),
         };
         outgoing.write(&path).unwrap();
         assert_eq!(OutgoingRecord::read(&path).unwrap(), outgoing);

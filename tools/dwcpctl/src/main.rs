@@ -93,6 +93,10 @@ enum Sub {
         /// a shared memory-backend-file) instead of a simulated guest.
         #[arg(long, value_name = "SOCKET")]
         qmp: Option<String>,
+        /// Have it done within this long (90s, 5m, 1h; plain seconds too): under a
+        /// cluster's site budget, its share covers what its bytes left need.
+        #[arg(long, value_name = "DURATION", value_parser = parse_deadline)]
+        deadline: Option<u64>,
         /// Show live progress until it ends.
         #[arg(long)]
         follow: bool,
@@ -269,6 +273,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--deadline`: seconds, or a number with `s`, `m` or `h`.
+fn parse_deadline(text: &str) -> Result<u64, String> {
+    let (number, unit) = match text.trim().char_indices().find(|(_, c)| c.is_alphabetic()) {
+        Some((at, _)) => text.trim().split_at(at),
+        None => (text.trim(), "s"),
+    };
+    let seconds_per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => {
+            return Err(format!(
+                "{text:?}: give seconds, or a number with s, m or h"
+            ));
+        }
+    };
+    let n: u64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?}: give seconds, or a number with s, m or h"))?;
+    if n == 0 {
+        return Err("a deadline of 0 cannot be met".into());
+    }
+    Ok(n * seconds_per)
+}
+
 fn run(cli: &Cli) -> Result<(), String> {
     let mut client = Client::connect(&cli.socket, Duration::from_secs(cli.timeout.max(1)))?;
     let (command, follow) = match &cli.command {
@@ -281,6 +311,7 @@ fn run(cli: &Cli) -> Result<(), String> {
             downtime_ms,
             codec,
             qmp,
+            deadline,
             follow,
         } => (
             Command::Migrate(MigrateOptions {
@@ -291,6 +322,7 @@ fn run(cli: &Cli) -> Result<(), String> {
                 downtime_ms: *downtime_ms,
                 codec: codec.clone(),
                 qmp: qmp.clone(),
+                deadline_s: *deadline,
             }),
             Some(*follow),
         ),
@@ -595,11 +627,20 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                     .budget_share_bits_per_second
                     .map(|b| format!(", budget share {:.1} Mbit/s", b as f64 / 1e6))
                     .unwrap_or_default();
-                let when = r
+                let mut when = r
                     .interrupted_at
                     .filter(|_| r.state == "interrupted")
                     .map(|t| format!(" at {t} (Unix time)"))
                     .unwrap_or_default();
+                if let Some(deadline) = r.deadline.filter(|_| r.state == "running") {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    when += &match deadline.checked_sub(now) {
+                        Some(left) => format!(", due in {left} s"),
+                        None => format!(", {} s past its deadline", now - deadline),
+                    };
+                }
                 outln!(
                     "appliance {} migration {} ({}): {}{when}, to {}, round {}, {:.1} MB left in the round, {:.1} Mbit/s{share}",
                     r.source,
@@ -790,6 +831,17 @@ mod tests {
                 .unwrap_err()
                 .contains("not a number")
         );
+    }
+
+    #[test]
+    fn deadlines_take_seconds_minutes_or_hours() {
+        assert_eq!(parse_deadline("90"), Ok(90));
+        assert_eq!(parse_deadline("90s"), Ok(90));
+        assert_eq!(parse_deadline("5m"), Ok(300));
+        assert_eq!(parse_deadline("1h"), Ok(3600));
+        assert!(parse_deadline("0s").unwrap_err().contains("cannot be met"));
+        assert!(parse_deadline("5d").unwrap_err().contains("s, m or h"));
+        assert!(parse_deadline("soon").unwrap_err().contains("s, m or h"));
     }
 
     fn migration(state: &str, round_pages: u64, queued: u64) -> MigrationInfo {

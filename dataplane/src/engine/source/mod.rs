@@ -78,6 +78,8 @@ pub struct SourceConfig {
     /// Kept in the record for the caller: how it finds the guest again (a QEMU VM's
     /// QMP socket).
     pub record_guest: Option<String>,
+    /// Kept in the record for the caller: its number for the migration.
+    pub record_migration_id: Option<u64>,
     /// Resume this session, left by a crash of this appliance, instead of opening a
     /// new one: the table is read back from the guest's memory, compared with the
     /// destination's, and the recorded round goes on with what the destination lacks.
@@ -105,6 +107,7 @@ impl Default for SourceConfig {
             resume_grace: Duration::from_secs(60),
             session_record: None,
             record_guest: None,
+            record_migration_id: None,
             resume: None,
         }
     }
@@ -1116,6 +1119,7 @@ impl<'a> Session<'a> {
             streams: self.config.streams,
             round,
             guest: self.config.record_guest.clone(),
+            migration_id: self.config.record_migration_id,
         };
         if let Err(e) = record.write(path) {
             eprintln!("dwcp: {e}; this session cannot be resumed after a restart");
