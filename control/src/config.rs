@@ -1065,7 +1065,16 @@ impl Config {
             })?;
             members.insert(id, address);
         }
-        if !members.contains_key(&c.id) {
+        if members.is_empty() && c.join {
+            return Err(
+                "cluster.join = true needs the members it joins in cluster.members; or leave \
+                 both out and run `dwcpctl cluster join ADDR`"
+                    .into(),
+            );
+        }
+        // No members: the cluster is founded at run time (`dwcpctl cluster init` or
+        // `cluster join ADDR`), or was, and its log says who the members are.
+        if !members.is_empty() && !c.join && !members.contains_key(&c.id) {
             return Err(format!(
                 "cluster.members does not hold this appliance's id {}: list every founding \
                  member, this one too, the same on each",

@@ -15,7 +15,7 @@ use crate::anomaly::{AnomalyModel, DEFAULT_ZSCORE_THRESHOLD, Detector, PathWatch
 use crate::call::{Call, ServerCounters, call};
 use crate::cluster::Command as ClusterCommand;
 use crate::cluster::member::{Member, WriteKind};
-use crate::config::Config;
+use crate::config::{ClusterPlan, Config};
 use crate::flags::{Components, FlagStore};
 use crate::incoming::{IncomingBook, IncomingEvent, Received};
 use crate::linkrec::LinkRecorder;
@@ -92,6 +92,10 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+/// A cluster command on an appliance whose cluster is to be founded at run time.
+const UNFOUNDED: &str = "this appliance is in no cluster yet: `dwcpctl cluster init` founds \
+     one here, `dwcpctl cluster join ADDR` joins the one a member of which listens at ADDR";
 
 /// `cluster budget` on an appliance with no `[cluster]`.
 const NOT_IN_A_CLUSTER: &str = "this appliance is not a cluster member: set [cluster] id, listen \
@@ -174,7 +178,16 @@ struct ControlState {
     path_models: PathModels,
     /// This appliance's membership of its site's cluster (`[cluster]`), if any.
     cluster: Option<Member>,
+    /// `[cluster]` with no members and no log yet: founded or joined at run time
+    /// (`cluster init`, `cluster join ADDR`).
+    unfounded: Option<ClusterPlan>,
+    /// Join requests this appliance made, answered (on their own threads).
+    joins_done: (Sender<JoinDone>, Receiver<JoinDone>),
 }
+
+/// A join request this appliance made: the members' addresses, or why not; and the
+/// operator waiting for it.
+type JoinDone = (Result<BTreeMap<u64, String>, String>, Sender<Response>);
 
 /// The link-rate predictor and the anomaly detector the daemon started with, each
 /// with what `status` says of it (the rule in force, and why, when no model is).
@@ -681,6 +694,21 @@ impl ControlState {
     /// A call from the socket or the metrics listener: answered now, or, for a write to
     /// the cluster, once its entry has applied here ([`ControlState::pump_cluster`]).
     fn call(&mut self, request: Request, reply: Sender<Response>) {
+        if request.v == dwcp_api::PROTOCOL_VERSION {
+            match &request.command {
+                Command::ClusterInit => {
+                    let _ = reply.try_send(self.found_cluster().unwrap_or_else(Response::error));
+                    return;
+                }
+                Command::ClusterJoinAt { address } => {
+                    if let Err(e) = self.join_cluster(address, reply.clone()) {
+                        let _ = reply.try_send(Response::error(e));
+                    }
+                    return;
+                }
+                _ => {}
+            }
+        }
         if request.v == dwcp_api::PROTOCOL_VERSION
             && let Some(member) = self.cluster.as_mut()
         {
@@ -722,6 +750,109 @@ impl ControlState {
             }
         }
         let _ = reply.try_send(self.handle(request));
+    }
+
+    /// `cluster init`: a cluster of this appliance alone, which others then join.
+    fn found_cluster(&mut self) -> Result<Response, String> {
+        let Some(mut plan) = self.unfounded.take() else {
+            return Err(self.cluster_founded_already());
+        };
+        plan.members = BTreeMap::from([(plan.id, plan.listen)]);
+        let (id, listen) = (plan.id, plan.listen);
+        match Member::start(plan.clone(), self.config.identity()?) {
+            Ok(member) => self.cluster = Some(member),
+            Err(e) => {
+                self.unfounded = Some(ClusterPlan {
+                    members: BTreeMap::new(),
+                    ..plan
+                });
+                return Err(e);
+            }
+        }
+        Ok(Response::ok(Done {
+            message: format!(
+                "founded a cluster of one: appliance {id} leads it once elected (about a \
+                 second); other appliances join with `dwcpctl cluster join {listen}`"
+            ),
+            id: None,
+        }))
+    }
+
+    /// `cluster join ADDR`: starts this appliance's member (it founds nothing) and asks
+    /// the member at `address` to add it, on a thread; the answer comes back through
+    /// `joins_done`.
+    fn join_cluster(&mut self, address: &str, reply: Sender<Response>) -> Result<(), String> {
+        let target: SocketAddr = address.parse().map_err(|_| {
+            format!("{address:?} is not a member's raft address like 10.0.0.1:7401")
+        })?;
+        let identity = self.config.identity()?;
+        match (&self.unfounded, &self.cluster) {
+            (Some(_), _) => {}
+            // Started to join before (or with `join = true`), not added yet: ask again.
+            (None, Some(member)) if member.info().members.is_empty() => {}
+            _ => return Err(self.cluster_founded_already()),
+        }
+        if let Some(plan) = self.unfounded.take() {
+            let plan = ClusterPlan { join: true, ..plan };
+            match Member::start(plan.clone(), identity.clone()) {
+                Ok(member) => self.cluster = Some(member),
+                Err(e) => {
+                    self.unfounded = Some(ClusterPlan {
+                        join: false,
+                        ..plan
+                    });
+                    return Err(e);
+                }
+            }
+        }
+        let member = self.cluster.as_ref().expect("started above");
+        let (id, listen) = (member.id(), member.listen());
+        let done = self.joins_done.0.clone();
+        std::thread::Builder::new()
+            .name("dwcp-cluster-join".into())
+            .spawn(move || {
+                let answer =
+                    crate::cluster::peers::request_join(target, id, listen, identity.as_ref());
+                let _ = done.send((answer, reply));
+            })
+            .map_err(|e| format!("starting the join request: {e}"))?;
+        Ok(())
+    }
+
+    /// Why `init` or `join` cannot run here.
+    fn cluster_founded_already(&self) -> String {
+        match &self.cluster {
+            Some(member) => format!(
+                "this appliance is already member {} of a cluster (see `dwcpctl cluster status`)",
+                member.id()
+            ),
+            None => NOT_IN_A_CLUSTER.into(),
+        }
+    }
+
+    /// A join request this appliance made was answered: it talks to the members from
+    /// now on.
+    fn joined(&mut self, (answer, reply): JoinDone) {
+        let response = match (answer, self.cluster.as_mut()) {
+            (Ok(members), Some(member)) => {
+                member.add_peers(&members);
+                let list: Vec<String> = members
+                    .iter()
+                    .map(|(id, address)| format!("{id} at {address}"))
+                    .collect();
+                Response::ok(Done {
+                    message: format!(
+                        "appliance {} joined the cluster: members {}; it catches up from the leader",
+                        member.id(),
+                        list.join(", ")
+                    ),
+                    id: None,
+                })
+            }
+            (Ok(_), None) => Response::error("the daemon is shutting down"),
+            (Err(e), _) => Response::error(format!("cluster: joining: {e}")),
+        };
+        let _ = reply.try_send(response);
     }
 
     /// Raft's ready work; answers the writes that applied; takes the cluster's flags
@@ -781,6 +912,12 @@ impl ControlState {
             let response = match (result, write.kind) {
                 (Err(e), _) => Response::error(format!("cluster: {e}")),
                 (Ok(()), WriteKind::Flag) => Response::ok(self.flags.flags.info(self.flags.path())),
+                (Ok(()), WriteKind::Join(members)) => {
+                    Response::ok(crate::cluster::peers::JoinAnswer {
+                        members,
+                        leader: None,
+                    })
+                }
                 (Ok(()), WriteKind::Membership) => Response::ok(Done {
                     message: "membership changed on every member (see `dwcpctl cluster status`)"
                         .into(),
@@ -916,13 +1053,32 @@ impl ControlState {
                  `dwcpctl flags NAME VALUE` on any member, not read from its file"
                     .into(),
             ),
-            Command::ClusterStatus => Ok(Response::ok(
-                self.cluster.as_ref().map(Member::info).unwrap_or_default(),
-            )),
+            Command::ClusterStatus => Ok(Response::ok(match (&self.cluster, &self.unfounded) {
+                (Some(member), _) => member.info(),
+                (None, Some(plan)) => dwcp_api::ClusterInfo {
+                    enabled: true,
+                    id: plan.id,
+                    role: "unfounded".into(),
+                    ..Default::default()
+                },
+                (None, None) => dwcp_api::ClusterInfo::default(),
+            })),
+            Command::ClusterBudget { .. }
+            | Command::ClusterMigrations
+            | Command::ClusterJoin { .. }
+            | Command::ClusterLeave { .. }
+                if self.unfounded.is_some() =>
+            {
+                Err(UNFOUNDED.into())
+            }
             Command::ClusterBudget { .. }
             | Command::ClusterMigrations
             | Command::ClusterJoin { .. }
             | Command::ClusterLeave { .. } => Err(NOT_IN_A_CLUSTER.into()),
+            // Taken in `call`.
+            Command::ClusterInit | Command::ClusterJoinAt { .. } => {
+                Err("cluster init and join are answered by the control loop".into())
+            }
             Command::FlagsReload => {
                 let was_safe = self.flags.flags.safe_mode;
                 self.flags.reload()?;
@@ -1588,8 +1744,19 @@ impl Daemon {
             mode_changes: 0,
             path_models: PathModels::load(&config),
             cluster: None,
+            unfounded: None,
+            joins_done: bounded(4),
         };
-        if let Some(plan) = config.cluster_plan()? {
+        if let Some(plan) = config.cluster_plan()?
+            && plan.members.is_empty()
+            && !crate::cluster::DurableLog::exists_in(&plan.dir)
+        {
+            eprintln!(
+                "dwcpd: cluster: appliance {} is in no cluster yet (`dwcpctl cluster init` or `cluster join ADDR`)",
+                plan.id
+            );
+            state.unfounded = Some(plan);
+        } else if let Some(plan) = config.cluster_plan()? {
             let mut member = Member::start(plan, config.identity()?)?;
             // The entries this member had committed apply now; its own migrations'
             // records among them keep their numbers: new migrations count on from them.
@@ -1741,11 +1908,18 @@ fn control_loop(
 ) {
     let ticker = tick(Duration::from_millis(100));
     let mut drain_deadline: Option<Instant> = None;
-    let (cluster_in, cluster_snapshots) = match &state.cluster {
-        Some(member) => (member.inbound(), member.snapshot_reports()),
-        None => (never(), never()),
-    };
+    let joins_done = state.joins_done.1.clone();
     loop {
+        // Fetched again each time round: a cluster founded or joined at run time has
+        // its member, and its channels, only from then on.
+        let (cluster_in, cluster_snapshots, join_requests) = match &state.cluster {
+            Some(member) => (
+                member.inbound(),
+                member.snapshot_reports(),
+                member.join_requests(),
+            ),
+            None => (never(), never(), never()),
+        };
         select! {
             recv(calls) -> c => if let Ok((request, reply)) = c {
                 state.call(request, reply);
@@ -1756,6 +1930,10 @@ fn control_loop(
             recv(cluster_snapshots) -> r => if let (Ok((to, delivered)), Some(member)) = (r, state.cluster.as_mut()) {
                 member.snapshot_sent(to, delivered);
             },
+            recv(join_requests) -> r => if let (Ok(request), Some(member)) = (r, state.cluster.as_mut()) {
+                member.join_request(request);
+            },
+            recv(joins_done) -> d => if let Ok(done) = d { state.joined(done) },
             recv(reports) -> r => if let Ok(r) = r { state.take_report(r) },
             recv(done) -> d => if let Ok((id, result)) = d { state.finish(id, result) },
             recv(incoming) -> e => if let Ok(e) = e {

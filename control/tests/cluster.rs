@@ -8,6 +8,10 @@
 //! names it), learns the cluster's state, and leaves; a connection that does not speak
 //! TLS is refused and the cluster carries on; a member left alone takes no writes and
 //! says why.
+//!
+//! Three appliances with no members configured found a cluster at run time: `cluster
+//! init` on one, `cluster join ADDR` on the others (through a follower too), and one
+//! restarted from its log alone.
 
 mod common;
 
@@ -129,7 +133,12 @@ fn free_port() -> u16 {
 /// Writes member `id`'s configuration (raft at `raft`, the member list `members` as
 /// TOML lines) and starts it.
 fn start_member(base: &Path, id: u64, raft: u16, members: &str, join: bool) -> Member {
-    let dir = base.join(format!("member-{id}"));
+    start_member_in(&base.join(format!("member-{id}")), id, raft, members, join)
+}
+
+/// [`start_member`] in directory `dir`.
+fn start_member_in(dir: &Path, id: u64, raft: u16, members: &str, join: bool) -> Member {
+    let dir = dir.to_path_buf();
     std::fs::create_dir_all(&dir).unwrap();
     let config = format!(
         "[control]\nsocket = {socket:?}\nflags_file = {flags:?}\nstate_dir = {state:?}\n\
@@ -527,6 +536,113 @@ fn three_appliances_keep_flags_budget_and_records_through_kills_a_join_and_a_los
     let _ = std::fs::remove_dir_all(&base);
     eprintln!(
         "three-member cluster test: {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn appliances_with_no_members_configured_found_a_cluster_with_init_and_join() {
+    let start = Instant::now();
+    let base = std::env::temp_dir().join(format!("dwcp-cluster-init-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let address = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let mut members: Vec<Member> = (0..3)
+        .map(|i| start_member(&base, i as u64 + 1, ports[i], "", false))
+        .collect();
+    for m in &members {
+        assert_eq!(m.status().role, "unfounded");
+        let refused = m.call(Command::ClusterBudget {
+            bits_per_second: Some(1_000_000),
+        });
+        let error = refused.error.unwrap_or_default();
+        assert!(error.contains("in no cluster yet"), "{error}");
+    }
+    // Joining before anyone founded: nobody answers at that address as a member.
+    let nobody = members[1].call(Command::ClusterJoinAt {
+        address: format!("127.0.0.1:{}", free_port()),
+    });
+    let error = nobody.error.unwrap_or_default();
+    assert!(error.contains("no cluster member answers"), "{error}");
+
+    let founded = members[0].call(Command::ClusterInit);
+    assert!(founded.ok, "{founded:?}");
+    wait_until("the founder leads", Duration::from_secs(10), || {
+        members[0].status().role == "leader"
+    });
+    let again = members[0].call(Command::ClusterInit);
+    assert!(
+        again.error.unwrap_or_default().contains("already member 1"),
+        "init twice"
+    );
+
+    // 2 joins through the founder (the leader); 3 through 2 (a follower, which names
+    // the leader).
+    let joined = members[1].call(Command::ClusterJoinAt {
+        address: address(0),
+    });
+    assert!(joined.ok, "{joined:?}: {}", members[1].log());
+    wait_until("2 follows 1", Duration::from_secs(10), || {
+        let s = members[1].status();
+        s.leader == 1 && s.members.len() == 2
+    });
+    let joined = members[2].call(Command::ClusterJoinAt {
+        address: address(1),
+    });
+    assert!(joined.ok, "{joined:?}: {}", members[2].log());
+    wait_until("three members everywhere", Duration::from_secs(10), || {
+        members
+            .iter()
+            .all(|m| m.status().members.len() == 3 && m.status().leader == 1)
+    });
+    let again = members[2].call(Command::ClusterJoinAt {
+        address: address(0),
+    });
+    assert!(
+        again.error.unwrap_or_default().contains("already member 3"),
+        "join twice"
+    );
+    // Another appliance that takes an id in use is refused by the leader.
+    let impostor_port = free_port();
+    let impostor = start_member_in(&base.join("impostor"), 2, impostor_port, "", false);
+    let refused = impostor.call(Command::ClusterJoinAt {
+        address: address(0),
+    });
+    let error = refused.error.unwrap_or_default();
+    assert!(error.contains("appliance id 2 is taken"), "{error}");
+    drop(impostor);
+
+    // A flag set on the last to join applies on all.
+    let answer = members[2].call(Command::FlagSet {
+        name: "rollout".into(),
+        value: "30".into(),
+    });
+    assert!(answer.ok, "{answer:?}");
+    wait_until("rollout on every member", Duration::from_secs(5), || {
+        members.iter().all(|m| m.flags().rollout_percent == 30)
+    });
+
+    // 2 restarts with no members in its configuration: its log says who they are, and
+    // it catches up with a change made while it was down.
+    members[1].kill();
+    let answer = members[0].call(Command::FlagSet {
+        name: "rollout".into(),
+        value: "60".into(),
+    });
+    assert!(answer.ok, "{answer:?}");
+    members[1].start();
+    wait_until("2 is back and caught up", Duration::from_secs(15), || {
+        let s = members[1].status();
+        s.role == "follower" && s.members.len() == 3 && members[1].flags().rollout_percent == 60
+    });
+    let status = members[1].status();
+    for m in &status.members {
+        assert_ne!(m.address, "(unknown)", "{status:#?}");
+    }
+    drop(members);
+    let _ = std::fs::remove_dir_all(&base);
+    eprintln!(
+        "cluster founded at run time (init, two joins, a restart): {:.1} s",
         start.elapsed().as_secs_f64()
     );
 }

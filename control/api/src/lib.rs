@@ -84,6 +84,15 @@ pub enum Command {
     Shutdown,
     /// The appliance cluster: this member's raft state, the members, the budget.
     ClusterStatus,
+    /// Found a cluster of this appliance alone (`[cluster]` with no `members`); others
+    /// then join it with [`Command::ClusterJoinAt`].
+    ClusterInit,
+    /// Join the cluster a member of which listens for raft at `address`: that member
+    /// (or the leader it names) adds this appliance.
+    ClusterJoinAt {
+        /// A member's raft address, `host:port`.
+        address: String,
+    },
     /// Add an appliance to the cluster (on the leader): it must run with `[cluster]
     /// join = true` and listen for raft at `address`.
     ClusterJoin {
@@ -507,7 +516,8 @@ pub struct ClusterInfo {
     pub enabled: bool,
     /// This member's id.
     pub id: u64,
-    /// `leader`, `follower`, `candidate`, `pre-candidate`.
+    /// `leader`, `follower`, `candidate`, `pre-candidate`; `unfounded` for an
+    /// appliance with `[cluster]` but no members yet (`cluster init` or `cluster join`).
     pub role: String,
     /// The leader this member knows, 0 when none (a partitioned minority).
     pub leader: u64,

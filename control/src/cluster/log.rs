@@ -162,6 +162,12 @@ impl DurableLog {
         Ok(at)
     }
 
+    /// Whether `dir` holds a log that was written (an appliance that founded or
+    /// joined a cluster), without opening it.
+    pub fn exists_in(dir: &Path) -> bool {
+        std::fs::metadata(dir.join(LOG_FILE)).is_ok_and(|m| m.len() > 0)
+    }
+
     /// Whether the log has never been written (a new appliance).
     pub fn is_empty(&self) -> bool {
         self.file_bytes == 0

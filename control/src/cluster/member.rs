@@ -10,7 +10,7 @@
 
 use super::log::Durability;
 use super::node::{ClusterError, ClusterNode};
-use super::peers::PeerNet;
+use super::peers::{JoinAnswer, JoinRequest, PeerNet};
 use super::state::{ClusterState, Command};
 use crate::config::ClusterPlan;
 use crossbeam::channel::{Receiver, Sender};
@@ -33,8 +33,11 @@ pub enum WriteKind {
     Flag,
     /// `cluster budget`: answered with a sentence.
     Budget,
-    /// `cluster join|leave`: answered with a sentence.
+    /// `cluster add|leave`: answered with a sentence.
     Membership,
+    /// An appliance's join request (through the raft port): answered with every
+    /// member's address, the new one's included.
+    Join(BTreeMap<u64, String>),
 }
 
 /// An operator's read waiting for the leader's word and this member's log to catch up.
@@ -74,10 +77,13 @@ impl Member {
     /// Opens the raft log and starts the network.
     pub fn start(plan: ClusterPlan, identity: Option<Arc<Identity>>) -> Result<Member, String> {
         // A joining member founds nothing: the leader's log tells it who the members are.
-        let founders: Vec<u64> = if plan.join {
-            Vec::new()
+        let founders: BTreeMap<u64, String> = if plan.join {
+            BTreeMap::new()
         } else {
-            plan.members.keys().copied().collect()
+            plan.members
+                .iter()
+                .map(|(id, address)| (*id, address.to_string()))
+                .collect()
         };
         let node = ClusterNode::open(plan.id, &plan.dir, &founders, Durability::Fsync)
             .map_err(|e| format!("cluster: {e}"))?;
@@ -161,6 +167,98 @@ impl Member {
         self.wait_for(proposal, WriteKind::Membership, reply);
     }
 
+    /// An appliance asks to join. The leader adds it and answers, once the change has
+    /// applied here, with every member's address; another member names the leader; an
+    /// appliance already a member at that address gets the addresses again (its join
+    /// was retried), one whose id another holds is refused.
+    pub fn join_request(&mut self, request: JoinRequest) {
+        let JoinRequest {
+            id, address, from, ..
+        } = &request;
+        eprintln!("dwcpd: cluster: appliance {id} asks to join from {from} (raft at {address})");
+        let book = self.address_book();
+        let status = self.node.status();
+        if self.node.leading().is_none() {
+            let answer = match book.get(&status.leader) {
+                Some(leader) => Response::ok(JoinAnswer {
+                    members: BTreeMap::new(),
+                    leader: Some(leader.clone()),
+                }),
+                None => Response::error(
+                    "cluster: no leader: the member asked cannot reach a majority of the cluster now",
+                ),
+            };
+            let _ = request.reply.try_send(answer);
+            return;
+        }
+        if status.members.contains(id) {
+            let answer = match book.get(id) {
+                Some(known) if known == address => Response::ok(JoinAnswer {
+                    members: book,
+                    leader: None,
+                }),
+                known => Response::error(format!(
+                    "cluster: appliance id {id} is taken (by the member at {}): give this appliance another id",
+                    known.map_or("an unknown address", String::as_str)
+                )),
+            };
+            let _ = request.reply.try_send(answer);
+            return;
+        }
+        if address.parse::<std::net::SocketAddr>().is_err() {
+            let _ = request.reply.try_send(Response::error(format!(
+                "cluster: {address:?} is not an address like 10.0.0.4:7401"
+            )));
+            return;
+        }
+        let mut members = book;
+        members.insert(*id, address.clone());
+        let proposal = self.node.propose_membership(*id, Some(address));
+        self.wait_for(proposal, WriteKind::Join(members), request.reply);
+    }
+
+    /// Every member's raft address as this member knows them (configured, or in the
+    /// replicated state), its own included.
+    pub fn address_book(&self) -> BTreeMap<u64, String> {
+        self.node
+            .status()
+            .members
+            .into_iter()
+            .filter_map(|id| {
+                let address = if id == self.plan.id {
+                    Some(self.plan.listen.to_string())
+                } else {
+                    self.plan
+                        .members
+                        .get(&id)
+                        .map(|a| a.to_string())
+                        .or_else(|| self.state().addresses.get(&id).cloned())
+                };
+                Some((id, address?))
+            })
+            .collect()
+    }
+
+    /// Sends to and takes messages from the members at these addresses (what a join
+    /// request was answered with).
+    pub fn add_peers(&mut self, members: &BTreeMap<u64, String>) {
+        for (&id, address) in members {
+            match address.parse() {
+                Ok(address) => {
+                    if let Err(e) = self.net.add_peer(id, address) {
+                        eprintln!("dwcpd: cluster: member {id}: {e}");
+                    }
+                }
+                Err(_) => eprintln!("dwcpd: cluster: member {id} at {address:?}: not an address"),
+            }
+        }
+    }
+
+    /// Appliances asking to join (for the control loop's `select!`).
+    pub fn join_requests(&self) -> Receiver<JoinRequest> {
+        self.net.join_requests.clone()
+    }
+
     /// A read that must be current (`cluster migrations`): answered by
     /// [`Member::pump`] once the leader has confirmed the read index and this member
     /// has applied up to it.
@@ -214,10 +312,10 @@ impl Member {
         let ticks = self.node.ticks();
         let silent_after = 2 * super::node::ELECTION_TICKS as u64;
         let silent: Vec<u64> = self
-            .plan
+            .node
+            .status()
             .members
-            .keys()
-            .copied()
+            .into_iter()
             .filter(|&m| m != self.plan.id)
             .filter(|m| {
                 ticks.saturating_sub(self.last_heard.get(m).copied().unwrap_or(0)) > silent_after
@@ -249,6 +347,11 @@ impl Member {
     /// This appliance's id in the cluster.
     pub fn id(&self) -> u64 {
         self.plan.id
+    }
+
+    /// Where this appliance takes raft messages.
+    pub fn listen(&self) -> std::net::SocketAddr {
+        self.net.local
     }
 
     /// Does raft's ready work; returns the writes now applied (`Ok`) or given up on.

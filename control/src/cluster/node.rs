@@ -15,6 +15,7 @@ use super::state::{ClusterState, Command};
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{Config, RawNode, StateRole, Storage};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
@@ -109,13 +110,14 @@ pub struct ClusterNode {
 
 impl ClusterNode {
     /// Opens member `id` over the log in `dir`. A new log starts with `initial_members`
-    /// as the voters (every founding member must be given the same list; a member that
-    /// joins later is given none and learns the configuration from the leader). An
-    /// existing log resumes where it stopped, and `initial_members` is not used.
+    /// (id and raft address) as the voters (every founding member must be given the
+    /// same list; a member that joins later is given none and learns the configuration
+    /// from the leader). An existing log resumes where it stopped, and
+    /// `initial_members` is not used.
     pub fn open(
         id: u64,
         dir: &Path,
-        initial_members: &[u64],
+        initial_members: &BTreeMap<u64, String>,
         durability: Durability,
     ) -> Result<ClusterNode, ClusterError> {
         if id == 0 {
@@ -129,13 +131,19 @@ impl ClusterNode {
             // set beside an empty log: the log a leader replicates then starts at 2,
             // and a member that joins later is sent that snapshot first, so it learns
             // who the founders are (entries alone would tell it only of itself).
+            // The founders' addresses are in it too: a member that joins, or restarts
+            // with no list of members in its configuration, finds them there.
             let mut founding = Snapshot::default();
-            founding.set_data(ClusterState::default().encode().into());
+            let state = ClusterState {
+                addresses: initial_members.clone(),
+                ..ClusterState::default()
+            };
+            founding.set_data(state.encode().into());
             let meta = founding.mut_metadata();
             meta.index = 1;
             meta.term = 1;
             meta.set_conf_state(ConfState {
-                voters: initial_members.to_vec(),
+                voters: initial_members.keys().copied().collect(),
                 ..Default::default()
             });
             log.install(&founding).map_err(ClusterError::Storage)?;

@@ -11,11 +11,19 @@
 //!
 //! A message is taken only from a connection whose peer authenticated and only when it
 //! names a member as its sender and this appliance as its receiver.
+//!
+//! The same port takes an appliance's request to join (`dwcpctl cluster join ADDR` on
+//! that appliance): a connection whose first frame is empty carries one request frame
+//! (JSON: its id and raft address) and gets one answer frame (the control socket's
+//! `Response`: the members' addresses once it was added, or where the leader is). It
+//! must authenticate like a member (the site's CA), but need not be one yet.
 
 use super::node::{decode_message, encode_message};
 use crossbeam::channel::{Receiver, Sender, TrySendError, bounded, unbounded};
+use dwcp_api::Response;
 use dwcp_dataplane::security::{Identity, TlsChannel};
 use raft::prelude::{Message, MessageType};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -33,6 +41,38 @@ const QUEUE: usize = 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The least time between two connection attempts to one peer.
 const RECONNECT_EVERY: Duration = Duration::from_millis(300);
+/// How long a join request waits for its answer: the member's write wait, and a margin.
+const JOIN_WAIT: Duration = Duration::from_secs(6);
+/// Largest join request or answer (a few addresses).
+const MAX_JOIN_FRAME: usize = 64 << 10;
+
+/// An appliance asking, over the raft port, to be added to the cluster.
+pub struct JoinRequest {
+    /// Its id.
+    pub id: u64,
+    /// Where its raft messages go.
+    pub address: String,
+    /// The connection it came from (for the log).
+    pub from: SocketAddr,
+    /// The answer: a [`JoinAnswer`], or why not.
+    pub reply: Sender<Response>,
+}
+
+/// What a member answers a join request with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JoinAnswer {
+    /// Added: every member's raft address, the new one's too.
+    pub members: BTreeMap<u64, String>,
+    /// Not added here: the leader's raft address (ask there).
+    pub leader: Option<String>,
+}
+
+/// A join request on the wire.
+#[derive(Serialize, Deserialize)]
+struct JoinFrame {
+    id: u64,
+    address: String,
+}
 
 /// Counters for `cluster status` and metrics.
 #[derive(Debug, Default)]
@@ -53,6 +93,8 @@ pub struct PeerNet {
     pub inbound: Receiver<Message>,
     /// `(member, delivered)` for each snapshot message sent.
     pub snapshot_reports: Receiver<(u64, bool)>,
+    /// Appliances asking to join.
+    pub join_requests: Receiver<JoinRequest>,
     senders: BTreeMap<u64, Sender<Message>>,
     snapshot_tx: Sender<(u64, bool)>,
     /// What went through.
@@ -83,6 +125,7 @@ impl PeerNet {
         let counters = Arc::new(PeerCounters::default());
         let (inbound_tx, inbound) = unbounded();
         let (snapshot_tx, snapshot_reports) = unbounded();
+        let (join_tx, join_requests) = bounded(16);
         let mut threads = Vec::new();
         let known = Arc::new(RwLock::new(
             members.keys().copied().collect::<BTreeSet<u64>>(),
@@ -94,7 +137,11 @@ impl PeerNet {
                 std::thread::Builder::new()
                     .name("dwcp-raft-listen".into())
                     .spawn(move || {
-                        accept_loop(id, listener, known, identity, inbound_tx, counters, stop)
+                        let to_control = ToControl {
+                            messages: inbound_tx,
+                            joins: join_tx,
+                        };
+                        accept_loop(id, listener, known, identity, to_control, counters, stop)
                     })
                     .map_err(|e| e.to_string())?,
             );
@@ -102,6 +149,7 @@ impl PeerNet {
         let mut net = PeerNet {
             inbound,
             snapshot_reports,
+            join_requests,
             senders: BTreeMap::new(),
             snapshot_tx,
             counters,
@@ -192,14 +240,41 @@ enum Conn {
 
 impl Conn {
     fn write_frame(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        let mut frame = Vec::with_capacity(bytes.len() + 4);
-        frame.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        frame.extend_from_slice(bytes);
+        let frame = framed(bytes);
         match self {
             Conn::Plain(s) => s.write_all(&frame),
             Conn::Tls(t) => t.write_all(&frame),
         }
     }
+
+    fn reader(&self) -> std::io::Result<Box<dyn Read>> {
+        Ok(match self {
+            Conn::Plain(s) => Box::new(s.try_clone()?),
+            Conn::Tls(t) => Box::new(t.reader()?),
+        })
+    }
+
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(t) => t.socket(),
+        }
+    }
+}
+
+/// `bytes` behind their length.
+fn framed(bytes: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(bytes.len() + 4);
+    frame.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    frame.extend_from_slice(bytes);
+    frame
+}
+
+/// Where the readers hand what they receive.
+#[derive(Clone)]
+struct ToControl {
+    messages: Sender<Message>,
+    joins: Sender<JoinRequest>,
 }
 
 fn accept_loop(
@@ -207,7 +282,7 @@ fn accept_loop(
     listener: TcpListener,
     members: Arc<RwLock<BTreeSet<u64>>>,
     identity: Option<Arc<Identity>>,
-    inbound: Sender<Message>,
+    to_control: ToControl,
     counters: Arc<PeerCounters>,
     stop: Arc<AtomicBool>,
 ) {
@@ -215,19 +290,25 @@ fn accept_loop(
     while !stop.load(Ordering::Acquire) {
         match listener.accept() {
             Ok((socket, _)) => {
-                let (members, identity, inbound, counters, stop) = (
+                let (members, identity, to_control, counters, stop) = (
                     members.clone(),
                     identity.clone(),
-                    inbound.clone(),
+                    to_control.clone(),
                     counters.clone(),
                     stop.clone(),
                 );
                 if let Ok(t) = std::thread::Builder::new()
                     .name("dwcp-raft-from".into())
                     .spawn(move || {
-                        if let Err(why) =
-                            read_peer(id, socket, &members, identity, &inbound, &counters, &stop)
-                        {
+                        if let Err(why) = read_peer(
+                            id,
+                            socket,
+                            &members,
+                            identity,
+                            &to_control,
+                            &counters,
+                            &stop,
+                        ) {
                             counters.refused.fetch_add(1, Ordering::Relaxed);
                             eprintln!("dwcpd: cluster: {why}");
                         }
@@ -254,7 +335,7 @@ fn read_peer(
     socket: TcpStream,
     members: &RwLock<BTreeSet<u64>>,
     identity: Option<Arc<Identity>>,
-    inbound: &Sender<Message>,
+    to_control: &ToControl,
     counters: &PeerCounters,
     stop: &AtomicBool,
 ) -> Result<(), String> {
@@ -264,7 +345,7 @@ fn read_peer(
     socket
         .set_read_timeout(Some(Duration::from_millis(200)))
         .map_err(|e| e.to_string())?;
-    let mut reader: Box<dyn Read> = match &identity {
+    let conn = match &identity {
         Some(identity) => {
             // The first bytes say whether the peer speaks TLS at all.
             let mut first = [0u8; 2];
@@ -300,10 +381,11 @@ fn read_peer(
                 .socket()
                 .set_read_timeout(Some(Duration::from_millis(200)))
                 .map_err(|e| e.to_string())?;
-            Box::new(channel.reader().map_err(|e| e.to_string())?)
+            Conn::Tls(channel)
         }
-        None => Box::new(socket),
+        None => Conn::Plain(socket),
     };
+    let mut reader = conn.reader().map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     loop {
         let mut header = [0u8; 4];
@@ -311,7 +393,10 @@ fn read_peer(
             return Ok(());
         }
         let len = u32::from_le_bytes(header) as usize;
-        if len == 0 || len > MAX_FRAME {
+        if len == 0 {
+            return answer_join(peer, conn, &mut reader, &to_control.joins, stop);
+        }
+        if len > MAX_FRAME {
             return Err(format!(
                 "{peer} sent a raft frame of {len} bytes (at most {MAX_FRAME})"
             ));
@@ -334,10 +419,113 @@ fn read_peer(
             ));
         }
         counters.received.fetch_add(1, Ordering::Relaxed);
-        if inbound.send(message).is_err() {
+        if to_control.messages.send(message).is_err() {
             return Ok(());
         }
     }
+}
+
+/// Reads the join request after an empty frame, hands it to the control thread, and
+/// writes its answer back.
+fn answer_join(
+    peer: SocketAddr,
+    mut conn: Conn,
+    reader: &mut dyn Read,
+    joins: &Sender<JoinRequest>,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let request: JoinFrame = serde_json::from_slice(&read_join_frame(reader, stop)?)
+        .map_err(|e| format!("{peer} sent a join request that is not one: {e}"))?;
+    let (reply, answer) = bounded(1);
+    let request = JoinRequest {
+        id: request.id,
+        address: request.address,
+        from: peer,
+        reply,
+    };
+    let response = match joins.try_send(request) {
+        Ok(()) => answer.recv_timeout(JOIN_WAIT).unwrap_or_else(|_| {
+            Response::error("the member asked did not answer in time: ask again")
+        }),
+        Err(_) => Response::error("the member asked is busy with other join requests"),
+    };
+    let bytes = serde_json::to_vec(&response).map_err(|e| e.to_string())?;
+    conn.write_frame(&bytes)
+        .map_err(|e| format!("answering {peer}'s join request: {e}"))
+}
+
+/// One join frame (request or answer) after its length.
+fn read_join_frame(reader: &mut dyn Read, stop: &AtomicBool) -> Result<Vec<u8>, String> {
+    let mut header = [0u8; 4];
+    if !read_full(reader, &mut header, stop)? {
+        return Err("the connection ended before the join frame".into());
+    }
+    let len = u32::from_le_bytes(header) as usize;
+    if len == 0 || len > MAX_JOIN_FRAME {
+        return Err(format!(
+            "a join frame of {len} bytes (at most {MAX_JOIN_FRAME})"
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    if !read_full(reader, &mut buf, stop)? {
+        return Err("the connection ended in the middle of the join frame".into());
+    }
+    Ok(buf)
+}
+
+/// Asks the member at `target` to add this appliance (`id`, its raft messages to
+/// `address`), following the answer to the leader when `target` does not lead.
+/// Returns the members' addresses once added.
+pub fn request_join(
+    target: SocketAddr,
+    id: u64,
+    address: SocketAddr,
+    identity: Option<&Arc<Identity>>,
+) -> Result<BTreeMap<u64, String>, String> {
+    let mut target = target;
+    // A member that just lost its leader may name an old one: a few hops at most.
+    for _ in 0..4 {
+        let answer = ask_to_join(target, id, address, identity)?;
+        match answer.leader {
+            Some(leader) if answer.members.is_empty() => {
+                target = leader.parse().map_err(|_| {
+                    format!("{target} named the leader at {leader:?}, not an address")
+                })?;
+            }
+            _ => return Ok(answer.members),
+        }
+    }
+    Err(format!(
+        "the members asked kept naming other leaders (last {target}): the cluster may be electing one; ask again"
+    ))
+}
+
+fn ask_to_join(
+    target: SocketAddr,
+    id: u64,
+    address: SocketAddr,
+    identity: Option<&Arc<Identity>>,
+) -> Result<JoinAnswer, String> {
+    let mut conn = try_connect(target, identity)?;
+    let request = serde_json::to_vec(&JoinFrame {
+        id,
+        address: address.to_string(),
+    })
+    .map_err(|e| e.to_string())?;
+    let sent = conn
+        .write_frame(&[])
+        .and_then(|()| conn.write_frame(&request));
+    sent.map_err(|e| format!("asking {target} to join: {e}"))?;
+    conn.socket()
+        .set_read_timeout(Some(JOIN_WAIT + Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let mut reader = conn.reader().map_err(|e| e.to_string())?;
+    let never = AtomicBool::new(false);
+    let bytes = read_join_frame(&mut reader, &never)
+        .map_err(|e| format!("{target} did not answer the join request: {e}"))?;
+    let response: Response = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{target} answered the join request with something else: {e}"))?;
+    response.into_result().map_err(|e| format!("{target}: {e}"))
 }
 
 /// Fills `buf`; `false` when the connection ended cleanly before its first byte (or
@@ -421,30 +609,47 @@ fn send_loop(
     }
 }
 
+/// A connection to a member for raft messages; a failed handshake is logged (a peer
+/// that is down is not: raft retries).
 fn connect(address: SocketAddr, identity: Option<&Arc<Identity>>) -> Option<Conn> {
     let socket = TcpStream::connect_timeout(&address, CONNECT_TIMEOUT).ok()?;
+    authenticate(socket, address, identity)
+        .map_err(|e| eprintln!("dwcpd: cluster: {e}"))
+        .ok()
+}
+
+/// A connection to `address`, or why not.
+fn try_connect(address: SocketAddr, identity: Option<&Arc<Identity>>) -> Result<Conn, String> {
+    let socket = TcpStream::connect_timeout(&address, CONNECT_TIMEOUT)
+        .map_err(|e| format!("no cluster member answers at {address}: {e}"))?;
+    authenticate(socket, address, identity)
+}
+
+/// TLS on `socket` when the appliance has an identity: the peer must show a
+/// certificate of the site.
+fn authenticate(
+    socket: TcpStream,
+    address: SocketAddr,
+    identity: Option<&Arc<Identity>>,
+) -> Result<Conn, String> {
     let _ = socket.set_nodelay(true);
     let _ = socket.set_write_timeout(Some(Duration::from_secs(2)));
-    match identity {
-        None => Some(Conn::Plain(socket)),
-        Some(identity) => {
-            let never = AtomicBool::new(false);
-            let channel = dwcp_dataplane::security::tls::connect(
-                identity,
-                socket,
-                address.ip(),
-                Instant::now() + CONNECT_TIMEOUT,
-                &never,
-            )
-            .map_err(|e| eprintln!("dwcpd: cluster: raft connection to {address}: {e}"))
-            .ok()?;
-            channel
-                .authorized()
-                .map_err(|e| eprintln!("dwcpd: cluster: raft connection to {address}: {e}"))
-                .ok()?;
-            Some(Conn::Tls(channel))
-        }
-    }
+    let Some(identity) = identity else {
+        return Ok(Conn::Plain(socket));
+    };
+    let never = AtomicBool::new(false);
+    let channel = dwcp_dataplane::security::tls::connect(
+        identity,
+        socket,
+        address.ip(),
+        Instant::now() + CONNECT_TIMEOUT,
+        &never,
+    )
+    .map_err(|e| format!("raft connection to {address}: {e}"))?;
+    channel
+        .authorized()
+        .map_err(|e| format!("raft connection to {address}: {e}"))?;
+    Ok(Conn::Tls(channel))
 }
 
 #[cfg(test)]

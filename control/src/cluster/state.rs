@@ -142,8 +142,8 @@ pub struct ClusterState {
     /// Flag changes applied: until the first, the cluster has no say over an
     /// appliance's flags (a new cluster does not reset them to defaults).
     pub flag_changes: u64,
-    /// Raft addresses of members that joined after the founding (`cluster join`); the
-    /// founders' are in every member's configuration.
+    /// Raft addresses of the members: the founders' from the founding snapshot, the
+    /// others' from the change that added them (`cluster join`).
     #[serde(default)]
     pub addresses: BTreeMap<u64, String>,
 }

@@ -173,8 +173,18 @@ enum ClusterSub {
     Status,
     /// Every member's migrations as the cluster records them (read through the leader).
     Migrations,
-    /// Add an appliance (run on the leader; the new one runs with `[cluster] join = true`).
+    /// Found a cluster of this appliance alone (`[cluster]` with an id and listen, no
+    /// members); others then join it.
+    Init,
+    /// Join the cluster a member of which takes raft messages at ADDR (that member, or
+    /// the leader it names, adds this appliance).
     Join {
+        /// A member's raft address, host:port.
+        address: String,
+    },
+    /// Add an appliance (run on the leader; the new one runs with `[cluster] join = true`
+    /// and the members listed).
+    Add {
         /// Its id, unique in the site.
         id: u64,
         /// Its raft address, host:port.
@@ -371,7 +381,14 @@ fn run(cli: &Cli) -> Result<(), String> {
         Sub::Cluster { command } => match command {
             ClusterSub::Status => (Command::ClusterStatus, None),
             ClusterSub::Migrations => (Command::ClusterMigrations, None),
-            ClusterSub::Join { id, address } => (
+            ClusterSub::Init => (Command::ClusterInit, None),
+            ClusterSub::Join { address } => (
+                Command::ClusterJoinAt {
+                    address: address.clone(),
+                },
+                None,
+            ),
+            ClusterSub::Add { id, address } => (
                 Command::ClusterJoin {
                     id: *id,
                     address: address.clone(),
@@ -571,6 +588,14 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
             let c: ClusterInfo = response.into_result()?;
             if !c.enabled {
                 outln!("not a cluster member (no [cluster] in the configuration)");
+                return Ok(());
+            }
+            if c.role == "unfounded" {
+                outln!(
+                    "appliance {} is in no cluster yet: `dwcpctl cluster init` founds one here, \
+                     `dwcpctl cluster join ADDR` joins the one a member of which listens at ADDR",
+                    c.id
+                );
                 return Ok(());
             }
             let leader = if c.leader == 0 {
