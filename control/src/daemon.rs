@@ -14,7 +14,7 @@
 use crate::anomaly::{AnomalyModel, DEFAULT_ZSCORE_THRESHOLD, Detector, PathWatch};
 use crate::call::{Call, ServerCounters, call};
 use crate::cluster::Command as ClusterCommand;
-use crate::cluster::member::{Member, WriteKind};
+use crate::cluster::member::{Member, ReadKind, WriteKind};
 use crate::config::{ClusterPlan, Config};
 use crate::flags::{Components, FlagStore};
 use crate::incoming::{IncomingBook, IncomingEvent, Received};
@@ -85,6 +85,32 @@ fn cluster_record(m: &Migration, source: u64) -> crate::cluster::MigrationRecord
 
 /// Bytes in a guest page.
 const PAGE_BYTES: u64 = 4096;
+
+/// Another member's migration as `migrations` lists it: what the cluster records.
+fn recorded_migration_info(
+    r: &crate::cluster::MigrationRecord,
+    share_bits_per_second: Option<u64>,
+) -> MigrationInfo {
+    let mut notes = vec![format!(
+        "on appliance {}, as the cluster records it (VM {})",
+        r.source, r.vm
+    )];
+    if let Some(bits) = share_bits_per_second {
+        notes.push(format!("budget share {:.1} Mbit/s", bits as f64 / 1e6));
+    }
+    MigrationInfo {
+        id: r.id,
+        direction: "outgoing".into(),
+        peer: r.destination.clone(),
+        state: r.state.clone(),
+        phase: r.state.clone(),
+        round: r.round,
+        rate: r.rate_bits_per_second as f64 / 8.0,
+        appliance: Some(r.source),
+        notes,
+        ..MigrationInfo::default()
+    }
+}
 
 /// Seconds since the Unix epoch, by this appliance's clock.
 fn unix_now() -> u64 {
@@ -614,6 +640,7 @@ impl ControlState {
                 .filter(|_| m.state == "running")
                 .map(|(since, why)| format!("going bad since {since:.1} s: {why}")),
             path_anomalies: m.path.watch.episodes(),
+            appliance: None,
             downtime_ms: m.report.as_ref().map(|r| r.measured_downtime * 1e3),
             verified_pages: m.report.as_ref().map(|r| r.verified_pages),
             audit_mismatched: m
@@ -733,8 +760,14 @@ impl ControlState {
                 return;
             }
             match &request.command {
+                // Current, like `cluster migrations`: this appliance's own, then what
+                // the cluster records of the other members'.
+                Command::Migrations => {
+                    member.read(ReadKind::Migrations, reply);
+                    return;
+                }
                 Command::ClusterMigrations => {
-                    member.read(reply);
+                    member.read(ReadKind::Records, reply);
                     return;
                 }
                 Command::ClusterJoin { id, address } => {
@@ -865,6 +898,28 @@ impl ControlState {
         let answered = member.pump();
         let reads = member.take_reads();
         let state = member.state();
+        let mut migration_reads = Vec::new();
+        let mut others = Vec::new();
+        if reads
+            .iter()
+            .any(|(read, _)| read.kind == ReadKind::Migrations)
+        {
+            let me = member.id();
+            let shares = state.budget_shares();
+            others = state
+                .migrations
+                .iter()
+                .filter(|(_, r)| r.source != me)
+                .map(|(key, r)| recorded_migration_info(r, shares.get(key).copied()))
+                .collect();
+        }
+        let (reads, records): (Vec<_>, Vec<_>) = reads
+            .into_iter()
+            .partition(|(read, _)| read.kind == ReadKind::Migrations);
+        for (read, result) in reads {
+            migration_reads.push((read.reply, result));
+        }
+        let reads = records;
         if !reads.is_empty() {
             let shares = state.budget_shares();
             let view: Vec<dwcp_api::ClusterMigrationInfo> = state
@@ -908,6 +963,18 @@ impl ControlState {
             }
         }
         self.apply_budget_shares(me, &shares, &recorded);
+        for (reply, result) in migration_reads {
+            let mut list = self.all_infos();
+            let mut others = others.clone();
+            // No current view: what this member applied last, said so.
+            if let Err(e) = result {
+                for m in &mut others {
+                    m.notes.push(format!("as last applied here: {e}"));
+                }
+            }
+            list.extend(others);
+            let _ = reply.try_send(Response::ok(list));
+        }
         for (write, result) in answered {
             let response = match (result, write.kind) {
                 (Err(e), _) => Response::error(format!("cluster: {e}")),

@@ -239,6 +239,7 @@ fn info(id: u64, m: &Incoming, mode: &str) -> MigrationInfo {
         link_forecast: None,
         path_flag: None,
         path_anomalies: 0,
+        appliance: None,
         state: m.state.into(),
         phase: if m.state == "running" {
             p.phase.into()

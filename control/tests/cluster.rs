@@ -310,6 +310,20 @@ fn three_appliances_keep_flags_budget_and_records_through_kills_a_join_and_a_los
         Duration::from_secs(5),
         || to.status().migration_records == 1,
     );
+    // `migrations` on the destination's appliance: its incoming side, and the source
+    // appliance's migration as the cluster records it (read through the leader).
+    let listed: Vec<MigrationInfo> = to.call(Command::Migrations).into_result().unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|m| m.direction == "incoming" && m.appliance.is_none()),
+        "{listed:#?}"
+    );
+    let theirs = listed
+        .iter()
+        .find(|m| m.appliance == Some(from.id))
+        .unwrap_or_else(|| panic!("no record of member {}'s migration: {listed:#?}", from.id));
+    assert_eq!((theirs.id, theirs.state.as_str()), (id, "completed"));
 
     // The killed member restarts from its log and catches up.
     members[leader].start();

@@ -355,8 +355,10 @@ pub struct Capabilities {
     pub cpu_features: Vec<String>,
 }
 
-/// One migration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One migration. In a cluster, `migrations` lists this appliance's migrations first,
+/// then the other members' as the cluster records them (`appliance` says whose; ids
+/// are each appliance's own, so an id is unique only with its appliance).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrationInfo {
     /// Id (unique in this daemon's life, shared by both directions).
     pub id: u64,
@@ -450,6 +452,10 @@ pub struct MigrationInfo {
     /// Episodes the anomaly detector flagged on its path so far.
     #[serde(default)]
     pub path_anomalies: u64,
+    /// Another cluster member's migration: the member it runs on (absent for this
+    /// appliance's own). It has only what the cluster records of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appliance: Option<u64>,
 }
 
 /// A forecast of a migration's link.

@@ -40,8 +40,19 @@ pub enum WriteKind {
     Join(BTreeMap<u64, String>),
 }
 
+/// What an operator's read is for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ReadKind {
+    /// `cluster migrations`: the records.
+    Records,
+    /// `migrations`: this appliance's own, then the other members' records.
+    Migrations,
+}
+
 /// An operator's read waiting for the leader's word and this member's log to catch up.
 pub struct PendingRead {
+    /// What was asked.
+    pub kind: ReadKind,
     request: u64,
     /// The index to have applied, once the leader has answered.
     index: Option<u64>,
@@ -262,9 +273,10 @@ impl Member {
     /// A read that must be current (`cluster migrations`): answered by
     /// [`Member::pump`] once the leader has confirmed the read index and this member
     /// has applied up to it.
-    pub fn read(&mut self, reply: Sender<Response>) {
+    pub fn read(&mut self, kind: ReadKind, reply: Sender<Response>) {
         let request = self.node.request_read();
         self.reads.push(PendingRead {
+            kind,
             request,
             index: None,
             deadline: Instant::now() + WRITE_WAIT,

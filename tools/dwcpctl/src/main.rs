@@ -534,6 +534,21 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                 outln!("no migrations");
             }
             for m in &list {
+                // Another cluster member's: what the cluster records of it.
+                if let Some(appliance) = m.appliance {
+                    outln!(
+                        "appliance {appliance} #{} to {:<21} {:<11} round {:>3} {:>8.1} Mbit/s",
+                        m.id,
+                        m.peer,
+                        m.state,
+                        m.round,
+                        m.rate * 8.0 / 1e6
+                    );
+                    for note in m.notes.iter().skip(1) {
+                        outln!("    {note}");
+                    }
+                    continue;
+                }
                 outln!("{}", migration_line(m));
                 if let Some(a) = &m.activity {
                     outln!("    setting up: {a}");
@@ -907,6 +922,7 @@ mod tests {
             link_forecast: None,
             path_flag: None,
             path_anomalies: 0,
+            appliance: None,
         }
     }
 
