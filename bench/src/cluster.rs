@@ -252,10 +252,14 @@ fn budget_run(
     if !answer.ok {
         return Err(format!("setting the budget: {:?}", answer.error));
     }
-    // a → c and b → d, 1 GiB each. Shares follow the bytes left, so two alike would end
-    // together: a is cancelled 2 s after both send, and b should get the whole budget.
-    let mut ids = Vec::new();
-    for (from, to, memory) in [(0, 0, "1G"), (1, 1, "1G")] {
+    // a → c, 256 MiB due within A_DEADLINE; b → d, 2 GiB, no deadline. Shares follow
+    // bytes left, which alone would hold a back to a fifth of what is left after the
+    // floors: its deadline gets it what it needs first. When a completes, b should
+    // have the whole budget. b starts first, and a once b sends (a 2 GiB guest takes
+    // seconds to fill), so that the two overlap.
+    const A_DEADLINE: u64 = 15;
+    let mut ids = [0u64; 2];
+    for (from, to, memory, deadline) in [(1, 1, "2G", None), (0, 0, "256M", Some(A_DEADLINE))] {
         let done: dwcp_api::Done = daemons[from]
             .call(Command::Migrate(MigrateOptions {
                 peer: format!("{}:{}", placement.destination, dest[to]),
@@ -265,10 +269,24 @@ fn budget_run(
                 codec: Some("off".into()),
                 // Every round trip of the final exchange is downtime: 80 ms each.
                 downtime_ms: Some(2000),
+                deadline_s: deadline,
                 ..MigrateOptions::default()
             }))
             .into_result()?;
-        ids.push(done.id.ok_or("no migration id")?);
+        ids[from] = done.id.ok_or("no migration id")?;
+        if from == 1 {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !daemons[1]
+                .call(Command::Migrations)
+                .into_result::<Vec<MigrationInfo>>()
+                .is_ok_and(|all| all.iter().any(|m| m.bytes_sent > 0))
+            {
+                if Instant::now() > deadline {
+                    return Err("b sent nothing in 30 s".into());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
     let info = |i: usize| -> Option<MigrationInfo> {
         let all: Vec<MigrationInfo> = daemons[i].call(Command::Migrations).into_result().ok()?;
@@ -290,7 +308,7 @@ fn budget_run(
     let mut half_second_max: f64 = 0.0;
     let mut a_ended: Option<Instant> = None;
     let mut both_sending: Option<Instant> = None;
-    let mut a_cancelled = false;
+    let mut a_last: Option<MigrationInfo> = None;
     let mut b_alone = Vec::new();
     let mut b_cap_before = None;
     let mut rise = None;
@@ -352,10 +370,7 @@ fn budget_run(
         } else if a_ended.is_none() {
             a_ended = Some(now);
         }
-        if !a_cancelled && both_sending.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)) {
-            a_cancelled = true;
-            let _ = daemons[0].call(Command::Cancel { id: ids[0] });
-        }
+        a_last = Some(a);
         if let Some(ended) = a_ended
             && rise.is_none()
             && b.state == "running"
@@ -402,6 +417,14 @@ fn budget_run(
     // (100 ms) of the truth, late rather than early.
     .with_field("share_rise_seconds", rise.map(|r| (r * 100.0).round() / 100.0))
     .with_field("b_cap_before", b_cap_before.map(|c| c.0))
+    .with_field("a_state", a_last.as_ref().map(|a| a.state.clone()))
+    .with_field(
+        "a_seconds",
+        a_last
+            .as_ref()
+            .map(|a| (a.elapsed_seconds * 10.0).round() / 10.0),
+    )
+    .with_field("a_deadline_seconds", A_DEADLINE)
     .with_field("b_alone_median_mbit", {
         b_alone.sort_by(f64::total_cmp);
         b_alone.get(b_alone.len() / 2).map(|r| mbit(*r))
@@ -415,6 +438,6 @@ fn budget_run(
         },
     )
     .with_note(
-        "a cluster of 3 appliances (a, b, e) on one side, destinations c and d on the other; a→c and b→d at once, 1 GiB each, 8 streams, BBR, codec off, 2 s downtime limit, a cancelled 2 s into both sending; ours: the busiest 1 s window of both (sliding, polled every 100 ms)",
+        "a cluster of 3 appliances (a, b, e) on one side, destinations c and d on the other; a→c (256 MiB, due in 15 s) and b→d (2 GiB, started first) at once, 8 streams, BBR, codec off, 2 s downtime limit; share_rise_seconds: from a's completion to b's cap rising; ours: the busiest 1 s window of both (sliding, polled every 100 ms)",
     ))
 }
