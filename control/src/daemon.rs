@@ -753,6 +753,10 @@ impl ControlState {
                     },
                     WriteKind::Budget,
                 )),
+                Command::SetMode { mode } => Some((
+                    ClusterCommand::SetMode { mode: mode.clone() },
+                    WriteKind::Mode,
+                )),
                 _ => None,
             };
             if let Some((command, kind)) = write {
@@ -952,6 +956,7 @@ impl ControlState {
         let recorded: Vec<u64> = state.migrations.keys().copied().collect();
         let cluster_flags = (state.flag_changes > 0 && state.flags != self.flags.flags)
             .then(|| state.flags.clone());
+        let cluster_mode = state.mode.clone();
         if let Some(flags) = cluster_flags {
             let was_safe = self.flags.flags.safe_mode;
             if let Err(e) = self.flags.replace(flags.clone()) {
@@ -963,6 +968,13 @@ impl ControlState {
             }
         }
         self.apply_budget_shares(me, &shares, &recorded);
+        if let Some(mode) = cluster_mode {
+            let fixed = mode.parse::<Mode>().ok();
+            if fixed != self.detector.fixed() {
+                self.detector.set_override(fixed);
+                self.apply_mode("cluster mode");
+            }
+        }
         for (reply, result) in migration_reads {
             let mut list = self.all_infos();
             let mut others = others.clone();
@@ -985,6 +997,17 @@ impl ControlState {
                         leader: None,
                     })
                 }
+                (Ok(()), WriteKind::Mode) => Response::ok(Done {
+                    message: format!(
+                        "mode {} on every member; here now {}",
+                        match self.detector.fixed() {
+                            Some(m) => m.to_string(),
+                            None => "auto".into(),
+                        },
+                        self.mode_name()
+                    ),
+                    id: None,
+                }),
                 (Ok(()), WriteKind::Membership) => Response::ok(Done {
                     message: "membership changed on every member (see `dwcpctl cluster status`)"
                         .into(),

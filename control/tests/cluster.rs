@@ -1,5 +1,6 @@
 //! Three `dwcpd serve` processes on loopback form a cluster, their raft messages over
-//! mutually authenticated TLS: a flag set on a follower applies on all; the leader is
+//! mutually authenticated TLS: a flag and the mode override set on a follower apply on
+//! all; the leader is
 //! killed and another takes over within ten election timeouts (counted in the
 //! survivors' ticks, not wall time) with the flags kept; a migration runs paced at the
 //! site's budget and its record reaches the others; the killed member restarts and
@@ -232,6 +233,25 @@ fn three_appliances_keep_flags_budget_and_records_through_kills_a_join_and_a_los
         let file = std::fs::read_to_string(m.dir.join("flags.toml")).unwrap();
         assert!(file.contains("safe_mode = true"), "member {}: {file}", m.id);
     }
+    // The mode override likewise; a mode that does not exist is refused first.
+    let refused = members[follower].call(Command::SetMode {
+        mode: "warp".into(),
+    });
+    assert!(
+        refused.error.unwrap_or_default().contains("unknown mode"),
+        "a bad mode"
+    );
+    let answer = members[follower].call(Command::SetMode {
+        mode: "internet".into(),
+    });
+    assert!(answer.ok, "{answer:?}");
+    let setting = |m: &Member| -> String {
+        let status: dwcp_api::StatusInfo = m.call(Command::Status).into_result().unwrap();
+        status.mode.setting
+    };
+    wait_until("the mode on every member", Duration::from_secs(5), || {
+        members.iter().all(|m| setting(m) == "internet")
+    });
 
     // The leader dies. A new one within ten election timeouts of the survivors' ticks.
     let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
@@ -265,6 +285,7 @@ fn three_appliances_keep_flags_budget_and_records_through_kills_a_join_and_a_los
             "member {} lost the flag",
             members[i].id
         );
+        assert_eq!(setting(&members[i]), "internet");
     }
     // Two of three still take writes.
     let answer = members[survivors[0]].call(Command::ClusterBudget {
@@ -336,6 +357,7 @@ fn three_appliances_keep_flags_budget_and_records_through_kills_a_join_and_a_los
         },
     );
     assert!(members[leader].flags().safe_mode);
+    assert_eq!(setting(&members[leader]), "internet");
     // The cluster in the metrics.
     let metrics: dwcp_api::MetricsText = members[leader]
         .call(Command::Metrics)

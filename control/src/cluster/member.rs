@@ -33,6 +33,8 @@ pub enum WriteKind {
     Flag,
     /// `cluster budget`: answered with a sentence.
     Budget,
+    /// `mode`: answered with a sentence.
+    Mode,
     /// `cluster add|leave`: answered with a sentence.
     Membership,
     /// An appliance's join request (through the raft port): answered with every

@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Command {
-    /// A feature flag, the rollout percentage, safe mode or the mode override, as
-    /// `dwcpctl flag NAME VALUE` takes them.
+    /// A feature flag, the rollout percentage or safe mode, as `dwcpctl flags NAME
+    /// VALUE` takes them.
     SetFlag {
         /// The flag's name.
         name: String,
@@ -29,6 +29,12 @@ pub enum Command {
     },
     /// A migration's record, added or replaced whole.
     PutMigration(MigrationRecord),
+    /// The mode override (`dwcpctl mode`): `datacenter`, `internet`, `hybrid`, or
+    /// `auto` (detection decides).
+    SetMode {
+        /// The mode, or `auto`.
+        mode: String,
+    },
 }
 
 /// A migration as every appliance of the site sees it.
@@ -94,6 +100,8 @@ impl Command {
     pub fn check(&self, state: &ClusterState) -> Result<(), String> {
         match self {
             Command::SetFlag { name, value } => state.flags.clone().set(name, value),
+            Command::SetMode { mode } if mode == "auto" => Ok(()),
+            Command::SetMode { mode } => mode.parse::<crate::mode::Mode>().map(|_| ()),
             Command::SetBudget {
                 bits_per_second: Some(0),
             } => Err(
@@ -146,6 +154,10 @@ pub struct ClusterState {
     /// others' from the change that added them (`cluster join`).
     #[serde(default)]
     pub addresses: BTreeMap<u64, String>,
+    /// The mode override set through the cluster (`auto` for detection); `None` until
+    /// the first, so that a new cluster leaves each appliance's own setting alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 impl ClusterState {
@@ -164,6 +176,10 @@ impl ClusterState {
                 }
                 Command::PutMigration(record) => {
                     self.migrations.insert(record.key(), record);
+                    Ok(())
+                }
+                Command::SetMode { mode } => {
+                    self.mode = Some(mode);
                     Ok(())
                 }
             }
@@ -265,6 +281,21 @@ mod tests {
             bits_per_second: Some(0),
         };
         assert!(zero.check(&state).unwrap_err().contains("lift the budget"));
+        let warp = Command::SetMode {
+            mode: "warp".into(),
+        };
+        assert!(warp.check(&state).unwrap_err().contains("unknown mode"));
+        assert_eq!(
+            state.mode, None,
+            "no say over the mode until the first change"
+        );
+        state.apply(
+            &Command::SetMode {
+                mode: "internet".into(),
+            }
+            .encode(),
+        );
+        assert_eq!(state.mode.as_deref(), Some("internet"));
         state.apply(
             &Command::SetBudget {
                 bits_per_second: Some(800_000_000),
