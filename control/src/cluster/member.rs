@@ -79,6 +79,9 @@ pub struct Member {
     node: ClusterNode,
     net: PeerNet,
     pending: Vec<PendingWrite>,
+    /// Writes made while this member knew no leader (an election, or a member that
+    /// joined a moment ago): proposed once one is known, refused after `WRITE_WAIT`.
+    leaderless: Vec<(Command, WriteKind, Sender<Response>, Instant)>,
     reads: Vec<PendingRead>,
     /// The tick at which each other member was last heard from.
     last_heard: BTreeMap<u64, u64>,
@@ -106,6 +109,7 @@ impl Member {
             node,
             net,
             pending: Vec::new(),
+            leaderless: Vec::new(),
             reads: Vec::new(),
             last_heard: BTreeMap::new(),
             marked: BTreeMap::new(),
@@ -141,8 +145,35 @@ impl Member {
 
     /// Proposes `command`; the answer goes to `reply` once it applies here (or fails).
     pub fn write(&mut self, command: &Command, kind: WriteKind, reply: Sender<Response>) {
-        let proposal = self.node.propose(command);
-        self.wait_for(proposal, kind, reply);
+        match self.node.propose(command) {
+            Err(ClusterError::NotLeader { leader: 0 }) => {
+                // Refused now if it could never apply; else it waits for a leader.
+                if let Err(why) = command.check(self.node.state()) {
+                    let _ = reply.try_send(Response::error(describe(&ClusterError::Refused(why))));
+                    return;
+                }
+                self.leaderless
+                    .push((command.clone(), kind, reply, Instant::now() + WRITE_WAIT));
+            }
+            proposal => self.wait_for(proposal, kind, reply),
+        }
+    }
+
+    /// Writes that waited for a leader: proposed once one is known; refused (saying
+    /// why) once they have waited too long.
+    fn retry_leaderless(&mut self) {
+        if self.leaderless.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for (command, kind, reply, deadline) in std::mem::take(&mut self.leaderless) {
+            match self.node.propose(&command) {
+                Err(ClusterError::NotLeader { leader: 0 }) if now < deadline => {
+                    self.leaderless.push((command, kind, reply, deadline));
+                }
+                proposal => self.wait_for(proposal, kind, reply),
+            }
+        }
     }
 
     /// A proposal made for an operator: waits for its entry, or is refused now.
@@ -192,16 +223,12 @@ impl Member {
         let book = self.address_book();
         let status = self.node.status();
         if self.node.leading().is_none() {
-            let answer = match book.get(&status.leader) {
-                Some(leader) => Response::ok(JoinAnswer {
-                    members: BTreeMap::new(),
-                    leader: Some(leader.clone()),
-                }),
-                None => Response::error(
-                    "cluster: no leader: the member asked cannot reach a majority of the cluster now",
-                ),
-            };
-            let _ = request.reply.try_send(answer);
+            // No leader known (this member joined a moment ago, or an election runs):
+            // neither field, and the appliance asks again shortly.
+            let _ = request.reply.try_send(Response::ok(JoinAnswer {
+                members: BTreeMap::new(),
+                leader: book.get(&status.leader).cloned(),
+            }));
             return;
         }
         if status.members.contains(id) {
@@ -370,6 +397,7 @@ impl Member {
 
     /// Does raft's ready work; returns the writes now applied (`Ok`) or given up on.
     pub fn pump(&mut self) -> Vec<(PendingWrite, Result<(), String>)> {
+        self.retry_leaderless();
         let mut answered = Vec::new();
         match self.node.process() {
             Ok(messages) => {
@@ -487,6 +515,9 @@ impl Member {
             let _ = write
                 .reply
                 .try_send(Response::error("the daemon is shutting down"));
+        }
+        for (_, _, reply, _) in self.leaderless {
+            let _ = reply.try_send(Response::error("the daemon is shutting down"));
         }
         self.net.stop();
     }

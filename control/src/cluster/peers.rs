@@ -58,7 +58,8 @@ pub struct JoinRequest {
     pub reply: Sender<Response>,
 }
 
-/// What a member answers a join request with.
+/// What a member answers a join request with: the members (added), the leader (ask
+/// there), or neither (this member knows no leader now: ask again shortly).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JoinAnswer {
     /// Added: every member's raft address, the new one's too.
@@ -66,6 +67,10 @@ pub struct JoinAnswer {
     /// Not added here: the leader's raft address (ask there).
     pub leader: Option<String>,
 }
+
+/// How long a join keeps asking a member that knows no leader (one that joined a moment
+/// ago, or a cluster electing one).
+const NO_LEADER_PATIENCE: Duration = Duration::from_secs(5);
 
 /// A join request on the wire.
 #[derive(Serialize, Deserialize)]
@@ -483,21 +488,37 @@ pub fn request_join(
     identity: Option<&Arc<Identity>>,
 ) -> Result<BTreeMap<u64, String>, String> {
     let mut target = target;
-    // A member that just lost its leader may name an old one: a few hops at most.
-    for _ in 0..4 {
+    let mut hops = 0;
+    let started = Instant::now();
+    loop {
         let answer = ask_to_join(target, id, address, identity)?;
+        if !answer.members.is_empty() {
+            return Ok(answer.members);
+        }
         match answer.leader {
-            Some(leader) if answer.members.is_empty() => {
+            // A member that just lost its leader may name an old one: a few hops at most.
+            Some(leader) => {
+                hops += 1;
+                if hops > 4 {
+                    return Err(format!(
+                        "the members asked kept naming other leaders (last {leader}): the cluster may be electing one; ask again"
+                    ));
+                }
                 target = leader.parse().map_err(|_| {
                     format!("{target} named the leader at {leader:?}, not an address")
                 })?;
             }
-            _ => return Ok(answer.members),
+            None if started.elapsed() < NO_LEADER_PATIENCE => {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            None => {
+                return Err(format!(
+                    "the member at {target} has known no leader for {} s: the cluster may be electing one, or that member cannot reach a majority",
+                    NO_LEADER_PATIENCE.as_secs()
+                ));
+            }
         }
     }
-    Err(format!(
-        "the members asked kept naming other leaders (last {target}): the cluster may be electing one; ask again"
-    ))
 }
 
 fn ask_to_join(
