@@ -75,12 +75,14 @@ models: deps
 	$(MODELS_VENV)/bin/pip install -q -r models/requirements.txt
 	$(MODELS_VENV)/bin/python models/link/train.py
 	$(MODELS_VENV)/bin/python models/anomaly/train.py
+	$(MODELS_VENV)/bin/python models/codec/train.py
 
 # Record the migrations the models learn from (root, about 12 minutes): a 4 GiB guest
 # across wanem paths that follow generated traces.
 record-models: deps
 	$(CARGO) build --release -p dwcp-bench
 	./target/release/dwcp-bench ml --record models/link/data
+	./target/release/dwcp-bench ml --codec-data models/codec/data
 
 criterion: deps
 	$(CARGO) bench -p dwcp-bench

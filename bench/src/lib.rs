@@ -21,11 +21,14 @@
 //!   control socket against the same migration with none).
 //! - [`security`]: the `security` suite (sealed against plain page streams, against
 //!   rustls streams, session setup with 16 streams).
+//! - [`ml`] and [`codec_choice`]: the `ml` suite (the learned models against the rules
+//!   they would replace, and the data they learn from).
 //! - [`downtime`]: the `downtime` suite (the demo's migration against its downtime
 //!   limit, the table digest against the full check, 4 GiB against 1 GiB).
 
 pub mod cluster;
 pub mod codec;
+pub mod codec_choice;
 pub mod control;
 pub mod downtime;
 pub mod kernels;

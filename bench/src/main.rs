@@ -145,6 +145,9 @@ enum Suite {
         /// Length of each recorded trace, seconds.
         #[arg(long, default_value_t = 60.0)]
         seconds: f64,
+        /// Measure the compression-choice cases into this directory (`cases.csv`).
+        #[arg(long)]
+        codec_data: Option<std::path::PathBuf>,
     },
     /// Page kernels (CRC32C, zero test, XBZRLE) and the SPSC ring.
     Kernels {
@@ -240,7 +243,15 @@ fn main() {
             filter,
             record,
             seconds,
+            codec_data,
         } => {
+            if let Some(dir) = codec_data {
+                if let Err(e) = dwcp_bench::codec_choice::record(&dir) {
+                    eprintln!("dwcp-bench ml: {e}");
+                    std::process::exit(1);
+                }
+                return;
+            }
             if let Some(dir) = record {
                 if let Err(e) = dwcp_bench::ml::record(&dir, seconds, filter.as_deref()) {
                     eprintln!("dwcp-bench ml: {e}");
@@ -250,6 +261,7 @@ fn main() {
             }
             let mut out = Reporter::new(json).with_filter(filter);
             dwcp_bench::ml::run(&mut out);
+            dwcp_bench::codec_choice::judge(&mut out);
             out.finish();
         }
         Suite::Cluster { json, filter } => {

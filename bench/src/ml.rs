@@ -20,6 +20,8 @@
 //!   rolling z-score's, episode by episode, on held-out recordings of a fault family
 //!   neither was tuned on (precision, recall, false positives per hour and the median
 //!   delay of both are in the line).
+//! - `ml/codec-regret-vs-analytic`: the learned compression choice against the codec
+//!   policy's analytic one ([`crate::codec_choice`]).
 
 use crate::measure::Samples;
 use crate::report::{Better, Comparison, Reporter};

@@ -121,7 +121,8 @@ pub enum Candidate {
 }
 
 impl Candidate {
-    fn name(self) -> String {
+    /// `off`, `delta`, `zstd3`, ...
+    pub fn name(self) -> String {
         match self {
             Candidate::Off => "off".into(),
             Candidate::DeltaOnly => "delta".into(),
@@ -146,6 +147,62 @@ struct WorkerState {
     zstd_ratio_correction: Option<f64>,
 }
 
+/// What the model knows of one worker when it predicts a candidate's time.
+#[derive(Debug, Clone, Copy)]
+pub struct CostInputs<'a> {
+    /// The worker's share of the link, bytes per second.
+    pub share: f64,
+    /// Staging throughput with codecs off, bytes per second.
+    pub raw_rate: f64,
+    /// Cache stage (dedup, delta) throughput, input bytes per second.
+    pub encode_rate: f64,
+    /// The cache stage's gain, once measured.
+    pub cache_gain: Option<f64>,
+    /// zstd speed and ratio per level, from sampled pages.
+    pub calibration: Option<&'a Calibration>,
+    /// Whether the session's dictionary is used.
+    pub dictionary: bool,
+    /// Measured over calibrated zstd speed, at the level running (1: none).
+    pub speed_correction: f64,
+    /// Measured over calibrated zstd ratio (1: none).
+    pub ratio_correction: f64,
+    /// CPU time counted this many times over.
+    pub cpu_margin: f64,
+}
+
+/// The model: seconds per input byte of `candidate` (see the module docs), `None`
+/// when what it needs has not been measured.
+pub fn seconds_per_byte(candidate: Candidate, i: &CostInputs<'_>) -> Option<f64> {
+    let link = |ratio: f64| 1.0 / (ratio * i.share);
+    match candidate {
+        Candidate::Off => Some((1.0 / i.raw_rate).max(link(1.0))),
+        Candidate::DeltaOnly => {
+            let gain = i.cache_gain?;
+            Some((i.cpu_margin / i.encode_rate).max(link(gain)))
+        }
+        Candidate::Zstd(level) => {
+            let m = i.calibration?.level(level)?;
+            let gain = i.cache_gain.unwrap_or(1.0);
+            let ratio = if i.dictionary {
+                m.ratio_with_dictionary.unwrap_or(m.ratio)
+            } else {
+                m.ratio
+            } * i.ratio_correction;
+            let speed = m.bytes_per_second * i.speed_correction;
+            let cpu = 1.0 / i.encode_rate + 1.0 / (gain * speed);
+            Some((i.cpu_margin * cpu).max(link(gain * ratio)))
+        }
+    }
+}
+
+/// The candidate the model predicts fastest among `candidates`, with its time.
+pub fn fastest(candidates: &[Candidate], inputs: &CostInputs<'_>) -> Option<(Candidate, f64)> {
+    candidates
+        .iter()
+        .filter_map(|&c| Some((c, seconds_per_byte(c, inputs)?)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+}
+
 /// The model policy.
 pub struct ModelPolicy {
     config: PolicyConfig,
@@ -161,8 +218,8 @@ const PROBE_GROWTH: f64 = 1.5;
 
 /// Priors used until measured (bytes per second): staging and the cache stage are
 /// memory copies plus a CRC, well above a core's zstd speed.
-const RAW_RATE_PRIOR: f64 = 3e9;
-const ENCODE_RATE_PRIOR: f64 = 1.5e9;
+pub const RAW_RATE_PRIOR: f64 = 3e9;
+pub const ENCODE_RATE_PRIOR: f64 = 1.5e9;
 
 #[derive(Serialize)]
 struct CandidateLog {
@@ -321,27 +378,20 @@ impl ModelPolicy {
         dictionary: bool,
     ) -> Option<f64> {
         let s = &self.workers[w];
-        let link = |ratio: f64| 1.0 / (ratio * share);
-        let margin = self.config.cpu_margin;
-        match candidate {
-            Candidate::Off => Some((1.0 / s.raw_rate.unwrap_or(RAW_RATE_PRIOR)).max(link(1.0))),
-            Candidate::DeltaOnly => {
-                let gain = s.cache_gain[kind]?;
-                Some((margin / s.encode_rate.unwrap_or(ENCODE_RATE_PRIOR)).max(link(gain)))
-            }
-            Candidate::Zstd(level) => {
-                let m = cal?.level(level)?;
-                let gain = s.cache_gain[kind].unwrap_or(1.0);
-                let ratio = if dictionary {
-                    m.ratio_with_dictionary.unwrap_or(m.ratio)
-                } else {
-                    m.ratio
-                } * s.zstd_ratio_correction.unwrap_or(1.0);
-                let speed = m.bytes_per_second * s.zstd_speed_correction.unwrap_or(1.0);
-                let cpu = 1.0 / s.encode_rate.unwrap_or(ENCODE_RATE_PRIOR) + 1.0 / (gain * speed);
-                Some((margin * cpu).max(link(gain * ratio)))
-            }
-        }
+        seconds_per_byte(
+            candidate,
+            &CostInputs {
+                share,
+                raw_rate: s.raw_rate.unwrap_or(RAW_RATE_PRIOR),
+                encode_rate: s.encode_rate.unwrap_or(ENCODE_RATE_PRIOR),
+                cache_gain: s.cache_gain[kind],
+                calibration: cal,
+                dictionary,
+                speed_correction: s.zstd_speed_correction.unwrap_or(1.0),
+                ratio_correction: s.zstd_ratio_correction.unwrap_or(1.0),
+                cpu_margin: self.config.cpu_margin,
+            },
+        )
     }
 
     fn settings_for(&self, candidate: Candidate, dictionary: bool) -> CodecSettings {

@@ -28,6 +28,7 @@ pub mod appliance;
 pub mod call;
 pub mod certs;
 pub mod cluster;
+pub mod codec_model;
 pub mod codec_policy;
 pub mod config;
 pub mod daemon;
