@@ -39,3 +39,15 @@ def write_card(path, card):
     with open(path, "w") as f:
         json.dump(card, f, indent=1)
         f.write("\n")
+
+
+def save_onnx(graph, path, producer):
+    """Write `graph` as an ONNX model (opset 13, IR 8: what tract reads), checked."""
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name=producer)
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+

@@ -18,9 +18,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
-from common import DATA, file_sha256, missing, read, recordings_sha256, write_card  # noqa: E402
+from common import DATA, file_sha256, missing, read, recordings_sha256, save_onnx, write_card  # noqa: E402
 from sklearn.linear_model import LogisticRegression
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -173,10 +172,7 @@ def to_onnx(model, path):
         [helper.make_tensor_value_info("probability", TensorProto.FLOAT, [1, 1])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
     )
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="dwcp models/anomaly/train.py")
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    onnx.save(m, path)
+    save_onnx(graph, path, "dwcp models/anomaly/train.py")
 
 
 def probability(model, xs):

@@ -19,9 +19,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
-from common import DATA, file_sha256, missing, read, recordings_sha256, write_card  # noqa: E402
+from common import DATA, file_sha256, missing, read, recordings_sha256, save_onnx, write_card  # noqa: E402
 from sklearn.linear_model import Ridge
 from sklearn.neural_network import MLPRegressor
 
@@ -150,10 +149,7 @@ def to_onnx(layers, path):
         [helper.make_tensor_value_info("log_ratio", TensorProto.FLOAT, [1, len(HORIZONS)])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="dwcp models/link/train.py")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
+    save_onnx(graph, path, "dwcp models/link/train.py")
 
 
 def forward(layers, x):
