@@ -740,3 +740,72 @@ fn a_cancel_ends_a_source_waiting_on_a_silent_destination_at_once() {
     }
     drop(held);
 }
+
+/// A destination that takes no more connections (its accept queue full, so the kernel
+/// drops the SYNs): the source's TCP connect hangs, and a cancel ends it at once rather
+/// than at the connect timeout.
+#[test]
+fn a_cancel_ends_a_source_whose_connect_hangs_at_once() {
+    use std::os::fd::AsRawFd;
+    let full = TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: listen(2) on our own socket, shrinking its backlog to the least.
+    assert_eq!(unsafe { libc::listen(full.as_raw_fd(), 0) }, 0);
+    let addr = full.local_addr().unwrap();
+    // Fill the accept queue: connections that complete and are never accepted, until
+    // one does not complete within 300 ms.
+    let mut queued = Vec::new();
+    loop {
+        let socket = connect_within(addr, Duration::from_millis(300));
+        match socket {
+            Some(s) => queued.push(s),
+            None => break,
+        }
+        assert!(queued.len() < 16, "the accept queue never filled");
+    }
+    let memory = Arc::new(GuestMemory::anonymous(4 << 20, PagePreference::Small).unwrap());
+    let opened = open_dirty_log(&memory, DirtyLogKind::Uffd).unwrap();
+    let guest = SimulatedGuest::start(
+        memory.clone(),
+        &GuestWorkload::default(),
+        opened.marker.clone(),
+    );
+    let live = engine::LiveControl::new(
+        1,
+        engine::LiveSettings::from_config(&SourceConfig::default()),
+        None,
+    );
+    let config = SourceConfig {
+        connect_timeout: Duration::from_secs(30),
+        ..source_config(None, TransportChoice::Auto)
+    };
+    let (result, took) = std::thread::scope(|scope| {
+        let running = scope.spawn(|| {
+            engine::migrate_live(
+                addr,
+                memory.clone(),
+                &guest,
+                opened.log,
+                &config,
+                None,
+                Some(&live),
+                &mut |_| {},
+            )
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let cancelled = Instant::now();
+        live.cancel("operator: test");
+        (running.join().unwrap(), cancelled.elapsed())
+    });
+    guest.stop();
+    let error = result.expect_err("cancelled").to_string();
+    eprintln!("{error} ({took:?} after the cancel)");
+    assert!(error.contains("cancelled: operator: test"), "{error}");
+    // Not the 30 s connect timeout.
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    drop(queued);
+}
+
+/// A plain connect within `timeout`, `None` if it did not complete.
+fn connect_within(addr: SocketAddr, timeout: Duration) -> Option<TcpStream> {
+    TcpStream::connect_timeout(&addr, timeout).ok()
+}

@@ -161,10 +161,24 @@ pub(super) struct Opened {
     pub notes: Vec<String>,
 }
 
-fn connect(peer: SocketAddr, timeout: Duration) -> Result<TcpStream, MigrationError> {
-    TcpStream::connect_timeout(&peer, timeout).map_err(|source| MigrationError::Connect {
-        peer: peer.to_string(),
-        source,
+/// A connection to `peer` within `timeout`; a cancel ends the attempt at once.
+fn connect(
+    peer: SocketAddr,
+    timeout: Duration,
+    cancel: &AtomicBool,
+) -> Result<TcpStream, MigrationError> {
+    socket::connect_cancellable(peer, timeout, cancel).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::Interrupted {
+            MigrationError::Aborted {
+                reason: "cancelled while connecting".into(),
+                rounds: 0,
+            }
+        } else {
+            MigrationError::Connect {
+                peer: peer.to_string(),
+                source,
+            }
+        }
     })
 }
 
@@ -209,7 +223,7 @@ fn open_session(
     cancel: &AtomicBool,
     resume: Option<u128>,
 ) -> Result<Opened, MigrationError> {
-    let socket = connect(peer, config.connect_timeout)?;
+    let socket = connect(peer, config.connect_timeout, cancel)?;
     let _ = socket.set_nodelay(true);
     let mut control = match &config.security {
         Some(identity) => {
@@ -284,7 +298,7 @@ fn open_session(
                 .map(|id| {
                     let binding = keys.as_ref().map(|k| k.binding(id));
                     scope.spawn(move || {
-                        let mut s = connect(peer, config.connect_timeout)?;
+                        let mut s = connect(peer, config.connect_timeout, cancel)?;
                         let notes = socket::configure(&s, &config.transport.socket);
                         s.write_all(
                             &StreamHello {

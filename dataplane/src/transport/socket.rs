@@ -1,10 +1,145 @@
 //! TCP socket setup and `TCP_INFO` sampling.
 
 use std::fmt;
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How often a connection attempt looks at its cancel flag.
+const CONNECT_POLL: Duration = Duration::from_millis(50);
+
+/// Connects to `peer` within `timeout`, like [`TcpStream::connect_timeout`], except
+/// that setting `cancel` ends the attempt within 50 ms (an `Interrupted` error): an
+/// operator's cancel must not wait out a connect timeout across a path that drops SYNs.
+pub fn connect_cancellable(
+    peer: SocketAddr,
+    timeout: Duration,
+    cancel: &AtomicBool,
+) -> std::io::Result<TcpStream> {
+    let (family, address, length) = raw_address(peer);
+    // SAFETY: a plain socket(2) call; the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `address` holds a sockaddr of `length` bytes for `family`.
+    let rc = unsafe { libc::connect(fd, (&raw const address).cast(), length) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Acquire: pairs with the Release store of whoever cancels.
+            if cancel.load(Ordering::Acquire) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "cancelled while connecting",
+                ));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connection timed out",
+                ));
+            }
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let wait = left.min(CONNECT_POLL).as_millis().max(1) as libc::c_int;
+            // SAFETY: one valid pollfd.
+            let ready = unsafe { libc::poll(&mut pfd, 1, wait) };
+            if ready < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if ready > 0 {
+                break;
+            }
+        }
+        let mut error: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: reading an int option into an int.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&raw mut error).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if error != 0 {
+            return Err(std::io::Error::from_raw_os_error(error));
+        }
+    }
+    let stream = TcpStream::from(owned);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// `peer` as a sockaddr for connect(2): family, storage, length.
+fn raw_address(peer: SocketAddr) -> (libc::c_int, libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match peer {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            (
+                libc::AF_INET,
+                storage,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            (
+                libc::AF_INET6,
+                storage,
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        }
+    }
+}
 
 // asm-generic/socket.h (x86-64 uses the generic values).
 const SO_SNDBUFFORCE: libc::c_int = 32;
@@ -378,6 +513,52 @@ pub fn congestion(stream: &impl AsRawFd) -> Option<Congestion> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cancelled_connect_ends_at_once_and_a_good_one_connects() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let never = AtomicBool::new(false);
+        let s = connect_cancellable(
+            listener.local_addr().unwrap(),
+            Duration::from_secs(5),
+            &never,
+        )
+        .expect("connects");
+        assert!(s.peer_addr().is_ok());
+        // Nothing listens on a port just freed: refused at once, not timed out.
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = connect_cancellable(free, Duration::from_secs(5), &never).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+        // A listener whose accept queue is full drops further SYNs: a connect to it
+        // hangs, and only the cancel ends it.
+        let full = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: listen(2) on our own socket, shrinking its backlog to the least.
+        assert_eq!(unsafe { libc::listen(full.as_raw_fd(), 0) }, 0);
+        let address = full.local_addr().unwrap();
+        let mut queued = Vec::new();
+        let cancel = std::sync::Arc::new(AtomicBool::new(false));
+        let hung = loop {
+            let flag = cancel.clone();
+            let canceller = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                flag.store(true, Ordering::Release);
+            });
+            let started = Instant::now();
+            let attempt = connect_cancellable(address, Duration::from_secs(30), &cancel);
+            canceller.join().unwrap();
+            cancel.store(false, Ordering::Release);
+            match attempt {
+                Ok(s) => queued.push(s),
+                Err(e) => break (e, started.elapsed()),
+            }
+            assert!(queued.len() < 16, "the accept queue never filled");
+        };
+        assert_eq!(hung.0.kind(), std::io::ErrorKind::Interrupted, "{}", hung.0);
+        assert!(hung.1 < Duration::from_secs(5), "{:?}", hung.1);
+    }
     use std::io::{Read, Write};
     use std::net::TcpListener;
 

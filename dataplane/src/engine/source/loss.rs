@@ -444,7 +444,8 @@ impl Session<'_> {
                 let mut backoff = Duration::from_millis(100);
                 // Acquire: pairs with the Release store in `Session::close`.
                 while !closing.load(Ordering::Acquire) && started.elapsed() < RECONNECT_FOR {
-                    if let Ok(mut socket) = TcpStream::connect_timeout(&peer, timeout) {
+                    // The session's close ends an attempt that hangs, not only the loop.
+                    if let Ok(mut socket) = socket::connect_cancellable(peer, timeout, &closing) {
                         let _ = socket::configure(&socket, &options);
                         if socket.write_all(&hello).is_ok() {
                             let _ = arrivals.send(Replacement {
