@@ -11,11 +11,21 @@
 //! open. Keys differ per stream and direction (see [`SessionKeys`]), so a record
 //! moved to another stream fails too. A stream that ends inside a record is truncated.
 //!
+//! **Key updates.** AES-GCM's safety margin under one key is about 2^38 bytes (TLS
+//! 1.3's limit, RFC 8446 §5.5). Both sides therefore move to a new key every
+//! [`KEY_EPOCH_RECORDS`] records, at a record number both know, with nothing said on
+//! the wire: epoch *e*'s key and IV are HKDF-SHA256 of the stream's exported material
+//! (salt `dwcp record key update`, info *e* as u64 BE), and epoch 0's are the material
+//! itself. An epoch holds at most 2^13 records of at most [`MAX_RECORD`] bytes, 2^38
+//! bytes; a record replayed into another epoch fails to open like one moved to
+//! another stream.
+//!
 //! One record per send buffer keeps the cost at one seal per buffer (hundreds of KiB)
 //! and lets the io_uring sender keep its registered buffers and `SEND_ZC`: the record
 //! is sealed where it was staged, and the header and tag have their room reserved.
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::hkdf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -28,6 +38,10 @@ pub const RECORD_TAG: usize = 16;
 pub const MAX_RECORD: usize = 32 << 20;
 /// Bytes of a data stream's binding in its hello.
 pub const BINDING_LEN: usize = 16;
+/// Records sealed under one key before both sides move to the next: with records of
+/// at most [`MAX_RECORD`] bytes, an epoch carries at most 2^38 bytes.
+pub const KEY_EPOCH_RECORDS: u64 = 1 << 13;
+const _: () = assert!(KEY_EPOCH_RECORDS as u128 * MAX_RECORD as u128 <= 1 << 38);
 
 /// Why a record was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -119,6 +133,64 @@ impl RecordKey {
     fn aead(&self) -> LessSafeKey {
         // AES-256-GCM takes any 32-byte key: this cannot fail.
         LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.key).expect("a 32-byte AES key"))
+    }
+
+    /// The key and IV of key epoch `epoch` (see the module docs): epoch 0 is this one.
+    fn for_epoch(&self, epoch: u64) -> RecordKey {
+        if epoch == 0 {
+            return self.clone();
+        }
+        struct Material;
+        impl hkdf::KeyType for Material {
+            fn len(&self) -> usize {
+                44
+            }
+        }
+        let mut secret = [0u8; 44];
+        secret[..32].copy_from_slice(&self.key);
+        secret[32..].copy_from_slice(&self.iv);
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"dwcp record key update").extract(&secret);
+        let info = epoch.to_be_bytes();
+        let mut next = [0u8; 44];
+        prk.expand(&[&info], Material)
+            .and_then(|okm| okm.fill(&mut next))
+            // 44 bytes is far within HKDF-SHA256's 8160-byte output limit.
+            .expect("HKDF-SHA256 of 44 bytes");
+        RecordKey::from_material(&next)
+    }
+}
+
+/// A stream's key for the record at hand: the epoch's, derived again when a record
+/// number crosses into the next epoch.
+struct EpochKey {
+    base: RecordKey,
+    epoch: u64,
+    key: LessSafeKey,
+    iv: [u8; 12],
+}
+
+impl EpochKey {
+    fn new(base: &RecordKey, record: u64) -> Self {
+        let epoch = record / KEY_EPOCH_RECORDS;
+        let current = base.for_epoch(epoch);
+        EpochKey {
+            base: base.clone(),
+            epoch,
+            key: current.aead(),
+            iv: current.iv,
+        }
+    }
+
+    /// The key and nonce of record `record`.
+    fn of(&mut self, record: u64) -> (&LessSafeKey, Nonce) {
+        let epoch = record / KEY_EPOCH_RECORDS;
+        if epoch != self.epoch {
+            let current = self.base.for_epoch(epoch);
+            self.epoch = epoch;
+            self.key = current.aead();
+            self.iv = current.iv;
+        }
+        (&self.key, nonce(&self.iv, record))
     }
 }
 
@@ -227,12 +299,12 @@ impl SessionKeys {
             return keys.sealer(stream);
         }
         let i = usize::from(stream);
+        // Relaxed: a worker hands a stream on only after it has been joined, which
+        // orders its last store before this load.
+        let next = self.next_sealed[i].load(Ordering::Relaxed);
         RecordSealer {
-            key: self.to_destination[i].aead(),
-            iv: self.to_destination[i].iv,
-            // Relaxed: a worker hands a stream on only after it has been joined, which
-            // orders its last store before this load.
-            next: self.next_sealed[i].load(Ordering::Relaxed),
+            key: EpochKey::new(&self.to_destination[i], next),
+            next,
             keys: self.clone(),
             stream,
         }
@@ -245,8 +317,7 @@ impl SessionKeys {
         }
         let i = usize::from(stream);
         RecordOpener {
-            key: self.to_destination[i].aead(),
-            iv: self.to_destination[i].iv,
+            key: EpochKey::new(&self.to_destination[i], 0),
             next: 0,
             record: Vec::new(),
             have: 0,
@@ -277,8 +348,7 @@ fn header(len: usize, record: u64) -> [u8; RECORD_HEADER] {
 
 /// Seals a stream's send buffers in place (source side).
 pub struct RecordSealer {
-    key: LessSafeKey,
-    iv: [u8; 12],
+    key: EpochKey,
     next: u64,
     keys: Arc<SessionKeys>,
     stream: u16,
@@ -292,13 +362,9 @@ impl RecordSealer {
         debug_assert!(len >= RECORD_HEADER && len + RECORD_TAG <= buf.len());
         let sealed_len = len - RECORD_HEADER + RECORD_TAG;
         let h = header(sealed_len, self.next);
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(
-                nonce(&self.iv, self.next),
-                Aad::from(h),
-                &mut buf[RECORD_HEADER..len],
-            )
+        let (key, nonce) = self.key.of(self.next);
+        let tag = key
+            .seal_in_place_separate_tag(nonce, Aad::from(h), &mut buf[RECORD_HEADER..len])
             // Sealing fails only for inputs beyond GCM's 64 GiB limit; a buffer is MiBs.
             .expect("a record within AES-GCM's length limit");
         buf[..RECORD_HEADER].copy_from_slice(&h);
@@ -319,8 +385,7 @@ impl RecordSealer {
 /// the next record's header, so one read per record suffices and the kernel's copy is
 /// the only one before the record is opened in place.
 pub struct RecordOpener {
-    key: LessSafeKey,
-    iv: [u8; 12],
+    key: EpochKey,
     next: u64,
     /// The record being reassembled, header first (and possibly the start of the next
     /// one's header past its end).
@@ -455,13 +520,9 @@ impl RecordOpener {
         let mut h = [0u8; RECORD_HEADER];
         h.copy_from_slice(&self.record[..RECORD_HEADER]);
         let record = self.next;
-        let opened = self
-            .key
-            .open_in_place(
-                nonce(&self.iv, record),
-                Aad::from(h),
-                &mut self.record[RECORD_HEADER..total],
-            )
+        let (key, nonce) = self.key.of(record);
+        let opened = key
+            .open_in_place(nonce, Aad::from(h), &mut self.record[RECORD_HEADER..total])
             .map_err(|_| rejected(RecordError::Authentication { record }))?;
         self.next += 1;
         plaintext(opened)
@@ -512,6 +573,55 @@ mod tests {
             })?;
         }
         Ok(out)
+    }
+
+    #[test]
+    fn keys_update_at_each_epoch_on_both_sides_and_a_stale_key_does_not_open() {
+        let k = keys(1, 9);
+        let mut sealer = k.sealer(0);
+        let mut opener = k.opener(0);
+        // Across the first epoch boundary and a little past it, a worker change in
+        // the middle (a new sealer numbers on and starts in the right epoch).
+        let mut wire = Vec::new();
+        let mut sent = Vec::new();
+        for n in 0..KEY_EPOCH_RECORDS + 3 {
+            if n == KEY_EPOCH_RECORDS + 1 {
+                sealer = k.sealer(0);
+            }
+            let plaintext = n.to_le_bytes();
+            sent.extend_from_slice(&plaintext);
+            wire.extend_from_slice(&seal(&mut sealer, &plaintext));
+        }
+        assert_eq!(open_all(&mut opener, &wire, 4093).unwrap(), sent);
+        assert_eq!(opener.opened(), KEY_EPOCH_RECORDS + 3);
+
+        // The key did change: record KEY_EPOCH_RECORDS does not open under epoch 0's
+        // key (what a side that never updated would use), and does under epoch 1's.
+        let base = k.to_destination[0].clone();
+        let record_len = RECORD_HEADER + 8 + RECORD_TAG;
+        let at = usize::try_from(KEY_EPOCH_RECORDS).unwrap() * record_len;
+        let open_with = |key: &RecordKey| {
+            let mut record = wire[at..at + record_len].to_vec();
+            let mut h = [0u8; RECORD_HEADER];
+            h.copy_from_slice(&record[..RECORD_HEADER]);
+            key.aead()
+                .open_in_place(
+                    nonce(&key.iv, KEY_EPOCH_RECORDS),
+                    Aad::from(h),
+                    &mut record[RECORD_HEADER..],
+                )
+                .map(|p| p.to_vec())
+        };
+        assert!(open_with(&base).is_err());
+        assert_eq!(
+            open_with(&base.for_epoch(1)).unwrap(),
+            KEY_EPOCH_RECORDS.to_le_bytes()
+        );
+        // Epoch keys are fixed by the material and differ from each other.
+        assert_eq!(base.for_epoch(1).key, base.for_epoch(1).key);
+        assert_ne!(base.for_epoch(1).key, base.key);
+        assert_ne!(base.for_epoch(1).key, base.for_epoch(2).key);
+        assert_ne!(base.for_epoch(1).iv, base.iv);
     }
 
     #[test]
