@@ -103,9 +103,7 @@ impl Rng {
 fn calibration_of(memory: &GuestMemory, pages: usize, seed: u64) -> Calibration {
     let config = CodecConfig::default();
     let sample = sample_pages(memory, pages, seed);
-    let mut cal = calibrate(&sample, &LEVELS, &|l| config.batch_for(l), None, 0.0);
-    cal.zero_fraction = sample.zero as f64 / sample.examined.max(1) as f64;
-    cal
+    calibrate(&sample, &LEVELS, &|l| config.batch_for(l), None, 0.0)
 }
 
 /// Staging with codecs off: copying the batch and a CRC per page, bytes per second.

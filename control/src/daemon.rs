@@ -900,32 +900,25 @@ impl ControlState {
         };
         member.mark_silent_members(unix_now());
         let answered = member.pump();
-        let reads = member.take_reads();
+        // `migrations` reads and `cluster migrations` reads, answered from one view.
+        let (migration_reads, record_reads): (Vec<_>, Vec<_>) = member
+            .take_reads()
+            .into_iter()
+            .partition(|(read, _)| read.kind == ReadKind::Migrations);
         let state = member.state();
-        let mut migration_reads = Vec::new();
-        let mut others = Vec::new();
-        if reads
-            .iter()
-            .any(|(read, _)| read.kind == ReadKind::Migrations)
-        {
-            let me = member.id();
-            let shares = state.budget_shares();
-            others = state
+        let me = member.id();
+        let shares = state.budget_shares();
+        let others: Vec<MigrationInfo> = if migration_reads.is_empty() {
+            Vec::new()
+        } else {
+            state
                 .migrations
                 .iter()
                 .filter(|(_, r)| r.source != me)
                 .map(|(key, r)| recorded_migration_info(r, shares.get(key).copied()))
-                .collect();
-        }
-        let (reads, records): (Vec<_>, Vec<_>) = reads
-            .into_iter()
-            .partition(|(read, _)| read.kind == ReadKind::Migrations);
-        for (read, result) in reads {
-            migration_reads.push((read.reply, result));
-        }
-        let reads = records;
-        if !reads.is_empty() {
-            let shares = state.budget_shares();
+                .collect()
+        };
+        if !record_reads.is_empty() {
             let view: Vec<dwcp_api::ClusterMigrationInfo> = state
                 .migrations
                 .iter()
@@ -943,7 +936,7 @@ impl ControlState {
                     deadline: r.deadline,
                 })
                 .collect();
-            for (read, result) in reads {
+            for (read, result) in record_reads {
                 let _ = read.reply.try_send(match result {
                     Ok(()) => Response::ok(&view),
                     Err(e) => Response::error(format!("cluster: {e}")),
@@ -951,8 +944,6 @@ impl ControlState {
             }
         }
         let budget = state.budget_bits_per_second;
-        let me = member.id();
-        let shares = state.budget_shares();
         let recorded: Vec<u64> = state.migrations.keys().copied().collect();
         let cluster_flags = (state.flag_changes > 0 && state.flags != self.flags.flags)
             .then(|| state.flags.clone());
@@ -975,7 +966,8 @@ impl ControlState {
                 self.apply_mode("cluster mode");
             }
         }
-        for (reply, result) in migration_reads {
+        for (read, result) in migration_reads {
+            let reply = read.reply;
             let mut list = self.all_infos();
             let mut others = others.clone();
             // No current view: what this member applied last, said so.

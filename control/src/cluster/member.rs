@@ -321,26 +321,17 @@ impl Member {
             }
         }
         let applied = self.node.applied();
-        let now = Instant::now();
-        let mut done = Vec::new();
-        let mut waiting = Vec::new();
-        for read in self.reads.drain(..) {
-            if read.index.is_some_and(|i| applied >= i) {
-                done.push((read, Ok(())));
-            } else if now >= read.deadline {
-                done.push((
-                    read,
-                    Err(format!(
-                        "no current view within {} s: this appliance cannot reach the cluster's leader (see `dwcpctl cluster status`)",
-                        WRITE_WAIT.as_secs()
-                    )),
-                ));
-            } else {
-                waiting.push(read);
-            }
-        }
-        self.reads = waiting;
-        done
+        settle(
+            &mut self.reads,
+            |read| read.index.is_some_and(|i| applied >= i),
+            |read| read.deadline,
+            || {
+                format!(
+                    "no current view within {} s: this appliance cannot reach the cluster's leader (see `dwcpctl cluster status`)",
+                    WRITE_WAIT.as_secs()
+                )
+            },
+        )
     }
 
     /// As leader: the running migrations of members not heard from for two election
@@ -398,7 +389,6 @@ impl Member {
     /// Does raft's ready work; returns the writes now applied (`Ok`) or given up on.
     pub fn pump(&mut self) -> Vec<(PendingWrite, Result<(), String>)> {
         self.retry_leaderless();
-        let mut answered = Vec::new();
         match self.node.process() {
             Ok(messages) => {
                 for message in messages {
@@ -431,25 +421,17 @@ impl Member {
             let _ = self.net.add_peer(member, address);
         }
         let applied = self.node.take_applied_proposals();
-        let now = Instant::now();
-        let mut waiting = Vec::new();
-        for write in self.pending.drain(..) {
-            if applied.contains(&write.proposal) {
-                answered.push((write, Ok(())));
-            } else if now >= write.deadline {
-                answered.push((
-                    write,
-                    Err(format!(
-                        "not applied within {} s: the cluster may have lost its leader or a majority (see `dwcpctl cluster status`); it may still apply",
-                        WRITE_WAIT.as_secs()
-                    )),
-                ));
-            } else {
-                waiting.push(write);
-            }
-        }
-        self.pending = waiting;
-        answered
+        settle(
+            &mut self.pending,
+            |write| applied.contains(&write.proposal),
+            |write| write.deadline,
+            || {
+                format!(
+                    "not applied within {} s: the cluster may have lost its leader or a majority (see `dwcpctl cluster status`); it may still apply",
+                    WRITE_WAIT.as_secs()
+                )
+            },
+        )
     }
 
     /// The replicated state as applied here.
@@ -521,6 +503,28 @@ impl Member {
         }
         self.net.stop();
     }
+}
+
+/// Takes out of `waiting` what `done` says is answered (`Ok`) and what is past its
+/// `deadline` (`Err`, saying `why`), in order; the rest stays.
+fn settle<T>(
+    waiting: &mut Vec<T>,
+    done: impl Fn(&T) -> bool,
+    deadline: impl Fn(&T) -> Instant,
+    why: impl Fn() -> String,
+) -> Vec<(T, Result<(), String>)> {
+    let now = Instant::now();
+    let mut settled = Vec::new();
+    for item in std::mem::take(waiting) {
+        if done(&item) {
+            settled.push((item, Ok(())));
+        } else if now >= deadline(&item) {
+            settled.push((item, Err(why())));
+        } else {
+            waiting.push(item);
+        }
+    }
+    settled
 }
 
 /// A refusal in the operator's words.
