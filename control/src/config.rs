@@ -260,8 +260,12 @@ pub struct DestSection {
     /// Seconds a new connection has to say what it is, and a session to open its data
     /// streams after the welcome (anyone can connect; the silent are closed).
     pub handshake_timeout_seconds: u64,
-    /// Largest guest memory allocated for a source (0: what the host has available).
+    /// Largest guest memory allocated for sources, all sessions received at once
+    /// together (0: what the host has available).
     pub max_memory: Size,
+    /// Sessions received at once into this process's memory (a destination that
+    /// receives into `memory_file` or the VM behind `qmp` takes one at a time).
+    pub max_sessions: usize,
     /// Let sources write pages by RMA into this destination's memory (plain sessions;
     /// authenticated ones also need `[security] rma_in_clear`).
     pub rma: bool,
@@ -276,6 +280,7 @@ impl Default for DestSection {
             memory_file: None,
             handshake_timeout_seconds: 5,
             max_memory: Size(0),
+            max_sessions: 4,
             rma: true,
         }
     }
@@ -949,6 +954,14 @@ impl Config {
                 ));
             }
         }
+        check(
+            &mut errors,
+            (1..=64).contains(&self.dest.max_sessions),
+            format!(
+                "dest.max_sessions = {} (allowed 1..=64)",
+                self.dest.max_sessions
+            ),
+        );
         check(
             &mut errors,
             (1..=600).contains(&self.dest.handshake_timeout_seconds),

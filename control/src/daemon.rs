@@ -17,11 +17,12 @@ use crate::cluster::Command as ClusterCommand;
 use crate::cluster::member::{Member, ReadKind, WriteKind};
 use crate::config::{ClusterPlan, Config};
 use crate::flags::{Components, FlagStore};
-use crate::incoming::{IncomingBook, IncomingEvent, Received};
+use crate::incoming::{IncomingBook, IncomingEvent};
 use crate::linkrec::LinkRecorder;
 use crate::mode::{DetectorConfig, LinkMeter, Mode, ModeDetector, policy_for};
 use crate::predict::{DEFAULT_EWMA_WEIGHT, Forecast, LinkForecaster, LinkModel};
 use crate::qemu::QemuSource;
+use crate::receiver::{DestCancel, DestThread};
 use crate::runner::{self, Run, RunningGuest};
 use crate::settings::{Layers, Overrides, layered};
 use crossbeam::channel::{Receiver, Sender, bounded, never, select, tick};
@@ -30,16 +31,14 @@ use dwcp_api::{
     Response, SetOptions, SettingInfo, StatusInfo, TransportInfo,
 };
 use dwcp_dataplane::engine::{
-    self, Acceptor, LiveControl, LiveReport, LiveSettings, MigrationReport, Progress,
-    ReceiveProgress,
+    self, LiveControl, LiveReport, LiveSettings, MigrationReport, Progress,
 };
 use dwcp_dataplane::transport::{TransportChoice, TransportKind};
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -1883,16 +1882,16 @@ impl Daemon {
         let dest = std::thread::Builder::new()
             .name("dwcp-dest".into())
             .spawn(move || {
-                dest_loop(
-                    listener,
-                    dest_config,
-                    &dest_app_config,
-                    &dest_security,
-                    dest_qmp,
-                    &dest_shutdown,
-                    &dest_cancelled,
-                    &incoming_tx,
-                )
+                DestThread {
+                    config: dest_config,
+                    app_config: &dest_app_config,
+                    security: &dest_security,
+                    vm_qmp: dest_qmp,
+                    shutdown: &dest_shutdown,
+                    cancel: &dest_cancelled,
+                    events: &incoming_tx,
+                }
+                .run(listener)
             })
             .map_err(|e| e.to_string())?;
         let mut daemon = Daemon {
@@ -2054,164 +2053,5 @@ fn control_loop(
                 }
             }
         }
-    }
-}
-
-/// The destination's cancel flags: one for the daemon's stop, and the session in
-/// progress's own (which the operator's `cancel` sets through the control thread).
-#[derive(Clone, Default)]
-struct DestCancel {
-    all: Arc<AtomicBool>,
-    /// The session in progress: its cancel flag and what it has done.
-    session: Arc<Mutex<Option<SessionFlags>>>,
-}
-
-/// A receiving session's cancel flag and progress.
-type SessionFlags = (Arc<AtomicBool>, Arc<ReceiveProgress>);
-
-impl DestCancel {
-    /// A flag for the next session, set already when everything is cancelled.
-    fn next_session(&self, progress: &Arc<ReceiveProgress>) -> Arc<AtomicBool> {
-        let mut slot = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        // Acquire: pairs with the Release in `cancel_all` (under the same lock, so a
-        // session started after it sees it).
-        let flag = Arc::new(AtomicBool::new(self.all.load(Ordering::Acquire)));
-        *slot = Some((flag.clone(), progress.clone()));
-        flag
-    }
-
-    /// Make every session give up, the one in progress and any later one.
-    fn cancel_all(&self) {
-        let slot = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        self.all.store(true, Ordering::Release);
-        if let Some((flag, _)) = slot.as_ref() {
-            // Release: pairs with the Acquire in the receiving coordinator's loop.
-            flag.store(true, Ordering::Release);
-        }
-    }
-
-    /// Stop a session that is only waiting for a source to say hello: at shutdown it
-    /// has nothing to drain.
-    fn cancel_waiting(&self) {
-        let slot = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((flag, progress)) = slot.as_ref()
-            && matches!(progress.snapshot().phase, "" | "handshake")
-        {
-            // Release: pairs with the Acquire in the gate's loop.
-            flag.store(true, Ordering::Release);
-        }
-    }
-}
-
-/// Accept incoming migrations one after another until shutdown, telling the control
-/// thread about each.
-#[allow(clippy::too_many_arguments)]
-fn dest_loop(
-    listener: TcpListener,
-    mut config: engine::DestConfig,
-    app_config: &crate::config::Config,
-    security: &crate::config::SessionSecurityConfig,
-    vm_qmp: Option<std::path::PathBuf>,
-    shutdown: &AtomicBool,
-    cancel: &DestCancel,
-    events: &Sender<IncomingEvent>,
-) {
-    // One gate for every session: what it sorted while a session ran (a second
-    // source's control connection) waits there for the next.
-    let mut gate = Acceptor::new(&listener);
-    while !shutdown.load(Ordering::Acquire) {
-        let mut fds = [libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: `fds` is a valid array of one pollfd for the call's duration.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 200) };
-        if ready <= 0 && !gate.has_pending() {
-            continue;
-        }
-        // The identity is loaded for each session: replaced certificates apply to the
-        // next session without a restart. Files that no longer load keep the last good
-        // identity (and say so).
-        match security.identity() {
-            Ok(identity) => config.security = identity,
-            Err(e) => eprintln!("dwcpd: {e}; sessions keep the certificates loaded before"),
-        }
-        let received_into = match &vm_qmp {
-            // The incoming VM is opened for each session: once it runs a migrated
-            // guest, the next session needs a new one (at the same QMP path).
-            Some(qmp) => match crate::appliance::incoming_vm(app_config, qmp) {
-                Ok(opened) => Some(opened),
-                Err(e) => {
-                    eprintln!("dwcpd: the incoming VM: {e}; a source with a VM is refused");
-                    None
-                }
-            },
-            None => None,
-        };
-        let progress = Arc::new(ReceiveProgress::default());
-        let session_cancel = cancel.next_session(&progress);
-        let _ = events.send(IncomingEvent::Started {
-            progress: progress.clone(),
-            cancel: session_cancel.clone(),
-            vm: vm_qmp.as_ref().map(|p| p.display().to_string()),
-        });
-        let result = match received_into {
-            Some((mut vm, memory)) => {
-                let name = vm.info().name.clone();
-                engine::receive_through(
-                    &mut gate,
-                    memory,
-                    &config,
-                    &session_cancel,
-                    Some(&mut vm),
-                    &progress,
-                )
-                .map_err(|e| format!("into VM {name:?}: {e}"))
-            }
-            // A session a restart left, `[dest] memory_file`, or memory of this process.
-            None => crate::appliance::incoming_memory(app_config).and_then(|memory| {
-                engine::receive_through(
-                    &mut gate,
-                    memory,
-                    &config,
-                    &session_cancel,
-                    None,
-                    &progress,
-                )
-                .map_err(|e| e.to_string())
-            }),
-        };
-        let seen = progress.snapshot();
-        if seen.peer.is_none() && result.is_err() {
-            // Nobody came but connections that said nothing (a port scan): the gate
-            // closed them; nothing to report.
-            let _ = events.send(IncomingEvent::Ended(Err("no session".into())));
-            continue;
-        }
-        let from = seen
-            .peer
-            .map_or("an unknown peer".to_string(), |p| p.to_string());
-        let outcome = match result {
-            Ok(report) => {
-                let final_round = report.rounds.saturating_sub(1);
-                eprintln!(
-                    "dwcpd: received a migration from {from}: final round {final_round}, {} \
-                     pages verified; session {}",
-                    report.verified_pages,
-                    engine::SecurityReport::describe(report.security.as_ref())
-                );
-                Ok(Received {
-                    verified_pages: report.verified_pages,
-                    final_round,
-                    bytes: report.bytes,
-                })
-            }
-            Err(e) => {
-                eprintln!("dwcpd: incoming migration from {from} failed: {e}");
-                Err(e)
-            }
-        };
-        let _ = events.send(IncomingEvent::Ended(outcome));
     }
 }

@@ -1,8 +1,8 @@
 //! Incoming migrations (this appliance as destination) as the control thread keeps
 //! them: listed, followed, cancelled and counted like outgoing ones.
 //!
-//! The destination thread receives one session after another. For each it hands the
-//! control thread the session's [`ReceiveProgress`] and its cancel flag
+//! The destination thread receives sessions (several at once, `receiver.rs`). For each
+//! it hands the control thread the session's [`ReceiveProgress`] and its cancel flag
 //! ([`IncomingEvent::Started`]), then the outcome ([`IncomingEvent::Ended`]). A
 //! connection becomes a migration, with an id from the daemon's one sequence, once its
 //! handshake is accepted; a connection that never got that far (a port scanner, a
@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 pub enum IncomingEvent {
     /// A connection is being received.
     Started {
+        /// The session's number on the destination thread.
+        session: u64,
         /// Kept current by the receiving engine.
         progress: Arc<ReceiveProgress>,
         /// Set to make it give up (the source is told and keeps its guest).
@@ -27,8 +29,13 @@ pub enum IncomingEvent {
         /// The VM it goes into, if any.
         vm: Option<String>,
     },
-    /// The session of the last `Started` ended.
-    Ended(Result<Received, String>),
+    /// Session `session` ended.
+    Ended {
+        /// As in `Started`.
+        session: u64,
+        /// What it gave.
+        result: Result<Received, String>,
+    },
 }
 
 /// A completed incoming migration.
@@ -70,12 +77,12 @@ pub struct IncomingCounts {
     pub cancelled: u64,
 }
 
-/// The incoming migrations, and the connection being received now.
+/// The incoming migrations, and the connections being received now.
 #[derive(Default)]
 pub struct IncomingBook {
-    /// The session in progress: its progress, cancel flag, VM, and id once it is a
-    /// migration.
-    current: Option<Current>,
+    /// The sessions in progress, by number: their progress, cancel flag, VM, and id
+    /// once each is a migration.
+    current: BTreeMap<u64, Current>,
     migrations: BTreeMap<u64, Incoming>,
     counts: IncomingCounts,
 }
@@ -96,21 +103,25 @@ impl IncomingBook {
     pub fn on_event(&mut self, event: IncomingEvent, next_id: &mut u64, mode: &str) {
         match event {
             IncomingEvent::Started {
+                session,
                 progress,
                 cancel,
                 vm,
             } => {
-                self.current = Some(Current {
-                    progress,
-                    cancel,
-                    vm,
-                    id: None,
-                    started: Instant::now(),
-                });
+                self.current.insert(
+                    session,
+                    Current {
+                        progress,
+                        cancel,
+                        vm,
+                        id: None,
+                        started: Instant::now(),
+                    },
+                );
             }
-            IncomingEvent::Ended(result) => {
+            IncomingEvent::Ended { session, result } => {
                 self.refresh(next_id);
-                let Some(current) = self.current.take() else {
+                let Some(current) = self.current.remove(&session) else {
                     return;
                 };
                 let Some(id) = current.id else { return };
@@ -144,9 +155,16 @@ impl IncomingBook {
     /// Take the receiving engine's latest figures; a connection whose handshake was
     /// accepted becomes a migration.
     pub fn refresh(&mut self, next_id: &mut u64) {
-        let Some(current) = &mut self.current else {
-            return;
-        };
+        for current in self.current.values_mut() {
+            Self::refresh_one(&mut self.migrations, current, next_id);
+        }
+    }
+
+    fn refresh_one(
+        migrations: &mut BTreeMap<u64, Incoming>,
+        current: &mut Current,
+        next_id: &mut u64,
+    ) {
         let latest = current.progress.snapshot();
         if current.id.is_none() {
             if matches!(latest.phase, "" | "handshake") {
@@ -155,7 +173,7 @@ impl IncomingBook {
             let id = *next_id;
             *next_id += 1;
             current.id = Some(id);
-            self.migrations.insert(
+            migrations.insert(
                 id,
                 Incoming {
                     cancel: current.cancel.clone(),
@@ -172,7 +190,7 @@ impl IncomingBook {
                 },
             );
         }
-        let Some(m) = current.id.and_then(|id| self.migrations.get_mut(&id)) else {
+        let Some(m) = current.id.and_then(|id| migrations.get_mut(&id)) else {
             return;
         };
         let now = Instant::now();
@@ -298,6 +316,7 @@ mod tests {
         let cancel = Arc::new(AtomicBool::new(false));
         book.on_event(
             IncomingEvent::Started {
+                session: 1,
                 progress: progress.clone(),
                 cancel: cancel.clone(),
                 vm: None,
@@ -312,7 +331,10 @@ mod tests {
         );
         // A connection that never finished its handshake leaves nothing behind.
         book.on_event(
-            IncomingEvent::Ended(Err("timed out".into())),
+            IncomingEvent::Ended {
+                session: 1,
+                result: Err("timed out".into()),
+            },
             &mut next_id,
             "datacenter",
         );

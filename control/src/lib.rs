@@ -40,6 +40,7 @@ pub mod mode;
 pub mod predict;
 pub mod progress;
 pub mod qemu;
+mod receiver;
 pub mod runner;
 pub mod server;
 pub mod settings;

@@ -765,6 +765,14 @@ impl StreamHello {
         out
     }
 
+    /// The session a hello names, unchecked (for routing it to that session, which
+    /// then decodes and checks it whole).
+    pub fn session_of(bytes: &[u8; STREAM_HELLO_LEN]) -> u128 {
+        let mut sid = [0u8; 16];
+        sid.copy_from_slice(&bytes[8..24]);
+        u128::from_le_bytes(sid)
+    }
+
     /// Decode and validate against the session (the binding, if any, is the caller's
     /// to check).
     pub fn decode(

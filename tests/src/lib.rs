@@ -135,6 +135,60 @@ pub fn spawn_destination(
     (addr, receiver)
 }
 
+/// A destination receiving up to `max_sessions` sessions at once (the daemon's
+/// dispatcher of concurrent sessions, [`engine::SessionPorts`]), until `stop` is set:
+/// each session's outcome goes to the returned channel, but a connection that only
+/// passed a resume on to its session ([`MigrationError::PassedOn`]) and one on which
+/// nobody came.
+pub fn spawn_destination_at_once(
+    dest: &DestConfig,
+    max_sessions: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (
+    SocketAddr,
+    std::sync::mpsc::Receiver<Result<DestReport, MigrationError>>,
+    JoinHandle<()>,
+) {
+    use std::sync::atomic::Ordering;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let addr = listener.local_addr().expect("address");
+    let config = dest.clone();
+    let (results, outcomes) = std::sync::mpsc::channel();
+    let dispatcher = std::thread::spawn(move || {
+        let mut ports = engine::SessionPorts::new(&listener, max_sessions);
+        ports.set_identity(config.security.clone());
+        std::thread::scope(|scope| {
+            // Acquire: pairs with the caller's Release store.
+            while !stop.load(Ordering::Acquire) {
+                let Some(mut lane) = ports.dispatch(
+                    std::time::Duration::from_millis(50),
+                    config.handshake_timeout,
+                    &stop,
+                ) else {
+                    continue;
+                };
+                let (config, results, stop) = (&config, results.clone(), &stop);
+                scope.spawn(move || {
+                    let progress = engine::ReceiveProgress::default();
+                    let result = engine::receive_lane(
+                        &mut lane,
+                        DestMemory::Allocate(PagePreference::TransparentHuge),
+                        config,
+                        stop,
+                        &progress,
+                    );
+                    drop(lane);
+                    let nobody = progress.snapshot().peer.is_none() && result.is_err();
+                    if !nobody && !matches!(result, Err(MigrationError::PassedOn(_))) {
+                        let _ = results.send(result);
+                    }
+                });
+            }
+        });
+    });
+    (addr, outcomes, dispatcher)
+}
+
 /// Everything a finished migration left behind.
 pub struct Outcome {
     /// The source's result.

@@ -908,3 +908,55 @@ fn a_path_that_slows_down_is_flagged_in_migrations_and_metrics() {
     let _ = std::fs::remove_dir_all(&recordings);
     eprintln!("path anomaly test: {:.1} s", begun.elapsed().as_secs_f64());
 }
+
+#[test]
+fn the_destination_receives_migrations_at_once_and_one_beyond_max_sessions_hears_busy() {
+    let started = Instant::now();
+    let d = start_with("at-once", |c| c.dest.max_sessions = 2);
+    let (first, _) = held_migration(&d);
+    let migrate = |d: &Daemon| -> u64 {
+        let done: Done = d
+            .call(Command::Migrate(dwcp_api::MigrateOptions {
+                peer: d.listen_addr.to_string(),
+                downtime_ms: Some(1),
+                ..Default::default()
+            }))
+            .into_result()
+            .unwrap();
+        done.id.unwrap()
+    };
+    // A second, held like the first: both are received at once.
+    let second = migrate(&d);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
+        if status.receiving == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", migrations(&d));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A third is refused while both run, and the source says why.
+    let third = migrate(&d);
+    let third = ended(&d, third);
+    assert_eq!(third.state, "failed", "{third:?}");
+    let error = third.error.unwrap_or_default();
+    assert!(
+        error.contains("busy:") && error.contains("max_sessions = 2"),
+        "{error}"
+    );
+    let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
+    assert_eq!(status.receiving, 2, "the refusal disturbed no session");
+    finish_verified(&d, first);
+    finish_verified(&d, second);
+    let completed = migrations(&d)
+        .into_iter()
+        .filter(|m| m.direction == "incoming" && m.state == "completed")
+        .count();
+    assert_eq!(completed, 2, "{:?}", migrations(&d));
+    d.stop();
+    eprintln!(
+        "two at once and one refused: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -26,6 +26,15 @@ const SOCKET_BUFFER: usize = 256 << 10;
 /// send buffers and its copy buffer, the destination's receive buffer.
 const IN_FLIGHT_PER_STREAM: u64 = (4 * 2 * SOCKET_BUFFER + (64 << 10)) as u64;
 
+/// How the destination takes sessions: one at a time through its gate, or several at
+/// once through the dispatcher (where a returning source's resume reaches a new session
+/// first, which passes it on).
+#[derive(Clone, Copy, PartialEq)]
+enum Receiving {
+    OneAtATime,
+    AtOnce,
+}
+
 /// Cut once this many bytes went through, for that long (`None`: for good).
 type CutAt = (u64, Option<Duration>);
 
@@ -178,6 +187,7 @@ impl Run {
 /// through a relay cut after `first_cut` bytes, and as `rule` says after that (on the
 /// source's side only when `source_side_only`).
 fn migrate_cut(
+    receiving: Receiving,
     grace: Duration,
     first_cut: CutAt,
     source_side_only: bool,
@@ -196,7 +206,33 @@ fn migrate_cut(
         ..DestConfig::default()
     };
     dest.transport.socket.buffer_bytes = SOCKET_BUFFER;
-    let (dest_addr, receiver) = dwcp_tests::spawn_destination(&dest);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (dest_addr, receiver) = match receiving {
+        Receiving::OneAtATime => {
+            let (addr, receiver) = dwcp_tests::spawn_destination(&dest);
+            (
+                addr,
+                Box::new(move || receiver.join().unwrap()) as Box<dyn FnOnce() -> _>,
+            )
+        }
+        Receiving::AtOnce => {
+            let (addr, outcomes, dispatcher) =
+                dwcp_tests::spawn_destination_at_once(&dest, 4, stop.clone());
+            let stopping = stop.clone();
+            (
+                addr,
+                Box::new(move || {
+                    let outcome = outcomes
+                        .recv_timeout(Duration::from_secs(120))
+                        .expect("the session's outcome");
+                    // Release: pairs with the dispatcher's Acquire.
+                    stopping.store(true, Ordering::Release);
+                    dispatcher.join().unwrap();
+                    outcome
+                }) as Box<dyn FnOnce() -> _>,
+            )
+        }
+    };
     let path = Path::default();
     path.source_side_only
         .store(source_side_only, Ordering::Relaxed);
@@ -216,7 +252,7 @@ fn migrate_cut(
     let source = engine::migrate(peer, memory.clone(), &guest, dirty_log, &config, &mut |p| {
         rule(p, &path)
     });
-    let dest = receiver.join().unwrap();
+    let dest = receiver();
     Run {
         source,
         dest,
@@ -231,6 +267,7 @@ fn every_connection_lost_mid_round_0_and_again_mid_round_1_is_resumed_and_verifi
     let outage = Some(Duration::from_secs(2));
     let mut armed = false;
     let run = migrate_cut(
+        Receiving::OneAtATime,
         Duration::from_secs(20),
         // A quarter of memory into round 0 (which sends about 190 MB here).
         (64 << 20, outage),
@@ -298,6 +335,7 @@ fn every_connection_lost_while_the_last_round_awaits_its_acknowledgement_is_resu
     // then, before anything of the switchover.
     let mut cut_in_round = None;
     let run = migrate_cut(
+        Receiving::OneAtATime,
         Duration::from_secs(20),
         (u64::MAX / 2, None),
         false,
@@ -329,6 +367,7 @@ fn every_connection_lost_while_the_last_round_awaits_its_acknowledgement_is_resu
 #[test]
 fn a_path_that_stays_down_past_the_grace_period_fails_cleanly_with_the_guest_running_here() {
     let run = migrate_cut(
+        Receiving::OneAtATime,
         Duration::from_secs(3),
         (64 << 20, None),
         false,
@@ -362,6 +401,7 @@ fn connections_forgotten_on_the_source_side_only_are_given_up_by_the_silent_dest
     // The destination's ends stay open and silent: it learns nothing from them, and
     // takes the source's new control connection, after 3 s of silence, for what it is.
     let run = migrate_cut(
+        Receiving::OneAtATime,
         Duration::from_secs(20),
         (64 << 20, Some(Duration::from_millis(500))),
         true,
@@ -376,4 +416,26 @@ fn connections_forgotten_on_the_source_side_only_are_given_up_by_the_silent_dest
          rule); {:?}",
         r.outage_seconds, r.attempts, run.took
     );
+}
+
+#[test]
+fn a_destination_taking_sessions_at_once_passes_a_returning_source_to_its_session() {
+    // As above, and as when every connection is lost: each time, the source's resume
+    // reaches a new session first, which hands it to the one it names.
+    for source_side_only in [true, false] {
+        let run = migrate_cut(
+            Receiving::AtOnce,
+            Duration::from_secs(20),
+            (64 << 20, Some(Duration::from_millis(500))),
+            source_side_only,
+            Box::new(|_, _| {}),
+        );
+        let (report, dest) = run.verified();
+        assert_eq!(report.resumes.len(), 1, "{:?}", report.resumes);
+        assert_eq!(dest.resumes, 1);
+        eprintln!(
+            "source side only {source_side_only}: resumed after {:.2} s and {} attempts; {:?}",
+            report.resumes[0].outage_seconds, report.resumes[0].attempts, run.took
+        );
+    }
 }

@@ -8,8 +8,8 @@
 use dwcp_control::certs::{LabCa, Validity};
 use dwcp_dataplane::dirty::{DirtyLogKind, open_dirty_log};
 use dwcp_dataplane::engine::{
-    self, Acceptor, DestConfig, DestMemory, DestReport, MigrationReport, ReceiveProgress,
-    SourceConfig,
+    self, Acceptor, DestConfig, DestMemory, DestReport, MigrationError, MigrationReport,
+    ReceiveProgress, SourceConfig,
 };
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, SimulatedGuest, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
@@ -75,7 +75,7 @@ fn valid() -> Validity {
 /// A destination serving session after session on one port, as the daemon does.
 struct Destination {
     addr: SocketAddr,
-    results: Receiver<Result<DestReport, String>>,
+    results: Receiver<Result<DestReport, MigrationError>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -102,7 +102,7 @@ impl Destination {
                 if progress.snapshot().peer.is_none() && result.is_err() {
                     continue; // nobody came
                 }
-                if tx.send(result.map_err(|e| e.to_string())).is_err() {
+                if tx.send(result).is_err() {
                     return;
                 }
             }
@@ -115,11 +115,28 @@ impl Destination {
         }
     }
 
+    /// A destination that takes up to `max_sessions` sessions at once (the daemon's
+    /// dispatcher).
+    fn start_at_once(config: DestConfig, max_sessions: usize) -> Destination {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (addr, results, thread) =
+            dwcp_tests::spawn_destination_at_once(&config, max_sessions, stop.clone());
+        Destination {
+            addr,
+            results,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
     /// Stop serving (the stop is the sessions' cancel), wait for it, and hand back what
     /// sessions ended meanwhile.
     fn stop(mut self) -> Vec<Result<DestReport, String>> {
         self.halt();
-        self.results.try_iter().collect()
+        self.results
+            .try_iter()
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect()
     }
 
     fn halt(&mut self) {
@@ -134,6 +151,7 @@ impl Destination {
         self.results
             .recv_timeout(Duration::from_secs(60))
             .expect("the destination ended a session")
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -674,6 +692,65 @@ fn a_second_source_is_told_the_destination_is_busy_and_the_first_migration_compl
     good_migration(&dest, &a);
     eprintln!(
         "busy destination took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn sessions_run_at_once_up_to_max_sessions_and_the_next_hears_busy() {
+    let started = Instant::now();
+    let site = Site::new("at-once");
+    let a = site.appliance("appliance-a", valid(), &site, &[]);
+    let b = site.appliance("appliance-b", valid(), &site, &[]);
+    let dest = Destination::start_at_once(dest_config(&b), 2);
+    let addr = dest.addr;
+    // Migrations held to 1 MB/s per stream: each runs for seconds.
+    let slow = |a: &Arc<Identity>| {
+        let mut slow = source_config(Some(a), TransportChoice::Auto);
+        slow.transport.socket.pacing_rate = Some(1_000_000);
+        slow
+    };
+    let first_config = slow(&a);
+    let first = std::thread::spawn(move || migrate(addr, &first_config));
+    std::thread::sleep(Duration::from_millis(500));
+    // A second one, unpaced, goes through while the first still runs: one at a time,
+    // it would have waited for the first to end.
+    let (second, memory) = migrate(addr, &source_config(Some(&a), TransportChoice::Auto));
+    second.expect("the second migration");
+    assert!(
+        !first.is_finished(),
+        "the first (paced) migration ended before the second: the test proves nothing"
+    );
+    let received = dest.next().expect("the second session");
+    assert_eq!(memory.first_difference(&received.memory), None);
+    // With two running, a third is told the destination is busy, and why.
+    let third_config = slow(&a);
+    let third = std::thread::spawn(move || migrate(addr, &third_config));
+    std::thread::sleep(Duration::from_millis(500));
+    let (fourth, _) = migrate(addr, &source_config(Some(&a), TransportChoice::Auto));
+    let fourth = fourth.expect_err("a session beyond max_sessions");
+    eprintln!("fourth source: {fourth}");
+    assert!(
+        contains_all(&fourth, &["busy", "max_sessions = 2"]),
+        "{fourth}"
+    );
+    assert!(
+        !first.is_finished() && !third.is_finished(),
+        "a paced migration ended before the refusal: the test proves nothing"
+    );
+    let refused = dest.next().expect_err("the refused session");
+    assert!(refused.contains("max_sessions"), "{refused}");
+    for (name, migration) in [("first", first), ("third", third)] {
+        let (result, memory) = migration.join().unwrap();
+        result.unwrap_or_else(|e| panic!("the {name} migration: {e}"));
+        let received = dest.next().expect("a paced session");
+        assert!(received.verified_pages > 0);
+        let _ = memory;
+    }
+    // A refused session holds nothing: the next one is served.
+    good_migration(&dest, &a);
+    eprintln!(
+        "sessions at once took {:.1} s",
         started.elapsed().as_secs_f64()
     );
 }

@@ -2,8 +2,9 @@
 //! destination's CRC table), acknowledge rounds, answer the switchover.
 
 use super::fleet::RxFleet;
-use super::gate::Acceptor;
+use super::gate::{Acceptor, Port};
 use super::handshake::{self, ControlLink};
+use super::lanes::Lane;
 use super::record::SessionRecord;
 use super::report::SecurityReport;
 use super::resume;
@@ -256,6 +257,31 @@ pub fn receive_through(
     device: Option<&mut dyn DeviceStateSink>,
     progress: &ReceiveProgress,
 ) -> Result<DestReport, MigrationError> {
+    receive_via(gate, memory, config, cancel, device, progress)
+}
+
+/// [`receive_watched`] on a lane of a dispatcher that receives several sessions at
+/// once ([`super::SessionPorts`]): the session the lane's connection opens, or, when
+/// that connection is a source's resume of another session here, nothing
+/// ([`MigrationError::PassedOn`]).
+pub fn receive_lane(
+    lane: &mut Lane,
+    memory: DestMemory,
+    config: &DestConfig,
+    cancel: &AtomicBool,
+    progress: &ReceiveProgress,
+) -> Result<DestReport, MigrationError> {
+    receive_via(lane, memory, config, cancel, None, progress)
+}
+
+fn receive_via(
+    gate: &mut dyn Port,
+    memory: DestMemory,
+    config: &DestConfig,
+    cancel: &AtomicBool,
+    device: Option<&mut dyn DeviceStateSink>,
+    progress: &ReceiveProgress,
+) -> Result<DestReport, MigrationError> {
     progress.update(|p| p.phase = "handshake");
     let mut config = config.clone();
     if device.is_some() {
@@ -324,12 +350,14 @@ pub fn receive_through(
 /// A restarted destination's session: rebuild the table from the memory file, wait for
 /// the source's resume, answer the table comparison.
 fn resume_after_restart(
-    gate: &mut Acceptor<'_>,
+    gate: &mut dyn Port,
     record: SessionRecord,
     config: &DestConfig,
     cancel: &AtomicBool,
     progress: &ReceiveProgress,
 ) -> Result<(handshake::Accepted, u64, Arc<CrcTable>, Option<f64>), MigrationError> {
+    // Its source's resume and data streams come to it from now on.
+    gate.expect_session(record.session_id)?;
     let memory = GuestMemory::open_file(&record.memory_file).map_err(|e| {
         MigrationError::Config(format!(
             "resuming session {:032x}: memory file: {e}",
@@ -411,7 +439,7 @@ impl Waiting<'_> {
     /// resumed session, the round it sends first and the chunks that differed.
     fn wait(
         &self,
-        gate: &mut Acceptor<'_>,
+        gate: &mut dyn Port,
         config: &DestConfig,
         cancel: &AtomicBool,
         progress: &ReceiveProgress,
@@ -461,7 +489,7 @@ impl Waiting<'_> {
 /// `table` as rebuilt).
 #[allow(clippy::too_many_arguments)]
 fn receive_session(
-    gate: &mut Acceptor<'_>,
+    gate: &mut dyn Port,
     accepted: handshake::Accepted,
     first_round: u64,
     table: Arc<CrcTable>,
@@ -705,7 +733,7 @@ enum Expect {
     Full { pages: u64, digest: u32 },
 }
 
-struct Coordinator<'p, 'l> {
+struct Coordinator<'p> {
     streams: u16,
     control: ControlLink,
     memory: Arc<GuestMemory>,
@@ -752,7 +780,7 @@ struct Coordinator<'p, 'l> {
     progress_at: Instant,
     /// Where connections arrive: new sessions are turned away (busy) while this one
     /// runs, replacements and resumes come in.
-    gate: &'p mut Acceptor<'l>,
+    gate: &'p mut dyn Port,
     /// What a new session hears meanwhile.
     busy: String,
     handshake_timeout: Duration,
@@ -771,7 +799,7 @@ struct Coordinator<'p, 'l> {
     rma_pages_resent: u64,
 }
 
-impl Coordinator<'_, '_> {
+impl Coordinator<'_> {
     /// Refresh what an observer sees.
     /// Bytes received on data streams.
     fn received_bytes(&self) -> u64 {

@@ -11,8 +11,13 @@
 //! A control connection that arrives while a session is still collecting its data
 //! streams waits its turn here instead of being taken for one of them. An [`Acceptor`]
 //! kept across sessions (the daemon's) keeps what it has sorted for the next session.
+//!
+//! A session takes its connections through a [`Port`]: the gate itself when one session
+//! at a time owns it, or a lane of the dispatcher that runs several at once
+//! (`lanes.rs`).
 
 use super::MigrationError;
+use super::handshake::OpenedControl;
 use crate::security::tls::{ServerHandshake, is_tls_hello};
 use crate::security::{Identity, SecurityError, TlsChannel, counters};
 use crate::wire::{
@@ -38,6 +43,62 @@ pub(super) enum Opening {
     TlsFailed(SecurityError),
     /// With a TLS hello, but this destination has no identity (`--insecure`).
     TlsUnwanted(TcpStream),
+    /// Opened already, its first message read, by the session it first reached: a
+    /// source's resume of another session, passed on to that one.
+    Opened(Box<OpenedControl>),
+}
+
+/// Where a session takes its connections from (see the module docs).
+pub(super) trait Port {
+    /// The identity TLS handshakes present from now on.
+    fn set_identity(&mut self, identity: Option<Arc<Identity>>);
+    /// The next control connection by `deadline` (each connection has `handshake` to
+    /// say what it is); gives up at once when `cancel` is set.
+    fn next_control(
+        &mut self,
+        deadline: Instant,
+        handshake: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<(SocketAddr, Opening), MigrationError>;
+    /// The next data stream of this session and its hello's bytes, by `deadline`.
+    fn next_stream(
+        &mut self,
+        deadline: Instant,
+        handshake: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<(TcpStream, [u8; STREAM_HELLO_LEN]), MigrationError>;
+    /// While a session runs, without waiting: data streams that arrived for it, and
+    /// new sessions turned away with `reason` unless `hold_controls` (see
+    /// [`Acceptor::turn_away`]).
+    fn turn_away(
+        &mut self,
+        handshake: Duration,
+        reason: &str,
+        hold_controls: bool,
+    ) -> Vec<(TcpStream, [u8; STREAM_HELLO_LEN])>;
+    /// Whether a control connection waits that may be this session's source back.
+    fn control_waiting(&mut self) -> bool;
+    /// Connections closed so far for silence.
+    fn dropped(&self) -> u64;
+    /// Connections open now that have not said what they are.
+    fn silent(&self) -> usize;
+    /// A data stream was closed for presenting no valid binding.
+    fn count_unbound(&mut self);
+    /// The session this port serves is `session_id` (from its hello): its data streams
+    /// and its source's resumes come here from now on. Refused when another session
+    /// here has that id.
+    fn expect_session(&mut self, session_id: u128) -> Result<(), MigrationError>;
+    /// Pass a source's resume of `session_id` to that session, if it is another one
+    /// served here; otherwise it comes back.
+    fn forward_resume(
+        &mut self,
+        session_id: u128,
+        peer: SocketAddr,
+        opened: Box<OpenedControl>,
+    ) -> Result<(), Box<OpenedControl>>;
+    /// Admit a session needing `bytes` of guest memory among the others served at
+    /// once (`max_memory` bounds their sum), or say why not.
+    fn admit(&mut self, bytes: u64, max_memory: Option<u64>) -> Result<(), MigrationError>;
 }
 
 /// How a control connection opened, as sorted.
@@ -75,6 +136,17 @@ enum Want {
     /// A data stream (control connections that come meanwhile wait for the next
     /// session).
     Stream,
+    /// Either (the dispatcher of concurrent sessions).
+    Any,
+}
+
+/// A connection that said what it is, as handed to the dispatcher of concurrent
+/// sessions.
+pub(super) enum Arrival {
+    /// A control connection: a new session, or a source back to resume one.
+    Control(SocketAddr, Opening),
+    /// A data stream and its hello's bytes.
+    Stream(TcpStream, [u8; STREAM_HELLO_LEN]),
 }
 
 /// A connection that has not said what it is yet.
@@ -126,7 +198,7 @@ impl<'l> Acceptor<'l> {
 
     /// The identity TLS handshakes from now on present (the session's: reloaded for
     /// each session by whoever rotates certificates).
-    pub(super) fn set_identity(&mut self, identity: Option<Arc<Identity>>) {
+    pub fn set_identity(&mut self, identity: Option<Arc<Identity>>) {
         self.identity = identity;
     }
 
@@ -135,20 +207,10 @@ impl<'l> Acceptor<'l> {
         self.unbound
     }
 
-    /// A data stream was closed for presenting no valid binding.
-    pub(super) fn count_unbound(&mut self) {
-        self.unbound += 1;
-    }
-
     /// Connections closed so far because they said nothing in time, or closed before
     /// saying what they are.
     pub fn dropped(&self) -> u64 {
         self.dropped
-    }
-
-    /// Connections open now that have not said what they are.
-    pub fn silent(&self) -> usize {
-        self.pending.len()
     }
 
     /// Whether a connection is waiting to be sorted or taken.
@@ -166,18 +228,40 @@ impl<'l> Acceptor<'l> {
         cancel: &AtomicBool,
     ) -> Result<(SocketAddr, Opening), MigrationError> {
         let sorted = self.next(Want::Control, deadline, handshake, cancel)?;
-        let opening = match sorted.first {
-            First::Control(ControlFirst::Plain(first)) => Opening::Plain(sorted.stream, first),
-            First::Control(ControlFirst::Tls(done)) => match &self.identity {
-                Some(identity) => Opening::Tls(done.finish(identity, sorted.stream)),
-                // The identity went away since (the files no longer load): refuse.
-                None => Opening::TlsUnwanted(sorted.stream),
-            },
-            First::Control(ControlFirst::TlsFailed(e)) => Opening::TlsFailed(e),
-            First::Control(ControlFirst::TlsUnwanted) => Opening::TlsUnwanted(sorted.stream),
-            First::Stream(_) => unreachable!("`next` hands out what was asked for"),
+        let First::Control(first) = sorted.first else {
+            unreachable!("`next` hands out what was asked for")
         };
-        Ok((sorted.peer, opening))
+        Ok((sorted.peer, self.opening(sorted.stream, first)))
+    }
+
+    /// The next connection of either kind, by `deadline` (the dispatcher's wait).
+    pub(super) fn next_any(
+        &mut self,
+        deadline: Instant,
+        handshake: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<Arrival, MigrationError> {
+        let sorted = self.next(Want::Any, deadline, handshake, cancel)?;
+        Ok(match sorted.first {
+            First::Control(first) => {
+                Arrival::Control(sorted.peer, self.opening(sorted.stream, first))
+            }
+            First::Stream(hello) => Arrival::Stream(sorted.stream, hello),
+        })
+    }
+
+    /// A sorted control connection as a session takes it.
+    fn opening(&self, stream: TcpStream, first: ControlFirst) -> Opening {
+        match first {
+            ControlFirst::Plain(first) => Opening::Plain(stream, first),
+            ControlFirst::Tls(done) => match &self.identity {
+                Some(identity) => Opening::Tls(done.finish(identity, stream)),
+                // The identity went away since (the files no longer load): refuse.
+                None => Opening::TlsUnwanted(stream),
+            },
+            ControlFirst::TlsFailed(e) => Opening::TlsFailed(e),
+            ControlFirst::TlsUnwanted => Opening::TlsUnwanted(stream),
+        }
     }
 
     /// The next data stream and its hello's bytes, by `deadline`, as
@@ -204,7 +288,7 @@ impl<'l> Acceptor<'l> {
         handshake: Duration,
         cancel: &AtomicBool,
     ) -> Result<Sorted, MigrationError> {
-        if want == Want::Control
+        if want != Want::Stream
             && let Some(s) = self.waiting.pop_front()
         {
             return Ok(s);
@@ -236,7 +320,9 @@ impl<'l> Acceptor<'l> {
             let now = Instant::now();
             if now >= deadline {
                 return Err(MigrationError::Transport(match want {
-                    Want::Control => "timed out waiting for the source to connect".into(),
+                    Want::Control | Want::Any => {
+                        "timed out waiting for the source to connect".into()
+                    }
                     Want::Stream => format!(
                         "timed out waiting for the session's data streams ({} connections \
                          closed for saying nothing in time)",
@@ -374,11 +460,6 @@ impl<'l> Acceptor<'l> {
         streams
     }
 
-    /// Whether a control connection waits for a session (see `turn_away`).
-    pub(super) fn control_waiting(&self) -> bool {
-        !self.waiting.is_empty()
-    }
-
     /// Close the pending connections that have had `handshake` to say what they are
     /// (or to finish their TLS handshake) and have not.
     fn close_overdue(&mut self, now: Instant, handshake: Duration) {
@@ -411,6 +492,79 @@ impl<'l> Acceptor<'l> {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => return,
             }
+        }
+    }
+}
+
+impl Port for Acceptor<'_> {
+    fn set_identity(&mut self, identity: Option<Arc<Identity>>) {
+        Acceptor::set_identity(self, identity);
+    }
+
+    fn next_control(
+        &mut self,
+        deadline: Instant,
+        handshake: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<(SocketAddr, Opening), MigrationError> {
+        Acceptor::next_control(self, deadline, handshake, cancel)
+    }
+
+    fn next_stream(
+        &mut self,
+        deadline: Instant,
+        handshake: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<(TcpStream, [u8; STREAM_HELLO_LEN]), MigrationError> {
+        Acceptor::next_stream(self, deadline, handshake, cancel)
+    }
+
+    fn turn_away(
+        &mut self,
+        handshake: Duration,
+        reason: &str,
+        hold_controls: bool,
+    ) -> Vec<(TcpStream, [u8; STREAM_HELLO_LEN])> {
+        Acceptor::turn_away(self, handshake, reason, hold_controls)
+    }
+
+    fn control_waiting(&mut self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    fn silent(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn count_unbound(&mut self) {
+        self.unbound += 1;
+    }
+
+    /// One session at a time: everything that comes is for it, or turned away.
+    fn expect_session(&mut self, _session_id: u128) -> Result<(), MigrationError> {
+        Ok(())
+    }
+
+    fn forward_resume(
+        &mut self,
+        _session_id: u128,
+        _peer: SocketAddr,
+        opened: Box<OpenedControl>,
+    ) -> Result<(), Box<OpenedControl>> {
+        Err(opened)
+    }
+
+    fn admit(&mut self, bytes: u64, max_memory: Option<u64>) -> Result<(), MigrationError> {
+        match max_memory {
+            Some(max) if bytes > max => Err(MigrationError::RefusedSource(format!(
+                "guest memory of {bytes} bytes is more than this destination admits ({max} \
+                 bytes, [dest] max_memory)"
+            ))),
+            _ => Ok(()),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! identified (and, in an authenticated session, bound to it) by its stream hello.
 //! Also the control stream as both sides use it afterwards ([`ControlLink`]).
 
-use super::gate::{Acceptor, Opening};
+use super::gate::{Opening, Port};
 use super::report::SecurityReport;
 use super::{DestConfig, DestMemory, MigrationError, SourceConfig};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -342,6 +342,15 @@ fn open_session(
     })
 }
 
+/// A control connection opened and its first message read: what a session that took
+/// a resume of another one passes on to it.
+pub(super) struct OpenedControl {
+    /// The control stream.
+    pub control: ControlChannel,
+    /// Its first message.
+    pub first: Result<ControlMessage, ControlReadError>,
+}
+
 /// A destination's session whose connections were lost, waiting for its source to
 /// resume it ([`caps::RESUME`]).
 pub(super) struct Resumable {
@@ -433,7 +442,7 @@ fn available_memory() -> Option<u64> {
 /// data streams of other sessions, are closed without failing the session; a second
 /// source's control connection waits in the gate for the next session.
 pub(super) fn accept(
-    gate: &mut Acceptor<'_>,
+    gate: &mut dyn Port,
     memory: DestMemory,
     config: &DestConfig,
     cancel: &AtomicBool,
@@ -447,7 +456,7 @@ pub(super) fn accept(
 /// opening must be a [`ControlMessage::Resume`] of that session from the same source;
 /// a new session's hello meanwhile is refused as busy.
 pub(super) fn accept_resume(
-    gate: &mut Acceptor<'_>,
+    gate: &mut dyn Port,
     session: &Resumable,
     config: &DestConfig,
     cancel: &AtomicBool,
@@ -466,7 +475,7 @@ pub(super) fn accept_resume(
 }
 
 fn accept_session(
-    gate: &mut Acceptor<'_>,
+    gate: &mut dyn Port,
     memory: DestMemory,
     config: &DestConfig,
     cancel: &AtomicBool,
@@ -508,6 +517,8 @@ fn accept_session(
                     .into(),
             ));
         }
+        // Opened by the session it first reached, which passed it on.
+        Opening::Opened(opened) => (opened.control, opened.first),
         Opening::Plain(socket, first) => {
             let _ = socket.set_nodelay(true);
             let mut control = ControlChannel::plain(socket)?;
@@ -523,6 +534,25 @@ fn accept_session(
             }
             (control, first)
         }
+    };
+    // A source back to resume another session served here (several run at once):
+    // that session takes the connection on.
+    let first = match (first, resuming) {
+        (Ok(ControlMessage::Resume(h)), None) => {
+            let session_id = h.session_id;
+            let opened = Box::new(OpenedControl {
+                control,
+                first: Ok(ControlMessage::Resume(h)),
+            });
+            match gate.forward_resume(session_id, peer, opened) {
+                Ok(()) => return Err(MigrationError::PassedOn(session_id)),
+                Err(opened) => {
+                    control = opened.control;
+                    opened.first
+                }
+            }
+        }
+        (first, _) => first,
     };
     control.set_read_timeout(Some(config.timeout))?;
     let hello = match (first, resuming) {
@@ -607,6 +637,11 @@ fn accept_session(
     if let Err(e) = hello.validate(provided_len) {
         return Err(refuse(&mut control, e.into()));
     }
+    if resuming.is_none()
+        && let Err(e) = gate.expect_session(hello.session_id)
+    {
+        return Err(refuse(&mut control, e));
+    }
     let sends_device_state = hello.capabilities & caps::DEVICE_STATE != 0;
     let loads_device_state = config.capabilities & caps::DEVICE_STATE != 0;
     if sends_device_state != loads_device_state {
@@ -622,14 +657,6 @@ fn accept_session(
             MigrationError::RefusedSource(why.into()),
         ));
     }
-    let too_much = |bytes: u64| -> Option<MigrationError> {
-        config.max_memory.filter(|max| bytes > *max).map(|max| {
-            MigrationError::RefusedSource(format!(
-                "guest memory of {bytes} bytes is more than this destination admits \
-                     ({max} bytes, [dest] max_memory)"
-            ))
-        })
-    };
     let (memory, fresh) = match memory {
         DestMemory::Provided(m) => (m, false),
         DestMemory::Resume(_) => {
@@ -639,7 +666,7 @@ fn accept_session(
             ));
         }
         DestMemory::File(path) => {
-            if let Some(e) = too_much(hello.memory_bytes) {
+            if let Err(e) = gate.admit(hello.memory_bytes, config.max_memory) {
                 return Err(refuse(&mut control, e));
             }
             match GuestMemory::file(&path, hello.memory_bytes as usize) {
@@ -657,7 +684,7 @@ fn accept_session(
             }
         }
         DestMemory::Allocate(prefer) => {
-            if let Some(e) = too_much(hello.memory_bytes) {
+            if let Err(e) = gate.admit(hello.memory_bytes, config.max_memory) {
                 return Err(refuse(&mut control, e));
             }
             if let Some(avail) = available_memory()
@@ -918,6 +945,7 @@ impl ControlLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Acceptor;
     use crate::security::tls::tests::Lab;
     use std::net::TcpListener;
 

@@ -45,6 +45,7 @@ mod dest;
 mod fleet;
 mod gate;
 mod handshake;
+mod lanes;
 pub mod live;
 pub mod precopy;
 mod record;
@@ -57,10 +58,11 @@ mod steer;
 pub use crate::crc_table::AuditReport;
 pub use dest::{
     DestConfig, DestMemory, DestReport, IncomingProgress, PROGRESS_INTERVAL, ReceiveProgress,
-    receive, receive_cancellable, receive_guest, receive_through, receive_watched,
+    receive, receive_cancellable, receive_guest, receive_lane, receive_through, receive_watched,
 };
 pub use fleet::split_cpus;
 pub use gate::Acceptor;
+pub use lanes::{Lane, OPENING_LANES, SessionPorts};
 pub use live::{Epoch, LiveControl, LiveReport, LiveSettings};
 pub use precopy::DowntimeEstimate;
 pub use record::{OutgoingRecord, RecordError, SessionRecord};
@@ -148,6 +150,11 @@ pub enum MigrationError {
     /// A stream or worker failed.
     #[error("transport: {0}")]
     Transport(String),
+    /// (Destination.) The connection was a source's resume of another session
+    /// received here at the same time, and was passed on to that session: no session
+    /// of its own, and no failure.
+    #[error("a resume of session {0:032x}, passed on to that session")]
+    PassedOn(u128),
     /// Every connection to the peer was lost (reset, closed, or timed out by the
     /// kernel); with [`crate::wire::caps::RESUME`] the session may be resumed.
     #[error("connection to the peer lost: {0}")]
