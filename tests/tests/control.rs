@@ -347,17 +347,7 @@ fn a_daemon_set_for_rma_writes_pages_by_rma_until_safe_mode_says_plain() {
         c.transport.kind = "rma".into();
         c.security.rma_in_clear = true;
     });
-    let migrate = |d: &Daemon| -> u64 {
-        let done: Done = d
-            .call(Command::Migrate(dwcp_api::MigrateOptions {
-                peer: d.listen_addr.to_string(),
-                downtime_ms: Some(300),
-                ..Default::default()
-            }))
-            .into_result()
-            .unwrap();
-        done.id.unwrap()
-    };
+    let migrate = |d: &Daemon| migrate_to_itself(d, 300);
     let m = ended(&d, migrate(&d));
     assert_eq!(m.state, "completed", "{m:?}");
     assert_eq!(m.verified_pages, Some((128u64 << 20) / 4096));
@@ -514,6 +504,19 @@ fn an_audited_migration_reports_its_audit_to_operators_and_in_metrics() {
     d.stop();
 }
 
+/// Start a migration from the daemon to itself with downtime limit `downtime_ms`; its id.
+fn migrate_to_itself(d: &Daemon, downtime_ms: u64) -> u64 {
+    let done: Done = d
+        .call(Command::Migrate(dwcp_api::MigrateOptions {
+            peer: d.listen_addr.to_string(),
+            downtime_ms: Some(downtime_ms),
+            ..Default::default()
+        }))
+        .into_result()
+        .unwrap();
+    done.id.unwrap()
+}
+
 /// Start a migration to the daemon itself held in pre-copy by [`HOLDING_CAP`]; its id
 /// once it is sending, and the id of the same migration as the daemon receives it.
 fn held_migration(d: &Daemon) -> (u64, u64) {
@@ -522,15 +525,7 @@ fn held_migration(d: &Daemon) -> (u64, u64) {
         ..SetOptions::default()
     }));
     assert!(r.ok, "{r:?}");
-    let done: Done = d
-        .call(Command::Migrate(dwcp_api::MigrateOptions {
-            peer: d.listen_addr.to_string(),
-            downtime_ms: Some(1),
-            ..Default::default()
-        }))
-        .into_result()
-        .unwrap();
-    let id = done.id.unwrap();
+    let id = migrate_to_itself(d, 1);
     let started = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -914,19 +909,8 @@ fn the_destination_receives_migrations_at_once_and_one_beyond_max_sessions_hears
     let started = Instant::now();
     let d = start_with("at-once", |c| c.dest.max_sessions = 2);
     let (first, _) = held_migration(&d);
-    let migrate = |d: &Daemon| -> u64 {
-        let done: Done = d
-            .call(Command::Migrate(dwcp_api::MigrateOptions {
-                peer: d.listen_addr.to_string(),
-                downtime_ms: Some(1),
-                ..Default::default()
-            }))
-            .into_result()
-            .unwrap();
-        done.id.unwrap()
-    };
     // A second, held like the first: both are received at once.
-    let second = migrate(&d);
+    let second = migrate_to_itself(&d, 1);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let status: StatusInfo = d.call(Command::Status).into_result().unwrap();
@@ -937,7 +921,7 @@ fn the_destination_receives_migrations_at_once_and_one_beyond_max_sessions_hears
         std::thread::sleep(Duration::from_millis(20));
     }
     // A third is refused while both run, and the source says why.
-    let third = migrate(&d);
+    let third = migrate_to_itself(&d, 1);
     let third = ended(&d, third);
     assert_eq!(third.state, "failed", "{third:?}");
     let error = third.error.unwrap_or_default();
