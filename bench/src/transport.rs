@@ -8,6 +8,12 @@
 //! getrusage: our process for ours (the suite runs nothing else meanwhile), the two
 //! iperf3 processes (RUSAGE_CHILDREN) for theirs.
 //!
+//! `migrate/two-at-once-vs-in-turn`: two live migrations of 1 GiB into one
+//! destination that takes sessions at once (the daemon's dispatcher), against the same
+//! two one after the other through the same destination: wall time until both are
+//! verified. On loopback both share the two cores, so what it shows is what running
+//! them at once costs or saves in total.
+//!
 //! `transport/rma-tcp-provider-vs-iperf3-1s` measures RMA writes through libfabric's
 //! `tcp` provider (registered memory into registered memory, one connection) against
 //! iperf3 on one stream: the ceiling the RMA transport has on this machine.
@@ -33,6 +39,96 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Two migrations into one destination at once, against one after the other (see the
+/// module docs): seconds until both are verified.
+fn two_at_once(runs: usize, out: &mut Reporter) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const GUEST: usize = 1 << 30;
+    let workload = GuestWorkload {
+        dirty_rate: 4e6,
+        ..GuestWorkload::default()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (addr, outcomes, dispatcher) =
+        dwcp_tests::spawn_destination_at_once(&DestConfig::default(), 2, stop.clone());
+    let guests: Vec<_> = (0..2)
+        .map(|seed| dwcp_tests::running_guest(GUEST, &workload, 11 + seed))
+        .collect();
+    let mut guests: Vec<_> = guests.into_iter().map(Some).collect();
+    // One migration of guest `i` (its dirty log taken for it, a new one opened after).
+    let migrate = |guest: &mut Option<(_, _, _)>| -> Result<(), String> {
+        let (memory, running, log): (
+            Arc<GuestMemory>,
+            dwcp_dataplane::guest::SimulatedGuest,
+            Box<dyn dwcp_dataplane::dirty::DirtyLog>,
+        ) = guest.take().expect("a guest");
+        let result = dwcp_dataplane::engine::migrate(
+            addr,
+            memory.clone(),
+            &running,
+            log,
+            &SourceConfig::default(),
+            &mut |_| {},
+        );
+        running.stop();
+        // The next run migrates the same memory again, running again.
+        let opened = dwcp_dataplane::dirty::open_dirty_log(&memory, DirtyLogKind::Uffd)
+            .map_err(|e| e.to_string())?;
+        let again = dwcp_dataplane::guest::SimulatedGuest::start(
+            memory.clone(),
+            &workload,
+            opened.marker.clone(),
+        );
+        *guest = Some((memory, again, opened.log));
+        result.map(|_| ()).map_err(|e| e.to_string())
+    };
+    let (mut at_once, mut in_turn) = (Samples::default(), Samples::default());
+    for i in 0..runs {
+        for together in [i % 2 == 0, i % 2 != 0] {
+            let started = Instant::now();
+            let results: Vec<Result<(), String>> = if together {
+                let (first, second) = guests.split_at_mut(1);
+                std::thread::scope(|s| {
+                    let a = s.spawn(|| migrate(&mut first[0]));
+                    let b = migrate(&mut second[0]);
+                    vec![a.join().expect("a migration thread"), b]
+                })
+            } else {
+                guests.iter_mut().map(migrate).collect()
+            };
+            let seconds = started.elapsed().as_secs_f64();
+            let received: Vec<_> = (0..2)
+                .map(|_| outcomes.recv_timeout(Duration::from_secs(60)))
+                .collect();
+            let verified = received.iter().all(|r| matches!(r, Ok(Ok(_))));
+            match results.iter().find_map(|r| r.as_ref().err()) {
+                None if verified => {
+                    let samples = if together { &mut at_once } else { &mut in_turn };
+                    samples.push(seconds);
+                }
+                failed => eprintln!(
+                    "migrate/two-at-once-vs-in-turn: a run failed: {failed:?}, destination \
+                     verified both: {verified}"
+                ),
+            }
+        }
+    }
+    for (_, running, _) in guests.into_iter().flatten() {
+        running.stop();
+    }
+    // Release: pairs with the dispatcher's Acquire.
+    stop.store(true, Ordering::Release);
+    let _ = dispatcher.join();
+    out.emit(Comparison::new(
+        "migrate/two-at-once-vs-in-turn",
+        "s",
+        Better::Lower,
+        &at_once,
+        "the same two migrations one after the other, same destination",
+        &in_turn,
+    ));
+}
 
 /// CPU seconds (user + system) of this process or of its waited-for children.
 pub(crate) fn cpu_seconds(who: libc::c_int) -> f64 {
@@ -371,6 +467,9 @@ pub fn run(plan: Plan, out: &mut Reporter) {
             "iperf3 -P 4 raw goodput",
             &theirs,
         ));
+    }
+    if out.wants("migrate/two-at-once-vs-in-turn") {
+        two_at_once(runs.runs, out);
     }
     let setup = StreamSetup::new(BYTES);
     let config = TransportConfig::default();
