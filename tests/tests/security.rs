@@ -73,6 +73,17 @@ fn valid() -> Validity {
 }
 
 /// A destination serving session after session on one port, as the daemon does.
+/// How a destination takes sessions: one at a time through its gate (into a memory
+/// file or a VM), or several at once through the dispatcher (into its own memory, the
+/// daemon's default). Every attack is tried on both.
+#[derive(Clone, Copy, Debug)]
+enum Receiving {
+    OneAtATime,
+    AtOnce,
+}
+
+const BOTH: [Receiving; 2] = [Receiving::OneAtATime, Receiving::AtOnce];
+
 struct Destination {
     addr: SocketAddr,
     results: Receiver<Result<DestReport, MigrationError>>,
@@ -112,6 +123,14 @@ impl Destination {
             results,
             stop,
             thread: Some(thread),
+        }
+    }
+
+    /// A destination taking sessions as `receiving` says (at once: up to four).
+    fn start_as(receiving: Receiving, config: DestConfig) -> Destination {
+        match receiving {
+            Receiving::OneAtATime => Destination::start(config),
+            Receiving::AtOnce => Destination::start_at_once(config, 4),
         }
     }
 
@@ -269,85 +288,88 @@ fn certificates_that_must_not_pass_are_refused_on_both_sides() {
     let other = Site::new("other");
     let b = site.appliance("appliance-b", valid(), &site, &["appliance-a"]);
     let a = site.appliance("appliance-a", valid(), &site, &[]);
-    let dest = Destination::start(dest_config(&b));
-    let expired = Validity {
-        from_year: 2020,
-        until_year: 2021,
-    };
-    // What the source presents, and what each side must say.
-    type Case<'a> = (&'a str, Arc<Identity>, &'a [&'a str], &'a [&'a str]);
-    let cases: Vec<Case> = vec![
-        (
-            "another CA's certificate",
-            other.appliance("appliance-a", valid(), &site, &[]),
-            &["does not trust our certificate"],
-            &["not signed by this site's CA"],
-        ),
-        (
-            "an expired certificate",
-            site.appliance("appliance-old", expired, &site, &[]),
-            &["expired"],
-            &["expired"],
-        ),
-        (
-            "a valid appliance pinned out",
-            site.appliance("appliance-c", valid(), &site, &[]),
-            &[
-                "refused",
-                "appliance-c",
-                "none of the pinned appliance names (appliance-a)",
-            ],
-            &[
-                "appliance-c",
-                "none of the pinned appliance names (appliance-a)",
-            ],
-        ),
-    ];
-    for (what, identity, source_says, dest_says) in cases {
+    for receiving in BOTH {
+        eprintln!("--- destination taking sessions {receiving:?}");
+        let dest = Destination::start_as(receiving, dest_config(&b));
+        let expired = Validity {
+            from_year: 2020,
+            until_year: 2021,
+        };
+        // What the source presents, and what each side must say.
+        type Case<'a> = (&'a str, Arc<Identity>, &'a [&'a str], &'a [&'a str]);
+        let cases: Vec<Case> = vec![
+            (
+                "another CA's certificate",
+                other.appliance("appliance-a", valid(), &site, &[]),
+                &["does not trust our certificate"],
+                &["not signed by this site's CA"],
+            ),
+            (
+                "an expired certificate",
+                site.appliance("appliance-old", expired, &site, &[]),
+                &["expired"],
+                &["expired"],
+            ),
+            (
+                "a valid appliance pinned out",
+                site.appliance("appliance-c", valid(), &site, &[]),
+                &[
+                    "refused",
+                    "appliance-c",
+                    "none of the pinned appliance names (appliance-a)",
+                ],
+                &[
+                    "appliance-c",
+                    "none of the pinned appliance names (appliance-a)",
+                ],
+            ),
+        ];
+        for (what, identity, source_says, dest_says) in cases {
+            let (report, _) = migrate(
+                dest.addr,
+                &source_config(Some(&identity), TransportChoice::Auto),
+            );
+            let source_error = report.expect_err(what);
+            let dest_error = dest.next().expect_err(what);
+            eprintln!("{what}:\n  source: {source_error}\n  destination: {dest_error}");
+            assert!(
+                contains_all(&source_error, source_says),
+                "{what}: source said {source_error}"
+            );
+            assert!(
+                contains_all(&dest_error, dest_says),
+                "{what}: destination said {dest_error}"
+            );
+        }
+        // A source without certificates (--insecure) against this destination.
+        let (report, _) = migrate(dest.addr, &source_config(None, TransportChoice::Auto));
+        let source_error = report.expect_err("plain source");
+        let dest_error = dest.next().expect_err("plain source");
+        eprintln!("a plain source:\n  source: {source_error}\n  destination: {dest_error}");
+        assert!(
+            source_error.contains("takes only authenticated sessions"),
+            "{source_error}"
+        );
+        assert!(dest_error.contains("--insecure"), "{dest_error}");
+        good_migration(&dest, &a);
+        // And a source with certificates against a destination without (--insecure).
+        let plain_dest = Destination::start_as(receiving, DestConfig::default());
         let (report, _) = migrate(
-            dest.addr,
-            &source_config(Some(&identity), TransportChoice::Auto),
+            plain_dest.addr,
+            &source_config(Some(&a), TransportChoice::Auto),
         );
-        let source_error = report.expect_err(what);
-        let dest_error = dest.next().expect_err(what);
-        eprintln!("{what}:\n  source: {source_error}\n  destination: {dest_error}");
+        let source_error = report.expect_err("plain destination");
+        let dest_error = plain_dest.next().expect_err("plain destination");
+        eprintln!("a plain destination:\n  source: {source_error}\n  destination: {dest_error}");
         assert!(
-            contains_all(&source_error, source_says),
-            "{what}: source said {source_error}"
+            source_error.contains("runs without certificates"),
+            "{source_error}"
         );
         assert!(
-            contains_all(&dest_error, dest_says),
-            "{what}: destination said {dest_error}"
+            dest_error.contains("runs without certificates"),
+            "{dest_error}"
         );
     }
-    // A source without certificates (--insecure) against this destination.
-    let (report, _) = migrate(dest.addr, &source_config(None, TransportChoice::Auto));
-    let source_error = report.expect_err("plain source");
-    let dest_error = dest.next().expect_err("plain source");
-    eprintln!("a plain source:\n  source: {source_error}\n  destination: {dest_error}");
-    assert!(
-        source_error.contains("takes only authenticated sessions"),
-        "{source_error}"
-    );
-    assert!(dest_error.contains("--insecure"), "{dest_error}");
-    good_migration(&dest, &a);
-    // And a source with certificates against a destination without (--insecure).
-    let plain_dest = Destination::start(DestConfig::default());
-    let (report, _) = migrate(
-        plain_dest.addr,
-        &source_config(Some(&a), TransportChoice::Auto),
-    );
-    let source_error = report.expect_err("plain destination");
-    let dest_error = plain_dest.next().expect_err("plain destination");
-    eprintln!("a plain destination:\n  source: {source_error}\n  destination: {dest_error}");
-    assert!(
-        source_error.contains("runs without certificates"),
-        "{source_error}"
-    );
-    assert!(
-        dest_error.contains("runs without certificates"),
-        "{dest_error}"
-    );
     eprintln!(
         "certificate refusals took {:.1} s",
         started.elapsed().as_secs_f64()
@@ -395,46 +417,49 @@ fn clients_without_a_certificate_or_speaking_garbage_inside_tls_are_refused() {
     let site = Site::new("raw");
     let b = site.appliance("appliance-b", valid(), &site, &[]);
     let a = site.appliance("appliance-a", valid(), &site, &[]);
-    let dest = Destination::start(dest_config(&b));
-    // No client certificate: the handshake fails; the client hears why.
-    let mut tls = raw_tls(dest.addr, &site, None);
-    let mut buf = [0u8; 16];
-    let client_error = tls
-        .write_all(b"x")
-        .and_then(|_| tls.flush())
-        .and_then(|_| tls.read(&mut buf).map(|_| ()))
-        .expect_err("no certificate");
-    let dest_error = dest.next().expect_err("no certificate");
-    eprintln!("no client certificate:\n  client: {client_error}\n  destination: {dest_error}");
-    assert!(
-        client_error.to_string().contains("CertificateRequired"),
-        "{client_error}"
-    );
-    assert!(
-        dest_error.contains("presented no certificate"),
-        "{dest_error}"
-    );
-    // A valid appliance that completes TLS, then sends garbage.
-    let mut tls = raw_tls(
-        dest.addr,
-        &site,
-        Some(("appliance-a.pem", "appliance-a-key.pem")),
-    );
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    tls.flush().unwrap();
-    let mut answer = Vec::new();
-    let _ = tls.read_to_end(&mut answer);
-    let dest_error = dest.next().expect_err("garbage");
-    eprintln!(
-        "garbage inside TLS:\n  destination: {dest_error}\n  client got {} bytes back",
-        answer.len()
-    );
-    assert!(dest_error.contains("does not speak dwcp"), "{dest_error}");
-    assert!(
-        !answer.is_empty(),
-        "the destination says why, inside the session"
-    );
-    good_migration(&dest, &a);
+    for receiving in BOTH {
+        eprintln!("--- destination taking sessions {receiving:?}");
+        let dest = Destination::start_as(receiving, dest_config(&b));
+        // No client certificate: the handshake fails; the client hears why.
+        let mut tls = raw_tls(dest.addr, &site, None);
+        let mut buf = [0u8; 16];
+        let client_error = tls
+            .write_all(b"x")
+            .and_then(|_| tls.flush())
+            .and_then(|_| tls.read(&mut buf).map(|_| ()))
+            .expect_err("no certificate");
+        let dest_error = dest.next().expect_err("no certificate");
+        eprintln!("no client certificate:\n  client: {client_error}\n  destination: {dest_error}");
+        assert!(
+            client_error.to_string().contains("CertificateRequired"),
+            "{client_error}"
+        );
+        assert!(
+            dest_error.contains("presented no certificate"),
+            "{dest_error}"
+        );
+        // A valid appliance that completes TLS, then sends garbage.
+        let mut tls = raw_tls(
+            dest.addr,
+            &site,
+            Some(("appliance-a.pem", "appliance-a-key.pem")),
+        );
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        tls.flush().unwrap();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer);
+        let dest_error = dest.next().expect_err("garbage");
+        eprintln!(
+            "garbage inside TLS:\n  destination: {dest_error}\n  client got {} bytes back",
+            answer.len()
+        );
+        assert!(dest_error.contains("does not speak dwcp"), "{dest_error}");
+        assert!(
+            !answer.is_empty(),
+            "the destination says why, inside the session"
+        );
+        good_migration(&dest, &a);
+    }
     eprintln!(
         "raw TLS clients took {:.1} s",
         started.elapsed().as_secs_f64()
@@ -540,47 +565,50 @@ fn tampered_and_replayed_records_end_the_session_and_a_truncated_stream_is_lost(
     let site = Site::new("mitm");
     let a = site.appliance("appliance-a", valid(), &site, &[]);
     let b = site.appliance("appliance-b", valid(), &site, &[]);
-    let dest = Destination::start(dest_config(&b));
-    let cases = [
-        (Tamper::FlipBit(100_000), "failed authentication"),
-        (Tamper::ReplayOnOtherStream, "sealed for another stream"),
-    ];
-    for (tamper, says) in cases {
-        let proxy = man_in_the_middle(dest.addr, tamper);
-        let (report, _) = migrate(proxy, &source_config(Some(&a), TransportChoice::Auto));
-        let source_error = report.expect_err("tampered");
-        let dest_error = dest.next().expect_err("tampered");
-        eprintln!("{tamper:?}:\n  source: {source_error}\n  destination: {dest_error}");
-        // The destination names stream 1 and what was wrong; the source hears it.
-        assert!(dest_error.contains("stream 1"), "{tamper:?}: {dest_error}");
-        assert!(dest_error.contains(says), "{tamper:?}: {dest_error}");
-        assert!(
-            source_error.contains(says) || source_error.contains("stream 1"),
-            "{tamper:?}: the source said {source_error}"
+    for receiving in BOTH {
+        eprintln!("--- destination taking sessions {receiving:?}");
+        let dest = Destination::start_as(receiving, dest_config(&b));
+        let cases = [
+            (Tamper::FlipBit(100_000), "failed authentication"),
+            (Tamper::ReplayOnOtherStream, "sealed for another stream"),
+        ];
+        for (tamper, says) in cases {
+            let proxy = man_in_the_middle(dest.addr, tamper);
+            let (report, _) = migrate(proxy, &source_config(Some(&a), TransportChoice::Auto));
+            let source_error = report.expect_err("tampered");
+            let dest_error = dest.next().expect_err("tampered");
+            eprintln!("{tamper:?}:\n  source: {source_error}\n  destination: {dest_error}");
+            // The destination names stream 1 and what was wrong; the source hears it.
+            assert!(dest_error.contains("stream 1"), "{tamper:?}: {dest_error}");
+            assert!(dest_error.contains(says), "{tamper:?}: {dest_error}");
+            assert!(
+                source_error.contains(says) || source_error.contains("stream 1"),
+                "{tamper:?}: the source said {source_error}"
+            );
+        }
+        // A stream cut short is a lost stream, not a corrupt one: nothing of its
+        // unfinished record was placed, and its pages go to the other streams.
+        let proxy = man_in_the_middle(dest.addr, Tamper::Truncate(100_000));
+        let (report, memory) = migrate(proxy, &source_config(Some(&a), TransportChoice::Auto));
+        let report = report.expect("a session that loses a stream carries on");
+        let received = dest.next().expect("the destination carries on");
+        eprintln!(
+            "truncated: source lost {:?}; destination lost {:?}",
+            report.transport.streams_lost, received.streams_lost
         );
+        assert!(
+            report.transport.streams_lost.iter().any(|l| l.stream == 1),
+            "{:?}",
+            report.transport.streams_lost
+        );
+        assert!(
+            received.streams_lost.iter().any(|(s, _)| *s == 1),
+            "{:?}",
+            received.streams_lost
+        );
+        assert_eq!(memory.first_difference(&received.memory), None);
+        good_migration(&dest, &a);
     }
-    // A stream cut short is a lost stream, not a corrupt one: nothing of its
-    // unfinished record was placed, and its pages go to the other streams.
-    let proxy = man_in_the_middle(dest.addr, Tamper::Truncate(100_000));
-    let (report, memory) = migrate(proxy, &source_config(Some(&a), TransportChoice::Auto));
-    let report = report.expect("a session that loses a stream carries on");
-    let received = dest.next().expect("the destination carries on");
-    eprintln!(
-        "truncated: source lost {:?}; destination lost {:?}",
-        report.transport.streams_lost, received.streams_lost
-    );
-    assert!(
-        report.transport.streams_lost.iter().any(|l| l.stream == 1),
-        "{:?}",
-        report.transport.streams_lost
-    );
-    assert!(
-        received.streams_lost.iter().any(|(s, _)| *s == 1),
-        "{:?}",
-        received.streams_lost
-    );
-    assert_eq!(memory.first_difference(&received.memory), None);
-    good_migration(&dest, &a);
     eprintln!("tampering took {:.1} s", started.elapsed().as_secs_f64());
 }
 
@@ -609,57 +637,66 @@ fn stalled_tls_handshakes_hold_up_no_one_end_at_their_deadline_and_stop_at_a_can
     // Deadlines no test waits out: were handshakes served one after another, the good
     // migration below would wait for every stalled one in turn; and only a cancel can
     // end the wait on them.
-    let dest = Destination::start(DestConfig {
-        handshake_timeout: Duration::from_secs(3600),
-        timeout: Duration::from_secs(3600),
-        ..dest_config(&b)
-    });
-    let stalled: Vec<TcpStream> = (0..8).map(|_| stalled_handshake(dest.addr)).collect();
-    // Should the stop below not end the wait, the stalled peers give up after 30 s: their
-    // handshakes then fail, and that failure is a session the destination reports.
-    let closers: Vec<TcpStream> = stalled.iter().map(|s| s.try_clone().unwrap()).collect();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(30));
-        for c in closers {
-            let _ = c.shutdown(std::net::Shutdown::Both);
-        }
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    good_migration(&dest, &a);
-    // It went through while every stalled handshake was still pending.
-    assert!(
-        stalled.iter().all(still_open),
-        "a stalled handshake was closed early"
-    );
-    // Told to stop with handshakes pending, the destination stops without waiting for
-    // any of them to end: no session ended meanwhile.
-    let stopping = Instant::now();
-    let ended = dest.stop();
-    eprintln!(
-        "stopped with 8 handshakes stalled in {:?}",
-        stopping.elapsed()
-    );
-    assert!(
-        ended.is_empty(),
-        "the stop waited for the stalled handshakes: {ended:?}"
-    );
-    drop(stalled);
-    // A stalled handshake is closed at its deadline.
-    let dest = Destination::start(DestConfig {
-        handshake_timeout: Duration::from_secs(1),
-        ..dest_config(&b)
-    });
-    let mut stalled = stalled_handshake(dest.addr);
-    stalled
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    let closed = match stalled.read(&mut [0u8; 64]) {
-        Ok(0) => true,
-        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-        Ok(_) => false,
-    };
-    assert!(closed, "the stalled handshake was not closed");
-    good_migration(&dest, &a);
+    for receiving in BOTH {
+        eprintln!("--- destination taking sessions {receiving:?}");
+        let dest = Destination::start_as(
+            receiving,
+            DestConfig {
+                handshake_timeout: Duration::from_secs(3600),
+                timeout: Duration::from_secs(3600),
+                ..dest_config(&b)
+            },
+        );
+        let stalled: Vec<TcpStream> = (0..8).map(|_| stalled_handshake(dest.addr)).collect();
+        // Should the stop below not end the wait, the stalled peers give up after 30 s: their
+        // handshakes then fail, and that failure is a session the destination reports.
+        let closers: Vec<TcpStream> = stalled.iter().map(|s| s.try_clone().unwrap()).collect();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(30));
+            for c in closers {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        good_migration(&dest, &a);
+        // It went through while every stalled handshake was still pending.
+        assert!(
+            stalled.iter().all(still_open),
+            "a stalled handshake was closed early"
+        );
+        // Told to stop with handshakes pending, the destination stops without waiting for
+        // any of them to end: no session ended meanwhile.
+        let stopping = Instant::now();
+        let ended = dest.stop();
+        eprintln!(
+            "stopped with 8 handshakes stalled in {:?}",
+            stopping.elapsed()
+        );
+        assert!(
+            ended.is_empty(),
+            "the stop waited for the stalled handshakes: {ended:?}"
+        );
+        drop(stalled);
+        // A stalled handshake is closed at its deadline.
+        let dest = Destination::start_as(
+            receiving,
+            DestConfig {
+                handshake_timeout: Duration::from_secs(1),
+                ..dest_config(&b)
+            },
+        );
+        let mut stalled = stalled_handshake(dest.addr);
+        stalled
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let closed = match stalled.read(&mut [0u8; 64]) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        };
+        assert!(closed, "the stalled handshake was not closed");
+        good_migration(&dest, &a);
+    }
     eprintln!(
         "stalled handshakes took {:.1} s",
         started.elapsed().as_secs_f64()
