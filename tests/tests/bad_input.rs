@@ -393,6 +393,35 @@ fn a_half_finished_session_gives_way_to_the_next_source() {
 }
 
 #[test]
+fn a_half_finished_session_holds_up_no_source_at_a_destination_taking_sessions_at_once() {
+    let stop = Arc::new(AtomicBool::new(false));
+    let config = DestConfig {
+        handshake_timeout: Duration::from_secs(1),
+        timeout: Duration::from_secs(3),
+        ..DestConfig::default()
+    };
+    let (addr, outcomes, dispatcher) =
+        dwcp_tests::spawn_destination_at_once(&config, 4, stop.clone());
+    // Someone's session: a hello, the welcome, then no data streams.
+    let mut control = TcpStream::connect(addr).unwrap();
+    wire::write_control(&mut control, &hello(VERSION, 42)).unwrap();
+    assert!(matches!(
+        wire::read_control(&mut control).unwrap(),
+        ControlMessage::Welcome { .. }
+    ));
+    // A real source meanwhile is served beside it, without waiting for it to give up.
+    real_source(addr).expect("the next source is served");
+    let next = || outcomes.recv_timeout(Duration::from_secs(30)).unwrap();
+    let served = next().expect("the real source's session, ended first");
+    assert_eq!(served.verified_pages, PAGES);
+    let first = next().expect_err("the half-finished session").to_string();
+    assert!(first.contains("0 of 1 data streams arrived"), "{first}");
+    // Release: pairs with the dispatcher's Acquire.
+    stop.store(true, Ordering::Release);
+    dispatcher.join().unwrap();
+}
+
+#[test]
 fn a_hello_asking_for_more_than_admitted_is_refused() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
