@@ -404,3 +404,48 @@ fn cancelled_migration_leaves_the_source_running() {
     }
     out.guest.stop();
 }
+
+#[test]
+fn a_stream_replaced_on_request_hands_its_pages_over_and_comes_back() {
+    let (source, dest) = configs();
+    let out = migrate_driven(
+        MEMORY,
+        &workload(),
+        &source,
+        &dest,
+        settings(&source),
+        |live, reports| {
+            wait_for_pages(reports);
+            live.replace_stream(1, "test: going bad");
+            live.replace_stream(9, "test: no such stream");
+            // The replacement carries it again from a round boundary on.
+            wait_for(reports, "two rounds after the request", |r| {
+                r.progress.round >= 2
+            });
+            finish(live);
+        },
+    );
+    let report = out.source.as_ref().expect("source side");
+    let received = out.dest.as_ref().expect("destination side");
+    assert_eq!(received.verified_pages, (MEMORY / 4096) as u64);
+    assert_eq!(out.memory.first_difference(&received.memory), None);
+    let lost = &report.transport.streams_lost;
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0].stream, 1);
+    assert!(
+        lost[0]
+            .reason
+            .contains("replaced as asked: test: going bad"),
+        "{lost:?}"
+    );
+    assert!(lost[0].restored_from_round.is_some(), "{lost:?}");
+    // A stream the session does not have is refused in the notes, not by failing.
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("data stream 9 not replaced") && n.contains("4 data streams")),
+        "{:?}",
+        report.notes
+    );
+}

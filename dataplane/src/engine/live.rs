@@ -111,6 +111,10 @@ pub struct LiveControl {
     active_streams: AtomicU16,
     cancel: AtomicBool,
     cancel_reason: Mutex<String>,
+    /// Data streams the slow path asked to replace, with why; `replace_asked` is set
+    /// (Release) after a push so the engine's check is one load (Acquire).
+    replacements: Mutex<Vec<(u16, String)>>,
+    replace_asked: AtomicBool,
     notes: Mutex<Vec<String>>,
     /// What the migration is doing while it sets up (before any report says more).
     activity: Mutex<String>,
@@ -138,6 +142,8 @@ impl LiveControl {
             active_streams: AtomicU16::new(0),
             cancel: AtomicBool::new(false),
             cancel_reason: Mutex::new(String::new()),
+            replacements: Mutex::new(Vec::new()),
+            replace_asked: AtomicBool::new(false),
             notes: Mutex::new(Vec::new()),
             activity: Mutex::new(String::new()),
             reports,
@@ -210,6 +216,28 @@ impl LiveControl {
     pub fn cancel(&self, reason: impl Into<String>) {
         *self.cancel_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason.into();
         self.cancel.store(true, Ordering::Release);
+    }
+
+    /// Ask the engine to give data stream `stream` up and carry it on a new connection,
+    /// as when a stream is lost (its pages go to the others at once; the replacement
+    /// comes from a new source port, which in a multipath network likely takes another
+    /// path). Not done, and said in the notes, while streams may not be lost (the
+    /// paused window, a session without that capability) or when it is the last one.
+    pub fn replace_stream(&self, stream: u16, why: impl Into<String>) {
+        self.replacements
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((stream, why.into()));
+        self.replace_asked.store(true, Ordering::Release);
+    }
+
+    /// What [`LiveControl::replace_stream`] asked since the last call (the engine's).
+    pub(crate) fn take_replacements(&self) -> Vec<(u16, String)> {
+        // Acquire: pairs with the Release in `replace_stream`.
+        if !self.replace_asked.swap(false, Ordering::Acquire) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.replacements.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The flag [`LiveControl::cancel`] sets, for waits that poll it (set with Release;

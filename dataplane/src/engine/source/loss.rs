@@ -280,6 +280,50 @@ impl Session<'_> {
         lost
     }
 
+    /// The slow path asked for stream `stream` to be replaced ([`LiveControl::replace_stream`]):
+    /// given up as a lost one, when a stream may be lost now, is not the last, and is
+    /// not gone already; otherwise said in the notes.
+    ///
+    /// [`LiveControl::replace_stream`]: crate::engine::LiveControl::replace_stream
+    pub(super) fn replace_on_request(
+        &mut self,
+        stream: u16,
+        why: String,
+    ) -> Result<(), MigrationError> {
+        let streams = self.losses.watch.len();
+        let alive = (0..streams)
+            .filter(|&s| !self.losses.gone(s as u16))
+            .count();
+        let refused = if usize::from(stream) >= streams {
+            Some(format!("the session has {streams} data streams"))
+        } else if !self.losses.allowed {
+            Some("the destination does not take a stream's loss in this session".into())
+        } else if self.losses.paused {
+            Some("the guest is paused for the switchover".into())
+        } else if self.losses.gone(stream) {
+            Some("it is being replaced already".into())
+        } else if alive < 2 {
+            Some("it is the last stream carrying pages".into())
+        } else {
+            None
+        };
+        match refused {
+            Some(why_not) => {
+                self.live_note(format!(
+                    "data stream {stream} not replaced as asked ({why}): {why_not}"
+                ));
+                Ok(())
+            }
+            None => {
+                self.live_note(format!(
+                    "data stream {stream} given up as asked ({why}): a new connection carries \
+                     it from a round boundary on"
+                ));
+                self.stream_failed(stream, format!("replaced as asked: {why}"), 0.0, false)
+            }
+        }
+    }
+
     /// Stream `stream` failed or stalled here (`worker_dropped`: its worker already
     /// dropped it).
     pub(super) fn stream_failed(

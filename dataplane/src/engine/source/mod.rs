@@ -685,6 +685,11 @@ impl<'a> Session<'a> {
             self.on_control(msg)?;
         }
         self.watch_stalls()?;
+        if let Some(live) = self.live {
+            for (stream, why) in live.take_replacements() {
+                self.replace_on_request(stream, why)?;
+            }
+        }
         if self.last_activity.elapsed() > self.config.reply_timeout {
             return Err(MigrationError::Transport(format!(
                 "no progress from workers or destination for {:?}",
