@@ -10,14 +10,23 @@
 //! The rule is the default: the learned detector does not beat it on held-out paths
 //! (`models/README.md`). Both are sans-IO functions of rows; [`PathWatch`] keeps one
 //! migration's flag, its reason and how many episodes it has seen.
+//!
+//! [`StreamWatch`] judges each data stream on its own: a stream is going bad when its
+//! own rows show it (the same z-score, at [`STREAM_ZSCORE_THRESHOLD`]) *and* it is worse
+//! than its siblings now (RTT [`PEER_RTT_RATIO`] times theirs, or an acknowledged rate
+//! [`PEER_RATE_RATIO`] of theirs). The sibling test keeps a path-wide change (every
+//! stream slowing together: the path's flag) from flagging every stream, and a stream's
+//! own swings (pages are dealt in chunks) from flagging it alone; an RTT must also be
+//! [`PEER_RTT_MIN_GAP_MS`] above theirs. No labelled
+//! per-stream recordings exist yet, so its thresholds are set, not learned.
 
-use crate::linkrec::LinkRecord;
+use crate::linkrec::{LinkRecord, StreamRecord};
 use crate::predict::{
     CardChecks, CardData, CardModel, ModelError, check_test_vectors, checked_plan, read_card,
     run_plan,
 };
 use serde::Deserialize;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use tract_onnx::prelude::TypedRunnableModel;
@@ -331,6 +340,136 @@ impl PathWatch {
     }
 }
 
+/// A stream's own z-score above which it may be flagged (its rows swing more than the
+/// path's sum).
+pub const STREAM_ZSCORE_THRESHOLD: f64 = 3.0;
+/// A stream flagged for RTT has at least this many times its siblings' median RTT...
+pub const PEER_RTT_RATIO: f64 = 1.5;
+/// ...and at least this much more (ms): on loopback or in a rack, RTTs of a tenth of a
+/// millisecond double with scheduling noise alone.
+pub const PEER_RTT_MIN_GAP_MS: f64 = 0.5;
+/// A stream flagged for its rate acknowledges at most this share of its siblings'
+/// median rate.
+pub const PEER_RATE_RATIO: f64 = 0.5;
+/// Below this median acknowledged rate (Mbit/s) the siblings are idle (between rounds,
+/// say), and no stream is judged by its rate.
+const PEER_IDLE_MBIT: f64 = 1.0;
+
+/// A migration's data streams, each watched against its own history and its siblings
+/// (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct StreamWatch {
+    rows: BTreeMap<u16, VecDeque<LinkRecord>>,
+    /// Flagged streams: since when (row time) and why.
+    flagged: BTreeMap<u16, (f64, String)>,
+    episodes: u64,
+}
+
+fn median(mut xs: Vec<f64>) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(f64::total_cmp);
+    Some(xs[xs.len() / 2])
+}
+
+impl StreamWatch {
+    /// Take each stream's part of a row; returns the streams a new episode began on,
+    /// with why.
+    pub fn push(&mut self, rows: &[StreamRecord]) -> Vec<(u16, String)> {
+        for r in rows {
+            let window = self.rows.entry(r.stream).or_default();
+            if window.len() == HISTORY {
+                window.pop_front();
+            }
+            // The path detector's statistic, on this stream's figures.
+            window.push_back(LinkRecord {
+                t: r.t,
+                acked_mbit: r.acked_mbit,
+                delivery_mbit: r.delivery_mbit,
+                rtt_ms: r.rtt_ms,
+                rttvar_ms: r.rttvar_ms,
+                retrans: r.retrans,
+                segments: r.segments,
+                ..LinkRecord::default()
+            });
+        }
+        // A stream gone from the report (lost, or the count lowered) is no longer watched.
+        let present: Vec<u16> = rows.iter().map(|r| r.stream).collect();
+        self.rows.retain(|s, _| present.contains(s));
+        self.flagged.retain(|s, _| present.contains(s));
+        let recent = |w: &VecDeque<LinkRecord>, f: fn(&LinkRecord) -> f64| {
+            mean(w.iter().rev().take(RECENT).map(f))
+        };
+        let judged: Vec<(u16, f64, f64)> = self
+            .rows
+            .iter()
+            .filter(|(_, w)| w.len() >= RECENT)
+            .map(|(s, w)| (*s, recent(w, |r| r.rtt_ms), recent(w, |r| r.acked_mbit)))
+            .collect();
+        let mut began = Vec::new();
+        for (stream, window) in &mut self.rows {
+            let verdict = (window.len() == HISTORY)
+                .then(|| {
+                    let others = || judged.iter().filter(|(s, _, _)| s != stream);
+                    if others().count() < 2 {
+                        return None;
+                    }
+                    let (z, what) = zscore(window.make_contiguous());
+                    if z <= STREAM_ZSCORE_THRESHOLD {
+                        return None;
+                    }
+                    let rtt = recent(window, |r| r.rtt_ms);
+                    let rate = recent(window, |r| r.acked_mbit);
+                    let peer_rtt = median(others().map(|o| o.1).filter(|&r| r > 0.0).collect())?;
+                    let peer_rate = median(others().map(|o| o.2).collect())?;
+                    if rtt > PEER_RTT_RATIO * peer_rtt && rtt - peer_rtt > PEER_RTT_MIN_GAP_MS {
+                        Some(format!(
+                            "{what} {z:.1} sd; RTT {rtt:.1} ms against {peer_rtt:.1} ms on the \
+                             other streams"
+                        ))
+                    } else if peer_rate > PEER_IDLE_MBIT && rate < PEER_RATE_RATIO * peer_rate {
+                        Some(format!(
+                            "{what} {z:.1} sd; {rate:.1} Mbit/s acknowledged against \
+                             {peer_rate:.1} on the other streams"
+                        ))
+                    } else {
+                        None
+                    }
+                })
+                .flatten();
+            match verdict {
+                Some(why) => {
+                    let t = window.back().map_or(0.0, |r| r.t);
+                    let since = match self.flagged.get(stream) {
+                        Some((since, _)) => *since,
+                        None => {
+                            self.episodes += 1;
+                            began.push((*stream, why.clone()));
+                            t
+                        }
+                    };
+                    self.flagged.insert(*stream, (since, why));
+                }
+                None => {
+                    self.flagged.remove(stream);
+                }
+            }
+        }
+        began
+    }
+
+    /// The streams flagged now: since when (seconds on the recorder's clock) and why.
+    pub fn flagged(&self) -> &BTreeMap<u16, (f64, String)> {
+        &self.flagged
+    }
+
+    /// Episodes flagged so far, over all streams.
+    pub fn episodes(&self) -> u64 {
+        self.episodes
+    }
+}
+
 /// How a detector did on labelled rows, episode by episode.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Judgement {
@@ -434,6 +573,77 @@ pub fn judge(recordings: &[(Vec<f64>, Vec<bool>, Vec<bool>)], grace_s: f64) -> J
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows for four streams at `t`: each at `rate` Mbit/s and `rtt` ms, with a little
+    /// noise, then `change` applied to each (stream id, rate, rtt).
+    fn streams_at(t: usize, change: impl Fn(u16, f64, f64) -> (f64, f64)) -> Vec<StreamRecord> {
+        (0..4u16)
+            .map(|s| {
+                let wobble = ((t * 7 + usize::from(s) * 3) % 5) as f64 / 5.0;
+                let (rate, rtt) = change(s, 100.0 + 4.0 * wobble, 10.0 + 0.4 * wobble);
+                StreamRecord {
+                    t: t as f64 * 0.3,
+                    stream: s,
+                    acked_mbit: rate,
+                    rtt_ms: rtt,
+                    ..StreamRecord::default()
+                }
+            })
+            .collect()
+    }
+
+    /// A watch fed `HISTORY - RECENT` steady rows, then `RECENT` rows changed by
+    /// `change`; the streams flagged at the end.
+    fn watch_through(change: impl Fn(u16, f64, f64) -> (f64, f64)) -> (StreamWatch, Vec<u16>) {
+        let mut watch = StreamWatch::default();
+        for t in 0..HISTORY - RECENT {
+            assert!(watch.push(&streams_at(t, |_, r, d| (r, d))).is_empty());
+        }
+        for t in HISTORY - RECENT..HISTORY {
+            watch.push(&streams_at(t, &change));
+        }
+        let flagged = watch.flagged().keys().copied().collect();
+        (watch, flagged)
+    }
+
+    #[test]
+    fn one_stream_going_bad_is_flagged_and_the_path_going_bad_flags_none() {
+        // One stream's RTT quadruples: that stream, for its RTT.
+        let (watch, flagged) = watch_through(|s, r, d| if s == 2 { (r, 4.0 * d) } else { (r, d) });
+        assert_eq!(flagged, [2]);
+        let why = &watch.flagged()[&2].1;
+        assert!(
+            why.contains("RTT rose") && why.contains("other streams"),
+            "{why}"
+        );
+        assert_eq!(watch.episodes(), 1);
+        // One stream's rate falls to a tenth: that stream, for its rate.
+        let (watch, flagged) = watch_through(|s, r, d| if s == 1 { (r / 10.0, d) } else { (r, d) });
+        assert_eq!(flagged, [1]);
+        assert!(watch.flagged()[&1].1.contains("acknowledged rate fell"));
+        // Every stream's RTT quadruples at once: the path's matter, no stream's.
+        let (_, flagged) = watch_through(|_, r, d| (r, 4.0 * d));
+        assert!(flagged.is_empty(), "{flagged:?}");
+        // Every stream idle (between rounds): nothing.
+        let (_, flagged) = watch_through(|_, _, d| (0.0, d));
+        assert!(flagged.is_empty(), "{flagged:?}");
+    }
+
+    #[test]
+    fn a_flag_keeps_its_start_and_a_stream_gone_from_the_report_is_forgotten() {
+        let bad = |s: u16, r: f64, d: f64| if s == 3 { (r, 5.0 * d) } else { (r, d) };
+        let (mut watch, flagged) = watch_through(bad);
+        assert_eq!(flagged, [3]);
+        let since = watch.flagged()[&3].0;
+        // Still bad a row later: the same episode, from the same start.
+        assert!(watch.push(&streams_at(HISTORY, bad)).is_empty());
+        assert_eq!((watch.flagged()[&3].0, watch.episodes()), (since, 1));
+        // Stream 3 lost: no longer reported, no longer flagged.
+        let mut rows = streams_at(HISTORY + 1, bad);
+        rows.retain(|r| r.stream != 3);
+        watch.push(&rows);
+        assert!(watch.flagged().is_empty());
+    }
 
     /// The model shipped in `models/anomaly`.
     fn shipped_dir() -> std::path::PathBuf {

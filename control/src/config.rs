@@ -470,6 +470,11 @@ pub struct ControlSection {
     /// stream's part of them in `migration-ID-streams.csv`), when it ends: recordings
     /// of an appliance's own paths to judge or retrain the models on.
     pub record_links: Option<PathBuf>,
+    /// Give up a data stream the anomaly detector flags (on its own and against the
+    /// migration's other streams) and carry it on a new connection, as a lost one is.
+    /// Off by default: the per-stream thresholds are set, not learned from labelled
+    /// recordings.
+    pub replace_flagged_streams: bool,
 }
 
 impl Default for ControlSection {
@@ -485,6 +490,7 @@ impl Default for ControlSection {
             link_model: None,
             anomaly_model: None,
             record_links: None,
+            replace_flagged_streams: false,
         }
     }
 }

@@ -11,7 +11,7 @@
 //! never waits on either (a slow client waits on its own thread, a lagging report is
 //! dropped by the engine). Every 100 ms it also checks the flags file.
 
-use crate::anomaly::{AnomalyModel, DEFAULT_ZSCORE_THRESHOLD, Detector, PathWatch};
+use crate::anomaly::{AnomalyModel, DEFAULT_ZSCORE_THRESHOLD, Detector, PathWatch, StreamWatch};
 use crate::call::{Call, ServerCounters, call};
 use crate::cluster::Command as ClusterCommand;
 use crate::cluster::member::{Member, ReadKind, WriteKind};
@@ -319,30 +319,45 @@ impl PathModels {
             },
             forecast: None,
             watch: PathWatch::new(self.detector.clone()),
+            streams: StreamWatch::default(),
         }
     }
 }
 
+/// What a report told about a migration's path: the reason, when the path began an
+/// anomaly episode; and the streams that began one, with theirs.
+#[derive(Default)]
+struct PathNews {
+    path: Option<String>,
+    streams: Vec<(u16, String)>,
+}
+
 /// One migration's path as the control thread sees it: its reports as link rows, the
 /// forecast made from them (with the acknowledged rate it was made at), and whether
-/// the path is going bad.
+/// the path, or one of its data streams, is going bad.
 struct PathView {
     rows: LinkRecorder,
     forecaster: LinkForecaster,
     forecast: Option<(f64, Forecast)>,
     watch: PathWatch,
+    streams: StreamWatch,
 }
 
 impl PathView {
-    /// Take a report; the reason, when it begins an anomaly episode.
-    fn observe(&mut self, progress: &Progress, at: Instant) -> Option<&str> {
-        let row = self.rows.observe(progress, at)?;
+    /// Take a report; what began an anomaly episode with it.
+    fn observe(&mut self, progress: &Progress, at: Instant) -> PathNews {
+        let Some(row) = self.rows.observe(progress, at) else {
+            return PathNews::default();
+        };
         self.forecaster.push(row);
         self.forecast = self.forecaster.forecast().map(|f| (row.acked_mbit, f));
-        if self.watch.push(row) {
-            self.watch.flagged().map(|(_, why)| why.as_str())
-        } else {
-            None
+        PathNews {
+            path: self
+                .watch
+                .push(row)
+                .then(|| self.watch.flagged().map(|(_, why)| why.clone()))
+                .flatten(),
+            streams: self.streams.push(self.rows.last_streams()),
         }
     }
 
@@ -639,6 +654,19 @@ impl ControlState {
                 .filter(|_| m.state == "running")
                 .map(|(since, why)| format!("going bad since {since:.1} s: {why}")),
             path_anomalies: m.path.watch.episodes(),
+            stream_flags: m
+                .path
+                .streams
+                .flagged()
+                .iter()
+                .filter(|_| m.state == "running")
+                .map(|(&stream, (since, why))| dwcp_api::StreamFlagInfo {
+                    stream,
+                    since_s: *since,
+                    why: why.clone(),
+                })
+                .collect(),
+            stream_anomalies: m.path.streams.episodes(),
             appliance: None,
             downtime_ms: m.report.as_ref().map(|r| r.measured_downtime * 1e3),
             verified_pages: m.report.as_ref().map(|r| r.verified_pages),
@@ -1595,8 +1623,19 @@ impl ControlState {
         let Some(m) = self.migrations.get_mut(&r.migration) else {
             return;
         };
-        if let Some(why) = m.path.observe(&r.progress, r.at) {
+        let news = m.path.observe(&r.progress, r.at);
+        if let Some(why) = news.path {
             eprintln!("dwcpd: migration {}: its path is going bad: {why}", m.id);
+        }
+        for (stream, why) in news.streams {
+            eprintln!(
+                "dwcpd: migration {}: data stream {stream} is going bad: {why}",
+                m.id
+            );
+            if self.config.control.replace_flagged_streams {
+                m.live
+                    .replace_stream(stream, format!("flagged going bad: {why}"));
+            }
         }
         let sample = m.link.sample(&r.progress, r.at, self.started);
         m.latest = Some(r.progress);

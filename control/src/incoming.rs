@@ -257,6 +257,8 @@ fn info(id: u64, m: &Incoming, mode: &str) -> MigrationInfo {
         link_forecast: None,
         path_flag: None,
         path_anomalies: 0,
+        stream_flags: Vec::new(),
+        stream_anomalies: 0,
         appliance: None,
         state: m.state.into(),
         phase: if m.state == "running" {

@@ -134,6 +134,8 @@ pub struct LinkRecorder {
     /// retransmitted, D-SACKed and sent.
     stream_marks: std::collections::HashMap<u16, (u64, u32, u32, u32)>,
     stream_rows: Vec<StreamRecord>,
+    /// Each stream's part of the last row handed out (kept or not).
+    last_streams: Vec<StreamRecord>,
     /// Whether rows are kept (for [`LinkRecorder::to_csv`]) or only handed out.
     keep: bool,
 }
@@ -150,6 +152,7 @@ impl LinkRecorder {
             rows: Vec::new(),
             stream_marks: std::collections::HashMap::new(),
             stream_rows: Vec::new(),
+            last_streams: Vec::new(),
             keep: true,
         }
     }
@@ -172,7 +175,8 @@ impl LinkRecorder {
 
     /// Each stream's part of the row that ends at `t` (`span` long), and the marks for
     /// the next.
-    fn keep_streams(&mut self, progress: &Progress, t: f64, span: Duration) {
+    fn measure_streams(&mut self, progress: &Progress, t: f64, span: Duration) {
+        self.last_streams.clear();
         for s in &progress.streams {
             let Some(tcp) = s.tcp else { continue };
             let now = (
@@ -192,7 +196,7 @@ impl LinkRecorder {
                 .1
                 .saturating_sub(before.1)
                 .saturating_sub(now.2.saturating_sub(before.2));
-            self.stream_rows.push(StreamRecord {
+            self.last_streams.push(StreamRecord {
                 t,
                 stream: s.stream,
                 acked_mbit: now.0.saturating_sub(before.0) as f64 * 8.0 / span.as_secs_f64() / 1e6,
@@ -205,6 +209,14 @@ impl LinkRecorder {
                 notsent_kib: f64::from(tcp.notsent_bytes) / 1024.0,
             });
         }
+        if self.keep {
+            self.stream_rows.extend_from_slice(&self.last_streams);
+        }
+    }
+
+    /// Each stream's part of the last row [`LinkRecorder::observe`] handed out.
+    pub fn last_streams(&self) -> &[StreamRecord] {
+        &self.last_streams
     }
 
     /// Every stream's rows so far as CSV, header first (kept rows only).
@@ -227,9 +239,7 @@ impl LinkRecorder {
         let acked: u64 = tcp().map(|t| t.bytes_acked).sum();
         let sent = progress.stream_bytes();
         let Some((since, acked_before, sent_before)) = self.mark else {
-            if self.keep {
-                self.keep_streams(progress, 0.0, Duration::ZERO);
-            }
+            self.measure_streams(progress, 0.0, Duration::ZERO);
             self.mark = Some((at, acked, sent));
             return None;
         };
@@ -264,8 +274,8 @@ impl LinkRecorder {
         };
         if self.keep {
             self.rows.push(row);
-            self.keep_streams(progress, row.t, span);
         }
+        self.measure_streams(progress, row.t, span);
         self.mark = Some((at, acked, sent));
         Some(row)
     }

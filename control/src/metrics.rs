@@ -349,6 +349,31 @@ pub fn render(s: &Snapshot) -> String {
         &per(&|m| f64::from(u8::from(m.info.path_flag.is_some()))),
     );
     family(
+        "dwcp_migration_stream_anomalies_total",
+        "counter",
+        "Episodes flagged on single data streams of the migration.",
+        &per(&|m| m.info.stream_anomalies as f64),
+    );
+    let flagged_streams: Vec<(String, f64)> = s
+        .migrations
+        .iter()
+        .flat_map(|m| {
+            m.info.stream_flags.iter().map(move |f| {
+                (
+                    format!("{{migration=\"{}\",stream=\"{}\"}}", m.info.id, f.stream),
+                    1.0,
+                )
+            })
+        })
+        .collect();
+    family(
+        "dwcp_migration_stream_flagged",
+        "gauge",
+        "1 for each data stream the anomaly detector flags as going bad (on its own and \
+         against the migration's other streams); absent otherwise.",
+        &flagged_streams,
+    );
+    family(
         "dwcp_migration_sent_bytes_total",
         "counter",
         "Bytes handed to the kernel on data streams.",

@@ -944,3 +944,102 @@ fn the_destination_receives_migrations_at_once_and_one_beyond_max_sessions_hears
         started.elapsed().as_secs_f64()
     );
 }
+
+#[test]
+fn a_data_stream_going_bad_is_flagged_and_carried_on_a_new_connection() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let begun = Instant::now();
+    let d = start_with("stream-flag", |c| c.control.replace_flagged_streams = true);
+    // A relay in front of the daemon's migration port that, once told, slows the first
+    // connection of data stream 1 to a trickle (its replacement goes through untouched).
+    let slow = Arc::new(AtomicBool::new(false));
+    let slowing = slow.clone();
+    let relay = dwcp_tests::relay_to(d.listen_addr, move |client, server| {
+        let mut first = [0u8; dwcp_dataplane::wire::STREAM_HELLO_LEN];
+        let victim = client.peek(&mut first).ok() == Some(first.len())
+            && first[..4] == dwcp_dataplane::wire::STREAM_MAGIC
+            && u16::from_le_bytes([first[6], first[7]]) == 1
+            && first[26..28] == [0, 0];
+        let back = (server.try_clone().unwrap(), client.try_clone().unwrap());
+        std::thread::spawn(move || dwcp_tests::pipe(back.0, back.1));
+        if !victim {
+            dwcp_tests::pipe(client, server);
+            return;
+        }
+        let (mut from, mut to) = (client, server);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            // Acquire: pairs with the test's Release store.
+            let trickle = slowing.load(Ordering::Acquire);
+            let want = if trickle { 4 << 10 } else { buf.len() };
+            match from.read(&mut buf[..want]) {
+                Ok(n) if n > 0 && to.write_all(&buf[..n]).is_ok() => {}
+                _ => break,
+            }
+            if trickle {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    let r = d.call(Command::Set(SetOptions {
+        pacing_rate: Some(HOLDING_CAP),
+        ..SetOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    let done: Done = d
+        .call(Command::Migrate(dwcp_api::MigrateOptions {
+            peer: relay.to_string(),
+            downtime_ms: Some(1),
+            ..Default::default()
+        }))
+        .into_result()
+        .unwrap();
+    let id = done.id.unwrap();
+    let migration = |d: &Daemon| migrations(d).into_iter().find(|m| m.id == id).unwrap();
+    // Long enough for every stream's history (16 rows of about 0.3 s), then the trickle.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while migration(&d).elapsed_seconds < 6.0 {
+        assert!(Instant::now() < deadline, "{:?}", migration(&d));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Printed, not asserted: a loaded machine may slow any stream for a moment.
+    eprintln!(
+        "stream anomalies before the trickle: {}",
+        migration(&d).stream_anomalies
+    );
+    // Release: pairs with the relay's Acquire.
+    slow.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let m = migration(&d);
+        if m.notes
+            .iter()
+            .any(|n| n.starts_with("data stream 1 given up as asked"))
+        {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "never flagged: {m:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("flagged and replaced: {:?}", m.notes);
+    assert!(m.stream_anomalies >= 1, "{m:?}");
+    let note = m
+        .notes
+        .iter()
+        .find(|n| n.starts_with("data stream 1 given up as asked"))
+        .unwrap();
+    assert!(note.contains("on the other streams"), "{note}");
+    let metrics: dwcp_api::MetricsText = d.call(Command::Metrics).into_result().unwrap();
+    assert!(
+        metrics.text.lines().any(|l| l.starts_with(&format!(
+            "dwcp_migration_stream_anomalies_total{{migration=\"{id}\"}}"
+        )) && !l.ends_with(" 0")),
+        "{}",
+        metrics.text
+    );
+    finish_verified(&d, id);
+    d.stop();
+    eprintln!("stream flag test: {:.1} s", begun.elapsed().as_secs_f64());
+}

@@ -452,10 +452,28 @@ pub struct MigrationInfo {
     /// Episodes the anomaly detector flagged on its path so far.
     #[serde(default)]
     pub path_anomalies: u64,
+    /// The data streams flagged as going bad now, on their own and against the others
+    /// (running outgoing migrations).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stream_flags: Vec<StreamFlagInfo>,
+    /// Episodes flagged on single data streams so far.
+    #[serde(default)]
+    pub stream_anomalies: u64,
     /// Another cluster member's migration: the member it runs on (absent for this
     /// appliance's own). It has only what the cluster records of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub appliance: Option<u64>,
+}
+
+/// A data stream flagged as going bad.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamFlagInfo {
+    /// The stream's id.
+    pub stream: u16,
+    /// Since when, seconds into the migration.
+    pub since_s: f64,
+    /// Why.
+    pub why: String,
 }
 
 /// A forecast of a migration's link.

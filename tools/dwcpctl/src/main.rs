@@ -572,6 +572,17 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                 } else if m.path_anomalies > 0 {
                     outln!("    path: {} episodes flagged", m.path_anomalies);
                 }
+                for f in &m.stream_flags {
+                    outln!(
+                        "    stream {}: going bad since {:.1} s: {}",
+                        f.stream,
+                        f.since_s,
+                        f.why
+                    );
+                }
+                if m.stream_flags.is_empty() && m.stream_anomalies > 0 {
+                    outln!("    streams: {} episodes flagged", m.stream_anomalies);
+                }
                 if let Some(vm) = &m.vm {
                     outln!(
                         "    VM {:?} (QEMU {}), RAM {}: {}",
@@ -922,6 +933,8 @@ mod tests {
             link_forecast: None,
             path_flag: None,
             path_anomalies: 0,
+            stream_flags: Vec::new(),
+            stream_anomalies: 0,
             appliance: None,
         }
     }
