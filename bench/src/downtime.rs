@@ -60,7 +60,7 @@ fn demo(change: impl FnOnce(&mut Config)) -> Result<MigrationReport, String> {
 fn parts(r: &MigrationReport) -> String {
     let (e, m) = (&r.downtime.estimated, &r.downtime.measured);
     format!(
-        "collect {:.2}/{:.2}, send {} pages {:.2}/{:.2}, confirm {:.2}/{:.2}, pause -/{:.2} ms; rounds (pages, zero, KiB, ms) {:?}",
+        "collect {:.2}/{:.2}, send {} pages {:.2}/{:.2}, confirm {:.2}/{:.2}, pause -/{:.2} ms; {} page faults in the window; rounds (pages, zero, KiB, ms) {:?}",
         e.collect * 1e3,
         m.collect * 1e3,
         e.pages,
@@ -69,6 +69,7 @@ fn parts(r: &MigrationReport) -> String {
         e.confirm * 1e3,
         m.confirm * 1e3,
         m.pause * 1e3,
+        m.page_faults,
         r.rounds
             .iter()
             .map(|x| (

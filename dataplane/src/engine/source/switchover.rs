@@ -118,6 +118,7 @@ impl Session<'_> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Outcome, MigrationError> {
         let t0 = Instant::now();
+        let faults_before = process_page_faults();
         // SAFETY: the guest is paused (the caller paused it and waits for us), so
         // nothing writes its memory while the dirty log reads it.
         unsafe { dirty_log.collect_paused(&mut final_set)? };
@@ -207,6 +208,7 @@ impl Session<'_> {
             verdict_at = running_at;
         }
         let confirm = verdict_at.duration_since(t2).as_secs_f64() - verify;
+        let page_faults = process_page_faults().saturating_sub(faults_before);
         // The destination runs the guest now. The workers' last counters (codec and
         // zero-copy figures for the report) come with their end, just after.
         self.last_activity = Instant::now();
@@ -235,6 +237,7 @@ impl Session<'_> {
                 verify,
                 device_state,
                 total: 0.0,
+                page_faults,
             },
             verdict_at,
             verified_pages,
@@ -472,4 +475,16 @@ impl Session<'_> {
             }
         }
     }
+}
+
+/// Page faults (minor and major) this process has taken so far.
+fn process_page_faults() -> u64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is a writable rusage the call fills.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+        return 0;
+    }
+    // SAFETY: getrusage succeeded, so it filled `usage`.
+    let usage = unsafe { usage.assume_init() };
+    (usage.ru_minflt + usage.ru_majflt) as u64
 }
