@@ -347,6 +347,18 @@ fn a_silent_connection_holds_up_no_migration() {
     assert_eq!(received.verified_pages, PAGES);
 }
 
+/// Open a session at `addr` (a hello, its welcome) and open none of its data streams;
+/// its control connection, to hold open.
+fn half_open_session(addr: SocketAddr) -> TcpStream {
+    let mut control = TcpStream::connect(addr).unwrap();
+    wire::write_control(&mut control, &hello(VERSION, 42)).unwrap();
+    assert!(matches!(
+        wire::read_control(&mut control).unwrap(),
+        ControlMessage::Welcome { .. }
+    ));
+    control
+}
+
 #[test]
 fn a_half_finished_session_gives_way_to_the_next_source() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -377,12 +389,7 @@ fn a_half_finished_session_gives_way_to_the_next_source() {
         )
     });
     // Someone's session: a hello, the welcome, then no data streams.
-    let mut control = TcpStream::connect(addr).unwrap();
-    wire::write_control(&mut control, &hello(VERSION, 42)).unwrap();
-    assert!(matches!(
-        wire::read_control(&mut control).unwrap(),
-        ControlMessage::Welcome { .. }
-    ));
+    let _control = half_open_session(addr);
     // A real source meanwhile: its control connection is not taken for a data stream
     // of the first session; it waits its turn.
     real_source(addr).expect("the next source is served");
@@ -403,12 +410,7 @@ fn a_half_finished_session_holds_up_no_source_at_a_destination_taking_sessions_a
     let (addr, outcomes, dispatcher) =
         dwcp_tests::spawn_destination_at_once(&config, 4, stop.clone());
     // Someone's session: a hello, the welcome, then no data streams.
-    let mut control = TcpStream::connect(addr).unwrap();
-    wire::write_control(&mut control, &hello(VERSION, 42)).unwrap();
-    assert!(matches!(
-        wire::read_control(&mut control).unwrap(),
-        ControlMessage::Welcome { .. }
-    ));
+    let _control = half_open_session(addr);
     // A real source meanwhile is served beside it, without waiting for it to give up.
     real_source(addr).expect("the next source is served");
     let next = || outcomes.recv_timeout(Duration::from_secs(30)).unwrap();
