@@ -308,10 +308,12 @@ impl Port for Lane {
         )
     }
 
+    /// New sessions are the dispatcher's to admit, not this session's to turn away: what
+    /// a lane turns away is only its own source's early resume, with its own reason.
     fn turn_away(
         &mut self,
         _handshake: Duration,
-        reason: &str,
+        _reason: &str,
         hold_controls: bool,
     ) -> Vec<(TcpStream, [u8; STREAM_HELLO_LEN])> {
         self.take_resumes();
@@ -320,7 +322,10 @@ impl Port for Lane {
             // source gave up on connections this side still has). Told `busy`, the
             // source tries again.
             let refusal = ControlMessage::Refused {
-                reason: reason.to_string(),
+                reason: format!(
+                    "{BUSY} this destination still hears from the session's source on its \
+                     old connections; try again shortly"
+                ),
             };
             for (_, mut opened) in self.held.drain(..) {
                 let _ = opened.control.send(&refusal);
