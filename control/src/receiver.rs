@@ -126,7 +126,14 @@ impl DestThread<'_> {
         let never = AtomicBool::new(false);
         let mut loaded_at: Option<Instant> = None;
         std::thread::scope(|scope| {
-            while !self.shutdown.load(Ordering::Acquire) {
+            loop {
+                // Stopping, the dispatcher goes on while sessions drain: their data
+                // streams (a session still opening its last ones) and resumes come
+                // through it. New sessions are refused meanwhile.
+                let stopping = self.shutdown.load(Ordering::Acquire);
+                if stopping && ports.lanes() == 0 {
+                    break;
+                }
                 if !Self::readable(listener) && !ports.has_pending() {
                     continue;
                 }
@@ -147,6 +154,10 @@ impl DestThread<'_> {
                 ) else {
                     continue;
                 };
+                if stopping {
+                    lane.refuse("this destination is shutting down");
+                    continue;
+                }
                 let number = lane.number();
                 let progress = Arc::new(ReceiveProgress::default());
                 let cancel = self.cancel.start(number, &progress);

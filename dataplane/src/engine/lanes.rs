@@ -222,6 +222,14 @@ impl Lane {
         self.number
     }
 
+    /// Turn the connection that opened this lane away with `reason`, running no session
+    /// on it (a destination shutting down).
+    pub fn refuse(mut self, reason: &str) {
+        if let Some((_, opening)) = self.first.take() {
+            refuse_opening(opening, reason);
+        }
+    }
+
     /// Take what was passed on without waiting.
     fn take_resumes(&mut self) {
         while let Ok(r) = self.resumes.try_recv() {
