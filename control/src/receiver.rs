@@ -134,7 +134,9 @@ impl DestThread<'_> {
                 if stopping && ports.lanes() == 0 {
                     break;
                 }
-                if !Self::readable(listener) && !ports.has_pending() {
+                // Pending connections first: a stream accepted before its hello came must
+                // not wait out the listener's poll.
+                if !ports.has_pending() && !Self::readable(listener) {
                     continue;
                 }
                 // Loaded for a session that comes to an idle destination, as one at a
@@ -207,7 +209,7 @@ impl DestThread<'_> {
         let mut gate = Acceptor::new(listener);
         let mut number = 0;
         while !self.shutdown.load(Ordering::Acquire) {
-            if !Self::readable(listener) && !gate.has_pending() {
+            if !gate.has_pending() && !Self::readable(listener) {
                 continue;
             }
             self.reload_identity();

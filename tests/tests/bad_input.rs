@@ -476,3 +476,46 @@ fn cancel_interrupts_a_wait_for_the_source() {
     let err = dest.join().unwrap().unwrap_err();
     assert!(err.contains("cancelled at the destination"), "{err}");
 }
+
+#[test]
+fn a_destination_cancelled_while_streams_connect_tells_the_source_why() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dest_addr = listener.local_addr().unwrap();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let cancelled = cancel.clone();
+    let dest = std::thread::spawn(move || {
+        engine::receive_cancellable(
+            &listener,
+            DestMemory::Allocate(PagePreference::Small),
+            &DestConfig::default(),
+            &cancelled,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    });
+    // Stream 1's hello is held back: the destination waits for it when cancelled.
+    let relay = dwcp_tests::relay_to(dest_addr, |client, server| {
+        let mut first = [0u8; wire::STREAM_HELLO_LEN];
+        let held = client.peek(&mut first).ok() == Some(first.len())
+            && first[..4] == wire::STREAM_MAGIC
+            && u16::from_le_bytes([first[6], first[7]]) == 1;
+        if held {
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        let back = (server.try_clone().unwrap(), client.try_clone().unwrap());
+        std::thread::spawn(move || dwcp_tests::pipe(back.0, back.1));
+        dwcp_tests::pipe(client, server);
+    });
+    let source = std::thread::spawn(move || real_source(relay).map_err(|e| e.to_string()));
+    std::thread::sleep(Duration::from_millis(500));
+    cancel.store(true, Ordering::Release);
+    let dest = dest.join().unwrap().expect_err("cancelled");
+    let source = source.join().unwrap().expect_err("the destination gave up");
+    eprintln!("destination: {dest}\nsource: {source}");
+    assert!(dest.contains("cancelled at the destination"), "{dest}");
+    // Not "unexpected control message": the source names the destination's reason.
+    assert!(
+        source.contains("destination aborted: ") && source.contains("cancelled at the destination"),
+        "{source}"
+    );
+}

@@ -703,7 +703,10 @@ impl<'a> Session<'a> {
     fn on_control(&mut self, msg: ControlMessage) -> Result<(), MigrationError> {
         match msg {
             ControlMessage::RoundApplied { round, .. } => self.round_applied(round),
-            ControlMessage::Abort { message, .. } => {
+            // A destination that gives the session up before it runs (cancelled while
+            // its data streams were still connecting, say) refuses it instead: the same
+            // end, with its reason.
+            ControlMessage::Abort { message, .. } | ControlMessage::Refused { reason: message } => {
                 return Err(MigrationError::Transport(format!(
                     "destination aborted: {message}"
                 )));
