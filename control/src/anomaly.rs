@@ -355,6 +355,48 @@ pub const PEER_RATE_RATIO: f64 = 0.5;
 /// say), and no stream is judged by its rate.
 const PEER_IDLE_MBIT: f64 = 1.0;
 
+/// A stream's figures over its last [`RECENT`] rows.
+struct Recent {
+    stream: u16,
+    rtt_ms: f64,
+    acked_mbit: f64,
+}
+
+/// Whether `stream` (its last [`HISTORY`] rows in `window`) is going bad, on its own and
+/// against its siblings' `recents`, and why.
+fn judge_stream(stream: u16, window: &[LinkRecord], recents: &[Recent]) -> Option<String> {
+    let own = recents.iter().find(|r| r.stream == stream)?;
+    let others: Vec<&Recent> = recents.iter().filter(|r| r.stream != stream).collect();
+    if others.len() < 2 {
+        return None;
+    }
+    let (z, what) = zscore(window);
+    if z <= STREAM_ZSCORE_THRESHOLD {
+        return None;
+    }
+    let (rtt, rate) = (own.rtt_ms, own.acked_mbit);
+    let peer_rtt = median(
+        others
+            .iter()
+            .map(|o| o.rtt_ms)
+            .filter(|&r| r > 0.0)
+            .collect(),
+    )?;
+    let peer_rate = median(others.iter().map(|o| o.acked_mbit).collect())?;
+    if rtt > PEER_RTT_RATIO * peer_rtt && rtt - peer_rtt > PEER_RTT_MIN_GAP_MS {
+        Some(format!(
+            "{what} {z:.1} sd; RTT {rtt:.1} ms against {peer_rtt:.1} ms on the other streams"
+        ))
+    } else if peer_rate > PEER_IDLE_MBIT && rate < PEER_RATE_RATIO * peer_rate {
+        Some(format!(
+            "{what} {z:.1} sd; {rate:.1} Mbit/s acknowledged against {peer_rate:.1} on the \
+             other streams"
+        ))
+    } else {
+        None
+    }
+}
+
 /// A migration's data streams, each watched against its own history and its siblings
 /// (see the module docs).
 #[derive(Debug, Clone, Default)]
@@ -401,43 +443,23 @@ impl StreamWatch {
         let recent = |w: &VecDeque<LinkRecord>, f: fn(&LinkRecord) -> f64| {
             mean(w.iter().rev().take(RECENT).map(f))
         };
-        let judged: Vec<(u16, f64, f64)> = self
+        let recents: Vec<Recent> = self
             .rows
             .iter()
             .filter(|(_, w)| w.len() >= RECENT)
-            .map(|(s, w)| (*s, recent(w, |r| r.rtt_ms), recent(w, |r| r.acked_mbit)))
+            .map(|(s, w)| Recent {
+                stream: *s,
+                rtt_ms: recent(w, |r| r.rtt_ms),
+                acked_mbit: recent(w, |r| r.acked_mbit),
+            })
             .collect();
         let mut began = Vec::new();
         for (stream, window) in &mut self.rows {
-            let verdict = (window.len() == HISTORY)
-                .then(|| {
-                    let others = || judged.iter().filter(|(s, _, _)| s != stream);
-                    if others().count() < 2 {
-                        return None;
-                    }
-                    let (z, what) = zscore(window.make_contiguous());
-                    if z <= STREAM_ZSCORE_THRESHOLD {
-                        return None;
-                    }
-                    let rtt = recent(window, |r| r.rtt_ms);
-                    let rate = recent(window, |r| r.acked_mbit);
-                    let peer_rtt = median(others().map(|o| o.1).filter(|&r| r > 0.0).collect())?;
-                    let peer_rate = median(others().map(|o| o.2).collect())?;
-                    if rtt > PEER_RTT_RATIO * peer_rtt && rtt - peer_rtt > PEER_RTT_MIN_GAP_MS {
-                        Some(format!(
-                            "{what} {z:.1} sd; RTT {rtt:.1} ms against {peer_rtt:.1} ms on the \
-                             other streams"
-                        ))
-                    } else if peer_rate > PEER_IDLE_MBIT && rate < PEER_RATE_RATIO * peer_rate {
-                        Some(format!(
-                            "{what} {z:.1} sd; {rate:.1} Mbit/s acknowledged against \
-                             {peer_rate:.1} on the other streams"
-                        ))
-                    } else {
-                        None
-                    }
-                })
-                .flatten();
+            let verdict = if window.len() == HISTORY {
+                judge_stream(*stream, window.make_contiguous(), &recents)
+            } else {
+                None
+            };
             match verdict {
                 Some(why) => {
                     let t = window.back().map_or(0.0, |r| r.t);

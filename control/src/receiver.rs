@@ -120,6 +120,20 @@ impl DestThread<'_> {
         }
     }
 
+    /// Session `number` begins (into `vm`, if any): its progress and cancel flag, which
+    /// the control thread is given.
+    fn begin(&self, number: u64, vm: Option<String>) -> (Arc<ReceiveProgress>, Arc<AtomicBool>) {
+        let progress = Arc::new(ReceiveProgress::default());
+        let cancel = self.cancel.start(number, &progress);
+        let _ = self.events.send(IncomingEvent::Started {
+            session: number,
+            progress: progress.clone(),
+            cancel: cancel.clone(),
+            vm,
+        });
+        (progress, cancel)
+    }
+
     /// Sessions into this process's memory, several at once.
     fn at_once(&mut self, listener: &TcpListener) {
         let mut ports = SessionPorts::new(listener, self.app_config.dest.max_sessions);
@@ -161,14 +175,7 @@ impl DestThread<'_> {
                     continue;
                 }
                 let number = lane.number();
-                let progress = Arc::new(ReceiveProgress::default());
-                let cancel = self.cancel.start(number, &progress);
-                let _ = self.events.send(IncomingEvent::Started {
-                    session: number,
-                    progress: progress.clone(),
-                    cancel: cancel.clone(),
-                    vm: None,
-                });
+                let (progress, cancel) = self.begin(number, None);
                 let config = self.config.clone();
                 let (events, sessions) = (self.events, self.cancel);
                 let spawned = std::thread::Builder::new()
@@ -183,20 +190,12 @@ impl DestThread<'_> {
                         );
                         // Its routes and admitted memory go before it is reported.
                         drop(lane);
-                        sessions.end(number);
                         let outcome = outcome(&progress, result.map_err(|e| (e.to_string(), e)));
-                        let _ = events.send(IncomingEvent::Ended {
-                            session: number,
-                            result: outcome,
-                        });
+                        end(sessions, events, number, outcome);
                     });
                 if let Err(e) = spawned {
                     eprintln!("dwcpd: cannot start a thread for an incoming session: {e}");
-                    self.cancel.end(number);
-                    let _ = self.events.send(IncomingEvent::Ended {
-                        session: number,
-                        result: Err("no thread".into()),
-                    });
+                    end(self.cancel, self.events, number, Err("no thread".into()));
                 }
             }
         });
@@ -226,14 +225,8 @@ impl DestThread<'_> {
                 None => None,
             };
             number += 1;
-            let progress = Arc::new(ReceiveProgress::default());
-            let session_cancel = self.cancel.start(number, &progress);
-            let _ = self.events.send(IncomingEvent::Started {
-                session: number,
-                progress: progress.clone(),
-                cancel: session_cancel.clone(),
-                vm: self.vm_qmp.as_ref().map(|p| p.display().to_string()),
-            });
+            let vm = self.vm_qmp.as_ref().map(|p| p.display().to_string());
+            let (progress, session_cancel) = self.begin(number, vm);
             let config = &self.config;
             let result = match received_into {
                 Some((mut vm, memory)) => {
@@ -263,14 +256,24 @@ impl DestThread<'_> {
                     Err(e) => Err((e.clone(), MigrationError::Config(e))),
                 },
             };
-            self.cancel.end(number);
-            let outcome = outcome(&progress, result);
-            let _ = self.events.send(IncomingEvent::Ended {
-                session: number,
-                result: outcome,
-            });
+            end(self.cancel, self.events, number, outcome(&progress, result));
         }
     }
+}
+
+/// Session `number` ended with `result`: its cancel flag goes, and the control thread
+/// hears it.
+fn end(
+    sessions: &DestCancel,
+    events: &Sender<IncomingEvent>,
+    number: u64,
+    result: Result<Received, String>,
+) {
+    sessions.end(number);
+    let _ = events.send(IncomingEvent::Ended {
+        session: number,
+        result,
+    });
 }
 
 /// What a session's result tells the control thread (and the log).

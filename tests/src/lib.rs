@@ -81,6 +81,29 @@ pub fn relay_to(
     addr
 }
 
+/// The data stream a relayed connection opens, as `(stream id, generation)`, read from
+/// its hello without taking it off the socket (the layout of
+/// [`dwcp_dataplane::wire::StreamHello::encode`]); `None` for any other connection.
+pub fn peek_stream_hello(client: &TcpStream) -> Option<(u16, u16)> {
+    let mut hello = [0u8; dwcp_dataplane::wire::STREAM_HELLO_LEN];
+    let whole = client.peek(&mut hello).ok() == Some(hello.len());
+    (whole && hello[..4] == dwcp_dataplane::wire::STREAM_MAGIC).then(|| {
+        (
+            u16::from_le_bytes([hello[6], hello[7]]),
+            u16::from_le_bytes([hello[26], hello[27]]),
+        )
+    })
+}
+
+/// A relay's way back: copy `server` to `client` on a thread of its own.
+pub fn pipe_back(client: &TcpStream, server: &TcpStream) {
+    let (from, to) = (
+        server.try_clone().expect("relay socket"),
+        client.try_clone().expect("relay socket"),
+    );
+    std::thread::spawn(move || pipe(from, to));
+}
+
 /// Copy `from` to `to` until `from` ends, then end `to`'s writing side.
 pub fn pipe(mut from: TcpStream, mut to: TcpStream) {
     let mut buf = vec![0u8; 64 << 10];

@@ -453,8 +453,9 @@ fn a_hello_asking_for_more_than_admitted_is_refused() {
     assert!(dest.join().unwrap().unwrap_err().contains("max_memory"));
 }
 
-#[test]
-fn cancel_interrupts_a_wait_for_the_source() {
+/// A destination receiving one session until its flag is set: its address, the flag
+/// and its outcome.
+fn cancellable_destination() -> (SocketAddr, Arc<AtomicBool>, JoinHandle<Result<(), String>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let cancel = Arc::new(AtomicBool::new(false));
@@ -469,6 +470,12 @@ fn cancel_interrupts_a_wait_for_the_source() {
         .map(|_| ())
         .map_err(|e| e.to_string())
     });
+    (addr, cancel, dest)
+}
+
+#[test]
+fn cancel_interrupts_a_wait_for_the_source() {
+    let (addr, cancel, dest) = cancellable_destination();
     // Someone connects and says nothing; nobody else comes.
     let _silent = TcpStream::connect(addr).unwrap();
     std::thread::sleep(Duration::from_millis(100));
@@ -479,31 +486,13 @@ fn cancel_interrupts_a_wait_for_the_source() {
 
 #[test]
 fn a_destination_cancelled_while_streams_connect_tells_the_source_why() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dest_addr = listener.local_addr().unwrap();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let cancelled = cancel.clone();
-    let dest = std::thread::spawn(move || {
-        engine::receive_cancellable(
-            &listener,
-            DestMemory::Allocate(PagePreference::Small),
-            &DestConfig::default(),
-            &cancelled,
-        )
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-    });
+    let (dest_addr, cancel, dest) = cancellable_destination();
     // Stream 1's hello is held back: the destination waits for it when cancelled.
     let relay = dwcp_tests::relay_to(dest_addr, |client, server| {
-        let mut first = [0u8; wire::STREAM_HELLO_LEN];
-        let held = client.peek(&mut first).ok() == Some(first.len())
-            && first[..4] == wire::STREAM_MAGIC
-            && u16::from_le_bytes([first[6], first[7]]) == 1;
-        if held {
+        if dwcp_tests::peek_stream_hello(&client).is_some_and(|(stream, _)| stream == 1) {
             std::thread::sleep(Duration::from_secs(3));
         }
-        let back = (server.try_clone().unwrap(), client.try_clone().unwrap());
-        std::thread::spawn(move || dwcp_tests::pipe(back.0, back.1));
+        dwcp_tests::pipe_back(&client, &server);
         dwcp_tests::pipe(client, server);
     });
     let source = std::thread::spawn(move || real_source(relay).map_err(|e| e.to_string()));

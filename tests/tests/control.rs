@@ -956,13 +956,8 @@ fn a_data_stream_going_bad_is_flagged_and_carried_on_a_new_connection() {
     let slow = Arc::new(AtomicBool::new(false));
     let slowing = slow.clone();
     let relay = dwcp_tests::relay_to(d.listen_addr, move |client, server| {
-        let mut first = [0u8; dwcp_dataplane::wire::STREAM_HELLO_LEN];
-        let victim = client.peek(&mut first).ok() == Some(first.len())
-            && first[..4] == dwcp_dataplane::wire::STREAM_MAGIC
-            && u16::from_le_bytes([first[6], first[7]]) == 1
-            && first[26..28] == [0, 0];
-        let back = (server.try_clone().unwrap(), client.try_clone().unwrap());
-        std::thread::spawn(move || dwcp_tests::pipe(back.0, back.1));
+        let victim = dwcp_tests::peek_stream_hello(&client) == Some((1, 0));
+        dwcp_tests::pipe_back(&client, &server);
         if !victim {
             dwcp_tests::pipe(client, server);
             return;

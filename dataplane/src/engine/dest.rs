@@ -778,10 +778,11 @@ struct Coordinator<'p> {
     received: Vec<(u64, u64)>,
     progress: &'p ReceiveProgress,
     progress_at: Instant,
-    /// Where connections arrive: new sessions are turned away (busy) while this one
-    /// runs, replacements and resumes come in.
+    /// Where connections arrive: replacements and resumes come in; on a gate of its
+    /// own, new sessions are turned away (busy) while this one runs (a lane leaves them
+    /// to its dispatcher).
     gate: &'p mut dyn Port,
-    /// What a new session hears meanwhile.
+    /// What a new session hears meanwhile (on a gate of its own).
     busy: String,
     handshake_timeout: Duration,
     /// Capabilities granted.

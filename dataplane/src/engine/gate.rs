@@ -559,13 +559,19 @@ impl Port for Acceptor<'_> {
     }
 
     fn admit(&mut self, bytes: u64, max_memory: Option<u64>) -> Result<(), MigrationError> {
-        match max_memory {
-            Some(max) if bytes > max => Err(MigrationError::RefusedSource(format!(
-                "guest memory of {bytes} bytes is more than this destination admits ({max} \
-                 bytes, [dest] max_memory)"
-            ))),
-            _ => Ok(()),
-        }
+        within_max_memory(bytes, max_memory)
+    }
+}
+
+/// Refused when a guest of `bytes` is more than `max_memory` on its own (whatever else
+/// is received meanwhile).
+pub(super) fn within_max_memory(bytes: u64, max_memory: Option<u64>) -> Result<(), MigrationError> {
+    match max_memory {
+        Some(max) if bytes > max => Err(MigrationError::RefusedSource(format!(
+            "guest memory of {bytes} bytes is more than this destination admits ({max} \
+             bytes, [dest] max_memory)"
+        ))),
+        _ => Ok(()),
     }
 }
 

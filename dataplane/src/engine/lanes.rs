@@ -16,7 +16,7 @@
 //! are bounded too (they hold a thread each): past [`OPENING_LANES`] more, a new control
 //! connection is told `busy` at once.
 
-use super::gate::{Acceptor, Arrival, Opening, Port};
+use super::gate::{Acceptor, Arrival, Opening, Port, within_max_memory};
 use super::handshake::OpenedControl;
 use super::{BUSY, MigrationError};
 use crate::security::Identity;
@@ -398,13 +398,13 @@ impl Port for Lane {
 
     fn admit(&mut self, bytes: u64, max_memory: Option<u64>) -> Result<(), MigrationError> {
         let mut book = self.shared.book();
-        let others: u64 = book
+        // The other sessions' count and memory (this lane's own, if admitted before, is
+        // replaced).
+        let (sessions, others) = book
             .admitted
             .iter()
             .filter(|(lane, _)| **lane != self.number)
-            .map(|(_, b)| *b)
-            .sum();
-        let sessions = book.admitted.keys().filter(|l| **l != self.number).count();
+            .fold((0, 0u64), |(n, sum), (_, b)| (n + 1, sum + b));
         if sessions >= self.shared.max_sessions {
             return Err(MigrationError::RefusedSource(format!(
                 "{BUSY} this destination is receiving {sessions} migrations, as many as it \
@@ -412,21 +412,15 @@ impl Port for Lane {
                 self.shared.max_sessions
             )));
         }
-        if let Some(max) = max_memory {
-            if bytes > max {
-                return Err(MigrationError::RefusedSource(format!(
-                    "guest memory of {bytes} bytes is more than this destination admits \
-                     ({max} bytes, [dest] max_memory)"
-                )));
-            }
-            if bytes.saturating_add(others) > max {
-                return Err(MigrationError::RefusedSource(format!(
-                    "{BUSY} guest memory of {bytes} bytes, with the {others} bytes admitted to \
-                     the migrations it is receiving ({sessions}), is more than this \
-                     destination admits ({max} bytes, [dest] max_memory); try again once one \
-                     has finished"
-                )));
-            }
+        within_max_memory(bytes, max_memory)?;
+        if let Some(max) = max_memory
+            && bytes.saturating_add(others) > max
+        {
+            return Err(MigrationError::RefusedSource(format!(
+                "{BUSY} guest memory of {bytes} bytes, with the {others} bytes admitted to \
+                 the migrations it is receiving ({sessions}), is more than this destination \
+                 admits ({max} bytes, [dest] max_memory); try again once one has finished"
+            )));
         }
         book.admitted.insert(self.number, bytes);
         Ok(())
