@@ -115,6 +115,9 @@ pub struct LiveControl {
     /// (Release) after a push so the engine's check is one load (Acquire).
     replacements: Mutex<Vec<(u16, String)>>,
     replace_asked: AtomicBool,
+    /// The slow path's forecast of the path's rate, bytes per second, as `f64` bits
+    /// (0: none), for the planner's downtime estimate.
+    path_rate: AtomicU64,
     notes: Mutex<Vec<String>>,
     /// What the migration is doing while it sets up (before any report says more).
     activity: Mutex<String>,
@@ -144,6 +147,7 @@ impl LiveControl {
             cancel_reason: Mutex::new(String::new()),
             replacements: Mutex::new(Vec::new()),
             replace_asked: AtomicBool::new(false),
+            path_rate: AtomicU64::new(0),
             notes: Mutex::new(Vec::new()),
             activity: Mutex::new(String::new()),
             reports,
@@ -238,6 +242,24 @@ impl LiveControl {
             return Vec::new();
         }
         std::mem::take(&mut *self.replacements.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Tell the planner what the path will carry over the next second, bytes per second
+    /// (`None`: no forecast). Its downtime estimate then never prices the final round
+    /// faster than that; see [`crate::engine::precopy`].
+    pub fn set_path_rate(&self, bytes_per_second: Option<f64>) {
+        let bits = bytes_per_second
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .map_or(0, f64::to_bits);
+        self.path_rate.store(bits, Ordering::Relaxed);
+    }
+
+    /// What [`LiveControl::set_path_rate`] said last.
+    pub fn path_rate(&self) -> Option<f64> {
+        match self.path_rate.load(Ordering::Relaxed) {
+            0 => None,
+            bits => Some(f64::from_bits(bits)),
+        }
     }
 
     /// The flag [`LiveControl::cancel`] sets, for waits that poll it (set with Release;

@@ -19,7 +19,11 @@
 //!   in), the per-round overhead the least any of them showed beyond its bytes at that
 //!   rate, and the bytes from the last round's bytes per page with content (the pages
 //!   a guest dirties are seldom zero, even where memory is). See [`fit_send_model`]
-//!   for when the fit is a line and when the rounds taken together;
+//!   for when the fit is a line and when the rounds taken together. When the control
+//!   thread forecasts the path's rate ([`Planner::set_path_rate`]), the send is never
+//!   less than the final round's bytes at that rate: late rounds are small enough to
+//!   sit in the socket buffers, so their send times say how fast the kernel takes
+//!   bytes, not how fast a long, slow path delivers them;
 //! - **confirm**: from the last byte in the kernel to the destination's verdict, a
 //!   round trip: the quickest acknowledgement of a round or ping on the control stream
 //!   seen in the session;
@@ -31,11 +35,14 @@
 //! do, and a sample the scheduler delayed says little about the switchover, which runs
 //! with the guest paused and nothing else of the migration in flight.
 //!
-//! The engine asks once more as the guest pauses, after the last pre-copy round is
-//! acknowledged: by then a round trip measured with nothing in flight has reached
-//! [`Planner::round_trip`], and the pages are those dirty at the decision plus what the
-//! guest wrote, at its recent rate, while that round settled. That second estimate is
-//! the one reported against the measured downtime.
+//! The engine asks once more as the guest pauses ([`Planner::estimate_at_pause`]),
+//! after the last pre-copy round is acknowledged: the pages are those dirty at the
+//! decision plus what the guest wrote, at its recent rate, while that round settled,
+//! and the confirm part is the round trip just measured with nothing in flight when
+//! that is far above the quickest (the path is slower now: cross traffic, losses).
+//! That second estimate is the one reported against the measured downtime. When it is
+//! over the limit the engine does not pause: it sends another round and asks again (at
+//! most three times, then the switchover goes ahead), and the report says so.
 //!
 //! The planner never switches over right after round 0, even when the estimate fits:
 //! that round moves all of memory (zero pages, cold caches, a destination still
@@ -67,6 +74,10 @@ const COLLECT_WINDOW: usize = 4;
 /// The bytes per page of a final round never go below this share of a raw page (a round
 /// of zero pages costs little, the next may not).
 const MIN_PAGE_SHARE: f64 = 0.1;
+
+/// How far a round trip must exceed twice the quickest to say the path is slower,
+/// not the machine busier ([`Planner::estimate_at_pause`]).
+const SLOWER_PATH_MARGIN: f64 = 0.005;
 
 /// What the planner works towards.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,8 +126,11 @@ pub struct DowntimeEstimate {
     pub pages: u64,
     /// The final dirty-log collection.
     pub collect: f64,
-    /// Handing the final round to the kernel.
+    /// Handing the final round to the kernel, or, when slower, carrying it at the
+    /// forecast path rate.
     pub send: f64,
+    /// The forecast path rate the send was priced at too, bytes per second (0: none).
+    pub path_rate: f64,
     /// The destination receiving the rest, checking the table digest and answering.
     pub confirm: f64,
     /// Checking all of memory (full verification only).
@@ -168,6 +182,8 @@ pub struct Planner {
     /// Each collection reads all of memory (CRC rescans): its cost does not shrink
     /// with the dirty set.
     collect_reads_memory: bool,
+    /// The control thread's forecast of the path's rate, bytes per second.
+    path_rate: Option<f64>,
     previous_dirty: u64,
     stuck: u32,
     throttle: u32,
@@ -184,6 +200,7 @@ impl Planner {
             rtt: None,
             collects: VecDeque::new(),
             collect_reads_memory: false,
+            path_rate: None,
             previous_dirty: u64::MAX,
             stuck: 0,
             throttle: 0,
@@ -199,6 +216,12 @@ impl Planner {
     /// collection costs what the quickest recent one did, not a line's intercept.
     pub fn set_collect_reads_memory(&mut self, reads_memory: bool) {
         self.collect_reads_memory = reads_memory;
+    }
+
+    /// The control thread's forecast of what the path will carry over the next second,
+    /// bytes per second (`None`: no forecast, the send is priced by the rounds alone).
+    pub fn set_path_rate(&mut self, bytes_per_second: Option<f64>) {
+        self.path_rate = bytes_per_second.filter(|r| r.is_finite() && *r > 0.0);
     }
 
     /// The limit in force.
@@ -240,7 +263,8 @@ impl Planner {
         let send = if pages == 0 {
             0.0
         } else {
-            overhead + bytes / rate
+            let by_path = self.path_rate.map_or(0.0, |path| bytes / path);
+            (overhead + bytes / rate).max(by_path)
         };
         // A round trip: the quickest acknowledgement of a round or ping seen. (An
         // acknowledgement of a large round also holds the time its bytes took to drain
@@ -265,10 +289,27 @@ impl Planner {
             pages,
             collect,
             send,
+            path_rate: self.path_rate.unwrap_or(0.0),
             confirm,
             verify,
             total: collect + send + confirm + verify,
         }
+    }
+
+    /// What the switchover costs as the guest pauses, with `pages` dirty and a round
+    /// trip of `quiet_rtt` seconds measured just before with nothing in flight.
+    ///
+    /// The confirm part is the quickest round trip seen, as in [`Planner::estimate`],
+    /// unless the quiet one is over twice that plus 5 ms: more than the scheduler's
+    /// delays on a busy machine (1-5 ms here), so the path itself is slower now
+    /// (queues behind cross traffic, losses), and the switchover will see it.
+    pub fn estimate_at_pause(&self, pages: u64, quiet_rtt: f64) -> DowntimeEstimate {
+        let mut e = self.estimate(pages);
+        if quiet_rtt.is_finite() && quiet_rtt > 2.0 * e.confirm + SLOWER_PATH_MARGIN {
+            e.total += quiet_rtt - e.confirm;
+            e.confirm = quiet_rtt;
+        }
+        e
     }
 
     /// Round `m` is done: decide.
@@ -744,6 +785,70 @@ mod tests {
         // After the drop the fitted rate follows the recent rounds.
         let (rate, _) = dropping.send_model();
         assert!(rate < 1e9, "rate {rate}");
+    }
+
+    #[test]
+    fn a_path_forecast_prices_a_round_the_socket_buffers_would_hide() {
+        // Small rounds go into the socket buffers at 2 GB/s; the path behind them
+        // carries 25 MB/s (200 Mbit/s).
+        let mut p = Planner::new(config(300));
+        for r in 1..=3 {
+            p.round_done(round(r, 500, 2e9, 0.0005, 1.0));
+        }
+        let blind = p.estimate(2_000);
+        assert!(blind.send < 0.01 && blind.path_rate == 0.0, "{blind:?}");
+        p.set_path_rate(Some(25e6));
+        let priced = p.estimate(2_000);
+        let at_path = 2_000.0 * PAGE / 25e6;
+        assert!((priced.send - at_path).abs() < 1e-9, "{priced:?}");
+        assert_eq!(priced.path_rate, 25e6);
+        // It only ever adds: a fast path leaves the rounds' own figure.
+        p.set_path_rate(Some(1e12));
+        assert_eq!(p.estimate(2_000).send, blind.send);
+        // Nothing to send costs nothing, and a forecast that is no rate is none.
+        assert_eq!(p.estimate(0).send, 0.0);
+        p.set_path_rate(Some(f64::NAN));
+        assert_eq!(p.estimate(2_000), blind);
+        // The decision follows: 2 000 pages fit 300 ms by the rounds alone, not at
+        // the path's pace (328 ms).
+        let m = round(4, 500, 2e9, 0.0005, 1.0);
+        let m = RoundMeasurement {
+            dirtied_pages: 2_000,
+            ..m
+        };
+        let mut priced_planner = p.clone();
+        priced_planner.set_path_rate(Some(25e6));
+        assert!(matches!(
+            p.clone().round_done(m).decision,
+            Decision::SwitchOver
+        ));
+        assert!(matches!(
+            priced_planner.round_done(m).decision,
+            Decision::Continue { .. }
+        ));
+    }
+
+    #[test]
+    fn a_round_trip_far_above_the_quickest_at_the_pause_is_the_confirm() {
+        let mut p = Planner::new(config(300));
+        p.round_trip(0.040);
+        p.round_trip(0.055);
+        p.round_done(round(1, 500, 1e8, 0.0, 1.0));
+        let usual = p.estimate(100);
+        assert_eq!(usual.confirm, 0.040);
+        // A busy machine's delay, or a path a little slower: the quickest stands.
+        assert_eq!(p.estimate_at_pause(100, 0.084), usual);
+        // Over twice the quickest and 5 ms: the path is slower now.
+        let slow = p.estimate_at_pause(100, 0.600);
+        assert_eq!(slow.confirm, 0.600);
+        assert!(
+            (slow.total - (usual.total + 0.560)).abs() < 1e-12,
+            "{slow:?}"
+        );
+        // On loopback, 0.2 ms against 0.1 is the scheduler, not the path.
+        let mut lo = Planner::new(config(20));
+        lo.round_trip(0.0001);
+        assert_eq!(lo.estimate_at_pause(10, 0.004), lo.estimate(10));
     }
 
     #[test]

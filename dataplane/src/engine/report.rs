@@ -544,11 +544,19 @@ impl fmt::Display for MigrationReport {
         )?;
         writeln!(
             f,
-            "  paused window, estimated / measured ms: collect {:.1} / {:.1}, send {} pages {:.1} / {:.1}, confirm {:.1} / {:.1}{}; pause {:.2}; {} page faults",
+            "  paused window, estimated / measured ms: collect {:.1} / {:.1}, send {} pages {:.1}{} / {:.1}, confirm {:.1} / {:.1}{}; pause {:.2}; {} page faults",
             d.estimated.collect * 1e3,
             d.measured.collect * 1e3,
             d.estimated.pages,
             d.estimated.send * 1e3,
+            if d.estimated.path_rate > 0.0 {
+                format!(
+                    " (path forecast {:.0} Mbit/s)",
+                    d.estimated.path_rate * 8e-6
+                )
+            } else {
+                String::new()
+            },
             d.measured.send * 1e3,
             d.estimated.confirm * 1e3,
             d.measured.confirm * 1e3,

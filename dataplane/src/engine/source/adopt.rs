@@ -27,6 +27,7 @@ impl Session<'_> {
                 rounds: self.current_round,
             });
         }
+        self.planner.set_path_rate(live.path_rate());
         if let Some(epoch) = live.newer_than(self.adopted_epoch) {
             self.adopt(&epoch.settings);
             self.adopted_epoch = epoch.number;

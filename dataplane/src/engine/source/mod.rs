@@ -116,6 +116,11 @@ impl Default for SourceConfig {
 /// Longest wait, after an abort, for the destination to close its control stream.
 const ABORT_LINGER: Duration = Duration::from_millis(500);
 
+/// How many times a decided switchover may be put off because the estimate, made
+/// again as the guest was to pause, rose over the limit (each costs one more round);
+/// past that the switchover goes ahead.
+const MAX_POSTPONED_SWITCHOVERS: u32 = 3;
+
 /// How often the source pings the destination on the control stream.
 const PING_INTERVAL: Duration = Duration::from_millis(250);
 /// Pages per command batch before waking a worker.
@@ -238,6 +243,10 @@ struct Session<'a> {
     latest_progress: Option<Progress>,
     last_report: Instant,
     estimated_downtime: Option<Duration>,
+    /// Switchovers decided, then postponed as the guest was to pause (the estimate
+    /// had risen over the limit), and the last one's reason.
+    postponed_switchovers: u32,
+    postponed: Option<String>,
     /// What setup found and how the transport changed since, for the report.
     transport_notes: Vec<String>,
     /// How the session is secured (`None`: plain).
@@ -647,6 +656,8 @@ impl<'a> Session<'a> {
             latest_progress: None,
             last_report: now,
             estimated_downtime: None,
+            postponed_switchovers: 0,
+            postponed: None,
             transport_notes: notes,
             security,
             live_notes: Vec::new(),
@@ -1270,7 +1281,7 @@ impl<'a> Session<'a> {
                     self.report_progress("settle", progress);
                     let settle_start = Instant::now();
                     match self.settle_before_pause(&mut next, round) {
-                        Ok(()) => {
+                        Ok(quiet_rtt) => {
                             // Estimated again as the guest pauses: the confirm part
                             // from the quiet round trip just measured, and the final
                             // round also holding what the guest wrote, at its recent
@@ -1278,12 +1289,34 @@ impl<'a> Session<'a> {
                             let settled = settle_start.elapsed().as_secs_f64();
                             let written = self.totals.dirty_rate / PAGE_SIZE as f64 * settled;
                             let mut plan = plan;
-                            plan.estimate = self
-                                .planner
-                                .estimate(plan.estimate.pages + written.round() as u64);
+                            plan.estimate = self.planner.estimate_at_pause(
+                                plan.estimate.pages + written.round() as u64,
+                                quiet_rtt,
+                            );
                             self.estimated_downtime =
                                 Some(Duration::from_secs_f64(plan.estimate.total));
-                            break (next, plan);
+                            let limit = self.planner.downtime_limit();
+                            if plan.estimate.total <= limit.as_secs_f64()
+                                || self.postponed_switchovers >= MAX_POSTPONED_SWITCHOVERS
+                            {
+                                if let Some(postponed) = &self.postponed {
+                                    plan.why.push_str(&format!("; {postponed}"));
+                                }
+                                break (next, plan);
+                            }
+                            // The path slowed, or the guest wrote much while the round
+                            // settled: pausing now would overrun the limit. Another
+                            // round instead, and the planner decides again (a few
+                            // times: on a path that stays slow the decision stands).
+                            let count = self.postponed_switchovers + 1;
+                            self.postponed_switchovers = count;
+                            self.postponed = Some(format!(
+                                "switchover postponed {count}× (the last: round {round} settled in {:.0} ms with a round trip of {:.1} ms; the estimate rose to {:.1} ms, over the {:.0} ms limit)",
+                                settled * 1e3,
+                                quiet_rtt * 1e3,
+                                plan.estimate.total * 1e3,
+                                limit.as_secs_f64() * 1e3
+                            ));
                         }
                         Err(e) => {
                             let missing = self.resume_session(round, &dirty, e)?;

@@ -290,11 +290,14 @@ impl Session<'_> {
     /// (its pages join the final round). A stream that stopped moving is caught here,
     /// with the guest running, not inside the paused window; and the final round's
     /// confirmation waits for nothing of an earlier round.
+    ///
+    /// Returns the round trip of a ping sent once the round settled (the wait, when
+    /// no answer came within it): the path as the switchover would find it.
     pub(super) fn settle_before_pause(
         &mut self,
         final_set: &mut DirtyBitmap,
         last_round: u64,
-    ) -> Result<(), MigrationError> {
+    ) -> Result<f64, MigrationError> {
         self.last_activity = Instant::now();
         while self.losses.unsettled() || self.applied_round.is_none_or(|r| r < last_round) {
             self.pump()?;
@@ -306,19 +309,24 @@ impl Session<'_> {
         // sides busy measure the rounds (on this 2-core machine 1-5 ms where the
         // paused window's confirmation took 0.1-0.8). A destination slow to answer
         // costs at most the wait below and leaves the estimate as it was.
-        let probe = self.ping(Instant::now())?;
-        let deadline = Instant::now() + PROBE_WAIT;
+        let sent = Instant::now();
+        let probe = self.ping(sent)?;
+        let deadline = sent + PROBE_WAIT;
         while self.pings.answered < probe && Instant::now() < deadline {
             self.pump()?;
             std::thread::sleep(Duration::from_micros(50));
         }
+        let quiet_rtt = match self.pings.rtt {
+            Some(rtt) if self.pings.answered >= probe => rtt.as_secs_f64(),
+            _ => sent.elapsed().as_secs_f64(),
+        };
         if let Some(carried) = self.losses.carry.take() {
             final_set.union_with(&carried);
         }
         if let Some(resend) = self.resend.take() {
             final_set.union_with(&resend);
         }
-        Ok(())
+        Ok(quiet_rtt)
     }
 
     /// After a good verdict: wait until the destination's guest runs.
