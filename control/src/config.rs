@@ -475,6 +475,13 @@ pub struct ControlSection {
     /// Off by default: the per-stream thresholds are set, not learned from labelled
     /// recordings.
     pub replace_flagged_streams: bool,
+    /// Tell each migration's pre-copy planner what its path will carry over the next
+    /// second (the link model's forecast when one is loaded, else the EWMA's, made
+    /// from the spans where the migration had pages waiting), so the downtime estimate
+    /// never prices the final round faster than the path. Off by default: on migrations
+    /// across the held-out traces it changed the outcome of one or two runs in six,
+    /// too few to judge it by (`ml/downtime-misses-vs-ewma`, `models/README.md`).
+    pub forecast_path_rate: bool,
 }
 
 impl Default for ControlSection {
@@ -491,6 +498,7 @@ impl Default for ControlSection {
             anomaly_model: None,
             record_links: None,
             replace_flagged_streams: false,
+            forecast_path_rate: false,
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::flags::{Components, FlagStore};
 use crate::incoming::{IncomingBook, IncomingEvent};
 use crate::linkrec::LinkRecorder;
 use crate::mode::{DetectorConfig, LinkMeter, Mode, ModeDetector, policy_for};
-use crate::predict::{DEFAULT_EWMA_WEIGHT, Forecast, LinkForecaster, LinkModel};
+use crate::predict::{DEFAULT_EWMA_WEIGHT, Forecast, LinkForecaster, LinkModel, PathRateForecast};
 use crate::qemu::QemuSource;
 use crate::receiver::{DestCancel, DestThread};
 use crate::runner::{self, Run, RunningGuest};
@@ -303,6 +303,14 @@ impl PathModels {
         }
     }
 
+    /// The link model's forecaster, else the EWMA.
+    fn forecaster(&self) -> LinkForecaster {
+        match &self.link_model {
+            Some(m) => LinkForecaster::with_model(m.clone()),
+            None => LinkForecaster::rule(DEFAULT_EWMA_WEIGHT),
+        }
+    }
+
     /// A new migration's view of its path; its rows kept for `record_links` when
     /// `keep_rows`.
     fn view(&self, keep_rows: bool) -> PathView {
@@ -313,11 +321,9 @@ impl PathModels {
             } else {
                 LinkRecorder::passing(now)
             },
-            forecaster: match &self.link_model {
-                Some(m) => LinkForecaster::with_model(m.clone()),
-                None => LinkForecaster::rule(DEFAULT_EWMA_WEIGHT),
-            },
+            forecaster: self.forecaster(),
             forecast: None,
+            path_rate: PathRateForecast::new(self.forecaster()),
             watch: PathWatch::new(self.detector.clone()),
             streams: StreamWatch::default(),
         }
@@ -339,6 +345,8 @@ struct PathView {
     rows: LinkRecorder,
     forecaster: LinkForecaster,
     forecast: Option<(f64, Forecast)>,
+    /// The path's rate for the planner (`[control] forecast_path_rate`).
+    path_rate: PathRateForecast,
     watch: PathWatch,
     streams: StreamWatch,
 }
@@ -346,9 +354,11 @@ struct PathView {
 impl PathView {
     /// Take a report; what began an anomaly episode with it.
     fn observe(&mut self, progress: &Progress, at: Instant) -> PathNews {
+        self.path_rate.report(progress);
         let Some(row) = self.rows.observe(progress, at) else {
             return PathNews::default();
         };
+        self.path_rate.row(row);
         self.forecaster.push(row);
         self.forecast = self.forecaster.forecast().map(|f| (row.acked_mbit, f));
         PathNews {
@@ -669,6 +679,13 @@ impl ControlState {
             stream_anomalies: m.path.streams.episodes(),
             appliance: None,
             downtime_ms: m.report.as_ref().map(|r| r.measured_downtime * 1e3),
+            estimated_downtime_ms: m.report.as_ref().map(|r| r.estimated_downtime * 1e3),
+            estimate_path_mbit: m
+                .report
+                .as_ref()
+                .map(|r| r.downtime.estimated.path_rate * 8e-6)
+                .filter(|mbit| *mbit > 0.0),
+            switchover: m.report.as_ref().map(|r| r.switchover_reason.clone()),
             verified_pages: m.report.as_ref().map(|r| r.verified_pages),
             audit_mismatched: m
                 .report
@@ -1624,6 +1641,9 @@ impl ControlState {
             return;
         };
         let news = m.path.observe(&r.progress, r.at);
+        if self.config.control.forecast_path_rate {
+            m.live.set_path_rate(m.path.path_rate.bytes_per_second());
+        }
         if let Some(why) = news.path {
             eprintln!("dwcpd: migration {}: its path is going bad: {why}", m.id);
         }

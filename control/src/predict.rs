@@ -15,6 +15,7 @@
 //! Nothing here is linked by the fast path: it runs on the control thread only.
 
 use crate::linkrec::LinkRecord;
+use dwcp_dataplane::engine::Progress;
 use serde::Deserialize;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -535,6 +536,78 @@ impl LinkForecaster {
     }
 }
 
+/// Whether a report shows the migration with pages of its round not yet handed to the
+/// workers: it was sending as fast as the path (or the machine) let it.
+pub fn pages_waiting(progress: &Progress) -> bool {
+    progress.phase == "precopy" && progress.round_pages_queued < progress.round_pages
+}
+
+/// The path's rate ahead, for the pre-copy planner's downtime estimate
+/// ([`LiveControl::set_path_rate`](dwcp_dataplane::engine::LiveControl::set_path_rate)).
+///
+/// A [`LinkForecaster`] fed only the rows over which every report had pages waiting
+/// ([`pages_waiting`]): there the acknowledged rate is what the path carried. A row of
+/// a migration waiting on its dirty log (late, small rounds) says what the migration
+/// had to send, not what the path could carry, and would drag the forecast down; the
+/// forecast then stays the one made from the last row that measured the path, for at
+/// most [`PATH_FORECAST_LIFETIME_S`].
+#[derive(Debug)]
+pub struct PathRateForecast {
+    forecaster: LinkForecaster,
+    /// Every report since the last row had pages waiting.
+    waiting_throughout: bool,
+    /// The forecast and the time of the row it was made from.
+    latest: Option<(Forecast, f64)>,
+}
+
+/// How long a path forecast holds without a row that measured the path: the model's
+/// longest horizon. Past it the planner prices by the rounds alone again.
+pub const PATH_FORECAST_LIFETIME_S: f64 = 5.0;
+
+impl PathRateForecast {
+    pub fn new(forecaster: LinkForecaster) -> Self {
+        PathRateForecast {
+            forecaster,
+            waiting_throughout: true,
+            latest: None,
+        }
+    }
+
+    /// Take a report, before the recorder turns it (and those before it) into a row.
+    pub fn report(&mut self, progress: &Progress) {
+        self.waiting_throughout &= pages_waiting(progress);
+    }
+
+    /// The recorder made `row` of the reports since the last one.
+    pub fn row(&mut self, row: LinkRecord) {
+        if std::mem::replace(&mut self.waiting_throughout, true) {
+            self.forecaster.push(row);
+            self.latest = self.forecaster.forecast().map(|f| (f, row.t));
+        } else if self
+            .latest
+            .as_ref()
+            .is_some_and(|(_, t)| row.t - t > PATH_FORECAST_LIFETIME_S)
+        {
+            self.latest = None;
+        }
+    }
+
+    /// What the path will carry over the next second, bytes per second: the
+    /// forecast's first horizon (the EWMA's one value).
+    pub fn bytes_per_second(&self) -> Option<f64> {
+        self.latest
+            .as_ref()
+            .and_then(|(f, _)| f.mbit.first())
+            .map(|mbit| mbit * 1e6 / 8.0)
+            .filter(|r| r.is_finite() && *r > 0.0)
+    }
+
+    /// Where the forecast comes from (`model` or `ewma`), once there is one.
+    pub fn by(&self) -> Option<&'static str> {
+        self.latest.as_ref().map(|(f, _)| f.by)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -640,6 +713,62 @@ mod tests {
         for tag in ["tampered", "garbage", "card", "vector"] {
             let _ = std::fs::remove_dir_all(temp(tag));
         }
+    }
+
+    #[test]
+    fn the_planner_s_path_forecast_learns_only_from_rows_that_measured_the_path() {
+        let mut t = 0.0;
+        let mut row = |acked: f64| {
+            t += 0.3;
+            LinkRecord {
+                t,
+                acked_mbit: acked,
+                ..LinkRecord::default()
+            }
+        };
+        let sending = crate::mode::tests::progress_with(&[]);
+        let waiting_on_the_dirty_log = Progress {
+            round_pages_queued: 1,
+            ..sending.clone()
+        };
+        let mut f = PathRateForecast::new(LinkForecaster::rule(0.5));
+        assert_eq!(f.bytes_per_second(), None);
+        f.report(&sending);
+        f.report(&sending);
+        f.row(row(80.0));
+        assert_eq!(f.bytes_per_second(), Some(10e6), "80 Mbit/s");
+        assert_eq!(f.by(), Some("ewma"));
+        // One report of the span without pages waiting: the row is left out, and the
+        // forecast stays what the path last showed.
+        f.report(&sending);
+        f.report(&waiting_on_the_dirty_log);
+        f.row(row(8.0));
+        assert_eq!(f.bytes_per_second(), Some(10e6));
+        // The next span starts afresh.
+        f.report(&sending);
+        f.row(row(40.0));
+        assert_eq!(
+            f.bytes_per_second(),
+            Some(7.5e6),
+            "EWMA of 80 and 40 Mbit/s"
+        );
+        // Nor does a settling round or the paused window measure the path.
+        f.report(&Progress {
+            phase: "settle",
+            ..sending
+        });
+        f.row(row(1.0));
+        assert_eq!(f.bytes_per_second(), Some(7.5e6));
+        // A forecast no row has measured for longer than its lifetime is dropped.
+        let idle = (PATH_FORECAST_LIFETIME_S / 0.3) as usize;
+        for _ in 1..idle {
+            f.report(&waiting_on_the_dirty_log);
+            f.row(row(1.0));
+        }
+        assert_eq!(f.bytes_per_second(), Some(7.5e6));
+        f.report(&waiting_on_the_dirty_log);
+        f.row(row(1.0));
+        assert_eq!(f.bytes_per_second(), None);
     }
 
     #[test]

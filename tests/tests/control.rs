@@ -825,6 +825,36 @@ fn a_configured_link_model_forecasts_migrations_and_a_refused_one_leaves_the_ewm
     eprintln!("link model test: {:.1} s", begun.elapsed().as_secs_f64());
 }
 
+/// With `[control] forecast_path_rate`, the planner's downtime estimate is told the
+/// path's rate: here a pacing cap, which the EWMA of the spans with pages waiting finds,
+/// and the completed migration shows what the final round was priced at.
+#[test]
+fn the_planner_prices_the_final_round_at_the_forecast_path_rate_when_asked() {
+    let begun = Instant::now();
+    let d = start_with("pathrate", |c| c.control.forecast_path_rate = true);
+    let (id, _) = held_migration(&d);
+    // 40 MB/s (320 Mbit/s), above the guest's 10 MB/s of writes: the migration
+    // converges at the cap's pace.
+    const CAP: u64 = 40_000_000;
+    let r = d.call(Command::Set(SetOptions {
+        pacing_rate: Some(CAP),
+        downtime_ms: Some(300),
+        ..SetOptions::default()
+    }));
+    assert!(r.ok, "{r:?}");
+    let m = ended(&d, id);
+    assert_eq!(m.state, "completed", "{m:?}");
+    let cap_mbit = CAP as f64 * 8e-6;
+    let path = m.estimate_path_mbit.expect("the estimate had a path rate");
+    assert!(
+        path > 0.5 * cap_mbit && path < 1.5 * cap_mbit,
+        "path forecast {path} Mbit/s against a {cap_mbit} Mbit/s cap: {m:?}"
+    );
+    assert!(m.estimated_downtime_ms.is_some() && m.switchover.is_some());
+    d.stop();
+    eprintln!("path rate test: {:.1} s", begun.elapsed().as_secs_f64());
+}
+
 /// A migration whose path slows down mid-way (its pacing cap cut to a quarter) is
 /// flagged by the anomaly detector (the rolling z-score by default), in `migrations`
 /// and in the metrics.

@@ -420,6 +420,13 @@ pub struct MigrationInfo {
     pub error: Option<String>,
     /// When completed: measured downtime, ms.
     pub downtime_ms: Option<f64>,
+    /// When completed: the downtime the planner estimated as the guest paused, ms.
+    pub estimated_downtime_ms: Option<f64>,
+    /// When completed with `[control] forecast_path_rate`: the path rate that estimate
+    /// priced the final round at, Mbit/s.
+    pub estimate_path_mbit: Option<f64>,
+    /// When completed: why it switched over when it did (and any switchover put off).
+    pub switchover: Option<String>,
     /// When completed: pages the destination verified.
     pub verified_pages: Option<u64>,
     /// When completed with `verify = "audit"`: pages of the source's memory that

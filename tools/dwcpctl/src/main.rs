@@ -567,6 +567,9 @@ fn print_human(command: &Command, response: Response) -> Result<(), String> {
                 if let Some(f) = &m.link_forecast {
                     outln!("    link: {}", describe_forecast(f));
                 }
+                if let Some(why) = &m.switchover {
+                    outln!("    switchover: {why}");
+                }
                 if let Some(flag) = &m.path_flag {
                     outln!("    path: {flag} ({} episodes so far)", m.path_anomalies);
                 } else if m.path_anomalies > 0 {
@@ -771,10 +774,15 @@ fn migration_line(m: &MigrationInfo) -> String {
     );
     match (m.downtime_ms, m.verified_pages) {
         (Some(d), pages) => {
-            line += &format!(
-                "  downtime {d:.1} ms, {} pages verified",
-                pages.unwrap_or(0)
-            )
+            line += &format!("  downtime {d:.1} ms");
+            if let Some(e) = m.estimated_downtime_ms {
+                line += &format!(" (estimated {e:.1}");
+                if let Some(path) = m.estimate_path_mbit {
+                    line += &format!(", the path at {path:.0} Mbit/s");
+                }
+                line += ")";
+            }
+            line += &format!(", {} pages verified", pages.unwrap_or(0));
         }
         (None, Some(pages)) => line += &format!("  {pages} pages verified"),
         (None, None) => {}
@@ -924,6 +932,9 @@ mod tests {
             components: Vec::new(),
             error: None,
             downtime_ms: None,
+            estimated_downtime_ms: None,
+            estimate_path_mbit: None,
+            switchover: None,
             verified_pages: None,
             audit_mismatched: None,
             audit_pages: Vec::new(),
@@ -945,5 +956,24 @@ mod tests {
         assert!(migration_line(&migration("completed", 200, 0)).contains("100%"));
         assert!(migration_line(&migration("running", 200, 50)).contains(" 25%"));
         assert!(migration_line(&migration("running", 0, 0)).contains("  0%"));
+    }
+
+    #[test]
+    fn a_completed_migration_shows_its_downtime_beside_the_estimate() {
+        let mut m = migration("completed", 0, 0);
+        m.downtime_ms = Some(94.6);
+        m.estimated_downtime_ms = Some(100.1);
+        m.verified_pages = Some(65536);
+        assert!(
+            migration_line(&m).contains("downtime 94.6 ms (estimated 100.1), 65536 pages verified"),
+            "{}",
+            migration_line(&m)
+        );
+        m.estimate_path_mbit = Some(266.4);
+        assert!(
+            migration_line(&m).contains("(estimated 100.1, the path at 266 Mbit/s)"),
+            "{}",
+            migration_line(&m)
+        );
     }
 }
