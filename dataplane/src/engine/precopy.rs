@@ -79,6 +79,48 @@ const MIN_PAGE_SHARE: f64 = 0.1;
 /// not the machine busier ([`Planner::estimate_at_pause`]).
 const SLOWER_PATH_MARGIN: f64 = 0.005;
 
+/// The guest's recent dirty rate, from the dirty log's collections: the pages each
+/// reported over the time since the one before, summed back from the newest over at
+/// least [`DirtyRate::WINDOW_SECONDS`]. One collection alone can span a millisecond
+/// (a small round handed to the kernel at once on a long path) and report no page of
+/// a guest writing a thousand a second.
+#[derive(Debug, Clone, Default)]
+pub struct DirtyRate {
+    samples: VecDeque<(f64, f64)>,
+}
+
+impl DirtyRate {
+    /// How far back the rate looks, seconds.
+    pub const WINDOW_SECONDS: f64 = 1.0;
+    /// Collections kept at most.
+    const MAX_SAMPLES: usize = 64;
+
+    /// A collection reported `pages` written over the `seconds` since the last one.
+    pub fn push(&mut self, pages: u64, seconds: f64) {
+        if seconds.is_finite() && seconds > 0.0 {
+            push_bounded(
+                &mut self.samples,
+                (pages as f64, seconds),
+                Self::MAX_SAMPLES,
+            );
+        }
+    }
+
+    /// Pages per second over the newest collections covering the window (all there
+    /// are if they cover less); 0 before any.
+    pub fn pages_per_second(&self) -> f64 {
+        let (mut pages, mut seconds) = (0.0, 0.0);
+        for &(p, s) in self.samples.iter().rev() {
+            pages += p;
+            seconds += s;
+            if seconds >= Self::WINDOW_SECONDS {
+                break;
+            }
+        }
+        if seconds > 0.0 { pages / seconds } else { 0.0 }
+    }
+}
+
 /// What the planner works towards.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannerConfig {
@@ -849,6 +891,27 @@ mod tests {
         let mut lo = Planner::new(config(20));
         lo.round_trip(0.0001);
         assert_eq!(lo.estimate_at_pause(10, 0.004), lo.estimate(10));
+    }
+
+    #[test]
+    fn the_dirty_rate_looks_back_a_second_not_one_collection() {
+        let mut rate = DirtyRate::default();
+        assert_eq!(rate.pages_per_second(), 0.0);
+        // Long rounds at 1 000 pages/s, then collections a millisecond apart that
+        // caught nothing.
+        for _ in 0..4 {
+            rate.push(500, 0.5);
+        }
+        rate.push(0, 0.001);
+        rate.push(1, 0.001);
+        let r = rate.pages_per_second();
+        assert!((r - 1_001.0 / 1.002).abs() < 1e-9, "{r}");
+        // Older collections past the window no longer count.
+        rate.push(4_000, 1.0);
+        assert_eq!(rate.pages_per_second(), 4_000.0);
+        // A zero interval is no sample.
+        rate.push(7, 0.0);
+        assert_eq!(rate.pages_per_second(), 4_000.0);
     }
 
     #[test]

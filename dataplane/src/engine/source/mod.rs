@@ -18,7 +18,7 @@ use super::VerifyMode;
 use super::fleet::TxFleet;
 use super::handshake::{self, ControlLink};
 use super::live::{LiveControl, LiveSettings};
-use super::precopy::{Decision, Planner, PlannerConfig, RoundMeasurement};
+use super::precopy::{Decision, DirtyRate, Planner, PlannerConfig, RoundMeasurement};
 use super::report::{MigrationReport, Progress, RoundStats, SecurityReport, TransportReport};
 use super::steer::Steering;
 use crate::codec::policy::{CodecConfig, CodecMode, CodecPolicy};
@@ -1202,6 +1202,7 @@ impl<'a> Session<'a> {
         }
         let setup_seconds = start.elapsed().as_secs_f64();
         let mut last_collect = Instant::now();
+        let mut recent_dirty = DirtyRate::default();
         let (final_set, plan) = loop {
             let mut round_start = Instant::now();
             self.current_round = round;
@@ -1236,6 +1237,7 @@ impl<'a> Session<'a> {
             let interval = last_collect.elapsed().as_secs_f64();
             last_collect = Instant::now();
             self.totals.dirty_rate = next.count() as f64 * PAGE_SIZE as f64 / interval.max(1e-6);
+            recent_dirty.push(next.count(), interval);
             let ended_early = unsent.is_some();
             if let Some(unsent) = unsent {
                 next.union_with(&unsent);
@@ -1287,7 +1289,7 @@ impl<'a> Session<'a> {
                             // round also holding what the guest wrote, at its recent
                             // rate, while the last round settled.
                             let settled = settle_start.elapsed().as_secs_f64();
-                            let written = self.totals.dirty_rate / PAGE_SIZE as f64 * settled;
+                            let written = recent_dirty.pages_per_second() * settled;
                             let mut plan = plan;
                             plan.estimate = self.planner.estimate_at_pause(
                                 plan.estimate.pages + written.round() as u64,
