@@ -22,12 +22,19 @@
 //!   delay of both are in the line).
 //! - `ml/codec-regret-vs-analytic`: the learned compression choice against the codec
 //!   policy's analytic one ([`crate::codec_choice`]).
+//! - `ml/downtime-misses-vs-ewma` (root: it runs `wanem`): migrations across the
+//!   held-out traces, the planner's downtime estimate fed the model's forecast of the
+//!   path against the same fed the EWMA's (and against no forecast): how often the
+//!   downtime went over its limit or off its estimate.
 
 use crate::measure::Samples;
 use crate::report::{Better, Comparison, Reporter};
 use dwcp_control::anomaly::{self, AnomalyModel};
 use dwcp_control::linkrec::{LinkRecord, LinkRecorder};
-use dwcp_control::predict::{self, LinkModel};
+use dwcp_control::predict::{self, LinkForecaster, LinkModel, PathRateForecast};
+use dwcp_dataplane::engine::{
+    LiveControl, LiveReport, MigrationError, MigrationReport, SourceConfig,
+};
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
 use dwcp_hugepages::PagePreference;
@@ -71,21 +78,7 @@ pub fn recording_header() -> String {
 /// `dir`, `seconds` each.
 pub fn record(dir: &Path, seconds: f64, filter: Option<&str>) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let memory = Arc::new(
-        GuestMemory::anonymous(RECORD_GUEST, PagePreference::TransparentHuge)
-            .map_err(|e| format!("guest memory: {e}"))?,
-    );
-    let workload = GuestWorkload {
-        dirty_rate: 1e6,
-        working_set: 0.05,
-        vcpus: 1,
-        ..GuestWorkload::default()
-    };
-    eprintln!(
-        "ml: filling a {} GiB guest with incompressible pages",
-        RECORD_GUEST >> 30
-    );
-    fill_memory(&memory, &ContentMix::RANDOM, workload.seed);
+    let (memory, workload) = incompressible_guest(RECORD_GUEST, 1e6, 0.05)?;
     for &(family, seed) in RECORDED {
         let name = format!("{family}-{seed}");
         if filter.is_some_and(|f| !name.contains(f)) {
@@ -106,52 +99,99 @@ pub fn record(dir: &Path, seconds: f64, filter: Option<&str>) -> Result<(), Stri
     Ok(())
 }
 
+/// A guest of `bytes` of incompressible pages, and a writer of `dirty_rate` bytes per
+/// second over `working_set` of them on one vCPU.
+fn incompressible_guest(
+    bytes: usize,
+    dirty_rate: f64,
+    working_set: f64,
+) -> Result<(Arc<GuestMemory>, GuestWorkload), String> {
+    let memory = Arc::new(
+        GuestMemory::anonymous(bytes, PagePreference::TransparentHuge)
+            .map_err(|e| format!("guest memory: {e}"))?,
+    );
+    let workload = GuestWorkload {
+        dirty_rate,
+        working_set,
+        vcpus: 1,
+        ..GuestWorkload::default()
+    };
+    eprintln!(
+        "ml: filling a {} MiB guest with incompressible pages",
+        bytes >> 20
+    );
+    fill_memory(&memory, &ContentMix::RANDOM, workload.seed);
+    Ok((memory, workload))
+}
+
+/// One migration of `memory` from `source` (the internet profile's destination, codecs
+/// off: the streams are limited by the path, not by compression) across a clean path
+/// of MTU 1500 that plays `trace` from the first report on (setup is not the path);
+/// `on_report` sees every report with the time since that first one. The source's
+/// result, or why the path could not be emulated.
+fn migrate_across_trace(
+    tag: &str,
+    memory: &Arc<GuestMemory>,
+    workload: &GuestWorkload,
+    trace: &Trace,
+    source: &SourceConfig,
+    mut on_report: impl FnMut(&LiveControl, &LiveReport, Duration) + Send,
+) -> Result<Result<MigrationReport, MigrationError>, String> {
+    let emulator = Emulator::start(EmulatorConfig::new(tag, Scenario::clean(&trace.name)))
+        .map_err(|e| e.to_string())?;
+    let (_, dest) = dwcp_tests::wan::internet_profile();
+    let mut playback = None;
+    let (outcome, _) = dwcp_tests::wan::migrate_across_driven(
+        &emulator,
+        memory.clone(),
+        workload,
+        source,
+        &dest,
+        dwcp_tests::wan::live_settings(source),
+        |live, reports| {
+            let mut origin = None;
+            while let Ok(r) = reports.recv_timeout(Duration::from_secs(10)) {
+                let origin = *origin.get_or_insert_with(|| {
+                    playback = Some(emulator.play(trace.clone()));
+                    r.at
+                });
+                on_report(live, &r, r.at.duration_since(origin));
+            }
+        },
+    );
+    drop(playback);
+    outcome.guest.stop();
+    Ok(outcome.source)
+}
+
 /// One migration across `trace`; the recording as CSV.
 fn record_one(
     memory: &Arc<GuestMemory>,
     workload: &GuestWorkload,
     trace: &Trace,
 ) -> Result<String, String> {
-    // A clean path of MTU 1500 that the trace then shapes.
-    let emulator = Emulator::start(EmulatorConfig::new("dwcpml", Scenario::clean(&trace.name)))
-        .map_err(|e| e.to_string())?;
-    let (mut source, dest) = dwcp_tests::wan::internet_profile();
+    let (mut source, _) = dwcp_tests::wan::internet_profile();
     // The recording covers the trace: the migration is cancelled at its end.
     source.auto_converge = false;
-    // Codecs off: the streams are limited by the path, not by compression.
-    let settings = dwcp_tests::wan::live_settings(&source);
     let mut rows: Vec<(LinkRecord, f64)> = Vec::new();
-    let mut playback = None;
-    let (out, _) = dwcp_tests::wan::migrate_across_driven(
-        &emulator,
-        memory.clone(),
+    let mut recorder = None;
+    let source_result = migrate_across_trace(
+        "dwcpml",
+        memory,
         workload,
+        trace,
         &source,
-        &dest,
-        settings,
-        |live, reports| {
-            let mut recorder: Option<(LinkRecorder, Instant)> = None;
-            while let Ok(r) = reports.recv_timeout(Duration::from_secs(10)) {
-                if recorder
-                    .as_ref()
-                    .is_some_and(|(_, origin)| r.at.duration_since(*origin) >= trace.duration())
-                {
-                    live.cancel("the recorded trace ended");
-                    continue;
-                }
-                // The trace starts with the first report: setup is not the path.
-                let (rec, origin) = recorder.get_or_insert_with(|| {
-                    playback = Some(emulator.play(trace.clone()));
-                    (LinkRecorder::new(r.at), r.at)
-                });
-                if let Some(row) = rec.observe(&r.progress, r.at) {
-                    rows.push((row, r.at.duration_since(*origin).as_secs_f64()));
-                }
+        |live, r, since| {
+            if since >= trace.duration() {
+                live.cancel("the recorded trace ended");
+                return;
+            }
+            let rec = recorder.get_or_insert_with(|| LinkRecorder::new(r.at));
+            if let Some(row) = rec.observe(&r.progress, r.at) {
+                rows.push((row, since.as_secs_f64()));
             }
         },
-    );
-    drop(playback);
-    out.guest.stop();
+    )?;
     let mut csv = recording_header();
     csv.push('\n');
     for (row, t) in &rows {
@@ -173,7 +213,7 @@ fn record_one(
             "{}: only {} rows recorded (source: {:?})",
             trace.name,
             rows.len(),
-            out.source.err()
+            source_result.err()
         ));
     }
     Ok(csv)
@@ -269,6 +309,199 @@ pub fn run(out: &mut Reporter) {
     if out.wants("ml/anomaly-f1-vs-zscore") {
         anomaly_accuracy(out);
     }
+    if out.wants("ml/downtime-misses-vs-ewma")
+        && let Err(e) = downtime_misses(&model, out)
+    {
+        eprintln!("ml: ml/downtime-misses-vs-ewma not measured: {e}");
+    }
+}
+
+/// The paths the downtime check plays: the link model's held-out families, its two
+/// held-out seeds of each and one more (103, recorded for nothing).
+const DOWNTIME_TRACES: &[(&str, u64)] = &[
+    ("bursts", 101),
+    ("bursts", 102),
+    ("bursts", 103),
+    ("loss-episodes", 101),
+    ("loss-episodes", 102),
+    ("loss-episodes", 103),
+];
+/// The downtime check's guest: round 0 across the slowest of those paths lasts about
+/// half a minute, long enough for the model's 16 rows of history.
+const DOWNTIME_GUEST: usize = 256 << 20;
+/// The limit the downtime check plans against (QEMU's default).
+const DOWNTIME_LIMIT: Duration = Duration::from_millis(300);
+
+/// What prices the final round's send in the planner's estimate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pricing {
+    /// The rounds' own send times alone (no forecast).
+    Rounds,
+    /// Also the EWMA of the path's acknowledged rate.
+    Ewma,
+    /// Also the link model's forecast.
+    Model,
+}
+
+impl Pricing {
+    fn name(self) -> &'static str {
+        match self {
+            Pricing::Rounds => "rounds",
+            Pricing::Ewma => "ewma",
+            Pricing::Model => "model",
+        }
+    }
+}
+
+/// One migration's downtime: (limit, estimated, measured), seconds.
+type Downtime = (f64, f64, f64);
+
+/// The paused window part by part, estimated / measured, for the log.
+fn paused_window(d: &dwcp_dataplane::engine::DowntimeReport) -> String {
+    let (e, m) = (&d.estimated, &d.measured);
+    format!(
+        "{} pages; collect {:.1} / {:.1}, send {:.1} / {:.1}, confirm {:.1} / {:.1} ms; path forecast {:.0} Mbit/s",
+        e.pages,
+        e.collect * 1e3,
+        m.collect * 1e3,
+        e.send * 1e3,
+        m.send * 1e3,
+        e.confirm * 1e3,
+        m.confirm * 1e3,
+        e.path_rate * 8e-6
+    )
+}
+
+/// `ml/downtime-misses-vs-ewma`: the same migration across each held-out trace three
+/// times, its final round priced by the rounds alone, by the EWMA's forecast of the
+/// path and by the model's (the daemon's `[control] forecast_path_rate`, fed the same
+/// way: [`PathRateForecast`](dwcp_control::predict::PathRateForecast)); how many went
+/// over the limit and how far the estimate was from the downtime measured.
+fn downtime_misses(model: &LinkModel, out: &mut Reporter) -> Result<(), String> {
+    let (memory, workload) = incompressible_guest(DOWNTIME_GUEST, 4e6, 0.1)?;
+    let arms = [Pricing::Model, Pricing::Ewma, Pricing::Rounds];
+    let mut results: Vec<(Pricing, String, Downtime)> = Vec::new();
+    for (i, &(family, seed)) in DOWNTIME_TRACES.iter().enumerate() {
+        let trace = Trace::generate(family, seed, 120.0)?;
+        // The arms take turns going first, so no arm always meets a warmer machine.
+        for k in 0..arms.len() {
+            let pricing = arms[(i + k) % arms.len()];
+            let started = Instant::now();
+            let (report, why, last) = migrate_priced(&memory, &workload, &trace, pricing, model)?;
+            let d = (report.limit, report.estimated.total, report.measured.total);
+            eprintln!(
+                "ml: {} priced by {}: downtime {:.1} ms, estimated {:.1} ms (limit {:.0} ms; {}; {:.0} s)\n    final round {} pages, {} bytes; {why}",
+                trace.name,
+                pricing.name(),
+                d.2 * 1e3,
+                d.1 * 1e3,
+                d.0 * 1e3,
+                paused_window(&report),
+                started.elapsed().as_secs_f64(),
+                last.pages,
+                last.bytes
+            );
+            results.push((pricing, trace.name.clone(), d));
+        }
+    }
+    let of = |p: Pricing| -> Vec<Downtime> {
+        results.iter().filter(|r| r.0 == p).map(|r| r.2).collect()
+    };
+    let over = |runs: &[Downtime]| runs.iter().filter(|(limit, _, m)| m > limit).count();
+    // Issue 12's tolerance: 10% of the limit or 2 ms, whichever is larger.
+    let off = |runs: &[Downtime]| {
+        runs.iter()
+            .filter(|(limit, e, m)| (e - m).abs() > (0.1 * limit).max(0.002))
+            .count()
+    };
+    let mean_error_ms = |runs: &[Downtime]| {
+        runs.iter().map(|(_, e, m)| (e - m).abs()).sum::<f64>() * 1e3 / runs.len() as f64
+    };
+    let (ours, theirs, rounds) = (of(Pricing::Model), of(Pricing::Ewma), of(Pricing::Rounds));
+    let fields = |c: Comparison, side: &str, runs: &[Downtime]| {
+        c.with_field(&format!("{side}_over_limit"), over(runs))
+            .with_field(&format!("{side}_off_estimate"), off(runs))
+            .with_field(
+                &format!("{side}_mean_error_ms"),
+                round4(mean_error_ms(runs)),
+            )
+            .with_field(
+                &format!("{side}_downtimes_ms"),
+                runs.iter()
+                    .map(|r| (r.2 * 1e4).round() / 10.0)
+                    .collect::<Vec<f64>>(),
+            )
+    };
+    // Misses, each arm's runs over the limit or off their estimate; one miss added to
+    // both sides so that none against none reads 1.
+    let misses = |runs: &[Downtime]| (over(runs) + off(runs)) as f64;
+    let c = Comparison::new(
+        "ml/downtime-misses-vs-ewma",
+        "misses + 1",
+        Better::Lower,
+        &one(misses(&ours) + 1.0),
+        "the planner's estimate with the EWMA's forecast of the path",
+        &one(misses(&theirs) + 1.0),
+    )
+    .with_target(1.0)
+    .with_note(format!(
+        "a {} MiB guest across held-out traces {:?} at a {} ms limit, its final round priced at the path forecast (model / EWMA) when slower than the rounds' own rate; a miss is a downtime over the limit, or off its estimate by more than 10% of the limit; `rounds` is the planner without a forecast",
+        DOWNTIME_GUEST >> 20,
+        DOWNTIME_TRACES
+            .iter()
+            .map(|(f, s)| format!("{f}-{s}"))
+            .collect::<Vec<_>>(),
+        DOWNTIME_LIMIT.as_millis()
+    ));
+    let mut c = fields(fields(c, "ours", &ours), "theirs", &theirs);
+    // Runs per side (the figures are counts over them, not medians).
+    c.runs = ours.len();
+    out.emit(fields(c, "rounds", &rounds));
+    Ok(())
+}
+
+/// One migration across `trace` with its final round priced by `pricing`.
+fn migrate_priced(
+    memory: &Arc<GuestMemory>,
+    workload: &GuestWorkload,
+    trace: &Trace,
+    pricing: Pricing,
+    model: &LinkModel,
+) -> Result<
+    (
+        dwcp_dataplane::engine::DowntimeReport,
+        String,
+        dwcp_dataplane::engine::RoundStats,
+    ),
+    String,
+> {
+    let (mut source, _) = dwcp_tests::wan::internet_profile();
+    source.downtime_limit = DOWNTIME_LIMIT;
+    let forecaster = match pricing {
+        Pricing::Model => LinkForecaster::with_model(model.clone()),
+        _ => LinkForecaster::rule(model.card().baseline.ewma_weight),
+    };
+    let mut path = PathRateForecast::new(forecaster);
+    let mut recorder = None;
+    let outcome =
+        migrate_across_trace("dwcpdt", memory, workload, trace, &source, |live, r, _| {
+            let rec = recorder.get_or_insert_with(|| LinkRecorder::passing(r.at));
+            path.report(&r.progress);
+            if let Some(row) = rec.observe(&r.progress, r.at) {
+                path.row(row);
+            }
+            if pricing != Pricing::Rounds {
+                live.set_path_rate(path.bytes_per_second());
+            }
+        })?;
+    let report =
+        outcome.map_err(|e| format!("{} priced by {}: {e}", trace.name, pricing.name()))?;
+    let last = report
+        .rounds
+        .last()
+        .cloned()
+        .expect("a completed migration's report ends with its final round");
+    Ok((report.downtime, report.switchover_reason, last))
 }
 
 /// A recording's fault labels, row by row (true where the trace injected one).
