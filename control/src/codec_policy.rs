@@ -37,7 +37,11 @@
 //! link-bound (it had pages to stage but every buffer was waiting on the socket for a
 //! good part of the interval). When no worker is link-bound, the acknowledged rate is
 //! only a lower bound and `B` is raised to it if higher. Until `B` is known, codecs stay
-//! off: the first decision comes after a short interval of raw sending.
+//! off: the first decision comes after a short interval of raw sending. When the
+//! control thread forecasts the path (`[control] forecast_path_rate`: the link model's
+//! forecast or the EWMA's, made from the spans where the migration had pages waiting),
+//! a link-bound interval takes `B` from that forecast of the next second instead of
+//! smoothing the interval's own rate.
 //!
 //! Calibration (compressing sampled pages at each level, on a thread of its own) is
 //! asked for only when a worker's link share is below what the fastest level could
@@ -289,7 +293,13 @@ impl ModelPolicy {
             .any(|w| w.stalled >= self.config.link_bound_stall);
         let compressing = o.workers.iter().any(|w| w.settings.level.is_some());
         let rate = o.link.acked_bytes_per_second;
-        if rate > 0.0 {
+        let forecast = o
+            .link
+            .forecast_bytes_per_second
+            .filter(|r| r.is_finite() && *r > 0.0);
+        if link_bound && let Some(ahead) = forecast {
+            self.bandwidth = Some(ahead);
+        } else if rate > 0.0 {
             self.bandwidth = if link_bound {
                 Self::smooth(self.bandwidth, rate, self.config.smoothing)
             } else if compressing {
@@ -728,6 +738,27 @@ mod tests {
         // Compressing and not waiting on the link: the estimate is probed upwards.
         p.decide(&observation(5e6, 0.0, CodecSettings::full(15), None));
         assert_eq!(p.bandwidth(), Some(60e6));
+    }
+
+    #[test]
+    fn a_forecast_of_the_path_sets_the_link_while_the_workers_wait_on_it() {
+        let forecast = |acked: f64, stalled: f64, ahead: f64| {
+            let mut o = observation(acked, stalled, CodecSettings::OFF, None);
+            o.link.forecast_bytes_per_second = Some(ahead);
+            o
+        };
+        let mut p = policy();
+        p.decide(&observation(12.5e6, 0.9, CodecSettings::OFF, None));
+        assert_eq!(p.bandwidth(), Some(12.5e6));
+        // Link-bound: the forecast of the next second, not the interval's rate.
+        p.decide(&forecast(12.5e6, 0.9, 5e6));
+        assert_eq!(p.bandwidth(), Some(5e6));
+        // Not link-bound: the interval's rate is only a lower bound, as without one.
+        p.decide(&forecast(20e6, 0.0, 5e6));
+        assert_eq!(p.bandwidth(), Some(20e6));
+        // A forecast that is no rate is none: the interval's rate is smoothed in.
+        p.decide(&forecast(12.5e6, 0.9, f64::NAN));
+        assert!(p.bandwidth().is_some_and(|b| b > 12.5e6 && b < 20e6));
     }
 
     #[test]

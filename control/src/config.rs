@@ -478,7 +478,8 @@ pub struct ControlSection {
     /// Tell each migration's pre-copy planner what its path will carry over the next
     /// second (the link model's forecast when one is loaded, else the EWMA's, made
     /// from the spans where the migration had pages waiting), so the downtime estimate
-    /// never prices the final round faster than the path. Off by default: on migrations
+    /// never prices the final round faster than the path, and the codec policy takes
+    /// its link share from it while the workers wait on the link. Off by default: on migrations
     /// across the held-out traces it changed the outcome of one or two runs in six,
     /// too few to judge it by (`ml/downtime-misses-vs-ewma`, `models/README.md`).
     pub forecast_path_rate: bool,

@@ -141,6 +141,9 @@ pub struct LinkObservation {
     pub rtt_us: u32,
     /// Retransmitted segments over the interval.
     pub retransmits: u32,
+    /// The slow path's forecast of what the path will carry over the next second,
+    /// bytes per second ([`LiveControl::set_path_rate`](crate::engine::LiveControl::set_path_rate)).
+    pub forecast_bytes_per_second: Option<f64>,
 }
 
 /// Everything a policy sees at a decision.

@@ -81,6 +81,8 @@ pub struct Steering<'p> {
     retired: CodecCounters,
     /// Per stream: bytes acknowledged and retransmits as of the previous decision.
     acked: Vec<(u64, u32)>,
+    /// The slow path's forecast of the path's rate, bytes per second.
+    path_rate: Option<f64>,
     settings: Vec<CodecSettings>,
     calibration: Option<Calibration>,
     /// Results of the calibration running, level by level.
@@ -130,6 +132,7 @@ impl<'p> Steering<'p> {
             previous: vec![WorkerTelemetry::default(); workers],
             retired: CodecCounters::default(),
             acked: vec![(0, 0); usize::from(total_streams)],
+            path_rate: None,
             settings: vec![initial; workers],
             calibration: None,
             calibrating: None,
@@ -257,6 +260,12 @@ impl<'p> Steering<'p> {
 
     /// Anything due: finished background work and, when the interval is up, a
     /// decision. Returns commands for the workers (worker index, command).
+    /// The slow path's forecast of what the path will carry over the next second,
+    /// for the policy's link share.
+    pub fn set_path_rate(&mut self, bytes_per_second: Option<f64>) {
+        self.path_rate = bytes_per_second;
+    }
+
     pub fn tick(
         &mut self,
         streams: &[StreamTelemetry],
@@ -324,6 +333,7 @@ impl<'p> Steering<'p> {
         }
         link.acked_bytes_per_second = acked as f64 / interval;
         link.rtt_us = if rtt == u32::MAX { 0 } else { rtt };
+        link.forecast_bytes_per_second = self.path_rate;
         let workers = self
             .latest
             .iter()

@@ -27,7 +27,11 @@ impl Session<'_> {
                 rounds: self.current_round,
             });
         }
-        self.planner.set_path_rate(live.path_rate());
+        let path_rate = live.path_rate();
+        self.planner.set_path_rate(path_rate);
+        if let Some(steering) = &mut self.steering {
+            steering.set_path_rate(path_rate);
+        }
         if let Some(epoch) = live.newer_than(self.adopted_epoch) {
             self.adopt(&epoch.settings);
             self.adopted_epoch = epoch.number;
