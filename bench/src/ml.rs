@@ -26,14 +26,19 @@
 //!   held-out traces, the planner's downtime estimate fed the model's forecast of the
 //!   path against the same fed the EWMA's (and against no forecast): how often the
 //!   downtime went over its limit or off its estimate.
+//! - `ml/codec-time-vs-ewma` (root): the same migrations of a guest that compresses,
+//!   the codec policy taking its link share from the model's forecast against the
+//!   EWMA's (and its own measurement): migration time.
 
 use crate::measure::Samples;
 use crate::report::{Better, Comparison, Reporter};
 use dwcp_control::anomaly::{self, AnomalyModel};
+use dwcp_control::codec_policy::{ModelPolicy, PolicyConfig};
 use dwcp_control::linkrec::{LinkRecord, LinkRecorder};
 use dwcp_control::predict::{self, LinkForecaster, LinkModel, PathRateForecast};
+use dwcp_dataplane::codec::policy::CodecPolicy;
 use dwcp_dataplane::engine::{
-    LiveControl, LiveReport, MigrationError, MigrationReport, SourceConfig,
+    LiveControl, LiveReport, LiveSettings, MigrationError, MigrationReport, SourceConfig,
 };
 use dwcp_dataplane::guest::{ContentMix, GuestWorkload, fill_memory};
 use dwcp_dataplane::memory::GuestMemory;
@@ -78,7 +83,7 @@ pub fn recording_header() -> String {
 /// `dir`, `seconds` each.
 pub fn record(dir: &Path, seconds: f64, filter: Option<&str>) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let (memory, workload) = incompressible_guest(RECORD_GUEST, 1e6, 0.05)?;
+    let (memory, workload) = filled_guest(RECORD_GUEST, &ContentMix::RANDOM, 1e6, 0.05)?;
     for &(family, seed) in RECORDED {
         let name = format!("{family}-{seed}");
         if filter.is_some_and(|f| !name.contains(f)) {
@@ -99,10 +104,11 @@ pub fn record(dir: &Path, seconds: f64, filter: Option<&str>) -> Result<(), Stri
     Ok(())
 }
 
-/// A guest of `bytes` of incompressible pages, and a writer of `dirty_rate` bytes per
-/// second over `working_set` of them on one vCPU.
-fn incompressible_guest(
+/// A guest of `bytes` filled with `mix`, and a writer of `dirty_rate` bytes per second
+/// over `working_set` of them on one vCPU.
+fn filled_guest(
     bytes: usize,
+    mix: &ContentMix,
     dirty_rate: f64,
     working_set: f64,
 ) -> Result<(Arc<GuestMemory>, GuestWorkload), String> {
@@ -116,16 +122,14 @@ fn incompressible_guest(
         vcpus: 1,
         ..GuestWorkload::default()
     };
-    eprintln!(
-        "ml: filling a {} MiB guest with incompressible pages",
-        bytes >> 20
-    );
-    fill_memory(&memory, &ContentMix::RANDOM, workload.seed);
+    eprintln!("ml: filling a {} MiB guest", bytes >> 20);
+    fill_memory(&memory, mix, workload.seed);
     Ok((memory, workload))
 }
 
-/// One migration of `memory` from `source` (the internet profile's destination, codecs
-/// off: the streams are limited by the path, not by compression) across a clean path
+/// One migration of `memory` from `source` (the internet profile's destination; codecs
+/// off, so that the streams are limited by the path, unless `policy` chooses them)
+/// across a clean path
 /// of MTU 1500 that plays `trace` from the first report on (setup is not the path);
 /// `on_report` sees every report with the time since that first one. The source's
 /// result, or why the path could not be emulated.
@@ -135,19 +139,26 @@ fn migrate_across_trace(
     workload: &GuestWorkload,
     trace: &Trace,
     source: &SourceConfig,
+    policy: Option<&mut dyn CodecPolicy>,
     mut on_report: impl FnMut(&LiveControl, &LiveReport, Duration) + Send,
 ) -> Result<Result<MigrationReport, MigrationError>, String> {
     let emulator = Emulator::start(EmulatorConfig::new(tag, Scenario::clean(&trace.name)))
         .map_err(|e| e.to_string())?;
     let (_, dest) = dwcp_tests::wan::internet_profile();
     let mut playback = None;
+    // Codecs off unless a policy chooses them.
+    let settings = match policy {
+        Some(_) => LiveSettings::from_config(source),
+        None => dwcp_tests::wan::live_settings(source),
+    };
     let (outcome, _) = dwcp_tests::wan::migrate_across_driven(
         &emulator,
         memory.clone(),
         workload,
         source,
         &dest,
-        dwcp_tests::wan::live_settings(source),
+        settings,
+        policy,
         |live, reports| {
             let mut origin = None;
             while let Ok(r) = reports.recv_timeout(Duration::from_secs(10)) {
@@ -181,6 +192,7 @@ fn record_one(
         workload,
         trace,
         &source,
+        None,
         |live, r, since| {
             if since >= trace.duration() {
                 live.cancel("the recorded trace ended");
@@ -314,6 +326,11 @@ pub fn run(out: &mut Reporter) {
     {
         eprintln!("ml: ml/downtime-misses-vs-ewma not measured: {e}");
     }
+    if out.wants("ml/codec-time-vs-ewma")
+        && let Err(e) = codec_with_forecast(&model, out)
+    {
+        eprintln!("ml: ml/codec-time-vs-ewma not measured: {e}");
+    }
 }
 
 /// The paths the downtime check plays: the link model's held-out families, its two
@@ -378,34 +395,32 @@ fn paused_window(d: &dwcp_dataplane::engine::DowntimeReport) -> String {
 /// way: [`PathRateForecast`](dwcp_control::predict::PathRateForecast)); how many went
 /// over the limit and how far the estimate was from the downtime measured.
 fn downtime_misses(model: &LinkModel, out: &mut Reporter) -> Result<(), String> {
-    let (memory, workload) = incompressible_guest(DOWNTIME_GUEST, 4e6, 0.1)?;
-    let arms = [Pricing::Model, Pricing::Ewma, Pricing::Rounds];
-    let mut results: Vec<(Pricing, String, Downtime)> = Vec::new();
-    for (i, &(family, seed)) in DOWNTIME_TRACES.iter().enumerate() {
-        let trace = Trace::generate(family, seed, 120.0)?;
-        // The arms take turns going first, so no arm always meets a warmer machine.
-        for k in 0..arms.len() {
-            let pricing = arms[(i + k) % arms.len()];
-            let started = Instant::now();
-            let (report, why, last) = migrate_priced(&memory, &workload, &trace, pricing, model)?;
-            let d = (report.limit, report.estimated.total, report.measured.total);
-            eprintln!(
-                "ml: {} priced by {}: downtime {:.1} ms, estimated {:.1} ms (limit {:.0} ms; {}; {:.0} s)\n    final round {} pages, {} bytes; {why}",
-                trace.name,
-                pricing.name(),
-                d.2 * 1e3,
-                d.1 * 1e3,
-                d.0 * 1e3,
-                paused_window(&report),
-                started.elapsed().as_secs_f64(),
-                last.pages,
-                last.bytes
-            );
-            results.push((pricing, trace.name.clone(), d));
-        }
-    }
+    let (memory, workload) = filled_guest(DOWNTIME_GUEST, &ContentMix::RANDOM, 4e6, 0.1)?;
+    let results = across_held_out_traces(|trace, pricing| {
+        let started = Instant::now();
+        let report = migrate_priced(&memory, &workload, trace, pricing, model, false)?;
+        let d = &report.downtime;
+        let last = report
+            .rounds
+            .last()
+            .expect("a completed migration's report ends with its final round");
+        eprintln!(
+            "ml: {} priced by {}: downtime {:.1} ms, estimated {:.1} ms (limit {:.0} ms; {}; {:.0} s)\n    final round {} pages, {} bytes; {}",
+            trace.name,
+            pricing.name(),
+            d.measured.total * 1e3,
+            d.estimated.total * 1e3,
+            d.limit * 1e3,
+            paused_window(d),
+            started.elapsed().as_secs_f64(),
+            last.pages,
+            last.bytes,
+            report.switchover_reason
+        );
+        Ok((d.limit, d.estimated.total, d.measured.total))
+    })?;
     let of = |p: Pricing| -> Vec<Downtime> {
-        results.iter().filter(|r| r.0 == p).map(|r| r.2).collect()
+        results.iter().filter(|r| r.0 == p).map(|r| r.1).collect()
     };
     let over = |runs: &[Downtime]| runs.iter().filter(|(limit, _, m)| m > limit).count();
     // Issue 12's tolerance: 10% of the limit or 2 ms, whichever is larger.
@@ -460,21 +475,94 @@ fn downtime_misses(model: &LinkModel, out: &mut Reporter) -> Result<(), String> 
     Ok(())
 }
 
-/// One migration across `trace` with its final round priced by `pricing`.
+/// `ml/codec-time-vs-ewma`: the codec policy choosing with its link share taken from
+/// the model's forecast of the path, against the same from the EWMA's (and against
+/// the policy's own measurement, no forecast): a guest whose memory compresses like a
+/// real one, across the same held-out traces; migration time, from the first byte to
+/// the verdict.
+fn codec_with_forecast(model: &LinkModel, out: &mut Reporter) -> Result<(), String> {
+    let (memory, workload) = filled_guest(DOWNTIME_GUEST, &ContentMix::MEMORY_IMAGE, 4e6, 0.1)?;
+    let results = across_held_out_traces(|trace, pricing| {
+        let report = migrate_priced(&memory, &workload, trace, pricing, model, true)?;
+        eprintln!(
+            "ml: {} with codecs, forecast by {}: {:.2} s, {:.1} MB on the wire",
+            trace.name,
+            pricing.name(),
+            report.total_seconds,
+            report.bytes_sent as f64 / 1e6
+        );
+        Ok((report.total_seconds, report.bytes_sent))
+    })?;
+    let of = |p: Pricing| -> Samples {
+        let mut s = Samples::default();
+        for (_, (seconds, _)) in results.iter().filter(|r| r.0 == p) {
+            s.push(*seconds);
+        }
+        s
+    };
+    let mb = |p: Pricing| -> f64 {
+        let runs: Vec<f64> = results
+            .iter()
+            .filter(|r| r.0 == p)
+            .map(|r| r.1.1 as f64 / 1e6)
+            .collect();
+        round4(runs.iter().sum::<f64>() / runs.len() as f64)
+    };
+    let none = of(Pricing::Rounds);
+    let c = Comparison::new(
+        "ml/codec-time-vs-ewma",
+        "s",
+        Better::Lower,
+        &of(Pricing::Model),
+        "the codec policy's link share from the EWMA's forecast of the path",
+        &of(Pricing::Ewma),
+    )
+    .with_target(1.0)
+    .with_field("no_forecast_median_s", round4(none.median()))
+    .with_field("ours_mean_mb", mb(Pricing::Model))
+    .with_field("theirs_mean_mb", mb(Pricing::Ewma))
+    .with_field("no_forecast_mean_mb", mb(Pricing::Rounds))
+    .with_note(format!(
+        "median migration time of a {} MiB guest of a memory image's content across held-out traces {:?}, the codec policy choosing; `no_forecast`: the policy's own measurement of the link",
+        DOWNTIME_GUEST >> 20,
+        DOWNTIME_TRACES
+            .iter()
+            .map(|(f, s)| format!("{f}-{s}"))
+            .collect::<Vec<_>>()
+    ));
+    out.emit(c);
+    Ok(())
+}
+
+/// The held-out traces of [`DOWNTIME_TRACES`], each migrated across once per arm
+/// (model, EWMA, no forecast) by `one`; the arms take turns going first, so no arm
+/// always meets a warmer machine. Results in the order run, with their arm.
+fn across_held_out_traces<T>(
+    mut one: impl FnMut(&Trace, Pricing) -> Result<T, String>,
+) -> Result<Vec<(Pricing, T)>, String> {
+    let arms = [Pricing::Model, Pricing::Ewma, Pricing::Rounds];
+    let mut results = Vec::new();
+    for (i, &(family, seed)) in DOWNTIME_TRACES.iter().enumerate() {
+        let trace = Trace::generate(family, seed, 120.0)?;
+        for k in 0..arms.len() {
+            let pricing = arms[(i + k) % arms.len()];
+            results.push((pricing, one(&trace, pricing)?));
+        }
+    }
+    Ok(results)
+}
+
+/// One migration across `trace` at [`DOWNTIME_LIMIT`], the path forecast by `pricing`
+/// told to the engine (its planner and, with `codecs`, the codec policy, which then
+/// chooses the codecs).
 fn migrate_priced(
     memory: &Arc<GuestMemory>,
     workload: &GuestWorkload,
     trace: &Trace,
     pricing: Pricing,
     model: &LinkModel,
-) -> Result<
-    (
-        dwcp_dataplane::engine::DowntimeReport,
-        String,
-        dwcp_dataplane::engine::RoundStats,
-    ),
-    String,
-> {
+    codecs: bool,
+) -> Result<MigrationReport, String> {
     let (mut source, _) = dwcp_tests::wan::internet_profile();
     source.downtime_limit = DOWNTIME_LIMIT;
     let forecaster = match pricing {
@@ -483,8 +571,20 @@ fn migrate_priced(
     };
     let mut path = PathRateForecast::new(forecaster);
     let mut recorder = None;
-    let outcome =
-        migrate_across_trace("dwcpdt", memory, workload, trace, &source, |live, r, _| {
+    let mut policy = codecs.then(|| {
+        ModelPolicy::new(PolicyConfig {
+            levels: source.codec.levels.clone(),
+            ..PolicyConfig::default()
+        })
+    });
+    let outcome = migrate_across_trace(
+        "dwcpdt",
+        memory,
+        workload,
+        trace,
+        &source,
+        policy.as_mut().map(|p| p as &mut dyn CodecPolicy),
+        |live, r, _| {
             let rec = recorder.get_or_insert_with(|| LinkRecorder::passing(r.at));
             path.report(&r.progress);
             if let Some(row) = rec.observe(&r.progress, r.at) {
@@ -493,15 +593,9 @@ fn migrate_priced(
             if pricing != Pricing::Rounds {
                 live.set_path_rate(path.bytes_per_second());
             }
-        })?;
-    let report =
-        outcome.map_err(|e| format!("{} priced by {}: {e}", trace.name, pricing.name()))?;
-    let last = report
-        .rounds
-        .last()
-        .cloned()
-        .expect("a completed migration's report ends with its final round");
-    Ok((report.downtime, report.switchover_reason, last))
+        },
+    )?;
+    outcome.map_err(|e| format!("{} priced by {}: {e}", trace.name, pricing.name()))
 }
 
 /// A recording's fault labels, row by row (true where the trace injected one).

@@ -100,6 +100,7 @@ fn migrate(
         &source,
         &dest,
         settings,
+        None,
         |_live, reports| {
             while let Ok(r) = reports.recv_timeout(Duration::from_secs(10)) {
                 let p = &r.progress;

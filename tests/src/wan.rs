@@ -145,7 +145,9 @@ pub fn migrate_across<'a>(
 
 /// [`migrate_across`] driven live: `drive` runs on a thread of its own while the
 /// migration runs, with the migration's live control (epoch 1 is `settings`) and its
-/// reports.
+/// reports; `policy`, when given, chooses the codecs (when the settings' codec mode
+/// lets it).
+#[allow(clippy::too_many_arguments)]
 pub fn migrate_across_driven(
     emulator: &Emulator,
     memory: Arc<GuestMemory>,
@@ -153,6 +155,7 @@ pub fn migrate_across_driven(
     source: &SourceConfig,
     dest: &DestConfig,
     settings: engine::LiveSettings,
+    policy: Option<&mut dyn CodecPolicy>,
     drive: impl FnOnce(&engine::LiveControl, &crossbeam::channel::Receiver<engine::LiveReport>) + Send,
 ) -> (Outcome, f64) {
     let (reports_tx, reports) = engine::LiveControl::report_channel(1024);
@@ -166,7 +169,7 @@ pub fn migrate_across_driven(
             DirtyLogKind::Uffd,
             source,
             dest,
-            None,
+            policy.map(|p| p as &mut dyn CodecPolicy),
             Some(&live),
         );
         if let Err(panic) = driver.join() {

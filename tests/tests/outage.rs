@@ -41,6 +41,7 @@ fn outages_of_5_s_in_round_0_and_in_a_later_round_are_waited_out() {
         &source,
         &dest,
         settings,
+        None,
         |_live, reports| {
             let mut next = 0;
             // Reports stop when the migration ends.

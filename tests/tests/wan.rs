@@ -100,6 +100,7 @@ fn classify_scenario(scenario_name: &str) -> Option<(Option<Mode>, usize, Durati
         &source,
         &dest,
         settings,
+        None,
         |live, reports| {
             let mut meter = LinkMeter::default();
             let mut detector = ModeDetector::new(DetectorConfig::default());
