@@ -480,8 +480,9 @@ pub struct ControlSection {
     /// from the spans where the migration had pages waiting), so the downtime estimate
     /// never prices the final round faster than the path, and the codec policy takes
     /// its link share from it while the workers wait on the link. Off by default: on migrations
-    /// across the held-out traces it changed the outcome of one or two runs in six,
-    /// too few to judge it by (`ml/downtime-misses-vs-ewma`, `models/README.md`).
+    /// across the held-out traces neither the model's forecast nor the EWMA's missed
+    /// the limit or the estimate less often than the rounds alone
+    /// (`ml/downtime-misses-vs-ewma`, `ml/codec-time-vs-ewma`, `models/README.md`).
     pub forecast_path_rate: bool,
 }
 
