@@ -1237,7 +1237,11 @@ impl<'a> Session<'a> {
             let interval = last_collect.elapsed().as_secs_f64();
             last_collect = Instant::now();
             self.totals.dirty_rate = next.count() as f64 * PAGE_SIZE as f64 / interval.max(1e-6);
-            recent_dirty.push(next.count(), interval);
+            // Not round 0's: it spans all of memory's transfer, and counts each page of
+            // a small working set once however often it was written.
+            if round > 0 {
+                recent_dirty.push(next.count(), interval);
+            }
             let ended_early = unsent.is_some();
             if let Some(unsent) = unsent {
                 next.union_with(&unsent);
