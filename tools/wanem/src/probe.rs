@@ -178,6 +178,15 @@ impl BottleneckFill {
 /// the limit, not the cap: the loss is switched off live for the transfer and put back
 /// after it.
 pub fn fill_bottleneck(emulator: &Emulator) -> Result<Option<BottleneckFill>, String> {
+    fill_bottleneck_with(emulator, Iperf3::filling(&emulator.config().scenario))
+}
+
+/// [`fill_bottleneck`] with other transfer settings (a check that the cap is never
+/// exceeded needs the streams past slow start, not settled on their shares).
+pub fn fill_bottleneck_with(
+    emulator: &Emulator,
+    transfer: Iperf3,
+) -> Result<Option<BottleneckFill>, String> {
     let scenario = &emulator.config().scenario;
     let Some(cap) = scenario.forward_cap() else {
         return Ok(None);
@@ -192,7 +201,7 @@ pub fn fill_bottleneck(emulator: &Emulator) -> Result<Option<BottleneckFill>, St
             .change(None, &no_loss)
             .map_err(|e| format!("switching the loss off: {}", e.join("; ")))?;
     }
-    let report = Iperf3::filling(scenario).run(
+    let report = transfer.run(
         &emulator.source_namespace(),
         &emulator.destination_namespace(),
         emulator.destination_address(),
