@@ -39,7 +39,8 @@
 //! environment makes the source record the final round in its table without sending it
 //! (pages lost on the way) and both sides switch over despite the digests then
 //! differing, naming the pages in the report. It proves that a guest's own check and
-//! the table digest do catch a missing final round.
+//! the table digest do catch a missing final round. The guest runs on for a second
+//! before the pause then, so that the final round holds pages its workload wrote.
 
 mod dest;
 mod fleet;
@@ -274,6 +275,10 @@ pub(crate) const BUSY: &str = "busy:";
 fn test_skip_final_round() -> bool {
     std::env::var_os("DWCP_TEST_SKIP_FINAL_ROUND").is_some_and(|v| v == "1")
 }
+
+/// Under the test-only switch, how long the guest runs on after the last pre-copy
+/// round before it is paused.
+const TEST_SKIP_FINAL_ROUND_WRITE_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `" (pages 3, 17, ...)"` for an error message.
 fn listed(pages: &[u64]) -> String {
