@@ -51,6 +51,22 @@ fn main() {
     let mut next_check = started + Duration::from_secs(settings.check_every_s);
     loop {
         let now = Instant::now();
+        // The count in RAM against the one kept in the device state, before any write:
+        // the last pass stored it, so they differ only when one of the two came back
+        // older than the other (a migration that lost the final pages, the workload's
+        // own stack among them). Going on from a stale count in RAM would rewrite the
+        // very pages left behind and hide them from the check.
+        if let Some(cmos) = &cmos {
+            let kept = cmos.load();
+            if kept != writes {
+                println!(
+                    "{PREFIX} MISMATCH write count: {writes} in RAM, {kept} in the device state"
+                );
+                beat.mismatches += 1;
+                // Go on from the device's count: the pages tell the rest.
+                writes = kept;
+            }
+        }
         // Writes due by now, at the configured rate.
         let due = (now.duration_since(started).as_secs_f64() * settings.rate as f64) as u64;
         while writes < due && settings.hot_pages > 0 {
@@ -64,17 +80,6 @@ fn main() {
             cmos.store(writes);
         }
         if now >= next_check {
-            if let Some(cmos) = &cmos {
-                let kept = cmos.load();
-                if kept != writes {
-                    println!(
-                        "{PREFIX} MISMATCH write count: {writes} in RAM, {kept} in the device state"
-                    );
-                    beat.mismatches += 1;
-                    // Go on from the device's count: the pages tell the rest.
-                    writes = kept;
-                }
-            }
             beat.mismatches += check_all(&memory, settings.hot_pages, writes);
             beat.checks += 1;
             next_check = Instant::now() + Duration::from_secs(settings.check_every_s);
