@@ -204,13 +204,17 @@ fn validate(scenario_name: &str) {
     // own shaper (`dwcp-bench wan --filter cap`).
     match scenario.forward_cap() {
         Some(cap) if cap.0 <= 1_000_000_000 => {
-            // Never above the cap holds from the first round trip on: the check needs
-            // the eight streams past slow start (some twelve round trips on the
-            // satellite path), not settled on their shares as the wan benchmark's
-            // filling transfer waits for (9-17 s a scenario).
+            // Never above the cap holds once the eight streams are past slow start
+            // (some twelve round trips on the satellite path): the check need not wait
+            // for them to settle on their shares, as the wan benchmark's filling
+            // transfer does (3-8 s). It measures over at least fifteen round trips,
+            // as that transfer does: a long path delivers in bursts a round trip long,
+            // and one-second intervals of a 600 ms path catch one burst or two (a
+            // four-second transfer there read 1.9× the cap).
             let rtt = scenario.base_rtt().as_secs_f64();
             let brief = probe::Iperf3 {
-                seconds: 4, // three whole intervals once the last is left out
+                // At least three whole intervals once the last is left out.
+                seconds: (rtt * 15.0).ceil().max(4.0) as u32,
                 omit: (rtt * 12.0).ceil().clamp(1.0, 8.0) as u32,
                 ..probe::Iperf3::filling(&scenario)
             };
