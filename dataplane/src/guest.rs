@@ -492,6 +492,9 @@ impl GuestControl for SimulatedGuest {
         let mut s = self.control.state.lock().map_err(|_| poisoned())?;
         s.paused = true;
         self.control.attention.store(true, Ordering::Release);
+        // vCPUs idling until their write credit grows wait on `changed`: wake them,
+        // so the guest stops within a wake-up rather than within an idle period.
+        self.control.changed.notify_all();
         // Wait until every running vCPU has parked: after this no write is in flight,
         // and the mutex orders all of their writes before our return.
         while s.parked < s.running {
@@ -552,6 +555,21 @@ fn park_if_asked(control: &Control) -> bool {
     true
 }
 
+/// How long a vCPU with no write credit idles before it looks again.
+const VCPU_IDLE: Duration = Duration::from_micros(500);
+
+/// Idle for `period`, or until a pause or shutdown is asked for (a pause is a step of
+/// the downtime: a vCPU asleep would hold it up by as much as `period`).
+fn idle(control: &Control, period: Duration) {
+    let Ok(s) = control.state.lock() else {
+        return;
+    };
+    if s.paused || s.stopping {
+        return;
+    }
+    let _ = control.changed.wait_timeout(s, period);
+}
+
 fn vcpu_loop(
     id: usize,
     vcpus: usize,
@@ -584,7 +602,7 @@ fn vcpu_loop(
         last = now;
         let mut budget = if rate.is_finite() { credit as u64 } else { 256 };
         if budget == 0 {
-            std::thread::sleep(Duration::from_micros(500));
+            idle(control, VCPU_IDLE);
             continue;
         }
         budget = budget.min(256);
