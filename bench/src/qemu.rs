@@ -276,9 +276,23 @@ fn qemu_run(src: &Vm, dst: &Vm, config: &str, downtime_ms: u64, uri: &str) -> Re
 }
 
 fn dwcpd() -> PathBuf {
-    // Beside this benchmark's own binary (both are built by `cargo build --release`).
+    // Beside this benchmark's own binary (both are built by `cargo build --release`;
+    // `cargo build --release -p dwcp-bench` leaves an older one in place).
     let me = std::env::current_exe().expect("own path");
-    me.with_file_name("dwcpd")
+    let dwcpd = me.with_file_name("dwcpd");
+    let built = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(ours), Some(theirs)) = (built(&me), built(&dwcpd))
+        && theirs < ours
+    {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            eprintln!(
+                "warning: {} is older than this benchmark: build it too (cargo build --release -p dwcp-control --bin dwcpd)",
+                dwcpd.display()
+            )
+        });
+    }
+    dwcpd
 }
 
 fn in_netns(ns: Option<&str>, program: &Path) -> Command {
