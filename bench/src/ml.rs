@@ -129,8 +129,8 @@ fn filled_guest(
 
 /// One migration of `memory` from `source` (the internet profile's destination; codecs
 /// off, so that the streams are limited by the path, unless `policy` chooses them)
-/// across a clean path
-/// of MTU 1500 that plays `trace` from the first report on (setup is not the path);
+/// across a clean path of MTU 1500 that plays `trace` from the first report on (setup
+/// is not the path);
 /// `on_report` sees every report with the time since that first one. The source's
 /// result, or why the path could not be emulated.
 fn migrate_across_trace(
@@ -493,20 +493,17 @@ fn codec_with_forecast(model: &LinkModel, out: &mut Reporter) -> Result<(), Stri
         );
         Ok((report.total_seconds, report.bytes_sent))
     })?;
+    let runs = |p: Pricing| results.iter().filter(move |r| r.0 == p).map(|r| r.1);
     let of = |p: Pricing| -> Samples {
         let mut s = Samples::default();
-        for (_, (seconds, _)) in results.iter().filter(|r| r.0 == p) {
-            s.push(*seconds);
+        for (seconds, _) in runs(p) {
+            s.push(seconds);
         }
         s
     };
     let mb = |p: Pricing| -> f64 {
-        let runs: Vec<f64> = results
-            .iter()
-            .filter(|r| r.0 == p)
-            .map(|r| r.1.1 as f64 / 1e6)
-            .collect();
-        round4(runs.iter().sum::<f64>() / runs.len() as f64)
+        let megabytes: Vec<f64> = runs(p).map(|(_, bytes)| bytes as f64 / 1e6).collect();
+        round4(megabytes.iter().sum::<f64>() / megabytes.len() as f64)
     };
     let none = of(Pricing::Rounds);
     let c = Comparison::new(

@@ -169,6 +169,7 @@ pub fn migrate_across_driven(
             DirtyLogKind::Uffd,
             source,
             dest,
+            // Re-typed to the scope's lifetime, which the migration's borrows share.
             policy.map(|p| p as &mut dyn CodecPolicy),
             Some(&live),
         );

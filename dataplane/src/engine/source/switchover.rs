@@ -67,10 +67,9 @@ impl Session<'_> {
     ) -> Result<Outcome, MigrationError> {
         // The last pre-copy round is settled (see `run`).
         if test_skip_final_round() {
-            // Test-only: the guest runs on a moment so that its workload writes pages
-            // the final round then leaves out. On a loaded machine the guest's vCPU
-            // may not run at all between the last collection and the pause, and pages
-            // left out that are only its kernel's may go unnoticed.
+            // Test-only: the guest runs on a moment, so that the final round left out
+            // holds a second of its writes, not only the few pages written while the
+            // last round settled.
             std::thread::sleep(TEST_SKIP_FINAL_ROUND_WRITE_WINDOW);
         }
         self.losses.paused = true;
