@@ -1,6 +1,7 @@
 //! Generate bindings to the installed libfabric, and compile C wrappers for its static
 //! inline calls (`fi_write`, `fi_cq_read`, `fi_mr_reg`, ... are inline functions that
 //! call through the provider's operation tables; bindgen wraps each in a real symbol).
+//! The library itself is not linked: `loader.c` loads it on first use (why is there).
 //!
 //! Without libfabric (no `libfabric.pc`), nothing is generated and the crate is empty
 //! but for `AVAILABLE = false`: the dataplane then reports the RMA transport missing.
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=wrapper.h");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=loader.c");
     println!("cargo:rustc-check-cfg=cfg(dwcp_libfabric)");
     println!("cargo:rerun-if-env-changed=DWCP_NO_LIBFABRIC");
     if std::env::var_os("DWCP_NO_LIBFABRIC").is_some_and(|v| v == "1") {
@@ -20,6 +22,8 @@ fn main() {
     }
     let library = match pkg_config::Config::new()
         .atleast_version("1.11")
+        // Headers only: the library is loaded at run time (loader.c), not linked.
+        .cargo_metadata(false)
         .probe("libfabric")
     {
         Ok(library) => library,
@@ -61,6 +65,7 @@ fn main() {
         .expect("writing the bindings");
     cc::Build::new()
         .file(wrappers.with_extension("c"))
+        .file(manifest.join("loader.c"))
         .include(&manifest)
         .includes(&library.include_paths)
         .warnings(false)

@@ -262,10 +262,6 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    // A library linked with libfabric takes SIGTERM, SIGINT and the crash signals at
-    // load, and exits 1 on them: `serve` must drain on SIGTERM, and a crash must dump
-    // core. Done first, while this is the only thread.
-    dwcp_dataplane::transport::fabric::reclaim_signals();
     let cli = Cli::parse();
     if let Some(path) = &cli.check_config {
         return match Config::load(path).and_then(|c| c.validate()) {

@@ -75,6 +75,7 @@ struct Hints(*mut sys::fi_info);
 
 impl Hints {
     fn new(provider: Option<&str>) -> Result<Hints, FabricError> {
+        loaded()?;
         // SAFETY: fi_allocinfo returns a zeroed fi_info with its attribute structures
         // allocated, or null.
         let hints = unsafe { sys::fi_allocinfo() };
@@ -178,10 +179,23 @@ pub(crate) fn providers() -> Result<Vec<ProviderInfo>, FabricError> {
     Ok(out)
 }
 
-pub(crate) fn library_version() -> String {
+/// Load libfabric on first use (every way in passes through [`Hints::new`]).
+fn loaded() -> Result<(), FabricError> {
+    // SAFETY: takes no arguments; loads at most once (pthread_once) and returns null
+    // or a static string.
+    let why = unsafe { sys::dwcp_fabric_load() };
+    if why.is_null() {
+        Ok(())
+    } else {
+        Err(FabricError::NotLoaded(text(why)))
+    }
+}
+
+pub(crate) fn library_version() -> Option<String> {
+    loaded().ok()?;
     // SAFETY: fi_version takes no arguments.
     let v = unsafe { sys::fi_version() };
-    format!("{}.{}", v >> 16, v & 0xffff)
+    Some(format!("{}.{}", v >> 16, v & 0xffff))
 }
 
 /// A fabric and the event queue its connections are managed through.

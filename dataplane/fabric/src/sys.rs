@@ -13,6 +13,12 @@
 
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 
+unsafe extern "C" {
+    /// Load libfabric if it is not yet (`loader.c`): null when it is usable, else a
+    /// static NUL-terminated text saying why not.
+    pub fn dwcp_fabric_load() -> *const std::ffi::c_char;
+}
+
 /// `FI_VERSION(major, minor)` (a function-like macro in `fabric.h`).
 pub const fn fi_version_of(major: u32, minor: u32) -> u32 {
     (major << 16) | minor
