@@ -225,6 +225,7 @@ pub(crate) fn page_stream(
         total_streams: streams,
         memory: setup.dest.clone(),
         memory_is_fresh: true,
+        holes: None,
         capabilities: caps::ALL,
         table: Arc::new(CrcTable::new(setup.dest.pages())),
         records: records.clone(),

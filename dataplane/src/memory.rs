@@ -192,6 +192,28 @@ impl GuestMemory {
         }
     }
 
+    /// The pages of file-backed memory that lie in the file's holes: they read as
+    /// zeros and take no memory until written. `None` for anonymous memory, or when
+    /// the file system cannot say.
+    pub fn hole_pages(&self) -> Option<crate::dirty::DirtyBitmap> {
+        let Backing::File(file) = &self.backing else {
+            return None;
+        };
+        let data = file.data_ranges().ok()?;
+        let pages = self.pages();
+        let page = PAGE_SIZE as u64;
+        let mut holes = crate::dirty::DirtyBitmap::new(pages);
+        // Pages before `next` hold data, or lie between extents already seen; a page
+        // that data touches at all is data.
+        let mut next = 0u64;
+        for range in data {
+            holes.set_range(next, range.start / page);
+            next = next.max(range.end.div_ceil(page));
+        }
+        holes.set_range(next, pages);
+        Some(holes)
+    }
+
     /// Whether the memory is a private anonymous mapping (userfaultfd write-protect
     /// tracks those without extra features).
     pub fn is_anonymous(&self) -> bool {

@@ -35,6 +35,9 @@ impl FileBacking {
 #[derive(Debug)]
 pub struct FileMemory {
     map: MmapMut,
+    /// The file mapped (kept open: its holes are asked of this file, not of whatever
+    /// the path names later).
+    file: std::fs::File,
     path: PathBuf,
     backing: FileBacking,
 }
@@ -136,9 +139,47 @@ impl FileMemory {
             unsafe { MmapOptions::new().len(len).map_mut(&file) }.map_err(|e| file_err(path, e))?;
         Ok(FileMemory {
             map,
+            file,
             path: path.to_owned(),
             backing,
         })
+    }
+
+    /// The byte ranges of the file that hold data, in order (`lseek(2)` with
+    /// `SEEK_DATA`/`SEEK_HOLE`): the rest are holes, which read as zeros and take no
+    /// memory. A file system that does not tell holes reports the whole file as data.
+    pub fn data_ranges(&self) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let len = self.map.len() as u64;
+        let mut ranges = Vec::new();
+        let mut at = 0u64;
+        while at < len {
+            // SAFETY: lseek on a descriptor we own; it moves only the file offset,
+            // which nothing here reads through (the file is used by its mapping).
+            let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = std::io::Error::last_os_error();
+                // ENXIO: no data past `at`, the rest is a hole.
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break;
+                }
+                return Err(e);
+            }
+            let data = data as u64;
+            if data >= len {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let end = (hole as u64).min(len);
+            ranges.push(data..end);
+            at = end;
+        }
+        Ok(ranges)
     }
 
     /// The file's path.

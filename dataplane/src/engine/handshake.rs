@@ -382,6 +382,8 @@ pub(super) struct Accepted {
     pub memory: Arc<GuestMemory>,
     /// The memory is known to be all zeros.
     pub fresh: bool,
+    /// The memory is a file whose holes (these pages) read as zeros.
+    pub holes: Option<Arc<crate::dirty::DirtyBitmap>>,
 }
 
 /// A control stream read error, with context.
@@ -709,6 +711,13 @@ fn accept_session(
             }
         }
     };
+    // Memory that may hold old content (an incoming VM's RAM file): its holes read
+    // as zeros, and a zero page sent for one can stay a hole.
+    let holes = if fresh {
+        None
+    } else {
+        memory.hole_pages().map(Arc::new)
+    };
     let granted = match resuming {
         // Pages come as frames once resumed: its RMA connections are not set up again.
         Some(session) => session.granted & !caps::RMA,
@@ -817,6 +826,7 @@ fn accept_session(
         granted,
         memory,
         fresh,
+        holes,
     })
 }
 

@@ -248,9 +248,14 @@ pub struct FrameParser {
     /// One page, for deltas and references.
     scratch: Box<[u8; PAGE_SIZE]>,
     decompressor: Option<Decompressor>,
-    /// Pages never written since the memory was created zeroed: a zero marker for them
-    /// needs no write. `None` when the memory may hold old content.
+    /// Pages known to hold zeros and not written since (memory created zeroed, or a
+    /// file's holes): a zero marker for them needs no write. `None` when the memory
+    /// may hold old content.
     untouched: Option<DirtyBitmap>,
+    /// Whether a zero marker for an untouched page faults the page in (this process's
+    /// own fresh memory, which its guest uses next) or leaves it alone (a file's hole,
+    /// which stays a hole: reading it gives zeros, and it takes no memory).
+    populate_untouched: bool,
     /// The frame kinds the session negotiated ([`crate::wire::caps`]).
     capabilities: u64,
     round_pages: u32,
@@ -290,6 +295,7 @@ impl FrameParser {
             scratch: Box::new([0; PAGE_SIZE]),
             decompressor: None,
             untouched: memory_is_fresh.then(|| DirtyBitmap::full(pages)),
+            populate_untouched: true,
             capabilities: crate::wire::caps::ALL,
             round_pages: 0,
             next_round: 0,
@@ -330,6 +336,15 @@ impl FrameParser {
         self.routes = Routes::new(self.active_streams, fence.lost());
         // Pages another stream wrote may arrive here now.
         self.untouched = None;
+    }
+
+    /// The memory is a file whose `holes` (pages) read as zeros: a zero marker for one
+    /// leaves it a hole, as the destination QEMU's own migration does. Replaces what
+    /// `memory_is_fresh` said.
+    pub fn with_holes(mut self, holes: &DirtyBitmap) -> Self {
+        self.untouched = Some(holes.clone());
+        self.populate_untouched = false;
+        self
     }
 
     /// Record every page placed, with its CRC, in `table` (the destination's table).
@@ -634,7 +649,9 @@ impl FrameParser {
         for page in first..first + u64::from(count) {
             let fresh = self.untouched.as_ref().is_some_and(|u| u.get(page));
             if fresh {
-                fresh_from.get_or_insert(page);
+                if self.populate_untouched {
+                    fresh_from.get_or_insert(page);
+                }
             } else {
                 if let Some(from) = fresh_from.take() {
                     self.memory.populate_pages(from, page - from);
@@ -980,6 +997,51 @@ mod tests {
             assert_eq!(dst.to_vec(), src.to_vec(), "piece size {piece}");
             assert!(parser.is_ended());
         }
+    }
+
+    #[test]
+    fn zero_pages_sent_for_a_files_holes_leave_them_holes() {
+        // An incoming VM's RAM file: old content in its first 8 pages, holes after.
+        let path = std::path::Path::new("/dev/shm")
+            .join(format!("dwcp-frames-holes-{}", std::process::id()));
+        let dst = match GuestMemory::file(&path, 64 * PAGE_SIZE) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                eprintln!("skipped: no tmpfs file at {}: {e}", path.display());
+                return;
+            }
+        };
+        let _ = std::fs::remove_file(&path); // the mapping keeps it
+        for p in 0..8 {
+            dst.write_page(p, &[0xAA; PAGE_SIZE]);
+        }
+        let holes = dst.hole_pages().expect("a file");
+        if holes.count() == 0 {
+            eprintln!("skipped: this file system does not report holes");
+            return;
+        }
+        assert!((0..64).all(|p| holes.get(p) == (p >= 8)));
+
+        let src = source(64); // every third page zero
+        let mut wire = Vec::new();
+        let mut buf = vec![0u8; stage_space(16)];
+        for chunk in 0..4u64 {
+            let staged = stage_run(&src, chunk * 16, 16, &mut buf, None);
+            wire.extend_from_slice(&buf[..staged.bytes]);
+        }
+        let mut parser = FrameParser::new(dst.clone(), 0, 1, false).with_holes(&holes);
+        parser.feed(&wire, &mut |_| {}).unwrap();
+        // Asked before reading the memory back: a read through the mapping fills a hole.
+        let after = dst.hole_pages().expect("a file");
+        for p in 0..64 {
+            let stays_hole = p >= 8 && p % 3 == 0;
+            assert_eq!(after.get(p), stays_hole, "page {p}");
+        }
+        assert_eq!(
+            dst.to_vec(),
+            src.to_vec(),
+            "old content under zero pages is cleared"
+        );
     }
 
     #[test]

@@ -662,6 +662,8 @@ pub struct RxSetup {
     pub memory: Arc<GuestMemory>,
     /// The memory is known to be all zeros.
     pub memory_is_fresh: bool,
+    /// The memory is a file whose holes (these pages) read as zeros.
+    pub holes: Option<Arc<crate::dirty::DirtyBitmap>>,
     /// Frame kinds the session negotiated ([`crate::wire::caps`]).
     pub capabilities: u64,
     /// The destination's CRC table: every page placed is recorded there.
@@ -751,16 +753,20 @@ impl RxSetup {
     /// frame parser.
     pub fn inbound(&self, stream: u16) -> Inbound {
         let first_round = self.first_round;
-        let parser = frames::FrameParser::new(
+        let mut parser = frames::FrameParser::new(
             self.memory.clone(),
             stream,
             self.total_streams,
             self.memory_is_fresh,
-        )
-        .with_capabilities(self.capabilities)
-        .with_table(self.table.clone())
-        .with_fence(self.fence.clone())
-        .with_first_round(first_round);
+        );
+        if let Some(holes) = &self.holes {
+            parser = parser.with_holes(holes);
+        }
+        let parser = parser
+            .with_capabilities(self.capabilities)
+            .with_table(self.table.clone())
+            .with_fence(self.fence.clone())
+            .with_first_round(first_round);
         Inbound::new(self.records.as_ref().map(|k| k.opener(stream)), parser)
     }
 }
