@@ -36,7 +36,9 @@
 //! `B` is the rate the peer acknowledges bytes at, measured while a worker is
 //! link-bound (it had pages to stage but every buffer was waiting on the socket for a
 //! good part of the interval). When no worker is link-bound, the acknowledged rate is
-//! only a lower bound and `B` is raised to it if higher. Until `B` is known, codecs stay
+//! only a lower bound and `B` is raised to it if higher. In TCP start-up (the first
+//! `STARTUP_ROUND_TRIPS` round trips) no rate is taken for `B`: the windows set it,
+//! and the workers run zstd 1 until the link is measured. Until `B` is known, codecs stay
 //! off: the first decision comes after a short interval of raw sending. When the
 //! control thread forecasts the path (`[control] forecast_path_rate`: the link model's
 //! forecast or the EWMA's, made from the spans where the migration had pages waiting),
@@ -220,6 +222,17 @@ pub struct ModelPolicy {
 /// link, limits the transfer.
 const PROBE_GROWTH: f64 = 1.5;
 
+/// Round trips of TCP start-up: until the streams have had this many, their congestion
+/// windows, not the link, set what is acknowledged (BBR's start-up doubles the rate
+/// each round trip; from 16 streams' initial windows to 1 Gbit/s at 80 ms takes about
+/// six). A rate measured then is no measure of the link.
+const STARTUP_ROUND_TRIPS: f64 = 8.0;
+
+/// Whether the streams are still in TCP start-up at `o` (never when no RTT is known).
+fn starting_up(o: &Observation) -> bool {
+    o.link.rtt_us > 0 && o.elapsed < STARTUP_ROUND_TRIPS * f64::from(o.link.rtt_us) / 1e6
+}
+
 /// Priors used until measured (bytes per second): staging and the cache stage are
 /// memory copies plus a CRC, well above a core's zstd speed.
 pub const RAW_RATE_PRIOR: f64 = 3e9;
@@ -244,6 +257,29 @@ struct WorkerLog<'a> {
     choice: String,
     changed: bool,
     reason: &'static str,
+}
+
+impl<'a> WorkerLog<'a> {
+    /// A worker's decision taken before the link was measured: no model inputs.
+    fn unmeasured(
+        input: &'a WorkerObservation,
+        choice: Candidate,
+        changed: bool,
+        reason: &'static str,
+    ) -> Self {
+        WorkerLog {
+            worker: input.worker,
+            input,
+            link_share: 0.0,
+            raw_rate: None,
+            encode_rate: None,
+            cache_gain: None,
+            candidates: Vec::new(),
+            choice: choice.name(),
+            changed,
+            reason,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -299,6 +335,12 @@ impl ModelPolicy {
             .filter(|r| r.is_finite() && *r > 0.0);
         if link_bound && let Some(ahead) = forecast {
             self.bandwidth = Some(ahead);
+        } else if starting_up(o) {
+            // The windows are still opening: workers wait on their sockets at a rate
+            // the link will soon exceed many times over. Taken as the link, it made
+            // the first decision pick the slowest level, and the CPU-bound workers
+            // took seconds to come back down (1 Gbit/s at 80 ms: zstd 9 chosen after
+            // 74 ms, level 1 only after a second).
         } else if rate > 0.0 {
             self.bandwidth = if link_bound {
                 Self::smooth(self.bandwidth, rate, self.config.smoothing)
@@ -470,19 +512,40 @@ impl CodecPolicy for ModelPolicy {
         for w in &o.workers {
             let state_current = self.workers[w.worker].current.unwrap_or(Candidate::Off);
             let Some(bandwidth) = self.bandwidth else {
+                if starting_up(o) && w.settings.is_off() {
+                    // Start-up is window-bound: every page compressed is one more
+                    // page per window, and the rate is low, so a fast level costs the
+                    // CPU little: level 1 (QEMU's multifd default too), or the
+                    // nearest configured. The model decides once the link is
+                    // measured.
+                    let levels = &self.config.levels;
+                    let startup_level = levels
+                        .iter()
+                        .copied()
+                        .find(|&l| l >= 1)
+                        .or(levels.last().copied());
+                    if let Some(level) = startup_level {
+                        let choice = Candidate::Zstd(level);
+                        let state = &mut self.workers[w.worker];
+                        state.current = Some(choice);
+                        state.dwell = 0;
+                        decision.settings.push(self.settings_for(choice, false));
+                        logs.push(WorkerLog::unmeasured(
+                            w,
+                            choice,
+                            true,
+                            "TCP start-up: a fast level until the link is measured",
+                        ));
+                        continue;
+                    }
+                }
                 decision.settings.push(w.settings);
-                logs.push(WorkerLog {
-                    worker: w.worker,
-                    input: w,
-                    link_share: 0.0,
-                    raw_rate: None,
-                    encode_rate: None,
-                    cache_gain: None,
-                    candidates: Vec::new(),
-                    choice: state_current.name(),
-                    changed: false,
-                    reason: "link not measured yet",
-                });
+                logs.push(WorkerLog::unmeasured(
+                    w,
+                    state_current,
+                    false,
+                    "link not measured yet",
+                ));
                 continue;
             };
             let share = bandwidth * f64::from(w.streams) / f64::from(total_streams);
@@ -759,6 +822,41 @@ mod tests {
         // A forecast that is no rate is none: the interval's rate is smoothed in.
         p.decide(&forecast(12.5e6, 0.9, f64::NAN));
         assert!(p.bandwidth().is_some_and(|b| b > 12.5e6 && b < 20e6));
+    }
+
+    #[test]
+    fn a_rate_measured_in_tcp_start_up_is_not_taken_for_the_link() {
+        let mut p = policy();
+        // 80 ms round trips, 0.3 s in: the windows are still opening, the workers wait
+        // on them at 12.5 MB/s. Not a 100 Mbit/s link: no slow level, no calibration.
+        let mut o = observation(12.5e6, 0.9, CodecSettings::OFF, None);
+        o.link.rtt_us = 80_000;
+        o.elapsed = 0.3;
+        let d = p.decide(&o);
+        assert_eq!(p.bandwidth(), None);
+        assert_eq!(d.calibrate, None);
+        assert!(
+            d.settings.iter().all(|s| s.level == Some(1)),
+            "a fast level meanwhile: {:?}",
+            d.log
+        );
+        // Eight round trips in, a gigabit link measured: the model's choice.
+        let zstd1 = p.settings_for(Candidate::Zstd(1), false);
+        o = observation(125e6, 0.9, zstd1, Some(calibration()));
+        o.link.rtt_us = 80_000;
+        o.elapsed = 0.7;
+        p.decide(&o);
+        assert_eq!(p.bandwidth(), Some(125e6));
+        // Without the start-up rule the first interval would have picked level 9.
+        let mut unaware = policy();
+        unaware.decide(&observation(12.5e6, 0.9, CodecSettings::OFF, None));
+        let d = unaware.decide(&observation(
+            12.5e6,
+            0.9,
+            CodecSettings::OFF,
+            Some(calibration()),
+        ));
+        assert_eq!(d.settings[0].level, Some(9));
     }
 
     #[test]
