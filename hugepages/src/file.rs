@@ -148,10 +148,22 @@ impl FileMemory {
     /// The byte ranges of the file that hold data, in order (`lseek(2)` with
     /// `SEEK_DATA`/`SEEK_HOLE`): the rest are holes, which read as zeros and take no
     /// memory. A file system that does not tell holes reports the whole file as data.
+    ///
+    /// On tmpfs the walk looks at every page that holds data (about 0.1 µs each here:
+    /// 8 ms for a 256 MiB VM's RAM file), so the file's allocated size is asked first:
+    /// a file with no block, or with blocks for all of it, needs no walk.
     pub fn data_ranges(&self) -> std::io::Result<Vec<std::ops::Range<u64>>> {
         use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
         let fd = self.file.as_raw_fd();
         let len = self.map.len() as u64;
+        let allocated = self.file.metadata()?.blocks().saturating_mul(512);
+        if allocated == 0 {
+            return Ok(Vec::new());
+        }
+        if allocated >= len {
+            return Ok(std::iter::once(0..len).collect());
+        }
         let mut ranges = Vec::new();
         let mut at = 0u64;
         while at < len {
@@ -238,6 +250,26 @@ mod tests {
         assert_eq!(&b.as_slice()[4096..4100], b"dwcp");
         assert_eq!(b.len(), 64 * 1024);
         std::fs::remove_file(&target).unwrap();
+    }
+
+    #[test]
+    fn a_tmpfs_files_data_ranges_are_what_was_written() {
+        let shm = Path::new("/dev/shm").join(format!("dwcp-filemem-holes-{}", std::process::id()));
+        let Ok(mut m) = FileMemory::create(&shm, 64 * 4096) else {
+            eprintln!("skipped: no /dev/shm");
+            return;
+        };
+        let _ = std::fs::remove_file(&shm);
+        assert_eq!(m.data_ranges().unwrap(), vec![], "a new file is one hole");
+        m.as_mut_slice()[3 * 4096] = 1;
+        m.as_mut_slice()[4 * 4096 + 7] = 1;
+        m.as_mut_slice()[40 * 4096] = 1;
+        assert_eq!(
+            m.data_ranges().unwrap(),
+            vec![3 * 4096..5 * 4096, 40 * 4096..41 * 4096]
+        );
+        m.as_mut_slice().fill(2);
+        assert_eq!(m.data_ranges().unwrap(), vec![0..64 * 4096], "all data");
     }
 
     #[test]
