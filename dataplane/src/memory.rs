@@ -327,6 +327,26 @@ impl GuestMemory {
         };
     }
 
+    /// Write whole pages `first..first + pages.len()` (each `pages[i]` exactly one
+    /// page): through the file with one `pwritev` where the memory is a file, which
+    /// fills a hole without zeroing it first or faulting it in here (see
+    /// `FileMemory::write_vectored_at`); through the mapping otherwise, or for what the
+    /// call did not write.
+    pub fn write_pages(&self, first: u64, pages: &[&[u8]]) {
+        let mut done = 0usize;
+        if let Backing::File(file) = &self.backing {
+            let slices: Vec<std::io::IoSlice<'_>> =
+                pages.iter().map(|p| std::io::IoSlice::new(p)).collect();
+            let offset = self.page_offset(first) as u64;
+            if let Ok(n) = file.write_vectored_at(offset, &slices) {
+                done = n / PAGE_SIZE;
+            }
+        }
+        for (i, page) in pages.iter().enumerate().skip(done) {
+            self.write_page(first + i as u64, page);
+        }
+    }
+
     /// Fill page `page` with zeros.
     #[inline]
     pub fn zero_page(&self, page: u64) {

@@ -145,6 +145,33 @@ impl FileMemory {
         })
     }
 
+    /// Write `bufs` one after another at `offset` of the file with `pwritev(2)`;
+    /// returns the bytes written (fewer than asked if the call stopped short).
+    /// Through the file, a page that is a hole is filled without being zeroed first
+    /// or mapped here, which writing it through the mapping costs.
+    pub fn write_vectored_at(
+        &self,
+        offset: u64,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: IoSlice is ABI-compatible with struct iovec (std guarantees it), the
+        // slices are valid for reads for the call, and the count fits a c_int (callers
+        // pass at most IOV_MAX).
+        let n = unsafe {
+            libc::pwritev(
+                self.file.as_raw_fd(),
+                bufs.as_ptr().cast::<libc::iovec>(),
+                bufs.len().min(libc::c_int::MAX as usize) as libc::c_int,
+                offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
     /// The byte ranges of the file that hold data, in order (`lseek(2)` with
     /// `SEEK_DATA`/`SEEK_HOLE`): the rest are holes, which read as zeros and take no
     /// memory. A file system that does not tell holes reports the whole file as data.

@@ -252,6 +252,12 @@ pub struct FrameParser {
     /// file's holes): a zero marker for them needs no write. `None` when the memory
     /// may hold old content.
     untouched: Option<DirtyBitmap>,
+    /// Whole raw pages bound for a file's holes, gathered from the bytes being fed
+    /// and written together with one `pwritev` (see `body_gathered`): the first page,
+    /// and the address of each page's bytes (kept as integers, so the parser stays
+    /// `Send`). Written before `feed` returns, before any event and before any other
+    /// write: the addresses are never used after the call.
+    gathered: (u64, Vec<usize>),
     /// Whether a zero marker for an untouched page faults the page in (this process's
     /// own fresh memory, which its guest uses next) or leaves it alone (a file's hole,
     /// which stays a hole: reading it gives zeros, and it takes no memory).
@@ -296,6 +302,7 @@ impl FrameParser {
             decompressor: None,
             untouched: memory_is_fresh.then(|| DirtyBitmap::full(pages)),
             populate_untouched: true,
+            gathered: (0, Vec::new()),
             capabilities: crate::wire::caps::ALL,
             round_pages: 0,
             next_round: 0,
@@ -427,9 +434,59 @@ impl FrameParser {
         }
     }
 
+    /// Whether raw page `page`, arriving whole, goes into a file's hole: gathered
+    /// for one `pwritev` with the pages around it. Writing a tmpfs hole through the
+    /// mapping faults it in and zeroes it first: 256 MiB took 172-234 ms here that
+    /// way, 108-122 ms as 64 KiB `pwrite`s.
+    fn gathers(&self, page: u64) -> bool {
+        !self.populate_untouched && self.untouched.as_ref().is_some_and(|u| u.get(page))
+    }
+
+    /// Add `body` (page `page`, checked) to the gathered run, writing the run first if
+    /// the page does not continue it.
+    fn gather(&mut self, page: u64, body: &[u8]) {
+        const MOST: usize = 256;
+        let (first, pages) = &self.gathered;
+        if !pages.is_empty() && (*first + pages.len() as u64 != page || pages.len() >= MOST) {
+            self.write_gathered();
+        }
+        if self.gathered.1.is_empty() {
+            self.gathered.0 = page;
+        }
+        self.gathered.1.push(body.as_ptr() as usize);
+    }
+
+    /// Write the gathered pages.
+    fn write_gathered(&mut self) {
+        let (first, addresses) = &mut self.gathered;
+        if addresses.is_empty() {
+            return;
+        }
+        // SAFETY: each address is the start of a page's bytes within the slice `feed`
+        // was given; `feed` writes the gathered pages before it returns, so the slice
+        // is still borrowed and unchanged.
+        let pages: Vec<&[u8]> = addresses
+            .iter()
+            .map(|&a| unsafe { std::slice::from_raw_parts(a as *const u8, PAGE_SIZE) })
+            .collect();
+        self.memory.write_pages(*first, &pages);
+        addresses.clear();
+    }
+
     /// Consume the next bytes of the stream. Events are reported through `on_event` as
     /// their frames complete.
     pub fn feed(
+        &mut self,
+        data: &[u8],
+        on_event: &mut impl FnMut(StreamEvent),
+    ) -> Result<(), WireError> {
+        let result = self.feed_pieces(data, on_event);
+        // On an error too: the pointers must not outlive `data`.
+        self.write_gathered();
+        result
+    }
+
+    fn feed_pieces(
         &mut self,
         mut data: &[u8],
         on_event: &mut impl FnMut(StreamEvent),
@@ -479,12 +536,23 @@ impl FrameParser {
                     offset,
                     crc,
                 } => {
-                    let take = (PAGE_SIZE - offset).min(data.len());
-                    let chunk = &data[..take];
-                    self.memory.write_at(page, offset, chunk);
-                    let crc = dwcp_simd::crc32c_update(crc, chunk);
-                    data = &data[take..];
-                    let offset = offset + take;
+                    let (crc, offset) =
+                        if offset == 0 && data.len() >= PAGE_SIZE && self.gathers(page) {
+                            let body = &data[..PAGE_SIZE];
+                            let crc = dwcp_simd::crc32c(body);
+                            if crc == expected {
+                                self.gather(page, body);
+                            }
+                            data = &data[PAGE_SIZE..];
+                            (crc, PAGE_SIZE)
+                        } else {
+                            self.write_gathered();
+                            let take = (PAGE_SIZE - offset).min(data.len());
+                            let chunk = &data[..take];
+                            self.memory.write_at(page, offset, chunk);
+                            data = &data[take..];
+                            (dwcp_simd::crc32c_update(crc, chunk), offset + take)
+                        };
                     if offset < PAGE_SIZE {
                         self.state = State::Body {
                             page,
@@ -521,6 +589,9 @@ impl FrameParser {
                     self.payload.extend_from_slice(&data[..take]);
                     data = &data[take..];
                     if self.payload.len() == header.payload_len as usize {
+                        // What the frame writes or reports comes after the pages
+                        // before it.
+                        self.write_gathered();
                         self.state = State::Header;
                         let payload = std::mem::take(&mut self.payload);
                         let result = match header.kind {
@@ -556,6 +627,11 @@ impl FrameParser {
         header: FrameHeader,
         on_event: &mut impl FnMut(StreamEvent),
     ) -> Result<(), WireError> {
+        // What the frame writes or reports comes after the pages before it; a raw
+        // run continuing the gathered one keeps gathering.
+        if header.kind != FrameKind::RawPages {
+            self.write_gathered();
+        }
         match header.kind {
             FrameKind::ZeroRun => {
                 self.check_owner(header.page, header.count)?;
@@ -999,16 +1075,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn zero_pages_sent_for_a_files_holes_leave_them_holes() {
-        // An incoming VM's RAM file: old content in its first 8 pages, holes after.
+    /// An incoming VM's RAM file, old content in its first 8 pages, holes after.
+    fn incoming_file(name: &str) -> Option<(Arc<GuestMemory>, DirtyBitmap)> {
         let path = std::path::Path::new("/dev/shm")
-            .join(format!("dwcp-frames-holes-{}", std::process::id()));
+            .join(format!("dwcp-frames-{name}-{}", std::process::id()));
         let dst = match GuestMemory::file(&path, 64 * PAGE_SIZE) {
             Ok(m) => Arc::new(m),
             Err(e) => {
                 eprintln!("skipped: no tmpfs file at {}: {e}", path.display());
-                return;
+                return None;
             }
         };
         let _ = std::fs::remove_file(&path); // the mapping keeps it
@@ -1018,30 +1093,75 @@ mod tests {
         let holes = dst.hole_pages().expect("a file");
         if holes.count() == 0 {
             eprintln!("skipped: this file system does not report holes");
-            return;
+            return None;
         }
         assert!((0..64).all(|p| holes.get(p) == (p >= 8)));
+        Some((dst, holes))
+    }
 
-        let src = source(64); // every third page zero
+    /// `src` staged in runs of 16 pages.
+    fn staged_wire(src: &GuestMemory) -> Vec<u8> {
         let mut wire = Vec::new();
         let mut buf = vec![0u8; stage_space(16)];
         for chunk in 0..4u64 {
-            let staged = stage_run(&src, chunk * 16, 16, &mut buf, None);
+            let staged = stage_run(src, chunk * 16, 16, &mut buf, None);
             wire.extend_from_slice(&buf[..staged.bytes]);
         }
-        let mut parser = FrameParser::new(dst.clone(), 0, 1, false).with_holes(&holes);
-        parser.feed(&wire, &mut |_| {}).unwrap();
-        // Asked before reading the memory back: a read through the mapping fills a hole.
-        let after = dst.hole_pages().expect("a file");
-        for p in 0..64 {
-            let stays_hole = p >= 8 && p % 3 == 0;
-            assert_eq!(after.get(p), stays_hole, "page {p}");
+        let mut marker = [0u8; FRAME_HEADER_LEN];
+        stage_marker(FrameHeader::round_end(0, 64), &mut marker);
+        wire.extend_from_slice(&marker);
+        wire
+    }
+
+    #[test]
+    fn pages_sent_into_a_files_holes_land_and_zero_pages_leave_them_holes() {
+        let src = source(64); // every third page zero
+        let wire = staged_wire(&src);
+        // Whole pages into holes go by pwritev, gathered; pieces of pages through the
+        // mapping: any piece size lands the same bytes.
+        for piece in [1usize, 7, 4100, 20_000, wire.len()] {
+            let Some((dst, holes)) = incoming_file(&format!("holes-{piece}")) else {
+                return;
+            };
+            let mut parser = FrameParser::new(dst.clone(), 0, 1, false).with_holes(&holes);
+            let mut events = Vec::new();
+            for part in wire.chunks(piece) {
+                parser.feed(part, &mut |e| events.push(e)).unwrap();
+            }
+            assert_eq!(
+                events,
+                [StreamEvent::RoundEnd {
+                    round: 0,
+                    pages: 64
+                }]
+            );
+            // Asked before reading the memory back: a read through the mapping fills a
+            // hole.
+            let after = dst.hole_pages().expect("a file");
+            for p in 0..64 {
+                let stays_hole = p >= 8 && p % 3 == 0;
+                assert_eq!(after.get(p), stays_hole, "page {p}, pieces of {piece}");
+            }
+            assert_eq!(dst.to_vec(), src.to_vec(), "pieces of {piece}");
         }
-        assert_eq!(
-            dst.to_vec(),
-            src.to_vec(),
-            "old content under zero pages is cleared"
-        );
+    }
+
+    #[test]
+    fn a_corrupt_page_bound_for_a_hole_is_refused() {
+        let src = source(64);
+        let mut wire = staged_wire(&src);
+        let Some((dst, holes)) = incoming_file("corrupt") else {
+            return;
+        };
+        // Page 10's last byte (a raw page of the first run, a hole at the destination).
+        let mut buf = vec![0u8; stage_space(16)];
+        let staged = stage_run(&src, 0, 11, &mut buf, None);
+        wire[staged.bytes - 1] ^= 0xFF;
+        let mut parser = FrameParser::new(dst, 0, 1, false).with_holes(&holes);
+        assert!(matches!(
+            parser.feed(&wire, &mut |_| {}),
+            Err(WireError::PageChecksum { page: 10, .. })
+        ));
     }
 
     #[test]
