@@ -253,7 +253,7 @@ pub struct FrameParser {
     /// may hold old content.
     untouched: Option<DirtyBitmap>,
     /// Whole raw pages bound for a file's holes, gathered from the bytes being fed
-    /// and written together with one `pwritev` (see `body_gathered`): the first page,
+    /// and written together with one `pwritev` (see `gathers`): the first page,
     /// and the address of each page's bytes (kept as integers, so the parser stays
     /// `Send`). Written before `feed` returns, before any event and before any other
     /// write: the addresses are never used after the call.
@@ -481,7 +481,7 @@ impl FrameParser {
         on_event: &mut impl FnMut(StreamEvent),
     ) -> Result<(), WireError> {
         let result = self.feed_pieces(data, on_event);
-        // On an error too: the pointers must not outlive `data`.
+        // On an error too: the gathered addresses point into `data`.
         self.write_gathered();
         result
     }
