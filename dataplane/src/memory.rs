@@ -332,15 +332,12 @@ impl GuestMemory {
     /// fills a hole without zeroing it first or faulting it in here (see
     /// `FileMemory::write_vectored_at`); through the mapping otherwise, or for what the
     /// call did not write.
-    pub fn write_pages(&self, first: u64, pages: &[&[u8]]) {
+    pub fn write_pages(&self, first: u64, pages: &[std::io::IoSlice<'_>]) {
         let mut done = 0usize;
-        if let Backing::File(file) = &self.backing {
-            let slices: Vec<std::io::IoSlice<'_>> =
-                pages.iter().map(|p| std::io::IoSlice::new(p)).collect();
-            let offset = self.page_offset(first) as u64;
-            if let Ok(n) = file.write_vectored_at(offset, &slices) {
-                done = n / PAGE_SIZE;
-            }
+        if let Backing::File(file) = &self.backing
+            && let Ok(n) = file.write_vectored_at(self.page_offset(first) as u64, pages)
+        {
+            done = n / PAGE_SIZE;
         }
         for (i, page) in pages.iter().enumerate().skip(done) {
             self.write_page(first + i as u64, page);

@@ -462,12 +462,15 @@ impl FrameParser {
         if addresses.is_empty() {
             return;
         }
-        // SAFETY: each address is the start of a page's bytes within the slice `feed`
-        // was given; `feed` writes the gathered pages before it returns, so the slice
-        // is still borrowed and unchanged.
-        let pages: Vec<&[u8]> = addresses
+        let pages: Vec<std::io::IoSlice<'_>> = addresses
             .iter()
-            .map(|&a| unsafe { std::slice::from_raw_parts(a as *const u8, PAGE_SIZE) })
+            .map(|&a| {
+                // SAFETY: each address is the start of a page's bytes within the slice
+                // `feed` was given; `feed` writes the gathered pages before it returns,
+                // so the slice is still borrowed and unchanged.
+                let page = unsafe { std::slice::from_raw_parts(a as *const u8, PAGE_SIZE) };
+                std::io::IoSlice::new(page)
+            })
             .collect();
         self.memory.write_pages(*first, &pages);
         addresses.clear();
