@@ -846,11 +846,16 @@ pub(super) fn random_session_id() -> u128 {
 }
 
 /// The control stream once the session is open: writes from the session's thread,
-/// reads on a thread of its own (blocking reads), handed over through a channel.
+/// reads on a thread of its own (blocking reads), handed over through a channel with
+/// the moment each message arrived. A ping's round trip is timed to that moment: the
+/// session's thread may be busy for milliseconds (a rescan of all memory) before it
+/// looks, and the switchover's confirmation, which it waits on, sees no such delay.
 pub(super) struct ControlLink {
     socket: TcpStream,
     writer: Box<dyn Write + Send>,
-    incoming: Receiver<Result<ControlMessage, ControlReadError>>,
+    incoming: Receiver<(Instant, Result<ControlMessage, ControlReadError>)>,
+    /// When the message last returned arrived.
+    arrived: std::cell::Cell<Option<Instant>>,
     /// The TLS session, in an authenticated session: keys for replacement streams.
     tls: Option<TlsChannel>,
 }
@@ -877,7 +882,7 @@ impl ControlLink {
                 loop {
                     let msg = wire::read_control(&mut reader);
                     let stop = msg.is_err();
-                    if tx.send(msg).is_err() || stop {
+                    if tx.send((Instant::now(), msg)).is_err() || stop {
                         return;
                     }
                 }
@@ -887,6 +892,7 @@ impl ControlLink {
             socket,
             writer,
             incoming,
+            arrived: std::cell::Cell::new(None),
             tls,
         })
     }
@@ -917,11 +923,20 @@ impl ControlLink {
         let _ = write_control(&mut self.writer, msg);
     }
 
+    /// When the message last returned by [`ControlLink::try_recv`] or
+    /// [`ControlLink::recv_timeout`] arrived.
+    pub fn arrived(&self) -> Option<Instant> {
+        self.arrived.get()
+    }
+
     /// The next message if one has arrived.
     pub fn try_recv(&self) -> Result<Option<ControlMessage>, MigrationError> {
         match self.incoming.try_recv() {
-            Ok(Ok(msg)) => Ok(Some(msg)),
-            Ok(Err(e)) => Err(link_error(e)),
+            Ok((at, Ok(msg))) => {
+                self.arrived.set(Some(at));
+                Ok(Some(msg))
+            }
+            Ok((_, Err(e))) => Err(link_error(e)),
             Err(TryRecvError::Empty) => Ok(None),
             Err(TryRecvError::Disconnected) => Err(link_closed()),
         }
@@ -933,8 +948,11 @@ impl ControlLink {
         timeout: Duration,
     ) -> Result<Option<ControlMessage>, MigrationError> {
         match self.incoming.recv_timeout(timeout) {
-            Ok(Ok(msg)) => Ok(Some(msg)),
-            Ok(Err(e)) => Err(link_error(e)),
+            Ok((at, Ok(msg))) => {
+                self.arrived.set(Some(at));
+                Ok(Some(msg))
+            }
+            Ok((_, Err(e))) => Err(link_error(e)),
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => Err(link_closed()),
         }
@@ -1051,5 +1069,38 @@ mod tests {
         let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
         let text = control_error(ControlReadError::Io(eof), "reading").to_string();
         assert_eq!(text.matches("control stream").count(), 1, "{text}");
+    }
+
+    /// A message the session reads late (it was busy scanning) keeps the moment it
+    /// arrived, which is what a ping's round trip is timed to.
+    #[test]
+    fn a_message_read_late_keeps_the_moment_it_arrived() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        let link = ControlLink::new(
+            ControlChannel::plain(ours).unwrap(),
+            &socket::SocketOptions::default(),
+        )
+        .unwrap();
+        let mut peer = ControlChannel::plain(peer).unwrap();
+        let sent = Instant::now();
+        peer.send(&ControlMessage::Pong { nanos: 7 }).unwrap();
+        let late = Duration::from_millis(50);
+        std::thread::sleep(late);
+        let read_at = Instant::now();
+        assert!(matches!(
+            link.try_recv(),
+            Ok(Some(ControlMessage::Pong { nanos: 7 }))
+        ));
+        let arrived = link.arrived().expect("a message was read");
+        assert!(
+            arrived >= sent && arrived < read_at,
+            "{arrived:?} vs {sent:?}..{read_at:?}"
+        );
+        peer.send(&ControlMessage::Pong { nanos: 8 }).unwrap();
+        let waited = link.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(matches!(waited, Some(ControlMessage::Pong { nanos: 8 })));
+        assert!(link.arrived().unwrap() >= read_at);
     }
 }

@@ -843,7 +843,11 @@ impl<'a> Session<'a> {
     }
 
     fn pong(&mut self, nanos: u64) {
-        let now = Instant::now().duration_since(self.pings.opened).as_nanos() as u64;
+        // Timed to its arrival, not to when this thread got to it after a scan. (A
+        // round's acknowledgement keeps the time it is read: it may arrive before this
+        // thread has seen the round's last byte leave, and then says nothing.)
+        let at = self.control.arrived().unwrap_or_else(Instant::now);
+        let now = at.duration_since(self.pings.opened).as_nanos() as u64;
         self.pings.answered = self.pings.answered.max(nanos);
         if let Some(rtt) = now.checked_sub(nanos) {
             let rtt = Duration::from_nanos(rtt);
