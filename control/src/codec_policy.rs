@@ -233,6 +233,27 @@ fn starting_up(o: &Observation) -> bool {
     o.link.rtt_us > 0 && o.elapsed < STARTUP_ROUND_TRIPS * f64::from(o.link.rtt_us) / 1e6
 }
 
+/// The interval's acknowledged rate as a measure of the link, or 0 when it is none.
+/// - Over less than a round trip, acknowledgements arrive in clumps (a loss recovered,
+///   a stretch of delayed ACKs): the rate swings between 0 and twice the link.
+/// - It is capped by the streams' own delivery-rate estimates (`TCP_INFO`), which time
+///   each sample over the longer of its send and its acknowledgement, so that
+///   acknowledgements arriving together do not read as a faster link. (1 Gbit/s at
+///   80 ms: after a loss episode 251 MB/s acknowledged in 48 ms, taken for the link,
+///   turned compression off for a second; the streams' estimate was 145 MB/s.)
+fn link_rate_sample(o: &Observation) -> f64 {
+    let rtt = f64::from(o.link.rtt_us) / 1e6;
+    if rtt > 0.0 && o.interval < rtt {
+        return 0.0;
+    }
+    let acked = o.link.acked_bytes_per_second;
+    if o.link.delivery_rate > 0.0 {
+        acked.min(o.link.delivery_rate)
+    } else {
+        acked
+    }
+}
+
 /// Priors used until measured (bytes per second): staging and the cache stage are
 /// memory copies plus a CRC, well above a core's zstd speed.
 pub const RAW_RATE_PRIOR: f64 = 3e9;
@@ -328,7 +349,7 @@ impl ModelPolicy {
             .iter()
             .any(|w| w.stalled >= self.config.link_bound_stall);
         let compressing = o.workers.iter().any(|w| w.settings.level.is_some());
-        let rate = o.link.acked_bytes_per_second;
+        let rate = link_rate_sample(o);
         let forecast = o
             .link
             .forecast_bytes_per_second
@@ -822,6 +843,37 @@ mod tests {
         // A forecast that is no rate is none: the interval's rate is smoothed in.
         p.decide(&forecast(12.5e6, 0.9, f64::NAN));
         assert!(p.bandwidth().is_some_and(|b| b > 12.5e6 && b < 20e6));
+    }
+
+    #[test]
+    fn acknowledgements_arriving_in_a_clump_are_not_taken_for_a_faster_link() {
+        let mut p = policy();
+        let gigabit = |acked: f64, stalled: f64, interval: f64| {
+            let zstd1 = p.settings_for(Candidate::Zstd(1), false);
+            let mut o = observation(acked, stalled, zstd1, None);
+            o.link.rtt_us = 80_000;
+            o.link.delivery_rate = 145e6;
+            o.interval = interval;
+            o
+        };
+        let waiting = gigabit(110e6, 0.9, 0.2);
+        let clump_in_48_ms = gigabit(251e6, 0.0, 0.048);
+        let clump_in_200_ms = gigabit(251e6, 0.0, 0.2);
+        p.decide(&waiting);
+        assert_eq!(p.bandwidth(), Some(110e6));
+        // Less than a round trip: no measure of the link at all.
+        p.decide(&clump_in_48_ms);
+        assert_eq!(p.bandwidth(), Some(110e6));
+        // Over a round trip, still capped by what the streams say they deliver
+        // (and, compressing and not waiting, probed upwards from there).
+        p.decide(&clump_in_200_ms);
+        assert_eq!(p.bandwidth(), Some(145e6 * PROBE_GROWTH));
+        // Without the streams' estimate, the clump is all there is.
+        let mut unaware = policy();
+        let mut o = clump_in_200_ms.clone();
+        o.link.delivery_rate = 0.0;
+        unaware.decide(&o);
+        assert_eq!(unaware.bandwidth(), Some(251e6 * PROBE_GROWTH));
     }
 
     #[test]
