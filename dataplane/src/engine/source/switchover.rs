@@ -20,7 +20,7 @@ use crate::engine::{
     test_skip_final_round,
 };
 use crate::guest::{DeviceStateSource, GuestControl};
-use crate::transport::TxCommand;
+use crate::transport::{TxCommand, socket};
 use crate::wire::{self, ControlMessage};
 use std::time::{Duration, Instant};
 
@@ -333,7 +333,47 @@ impl Session<'_> {
         if let Some(resend) = self.resend.take() {
             final_set.union_with(&resend);
         }
+        self.restart_starved_streams();
         Ok(quiet_rtt)
+    }
+
+    /// The final round waits for its slowest stream: a stream whose BBR model has
+    /// starved (see [`socket::starved_bbr_streams`]) starts its BBR afresh now, in
+    /// start-up from its current window, instead of crawling through the paused
+    /// window at a few Mbit/s. Said in the report.
+    fn restart_starved_streams(&mut self) {
+        let active = usize::from(self.active_streams).min(self.fleet.sockets().len());
+        let sockets = &self.fleet.sockets()[..active];
+        let samples: Vec<socket::TcpInfoSample> = sockets
+            .iter()
+            .map(|s| socket::tcp_info(s).unwrap_or_default())
+            .collect();
+        let starved = socket::starved_bbr_streams(&samples);
+        if starved.is_empty() {
+            return;
+        }
+        let mut rates: Vec<u64> = samples.iter().map(|t| t.pacing_rate).collect();
+        rates.sort_unstable();
+        let median = rates[rates.len() / 2];
+        let mut restarted = Vec::new();
+        for &i in &starved {
+            match socket::restart_congestion(&sockets[i], socket::Congestion::Bbr) {
+                Ok(()) => restarted.push(format!(
+                    "{i} ({:.1} Mbit/s)",
+                    samples[i].pacing_rate as f64 * 8.0 / 1e6
+                )),
+                Err(e) => self
+                    .live_notes
+                    .push(format!("stream {i}: restarting BBR: {e}")),
+            }
+        }
+        if !restarted.is_empty() {
+            self.live_notes.push(format!(
+                "BBR started afresh before the final round on streams paced far below the others' median of {:.1} Mbit/s: {}",
+                median as f64 * 8.0 / 1e6,
+                restarted.join(", ")
+            ));
+        }
     }
 
     /// After a good verdict: wait until the destination's guest runs.
