@@ -1086,8 +1086,11 @@ mod tests {
         let mut peer = ControlChannel::plain(peer).unwrap();
         let sent = Instant::now();
         peer.send(&ControlMessage::Pong { nanos: 7 }).unwrap();
-        let late = Duration::from_millis(50);
-        std::thread::sleep(late);
+        // The reader has it; the session is busy a little longer before it looks.
+        while link.incoming.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(2));
         let read_at = Instant::now();
         assert!(matches!(
             link.try_recv(),

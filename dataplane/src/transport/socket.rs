@@ -350,8 +350,17 @@ pub fn restart_congestion(stream: &TcpStream, congestion: Congestion) -> Result<
     set_congestion(stream, congestion)
 }
 
+/// Streams whose BBR has starved, and the rate they fell short of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StarvedStreams {
+    /// The BBR streams' median pacing rate, bytes per second.
+    pub median_pacing_rate: u64,
+    /// Indexes into the samples given.
+    pub streams: Vec<usize>,
+}
+
 /// The streams (indexes into `samples`) whose BBR has starved: paced below an eighth
-/// of the BBR streams' median rate.
+/// of the BBR streams' median rate; `None` when no stream has.
 ///
 /// BBR (v1) keeps the most it delivered over the last ten round trips as the path's
 /// rate. A stream that lost many packets while its windows were cut, and then had
@@ -360,27 +369,28 @@ pub fn restart_congestion(stream: &TcpStream, congestion: Congestion) -> Result<
 /// path after round 0's losses: three of 16 streams at 2.4-7.3 Mbit/s, cwnd 52-152,
 /// took 1.3 s to carry their share of a 14 MB final round the others sent in 0.1 s).
 /// Fewer than three BBR streams give no median worth the name: none.
-pub fn starved_bbr_streams(samples: &[TcpInfoSample]) -> Vec<usize> {
+pub fn starved_bbr_streams(samples: &[TcpInfoSample]) -> Option<StarvedStreams> {
+    let paced_bbr = |t: &TcpInfoSample| t.congestion == Some(Congestion::Bbr) && t.pacing_rate > 0;
     let mut rates: Vec<u64> = samples
         .iter()
-        .filter(|t| t.congestion == Some(Congestion::Bbr) && t.pacing_rate > 0)
+        .filter(|t| paced_bbr(t))
         .map(|t| t.pacing_rate)
         .collect();
     if rates.len() < 3 {
-        return Vec::new();
+        return None;
     }
     rates.sort_unstable();
     let median = rates[rates.len() / 2];
-    samples
+    let streams: Vec<usize> = samples
         .iter()
         .enumerate()
-        .filter(|(_, t)| {
-            t.congestion == Some(Congestion::Bbr)
-                && t.pacing_rate > 0
-                && t.pacing_rate.saturating_mul(8) < median
-        })
+        .filter(|(_, t)| paced_bbr(t) && t.pacing_rate.saturating_mul(8) < median)
         .map(|(i, _)| i)
-        .collect()
+        .collect();
+    (!streams.is_empty()).then_some(StarvedStreams {
+        median_pacing_rate: median,
+        streams,
+    })
 }
 
 /// Cap a stream's send rate (`None` removes the cap).
@@ -652,23 +662,25 @@ mod tests {
         streams.insert(2, paced(Bbr, 303_000));
         streams.insert(7, paced(Bbr, 385_000));
         streams.insert(11, paced(Bbr, 918_000));
-        assert_eq!(starved_bbr_streams(&streams), vec![2, 7, 11]);
+        let starved = starved_bbr_streams(&streams).expect("three starved");
+        assert_eq!(starved.streams, vec![2, 7, 11]);
+        assert_eq!(starved.median_pacing_rate, 9_000_005);
         // Start-up's gain against probing's (2.89 against 1) is no starvation.
         let mut even: Vec<TcpInfoSample> = (0..8).map(|_| paced(Bbr, 3_000_000)).collect();
         even.push(paced(Bbr, 1_040_000));
-        assert!(starved_bbr_streams(&even).is_empty());
+        assert_eq!(starved_bbr_streams(&even), None);
         // CUBIC streams, streams with no rate, and too few streams say nothing.
         let cubic: Vec<TcpInfoSample> = (0..8).map(|i| paced(Cubic, 1 + i * 10_000_000)).collect();
-        assert!(starved_bbr_streams(&cubic).is_empty());
+        assert_eq!(starved_bbr_streams(&cubic), None);
         let two = [paced(Bbr, 10_000_000), paced(Bbr, 1)];
-        assert!(starved_bbr_streams(&two).is_empty());
+        assert_eq!(starved_bbr_streams(&two), None);
         let unpaced = [
             paced(Bbr, 0),
             paced(Bbr, 9e6 as u64),
             paced(Bbr, 9e6 as u64),
             paced(Bbr, 9e6 as u64),
         ];
-        assert!(starved_bbr_streams(&unpaced).is_empty());
+        assert_eq!(starved_bbr_streams(&unpaced), None);
     }
 
     /// Restarting a stream's BBR keeps BBR in force (and a stream whose congestion

@@ -348,15 +348,11 @@ impl Session<'_> {
             .iter()
             .map(|s| socket::tcp_info(s).unwrap_or_default())
             .collect();
-        let starved = socket::starved_bbr_streams(&samples);
-        if starved.is_empty() {
+        let Some(starved) = socket::starved_bbr_streams(&samples) else {
             return;
-        }
-        let mut rates: Vec<u64> = samples.iter().map(|t| t.pacing_rate).collect();
-        rates.sort_unstable();
-        let median = rates[rates.len() / 2];
+        };
         let mut restarted = Vec::new();
-        for &i in &starved {
+        for &i in &starved.streams {
             match socket::restart_congestion(&sockets[i], socket::Congestion::Bbr) {
                 Ok(()) => restarted.push(format!(
                     "{i} ({:.1} Mbit/s)",
@@ -370,7 +366,7 @@ impl Session<'_> {
         if !restarted.is_empty() {
             self.live_notes.push(format!(
                 "BBR started afresh before the final round on streams paced far below the others' median of {:.1} Mbit/s: {}",
-                median as f64 * 8.0 / 1e6,
+                starved.median_pacing_rate as f64 * 8.0 / 1e6,
                 restarted.join(", ")
             ));
         }
