@@ -231,8 +231,9 @@ impl TxWorkerState {
             },
         )
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-        // Fault in what uncoded sends use now; the rest of a buffer sized for codec
-        // batches faults in only if a batch ever needs it.
+        // Fault in what uncoded sends use now. Registering the buffers below pins, and
+        // so faults in, the whole pool; where registration fails, the rest of a buffer
+        // sized for codec batches faults in only if a batch ever needs it.
         pool.populate_prefix(config.send_buffer);
         // SAFETY: the iovecs describe the pool's buffers, which outlive the
         // registration: `ring` is declared before `pool` in TxWorkerState, so it is
