@@ -450,7 +450,7 @@ fn dwcp_run(src: &Vm, dst: &Vm, setup: &DwcpSetup<'_>) -> Result<Run, String> {
         })
         .unwrap_or_default();
     let detail = format!(
-        "setup {:.3} s, rounds [{}] s, dwcpd total {:.3} s; {} rounds; dwcp's downtime {:.1} ms: collect {:.1}, send {:.1}, confirm {:.1}, device state {:.1}; scan {:.1} GB/s",
+        "setup {:.3} s, rounds [{}] s, dwcpd total {:.3} s; {} rounds; dwcp's downtime {:.1} ms: collect {:.1}, send {:.1}, confirm {:.1}, device state {:.1}; dirty log {}{}",
         report["setup_seconds"].as_f64().unwrap_or(f64::NAN),
         round_seconds.join(", "),
         report["total_seconds"].as_f64().unwrap_or(f64::NAN),
@@ -460,10 +460,13 @@ fn dwcp_run(src: &Vm, dst: &Vm, setup: &DwcpSetup<'_>) -> Result<Run, String> {
         ms(&measured["send"]),
         ms(&measured["confirm"]),
         ms(&measured["device_state"]),
+        report["dirty_log"].as_str().unwrap_or("?"),
         report["dirty_scan"]["last_bytes_per_second"]
             .as_f64()
-            .unwrap_or(0.0)
-            / 1e9
+            .map_or(String::new(), |rate| format!(
+                " (scans at {:.1} GB/s)",
+                rate / 1e9
+            ))
     );
     let qemu_figures = report["notes"]
         .as_array()

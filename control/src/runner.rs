@@ -9,7 +9,7 @@
 
 use crate::config::Config;
 use crate::qemu::QemuSource;
-use dwcp_dataplane::dirty::{DirtyLogKind, OpenedDirtyLog, open_dirty_log};
+use dwcp_dataplane::dirty::{DirtyLogKind, OpenedDirtyLog, open_dirty_log, open_process_dirty_log};
 use dwcp_dataplane::engine::{self, LiveControl, MigrationReport, Progress, SourceConfig};
 use dwcp_dataplane::guest::{ContentMix, GuestControl, SimulatedGuest, fill_memory_until};
 use dwcp_dataplane::memory::GuestMemory;
@@ -142,16 +142,37 @@ impl RunningGuest {
     }
 
     /// A QEMU VM opened (and so checked) already: its RAM mapped, its dirty log open.
+    ///
+    /// QEMU writes the guest's RAM from its own process. The dirty log is that
+    /// process's page tables, through a userfaultfd borrowed from it, unless rescans
+    /// are asked for or borrowing fails (then CRC rescans, with a note saying why).
     pub fn qemu(config: &Config, vm: QemuSource) -> Result<Self, String> {
         let memory = vm.memory().map_err(|e| e.to_string())?;
-        let mut dirty = open_dirty_log(&memory, DirtyLogKind::Rescan).map_err(|e| e.to_string())?;
-        if config.dirty_log() != DirtyLogKind::Rescan {
-            dirty.note = Some(format!(
-                "{} asked for; QEMU writes the guest's memory from its own process, which \
-                 only CRC rescans see on this kernel (no soft-dirty tracking)",
-                config.dirty_log()
-            ));
-        }
+        let dirty = match config.dirty_log() {
+            DirtyLogKind::Rescan => rescans(&memory, None)?,
+            wanted => {
+                let info = vm.info();
+                let borrowed = match info.pid {
+                    Some(pid) => open_process_dirty_log(pid, &info.memory_file, info.memory_bytes)
+                        .map_err(|e| e.to_string()),
+                    None => Err("the QMP socket does not say which process QEMU is".to_string()),
+                };
+                match borrowed {
+                    Ok(log) => OpenedDirtyLog {
+                        log: Box::new(log),
+                        marker: None,
+                        note: None,
+                    },
+                    Err(why) => rescans(
+                        &memory,
+                        Some(format!(
+                            "{wanted} asked for; QEMU's writes cannot be tracked in its page \
+                             tables ({why}): CRC rescans instead"
+                        )),
+                    )?,
+                }
+            }
+        };
         Ok(RunningGuest {
             memory,
             guest: Guest::Qemu(Box::new(vm)),
@@ -165,6 +186,13 @@ impl RunningGuest {
             g.stop();
         }
     }
+}
+
+/// CRC rescans of `memory`, with `note` saying why.
+fn rescans(memory: &Arc<GuestMemory>, note: Option<String>) -> Result<OpenedDirtyLog, String> {
+    let mut opened = open_dirty_log(memory, DirtyLogKind::Rescan).map_err(|e| e.to_string())?;
+    opened.note = note;
+    Ok(opened)
 }
 
 /// How a migration is driven.

@@ -74,6 +74,8 @@ pub struct VmInfo {
     pub memory_bytes: u64,
     /// The run state when the appliance looked.
     pub state: String,
+    /// QEMU's process, from the QMP socket's peer credentials.
+    pub pid: Option<u32>,
 }
 
 /// Find the VM's RAM file through QMP and check that the appliance can move it: one
@@ -149,6 +151,7 @@ fn describe(qmp: &mut Qmp) -> Result<VmInfo, QemuError> {
         memory_file: path,
         memory_bytes: bytes,
         state,
+        pid: qmp.peer_pid(),
     })
 }
 

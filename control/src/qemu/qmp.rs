@@ -165,6 +165,29 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// The process at the other end of the socket (`SO_PEERCRED`): QEMU's, once the
+    /// greeting has shown it is QEMU. `None` where the kernel does not say.
+    pub fn peer_pid(&self) -> Option<u32> {
+        let mut credentials = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: SO_PEERCRED fills a struct ucred of `len` bytes, which `credentials`
+        // is; the descriptor is our connected socket.
+        let got = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&self.writer),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut credentials as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        (got == 0 && credentials.pid > 0).then_some(credentials.pid as u32)
+    }
+
     /// QEMU's version.
     pub fn version(&self) -> QemuVersion {
         self.version

@@ -4,19 +4,24 @@
 //! - [`UffdDirtyLog`]: userfaultfd write-protect in asynchronous mode plus the
 //!   `PAGEMAP_SCAN` ioctl (Linux ≥ 6.7). The kernel records writes in the page tables
 //!   itself; one ioctl reports the written pages and write-protects them again,
-//!   atomically. The production tracker for memory written inside this process.
+//!   atomically. The production tracker for memory written inside this process, and,
+//!   through a userfaultfd borrowed from the writer ([`open_process_dirty_log`]), for a
+//!   file another process (QEMU) writes through its own mapping.
 //! - [`RescanDirtyLog`]: a CRC32C per page compared with that of the content last sent,
-//!   for memory nothing reports writes for (a file another process writes).
+//!   for memory nothing reports writes for (a file another process writes, when its
+//!   page tables cannot be borrowed).
 //! - [`ExplicitDirtyLog`]: a bitmap set through [`DirtyMarker`] by whoever writes, the
 //!   way a hypervisor hands over its KVM dirty log.
 //!
 //! [`open_dirty_log`] picks one, probing userfaultfd and falling back with a reason.
 
 mod explicit;
+mod process;
 mod rescan;
 mod uffd;
 
 pub use explicit::{DirtyMarker, ExplicitDirtyLog};
+pub use process::open_process_dirty_log;
 pub use rescan::{RescanDirtyLog, ScanStats};
 pub use uffd::{UffdDirtyLog, probe_uffd_wp_async};
 

@@ -105,7 +105,8 @@ unsafe fn ioctl_ptr<T>(fd: libc::c_int, request: libc::c_ulong, arg: *mut T) -> 
     unsafe { libc::ioctl(fd, request, arg) }
 }
 
-/// Open a userfaultfd and enable `features`; the kernel refuses features it lacks.
+/// Open a userfaultfd for this process and enable `features`; the kernel refuses
+/// features it lacks.
 fn open_uffd(features: u64) -> Result<OwnedFd, DirtyLogError> {
     // SAFETY: a plain syscall with integer flags; the result is checked.
     let fd = unsafe {
@@ -122,19 +123,25 @@ fn open_uffd(features: u64) -> Result<OwnedFd, DirtyLogError> {
     }
     // SAFETY: `fd` is a descriptor we just opened and own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    enable_features(&fd, features)?;
+    Ok(fd)
+}
+
+/// `UFFDIO_API` handshake on a fresh userfaultfd, asking for `features`.
+fn enable_features(uffd: &OwnedFd, features: u64) -> Result<(), DirtyLogError> {
     let mut api = UffdioApi {
         api: UFFD_API,
         features,
         ioctls: 0,
     };
     // SAFETY: UFFDIO_API takes a struct uffdio_api, which `api` is.
-    if unsafe { ioctl_ptr(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+    if unsafe { ioctl_ptr(uffd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
         return Err(DirtyLogError::UffdUnavailable(format!(
             "UFFDIO_API with WP_ASYNC: {} (needs Linux 6.7+)",
             std::io::Error::last_os_error()
         )));
     }
-    Ok(fd)
+    Ok(())
 }
 
 /// Whether asynchronous userfaultfd write-protect works here; `Err` says why not.
@@ -148,39 +155,67 @@ pub fn probe_uffd_wp_async() -> Result<(), String> {
 
 /// Kernel-tracked dirty pages of one guest memory.
 pub struct UffdDirtyLog {
-    memory: Arc<GuestMemory>,
     uffd: OwnedFd,
+    /// `/proc/PID/pagemap` of the address space the userfaultfd belongs to.
     pagemap: File,
+    /// Where the memory starts in that address space, and its length.
+    base: u64,
+    len: u64,
     regions: Vec<PageRegion>,
+    /// This process's mapping, kept while it is registered (`None` when the memory is
+    /// another process's mapping).
+    _memory: Option<Arc<GuestMemory>>,
 }
 
 impl UffdDirtyLog {
     /// Register `memory` and write-protect all of it: tracking starts now.
     pub fn new(memory: Arc<GuestMemory>) -> Result<Self, DirtyLogError> {
-        let mut features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
-        if !memory.is_anonymous() {
-            features |= UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
-        }
-        let uffd = open_uffd(features)?;
+        let uffd = open_uffd(features_for(!memory.is_anonymous()))?;
         let pagemap = File::open("/proc/self/pagemap").map_err(|source| DirtyLogError::Os {
             what: "opening /proc/self/pagemap",
             source,
         })?;
-        let range = || UffdioRange {
-            start: memory.as_ptr() as u64,
-            len: memory.len() as u64,
-        };
+        let (base, len) = (memory.as_ptr() as u64, memory.len() as u64);
+        Self::track(uffd, pagemap, base, len, Some(memory))
+    }
+
+    /// Track `[base, base + len)` of the address space `uffd` was created in, a
+    /// descriptor not yet through `UFFDIO_API`. `pagemap` is that address space's
+    /// `/proc/PID/pagemap`; the range is a shared file mapping there.
+    pub(super) fn for_address_space(
+        uffd: OwnedFd,
+        pagemap: File,
+        base: u64,
+        len: u64,
+    ) -> Result<Self, DirtyLogError> {
+        enable_features(&uffd, features_for(true))?;
+        Self::track(uffd, pagemap, base, len, None)
+    }
+
+    /// Register the range for write-protect tracking and protect all of it.
+    fn track(
+        uffd: OwnedFd,
+        pagemap: File,
+        base: u64,
+        len: u64,
+        memory: Option<Arc<GuestMemory>>,
+    ) -> Result<Self, DirtyLogError> {
+        let range = || UffdioRange { start: base, len };
         let mut register = UffdioRegister {
             range: range(),
             mode: UFFDIO_REGISTER_MODE_WP,
             ioctls: 0,
         };
-        // SAFETY: UFFDIO_REGISTER takes a struct uffdio_register; the range is our own
-        // mapping, which outlives the registration (we hold the Arc).
+        // SAFETY: UFFDIO_REGISTER takes a struct uffdio_register. The range is a
+        // mapping of the userfaultfd's address space: ours, kept alive by `memory`, or
+        // another process's, which the kernel checks and pins for the call.
         if unsafe { ioctl_ptr(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut register) } != 0 {
+            let what = match &memory {
+                Some(memory) => memory.describe(),
+                None => format!("{len} bytes at {base:#x}"),
+            };
             return Err(DirtyLogError::UffdUnavailable(format!(
-                "UFFDIO_REGISTER (write-protect) of {}: {}",
-                memory.describe(),
+                "UFFDIO_REGISTER (write-protect) of {what}: {}",
                 std::io::Error::last_os_error()
             )));
         }
@@ -194,12 +229,24 @@ impl UffdDirtyLog {
             return Err(os_err("UFFDIO_WRITEPROTECT"));
         }
         Ok(UffdDirtyLog {
-            memory,
             uffd,
             pagemap,
+            base,
+            len,
             regions: vec![PageRegion::default(); 4096],
+            _memory: memory,
         })
     }
+}
+
+/// The features asked for: asynchronous write-protect, never-touched pages protected
+/// too, and file-backed (shmem, hugetlbfs) memory.
+fn features_for(file_backed: bool) -> u64 {
+    let mut features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+    if file_backed {
+        features |= UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+    }
+    features
 }
 
 impl DirtyLog for UffdDirtyLog {
@@ -208,8 +255,8 @@ impl DirtyLog for UffdDirtyLog {
     }
 
     fn collect(&mut self, out: &mut DirtyBitmap) -> Result<(), DirtyLogError> {
-        let base = self.memory.as_ptr() as u64;
-        let end = base + self.memory.len() as u64;
+        let base = self.base;
+        let end = base + self.len;
         let mut start = base;
         // One call returns at most `regions.len()` ranges; continue from where the
         // kernel stopped until the whole memory is walked.
@@ -254,11 +301,13 @@ impl DirtyLog for UffdDirtyLog {
 impl Drop for UffdDirtyLog {
     fn drop(&mut self) {
         let mut range = UffdioRange {
-            start: self.memory.as_ptr() as u64,
-            len: self.memory.len() as u64,
+            start: self.base,
+            len: self.len,
         };
         // SAFETY: UFFDIO_UNREGISTER takes a struct uffdio_range; unregistering drops the
-        // write protection so the memory behaves normally after tracking ends.
+        // write protection so the memory behaves normally after tracking ends. (Closing
+        // the descriptor would do it too; this says so where it happens. It fails
+        // harmlessly when another process's mapping is gone.)
         unsafe { ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range) };
     }
 }
