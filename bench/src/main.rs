@@ -94,7 +94,7 @@ enum Suite {
         #[arg(long, default_value = "/dev/shm")]
         ram_dir: std::path::PathBuf,
         /// QEMU configurations to run, comma-separated (precopy, multifd4,
-        /// multifd4-zstd; all by default). QEMU precopy never converges on the
+        /// multifd4-zstd, multifd4-tls; all by default). QEMU precopy never converges on the
         /// intercontinental path and runs to the 600 s cap.
         #[arg(long, value_delimiter = ',')]
         qemu_configs: Vec<String>,

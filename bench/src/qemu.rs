@@ -9,7 +9,8 @@
 //! destination waiting with `-incoming defer`), lets the workload warm up, then
 //! migrates. Configurations alternate run by run:
 //! - QEMU `precopy`, `multifd4` (4 channels), `multifd4-zstd`, over TCP, at the same
-//!   downtime limit, `max-bandwidth` unlimited;
+//!   downtime limit, `max-bandwidth` unlimited; and `multifd4-tls`, multifd over TLS
+//!   with mutual x509 authentication, as dwcp's sessions always are;
 //! - dwcp: `dwcpd dest --qmp` and `dwcpd source --qmp` (its own policy; the VM's RAM
 //!   moves through the appliances, QEMU moves only the device state).
 //!
@@ -25,7 +26,9 @@
 //! - bytes on the wire: QEMU's `transferred`; dwcp's frames and device state.
 //!
 //! `qemu/loopback-*-vs-multifd4` compare dwcp with QEMU's multifd (4 channels) on
-//! loopback. `qemu/<scenario>-time-vs-best` run both through a `wanem` scenario (QEMU's
+//! loopback; `qemu/loopback-time-vs-multifd4-tls` with the same encrypted and
+//! authenticated, like dwcp's sessions (the loopback time is CPU-bound on two cores, and
+//! encryption is a large part of either side's CPU). `qemu/<scenario>-time-vs-best` run both through a `wanem` scenario (QEMU's
 //! sockets and the appliances in the emulator's namespaces) against QEMU's quickest
 //! configuration there; on those paths both use a 300 ms downtime limit (QEMU's
 //! default), since every round trip of a 20 ms limit's switchover is longer than it.
@@ -59,7 +62,7 @@ pub struct QemuPlan {
 }
 
 /// QEMU's configurations, by name.
-pub const QEMU_CONFIGS: &[&str] = &["precopy", "multifd4", "multifd4-zstd"];
+pub const QEMU_CONFIGS: &[&str] = &["precopy", "multifd4", "multifd4-zstd", "multifd4-tls"];
 /// The downtime limit on emulated WAN paths, ms (QEMU's default).
 const WAN_DOWNTIME_MS: u64 = 300;
 /// Longest any one migration may take before it counts as failed.
@@ -237,6 +240,24 @@ fn qemu_run(src: &Vm, dst: &Vm, config: &str, downtime_ms: u64, uri: &str) -> Re
             q.execute("migrate-set-parameters", params).map_err(err)?;
         }
     }
+    if config.ends_with("tls") {
+        let dir = tls_credentials()?;
+        for (q, endpoint) in [(&mut qs, "client"), (&mut qd, "server")] {
+            q.execute(
+                "object-add",
+                json!({ "qom-type": "tls-creds-x509", "id": "tls0", "dir": dir,
+                        "endpoint": endpoint, "verify-peer": true }),
+            )
+            .map_err(err)?;
+        }
+        qs.execute(
+            "migrate-set-parameters",
+            json!({ "tls-creds": "tls0", "tls-hostname": TLS_SERVER_NAME }),
+        )
+        .map_err(err)?;
+        qd.execute("migrate-set-parameters", json!({ "tls-creds": "tls0" }))
+            .map_err(err)?;
+    }
     qs.execute(
         "migrate-set-parameters",
         json!({ "downtime-limit": downtime_ms, "max-bandwidth": 1u64 << 40 }),
@@ -273,6 +294,43 @@ fn qemu_run(src: &Vm, dst: &Vm, config: &str, downtime_ms: u64, uri: &str) -> Re
         wire_bytes: info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN),
         detail: None,
     })
+}
+
+fn tls_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("dwcp-bench-qemu-tls-{}", std::process::id()))
+}
+
+/// The name in the destination QEMU's TLS certificate, which the source checks.
+const TLS_SERVER_NAME: &str = "dwcp-bench-destination";
+
+/// A directory of x509 credentials as QEMU's `tls-creds-x509` reads them (a CA, a
+/// server and a client certificate with their keys), made once per process.
+fn tls_credentials() -> Result<String, String> {
+    static MADE: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    MADE.get_or_init(|| {
+        use dwcp_control::certs::{LabCa, Validity};
+        let dir = tls_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let ca = LabCa::new("dwcp-bench QEMU CA").map_err(|e| e.to_string())?;
+        let validity = Validity::years_from_now(1);
+        let (server_cert, server_key) = ca
+            .issue_for_qemu(TLS_SERVER_NAME, validity)
+            .map_err(|e| e.to_string())?;
+        let (client_cert, client_key) = ca
+            .issue_for_qemu("dwcp-bench-source", validity)
+            .map_err(|e| e.to_string())?;
+        for (name, pem) in [
+            ("ca-cert.pem", ca.cert_pem()),
+            ("server-cert.pem", server_cert),
+            ("server-key.pem", server_key),
+            ("client-cert.pem", client_cert),
+            ("client-key.pem", client_key),
+        ] {
+            std::fs::write(dir.join(name), pem).map_err(|e| format!("{name}: {e}"))?;
+        }
+        Ok(dir.display().to_string())
+    })
+    .clone()
 }
 
 fn dwcpd() -> PathBuf {
@@ -669,6 +727,7 @@ pub fn run(plan: QemuPlan, out: &mut Reporter) {
         drop(emulator);
         let _ = std::fs::remove_file(&config);
     }
+    let _ = std::fs::remove_dir_all(tls_dir());
 }
 
 fn loopback_lines(out: &mut Reporter, figures: &BTreeMap<String, Figures>) {
@@ -719,6 +778,23 @@ fn loopback_lines(out: &mut Reporter, figures: &BTreeMap<String, Figures>) {
                 .with_field("failures", others(&|f| f.failures.len() as f64));
             out.emit(c);
         }
+    }
+    // Like for like: QEMU's stream encrypted and authenticated too.
+    if let Some(tls) = figures.get("multifd4-tls")
+        && let Some(c) = comparison(
+            "qemu/loopback-time-vs-multifd4-tls",
+            "s",
+            &ours.time,
+            "qemu-multifd4-tls",
+            &tls.time,
+            None,
+        )
+    {
+        out.emit(
+            c.with_field("downtime_ms", others(&|f| round3(f.downtime.median())))
+                .with_field("src_cpu_s", others(&|f| round3(f.cpu.median())))
+                .with_field("failures", others(&|f| f.failures.len() as f64)),
+        );
     }
 }
 

@@ -111,6 +111,40 @@ impl LabCa {
         addresses: &[String],
         validity: Validity,
     ) -> Result<(String, String), CertsError> {
+        self.issue_with_usages(
+            name,
+            addresses,
+            validity,
+            &[KeyUsagePurpose::DigitalSignature],
+        )
+    }
+
+    /// [`LabCa::issue`] for QEMU's `tls-creds-x509` (a lab comparing QEMU's TLS
+    /// migration): QEMU refuses a certificate whose key usage does not also name key
+    /// encipherment.
+    pub fn issue_for_qemu(
+        &self,
+        name: &str,
+        validity: Validity,
+    ) -> Result<(String, String), CertsError> {
+        self.issue_with_usages(
+            name,
+            &[],
+            validity,
+            &[
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ],
+        )
+    }
+
+    fn issue_with_usages(
+        &self,
+        name: &str,
+        addresses: &[String],
+        validity: Validity,
+        key_usages: &[KeyUsagePurpose],
+    ) -> Result<(String, String), CertsError> {
         let mut names = vec![name.to_string()];
         names.extend(addresses.iter().filter(|a| a.as_str() != name).cloned());
         let mut params =
@@ -118,7 +152,7 @@ impl LabCa {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
         params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.key_usages = key_usages.to_vec();
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
