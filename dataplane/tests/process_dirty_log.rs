@@ -161,6 +161,21 @@ fn unable() -> Option<String> {
     probe_uffd_wp_async().err()
 }
 
+/// Each test's start: in the child, become the writer; here, whether the test can run
+/// (said on stderr when it cannot).
+fn ready_to_test() -> bool {
+    if let Ok(path) = std::env::var(WRITER_FILE) {
+        be_the_writer(&path);
+    }
+    match unable() {
+        Some(why) => {
+            skip(&why);
+            false
+        }
+        None => true,
+    }
+}
+
 fn collected(log: &mut dyn DirtyLog) -> Vec<u64> {
     let mut pages = DirtyBitmap::new(PAGES);
     log.collect(&mut pages).unwrap();
@@ -169,11 +184,8 @@ fn collected(log: &mut dyn DirtyLog) -> Vec<u64> {
 
 #[test]
 fn another_process_s_writes_are_reported_page_by_page() {
-    if let Ok(path) = std::env::var(WRITER_FILE) {
-        be_the_writer(&path);
-    }
-    if let Some(why) = unable() {
-        return skip(&why);
+    if !ready_to_test() {
+        return;
     }
     let file = MemoryFile::new("pages");
     let mut writer = Writer::start(
@@ -202,11 +214,8 @@ fn another_process_s_writes_are_reported_page_by_page() {
 
 #[test]
 fn a_second_writer_of_the_file_is_refused_by_name() {
-    if let Ok(path) = std::env::var(WRITER_FILE) {
-        be_the_writer(&path);
-    }
-    if let Some(why) = unable() {
-        return skip(&why);
+    if !ready_to_test() {
+        return;
     }
     let file = MemoryFile::new("two");
     let name = "a_second_writer_of_the_file_is_refused_by_name";
