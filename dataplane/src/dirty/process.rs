@@ -188,6 +188,40 @@ fn other_writable_mapper(file: FileIdentity, writer: u32) -> Result<Option<Strin
     Ok(None)
 }
 
+/// Wait for tracee `tid`'s next stop and return the signal it stopped with (`SIGTRAP`
+/// for an interrupt's event stop and for a finished single step).
+fn wait_stop(tid: libc::pid_t) -> Result<libc::c_int, DirtyLogError> {
+    let mut status = 0;
+    // SAFETY: waiting for our own tracee; `status` is a valid out pointer.
+    let waited = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+    if waited != tid {
+        return Err(unavailable(format!(
+            "waiting for process {tid} to stop: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if !libc::WIFSTOPPED(status) {
+        return Err(unavailable(format!(
+            "process {tid} ended while stopped for ptrace (status {status:#x})"
+        )));
+    }
+    Ok(libc::WSTOPSIG(status))
+}
+
+/// The registers of stopped tracee `tid`.
+fn registers(tid: libc::pid_t) -> Result<libc::user_regs_struct, DirtyLogError> {
+    // SAFETY: all-zero is a valid user_regs_struct; PTRACE_GETREGS fills it.
+    let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+    // SAFETY: the tracee is stopped; `regs` is a valid out pointer of the right type.
+    if unsafe { libc::ptrace(libc::PTRACE_GETREGS, tid, 0, &mut regs) } != 0 {
+        return Err(unavailable(format!(
+            "ptrace(GETREGS): {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(regs)
+}
+
 /// A thread stopped under ptrace; dropping it puts its registers back and lets it go
 /// (with a signal that arrived meanwhile, so none is lost).
 struct StoppedThread {
@@ -214,55 +248,22 @@ impl StoppedThread {
             unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
             return Err(unavailable(format!("ptrace(INTERRUPT) of {tid}: {e}")));
         }
-        let mut thread = StoppedThread {
-            tid,
-            // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
-            saved: unsafe { std::mem::zeroed() },
-            pending_signal: 0,
+        // Until the registers are saved there is nothing to put back: a failure only
+        // lets the thread go.
+        let detach = |e: DirtyLogError| {
+            // SAFETY: detaching a tracee we seized, without touching its registers.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
+            e
         };
-        let signal = thread.wait_stop()?;
-        if signal != libc::SIGTRAP {
-            // A signal's stop came before the interrupt's: deliver it when we let go
-            // (the interrupt's stop, if it still comes, is stepped over below).
-            thread.pending_signal = signal;
-        }
-        thread.saved = thread.registers()?;
-        Ok(thread)
-    }
-
-    /// Wait for the tracee's next stop and return the signal it stopped with (`SIGTRAP`
-    /// for the interrupt's event stop). Another signal's stop is kept for the detach.
-    fn wait_stop(&mut self) -> Result<libc::c_int, DirtyLogError> {
-        let mut status = 0;
-        // SAFETY: waiting for our own tracee; `status` is a valid out pointer.
-        let waited = unsafe { libc::waitpid(self.tid, &mut status, libc::__WALL) };
-        if waited != self.tid {
-            return Err(unavailable(format!(
-                "waiting for process {} to stop: {}",
-                self.tid,
-                std::io::Error::last_os_error()
-            )));
-        }
-        if !libc::WIFSTOPPED(status) {
-            return Err(unavailable(format!(
-                "process {} ended while stopped for ptrace (status {status:#x})",
-                self.tid
-            )));
-        }
-        Ok(libc::WSTOPSIG(status))
-    }
-
-    fn registers(&self) -> Result<libc::user_regs_struct, DirtyLogError> {
-        // SAFETY: all-zero is a valid user_regs_struct; PTRACE_GETREGS fills it.
-        let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
-        // SAFETY: the tracee is stopped; `regs` is a valid out pointer of the right type.
-        if unsafe { libc::ptrace(libc::PTRACE_GETREGS, self.tid, 0, &mut regs) } != 0 {
-            return Err(unavailable(format!(
-                "ptrace(GETREGS): {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(regs)
+        let signal = wait_stop(tid).map_err(detach)?;
+        let saved = registers(tid).map_err(detach)?;
+        Ok(StoppedThread {
+            tid,
+            saved,
+            // A signal's stop that came before the interrupt's is delivered when we
+            // let go (the interrupt's stop, if it still comes, is stepped over below).
+            pending_signal: if signal == libc::SIGTRAP { 0 } else { signal },
+        })
     }
 
     fn set_registers(&self, regs: &libc::user_regs_struct) -> Result<(), DirtyLogError> {
@@ -299,13 +300,13 @@ impl StoppedThread {
                     std::io::Error::last_os_error()
                 )));
             }
-            let signal = self.wait_stop()?;
-            let now = self.registers()?;
+            let signal = wait_stop(self.tid)?;
+            let now = registers(self.tid)?;
             if signal == libc::SIGTRAP && now.rip == instruction + 2 {
                 self.set_registers(&self.saved)?;
                 return Ok(now.rax as i64);
             }
-            if signal != libc::SIGTRAP {
+            if signal != libc::SIGTRAP && self.pending_signal == 0 {
                 // A signal stopped it before the step: deliver it when we let go.
                 self.pending_signal = signal;
             }
