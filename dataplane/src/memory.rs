@@ -113,6 +113,10 @@ pub struct GuestMemory {
     backing: Backing,
     ptr: *mut u8,
     len: usize,
+    /// Taken around writes through the file: the kernel serialises them on the
+    /// file's inode lock anyway, and a waiter there spins on a CPU for as long as the
+    /// holder copies (up to a megabyte); one here sleeps.
+    file_writes: std::sync::Mutex<()>,
 }
 
 // SAFETY: the memory is owned by `backing` for the life of `self`; all access is by
@@ -153,7 +157,12 @@ impl GuestMemory {
             Backing::Anonymous(m) => m.inner(),
             Backing::File(f) => f.as_ptr(),
         };
-        GuestMemory { backing, ptr, len }
+        GuestMemory {
+            backing,
+            ptr,
+            len,
+            file_writes: std::sync::Mutex::new(()),
+        }
     }
 
     /// Bytes of memory.
@@ -334,10 +343,11 @@ impl GuestMemory {
     /// call did not write.
     pub fn write_pages(&self, first: u64, pages: &[std::io::IoSlice<'_>]) {
         let mut done = 0usize;
-        if let Backing::File(file) = &self.backing
-            && let Ok(n) = file.write_vectored_at(self.page_offset(first) as u64, pages)
-        {
-            done = n / PAGE_SIZE;
+        if let Backing::File(file) = &self.backing {
+            let _one_writer = self.file_writes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Ok(n) = file.write_vectored_at(self.page_offset(first) as u64, pages) {
+                done = n / PAGE_SIZE;
+            }
         }
         for (i, page) in pages.iter().enumerate().skip(done) {
             self.write_page(first + i as u64, page);
