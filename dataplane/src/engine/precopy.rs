@@ -26,7 +26,10 @@
 //!   bytes, not how fast a long, slow path delivers them;
 //! - **confirm**: from the last byte in the kernel to the destination's verdict, a
 //!   round trip: the quickest acknowledgement of a round or ping on the control stream
-//!   seen in the session;
+//!   seen in the session. For a guest the destination resumes itself (a QEMU VM, whose
+//!   device state travels with the final round) only the way there, half of it: the
+//!   downtime ends when the destination runs the guest, and its word of that comes
+//!   back after ([`Planner::set_resumes_at_destination`]);
 //! - **verify**: checking all of memory, only when the configuration asks for it
 //!   (`verify = "full"`); zero otherwise, since the table digest costs nothing there.
 //!
@@ -224,6 +227,9 @@ pub struct Planner {
     /// Each collection reads all of memory (CRC rescans): its cost does not shrink
     /// with the dirty set.
     collect_reads_memory: bool,
+    /// The destination resumes the guest itself: the downtime holds the way there of
+    /// the confirmation, not the way back.
+    resumes_at_destination: bool,
     /// The control thread's forecast of the path's rate, bytes per second.
     path_rate: Option<f64>,
     previous_dirty: u64,
@@ -242,6 +248,7 @@ impl Planner {
             rtt: None,
             collects: VecDeque::new(),
             collect_reads_memory: false,
+            resumes_at_destination: false,
             path_rate: None,
             previous_dirty: u64::MAX,
             stuck: 0,
@@ -258,6 +265,13 @@ impl Planner {
     /// collection costs what the quickest recent one did, not a line's intercept.
     pub fn set_collect_reads_memory(&mut self, reads_memory: bool) {
         self.collect_reads_memory = reads_memory;
+    }
+
+    /// The destination resumes the guest as soon as it holds the final round and has
+    /// checked the digest (a QEMU VM: its device state comes with the final round), so
+    /// the downtime ends half a round trip before the source hears of it.
+    pub fn set_resumes_at_destination(&mut self, resumes: bool) {
+        self.resumes_at_destination = resumes;
     }
 
     /// The control thread's forecast of what the path will carry over the next second,
@@ -312,10 +326,7 @@ impl Planner {
         // acknowledgement of a large round also holds the time its bytes took to drain
         // from the socket buffers; for the final round that time is in `send`, whose rate
         // large rounds measured at the pace of the link.)
-        let confirm = match (self.quickest_ack, self.rtt) {
-            (Some(ack), Some(rtt)) => ack.min(rtt),
-            (ack, rtt) => ack.or(rtt).unwrap_or(0.0),
-        };
+        let confirm = self.inside_downtime(self.confirm_round_trip());
         let collect = if self.collect_reads_memory {
             let quickest = self
                 .collects
@@ -347,11 +358,31 @@ impl Planner {
     /// (queues behind cross traffic, losses), and the switchover will see it.
     pub fn estimate_at_pause(&self, pages: u64, quiet_rtt: f64) -> DowntimeEstimate {
         let mut e = self.estimate(pages);
-        if quiet_rtt.is_finite() && quiet_rtt > 2.0 * e.confirm + SLOWER_PATH_MARGIN {
-            e.total += quiet_rtt - e.confirm;
-            e.confirm = quiet_rtt;
+        if quiet_rtt.is_finite() && quiet_rtt > 2.0 * self.confirm_round_trip() + SLOWER_PATH_MARGIN
+        {
+            let confirm = self.inside_downtime(quiet_rtt);
+            e.total += confirm - e.confirm;
+            e.confirm = confirm;
         }
         e
+    }
+
+    /// The confirmation's round trip: the quickest acknowledgement of a round or ping
+    /// seen.
+    fn confirm_round_trip(&self) -> f64 {
+        match (self.quickest_ack, self.rtt) {
+            (Some(ack), Some(rtt)) => ack.min(rtt),
+            (ack, rtt) => ack.or(rtt).unwrap_or(0.0),
+        }
+    }
+
+    /// The part of a confirmation taking `round_trip` that the guest spends paused.
+    fn inside_downtime(&self, round_trip: f64) -> f64 {
+        if self.resumes_at_destination {
+            round_trip / 2.0
+        } else {
+            round_trip
+        }
     }
 
     /// Round `m` is done: decide.
@@ -1071,6 +1102,25 @@ mod tests {
         assert!(
             (e.send - 1_000.0 * PAGE / p.send_model().0).abs() < 1e-9,
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_guest_the_destination_resumes_pays_only_the_way_there_of_the_confirmation() {
+        let mut p = Planner::new(config(50));
+        p.round_trip(0.200);
+        assert_eq!(p.estimate(0).confirm, 0.200);
+        p.set_resumes_at_destination(true);
+        let e = p.estimate(0);
+        assert_eq!(e.confirm, 0.100);
+        assert!((e.total - (e.collect + e.send + e.confirm + e.verify)).abs() < 1e-12);
+        // A path slower at the pause: half of the quiet round trip.
+        let slow = p.estimate_at_pause(0, 0.600);
+        assert_eq!(slow.confirm, 0.300);
+        assert_eq!(
+            p.estimate_at_pause(0, 0.250).confirm,
+            0.100,
+            "within the margin"
         );
     }
 

@@ -80,8 +80,13 @@ pub struct DowntimeMeasured {
     pub collect: f64,
     /// Handing the final round to the kernel.
     pub send: f64,
-    /// From there to the destination's verdict (the table digest exchange).
+    /// From there to the destination's verdict (the table digest exchange), less
+    /// `way_back`.
     pub confirm: f64,
+    /// For a guest the destination resumes itself: the way back of its word that the
+    /// guest runs (half the round trip measured at the pause), which came after the
+    /// downtime ended and is left out of `confirm` and `total`.
+    pub way_back: f64,
     /// Checking all of memory (full verification only; within `confirm` for the
     /// destination's share).
     pub verify: f64,
@@ -89,7 +94,7 @@ pub struct DowntimeMeasured {
     /// over and loaded (guests with device state only).
     pub device_state: f64,
     /// Pause to verdict, or to the destination's guest running for guests with device
-    /// state.
+    /// state (the source hears of it `way_back` later).
     pub total: f64,
     /// Page faults this process took from the final collection to the verdict (the
     /// destination's too when both run in one process, as in the demo): memory touched

@@ -1188,6 +1188,8 @@ impl<'a> Session<'a> {
         let pages = self.memory.pages();
         self.planner
             .set_collect_reads_memory(dirty_log.scan_stats().is_some());
+        self.planner
+            .set_resumes_at_destination(guest.device_state().is_some());
         let mut rounds: Vec<RoundStats> = Vec::new();
         let (mut round, mut dirty) = match self.start.take() {
             // Resumed after a restart: the dirty log has tracked writes since before
