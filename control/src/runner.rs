@@ -161,7 +161,12 @@ impl RunningGuest {
                     Ok(log) => OpenedDirtyLog {
                         log: Box::new(log),
                         marker: None,
-                        note: None,
+                        // Nothing of ours writes a QEMU guest's memory to mark pages.
+                        note: (wanted == DirtyLogKind::Explicit).then(|| {
+                            "explicit asked for; QEMU writes the guest's memory itself: \
+                             its page tables (uffd-wp) instead"
+                                .to_string()
+                        }),
                     },
                     Err(why) => rescans(
                         &memory,
