@@ -27,11 +27,12 @@
 //!
 //! `qemu/loopback-*-vs-multifd4` compare dwcp with QEMU's multifd (4 channels) on
 //! loopback; `qemu/loopback-time-vs-multifd4-tls` with the same encrypted and
-//! authenticated, like dwcp's sessions (the loopback time is CPU-bound on two cores, and
-//! encryption is a large part of either side's CPU). `qemu/<scenario>-time-vs-best` run both through a `wanem` scenario (QEMU's
-//! sockets and the appliances in the emulator's namespaces) against QEMU's quickest
-//! configuration there; on those paths both use a 300 ms downtime limit (QEMU's
-//! default), since every round trip of a 20 ms limit's switchover is longer than it.
+//! authenticated, like dwcp's sessions (the loopback time is CPU-bound on two cores,
+//! and encryption is a large part of either side's CPU). `qemu/<scenario>-time-vs-best`
+//! run both through a `wanem` scenario (QEMU's sockets and the appliances in the
+//! emulator's namespaces) against QEMU's quickest configuration there; on those paths
+//! both use a 300 ms downtime limit (QEMU's default), since every round trip of a 20 ms
+//! limit's switchover is longer than it.
 
 use crate::measure::Samples;
 use crate::report::{Better, Comparison, Reporter};

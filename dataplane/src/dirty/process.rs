@@ -30,6 +30,7 @@
 //!
 //! Needs `CAP_SYS_PTRACE` over the writer (root here) and Linux ≥ 6.7.
 
+use super::uffd::UFFD_USER_MODE_ONLY;
 use super::{DirtyLogError, UffdDirtyLog};
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -38,9 +39,6 @@ use std::path::Path;
 
 /// The x86-64 `syscall` instruction.
 const SYSCALL_INSTRUCTION: [u8; 2] = [0x0f, 0x05];
-/// `userfaultfd(2)` flag: handle faults from user mode only (allowed without
-/// `vm.unprivileged_userfaultfd`; asynchronous write-protect never delivers faults).
-const UFFD_USER_MODE_ONLY: u64 = 1;
 
 fn unavailable(why: String) -> DirtyLogError {
     DirtyLogError::UffdUnavailable(why)
@@ -93,11 +91,20 @@ struct FileMapping {
     file: FileIdentity,
 }
 
+/// The `start-end` field of a `/proc/PID/maps` line.
+fn parse_address_range(field: &str) -> Option<(u64, u64)> {
+    let (start, end) = field.split_once('-')?;
+    Some((
+        u64::from_str_radix(start, 16).ok()?,
+        u64::from_str_radix(end, 16).ok()?,
+    ))
+}
+
 /// Parse one `/proc/PID/maps` line (`start-end perms offset major:minor inode path`);
 /// `None` for anonymous mappings and lines that do not parse.
 fn parse_maps_line(line: &str) -> Option<FileMapping> {
     let mut fields = line.split_ascii_whitespace();
-    let (start, end) = fields.next()?.split_once('-')?;
+    let (start, end) = parse_address_range(fields.next()?)?;
     let perms = fields.next()?.as_bytes();
     let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
     let (major, minor) = fields.next()?.split_once(':')?;
@@ -110,8 +117,8 @@ fn parse_maps_line(line: &str) -> Option<FileMapping> {
         u64::from_str_radix(minor, 16).ok()?,
     );
     Some(FileMapping {
-        start: u64::from_str_radix(start, 16).ok()?,
-        end: u64::from_str_radix(end, 16).ok()?,
+        start,
+        end,
         shared_writable: perms[1] == b'w' && perms[3] == b's',
         offset,
         file: FileIdentity {
@@ -347,13 +354,10 @@ fn syscall_instruction(pid: u32, rip: u64) -> Result<u64, DirtyLogError> {
     }
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| unavailable(format!("/proc/{pid}/maps: {e}")))?;
-    let vdso = maps.lines().find(|l| l.ends_with("[vdso]")).and_then(|l| {
-        let (start, end) = l.split_whitespace().next()?.split_once('-')?;
-        Some((
-            u64::from_str_radix(start, 16).ok()?,
-            u64::from_str_radix(end, 16).ok()?,
-        ))
-    });
+    let vdso = maps
+        .lines()
+        .find(|l| l.ends_with("[vdso]"))
+        .and_then(|l| parse_address_range(l.split_whitespace().next()?));
     if let Some((start, end)) = vdso
         && let Some(code) = read(start, (end - start) as usize)
         && let Some(at) = code.windows(2).position(|w| w == SYSCALL_INSTRUCTION)
@@ -377,7 +381,7 @@ fn borrow_userfaultfd(pid: u32) -> Result<OwnedFd, DirtyLogError> {
         remote = thread.system_call(
             instruction,
             libc::SYS_userfaultfd,
-            flags | UFFD_USER_MODE_ONLY,
+            flags | UFFD_USER_MODE_ONLY as u64,
         )?;
     }
     if remote < 0 {
@@ -406,8 +410,8 @@ fn copy_descriptor(pid: u32, fd: libc::c_int) -> Result<OwnedFd, DirtyLogError> 
     }
     // SAFETY: `pidfd` was just opened and is ours.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as libc::c_int) };
+    // SAFETY: as above.
     let copy = unsafe {
-        // SAFETY: as above.
         libc::syscall(
             libc::SYS_pidfd_getfd,
             std::os::fd::AsRawFd::as_raw_fd(&pidfd),

@@ -20,7 +20,9 @@ use std::sync::Arc;
 
 // include/uapi/linux/userfaultfd.h (features up to Linux 6.7).
 const UFFD_API: u64 = 0xAA;
-const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+/// `userfaultfd(2)` flag: handle faults from user mode only (allowed without
+/// `vm.unprivileged_userfaultfd`; asynchronous write-protect never delivers faults).
+pub(super) const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;

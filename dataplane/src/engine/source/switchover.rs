@@ -5,9 +5,10 @@
 //! so send the table's digest (or, for `verify = "full"`, the CRC of every page of the
 //! paused memory) and wait for the destination's verdict. The destination resumes the
 //! guest on a good verdict, so the downtime ends there (for a guest with device state,
-//! when the destination runs it: half a round trip before the source hears so). With `verify = "audit"` the
-//! still-paused source then checks its memory against its table: a page the dirty log
-//! missed differs from what was sent, and is named in the report.
+//! when the destination runs it: half a round trip before the source hears so). With
+//! `verify = "audit"` the still-paused source then checks its memory against its
+//! table: a page the dirty log missed differs from what was sent, and is named in the
+//! report.
 //!
 //! Anything that fails before the verdict resumes the guest here: the source is
 //! intact until the destination has verified everything.
