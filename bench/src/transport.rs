@@ -245,7 +245,7 @@ pub(crate) fn page_stream(
                 let worker =
                     uring::spawn_rx(w, rg, rx_setup.clone(), config, rx_cpu(w)).expect("rx");
                 rx.push(worker.events);
-                rx_handles.push(worker.handle);
+                rx_handles.push(worker.thread);
                 tx.push(
                     uring::spawn_tx(w, tg, tx_setup.clone(), config, probe.zero_copy, tx_cpu(w))
                         .expect("tx"),
@@ -256,7 +256,7 @@ pub(crate) fn page_stream(
                     let worker =
                         plain::spawn_rx(r, rx_setup.clone(), config, rx_cpu(w)).expect("rx");
                     rx.push(worker.events);
-                    rx_handles.push(worker.handle);
+                    rx_handles.push(worker.thread);
                     tx.push(
                         plain::spawn_tx(tx.len(), s, tx_setup.clone(), config, tx_cpu(w))
                             .expect("tx"),
@@ -285,7 +285,7 @@ pub(crate) fn page_stream(
                         panic!("source worker {w}: {error}");
                     }
                 }
-                tx[w].thread.unpark();
+                tx[w].thread.wake();
                 std::thread::yield_now();
             }
         }
@@ -304,13 +304,13 @@ pub(crate) fn page_stream(
         );
         first += CHUNK_PAGES;
         if first % (64 * CHUNK_PAGES) == 0 {
-            tx.iter().for_each(|w| w.thread.unpark());
+            tx.iter().for_each(|w| w.thread.wake());
         }
     }
     for w in 0..tx.len() {
         push(&mut tx, w, TxCommand::EndRound { round: 0 });
         push(&mut tx, w, TxCommand::Finish);
-        tx[w].thread.unpark();
+        tx[w].thread.wake();
     }
     let mut ended = 0;
     let mut bytes = 0u64;
@@ -330,15 +330,14 @@ pub(crate) fn page_stream(
         std::thread::sleep(Duration::from_micros(200));
     }
     let seconds = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(libc::RUSAGE_SELF) - cpu_before;
+    // The workers free their buffers when joined: that is part of the transfer's CPU.
     for mut w in tx {
-        if let Some(h) = w.handle.take() {
-            let _ = h.join();
-        }
+        w.thread.join();
     }
-    for h in rx_handles.into_iter().flatten() {
-        let _ = h.join();
+    for mut thread in rx_handles {
+        thread.join();
     }
+    let cpu = cpu_seconds(libc::RUSAGE_SELF) - cpu_before;
     Transfer {
         bits_per_second: bytes as f64 * 8.0 / seconds,
         cpu_per_gb: cpu / (bytes as f64 / 1e9),

@@ -497,13 +497,13 @@ impl TxFleet {
 
     /// Wake worker `w` (it may be parked).
     pub fn wake(&self, w: usize) {
-        self.workers[w].thread.unpark();
+        self.workers[w].thread.wake();
     }
 
     /// Wake every worker.
     pub fn wake_all(&self) {
         for w in &self.workers {
-            w.thread.unpark();
+            w.thread.wake();
         }
     }
 
@@ -553,9 +553,7 @@ impl TxFleet {
     /// workers' final counters.
     pub fn replace(&mut self, kind: TransportKind, zero_copy: bool) -> Result<(), MigrationError> {
         for w in &mut self.workers {
-            if let Some(h) = w.handle.take() {
-                let _ = h.join();
-            }
+            w.thread.finish();
         }
         for (carried, t) in self.carried.iter_mut().zip(&self.telemetry) {
             *carried = (t.bytes, t.pages);
@@ -584,12 +582,10 @@ impl TxFleet {
     pub fn close(&mut self) {
         for w in &mut self.workers {
             let _ = w.commands.push(TxCommand::Finish);
-            w.thread.unpark();
+            w.thread.wake();
         }
         for w in &mut self.workers {
-            if let Some(h) = w.handle.take() {
-                let _ = h.join();
-            }
+            w.thread.finish();
         }
     }
 }
@@ -655,9 +651,7 @@ impl RxFleet {
             w.stop.store(true, Ordering::Relaxed);
         }
         for w in &mut self.workers {
-            if let Some(h) = w.handle.take() {
-                let _ = h.join();
-            }
+            w.thread.finish();
         }
     }
 }

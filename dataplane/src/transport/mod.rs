@@ -39,9 +39,9 @@ use socket::{SocketOptions, TcpInfoSample};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::thread::{JoinHandle, Thread};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Which transport a session uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -779,20 +779,128 @@ pub struct TxWorker {
     pub control: Producer<TxControl>,
     /// Events from it.
     pub events: Consumer<TxEvent>,
-    /// The worker's thread, to wake it after pushing commands.
-    pub thread: Thread,
-    /// Joined on shutdown.
-    pub handle: Option<JoinHandle<()>>,
+    /// The worker's thread: woken after pushing commands, joined on shutdown.
+    pub thread: WorkerThread,
 }
 
 /// The engine's handle on a destination worker.
 pub struct RxWorker {
     /// Events from the worker.
     pub events: Consumer<RxEvent>,
-    /// Joined on shutdown.
-    pub handle: Option<JoinHandle<()>>,
+    /// The worker's thread, joined on shutdown.
+    pub thread: WorkerThread,
     /// Set to make the worker stop early.
     pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A worker's thread. A worker whose work is over keeps what it owns (its ring and
+/// registered buffers, its buffer pool, its parsers' page bitmaps) until its owner lets
+/// it go, and frees it [`FREE_AFTER`] later. Freeing takes a core for 0.1-0.5 ms (more
+/// with more memory: the bitmaps are a bit per page), and unmapping interrupts every
+/// other core the process runs on to flush its TLB. A worker's work ends with the final
+/// round, inside the paused window: freed there, they took cores from the threads that
+/// end the window. Freed just after the verdict, they would take them from the other
+/// side's last steps where both appliances share a host (the verdict reaching the
+/// source; the destination loading the device state), so the guest stayed paused
+/// longer either way.
+///
+/// Freeing is at normal priority: a thread at idle priority preempted inside `munmap`
+/// would hold the process's `mmap_lock` for as long as busy threads keep it off its
+/// core, and the `mmap` calls and page faults of every other thread could queue
+/// behind it.
+pub struct WorkerThread {
+    handle: Option<JoinHandle<()>>,
+    thread: Thread,
+    /// What the owner said: [`HOLD`], [`FREE_SOON`] or [`FREE_NOW`].
+    release: Arc<AtomicU8>,
+    /// Closed when the worker's body has returned (or panicked).
+    body_done: std::sync::mpsc::Receiver<()>,
+}
+
+/// How long after being let go a worker frees what it kept.
+pub const FREE_AFTER: Duration = Duration::from_millis(50);
+
+/// [`WorkerThread`] releases: keep everything; free it [`FREE_AFTER`] from now; free
+/// it at once (someone waits for it).
+const HOLD: u8 = 0;
+const FREE_SOON: u8 = 1;
+const FREE_NOW: u8 = 2;
+
+impl WorkerThread {
+    /// Run `body` on a new thread called `name`; what it returns is kept until the
+    /// worker is let go.
+    pub(crate) fn spawn<K: Send + 'static>(
+        name: String,
+        body: impl FnOnce() -> K + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let release = Arc::new(AtomicU8::new(HOLD));
+        let said = release.clone();
+        let (done, body_done) = std::sync::mpsc::channel::<()>();
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            let kept = body();
+            drop(done);
+            // Acquire: pairs with the owner's store (nothing else is published by it).
+            let mut free_at = None;
+            loop {
+                match said.load(Ordering::Acquire) {
+                    HOLD => std::thread::park(),
+                    FREE_SOON => {
+                        let at = *free_at.get_or_insert_with(|| Instant::now() + FREE_AFTER);
+                        let now = Instant::now();
+                        if now >= at {
+                            break;
+                        }
+                        std::thread::park_timeout(at - now);
+                    }
+                    _ => break,
+                }
+            }
+            drop(kept);
+        })?;
+        Ok(WorkerThread {
+            thread: handle.thread().clone(),
+            handle: Some(handle),
+            release,
+            body_done,
+        })
+    }
+
+    /// Wake the worker (it may be parked waiting for commands).
+    pub fn wake(&self) {
+        self.thread.unpark();
+    }
+
+    fn let_go(&self, how: u8) {
+        self.release.store(how, Ordering::Release);
+        self.thread.unpark();
+    }
+
+    /// Wait until the worker's work is over (its body returned: it touches no memory
+    /// or socket any more), then let it go: it frees what it kept [`FREE_AFTER`] later,
+    /// on its own.
+    pub fn finish(&mut self) {
+        // Err: the body ended by panicking, which is over too.
+        let _ = self.body_done.recv();
+        self.let_go(FREE_SOON);
+        self.handle = None;
+    }
+
+    /// Let the worker free what it kept now, and wait for its thread to end.
+    pub fn join(&mut self) {
+        self.let_go(FREE_NOW);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for WorkerThread {
+    fn drop(&mut self) {
+        // A handle dropped unjoined lets its thread end on its own, when it is done.
+        if self.release.load(Ordering::Relaxed) == HOLD {
+            self.let_go(FREE_SOON);
+        }
+    }
 }
 
 /// Ring capacity between the engine and a worker.
@@ -827,6 +935,93 @@ pub(crate) fn push_event<T>(events: &mut Producer<T>, mut event: T) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// Sets its flag when dropped: what a worker keeps, in the tests below.
+    struct Kept(Arc<AtomicBool>);
+
+    impl Drop for Kept {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn wait_for(flag: &AtomicBool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !flag.load(Ordering::SeqCst) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// A worker whose body works for `work`, then says so and returns a [`Kept`]: the
+    /// worker, and the flags "the body is over" and "what it kept is freed".
+    fn kept_worker(work: Duration) -> (WorkerThread, Arc<AtomicBool>, Arc<AtomicBool>) {
+        let (body_over, freed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (over, kept) = (body_over.clone(), freed.clone());
+        let worker = WorkerThread::spawn("kept".into(), move || {
+            std::thread::sleep(work);
+            over.store(true, Ordering::SeqCst);
+            Kept(kept)
+        })
+        .unwrap();
+        (worker, body_over, freed)
+    }
+
+    #[test]
+    fn a_finished_worker_keeps_what_it_owns_until_it_is_let_go() {
+        let (mut worker, body_over, freed) = kept_worker(Duration::ZERO);
+        assert!(wait_for(&body_over));
+        // Wakes (as the engine gives them) do not let it go.
+        for _ in 0..20 {
+            worker.wake();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(!freed.load(Ordering::SeqCst), "freed before it was let go");
+        worker.join();
+        assert!(
+            freed.load(Ordering::SeqCst),
+            "join returned before the worker freed"
+        );
+    }
+
+    #[test]
+    fn finish_waits_for_the_work_and_lets_the_worker_free_on_its_own() {
+        let (mut worker, body_over, freed) = kept_worker(Duration::from_millis(30));
+        worker.finish();
+        assert!(
+            body_over.load(Ordering::SeqCst),
+            "finish returned while the body ran"
+        );
+        assert!(
+            wait_for(&freed),
+            "a finished worker never freed what it kept"
+        );
+    }
+
+    #[test]
+    fn a_dropped_handle_lets_its_worker_free_and_end() {
+        let freed = Arc::new(AtomicBool::new(false));
+        let kept = freed.clone();
+        let worker = WorkerThread::spawn("dropped".into(), move || Kept(kept)).unwrap();
+        drop(worker);
+        assert!(wait_for(&freed));
+    }
+
+    #[test]
+    fn a_worker_that_panics_is_finished_too() {
+        let mut worker = WorkerThread::spawn("panics".into(), || -> Kept {
+            panic!("worker failed (expected by this test)")
+        })
+        .unwrap();
+        worker.finish();
+    }
 
     #[test]
     fn missing_io_uring_or_zero_copy_degrades_with_a_note() {

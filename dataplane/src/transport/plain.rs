@@ -7,7 +7,7 @@ use super::stage::{SendBuffers, Stager, StreamStage};
 use super::{
     CONTROL_RING, IdleStrategy, Inbound, OsError, RxError, RxEvent, RxSetup, RxWorker, StreamFence,
     StreamTelemetry, TransportConfig, TxCommand, TxControl, TxError, TxEvent, TxSetup, TxWorker,
-    WORKER_RING, pin, push_event,
+    WORKER_RING, WorkerThread, pin, push_event,
 };
 use crate::ring::{self, Consumer, Producer};
 use crate::security::records::{RECORD_HEADER, RECORD_TAG, RecordSealer};
@@ -31,18 +31,15 @@ pub fn spawn_tx(
     let (ctl_tx, ctl_rx) = ring::channel(CONTROL_RING);
     let (evt_tx, evt_rx) = ring::channel(WORKER_RING);
     let config = config.clone();
-    let handle = std::thread::Builder::new()
-        .name(format!("dwcp-ptx{worker}"))
-        .spawn(move || {
-            pin(cpu);
-            PlainTx::new(worker, stream, setup, &config).run(cmd_rx, ctl_rx, evt_tx, &config);
-        })?;
+    let thread = WorkerThread::spawn(format!("dwcp-ptx{worker}"), move || {
+        pin(cpu);
+        PlainTx::new(worker, stream, setup, &config).run(cmd_rx, ctl_rx, evt_tx, &config)
+    })?;
     Ok(TxWorker {
         commands: cmd_tx,
         control: ctl_tx,
         events: evt_rx,
-        thread: handle.thread().clone(),
-        handle: Some(handle),
+        thread,
     })
 }
 
@@ -292,13 +289,14 @@ impl PlainTx {
         Ok(false)
     }
 
+    /// The worker's life; returns itself, to be freed once the worker is let go.
     fn run(
         mut self,
         mut commands: Consumer<TxCommand>,
         mut control: Consumer<TxControl>,
         mut events: Producer<TxEvent>,
         config: &TransportConfig,
-    ) {
+    ) -> Self {
         let mut idle = 0u32;
         let mut next_telemetry = Instant::now() + config.telemetry_interval;
         let result: Result<(), TxError> = (|| loop {
@@ -377,6 +375,7 @@ impl PlainTx {
                 );
             }
         }
+        self
     }
 }
 
@@ -396,15 +395,24 @@ pub fn spawn_rx(
     socket.set_read_timeout(Some(Duration::from_millis(50)))?;
     let inbound = setup.inbound(id);
     let fence = setup.fence.clone();
-    let handle = std::thread::Builder::new()
-        .name(format!("dwcp-prx{id}"))
-        .spawn(move || {
-            pin(cpu);
-            rx_main(id, socket, inbound, evt_tx, &stop_flag, &fence, &config);
-        })?;
+    let thread = WorkerThread::spawn(format!("dwcp-prx{id}"), move || {
+        pin(cpu);
+        let mut inbound = inbound;
+        rx_main(
+            id,
+            socket,
+            &mut inbound,
+            evt_tx,
+            &stop_flag,
+            &fence,
+            &config,
+        );
+        // Its parser (a bit per page of memory) is freed once the worker is let go.
+        inbound
+    })?;
     Ok(RxWorker {
         events: evt_rx,
-        handle: Some(handle),
+        thread,
         stop,
     })
 }
@@ -412,7 +420,7 @@ pub fn spawn_rx(
 fn rx_main(
     id: u16,
     socket: TcpStream,
-    mut inbound: Inbound,
+    inbound: &mut Inbound,
     mut events: Producer<RxEvent>,
     stop: &AtomicBool,
     fence: &StreamFence,
@@ -436,7 +444,7 @@ fn rx_main(
             break Ok(());
         }
         if fence.requested(id) {
-            lost("given up by the source".into(), &inbound, &mut events);
+            lost("given up by the source".into(), inbound, &mut events);
             return;
         }
         // A sealed stream is read straight into its record buffer.
@@ -448,7 +456,7 @@ fn rx_main(
             Ok(0) => match inbound.at_eof() {
                 Ok(()) => break Ok(()),
                 Err(e) => {
-                    lost(e.to_string(), &inbound, &mut events);
+                    lost(e.to_string(), inbound, &mut events);
                     return;
                 }
             },
@@ -466,7 +474,7 @@ fn rx_main(
             Err(e) => {
                 lost(
                     RxError::Receive(OsError::from(e)).to_string(),
-                    &inbound,
+                    inbound,
                     &mut events,
                 );
                 return;

@@ -36,7 +36,7 @@ pub use probe::{UringCaps, probe};
 pub use rx::spawn_rx;
 pub use tx::spawn_tx;
 
-use super::pin;
+use super::{WorkerThread, pin};
 use io_uring::{IoUring, types};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -64,29 +64,32 @@ fn wait_cqe(ring: &IoUring, timeout: Duration) -> std::io::Result<()> {
 
 /// Start a worker thread whose state is built on the thread itself (a single-issuer
 /// ring belongs to the thread that creates it); setup errors come back to the caller.
-fn spawn_worker<S>(
+/// What `run` returns (the worker's ring and buffers) is freed only when the worker is
+/// let go (see [`WorkerThread`]).
+fn spawn_worker<S, K: Send + 'static>(
     name: String,
     cpu: Option<usize>,
     setup: impl FnOnce() -> std::io::Result<S> + Send + 'static,
-    run: impl FnOnce(S) + Send + 'static,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+    run: impl FnOnce(S) -> K + Send + 'static,
+) -> std::io::Result<WorkerThread> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let handle = std::thread::Builder::new().name(name).spawn(move || {
+    let thread = WorkerThread::spawn(name, move || {
         pin(cpu);
         match setup() {
             Ok(state) => {
                 let _ = ready_tx.send(Ok(()));
-                run(state);
+                Some(run(state))
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e));
+                None
             }
         }
     })?;
     ready_rx
         .recv()
         .map_err(|_| std::io::Error::other("io_uring worker died during setup"))??;
-    Ok(handle)
+    Ok(thread)
 }
 
 /// A ring for one worker thread. Single issuer: only its thread submits. Cooperative

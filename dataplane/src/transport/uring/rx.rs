@@ -93,16 +93,18 @@ pub fn spawn_rx(
         }
         Ok((ring, rx))
     };
-    let handle = spawn_worker(format!("dwcp-rx{worker}"), cpu, setup, move |(ring, rx)| {
+    let thread = spawn_worker(format!("dwcp-rx{worker}"), cpu, setup, move |(ring, rx)| {
         rx_main(ring, rx, evt_tx, &stop_flag, &fence, &config)
     })?;
     Ok(RxWorker {
         events: evt_rx,
-        handle: Some(handle),
+        thread,
         stop,
     })
 }
 
+/// The worker's life; returns its streams (with their buffers) and its ring, to be
+/// freed in that order once the worker is let go.
 fn rx_main(
     mut ring: IoUring,
     mut streams: Vec<RxStream>,
@@ -110,7 +112,7 @@ fn rx_main(
     stop: &AtomicBool,
     fence: &StreamFence,
     config: &TransportConfig,
-) {
+) -> (Vec<RxStream>, IoUring) {
     let mut in_flight = 0usize;
     let failure = rx_loop(
         &mut ring,
@@ -151,6 +153,7 @@ fn rx_main(
             buffers.unregister(&ring);
         }
     }
+    (streams, ring)
 }
 
 fn rx_loop(

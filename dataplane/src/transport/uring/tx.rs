@@ -160,7 +160,7 @@ pub fn spawn_tx(
     let (evt_tx, evt_rx) = ring::channel(WORKER_RING);
     let config = config.clone();
     let setup_config = config.clone();
-    let handle = spawn_worker(
+    let thread = spawn_worker(
         format!("dwcp-tx{worker}"),
         cpu,
         move || TxWorkerState::new(worker, streams, setup, &setup_config, zero_copy, ctl_rx),
@@ -170,8 +170,7 @@ pub fn spawn_tx(
         commands: cmd_tx,
         control: ctl_tx,
         events: evt_rx,
-        thread: handle.thread().clone(),
-        handle: Some(handle),
+        thread,
     })
 }
 
@@ -338,12 +337,13 @@ impl TxWorkerState {
     }
 }
 
+/// The worker's life; returns its state, to be freed once the worker is let go.
 fn tx_main(
     mut s: TxWorkerState,
     mut commands: Consumer<TxCommand>,
     mut events: Producer<TxEvent>,
     config: &TransportConfig,
-) {
+) -> TxWorkerState {
     let result = s.run(&mut commands, &mut events, config);
     if let Err(error) = result {
         push_event(
@@ -371,6 +371,7 @@ fn tx_main(
             },
         );
     }
+    s
 }
 
 fn ring_error(op: &'static str) -> impl FnOnce(std::io::Error) -> TxError {
