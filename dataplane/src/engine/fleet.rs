@@ -548,7 +548,7 @@ impl TxFleet {
             .collect()
     }
 
-    /// After every worker reported [`TxEvent::Finished`] on a `Release`: join them, and
+    /// After every worker reported [`TxEvent::Finished`] on a `Release`: finish them, and
     /// start workers of `kind` on the same open sockets, counting on from the retired
     /// workers' final counters.
     pub fn replace(&mut self, kind: TransportKind, zero_copy: bool) -> Result<(), MigrationError> {
@@ -578,7 +578,8 @@ impl TxFleet {
         }
     }
 
-    /// Tell every worker to finish and join them.
+    /// Tell every worker to finish and wait until their work is over (what they own is
+    /// freed later: see [`crate::transport::WorkerThread`]).
     pub fn close(&mut self) {
         for w in &mut self.workers {
             let _ = w.commands.push(TxCommand::Finish);
@@ -643,10 +644,11 @@ impl RxFleet {
         Ok(any)
     }
 
-    /// Stop every receiver and join them.
+    /// Stop every receiver and wait until their work is over (what they own is freed
+    /// later: see [`crate::transport::WorkerThread`]).
     pub fn stop(&mut self) {
         for w in &self.workers {
-            // Relaxed: the flag only asks the worker to leave its loop; the join below
+            // Relaxed: the flag only asks the worker to leave its loop; the finish below
             // orders everything after.
             w.stop.store(true, Ordering::Relaxed);
         }

@@ -40,7 +40,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::thread::{JoinHandle, Thread};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Which transport a session uses.
@@ -779,7 +779,7 @@ pub struct TxWorker {
     pub control: Producer<TxControl>,
     /// Events from it.
     pub events: Consumer<TxEvent>,
-    /// The worker's thread: woken after pushing commands, joined on shutdown.
+    /// The worker's thread: woken after pushing commands, finished on shutdown.
     pub thread: WorkerThread,
 }
 
@@ -787,7 +787,7 @@ pub struct TxWorker {
 pub struct RxWorker {
     /// Events from the worker.
     pub events: Consumer<RxEvent>,
-    /// The worker's thread, joined on shutdown.
+    /// The worker's thread, finished on shutdown.
     pub thread: WorkerThread,
     /// Set to make the worker stop early.
     pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -809,8 +809,8 @@ pub struct RxWorker {
 /// core, and the `mmap` calls and page faults of every other thread could queue
 /// behind it.
 pub struct WorkerThread {
+    /// Taken by [`WorkerThread::join`]; dropped unjoined, it lets the thread run on.
     handle: Option<JoinHandle<()>>,
-    thread: Thread,
     /// What the owner said: [`HOLD`], [`FREE_SOON`] or [`FREE_NOW`].
     release: Arc<AtomicU8>,
     /// Closed when the worker's body has returned (or panicked).
@@ -858,7 +858,6 @@ impl WorkerThread {
             drop(kept);
         })?;
         Ok(WorkerThread {
-            thread: handle.thread().clone(),
             handle: Some(handle),
             release,
             body_done,
@@ -867,12 +866,14 @@ impl WorkerThread {
 
     /// Wake the worker (it may be parked waiting for commands).
     pub fn wake(&self) {
-        self.thread.unpark();
+        if let Some(handle) = &self.handle {
+            handle.thread().unpark();
+        }
     }
 
     fn let_go(&self, how: u8) {
         self.release.store(how, Ordering::Release);
-        self.thread.unpark();
+        self.wake();
     }
 
     /// Wait until the worker's work is over (its body returned: it touches no memory
@@ -882,7 +883,6 @@ impl WorkerThread {
         // Err: the body ended by panicking, which is over too.
         let _ = self.body_done.recv();
         self.let_go(FREE_SOON);
-        self.handle = None;
     }
 
     /// Let the worker free what it kept now, and wait for its thread to end.

@@ -393,11 +393,10 @@ pub fn spawn_rx(
     let (id, socket) = stream;
     // Wake up now and then to notice a stop request.
     socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-    let inbound = setup.inbound(id);
+    let mut inbound = setup.inbound(id);
     let fence = setup.fence.clone();
     let thread = WorkerThread::spawn(format!("dwcp-prx{id}"), move || {
         pin(cpu);
-        let mut inbound = inbound;
         rx_main(
             id,
             socket,
