@@ -1262,14 +1262,14 @@ impl Coordinator<'_> {
                     });
                 }
                 // A control message ends the wait at once (a sleep would add its length
-                // to every step of the switchover); workers' events are polled, more
-                // often once the guest is paused at the source.
-                let wait = if self.final_round.is_some() {
-                    Duration::from_micros(50)
+                // to every step of the switchover); workers' events are polled. Once
+                // the guest is paused at the source, the wait does not sleep at all.
+                let msg = if self.final_round.is_some() {
+                    self.control.recv_yielding(Duration::from_micros(50))?
                 } else {
-                    Duration::from_micros(500)
+                    self.control.recv_timeout(Duration::from_micros(500))?
                 };
-                if let Some(msg) = self.control.recv_timeout(wait)? {
+                if let Some(msg) = msg {
                     self.last_activity = Instant::now();
                     self.on_control(msg)?;
                 }

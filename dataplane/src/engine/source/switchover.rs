@@ -444,7 +444,7 @@ impl Session<'_> {
         self.last_activity = Instant::now();
         loop {
             self.pump_workers()?;
-            let Some(msg) = self.control.recv_timeout(Duration::from_millis(1))? else {
+            let Some(msg) = self.control.recv_yielding(Duration::from_millis(1))? else {
                 continue;
             };
             self.last_activity = Instant::now();
