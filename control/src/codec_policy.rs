@@ -45,6 +45,11 @@
 //! a link-bound interval takes `B` from that forecast of the next second instead of
 //! smoothing the interval's own rate.
 //!
+//! When the receiver's window holds the streams back for a good part of their busy time
+//! while the network delivers several times faster than the peer acknowledges, the
+//! destination, not the link, sets the pace: codecs stay off (fewer bytes would not
+//! arrive sooner, and the destination would decompress them too), whatever `B` says.
+//!
 //! Calibration (compressing sampled pages at each level, on a thread of its own) is
 //! asked for only when a worker's link share is below what the fastest level could
 //! process: on a fast link compression cannot win and is never measured. Levels slower
@@ -233,6 +238,38 @@ fn starting_up(o: &Observation) -> bool {
     o.link.rtt_us > 0 && o.elapsed < STARTUP_ROUND_TRIPS * f64::from(o.link.rtt_us) / 1e6
 }
 
+/// Of the streams' busy time, the fraction held back by the receiver's window from
+/// which the destination may be what sets the pace.
+const RECEIVER_BOUND: f64 = 0.25;
+
+/// How many times faster than the destination acknowledges the network must deliver
+/// for the destination, not the network, to be taken as what sets the pace.
+const DELIVERY_OVER_ACKED: f64 = 8.0;
+
+/// Whether the destination sets the pace at `o`: the receiver's window held the streams
+/// back for a good part of the time they had bytes outstanding, while the network
+/// delivered what was sent several times faster than the destination took it.
+///
+/// The workers then stall on their sockets as on a slow link, but fewer bytes would not
+/// arrive sooner: the destination does the same work per page either way, plus the
+/// decompression. On loopback, where both appliances share two cores, the model picked
+/// zstd in about one run in four and the migration took up to twice as long (0.52 and
+/// 0.76 s against 0.33 s, 512 MiB). At the model's first decision (0.24 s) of nine such
+/// runs, the window had held the streams back for 0.15-0.58 of their busy time (the rest
+/// counts as send-buffer limited, which the kernel ranks first) and the network had
+/// delivered 2-56 times faster than acknowledged, 17 or more in most.
+///
+/// Across `wanem`'s cross-region path the ratio reached 11 in one 0.2 s interval (the
+/// acknowledged rate swings over short intervals; the window fraction was 0.13 then)
+/// and the window fraction 0.23 in another (ratio 2): neither bound alone would do. The ratio also keeps compression on a long path whose receive buffers
+/// are smaller than its bandwidth-delay product: the window limits there too, but the
+/// network delivers at the rate acknowledged.
+fn receiver_bound(o: &Observation) -> bool {
+    o.link.receiver_limited >= RECEIVER_BOUND
+        && o.link.acked_bytes_per_second > 0.0
+        && o.link.delivery_rate >= DELIVERY_OVER_ACKED * o.link.acked_bytes_per_second
+}
+
 /// The interval's acknowledged rate as a measure of the link, or 0 when it is none.
 /// - Over less than a round trip, acknowledgements arrive in clumps (a loss recovered,
 ///   a stretch of delayed ACKs): the rate swings between 0 and twice the link.
@@ -281,7 +318,8 @@ struct WorkerLog<'a> {
 }
 
 impl<'a> WorkerLog<'a> {
-    /// A worker's decision taken before the link was measured: no model inputs.
+    /// A worker's decision taken without the model: before the link was measured, or
+    /// while the destination sets the pace.
     fn unmeasured(
         input: &'a WorkerObservation,
         choice: Candidate,
@@ -569,6 +607,22 @@ impl CodecPolicy for ModelPolicy {
                 ));
                 continue;
             };
+            if receiver_bound(o) {
+                let state = &mut self.workers[w.worker];
+                let changed = state_current != Candidate::Off;
+                state.dwell = if changed { 0 } else { state.dwell + 1 };
+                state.current = Some(Candidate::Off);
+                decision
+                    .settings
+                    .push(self.settings_for(Candidate::Off, false));
+                logs.push(WorkerLog::unmeasured(
+                    w,
+                    Candidate::Off,
+                    changed,
+                    "the destination sets the pace: fewer bytes would not arrive sooner",
+                ));
+                continue;
+            }
             let share = bandwidth * f64::from(w.streams) / f64::from(total_streams);
             if share < self.config.calibrate_below && cal.is_none() && !self.calibration_asked {
                 want_calibration = Some(want_calibration.map_or(share, |s: f64| s.min(share)));
@@ -786,6 +840,61 @@ mod tests {
         ));
         // 62.5 MB/s per worker: level 9 (80 MB/s) would be CPU-bound below 3 and 1
         // move 62.5 × 2.65 and 2.55 of input; level 3 keeps up and gains most.
+        assert_eq!(d.settings[0].level, Some(3), "{:?}", d.log);
+    }
+
+    /// The gigabit observation of `a_gigabit_link_picks_a_fast_level`, with the
+    /// receiver's window holding the streams back for `receiver_limited` of their busy
+    /// time while the network delivered at `delivery_rate`.
+    fn window_limited(
+        receiver_limited: f64,
+        delivery_rate: f64,
+        settings: CodecSettings,
+    ) -> Observation {
+        let mut o = observation(125e6, 0.9, settings, Some(calibration()));
+        o.link.receiver_limited = receiver_limited;
+        o.link.delivery_rate = delivery_rate;
+        o
+    }
+
+    #[test]
+    fn a_destination_that_sets_the_pace_keeps_codecs_off() {
+        let mut p = policy();
+        // Loopback with both appliances on two cores: the network delivers at tens of
+        // GB/s, the destination takes 125 MB/s.
+        let d = p.decide(&window_limited(0.9, 30e9, CodecSettings::OFF));
+        assert!(d.settings.iter().all(|s| s.is_off()), "{:?}", d.log);
+        assert_eq!(
+            d.calibrate, None,
+            "no calibration for a choice it cannot change"
+        );
+        let log: serde_json::Value = serde_json::from_str(d.log.as_deref().unwrap()).unwrap();
+        assert!(
+            log["workers"][0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("destination sets the pace"),
+            "{log}"
+        );
+        // Workers already compressing (level 3 on the plain gigabit link) stop at once,
+        // dwell time or not.
+        let mut p = policy();
+        let d = p.decide(&window_limited(0.0, 0.0, CodecSettings::OFF));
+        assert_eq!(d.settings[0].level, Some(3), "{:?}", d.log);
+        let d = p.decide(&window_limited(0.9, 30e9, d.settings[0]));
+        assert!(d.settings.iter().all(|s| s.is_off()), "{:?}", d.log);
+    }
+
+    #[test]
+    fn a_window_limited_path_that_delivers_at_the_acknowledged_rate_still_compresses() {
+        // A long path whose receive buffers are below its bandwidth-delay product: the
+        // receiver's window limits, but the network carries what is acknowledged.
+        let mut p = policy();
+        let d = p.decide(&window_limited(0.9, 130e6, CodecSettings::OFF));
+        assert_eq!(d.settings[0].level, Some(3), "{:?}", d.log);
+        // The window held the streams back only now and then: the link sets the pace.
+        let mut p = policy();
+        let d = p.decide(&window_limited(0.1, 30e9, CodecSettings::OFF));
         assert_eq!(d.settings[0].level, Some(3), "{:?}", d.log);
     }
 

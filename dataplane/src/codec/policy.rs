@@ -141,6 +141,10 @@ pub struct LinkObservation {
     pub rtt_us: u32,
     /// Retransmitted segments over the interval.
     pub retransmits: u32,
+    /// Of the time the streams had bytes outstanding over the interval, the fraction
+    /// the receiver's window held them back (`TCP_INFO` `rwnd_limited` / `busy_time`):
+    /// near 1 when the destination, not the network, sets the pace.
+    pub receiver_limited: f64,
     /// The slow path's forecast of what the path will carry over the next second,
     /// bytes per second ([`LiveControl::set_path_rate`](crate::engine::LiveControl::set_path_rate)).
     pub forecast_bytes_per_second: Option<f64>,

@@ -79,8 +79,9 @@ pub struct Steering<'p> {
     previous: Vec<WorkerTelemetry>,
     /// Counters of workers replaced by a transport switch.
     retired: CodecCounters,
-    /// Per stream: bytes acknowledged and retransmits as of the previous decision.
-    acked: Vec<(u64, u32)>,
+    /// Per stream as of the previous decision: bytes acknowledged, retransmits, and
+    /// the microseconds busy and receiver-window limited (`TCP_INFO`).
+    acked: Vec<StreamMarks>,
     /// The slow path's forecast of the path's rate, bytes per second.
     path_rate: Option<f64>,
     settings: Vec<CodecSettings>,
@@ -131,7 +132,7 @@ impl<'p> Steering<'p> {
                 .collect(),
             previous: vec![WorkerTelemetry::default(); workers],
             retired: CodecCounters::default(),
-            acked: vec![(0, 0); usize::from(total_streams)],
+            acked: vec![StreamMarks::default(); usize::from(total_streams)],
             path_rate: None,
             settings: vec![initial; workers],
             calibration: None,
@@ -322,14 +323,25 @@ impl<'p> Steering<'p> {
         let mut link = LinkObservation::default();
         let mut acked = 0u64;
         let mut rtt = u32::MAX;
+        let (mut busy_us, mut rwnd_limited_us) = (0u64, 0u64);
         for t in streams {
             let Some(tcp) = t.tcp else { continue };
             let slot = &mut self.acked[usize::from(t.stream)];
-            acked += tcp.bytes_acked.saturating_sub(slot.0);
-            link.retransmits += tcp.total_retrans.saturating_sub(slot.1);
-            *slot = (tcp.bytes_acked, tcp.total_retrans);
+            acked += tcp.bytes_acked.saturating_sub(slot.bytes_acked);
+            link.retransmits += tcp.total_retrans.saturating_sub(slot.retransmits);
+            busy_us += tcp.busy_us.saturating_sub(slot.busy_us);
+            rwnd_limited_us += tcp.rwnd_limited_us.saturating_sub(slot.rwnd_limited_us);
+            *slot = StreamMarks {
+                bytes_acked: tcp.bytes_acked,
+                retransmits: tcp.total_retrans,
+                busy_us: tcp.busy_us,
+                rwnd_limited_us: tcp.rwnd_limited_us,
+            };
             link.delivery_rate += tcp.delivery_rate as f64;
             rtt = rtt.min(tcp.rtt_us);
+        }
+        if busy_us > 0 {
+            link.receiver_limited = (rwnd_limited_us as f64 / busy_us as f64).min(1.0);
         }
         link.acked_bytes_per_second = acked as f64 / interval;
         link.rtt_us = if rtt == u32::MAX { 0 } else { rtt };
@@ -519,4 +531,13 @@ impl<'p> Steering<'p> {
             None => self.calibration = Some(fresh),
         }
     }
+}
+
+/// A stream's cumulative `TCP_INFO` counters as of the previous decision.
+#[derive(Debug, Clone, Copy, Default)]
+struct StreamMarks {
+    bytes_acked: u64,
+    retransmits: u32,
+    busy_us: u64,
+    rwnd_limited_us: u64,
 }

@@ -498,6 +498,12 @@ pub struct TcpInfoSample {
     pub unacked: u32,
     /// Bytes written to the socket and not yet sent.
     pub notsent_bytes: u32,
+    /// Time the connection had data outstanding, microseconds over its life
+    /// (`tcpi_busy_time`: sending, or held back by either window or the send buffer).
+    pub busy_us: u64,
+    /// Of that, the time the receiver's window held sending back, microseconds
+    /// (`tcpi_rwnd_limited`): the peer did not take the bytes as fast as they came.
+    pub rwnd_limited_us: u64,
 }
 
 impl TcpInfoSample {
@@ -539,6 +545,8 @@ pub fn tcp_info(stream: &impl AsRawFd) -> Option<TcpInfoSample> {
         congestion: congestion(stream),
         unacked: raw.unacked,
         notsent_bytes: raw.notsent_bytes,
+        busy_us: raw.busy_time,
+        rwnd_limited_us: raw.rwnd_limited,
     })
 }
 
