@@ -7,7 +7,7 @@
 //!
 //! - [`measure`]: timing, medians, interleaving.
 //! - [`report`]: the JSON lines and the human table.
-//! - [`reference`]: the baselines we write ourselves (the shape of QEMU's XBZRLE loop,
+//! - [`reference`](mod@reference): the baselines we write ourselves (the shape of QEMU's XBZRLE loop,
 //!   a read-bandwidth probe).
 //! - [`transport`]: the `transport` suite (page stream against iperf3, a live
 //!   migration of 1 GiB);

@@ -1,5 +1,8 @@
 //! `dwcpd`: the dwcp migration appliance daemon.
 
+// The argument docs are clap's help text, where `<level>` and the like are literal.
+#![allow(rustdoc::invalid_html_tags)]
+
 use clap::{Args, Parser, Subcommand};
 use dwcp_control::config::{Config, ConfigErrors, Size};
 use dwcp_control::daemon::{Daemon, DaemonOptions};

@@ -18,7 +18,7 @@
 //!   at its own pace, through zero pages and a destination still faulting its memory
 //!   in), the per-round overhead the least any of them showed beyond its bytes at that
 //!   rate, and the bytes from the last round's bytes per page with content (the pages
-//!   a guest dirties are seldom zero, even where memory is). See [`fit_send_model`]
+//!   a guest dirties are seldom zero, even where memory is). See `fit_send_model`
 //!   for when the fit is a line and when the rounds taken together. When the control
 //!   thread forecasts the path's rate ([`Planner::set_path_rate`]), the send is never
 //!   less than the final round's bytes at that rate: late rounds are small enough to

@@ -4,6 +4,9 @@
 //! person, or as JSON with `--json`. `migrate --follow` and `watch` poll `migrations`
 //! and redraw a progress line: bar, rate, ETA, round, dirty rate, mode.
 
+// The argument docs are clap's help text, where `<level>` and the like are literal.
+#![allow(rustdoc::invalid_html_tags)]
+
 use clap::{Parser, Subcommand};
 use dwcp_api::{
     ClusterInfo, Command, Done, FlagsInfo, MetricsText, MigrateOptions, MigrationInfo, Request,

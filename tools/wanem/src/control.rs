@@ -105,7 +105,7 @@ pub fn apply(
 }
 
 /// The socket server: one thread, one client at a time (requests are tiny; a client
-/// that stalls is cut off after [`CLIENT_TIMEOUT`]).
+/// that stalls is cut off after `CLIENT_TIMEOUT`, 2 s).
 pub struct Server {
     path: PathBuf,
     stop: Arc<AtomicBool>,
