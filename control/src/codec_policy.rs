@@ -255,15 +255,16 @@ const DELIVERY_OVER_ACKED: f64 = 8.0;
 /// decompression. On loopback, where both appliances share two cores, the model picked
 /// zstd in about one run in four and the migration took up to twice as long (0.52 and
 /// 0.76 s against 0.33 s, 512 MiB). At the model's first decision (0.24 s) of nine such
-/// runs, the window had held the streams back for 0.15-0.58 of their busy time (the rest
-/// counts as send-buffer limited, which the kernel ranks first) and the network had
-/// delivered 2-56 times faster than acknowledged, 17 or more in most.
+/// runs, the window had held the streams back for 0.15-0.58 of their busy time (the
+/// rest presumably counted as send-buffer limited, which the kernel ranks above it) and
+/// the network had delivered 2-56 times faster than acknowledged, 17 or more in most.
 ///
 /// Across `wanem`'s cross-region path the ratio reached 11 in one 0.2 s interval (the
 /// acknowledged rate swings over short intervals; the window fraction was 0.13 then)
-/// and the window fraction 0.23 in another (ratio 2): neither bound alone would do. The ratio also keeps compression on a long path whose receive buffers
-/// are smaller than its bandwidth-delay product: the window limits there too, but the
-/// network delivers at the rate acknowledged.
+/// and the window fraction 0.23 in another (ratio 2): neither bound alone would do. The
+/// ratio also keeps compression on a long path whose receive buffers are smaller than
+/// its bandwidth-delay product: the window limits there too, but the network delivers
+/// at the rate acknowledged.
 fn receiver_bound(o: &Observation) -> bool {
     o.link.receiver_limited >= RECEIVER_BOUND
         && o.link.acked_bytes_per_second > 0.0
@@ -568,6 +569,7 @@ impl CodecPolicy for ModelPolicy {
         let mut logs = Vec::with_capacity(o.workers.len());
         let mut want_calibration = None::<f64>;
         let mut any_zstd = false;
+        let destination_bound = receiver_bound(o);
         for w in &o.workers {
             let state_current = self.workers[w.worker].current.unwrap_or(Candidate::Off);
             let Some(bandwidth) = self.bandwidth else {
@@ -607,7 +609,7 @@ impl CodecPolicy for ModelPolicy {
                 ));
                 continue;
             };
-            if receiver_bound(o) {
+            if destination_bound {
                 let state = &mut self.workers[w.worker];
                 let changed = state_current != Candidate::Off;
                 state.dwell = if changed { 0 } else { state.dwell + 1 };

@@ -81,7 +81,7 @@ pub struct Steering<'p> {
     retired: CodecCounters,
     /// Per stream as of the previous decision: bytes acknowledged, retransmits, and
     /// the microseconds busy and receiver-window limited (`TCP_INFO`).
-    acked: Vec<StreamMarks>,
+    marks: Vec<StreamMarks>,
     /// The slow path's forecast of the path's rate, bytes per second.
     path_rate: Option<f64>,
     settings: Vec<CodecSettings>,
@@ -132,7 +132,7 @@ impl<'p> Steering<'p> {
                 .collect(),
             previous: vec![WorkerTelemetry::default(); workers],
             retired: CodecCounters::default(),
-            acked: vec![StreamMarks::default(); usize::from(total_streams)],
+            marks: vec![StreamMarks::default(); usize::from(total_streams)],
             path_rate: None,
             settings: vec![initial; workers],
             calibration: None,
@@ -326,7 +326,7 @@ impl<'p> Steering<'p> {
         let (mut busy_us, mut rwnd_limited_us) = (0u64, 0u64);
         for t in streams {
             let Some(tcp) = t.tcp else { continue };
-            let slot = &mut self.acked[usize::from(t.stream)];
+            let slot = &mut self.marks[usize::from(t.stream)];
             acked += tcp.bytes_acked.saturating_sub(slot.bytes_acked);
             link.retransmits += tcp.total_retrans.saturating_sub(slot.retransmits);
             busy_us += tcp.busy_us.saturating_sub(slot.busy_us);
