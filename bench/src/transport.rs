@@ -300,6 +300,7 @@ pub(crate) fn page_stream(
                 stream,
                 first,
                 count: CHUNK_PAGES as u32,
+                known_zero: false,
             },
         );
         first += CHUNK_PAGES;

@@ -260,6 +260,18 @@ pub fn migrate_memory_with_policy<'a>(
     policy: Option<&'a mut dyn dwcp_dataplane::codec::policy::CodecPolicy>,
 ) -> Outcome {
     fill_memory(&memory, &ContentMix::MEMORY_IMAGE, workload.seed);
+    migrate_memory_as_it_is(memory, workload, dirty, source, dest, policy)
+}
+
+/// [`migrate_memory_with_policy`] for memory the caller filled (or left with holes).
+pub fn migrate_memory_as_it_is<'a>(
+    memory: Arc<GuestMemory>,
+    workload: &GuestWorkload,
+    dirty: DirtyLogKind,
+    source: &'a SourceConfig,
+    dest: &DestConfig,
+    policy: Option<&'a mut dyn dwcp_dataplane::codec::policy::CodecPolicy>,
+) -> Outcome {
     let opened = open_dirty_log(&memory, dirty).expect("dirty log");
     let guest = SimulatedGuest::start(memory.clone(), workload, opened.marker.clone());
     let (addr, receiver) = spawn_destination(dest);

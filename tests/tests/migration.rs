@@ -131,6 +131,68 @@ fn file_backed_guest_memory_on_shm() {
     out.guest.stop();
 }
 
+/// A shared memory file with holes, as a hypervisor leaves untouched guest RAM: round 0
+/// sends the holes as zeros without reading them (a read through the mapping would fill
+/// each with a page of the source host's memory), and pages the guest writes into
+/// holes meanwhile still arrive.
+#[test]
+fn holes_in_a_memory_file_stay_holes_and_writes_into_them_arrive() {
+    let dir = std::path::Path::new("/dev/shm");
+    if !dir.is_dir() {
+        skip("no /dev/shm");
+        return;
+    }
+    let path = dir.join(format!("dwcp-holes-{}", std::process::id()));
+    let memory =
+        std::sync::Arc::new(dwcp_dataplane::memory::GuestMemory::file(&path, 64 << 20).unwrap());
+    let _ = std::fs::remove_file(&path);
+    let pages = memory.pages();
+    // Data in the first quarter, but for every eighth page; holes after it.
+    let mut page = [0u8; 4096];
+    for p in (0..pages / 4).filter(|p| p % 8 != 3) {
+        page.fill((p % 251) as u8 | 1);
+        page[..8].copy_from_slice(&p.to_le_bytes());
+        memory.write_page(p, &page);
+    }
+    let Some(before) = memory.hole_pages().filter(|h| h.count() > 0) else {
+        skip("this file system does not report holes");
+        return;
+    };
+    assert!(before.get(3) && !before.get(4) && before.get(pages - 1));
+    // The guest writes across the first half: into data and into holes.
+    let workload = GuestWorkload {
+        working_set: 0.5,
+        pattern: AccessPattern::Uniform,
+        ..GuestWorkload::default()
+    };
+    let (source, dest) = configs(2, TransportChoice::Auto);
+    let out = dwcp_tests::migrate_memory_as_it_is(
+        memory,
+        &workload,
+        DirtyLogKind::Uffd,
+        &source,
+        &dest,
+        None,
+    );
+    out.guest.stop();
+    let report = out.source.expect("source side");
+    let received = out.dest.expect("destination side");
+    // Before the comparison below, which reads every page.
+    let after = out.memory.hole_pages().expect("a file");
+    let kept = (pages / 2..pages).filter(|&p| after.get(p)).count() as u64;
+    assert_eq!(
+        kept,
+        pages / 2,
+        "the second half, which the guest never writes, stays holes on the source"
+    );
+    assert!(
+        report.rounds[0].zero_pages >= before.count() - pages / 2,
+        "round 0 sent the holes as zeros ({} zero pages)",
+        report.rounds[0].zero_pages
+    );
+    assert_eq!(out.memory.first_difference(&received.memory), None);
+}
+
 /// All of memory written as fast as the vCPUs can: several rounds, auto-converge
 /// throttling the guest, and still an identical destination. Each dirty tracker in turn.
 #[test]

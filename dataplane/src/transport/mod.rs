@@ -376,6 +376,9 @@ pub enum TxCommand {
         first: u64,
         /// Pages (at most a chunk).
         count: u32,
+        /// The engine knows these pages read as zeros (they lay in the memory file's
+        /// holes when the round began): staged as a zero run without reading them.
+        known_zero: bool,
     },
     /// Every stream of the worker closes round `round` and reports when it is sent.
     EndRound {

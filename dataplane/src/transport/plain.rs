@@ -235,9 +235,19 @@ impl PlainTx {
             | TxCommand::DeviceState { .. }
             | TxCommand::StreamMap { .. }
                 if self.lost => {}
-            TxCommand::Pages { first, count, .. } => {
-                self.stager
-                    .stage(&mut self.out, &mut self.stage, 0, first, count)?;
+            TxCommand::Pages {
+                first,
+                count,
+                known_zero,
+                ..
+            } => {
+                self.stager.stage(
+                    &mut self.out,
+                    &mut self.stage,
+                    0,
+                    (first, count),
+                    known_zero,
+                )?;
             }
             TxCommand::EndRound { round } => {
                 let marked = if self.lost {

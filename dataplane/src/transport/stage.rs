@@ -161,16 +161,19 @@ impl Stager {
     }
 
     /// Stage pages `first..first + count` on stream `i`; `false` when no buffer has
-    /// room (nothing was staged; try the same run again later).
+    /// room (nothing was staged; try the same run again later). When `known_zero`,
+    /// the engine knows the pages read as zeros: they are sent as such unread.
     pub fn stage(
         &mut self,
         buffers: &mut impl SendBuffers,
         streams: &mut [StreamStage],
         i: usize,
-        first: u64,
-        count: u32,
+        (first, count): (u64, u32),
+        known_zero: bool,
     ) -> Result<bool, TxError> {
-        let staged = if self.coding() {
+        let staged = if known_zero {
+            self.stage_known_zero(buffers, streams, i, first, count)?
+        } else if self.coding() {
             self.stage_coded(buffers, streams, i, first, count)?
         } else if streams[i].rma.as_ref().is_some_and(LentLink::enabled) {
             self.stage_rma(buffers, streams, i, first, count)?
@@ -210,6 +213,42 @@ impl Stager {
         self.round.bytes += staged.bytes as u64;
         self.staged_bytes += staged.bytes as u64;
         self.stage_nanos += started.elapsed().as_nanos() as u64;
+        Ok(true)
+    }
+
+    /// Stage a run known to read as zeros on stream `i`: into the codec batch while
+    /// codecs are on (keeping the batch whole), else as one frame in the buffer.
+    fn stage_known_zero(
+        &mut self,
+        buffers: &mut impl SendBuffers,
+        streams: &mut [StreamStage],
+        i: usize,
+        first: u64,
+        count: u32,
+    ) -> Result<bool, TxError> {
+        if self.coding() {
+            let full = match (&self.codec, &streams[i].codec) {
+                (Some(codec), Some(batch)) => codec.batch_full(batch, 0),
+                _ => false,
+            };
+            if full && !self.flush_batch(buffers, streams, i)? {
+                return Ok(false);
+            }
+            let table = Some(self.table.recorder(streams[i].id));
+            if let (Some(codec), Some(batch)) = (&mut self.codec, &mut streams[i].codec) {
+                let run = codec.encode_known_zero(batch, first, count, table);
+                self.round.zero_pages += u64::from(run.zero_pages);
+                return Ok(true);
+            }
+        }
+        let Some(out) = buffers.room(i, FRAME_HEADER_LEN)? else {
+            return Ok(false);
+        };
+        let table = Some(self.table.recorder(streams[i].id));
+        let staged = frames::stage_zero_run(first, count, out, table);
+        buffers.filled(i, staged.bytes);
+        self.round.zero_pages += u64::from(staged.zero_pages);
+        self.round.bytes += staged.bytes as u64;
         Ok(true)
     }
 
@@ -510,7 +549,7 @@ mod tests {
             let i = (chunk % 2) as usize;
             assert!(
                 stager
-                    .stage(&mut out, &mut stages, i, chunk * 16, 16)
+                    .stage(&mut out, &mut stages, i, (chunk * 16, 16), false)
                     .unwrap()
             );
         }
@@ -555,7 +594,11 @@ mod tests {
         let mut stages = vec![stager.stream(0)];
         let mut out = Collect::new(1);
         out.full = true;
-        assert!(!stager.stage(&mut out, &mut stages, 0, 0, 16).unwrap());
+        assert!(
+            !stager
+                .stage(&mut out, &mut stages, 0, (0, 16), false)
+                .unwrap()
+        );
         assert!(
             !stager
                 .marker(&mut out, &mut stages, 0, FrameHeader::stream_end())
@@ -581,8 +624,16 @@ mod tests {
         assert!(stager.coding());
         let mut stages = vec![stager.stream(0)];
         let mut out = Collect::new(1);
-        assert!(stager.stage(&mut out, &mut stages, 0, 0, 16).unwrap());
-        assert!(stager.stage(&mut out, &mut stages, 0, 16, 16).unwrap());
+        assert!(
+            stager
+                .stage(&mut out, &mut stages, 0, (0, 16), false)
+                .unwrap()
+        );
+        assert!(
+            stager
+                .stage(&mut out, &mut stages, 0, (16, 16), false)
+                .unwrap()
+        );
         assert!(out.streams[0].is_empty(), "still in the batch");
         assert!(stages[0].batch_pending());
         let header = Stager::round_end(0, &stages[0]);
@@ -601,5 +652,64 @@ mod tests {
         let off = TxControl::SetCodec(CodecSettings::OFF);
         assert!(stager.apply(&off, &mut out, &mut stages).unwrap());
         assert!(!stager.coding());
+    }
+
+    #[test]
+    fn runs_known_to_be_zero_go_as_zeros_unread_with_and_without_codecs() {
+        // The source's pages hold content: what arrives as zeros was not read.
+        let source = memory(16);
+        for codec in [None, Some(CodecSettings::full(1))] {
+            let table = Arc::new(CrcTable::new(16));
+            let setup = codec.map(|initial| CodecSetup {
+                cache_bytes_per_stream: 1 << 20,
+                max_batch_bytes: 1 << 20,
+                max_dictionary_bytes: 0,
+                initial,
+                capabilities: caps::ALL,
+            });
+            let mut stager = Stager::new(source.clone(), table.clone(), setup);
+            let mut stages = vec![stager.stream(0)];
+            let mut out = Collect::new(1);
+            assert!(
+                stager
+                    .stage(&mut out, &mut stages, 0, (0, 4), false)
+                    .unwrap()
+            );
+            assert!(
+                stager
+                    .stage(&mut out, &mut stages, 0, (4, 8), true)
+                    .unwrap()
+            );
+            assert!(
+                stager
+                    .stage(&mut out, &mut stages, 0, (12, 4), false)
+                    .unwrap()
+            );
+            let header = Stager::round_end(0, &stages[0]);
+            assert!(stager.marker(&mut out, &mut stages, 0, header).unwrap());
+            let counts = stager.take_round();
+            assert_eq!(counts.zero_pages + counts.content_pages, 16, "{codec:?}");
+            let (dest, events) = parse(&out.streams[0], 0, 1, 16);
+            assert_eq!(
+                events,
+                [StreamEvent::RoundEnd {
+                    round: 0,
+                    pages: 16
+                }]
+            );
+            let mut a = vec![0u8; 4096];
+            let mut b = vec![0u8; 4096];
+            for p in 0..16u64 {
+                source.read_page(p, &mut a);
+                dest.read_page(p, &mut b);
+                if (4..12).contains(&p) {
+                    assert!(b.iter().all(|&x| x == 0), "page {p} {codec:?}");
+                    assert_eq!(table.get(p), crate::memory::zero_page_crc(), "page {p}");
+                } else {
+                    assert_eq!(a, b, "page {p} {codec:?}");
+                    assert_eq!(table.get(p), dwcp_simd::crc32c(&a), "page {p}");
+                }
+            }
+        }
     }
 }

@@ -224,6 +224,13 @@ struct Session<'a> {
     deferred_control: Vec<(usize, TxControl)>,
     planner: Planner,
     setup: Setup,
+    /// The pages that lay in the memory file's holes just after round 0's dirty-log
+    /// interval began. They read as zeros then, and any write since is in the log, so
+    /// round 0 sends them as zero runs without reading them: a read through the
+    /// shared mapping would fill each hole with a new page of the source host's
+    /// memory, and cost a page fault. `None` once round 0 is sent, for anonymous
+    /// memory, and in a resumed session.
+    known_zero: Option<DirtyBitmap>,
     /// The round being sent and its pages left, for steering.
     current_round: u64,
     round_left: u64,
@@ -632,6 +639,7 @@ impl<'a> Session<'a> {
                 stream_map_ok: opened.accepted & caps::STREAM_MAP != 0,
                 probe,
             },
+            known_zero: None,
             current_round: 0,
             round_left: 0,
             unacknowledged: VecDeque::new(),
@@ -937,14 +945,21 @@ impl<'a> Session<'a> {
             self.fleet.pushed(worker, count);
         }
         let routes = self.losses.generation;
-        self.push(
-            worker,
-            TxCommand::Pages {
-                stream,
-                first,
-                count,
-            },
-        )?;
+        let end = first + u64::from(count);
+        let mut at = first;
+        while at < end {
+            let (part, known_zero) = self.known_zero_part(at, end);
+            self.push(
+                worker,
+                TxCommand::Pages {
+                    stream,
+                    first: at,
+                    count: part,
+                    known_zero,
+                },
+            )?;
+            at += u64::from(part);
+        }
         if self.losses.generation != routes && self.losses.routes.lost().contains(stream) {
             // Its stream was lost while the ring was full: the worker drops the run, and
             // it was not among the pages queued when the loss settled.
@@ -961,6 +976,19 @@ impl<'a> Session<'a> {
             self.steer();
         }
         Ok(())
+    }
+
+    /// The longest run from `first` (up to `end`) whose pages are all, or all not,
+    /// in [`Session::known_zero`]: its length, and which.
+    fn known_zero_part(&self, first: u64, end: u64) -> (u32, bool) {
+        let Some(holes) = &self.known_zero else {
+            return ((end - first) as u32, false);
+        };
+        let zero = holes.get(first);
+        let same = (first + 1..end)
+            .find(|&page| holes.get(page) != zero)
+            .unwrap_or(end);
+        ((same - first) as u32, zero)
     }
 
     /// The stream that carries `page` now.
@@ -1199,6 +1227,18 @@ impl<'a> Session<'a> {
                 // Round 0 sends everything: writes made before it (during setup) are
                 // covered, so start the first interval now.
                 dirty_log.restart(pages)?;
+                // After the restart: a hole found now reads as zeros from now on, or
+                // the write that fills it is in the log.
+                let looked = Instant::now();
+                self.known_zero = self.memory.hole_pages().filter(|holes| !holes.is_empty());
+                if let Some(holes) = &self.known_zero {
+                    self.live_notes.push(format!(
+                        "round 0: {} of {pages} pages lay in the memory file's holes and went \
+                         as zeros unread (found in {:.1} ms)",
+                        holes.count(),
+                        looked.elapsed().as_secs_f64() * 1e3
+                    ));
+                }
                 (0, DirtyBitmap::full(pages))
             }
         };
@@ -1227,6 +1267,8 @@ impl<'a> Session<'a> {
                     }
                 }
             };
+            // Holes found before round 0 say nothing of the pages later rounds send.
+            self.known_zero = None;
             let seconds = round_start.elapsed().as_secs_f64();
             self.totals.add_round(sent, round_totals.bytes, seconds);
             // What the guest wrote while this round went out, and what a round ended

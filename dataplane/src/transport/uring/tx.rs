@@ -477,14 +477,18 @@ impl TxWorkerState {
                     stream,
                     first,
                     count,
+                    known_zero,
                 } => {
                     let i = self.local(stream)?;
                     let mut buffers =
                         PoolBuffers::new(&mut self.pool, &mut self.streams, self.fill_limit);
-                    if !self
-                        .stager
-                        .stage(&mut buffers, &mut self.stages, i, first, count)?
-                    {
+                    if !self.stager.stage(
+                        &mut buffers,
+                        &mut self.stages,
+                        i,
+                        (first, count),
+                        known_zero,
+                    )? {
                         self.pending = Some(cmd);
                         self.set_stalled(true);
                         return Ok(progress);
