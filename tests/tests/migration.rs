@@ -2,7 +2,7 @@
 //! ends with a byte-for-byte comparison of source and destination memory.
 
 use dwcp_dataplane::dirty::DirtyLogKind;
-use dwcp_dataplane::engine::{DestConfig, MigrationError, SourceConfig};
+use dwcp_dataplane::engine::{DestConfig, MigrationError, SourceConfig, VerifyMode};
 use dwcp_dataplane::guest::{AccessPattern, ContentMix, GuestControl, GuestWorkload};
 use dwcp_dataplane::transport::{TransportChoice, TransportConfig};
 use dwcp_tests::{migrate_live, skip};
@@ -131,10 +131,11 @@ fn file_backed_guest_memory_on_shm() {
     out.guest.stop();
 }
 
-/// A shared memory file with holes, as a hypervisor leaves untouched guest RAM: round 0
-/// sends the holes as zeros without reading them (a read through the mapping would fill
-/// each with a page of the source host's memory), and pages the guest writes into
-/// holes meanwhile still arrive.
+/// A shared memory file with holes, as a hypervisor leaves untouched guest RAM. Nothing
+/// the source does reads a hole (a read through the shared mapping would fill it with a
+/// page of the source host's memory): round 0 sends holes as zeros unread, rescans and
+/// the audit and full verification count them as zero pages. Pages the guest writes
+/// into holes meanwhile still arrive. Each dirty log and verification in turn.
 #[test]
 fn holes_in_a_memory_file_stay_holes_and_writes_into_them_arrive() {
     let dir = std::path::Path::new("/dev/shm");
@@ -142,55 +143,62 @@ fn holes_in_a_memory_file_stay_holes_and_writes_into_them_arrive() {
         skip("no /dev/shm");
         return;
     }
-    let path = dir.join(format!("dwcp-holes-{}", std::process::id()));
-    let memory =
-        std::sync::Arc::new(dwcp_dataplane::memory::GuestMemory::file(&path, 64 << 20).unwrap());
-    let _ = std::fs::remove_file(&path);
-    let pages = memory.pages();
-    // Data in the first quarter, but for every eighth page; holes after it.
-    let mut page = [0u8; 4096];
-    for p in (0..pages / 4).filter(|p| p % 8 != 3) {
-        page.fill((p % 251) as u8 | 1);
-        page[..8].copy_from_slice(&p.to_le_bytes());
-        memory.write_page(p, &page);
+    for (dirty, verify) in [
+        (DirtyLogKind::Uffd, VerifyMode::Table),
+        (DirtyLogKind::Rescan, VerifyMode::Audit),
+        (DirtyLogKind::Rescan, VerifyMode::Full),
+    ] {
+        let path = dir.join(format!("dwcp-holes-{}", std::process::id()));
+        let memory = std::sync::Arc::new(
+            dwcp_dataplane::memory::GuestMemory::file(&path, 64 << 20).unwrap(),
+        );
+        let _ = std::fs::remove_file(&path);
+        let pages = memory.pages();
+        // Data in the first quarter, but for every eighth page; holes after it.
+        let mut page = [0u8; 4096];
+        for p in (0..pages / 4).filter(|p| p % 8 != 3) {
+            page.fill((p % 251) as u8 | 1);
+            page[..8].copy_from_slice(&p.to_le_bytes());
+            memory.write_page(p, &page);
+        }
+        let Some(before) = memory.hole_pages().filter(|h| h.count() > 0) else {
+            skip("this file system does not report holes");
+            return;
+        };
+        assert!(before.get(3) && !before.get(4) && before.get(pages - 1));
+        // The guest writes across the first half: into data and into holes.
+        let workload = GuestWorkload {
+            working_set: 0.5,
+            pattern: AccessPattern::Uniform,
+            ..GuestWorkload::default()
+        };
+        let (mut source, dest) = configs(2, TransportChoice::Auto);
+        source.verify = verify;
+        let out =
+            dwcp_tests::migrate_memory_as_it_is(memory, &workload, dirty, &source, &dest, None);
+        out.guest.stop();
+        let how = format!("{dirty}, verify {verify:?}");
+        let report = out.source.unwrap_or_else(|e| panic!("{how}: {e}"));
+        let received = out.dest.unwrap_or_else(|e| panic!("{how}: {e}"));
+        // Before the comparison below, which reads every page.
+        let after = out.memory.hole_pages().expect("a file");
+        let kept = (pages / 2..pages).filter(|&p| after.get(p)).count() as u64;
+        assert_eq!(
+            kept,
+            pages / 2,
+            "{how}: the second half, which the guest never writes, stays holes on the source"
+        );
+        assert!(
+            report.rounds[0].zero_pages >= before.count() - pages / 2,
+            "{how}: round 0 sent the holes as zeros ({} zero pages)",
+            report.rounds[0].zero_pages
+        );
+        if let Some(audit) = &report.audit {
+            assert_eq!(audit.mismatched, 0, "{how}: {audit:?}");
+        }
+        assert_eq!(verify == VerifyMode::Audit, report.audit.is_some(), "{how}");
+        assert_eq!(out.memory.first_difference(&received.memory), None, "{how}");
     }
-    let Some(before) = memory.hole_pages().filter(|h| h.count() > 0) else {
-        skip("this file system does not report holes");
-        return;
-    };
-    assert!(before.get(3) && !before.get(4) && before.get(pages - 1));
-    // The guest writes across the first half: into data and into holes.
-    let workload = GuestWorkload {
-        working_set: 0.5,
-        pattern: AccessPattern::Uniform,
-        ..GuestWorkload::default()
-    };
-    let (source, dest) = configs(2, TransportChoice::Auto);
-    let out = dwcp_tests::migrate_memory_as_it_is(
-        memory,
-        &workload,
-        DirtyLogKind::Uffd,
-        &source,
-        &dest,
-        None,
-    );
-    out.guest.stop();
-    let report = out.source.expect("source side");
-    let received = out.dest.expect("destination side");
-    // Before the comparison below, which reads every page.
-    let after = out.memory.hole_pages().expect("a file");
-    let kept = (pages / 2..pages).filter(|&p| after.get(p)).count() as u64;
-    assert_eq!(
-        kept,
-        pages / 2,
-        "the second half, which the guest never writes, stays holes on the source"
-    );
-    assert!(
-        report.rounds[0].zero_pages >= before.count() - pages / 2,
-        "round 0 sent the holes as zeros ({} zero pages)",
-        report.rounds[0].zero_pages
-    );
-    assert_eq!(out.memory.first_difference(&received.memory), None);
 }
 
 /// All of memory written as fast as the vCPUs can: several rounds, auto-converge

@@ -17,7 +17,7 @@
 
 use super::{DirtyBitmap, DirtyLog, DirtyLogError, DirtyLogKind};
 use crate::crc_table::CrcTable;
-use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::memory::{GuestMemory, PAGE_SIZE, zero_page_crc};
 use std::sync::Arc;
 
 /// Per-page CRC comparison against the content last sent.
@@ -77,25 +77,9 @@ impl RescanDirtyLog {
     /// reports only pages written since.
     pub fn with_baseline(memory: Arc<GuestMemory>) -> Self {
         let log = Self::new(memory);
-        // The baseline, on all threads. Each records into a digest slot of its own
-        // (no stream records yet: the table is new), which the slots' rules allow.
-        let pages = log.memory.pages();
-        let threads = log.threads.clamp(1, 64) as u64;
-        let per = pages.div_ceil(threads).max(1);
-        let (memory, table) = (&*log.memory, &*log.table);
-        std::thread::scope(|scope| {
-            for t in 0..threads {
-                let (start, end) = ((t * per).min(pages), ((t + 1) * per).min(pages));
-                scope.spawn(move || {
-                    let kernels = dwcp_simd::Kernels::active();
-                    let mut page = vec![0u8; PAGE_SIZE];
-                    for p in start..end {
-                        memory.read_page(p, &mut page);
-                        table.record(p, kernels.crc32c(&page), t as u16);
-                    }
-                });
-            }
-        });
+        // On all threads, each recording into a digest slot of its own (no stream
+        // records yet: the table is new); holes are not read.
+        log.table.record_memory(&log.memory, log.threads);
         log
     }
 
@@ -110,6 +94,13 @@ impl RescanDirtyLog {
         let words = pages.div_ceil(64);
         let per = words.div_ceil(threads).max(1) * 64;
         let (memory, table) = (&*self.memory, &*self.table);
+        // Holes read as zeros, and reading one through the shared mapping would fill it
+        // with a new page of this host's memory: they are not read. A hole filled after
+        // this look still counts as zero in this scan; the next one reads it (the last
+        // scan runs with the guest paused, when nothing fills one).
+        let holes = self.memory.hole_pages();
+        let holes = holes.as_ref();
+        let zero_crc = zero_page_crc();
         let found: Vec<(u64, Vec<u64>, f64)> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
                 .map(|t| (t * per, ((t + 1) * per).min(pages)))
@@ -122,6 +113,7 @@ impl RescanDirtyLog {
                         let mut bits = vec![0u64; (end - start).div_ceil(64) as usize];
                         for p in start..end {
                             let crc = match in_place {
+                                _ if holes.is_some_and(|h| h.get(p)) => zero_crc,
                                 Some(all) => {
                                     let at = p as usize * PAGE_SIZE;
                                     kernels.crc32c(&all[at..at + PAGE_SIZE])

@@ -308,11 +308,18 @@ pub(crate) unsafe fn page_crcs(memory: &crate::memory::GuestMemory) -> (Vec<u32>
     let bytes = unsafe { memory.as_slice() };
     let kernels = dwcp_simd::Kernels::active();
     let combiner = dwcp_simd::Crc32cCombiner::new(crate::memory::PAGE_SIZE as u64);
+    // A memory file's holes are zero pages, and reading one through the shared mapping
+    // would fill it with a new page: they are not read.
+    let holes = memory.hole_pages();
     let mut digest = 0u32;
     let crcs = bytes
         .chunks_exact(crate::memory::PAGE_SIZE)
-        .map(|page| {
-            let crc = kernels.crc32c(page);
+        .enumerate()
+        .map(|(p, page)| {
+            let crc = match &holes {
+                Some(h) if h.get(p as u64) => crate::memory::zero_page_crc(),
+                _ => kernels.crc32c(page),
+            };
             digest = combiner.combine(digest, crc);
             crc
         })
