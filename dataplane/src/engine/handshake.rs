@@ -225,6 +225,115 @@ fn open_session(
 ) -> Result<Opened, MigrationError> {
     let socket = connect(peer, config.connect_timeout, cancel)?;
     let _ = socket.set_nodelay(true);
+    // The data streams connect now, all at once (one after another would cost a round
+    // trip each): their TCP handshakes overlap the TLS handshake and the welcome, a
+    // round trip saved across a long path. Their hellos wait for the welcome: they
+    // carry the session's bindings, and a destination takes data streams only for a
+    // session it has welcomed. Until then they are silent, which the destination's
+    // gate allows for its handshake timeout (5 s by default): one it closed meanwhile,
+    // or any when the welcome took longer than [`EARLY_STREAM_SILENCE`], is connected
+    // again.
+    std::thread::scope(|scope| {
+        let connected_early = Instant::now();
+        let early: Vec<_> = (0..config.streams)
+            .map(|_| scope.spawn(move || connect(peer, config.connect_timeout, cancel)))
+            .collect();
+        let (control, session_id, accepted) = open_control(
+            socket,
+            peer,
+            memory_bytes,
+            device_state,
+            config,
+            cancel,
+            resume,
+        )?;
+        let keys = control.session_keys(config.streams)?;
+        let in_time = connected_early.elapsed() < EARLY_STREAM_SILENCE;
+        let opened: Vec<Result<(TcpStream, Vec<String>), MigrationError>> = early
+            .into_iter()
+            .zip(0..config.streams)
+            .map(|(early, id)| {
+                let binding = keys.as_ref().map(|k| k.binding(id));
+                scope.spawn(move || {
+                    let mut s = match early.join() {
+                        Ok(Ok(s)) if in_time && still_open(&s) => s,
+                        _ => connect(peer, config.connect_timeout, cancel)?,
+                    };
+                    let notes = socket::configure(&s, &config.transport.socket);
+                    s.write_all(
+                        &StreamHello {
+                            session_id,
+                            stream_id: id,
+                            binding,
+                            generation: 0,
+                        }
+                        .encode(),
+                    )
+                    .map_err(io(format!("opening data stream {id}")))?;
+                    Ok((s, notes))
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(io("opening a data stream")(std::io::Error::other(
+                        "connecting thread panicked",
+                    )))
+                })
+            })
+            .collect();
+        let mut streams = Vec::with_capacity(usize::from(config.streams));
+        let mut notes = Vec::new();
+        for (id, result) in (0..config.streams).zip(opened) {
+            let (s, stream_notes) = result?;
+            notes.extend(stream_notes);
+            streams.push((id, s));
+        }
+        Ok(Opened {
+            session_id,
+            control,
+            keys,
+            streams,
+            accepted,
+            notes,
+        })
+    })
+}
+
+/// The longest a data stream connected ahead of the welcome is kept silent and then
+/// used: well inside the destination gate's default handshake timeout (5 s), so that
+/// the gate cannot close it between the source's last look and its hello.
+const EARLY_STREAM_SILENCE: Duration = Duration::from_secs(2);
+
+/// Whether a connection that has not been used yet is still open: nothing to read
+/// (the destination sends nothing before a stream's hello), no end, no reset.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a local; the descriptor is open for the call.
+    let n = unsafe {
+        libc::recv(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+}
+
+/// The control stream's part of opening a session on `socket`: TLS when the source
+/// has an identity, the hello (or a resume of `resume`), the welcome. Returns the
+/// channel, the session's id and the capabilities granted.
+fn open_control(
+    socket: TcpStream,
+    peer: SocketAddr,
+    memory_bytes: u64,
+    device_state: bool,
+    config: &SourceConfig,
+    cancel: &AtomicBool,
+    resume: Option<u128>,
+) -> Result<(ControlChannel, u128, u64), MigrationError> {
     let mut control = match &config.security {
         Some(identity) => {
             let deadline = Instant::now() + config.connect_timeout;
@@ -289,57 +398,7 @@ fn open_session(
         }
         Err(e) => return Err(control_error(e, "waiting for the destination's welcome")),
     };
-    let keys = control.session_keys(config.streams)?;
-    // Data streams connect concurrently: one after another would cost a round trip
-    // each, seconds of setup across a long path with many streams.
-    let opened: Vec<Result<(TcpStream, Vec<String>), MigrationError>> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..config.streams)
-                .map(|id| {
-                    let binding = keys.as_ref().map(|k| k.binding(id));
-                    scope.spawn(move || {
-                        let mut s = connect(peer, config.connect_timeout, cancel)?;
-                        let notes = socket::configure(&s, &config.transport.socket);
-                        s.write_all(
-                            &StreamHello {
-                                session_id,
-                                stream_id: id,
-                                binding,
-                                generation: 0,
-                            }
-                            .encode(),
-                        )
-                        .map_err(io(format!("opening data stream {id}")))?;
-                        Ok((s, notes))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(io("opening a data stream")(std::io::Error::other(
-                            "connecting thread panicked",
-                        )))
-                    })
-                })
-                .collect()
-        });
-    let mut streams = Vec::with_capacity(usize::from(config.streams));
-    let mut notes = Vec::new();
-    for (id, result) in (0..config.streams).zip(opened) {
-        let (s, stream_notes) = result?;
-        notes.extend(stream_notes);
-        streams.push((id, s));
-    }
-    Ok(Opened {
-        session_id,
-        control,
-        keys,
-        streams,
-        accepted,
-        notes,
-    })
+    Ok((control, session_id, accepted))
 }
 
 /// A control connection opened and its first message read: what a session that took
@@ -999,6 +1058,25 @@ mod tests {
     use crate::engine::Acceptor;
     use crate::security::tls::tests::Lab;
     use std::net::TcpListener;
+
+    /// A data stream connected ahead of the welcome is used only while the destination
+    /// keeps it open; one it closed is connected again.
+    #[test]
+    fn a_connection_the_peer_closed_is_not_still_open() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let kept = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_kept_peer, _) = listener.accept().unwrap();
+        let closed = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        drop(listener.accept().unwrap());
+        assert!(still_open(&kept));
+        // The peer's end reaches this side at once on loopback; wait for it all the same.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while still_open(&closed) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!still_open(&closed));
+        assert!(still_open(&kept), "peeking takes nothing");
+    }
 
     /// A data stream that names the session but cannot prove it belongs to it (a
     /// forged binding) is closed without failing the session; the real streams are
