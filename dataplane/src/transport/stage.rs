@@ -227,11 +227,7 @@ impl Stager {
         count: u32,
     ) -> Result<bool, TxError> {
         if self.coding() {
-            let full = match (&self.codec, &streams[i].codec) {
-                (Some(codec), Some(batch)) => codec.batch_full(batch, 0),
-                _ => false,
-            };
-            if full && !self.flush_batch(buffers, streams, i)? {
+            if !self.batch_room(buffers, streams, i, 0)? {
                 return Ok(false);
             }
             let table = Some(self.table.recorder(streams[i].id));
@@ -303,11 +299,7 @@ impl Stager {
         first: u64,
         count: u32,
     ) -> Result<bool, TxError> {
-        let full = match (&self.codec, &streams[i].codec) {
-            (Some(codec), Some(batch)) => codec.batch_full(batch, count),
-            _ => false,
-        };
-        if full && !self.flush_batch(buffers, streams, i)? {
+        if !self.batch_room(buffers, streams, i, count)? {
             return Ok(false);
         }
         let id = streams[i].id;
@@ -324,6 +316,23 @@ impl Stager {
         self.round.zero_pages += u64::from(run.zero_pages);
         self.round.content_pages += u64::from(run.content_pages);
         Ok(true)
+    }
+
+    /// Make room in stream `i`'s codec batch for a run of `count` pages, flushing the
+    /// batch if it would overfill; `false` when it had to be flushed and no buffer had
+    /// room for it yet.
+    fn batch_room(
+        &mut self,
+        buffers: &mut impl SendBuffers,
+        streams: &mut [StreamStage],
+        i: usize,
+        count: u32,
+    ) -> Result<bool, TxError> {
+        let full = match (&self.codec, &streams[i].codec) {
+            (Some(codec), Some(batch)) => codec.batch_full(batch, count),
+            _ => false,
+        };
+        Ok(!full || self.flush_batch(buffers, streams, i)?)
     }
 
     /// Move stream `i`'s codec batch into its send buffer; `false` when no buffer has
@@ -522,6 +531,17 @@ mod tests {
         Arc::new(m)
     }
 
+    /// Codecs starting at `initial`, with room for everything a test stages.
+    fn codecs(initial: CodecSettings) -> CodecSetup {
+        CodecSetup {
+            cache_bytes_per_stream: 1 << 20,
+            max_batch_bytes: 1 << 20,
+            max_dictionary_bytes: 0,
+            initial,
+            capabilities: caps::ALL,
+        }
+    }
+
     /// Feed what stream `i` got to a parser writing into fresh memory.
     fn parse(
         bytes: &[u8],
@@ -613,14 +633,7 @@ mod tests {
     fn coded_runs_wait_in_the_batch_until_a_marker_flushes_it() {
         let source = memory(32);
         let table = Arc::new(CrcTable::new(32));
-        let setup = CodecSetup {
-            cache_bytes_per_stream: 1 << 20,
-            max_batch_bytes: 1 << 20,
-            max_dictionary_bytes: 0,
-            initial: CodecSettings::full(1),
-            capabilities: caps::ALL,
-        };
-        let mut stager = Stager::new(source.clone(), table, Some(setup));
+        let mut stager = Stager::new(source.clone(), table, Some(codecs(CodecSettings::full(1))));
         assert!(stager.coding());
         let mut stages = vec![stager.stream(0)];
         let mut out = Collect::new(1);
@@ -660,31 +673,16 @@ mod tests {
         let source = memory(16);
         for codec in [None, Some(CodecSettings::full(1))] {
             let table = Arc::new(CrcTable::new(16));
-            let setup = codec.map(|initial| CodecSetup {
-                cache_bytes_per_stream: 1 << 20,
-                max_batch_bytes: 1 << 20,
-                max_dictionary_bytes: 0,
-                initial,
-                capabilities: caps::ALL,
-            });
-            let mut stager = Stager::new(source.clone(), table.clone(), setup);
+            let mut stager = Stager::new(source.clone(), table.clone(), codec.map(codecs));
             let mut stages = vec![stager.stream(0)];
             let mut out = Collect::new(1);
-            assert!(
-                stager
-                    .stage(&mut out, &mut stages, 0, (0, 4), false)
-                    .unwrap()
-            );
-            assert!(
-                stager
-                    .stage(&mut out, &mut stages, 0, (4, 8), true)
-                    .unwrap()
-            );
-            assert!(
-                stager
-                    .stage(&mut out, &mut stages, 0, (12, 4), false)
-                    .unwrap()
-            );
+            for (run, known_zero) in [((0, 4), false), ((4, 8), true), ((12, 4), false)] {
+                assert!(
+                    stager
+                        .stage(&mut out, &mut stages, 0, run, known_zero)
+                        .unwrap()
+                );
+            }
             let header = Stager::round_end(0, &stages[0]);
             assert!(stager.marker(&mut out, &mut stages, 0, header).unwrap());
             let counts = stager.take_round();
@@ -697,17 +695,19 @@ mod tests {
                     pages: 16
                 }]
             );
-            let mut a = vec![0u8; 4096];
-            let mut b = vec![0u8; 4096];
+            let page = |memory: &GuestMemory, p| {
+                let mut bytes = vec![0u8; 4096];
+                memory.read_page(p, &mut bytes);
+                bytes
+            };
             for p in 0..16u64 {
-                source.read_page(p, &mut a);
-                dest.read_page(p, &mut b);
+                let (held, arrived) = (page(&source, p), page(&dest, p));
                 if (4..12).contains(&p) {
-                    assert!(b.iter().all(|&x| x == 0), "page {p} {codec:?}");
+                    assert!(arrived.iter().all(|&x| x == 0), "page {p} {codec:?}");
                     assert_eq!(table.get(p), crate::memory::zero_page_crc(), "page {p}");
                 } else {
-                    assert_eq!(a, b, "page {p} {codec:?}");
-                    assert_eq!(table.get(p), dwcp_simd::crc32c(&a), "page {p}");
+                    assert_eq!(held, arrived, "page {p} {codec:?}");
+                    assert_eq!(table.get(p), dwcp_simd::crc32c(&held), "page {p}");
                 }
             }
         }
