@@ -280,6 +280,13 @@ fn source_reports_a_vanished_destination_and_keeps_its_guest_running() {
         let mut streams: Vec<TcpStream> = (0..h.streams)
             .map(|_| listener.accept().unwrap().0)
             .collect();
+        // Every stream's hello first: the source connects its streams before the
+        // welcome and sends their hellos after it, and one it finds closed before its
+        // hello is connected again (which would meet no listener here).
+        for s in &mut streams {
+            let mut hello = [0u8; wire::STREAM_HELLO_LEN];
+            s.read_exact(&mut hello).unwrap();
+        }
         let mut buf = vec![0u8; 1 << 20];
         let _ = streams[0].read(&mut buf);
         drop(streams);
