@@ -380,27 +380,14 @@ impl WorkerCodec {
     }
 
     /// Add pages `first..first + count`, known to read as zeros without looking at
-    /// them (see [`crate::transport::frames::stage_zero_run`]), to the stream's batch as
-    /// one zero run. The stream's cache forgets them, as it does any zero page.
-    pub fn encode_known_zero(
-        &mut self,
-        stream: &mut StreamCodec,
-        first: u64,
-        count: u32,
-        table: Option<Recorder<'_>>,
-    ) -> EncodedRun {
+    /// them (a RAM file's holes: see the source engine's `known_zero`), to the stream's
+    /// batch as one zero run. The stream's cache forgets them, as it does any zero page.
+    pub fn encode_known_zero(&mut self, stream: &mut StreamCodec, first: u64, count: u32) {
         for page in first..first + u64::from(count) {
-            if let Some(t) = table {
-                t.record(page, zero_page_crc());
-            }
             stream.cache.remove(page);
         }
         push_header(&mut stream.batch, FrameHeader::zero_run(first, count));
         self.counters.zero_pages += u64::from(count);
-        EncodedRun {
-            zero_pages: count,
-            content_pages: 0,
-        }
     }
 
     /// The dictionary batches are compressed with now, if any.

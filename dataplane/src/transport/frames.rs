@@ -144,37 +144,6 @@ pub fn stage_run(
     staged
 }
 
-/// Stage pages `first..first + count`, known to read as zeros without looking at them
-/// (they lay in the memory file's holes when the round began: see the source engine's
-/// `known_zero`), as one zero-run frame at the start of `buf`. Reading a hole through a
-/// shared mapping of a tmpfs file would fill it with a new page: memory on the source
-/// host, and a page fault, for nothing.
-///
-/// When `table` is given, the zero page's CRC is recorded for each page.
-///
-/// # Panics
-/// If `buf` is shorter than one frame header.
-pub fn stage_zero_run(
-    first: u64,
-    count: u32,
-    buf: &mut [u8],
-    table: Option<Recorder<'_>>,
-) -> Staged {
-    if let Some(table) = table {
-        for page in first..first + u64::from(count) {
-            table.record(page, zero_page_crc());
-        }
-    }
-    let mut bytes = [0u8; FRAME_HEADER_LEN];
-    FrameHeader::zero_run(first, count).encode(&mut bytes);
-    buf[..FRAME_HEADER_LEN].copy_from_slice(&bytes);
-    Staged {
-        bytes: FRAME_HEADER_LEN,
-        zero_pages: count,
-        raw_pages: 0,
-    }
-}
-
 /// Write a frame with no payload (round end, stream end) at the start of `buf`.
 pub fn stage_marker(header: FrameHeader, buf: &mut [u8]) -> usize {
     let mut bytes = [0u8; FRAME_HEADER_LEN];

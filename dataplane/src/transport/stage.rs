@@ -16,7 +16,7 @@ use super::rma::{LentLink, RmaPool, rma_stage_space, stage_rma_run};
 use super::{TxControl, TxError, WorkerTelemetry};
 use crate::codec::{CodecSetup, StreamCodec, WorkerCodec};
 use crate::crc_table::CrcTable;
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, zero_page_crc};
 use crate::wire::{FRAME_HEADER_LEN, FrameHeader};
 use std::sync::Arc;
 use std::time::Instant;
@@ -216,8 +216,10 @@ impl Stager {
         Ok(true)
     }
 
-    /// Stage a run known to read as zeros on stream `i`: into the codec batch while
-    /// codecs are on (keeping the batch whole), else as one frame in the buffer.
+    /// Stage a run known to read as zeros on stream `i`, unread (a RAM file's holes:
+    /// reading one through the shared mapping would fill it with a new page): one zero
+    /// run, in the codec batch while codecs are on (keeping the batch whole), else as a
+    /// frame in the buffer. The table records the zero page's CRC for each page.
     fn stage_known_zero(
         &mut self,
         buffers: &mut impl SendBuffers,
@@ -226,25 +228,28 @@ impl Stager {
         first: u64,
         count: u32,
     ) -> Result<bool, TxError> {
-        if self.coding() {
-            if !self.batch_room(buffers, streams, i, 0)? {
-                return Ok(false);
+        let coding = self.coding();
+        if coding && !self.batch_room(buffers, streams, i, 0)? {
+            return Ok(false);
+        }
+        match (&mut self.codec, &mut streams[i].codec) {
+            (Some(codec), Some(batch)) if coding => {
+                codec.encode_known_zero(batch, first, count);
             }
-            let table = Some(self.table.recorder(streams[i].id));
-            if let (Some(codec), Some(batch)) = (&mut self.codec, &mut streams[i].codec) {
-                let run = codec.encode_known_zero(batch, first, count, table);
-                self.round.zero_pages += u64::from(run.zero_pages);
-                return Ok(true);
+            _ => {
+                let Some(out) = buffers.room(i, FRAME_HEADER_LEN)? else {
+                    return Ok(false);
+                };
+                let n = stage_marker(FrameHeader::zero_run(first, count), out);
+                buffers.filled(i, n);
+                self.round.bytes += n as u64;
             }
         }
-        let Some(out) = buffers.room(i, FRAME_HEADER_LEN)? else {
-            return Ok(false);
-        };
-        let table = Some(self.table.recorder(streams[i].id));
-        let staged = frames::stage_zero_run(first, count, out, table);
-        buffers.filled(i, staged.bytes);
-        self.round.zero_pages += u64::from(staged.zero_pages);
-        self.round.bytes += staged.bytes as u64;
+        let table = self.table.recorder(streams[i].id);
+        for page in first..first + u64::from(count) {
+            table.record(page, zero_page_crc());
+        }
+        self.round.zero_pages += u64::from(count);
         Ok(true)
     }
 
