@@ -87,6 +87,32 @@ fn uffd_tracks_transparent_huge_pages_at_4k() {
     exercise(&mut log, &mem, 2048);
 }
 
+/// The paused collection reports what was written since the last one, and leaves it
+/// unprotected: a later collection reports those pages again (never fewer), and new
+/// writes with them.
+#[test]
+fn uffd_paused_collection_reports_writes_and_leaves_them_reported() {
+    if let Err(why) = probe_uffd_wp_async() {
+        skip(&format!(
+            "userfaultfd write-protect tracking unavailable: {why}"
+        ));
+        return;
+    }
+    let mem = memory(2048, PagePreference::TransparentHuge);
+    touch(&mem, &(0..2048).collect::<Vec<_>>(), 9);
+    let mut log = UffdDirtyLog::new(mem.clone()).unwrap();
+    touch(&mem, &[5, 600], 1);
+    assert_eq!(collect_and_send(&mut log, &mem), vec![5, 600]);
+    touch(&mem, &[7, 1500, 2047], 2);
+    let mut paused = DirtyBitmap::new(mem.pages());
+    // SAFETY: nothing else writes `mem` in this test.
+    unsafe { log.collect_paused(&mut paused).unwrap() };
+    assert_eq!(paused.iter().collect::<Vec<_>>(), vec![7, 1500, 2047]);
+    touch(&mem, &[9], 3);
+    assert_eq!(collect_and_send(&mut log, &mem), vec![7, 9, 1500, 2047]);
+    assert_eq!(collect_and_send(&mut log, &mem), Vec::<u64>::new());
+}
+
 #[test]
 fn rescan_reports_exactly_the_changed_pages() {
     let mem = memory(256, PagePreference::Small);

@@ -242,7 +242,9 @@ pub trait DirtyLog: Send {
     }
 
     /// [`DirtyLog::collect`] with the guest paused: trackers that read memory may read
-    /// it in place rather than copy each page out first.
+    /// it in place rather than copy each page out first, and trackers that protect
+    /// pages need not protect them again. A later `collect` may therefore report these
+    /// pages again: never fewer than were written, perhaps more.
     ///
     /// # Safety
     /// Nothing may write the guest's memory during the call.

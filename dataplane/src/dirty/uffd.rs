@@ -257,6 +257,24 @@ impl DirtyLog for UffdDirtyLog {
     }
 
     fn collect(&mut self, out: &mut DirtyBitmap) -> Result<(), DirtyLogError> {
+        self.walk(out, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
+    }
+
+    /// The paused walk reports what was written and leaves it unprotected: the guest
+    /// writes nothing more before the switchover ends, and were the migration to go on
+    /// after it, the next collection would report those pages again (a superset, which
+    /// is safe). Protecting them again costs downtime: in the `downtime` bench the
+    /// paused collection took 0.17-0.19 ms re-protecting and 0.11-0.12 ms without at
+    /// 1 GiB, 0.34-0.36 and 0.25-0.33 ms at 4 GiB (medians of five).
+    unsafe fn collect_paused(&mut self, out: &mut DirtyBitmap) -> Result<(), DirtyLogError> {
+        self.walk(out, PM_SCAN_CHECK_WPASYNC)
+    }
+}
+
+impl UffdDirtyLog {
+    /// One `PAGEMAP_SCAN` walk of the whole memory with `flags`, marking in `out` the
+    /// pages written since they were last protected.
+    fn walk(&mut self, out: &mut DirtyBitmap, flags: u64) -> Result<(), DirtyLogError> {
         let base = self.base;
         let end = base + self.len;
         let mut start = base;
@@ -265,7 +283,7 @@ impl DirtyLog for UffdDirtyLog {
         while start < end {
             let mut arg = PmScanArg {
                 size: std::mem::size_of::<PmScanArg>() as u64,
-                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                flags,
                 start,
                 end,
                 walk_end: 0,
