@@ -10,10 +10,12 @@
 //! bit sends the page again, and the final round runs with the vCPUs paused). Slices
 //! are available only through `unsafe` calls whose callers promise quiescence.
 
-use dwcp_hugepages::{FileMemory, PagePreference};
+use dwcp_hugepages::{DataExtents, FileMemory, PagePreference};
 use std::fmt;
 use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// The page size migrations work in.
 pub const PAGE_SIZE: usize = 4096;
@@ -223,6 +225,29 @@ impl GuestMemory {
         Some(holes)
     }
 
+    /// A cursor over file-backed memory's holes that walks the file's extents only as
+    /// far as it is asked (see [`HoleCursor`]). `None` for anonymous memory, or when
+    /// the file system cannot say.
+    pub fn hole_cursor(self: &Arc<Self>) -> Option<HoleCursor> {
+        let Backing::File(file) = &self.backing else {
+            return None;
+        };
+        let started = Instant::now();
+        let extents = file.data_extents().ok()?;
+        let mut cursor = HoleCursor {
+            memory: self.clone(),
+            extents,
+            hole_from: 0,
+            data: None,
+            holes: 0,
+            walk_time: Duration::ZERO,
+            failed: false,
+        };
+        cursor.advance();
+        cursor.walk_time += started.elapsed();
+        Some(cursor)
+    }
+
     /// Whether the memory is a private anonymous mapping (userfaultfd write-protect
     /// tracks those without extra features).
     pub fn is_anonymous(&self) -> bool {
@@ -404,6 +429,80 @@ fn check_size(bytes: usize) -> Result<(), GuestMemoryError> {
     Ok(())
 }
 
+/// Which pages of file-backed memory lie in the file's holes, found as a caller moving
+/// forward through the memory gets there: each data extent is looked up
+/// (`SEEK_DATA`/`SEEK_HOLE`) when the caller reaches it, so the walk, whose cost
+/// grows with the file's data (5.6 ms for a 512 MiB RAM file with 107k pages of data,
+/// so seconds for a large full one), delays nothing up front. A page lies in a hole at
+/// the moment its extent was looked up. Pages asked about behind the walk, or after the
+/// file system failed to answer, count as data: reading them is always correct.
+pub struct HoleCursor {
+    memory: Arc<GuestMemory>,
+    extents: DataExtents,
+    /// Pages from here to `data`'s start lie in a hole; pages before it are behind.
+    hole_from: u64,
+    /// The next data extent, in pages: `None` when no data remains from `hole_from`.
+    data: Option<std::ops::Range<u64>>,
+    holes: u64,
+    walk_time: Duration,
+    failed: bool,
+}
+
+impl HoleCursor {
+    /// The longest run from `first` (up to `end`) whose pages all lie in holes, or all
+    /// do not: its length, and whether they lie in holes.
+    pub fn part(&mut self, first: u64, end: u64) -> (u64, bool) {
+        if self.failed || first < self.hole_from {
+            return (end - first, false);
+        }
+        let started = Instant::now();
+        while self.data.as_ref().is_some_and(|d| d.end <= first) && !self.failed {
+            self.hole_from = self.data.as_ref().map_or(self.hole_from, |d| d.end);
+            self.advance();
+        }
+        self.walk_time += started.elapsed();
+        match &self.data {
+            _ if self.failed => (end - first, false),
+            None => (end - first, true),
+            Some(d) if first < d.start => (end.min(d.start) - first, true),
+            Some(d) => (end.min(d.end) - first, false),
+        }
+    }
+
+    /// Pages found in holes so far.
+    pub fn holes_found(&self) -> u64 {
+        self.holes
+    }
+
+    /// Time spent looking up extents so far.
+    pub fn walk_time(&self) -> Duration {
+        self.walk_time
+    }
+
+    /// Look up the data extent after `hole_from`, counting the hole before it.
+    fn advance(&mut self) {
+        let Backing::File(file) = &self.memory.backing else {
+            self.failed = true;
+            return;
+        };
+        let page = PAGE_SIZE as u64;
+        let pages = self.memory.pages();
+        match self.extents.next_extent(file) {
+            Ok(Some(bytes)) => {
+                // A page that data touches at all is data.
+                let data = (bytes.start / page).max(self.hole_from)..bytes.end.div_ceil(page);
+                self.holes += data.start - self.hole_from;
+                self.data = Some(data);
+            }
+            Ok(None) => {
+                self.holes += pages.saturating_sub(self.hole_from);
+                self.data = None;
+            }
+            Err(_) => self.failed = true,
+        }
+    }
+}
+
 impl fmt::Debug for GuestMemory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GuestMemory")
@@ -449,5 +548,41 @@ mod tests {
             GuestMemory::anonymous(5000, PagePreference::Small),
             Err(GuestMemoryError::BadSize { bytes: 5000 })
         ));
+    }
+
+    #[test]
+    fn a_hole_cursor_finds_holes_as_it_goes_and_takes_what_is_behind_it_for_data() {
+        let path = Path::new("/dev/shm").join(format!("dwcp-memory-holes-{}", std::process::id()));
+        let Ok(mem) = GuestMemory::file(&path, 64 * PAGE_SIZE) else {
+            eprintln!("skipped: no /dev/shm");
+            return;
+        };
+        let _ = std::fs::remove_file(&path);
+        let mem = Arc::new(mem);
+        assert!(
+            Arc::new(GuestMemory::anonymous(4 * PAGE_SIZE, PagePreference::Small).unwrap())
+                .hole_cursor()
+                .is_none()
+        );
+        // Data in pages 3..5 and 40; holes elsewhere.
+        for page in [3, 4, 40] {
+            mem.write_at(page, 9, &[1]);
+        }
+        let mut holes = mem.hole_cursor().unwrap();
+        assert_eq!(holes.part(0, 16), (3, true));
+        assert_eq!(holes.part(3, 16), (2, false));
+        assert_eq!(holes.part(5, 16), (11, true));
+        // A page written after the walk passed it stays as the walk found it; one
+        // written ahead of the walk is found as data.
+        mem.write_at(20, 0, &[1]);
+        mem.write_at(50, 0, &[1]);
+        assert_eq!(holes.part(16, 64), (24, true));
+        assert_eq!(holes.part(40, 64), (1, false));
+        assert_eq!(holes.part(41, 64), (9, true));
+        assert_eq!(holes.part(50, 64), (1, false));
+        // Behind the walk: data.
+        assert_eq!(holes.part(0, 8), (8, false));
+        assert_eq!(holes.part(51, 64), (13, true));
+        assert_eq!(holes.holes_found(), 64 - 4);
     }
 }

@@ -175,60 +175,54 @@ impl FileMemory {
     /// The byte ranges of the file that hold data, in order (`lseek(2)` with
     /// `SEEK_DATA`/`SEEK_HOLE`): the rest are holes, which read as zeros and take no
     /// memory. A file system that does not tell holes reports the whole file as data.
-    ///
-    /// On tmpfs the walk looks at every page that holds data (about 0.1 µs each here:
-    /// 8 ms for a 256 MiB VM's RAM file), so the file's allocated size is asked first:
-    /// a file with blocks for all of it needs no walk, nor one with no block that has
-    /// no data from its start either (one `SEEK_DATA`: a file system that keeps no
-    /// block count must not have its data taken for holes, which a source would then
-    /// send as zeros).
+    /// See [`FileMemory::data_extents`] for the cost, and to walk them one at a time.
     pub fn data_ranges(&self) -> std::io::Result<Vec<std::ops::Range<u64>>> {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::fs::MetadataExt;
-        let fd = self.file.as_raw_fd();
-        let len = self.map.len() as u64;
-        let allocated = self.file.metadata()?.blocks().saturating_mul(512);
-        // SAFETY: lseek on a descriptor we own; it moves only the file offset, which
-        // nothing here reads through (the file is used by its mapping).
-        if allocated == 0 && unsafe { libc::lseek(fd, 0, libc::SEEK_DATA) } < 0 {
-            let e = std::io::Error::last_os_error();
-            // ENXIO: no data anywhere.
-            return match e.raw_os_error() {
-                Some(libc::ENXIO) => Ok(Vec::new()),
-                _ => Err(e),
-            };
-        }
-        if allocated >= len {
-            return Ok(std::iter::once(0..len).collect());
-        }
+        let mut extents = self.data_extents()?;
         let mut ranges = Vec::new();
-        let mut at = 0u64;
-        while at < len {
-            // SAFETY: lseek on a descriptor we own; it moves only the file offset,
-            // which nothing here reads through (the file is used by its mapping).
-            let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
-            if data < 0 {
-                let e = std::io::Error::last_os_error();
-                // ENXIO: no data past `at`, the rest is a hole.
-                if e.raw_os_error() == Some(libc::ENXIO) {
-                    break;
-                }
-                return Err(e);
-            }
-            let data = data as u64;
-            if data >= len {
-                break;
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-            if hole < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let end = (hole as u64).min(len);
-            ranges.push(data..end);
-            at = end;
+        while let Some(range) = extents.next_extent(self)? {
+            ranges.push(range);
         }
         Ok(ranges)
+    }
+
+    /// A walk of the file's data ranges, one `next_extent` at a time: a caller that
+    /// needs them in order can take each as it gets there, not all of them up front.
+    ///
+    /// On tmpfs the walk looks at every page that holds data (about 0.05 µs each here:
+    /// 5.6 ms for a 512 MiB VM's RAM file with 107k pages of data), so the file's
+    /// allocated size is asked first: a file with blocks for all of it needs no walk,
+    /// nor one with no block that has no data from its start either (one `SEEK_DATA`:
+    /// a file system that keeps no block count must not have its data taken for
+    /// holes, which a source would then send as zeros).
+    pub fn data_extents(&self) -> std::io::Result<DataExtents> {
+        use std::os::unix::fs::MetadataExt;
+        let len = self.map.len() as u64;
+        let allocated = self.file.metadata()?.blocks().saturating_mul(512);
+        let walk = if allocated == 0 && self.seek(0, libc::SEEK_DATA)?.is_none() {
+            ExtentWalk::Done
+        } else if allocated >= len {
+            ExtentWalk::AllData
+        } else {
+            ExtentWalk::From(0)
+        };
+        Ok(DataExtents { walk, len })
+    }
+
+    /// `lseek(fd, offset, whence)`: the new offset, or `None` for `ENXIO` (no data, or
+    /// no hole, past `offset`).
+    fn seek(&self, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: lseek on a descriptor we own; it moves only the file offset, which
+        // nothing here reads through (the file is used by its mapping).
+        let at = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        if at >= 0 {
+            return Ok(Some(at as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
     }
 
     /// The file's path.
@@ -264,6 +258,60 @@ impl FileMemory {
     /// The memory, mutably.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.map
+    }
+}
+
+/// Where a walk of a file's data ranges stands (see [`FileMemory::data_extents`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExtentWalk {
+    /// The whole file is data, not yet reported.
+    AllData,
+    /// Look for data from this offset.
+    From(u64),
+    /// No data remains.
+    Done,
+}
+
+/// A walk of a file's data ranges, in order.
+#[derive(Debug, Clone)]
+pub struct DataExtents {
+    walk: ExtentWalk,
+    len: u64,
+}
+
+impl DataExtents {
+    /// The next byte range of `file` that holds data, or `None` when no data remains.
+    /// `file` is the one the walk was made for.
+    pub fn next_extent(
+        &mut self,
+        file: &FileMemory,
+    ) -> std::io::Result<Option<std::ops::Range<u64>>> {
+        let at = match self.walk {
+            ExtentWalk::Done => return Ok(None),
+            ExtentWalk::AllData => {
+                self.walk = ExtentWalk::Done;
+                return Ok(Some(0..self.len));
+            }
+            ExtentWalk::From(at) => at,
+        };
+        let data = match file.seek(at, libc::SEEK_DATA)? {
+            Some(data) if data < self.len => data,
+            _ => {
+                self.walk = ExtentWalk::Done;
+                return Ok(None);
+            }
+        };
+        // A file always ends in a hole (its end), so SEEK_HOLE past data finds one.
+        let end = file
+            .seek(data, libc::SEEK_HOLE)?
+            .unwrap_or(self.len)
+            .min(self.len);
+        self.walk = if end >= self.len {
+            ExtentWalk::Done
+        } else {
+            ExtentWalk::From(end)
+        };
+        Ok(Some(data..end))
     }
 }
 

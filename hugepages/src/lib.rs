@@ -18,7 +18,7 @@ mod pool;
 mod reserve;
 
 pub use arena::{Arena, ArenaOptions, PageBacking, PagePreference};
-pub use file::{FileBacking, FileMemory};
+pub use file::{DataExtents, FileBacking, FileMemory};
 pub use pool::{BufToken, BufferPool};
 pub use reserve::{HugepageReservation, HugepageSize, hugepage_sizes};
 

@@ -26,7 +26,7 @@ use crate::codec::{CodecSettings, CodecSetup};
 use crate::crc_table::CrcTable;
 use crate::dirty::{DirtyBitmap, DirtyLog};
 use crate::guest::GuestControl;
-use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::memory::{GuestMemory, HoleCursor, PAGE_SIZE};
 use crate::security::Identity;
 use crate::transport::{self, TransportConfig, TransportKind, TxCommand, TxControl, TxSetup};
 use crate::wire::{self, CHUNK_PAGES, ControlMessage, caps};
@@ -224,13 +224,13 @@ struct Session<'a> {
     deferred_control: Vec<(usize, TxControl)>,
     planner: Planner,
     setup: Setup,
-    /// The pages that lay in the memory file's holes just after round 0's dirty-log
-    /// interval began. They read as zeros then, and any write since is in the log, so
-    /// round 0 sends them as zero runs without reading them: a read through the
-    /// shared mapping would fill each hole with a new page of the source host's
-    /// memory, and cost a page fault. `None` once round 0 is sent, for anonymous
-    /// memory, and in a resumed session.
-    known_zero: Option<DirtyBitmap>,
+    /// The memory file's holes, looked up as round 0 reaches them, after its
+    /// dirty-log interval began. A page in a hole then reads as zeros, and any write
+    /// since is in the log, so round 0 sends it as part of a zero run without reading
+    /// it: a read through the shared mapping would fill each hole with a new page of
+    /// the source host's memory, and cost a page fault. `None` once round 0 is sent,
+    /// for anonymous memory, and in a resumed session.
+    known_zero: Option<HoleCursor>,
     /// The round being sent and its pages left, for steering.
     current_round: u64,
     round_left: u64,
@@ -998,17 +998,14 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// The longest run from `first` (up to `end`) whose pages are all, or all not,
-    /// in [`Session::known_zero`]: its length, and which.
-    fn known_zero_part(&self, first: u64, end: u64) -> (u32, bool) {
-        let Some(holes) = &self.known_zero else {
+    /// The longest run from `first` (up to `end`) whose pages all lie, or all do not,
+    /// in [`Session::known_zero`]'s holes: its length, and which.
+    fn known_zero_part(&mut self, first: u64, end: u64) -> (u32, bool) {
+        let Some(holes) = &mut self.known_zero else {
             return ((end - first) as u32, false);
         };
-        let zero = holes.get(first);
-        let same = (first + 1..end)
-            .find(|&page| holes.get(page) != zero)
-            .unwrap_or(end);
-        ((same - first) as u32, zero)
+        let (count, zero) = holes.part(first, end);
+        (count as u32, zero)
     }
 
     /// The stream that carries `page` now.
@@ -1247,18 +1244,9 @@ impl<'a> Session<'a> {
                 // Round 0 sends everything: writes made before it (during setup) are
                 // covered, so start the first interval now.
                 dirty_log.restart(pages)?;
-                // After the restart: a hole found now reads as zeros from now on, or
-                // the write that fills it is in the log.
-                let looked = Instant::now();
-                self.known_zero = self.memory.hole_pages().filter(|holes| !holes.is_empty());
-                if let Some(holes) = &self.known_zero {
-                    self.live_notes.push(format!(
-                        "round 0: {} of {pages} pages lay in the memory file's holes and went \
-                         as zeros unread (found in {:.1} ms)",
-                        holes.count(),
-                        looked.elapsed().as_secs_f64() * 1e3
-                    ));
-                }
+                // After the restart: a hole looked up from now on reads as zeros from
+                // then on, or the write that fills it is in the log.
+                self.known_zero = self.memory.hole_cursor();
                 (0, DirtyBitmap::full(pages))
             }
         };
@@ -1287,8 +1275,17 @@ impl<'a> Session<'a> {
                     }
                 }
             };
-            // Holes found before round 0 say nothing of the pages later rounds send.
-            self.known_zero = None;
+            // Holes found in round 0 say nothing of the pages later rounds send.
+            if let Some(holes) = self.known_zero.take()
+                && holes.holes_found() > 0
+            {
+                self.live_notes.push(format!(
+                    "round 0: {} of {pages} pages lay in the memory file's holes and went \
+                     as zeros unread (its extents looked up in {:.1} ms along the way)",
+                    holes.holes_found(),
+                    holes.walk_time().as_secs_f64() * 1e3
+                ));
+            }
             let seconds = round_start.elapsed().as_secs_f64();
             self.totals.add_round(sent, round_totals.bytes, seconds);
             // What the guest wrote while this round went out, and what a round ended
