@@ -33,12 +33,15 @@
 //!
 //! # Measuring the link
 //!
-//! `B` is the rate the peer acknowledges bytes at, measured while a worker is
-//! link-bound (it had pages to stage but every buffer was waiting on the socket for a
-//! good part of the interval). When no worker is link-bound, the acknowledged rate is
-//! only a lower bound and `B` is raised to it if higher. In TCP start-up (the first
+//! `B` is the rate the peer acknowledges bytes at, measured while the link sets the
+//! pace: a worker had pages to stage but every buffer was waiting on the socket for a
+//! good part of the interval, or the streams hold bytes written and not yet sent (their
+//! windows are full). Otherwise the acknowledged rate is only a lower bound and `B` is
+//! raised to it if higher; while compression is the bottleneck and the round still has
+//! pages to hand out, `B` is probed upwards. In TCP start-up (the first
 //! `STARTUP_ROUND_TRIPS` round trips) no rate is taken for `B`: the windows set it,
-//! and the workers run zstd 1 until the link is measured. Until `B` is known, codecs stay
+//! and the workers run zstd 1 until the link is measured; nor while the streams recover
+//! from a burst of losses. Until `B` is known, codecs stay
 //! off: the first decision comes after a short interval of raw sending. When the
 //! control thread forecasts the path (`[control] forecast_path_rate`: the link model's
 //! forecast or the EWMA's, made from the spans where the migration had pages waiting),
@@ -219,7 +222,9 @@ pub struct ModelPolicy {
     config: PolicyConfig,
     bandwidth: Option<f64>,
     workers: Vec<WorkerState>,
-    calibration_asked: bool,
+    /// The bound the last calibration asked for stops at (levels slower than this per
+    /// core were not measured); `None` before any.
+    calibration_floor: Option<f64>,
     dictionary_asked: bool,
 }
 
@@ -233,9 +238,41 @@ const PROBE_GROWTH: f64 = 1.5;
 /// six). A rate measured then is no measure of the link.
 const STARTUP_ROUND_TRIPS: f64 = 8.0;
 
+/// The per-core speed down to which levels are calibrated in TCP start-up, before the
+/// link is known, bytes per second: slower levels suit only a link share below it,
+/// which asks for a calibration of its own once measured.
+const STARTUP_CALIBRATION_FLOOR: f64 = 20e6;
+
 /// Whether the streams are still in TCP start-up at `o` (never when no RTT is known).
 fn starting_up(o: &Observation) -> bool {
     o.link.rtt_us > 0 && o.elapsed < STARTUP_ROUND_TRIPS * f64::from(o.link.rtt_us) / 1e6
+}
+
+/// Bytes per stream written and not yet sent, on average, from which the network, not
+/// the sender, sets the pace. Each stream holds up to `TCP_NOTSENT_LOWAT` (64 KiB by
+/// default) unsent while its window is full, and next to nothing while the sender
+/// cannot keep up.
+const UNSENT_LINK_BOUND_PER_STREAM: u64 = 16 << 10;
+
+/// Whether the streams hold bytes they cannot send yet: the link (or the window) sets
+/// the pace, although the workers, whose sockets take what they stage, seldom wait on
+/// them. Across the cross-region path (16 streams) the streams held 0.5-1.7 MB unsent
+/// through round 0 while the workers waited on their sockets for only 10-25% of an
+/// interval; taken for compression-bound, the estimate was probed up to 3-5 times the
+/// link, and the workers were switched to sending pages uncompressed.
+fn streams_hold_unsent_bytes(o: &Observation) -> bool {
+    let streams: u64 = o.workers.iter().map(|w| u64::from(w.streams)).sum();
+    streams > 0 && o.link.unsent_bytes >= streams * UNSENT_LINK_BOUND_PER_STREAM
+}
+
+/// Retransmitted segments in one interval from which the streams are recovering from
+/// a loss episode (a queue overflowed), not losing the odd packet: 0.01% random loss
+/// at 1 Gbit/s is about 2 segments in a 0.2 s interval.
+const LOSS_EPISODE_RETRANSMITS: u32 = 100;
+
+/// Whether the streams spent the interval recovering from a burst of losses.
+fn recovering_from_losses(o: &Observation) -> bool {
+    o.link.retransmits >= LOSS_EPISODE_RETRANSMITS
 }
 
 /// Of the streams' busy time, the fraction held back by the receiver's window from
@@ -362,7 +399,7 @@ impl ModelPolicy {
             config,
             bandwidth: None,
             workers: Vec::new(),
-            calibration_asked: false,
+            calibration_floor: None,
             dictionary_asked: false,
         }
     }
@@ -386,7 +423,8 @@ impl ModelPolicy {
         let link_bound = o
             .workers
             .iter()
-            .any(|w| w.stalled >= self.config.link_bound_stall);
+            .any(|w| w.stalled >= self.config.link_bound_stall)
+            || streams_hold_unsent_bytes(o);
         let compressing = o.workers.iter().any(|w| w.settings.level.is_some());
         let rate = link_rate_sample(o);
         let forecast = o
@@ -395,6 +433,11 @@ impl ModelPolicy {
             .filter(|r| r.is_finite() && *r > 0.0);
         if link_bound && let Some(ahead) = forecast {
             self.bandwidth = Some(ahead);
+        } else if recovering_from_losses(o) {
+            // The streams are retransmitting a burst: what they acknowledge meanwhile
+            // is the recovery's pace, not the link's (cross-region: 40 MB/s in the
+            // interval with 5,839 retransmissions, after 118 MB/s; taken as the link,
+            // it held the estimate at half the link for a second).
         } else if starting_up(o) {
             // The windows are still opening: workers wait on their sockets at a rate
             // the link will soon exceed many times over. Taken as the link, it made
@@ -404,10 +447,13 @@ impl ModelPolicy {
         } else if rate > 0.0 {
             self.bandwidth = if link_bound {
                 Self::smooth(self.bandwidth, rate, self.config.smoothing)
-            } else if compressing {
+            } else if compressing && o.round_pages_left > 0 {
                 // Compression is the bottleneck, so the link may be much faster than
                 // what it carries now: probe upwards (a faster setting follows, and if
-                // the link turns out slower, the workers stall and it is measured).
+                // the link turns out slower, the streams back up and it is measured).
+                // Not once the round's pages are all handed out: idle workers say
+                // nothing of the link (across the cross-region path the estimate
+                // doubled twice over the small last rounds, to 600 MB/s).
                 Some(self.bandwidth.map_or(rate, |b| b.max(rate)) * PROBE_GROWTH)
             } else {
                 Some(self.bandwidth.map_or(rate, |b| b.max(rate)))
@@ -586,6 +632,14 @@ impl CodecPolicy for ModelPolicy {
                         .find(|&l| l >= 1)
                         .or(levels.last().copied());
                     if let Some(level) = startup_level {
+                        // The windows leave the CPU mostly idle meanwhile: calibrate
+                        // and train the dictionary now, not once the link is full and
+                        // every core busy (cross-region, on two cores shared with the
+                        // guest: 0.4-0.7 s of CPU there, a third of the source's).
+                        if self.calibration_floor.is_none() {
+                            want_calibration = Some(STARTUP_CALIBRATION_FLOOR);
+                        }
+                        any_zstd = true;
                         let choice = Candidate::Zstd(level);
                         let state = &mut self.workers[w.worker];
                         state.current = Some(choice);
@@ -626,7 +680,18 @@ impl CodecPolicy for ModelPolicy {
                 continue;
             }
             let share = bandwidth * f64::from(w.streams) / f64::from(total_streams);
-            if share < self.config.calibrate_below && cal.is_none() && !self.calibration_asked {
+            // Calibrate again only for a share below the last one asked for, and only
+            // if a level it left out could keep up with it: it stops after the first
+            // level slower than its bound, so one slower than the share says the rest
+            // are no use. (Each calibration costs the CPU 0.3-1 s.)
+            let left_out_may_keep_up = cal.is_none_or(|c| {
+                c.levels.len() < self.config.levels.len()
+                    && c.levels.last().is_some_and(|l| l.bytes_per_second > share)
+            });
+            if share < self.config.calibrate_below
+                && self.calibration_floor.is_none_or(|floor| share < floor)
+                && left_out_may_keep_up
+            {
                 want_calibration = Some(want_calibration.map_or(share, |s: f64| s.min(share)));
             }
             let mut candidates = vec![Candidate::Off, Candidate::DeltaOnly];
@@ -693,7 +758,7 @@ impl CodecPolicy for ModelPolicy {
             });
         }
         if let Some(share) = want_calibration {
-            self.calibration_asked = true;
+            self.calibration_floor = Some(share);
             decision.calibrate = Some(share);
         }
         if any_zstd && self.config.dictionary && !self.dictionary_asked {
@@ -936,6 +1001,45 @@ mod tests {
     }
 
     #[test]
+    fn streams_holding_unsent_bytes_are_link_bound_and_idle_workers_probe_nothing() {
+        let zstd1 = CodecSettings::full(1);
+        let mut p = policy();
+        p.decide(&observation(100e6, 0.9, zstd1, None));
+        assert_eq!(p.bandwidth(), Some(100e6));
+        // Compressing, the workers hardly waiting, but 4 streams hold 512 KiB unsent:
+        // the link sets the pace, and what it carried is measured, not probed past.
+        let mut o = observation(120e6, 0.1, zstd1, None);
+        o.link.unsent_bytes = 512 << 10;
+        p.decide(&o);
+        assert_eq!(p.bandwidth(), Some(105e6), "smoothed towards 120 MB/s");
+        // Next to nothing unsent: compression-bound, probed upwards.
+        o.link.unsent_bytes = 4 << 10;
+        p.decide(&o);
+        assert_eq!(p.bandwidth(), Some(120e6 * PROBE_GROWTH));
+        // Every page of the round handed out: idle workers, no probe.
+        let before = p.bandwidth();
+        o.round_pages_left = 0;
+        o.link.acked_bytes_per_second = 30e6;
+        p.decide(&o);
+        assert_eq!(p.bandwidth(), before);
+    }
+
+    #[test]
+    fn a_rate_measured_while_recovering_from_a_loss_burst_is_not_taken_for_the_link() {
+        let mut p = policy();
+        p.decide(&observation(118e6, 0.9, CodecSettings::full(1), None));
+        assert_eq!(p.bandwidth(), Some(118e6));
+        let mut o = observation(40e6, 0.9, CodecSettings::full(1), None);
+        o.link.retransmits = 5839;
+        p.decide(&o);
+        assert_eq!(p.bandwidth(), Some(118e6));
+        // The odd random loss is no episode: the rate counts.
+        o.link.retransmits = 3;
+        p.decide(&o);
+        assert!(p.bandwidth().is_some_and(|b| b < 118e6));
+    }
+
+    #[test]
     fn a_forecast_of_the_path_sets_the_link_while_the_workers_wait_on_it() {
         let forecast = |acked: f64, stalled: f64, ahead: f64| {
             let mut o = observation(acked, stalled, CodecSettings::OFF, None);
@@ -991,13 +1095,19 @@ mod tests {
     fn a_rate_measured_in_tcp_start_up_is_not_taken_for_the_link() {
         let mut p = policy();
         // 80 ms round trips, 0.3 s in: the windows are still opening, the workers wait
-        // on them at 12.5 MB/s. Not a 100 Mbit/s link: no slow level, no calibration.
+        // on them at 12.5 MB/s. Not a 100 Mbit/s link: no slow level, and calibration
+        // (with the dictionary's training) only down to the start-up floor, while the
+        // CPU has time for it.
         let mut o = observation(12.5e6, 0.9, CodecSettings::OFF, None);
         o.link.rtt_us = 80_000;
         o.elapsed = 0.3;
         let d = p.decide(&o);
         assert_eq!(p.bandwidth(), None);
-        assert_eq!(d.calibrate, None);
+        assert_eq!(d.calibrate, Some(STARTUP_CALIBRATION_FLOOR));
+        assert!(d.train_dictionary);
+        // Asked once.
+        let again = p.decide(&o);
+        assert_eq!(again.calibrate, None);
         assert!(
             d.settings.iter().all(|s| s.level == Some(1)),
             "a fast level meanwhile: {:?}",
@@ -1008,8 +1118,29 @@ mod tests {
         o = observation(125e6, 0.9, zstd1, Some(calibration()));
         o.link.rtt_us = 80_000;
         o.elapsed = 0.7;
-        p.decide(&o);
+        let d = p.decide(&o);
         assert_eq!(p.bandwidth(), Some(125e6));
+        assert_eq!(d.calibrate, None, "62.5 MB/s a worker: above the floor");
+        // A link whose share is below the floor is calibrated again, down to it.
+        let mut slow = policy();
+        let mut s = observation(1e6, 0.9, CodecSettings::OFF, None);
+        s.link.rtt_us = 80_000;
+        s.elapsed = 0.3;
+        slow.decide(&s);
+        s.elapsed = 0.7;
+        let d = slow.decide(&s);
+        assert_eq!(d.calibrate, Some(0.5e6));
+        // Not when the start-up calibration reached a level slower than the share (16
+        // at 18 MB/s, for 19 MB/s a worker): what it left out is slower still.
+        let mut p = policy();
+        let mut o = observation(38e6, 0.9, CodecSettings::OFF, None);
+        o.link.rtt_us = 80_000;
+        o.elapsed = 0.3;
+        p.decide(&o);
+        o.calibration = Some(calibration());
+        o.elapsed = 0.7;
+        let d = p.decide(&o);
+        assert_eq!(d.calibrate, None, "{:?}", d.log);
         // Without the start-up rule the first interval would have picked level 9.
         let mut unaware = policy();
         unaware.decide(&observation(12.5e6, 0.9, CodecSettings::OFF, None));

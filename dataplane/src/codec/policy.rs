@@ -145,6 +145,8 @@ pub struct LinkObservation {
     /// the receiver's window held them back (`TCP_INFO` `rwnd_limited` / `busy_time`):
     /// near 1 when the destination, not the network, sets the pace.
     pub receiver_limited: f64,
+    /// Bytes written to the streams and not yet sent, all streams, at the decision.
+    pub unsent_bytes: u64,
     /// The slow path's forecast of what the path will carry over the next second,
     /// bytes per second ([`LiveControl::set_path_rate`](crate::engine::LiveControl::set_path_rate)).
     pub forecast_bytes_per_second: Option<f64>,

@@ -326,6 +326,7 @@ impl<'p> Steering<'p> {
         let (mut busy_us, mut rwnd_limited_us) = (0u64, 0u64);
         for t in streams {
             let Some(tcp) = t.tcp else { continue };
+            link.unsent_bytes += u64::from(tcp.notsent_bytes);
             let slot = &mut self.marks[usize::from(t.stream)];
             acked += tcp.bytes_acked.saturating_sub(slot.bytes_acked);
             link.retransmits += tcp.total_retrans.saturating_sub(slot.retransmits);
