@@ -489,10 +489,11 @@ fn dwcp_run(src: &Vm, dst: &Vm, setup: &DwcpSetup<'_>) -> Result<Run, String> {
     }?;
     let text = reader.join().unwrap_or_default();
     let _ = dest.wait();
-    let (running_at, dst_events) = running?;
+    // The source's own word first: a destination left waiting is its consequence.
     if !ok {
         return Err(format!("dwcpd source failed: {}", text.trim()));
     }
+    let (running_at, dst_events) = running?;
     let report: Value =
         serde_json::from_str(text.trim()).map_err(|e| format!("dwcpd's report: {e}"))?;
     let downtime_ms = stop_to_resume_ms(&mut qs, &dst_events)?;
