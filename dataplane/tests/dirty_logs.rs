@@ -58,32 +58,39 @@ fn exercise(log: &mut dyn DirtyLog, mem: &GuestMemory, pages: u64) {
     assert_eq!(collect_and_send(log, mem), vec![77, 100]);
 }
 
-#[test]
-fn uffd_reports_exactly_the_written_pages() {
+/// `pages` of memory, the first `populated` of them written before tracking starts,
+/// tracked by userfaultfd; `None` (with the reason printed) where the kernel cannot.
+fn uffd_tracked(
+    pages: usize,
+    prefer: PagePreference,
+    populated: u64,
+) -> Option<(Arc<GuestMemory>, UffdDirtyLog)> {
     if let Err(why) = probe_uffd_wp_async() {
         skip(&format!(
             "userfaultfd write-protect tracking unavailable: {why}"
         ));
-        return;
+        return None;
     }
-    let mem = memory(256, PagePreference::Small);
+    let mem = memory(pages, prefer);
+    touch(&mem, &(0..populated).collect::<Vec<_>>(), 9);
+    let log = UffdDirtyLog::new(mem.clone()).unwrap();
+    Some((mem, log))
+}
+
+#[test]
+fn uffd_reports_exactly_the_written_pages() {
     // Half the memory populated before tracking, half never touched (WP_UNPOPULATED).
-    touch(&mem, &(0..128).collect::<Vec<_>>(), 9);
-    let mut log = UffdDirtyLog::new(mem.clone()).unwrap();
+    let Some((mem, mut log)) = uffd_tracked(256, PagePreference::Small, 128) else {
+        return;
+    };
     exercise(&mut log, &mem, 256);
 }
 
 #[test]
 fn uffd_tracks_transparent_huge_pages_at_4k() {
-    if let Err(why) = probe_uffd_wp_async() {
-        skip(&format!(
-            "userfaultfd write-protect tracking unavailable: {why}"
-        ));
+    let Some((mem, mut log)) = uffd_tracked(2048, PagePreference::TransparentHuge, 2048) else {
         return;
-    }
-    let mem = memory(2048, PagePreference::TransparentHuge);
-    touch(&mem, &(0..2048).collect::<Vec<_>>(), 9);
-    let mut log = UffdDirtyLog::new(mem.clone()).unwrap();
+    };
     exercise(&mut log, &mem, 2048);
 }
 
@@ -92,15 +99,9 @@ fn uffd_tracks_transparent_huge_pages_at_4k() {
 /// writes with them.
 #[test]
 fn uffd_paused_collection_reports_writes_and_leaves_them_reported() {
-    if let Err(why) = probe_uffd_wp_async() {
-        skip(&format!(
-            "userfaultfd write-protect tracking unavailable: {why}"
-        ));
+    let Some((mem, mut log)) = uffd_tracked(2048, PagePreference::TransparentHuge, 2048) else {
         return;
-    }
-    let mem = memory(2048, PagePreference::TransparentHuge);
-    touch(&mem, &(0..2048).collect::<Vec<_>>(), 9);
-    let mut log = UffdDirtyLog::new(mem.clone()).unwrap();
+    };
     touch(&mem, &[5, 600], 1);
     assert_eq!(collect_and_send(&mut log, &mem), vec![5, 600]);
     touch(&mem, &[7, 1500, 2047], 2);
