@@ -8,6 +8,7 @@
 
 use super::zstd::{Compressor, Dictionary, compress_bound, train_dictionary};
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::transport::thread_cpu_time;
 use crate::wire::CHUNK_PAGES;
 use std::time::{Duration, Instant};
 
@@ -180,17 +181,6 @@ pub fn calibrate_with_progress(
     }
     out.seconds = started.elapsed().as_secs_f64();
     out
-}
-
-/// The CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`).
-fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which `ts` is.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Train a dictionary of up to `capacity` bytes on the pages of `sample`.

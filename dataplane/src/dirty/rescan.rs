@@ -18,6 +18,7 @@
 use super::{DirtyBitmap, DirtyLog, DirtyLogError, DirtyLogKind};
 use crate::crc_table::CrcTable;
 use crate::memory::{GuestMemory, PAGE_SIZE, zero_page_crc};
+use crate::transport::thread_cpu_time;
 use std::sync::Arc;
 
 /// Per-page CRC comparison against the content last sent.
@@ -45,19 +46,6 @@ pub struct ScanStats {
     /// its own, as at the switchover, where nothing else runs (the wall time of a
     /// scan while the guest runs also holds the time the guest took the CPU from it).
     pub last_busy_seconds: f64,
-}
-
-/// CPU time this thread has used, seconds.
-fn thread_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for the kernel to fill.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
-        return 0.0;
-    }
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 impl RescanDirtyLog {
@@ -107,7 +95,7 @@ impl RescanDirtyLog {
                 .filter(|(start, end)| start < end)
                 .map(|(start, end)| {
                     scope.spawn(move || {
-                        let cpu_start = thread_cpu_seconds();
+                        let cpu_start = thread_cpu_time();
                         let kernels = dwcp_simd::Kernels::active();
                         let mut copy = vec![0u8; PAGE_SIZE];
                         let mut bits = vec![0u64; (end - start).div_ceil(64) as usize];
@@ -129,7 +117,11 @@ impl RescanDirtyLog {
                                 bits[(i / 64) as usize] |= 1 << (i % 64);
                             }
                         }
-                        (start, bits, thread_cpu_seconds() - cpu_start)
+                        (
+                            start,
+                            bits,
+                            thread_cpu_time().saturating_sub(cpu_start).as_secs_f64(),
+                        )
                     })
                 })
                 .collect();

@@ -495,22 +495,13 @@ impl<'p> Steering<'p> {
                             }
                             self.dictionary = Some(d);
                             // Measure what it gains at the levels the last calibration
-                            // was asked to cover (after it, if it is still running). Down
-                            // to its slowest measured level instead, a calibration still
-                            // running had measured none yet and this one took in every
-                            // level, the slowest with 1 MiB batches: 1.4 s of CPU.
+                            // was asked to cover (after it, if it is still running), or
+                            // at every level when none was. Down to its slowest measured
+                            // level instead, a calibration still running had measured
+                            // none yet and this one took in every level, the slowest
+                            // with 1 MiB batches: 1.4 s of CPU.
                             if self.policy.is_some() {
-                                let bound = self.calibrated_down_to.unwrap_or_else(|| {
-                                    self.calibration
-                                        .as_ref()
-                                        .and_then(|c| {
-                                            c.levels
-                                                .iter()
-                                                .map(|l| l.bytes_per_second)
-                                                .reduce(f64::min)
-                                        })
-                                        .map_or(0.0, |slowest| slowest * 0.99)
-                                });
+                                let bound = self.calibrated_down_to.unwrap_or(0.0);
                                 if self.calibrating.is_some() {
                                     self.recalibrate = Some(bound);
                                 } else {

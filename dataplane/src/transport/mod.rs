@@ -477,6 +477,20 @@ impl WorkerTelemetry {
     }
 }
 
+/// CPU time the calling thread has used, to the nanosecond
+/// (`CLOCK_THREAD_CPUTIME_ID`); zero if the kernel refuses.
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the kernel to fill.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// CPU time (user + system) of the calling thread, from `getrusage(RUSAGE_THREAD)`;
 /// 0 if the kernel refuses.
 pub fn thread_cpu_nanos() -> u64 {
