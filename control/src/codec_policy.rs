@@ -52,6 +52,9 @@
 //! while the network delivers several times faster than the peer acknowledges, the
 //! destination, not the link, sets the pace: codecs stay off (fewer bytes would not
 //! arrive sooner, and the destination would decompress them too), whatever `B` says.
+//! So too when, over an interval spanning many round trips, the network delivers many
+//! times faster than the peer acknowledges with the window open: the appliances' CPUs
+//! set the pace.
 //!
 //! Calibration (compressing sampled pages at each level, on a thread of its own) is
 //! asked for only when a worker's link share is below what the fastest level could
@@ -306,6 +309,48 @@ fn receiver_bound(o: &Observation) -> bool {
     o.link.receiver_limited >= RECEIVER_BOUND
         && o.link.acked_bytes_per_second > 0.0
         && o.link.delivery_rate >= DELIVERY_OVER_ACKED * o.link.acked_bytes_per_second
+}
+
+/// Round trips an interval must span for its acknowledged rate to be a steady measure:
+/// over one or two, acknowledgements arrive in clumps.
+const STEADY_ROUND_TRIPS: f64 = 20.0;
+
+/// How many times faster than the peer acknowledges the network must deliver, over a
+/// steady interval, for the appliances and not the network to set the pace. On
+/// loopback the ratio falls to 17-21 once the peer acknowledges about 1 GB/s; a link
+/// that sets the pace delivers at about the acknowledged rate.
+const SPARE_NETWORK: f64 = 8.0;
+
+/// Whether, on a path short enough for the interval to span many round trips, the
+/// network delivered what was sent many times faster than the peer acknowledged it
+/// while the streams held nothing back unsent: the network has room to spare, and the
+/// pace is set by the appliances' CPUs (the destination's, or the source's own,
+/// descheduled while its sends wait).
+///
+/// The workers then look link-bound (they wait on their sockets), but fewer bytes
+/// cannot arrive sooner, and compressing costs CPU at both ends. On loopback, with a
+/// busy host (2 cores, the guest's vCPU and a CPU hog beside both appliances), the
+/// model picked zstd in 2 runs of 4 (1.02 and 1.08 s against 0.63 s, 512 MiB): at
+/// those decisions the workers waited on their sockets for 0.3-0.6 of the interval,
+/// the network delivered 18-1,800 times faster than acknowledged over intervals of 25
+/// round trips or more (the round trip grows to 1.6 ms under load), the receiver's
+/// window held the streams back for at most 0.2 of their busy time,
+/// so [`receiver_bound`] did not apply. A link that sets the pace delivers at about
+/// the acknowledged rate; across `wanem`'s paths the interval spans one or two round
+/// trips, and the ratio's bursts there (11 in one interval) are left to
+/// [`receiver_bound`].
+///
+/// A stream paced below the link (`[transport] pacing_rate`) delays its segments
+/// before they leave, which its delivery-rate estimate does not see (157 GB/s on
+/// loopback paced to 2 MB/s a stream): its bytes wait unsent instead, and
+/// [`streams_hold_unsent_bytes`] says the pace is the link's.
+fn network_has_room(o: &Observation) -> bool {
+    let rtt = f64::from(o.link.rtt_us) / 1e6;
+    rtt > 0.0
+        && o.interval >= STEADY_ROUND_TRIPS * rtt
+        && o.link.acked_bytes_per_second > 0.0
+        && o.link.delivery_rate >= SPARE_NETWORK * o.link.acked_bytes_per_second
+        && !streams_hold_unsent_bytes(o)
 }
 
 /// The interval's acknowledged rate as a measure of the link, or 0 when it is none.
@@ -615,7 +660,14 @@ impl CodecPolicy for ModelPolicy {
         let mut logs = Vec::with_capacity(o.workers.len());
         let mut want_calibration = None::<f64>;
         let mut any_zstd = false;
-        let destination_bound = receiver_bound(o);
+        // Where the appliances, not the network, set the pace, codecs stay off.
+        let appliances_bound = if receiver_bound(o) {
+            Some("the destination sets the pace: fewer bytes would not arrive sooner")
+        } else if network_has_room(o) {
+            Some("the network delivers far faster than acknowledged: CPUs set the pace")
+        } else {
+            None
+        };
         for w in &o.workers {
             let state_current = self.workers[w.worker].current.unwrap_or(Candidate::Off);
             let Some(bandwidth) = self.bandwidth else {
@@ -663,7 +715,7 @@ impl CodecPolicy for ModelPolicy {
                 ));
                 continue;
             };
-            if destination_bound {
+            if let Some(reason) = appliances_bound {
                 let state = &mut self.workers[w.worker];
                 let changed = state_current != Candidate::Off;
                 state.dwell = if changed { 0 } else { state.dwell + 1 };
@@ -671,12 +723,7 @@ impl CodecPolicy for ModelPolicy {
                 decision
                     .settings
                     .push(self.settings_for(Candidate::Off, false));
-                logs.push(WorkerLog::unmeasured(
-                    w,
-                    Candidate::Off,
-                    changed,
-                    "the destination sets the pace: fewer bytes would not arrive sooner",
-                ));
+                logs.push(WorkerLog::unmeasured(w, Candidate::Off, changed, reason));
                 continue;
             }
             let share = bandwidth * f64::from(w.streams) / f64::from(total_streams);
@@ -962,6 +1009,67 @@ mod tests {
         // The window held the streams back only now and then: the link sets the pace.
         let mut p = policy();
         let d = p.decide(&window_limited(0.1, 30e9, CodecSettings::OFF));
+        assert_eq!(d.settings[0].level, Some(3), "{:?}", d.log);
+    }
+
+    /// The gigabit observation of `a_gigabit_link_picks_a_fast_level` over a path of
+    /// `rtt_us` round trip, in an interval of `interval` seconds, with the network
+    /// delivering at `delivery_rate`.
+    fn on_a_path(
+        rtt_us: u32,
+        interval: f64,
+        delivery_rate: f64,
+        settings: CodecSettings,
+    ) -> Observation {
+        let mut o = observation(125e6, 0.9, settings, Some(calibration()));
+        o.interval = interval;
+        o.link.rtt_us = rtt_us;
+        o.link.delivery_rate = delivery_rate;
+        o
+    }
+
+    #[test]
+    fn a_short_path_with_network_to_spare_keeps_codecs_off() {
+        // Loopback on a busy host: the workers wait on their sockets, the peer
+        // acknowledges 125 MB/s, the network delivers 30 GB/s; 13 us round trips in a
+        // 27 ms interval, the receiver's window never limiting.
+        let mut p = policy();
+        let d = p.decide(&on_a_path(13, 0.027, 30e9, CodecSettings::OFF));
+        assert!(d.settings.iter().all(|s| s.is_off()), "{:?}", d.log);
+        assert_eq!(d.calibrate, None, "{:?}", d.log);
+        let log: serde_json::Value = serde_json::from_str(d.log.as_deref().unwrap()).unwrap();
+        assert!(
+            log["workers"][0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("CPUs set the pace"),
+            "{log}"
+        );
+        // Workers already compressing stop at once.
+        let mut p = policy();
+        let d = p.decide(&on_a_path(13, 0.027, 0.0, CodecSettings::OFF));
+        assert_eq!(d.settings[0].level, Some(3), "{:?}", d.log);
+        let d = p.decide(&on_a_path(1_300, 0.116, 2e9, d.settings[0]));
+        assert!(d.settings.iter().all(|s| s.is_off()), "{:?}", d.log);
+    }
+
+    #[test]
+    fn a_link_that_sets_the_pace_still_compresses_on_any_path() {
+        // Cross-region (80 ms): a burst of delivery 11 times the acknowledged rate in a
+        // 0.2 s interval, which spans under three round trips.
+        let d = policy().decide(&on_a_path(80_000, 0.2, 11.0 * 125e6, CodecSettings::OFF));
+        assert_eq!(d.settings[0].level, Some(3), "{:?}", d.log);
+        // A gigabit LAN (200 us) that delivers about what is acknowledged.
+        let d = policy().decide(&on_a_path(200, 0.2, 130e6, CodecSettings::OFF));
+        assert_eq!(d.settings[0].level, Some(3), "{:?}", d.log);
+        // A short path delivering below the bound's multiple of the acknowledged rate.
+        let d = policy().decide(&on_a_path(200, 0.2, 4.0 * 125e6, CodecSettings::OFF));
+        assert_eq!(d.settings[0].level, Some(3), "{:?}", d.log);
+        // Loopback paced below the link: the delivery-rate estimates do not see the
+        // pacing, but the streams hold bytes unsent.
+        let mut paced = on_a_path(22, 0.2, 157e9, CodecSettings::OFF);
+        paced.link.unsent_bytes = 512 << 10;
+        let d = policy().decide(&paced);
         assert_eq!(d.settings[0].level, Some(3), "{:?}", d.log);
     }
 
