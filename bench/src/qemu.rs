@@ -366,8 +366,9 @@ fn in_netns(ns: Option<&str>, program: &Path) -> Command {
 }
 
 /// Reap a child (waiting for it when `block`) and take its resource usage (CPU of all
-/// its threads): `None` while it runs; else whether it succeeded, and its CPU seconds.
-fn reap(pid: u32, block: bool) -> Option<Result<(bool, f64), String>> {
+/// its threads): `None` while it runs; else how it failed (`None` when it succeeded),
+/// and its CPU seconds.
+fn reap(pid: u32, block: bool) -> Option<Result<(Option<String>, f64), String>> {
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value for the kernel to overwrite.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -381,10 +382,14 @@ fn reap(pid: u32, block: bool) -> Option<Result<(bool, f64), String>> {
         return Some(Err(format!("wait4: {}", std::io::Error::last_os_error())));
     }
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Some(Ok((
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        secs(usage.ru_utime) + secs(usage.ru_stime),
-    )))
+    let failure = if libc::WIFEXITED(status) {
+        (libc::WEXITSTATUS(status) != 0).then(|| format!("exit {}", libc::WEXITSTATUS(status)))
+    } else if libc::WIFSIGNALED(status) {
+        Some(format!("killed by signal {}", libc::WTERMSIG(status)))
+    } else {
+        Some(format!("wait status {status:#x}"))
+    };
+    Some(Ok((failure, secs(usage.ru_utime) + secs(usage.ru_stime))))
 }
 
 /// Where dwcp runs: the namespaces (or none for loopback), the address the
@@ -464,34 +469,45 @@ fn dwcp_run(src: &Vm, dst: &Vm, setup: &DwcpSetup<'_>) -> Result<Run, String> {
     if let Some(config) = &setup.config {
         source.arg("--config").arg(config);
     }
-    let source = source
+    let mut source = source
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting dwcpd source: {e}"))?;
     let pid = source.id();
-    let mut stdout = source.stdout.expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
-        text
-    });
-    let mut exited: Option<Result<(bool, f64), String>> = None;
+    let read_all = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let reader = read_all(Box::new(source.stdout.take().expect("piped")));
+    // Its error, should it fail (the report on stdout is then empty).
+    let errors = read_all(Box::new(source.stderr.take().expect("piped")));
+    let mut exited: Option<Result<(Option<String>, f64), String>> = None;
     let running = until_running(&mut qd, started + MIGRATION_PATIENCE, || {
         if exited.is_none() {
             exited = reap(pid, false);
         }
         exited.is_some()
     });
-    let (ok, dwcp_cpu) = match exited {
+    let (failure, dwcp_cpu) = match exited {
         Some(done) => done,
         None => reap(pid, true).unwrap_or_else(|| Err("dwcpd source vanished".into())),
     }?;
     let text = reader.join().unwrap_or_default();
+    let error_text = errors.join().unwrap_or_default();
     let _ = dest.wait();
     // The source's own word first: a destination left waiting is its consequence.
-    if !ok {
-        return Err(format!("dwcpd source failed: {}", text.trim()));
+    if let Some(how) = failure {
+        let said: Vec<&str> = error_text.lines().rev().take(3).collect();
+        let said: Vec<&str> = said.into_iter().rev().collect();
+        return Err(format!(
+            "dwcpd source failed ({how}): {} {}",
+            text.trim(),
+            said.join(" / ")
+        ));
     }
     let (running_at, dst_events) = running?;
     let report: Value =
