@@ -203,6 +203,47 @@ impl Qmp {
         std::mem::take(&mut self.events)
     }
 
+    /// Wait up to `timeout` for QEMU to say something unasked: an event, returned (and
+    /// kept with the others), or `None` when nothing came. For one that waits on an
+    /// event (a state change) without asking QEMU over and over, which on a small host
+    /// takes CPU from the very work being waited on.
+    pub fn wait_event(&mut self, timeout: Duration) -> Result<Option<Value>, QmpError> {
+        if self.reader.buffer().is_empty() {
+            let mut ready = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(self.reader.get_ref()),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: one pollfd, alive for the call.
+            let n = unsafe { libc::poll(&mut ready, 1, millis) };
+            if n <= 0 {
+                // Nothing yet, or a signal: the caller asks again.
+                return Ok(None);
+            }
+        }
+        // QEMU writes each message whole, so a readable socket holds a whole line (the
+        // read timeout still bounds a QEMU that stopped halfway).
+        let line = self.read_line()?;
+        let value: Value = serde_json::from_str(&line).map_err(|_| QmpError::Malformed {
+            path: self.path.clone(),
+            command: "(waiting for an event)".into(),
+            reply: shorten(line.trim()),
+        })?;
+        if value.get("event").is_none() {
+            return Err(QmpError::Malformed {
+                path: self.path.clone(),
+                command: "(waiting for an event)".into(),
+                reply: shorten(line.trim()),
+            });
+        }
+        if self.events.len() == EVENTS_KEPT {
+            self.events.remove(0);
+        }
+        self.events.push(value.clone());
+        Ok(Some(value))
+    }
+
     fn read_line(&mut self) -> Result<String, QmpError> {
         let mut line = String::new();
         let n = self
@@ -297,5 +338,99 @@ impl Qmp {
             .collect();
         self.execute("migrate-set-capabilities", json!({ "capabilities": list }))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+    use std::time::Instant;
+
+    /// A QMP peer that greets, answers `qmp_capabilities`, then writes `lines` after
+    /// `delay` each and holds the connection until the client goes.
+    fn scripted_peer(
+        name: &str,
+        lines: Vec<&'static str>,
+        delay: Duration,
+    ) -> (PathBuf, std::thread::JoinHandle<()>) {
+        let path =
+            std::env::temp_dir().join(format!("dwcp-qmp-{name}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream
+                .write_all(
+                    b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 10, \"minor\": 0, \
+                      \"micro\": 0}}, \"capabilities\": []}}\n",
+                )
+                .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            reader.read_line(&mut request).unwrap();
+            stream.write_all(b"{\"return\": {}, \"id\": 1}\n").unwrap();
+            for line in lines {
+                std::thread::sleep(delay);
+                stream.write_all(line.as_bytes()).unwrap();
+            }
+            // Until the client hangs up.
+            let _ = reader.read_line(&mut request);
+        });
+        (path, peer)
+    }
+
+    #[test]
+    fn an_event_is_waited_for_without_asking_and_kept() {
+        let (path, peer) = scripted_peer(
+            "events",
+            vec![
+                "{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\n",
+                "{\"event\": \"RESUME\", \"timestamp\": {\"seconds\": 2, \"microseconds\": 0}}\n",
+            ],
+            Duration::from_millis(50),
+        );
+        let mut qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        // Nothing within 1 ms: no event, no error.
+        assert!(qmp.wait_event(Duration::from_millis(1)).unwrap().is_none());
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.len() < 2 && Instant::now() < deadline {
+            if let Some(event) = qmp.wait_event(Duration::from_millis(20)).unwrap() {
+                seen.push(event["event"].as_str().unwrap().to_string());
+            }
+        }
+        assert_eq!(seen, ["STOP", "RESUME"]);
+        let kept = qmp.take_events();
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept[1]["timestamp"]["seconds"], 2);
+        drop(qmp);
+        peer.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_reply_nobody_asked_for_is_refused() {
+        let (path, peer) = scripted_peer(
+            "unasked",
+            vec!["{\"return\": {}, \"id\": 7}\n"],
+            Duration::ZERO,
+        );
+        let mut qmp = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let outcome = loop {
+            match qmp.wait_event(Duration::from_millis(20)) {
+                Ok(None) if Instant::now() < deadline => continue,
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(outcome, Err(QmpError::Malformed { .. })),
+            "{outcome:?}"
+        );
+        drop(qmp);
+        peer.join().unwrap();
+        let _ = std::fs::remove_file(&path);
     }
 }
