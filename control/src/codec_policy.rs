@@ -971,25 +971,28 @@ mod tests {
         o
     }
 
+    /// Codecs off on every worker, no calibration asked for (a choice it cannot
+    /// change), and the decision log giving `reason`.
+    fn assert_off_without_calibration(d: &Decision, reason: &str) {
+        assert!(d.settings.iter().all(|s| s.is_off()), "{:?}", d.log);
+        assert_eq!(d.calibrate, None, "{:?}", d.log);
+        let log: serde_json::Value = serde_json::from_str(d.log.as_deref().unwrap()).unwrap();
+        assert!(
+            log["workers"][0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains(reason),
+            "{log}"
+        );
+    }
+
     #[test]
     fn a_destination_that_sets_the_pace_keeps_codecs_off() {
         let mut p = policy();
         // Loopback with both appliances on two cores: the network delivers at tens of
         // GB/s, the destination takes 125 MB/s.
         let d = p.decide(&window_limited(0.9, 30e9, CodecSettings::OFF));
-        assert!(d.settings.iter().all(|s| s.is_off()), "{:?}", d.log);
-        assert_eq!(
-            d.calibrate, None,
-            "no calibration for a choice it cannot change"
-        );
-        let log: serde_json::Value = serde_json::from_str(d.log.as_deref().unwrap()).unwrap();
-        assert!(
-            log["workers"][0]["reason"]
-                .as_str()
-                .unwrap()
-                .contains("destination sets the pace"),
-            "{log}"
-        );
+        assert_off_without_calibration(&d, "destination sets the pace");
         // Workers already compressing (level 3 on the plain gigabit link) stop at once,
         // dwell time or not.
         let mut p = policy();
@@ -1012,19 +1015,18 @@ mod tests {
         assert_eq!(d.settings[0].level, Some(3), "{:?}", d.log);
     }
 
-    /// The gigabit observation of `a_gigabit_link_picks_a_fast_level` over a path of
-    /// `rtt_us` round trip, in an interval of `interval` seconds, with the network
-    /// delivering at `delivery_rate`.
+    /// The gigabit observation of `a_gigabit_link_picks_a_fast_level`, the receiver's
+    /// window never limiting, over a path of `rtt_us` round trip, in an interval of
+    /// `interval` seconds, with the network delivering at `delivery_rate`.
     fn on_a_path(
         rtt_us: u32,
         interval: f64,
         delivery_rate: f64,
         settings: CodecSettings,
     ) -> Observation {
-        let mut o = observation(125e6, 0.9, settings, Some(calibration()));
+        let mut o = window_limited(0.0, delivery_rate, settings);
         o.interval = interval;
         o.link.rtt_us = rtt_us;
-        o.link.delivery_rate = delivery_rate;
         o
     }
 
@@ -1035,16 +1037,7 @@ mod tests {
         // 27 ms interval, the receiver's window never limiting.
         let mut p = policy();
         let d = p.decide(&on_a_path(13, 0.027, 30e9, CodecSettings::OFF));
-        assert!(d.settings.iter().all(|s| s.is_off()), "{:?}", d.log);
-        assert_eq!(d.calibrate, None, "{:?}", d.log);
-        let log: serde_json::Value = serde_json::from_str(d.log.as_deref().unwrap()).unwrap();
-        assert!(
-            log["workers"][0]["reason"]
-                .as_str()
-                .unwrap()
-                .contains("CPUs set the pace"),
-            "{log}"
-        );
+        assert_off_without_calibration(&d, "CPUs set the pace");
         // Workers already compressing stop at once.
         let mut p = policy();
         let d = p.decide(&on_a_path(13, 0.027, 0.0, CodecSettings::OFF));
