@@ -15,6 +15,13 @@ use std::time::{Duration, Instant};
 /// Time each level may spend on the sample (at least one batch).
 const LEVEL_TIME: Duration = Duration::from_millis(40);
 
+/// Bytes a level compresses first, to find out whether it is slower than the bound
+/// asked for. A batch cannot be cut short, and the slow levels' batches are large: on
+/// the cross-region path zstd 16 took about 200 ms of CPU for its 1 MiB batch at
+/// 5-7 MB/s, then as much again for its dictionary pass after training, on a source
+/// whose CPU set the pace, for a level far below the 20 MB/s asked for.
+const PROBE_BYTES: usize = 64 << 10;
+
 /// Pages copied out of guest memory for calibration or dictionary training.
 #[derive(Debug, Clone, Default)]
 pub struct PageSample {
@@ -101,7 +108,9 @@ impl Calibration {
 /// Compress `sample` in batches of `batch_bytes(level)` at each of `levels` (fastest
 /// first), with `dictionary` too when given. Levels stop being measured once one is slower than
 /// `useful_bytes_per_second`: slower levels only get slower, so none of them could keep
-/// up with the link.
+/// up with the link. Each level first compresses [`PROBE_BYTES`]; one that is slower
+/// than the bound there is taken at the probe's speed, with the faster level's ratio
+/// (a lower bound), and without the dictionary's, since it will not be chosen.
 pub fn calibrate(
     sample: &PageSample,
     levels: &[i32],
@@ -142,31 +151,59 @@ pub fn calibrate_with_progress(
     let mut packed = Vec::new();
     // Each level compresses batches until the sample is done or its time is up, so
     // the slow levels cost about as much as the fast ones.
-    let mut run = |level: i32, dict: Option<&Dictionary>| -> Option<(f64, f64)> {
-        let batch = batch_bytes(level).max(PAGE_SIZE);
-        packed.resize(compress_bound(batch), 0);
-        // CPU time, not wall time: the speed wanted is a core's, and this thread may
-        // share its core (it runs at a lower priority than the workers).
-        let t = thread_cpu_time();
-        let (mut taken, mut packed_total) = (0usize, 0usize);
-        for input in sample.bytes.chunks(batch) {
-            packed_total += compressor.compress(level, dict, input, &mut packed).ok()?;
-            taken += input.len();
-            if thread_cpu_time().saturating_sub(t) >= LEVEL_TIME {
-                break;
+    // (ratio, input bytes per second) of `level` on batches of `batch` bytes, for at
+    // most `most` bytes.
+    let mut run =
+        |level: i32, batch: usize, most: usize, dict: Option<&Dictionary>| -> Option<(f64, f64)> {
+            packed.resize(compress_bound(batch), 0);
+            // CPU time, not wall time: the speed wanted is a core's, and this thread may
+            // share its core (it runs at a lower priority than the workers).
+            let t = thread_cpu_time();
+            let (mut taken, mut packed_total) = (0usize, 0usize);
+            for input in sample.bytes.chunks(batch) {
+                packed_total += compressor.compress(level, dict, input, &mut packed).ok()?;
+                taken += input.len();
+                if taken >= most || thread_cpu_time().saturating_sub(t) >= LEVEL_TIME {
+                    break;
+                }
             }
-        }
-        let cpu = thread_cpu_time().saturating_sub(t);
-        let speed = taken as f64 / cpu.as_secs_f64().max(1e-9);
-        Some((taken as f64 / packed_total.max(1) as f64, speed))
-    };
-    for &level in levels {
-        let Some((ratio, bytes_per_second)) = run(level, None) else {
-            continue;
+            let cpu = thread_cpu_time().saturating_sub(t);
+            let speed = taken as f64 / cpu.as_secs_f64().max(1e-9);
+            Some((taken as f64 / packed_total.max(1) as f64, speed))
         };
+    for &level in levels {
+        let batch = batch_bytes(level).max(PAGE_SIZE);
+        // Where a batch is longer than the probe, the probe first: a level slower than
+        // the bound there is taken at the probe's figures.
+        let probed = if batch > PROBE_BYTES && sample.bytes.len() > PROBE_BYTES {
+            match run(level, PROBE_BYTES, PROBE_BYTES, None) {
+                Some((ratio, speed)) if speed < useful_bytes_per_second => Some((ratio, speed)),
+                Some(_) => None,
+                None => continue,
+            }
+        } else {
+            None
+        };
+        let (ratio, bytes_per_second) = match probed {
+            // 64 KiB say little of the ratio (zstd 12 showed 12.5 on one probe of
+            // the cross-region guest, 3.2 on the whole sample): the faster level's
+            // stands in, a lower bound, as slower levels compress no worse.
+            Some((probe_ratio, speed)) => (
+                out.levels.last().map_or(probe_ratio, |faster| faster.ratio),
+                speed,
+            ),
+            None => match run(level, batch, usize::MAX, None) {
+                Some(measured) => measured,
+                None => continue,
+            },
+        };
+        let too_slow = bytes_per_second < useful_bytes_per_second;
         // Only the ratio is taken with the dictionary, and a first pass (which also
-        // prepares the dictionary for the level) gives it as well as a second.
-        let ratio_with_dictionary = dictionary.and_then(|d| run(level, Some(d)).map(|(r, _)| r));
+        // prepares the dictionary for the level) gives it as well as a second. A level
+        // too slow to be chosen goes without.
+        let ratio_with_dictionary = dictionary
+            .filter(|_| !too_slow)
+            .and_then(|d| run(level, batch, usize::MAX, Some(d)).map(|(r, _)| r));
         out.levels.push(LevelMeasurement {
             level,
             ratio,
@@ -175,7 +212,7 @@ pub fn calibrate_with_progress(
         });
         out.seconds = started.elapsed().as_secs_f64();
         progress(&out);
-        if bytes_per_second < useful_bytes_per_second {
+        if too_slow {
             break;
         }
     }
@@ -216,5 +253,17 @@ mod tests {
         let dict = Dictionary::new(1, train(&sample, 16 << 10).unwrap());
         let with = calibrate(&sample, &[1], &|_| 64 << 10, Some(&dict), 0.0);
         assert!(with.levels[0].ratio_with_dictionary.unwrap() > 1.0);
+        // A level too slow for the bound (found on the probe, its batch being longer)
+        // is taken without the dictionary's pass, and ends the calibration.
+        let too_slow = calibrate(&sample, &[1, 3], &batch, Some(&dict), f64::MAX);
+        assert_eq!(too_slow.levels.len(), 1);
+        let first = too_slow.levels[0];
+        assert!(
+            first.ratio > 1.0 && first.bytes_per_second > 0.0,
+            "{first:?}"
+        );
+        assert_eq!(first.ratio_with_dictionary, None);
+        let fast_enough = calibrate(&sample, &[1], &batch, Some(&dict), 0.0);
+        assert!(fast_enough.levels[0].ratio_with_dictionary.is_some());
     }
 }
