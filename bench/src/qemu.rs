@@ -522,12 +522,11 @@ fn dwcp_run(src: &Vm, dst: &Vm, setup: &DwcpSetup<'_>) -> Result<Run, String> {
     let _ = dest.wait();
     // The source's own word first: a destination left waiting is its consequence.
     if let Some(how) = failure {
-        let said: Vec<&str> = error_text.lines().rev().take(3).collect();
-        let said: Vec<&str> = said.into_iter().rev().collect();
+        let said: Vec<&str> = error_text.lines().collect();
         return Err(format!(
             "dwcpd source failed ({how}): {} {}",
             text.trim(),
-            said.join(" / ")
+            said[said.len().saturating_sub(3)..].join(" / ")
         ));
     }
     let (running_at, dst_events) = running?;

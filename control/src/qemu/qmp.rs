@@ -225,23 +225,25 @@ impl Qmp {
         // QEMU writes each message whole, so a readable socket holds a whole line (the
         // read timeout still bounds a QEMU that stopped halfway).
         let line = self.read_line()?;
-        let value: Value = serde_json::from_str(&line).map_err(|_| QmpError::Malformed {
+        let malformed = || QmpError::Malformed {
             path: self.path.clone(),
             command: "(waiting for an event)".into(),
             reply: shorten(line.trim()),
-        })?;
+        };
+        let value: Value = serde_json::from_str(&line).map_err(|_| malformed())?;
         if value.get("event").is_none() {
-            return Err(QmpError::Malformed {
-                path: self.path.clone(),
-                command: "(waiting for an event)".into(),
-                reply: shorten(line.trim()),
-            });
+            return Err(malformed());
         }
+        self.keep_event(value.clone());
+        Ok(Some(value))
+    }
+
+    /// Keep `event` with the last few.
+    fn keep_event(&mut self, event: Value) {
         if self.events.len() == EVENTS_KEPT {
             self.events.remove(0);
         }
-        self.events.push(value.clone());
-        Ok(Some(value))
+        self.events.push(event);
     }
 
     fn read_line(&mut self) -> Result<String, QmpError> {
@@ -290,10 +292,7 @@ impl Qmp {
             };
             let value: Value = serde_json::from_str(&reply).map_err(|_| malformed())?;
             if value.get("event").is_some() {
-                if self.events.len() == EVENTS_KEPT {
-                    self.events.remove(0);
-                }
-                self.events.push(value);
+                self.keep_event(value);
                 continue;
             }
             if value.get("id").and_then(Value::as_u64) != Some(id) {
