@@ -66,7 +66,7 @@ fn demo(change: impl FnOnce(&mut Config)) -> Result<MigrationReport, String> {
 fn parts(r: &MigrationReport) -> String {
     let (e, m) = (&r.downtime.estimated, &r.downtime.measured);
     format!(
-        "collect {:.2}/{:.2}, send {} pages {:.2}/{:.2}, confirm {:.2}/{:.2}, pause -/{:.2} ms; {} page faults in the window; rounds (pages, zero, KiB, ms) {:?}",
+        "collect {:.2}/{:.2}, send {} pages {:.2}/{:.2}, confirm {:.2}/{:.2}, pause -/{:.2} ms, then the answer waited {:.2} ms here; {} page faults in the window; rounds (pages, zero, KiB, ms) {:?}",
         e.collect * 1e3,
         m.collect * 1e3,
         e.pages,
@@ -75,6 +75,7 @@ fn parts(r: &MigrationReport) -> String {
         e.confirm * 1e3,
         m.confirm * 1e3,
         m.pause * 1e3,
+        m.answer_lag * 1e3,
         m.page_faults,
         r.rounds
             .iter()

@@ -146,6 +146,9 @@ fn the_device_state_arrives_whole_and_in_order_after_the_verdict() {
     assert_eq!(dest.device_state_bytes, report.device_state_bytes);
     let measured = report.downtime.measured;
     assert!(measured.device_state > 0.0 && measured.device_state < measured.total);
+    // The downtime ends as the guest's word that it runs reaches the source; the
+    // thread hop after that is timed beside it (zero: no arrival recorded).
+    assert!(measured.answer_lag > 0.0 && measured.answer_lag < 1.0);
     assert_eq!(out.resumes, 0);
 }
 

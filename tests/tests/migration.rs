@@ -229,6 +229,13 @@ fn heavy_writer_converges_with_every_dirty_log() {
             None,
             "{dirty}"
         );
+        // The downtime ends as the verdict reaches the source; the thread hop after
+        // that is timed beside it (zero would mean no arrival was recorded).
+        let measured = report.downtime.measured;
+        assert!(
+            measured.answer_lag > 0.0 && measured.answer_lag < 1.0,
+            "{dirty}: {measured:?}"
+        );
         // Visible in the test log: how hard the run was.
         let _ = writeln!(
             std::io::stderr(),

@@ -80,21 +80,26 @@ pub struct DowntimeMeasured {
     pub collect: f64,
     /// Handing the final round to the kernel.
     pub send: f64,
-    /// From there to the destination's verdict (the table digest exchange), less
-    /// `way_back`.
+    /// From there to the destination's verdict reaching this appliance (the table
+    /// digest exchange), less `way_back`.
     pub confirm: f64,
     /// For a guest the destination resumes itself: the way back of its word that the
     /// guest runs (half the round trip measured at the pause), which came after the
     /// downtime ended and is left out of `confirm` and `total`.
     pub way_back: f64,
+    /// From the destination's last word (its verdict, or that its guest runs) reaching
+    /// this appliance (its control reader) to the session acting on it, after the
+    /// downtime ended and not in `total`: this host's scheduling (a session thread that
+    /// yielded its CPU to a busy thread waits for that one, however idle the others).
+    pub answer_lag: f64,
     /// Checking all of memory (full verification only; within `confirm` for the
     /// destination's share).
     pub verify: f64,
     /// From the verdict to the destination's guest running: the device state handed
     /// over and loaded (guests with device state only).
     pub device_state: f64,
-    /// Pause to verdict, or to the destination's guest running for guests with device
-    /// state (the source hears of it `way_back` later).
+    /// Pause to the verdict reaching this appliance, or to the destination's guest
+    /// running for guests with device state (the source hears of it `way_back` later).
     pub total: f64,
     /// Page faults this process took from the final collection to the verdict (the
     /// destination's too when both run in one process, as in the demo): memory touched
@@ -549,7 +554,7 @@ impl fmt::Display for MigrationReport {
         )?;
         writeln!(
             f,
-            "  paused window, estimated / measured ms: collect {:.1} / {:.1}, send {} pages {:.1}{} / {:.1}, confirm {:.1} / {:.1}{}; pause {:.2}; {} page faults",
+            "  paused window, estimated / measured ms: collect {:.1} / {:.1}, send {} pages {:.1}{} / {:.1}, confirm {:.1} / {:.1}{}; pause {:.2}; {} page faults; the answer then waited {:.2} here",
             d.estimated.collect * 1e3,
             d.measured.collect * 1e3,
             d.estimated.pages,
@@ -576,6 +581,7 @@ impl fmt::Display for MigrationReport {
             },
             d.measured.pause * 1e3,
             d.measured.page_faults,
+            d.measured.answer_lag * 1e3,
         )?;
         if let Some(scan) = &self.dirty_scan {
             writeln!(

@@ -220,16 +220,22 @@ impl Session<'_> {
         }
         self.report_progress("verify", progress);
         let (verified_pages, digest) = self.await_verdict(&expect)?;
-        let mut verdict_at = Instant::now();
+        // The downtime ends when the destination's last word reaches this appliance
+        // (its control reader), not when this thread gets round to it: nothing waits
+        // on that, and the planner's estimate, priced by round trips timed to arrival,
+        // leaves it out too. The difference is reported as `answer_lag`.
+        let (mut verdict_at, mut answer_lag) = self.last_word_arrival();
         let mut device_state = 0.0;
         if device.is_some() {
             self.report_progress("device state", progress);
             self.await_guest_running()?;
-            let running_at = Instant::now();
-            device_state = running_at.duration_since(verdict_at).as_secs_f64();
-            verdict_at = running_at;
+            let (running_at, lag) = self.last_word_arrival();
+            device_state = running_at
+                .saturating_duration_since(verdict_at)
+                .as_secs_f64();
+            (verdict_at, answer_lag) = (running_at, lag);
         }
-        let confirm = verdict_at.duration_since(t2).as_secs_f64() - verify;
+        let confirm = verdict_at.saturating_duration_since(t2).as_secs_f64() - verify;
         let page_faults = process_page_faults().saturating_sub(faults_before);
         // The destination runs the guest now. The workers' last counters (codec and
         // zero-copy figures for the report) come with their end, just after.
@@ -257,6 +263,7 @@ impl Session<'_> {
                 send,
                 confirm,
                 way_back: 0.0,
+                answer_lag,
                 verify,
                 device_state,
                 total: 0.0,
@@ -268,6 +275,17 @@ impl Session<'_> {
             audit: None,
             device_state_bytes,
         })
+    }
+
+    /// When the message just taken from the control stream reached this appliance,
+    /// and how long it then waited for this thread, in seconds.
+    fn last_word_arrival(&self) -> (Instant, f64) {
+        let seen = Instant::now();
+        let arrived = self.control.arrived().unwrap_or(seen);
+        (
+            arrived,
+            seen.saturating_duration_since(arrived).as_secs_f64(),
+        )
     }
 
     /// Queue the paused guest's device state on the data streams, in pieces that go
