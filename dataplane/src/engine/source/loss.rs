@@ -220,13 +220,25 @@ impl Losses {
         self.routes.lost().contains(stream) || self.losing.iter().any(|l| l.stream == stream)
     }
 
+    /// Whether the pages each round queues are kept, to queue a lost stream's pages
+    /// again. Only a session that carries on after a loss needs them: in the paused
+    /// window a loss fails the migration, and so does any loss in a session without
+    /// [`crate::wire::caps::STREAM_LOSS`]. Keeping a round copies its bitmap (a byte
+    /// per 32 KiB of memory), which in the paused window is downtime that grows with
+    /// memory size.
+    pub fn keeps_rounds(&self) -> bool {
+        self.allowed && !self.paused
+    }
+
     /// A new round starts queuing `pages`.
     pub fn round_started(&mut self, round: u64, pages: &DirtyBitmap) {
-        self.sent.push_back(SentSet {
-            round,
-            pages: pages.clone(),
-            queued_below: 0,
-        });
+        if self.keeps_rounds() {
+            self.sent.push_back(SentSet {
+                round,
+                pages: pages.clone(),
+                queued_below: 0,
+            });
+        }
         self.pushing = true;
     }
 
@@ -743,5 +755,33 @@ impl Session<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn losses(allowed: bool) -> Losses {
+        Losses::new(allowed, 2, None, "127.0.0.1:9".parse().unwrap(), 1)
+    }
+
+    #[test]
+    fn rounds_are_kept_only_where_a_loss_can_be_carried_through() {
+        let mut pages = DirtyBitmap::new(1024);
+        pages.set_range(10, 20);
+        let mut carries_on = losses(true);
+        carries_on.round_started(3, &pages);
+        assert_eq!(carries_on.sent.len(), 1);
+        assert_eq!(carries_on.sent[0].pages.count(), 10);
+        // The paused window: a loss fails the migration, nothing is requeued.
+        carries_on.paused = true;
+        carries_on.round_started(4, &pages);
+        assert_eq!(carries_on.sent.len(), 1, "the final round is not copied");
+        assert!(carries_on.pushing);
+        // A session without stream loss never requeues.
+        let mut fails = losses(false);
+        fails.round_started(0, &pages);
+        assert!(fails.sent.is_empty() && fails.pushing);
     }
 }

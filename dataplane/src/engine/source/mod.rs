@@ -1109,6 +1109,10 @@ impl<'a> Session<'a> {
 
     /// Every page of the round below `page` has been queued.
     fn queued_below(&mut self, page: u64) {
+        if !self.losses.keeps_rounds() {
+            // The last set kept is an earlier round's.
+            return;
+        }
         if let Some(set) = self.losses.sent.back_mut() {
             set.queued_below = page;
         }
