@@ -241,6 +241,14 @@ pub trait DirtyLog: Send {
         None
     }
 
+    /// Seconds one walk like [`DirtyLog::collect_paused`]'s takes now, reporting and
+    /// changing nothing; `None` for trackers whose paused collection is no such walk.
+    /// For the downtime estimate: a live collection also protects again what it
+    /// reports, while the guest writes, and costs several times the paused one.
+    fn time_paused_walk(&mut self) -> Option<f64> {
+        None
+    }
+
     /// [`DirtyLog::collect`] with the guest paused: trackers that read memory may read
     /// it in place rather than copy each page out first, and trackers that protect
     /// pages need not protect them again. A later `collect` may therefore report these

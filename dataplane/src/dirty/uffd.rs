@@ -269,12 +269,30 @@ impl DirtyLog for UffdDirtyLog {
     unsafe fn collect_paused(&mut self, out: &mut DirtyBitmap) -> Result<(), DirtyLogError> {
         self.walk(out, PM_SCAN_CHECK_WPASYNC)
     }
+
+    /// The paused walk's flags (nothing protected again), its findings dropped.
+    fn time_paused_walk(&mut self) -> Option<f64> {
+        let start = std::time::Instant::now();
+        self.walk_with(PM_SCAN_CHECK_WPASYNC, &mut |_, _| {})
+            .ok()
+            .map(|()| start.elapsed().as_secs_f64())
+    }
 }
 
 impl UffdDirtyLog {
     /// One `PAGEMAP_SCAN` walk of the whole memory with `flags`, marking in `out` the
     /// pages written since they were last protected.
     fn walk(&mut self, out: &mut DirtyBitmap, flags: u64) -> Result<(), DirtyLogError> {
+        self.walk_with(flags, &mut |first, last| out.set_range(first, last))
+    }
+
+    /// One `PAGEMAP_SCAN` walk of the whole memory with `flags`, handing `written` each
+    /// run of written pages, `first..last`.
+    fn walk_with(
+        &mut self,
+        flags: u64,
+        written: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), DirtyLogError> {
         let base = self.base;
         let end = base + self.len;
         let mut start = base;
@@ -304,7 +322,7 @@ impl UffdDirtyLog {
             for region in &self.regions[..n as usize] {
                 let first = (region.start.max(base) - base) / PAGE_SIZE as u64;
                 let last = (region.end.min(end) - base).div_ceil(PAGE_SIZE as u64);
-                out.set_range(first, last);
+                written(first, last);
             }
             if arg.walk_end <= start {
                 return Err(DirtyLogError::Os {
@@ -329,5 +347,34 @@ impl Drop for UffdDirtyLog {
         // the descriptor would do it too; this says so where it happens. It fails
         // harmlessly when another process's mapping is gone.)
         unsafe { ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dwcp_hugepages::PagePreference;
+
+    #[test]
+    fn a_timed_walk_changes_nothing_the_next_collection_reports() {
+        if let Err(why) = probe_uffd_wp_async() {
+            eprintln!("skipped: asynchronous userfaultfd write-protect: {why}");
+            return;
+        }
+        let memory =
+            Arc::new(GuestMemory::anonymous(256 * PAGE_SIZE, PagePreference::Small).unwrap());
+        let mut log = UffdDirtyLog::new(memory.clone()).unwrap();
+        let written = [3u64, 64, 65, 255];
+        for page in written {
+            memory.write_page(page, &[7u8; PAGE_SIZE]);
+        }
+        assert!(log.time_paused_walk().is_some_and(|s| s >= 0.0));
+        let mut out = DirtyBitmap::new(256);
+        log.collect(&mut out).unwrap();
+        assert_eq!(out.iter().collect::<Vec<_>>(), written);
+        // That collection protected them again: nothing more until the next write.
+        let mut again = DirtyBitmap::new(256);
+        log.collect(&mut again).unwrap();
+        assert_eq!(again.count(), 0);
     }
 }
