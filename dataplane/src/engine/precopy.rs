@@ -279,8 +279,7 @@ impl Planner {
     /// The dirty log walked its memory as the paused collection will, in `seconds`
     /// (with the guest running).
     pub fn paused_walk_timed(&mut self, seconds: f64) {
-        if seconds.is_finite() && seconds >= 0.0 {
-            self.paused_walk = Some(self.paused_walk.map_or(seconds, |q| q.min(seconds)));
+        if keep_quickest(&mut self.paused_walk, seconds) {
             self.paused_walks += 1;
         }
     }
@@ -316,18 +315,14 @@ impl Planner {
     /// The destination acknowledged a round `lag` seconds after its last byte was in
     /// the kernel.
     pub fn round_acknowledged(&mut self, lag: f64) {
-        if lag.is_finite() && lag >= 0.0 {
-            self.quickest_ack = Some(self.quickest_ack.map_or(lag, |q| q.min(lag)));
-        }
+        keep_quickest(&mut self.quickest_ack, lag);
     }
 
     /// A round trip of the control stream took `rtt` seconds.
     pub fn round_trip(&mut self, rtt: f64) {
-        if rtt.is_finite() && rtt >= 0.0 {
-            // The quickest seen: a ping delayed by a busy machine says little about the
-            // path.
-            self.rtt = Some(self.rtt.map_or(rtt, |r| r.min(rtt)));
-        }
+        // The quickest seen: a ping delayed by a busy machine says little about the
+        // path.
+        keep_quickest(&mut self.rtt, rtt);
     }
 
     /// Bytes per second and per-round overhead of sending, fitted to recent rounds.
@@ -562,6 +557,16 @@ impl Planner {
 /// least-squares intercept of `seconds = base + pages × per_page` over recent
 /// collections, kept between zero and the quickest; with no such line (one sample, one
 /// size), the quickest collection.
+/// Keep in `quickest` the least of the durations seen, `seconds` among them when it is
+/// one (finite, not negative); returns whether it was.
+fn keep_quickest(quickest: &mut Option<f64>, seconds: f64) -> bool {
+    if !(seconds.is_finite() && seconds >= 0.0) {
+        return false;
+    }
+    *quickest = Some(quickest.map_or(seconds, |q| q.min(seconds)));
+    true
+}
+
 fn collect_base(samples: &VecDeque<(f64, f64)>) -> f64 {
     let quickest = samples.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
     if !quickest.is_finite() {

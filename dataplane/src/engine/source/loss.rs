@@ -226,7 +226,7 @@ impl Losses {
     /// [`crate::wire::caps::STREAM_LOSS`]. Keeping a round copies its bitmap (a byte
     /// per 32 KiB of memory), which in the paused window is downtime that grows with
     /// memory size.
-    pub fn keeps_rounds(&self) -> bool {
+    fn keeps_rounds(&self) -> bool {
         self.allowed && !self.paused
     }
 
@@ -240,6 +240,17 @@ impl Losses {
             });
         }
         self.pushing = true;
+    }
+
+    /// Every page of the round being queued below `page` has been queued.
+    pub fn queued_below(&mut self, page: u64) {
+        if !self.keeps_rounds() {
+            // The last set kept is an earlier round's.
+            return;
+        }
+        if let Some(set) = self.sent.back_mut() {
+            set.queued_below = page;
+        }
     }
 
     /// Forget the pages of rounds up to `applied`, unless a loss still needs them.

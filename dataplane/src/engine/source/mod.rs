@@ -1084,7 +1084,7 @@ impl<'a> Session<'a> {
                 Some((first, count)) if continues((first, count), page) => Some((first, count + 1)),
                 Some(done) => {
                     self.queue_run(done, &mut since_wake)?;
-                    self.queued_below(page);
+                    self.losses.queued_below(page);
                     self.push_requeued(&mut since_wake)?;
                     if queued - reported >= PROGRESS_EVERY {
                         reported = queued;
@@ -1104,21 +1104,10 @@ impl<'a> Session<'a> {
         if let Some(done) = run {
             self.queue_run(done, &mut since_wake)?;
         }
-        self.queued_below(u64::MAX);
+        self.losses.queued_below(u64::MAX);
         self.push_requeued(&mut since_wake)?;
         self.fleet.wake_all();
         Ok((queued, None))
-    }
-
-    /// Every page of the round below `page` has been queued.
-    fn queued_below(&mut self, page: u64) {
-        if !self.losses.keeps_rounds() {
-            // The last set kept is an earlier round's.
-            return;
-        }
-        if let Some(set) = self.losses.sent.back_mut() {
-            set.queued_below = page;
-        }
     }
 
     /// Close round `round` on every worker and wait until all of it is in the kernel.
