@@ -331,6 +331,9 @@ impl<'p> Steering<'p> {
         for t in streams {
             let Some(tcp) = t.tcp else { continue };
             link.unsent_bytes += u64::from(tcp.notsent_bytes);
+            if tcp.max_pacing_rate != u64::MAX {
+                *link.pacing_cap.get_or_insert(0.0) += tcp.max_pacing_rate as f64;
+            }
             let slot = &mut self.marks[usize::from(t.stream)];
             acked += tcp.bytes_acked.saturating_sub(slot.bytes_acked);
             link.retransmits += tcp.total_retrans.saturating_sub(slot.retransmits);
