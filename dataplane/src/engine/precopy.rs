@@ -11,12 +11,13 @@
 //! Everything that happens while the guest is paused, each part from its own
 //! measurement:
 //! - **collect**: the final dirty-log collection, which has almost nothing to report
-//!   (it follows the decision's own collection at once): the fixed part of a
-//!   collection's cost, from a line through recent collections' pages and times, or,
-//!   when less, the quickest walk the dirty log timed the way the paused one runs
-//!   ([`Planner::paused_walk_timed`]: a walk that protects nothing again, with the
-//!   guest's writes not contending, took 0.07-0.14 ms for 1 GiB in the downtime bench,
-//!   where the live collections' line put it at 0.14-0.84 ms);
+//!   (it follows the decision's own collection at once): the quickest walk the dirty
+//!   log timed the way the paused one runs ([`Planner::paused_walk_timed`]: a walk that
+//!   protects nothing again, with the guest's writes not contending, took 0.07-0.14 ms
+//!   for 1 GiB in the downtime bench, where the live collections' line put it at
+//!   0.14-0.84 ms), no more than the quickest live collection; where the dirty log
+//!   times no such walk, the fixed part of a collection's cost, from a line through
+//!   recent collections' pages and times;
 //! - **send**: the final round handed to the kernel, `overhead + bytes / rate`, with the
 //!   rate fitted to the recent rounds' bytes and send times (round 0 left out: it ran
 //!   at its own pace, through zero pages and a destination still faulting its memory
@@ -346,15 +347,17 @@ impl Planner {
         // large rounds measured at the pace of the link.)
         let confirm = self.inside_downtime(self.confirm_round_trip());
         let collect = if self.collect_reads_memory {
-            let quickest = self
-                .collects
-                .iter()
-                .map(|s| s.1)
-                .fold(f64::INFINITY, f64::min);
+            let quickest = quickest_collect(&self.collects);
             if quickest.is_finite() { quickest } else { 0.0 }
         } else {
-            let base = collect_base(&self.collects);
-            self.paused_walk.map_or(base, |walk| base.min(walk))
+            match self.paused_walk {
+                // What the paused walk costs, measured; no more than a live collection,
+                // which walks the same and protects again besides. (Not capped by the
+                // line's intercept: that extrapolates, and came out at 0 in a third of
+                // the 4 GiB runs, whose walk takes 0.1-0.4 ms.)
+                Some(walk) => walk.min(quickest_collect(&self.collects)),
+                None => collect_base(&self.collects),
+            }
         };
         let verify = self.config.verify_seconds;
         DowntimeEstimate {
@@ -553,10 +556,6 @@ impl Planner {
     }
 }
 
-/// What a collection costs with (almost) nothing to report, as the final one is: the
-/// least-squares intercept of `seconds = base + pages × per_page` over recent
-/// collections, kept between zero and the quickest; with no such line (one sample, one
-/// size), the quickest collection.
 /// Keep in `quickest` the least of the durations seen, `seconds` among them when it is
 /// one (finite, not negative); returns whether it was.
 fn keep_quickest(quickest: &mut Option<f64>, seconds: f64) -> bool {
@@ -567,9 +566,18 @@ fn keep_quickest(quickest: &mut Option<f64>, seconds: f64) -> bool {
     true
 }
 
+/// The quickest collection among `samples` (pages, seconds); infinite with none.
+fn quickest_collect(samples: &VecDeque<(f64, f64)>) -> f64 {
+    samples.iter().map(|s| s.1).fold(f64::INFINITY, f64::min)
+}
+
+/// What a collection costs with (almost) nothing to report, as the final one is: the
+/// least-squares intercept of `seconds = base + pages × per_page` over recent
+/// collections, kept between zero and the quickest; with no such line (one sample, one
+/// size), the quickest collection.
 fn collect_base(samples: &VecDeque<(f64, f64)>) -> f64 {
-    let quickest = samples.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
-    if !quickest.is_finite() {
+    let quickest = quickest_collect(samples);
+    if samples.is_empty() {
         return 0.0;
     }
     match Line::fit(samples) {
@@ -1142,6 +1150,17 @@ mod tests {
         slow.round_done(m);
         slow.paused_walk_timed(0.01);
         assert!((slow.estimate(0).collect - m.collect_seconds).abs() < 1e-12);
+        // Live collections whose line meets zero pages below zero: the walk, measured,
+        // is the estimate, not the line's clamped intercept.
+        let mut steep = Planner::new(config(50));
+        for (pages, seconds) in [(1_000, 0.0003), (4_000, 0.0015)] {
+            m.dirtied_pages = pages;
+            m.collect_seconds = seconds;
+            steep.round_done(m);
+        }
+        assert_eq!(steep.estimate(0).collect, 0.0);
+        steep.paused_walk_timed(0.00025);
+        assert!((steep.estimate(0).collect - 0.00025).abs() < 1e-12);
     }
 
     #[test]
