@@ -149,7 +149,7 @@ pub struct LinkObservation {
     pub unsent_bytes: u64,
     /// The sum of the streams' send-rate caps (`SO_MAX_PACING_RATE`: `[transport]
     /// pacing_rate`, or the cluster's share of the site's WAN budget), bytes per
-    /// second; `None` when no stream is capped.
+    /// second; `None` unless every stream is capped.
     pub pacing_cap: Option<f64>,
     /// The slow path's forecast of what the path will carry over the next second,
     /// bytes per second ([`LiveControl::set_path_rate`](crate::engine::LiveControl::set_path_rate)).

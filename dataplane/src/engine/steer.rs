@@ -328,12 +328,11 @@ impl<'p> Steering<'p> {
         let mut acked = 0u64;
         let mut rtt = u32::MAX;
         let (mut busy_us, mut rwnd_limited_us) = (0u64, 0u64);
+        let mut caps = Vec::with_capacity(streams.len());
         for t in streams {
             let Some(tcp) = t.tcp else { continue };
             link.unsent_bytes += u64::from(tcp.notsent_bytes);
-            if tcp.max_pacing_rate != u64::MAX {
-                *link.pacing_cap.get_or_insert(0.0) += tcp.max_pacing_rate as f64;
-            }
+            caps.push(tcp.max_pacing_rate);
             let slot = &mut self.marks[usize::from(t.stream)];
             acked += tcp.bytes_acked.saturating_sub(slot.bytes_acked);
             link.retransmits += tcp.total_retrans.saturating_sub(slot.retransmits);
@@ -348,6 +347,7 @@ impl<'p> Steering<'p> {
             link.delivery_rate += tcp.delivery_rate as f64;
             rtt = rtt.min(tcp.rtt_us);
         }
+        link.pacing_cap = total_pacing_cap(&caps);
         if busy_us > 0 {
             link.receiver_limited = (rwnd_limited_us as f64 / busy_us as f64).min(1.0);
         }
@@ -561,5 +561,31 @@ fn yield_to_the_fast_path() {
     unsafe {
         let tid = libc::gettid();
         libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
+}
+
+/// The streams' send-rate caps (`SO_MAX_PACING_RATE` as `TCP_INFO` reports it, `u64::MAX`
+/// for none) taken together, bytes per second: their sum, or `None` unless every
+/// stream is capped (one uncapped stream leaves the total unbounded).
+fn total_pacing_cap(caps: &[u64]) -> Option<f64> {
+    if caps.is_empty() || caps.contains(&u64::MAX) {
+        return None;
+    }
+    Some(caps.iter().map(|&c| c as f64).sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_are_capped_together_only_when_each_is() {
+        assert_eq!(total_pacing_cap(&[]), None);
+        assert_eq!(
+            total_pacing_cap(&[2 << 20, 2 << 20]),
+            Some(f64::from(4 << 20))
+        );
+        assert_eq!(total_pacing_cap(&[2 << 20, u64::MAX]), None);
+        assert_eq!(total_pacing_cap(&[u64::MAX; 4]), None);
     }
 }
