@@ -344,7 +344,7 @@ const SPARE_NETWORK: f64 = 8.0;
 /// fills while the peer is slow to acknowledge, and each then holds its
 /// `TCP_NOTSENT_LOWAT` unsent. In the QEMU bench on loopback (4 streams, the guest's
 /// vCPU and both appliances on two cores) the first decision of most runs saw 256 KiB
-/// unsent with the network delivering 300-500 times faster than acknowledged; taken
+/// unsent with the network delivering 180-500 times faster than acknowledged; taken
 /// for link-bound, it asked for a calibration (30 ms of CPU in a 0.3 s round).
 ///
 /// A stream capped below the link ([`held_by_pacing_cap`]) is another matter.
