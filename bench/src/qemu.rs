@@ -23,6 +23,11 @@
 //! - source CPU: CPU seconds of the migration on the source host: QEMU's migration
 //!   threads (its process's CPU less that of the threads it had before: the vCPU, the
 //!   main loop), plus, for dwcp, the whole `dwcpd source` process;
+//! - destination CPU: the destination QEMU's CPU from the migrate command to its guest
+//!   running (its vCPUs wait meanwhile: this is the incoming migration's work, all of
+//!   it for QEMU, the device state's load for dwcp), plus, for dwcp, the whole
+//!   `dwcpd dest` process. Both sides share this host's cores with the source guest's
+//!   vCPU, so their sum (`qemu/loopback-cpu-vs-multifd4`) is what sets the pace;
 //! - bytes on the wire: QEMU's `transferred`; dwcp's frames and device state.
 //!
 //! `qemu/loopback-*-vs-multifd4` compare dwcp with QEMU's multifd (4 channels) on
@@ -77,6 +82,7 @@ struct Run {
     /// QEMU's own figure (dwcp: QEMU's part only).
     qemu_downtime_ms: f64,
     src_cpu_seconds: f64,
+    dst_cpu_seconds: f64,
     wire_bytes: f64,
     /// For dwcp: the report's own downtime parts.
     detail: Option<String>,
@@ -288,6 +294,7 @@ fn qemu_run(src: &Vm, dst: &Vm, config: &str, downtime_ms: u64, uri: &str) -> Re
     qd.execute("migrate-incoming", json!({ "uri": uri }))
         .map_err(err)?;
     let before = cpu_seconds(src.pid());
+    let dst_before = cpu_seconds(dst.pid()).0;
     qs.take_events();
     let started = Instant::now();
     qs.execute("migrate", json!({ "uri": uri })).map_err(err)?;
@@ -296,6 +303,7 @@ fn qemu_run(src: &Vm, dst: &Vm, config: &str, downtime_ms: u64, uri: &str) -> Re
         started + MIGRATION_PATIENCE,
         || matches!(qs.migration(), Ok((status, _)) if status == "failed" || status == "cancelled"),
     )?;
+    let dst_cpu_seconds = cpu_seconds(dst.pid()).0 - dst_before;
     let deadline = Instant::now() + Duration::from_secs(30);
     let info = loop {
         let (status, info) = qs.migration().map_err(err)?;
@@ -313,6 +321,7 @@ fn qemu_run(src: &Vm, dst: &Vm, config: &str, downtime_ms: u64, uri: &str) -> Re
         downtime_ms,
         qemu_downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         src_cpu_seconds: new_threads_cpu(src.pid(), &before),
+        dst_cpu_seconds,
         wire_bytes: info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN),
         detail: None,
     })
@@ -479,6 +488,7 @@ fn dwcp_run(src: &Vm, dst: &Vm, setup: &DwcpSetup<'_>) -> Result<Run, String> {
         }
     });
     let before = cpu_seconds(src.pid());
+    let dst_before = cpu_seconds(dst.pid()).0;
     qs.take_events();
     let started = Instant::now();
     let mut source = in_netns(setup.src_ns, &dwcpd());
@@ -513,13 +523,18 @@ fn dwcp_run(src: &Vm, dst: &Vm, setup: &DwcpSetup<'_>) -> Result<Run, String> {
         }
         exited.is_some()
     });
+    let dst_qemu_cpu = cpu_seconds(dst.pid()).0 - dst_before;
     let (failure, dwcp_cpu) = match exited {
         Some(done) => done,
         None => reap(pid, true).unwrap_or_else(|| Err("dwcpd source vanished".into())),
     }?;
     let text = reader.join().unwrap_or_default();
     let error_text = errors.join().unwrap_or_default();
-    let _ = dest.wait();
+    // `dwcpd dest` ends with the migration; its CPU comes with its exit status.
+    let dest_cpu = match reap(dest.id(), true) {
+        Some(Ok((_, cpu))) => cpu,
+        _ => f64::NAN,
+    };
     // The source's own word first: a destination left waiting is its consequence.
     if let Some(how) = failure {
         let said: Vec<&str> = error_text.lines().collect();
@@ -584,6 +599,7 @@ fn dwcp_run(src: &Vm, dst: &Vm, setup: &DwcpSetup<'_>) -> Result<Run, String> {
         downtime_ms,
         qemu_downtime_ms,
         src_cpu_seconds: dwcp_cpu + new_threads_cpu(src.pid(), &before),
+        dst_cpu_seconds: dest_cpu + dst_qemu_cpu,
         wire_bytes: report["bytes_sent"].as_f64().unwrap_or(0.0)
             + report["device_state_bytes"].as_f64().unwrap_or(0.0),
         detail: Some(detail),
@@ -597,6 +613,9 @@ struct Figures {
     downtime: Samples,
     qemu_downtime: Samples,
     cpu: Samples,
+    dst_cpu: Samples,
+    /// Source and destination CPU, run by run.
+    total_cpu: Samples,
     wire: Samples,
     failures: Vec<String>,
 }
@@ -606,11 +625,12 @@ impl Figures {
         match run {
             Ok(r) => {
                 eprintln!(
-                    "  {name}: {:.2} s, downtime {:.1} ms (QEMU's figure {:.1}), source CPU {:.2} s, {:.1} MB on the wire{}",
+                    "  {name}: {:.2} s, downtime {:.1} ms (QEMU's figure {:.1}), CPU {:.2} s at the source and {:.2} s at the destination, {:.1} MB on the wire{}",
                     r.seconds,
                     r.downtime_ms,
                     r.qemu_downtime_ms,
                     r.src_cpu_seconds,
+                    r.dst_cpu_seconds,
                     r.wire_bytes / 1e6,
                     r.detail.map(|d| format!("; {d}")).unwrap_or_default()
                 );
@@ -618,6 +638,8 @@ impl Figures {
                 self.downtime.push(r.downtime_ms);
                 self.qemu_downtime.push(r.qemu_downtime_ms);
                 self.cpu.push(r.src_cpu_seconds);
+                self.dst_cpu.push(r.dst_cpu_seconds);
+                self.total_cpu.push(r.src_cpu_seconds + r.dst_cpu_seconds);
                 self.wire.push(r.wire_bytes);
             }
             Err(e) => {
@@ -801,6 +823,13 @@ fn loopback_lines(out: &mut Reporter, figures: &BTreeMap<String, Figures>) {
             &theirs.cpu,
             None,
         ),
+        (
+            "qemu/loopback-cpu-vs-multifd4",
+            "CPU s",
+            &ours.total_cpu,
+            &theirs.total_cpu,
+            None,
+        ),
     ];
     for (bench, unit, o, t, target) in lines {
         if let Some(mut c) = comparison(bench, unit, o, "qemu-multifd4", t, target) {
@@ -812,6 +841,7 @@ fn loopback_lines(out: &mut Reporter, figures: &BTreeMap<String, Figures>) {
                     others(&|f| round3(f.qemu_downtime.median())),
                 )
                 .with_field("src_cpu_s", others(&|f| round3(f.cpu.median())))
+                .with_field("dst_cpu_s", others(&|f| round3(f.dst_cpu.median())))
                 .with_field("wire_mb", others(&|f| round3(f.wire.median() / 1e6)))
                 .with_field("failures", others(&|f| f.failures.len() as f64));
             out.emit(c);
