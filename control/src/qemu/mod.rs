@@ -201,14 +201,60 @@ fn map_memory(
 }
 
 /// A private directory for the sockets QEMU's device state passes through.
+///
+/// Named by the process and a counter. An appliance killed before it removed its
+/// directory leaves it behind, and a later process may get the same pid (a daemon
+/// killed mid-migration, then another started, did so in CI): a name taken is passed
+/// over, never reused, since a directory this process did not create may not be ours.
 fn relay_dir(tag: &str) -> Result<PathBuf, String> {
     use std::os::unix::fs::DirBuilderExt;
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("dwcp-{tag}-{}-{n}", std::process::id()));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    Ok(dir)
+    const ATTEMPTS: u32 = 64;
+    for _ in 0..ATTEMPTS {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = relay_dir_name(tag, n);
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("creating {}: {e}", dir.display())),
+        }
+    }
+    Err(format!(
+        "creating {}: {ATTEMPTS} names in a row were taken",
+        relay_dir_name(tag, NEXT.load(std::sync::atomic::Ordering::Relaxed)).display()
+    ))
+}
+
+fn relay_dir_name(tag: &str, n: u64) -> PathBuf {
+    std::env::temp_dir().join(format!("dwcp-{tag}-{}-{n}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_directories_left_by_a_dead_process_with_the_same_pid_are_passed_over() {
+        let first = relay_dir("left-behind").unwrap();
+        let n: u64 = first
+            .to_string_lossy()
+            .rsplit('-')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // The next names, as a killed process with this pid would have left them.
+        let left: Vec<PathBuf> = (n + 1..n + 4)
+            .map(|k| relay_dir_name("left-behind", k))
+            .collect();
+        for dir in &left {
+            std::fs::create_dir(dir).unwrap();
+        }
+        let next = relay_dir("left-behind").unwrap();
+        assert!(next.is_dir());
+        assert!(!left.contains(&next) && next != first, "{}", next.display());
+        for dir in left.iter().chain([&first, &next]) {
+            std::fs::remove_dir(dir).unwrap();
+        }
+    }
 }
