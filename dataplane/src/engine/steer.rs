@@ -328,11 +328,9 @@ impl<'p> Steering<'p> {
         let mut acked = 0u64;
         let mut rtt = u32::MAX;
         let (mut busy_us, mut rwnd_limited_us) = (0u64, 0u64);
-        let mut caps = Vec::with_capacity(streams.len());
         for t in streams {
             let Some(tcp) = t.tcp else { continue };
             link.unsent_bytes += u64::from(tcp.notsent_bytes);
-            caps.push(tcp.max_pacing_rate);
             let slot = &mut self.marks[usize::from(t.stream)];
             acked += tcp.bytes_acked.saturating_sub(slot.bytes_acked);
             link.retransmits += tcp.total_retrans.saturating_sub(slot.retransmits);
@@ -347,7 +345,12 @@ impl<'p> Steering<'p> {
             link.delivery_rate += tcp.delivery_rate as f64;
             rtt = rtt.min(tcp.rtt_us);
         }
-        link.pacing_cap = total_pacing_cap(&caps);
+        link.pacing_cap = total_pacing_cap(
+            streams
+                .iter()
+                .filter_map(|t| t.tcp)
+                .map(|t| t.max_pacing_rate),
+        );
         if busy_us > 0 {
             link.receiver_limited = (rwnd_limited_us as f64 / busy_us as f64).min(1.0);
         }
@@ -567,11 +570,15 @@ fn yield_to_the_fast_path() {
 /// The streams' send-rate caps (`SO_MAX_PACING_RATE` as `TCP_INFO` reports it, `u64::MAX`
 /// for none) taken together, bytes per second: their sum, or `None` unless every
 /// stream is capped (one uncapped stream leaves the total unbounded).
-fn total_pacing_cap(caps: &[u64]) -> Option<f64> {
-    if caps.is_empty() || caps.contains(&u64::MAX) {
-        return None;
+fn total_pacing_cap(caps: impl IntoIterator<Item = u64>) -> Option<f64> {
+    let mut total = None;
+    for cap in caps {
+        if cap == u64::MAX {
+            return None;
+        }
+        total = Some(total.unwrap_or(0.0) + cap as f64);
     }
-    Some(caps.iter().map(|&c| c as f64).sum())
+    total
 }
 
 #[cfg(test)]
@@ -580,12 +587,12 @@ mod tests {
 
     #[test]
     fn streams_are_capped_together_only_when_each_is() {
-        assert_eq!(total_pacing_cap(&[]), None);
+        assert_eq!(total_pacing_cap([]), None);
         assert_eq!(
-            total_pacing_cap(&[2 << 20, 2 << 20]),
+            total_pacing_cap([2 << 20, 2 << 20]),
             Some(f64::from(4 << 20))
         );
-        assert_eq!(total_pacing_cap(&[2 << 20, u64::MAX]), None);
-        assert_eq!(total_pacing_cap(&[u64::MAX; 4]), None);
+        assert_eq!(total_pacing_cap([2 << 20, u64::MAX]), None);
+        assert_eq!(total_pacing_cap([u64::MAX; 4]), None);
     }
 }
