@@ -13,8 +13,8 @@ use super::handshake::io;
 use super::report::WorkerStatus;
 use super::steer::Steering;
 use crate::transport::{
-    RxEvent, RxSetup, RxWorker, StreamTelemetry, TransportConfig, TransportKind, TxCommand,
-    TxControl, TxEvent, TxSetup, TxWorker, WorkerTelemetry, plain, uring,
+    RxEvent, RxSetup, RxWorker, Starting, StreamTelemetry, TransportConfig, TransportKind,
+    TxCommand, TxControl, TxEvent, TxSetup, TxWorker, WorkerTelemetry, plain, uring,
 };
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
@@ -85,28 +85,36 @@ fn cpu_for(cpus: &[usize], w: usize) -> Option<usize> {
 }
 
 /// Group `streams` into workers of `kind` ([`assign`]) and start each with `spawn`
-/// (worker index, its streams, its CPU). Returns the workers and, per stream id, its
-/// worker.
+/// (worker index, its streams, its CPU), all before waiting for any to be set up.
+/// Returns the workers and, per stream id, its worker.
 fn spawn_groups<W>(
     kind: TransportKind,
     streams: Vec<(u16, TcpStream)>,
     wanted: usize,
     cpus: &[usize],
-    mut spawn: impl FnMut(usize, Vec<(u16, TcpStream)>, Option<usize>) -> Result<W, MigrationError>,
+    mut spawn: impl FnMut(
+        usize,
+        Vec<(u16, TcpStream)>,
+        Option<usize>,
+    ) -> Result<Starting<W>, MigrationError>,
 ) -> Result<(Vec<W>, Vec<usize>), MigrationError> {
     let assignment = assign(kind, streams.len() as u16, wanted, cpus.len());
     let mut sockets: Vec<Option<TcpStream>> = (0..streams.len()).map(|_| None).collect();
     for (id, s) in streams {
         sockets[usize::from(id)] = Some(s);
     }
-    let mut workers = Vec::with_capacity(assignment.groups.len());
+    let mut starting = Vec::with_capacity(assignment.groups.len());
     for (w, group) in assignment.groups.iter().enumerate() {
         let group = group
             .iter()
             .filter_map(|&id| sockets[usize::from(id)].take().map(|s| (id, s)))
             .collect();
-        workers.push(spawn(w, group, cpu_for(cpus, w))?);
+        starting.push(spawn(w, group, cpu_for(cpus, w))?);
     }
+    let workers = starting
+        .into_iter()
+        .map(|s| s.ready().map_err(io("setting up a worker")))
+        .collect::<Result<Vec<W>, _>>()?;
     Ok((workers, assignment.worker_of))
 }
 
@@ -119,13 +127,14 @@ fn spawn_tx_worker(
     transport: &TransportConfig,
     zero_copy: bool,
     cpu: Option<usize>,
-) -> Result<TxWorker, MigrationError> {
+) -> Result<Starting<TxWorker>, MigrationError> {
     match kind {
         TransportKind::IoUring | TransportKind::Rma => {
-            uring::spawn_tx(w, group, setup.clone(), transport, zero_copy, cpu)
+            uring::start_tx(w, group, setup.clone(), transport, zero_copy, cpu)
                 .map_err(io("starting an io_uring worker"))
         }
         TransportKind::Plain => plain::spawn_tx(w, single(group)?, setup.clone(), transport, cpu)
+            .map(Starting::started)
             .map_err(io("starting a worker")),
     }
 }
@@ -138,13 +147,14 @@ fn spawn_rx_worker(
     setup: &RxSetup,
     transport: &TransportConfig,
     cpu: Option<usize>,
-) -> Result<RxWorker, MigrationError> {
+) -> Result<Starting<RxWorker>, MigrationError> {
     match kind {
         TransportKind::IoUring | TransportKind::Rma => {
-            uring::spawn_rx(w, group, setup.clone(), transport, cpu)
+            uring::start_rx(w, group, setup.clone(), transport, cpu)
                 .map_err(io("starting an io_uring receiver"))
         }
         TransportKind::Plain => plain::spawn_rx(single(group)?, setup.clone(), transport, cpu)
+            .map(Starting::started)
             .map_err(io("starting a receiver")),
     }
 }
@@ -455,7 +465,9 @@ impl TxFleet {
             &self.transport,
             zero_copy,
             cpu,
-        )?;
+        )?
+        .ready()
+        .map_err(io("setting up a worker"))?;
         self.workers.push(worker);
         self.worker_of[s] = w;
         self.sockets[s] = clone;
@@ -623,7 +635,9 @@ impl RxFleet {
         let w = self.workers.len();
         let cpus = worker_cpus(transport);
         let cpu = cpu_for(&cpus, w);
-        let worker = spawn_rx_worker(kind, w, vec![stream], setup, transport, cpu)?;
+        let worker = spawn_rx_worker(kind, w, vec![stream], setup, transport, cpu)?
+            .ready()
+            .map_err(io("setting up a receiver"))?;
         self.workers.push(worker);
         Ok(())
     }
@@ -661,6 +675,68 @@ impl RxFleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    #[test]
+    fn every_worker_starts_before_the_fleet_waits_for_any() {
+        // Each worker's setup finishes only once all of them have started: a fleet
+        // that waited for one before starting the next would see the first one fail.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let streams: Vec<(u16, TcpStream)> = (0..4)
+            .map(|id| (id, TcpStream::connect(addr).unwrap()))
+            .collect();
+        let started = Arc::new(AtomicUsize::new(0));
+        let (workers, worker_of) = spawn_groups(
+            TransportKind::IoUring,
+            streams,
+            0,
+            &[0, 1],
+            |w, group, _| {
+                started.fetch_add(1, Ordering::SeqCst);
+                let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+                let started = started.clone();
+                std::thread::spawn(move || {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while started.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    let result = if started.load(Ordering::SeqCst) == 2 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::other("the other worker never started"))
+                    };
+                    let _ = ready_tx.send(result);
+                });
+                Ok(Starting::setting_up((w, group.len()), ready_rx))
+            },
+        )
+        .expect("both workers set up");
+        assert_eq!(workers, vec![(0, 2), (1, 2)]);
+        assert_eq!(worker_of, vec![0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn a_worker_s_failed_setup_is_the_fleet_s_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let streams: Vec<(u16, TcpStream)> = (0..2)
+            .map(|id| (id, TcpStream::connect(addr).unwrap()))
+            .collect();
+        let result = spawn_groups(TransportKind::IoUring, streams, 0, &[0, 1], |w, _, _| {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let _ = ready_tx.send(if w == 1 {
+                Err(std::io::Error::other("no ring for worker 1"))
+            } else {
+                Ok(())
+            });
+            Ok(Starting::setting_up(w, ready_rx))
+        });
+        let err = result.expect_err("worker 1 failed").to_string();
+        assert!(err.contains("no ring for worker 1"), "{err}");
+    }
 
     #[test]
     fn streams_are_dealt_to_workers_round_robin() {

@@ -800,6 +800,46 @@ pub struct TxWorker {
     pub thread: WorkerThread,
 }
 
+/// A worker whose thread may still be setting itself up (its ring, its buffers):
+/// [`Starting::ready`] waits until it has. Starting every worker of a fleet before
+/// waiting on any lets their setups run at once: set up one after another, two source
+/// workers took 11-13 ms before a QEMU guest's round 0 could start.
+pub struct Starting<W> {
+    worker: W,
+    ready: Option<std::sync::mpsc::Receiver<std::io::Result<()>>>,
+}
+
+impl<W> Starting<W> {
+    /// A worker with nothing left to set up.
+    pub fn started(worker: W) -> Self {
+        Starting {
+            worker,
+            ready: None,
+        }
+    }
+
+    /// A worker whose thread says on `ready` how its setup went.
+    pub(crate) fn setting_up(
+        worker: W,
+        ready: std::sync::mpsc::Receiver<std::io::Result<()>>,
+    ) -> Self {
+        Starting {
+            worker,
+            ready: Some(ready),
+        }
+    }
+
+    /// Wait until the worker is set up; its setup's error if it failed.
+    pub fn ready(self) -> std::io::Result<W> {
+        if let Some(ready) = self.ready {
+            ready
+                .recv()
+                .map_err(|_| std::io::Error::other("worker died during setup"))??;
+        }
+        Ok(self.worker)
+    }
+}
+
 /// The engine's handle on a destination worker.
 pub struct RxWorker {
     /// Events from the worker.

@@ -33,12 +33,13 @@ mod rx;
 mod tx;
 
 pub use probe::{UringCaps, probe};
-pub use rx::spawn_rx;
-pub use tx::spawn_tx;
+pub use rx::{spawn_rx, start_rx};
+pub use tx::{spawn_tx, start_tx};
 
 use super::{WorkerThread, pin};
 use io_uring::{IoUring, types};
 use std::net::TcpStream;
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 fn shutdown(socket: &TcpStream) {
@@ -63,15 +64,15 @@ fn wait_cqe(ring: &IoUring, timeout: Duration) -> std::io::Result<()> {
 }
 
 /// Start a worker thread whose state is built on the thread itself (a single-issuer
-/// ring belongs to the thread that creates it); setup errors come back to the caller.
+/// ring belongs to the thread that creates it); the receiver hears how that setup went.
 /// What `run` returns (the worker's ring and buffers) is freed only when the worker is
 /// let go (see [`WorkerThread`]).
-fn spawn_worker<S, K: Send + 'static>(
+fn start_worker<S, K: Send + 'static>(
     name: String,
     cpu: Option<usize>,
     setup: impl FnOnce() -> std::io::Result<S> + Send + 'static,
     run: impl FnOnce(S) -> K + Send + 'static,
-) -> std::io::Result<WorkerThread> {
+) -> std::io::Result<(WorkerThread, Receiver<std::io::Result<()>>)> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = WorkerThread::spawn(name, move || {
         pin(cpu);
@@ -86,10 +87,7 @@ fn spawn_worker<S, K: Send + 'static>(
             }
         }
     })?;
-    ready_rx
-        .recv()
-        .map_err(|_| std::io::Error::other("io_uring worker died during setup"))??;
-    Ok(thread)
+    Ok((thread, ready_rx))
 }
 
 /// A ring for one worker thread. Single issuer: only its thread submits. Cooperative

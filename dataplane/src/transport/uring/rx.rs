@@ -3,10 +3,10 @@
 //! stream, one `RECV` at a time into its record buffer.
 
 use super::buffers::ProvidedBuffers;
-use super::{new_ring, shutdown, spawn_worker, wait_cqe};
+use super::{new_ring, shutdown, start_worker, wait_cqe};
 use crate::ring::{self, Producer};
 use crate::transport::{
-    Inbound, OsError, RxError, RxEvent, RxSetup, RxWorker, StreamFence, TransportConfig,
+    Inbound, OsError, RxError, RxEvent, RxSetup, RxWorker, Starting, StreamFence, TransportConfig,
     WORKER_RING, push_event,
 };
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
@@ -48,8 +48,7 @@ impl RxStream {
     }
 }
 
-/// Start a destination worker on io_uring for `streams`. As on
-/// the send side, the ring and its buffer rings are set up on the worker's thread.
+/// Start a destination worker on io_uring for `streams` and wait until it is set up.
 pub fn spawn_rx(
     worker: usize,
     streams: Vec<(u16, TcpStream)>,
@@ -57,6 +56,18 @@ pub fn spawn_rx(
     config: &TransportConfig,
     cpu: Option<usize>,
 ) -> std::io::Result<RxWorker> {
+    start_rx(worker, streams, rx_setup, config, cpu)?.ready()
+}
+
+/// Start a destination worker on io_uring for `streams`. As on the send side, the ring
+/// and its buffer rings are set up on the worker's thread, while the caller goes on.
+pub fn start_rx(
+    worker: usize,
+    streams: Vec<(u16, TcpStream)>,
+    rx_setup: RxSetup,
+    config: &TransportConfig,
+    cpu: Option<usize>,
+) -> std::io::Result<Starting<RxWorker>> {
     let (evt_tx, evt_rx) = ring::channel(WORKER_RING);
     let stop = Arc::new(AtomicBool::new(false));
     let stop_flag = stop.clone();
@@ -93,14 +104,18 @@ pub fn spawn_rx(
         }
         Ok((ring, rx))
     };
-    let thread = spawn_worker(format!("dwcp-rx{worker}"), cpu, setup, move |(ring, rx)| {
-        rx_main(ring, rx, evt_tx, &stop_flag, &fence, &config)
-    })?;
-    Ok(RxWorker {
-        events: evt_rx,
-        thread,
-        stop,
-    })
+    let (thread, ready) =
+        start_worker(format!("dwcp-rx{worker}"), cpu, setup, move |(ring, rx)| {
+            rx_main(ring, rx, evt_tx, &stop_flag, &fence, &config)
+        })?;
+    Ok(Starting::setting_up(
+        RxWorker {
+            events: evt_rx,
+            thread,
+            stop,
+        },
+        ready,
+    ))
 }
 
 /// The worker's life; returns its streams (with their buffers) and its ring, to be

@@ -3,13 +3,14 @@
 //! threshold with buffers returned only on the notification.
 
 use super::buffers::PoolBuffers;
-use super::{new_ring, shutdown, spawn_worker, wait_cqe};
+use super::{new_ring, shutdown, start_worker, wait_cqe};
 use crate::ring::{self, Consumer, Producer};
 use crate::security::records::{RECORD_HEADER, RECORD_TAG, RecordSealer};
 use crate::transport::stage::{RoundCounts, Stager, StreamStage};
 use crate::transport::{
-    CONTROL_RING, IdleStrategy, OsError, StreamTelemetry, TransportConfig, TxCommand, TxControl,
-    TxError, TxEvent, TxSetup, TxWorker, WORKER_RING, WorkerTelemetry, push_event, socket,
+    CONTROL_RING, IdleStrategy, OsError, Starting, StreamTelemetry, TransportConfig, TxCommand,
+    TxControl, TxError, TxEvent, TxSetup, TxWorker, WORKER_RING, WorkerTelemetry, push_event,
+    socket,
 };
 use crate::wire::{FRAME_HEADER_LEN, FrameHeader};
 use dwcp_hugepages::{ArenaOptions, BufToken, BufferPool, PagePreference};
@@ -144,9 +145,7 @@ struct TxWorkerState {
     stalled_since: Option<Instant>,
 }
 
-/// Start a source worker on io_uring for `streams`. The ring is created on the
-/// worker's own thread (it is set up single-issuer, which binds it to its creator);
-/// setup errors come back here.
+/// Start a source worker on io_uring for `streams` and wait until it is set up.
 pub fn spawn_tx(
     worker: usize,
     streams: Vec<(u16, TcpStream)>,
@@ -155,23 +154,41 @@ pub fn spawn_tx(
     zero_copy: bool,
     cpu: Option<usize>,
 ) -> std::io::Result<TxWorker> {
+    start_tx(worker, streams, setup, config, zero_copy, cpu)?.ready()
+}
+
+/// Start a source worker on io_uring for `streams`. The ring is created on the
+/// worker's own thread (it is set up single-issuer, which binds it to its creator),
+/// and so is its buffer pool, while the caller goes on; setup errors come back
+/// through [`Starting::ready`].
+pub fn start_tx(
+    worker: usize,
+    streams: Vec<(u16, TcpStream)>,
+    setup: TxSetup,
+    config: &TransportConfig,
+    zero_copy: bool,
+    cpu: Option<usize>,
+) -> std::io::Result<Starting<TxWorker>> {
     let (cmd_tx, cmd_rx) = ring::channel(WORKER_RING);
     let (ctl_tx, ctl_rx) = ring::channel(CONTROL_RING);
     let (evt_tx, evt_rx) = ring::channel(WORKER_RING);
     let config = config.clone();
     let setup_config = config.clone();
-    let thread = spawn_worker(
+    let (thread, ready) = start_worker(
         format!("dwcp-tx{worker}"),
         cpu,
         move || TxWorkerState::new(worker, streams, setup, &setup_config, zero_copy, ctl_rx),
         move |state| tx_main(state, cmd_rx, evt_tx, &config),
     )?;
-    Ok(TxWorker {
-        commands: cmd_tx,
-        control: ctl_tx,
-        events: evt_rx,
-        thread,
-    })
+    Ok(Starting::setting_up(
+        TxWorker {
+            commands: cmd_tx,
+            control: ctl_tx,
+            events: evt_rx,
+            thread,
+        },
+        ready,
+    ))
 }
 
 impl TxWorkerState {
@@ -230,14 +247,18 @@ impl TxWorkerState {
             },
         )
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-        // Fault in what uncoded sends use now. Registering the buffers below pins, and
-        // so faults in, the whole pool; where registration fails, the rest of a buffer
-        // sized for codec batches faults in only if a batch ever needs it.
+        // Fault in what uncoded sends use now. The rest of a buffer sized for codec
+        // batches faults in only if a batch ever needs it, unless registration pins it.
         pool.populate_prefix(config.send_buffer);
+        // Only zero-copy sends name a registered buffer (a plain send copies from any
+        // address), and a worker started without zero-copy never turns it on. Pinning
+        // faults in the whole pool (8.5 MiB per worker of four streams sized for codec
+        // batches): 3.5-10 ms per worker while the migration waited to start.
         // SAFETY: the iovecs describe the pool's buffers, which outlive the
         // registration: `ring` is declared before `pool` in TxWorkerState, so it is
         // dropped (and the registration released) first.
-        let registered = unsafe { ring.submitter().register_buffers(&pool.iovecs()) }.is_ok();
+        let registered =
+            zero_copy && unsafe { ring.submitter().register_buffers(&pool.iovecs()) }.is_ok();
         let stages = streams.iter().map(|(id, _)| stager.stream(*id)).collect();
         Ok(TxWorkerState {
             ring,
@@ -921,6 +942,58 @@ impl TxWorkerState {
                 .expect("a 64-byte pool"),
             );
             std::mem::forget(pool);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crc_table::CrcTable;
+    use crate::memory::GuestMemory;
+    use std::sync::Arc;
+
+    /// A worker's state for one connected stream, built on this thread.
+    fn worker_state(zero_copy: bool) -> TxWorkerState {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let memory = Arc::new(GuestMemory::anonymous(1 << 20, PagePreference::Small).unwrap());
+        let setup = TxSetup {
+            table: Arc::new(CrcTable::new(memory.pages())),
+            memory,
+            codec: None,
+            records: None,
+            rma: None,
+        };
+        let (_control, control_rx) = ring::channel(CONTROL_RING);
+        TxWorkerState::new(
+            0,
+            vec![(0, socket)],
+            setup,
+            &TransportConfig::default(),
+            zero_copy,
+            control_rx,
+        )
+        .expect("a worker's ring and pool")
+    }
+
+    #[test]
+    fn the_pool_is_registered_only_for_zero_copy_sends() {
+        if let Err(why) = super::super::probe() {
+            eprintln!("skipped: io_uring unavailable: {why}");
+            return;
+        }
+        // Plain sends copy from any address: pinning the pool would only cost setup.
+        assert!(!worker_state(false).registered);
+        // Zero-copy sends name their registered buffer. Pinning counts against
+        // RLIMIT_MEMLOCK unless the process may lock memory (root here), and a worker
+        // refused it goes on unregistered.
+        let zero_copy = worker_state(true);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(zero_copy.registered);
+        } else if !zero_copy.registered {
+            eprintln!("note: not root, and the pool's registration was refused (RLIMIT_MEMLOCK)");
         }
     }
 }
