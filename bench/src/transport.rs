@@ -30,8 +30,8 @@ use dwcp_dataplane::memory::GuestMemory;
 use dwcp_dataplane::ring::Consumer;
 use dwcp_dataplane::security::SessionKeys;
 use dwcp_dataplane::transport::{
-    self, RxEvent, RxSetup, TransportConfig, TransportKind, TxCommand, TxSetup, TxWorker, plain,
-    socket, uring,
+    self, RxEvent, RxSetup, Starting, TransportConfig, TransportKind, TxCommand, TxSetup, TxWorker,
+    plain, socket, uring,
 };
 use dwcp_dataplane::wire::{CHUNK_PAGES, caps, stream_of};
 use dwcp_hugepages::PagePreference;
@@ -242,12 +242,14 @@ pub(crate) fn page_stream(
     for (w, (tg, rg)) in tx_groups.into_iter().zip(rx_groups).enumerate() {
         match probe.kind {
             TransportKind::IoUring | TransportKind::Rma => {
-                let worker =
-                    uring::spawn_rx(w, rg, rx_setup.clone(), config, rx_cpu(w)).expect("rx");
+                let worker = uring::start_rx(w, rg, rx_setup.clone(), config, rx_cpu(w))
+                    .and_then(Starting::ready)
+                    .expect("rx");
                 rx.push(worker.events);
                 rx_handles.push(worker.thread);
                 tx.push(
-                    uring::spawn_tx(w, tg, tx_setup.clone(), config, probe.zero_copy, tx_cpu(w))
+                    uring::start_tx(w, tg, tx_setup.clone(), config, probe.zero_copy, tx_cpu(w))
+                        .and_then(Starting::ready)
                         .expect("tx"),
                 );
             }

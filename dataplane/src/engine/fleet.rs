@@ -679,15 +679,21 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
+    /// `n` streams connected to a listener on loopback (kept, so they stay open).
+    fn connected_streams(n: u16) -> (std::net::TcpListener, Vec<(u16, TcpStream)>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let streams = (0..n)
+            .map(|id| (id, TcpStream::connect(addr).unwrap()))
+            .collect();
+        (listener, streams)
+    }
+
     #[test]
     fn every_worker_starts_before_the_fleet_waits_for_any() {
         // Each worker's setup finishes only once all of them have started: a fleet
         // that waited for one before starting the next would see the first one fail.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let streams: Vec<(u16, TcpStream)> = (0..4)
-            .map(|id| (id, TcpStream::connect(addr).unwrap()))
-            .collect();
+        let (_listener, streams) = connected_streams(4);
         let started = Arc::new(AtomicUsize::new(0));
         let (workers, worker_of) = spawn_groups(
             TransportKind::IoUring,
@@ -720,11 +726,7 @@ mod tests {
 
     #[test]
     fn a_worker_s_failed_setup_is_the_fleet_s_error() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let streams: Vec<(u16, TcpStream)> = (0..2)
-            .map(|id| (id, TcpStream::connect(addr).unwrap()))
-            .collect();
+        let (_listener, streams) = connected_streams(2);
         let result = spawn_groups(TransportKind::IoUring, streams, 0, &[0, 1], |w, _, _| {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let _ = ready_tx.send(if w == 1 {

@@ -4,7 +4,7 @@
 //!   multishot receive into a provided buffer ring, tested end to end);
 //! - `buffers`: the receive side's provided-buffer rings and the send side's view of
 //!   its registered pool for staging;
-//! - `tx` ([`spawn_tx`]): pages are staged (see `super::stage`) into buffers of a
+//! - `tx` ([`start_tx`]): pages are staged (see `super::stage`) into buffers of a
 //!   hugepage pool registered with the ring (`IORING_REGISTER_BUFFERS`). Each stream has
 //!   at most one send in flight: io_uring does not order two sends on one socket, and one
 //!   large send (`MSG_WAITALL`, retried by the kernel on short writes) keeps the socket
@@ -14,7 +14,7 @@
 //!   back to the pool (bugs in several runtimes came from reusing it at the first
 //!   completion). Submissions are batched: every SQE a loop pass produces goes in with
 //!   one `io_uring_enter`.
-//! - `rx` ([`spawn_rx`]): each stream has its own provided-buffer ring
+//! - `rx` ([`start_rx`]): each stream has its own provided-buffer ring
 //!   (`IORING_REGISTER_PBUF_RING`) and one multishot `RECV`; the kernel picks a buffer
 //!   per completion, the frame parser consumes it at once (copying page bytes straight
 //!   into guest memory) and the buffer goes back on the ring. One ring per stream means
@@ -33,8 +33,8 @@ mod rx;
 mod tx;
 
 pub use probe::{UringCaps, probe};
-pub use rx::{spawn_rx, start_rx};
-pub use tx::{spawn_tx, start_tx};
+pub use rx::start_rx;
+pub use tx::start_tx;
 
 use super::{WorkerThread, pin};
 use io_uring::{IoUring, types};

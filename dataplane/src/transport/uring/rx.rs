@@ -48,17 +48,6 @@ impl RxStream {
     }
 }
 
-/// Start a destination worker on io_uring for `streams` and wait until it is set up.
-pub fn spawn_rx(
-    worker: usize,
-    streams: Vec<(u16, TcpStream)>,
-    rx_setup: RxSetup,
-    config: &TransportConfig,
-    cpu: Option<usize>,
-) -> std::io::Result<RxWorker> {
-    start_rx(worker, streams, rx_setup, config, cpu)?.ready()
-}
-
 /// Start a destination worker on io_uring for `streams`. As on the send side, the ring
 /// and its buffer rings are set up on the worker's thread, while the caller goes on.
 pub fn start_rx(

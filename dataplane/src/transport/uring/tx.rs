@@ -145,18 +145,6 @@ struct TxWorkerState {
     stalled_since: Option<Instant>,
 }
 
-/// Start a source worker on io_uring for `streams` and wait until it is set up.
-pub fn spawn_tx(
-    worker: usize,
-    streams: Vec<(u16, TcpStream)>,
-    setup: TxSetup,
-    config: &TransportConfig,
-    zero_copy: bool,
-    cpu: Option<usize>,
-) -> std::io::Result<TxWorker> {
-    start_tx(worker, streams, setup, config, zero_copy, cpu)?.ready()
-}
-
 /// Start a source worker on io_uring for `streams`. The ring is created on the
 /// worker's own thread (it is set up single-issuer, which binds it to its creator),
 /// and so is its buffer pool, while the caller goes on; setup errors come back
