@@ -30,6 +30,11 @@ pub trait GuestControl: Send + Sync {
     fn resume(&self);
     /// Slow the vCPUs by `percent` (0 = full speed, 99 = nearly stopped).
     fn set_throttle(&self, percent: u32);
+    /// Whether [`GuestControl::set_throttle`] slows the vCPUs at all; the pre-copy
+    /// planner does not count on a throttle a guest cannot apply.
+    fn can_throttle(&self) -> bool {
+        true
+    }
     /// The device state that must follow the memory (a hypervisor's CPUs and devices),
     /// for guests that have one.
     fn device_state(&self) -> Option<&dyn DeviceStateSource> {

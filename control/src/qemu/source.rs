@@ -286,14 +286,12 @@ impl GuestControl for QemuSource {
         }
     }
 
-    fn set_throttle(&self, percent: u32) {
-        if percent > 0 {
-            // QEMU throttles vCPUs only inside its own migrations' auto-converge.
-            static SAID: std::sync::Once = std::sync::Once::new();
-            SAID.call_once(|| {
-                self.note("QEMU: vCPU throttling is not applied to QEMU guests".into())
-            });
-        }
+    /// QEMU throttles vCPUs only inside its own migrations' auto-converge: nothing
+    /// here slows them, and the planner, told so, never asks.
+    fn set_throttle(&self, _percent: u32) {}
+
+    fn can_throttle(&self) -> bool {
+        false
     }
 
     fn device_state(&self) -> Option<&dyn DeviceStateSource> {

@@ -238,6 +238,8 @@ pub struct Planner {
     /// The destination resumes the guest itself: the downtime holds the way there of
     /// the confirmation, not the way back.
     resumes_at_destination: bool,
+    /// The guest's vCPUs cannot be slowed: auto-converge is off, and says why.
+    unthrottleable: bool,
     /// The control thread's forecast of the path's rate, bytes per second.
     path_rate: Option<f64>,
     previous_dirty: u64,
@@ -259,6 +261,7 @@ impl Planner {
             paused_walk: None,
             paused_walks: 0,
             resumes_at_destination: false,
+            unthrottleable: false,
             path_rate: None,
             previous_dirty: u64::MAX,
             stuck: 0,
@@ -295,6 +298,14 @@ impl Planner {
     /// the downtime ends half a round trip before the source hears of it.
     pub fn set_resumes_at_destination(&mut self, resumes: bool) {
         self.resumes_at_destination = resumes;
+    }
+
+    /// The guest's vCPUs cannot be slowed (a QEMU VM: QEMU throttles them only inside
+    /// its own migrations). Auto-converge is off, so no throttle is reported that the
+    /// guest never felt, and a migration that does not converge says why.
+    pub fn set_guest_unthrottleable(&mut self) {
+        self.config.auto_converge = false;
+        self.unthrottleable = true;
     }
 
     /// The control thread's forecast of what the path will carry over the next second,
@@ -483,7 +494,9 @@ impl Planner {
         if m.round + 1 >= u64::from(self.config.max_rounds)
             || m.elapsed >= self.config.max_duration.as_secs_f64()
         {
-            let throttle = if self.config.auto_converge {
+            let throttle = if self.unthrottleable {
+                " (this guest's vCPUs cannot be throttled)".to_string()
+            } else if self.config.auto_converge {
                 format!(" (throttle at {}%)", self.throttle)
             } else {
                 " (auto-converge off)".to_string()
@@ -754,6 +767,18 @@ mod tests {
         assert!(e.confirm >= 0.002 && e.collect == 0.001);
     }
 
+    /// The last plan gives up, for a reason that says each of `words`.
+    fn assert_gave_up(plans: &[Plan], words: &[&str]) {
+        match &plans.last().expect("a plan").decision {
+            Decision::Abort { reason } => {
+                for word in words {
+                    assert!(reason.contains(word), "{reason}");
+                }
+            }
+            other => panic!("expected an abort, got {other:?}"),
+        }
+    }
+
     #[test]
     fn a_guest_writing_faster_than_the_link_is_throttled_then_given_up_on() {
         let mut p = Planner::new(PlannerConfig {
@@ -775,13 +800,31 @@ mod tests {
             })
             .collect();
         assert_eq!(throttles[..3], [20, 30, 40], "{plans:#?}");
-        match &plans.last().unwrap().decision {
-            Decision::Abort { reason } => {
-                assert!(reason.contains("not converging"), "{reason}");
-                assert!(reason.contains("throttle at"), "{reason}");
-            }
-            other => panic!("expected an abort, got {other:?}"),
-        }
+        assert_gave_up(&plans, &["not converging", "throttle at"]);
+        assert_eq!(plans.len(), 12);
+    }
+
+    #[test]
+    fn a_guest_that_cannot_be_throttled_is_given_up_on_without_a_throttle() {
+        let mut p = Planner::new(PlannerConfig {
+            max_rounds: 12,
+            ..config(50)
+        });
+        p.set_guest_unthrottleable();
+        let plans = simulate(
+            &mut p,
+            262_144,
+            |_| (1e8, 0.002),
+            |_, throttle| 100_000.0 * (100.0 - f64::from(throttle)) / 100.0 + 30_000.0,
+        );
+        assert!(
+            plans
+                .iter()
+                .all(|p| !matches!(p.decision, Decision::Continue { throttle: Some(_) })),
+            "{plans:#?}"
+        );
+        assert_eq!(p.throttle(), 0);
+        assert_gave_up(&plans, &["not converging", "cannot be throttled"]);
         assert_eq!(plans.len(), 12);
     }
 

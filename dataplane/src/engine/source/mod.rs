@@ -1247,6 +1247,9 @@ impl<'a> Session<'a> {
             .set_collect_reads_memory(dirty_log.scan_stats().is_some());
         self.planner
             .set_resumes_at_destination(guest.device_state().is_some());
+        if !guest.can_throttle() {
+            self.planner.set_guest_unthrottleable();
+        }
         let mut rounds: Vec<RoundStats> = Vec::new();
         let (mut round, mut dirty) = match self.start.take() {
             // Resumed after a restart: the dirty log has tracked writes since before
