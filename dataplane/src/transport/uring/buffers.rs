@@ -1,5 +1,5 @@
 //! Buffers the kernel reads from and writes to: the receive side's provided-buffer
-//! rings, and the send side's registered pool seen as [`SendBuffers`] for staging.
+//! rings, and the send side's pool seen as [`SendBuffers`] for staging.
 
 use super::tx::{Marker, TxStream};
 use crate::transport::TxError;

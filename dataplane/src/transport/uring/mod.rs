@@ -3,9 +3,10 @@
 //! - [`probe`](probe()): what this kernel's io_uring offers (opcodes, and a real
 //!   multishot receive into a provided buffer ring, tested end to end);
 //! - `buffers`: the receive side's provided-buffer rings and the send side's view of
-//!   its registered pool for staging;
+//!   its pool for staging;
 //! - `tx` ([`start_tx`]): pages are staged (see `super::stage`) into buffers of a
-//!   hugepage pool registered with the ring (`IORING_REGISTER_BUFFERS`). Each stream has
+//!   pool, registered with the ring (`IORING_REGISTER_BUFFERS`) when the worker may send
+//!   zero-copy (only `SEND_ZC` names a fixed buffer). Each stream has
 //!   at most one send in flight: io_uring does not order two sends on one socket, and one
 //!   large send (`MSG_WAITALL`, retried by the kernel on short writes) keeps the socket
 //!   busy. Sends at or above the zero-copy threshold use `SEND_ZC` with the fixed

@@ -1,5 +1,5 @@
-//! The send side: commands staged into registered pool buffers (see
-//! `transport::stage`), each stream's buffers sent one at a time, zero-copy above a
+//! The send side: commands staged into pool buffers (see `transport::stage`; the pool
+//! is registered with the ring where zero-copy sends may use it), each stream's buffers sent one at a time, zero-copy above a
 //! threshold with buffers returned only on the notification.
 
 use super::buffers::PoolBuffers;
