@@ -57,7 +57,7 @@ fn cluster_record(m: &Migration, source: u64) -> crate::cluster::MigrationRecord
     let (round, remaining_bytes, rate) = m.latest.as_ref().map_or((0, m.memory_bytes, 0.0), |p| {
         (
             p.round,
-            p.round_pages.saturating_sub(p.round_pages_queued) * PAGE_BYTES,
+            p.round_pages.saturating_sub(p.round_pages_sent) * PAGE_BYTES,
             p.bandwidth,
         )
     });
@@ -586,7 +586,7 @@ impl ControlState {
             _ => "done".into(),
         };
         let eta = p.and_then(|p| {
-            let left = p.round_pages.saturating_sub(p.round_pages_queued) as f64 * 4096.0;
+            let left = p.round_pages.saturating_sub(p.round_pages_sent) as f64 * 4096.0;
             (m.link.rate() > 0.0 && m.state == "running").then(|| left / m.link.rate())
         });
         let activity = m.live.activity();
@@ -603,6 +603,7 @@ impl ControlState {
             memory_bytes: m.memory_bytes,
             round_pages: p.map_or(0, |p| p.round_pages),
             round_pages_queued: p.map_or(0, |p| p.round_pages_queued),
+            round_pages_sent: p.map_or(0, |p| p.round_pages_sent),
             bytes_sent: p
                 .map_or(0, |p| p.stream_bytes())
                 .max(m.report.as_ref().map_or(0, |r| r.bytes_sent)),

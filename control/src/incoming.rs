@@ -273,6 +273,7 @@ fn info(id: u64, m: &Incoming, mode: &str) -> MigrationInfo {
         // included, cover all of it).
         round_pages: memory_pages,
         round_pages_queued: p.pages.min(memory_pages),
+        round_pages_sent: p.pages.min(memory_pages),
         bytes_sent: received.map_or(p.bytes, |r| r.bytes.max(p.bytes)),
         pages_sent: p.pages,
         rate: if m.state == "running" { m.rate } else { 0.0 },

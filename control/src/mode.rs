@@ -470,6 +470,7 @@ pub(crate) mod tests {
             rounds_done: 0,
             round_pages: 1,
             round_pages_queued: 0,
+            round_pages_sent: 0,
             dirty_rate: 0.0,
             bandwidth: 0.0,
             throttle: 0,

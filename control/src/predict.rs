@@ -536,10 +536,11 @@ impl LinkForecaster {
     }
 }
 
-/// Whether a report shows the migration with pages of its round not yet handed to the
-/// workers: it was sending as fast as the path (or the machine) let it.
+/// Whether a report shows the migration with pages of its round not yet sent (not yet
+/// handed to the workers, or queued to them): it was sending as fast as the path (or
+/// the machine) let it.
 pub fn pages_waiting(progress: &Progress) -> bool {
-    progress.phase == "precopy" && progress.round_pages_queued < progress.round_pages
+    progress.phase == "precopy" && progress.round_pages_sent < progress.round_pages
 }
 
 /// The path's rate ahead, for the pre-copy planner's downtime estimate
@@ -729,6 +730,7 @@ mod tests {
         let sending = crate::mode::tests::progress_with(&[]);
         let waiting_on_the_dirty_log = Progress {
             round_pages_queued: 1,
+            round_pages_sent: 1,
             ..sending.clone()
         };
         let mut f = PathRateForecast::new(LinkForecaster::rule(0.5));

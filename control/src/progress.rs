@@ -31,7 +31,7 @@ fn summary(p: &Progress) -> String {
 /// One line for a progress report.
 pub fn progress_line(p: &Progress) -> String {
     let round_done = if p.round_pages > 0 {
-        100.0 * p.round_pages_queued.min(p.round_pages) as f64 / p.round_pages as f64
+        100.0 * p.round_pages_sent.min(p.round_pages) as f64 / p.round_pages as f64
     } else {
         100.0
     };
@@ -93,7 +93,7 @@ impl ProgressDisplay {
                 bar.set_length(p.round_pages);
             }
             bar.set_prefix(p.round.to_string());
-            bar.set_position(p.round_pages_queued.min(p.round_pages));
+            bar.set_position(p.round_pages_sent.min(p.round_pages));
             bar.set_message(format!("{} | {}", p.phase, summary(p)));
         } else if self.lines {
             eprintln!("{}", progress_line(p));
@@ -114,7 +114,7 @@ mod tests {
     use dwcp_dataplane::transport::TransportKind;
 
     #[test]
-    fn a_line_before_any_measurement_shows_no_made_up_rate() {
+    fn a_line_shows_the_round_sent_and_no_made_up_rate_before_any_measurement() {
         let p = Progress {
             round: 0,
             phase: "precopy",
@@ -124,6 +124,7 @@ mod tests {
             rounds_done: 0,
             round_pages: 256,
             round_pages_queued: 64,
+            round_pages_sent: 32,
             dirty_rate: 0.0,
             bandwidth: 0.0,
             throttle: 0,
@@ -138,7 +139,8 @@ mod tests {
             estimated_downtime: None,
         };
         let line = progress_line(&p);
-        assert!(line.contains("25.0% of"), "{line}");
+        // The round's part sent, not the part queued to the workers.
+        assert!(line.contains("12.5% of"), "{line}");
         assert!(line.contains("sent 0.0 MB at - |"), "{line}");
         assert!(!line.contains('\r'));
     }

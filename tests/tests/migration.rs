@@ -2,10 +2,12 @@
 //! ends with a byte-for-byte comparison of source and destination memory.
 
 use dwcp_dataplane::dirty::DirtyLogKind;
-use dwcp_dataplane::engine::{DestConfig, MigrationError, SourceConfig, VerifyMode};
+use dwcp_dataplane::engine::{
+    self, DestConfig, MigrationError, Progress, SourceConfig, VerifyMode,
+};
 use dwcp_dataplane::guest::{AccessPattern, ContentMix, GuestControl, GuestWorkload};
 use dwcp_dataplane::transport::{TransportChoice, TransportConfig};
-use dwcp_tests::{migrate_live, skip};
+use dwcp_tests::{migrate_live, running_guest, skip, spawn_destination};
 use std::io::Write;
 use std::time::Duration;
 
@@ -288,4 +290,55 @@ fn unconvergeable_workload_aborts_and_the_guest_keeps_running() {
     out.guest.pause().unwrap();
     out.guest.resume();
     out.guest.stop();
+}
+
+/// The progress a migration reports follows the pages its workers have sent, not those
+/// queued to them: on a slow path all of round 0 is queued long before it is sent, and
+/// the reports go on while the workers drain it.
+#[test]
+fn progress_follows_the_pages_sent_and_goes_on_while_the_workers_drain_the_round() {
+    let (mut source, dest) = configs(2, TransportChoice::Auto);
+    // 2 × 8 MB/s: round 0's 22 MB of page content (32 MiB filled like a memory image)
+    // takes more than a second to send, and is queued at once.
+    source.transport.socket.pacing_rate = Some(8_000_000);
+    let workload = GuestWorkload {
+        dirty_rate: 1e6,
+        ..GuestWorkload::default()
+    };
+    let (memory, guest, dirty_log) = running_guest(32 << 20, &workload, 11);
+    let (addr, receiver) = spawn_destination(&dest);
+    let mut reports: Vec<Progress> = Vec::new();
+    let report = engine::migrate(addr, memory.clone(), &guest, dirty_log, &source, &mut |p| {
+        reports.push(p.clone())
+    })
+    .expect("source side");
+    let received = receiver
+        .join()
+        .expect("destination thread")
+        .expect("destination");
+    assert_eq!(received.digest, report.digest);
+    guest.stop();
+    for p in &reports {
+        assert!(p.round_pages_sent <= p.round_pages_queued, "{p:?}");
+    }
+    let round_0: Vec<&Progress> = reports
+        .iter()
+        .filter(|p| p.round == 0 && p.phase == "precopy")
+        .collect();
+    assert!(
+        round_0
+            .windows(2)
+            .all(|w| w[0].round_pages_sent <= w[1].round_pages_sent),
+        "round 0's pages sent never go back"
+    );
+    let draining: Vec<u64> = round_0
+        .iter()
+        .filter(|p| p.round_pages_queued == p.round_pages && p.round_pages_sent < p.round_pages)
+        .map(|p| p.round_pages_sent)
+        .collect();
+    assert!(
+        draining.len() >= 2 && draining[0] < draining[draining.len() - 1],
+        "reports while round 0, all queued, was being sent: {draining:?} (of {} pages)",
+        round_0[0].round_pages
+    );
 }

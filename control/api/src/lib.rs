@@ -385,6 +385,10 @@ pub struct MigrationInfo {
     pub round_pages: u64,
     /// Pages of the current round handed to workers.
     pub round_pages_queued: u64,
+    /// Pages of the current round sent (staged for the wire by the workers; at most
+    /// `round_pages_queued`).
+    #[serde(default)]
+    pub round_pages_sent: u64,
     /// Bytes on the wire so far (received, for an incoming migration).
     pub bytes_sent: u64,
     /// Pages sent so far, the round in progress included (received, for an incoming

@@ -28,6 +28,9 @@ pub struct Progress {
     pub round_pages: u64,
     /// Pages of the current round already handed to workers.
     pub round_pages_queued: u64,
+    /// Pages of the current round the workers have staged for the wire (at most
+    /// `round_pages_queued`; the workers may hold much of a round queued).
+    pub round_pages_sent: u64,
     /// Last measured dirty rate, bytes per second.
     pub dirty_rate: f64,
     /// Measured bandwidth, bytes per second (0 until a round has been sent).

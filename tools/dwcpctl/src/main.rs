@@ -740,7 +740,7 @@ fn migration_line(m: &MigrationInfo) -> String {
     let done = if m.state == "completed" {
         1.0
     } else if m.round_pages > 0 {
-        m.round_pages_queued.min(m.round_pages) as f64 / m.round_pages as f64
+        m.round_pages_sent.min(m.round_pages) as f64 / m.round_pages as f64
     } else {
         // Setting up (nothing queued yet), or ended early.
         0.0
@@ -906,7 +906,7 @@ mod tests {
         assert!(parse_deadline("soon").unwrap_err().contains("s, m or h"));
     }
 
-    fn migration(state: &str, round_pages: u64, queued: u64) -> MigrationInfo {
+    fn migration(state: &str, round_pages: u64, sent: u64) -> MigrationInfo {
         MigrationInfo {
             id: 1,
             direction: "outgoing".into(),
@@ -918,7 +918,8 @@ mod tests {
             round: 3,
             memory_bytes: 1 << 28,
             round_pages,
-            round_pages_queued: queued,
+            round_pages_queued: sent,
+            round_pages_sent: sent,
             bytes_sent: 1 << 27,
             pages_sent: 1 << 15,
             rate: 0.0,

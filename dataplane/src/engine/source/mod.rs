@@ -132,6 +132,8 @@ const PAUSED_WALKS_TIMED: u32 = 3;
 const WAKE_EVERY: u32 = 64;
 /// Pages queued between two progress reports within a round.
 const PROGRESS_EVERY: u64 = 4096;
+/// How often progress is reported while a round's queued pages drain.
+const PROGRESS_WAITING: Duration = Duration::from_millis(50);
 /// Bytes of frames per page sent raw.
 const RAW_PAGE_WIRE: f64 = (PAGE_SIZE + wire::PAGE_CRC_LEN) as f64;
 
@@ -1110,19 +1112,27 @@ impl<'a> Session<'a> {
         Ok((queued, None))
     }
 
-    /// Close round `round` on every worker and wait until all of it is in the kernel.
-    fn end_round(&mut self, round: u64) -> Result<super::fleet::RoundTotals, MigrationError> {
-        self.close_round(round, false)
+    /// Close round `round` on every worker and wait until all of it is in the kernel,
+    /// reporting progress meanwhile: the workers may hold much of the round still
+    /// unsent when the last of it is queued (round 0 of the demo: about half).
+    fn end_round(
+        &mut self,
+        round: u64,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<super::fleet::RoundTotals, MigrationError> {
+        self.close_round(round, false, progress)
     }
 
     /// Close round `round` on every worker, ending every stream after it when it is the
     /// `last` (the end markers then follow the round's own without another wake-up of
     /// the workers, inside the downtime), and wait until all of the round is in the
-    /// kernel. Returns its totals.
+    /// kernel, reporting progress every [`PROGRESS_WAITING`] unless it is the `last`.
+    /// Returns its totals.
     fn close_round(
         &mut self,
         round: u64,
         last: bool,
+        progress: &mut dyn FnMut(&Progress),
     ) -> Result<super::fleet::RoundTotals, MigrationError> {
         // Pages a lost stream left go with this round if they can; once its end is
         // queued, with the next.
@@ -1137,12 +1147,17 @@ impl<'a> Session<'a> {
         }
         self.fleet.wake_all();
         self.last_activity = Instant::now();
+        let mut reported = Instant::now();
         loop {
             self.pump()?;
             self.steer();
             if let Some(totals) = self.fleet.take_round(round) {
                 self.unacknowledged.push_back((round, Instant::now()));
                 return Ok(totals);
+            }
+            if !last && reported.elapsed() >= PROGRESS_WAITING {
+                reported = Instant::now();
+                self.report_progress("precopy", progress);
             }
             if last {
                 // The guest is paused: every microsecond here is downtime.
@@ -1163,6 +1178,7 @@ impl<'a> Session<'a> {
             rounds_done: self.totals.rounds_done,
             round_pages: self.totals.round_pages,
             round_pages_queued: self.totals.round_queued,
+            round_pages_sent: self.round_pages_staged(),
             dirty_rate: self.totals.dirty_rate,
             bandwidth: self.totals.bandwidth(),
             throttle: self.totals.throttle,
@@ -1180,6 +1196,20 @@ impl<'a> Session<'a> {
             self.latest_progress = Some(p.clone());
         }
         p
+    }
+
+    /// Pages of the round in progress the workers have staged for the wire, from
+    /// their streams' latest counters (which count every round, and lag by at most one
+    /// telemetry interval) less the rounds already added up. Pages a lost stream left
+    /// and another sent again count twice there: hence the cap at what was queued.
+    fn round_pages_staged(&self) -> u64 {
+        if self.totals.round_counted {
+            return self.totals.round_queued;
+        }
+        let staged: u64 = self.fleet.telemetry().iter().map(|s| s.pages).sum();
+        staged
+            .saturating_sub(self.totals.pages)
+            .min(self.totals.round_queued)
     }
 
     fn report_progress(&mut self, phase: &'static str, progress: &mut dyn FnMut(&Progress)) {
@@ -1217,7 +1247,7 @@ impl<'a> Session<'a> {
     ) -> Result<(u64, Option<DirtyBitmap>, super::fleet::RoundTotals), MigrationError> {
         let (sent, unsent) = self.push_pages(pages, true, progress)?;
         self.totals.round_queued = sent;
-        let round_totals = self.end_round(round)?;
+        let round_totals = self.end_round(round, progress)?;
         self.rma_barrier(round)?;
         // A round trip measured as the next round starts, when little is in flight,
         // is what the switchover's confirmation will see; its answer arrives during
