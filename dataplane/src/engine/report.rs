@@ -65,6 +65,12 @@ impl Progress {
     }
 }
 
+/// What the downtime estimate of a guest with device state (a QEMU VM) leaves out:
+/// the planner prices the pages, the collection and the verdict, but has no figure for
+/// the guest's own part until one of its switchovers has been measured.
+pub const UNPRICED_DEVICE_STATE: &str =
+    " (without the guest's own stop, device state and load, which are not priced)";
+
 /// A worker's latest counters and the fill of its command ring.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct WorkerStatus {
@@ -549,8 +555,13 @@ impl fmt::Display for MigrationReport {
         let d = &self.downtime;
         writeln!(
             f,
-            "downtime: estimated {:.1} ms, measured {:.1} ms (limit {:.0} ms; {})",
+            "downtime: estimated {:.1} ms{}, measured {:.1} ms (limit {:.0} ms; {})",
             self.estimated_downtime * 1e3,
+            if self.device_state_bytes > 0 {
+                UNPRICED_DEVICE_STATE
+            } else {
+                ""
+            },
             self.measured_downtime * 1e3,
             self.downtime_limit * 1e3,
             self.switchover_reason

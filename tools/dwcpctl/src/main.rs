@@ -783,6 +783,10 @@ fn migration_line(m: &MigrationInfo) -> String {
                 if let Some(path) = m.estimate_path_mbit {
                     line += &format!(", the path at {path:.0} Mbit/s");
                 }
+                if m.vm.is_some() {
+                    // The planner has no figure for QEMU's own part of the switchover.
+                    line += ", without QEMU's stop, device state and load";
+                }
                 line += ")";
             }
             line += &format!(", {} pages verified", pages.unwrap_or(0));
@@ -976,6 +980,20 @@ mod tests {
         m.estimate_path_mbit = Some(266.4);
         assert!(
             migration_line(&m).contains("(estimated 100.1, the path at 266 Mbit/s)"),
+            "{}",
+            migration_line(&m)
+        );
+        // A QEMU VM's estimate leaves out QEMU's own part, and says so.
+        m.estimate_path_mbit = None;
+        m.vm = Some(dwcp_api::VmInfo {
+            name: "vm1".into(),
+            qemu_version: "10.0.2".into(),
+            memory_file: "/dev/shm/vm1".into(),
+            state: "postmigrate".into(),
+        });
+        assert!(
+            migration_line(&m)
+                .contains("(estimated 100.1, without QEMU's stop, device state and load)"),
             "{}",
             migration_line(&m)
         );
