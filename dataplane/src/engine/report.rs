@@ -68,7 +68,7 @@ impl Progress {
 /// What the downtime estimate of a guest with device state (a QEMU VM) leaves out:
 /// the planner prices the pages, the collection and the verdict, but has no figure for
 /// the guest's own part until one of its switchovers has been measured.
-pub const UNPRICED_DEVICE_STATE: &str =
+const UNPRICED_DEVICE_STATE: &str =
     " (without the guest's own stop, device state and load, which are not priced)";
 
 /// A worker's latest counters and the fill of its command ring.

@@ -1155,14 +1155,14 @@ impl<'a> Session<'a> {
                 self.unacknowledged.push_back((round, Instant::now()));
                 return Ok(totals);
             }
-            if !last && reported.elapsed() >= PROGRESS_WAITING {
-                reported = Instant::now();
-                self.report_progress("precopy", progress);
-            }
             if last {
                 // The guest is paused: every microsecond here is downtime.
                 std::thread::yield_now();
             } else {
+                if reported.elapsed() >= PROGRESS_WAITING {
+                    reported = Instant::now();
+                    self.report_progress("precopy", progress);
+                }
                 std::thread::sleep(Duration::from_micros(200));
             }
         }

@@ -1,6 +1,7 @@
 //! The send side: commands staged into pool buffers (see `transport::stage`; the pool
-//! is registered with the ring where zero-copy sends may use it), each stream's buffers sent one at a time, zero-copy above a
-//! threshold with buffers returned only on the notification.
+//! is registered with the ring where zero-copy sends may use it), each stream's
+//! buffers sent one at a time, zero-copy above a threshold with buffers returned only
+//! on the notification.
 
 use super::buffers::PoolBuffers;
 use super::{new_ring, shutdown, start_worker, wait_cqe};
@@ -242,11 +243,12 @@ impl TxWorkerState {
         // address), and a worker started without zero-copy never turns it on. Pinning
         // faults in the whole pool (8.5 MiB per worker of four streams sized for codec
         // batches): 3.5-10 ms per worker while the migration waited to start.
-        // SAFETY: the iovecs describe the pool's buffers, which outlive the
-        // registration: `ring` is declared before `pool` in TxWorkerState, so it is
-        // dropped (and the registration released) first.
-        let registered =
-            zero_copy && unsafe { ring.submitter().register_buffers(&pool.iovecs()) }.is_ok();
+        let registered = zero_copy && {
+            // SAFETY: the iovecs describe the pool's buffers, which outlive the
+            // registration: `ring` is declared before `pool` in TxWorkerState, so it is
+            // dropped (and the registration released) first.
+            unsafe { ring.submitter().register_buffers(&pool.iovecs()) }.is_ok()
+        };
         let stages = streams.iter().map(|(id, _)| stager.stream(*id)).collect();
         Ok(TxWorkerState {
             ring,
